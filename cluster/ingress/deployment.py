@@ -1,0 +1,116 @@
+"""Ingress deployment: the FastAPI app (OpenAI HTTP API) and the gRPC servicer, in one class.
+
+Data flow: Ray Serve's HTTP proxy (:8000) hands HTTP requests to the FastAPI routes below and
+its gRPC proxy (:9000) calls the methods named after the LLMService RPCs. Both go through one
+IngressCore holding a DeploymentHandle per model (routed by the request's `model` field), so
+both APIs share the prefix-affinity router's state in this process. Responses carry
+`x-request-id` and `x-shardserve-replica` (the LLMServer replica that served the request) as
+HTTP headers or gRPC trailing metadata. `/v1/stats` shows each model's router view (per
+replica: requests routed, affinity hits, load, engine stats); `/health` is 200 only when every
+model answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from shardserve.cluster.config import AppConfig, parse_config
+from shardserve.cluster.ingress import openai as oai
+from shardserve.cluster.ingress.core import IngressCore
+from shardserve.cluster.ingress.errors import ApiError
+from shardserve.cluster.ingress.grpc import GrpcFrontend
+from shardserve.cluster.messages import ErrorKind
+from shardserve.cluster.router import router_stats
+
+api = FastAPI(title="shardserve", description="OpenAI-compatible API of a shardserve cluster.")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.openai_body(), status_code=err.http_status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return JSONResponse(ApiError(ErrorKind.INVALID_ARGUMENT, message, param).openai_body(), status_code=400)
+
+
+def llm_server_name(index: int, model_name: str) -> str:
+    """Deployment name of a model's LLMServer (Serve names allow no `#`, so keep it plain)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in model_name)
+    return f"LLMServer_{index}_{safe}"
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
+        app_config = parse_config(config, AppConfig)
+        self.core = IngressCore(app_config, handles)
+        self.grpc = GrpcFrontend(self.core)
+        self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
+
+    # ---- OpenAI HTTP ----------------------------------------------------------------------
+    async def _generate(self, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest) -> Any:
+        self.core.model(body.model)
+        request = oai.to_generate_request(body, kind)
+        first, rest = await self.core.first_chunk(request)
+        headers = {"x-request-id": request.request_id, "x-shardserve-replica": first.replica_id}
+        if body.stream:
+            events = oai.sse_events(kind, body, first, rest)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return JSONResponse(await oai.collect(kind, body, first, rest), headers=headers)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: oai.CompletionRequest) -> Any:
+        return await self._generate("completion", body)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: oai.ChatCompletionRequest) -> Any:
+        return await self._generate("chat", body)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        data = [
+            {"id": m.name, "object": "model", "created": self.core.created, "owned_by": "shardserve",
+             "root": m.source, "max_model_len": m.max_model_len}
+            for m in self.core.config.models
+        ]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        statuses = await self.core.health()
+        ok = all(s == "ok" for s in statuses.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "models": statuses}, status_code=200 if ok else 503)
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "models": {
+                name: {"deployment": deployment, "router": router_stats(deployment)}
+                for name, deployment in self.deployment_names.items()
+            }
+        }
+
+    # ---- gRPC (method names are the RPC names of shardserve.v1.LLMService) -----------------
+    async def Generate(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.generate(request, grpc_context)
+
+    async def GenerateStream(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        async for response in self.grpc.generate_stream(request, grpc_context):
+            yield response
+
+    async def ListModels(self, request: Any) -> Any:  # noqa: N802
+        return self.grpc.list_models()
+
+    async def Health(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.health(grpc_context)

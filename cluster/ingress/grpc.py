@@ -1,0 +1,165 @@
+"""gRPC front end of shardserve.v1.LLMService, served through Ray Serve's gRPC proxy.
+
+Data flow: the proxy (port 9000) decodes a call and invokes the Ingress method of the same
+name (Generate, GenerateStream, ListModels, Health) with the request proto and a
+RayServegRPCContext. `GrpcFrontend` maps the proto onto a `GenerateRequest` (SamplingParams
+validation names the bad field → INVALID_ARGUMENT), streams `GenerateChunk`s from IngressCore
+and answers with `GenerateResponse`s. The request id comes from the `x-request-id` metadata
+(or is made up) and goes back in trailing metadata with `x-shardserve-replica`. Errors set the
+status code and details on the context (NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A
+client cancel or deadline makes the proxy cancel this call, which cancels the LLMServer call
+and aborts the request in the engine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from shardserve.cluster.ingress.core import IngressCore
+from shardserve.cluster.ingress.errors import ApiError
+from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
+from shardserve.cluster.proto import llm_pb2
+from shardserve.cluster.server import param_of
+from shardserve.workers.request import SamplingParams
+
+REQUEST_ID_KEY = "x-request-id"
+REPLICA_KEY = "x-shardserve-replica"
+
+_SCALARS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "min_tokens", "ignore_eos",
+)  # fmt: skip
+
+
+def to_sampling_params(proto: Any) -> SamplingParams:
+    kwargs: dict[str, Any] = {f: getattr(proto, f) for f in _SCALARS if proto.HasField(f)}
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if name in kwargs:  # float32 on the wire: 0.7 arrives as 0.699999988
+            kwargs[name] = round(kwargs[name], 6)
+    kwargs["stop"] = tuple(proto.stop)
+    kwargs["stop_token_ids"] = tuple(proto.stop_token_ids)
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as err:
+        field = param_of(str(err))
+        raise ApiError(ErrorKind.INVALID_ARGUMENT, str(err), f"params.{field}" if field else "params") from None
+
+
+def _request_id(context: Any) -> str:
+    for key, value in context.invocation_metadata():
+        if key == REQUEST_ID_KEY and value:
+            return value
+    return f"grpc-{uuid.uuid4().hex}"
+
+
+def _fail(context: Any, err: ApiError) -> None:
+    context.set_code(err.grpc_status)
+    details = f"{err.param}: {err.message}" if err.param and not err.message.startswith(err.param) else err.message
+    context.set_details(details)
+
+
+class GrpcFrontend:
+    def __init__(self, core: IngressCore) -> None:
+        self.core = core
+
+    def _generate_request(self, proto: Any, request_id: str) -> GenerateRequest:
+        self.core.model(proto.model)
+        params = to_sampling_params(proto.params)
+        which = proto.WhichOneof("input")
+        if which == "messages":
+            messages = tuple((m.role, m.content) for m in proto.messages.messages)
+            if not messages:
+                raise ApiError(ErrorKind.INVALID_ARGUMENT, "messages must be non-empty", "messages")
+            return GenerateRequest(request_id, proto.model, params, messages=messages, priority=proto.priority)
+        if not proto.prompt:
+            raise ApiError(ErrorKind.INVALID_ARGUMENT, "prompt must be non-empty (or send messages)", "prompt")
+        return GenerateRequest(request_id, proto.model, params, prompt=proto.prompt, priority=proto.priority)
+
+    def _trailers(self, context: Any, request_id: str, chunk: GenerateChunk | None) -> None:
+        metadata = [(REQUEST_ID_KEY, request_id)]
+        if chunk is not None:
+            metadata.append((REPLICA_KEY, chunk.replica_id))
+        context.set_trailing_metadata(metadata)
+
+    async def generate(self, proto: Any, context: Any) -> Any:
+        request_id = _request_id(context)
+        self._trailers(context, request_id, None)
+        try:
+            request = self._generate_request(proto, request_id)
+            texts, num_tokens, reason, first = [], 0, "", None
+            async for chunk in self.core.stream(request):
+                first = first or chunk
+                for d in chunk.deltas:
+                    texts.append(d.text)
+                    num_tokens += d.num_tokens
+                    reason = d.finish_reason or reason
+        except ApiError as err:
+            _fail(context, err)
+            return llm_pb2.GenerateResponse(request_id=request_id)
+        self._trailers(context, request_id, first)
+        return llm_pb2.GenerateResponse(
+            request_id=request_id,
+            text="".join(texts),
+            num_tokens=num_tokens,
+            finish_reason=reason,
+            usage=self._usage(first, num_tokens),
+            replica_id=first.replica_id if first else "",
+        )
+
+    async def generate_stream(self, proto: Any, context: Any) -> AsyncIterator[Any]:
+        request_id = _request_id(context)
+        self._trailers(context, request_id, None)
+        num_tokens = 0
+        try:
+            request = self._generate_request(proto, request_id)
+            first, rest = await self.core.first_chunk(request)
+            self._trailers(context, request_id, first)
+
+            async def chunks() -> AsyncIterator[GenerateChunk]:
+                yield first
+                async for chunk in rest:
+                    yield chunk
+
+            async for chunk in chunks():
+                for d in chunk.deltas:
+                    num_tokens += d.num_tokens
+                    usage = self._usage(first, num_tokens) if chunk.finished else None
+                    yield llm_pb2.GenerateResponse(
+                        request_id=request_id,
+                        text=d.text,
+                        num_tokens=d.num_tokens,
+                        finish_reason=d.finish_reason or "",
+                        usage=usage,
+                        replica_id=chunk.replica_id,
+                    )
+        except ApiError as err:
+            _fail(context, err)
+
+    @staticmethod
+    def _usage(first: GenerateChunk | None, num_tokens: int) -> Any:
+        if first is None:
+            return None
+        return llm_pb2.Usage(
+            prompt_tokens=first.num_prompt_tokens,
+            completion_tokens=num_tokens,
+            cached_prompt_tokens=first.num_cached_prompt_tokens,
+        )
+
+    def list_models(self) -> Any:
+        cards = [
+            llm_pb2.ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len or 0)
+            for m in self.core.config.models
+        ]
+        return llm_pb2.ListModelsResponse(models=cards)
+
+    async def health(self, context: Any) -> Any:
+        statuses = await self.core.health()
+        ok = all(s == "ok" for s in statuses.values())
+        if not ok:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(f"unhealthy models: {statuses}")
+        return llm_pb2.HealthResponse(ok=ok, models=statuses)

@@ -1,0 +1,172 @@
+"""Prefix-affinity request router for LLMServer deployments (a Ray Serve RequestRouter).
+
+Data flow: every DeploymentHandle call to an LLMServer (made by the Ingress) becomes a
+PendingRequest whose first argument is a `GenerateRequest`. `choose_replicas` hashes its
+`routing_text` in chunks of `PREFIX_CHUNK_CHARS` characters, chaining each chunk's hash with
+the previous one (like the KV cache's block hashes), and looks the chain up longest-first in a
+table of which replica last served that prefix. If a replica is found and its load (requests
+in flight from this router, or the replica's reported queue length if larger) exceeds the
+least-loaded replica's by no more than `max_load_imbalance`, it is ranked first ("affinity
+hit"); otherwise replicas are ranked by load, then by how few prefixes they own, so new
+prefixes spread. Ray Serve then tries the ranks in order (a full replica is skipped). When the
+request is sent, `on_request_routed` records its prefix chain → replica, and
+`on_request_completed` lowers the replica's load. Calls that are not generate requests
+(stats, health) simply go to the least-loaded replica.
+
+Observability: each router registers itself in this process under its deployment name;
+`router_stats(name)` (served by the Ingress at /v1/stats) reports per replica the requests
+routed, affinity hits, load and the engine stats the replica reports via record_routing_stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from shardserve.cluster.messages import GenerateRequest
+
+PREFIX_CHUNK_CHARS = 64  # one "block" of routing text (~16 tokens of English)
+MAX_PREFIX_ENTRIES = 100_000  # LRU bound of the prefix table
+
+_ROUTERS: dict[str, PrefixAffinityRouter] = {}
+
+
+def prefix_chain(text: str, chunk_chars: int = PREFIX_CHUNK_CHARS) -> list[str]:
+    """Chained hashes of the text's leading chunks; the last may be a partial chunk."""
+    chain, prev = [], ""
+    for start in range(0, len(text), chunk_chars):
+        prev = hashlib.blake2b((prev + text[start : start + chunk_chars]).encode(), digest_size=12).hexdigest()
+        chain.append(prev)
+    return chain
+
+
+def router_stats(deployment_name: str) -> dict[str, Any] | None:
+    router = _ROUTERS.get(deployment_name)
+    return None if router is None else router.stats()
+
+
+class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, prefix_affinity: bool = True, max_load_imbalance: int = 8) -> None:
+        self._prefix_affinity = prefix_affinity
+        self._max_load_imbalance = max_load_imbalance
+        self._owner: OrderedDict[str, ReplicaID] = OrderedDict()  # prefix hash -> replica
+        self._num_owned: dict[ReplicaID, int] = {}
+        self._in_flight: dict[ReplicaID, int] = {}
+        self._num_routed: dict[ReplicaID, int] = {}
+        self._num_affinity_hits: dict[ReplicaID, int] = {}
+        self._decisions: dict[str, tuple[list[str], ReplicaID | None]] = {}  # internal id -> (chain, affinity)
+        self._request_replica: dict[str, ReplicaID] = {}
+        if self._deployment_id is not None:
+            # Ray Serve ships this class pickled by value, so its module globals are a copy:
+            # register in the module as imported in this process, where router_stats() looks.
+            from shardserve.cluster import router as module
+
+            module._ROUTERS[self._deployment_id.name] = self
+
+    # ---- policy ---------------------------------------------------------------------------
+    def _load(self, replica: RunningReplica) -> int:
+        cached = self._replica_queue_len_cache.get(replica.replica_id)
+        return max(self._in_flight.get(replica.replica_id, 0), cached or 0)
+
+    def _affinity(self, chain: list[str], candidates: set[ReplicaID]) -> ReplicaID | None:
+        for key in reversed(chain):
+            owner = self._owner.get(key)
+            if owner is not None and owner in candidates:
+                return owner
+        return None
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Back off between rounds when every ranked replica refused (queues full).
+            pending_request.routing_context.should_backoff = True
+        if not candidate_replicas:
+            return []
+        loads = {r.replica_id: self._load(r) for r in candidate_replicas}
+        ranked = sorted(
+            candidate_replicas,
+            key=lambda r: (loads[r.replica_id], self._num_owned.get(r.replica_id, 0), r.replica_id.unique_id),
+        )
+        request = _generate_request(pending_request)
+        if request is None or not self._prefix_affinity:
+            return [[r] for r in ranked]
+        chain = prefix_chain(request.routing_text)
+        affinity = self._affinity(chain, set(loads))
+        self._decisions[pending_request.metadata.internal_request_id] = (chain, affinity)
+        if affinity is not None and loads[affinity] - min(loads.values()) <= self._max_load_imbalance:
+            ranked.sort(key=lambda r: r.replica_id != affinity)
+        return [[r] for r in ranked]
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        internal_id = pending_request.metadata.internal_request_id
+        self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
+        self._request_replica[internal_id] = replica_id
+        decision = self._decisions.pop(internal_id, None)
+        if decision is None:
+            return
+        chain, affinity = decision
+        self._num_routed[replica_id] = self._num_routed.get(replica_id, 0) + 1
+        if affinity == replica_id:
+            self._num_affinity_hits[replica_id] = self._num_affinity_hits.get(replica_id, 0) + 1
+        for key in chain:
+            previous = self._owner.pop(key, None)
+            if previous is not None:
+                self._num_owned[previous] -= 1
+            self._owner[key] = replica_id
+            self._num_owned[replica_id] = self._num_owned.get(replica_id, 0) + 1
+        while len(self._owner) > MAX_PREFIX_ENTRIES:
+            _, evicted = self._owner.popitem(last=False)
+            self._num_owned[evicted] -= 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._request_replica.pop(internal_request_id, None) is not None:
+            self._in_flight[replica_id] = max(0, self._in_flight.get(replica_id, 0) - 1)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {r.replica_id for r in replicas}
+        for replica_id in set(self._num_owned) - live:
+            self._forget(replica_id)
+
+    def _forget(self, replica_id: ReplicaID) -> None:
+        for key in [k for k, owner in self._owner.items() if owner == replica_id]:
+            del self._owner[key]
+        self._num_owned.pop(replica_id, None)
+        self._in_flight.pop(replica_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        replicas = {}
+        for replica in self._replicas.values():
+            rid = replica.replica_id
+            replicas[rid.unique_id] = {
+                "num_routed": self._num_routed.get(rid, 0),
+                "num_affinity_hits": self._num_affinity_hits.get(rid, 0),
+                "num_in_flight": self._in_flight.get(rid, 0),
+                "num_prefixes_owned": self._num_owned.get(rid, 0),
+                "engine": dict(replica.routing_stats or {}),
+            }
+        return {
+            "policy": "prefix_affinity" if self._prefix_affinity else "least_loaded",
+            "max_load_imbalance": self._max_load_imbalance,
+            "replicas": replicas,
+        }
+
+
+def _generate_request(pending_request: PendingRequest | None) -> GenerateRequest | None:
+    if pending_request is None:
+        return None
+    for arg in pending_request.args:
+        if isinstance(arg, GenerateRequest):
+            return arg
+    return None

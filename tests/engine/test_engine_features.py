@@ -1,0 +1,124 @@
+"""End-to-end engine features on the real SmolLM2: streaming, abort, n > 1, seeds, stops, logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from shardserve.workers.async_engine import AsyncEngine
+from shardserve.workers.config import EngineConfig, ModelConfig
+from shardserve.workers.engine import LLMEngine
+from shardserve.workers.request import FinishReason, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_loaded) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=ModelConfig(model="default", dtype="float32", device="cpu")), loaded=smollm2_loaded)
+
+
+def _run(engine: LLMEngine, prompts: dict[str, str], params: SamplingParams):
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+    streamed: dict[str, list] = {k: [] for k in prompts}
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed[out.request_id].append(out)
+            if out.finished:
+                finals[out.request_id] = out
+    assert engine.kv_manager.num_free_blocks == engine.runner.num_blocks - 1
+    return finals, streamed
+
+
+def test_streamed_deltas_add_up_to_final_text(engine):
+    finals, streamed = _run(engine, {"a": "Tell me a story about a dragon."}, SamplingParams(temperature=0, max_tokens=24))
+    final = finals["a"].outputs[0]
+    assert "".join(o.outputs[0].new_text for o in streamed["a"]) == final.text
+    assert sum(len(o.outputs[0].new_token_ids) for o in streamed["a"]) == len(final.token_ids) == 24
+    assert final.text == engine.tokenizer.decode(list(final.token_ids), skip_special_tokens=True)
+    metrics = finals["a"].metrics
+    assert metrics.ttft is not None and metrics.ttft > 0 and len(metrics.inter_token_latencies) == 23
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    alone, _ = _run(engine, {"x": "The weather today"}, params)
+    batched, _ = _run(engine, {"y": "Other prompt here", "x": "The weather today", "z": "Third"}, params)
+    assert alone["x"].outputs[0].token_ids == batched["x"].outputs[0].token_ids
+    other, _ = _run(engine, {"x": "The weather today"}, SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12))
+    assert other["x"].outputs[0].token_ids != alone["x"].outputs[0].token_ids
+
+
+def test_n_samples_share_prompt_blocks(engine):
+    prompt = "Write one sentence about the ocean, the sky and the mountains of a faraway country:" * 2
+    hits_before = engine.kv_manager.prefix_cache_stats
+    finals, _ = _run(engine, {"n": prompt}, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8))
+    outs = finals["n"].outputs
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 8 for o in outs)
+    assert len({o.token_ids for o in outs}) > 1  # distinct seeds per sample
+    hits_after = engine.kv_manager.prefix_cache_stats
+    num_prompt = len(engine.tokenize(prompt))
+    # Samples 1 and 2 found every full block of the prompt in the cache.
+    full_blocks_tokens = (num_prompt - 1) // engine.config.cache.block_size * engine.config.cache.block_size
+    assert hits_after.hit_tokens - hits_before.hit_tokens >= 2 * full_blocks_tokens
+
+
+def test_stop_string_and_stop_token(engine):
+    greedy, _ = _run(engine, {"s": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16))
+    text = greedy["s"].outputs[0].text
+    stop = text[3:6]  # a stop string that appears in the greedy continuation
+    stopped, streamed = _run(engine, {"s": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16, stop=[stop]))
+    out = stopped["s"].outputs[0]
+    assert out.finish_reason == FinishReason.STOP and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+    assert "".join(o.outputs[0].new_text for o in streamed["s"]) == out.text
+    first_token = greedy["s"].outputs[0].token_ids[2]
+    by_id, _ = _run(engine, {"t": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[first_token]))
+    assert by_id["t"].outputs[0].stop_reason == first_token
+    assert by_id["t"].outputs[0].token_ids == greedy["s"].outputs[0].token_ids[:3]
+
+
+def test_logprobs_and_prompt_logprobs(engine):
+    finals, _ = _run(engine, {"l": "The capital of France is"}, SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2))
+    out = finals["l"]
+    completion = out.outputs[0]
+    assert len(completion.logprobs) == 4
+    for token_id, position in zip(completion.token_ids, completion.logprobs, strict=True):
+        assert position[token_id].rank == 1  # greedy picks the top token
+        assert 3 <= len(position) <= 4
+        assert all(lp.logprob <= 0 and math.isfinite(lp.logprob) for lp in position.values())
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    assert out.prompt_logprobs[0] is None
+    for token_id, position in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True):
+        assert token_id in position
+
+
+def test_async_abort_frees_blocks(smollm2_loaded):
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=ModelConfig(model="default", dtype="float32", device="cpu")), loaded=smollm2_loaded))
+
+    async def main():
+        received = 0
+        async for out in engine.generate("Tell me everything about the history of Rome.", SamplingParams(max_tokens=500, ignore_eos=True), "long"):
+            received += len(out.outputs[0].new_token_ids)
+            if received >= 3:
+                break  # the consumer goes away: the generator's finally aborts
+        for _ in range(100):
+            stats = await engine.stats()
+            if stats.num_running == 0 and stats.kv_cache_usage == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert stats.num_running == 0 and stats.kv_cache_usage == 0.0
+        # The engine still serves.
+        async for out in engine.generate("Hi", SamplingParams(max_tokens=2), "after"):
+            pass
+        assert out.finished and out.outputs[0].finish_reason == FinishReason.LENGTH
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

@@ -1,0 +1,123 @@
+"""Engine configuration: frozen dataclasses, validated on construction.
+
+The YAML/CLI edge (cluster/config.py, cluster/cli.py) parses user input and builds these; the
+engine, scheduler, KV cache and runner only ever read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to serve and how.
+
+    model: a Hugging Face folder, a .gguf file, `dummy:<shape>` (seeded random weights of a
+      named real shape, see workers/models/dummy.py) or `default` (the embedded SmolLM2).
+    dtype: compute dtype; `auto` is bfloat16 on GPU and float32 on CPU.
+    device: `auto` picks cuda when available.
+    max_model_len: context length cap; None = the model's own max_position_embeddings.
+    seed: seed of dummy weights and of unseeded sampling.
+    """
+
+    model: str = "default"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    quantization: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache.
+
+    block_size: tokens per KV block (default 16).
+    gpu_memory_utilization: on GPU, the fraction of total memory the engine may use
+      (weights + activations + KV); the KV pool gets what is left after a profiling step.
+    cpu_kv_cache_bytes: on CPU, the KV pool's size in bytes.
+    num_blocks: an explicit pool size that overrides both budgets (tests use tiny pools).
+    enable_prefix_caching: reuse full blocks whose chained token hash was computed before.
+    """
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits and policy.
+
+    max_num_seqs: requests in one step at most.
+    max_num_batched_tokens: tokens (prefill chunks + decodes) in one step at most.
+    enable_chunked_prefill: split long prompts over steps and mix them with decodes; when
+      off, a prompt is prefilled whole in one step (it must fit max_num_batched_tokens).
+    policy: `fcfs`, or `priority` (lower Request.priority first, then arrival).
+    mode: `continuous` (requests join and leave every step) or `static` (a batch is admitted
+      together and nothing joins until all of it finishes: the comparison baseline).
+    max_queue_len: requests waiting at most; the async engine refuses more (QueueFullError,
+      HTTP 429 / gRPC RESOURCE_EXHAUSTED) instead of queueing without bound.
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    mode: Literal["continuous", "static"] = "continuous"
+    max_queue_len: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be fcfs or priority, got {self.policy!r}")
+        if self.max_queue_len < 1:
+            raise ValueError(f"max_queue_len must be >= 1, got {self.max_queue_len}")
+        if self.mode not in ("continuous", "static"):
+            raise ValueError(f"mode must be continuous or static, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model parallelism of one worker group (filled in by the parallelism issue)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -1,0 +1,183 @@
+"""LLMEngine: the synchronous step loop — schedule → run → postprocess. No tensors here.
+
+    add_request(id, prompt, params)  → validated, tokenized, queued (n > 1 becomes n requests)
+    step()                           → scheduler.schedule() → runner.execute() →
+                                       scheduler.update_from_output() → outputs.process()
+                                       → list[RequestOutput] of every request that advanced
+    abort_request(id)                → blocks freed at once; a final ABORT output next step
+
+Samples of one prompt (n > 1) share its KV blocks: only the first sample is queued at first;
+the others join once its prompt is computed, so their prompts hit the prefix cache.
+The AsyncEngine (async_engine.py) runs this loop on a thread and streams outputs to callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from shardserve.workers.config import EngineConfig
+from shardserve.workers.kv_cache.manager import KVCacheManager
+from shardserve.workers.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from shardserve.workers.output_processor import OutputProcessor
+from shardserve.workers.protocol import EngineStats, ModelInfo
+from shardserve.workers.request import FinishReason, Request, RequestOutput, SamplingParams
+from shardserve.workers.runner.model_runner import ModelRunner
+from shardserve.workers.scheduler.scheduler import Scheduler
+from shardserve.workers.stats import ThroughputMeter
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = False) -> None:
+        self.config = config
+        device = resolve_device(config.model.device)
+        dtype = resolve_dtype(config.model.dtype, device)
+        torch.manual_seed(config.model.seed)
+        self.loaded = loaded or load_model(config.model, device, dtype, progress=progress)
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = self.loaded.max_model_len
+        if config.model.max_model_len is not None:
+            self.max_model_len = min(self.max_model_len, config.model.max_model_len)
+        self.runner = ModelRunner(self.loaded, config, device)
+        self.kv_manager = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.meter = ThroughputMeter()
+        # parent id -> samples 1..n-1 waiting for sample 0's prompt to be computed
+        self._held_samples: dict[str, list[Request]] = {}
+        self._first_sample: dict[str, Request] = {}
+
+    # ---- requests in -------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt must be a list of token ids: this model has no tokenizer")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if request_id in self.outputs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self._validate_prompt(token_ids)
+        vocab_size = self.loaded.hf_config.vocab_size
+        if any(not 0 <= t < vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {token_ids}")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        text = prompt if isinstance(prompt, str) else None
+        samples = [
+            Request(
+                request_id if params.n == 1 else f"{request_id}#{i}",
+                token_ids,
+                params.for_sample(i),
+                eos_token_id=self.runner.eos_token_id,
+                arrival_time=arrival,
+                priority=priority,
+                prompt=text,
+                parent_id=request_id,
+                sample_index=i,
+            )
+            for i in range(params.n)
+        ]
+        self.outputs.add(request_id, text, token_ids, params, samples)
+        self.scheduler.add_request(samples[0])
+        if len(samples) > 1:
+            self._first_sample[request_id] = samples[0]
+            self._held_samples[request_id] = samples[1:]
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt must contain at least 1 token, got an empty prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens; it must be at most max_model_len - 1 = "
+                f"{self.max_model_len - 1} tokens to leave room for output"
+            )
+        block_size = self.config.cache.block_size
+        needed = -(-(len(token_ids) + 1) // block_size)
+        if needed > self.runner.num_blocks - 1:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens but the KV cache holds at most "
+                f"{(self.runner.num_blocks - 1) * block_size - 1}; raise the KV cache budget"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a request and all its samples; unknown or finished ids are ignored."""
+        for sample in self._held_samples.pop(request_id, []):
+            self.outputs.finish_sample(sample, FinishReason.ABORT)
+        self._first_sample.pop(request_id, None)
+        sample_ids = self.outputs.sample_ids(request_id)
+        self.scheduler.abort_requests(sample_ids)
+        self.outputs.abort(request_id)
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._held_samples) or self.outputs.has_pending()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        runner_output = self.runner.execute(sched)
+        advanced = self.scheduler.update_from_output(sched, runner_output)
+        self.meter.record(
+            num_prompt_tokens=sum(r.num_tokens for r in sched.scheduled if not r.sample)
+            + sum(r.num_tokens - 1 for r in sched.scheduled if r.sample),
+            num_generation_tokens=len(runner_output.sampled_token_ids),
+        )
+        for request_id, stop_string in self.outputs.process([r.request_id for r in sched.scheduled], advanced, runner_output):
+            self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
+        self._release_held_samples()
+        return self.outputs.collect()
+
+    def _release_held_samples(self) -> None:
+        for parent_id in list(self._held_samples):
+            first = self._first_sample[parent_id]
+            if first.num_computed_tokens >= first.num_prompt_tokens or first.is_finished:
+                for sample in self._held_samples.pop(parent_id):
+                    self.scheduler.add_request(sample)
+                del self._first_sample[parent_id]
+
+    # ---- introspection -----------------------------------------------------------------
+
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting + sum(len(v) for v in self._held_samples.values())
+
+    def stats(self) -> EngineStats:
+        prompt_rate, generation_rate = self.meter.rates()
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.num_waiting(),
+            kv_cache_usage=self.kv_manager.usage,
+            prefix_cache_hit_rate=self.kv_manager.prefix_cache_stats.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_per_s=prompt_rate,
+            generation_tokens_per_s=generation_rate,
+            num_finished=self.outputs.num_finished,
+            total_prompt_tokens=self.meter.total_prompt_tokens,
+            total_generation_tokens=self.meter.total_generation_tokens,
+        )
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.loaded.name, self.max_model_len, self.loaded.hf_config.vocab_size)

@@ -1,0 +1,94 @@
+"""Rotary position embedding, neox style (Hugging Face Llama's `rotate_half`).
+
+Convention: the cache holds `cos_cache, sin_cache [max_position, R/2]` with
+`cos_cache[p, i] = cos(p * theta_i)` (rope scaling already folded into theta_i), where
+R = 2 * cache width is the rotary dim (R <= D; the last D - R dims pass through). For a
+head vector x, with `x1 = x[:R/2]`, `x2 = x[R/2:R]`:
+`out[:R/2] = x1 * cos - x2 * sin`, `out[R/2:R] = x2 * cos + x1 * sin` — exactly
+`x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`, Hugging Face's `apply_rotary_pos_emb`.
+
+Data flow: `positions [T]` pick one cache row per token; one program per token loads that
+row and rotates every q head `[Hq, R]` and k head `[Hkv, R]` of the token in fp32, rounding
+once to the input dtype. In place by default (`q`, `k` are overwritten and returned);
+`inplace=False` rotates copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(x_ptr, t, stride_t, stride_h, stride_d, cos, sin,
+                  NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    offs_h = tl.arange(0, HEADS_PAD)  # [H_PAD]
+    offs_i = tl.arange(0, HALF_PAD)  # [R/2 padded]
+    mask = (offs_h < NUM_HEADS)[:, None] & (offs_i < HALF)[None, :]
+    ptr1 = x_ptr + t * stride_t + offs_h[:, None] * stride_h + offs_i[None, :] * stride_d  # [H_PAD, R/2]
+    ptr2 = ptr1 + HALF * stride_d
+    x1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr1, (x1 * cos[None, :] - x2 * sin[None, :]).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr2, (x2 * cos[None, :] + x1 * sin[None, :]).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_cos, stride_sin,
+    NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + t).to(tl.int64)
+    offs_i = tl.arange(0, HALF_PAD)
+    i_mask = offs_i < HALF
+    cos = tl.load(cos_ptr + pos * stride_cos + offs_i, mask=i_mask, other=0.0).to(tl.float32)  # [R/2]
+    sin = tl.load(sin_ptr + pos * stride_sin + offs_i, mask=i_mask, other=0.0).to(tl.float32)  # [R/2]
+    _rotate_heads(q_ptr, t, stride_qt, stride_qh, stride_qd, cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(k_ptr, t, stride_kt, stride_kh, stride_kd, cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HALF, HALF_PAD)
+
+
+def rotary_embedding(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T] int, each in [0, max_position)
+    cos_cache: torch.Tensor,  # [max_position, R/2], last dim contiguous
+    sin_cache: torch.Tensor,  # [max_position, R/2], last dim contiguous
+    inplace: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, Hq, D], k [T, Hkv, D]) rotated
+    """Neox-style rotary embedding of q and k at `positions` (see the module docstring)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    k_tokens, num_kv_heads, k_head_dim = k.shape
+    half = cos_cache.shape[-1]
+    if (k_tokens, k_head_dim) != (num_tokens, head_dim):
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in tokens / head_dim")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions shape {tuple(positions.shape)} != ({num_tokens},)")
+    if sin_cache.shape != cos_cache.shape or cos_cache.dim() != 2 or not 1 <= 2 * half <= head_dim:
+        raise ValueError(
+            f"cos/sin caches must both be [max_position, R/2] with 2 <= R <= head_dim {head_dim}, "
+            f"got {tuple(cos_cache.shape)} and {tuple(sin_cache.shape)}"
+        )
+    if cos_cache.stride(-1) != 1 or sin_cache.stride(-1) != 1:
+        raise ValueError("cos/sin caches must have a contiguous last dim")
+    if not inplace:
+        q, k = q.clone(), k.clone()
+    if num_tokens == 0:
+        return q, k
+    _rotary_kernel[(num_tokens,)](
+        q, k, positions, cos_cache, sin_cache,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        cos_cache.stride(0), sin_cache.stride(0),
+        NUM_Q_HEADS=num_q_heads, Q_HEADS_PAD=triton.next_power_of_2(num_q_heads),
+        NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        num_warps=4,
+    )
+    return q, k

@@ -1,0 +1,235 @@
+"""Llama-family decoder: Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM2 (and the MoE models' skeleton).
+
+Data flow of one step: token ids [T] -> vocab-parallel embedding -> N decoder layers -> final
+RMSNorm -> hidden states [T, hidden]. Each layer is pre-norm attention then pre-norm MLP, each
+added to the residual stream. Attention projects with one column-parallel qkv matmul (this
+rank's heads), optionally normalises q/k per head (Qwen3), applies rope at the given positions,
+and hands q/k/v plus this layer's paged KV cache to the attention backend; the row-parallel
+o_proj sums the heads' contributions over the TP group. `compute_logits` runs the LM head on
+the rows the runner samples. Variants differ only in `LlamaOptions` (biases, q/k norm) and in
+the MLP built per layer (dense here, sparse MoE in moe.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from shardserve.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardserve.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from shardserve.parallel.quant import ShardSlice, copy_shard
+from shardserve.workers.attention.backend import AttentionBackend, get_attention_backend
+from shardserve.workers.attention.metadata import AttentionMetadata
+from shardserve.workers.models.interface import KVCacheSpec
+from shardserve.workers.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaOptions:
+    """Per-family switches. qkv_bias / o_bias: biases of the projections; qk_norm: Qwen3's per-head norm."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, params_dtype=dtype)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, params_dtype=dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> [T, 2 * inter / tp] -> [T, inter / tp] -> [T, hidden] (all-reduced)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, options: LlamaOptions, backend: AttentionBackend,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.head_dim = head_dim_of(config)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=options.qkv_bias, params_dtype=dtype)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=options.o_bias, params_dtype=dtype)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if options.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if options.qk_norm else None
+        self.rotary_emb = RotaryEmbedding(self.head_dim, rope_parameters(config))
+        self.scale = self.head_dim**-0.5
+        self.backend = backend
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (heads + 2 * kv_heads) * head_dim], this rank's heads
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)  # [T, heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, options: LlamaOptions, backend: AttentionBackend, mlp: nn.Module,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, options, backend, dtype)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # h: [T, hidden], the residual stream
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, attn_metadata)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+MLPFactory = Callable[[int], nn.Module]  # layer index -> MLP module
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, options: LlamaOptions, backend: AttentionBackend, make_mlp: MLPFactory,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, options, backend, make_mlp(i), dtype) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV cache tensors, got {len(kv_caches)}")
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(positions, h, kv_cache, attn_metadata)
+        return self.norm(h)
+
+
+# (our parameter name fragment, checkpoint name fragment, shard id) for merged layers.
+STACKED_PARAMS: tuple[tuple[str, str, object], ...] = (
+    (".qkv_proj.", ".q_proj.", "q"),
+    (".qkv_proj.", ".k_proj.", "k"),
+    (".qkv_proj.", ".v_proj.", "v"),
+    (".gate_up_proj.", ".gate_proj.", 0),
+    (".gate_up_proj.", ".up_proj.", 1),
+)
+
+
+def stacked_target(name: str) -> tuple[str, object]:
+    """Our parameter name and shard id for a checkpoint name (merged q/k/v and gate/up)."""
+    for ours, theirs, shard_id in STACKED_PARAMS:
+        if theirs in name:
+            return name.replace(theirs, ours), shard_id
+    return name, None
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama 2/3/3.1 and SmolLM2; the base of the other families (see `options_for`, `make_mlp`)."""
+
+    def __init__(self, config: Any, params_dtype: torch.dtype | None = None,
+                 attn_backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        backend = attn_backend or get_attention_backend("torch")
+        self.model = LlamaModel(config, self.options_for(config), backend, self.mlp_factory(config, params_dtype),
+                                params_dtype)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype)
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+        attn = self.model.layers[0].self_attn
+        self.kv_cache_spec = KVCacheSpec(len(self.model.layers), attn.num_kv_heads, attn.head_dim)
+        self.loaded_param_names: set[str] = set()
+
+    @classmethod
+    def options_for(cls, config: Any) -> LlamaOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return LlamaOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def mlp_factory(cls, config: Any, dtype: torch.dtype | None) -> MLPFactory:
+        return lambda _: LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Swap the attention implementation of every layer (e.g. to `triton` on GPU)."""
+        for layer in self.model.layers:
+            layer.self_attn.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)  # [T, hidden]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)  # [N, vocab_size] float32
+
+    def map_checkpoint_name(self, name: str) -> str:
+        """Hook for families whose checkpoint names differ (e.g. Mixtral's block_sparse_moe)."""
+        return name
+
+    def load_expert_weight(self, params: dict[str, nn.Parameter], name: str, weight: torch.Tensor) -> bool:
+        """Hook for MoE families: load `name` if it is an expert weight and return True."""
+        return False
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, weight in weights:
+            if "rotary_emb.inv_freq" in hf_name:
+                continue
+            if hf_name == "lm_head.weight" and self.tie_word_embeddings:
+                continue  # the LM head is the embedding
+            name = self.map_checkpoint_name(hf_name)
+            if self.load_expert_weight(params, name, weight):
+                loaded.add(hf_name)
+                continue
+            target, shard_id = stacked_target(name)
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in {type(self).__name__}")
+            param = params[target]
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                copy_shard(param, weight, ShardSlice())
+            else:
+                loader(param, weight, shard_id)
+            self.loaded_param_names.add(target)
+            loaded.add(hf_name)
+        return loaded
+
+    def missing_parameters(self) -> list[str]:
+        """Parameters no checkpoint tensor has been loaded into yet."""
+        return sorted(set(dict(self.named_parameters())) - self.loaded_param_names)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def options_for(cls, config: Any) -> LlamaOptions:
+        return LlamaOptions(qkv_bias=True, o_bias=False)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def options_for(cls, config: Any) -> LlamaOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return LlamaOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)

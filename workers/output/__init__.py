@@ -1,0 +1,1 @@
+"""shardserve.workers.output: token ids -> streamed text (incremental detokenizer, stop strings)."""

@@ -1,0 +1,188 @@
+"""OutputProcessor: turns per-step token ids into the RequestOutputs callers see.
+
+For each user request it keeps one `_Sample` per completion (n of them): an incremental
+detokenizer with stop-string matching, the logprobs so far and the text already emitted.
+`process()` feeds each request's newest token through its sample, reports stop-string matches
+back to the engine (which finishes those requests in the scheduler), and marks the parent
+dirty; `collect()` then builds one RequestOutput per dirty parent — cumulative text and ids,
+plus this step's delta — and forgets parents once their final output has been collected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardserve.workers.detokenizer import TextStream
+from shardserve.workers.request import (
+    CompletionOutput,
+    FinishReason,
+    Logprob,
+    PositionLogprobs,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
+
+
+@dataclass
+class _Sample:
+    request: Request
+    stream: TextStream | None  # None when the model has no tokenizer (token ids only)
+    text: str = ""
+    new_text: str = ""
+    num_emitted_tokens: int = 0  # output ids already reported in an earlier output
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    samples: list[_Sample]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    dirty: bool = False
+    error: str | None = field(default=None)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._parents: dict[str, _Parent] = {}
+        self._sample_of: dict[str, tuple[_Parent, _Sample]] = {}  # sample request id -> its state
+        self.num_finished = 0
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._parents
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+            samples: list[Request]) -> None:
+        parent = _Parent(request_id, prompt, tuple(prompt_token_ids), params, [])
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = []
+        for request in samples:
+            stream = None
+            if self.tokenizer is not None:
+                stream = TextStream(self.tokenizer, prompt_token_ids, request.sampling_params)
+            sample = _Sample(request, stream, logprobs=[] if params.logprobs is not None else None)
+            parent.samples.append(sample)
+            self._sample_of[request.request_id] = (parent, sample)
+        self._parents[request_id] = parent
+
+    def sample_ids(self, request_id: str) -> list[str]:
+        parent = self._parents.get(request_id)
+        return [] if parent is None else [s.request.request_id for s in parent.samples]
+
+    def has_pending(self) -> bool:
+        return any(p.dirty for p in self._parents.values())
+
+    def process(
+        self, scheduled_ids: list[str], advanced: list[Request], runner_output: ModelRunnerOutput
+    ) -> list[tuple[str, str]]:
+        """Feed this step's tokens; returns (sample request id, stop string) for each stop-string match.
+
+        A scheduled request that the scheduler finished without a new token (KV cache full)
+        still needs its final output, so its parent is marked dirty too.
+        """
+        stops: list[tuple[str, str]] = []
+        for sample_id in scheduled_ids:
+            parent, sample = self._sample_of[sample_id]
+            if sample.request.is_finished:
+                parent.dirty = True
+        for sample_id, entries in runner_output.prompt_logprobs.items():
+            parent, _ = self._sample_of[sample_id]
+            if parent.prompt_logprobs is not None and len(parent.prompt_logprobs) < len(parent.prompt_token_ids):
+                parent.prompt_logprobs.extend(self._decode_logprobs(e) for e in entries)
+        for request in advanced:
+            parent, sample = self._sample_of[request.request_id]
+            parent.dirty = True
+            token_id = request.output_token_ids[-1]
+            if sample.logprobs is not None and request.request_id in runner_output.logprobs:
+                sample.logprobs.append(self._decode_logprobs(runner_output.logprobs[request.request_id]))
+            if sample.stream is not None and not request.is_finished:
+                matched = sample.stream.append(token_id)
+                if matched is not None:
+                    stops.append((request.request_id, matched))
+        return stops
+
+    def finish_sample(self, request: Request, reason: FinishReason) -> None:
+        """Finish a sample that never reached the scheduler (an aborted held sample)."""
+        parent, sample = self._sample_of[request.request_id]
+        request.finish_reason = reason
+        sample.finish_reason = reason
+        parent.dirty = True
+
+    def abort(self, request_id: str) -> None:
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return
+        for sample in parent.samples:
+            if sample.finish_reason is None and sample.request.finish_reason is None:
+                sample.request.finish_reason = FinishReason.ABORT
+        parent.dirty = True
+
+    def collect(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in [rid for rid, p in self._parents.items() if p.dirty]:
+            parent = self._parents[request_id]
+            parent.dirty = False
+            outputs.append(self._snapshot(parent))
+            if parent.finished:
+                self.num_finished += 1
+                del self._parents[request_id]
+                for sample in parent.samples:
+                    del self._sample_of[sample.request.request_id]
+        return outputs
+
+    def _snapshot(self, parent: _Parent) -> RequestOutput:
+        completions = []
+        for index, sample in enumerate(parent.samples):
+            request = sample.request
+            if sample.finish_reason is None and request.finish_reason is not None:
+                sample.finish_reason = request.finish_reason
+                sample.stop_reason = request.stop_reason
+            new_text = ""
+            if sample.stream is not None:
+                new_text = sample.stream.take_new_text(final=sample.finish_reason is not None)
+                sample.text += new_text
+            token_ids = tuple(request.output_token_ids)
+            new_token_ids = token_ids[sample.num_emitted_tokens :]
+            sample.num_emitted_tokens = len(token_ids)
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=sample.text,
+                    token_ids=token_ids,
+                    new_text=new_text,
+                    new_token_ids=new_token_ids,
+                    finish_reason=sample.finish_reason,
+                    stop_reason=sample.stop_reason,
+                    logprobs=None if sample.logprobs is None else tuple(sample.logprobs),
+                )
+            )
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=tuple(completions),
+            finished=parent.finished,
+            metrics=parent.samples[0].request.metrics,
+            prompt_logprobs=None if parent.prompt_logprobs is None else tuple(parent.prompt_logprobs),
+        )
+
+    def _decode_logprobs(self, entry: TokenLogprobs | None) -> PositionLogprobs | None:
+        if entry is None:
+            return None
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        return {
+            token_id: Logprob(logprob, rank, decode([token_id]) if decode else None)
+            for token_id, (logprob, rank) in entry.items()
+        }

@@ -1,0 +1,336 @@
+"""Scheduler: picks each step's batch (continuous or static batching, chunked prefill,
+preemption by recompute, FCFS or priority) and folds the sampled tokens back into requests.
+
+Data flow of one engine step:
+1. `schedule()` walks the running requests in admission order; each gets
+   `min(num_tokens - num_computed_tokens, token budget left)` tokens (1 for a decode, a chunk
+   of a prefill). When the KV cache manager cannot grow a request's block table, the scheduler
+   preempts by recompute (FCFS: the last admitted running request; priority: the running
+   request with the largest (priority, arrival)) until the allocation fits or the request
+   itself is the victim. Then, unless something was preempted this step, it admits waiting
+   requests (queue order) while max_num_seqs, the token budget and free blocks allow, starting
+   each from its prefix-cache hit. The result is a `SchedulerOutput`: per request the fed
+   token ids, start position and block table, and `NewRequestData` for requests the runner has
+   not seen (new, or resumed after preemption).
+2. The runner computes the tokens and samples for requests whose chunk reached their end.
+3. `update_from_output()` advances `num_computed_tokens`, registers newly full blocks in the
+   prefix cache, appends sampled tokens and applies token-level stops (EOS, stop ids, max_tokens,
+   max_model_len). Finished requests free their blocks at once; their ids (for the runner to
+   drop its state) go out in the next `SchedulerOutput.finished_request_ids`.
+
+Static mode (the baseline for continuous batching): when nothing runs, up to max_num_seqs
+waiting requests form a batch; only its members are admitted (over several steps if the token
+budget or free blocks require) and nothing else joins until every member finished. A preempted
+member waits at the front of its batch. If a request is the only one running and still cannot
+grow, it can never fit: it finishes with FinishReason.LENGTH and stop_reason "kv_cache_full".
+The engine must call `update_from_output` after every `schedule()` (with an empty
+ModelRunnerOutput when nothing was scheduled): it also returns requests the scheduler finished
+itself during `schedule()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from shardserve.workers.config import CacheConfig, SchedulerConfig
+from shardserve.workers.kv_cache.manager import KVCacheManager
+from shardserve.workers.request import FinishReason, Request, RequestStatus
+from shardserve.workers.runner.output import ModelRunnerOutput
+from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
+from shardserve.workers.scheduler.queue import FCFSQueue, RequestQueue, make_request_queue
+
+KV_CACHE_FULL = "kv_cache_full"  # stop_reason of a request that alone outgrew the KV pool
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # total since start
+    kv_cache_usage: float  # fraction of usable blocks held, in [0, 1]
+    prefix_cache_hit_rate: float  # hit tokens / looked-up tokens, in [0, 1]
+
+
+@dataclass
+class _Step:
+    """Decisions of one `schedule()` call while they are being made."""
+
+    token_budget: int
+    num_new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> tokens, batch order
+    preempted_ids: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        kv_manager: KVCacheManager,
+        max_model_len: int,
+    ) -> None:
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        if kv_manager.block_size != cache_config.block_size:
+            raise ValueError(
+                f"kv_manager.block_size ({kv_manager.block_size}) must equal "
+                f"cache_config.block_size ({cache_config.block_size})"
+            )
+        self.config = scheduler_config
+        self.cache_config = cache_config
+        self.kv = kv_manager
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}  # every unfinished request by id
+        self.waiting: RequestQueue = make_request_queue(scheduler_config.policy)
+        self.running: list[Request] = []  # admission order
+        # Static mode: members of the current batch not admitted yet (or preempted).
+        self._batch_pending: RequestQueue = FCFSQueue()
+        self._known_to_runner: set[str] = set()  # ids sent as NewRequestData and not dropped since
+        self._finished_ids: list[str] = []  # runner-known ids finished since the last schedule()
+        self._finished_in_schedule: list[Request] = []  # kv_cache_full, reported by update_from_output
+        self.num_preemptions = 0
+
+    # ---- requests in and out -----------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises ValueError for a request that could never be served."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r} must be new (status waiting), got {request!r}")
+        num_prompt = request.num_prompt_tokens
+        if not 1 <= num_prompt <= self.max_model_len:
+            raise ValueError(
+                f"prompt length must be in [1, max_model_len={self.max_model_len}], got {num_prompt}"
+            )
+        if not self.config.enable_chunked_prefill and num_prompt > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt length must be <= max_num_batched_tokens={self.config.max_num_batched_tokens} "
+                f"when chunked prefill is disabled, got {num_prompt}"
+            )
+        num_blocks = self.kv.num_blocks_for(num_prompt)
+        if num_blocks > self.kv.num_usable_blocks:
+            raise ValueError(
+                f"prompt length {num_prompt} needs {num_blocks} KV blocks; the pool has "
+                f"{self.kv.num_usable_blocks} (at most {self.kv.num_usable_blocks * self.kv.block_size} tokens)"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason, stop_reason: str | int | None = None
+    ) -> None:
+        """End a request wherever it is and free its blocks now; unknown or finished ids are ignored."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._finish(request, reason, stop_reason)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self.finish_request(request_id, FinishReason.ABORT)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- counters -----------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self._batch_pending)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            num_preemptions=self.num_preemptions,
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_hit_rate=self.kv.prefix_cache_stats.hit_rate,
+        )
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        step = _Step(token_budget=self.config.max_num_batched_tokens)
+        for request in list(self.running):
+            if step.token_budget == 0:
+                break
+            if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
+                self._schedule_running(request, step)
+        if not step.preempted_ids:  # a step that had to preempt has no blocks to spare
+            self._admit_waiting(step)
+        return self._build_output(step)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[Request]:
+        """Apply one step's results. Returns the requests that got a token this step, plus any
+        the scheduler itself finished during `schedule()` (kv_cache_full, no new token)."""
+        now = time.monotonic()
+        updated, self._finished_in_schedule = self._finished_in_schedule, []
+        for scheduled in scheduler_output.scheduled:
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted since schedule(): its blocks are already free
+            request.num_computed_tokens = scheduled.seq_len
+            self.kv.cache_full_blocks(request)
+            if not scheduled.sample:
+                continue
+            token_id = runner_output.sampled_token_ids.get(request.request_id)
+            if token_id is None:
+                raise RuntimeError(f"runner output has no sampled token for request {request.request_id!r}")
+            request.append_output_token(token_id)
+            request.metrics.record_token(now)
+            self._check_stop(request, token_id)
+            updated.append(request)
+        return updated
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _schedule_running(self, request: Request, step: _Step) -> None:
+        num_new = self._num_tokens_to_schedule(request, request.num_computed_tokens, step.token_budget)
+        if num_new == 0:
+            return
+        while not self.kv.allocate_slots(request, num_new):
+            victim = self._pick_victim()
+            if victim is request and len(self.running) == 1:
+                # Everything else is already preempted: this request can never grow here.
+                self._finish(request, FinishReason.LENGTH, KV_CACHE_FULL)
+                self._finished_in_schedule.append(request)
+                return
+            self._preempt(victim)
+            step.preempted_ids.append(victim.request_id)
+            # A victim scheduled earlier this step (priority policy) gives its tokens back.
+            step.token_budget += step.num_new_tokens.pop(victim.request_id, 0)
+            if victim is request:
+                return
+        step.num_new_tokens[request.request_id] = num_new
+        step.token_budget -= num_new
+
+    def _admit_waiting(self, step: _Step) -> None:
+        queue = self.waiting
+        if self.config.mode == "static":
+            # Only members of the current batch are admitted; a new batch forms once the
+            # previous one is entirely done (nothing running, no member left to admit).
+            queue = self._batch_pending
+            if not self.running and not self._batch_pending:
+                while self.waiting and len(self._batch_pending) < self.config.max_num_seqs:
+                    self._batch_pending.push(self.waiting.pop())
+        now = time.monotonic()
+        while queue and step.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = queue.peek()
+            computed = self.kv.get_computed_blocks(request)
+            num_new = self._num_tokens_to_schedule(request, computed.num_computed_tokens, step.token_budget)
+            if num_new == 0 or not self.kv.allocate_slots(request, num_new, computed):
+                break  # keep queue order: nothing overtakes the head
+            queue.pop()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = computed.num_computed_tokens
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+                request.num_cached_tokens = computed.num_computed_tokens
+                request.metrics.num_cached_prompt_tokens = min(
+                    computed.num_computed_tokens, request.num_prompt_tokens
+                )
+            self.running.append(request)
+            step.num_new_tokens[request.request_id] = num_new
+            step.token_budget -= num_new
+
+    def _num_tokens_to_schedule(self, request: Request, num_computed: int, token_budget: int) -> int:
+        num_remaining = request.num_tokens - num_computed
+        if num_remaining <= token_budget:
+            return num_remaining
+        if self.config.enable_chunked_prefill:
+            return token_budget
+        # Chunking off: whole or wait. Only a request resumed after preemption can exceed a
+        # whole step's budget (prompt + outputs); it would never fit whole, so it recomputes in chunks.
+        return token_budget if num_remaining > self.config.max_num_batched_tokens else 0
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            # Largest (priority, arrival); among equals the later admitted.
+            _, victim = max(
+                enumerate(self.running),
+                key=lambda item: (item[1].priority, item[1].metrics.arrival_time, item[0]),
+            )
+            return victim
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0  # recompute prompt + outputs on resume
+        request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self._known_to_runner.discard(request.request_id)
+        admission_queue = self._batch_pending if self.config.mode == "static" else self.waiting
+        admission_queue.push_front(request)
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id == request.eos_token_id:
+                self._finish(request, FinishReason.STOP)
+                return
+            if token_id in params.stop_token_ids:
+                self._finish(request, FinishReason.STOP, token_id)
+                return
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(request, FinishReason.LENGTH)
+
+    def _finish(self, request: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self._batch_pending:
+            self._batch_pending.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+        request.metrics.finished_time = time.monotonic()
+        del self.requests[request.request_id]
+        if request.request_id in self._known_to_runner:
+            self._known_to_runner.discard(request.request_id)
+            self._finished_ids.append(request.request_id)
+
+    def _build_output(self, step: _Step) -> SchedulerOutput:
+        new_requests: list[NewRequestData] = []
+        decodes: list[ScheduledRequest] = []
+        prefills: list[ScheduledRequest] = []
+        for request_id, num_new in step.num_new_tokens.items():
+            request = self.requests[request_id]
+            if request_id not in self._known_to_runner:
+                self._known_to_runner.add(request_id)
+                new_requests.append(
+                    NewRequestData(
+                        request_id=request_id,
+                        prompt_token_ids=tuple(request.prompt_token_ids),
+                        output_token_ids=tuple(request.output_token_ids),
+                        sampling_params=request.sampling_params,
+                    )
+                )
+            start = request.num_computed_tokens
+            scheduled = ScheduledRequest(
+                request_id=request_id,
+                token_ids=tuple(request.all_token_ids[start : start + num_new]),
+                start_position=start,
+                block_ids=self.kv.get_block_ids(request_id),
+                sample=start + num_new == request.num_tokens,
+            )
+            # "Decode" = a one-token query; such rows go first (the output's documented order).
+            (decodes if num_new == 1 else prefills).append(scheduled)
+        finished_ids, self._finished_ids = tuple(self._finished_ids), []
+        return SchedulerOutput(
+            new_requests=tuple(new_requests),
+            scheduled=tuple(decodes + prefills),
+            num_batched_tokens=sum(step.num_new_tokens.values()),
+            preempted_request_ids=tuple(step.preempted_ids),
+            finished_request_ids=finished_ids,
+        )
