@@ -19,7 +19,6 @@ from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
-
 from shardserve.cluster.config import AppConfig, ModelSection, ServeConfig, parse_config
 from shardserve.cluster.ingress.deployment import Ingress, llm_server_name
 from shardserve.cluster.proto import SERVICER_FUNCTION
@@ -28,13 +27,16 @@ from shardserve.cluster.server import LLMServer
 
 ROUTING_STATS_PERIOD_S = 2.0
 INGRESS_MAX_ONGOING_REQUESTS = 4096
+# Serve's per-replica cap sits above the engine's own (running + waiting), so the engine answers
+# "queue full" (429) itself and stats / health calls still reach a busy replica.
+CONTROL_HEADROOM = 32
 
 
 def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
     res = model.resources
     options: dict[str, Any] = {
         "name": llm_server_name(index, model.name),
-        "max_ongoing_requests": model.scheduler.max_num_seqs + model.scheduler.max_queue_len,
+        "max_ongoing_requests": model.scheduler.max_num_seqs + model.scheduler.max_queue_len + CONTROL_HEADROOM,
         "ray_actor_options": {"num_cpus": res.num_cpus_per_worker, "num_gpus": res.num_gpus_per_worker},
         "request_router_config": RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
@@ -77,7 +79,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 def serve_options(config: ServeConfig | AppConfig) -> dict[str, Any]:
     """Keyword arguments of `serve.start` for this config (proxy ports, gRPC servicer)."""
-    from ray.serve.config import gRPCOptions, HTTPOptions
+    from ray.serve.config import HTTPOptions, gRPCOptions
 
     return {
         "http_options": HTTPOptions(host=config.http.host, port=config.http.port),

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from shardserve.workers.config import (
     CacheConfig,
     EngineConfig,

@@ -25,7 +25,6 @@ from collections import OrderedDict
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
-
 from shardserve.cluster.messages import GenerateRequest
 
 PREFIX_CHUNK_CHARS = 64  # one "block" of routing text (~16 tokens of English)

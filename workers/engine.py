@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype

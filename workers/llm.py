@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from tqdm.auto import tqdm
-
 from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import RequestOutput, SamplingParams
+from tqdm.auto import tqdm
 
 Prompt = str | Sequence[int]
 

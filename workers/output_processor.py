@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shardserve.workers.detokenizer import TextStream
+from shardserve.workers.output.stream import CompletionTextStream
 from shardserve.workers.request import (
     CompletionOutput,
     FinishReason,
@@ -28,7 +28,7 @@ from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
 @dataclass
 class _Sample:
     request: Request
-    stream: TextStream | None  # None when the model has no tokenizer (token ids only)
+    stream: CompletionTextStream | None  # None when the model has no tokenizer (token ids only)
     text: str = ""
     new_text: str = ""
     num_emitted_tokens: int = 0  # output ids already reported in an earlier output
@@ -71,7 +71,7 @@ class OutputProcessor:
         for request in samples:
             stream = None
             if self.tokenizer is not None:
-                stream = TextStream(self.tokenizer, prompt_token_ids, request.sampling_params)
+                stream = CompletionTextStream(self.tokenizer, prompt_token_ids, request.sampling_params)
             sample = _Sample(request, stream, logprobs=[] if params.logprobs is not None else None)
             parent.samples.append(sample)
             self._sample_of[request.request_id] = (parent, sample)
@@ -107,10 +107,11 @@ class OutputProcessor:
             token_id = request.output_token_ids[-1]
             if sample.logprobs is not None and request.request_id in runner_output.logprobs:
                 sample.logprobs.append(self._decode_logprobs(runner_output.logprobs[request.request_id]))
-            if sample.stream is not None and not request.is_finished:
-                matched = sample.stream.append(token_id)
-                if matched is not None:
-                    stops.append((request.request_id, matched))
+            if sample.stream is not None:
+                delta = sample.stream.append([token_id])
+                sample.new_text += delta.text
+                if delta.stop_str is not None and not request.is_finished:
+                    stops.append((request.request_id, delta.stop_str))
         return stops
 
     def finish_sample(self, request: Request, reason: FinishReason) -> None:
@@ -149,10 +150,13 @@ class OutputProcessor:
             if sample.finish_reason is None and request.finish_reason is not None:
                 sample.finish_reason = request.finish_reason
                 sample.stop_reason = request.stop_reason
-            new_text = ""
-            if sample.stream is not None:
-                new_text = sample.stream.take_new_text(final=sample.finish_reason is not None)
-                sample.text += new_text
+            if sample.stream is not None and sample.finish_reason is not None:
+                tail = sample.stream.flush()  # held-back text (partial characters / stop strings)
+                sample.new_text += tail.text
+                if tail.stop_str is not None and sample.finish_reason != FinishReason.ABORT:
+                    sample.finish_reason, sample.stop_reason = FinishReason.STOP, tail.stop_str
+            new_text, sample.new_text = sample.new_text, ""
+            sample.text += new_text
             token_ids = tuple(request.output_token_ids)
             new_token_ids = token_ids[sample.num_emitted_tokens :]
             sample.num_emitted_tokens = len(token_ids)

@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
 
     import ray
     from ray import serve
-
     from shardserve.cluster.app import build_app, serve_options
 
     started_ray = config.ray.address is None

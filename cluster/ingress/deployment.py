@@ -18,7 +18,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-
 from shardserve.cluster.config import AppConfig, parse_config
 from shardserve.cluster.ingress import openai as oai
 from shardserve.cluster.ingress.core import IngressCore

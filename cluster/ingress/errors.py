@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-
 from shardserve.cluster.messages import ErrorInfo, ErrorKind
 
 HTTP_STATUS = {

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-
 from shardserve.cluster.ingress.core import IngressCore
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
 from shardserve.cluster.server import param_of

@@ -51,7 +51,6 @@ class Cluster:
 
     def llm_handle(self, model: str) -> Any:
         from ray import serve
-
         from shardserve.cluster.ingress.deployment import llm_server_name
 
         index = [m.name for m in self.config.models].index(model)
@@ -65,7 +64,6 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     import ray
     from ray import serve
-
     from shardserve.cluster.app import build_app, serve_options
     from shardserve.cluster.config import ServeConfig, parse_config
 

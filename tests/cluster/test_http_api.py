@@ -9,7 +9,6 @@ import time
 import openai
 import pytest
 import requests
-
 from shardserve.cluster.testing.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.slow
@@ -124,13 +123,15 @@ def test_bad_requests_do_not_disturb_good_ones(cluster):
 def test_queue_full_gets_429(cluster):
     url = cluster.http_url + "/v1/completions"
     long = {"model": "tiny-queue", "prompt": "busy", "max_tokens": 3000, "stream": True}
-    running = requests.post(url, json=long, stream=True, timeout=60)  # takes the one slot
+    session = requests.Session()  # keeps the streaming connections open while the test runs
+    running = session.post(url, json=long, stream=True, timeout=60)  # takes the one slot
     next(running.iter_lines())
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    waiting = pool.submit(requests.post, url, json=long, stream=True, timeout=60)  # fills the queue of 1
+    waiting = pool.submit(session.post, url, json=long, stream=True, timeout=60)  # fills the queue of 1
     try:
         deadline = time.time() + 20
-        while cluster.llm_handle("tiny-queue").stats.remote().result()["num_waiting"] < 1:
+        while (st := cluster.llm_handle("tiny-queue").stats.remote().result())["num_waiting"] < 1:
+            print(st, flush=True)
             assert time.time() < deadline, "second request never queued"
             time.sleep(0.1)
         r = requests.post(url, json={"model": "tiny-queue", "prompt": "more", "max_tokens": 2}, timeout=30)
@@ -140,6 +141,7 @@ def test_queue_full_gets_429(cluster):
         running.close()
         waiting.result().close()
         pool.shutdown()
+        session.close()
 
 
 def wait_until_freed(cluster, request_id: str, model: str = "solo") -> dict:

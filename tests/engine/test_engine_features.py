@@ -6,7 +6,6 @@ import asyncio
 import math
 
 import pytest
-
 from shardserve.workers.async_engine import AsyncEngine
 from shardserve.workers.config import EngineConfig, ModelConfig
 from shardserve.workers.engine import LLMEngine
@@ -35,7 +34,7 @@ def _run(engine: LLMEngine, prompts: dict[str, str], params: SamplingParams):
 
 
 def test_streamed_deltas_add_up_to_final_text(engine):
-    finals, streamed = _run(engine, {"a": "Tell me a story about a dragon."}, SamplingParams(temperature=0, max_tokens=24))
+    finals, streamed = _run(engine, {"a": "Tell me a story about a dragon."}, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     final = finals["a"].outputs[0]
     assert "".join(o.outputs[0].new_text for o in streamed["a"]) == final.text
     assert sum(len(o.outputs[0].new_token_ids) for o in streamed["a"]) == len(final.token_ids) == 24
@@ -45,18 +44,18 @@ def test_streamed_deltas_add_up_to_final_text(engine):
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
-    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
     alone, _ = _run(engine, {"x": "The weather today"}, params)
     batched, _ = _run(engine, {"y": "Other prompt here", "x": "The weather today", "z": "Third"}, params)
     assert alone["x"].outputs[0].token_ids == batched["x"].outputs[0].token_ids
-    other, _ = _run(engine, {"x": "The weather today"}, SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12))
+    other, _ = _run(engine, {"x": "The weather today"}, SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12, ignore_eos=True))
     assert other["x"].outputs[0].token_ids != alone["x"].outputs[0].token_ids
 
 
 def test_n_samples_share_prompt_blocks(engine):
     prompt = "Write one sentence about the ocean, the sky and the mountains of a faraway country:" * 2
     hits_before = engine.kv_manager.prefix_cache_stats
-    finals, _ = _run(engine, {"n": prompt}, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8))
+    finals, _ = _run(engine, {"n": prompt}, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True))
     outs = finals["n"].outputs
     assert [o.index for o in outs] == [0, 1, 2]
     assert all(len(o.token_ids) == 8 for o in outs)
@@ -65,26 +64,26 @@ def test_n_samples_share_prompt_blocks(engine):
     num_prompt = len(engine.tokenize(prompt))
     # Samples 1 and 2 found every full block of the prompt in the cache.
     full_blocks_tokens = (num_prompt - 1) // engine.config.cache.block_size * engine.config.cache.block_size
-    assert hits_after.hit_tokens - hits_before.hit_tokens >= 2 * full_blocks_tokens
+    assert hits_after.num_hit_tokens - hits_before.num_hit_tokens >= 2 * full_blocks_tokens
 
 
 def test_stop_string_and_stop_token(engine):
-    greedy, _ = _run(engine, {"s": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16))
+    greedy, _ = _run(engine, {"s": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     text = greedy["s"].outputs[0].text
     stop = text[3:6]  # a stop string that appears in the greedy continuation
-    stopped, streamed = _run(engine, {"s": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16, stop=[stop]))
+    stopped, streamed = _run(engine, {"s": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16, stop=[stop], ignore_eos=True))
     out = stopped["s"].outputs[0]
     assert out.finish_reason == FinishReason.STOP and out.stop_reason == stop
     assert out.text == text[: text.index(stop)]
     assert "".join(o.outputs[0].new_text for o in streamed["s"]) == out.text
     first_token = greedy["s"].outputs[0].token_ids[2]
-    by_id, _ = _run(engine, {"t": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[first_token]))
+    by_id, _ = _run(engine, {"t": "Count: 1, 2, 3, 4,"}, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[first_token], ignore_eos=True))
     assert by_id["t"].outputs[0].stop_reason == first_token
     assert by_id["t"].outputs[0].token_ids == greedy["s"].outputs[0].token_ids[:3]
 
 
 def test_logprobs_and_prompt_logprobs(engine):
-    finals, _ = _run(engine, {"l": "The capital of France is"}, SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2))
+    finals, _ = _run(engine, {"l": "The capital of France is"}, SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2, ignore_eos=True))
     out = finals["l"]
     completion = out.outputs[0]
     assert len(completion.logprobs) == 4
@@ -114,9 +113,10 @@ def test_async_abort_frees_blocks(smollm2_loaded):
             await asyncio.sleep(0.02)
         assert stats.num_running == 0 and stats.kv_cache_usage == 0.0
         # The engine still serves.
-        async for out in engine.generate("Hi", SamplingParams(max_tokens=2), "after"):
-            pass
-        assert out.finished and out.outputs[0].finish_reason == FinishReason.LENGTH
+        final = None
+        async for out in engine.generate("Hi", SamplingParams(max_tokens=2, ignore_eos=True), "after"):
+            final = out
+        assert final.finished and final.outputs[0].finish_reason == FinishReason.LENGTH
 
     try:
         asyncio.run(main())

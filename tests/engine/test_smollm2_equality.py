@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import SamplingParams

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from shardserve.workers.async_engine import AsyncEngine
 from shardserve.workers.config import EngineConfig, ModelConfig
 from shardserve.workers.engine import LLMEngine

@@ -1,36 +1,10 @@
-"""Kernel tests run the Triton kernels against their torch references.
-
-By default they run on CPU through Triton's interpreter (`TRITON_INTERPRET=1`, set here
-before any kernel module is decorated). With `SHARDSERVE_KERNEL_DEVICE=cuda` the same tests
-run compiled on the GPU, and the attention tests add bf16 (the 3.9 interpreter's `tl.dot`
-multiplies bf16 operands as raw uint16, so bf16 attention is only checked compiled).
-"""
+"""Fixtures of the kernel tests; kernel_env.py sets TRITON_INTERPRET before any kernel import."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
-DEVICE = os.environ.get("SHARDSERVE_KERNEL_DEVICE", "cpu")
-if DEVICE not in ("cpu", "cuda"):
-    raise ValueError(f"SHARDSERVE_KERNEL_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-    # A test module collected earlier may already have imported a kernel module compiled-mode;
-    # re-decorate those under the interpreter (kernels first, then modules that import them).
-    for name in sorted(sys.modules, key=lambda n: n.startswith("shardserve.workers.attention")):
-        if name.startswith("shardserve.workers.kernels.") or name == "shardserve.workers.attention.triton_backend":
-            importlib.reload(sys.modules[name])
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-# float16 attention works in the interpreter; bf16 attention is checked compiled only (see above).
-ATTENTION_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-ELEMENTWISE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Absolute tolerance per dtype for results in [-few, few]; fp32 is the interpreter's numpy math.
-ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+import pytest
+import torch
+from kernel_env import DEVICE
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _paged import make_paged_cache, naive_attention
-from conftest import ATOL, ATTENTION_DTYPES
+from kernel_env import ATOL, ATTENTION_DTYPES
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ELEMENTWISE_DTYPES
+from kernel_env import DEVICE, ELEMENTWISE_DTYPES
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.rmsnorm import rmsnorm
 

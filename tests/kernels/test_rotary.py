@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ELEMENTWISE_DTYPES
+from kernel_env import ELEMENTWISE_DTYPES
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.rotary import rotary_embedding
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _paged import naive_attention
-from conftest import ATOL
+from kernel_env import ATOL
 from shardserve.workers.attention import triton_backend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.attention.triton_backend import TritonAttentionBackend

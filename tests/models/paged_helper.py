@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-
 from shardserve.workers.attention.metadata import AttentionMetadata
 
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from paged_helper import build_metadata
-
 from shardserve.workers.attention.backend import get_attention_backend
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from paged_helper import PagedBatch
 from safetensors.torch import load_file, save_file
-
 from shardserve.workers.config import ModelConfig
 from shardserve.workers.models import loader as loader_module
 from shardserve.workers.models.dummy import DUMMY_SHAPES, dummy_config

@@ -13,12 +13,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from shardserve.workers.config import ModelConfig
-from shardserve.workers.models.loader import LoadedModel, load_model
-
 from hf_reference import save_checkpoint, tiny_configs
 from paged_helper import PagedBatch
+from shardserve.workers.config import ModelConfig
+from shardserve.workers.models.loader import LoadedModel, load_model
 
 ATOL = 1e-4
 CONFIGS = tiny_configs()

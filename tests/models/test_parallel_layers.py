@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-
 from shardserve.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.parallel.linear import (
     ColumnParallelLinear,

@@ -6,10 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from shardserve.workers.models.layers import rope_inv_freq, rope_parameters
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-from shardserve.workers.models.layers import rope_inv_freq, rope_parameters
 
 ROPES = [
     {"rope_type": "default", "rope_theta": 500000.0},

@@ -281,7 +281,8 @@ def test_logprobs_and_ranks_match_log_softmax_of_raw_logits():
         sampled = out.token_ids[row].item()
         assert next(iter(entry)) == sampled  # sampled token first
         if row == 2:  # four-way tie at the top: which tied ids fill the top-2 is arbitrary
-            assert len(entry) == 2 and all(entry[t][1] == 1 for t in entry)
+            assert len(entry) in (2, 3) and set(entry) <= {0, 1, 2, 3}
+            assert all(rank == 1 for _, rank in entry.values())
         else:
             top = expected[row].argsort(descending=True)[: p.logprobs].tolist()
             assert set(entry) == {sampled} | set(top)

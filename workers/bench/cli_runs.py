@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict
 
 import torch
-
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.bench.hf_baseline import hf_generate, load_hf_model
 from shardserve.workers.bench.runs import run_engine, run_latency, run_throughput

@@ -13,7 +13,6 @@ import os
 import time
 
 import torch
-
 from shardserve.workers.bench.workload import BenchRequest
 from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.loader import LoadedModel, default_model_path

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from shardserve.workers.bench.workload import BenchRequest
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import SamplingParams

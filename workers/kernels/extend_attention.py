@@ -6,11 +6,12 @@ Data flow: `q [T, Hq, D]` is the flattened batch; request i owns query rows
 this step's own K/V, written beforehand by `kv_cache_write`. Query j of request i sits at
 absolute position `seq_lens[i] - query_len_i + j` and attends causally to every context
 token at or before it. One program handles (request, q head, BLOCK_M query rows): it loads
-the `[BLOCK_M, D]` query tile, walks the context `BLOCK_N` tokens at a time up to the tile's
-last position (pages looked up per token through `block_tables`), keeps an online softmax
-in fp32 and stores `out [T, Hq, D]`. The same kernel therefore covers plain prefill (empty
-prefix), prefix-cache hits and chunked prefill (long prefix, short query), and decode rows
-(query_len 1) mixed into the batch.
+the `[BLOCK_M, D]` query tile and walks the context `BLOCK_N` tokens at a time (pages looked
+up per token through `block_tables`): first, without masks, the tiles that lie wholly before
+the tile's first query position, then the causal tiles up to its last one. It keeps an
+online softmax in fp32 and stores `out [T, Hq, D]`. The same kernel therefore covers plain
+prefill (empty prefix), prefix-cache hits and chunked prefill (long prefix, short query), and
+decode rows (query_len 1) mixed into the batch.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.scheduler.output import SchedulerOutput
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from shardserve.workers.config import EngineConfig
 
 

@@ -17,7 +17,6 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import LoadedModel
 from shardserve.workers.request import SamplingParams
