@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 
 import pytest
 import torch
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A fresh GGUF conversion cache per session: the first load of the default model exercises the
+# GGUF path (and writes the cache), later loads exercise the cached folder.
+os.environ["SHARDSERVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="shardserve-test-cache-")
 
 # Two cores in CI: more intra-op threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

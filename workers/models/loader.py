@@ -24,6 +24,7 @@ import torch
 from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.dummy import dummy_config, init_dummy_weights
 from shardserve.workers.models.gguf import read_gguf_config, read_gguf_tensors
+from shardserve.workers.models.gguf_cache import cached_folder, write_cache
 from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
 from shardserve.workers.models.weights import checkpoint_files, count_tensors, iterate_safetensors
@@ -129,22 +130,25 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
         name = spec
     else:
         path = default_model_path() if spec == "default" else Path(spec).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise FileNotFoundError(f"GGUF file {path} does not exist")
+        if path.suffix == ".gguf" and not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        converted = cached_folder(path) if path.suffix == ".gguf" else None
+        if path.suffix == ".gguf" and converted is None:
             config = read_gguf_config(path)
-            tensors = read_gguf_tensors(path, config, dtype)
+            tensors = read_gguf_tensors(path, config, torch.float32)
             model = _build(config, device, dtype)
-            _load(model, tensors.items(), len(tensors), progress, f"loading {path.name}")
+            _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
+                  f"loading {path.name}")
             tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-        elif (path / "config.json").is_file():
-            folder = path
-            config = AutoConfig.from_pretrained(str(path))
-            files = checkpoint_files(path)
+            write_cache(path, config, tensors, tokenizer)
+        elif converted is not None or (path / "config.json").is_file():
+            folder = converted or path
+            config = AutoConfig.from_pretrained(str(folder))
+            files = checkpoint_files(folder)
             model = _build(config, device, dtype)
             total = count_tensors(files) if progress else 0
             _load(model, iterate_safetensors(files), total, progress, f"loading {path.name}")
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(folder)
         else:
             raise FileNotFoundError(f"model {spec!r} is not a folder with config.json, a .gguf file, "
                                     f"'{DUMMY_PREFIX}<shape>' or 'default'")
