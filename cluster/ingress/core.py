@@ -87,4 +87,4 @@ class IngressCore:
                 return f"unavailable: {type(err).__name__}"
 
         statuses = await asyncio.gather(*(one(name) for name in self.model_names))
-        return dict(zip(self.model_names, statuses))
+        return dict(zip(self.model_names, statuses, strict=True))

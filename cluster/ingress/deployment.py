@@ -3,9 +3,10 @@
 Data flow: Ray Serve's HTTP proxy (:8000) hands HTTP requests to the FastAPI routes below and
 its gRPC proxy (:9000) calls the methods named after the LLMService RPCs. Both go through one
 IngressCore holding a DeploymentHandle per model (routed by the request's `model` field), so
-both APIs share the prefix-affinity router's state in this process. Responses carry
-`x-request-id` and `x-shardserve-replica` (the LLMServer replica that served the request) as
-HTTP headers or gRPC trailing metadata. `/v1/stats` shows each model's router view (per
+both APIs share the prefix-affinity router's state in this process. HTTP responses carry
+`x-shardserve-request-id` (the engine's request id, also the body's `id`) and
+`x-shardserve-replica` (the LLMServer replica that served it); gRPC puts `x-request-id` and
+`x-shardserve-replica` in trailing metadata. `/v1/stats` shows each model's router view (per
 replica: requests routed, affinity hits, load, engine stats); `/health` is 200 only when every
 model answers.
 """
@@ -62,7 +63,8 @@ class Ingress:
         self.core.model(body.model)
         request = oai.to_generate_request(body, kind)
         first, rest = await self.core.first_chunk(request)
-        headers = {"x-request-id": request.request_id, "x-shardserve-replica": first.replica_id}
+        # Serve sets its own x-request-id on every response; ours names the engine request.
+        headers = {"x-shardserve-request-id": request.request_id, "x-shardserve-replica": first.replica_id}
         if body.stream:
             events = oai.sse_events(kind, body, first, rest)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -105,8 +107,12 @@ class Ingress:
         return await self.grpc.generate(request, grpc_context)
 
     async def GenerateStream(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
-        async for response in self.grpc.generate_stream(request, grpc_context):
-            yield response
+        stream = self.grpc.generate_stream(request, grpc_context)
+        try:
+            async for response in stream:
+                yield response
+        finally:
+            await stream.aclose()
 
     async def ListModels(self, request: Any) -> Any:  # noqa: N802
         return self.grpc.list_models()

@@ -44,6 +44,10 @@ class ApiError(Exception):
         self.message = message
         self.param = param
 
+    def __reduce__(self) -> tuple[type, tuple[ErrorKind, str, str | None]]:
+        # Ray pickles exceptions between the ingress and the proxies: keep all three fields.
+        return (ApiError, (self.kind, self.message, self.param))
+
     @classmethod
     def from_info(cls, info: ErrorInfo) -> ApiError:
         return cls(info.kind, info.message, info.param)

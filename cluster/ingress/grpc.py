@@ -113,6 +113,7 @@ class GrpcFrontend:
         request_id = _request_id(context)
         self._trailers(context, request_id, None)
         num_tokens = 0
+        rest: Any = None
         try:
             request = self._generate_request(proto, request_id)
             first, rest = await self.core.first_chunk(request)
@@ -136,7 +137,13 @@ class GrpcFrontend:
                         replica_id=chunk.replica_id,
                     )
         except ApiError as err:
+            # A stream's status only reaches the client if the call raises; Serve keeps the
+            # code and details set on the context (gRPCStatusError).
             _fail(context, err)
+            raise
+        finally:
+            if rest is not None:  # cancelled while suspended at a yield: cancel the LLMServer call now
+                await rest.aclose()
 
     @staticmethod
     def _usage(first: GenerateChunk | None, num_tokens: int) -> Any:

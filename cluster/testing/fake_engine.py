@@ -92,10 +92,12 @@ class FakeEngine:
             await self._slots.acquire()
         finally:
             self._num_waiting -= 1
+        run = self._run(prompt, token_ids, params, request_id, metrics)
         try:
-            async for out in self._run(prompt, token_ids, params, request_id, metrics):
+            async for out in run:
                 yield out
         finally:
+            await run.aclose()  # frees the blocks now, not when the generator is collected
             self._slots.release()
 
     async def abort(self, request_id: str) -> None:

@@ -125,13 +125,13 @@ def test_queue_full_gets_429(cluster):
     long = {"model": "tiny-queue", "prompt": "busy", "max_tokens": 3000, "stream": True}
     session = requests.Session()  # keeps the streaming connections open while the test runs
     running = session.post(url, json=long, stream=True, timeout=60)  # takes the one slot
-    next(running.iter_lines())
+    lines = running.iter_lines()  # keep a reference: a collected line iterator closes the stream
+    assert next(lines).startswith(b"data: ")
     pool = concurrent.futures.ThreadPoolExecutor(1)
     waiting = pool.submit(session.post, url, json=long, stream=True, timeout=60)  # fills the queue of 1
     try:
         deadline = time.time() + 20
-        while (st := cluster.llm_handle("tiny-queue").stats.remote().result())["num_waiting"] < 1:
-            print(st, flush=True)
+        while cluster.llm_handle("tiny-queue").stats.remote().result()["num_waiting"] < 1:
             assert time.time() < deadline, "second request never queued"
             time.sleep(0.1)
         r = requests.post(url, json={"model": "tiny-queue", "prompt": "more", "max_tokens": 2}, timeout=30)
@@ -157,7 +157,7 @@ def wait_until_freed(cluster, request_id: str, model: str = "solo") -> dict:
 def test_stream_disconnect_aborts_and_frees_blocks(cluster):
     payload = {"model": "solo", "prompt": "x" * 100, "max_tokens": 3000, "stream": True}
     r = requests.post(cluster.http_url + "/v1/completions", json=payload, stream=True, timeout=60)
-    request_id = r.headers["x-request-id"]
+    request_id = r.headers["x-shardserve-request-id"]
     lines = r.iter_lines()
     first = json.loads(next(line for line in lines if line).removeprefix(b"data: "))
     assert first["id"] == request_id

@@ -1,0 +1,108 @@
+"""The serve config schema (no Ray): shipped configs, errors naming the field, app options, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from shardserve.cluster.cli import main
+from shardserve.cluster.config import AppConfig, ConfigError, ServeConfig, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_all_shipped_configs_are_present():
+    names = {p.name for p in CONFIGS}
+    assert {"cpu-default.yaml", "llama-3.1-8b-tp2.yaml", "qwen3-30b-a3b-ep2.yaml",
+            "llama-70b-tp4-pp2.yaml", "autoscaling-dp.yaml"} <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_validates_and_builds_engine_config(path):
+    config = load_config(path)
+    for model in config.models:
+        engine = model.to_engine_config()
+        assert engine.model.model == model.source
+        assert engine.parallel.world_size == model.world_size
+        assert engine.scheduler.max_num_seqs == model.scheduler.max_num_seqs
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"parallel": {"tensor_parallel_size": 0}}, "models[0].parallel.tensor_parallel_size: must be >= 1, got 0"),
+        ({"dtype": "fp7"}, "models[0].dtype: must be one of"),
+        ({"cache": {"gpu_memory_utilization": 1.5}}, "models[0].cache.gpu_memory_utilization: must be <= 1.0, got 1.5"),
+        ({"bogus": 1}, "models[0].bogus: unknown field"),
+        ({"replicas": 2, "autoscaling": {"max_replicas": 3}}, "models[0]: replicas and autoscaling are mutually exclusive"),
+        ({"autoscaling": {"min_replicas": 4, "max_replicas": 2}}, "models[0].autoscaling: max_replicas must be >= min_replicas=4"),
+        ({"parallel": {"tensor_parallel_size": 2, "expert_parallel_size": 3}}, "expert_parallel_size must divide"),
+        ({"scheduler": {"policy": "lifo"}}, "models[0].scheduler.policy: must be one of"),
+    ],
+)
+def test_errors_name_the_field(patch, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": [{"name": "m", **patch}]})
+    assert expected in str(err.value)
+
+
+def test_unique_names_and_top_level_errors():
+    with pytest.raises(ConfigError, match="model names must be unique, 'a' appears twice"):
+        parse_config({"models": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(ConfigError, match=r"http.port: must be <= 65535, got 70000"):
+        parse_config({"http": {"port": 70000}, "models": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="models: Field required"):
+        parse_config({})
+    with pytest.raises(ConfigError, match="ray: unknown field"):  # app_builder args have no ray section
+        parse_config({"ray": {}, "models": [{"name": "a"}]}, AppConfig)
+
+
+def test_load_config_reports_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: x\n    replicas: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\nmodels\[0\].replicas: must be >= 1, got 0"):
+        load_config(bad)
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_app_args_round_trip_through_app_builder_schema():
+    config = load_config(CONFIGS[0])
+    assert parse_config(config.app_args(), AppConfig).models == config.models
+
+
+def test_llm_server_options_reserve_a_worker_group():
+    from shardserve.cluster.app import llm_server_options
+
+    tp4pp2 = load_config(Path(CONFIGS[0]).parent / "llama-70b-tp4-pp2.yaml").models[0]
+    options = llm_server_options(0, tp4pp2)
+    assert options["placement_group_bundles"] == [{"CPU": 4, "GPU": 1}] * 8
+    assert options["num_replicas"] == 1 and options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    router = options["request_router_config"]
+    assert router.request_router_kwargs == {"prefix_affinity": True, "max_load_imbalance": 8}
+    auto = load_config(Path(CONFIGS[0]).parent / "autoscaling-dp.yaml").models[0]
+    scaling = llm_server_options(0, auto)
+    assert scaling["autoscaling_config"]["max_replicas"] == 8 and "num_replicas" not in scaling
+    assert "placement_group_bundles" not in scaling
+
+
+def test_cli_schema_and_validate(capsys, tmp_path):
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema == ServeConfig.model_json_schema()
+    assert "description" in schema["$defs"]["ModelSection"]["properties"]["source"]
+    assert main(["config", "validate", *map(str, CONFIGS)]) == 0
+    assert capsys.readouterr().out.count("ok: ") == len(CONFIGS)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: x\n    parallel: {pipeline_parallel_size: 0}\n")
+    assert main(["config", "validate", str(bad)]) == 1
+    assert "models[0].parallel.pipeline_parallel_size: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_serve_usage_text_names_endpoints():
+    from shardserve.cluster.commands.serve import usage_text
+
+    text = usage_text(load_config(Path(CONFIGS[0]).parent / "cpu-default.yaml"))
+    assert "curl http://localhost:8000/v1/chat/completions" in text and "localhost:9000" in text
