@@ -1,12 +1,20 @@
-"""Collectives over the tensor-parallel group: the only torch.distributed calls of a forward pass.
+"""Collectives: the only torch.distributed calls of a forward pass and of the worker loop.
 
-Row-parallel layers and the vocab-parallel embedding sum their partial results with
-`tensor_model_parallel_all_reduce`; the LM head concatenates its vocab shards with
-`tensor_model_parallel_all_gather`. Both read the group from `get_parallel_state()` and are
-the identity when the tensor-parallel size is 1 (no torch.distributed needed).
+Tensor parallel: row-parallel layers and the vocab-parallel embedding sum their partial results
+with `tensor_model_parallel_all_reduce`; the LM head concatenates its vocab shards with
+`tensor_model_parallel_all_gather`. Pipeline parallel: a stage hands its activations to the
+same TP column of the next stage with `send_to_next_stage` / `recv_from_prev_stage`.
+Expert parallel: `expert_all_to_all` moves routed token rows between the ranks of an EP group
+and `expert_all_gather` reassembles the token slices. Host side: `broadcast_object` sends a
+picklable object (a step's SchedulerOutput) from one rank to all over the gloo CPU group and
+`cpu_all_reduce_min` agrees on an integer (the KV block count). Every function reads its group
+from `get_parallel_state()` and is the identity (or a plain copy) when that group has one rank.
 """
 
 from __future__ import annotations
+
+import pickle
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +36,108 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     if tp.size == 1:
         return x
     dim = dim % x.dim()
-    gathered = torch.empty((tp.size, *x.shape), dtype=x.dtype, device=x.device)  # [tp_size, *x.shape]
-    dist.all_gather_into_tensor(gathered, x.contiguous(), group=tp.group)
+    x = x.contiguous()
+    flat = torch.empty((tp.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(flat, x, group=tp.group)  # rank r's x at rows [r * n, (r + 1) * n)
+    gathered = flat.view(tp.size, *x.shape)  # [tp_size, *x.shape]
     return torch.cat(gathered.unbind(0), dim=dim)
+
+
+# ---- pipeline parallel --------------------------------------------------------------------
+
+
+def send_to_next_stage(x: torch.Tensor) -> None:
+    """Send `x` to this TP rank's peer in the next pipeline stage (blocking)."""
+    pp = get_parallel_state().pp
+    if pp.rank == pp.size - 1:
+        raise RuntimeError("the last pipeline stage has no next stage")
+    dist.send(x.contiguous(), dst=pp.ranks[pp.rank + 1])
+
+
+def recv_from_prev_stage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Receive a tensor of `shape` from this TP rank's peer in the previous pipeline stage."""
+    pp = get_parallel_state().pp
+    if pp.rank == 0:
+        raise RuntimeError("the first pipeline stage has no previous stage")
+    out = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(out, src=pp.ranks[pp.rank - 1])
+    return out
+
+
+# ---- expert parallel ----------------------------------------------------------------------
+
+
+def expert_all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """Rows `x[sum(send_counts[:r]) : ...]` go to EP rank r; returns the rows received, by source rank.
+
+    x: [sum(send_counts), *row] -> [sum(recv_counts), *row]
+    """
+    ep = get_parallel_state().ep
+    if ep.size == 1:
+        return x.clone()
+    out = torch.empty((sum(recv_counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                           group=ep.group)
+    return out
+
+
+def expert_exchange_counts(send_counts: torch.Tensor) -> torch.Tensor:
+    """send_counts[r] rows go from this rank to EP rank r; returns recv_counts[r] from rank r."""
+    ep = get_parallel_state().ep
+    if ep.size == 1:
+        return send_counts.clone()
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=ep.group)
+    return recv_counts
+
+
+def expert_all_gather(x: torch.Tensor, num_rows: list[int]) -> torch.Tensor:
+    """Concatenate every EP rank's rows (rank r holds `num_rows[r]`) in rank order.
+
+    x: [num_rows[ep_rank], *row] -> [sum(num_rows), *row]
+    """
+    ep = get_parallel_state().ep
+    if ep.size == 1:
+        return x
+    max_rows = max(num_rows)
+    padded = torch.zeros((max_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    flat = torch.empty((ep.size * max_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(flat, padded, group=ep.group)
+    gathered = flat.view(ep.size, max_rows, *x.shape[1:])  # [ep, max_rows, *row]
+    return torch.cat([gathered[r, :n] for r, n in enumerate(num_rows)])
+
+
+# ---- host-side metadata -------------------------------------------------------------------
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Pickle `obj` on global rank `src` and return it on every rank (gloo CPU group).
+
+    Two broadcasts: the payload size, then the bytes. Identity in a single process.
+    """
+    state = get_parallel_state()
+    if state.world_size == 1:
+        return obj
+    size = torch.zeros(1, dtype=torch.int64)
+    payload = b""
+    if state.rank == src:
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        size[0] = len(payload)
+    dist.broadcast(size, src=src, group=state.cpu_group)
+    if state.rank == src:
+        buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    else:
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(buffer, src=src, group=state.cpu_group)
+    return obj if state.rank == src else pickle.loads(buffer.numpy().tobytes())
+
+
+def cpu_all_reduce_min(value: int) -> int:
+    """The minimum of `value` over all ranks (gloo CPU group); identity in a single process."""
+    state = get_parallel_state()
+    if state.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=state.cpu_group)
+    return int(t.item())

@@ -1,17 +1,34 @@
 """Which slice of the model this process holds: tensor, pipeline and expert parallel groups.
 
-A `ParallelState` is built once per process (by the worker group, after torch.distributed is
-initialised) and installed with `set_parallel_state`; layers read it through
+`init_parallel(rank, world_size, tp, pp, ep, master_addr, master_port, backend)` joins the
+process group (NCCL on GPU, gloo on CPU), creates every sub-group and installs the resulting
+`ParallelState` with `set_parallel_state`. It needs nothing but an address, so a local launcher
+(workers/worker/executor.py) and Ray actors call it the same way. Layers read the state through
 `get_parallel_state()` when they are constructed (to size and slice their weights) and the
 collectives in `comm.py` read it when they run. Without any setup the current state is the
-single-process one: every size is 1, every rank 0, no process group, and no torch.distributed
-initialisation is needed.
+single-process one: every size is 1, every rank 0, no process group.
+
+Rank layout (world = PP x TP; EP lives inside a pipeline stage):
+    rank = pp_rank * tp_size + tp_rank
+    TP group of stage s:  ranks [s * tp, (s + 1) * tp)       (all-reduce / all-gather)
+    PP group of column t: ranks t, t + tp, t + 2 * tp, ...   (send / recv between stages)
+    EP: the TP ranks of a stage split the experts ep ways; each expert's intermediate features
+        are split over moe_tp = tp / ep ranks. ep_rank = tp_rank // moe_tp, and the EP group
+        of a rank is the ranks of its stage with the same tp_rank % moe_tp (token all-to-all).
+    CPU group: all ranks over gloo, for host-side metadata (object broadcast, block counts).
 """
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+ExpertDispatch = Literal["auto", "all_to_all", "all_reduce"]
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -21,11 +38,13 @@ class GroupInfo:
     group: the torch.distributed ProcessGroup (None when size is 1).
     rank: this process's index inside the group, in [0, size).
     size: number of processes in the group.
+    ranks: the global ranks of the group in group-rank order (empty in fake/single states).
     """
 
     rank: int = 0
     size: int = 1
     group: Any = None
+    ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -34,15 +53,32 @@ class GroupInfo:
             raise ValueError(f"rank must be in [0, {self.size}), got {self.rank}")
         if self.size > 1 and self.group is None:
             raise ValueError(f"a group of size {self.size} needs a process group handle")
+        if self.ranks and len(self.ranks) != self.size:
+            raise ValueError(f"group of size {self.size} lists {len(self.ranks)} ranks")
 
 
 @dataclass(frozen=True)
 class ParallelState:
-    """Tensor (tp), pipeline (pp) and expert (ep) parallel groups of this process."""
+    """Tensor (tp), pipeline (pp) and expert (ep) parallel groups of this process.
+
+    rank / world_size: global rank and number of processes.
+    cpu_group: a gloo group over all ranks (None in a single process).
+    pp_layer_partition: decoder layers per pipeline stage (None: split evenly).
+    expert_dispatch: how MoE layers under EP move tokens: `all_to_all` (dispatch/combine),
+      `all_reduce` (every rank runs its experts on all tokens; partial sums meet in one
+      all-reduce, i.e. reduce-scatter + all-gather), or `auto` (all-reduce below
+      `all_to_all_min_tokens` tokens in a step, all-to-all from there up).
+    """
 
     tp: GroupInfo = field(default_factory=GroupInfo)
     pp: GroupInfo = field(default_factory=GroupInfo)
     ep: GroupInfo = field(default_factory=GroupInfo)
+    rank: int = 0
+    world_size: int = 1
+    cpu_group: Any = None
+    pp_layer_partition: tuple[int, ...] | None = None
+    expert_dispatch: ExpertDispatch = "auto"
+    all_to_all_min_tokens: int = 32
 
     @property
     def tp_rank(self) -> int:
@@ -67,6 +103,15 @@ class ParallelState:
     @property
     def ep_size(self) -> int:
         return self.ep.size
+
+    @property
+    def moe_tp_size(self) -> int:
+        """How many ranks split each expert's intermediate features (tp_size / ep_size)."""
+        return self.tp.size // self.ep.size
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.tp.rank % self.moe_tp_size
 
     @property
     def is_first_pp_rank(self) -> bool:
@@ -94,3 +139,80 @@ def set_parallel_state(state: ParallelState) -> None:
     """Install this process's state; call before building the model."""
     global _current
     _current = state
+
+
+def validate_sizes(world_size: int, tp: int, pp: int, ep: int) -> None:
+    """Raise ValueError naming the bad size unless world = tp * pp and ep divides tp."""
+    for name, value in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp),
+                        ("expert_parallel_size", ep)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if world_size != tp * pp:
+        raise ValueError(f"world_size {world_size} must equal tensor_parallel_size x pipeline_parallel_size "
+                         f"= {tp} x {pp}")
+    if tp % ep:
+        raise ValueError(f"expert_parallel_size {ep} must divide tensor_parallel_size {tp} "
+                         "(experts are split among the ranks of one pipeline stage)")
+
+
+def group_layout(world_size: int, tp: int, pp: int, ep: int) -> dict[str, list[tuple[int, ...]]]:
+    """Global ranks of every TP, PP and EP group (see the module docstring)."""
+    validate_sizes(world_size, tp, pp, ep)
+    moe_tp = tp // ep
+    return {
+        "tp": [tuple(range(s * tp, (s + 1) * tp)) for s in range(pp)],
+        "pp": [tuple(t + s * tp for s in range(pp)) for t in range(tp)],
+        "ep": [tuple(s * tp + e * moe_tp + m for e in range(ep)) for s in range(pp) for m in range(moe_tp)],
+    }
+
+
+def _join(kind: str, groups: list[tuple[int, ...]], rank: int, timeout: datetime.timedelta) -> GroupInfo:
+    """Create every group of one kind (all ranks must call new_group in the same order)."""
+    mine = GroupInfo()
+    for ranks in groups:
+        handle = dist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine = GroupInfo(rank=ranks.index(rank), size=len(ranks), group=handle, ranks=ranks)
+    if not mine.ranks:
+        raise RuntimeError(f"rank {rank} is in no {kind} group")
+    return mine
+
+
+def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None = None,
+                  master_addr: str = "127.0.0.1", master_port: int = 29500, backend: str | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S, pp_layer_partition: tuple[int, ...] | None = None,
+                  expert_dispatch: ExpertDispatch = "auto", all_to_all_min_tokens: int = 32) -> ParallelState:
+    """Join the process group at `master_addr:master_port` and install this rank's state.
+
+    ep: ranks the experts are split over inside a stage; None = every rank of the stage (tp).
+    backend: `nccl` or `gloo`; None picks nccl when CUDA is available, else gloo. On NCCL the
+      caller selects the CUDA device first (torch.cuda.set_device).
+    timeout_s: every collective (and the rendezvous) fails after this long instead of hanging
+      when a peer has died.
+    """
+    ep = tp if ep is None else ep
+    layout = group_layout(world_size, tp, pp, ep)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if pp_layer_partition is not None and len(pp_layer_partition) != pp:
+        raise ValueError(f"pp_layer_partition {pp_layer_partition} must list one layer count per stage ({pp})")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=timeout)
+    tp_info = _join("tp", layout["tp"], rank, timeout)
+    pp_info = _join("pp", layout["pp"], rank, timeout)
+    ep_info = _join("ep", layout["ep"], rank, timeout)
+    cpu_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=timeout)
+    state = ParallelState(tp=tp_info, pp=pp_info, ep=ep_info, rank=rank, world_size=world_size,
+                          cpu_group=cpu_group, pp_layer_partition=pp_layer_partition,
+                          expert_dispatch=expert_dispatch, all_to_all_min_tokens=all_to_all_min_tokens)
+    set_parallel_state(state)
+    return state
+
+
+def destroy_parallel() -> None:
+    """Leave the process group (if any) and go back to the single-process state."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    set_parallel_state(single_process_state())

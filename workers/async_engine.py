@@ -98,6 +98,7 @@ class AsyncEngine:
         self._stopped = True
         self._submit(lambda: None)  # wake the loop
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     # ---- caller side ---------------------------------------------------------------------
 

@@ -104,11 +104,45 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Model parallelism of one worker group (filled in by the parallelism issue)."""
+    """Model parallelism of one worker group (world = tensor x pipeline ranks; see parallel/state.py).
+
+    tensor_parallel_size: ranks that split every layer's heads / features (one all-reduce per
+      row-parallel layer).
+    pipeline_parallel_size: stages that split the decoder layers; activations cross stages by
+      send/recv.
+    expert_parallel_size: ranks of a stage that split the MoE experts (1 = every rank holds every
+      expert, split by features); must divide tensor_parallel_size.
+    pipeline_layer_partition: decoder layers per stage (None = as even as possible).
+    expert_dispatch: `auto`, `all_to_all` or `all_reduce` (see parallel/expert.py).
+    all_to_all_min_tokens: under `auto`, steps with at least this many tokens use all-to-all.
+    collective_timeout_s: a collective waiting on a dead peer fails after this long.
+    step_timeout_s: the driver gives up on a step that has not returned after this long.
+    """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
+    pipeline_layer_partition: tuple[int, ...] | None = None
+    expert_dispatch: Literal["auto", "all_to_all", "all_reduce"] = "auto"
+    all_to_all_min_tokens: int = 32
+    collective_timeout_s: float = 300.0
+    step_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size % self.expert_parallel_size:
+            raise ValueError(f"expert_parallel_size {self.expert_parallel_size} must divide "
+                             f"tensor_parallel_size {self.tensor_parallel_size}")
+        if self.pipeline_layer_partition is not None and len(self.pipeline_layer_partition) != \
+                self.pipeline_parallel_size:
+            raise ValueError(f"pipeline_layer_partition {self.pipeline_layer_partition} must have "
+                             f"pipeline_parallel_size = {self.pipeline_parallel_size} entries")
+        if self.expert_dispatch not in ("auto", "all_to_all", "all_reduce"):
+            raise ValueError(f"expert_dispatch must be auto, all_to_all or all_reduce, got {self.expert_dispatch!r}")
+        if self.collective_timeout_s <= 0 or self.step_timeout_s <= 0:
+            raise ValueError("collective_timeout_s and step_timeout_s must be > 0")
 
     @property
     def world_size(self) -> int:

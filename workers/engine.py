@@ -9,6 +9,9 @@
 Samples of one prompt (n > 1) share its KV blocks: only the first sample is queued at first;
 the others join once its prompt is computed, so their prompts hit the prefix cache.
 The AsyncEngine (async_engine.py) runs this loop on a thread and streams outputs to callers.
+The step runs through an executor (workers/worker/executor.py): in this process when the world
+size is 1 (`self.runner` is then the ModelRunner), else on TP x PP worker processes, in which
+case this process reads only the model's config and tokenizer and holds no weights.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from shardserve.workers.request import FinishReason, Request, RequestOutput, Sam
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.stats import ThroughputMeter
+from shardserve.workers.worker.executor import Executor, LocalExecutor, make_executor
+from shardserve.workers.worker.model_meta import load_model_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +42,19 @@ class LLMEngine:
         device = resolve_device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, device)
         torch.manual_seed(config.model.seed)
-        self.loaded = loaded or load_model(config.model, device, dtype, progress=progress)
+        if config.parallel.world_size > 1:
+            self.loaded = loaded or load_model_metadata(config.model, device, dtype)
+        else:
+            self.loaded = loaded or load_model(config.model, device, dtype, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self.loaded.max_model_len
         if config.model.max_model_len is not None:
             self.max_model_len = min(self.max_model_len, config.model.max_model_len)
-        self.runner = ModelRunner(self.loaded, config, device)
+        self.executor: Executor = make_executor(config, self.loaded, device)
+        self.num_blocks = self.executor.num_blocks
+        self.eos_token_id = self.loaded.eos_token_ids[0] if self.loaded.eos_token_ids else None
         self.kv_manager = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -91,7 +101,7 @@ class LLMEngine:
                 request_id if params.n == 1 else f"{request_id}#{i}",
                 token_ids,
                 params.for_sample(i),
-                eos_token_id=self.runner.eos_token_id,
+                eos_token_id=self.eos_token_id,
                 arrival_time=arrival,
                 priority=priority,
                 prompt=text,
@@ -116,10 +126,10 @@ class LLMEngine:
             )
         block_size = self.config.cache.block_size
         needed = -(-(len(token_ids) + 1) // block_size)
-        if needed > self.runner.num_blocks - 1:
+        if needed > self.num_blocks - 1:
             raise ValueError(
                 f"prompt is {len(token_ids)} tokens but the KV cache holds at most "
-                f"{(self.runner.num_blocks - 1) * block_size - 1}; raise the KV cache budget"
+                f"{(self.num_blocks - 1) * block_size - 1}; raise the KV cache budget"
             )
 
     def abort_request(self, request_id: str) -> None:
@@ -138,7 +148,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        runner_output = self.runner.execute(sched)
+        runner_output = self.executor.execute(sched)
         advanced = self.scheduler.update_from_output(sched, runner_output)
         self.meter.record(
             num_prompt_tokens=sum(r.num_tokens for r in sched.scheduled if not r.sample)
@@ -157,6 +167,17 @@ class LLMEngine:
                 for sample in self._held_samples.pop(parent_id):
                     self.scheduler.add_request(sample)
                 del self._first_sample[parent_id]
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The in-process ModelRunner (single-process engines only)."""
+        if not isinstance(self.executor, LocalExecutor):
+            raise AttributeError("this engine runs its model in worker processes: it has no in-process runner")
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any (idempotent)."""
+        self.executor.shutdown()
 
     # ---- introspection -----------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.gguf_cache import cached_folder
 from shardserve.workers.models.loader import default_model_path, load_model

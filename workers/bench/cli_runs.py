@@ -59,7 +59,8 @@ def run_latency_bench(args: argparse.Namespace) -> dict:
         rows.append({"ours": asdict(ours), "requests": requests})
     hf_model = None if args.no_hf else _hf(engine, args)
     print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; model {engine.loaded.name}")
-    print(f"{'batch':>5} {'step ms':>8} {'tok/s':>9} {'GB/s':>8} {'of copy':>7} {'HF tok/s':>9} {'ratio':>6}")
+    print(f"{'batch':>5} {'step ms':>8} {'host ms':>8} {'GPU ms':>7} {'dec tok/s':>9} {'GB/s':>8} {'of copy':>7} "
+          f"{'HF tok/s':>9} {'ratio':>6}")
     results = []
     for row in rows:
         ours = row["ours"]
@@ -71,7 +72,8 @@ def run_latency_bench(args: argparse.Namespace) -> dict:
             hf_tps = useful / seconds
         ratio = ours["tokens_per_s"] / hf_tps if hf_tps else None
         print(
-            f"{ours['batch_size']:>5} {ours['step_time_s'] * 1e3:>8.2f} {ours['tokens_per_s']:>9.1f} "
+            f"{ours['batch_size']:>5} {ours['step_time_s'] * 1e3:>8.2f} {ours['host_ms_per_step']:>8.3f} "
+            f"{ours['gpu_ms_per_step']:>7.2f} {ours['decode_tokens_per_s']:>9.1f} "
             f"{ours['achieved_bandwidth'] / 1e9:>8.1f} {ours['achieved_bandwidth'] / bandwidth:>7.0%} "
             f"{hf_tps or float('nan'):>9.1f} {ratio or float('nan'):>6.2f}"
         )

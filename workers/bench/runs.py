@@ -24,18 +24,24 @@ from shardserve.workers.request import SamplingParams
 
 
 def _sync(engine: LLMEngine) -> None:
+    if engine.config.parallel.world_size > 1:
+        return  # worker processes: a step returns only after the output rank has its tokens on the host
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize(engine.runner.device)
 
 
-def run_engine(engine: LLMEngine, requests: list[BenchRequest]) -> list:
-    """Queue every request at once and step until all finish; returns the final RequestOutputs."""
+def run_engine(engine: LLMEngine, requests: list[BenchRequest], step_walls: list[float] | None = None) -> list:
+    """Queue every request at once and step until all finish; returns the final RequestOutputs.
+    `step_walls` (optional) receives each engine.step()'s wall time."""
     for i, r in enumerate(requests):
         params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
         engine.add_request(f"bench-{i}", r.prompt_token_ids, params)
     finals = []
     while engine.has_unfinished_requests():
+        start = time.perf_counter()
         finals.extend(out for out in engine.step() if out.finished)
+        if step_walls is not None:
+            step_walls.append(time.perf_counter() - start)
     _sync(engine)
     return finals
 
@@ -48,6 +54,12 @@ class LatencyResult:
     decode_tokens_per_s: float
     bytes_per_step: int
     achieved_bandwidth: float  # bytes/s
+    # Medians over decode steps: host = engine.step() wall time minus the wait for the GPU
+    # (scheduler, input prep, launches, output processing); gpu = CUDA-event time of the step.
+    host_ms_per_step: float
+    gpu_ms_per_step: float
+    graph_steps: int
+    eager_steps: int
 
 
 def decode_bytes_per_step(engine: LLMEngine, batch_size: int, mean_context: float) -> int:
@@ -58,7 +70,7 @@ def decode_bytes_per_step(engine: LLMEngine, batch_size: int, mean_context: floa
     # An untied input embedding is read only at B rows: leave it out.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if not engine.loaded.hf_config.tie_word_embeddings:
-        embed = model.embed_tokens_weight()
+        embed = model.model.embed_tokens.weight
         weight_bytes -= embed.numel() * embed.element_size()
     kv_bytes_per_token = engine.runner.kv_bytes_per_token
     return int(weight_bytes + batch_size * mean_context * kv_bytes_per_token)
@@ -67,9 +79,16 @@ def decode_bytes_per_step(engine: LLMEngine, batch_size: int, mean_context: floa
 def run_latency(engine: LLMEngine, requests: list[BenchRequest], bandwidth: float) -> LatencyResult:
     batch_size = len(requests)
     output_len = requests[0].output_len
+    times = engine.runner.step_times
+    times.clear()
+    times.enabled = True
+    walls: list[float] = []
     start = time.perf_counter()
-    finals = run_engine(engine, requests)
+    finals = run_engine(engine, requests, walls)
     elapsed = time.perf_counter() - start
+    times.enabled = False
+    decode = slice(1, None)  # the first step is the prefill
+    hosts = [w - t for w, t in zip(walls[decode], times.wait_s[decode], strict=False)] if times.wait_s else []
     first = max(f.metrics.first_token_time for f in finals)
     last = max(f.metrics.last_token_time for f in finals)
     num_decode_steps = max(output_len - 1, 1)
@@ -83,6 +102,10 @@ def run_latency(engine: LLMEngine, requests: list[BenchRequest], bandwidth: floa
         decode_tokens_per_s=batch_size / step_time,
         bytes_per_step=num_bytes,
         achieved_bandwidth=num_bytes / step_time,
+        host_ms_per_step=statistics.median(hosts) * 1e3 if hosts else float("nan"),
+        gpu_ms_per_step=statistics.median(times.gpu_s[decode]) * 1e3 if times.gpu_s[decode] else float("nan"),
+        graph_steps=times.graph_steps,
+        eager_steps=times.eager_steps,
     )
 
 

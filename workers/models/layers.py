@@ -4,8 +4,15 @@ Shapes follow the flattened batch of one step: hidden states are `[num_tokens, h
 per-head tensors `[num_tokens, num_heads, head_dim]`. RMSNorm and the rotary embedding compute
 in float32 and return the input dtype, as Hugging Face does. Rotary frequencies come from the
 checkpoint config (`rope_parameters` in transformers 5, `rope_theta` + `rope_scaling` before),
-with the `default`, `linear` and `llama3` rope types; cos/sin are computed per step from the
-positions, so no table of max_position_embeddings rows is kept.
+with the `default`, `linear` and `llama3` rope types. On CPU cos/sin are computed per step
+from the positions; on CUDA one fp32 cos/sin table of `max_position` rows is built once and
+shared by every layer (same values: the table holds the same fp32 products).
+
+On CUDA (and unless `set_fused_kernels(False)`), the modules run the Triton kernels of
+`shardserve.workers.kernels`: RMSNorm with the residual add fused in (`forward(x, residual)`
+returns `(normed, new_residual)`), in-place rotary on q/k, and SiLU-and-mul. Each kernel
+computes what the torch path computes (fp32 inside, one rounding to the input dtype), so the
+torch path stays the reference and the CPU path is unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_fused_kernels_enabled = True
+# (head_dim, rope params, max_position, device) -> (cos, sin) [max_position, head_dim / 2] fp32
+_ROPE_TABLES: dict[tuple[int, str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Process-wide switch: False makes CUDA tensors take the torch path (for A/B checks)."""
+    global _fused_kernels_enabled
+    _fused_kernels_enabled = enabled
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """True when x lives on a CUDA device and the Triton kernels are enabled."""
+    return x.is_cuda and _fused_kernels_enabled
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype | None = None) -> None:
@@ -25,8 +47,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype or torch.get_default_dtype()),
                                    requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., hidden_size], normalised over the last dim
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """rmsnorm(x) * weight; with `residual`, returns (rmsnorm(x + residual) * weight, x + residual).
+
+        x, residual: [..., hidden_size], normalised over the last dim.
+        """
+        if use_kernels(x) and x.dim() == 2 and x.stride(-1) == 1:
+            from shardserve.workers.kernels.rmsnorm import rmsnorm
+
+            out, new_residual = rmsnorm(x, self.weight, self.eps, residual)  # [T, hidden] each
+            return out if residual is None else (out, new_residual)
+        if residual is not None:
+            x = x + residual  # rounded to the model dtype, as the residual stream holds it
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -36,6 +73,10 @@ class RMSNorm(nn.Module):
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, 2 * d] (gate then up) -> [num_tokens, d]
+        if use_kernels(x) and x.dim() == 2 and x.stride(-1) == 1:
+            from shardserve.workers.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -80,15 +121,37 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Non-interleaved (rotate-half) rotary embedding over the whole head."""
+    """Non-interleaved (rotate-half) rotary embedding over the whole head.
 
-    def __init__(self, head_dim: int, params: dict[str, Any]) -> None:
+    max_position: rows of the shared cos/sin table the CUDA kernel path reads (positions must
+    stay below it; the engine caps contexts at max_model_len <= max_position_embeddings).
+    """
+
+    def __init__(self, head_dim: int, params: dict[str, Any], max_position: int = 8192) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.max_position = max_position
+        self._table_key = repr(sorted(params.items()))
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, params), persistent=False)
+
+    def cos_sin_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared (cos, sin) [max_position, head_dim / 2] fp32 on `device`, built on first use."""
+        key = (self.head_dim, self._table_key, self.max_position, str(device))
+        table = _ROPE_TABLES.get(key)
+        if table is None:
+            positions = torch.arange(self.max_position, device=device, dtype=torch.float32)
+            freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # [max_position, head_dim / 2]
+            table = (freqs.cos().contiguous(), freqs.sin().contiguous())
+            _ROPE_TABLES[key] = table
+        return table
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
+        if use_kernels(q):
+            from shardserve.workers.kernels.rotary import rotary_embedding
+
+            cos, sin = self.cos_sin_table(q.device)
+            return rotary_embedding(q, k, positions, cos, sin)  # in place
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim / 2]
         cos = freqs.cos().repeat(1, 2)[:, None, :]  # [num_tokens, 1, head_dim]
         sin = freqs.sin().repeat(1, 2)[:, None, :]

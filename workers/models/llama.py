@@ -8,10 +8,17 @@ and hands q/k/v plus this layer's paged KV cache to the attention backend; the r
 o_proj sums the heads' contributions over the TP group. `compute_logits` runs the LM head on
 the rows the runner samples. Variants differ only in `LlamaOptions` (biases, q/k norm) and in
 the MLP built per layer (dense here, sparse MoE in moe.py).
+
+Under pipeline parallelism (parallel/pipeline.py) a stage builds only its range of layers (the
+others are `PPMissingLayer`), the embedding lives on the first stage and the final norm and LM
+head on the last; `forward` of a stage other than the last sends its residual stream on and
+returns None, and a stage other than the first receives it instead of embedding. Checkpoint
+tensors of other stages are skipped without being read.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +26,9 @@ from typing import Any
 import torch
 from shardserve.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from shardserve.parallel.pipeline import PPMissingLayer, layer_range, recv_hidden, send_hidden
 from shardserve.parallel.quant import ShardSlice, copy_shard
+from shardserve.parallel.state import get_parallel_state
 from shardserve.workers.attention.backend import AttentionBackend, get_attention_backend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.models.interface import KVCacheSpec
@@ -65,7 +74,8 @@ class LlamaAttention(nn.Module):
                                         bias=options.o_bias, params_dtype=dtype)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if options.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if options.qk_norm else None
-        self.rotary_emb = RotaryEmbedding(self.head_dim, rope_parameters(config))
+        self.rotary_emb = RotaryEmbedding(self.head_dim, rope_parameters(config),
+                                          int(getattr(config, "max_position_embeddings", 0) or 8192))
         self.scale = self.head_dim**-0.5
         self.backend = backend
 
@@ -96,30 +106,52 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         # h: [T, hidden], the residual stream
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, attn_metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn_out = self.self_attn(positions, self.input_layernorm(h), kv_cache, attn_metadata)
+        mlp_in, h = self.post_attention_layernorm(attn_out, h)  # one fused add + norm on CUDA
+        return h + self.mlp(mlp_in)
 
 
 MLPFactory = Callable[[int], nn.Module]  # layer index -> MLP module
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, options: LlamaOptions, backend: AttentionBackend, make_mlp: MLPFactory,
                  dtype: torch.dtype | None) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        state = get_parallel_state()
+        self.is_first_stage, self.is_last_stage = state.is_first_pp_rank, state.is_last_pp_rank
+        self.hidden_size = config.hidden_size
+        self.dtype = dtype or torch.get_default_dtype()
+        self.start_layer, self.end_layer = layer_range(config.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+                             if self.is_first_stage else None)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, options, backend, make_mlp(i), dtype) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, options, backend, make_mlp(i), dtype)
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.is_last_stage else None
+
+    @property
+    def own_layers(self) -> list[LlamaDecoderLayer]:
+        """The decoder layers of this pipeline stage, in order."""
+        return list(self.layers[self.start_layer:self.end_layer])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        if len(kv_caches) != len(self.layers):
-            raise ValueError(f"expected {len(self.layers)} KV cache tensors, got {len(kv_caches)}")
-        h = self.embed_tokens(input_ids)  # [T, hidden]
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                attn_metadata: AttentionMetadata) -> torch.Tensor | None:
+        layers = self.own_layers
+        if len(kv_caches) != len(layers):
+            raise ValueError(f"expected {len(layers)} KV cache tensors, got {len(kv_caches)}")
+        if self.embed_tokens is not None:
+            h = self.embed_tokens(input_ids)  # [T, hidden]
+        else:
+            h = recv_hidden(input_ids.shape[0], self.hidden_size, self.dtype, input_ids.device)  # [T, hidden]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             h = layer(positions, h, kv_cache, attn_metadata)
+        if self.norm is None:
+            send_hidden(h)
+            return None
         return self.norm(h)
 
 
@@ -152,11 +184,14 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, self.options_for(config), backend, self.mlp_factory(config, params_dtype),
                                 params_dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-        attn = self.model.layers[0].self_attn
-        self.kv_cache_spec = KVCacheSpec(len(self.model.layers), attn.num_kv_heads, attn.head_dim)
+        self.lm_head: ParallelLMHead | None = None
+        if self.model.is_last_stage:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype)
+            if self.tie_word_embeddings and self.model.embed_tokens is not None:
+                self.lm_head.tie_to(self.model.embed_tokens)
+        own_layers = self.model.own_layers
+        attn = own_layers[0].self_attn
+        self.kv_cache_spec = KVCacheSpec(len(own_layers), attn.num_kv_heads, attn.head_dim)
         self.loaded_param_names: set[str] = set()
 
     @classmethod
@@ -170,15 +205,29 @@ class LlamaForCausalLM(nn.Module):
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Swap the attention implementation of every layer (e.g. to `triton` on GPU)."""
-        for layer in self.model.layers:
+        for layer in self.model.own_layers:
             layer.self_attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)  # [T, hidden]
+                attn_metadata: AttentionMetadata) -> torch.Tensor | None:
+        """[T, hidden] on the last pipeline stage; None on the others (sent to the next stage)."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            raise RuntimeError("only the last pipeline stage computes logits")
         return self.lm_head(hidden_states)  # [N, vocab_size] float32
+
+    def holds_checkpoint_tensor(self, name: str) -> bool:
+        """False for tensors that belong to another pipeline stage (they are never read)."""
+        match = _LAYER_INDEX.match(name)
+        if match is not None:
+            return self.model.start_layer <= int(match.group(1)) < self.model.end_layer
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None or (self.tie_word_embeddings and self.lm_head is not None)
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.lm_head is not None
+        return True
 
     def map_checkpoint_name(self, name: str) -> str:
         """Hook for families whose checkpoint names differ (e.g. Mixtral's block_sparse_moe)."""
@@ -197,6 +246,10 @@ class LlamaForCausalLM(nn.Module):
             if hf_name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # the LM head is the embedding
             name = self.map_checkpoint_name(hf_name)
+            if not self.holds_checkpoint_tensor(name):
+                continue  # another pipeline stage's tensor
+            if name == "model.embed_tokens.weight" and self.model.embed_tokens is None:
+                name = "lm_head.weight"  # tied LM head on a last stage that does not embed
             if self.load_expert_weight(params, name, weight):
                 loaded.add(hf_name)
                 continue

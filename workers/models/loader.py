@@ -41,7 +41,8 @@ DUMMY_PREFIX = "dummy:"
 class LoadedModel:
     """A model ready for the runner.
 
-    model: our nn.Module (interface.py's CausalLM), in eval mode on `device` in `dtype`.
+    model: our nn.Module (interface.py's CausalLM), in eval mode on `device` in `dtype`; None in
+      a driver process whose worker processes hold the weights (workers/worker/model_meta.py).
     hf_config: the transformers config it was built from.
     tokenizer: a transformers tokenizer, or None (dummy weights, folders without one).
     eos_token_ids: token ids that end a sequence.
@@ -49,7 +50,7 @@ class LoadedModel:
     name: what the model is called in APIs and metrics.
     """
 
-    model: nn.Module
+    model: nn.Module | None
     hf_config: Any
     tokenizer: Any | None
     eos_token_ids: tuple[int, ...]

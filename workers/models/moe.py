@@ -5,9 +5,12 @@ Data flow of one MoE MLP: hidden [T, hidden] -> replicated router -> softmax ove
 Qwen3-MoE when `norm_topk_prob`) -> each active expert runs SiLU-gated MLP on the tokens routed
 to it (index_select in, weighted index_add out) -> partial sums over this rank's slice of every
 expert's intermediate features -> one TP all-reduce. Expert weights are stacked:
-`w13_weight [num_experts, 2 * inter / tp, hidden]` (gate rows then up rows) and
-`w2_weight [num_experts, hidden, inter / tp]`. This is the simple correct path; fused kernels
-and expert parallelism replace `FusedExperts.forward` later.
+`w13_weight [num_local_experts, 2 * inter / moe_tp, hidden]` (gate rows then up rows) and
+`w2_weight [num_local_experts, hidden, inter / moe_tp]`. Without expert parallelism every rank
+holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds only its range of
+experts, reads only their checkpoint tensors, and `dispatch_and_combine` moves the routed
+tokens (all-to-all) or sums the partial outputs (all-reduce). Each block counts the tokens
+routed to every expert (`expert_load`, over the whole batch) for load monitoring.
 """
 
 from __future__ import annotations
@@ -17,32 +20,37 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from shardserve.parallel.comm import tensor_model_parallel_all_reduce
+from shardserve.parallel.expert import ExpertPlacement, dispatch_and_combine
 from shardserve.parallel.linear import ReplicatedLinear, divide
 from shardserve.parallel.quant import Loadable, materialize
 from shardserve.parallel.state import get_parallel_state
+from shardserve.workers.models.layers import SiluAndMul
 from shardserve.workers.models.llama import LlamaForCausalLM, LlamaMLP, LlamaOptions, MLPFactory
 from torch import nn
 
 
 class FusedExperts(nn.Module):
-    """All experts' MLP weights, this rank's slice of the intermediate features."""
+    """This rank's experts' MLP weights, its slice of their intermediate features."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  dtype: torch.dtype | None) -> None:
         super().__init__()
         state = get_parallel_state()
-        self.tp_rank = state.tp_rank
-        self.num_experts = num_experts
+        self.moe_tp_rank = state.moe_tp_rank
+        self.num_experts = num_experts  # total, all ranks
+        self.placement = ExpertPlacement(num_experts, state.ep_size, state.ep_rank)
+        self.num_local_experts = self.placement.num_local
         self.intermediate_size = intermediate_size  # total, all ranks
-        self.inter_per_rank = divide(intermediate_size, state.tp_size)
+        self.inter_per_rank = divide(intermediate_size, state.moe_tp_size)
         dtype = dtype or torch.get_default_dtype()
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.inter_per_rank, hidden_size, dtype=dtype),
-                                       requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.inter_per_rank, dtype=dtype),
-                                      requires_grad=False)
+        self.w13_weight = nn.Parameter(
+            torch.empty(self.num_local_experts, 2 * self.inter_per_rank, hidden_size, dtype=dtype),
+            requires_grad=False)
+        self.w2_weight = nn.Parameter(
+            torch.empty(self.num_local_experts, hidden_size, self.inter_per_rank, dtype=dtype), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        self.act = SiluAndMul()  # Triton kernel on CUDA
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: Loadable, shard_id: object = None) -> None:
         """shard_id = (expert, kind): kind in gate, up, down (one expert's 2-D tensor) or
@@ -57,28 +65,33 @@ class FusedExperts(nn.Module):
             for e in range(self.num_experts):
                 self.weight_loader(param, _select(loaded_weight, e), (e, kind))
             return
+        if not self.placement.is_local(expert):
+            return  # another EP rank's expert: never read
         n = self.inter_per_rank
-        dst = param.data[expert]
+        dst = param.data[expert - self.placement.start]
         if kind == "gate_up":
             self.weight_loader(param, loaded_weight.narrow(0, 0, self.intermediate_size), (expert, "gate"))
             self.weight_loader(param, loaded_weight.narrow(0, self.intermediate_size, self.intermediate_size),
                                (expert, "up"))
             return
         if kind in ("gate", "up"):  # [inter, hidden]: this rank's rows
-            src = loaded_weight.narrow(0, self.tp_rank * n, n)
+            src = loaded_weight.narrow(0, self.moe_tp_rank * n, n)
             dst = dst.narrow(0, 0 if kind == "gate" else n, n)
         elif kind == "down":  # [hidden, inter]: this rank's columns
-            src = loaded_weight.narrow(1, self.tp_rank * n, n)
+            src = loaded_weight.narrow(1, self.moe_tp_rank * n, n)
         else:
             raise ValueError(f"expert weight kind must be gate, up, gate_up or down, got {kind!r}")
         dst.copy_(materialize(src))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden]; topk_ids, topk_weights: [T, top_k] -> partial output [T, hidden]
+        # x: [T, hidden]; topk_ids (global expert ids), topk_weights: [T, top_k] -> partial output [T, hidden]
+        # Assignments to experts of other EP ranks go to bucket num_local_experts, which is skipped.
         top_k = topk_ids.shape[1]
-        flat_ids = topk_ids.reshape(-1)  # [T * top_k]
-        order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        local_ids = topk_ids.reshape(-1) - self.placement.start  # [T * top_k]
+        flat_ids = torch.where((local_ids >= 0) & (local_ids < self.num_local_experts), local_ids,
+                               self.num_local_experts)
+        order = torch.argsort(flat_ids, stable=True)  # assignments grouped by local expert
+        counts = torch.bincount(flat_ids, minlength=self.num_local_experts + 1).tolist()[: self.num_local_experts]
         token_of = order // top_k  # [T * top_k] token index of each sorted assignment
         weight_of = topk_weights.reshape(-1)[order]  # [T * top_k]
         out = torch.zeros_like(x)
@@ -88,8 +101,7 @@ class FusedExperts(nn.Module):
                 continue
             tokens = token_of[start:start + count]  # [n]
             h = F.linear(x.index_select(0, tokens), self.w13_weight[expert])  # [n, 2 * inter / tp]
-            gate, up = h.chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2_weight[expert])  # [n, hidden]
+            y = F.linear(self.act(h), self.w2_weight[expert])  # [n, hidden]
             out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype))
             start += count
         return out
@@ -126,6 +138,8 @@ class SparseMoeBlock(nn.Module):
         self.renormalize = renormalize
         self.gate = ReplicatedLinear(hidden_size, num_experts, params_dtype=dtype)  # router
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, dtype)
+        # Tokens routed to each expert since start (every rank sees the whole batch's routing).
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]
@@ -134,8 +148,9 @@ class SparseMoeBlock(nn.Module):
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, top_k]
         if self.renormalize:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        out = self.experts(x, topk_ids, topk_weights.to(x.dtype))  # [T, hidden], partial over TP
-        return tensor_model_parallel_all_reduce(out)
+        self.expert_load += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_load.shape[0])
+        # [T, hidden], complete: partial sums all-reduced, or tokens dispatched and combined
+        return dispatch_and_combine(x, topk_ids, topk_weights.to(x.dtype), self.experts, self.experts.placement)
 
 
 # Checkpoint expert names -> (expert index or None for stacked, kind).

@@ -3,7 +3,8 @@
 CPU: the pool is `cache.cpu_kv_cache_bytes` big. GPU: the engine may use
 `gpu_memory_utilization` of the card's total memory; after the weights are loaded, one
 profiling forward at the largest step size (`max_num_batched_tokens`) measures peak
-activation memory, and the KV pool gets what remains. An explicit `cache.num_blocks`
+activation memory, `reserve_bytes` is set aside (the decode CUDA graphs' memory pool, which
+is captured after the pool exists), and the KV pool gets what remains. An explicit `cache.num_blocks`
 overrides both (tests use tiny pools to force preemption). Block 0 is the null block
 (padding target), so a pool always has at least 2 blocks.
 """
@@ -38,7 +39,8 @@ class KVCacheSpec:
 
 
 def determine_num_blocks(
-    spec: KVCacheSpec, config: EngineConfig, device: torch.device, profile_forward: Callable[[int], None]
+    spec: KVCacheSpec, config: EngineConfig, device: torch.device, profile_forward: Callable[[int], None],
+    reserve_bytes: Callable[[], int] | None = None,
 ) -> int:
     cache = config.cache
     if cache.num_blocks is not None:
@@ -55,7 +57,8 @@ def determine_num_blocks(
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(device)
         # Memory other processes hold is not ours to take: budget against what we measured.
-        budget = int(total * cache.gpu_memory_utilization) - peak
+        reserve = reserve_bytes() if reserve_bytes is not None else 0
+        budget = int(total * cache.gpu_memory_utilization) - peak - reserve
         num_blocks = budget // spec.bytes_per_block
     if num_blocks < 2:
         raise ValueError(

@@ -1,129 +1,290 @@
 """ModelRunner: owns the model, its paged KV cache and the sampler on one device.
 
 One call per engine step: `execute(scheduler_output)`
-  1. updates the per-request state (new requests in, finished/preempted ones out),
-  2. builds flat inputs + attention metadata (runner/inputs.py),
-  3. runs the model over every scheduled token,
-  4. computes logits only for the rows that need them — each sampling request's last token,
-     and the prompt positions of requests that asked for prompt logprobs —
-  5. samples all sampling rows in one vectorised call and returns a ModelRunnerOutput.
-The runner keeps its own copy of each request's output ids (for penalties) and appends what
-it samples; the scheduler does the same on its side, so nothing is re-sent per step.
+  1. applies the step's diffs to the persistent batch (runner/persistent_batch.py): finished
+     and preempted requests leave their rows, new ones take rows, block tables gain the
+     blocks the scheduler just allocated; the sampling options follow (sampling_state.py);
+  2. lays the scheduled tokens out in row order (numpy) and uploads everything the step needs
+     — inputs and block-table diffs — in one pinned host-to-device copy (staging.py);
+  3. runs the model: a decode step whose rows are 0..n-1 replays the CUDA graph of the
+     smallest bucket >= n (cuda_graphs.py); prefill and mixed steps run eagerly;
+  4. computes logits only for the rows that sample (plus prompt positions of requests that
+     asked for prompt logprobs), builds SamplingMetadata from the cached per-row state while
+     the GPU is still busy, samples in one vectorised call, and waits for the token ids.
+On CUDA the attention backend is the Triton one and the model's norms, rotary and activation
+run the fused Triton kernels (workers/models/layers.py). `step_times` measures, per step, the
+host time spent outside the wait for the GPU and the GPU time of the step (CUDA events).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from shardserve.workers.attention.backend import get_attention_backend
+from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import LoadedModel
 from shardserve.workers.request import SamplingParams
+from shardserve.workers.runner.cuda_graphs import (
+    DecodeGraphs,
+    bucket_for,
+    graph_batch_sizes,
+    pad_decode_inputs,
+)
 from shardserve.workers.runner.inputs import build_model_inputs
 from shardserve.workers.runner.kv_budget import KVCacheSpec, allocate_kv_caches, determine_num_blocks
 from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
+from shardserve.workers.runner.persistent_batch import PersistentBatch, StepLayout
+from shardserve.workers.runner.sampling_state import SamplingState
+from shardserve.workers.runner.staging import PinnedStager
 from shardserve.workers.sampling.logprobs import compute_prompt_logprobs
 from shardserve.workers.sampling.metadata import SamplingMetadata
 from shardserve.workers.sampling.sampler import Sampler
-from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+GRAPH_RESERVE_MARGIN = 1.25  # capture-time pool vs the eager decode peak it is estimated from
 
 
 @dataclass
-class _RequestState:
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    params: SamplingParams
-    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+class StepTimes:
+    """Per-step timing, collected only while `enabled` (CUDA events cost a little)."""
+
+    enabled: bool = False
+    host_s: list[float] = field(default_factory=list)  # execute() wall time minus the wait for the GPU
+    wait_s: list[float] = field(default_factory=list)  # blocked on the sampled ids
+    gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
+    graph_steps: int = 0
+    eager_steps: int = 0
+
+    def clear(self) -> None:
+        self.host_s.clear()
+        self.wait_s.clear()
+        self.gpu_s.clear()
+        self.graph_steps = self.eager_steps = 0
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device,
+                 use_cuda_graphs: bool = True) -> None:
         self.model = loaded.model
         self.device = device
         self.block_size = config.cache.block_size
         self.eos_token_id = loaded.eos_token_ids[0] if loaded.eos_token_ids else None
         self.vocab_size = loaded.hf_config.vocab_size
         self.sampler = Sampler(self.vocab_size, seed=config.model.seed)
+        self.max_rows = config.scheduler.max_num_seqs
+        self.max_model_len = loaded.max_model_len
+        if device.type == "cuda" and hasattr(self.model, "set_attention_backend"):
+            self.model.set_attention_backend(get_attention_backend("triton"))
+        self.graph_sizes = graph_batch_sizes(self.max_rows)
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda" and not _syncs_in_forward(self.model)
         spec = KVCacheSpec.of_model(self.model, self.block_size)
         self.kv_bytes_per_token = spec.bytes_per_block // self.block_size
-        self.num_blocks = determine_num_blocks(spec, config, device, self._profile_forward)
+        reserve = self._graph_reserve if self.use_cuda_graphs else None
+        self.num_blocks = determine_num_blocks(spec, config, device, self._profile_forward, reserve)
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, device)
-        self._requests: dict[str, _RequestState] = {}
+        max_blocks_per_row = -(-self.max_model_len // self.block_size) + 1
+        self.batch = PersistentBatch(self.max_rows, max_blocks_per_row, self.block_size, device)
+        self.sampling = SamplingState(self.max_rows, self.eos_token_id, device)
+        max_tokens = config.scheduler.max_num_batched_tokens
+        self.stager = PinnedStager(4 * max_tokens + 4 * self.max_rows + 2 * max_blocks_per_row + 16, device)
+        self._prompt_logprobs: dict[str, tuple[int, list[int]]] = {}  # request id -> (top-n, prompt)
+        self.step_times = StepTimes()
+        self.graphs: DecodeGraphs | None = None
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     spec.bytes_per_block * self.num_blocks / 2**20)
+        if self.use_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.batch.block_table_device, self.graph_sizes,
+                                       self.max_model_len, device)
+            self.graphs.capture()
 
-    def _profile_forward(self, num_tokens: int) -> None:
-        """One forward of `num_tokens` prompt tokens with no KV cache, to measure peak activations."""
-        from shardserve.workers.scheduler.output import ScheduledRequest
+    # ---- start-up: memory profile ---------------------------------------------------------------
 
+    def _profile_forward(self, num_tokens: int, num_requests: int = 1, sample: bool = True) -> None:
+        """One forward of `num_tokens` tokens split over `num_requests` fresh requests (no cache
+        hit), then logits and a top-k/top-p sampling pass over up to max_num_seqs rows: the
+        largest eager step's peak activation memory."""
         spec = KVCacheSpec.of_model(self.model, self.block_size)
-        num_blocks = -(-num_tokens // self.block_size) + 1
-        caches = allocate_kv_caches(spec, num_blocks, self.device)
-        req = ScheduledRequest("profile", tuple([0] * num_tokens), 0, tuple(range(1, num_blocks)), True)
-        sched = SchedulerOutput(new_requests=(), scheduled=(req,), num_batched_tokens=num_tokens)
+        per_request = max(1, num_tokens // num_requests)
+        blocks_each = -(-per_request // self.block_size)
+        caches = allocate_kv_caches(spec, blocks_each * num_requests + 1, self.device)
+        scheduled = tuple(
+            ScheduledRequest(f"profile-{i}", tuple([0] * per_request), 0,
+                tuple(range(1 + i * blocks_each, 1 + (i + 1) * blocks_each)), True)
+            for i in range(num_requests)
+        )
+        sched = SchedulerOutput(new_requests=(), scheduled=scheduled, num_batched_tokens=per_request * num_requests)
         inputs = build_model_inputs(sched, self.block_size, self.device)
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata)
-            self.model.compute_logits(hidden[-1:])
+            if sample and hidden is not None:  # None: a pipeline stage other than the last
+                num_rows = min(self.max_rows, hidden.shape[0])
+                logits = self.model.compute_logits(hidden[-num_rows:])
+                params = [SamplingParams(temperature=1.0, top_p=0.9)] * num_rows
+                empty: list[list[int]] = [[]] * num_rows
+                self.sampler(logits, SamplingMetadata.build(params, empty, empty, None, self.device))
         del caches
+
+    def _graph_reserve(self) -> int:
+        """Bytes to keep free for the decode graphs' pool: the eager peak of the largest bucket."""
+        largest = self.graph_sizes[-1]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward(largest, largest, sample=False)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.empty_cache()
+        return int(peak * GRAPH_RESERVE_MARGIN) + (64 << 20)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def set_cuda_graphs(self, enabled: bool) -> None:
+        """Use (or bypass) the captured graphs; bypassing runs decode steps eagerly (A/B runs)."""
+        self.use_cuda_graphs = enabled and self.graphs is not None
+
+    def _add(self, new: NewRequestData) -> None:
+        row = self.batch.add(new.request_id)
+        params = new.sampling_params
+        self.sampling.add(row, params, list(new.prompt_token_ids), list(new.output_token_ids))
+        if params.prompt_logprobs is not None:
+            self._prompt_logprobs[new.request_id] = (params.prompt_logprobs, list(new.prompt_token_ids))
+
+    def _remove(self, request_id: str) -> None:
+        row = self.batch.row_of.get(request_id)
+        if row is None:
+            return
+        self.sampling.clear(row)
+        moved = self.batch.remove(request_id)
+        if moved is not None:
+            self.sampling.move(*moved)
+        self._prompt_logprobs.pop(request_id, None)
+
+    def _graph_bucket(self, layout: StepLayout) -> int | None:
+        if not self.use_cuda_graphs or not layout.is_decode_only or not layout.rows_are_prefix:
+            return None
+        return bucket_for(len(layout.requests), self.graph_sizes)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        start = time.perf_counter()
         for request_id in (*sched.finished_request_ids, *sched.preempted_request_ids):
-            self._requests.pop(request_id, None)
+            self._remove(request_id)
         for new in sched.new_requests:
-            self._requests[new.request_id] = _RequestState(
-                list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params
-            )
+            self._add(new)
         if sched.is_empty:
             return ModelRunnerOutput()
-
-        inputs = build_model_inputs(sched, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
-        # [num_tokens, hidden_size]
+        row_of = self.batch.row_of
+        for req in sched.scheduled:
+            self.batch.update_blocks(row_of[req.request_id], req.block_ids)
+        layout = self.batch.layout(sched.scheduled)
+        sample_mask = np.fromiter((r.sample for r in layout.requests), dtype=bool, count=len(layout.requests))
+        sample_tokens = layout.query_start[1:][sample_mask] - 1  # [num_sampling] token rows
+        timing = self.step_times.enabled and self.device.type == "cuda"
+        if timing:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        hidden, sample_index = self._forward(layout, sample_tokens)  # [tokens or bucket, hidden]
+        if hidden is None:  # a pipeline stage other than the last: its activations went to the next stage
+            return ModelRunnerOutput()
 
         output = ModelRunnerOutput()
-        self._prompt_logprobs(sched, hidden, output)
-
-        sample_ids = [r.request_id for r in sched.scheduled if r.sample]
-        if not sample_ids:
+        if self._prompt_logprobs:
+            self._compute_prompt_logprobs(layout, hidden, output)
+        num_sampling = sample_tokens.size
+        if num_sampling == 0:
             return output
-        rows = [row for r, row in zip(sched.scheduled, inputs.last_token_rows, strict=True) if r.sample]
-        logits = self.model.compute_logits(hidden[rows])  # [num_sampling, vocab_size] float32
-        states = [self._requests[i] for i in sample_ids]
-        metadata = SamplingMetadata.build(
-            params=[s.params for s in states],
-            prompt_token_ids=[s.prompt_token_ids for s in states],
-            output_token_ids=[s.output_token_ids for s in states],
-            eos_token_id=self.eos_token_id,
-            device=self.device,
-        )
+        rows_hidden = hidden[:num_sampling] if sample_index is None else hidden.index_select(0, sample_index)
+        logits = self.model.compute_logits(rows_hidden)  # [num_sampling, vocab_size] float32
+        sample_rows = layout.rows[sample_mask]
+        metadata = self.sampling.build(sample_rows)
         sampled = self.sampler(logits, metadata)
+        if timing:
+            events[1].record()
+        wait_start = time.perf_counter()
         token_ids = sampled.token_ids.tolist()
-        for request_id, state, token_id, logprobs in zip(sample_ids, states, token_ids, sampled.logprobs, strict=True):
-            state.output_token_ids.append(token_id)
-            output.sampled_token_ids[request_id] = token_id
-            if logprobs is not None:
-                output.logprobs[request_id] = logprobs
+        waited = time.perf_counter() - wait_start
+        self.sampling.record(sample_rows, token_ids)
+        ids = [r.request_id for r, s in zip(layout.requests, sample_mask.tolist(), strict=True) if s]
+        output.sampled_token_ids.update(zip(ids, token_ids, strict=True))
+        if metadata.max_num_logprobs is not None:
+            for request_id, logprobs in zip(ids, sampled.logprobs, strict=True):
+                if logprobs is not None:
+                    output.logprobs[request_id] = logprobs
+        if timing:
+            self.step_times.gpu_s.append(events[0].elapsed_time(events[1]) / 1e3)
+            self.step_times.wait_s.append(waited)
+            self.step_times.host_s.append(time.perf_counter() - start - waited)
         return output
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+    def _forward(self, layout: StepLayout, sample_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Upload the step and run the model; returns hidden states and, when the sampling rows
+        are not simply the first ones, their token-row index on the device."""
+        diff_index, diff_values = self.batch.pending_diffs()
+        num_rows = len(layout.requests)
+        contiguous_sampling = bool(np.array_equal(sample_tokens, np.arange(sample_tokens.size)))
+        extra = [] if contiguous_sampling else [sample_tokens]
+        bucket = self._graph_bucket(layout)
+        if bucket is not None:
+            staged = pad_decode_inputs(layout.token_ids, layout.positions, layout.slot_mapping, layout.seq_lens, bucket)
+            index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged.reshape(-1), *extra])
+            self.batch.apply_diffs(index, values)
+            assert self.graphs is not None
+            self.step_times.graph_steps += 1
+            hidden = self.graphs.run(bucket, inputs.view(-1, bucket))
+            return hidden, (rest[0] if rest else None)
+        rows = [] if layout.rows_are_prefix else [layout.rows]
+        uploaded = self.stager.upload([diff_index, diff_values, layout.token_ids, layout.positions,
+                                       layout.slot_mapping, layout.query_start, layout.seq_lens, *rows, *extra])
+        index, values, token_ids, positions, slots, query_start, seq_lens = uploaded[:7]
+        self.batch.apply_diffs(index, values)
+        table = self.batch.block_table_device
+        block_tables = table[:num_rows] if not rows else table.index_select(0, uploaded[7])
+        query_lens = np.diff(layout.query_start)
+        metadata = AttentionMetadata(
+            num_tokens=layout.num_tokens,
+            num_requests=num_rows,
+            query_start_loc=query_start,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            slot_mapping=slots,
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(layout.seq_lens.max()),
+            query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=layout.seq_lens.tolist(),
+        )
+        self.step_times.eager_steps += 1
+        hidden = self.model(token_ids, positions, self.kv_caches, metadata)
+        return hidden, (uploaded[-1] if extra else None)
+
+    def _compute_prompt_logprobs(self, layout: StepLayout, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Logprobs of prompt token p+1 at each prompt position p this step's chunk covers."""
-        row = 0
-        for req in sched.scheduled:
-            state = self._requests[req.request_id]
-            top_n = state.params.prompt_logprobs
-            num_prompt = len(state.prompt_token_ids)
-            if top_n is not None and req.start_position < num_prompt:
-                first = req.start_position
-                last = min(req.seq_len, num_prompt - 1)  # the last prompt token predicts no prompt token
-                entries: list[TokenLogprobs | None] = [None] if first == 0 else []
-                if last > first:
-                    logits = self.model.compute_logits(hidden[row : row + last - first])
-                    targets = torch.tensor(state.prompt_token_ids[first + 1 : last + 1], device=self.device)
-                    entries.extend(compute_prompt_logprobs(logits, targets, top_n))
-                output.prompt_logprobs[req.request_id] = entries
-            row += req.num_tokens
+        for i, req in enumerate(layout.requests):
+            entry = self._prompt_logprobs.get(req.request_id)
+            if entry is None:
+                continue
+            top_n, prompt = entry
+            if req.start_position >= len(prompt):
+                continue
+            row = int(layout.query_start[i])
+            first = req.start_position
+            last = min(req.seq_len, len(prompt) - 1)  # the last prompt token predicts no prompt token
+            entries: list[TokenLogprobs | None] = [None] if first == 0 else []
+            if last > first:
+                logits = self.model.compute_logits(hidden[row : row + last - first])
+                targets = torch.tensor(prompt[first + 1 : last + 1], device=self.device)
+                entries.extend(compute_prompt_logprobs(logits, targets, top_n))
+            output.prompt_logprobs[req.request_id] = entries
+
+
+def _syncs_in_forward(model: torch.nn.Module) -> bool:
+    """Models whose forward reads device values on the host (MoE expert loop) cannot be captured."""
+    from shardserve.workers.models.moe import SparseMoeBlock
+
+    return any(isinstance(m, SparseMoeBlock) for m in model.modules())

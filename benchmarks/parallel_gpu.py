@@ -1,0 +1,152 @@
+"""Tensor / pipeline / expert parallel benchmarks for the GPU machine (and the host overhead on CPU).
+
+    python benchmarks/parallel_gpu.py                 # every GPU case the machine has cards for
+    python benchmarks/parallel_gpu.py --cases tp      # tp | pp | ep | overhead (comma-separated)
+    python benchmarks/parallel_gpu.py --cases overhead --device cpu   # host overhead, no GPU needed
+
+Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads and runs):
+  tp:  Llama-3.1-8B, batch 1, 128 in / 256 out: decode tok/s (1 / time per output token) at
+       TP = 1, 2, 4.
+  pp:  Llama-3.1-8B offline throughput (lognormal, medians 200 in / 180 out) at PP = 1 vs 2.
+       The pipeline keeps one batch in flight, so PP 2 shows the cost of the stage hand-off,
+       not a speed-up (micro-batching is not implemented).
+  ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
+  overhead: driver-side cost of one step through the MultiprocExecutor at TP 2 on a tiny model:
+       the round trip of an empty step (pickle, one pipe write per rank, worker wake-up and
+       unpickle, output pickled back), and the pickle / unpickle time and size of a 256-request
+       decode SchedulerOutput.
+Each case runs in its own subprocess, so every engine starts on empty GPUs; a case that needs
+more GPUs than the machine has is reported as skipped. The table ends with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import subprocess
+import sys
+import time
+
+CASES = {
+    "tp": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2, 4)],
+    "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1) for pp in (1, 2)],
+    "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
+    "overhead": [dict(kind="overhead", model="dummy:tiny-llama", tp=2, pp=1, ep=1)],
+}
+
+
+def _engine(case: dict, device: str, num_requests: int):
+    from shardserve.workers.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+    from shardserve.workers.engine import LLMEngine
+
+    config = EngineConfig(
+        model=ModelConfig(model=case["model"], dtype="bfloat16" if device != "cpu" else "float32", device=device),
+        scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
+        parallel=ParallelConfig(tensor_parallel_size=case["tp"], pipeline_parallel_size=case["pp"],
+                                expert_parallel_size=case["ep"]),
+    )
+    return LLMEngine(config)
+
+
+def run_case(case: dict, device: str, num_requests: int) -> dict:
+    """Build the engine of one case, warm it up, measure; returns a JSON-able dict."""
+    from shardserve.workers.bench.runs import run_throughput
+    from shardserve.workers.bench.workload import Workload
+
+    engine = _engine(case, device, num_requests)
+    try:
+        vocab = engine.loaded.hf_config.vocab_size
+        if case["kind"] == "overhead":
+            return _overhead(engine)
+        run_throughput(engine, Workload(2, 32, 8).sample(vocab))  # warm-up
+        if case["kind"] == "latency":
+            result = run_throughput(engine, Workload(1, 128, 256).sample(vocab))
+            return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s}
+        workload = Workload(num_requests, 200, 180, distribution="lognormal")
+        result = run_throughput(engine, workload.sample(vocab))
+        return {"output_tok_s": result.output_tokens_per_s, "requests_s": result.requests_per_s,
+                "mean_ttft_s": result.mean_ttft_s, "mean_tpot_s": result.mean_tpot_s}
+    finally:
+        engine.shutdown()
+
+
+def _overhead(engine) -> dict:
+    from shardserve.workers.request import SamplingParams
+    from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
+
+    empty = SchedulerOutput(new_requests=(), scheduled=(), num_batched_tokens=0)
+    for _ in range(20):
+        engine.executor.execute(empty)
+    num_steps = 500
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.executor.execute(empty)
+    round_trip = (time.perf_counter() - start) / num_steps
+    # A decode step of 256 running requests, 2,000-token contexts (125 blocks each), 8 of them new.
+    scheduled = tuple(ScheduledRequest(f"req-{i}", (1234,), 2000, tuple(range(i * 125, (i + 1) * 125)), True)
+                      for i in range(256))
+    new = tuple(NewRequestData(f"req-{i}", tuple(range(200)), (), SamplingParams()) for i in range(8))
+    big = SchedulerOutput(new_requests=new, scheduled=scheduled, num_batched_tokens=256)
+    start = time.perf_counter()
+    for _ in range(200):
+        payload = pickle.dumps(("step", big), protocol=pickle.HIGHEST_PROTOCOL)
+    dumps = (time.perf_counter() - start) / 200
+    start = time.perf_counter()
+    for _ in range(200):
+        pickle.loads(payload)
+    loads = (time.perf_counter() - start) / 200
+    return {"empty_step_round_trip_us": round_trip * 1e6, "decode256_pickle_us": dumps * 1e6,
+            "decode256_unpickle_us": loads * 1e6, "decode256_bytes": len(payload)}
+
+
+def _device_label(device: str) -> str:
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, pp, ep, overhead")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--num-requests", type=int, default=1000, help="requests of the throughput cases")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case (JSON) and print JSON
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_case(json.loads(args.one), args.device, args.num_requests)), flush=True)
+        return
+
+    import torch
+
+    num_gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+    rows = []
+    for name in args.cases.split(","):
+        for case in CASES[name]:
+            world = case["tp"] * case["pp"]
+            label = f"{name:8s} {case['model']:22s} tp={case['tp']} pp={case['pp']} ep={case['ep']}"
+            if case["kind"] != "overhead" and world > num_gpus:
+                rows.append((label, f"skipped: needs {world} GPUs, have {num_gpus}"))
+                continue
+            cmd = [sys.executable, __file__, "--one", json.dumps(case), "--device", args.device,
+                   "--num-requests", str(args.num_requests)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                rows.append((label, f"FAILED (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"))
+                continue
+            result = json.loads(lines[-1][len("RESULT "):])
+            rows.append((label, "  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in result.items())))
+            print(f"{label}  {rows[-1][1]}", flush=True)
+    print()
+    print(f"{'case':62s} result")
+    for label, text in rows:
+        print(f"{label:62s} {text}")
+    print(f"device: {_device_label(args.device)}")
+
+
+if __name__ == "__main__":
+    main()

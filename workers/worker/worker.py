@@ -1,0 +1,104 @@
+"""One rank of a worker group: joins the process groups, loads its shard, runs its part of a step.
+
+A `Worker` is launcher-agnostic: whoever starts the process (the local `MultiprocExecutor`,
+later a Ray actor) builds a picklable `WorkerSpec` (engine config, global rank, rendezvous
+address) and then feeds it steps by whatever transport it owns. Construction:
+  1. selects the device (cuda:<rank % visible GPUs>, or the CPU) and joins the process groups
+     with `init_parallel` (parallel/state.py), which installs this rank's ParallelState;
+  2. loads the model through the ordinary loader: every layer sizes itself from the installed
+     state, and each weight loader narrows the lazy safetensors slice to this rank's part before
+     reading, so a rank reads only its own slice (and nothing of other pipeline stages/experts);
+  3. builds a ModelRunner, which sizes this rank's KV cache (`num_blocks`; the executor takes
+     the minimum over ranks).
+`execute(scheduler_output)` runs this rank's share of the step (every rank receives the same
+SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and returns the
+ModelRunnerOutput, the others return None.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from shardserve.parallel.state import destroy_parallel, init_parallel
+from shardserve.workers.config import EngineConfig
+from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
+from shardserve.workers.runner.model_runner import ModelRunner
+from shardserve.workers.runner.output import ModelRunnerOutput
+from shardserve.workers.scheduler.output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to start (picklable: it crosses the process boundary).
+
+    config: the engine config (parallel sizes in config.parallel).
+    rank: global rank in [0, world_size); layout in parallel/state.py.
+    master_addr / master_port: the rendezvous of torch.distributed (rank 0's host).
+    backend: `nccl`, `gloo`, or None (nccl on CUDA, gloo on CPU).
+    num_threads: torch intra-op threads on CPU (None: cpu_count / world_size).
+    """
+
+    config: EngineConfig
+    rank: int
+    master_addr: str
+    master_port: int
+    backend: str | None = None
+    num_threads: int | None = None
+
+
+def output_rank(config: EngineConfig) -> int:
+    """Global rank that returns the ModelRunnerOutput: TP rank 0 of the last pipeline stage."""
+    return (config.parallel.pipeline_parallel_size - 1) * config.parallel.tensor_parallel_size
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        config, par = spec.config, spec.config.parallel
+        self.rank = spec.rank
+        device = resolve_device(config.model.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", spec.rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(spec.num_threads or max(1, (os.cpu_count() or 1) // par.world_size))
+        self.device = device
+        self.state = init_parallel(
+            spec.rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+            ep=par.expert_parallel_size, master_addr=spec.master_addr, master_port=spec.master_port,
+            backend=spec.backend, timeout_s=par.collective_timeout_s, pp_layer_partition=par.pipeline_layer_partition,
+            expert_dispatch=par.expert_dispatch, all_to_all_min_tokens=par.all_to_all_min_tokens)
+        torch.manual_seed(config.model.seed)
+        dtype = resolve_dtype(config.model.dtype, device)
+        self.loaded = load_model(config.model, device, dtype)
+        # Decode graphs would capture the stage-to-stage send/recv: eager under pipeline parallelism.
+        self.runner = ModelRunner(self.loaded, config, device, use_cuda_graphs=par.pipeline_parallel_size == 1)
+        self.is_output_rank = spec.rank == output_rank(config)
+        logger.info("rank %d ready: tp %d/%d pp %d/%d ep %d/%d, %d KV blocks", spec.rank, self.state.tp_rank,
+                    self.state.tp_size, self.state.pp_rank, self.state.pp_size, self.state.ep_rank,
+                    self.state.ep_size, self.runner.num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        """KV cache blocks this rank can hold (its own budget)."""
+        return self.runner.num_blocks
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        output = self.runner.execute(sched)
+        return output if self.is_output_rank else None
+
+    def expert_load(self) -> dict[str, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer (module name -> counts per expert)."""
+        return {name.removesuffix(".expert_load"): buf.tolist()
+                for name, buf in self.runner.model.named_buffers() if name.endswith("expert_load")}
+
+    def ping(self) -> int:
+        """Health probe: answers with this rank."""
+        return self.rank
+
+    def shutdown(self) -> None:
+        destroy_parallel()
