@@ -5,7 +5,9 @@ torch reference at Llama-3.1-8B size). (2) One engine on `dummy:llama-3.1-8b` (b
 — Triton attention, fused kernels, decode CUDA graphs — and its start-up time and graph pool
 are logged. (3) Correctness: a few requests generate greedily on the fast path; the same
 model with the torch path (no kernels, torch attention, eager) scores every generated token
-teacher-forced, and each must be within `--logprob-tol` nats of the reference's best token.
+teacher-forced: each must be within max(`--logprob-tol`, 2 x noise) nats of the reference's
+best token, and the fast path's own teacher-forced logprobs within the same of the
+reference's, where noise is the torch path against itself chunked differently (bf16 floor).
 (4) `bench latency` cases (batch 1, 8, 32, 64; 16-token prompts; 256 new tokens), batch 1
 also with graphs off, each with achieved GB/s against the copy bandwidth measured here and
 host vs GPU time per step. (5) `bench throughput`: 1,000 lognormal requests (medians 200 /
@@ -51,15 +53,19 @@ def kernel_check(out_dir: str) -> str:
 
 
 @torch.inference_mode()
-def reference_logprobs(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
-    """[len - 1, vocab] log-softmax of the torch-path forward over `token_ids` (teacher-forced)."""
+def teacher_forced_logprobs(engine: LLMEngine, token_ids: list[int], split: int) -> torch.Tensor:
+    """[len - split - 1, vocab] log-softmax at positions split..len-2 of `token_ids`, computed by
+    the model's current path: first `split` tokens as one prefill, the rest as a cached-prefix chunk."""
     runner = engine.runner
     block_size = runner.block_size
     num_blocks = -(-len(token_ids) // block_size)
     caches = allocate_kv_caches(KVCacheSpec.of_model(runner.model, block_size), num_blocks + 1, runner.device)
-    req = ScheduledRequest("ref", tuple(token_ids), 0, tuple(range(1, num_blocks + 1)), True)
-    inputs = build_model_inputs(SchedulerOutput((), (req,), len(token_ids)), block_size, runner.device)
-    hidden = runner.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata)
+    blocks = tuple(range(1, num_blocks + 1))
+    hidden = None
+    for start, end in ((0, split), (split, len(token_ids))):
+        req = ScheduledRequest("ref", tuple(token_ids[start:end]), start, blocks, True)
+        inputs = build_model_inputs(SchedulerOutput((), (req,), end - start), block_size, runner.device)
+        hidden = runner.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata)
     return runner.model.compute_logits(hidden[:-1]).log_softmax(-1)
 
 
@@ -68,31 +74,38 @@ def correctness(engine: LLMEngine, tol: float) -> dict:
     requests = Workload(4, 24, 32, seed=7).sample(vocab_size)
     finals = sorted(run_engine(engine, requests), key=lambda f: int(f.request_id.split("-")[1]))
     runner = engine.runner
-    set_fused_kernels(False)
-    runner.model.set_attention_backend(get_attention_backend("torch"))
-    gaps, argmax_match, total = [], 0, 0
-    try:
-        for req, final in zip(requests, finals, strict=True):
-            generated = list(final.outputs[0].token_ids)
-            seq = req.prompt_token_ids + generated
-            logprobs = reference_logprobs(engine, seq)[len(req.prompt_token_ids) - 1 :]  # [gen, vocab]
-            chosen = logprobs.gather(1, torch.tensor(generated, device=logprobs.device)[:, None])[:, 0]
-            best = logprobs.max(dim=1)
-            gaps.append((best.values - chosen).max().item())
-            argmax_match += int((best.indices.cpu() == torch.tensor(generated)).sum())
-            total += len(generated)
-    finally:
-        set_fused_kernels(True)
-        runner.model.set_attention_backend(get_attention_backend("triton"))
+    gaps, fast_diffs, noise_diffs, argmax_match, total = [], [], [], 0, 0
+    for req, final in zip(requests, finals, strict=True):
+        generated = list(final.outputs[0].token_ids)
+        seq, split = req.prompt_token_ids + generated, len(req.prompt_token_ids) - 1
+        fast = teacher_forced_logprobs(engine, seq, split)  # kernels + Triton attention, [gen, vocab]
+        set_fused_kernels(False)
+        runner.model.set_attention_backend(get_attention_backend("torch"))
+        try:
+            ref = teacher_forced_logprobs(engine, seq, split)  # the torch path: the reference
+            noise = teacher_forced_logprobs(engine, seq, split // 2)[split - split // 2 :]  # same, chunked otherwise
+        finally:
+            set_fused_kernels(True)
+            runner.model.set_attention_backend(get_attention_backend("triton"))
+        index = torch.tensor(generated, device=ref.device)[:, None]
+        chosen = ref.gather(1, index)[:, 0]
+        best = ref.max(dim=1)
+        gaps.append((best.values - chosen).max().item())
+        fast_diffs.append((fast.gather(1, index) - ref.gather(1, index)).abs().max().item())
+        noise_diffs.append((noise.gather(1, index) - ref.gather(1, index)).abs().max().item())
+        argmax_match += int((best.indices.cpu() == torch.tensor(generated)).sum())
+        total += len(generated)
     # Graphs vs eager on the same kernels: greedy tokens (split counts differ: float noise only).
     runner.set_cuda_graphs(False)
     eager = sorted(run_engine(engine, requests), key=lambda f: int(f.request_id.split("-")[1]))
     runner.set_cuda_graphs(True)
     same = sum(a == b for f, e in zip(finals, eager, strict=True)
                for a, b in zip(f.outputs[0].token_ids, e.outputs[0].token_ids, strict=True))
-    max_gap = max(gaps)
-    return {"max_logprob_gap": max_gap, "ok": max_gap <= tol, "argmax_match": argmax_match / total,
-            "graph_vs_eager_token_match": same / total}
+    # bf16 noise floor: the reference against itself computed in other chunks (other GEMM shapes).
+    noise, max_gap, fast_diff = max(noise_diffs), max(gaps), max(fast_diffs)
+    ok = max_gap <= max(tol, 2 * noise) and fast_diff <= max(tol, 2 * noise)
+    return {"ok": ok, "max_gap_to_ref_best": max_gap, "max_fast_vs_ref_logprob_diff": fast_diff,
+            "bf16_noise_floor": noise, "argmax_match": argmax_match / total, "graph_vs_eager_token_match": same / total}
 
 
 def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:

@@ -7,7 +7,8 @@ thread then pushes every RequestOutput of that request into the caller's asyncio
 `loop.call_soon_threadsafe`. When the caller stops iterating early (client gone, task
 cancelled), the generator's `finally` submits an abort, so KV blocks are freed at once.
 If a step raises, the engine is dead: every open stream gets EngineDeadError and health()
-raises, so the serving layer can report unhealthy and be replaced.
+raises, so the serving layer can report unhealthy and be replaced. health() also asks the
+executor whether every rank of its worker group is alive (`Executor.check_health`).
 Implements workers/protocol.py's EngineProtocol.
 """
 
@@ -26,6 +27,7 @@ from shardserve.workers.config import EngineConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.protocol import EngineDeadError, EngineStats, ModelInfo, QueueFullError
 from shardserve.workers.request import RequestOutput, SamplingParams
+from shardserve.workers.worker.executor import WorkerGroupError
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +79,17 @@ class AsyncEngine:
             await self._call(lambda: self._abort(request_id))
 
     async def health(self) -> None:
+        """Raise EngineDeadError if the engine failed or a rank of its worker group is gone.
+
+        The executor's check runs on the engine thread (between steps), which owns the executor.
+        """
         self._raise_if_dead()
         if not self._thread.is_alive():
             raise EngineDeadError("engine thread is not running")
+        try:
+            await self._call(self.engine.executor.check_health)
+        except WorkerGroupError as err:
+            raise EngineDeadError(f"worker group failed: {err}") from err
 
     async def stats(self) -> EngineStats:
         self._raise_if_dead()

@@ -117,6 +117,9 @@ class ParallelConfig:
     all_to_all_min_tokens: under `auto`, steps with at least this many tokens use all-to-all.
     collective_timeout_s: a collective waiting on a dead peer fails after this long.
     step_timeout_s: the driver gives up on a step that has not returned after this long.
+    launcher: how a world of more than one rank is started: `multiproc` (local spawned processes,
+      workers/worker/executor.py) or `ray` (one Ray actor per rank in a placement group,
+      workers/group.py). A world of one always runs in the engine's process.
     """
 
     tensor_parallel_size: int = 1
@@ -127,8 +130,11 @@ class ParallelConfig:
     all_to_all_min_tokens: int = 32
     collective_timeout_s: float = 300.0
     step_timeout_s: float = 600.0
+    launcher: Literal["multiproc", "ray"] = "multiproc"
 
     def __post_init__(self) -> None:
+        if self.launcher not in ("multiproc", "ray"):
+            raise ValueError(f"launcher must be multiproc or ray, got {self.launcher!r}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -11,7 +11,8 @@ The engine calls `execute(scheduler_output) -> ModelRunnerOutput` once per step 
     its exit code or traceback (the surviving ranks fail their next collective and exit, or
     are terminated by `shutdown`); a step slower than `step_timeout_s` fails too. After a
     failure every call raises `WorkerGroupError`.
-`make_executor(config, loaded)` picks one from `config.parallel.world_size`.
+`make_executor(config, loaded)` picks one from `config.parallel.world_size` and `.launcher`
+(`ray`: RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
 """
 
 from __future__ import annotations
@@ -229,9 +230,14 @@ class MultiprocExecutor:
 
 
 def make_executor(config: EngineConfig, loaded: LoadedModel | None, device: torch.device) -> Executor:
-    """LocalExecutor for a world of one (needs `loaded`), MultiprocExecutor otherwise."""
+    """LocalExecutor for a world of one (needs `loaded`); else by `config.parallel.launcher`:
+    MultiprocExecutor (`multiproc`) or the Ray worker group of workers/group.py (`ray`)."""
     if config.parallel.world_size == 1:
         if loaded is None or loaded.model is None:
             raise ValueError("a single-process engine needs the loaded model")
         return LocalExecutor(loaded, config, device)
+    if config.parallel.launcher == "ray":
+        from shardserve.workers.group import RayExecutor  # imports ray: only when asked for
+
+        return RayExecutor(config)
     return MultiprocExecutor(config)

@@ -1,0 +1,76 @@
+"""vLLM 0.24 on the same shapes and workloads as benchmarks/gpu_bench.py, for side-by-side figures.
+
+Data flow: the Llama-3.1-8B-shaped config of `dummy:llama-3.1-8b` is written to a folder as
+`config.json` (the same transformers config our engine builds); vLLM loads it with
+`load_format="dummy"` and `skip_tokenizer_init=True` (bf16, its defaults otherwise: CUDA
+graphs, torch.compile, prefix caching, chunked prefill). Prompts are token ids
+(`TokensPrompt`) drawn by our own `Workload`, so both engines see identical requests:
+batch-1 decode (16-token prompt, 256 new tokens, ignore_eos; decode tok/s from the run's
+wall time minus one prefill-only call) and the offline workload (1,000 lognormal requests,
+medians 200 / 180, sigma 0.8, each generating exactly its output length). Prints start-up
+time, both figures and the device; writes JSON to $OUT. Run it on the device after the vLLM
+wheels are unpacked (see /work/shared/device/README.md), in the same call as gpu_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+from shardserve.workers.bench.workload import Workload
+from shardserve.workers.models.dummy import dummy_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = parser.parse_args()
+    from vllm import LLM, SamplingParams  # noqa: PLC0415 (only on the device)
+    from vllm.inputs import TokensPrompt  # noqa: PLC0415
+
+    folder = tempfile.mkdtemp(prefix="vllm-config-")
+    config = dummy_config(args.shape)
+    config.save_pretrained(folder)
+    start = time.perf_counter()
+    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0)
+    startup_s = time.perf_counter() - start
+    vocab_size = config.vocab_size
+
+    def run(requests) -> tuple[float, int]:
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
+        params = [SamplingParams(temperature=0, max_tokens=r.output_len, min_tokens=r.output_len, ignore_eos=True,
+                                 detokenize=False) for r in requests]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    run(Workload(4, 16, 8, seed=99).sample(vocab_size))  # warm-up
+    one = Workload(1, 16, 256, seed=1).sample(vocab_size)
+    prefill_only = [type(one[0])(one[0].prompt_token_ids, 1)]
+    prefill_s = min(run(prefill_only)[0] for _ in range(3))
+    total_s, tokens = run(one)
+    decode_tps = (tokens - 1) / (total_s - prefill_s)
+    workload = Workload(args.num_requests, 200, 180, "lognormal", 0.8, max_len=config.max_position_embeddings // 2,
+                        seed=0)
+    seconds, out_tokens = run(workload.sample(vocab_size))
+    result = {"device": torch.cuda.get_device_name(), "startup_s": startup_s, "decode_b1_tokens_per_s": decode_tps,
+              "b1_total_tokens_per_s": tokens / total_s, "throughput_output_tokens_per_s": out_tokens / seconds,
+              "throughput_requests_per_s": args.num_requests / seconds, "throughput_elapsed_s": seconds}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "vllm_bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"vLLM on {result['device']}: start-up {startup_s:.0f} s; batch-1 decode {decode_tps:.1f} tok/s; "
+          f"offline {args.num_requests} requests {result['throughput_output_tokens_per_s']:.0f} output tok/s "
+          f"({result['throughput_requests_per_s']:.1f} req/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""RayExecutor: one sharded copy of the model as Ray actors in a placement group.
+
+Ray only starts things; it carries no per-step traffic. Start-up:
+  1. placement: inside a Serve replica whose deployment reserved `placement_group_bundles`
+     (cluster/app.py), the replica's own group is used: the replica sits in bundle 0 next to
+     rank 0, rank r goes into bundle r. Elsewhere the executor reserves its own group of
+     world_size bundles (`{"CPU": c}` or `{"CPU": c, "GPU": 1}`), STRICT_PACK when there is one
+     pipeline stage (TP ranks share NVLink) and PACK otherwise (stages may span nodes).
+  2. one `RankActor` per rank (PlacementGroupSchedulingStrategy, bundle index = rank). Each opens
+     a `multiprocessing.connection.Listener` on its node's IP with a random authkey; rank 0 also
+     picks the torch.distributed rendezvous port on its node.
+  3. `RankActor.serve(spec)` is submitted once per rank and runs for the group's whole life: it
+     accepts the driver's connection and enters proc.py's `worker_main` (the same Worker and
+     loop as the local MultiprocExecutor). Its ObjectRef doubles as the liveness ref: it becomes
+     ready only when the rank's loop ends or its actor dies.
+Per step: the SchedulerOutput is pickled once and the same bytes are written to every rank's
+socket Connection; the output rank's pickled ModelRunnerOutput is read back. No Ray call is made
+on the step path. While waiting, the driver polls the sockets; a killed rank closes its socket
+(EOF at once), and every `LIVENESS_POLL_S` of silence the liveness refs are checked with a
+zero-timeout `ray.wait` (a lost node). Either way the step raises WorkerGroupError, the other
+ranks are killed, and every later call (and `check_health`) raises too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener, wait
+from typing import Any
+
+import ray
+from ray.util import get_node_ip_address
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from shardserve.workers.config import EngineConfig
+from shardserve.workers.runner.output import ModelRunnerOutput
+from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.worker.executor import WorkerGroupError, free_port
+from shardserve.workers.worker.proc import (
+    CALL,
+    ERROR,
+    OUTPUT,
+    READY,
+    RESULT,
+    SHUTDOWN,
+    STEP,
+    decode,
+    encode,
+    worker_main,
+)
+from shardserve.workers.worker.worker import WorkerSpec, output_rank
+
+LIVENESS_POLL_S = 0.5  # silence on every socket this long -> check the actors through Ray
+ACTOR_NAME_PREFIX = "shardserve-rank"
+
+
+@dataclass(frozen=True)
+class RankResources:
+    """What one rank's actor asks Ray for (num_gpus 0 on CPU, usually 1 on GPU)."""
+
+    num_cpus: float
+    num_gpus: float
+
+    def bundle(self) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", self.num_cpus), ("GPU", self.num_gpus)) if v > 0}
+
+
+@dataclass(frozen=True)
+class RankAddress:
+    """Where a started RankActor listens (`listen`) and, for rank 0, the rendezvous (`node_ip`, `port`)."""
+
+    node_ip: str
+    listen: tuple[str, int]
+    port: int
+
+
+class RankActor:
+    """One rank in its own Ray worker process (wrapped with `ray.remote` by RayExecutor)."""
+
+    def __init__(self) -> None:
+        self._listener: Listener | None = None
+
+    def start(self, authkey: bytes) -> RankAddress:
+        node_ip = get_node_ip_address()
+        self._listener = Listener((node_ip, 0), family="AF_INET", authkey=authkey)
+        return RankAddress(node_ip, self._listener.address, free_port(node_ip))
+
+    def describe(self) -> dict[str, Any]:
+        """Where this rank runs and what Ray gave it (answered beside `serve`: max_concurrency 2)."""
+        context = ray.get_runtime_context()
+        return {"node_ip": get_node_ip_address(), "pid": os.getpid(), "resources": context.get_assigned_resources()}
+
+    def serve(self, spec: WorkerSpec) -> None:
+        """Accept the driver, then run the rank's loop until SHUTDOWN or EOF (exits the process on error)."""
+        if self._listener is None:
+            raise RuntimeError("RankActor.serve called before start")
+        conn = self._listener.accept()
+        self._listener.close()
+        _no_delay(conn)
+        worker_main(spec, conn)
+
+
+def _no_delay(conn: Connection) -> None:
+    """Disable Nagle: a large message is sent as header + body, which Nagle would hold back."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _bundle_share(bundle: dict[str, float], taken: dict[str, float]) -> RankResources:
+    return RankResources(max(0.0, bundle.get("CPU", 0.0) - taken.get("CPU", 0.0)),
+                         max(0.0, bundle.get("GPU", 0.0) - taken.get("GPU", 0.0)))
+
+
+def default_rank_resources(config: EngineConfig) -> RankResources:
+    """One CPU per rank, plus one GPU when the model may run on CUDA and the cluster has GPUs."""
+    wants_gpu = config.model.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+    return RankResources(1.0, 1.0 if wants_gpu else 0.0)
+
+
+class RayExecutor:
+    """world_size RankActors driven through one socket Connection each."""
+
+    def __init__(self, config: EngineConfig, resources: RankResources | None = None, backend: str | None = None,
+                 startup_timeout_s: float = 600.0) -> None:
+        self.config = config
+        self.world_size = config.parallel.world_size
+        self.output_rank = output_rank(config)
+        self.step_timeout_s = config.parallel.step_timeout_s
+        self.group_id = uuid.uuid4().hex[:8]
+        self._error: str | None = None
+        self._stopped = False
+        self.num_steps = 0
+        self.host_time_s = 0.0  # driver time spent pickling, writing and reading step messages
+        self._last_decode_s = 0.0
+        self.actors: list[Any] = []
+        self._run_refs: list[Any] = []
+        self._conns: list[Connection] = []
+        self._pending: list[list[tuple[str, Any]]] = [[] for _ in range(self.world_size)]
+        self._pg: PlacementGroup | None = None
+        self._owns_pg = False
+        if not ray.is_initialized():
+            ray.init()
+        try:
+            self.resources = self._place(resources, startup_timeout_s)
+            self._start(backend, startup_timeout_s)
+            self.rank_num_blocks: list[int] = [self._receive(r, READY, startup_timeout_s)
+                                               for r in range(self.world_size)]
+        except BaseException:
+            self.shutdown()
+            raise
+        self.num_blocks = min(self.rank_num_blocks)
+
+    # ---- start-up -----------------------------------------------------------------------
+
+    def _place(self, resources: RankResources | None, timeout_s: float) -> RankResources:
+        """Use the caller's placement group (a Serve replica's) or reserve one; the per-rank request."""
+        pg = get_current_placement_group()
+        if pg is not None:
+            specs = pg.bundle_specs
+            if len(specs) < self.world_size:
+                raise WorkerGroupError(f"the placement group of this process has {len(specs)} bundles; a worker "
+                                       f"group of tp x pp = {self.world_size} ranks needs one per rank")
+            self._pg = pg
+            if resources is not None:
+                return resources
+            # Bundle 0 holds this process and rank 0; the other bundles hold one rank each.
+            shares = [_bundle_share(specs[0], ray.get_runtime_context().get_assigned_resources()),
+                      *(_bundle_share(b, {}) for b in specs[1:self.world_size])]
+            return RankResources(min(s.num_cpus for s in shares), min(s.num_gpus for s in shares))
+        resources = resources or default_rank_resources(self.config)
+        strategy = "STRICT_PACK" if self.config.parallel.pipeline_parallel_size == 1 else "PACK"
+        bundles = [resources.bundle() or {"CPU": 0.001} for _ in range(self.world_size)]
+        self._pg = placement_group(bundles, strategy=strategy, name=f"shardserve-group-{self.group_id}")
+        self._owns_pg = True
+        try:
+            ray.get(self._pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerGroupError(
+                f"could not reserve {self.world_size} bundles of {bundles[0]} ({strategy}) within {timeout_s:.0f} s;"
+                f" available: {ray.available_resources()}") from None
+        return resources
+
+    def _start(self, backend: str | None, timeout_s: float) -> None:
+        actor_cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(RankActor)
+        for rank in range(self.world_size):
+            self.actors.append(actor_cls.options(
+                name=f"{ACTOR_NAME_PREFIX}-{self.group_id}-{rank}",
+                num_cpus=self.resources.num_cpus,
+                num_gpus=self.resources.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=rank),
+            ).remote())
+        authkey = os.urandom(32)
+        try:
+            addresses: list[RankAddress] = ray.get([a.start.remote(authkey) for a in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerGroupError(f"worker actors did not start within {timeout_s:.0f} s") from None
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerGroupError(f"a worker actor failed to start: {exc}") from None
+        master = addresses[0]
+        num_threads = max(1, round(self.resources.num_cpus))
+        for rank, actor in enumerate(self.actors):
+            spec = WorkerSpec(self.config, rank, master.node_ip, master.port, backend, num_threads)
+            self._run_refs.append(actor.serve.remote(spec))
+        for rank, address in enumerate(addresses):
+            try:
+                conn = Client(address.listen, family="AF_INET", authkey=authkey)
+            except (OSError, EOFError) as exc:
+                raise WorkerGroupError(f"could not connect to worker rank {rank} at {address.listen}: {exc!r}") from None
+            _no_delay(conn)
+            self._conns.append(conn)
+
+    # ---- the step ---------------------------------------------------------------------
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        start = time.perf_counter()
+        self._broadcast(encode(STEP, sched))
+        sent = time.perf_counter()
+        output = self._receive(self.output_rank, OUTPUT, self.step_timeout_s)
+        self.host_time_s += (sent - start) + self._last_decode_s
+        self.num_steps += 1
+        return output
+
+    def call(self, method: str) -> list[Any]:
+        """Run a no-argument Worker method (see proc.CALLABLE) on every rank; results by rank."""
+        self._broadcast(encode(CALL, method))
+        return [self._receive(rank, RESULT, self.step_timeout_s) for rank in range(self.world_size)]
+
+    def check_health(self) -> None:
+        """Raise WorkerGroupError if a rank failed before or its actor is gone now (one zero-timeout ray.wait)."""
+        if self._error is not None:
+            raise WorkerGroupError(self._error)
+        if self._stopped:
+            raise WorkerGroupError("the worker group was shut down")
+        ended, _ = ray.wait(self._run_refs, num_returns=1, timeout=0)
+        if ended:
+            self._fail_dead(self._run_refs.index(ended[0]))
+
+    def shutdown(self) -> None:
+        """Ask every rank to stop, then kill the actors and free the placement group (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for conn in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send_bytes(encode(SHUTDOWN, None))
+        if ray.is_initialized():
+            if self._run_refs:
+                with contextlib.suppress(Exception):
+                    ray.wait(self._run_refs, num_returns=len(self._run_refs), timeout=5.0)
+            for actor in self.actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            if self._owns_pg and self._pg is not None:
+                with contextlib.suppress(Exception):
+                    remove_placement_group(self._pg)
+        for conn in self._conns:
+            conn.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_stopped"):
+            with contextlib.suppress(Exception):
+                self.shutdown()
+
+    # ---- transport --------------------------------------------------------------------
+
+    def _broadcast(self, data: bytes) -> None:
+        if self._error is not None:
+            raise WorkerGroupError(self._error)
+        try:
+            for conn in self._conns:
+                conn.send_bytes(data)
+        except (OSError, ValueError) as exc:
+            self.check_health()  # names the dead rank when Ray already knows
+            self._fail(f"could not send to a worker: {exc!r}")
+
+    def _receive(self, rank: int, kind: str, timeout_s: float) -> Any:
+        """Wait for a `kind` message from `rank`, failing fast if any rank dies or reports an error."""
+        if self._error is not None:
+            raise WorkerGroupError(self._error)
+        if self._pending[rank]:
+            return self._expect(rank, kind, *self._pending[rank].pop(0))
+        deadline = time.monotonic() + timeout_s
+        senders = {id(conn): r for r, conn in enumerate(self._conns)}
+        order = [self._conns[rank], *(c for r, c in enumerate(self._conns) if r != rank)]
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail(f"worker rank {rank} did not answer within {timeout_s:.0f} s (waiting for {kind!r})")
+            ready = wait(order, timeout=min(remaining, LIVENESS_POLL_S))
+            if not ready:
+                self.check_health()
+                continue
+            for conn in ready:
+                sender = senders[id(conn)]
+                try:
+                    t0 = time.perf_counter()
+                    got_kind, payload = decode(conn.recv_bytes())
+                    self._last_decode_s = time.perf_counter() - t0
+                except (EOFError, OSError):
+                    self._fail_dead(sender)
+                if got_kind == ERROR:
+                    self._fail(f"worker rank {sender} failed:\n{payload}")
+                if sender == rank:
+                    return self._expect(rank, kind, got_kind, payload)
+                self._pending[sender].append((got_kind, payload))
+
+    def _expect(self, rank: int, kind: str, got_kind: str, payload: Any) -> Any:
+        if got_kind != kind:
+            self._fail(f"unexpected {got_kind!r} message from worker rank {rank} (waiting for {kind!r})")
+        return payload
+
+    def _fail_dead(self, rank: int) -> None:
+        """Rank `rank`'s socket closed or its liveness ref resolved: say why, as far as Ray knows in 2 s."""
+        cause = "its connection closed"
+        try:
+            ready, _ = ray.wait([self._run_refs[rank]], timeout=2.0)
+            if ready:
+                ray.get(ready[0])
+                cause = "its loop returned"
+        except ray.exceptions.RayActorError as exc:
+            cause = str(exc).strip().splitlines()[0][:300]
+        except Exception as exc:  # Ray itself unreachable: the socket's verdict stands
+            cause += f" (Ray: {exc!r:.200})"
+        self._fail(f"worker rank {rank} (actor {ACTOR_NAME_PREFIX}-{self.group_id}-{rank}) died: {cause}")
+
+    def _fail(self, message: str) -> None:
+        self._error = message
+        self.shutdown()
+        raise WorkerGroupError(message)
