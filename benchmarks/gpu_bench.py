@@ -112,7 +112,8 @@ def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:
     config = EngineConfig(
         model=ModelConfig(model=args.model, dtype="bfloat16", device="cuda"),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  min_admit_batch=args.min_admit_batch),
     )
     start = time.perf_counter()
     engine = LLMEngine(config)
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--min-admit-batch", type=int, default=1, help="SchedulerConfig.min_admit_batch")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--num-requests", type=int, default=1000)

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--max-num-seqs", type=int, default=256)
         q.add_argument("--max-num-batched-tokens", type=int, default=2048)
         q.add_argument("--mode", default="continuous", choices=["continuous", "static"])
+        q.add_argument("--min-admit-batch", type=int, default=1, help="admit waiting requests in bursts of this many")
         if kind == "latency":
             q.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
         else:

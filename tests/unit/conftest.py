@@ -137,6 +137,7 @@ def make_harness():
         max_model_len: int = 1024,
         enable_prefix_caching: bool = True,
         script: dict[str, list[int]] | None = None,
+        min_admit_batch: int = 1,
     ) -> Harness:
         cache_config = CacheConfig(
             block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
@@ -147,6 +148,7 @@ def make_harness():
             enable_chunked_prefill=enable_chunked_prefill,
             policy=policy,
             mode=mode,
+            min_admit_batch=min_admit_batch,
         )
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         scheduler = Scheduler(scheduler_config, cache_config, kv, max_model_len)

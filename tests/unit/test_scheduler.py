@@ -108,6 +108,41 @@ def test_max_num_seqs_limits_running_requests(make_harness, make_request, refere
     harness.assert_no_leak()
 
 
+def test_min_admit_batch_admits_waiting_requests_in_bursts(make_harness, make_request, reference_output):
+    harness = make_harness(max_num_seqs=4, min_admit_batch=2)
+    # r0 finishes first, r1 one step later: r4 and r5 may only join once both slots are free.
+    requests = [make_request(f"r{i}", prompt(10 * i, 3), max_tokens=[2, 3, 9, 9, 4, 4][i]) for i in range(6)]
+    harness.add(*requests)
+    first, _ = harness.step()
+    assert new_ids(first) == ["r0", "r1", "r2", "r3"]
+    admitted_at = {}
+    step = 1
+    while harness.scheduler.has_unfinished():
+        output, _ = harness.step()
+        step += 1
+        for request_id in new_ids(output):
+            admitted_at[request_id] = step
+    assert requests[1].metrics.first_token_time is not None
+    assert admitted_at["r4"] == admitted_at["r5"], admitted_at  # one burst, not one at a time
+    for request in requests:
+        assert request.output_token_ids == reference_output(request.prompt_token_ids, request.sampling_params.max_tokens)
+    harness.assert_no_leak()
+
+
+def test_min_admit_batch_never_starves_a_lone_waiter(make_harness, make_request, reference_output):
+    harness = make_harness(max_num_seqs=4, min_admit_batch=3)
+    long = make_request("long", prompt(1, 3), max_tokens=12)
+    short = make_request("short", prompt(20, 3), max_tokens=2)
+    harness.add(long)
+    harness.step()
+    harness.add(short)  # 3 slots are free and only one request waits: it joins at once
+    output, _ = harness.step()
+    assert new_ids(output) == ["short"]
+    harness.run()
+    assert short.output_token_ids == reference_output(short.prompt_token_ids, 2)
+    harness.assert_no_leak()
+
+
 @pytest.mark.parametrize("enable_prefix_caching", [True, False])
 def test_preemption_by_recompute_resumes_with_same_tokens(
     make_harness, make_request, reference_output, enable_prefix_caching

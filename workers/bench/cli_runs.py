@@ -24,7 +24,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, mode=args.mode
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, mode=args.mode,
+            min_admit_batch=args.min_admit_batch,
         ),
     )
     return LLMEngine(config)

@@ -220,6 +220,10 @@ class Scheduler:
             if not self.running and not self._batch_pending:
                 while self.waiting and len(self._batch_pending) < self.config.max_num_seqs:
                     self._batch_pending.push(self.waiting.pop())
+        elif self.running:
+            num_free_slots = self.config.max_num_seqs - len(self.running)
+            if num_free_slots < min(self.config.min_admit_batch, len(queue)):
+                return  # wait until a burst can join (see SchedulerConfig.min_admit_batch)
         now = time.monotonic()
         while queue and step.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = queue.peek()
