@@ -5,8 +5,11 @@ config file / RayService names `import_path: shardserve.cluster.app:app_builder`
   - per model, an LLMServer deployment (cluster/server.py) named `LLMServer_<i>_<name>`, with
     `num_replicas` or an `autoscaling_config`, the prefix-affinity request router
     (cluster/router.py) configured from the model's `router` section, and resources for one
-    worker group: the replica's actor takes one rank's CPUs/GPUs and, when tp × pp > 1, a
-    placement group reserves one bundle per rank (PACK: a two-node group is allowed);
+    worker group: with tp × pp = 1 the replica takes the rank's CPUs/GPUs and runs the model
+    itself; otherwise the replica is the engine's driver (CPUs only) and a placement group
+    reserves one bundle per rank, bundle 0 shared with the replica (STRICT_PACK for one pipeline
+    stage, PACK when stages may span nodes); the engine starts one Ray actor per rank in it
+    (workers/group.py);
   - one Ingress deployment (cluster/ingress/deployment.py) bound to a handle per model; it serves
     the OpenAI HTTP API and the gRPC servicer.
 HTTP and gRPC ports are proxy settings, not part of the Application: `serve_options(config)` gives
@@ -55,11 +58,29 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
         }
     else:
         options["num_replicas"] = model.num_replicas
-    bundle = {k: v for k, v in (("CPU", res.num_cpus_per_worker), ("GPU", res.num_gpus_per_worker)) if v > 0}
-    if model.world_size > 1 and bundle:
-        options["placement_group_bundles"] = [dict(bundle) for _ in range(model.world_size)]
-        options["placement_group_strategy"] = "PACK"
+    if model.world_size > 1:
+        options["ray_actor_options"] = {"num_cpus": res.num_cpus_per_worker, "num_gpus": 0}
+        bundles = worker_group_bundles(model)
+        if bundles:
+            options["placement_group_bundles"] = bundles
+            options["placement_group_strategy"] = "STRICT_PACK" if model.parallel.pipeline_parallel_size == 1 else "PACK"
     return options
+
+
+def worker_group_bundles(model: ModelSection) -> list[dict[str, float]]:
+    """One bundle per rank; bundle 0 also holds the replica (the engine's driver: CPUs only).
+
+    The replica's RayExecutor (workers/group.py) finds this placement group and starts rank r's
+    actor in bundle r with what is left of it: `num_cpus_per_worker` CPUs and `num_gpus_per_worker`
+    GPUs each. Empty when a rank asks for nothing (the executor then reserves its own group).
+    """
+    res = model.resources
+
+    def bundle(num_cpus: float) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", num_cpus), ("GPU", res.num_gpus_per_worker)) if v > 0}
+
+    first, rank = bundle(2 * res.num_cpus_per_worker), bundle(res.num_cpus_per_worker)
+    return [first] + [dict(rank) for _ in range(model.world_size - 1)] if rank else []
 
 
 def build_app(config: AppConfig) -> serve.Application:

@@ -9,33 +9,39 @@ with an `ErrorInfo`, never as an exception. If the caller goes away (HTTP client
 gRPC cancel or deadline), Ray Serve cancels this generator; the `finally` closes the engine's
 iterator and aborts the request, so its KV blocks return to the pool.
 
-For now one replica runs the engine in-process (one worker group = this process). The
-multi-GPU worker group — Ray actors per rank in a placement group, NCCL between them — comes
-with the parallelism work; the replica's resource request (cluster/app.py) already reserves
-num_gpus_per_worker × tp × pp GPUs.
+One replica = one worker group. With tp × pp = 1 the replica runs the model itself. Otherwise
+its engine uses the Ray launcher (`ParallelConfig.launcher = "ray"`): the replica keeps the
+tokenizer, scheduler and KV block table and drives one Ray actor per rank, started in the
+placement group that cluster/app.py reserved for the replica (workers/group.py); per-step
+messages go over sockets, never Ray calls. Serve's `check_health` reaches the executor's
+`check_health`, so a dead rank makes the replica unhealthy and Serve replaces it; requests in
+flight end with an UNAVAILABLE error chunk (HTTP 503 / gRPC UNAVAILABLE). `__del__` (Serve's
+graceful shutdown) stops the engine and its ranks.
 
 Engine choice: `ModelSection.engine_factory` (tests only: `module:callable` taking the section)
-or, by default, `shardserve.workers.async_engine.AsyncEngine.from_config(section.to_engine_config())`.
+or, by default, `shardserve.workers.async_engine.AsyncEngine.from_config(engine_config(section))`,
+built on a thread so the replica's event loop stays free while ranks start and weights load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import re
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from shardserve.cluster.config import ModelSection
 from shardserve.cluster.messages import (
-    CompletionDelta,
+    ChunkBuilder,
     ErrorInfo,
     ErrorKind,
     GenerateChunk,
     GenerateRequest,
 )
-from shardserve.workers.config import SchedulerConfig
+from shardserve.workers.config import EngineConfig, SchedulerConfig
 from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFullError
 
 _PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*) (must|is|are|should)\b")
@@ -47,6 +53,14 @@ def param_of(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def engine_config(section: ModelSection) -> EngineConfig:
+    """The section's EngineConfig; a world of several ranks runs on a Ray worker group."""
+    config = section.to_engine_config()
+    if config.parallel.world_size > 1:
+        config = replace(config, parallel=replace(config.parallel, launcher="ray"))
+    return config
+
+
 async def make_engine(section: ModelSection) -> EngineProtocol:
     if section.engine_factory is not None:
         module_name, _, attr = section.engine_factory.partition(":")
@@ -54,7 +68,7 @@ async def make_engine(section: ModelSection) -> EngineProtocol:
     else:
         from shardserve.workers.async_engine import AsyncEngine
 
-        engine = AsyncEngine.from_config(section.to_engine_config())
+        engine = await asyncio.to_thread(AsyncEngine.from_config, engine_config(section))
     if inspect.isawaitable(engine):
         engine = await engine
     return engine
@@ -100,28 +114,12 @@ class LLMServer:
             return
         self.num_in_flight += 1
         stream = self.engine.generate(prompt, request.params, rid, request.priority)
+        builder = ChunkBuilder(rid, self.replica_id)
         finished = False
         try:
             async for out in stream:
                 finished = out.finished
-                metrics = out.metrics
-                yield GenerateChunk(
-                    request_id=rid,
-                    replica_id=self.replica_id,
-                    deltas=tuple(
-                        CompletionDelta(
-                            index=c.index,
-                            text=c.new_text,
-                            num_tokens=len(c.new_token_ids),
-                            finish_reason=None if c.finish_reason is None else c.finish_reason.value,
-                        )
-                        for c in out.outputs
-                    ),
-                    finished=out.finished,
-                    num_prompt_tokens=len(out.prompt_token_ids),
-                    num_cached_prompt_tokens=0 if metrics is None else metrics.num_cached_prompt_tokens,
-                    error=None if out.error is None else ErrorInfo(ErrorKind.INTERNAL, out.error),
-                )
+                yield builder.build(out)
         except ValueError as err:
             yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)))
         except QueueFullError as err:
@@ -151,7 +149,14 @@ class LLMServer:
         }
 
     async def check_health(self) -> None:
+        """Serve's health hook: raises when the engine or a rank of its worker group is dead."""
         await self.engine.health()
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: stop the engine thread and the worker group's ranks."""
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     async def health(self) -> dict[str, str]:
         try:

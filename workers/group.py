@@ -24,11 +24,13 @@ ranks are killed, and every later call (and `check_health`) raises too.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener, wait
 from typing import Any
 
@@ -60,7 +62,9 @@ from shardserve.workers.worker.proc import (
 from shardserve.workers.worker.worker import WorkerSpec, output_rank
 
 LIVENESS_POLL_S = 0.5  # silence on every socket this long -> check the actors through Ray
+PLACEMENT_LOG_S = 10.0  # while the placement group is pending, say what it waits for this often
 ACTOR_NAME_PREFIX = "shardserve-rank"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,12 @@ class RankActor:
         """Accept the driver, then run the rank's loop until SHUTDOWN or EOF (exits the process on error)."""
         if self._listener is None:
             raise RuntimeError("RankActor.serve called before start")
-        conn = self._listener.accept()
+        while True:  # a stray client without the authkey is dropped; only the driver gets through
+            try:
+                conn = self._listener.accept()
+                break
+            except (AuthenticationError, EOFError):
+                continue
         self._listener.close()
         _no_delay(conn)
         worker_main(spec, conn)
@@ -181,12 +190,12 @@ class RayExecutor:
         bundles = [resources.bundle() or {"CPU": 0.001} for _ in range(self.world_size)]
         self._pg = placement_group(bundles, strategy=strategy, name=f"shardserve-group-{self.group_id}")
         self._owns_pg = True
-        try:
-            ray.get(self._pg.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise WorkerGroupError(
-                f"could not reserve {self.world_size} bundles of {bundles[0]} ({strategy}) within {timeout_s:.0f} s;"
-                f" available: {ray.available_resources()}") from None
+        ready, deadline = self._pg.ready(), time.monotonic() + timeout_s
+        while not ray.wait([ready], timeout=min(PLACEMENT_LOG_S, max(0.0, deadline - time.monotonic())))[0]:
+            waiting = f"{self.world_size} bundles of {bundles[0]} ({strategy}); available: {ray.available_resources()}"
+            if time.monotonic() >= deadline:
+                raise WorkerGroupError(f"could not reserve {waiting} within {timeout_s:.0f} s")
+            logger.warning("worker group %s still waiting for %s", self.group_id, waiting)
         return resources
 
     def _start(self, backend: str | None, timeout_s: float) -> None:

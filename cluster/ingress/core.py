@@ -4,17 +4,20 @@ Data flow: a front end builds a `GenerateRequest` and calls `core.stream(request
 finds the model's LLMServer handle (unknown model → ApiError NOT_FOUND), calls
 `generate` as a streaming handle call (the prefix-affinity router picks the replica), and
 re-yields its `GenerateChunk`s, turning an error chunk or a Ray Serve failure into an ApiError.
-When the consumer stops early (client disconnect, gRPC cancel or deadline) the `finally`
-cancels the handle call; Ray Serve cancels the replica's generator, which aborts the request
-in the engine. `first_chunk()` lets a front end wait for the first chunk (so errors still get
-a proper status) before committing response headers.
+When the consumer stops early (client disconnect, gRPC cancel or deadline) the handle call is
+cancelled; Ray Serve cancels the replica's generator, which aborts the request in the engine.
+That cancel must not depend on an async generator being closed (Starlette leaves a streaming
+body suspended when its task is cancelled, and anyio re-cancels any await in a `finally`), so
+`stream()` returns a `ChunkStream`, a plain async iterator whose `cancel()` is synchronous and
+idempotent: it cancels on CancelledError inside `__anext__`, on an error chunk, and whenever a
+front end's response ends for any reason. `first_chunk()` lets a front end wait for the first
+chunk (so errors still get a proper status) before committing response headers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from shardserve.cluster.config import AppConfig, ModelSection
@@ -22,6 +25,46 @@ from shardserve.cluster.ingress.errors import ApiError, from_serve_exception, un
 from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
 
 HEALTH_TIMEOUT_S = 5.0
+
+
+class ChunkStream:
+    """The chunks of one LLMServer call; `cancel()` (sync, idempotent) stops it unless it finished."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response  # DeploymentResponseGenerator
+        self._done = False
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> GenerateChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._response.__anext__()
+        except StopAsyncIteration:
+            self._done = True
+            raise
+        except BaseException as err:  # CancelledError included: the caller went away
+            self.cancel()
+            mapped = from_serve_exception(err) if isinstance(err, Exception) else None
+            if mapped is not None:
+                raise mapped from err
+            raise
+        if chunk.error is not None:
+            self.cancel()
+            raise ApiError.from_info(chunk.error)
+        if chunk.finished:
+            self._done = True
+        return chunk
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self._response.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
 
 
 class IngressCore:
@@ -42,37 +85,18 @@ class IngressCore:
         except KeyError:
             raise unknown_model(name, self.model_names) from None
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    def stream(self, request: GenerateRequest) -> ChunkStream:
         self.model(request.model)
         handle = self.handles[request.model]
-        response = handle.options(stream=True).generate.remote(request)
-        finished = False
-        try:
-            async for chunk in response:
-                if chunk.error is not None:
-                    raise ApiError.from_info(chunk.error)
-                finished = chunk.finished
-                yield chunk
-        except ApiError:
-            raise
-        except Exception as err:
-            mapped = from_serve_exception(err)
-            if mapped is None:
-                raise
-            raise mapped from err
-        finally:
-            if not finished:
-                response.cancel()
+        return ChunkStream(handle.options(stream=True).generate.remote(request))
 
-    async def first_chunk(
-        self, request: GenerateRequest
-    ) -> tuple[GenerateChunk, AsyncIterator[GenerateChunk]]:
-        """The first chunk (errors raise here) and an iterator over the rest."""
+    async def first_chunk(self, request: GenerateRequest) -> tuple[GenerateChunk, ChunkStream]:
+        """The first chunk (errors raise here) and the stream of the rest."""
         stream = self.stream(request)
         try:
             first = await stream.__anext__()
         except BaseException:
-            await stream.aclose()
+            stream.cancel()
             raise
         return first, stream
 

@@ -8,7 +8,10 @@ both APIs share the prefix-affinity router's state in this process. HTTP respons
 `x-shardserve-replica` (the LLMServer replica that served it); gRPC puts `x-request-id` and
 `x-shardserve-replica` in trailing metadata. `/v1/stats` shows each model's router view (per
 replica: requests routed, affinity hits, load, engine stats); `/health` is 200 only when every
-model answers.
+model answers. With `SHARDSERVE_API_KEY` set, a middleware (HTTP) and the servicer (gRPC) check
+the bearer key first (cluster/ingress/auth.py); /health and the gRPC Health RPC stay open.
+A streaming HTTP response cancels its LLMServer call synchronously when it ends for any reason
+(`_StreamResponse`), so a client that goes away always aborts the request in the engine.
 """
 
 from __future__ import annotations
@@ -20,14 +23,43 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from shardserve.cluster.config import AppConfig, parse_config
+from shardserve.cluster.ingress import auth, responses
 from shardserve.cluster.ingress import openai as oai
-from shardserve.cluster.ingress.core import IngressCore
+from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.grpc import GrpcFrontend
 from shardserve.cluster.messages import ErrorKind
 from shardserve.cluster.router import router_stats
 
 api = FastAPI(title="shardserve", description="OpenAI-compatible API of a shardserve cluster.")
+
+
+@api.middleware("http")
+async def _require_api_key(request: Request, call_next: Any) -> Any:
+    root = request.scope.get("root_path", "")
+    path = request.url.path
+    route = path[len(root) :] if root and path.startswith(root) else path
+    if route not in auth.OPEN_HTTP_PATHS:
+        try:
+            auth.check(request.headers.get("authorization"))
+        except ApiError as err:
+            return JSONResponse(err.openai_body(), status_code=err.http_status, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+class _StreamResponse(StreamingResponse):
+    """A StreamingResponse that cancels its LLMServer call however it ends (Starlette does not
+    close the body iterator when the response task is cancelled mid-send)."""
+
+    def __init__(self, content: Any, stream: ChunkStream, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.chunk_stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.chunk_stream.cancel()
 
 
 @api.exception_handler(ApiError)
@@ -66,9 +98,9 @@ class Ingress:
         # Serve sets its own x-request-id on every response; ours names the engine request.
         headers = {"x-shardserve-request-id": request.request_id, "x-shardserve-replica": first.replica_id}
         if body.stream:
-            events = oai.sse_events(kind, body, first, rest)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return JSONResponse(await oai.collect(kind, body, first, rest), headers=headers)
+            events = responses.sse_events(body, first, rest)
+            return _StreamResponse(events, rest, media_type="text/event-stream", headers=headers)
+        return JSONResponse(await responses.collect(body, first, rest), headers=headers)
 
     @api.post("/v1/completions")
     async def completions(self, body: oai.CompletionRequest) -> Any:
@@ -111,11 +143,11 @@ class Ingress:
         try:
             async for response in stream:
                 yield response
-        finally:
+        finally:  # Serve throws CancelledError in at *this* yield: close the inner generator too
             await stream.aclose()
 
-    async def ListModels(self, request: Any) -> Any:  # noqa: N802
-        return self.grpc.list_models()
+    async def ListModels(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return self.grpc.list_models(grpc_context)
 
     async def Health(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
         return await self.grpc.health(grpc_context)

@@ -17,6 +17,7 @@ from shardserve.cluster.messages import ErrorInfo, ErrorKind
 HTTP_STATUS = {
     ErrorKind.INVALID_ARGUMENT: 400,
     ErrorKind.NOT_FOUND: 404,
+    ErrorKind.UNAUTHENTICATED: 401,
     ErrorKind.QUEUE_FULL: 429,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
@@ -24,6 +25,7 @@ HTTP_STATUS = {
 OPENAI_TYPE = {
     ErrorKind.INVALID_ARGUMENT: "invalid_request_error",
     ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.UNAUTHENTICATED: "invalid_request_error",
     ErrorKind.QUEUE_FULL: "rate_limit_error",
     ErrorKind.UNAVAILABLE: "service_unavailable_error",
     ErrorKind.INTERNAL: "internal_error",
@@ -31,6 +33,7 @@ OPENAI_TYPE = {
 GRPC_STATUS = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,

@@ -4,23 +4,35 @@ Data flow: the proxy (port 9000) decodes a call and invokes the Ingress method o
 name (Generate, GenerateStream, ListModels, Health) with the request proto and a
 RayServegRPCContext. `GrpcFrontend` maps the proto onto a `GenerateRequest` (SamplingParams
 validation names the bad field → INVALID_ARGUMENT), streams `GenerateChunk`s from IngressCore
-and answers with `GenerateResponse`s. The request id comes from the `x-request-id` metadata
-(or is made up) and goes back in trailing metadata with `x-shardserve-replica`. Errors set the
-status code and details on the context (NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A
-client cancel or deadline makes the proxy cancel this call, which cancels the LLMServer call
-and aborts the request in the engine.
+and answers with `GenerateResponse`s: unary joins each completion's deltas (n of them, with
+per-token logprobs when `params.logprobs` is set) into `completions`, completion 0 also in the
+top-level fields; streaming sends one message per step and completion. The request id comes
+from the `x-request-id` metadata (or is made up) and goes back in trailing metadata with
+`x-shardserve-replica`. With an API key configured, the `authorization` metadata is checked
+first (UNAUTHENTICATED). Errors set the status code and details on the context (NOT_FOUND,
+RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A client cancel or deadline makes the proxy cancel this
+call, which cancels the LLMServer call (synchronously, `ChunkStream.cancel`) and aborts the
+request in the engine.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from shardserve.cluster.ingress.core import IngressCore
+from shardserve.cluster.ingress import auth
+from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
-from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
+from shardserve.cluster.messages import (
+    CompletionDelta,
+    ErrorKind,
+    GenerateChunk,
+    GenerateRequest,
+    PositionLogprob,
+)
 from shardserve.cluster.proto import llm_pb2
 from shardserve.cluster.server import param_of
 from shardserve.workers.request import SamplingParams
@@ -30,7 +42,7 @@ REPLICA_KEY = "x-shardserve-replica"
 
 _SCALARS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "seed", "min_tokens", "ignore_eos",
+    "presence_penalty", "frequency_penalty", "seed", "min_tokens", "ignore_eos", "n", "logprobs",
 )  # fmt: skip
 
 
@@ -48,11 +60,45 @@ def to_sampling_params(proto: Any) -> SamplingParams:
         raise ApiError(ErrorKind.INVALID_ARGUMENT, str(err), f"params.{field}" if field else "params") from None
 
 
-def _request_id(context: Any) -> str:
-    for key, value in context.invocation_metadata():
-        if key == REQUEST_ID_KEY and value:
+def _metadata(context: Any, key: str) -> str | None:
+    for k, value in context.invocation_metadata():
+        if k == key and value:
             return value
-    return f"grpc-{uuid.uuid4().hex}"
+    return None
+
+
+def _request_id(context: Any) -> str:
+    return _metadata(context, REQUEST_ID_KEY) or f"grpc-{uuid.uuid4().hex}"
+
+
+def _logprobs(positions: Sequence[PositionLogprob], num: int | None) -> list[Any]:
+    if num is None:
+        return []
+
+    def one(t: Any) -> Any:
+        return llm_pb2.TokenLogprob(token_id=t.token_id, token=t.text, logprob=t.logprob, rank=t.rank)
+
+    return [llm_pb2.TokenLogprobs(sampled=one(p.token), top=[one(c) for c in p.top(num)]) for p in positions]
+
+
+async def _chain(first: GenerateChunk, rest: ChunkStream) -> AsyncIterator[GenerateChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+@dataclass
+class _Completion:
+    texts: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str = ""
+    logprobs: list[PositionLogprob] = field(default_factory=list)
+
+    def add(self, d: CompletionDelta) -> None:
+        self.texts.append(d.text)
+        self.num_tokens += d.num_tokens
+        self.finish_reason = d.finish_reason or self.finish_reason
+        self.logprobs.extend(d.logprobs or ())
 
 
 def _fail(context: Any, err: ApiError) -> None:
@@ -87,54 +133,67 @@ class GrpcFrontend:
     async def generate(self, proto: Any, context: Any) -> Any:
         request_id = _request_id(context)
         self._trailers(context, request_id, None)
+        completions: dict[int, _Completion] = {}
+        first: GenerateChunk | None = None
+        stream: ChunkStream | None = None
         try:
+            auth.check(_metadata(context, "authorization"))
             request = self._generate_request(proto, request_id)
-            texts, num_tokens, reason, first = [], 0, "", None
-            async for chunk in self.core.stream(request):
+            stream = self.core.stream(request)
+            async for chunk in stream:
                 first = first or chunk
                 for d in chunk.deltas:
-                    texts.append(d.text)
-                    num_tokens += d.num_tokens
-                    reason = d.finish_reason or reason
+                    completions.setdefault(d.index, _Completion()).add(d)
         except ApiError as err:
             _fail(context, err)
             return llm_pb2.GenerateResponse(request_id=request_id)
+        finally:
+            if stream is not None:
+                stream.cancel()
         self._trailers(context, request_id, first)
+        num = request.params.logprobs
+        done = [
+            llm_pb2.Completion(index=i, text="".join(c.texts), num_tokens=c.num_tokens,
+                               finish_reason=c.finish_reason, logprobs=_logprobs(c.logprobs, num))
+            for i, c in sorted(completions.items())
+        ]  # fmt: skip
+        head = done[0] if done else llm_pb2.Completion()
         return llm_pb2.GenerateResponse(
             request_id=request_id,
-            text="".join(texts),
-            num_tokens=num_tokens,
-            finish_reason=reason,
-            usage=self._usage(first, num_tokens),
+            text=head.text,
+            num_tokens=head.num_tokens,
+            finish_reason=head.finish_reason,
+            usage=self._usage(first, sum(c.num_tokens for c in done)),
             replica_id=first.replica_id if first else "",
+            index=head.index,
+            logprobs=head.logprobs,
+            completions=done,
         )
 
     async def generate_stream(self, proto: Any, context: Any) -> AsyncIterator[Any]:
         request_id = _request_id(context)
         self._trailers(context, request_id, None)
         num_tokens = 0
-        rest: Any = None
+        rest: ChunkStream | None = None
         try:
+            auth.check(_metadata(context, "authorization"))
             request = self._generate_request(proto, request_id)
+            num = request.params.logprobs
             first, rest = await self.core.first_chunk(request)
             self._trailers(context, request_id, first)
-
-            async def chunks() -> AsyncIterator[GenerateChunk]:
-                yield first
-                async for chunk in rest:
-                    yield chunk
-
-            async for chunk in chunks():
+            async for chunk in _chain(first, rest):
                 for d in chunk.deltas:
                     num_tokens += d.num_tokens
-                    usage = self._usage(first, num_tokens) if chunk.finished else None
+                for d in chunk.deltas:
                     yield llm_pb2.GenerateResponse(
                         request_id=request_id,
                         text=d.text,
                         num_tokens=d.num_tokens,
                         finish_reason=d.finish_reason or "",
-                        usage=usage,
+                        usage=self._usage(first, num_tokens) if chunk.finished else None,
                         replica_id=chunk.replica_id,
+                        index=d.index,
+                        logprobs=_logprobs(d.logprobs or (), num),
                     )
         except ApiError as err:
             # A stream's status only reaches the client if the call raises; Serve keeps the
@@ -142,8 +201,8 @@ class GrpcFrontend:
             _fail(context, err)
             raise
         finally:
-            if rest is not None:  # cancelled while suspended at a yield: cancel the LLMServer call now
-                await rest.aclose()
+            if rest is not None:  # synchronous: runs even while this generator is being cancelled
+                rest.cancel()
 
     @staticmethod
     def _usage(first: GenerateChunk | None, num_tokens: int) -> Any:
@@ -155,7 +214,12 @@ class GrpcFrontend:
             cached_prompt_tokens=first.num_cached_prompt_tokens,
         )
 
-    def list_models(self) -> Any:
+    def list_models(self, context: Any) -> Any:
+        try:
+            auth.check(_metadata(context, "authorization"))
+        except ApiError as err:
+            _fail(context, err)
+            return llm_pb2.ListModelsResponse()
         cards = [
             llm_pb2.ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len or 0)
             for m in self.core.config.models

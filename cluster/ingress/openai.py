@@ -1,31 +1,32 @@
-"""OpenAI-compatible request bodies and responses (/v1/completions, /v1/chat/completions).
+"""OpenAI-compatible request bodies (/v1/completions, /v1/chat/completions) → GenerateRequest.
 
 Data flow: FastAPI parses the JSON body into `CompletionRequest` / `ChatCompletionRequest`
-(pydantic: wrong types become 400s naming the field); `to_generate_request` maps the OpenAI
-fields onto `SamplingParams`, whose own validation names any out-of-range field (→ 400 with
-`param` set). The Ingress streams `GenerateChunk`s from IngressCore and this module turns them
-into OpenAI JSON: `collect()` for a plain response, `sse_events()` for `stream: true` (one
-`data:` event per chunk, a final usage-only chunk when `stream_options.include_usage`, then
-`data: [DONE]`).
+(pydantic: a wrong type on a known field becomes a 400 naming the field; unknown fields are
+accepted and ignored, as vLLM does, and logged). `to_generate_request` maps the OpenAI fields
+and vLLM's extra sampling fields onto `SamplingParams`, whose own validation names any
+out-of-range field (→ 400 with `param` set); fields whose OpenAI name differs from the engine's
+(`top_logprobs`, `max_completion_tokens`) are checked here under their own names. The Ingress
+then streams `GenerateChunk`s from IngressCore and cluster/ingress/responses.py renders them.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from shardserve.cluster.ingress.errors import ApiError
-from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
+from shardserve.cluster.messages import ErrorKind, GenerateRequest
 from shardserve.cluster.server import param_of
 from shardserve.workers.request import SamplingParams
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+logger = logging.getLogger(__name__)
 
 
 class _Common(BaseModel):
@@ -36,13 +37,14 @@ class _Common(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
+    best_of: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logprobs: Any = None
+    user: str | None = None  # accepted, not used
     # Extensions (vLLM names).
     top_k: int | None = None
     min_p: float | None = None
@@ -50,12 +52,21 @@ class _Common(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None
     priority: int = 0
 
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] = Field(..., description="Text, token ids, or a one-element list.")
     echo: bool = False
+    logprobs: int | None = None  # legacy: top-N per token, 0..20
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per sampled token, or None when logprobs are off."""
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -66,22 +77,52 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None  # 0..20, needs logprobs: true
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 _SAMPLING_FIELDS = (
     "max_tokens", "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+    "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs",
 )  # fmt: skip
 
 
-def to_sampling_params(body: _Common) -> SamplingParams:
-    if body.logprobs not in (None, False):
-        raise ApiError(ErrorKind.INVALID_ARGUMENT, "logprobs is not supported by this server yet", "logprobs")
+def _invalid(message: str, param: str) -> ApiError:
+    return ApiError(ErrorKind.INVALID_ARGUMENT, message, param)
+
+
+def _check_openai_names(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Rules on fields whose OpenAI name is not the SamplingParams name (so errors name the right one)."""
+    if body.best_of is not None and body.best_of != body.n:
+        raise _invalid(f"best_of is not supported (only best_of == n), got best_of={body.best_of}, n={body.n}", "best_of")
+    if body.prompt_logprobs is not None and body.stream:
+        raise _invalid("prompt_logprobs is not available with stream: true", "prompt_logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None:
+        if not body.logprobs:
+            raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        if not 0 <= body.top_logprobs <= SamplingParams.MAX_LOGPROBS:
+            raise _invalid(f"top_logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None and body.max_completion_tokens < 1:
+        raise _invalid(f"max_completion_tokens must be >= 1, got {body.max_completion_tokens}", "max_completion_tokens")
+    if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+        raise _invalid("echo with logprobs is not supported; ask for prompt_logprobs instead", "echo")
+
+
+def to_sampling_params(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    _check_openai_names(body)
+    if body.model_extra:
+        logger.warning("ignoring unknown request fields: %s", sorted(body.model_extra))
     kwargs: dict[str, Any] = {f: getattr(body, f) for f in _SAMPLING_FIELDS if getattr(body, f) is not None}
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         kwargs["max_tokens"] = body.max_completion_tokens
     if body.stop is not None:
         kwargs["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    kwargs["logprobs"] = body.num_logprobs
     try:
         return SamplingParams(**kwargs)
     except ValueError as err:
@@ -121,85 +162,3 @@ def to_generate_request(body: CompletionRequest | ChatCompletionRequest, kind: s
     if not prompt:
         raise ApiError(ErrorKind.INVALID_ARGUMENT, "prompt must be non-empty", "prompt")
     return GenerateRequest(request_id, body.model, params, prompt=prompt, priority=body.priority)
-
-
-def _usage(first: GenerateChunk, num_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": first.num_prompt_tokens,
-        "completion_tokens": num_tokens,
-        "total_tokens": first.num_prompt_tokens + num_tokens,
-        "prompt_tokens_details": {"cached_tokens": first.num_cached_prompt_tokens},
-    }
-
-
-def _choice(kind: str, index: int, text: str, finish_reason: str | None, delta: bool) -> dict[str, Any]:
-    if kind == "chat":
-        key = "delta" if delta else "message"
-        return {"index": index, key: {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
-    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
-
-
-async def collect(
-    kind: str, body: _Common, first: GenerateChunk, rest: AsyncIterator[GenerateChunk]
-) -> dict[str, Any]:
-    texts: dict[int, list[str]] = {}
-    reasons: dict[int, str | None] = {}
-    num_tokens = 0
-
-    def add(chunk: GenerateChunk) -> None:
-        nonlocal num_tokens
-        for d in chunk.deltas:
-            texts.setdefault(d.index, []).append(d.text)
-            reasons[d.index] = d.finish_reason or reasons.get(d.index)
-            num_tokens += d.num_tokens
-
-    add(first)
-    async for chunk in rest:
-        add(chunk)
-    prefix = body.prompt if kind == "completion" and getattr(body, "echo", False) and isinstance(body.prompt, str) else ""
-    return {
-        "id": first.request_id,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "choices": [_choice(kind, i, prefix + "".join(texts[i]), reasons.get(i), delta=False) for i in sorted(texts)],
-        "usage": _usage(first, num_tokens),
-    }
-
-
-def _event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data)}\n\n"
-
-
-async def sse_events(
-    kind: str, body: _Common, first: GenerateChunk, rest: AsyncIterator[GenerateChunk]
-) -> AsyncIterator[str]:
-    """Server-sent events; on an error after the headers went out, one `error` event ends it."""
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    created = int(time.time())
-    num_tokens = 0
-
-    async def chunks() -> AsyncIterator[GenerateChunk]:
-        yield first
-        async for chunk in rest:
-            yield chunk
-
-    stream = chunks()
-    try:
-        async for chunk in stream:
-            choices = []
-            for d in chunk.deltas:
-                num_tokens += d.num_tokens
-                if d.text or d.finish_reason:
-                    choices.append(_choice(kind, d.index, d.text, d.finish_reason, delta=True))
-            if choices:
-                yield _event({"id": chunk.request_id, "object": obj, "created": created, "model": body.model, "choices": choices})
-        if body.stream_options is not None and body.stream_options.include_usage:
-            usage = _usage(first, num_tokens)
-            yield _event({"id": first.request_id, "object": obj, "created": created, "model": body.model, "choices": [], "usage": usage})
-        yield "data: [DONE]\n\n"
-    except ApiError as err:
-        yield _event(err.openai_body())
-    finally:
-        await stream.aclose()
-        await rest.aclose()  # type: ignore[attr-defined]

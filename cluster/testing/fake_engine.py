@@ -4,27 +4,33 @@ Data flow: `generate(prompt, params, request_id)` checks the prompt (non-empty, 
 max_model_len), "tokenizes" it one character per token, queues it (at most max_num_seqs run at
 once, at most max_queue_len wait, else QueueFullError), takes KV blocks for the prompt from a
 fixed pool (prefix-cache hits are counted by chained block hashes), then emits one deterministic
-token per `token_delay_s` — token i of a prompt is the word `w<k>` with k derived from the
-prompt's hash and i — taking a new block whenever a block fills. It stops at max_tokens
-(LENGTH), at a stop string (STOP), or on abort (ABORT, either `abort(id)` or the consumer
-closing the iterator); in every case the request's blocks go back to the pool. `debug_state()`
-reports the blocks each live request holds and the ids that were aborted, so tests can prove
-that cancellation frees everything.
+token per `token_delay_s` for each of the `n` samples — token i of sample s is the word `w<k>`
+with k derived from the prompt's hash, the seed, s and i — taking a new block whenever a sample's
+block fills. With `logprobs` / `prompt_logprobs` set, each position gets `fake_logprobs(...)`, a
+deterministic rule tests can recompute. A sample stops at max_tokens (LENGTH), at a stop string
+(STOP), or on abort (ABORT, either `abort(id)` or the consumer closing the iterator); in every
+case the request's blocks go back to the pool. `kill()` makes running and new requests raise
+EngineDeadError. `debug_state()` reports the blocks each live request holds, the ids that were
+aborted or finished, and the SamplingParams each request arrived with, so tests can prove that
+cancellation frees everything and that API fields reach the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardserve.workers.protocol import EngineDeadError, EngineStats, ModelInfo, QueueFullError
 from shardserve.workers.request import (
     CompletionOutput,
     FinishReason,
+    Logprob,
+    PositionLogprobs,
     RequestMetrics,
     RequestOutput,
     SamplingParams,
@@ -33,10 +39,66 @@ from shardserve.workers.request import (
 VOCAB_SIZE = 1000
 
 
+SAMPLE_SEED_STRIDE = 104729  # sample i of n starts from seed + i * stride
+NUM_RECENT = 256  # finished ids and params kept for debug_state()
+
+
+def decode_output_token(token_id: int) -> str:
+    """The text of a generated token: token k reads ` w<k>`."""
+    return f" w{token_id}"
+
+
+def fake_logprobs(token_id: int, num: int, decode: Callable[[int], str]) -> PositionLogprobs:
+    """Deterministic logprobs of one position: the chosen token plus the top-`num` (rank order).
+
+    The chosen token ranks 1 + token_id % 3, so it is sometimes not the most likely one and,
+    with num < 3, sometimes outside the top-num (then it is reported with its own rank).
+    Rank r has logprob -0.25 * r - (token_id % 7) / 100.
+    """
+    chosen_rank = 1 + token_id % 3
+    others = iter((token_id + 1 + 37 * j) % VOCAB_SIZE for j in range(num + 1))
+    entries: PositionLogprobs = {}
+    for rank in range(1, max(num, chosen_rank) + 1):
+        if rank == chosen_rank:
+            tid = token_id
+        elif rank <= num:
+            tid = next(others)
+        else:
+            continue
+        entries[tid] = Logprob(-0.25 * rank - (token_id % 7) / 100, rank, decode(tid))
+    return entries
+
+
 @dataclass
 class _Live:
-    num_blocks: int
+    num_blocks: int  # prompt blocks + every sample's output blocks
+    num_prompt_blocks: int = 0
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Sample:
+    """One of a request's n completions while it runs."""
+
+    seed: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    num_blocks: int = 0  # output blocks beyond the shared prompt blocks
+    reason: FinishReason | None = None
+    stop_reason: str | None = None
+
+    def output(self, index: int, new_text: str, new_ids: tuple[int, ...]) -> CompletionOutput:
+        return CompletionOutput(
+            index=index,
+            text=self.text,
+            token_ids=tuple(self.token_ids),
+            new_text=new_text,
+            new_token_ids=new_ids,
+            finish_reason=self.reason,
+            stop_reason=self.stop_reason,
+            logprobs=tuple(self.logprobs) if self.logprobs else None,
+        )
 
 
 class FakeEngine:
@@ -62,6 +124,8 @@ class FakeEngine:
         self._free_blocks = num_blocks
         self._seen_blocks: set[str] = set()
         self._aborted: list[str] = []
+        self._finished: collections.deque[str] = collections.deque(maxlen=NUM_RECENT)
+        self._params: dict[str, SamplingParams] = {}
         self._dead = False
         self._num_finished = 0
         self._prompt_tokens = 0
@@ -82,11 +146,12 @@ class FakeEngine:
         token_ids = self._tokenize(prompt)
         if request_id in self._live:
             raise ValueError(f"request_id must be unique among running requests, {request_id!r} is running")
-        if params.n != 1:
-            raise ValueError(f"n must be 1 for the fake engine, got {params.n}")
         if self._num_waiting >= self.max_queue_len:
             raise QueueFullError(f"waiting queue is full ({self.max_queue_len} requests, scheduler.max_queue_len)")
         metrics = RequestMetrics(arrival_time=time.monotonic(), num_prompt_tokens=len(token_ids))
+        self._params[request_id] = params
+        while len(self._params) > NUM_RECENT:
+            del self._params[next(iter(self._params))]
         self._num_waiting += 1
         try:
             await self._slots.acquire()
@@ -142,9 +207,12 @@ class FakeEngine:
             "num_blocks": self.num_blocks,
             "aborted": list(self._aborted),
             "num_finished": self._num_finished,
+            "finished": list(self._finished),
+            "params": {rid: asdict(p) for rid, p in self._params.items()},
         }
 
     def kill(self) -> None:
+        """Fail like a dead engine: running requests raise EngineDeadError, new ones too."""
         self._dead = True
 
     # ---- internals ------------------------------------------------------------------------
@@ -187,72 +255,94 @@ class FakeEngine:
         request_id: str,
         metrics: RequestMetrics,
     ) -> AsyncIterator[RequestOutput]:
-        self._take_blocks(-(-len(token_ids) // self.block_size))
-        live = self._live[request_id] = _Live(num_blocks=-(-len(token_ids) // self.block_size))
-        live_blocks = live.num_blocks
+        num_prompt_blocks = -(-len(token_ids) // self.block_size)
+        self._take_blocks(num_prompt_blocks)
+        live = self._live[request_id] = _Live(num_blocks=num_prompt_blocks, num_prompt_blocks=num_prompt_blocks)
         metrics.num_cached_prompt_tokens = self._count_prefix_hits(token_ids)
         self._prompt_tokens += len(token_ids)
         self._cached_prompt_tokens += metrics.num_cached_prompt_tokens
-        seed = int(hashlib.sha1(repr(token_ids).encode()).hexdigest()[:8], 16) + (params.seed or 0)
-        text, out_ids, reason, stop_reason = "", [], None, None
+        base = int(hashlib.sha1(repr(token_ids).encode()).hexdigest()[:8], 16) + (params.seed or 0)
+        samples = [_Sample(seed=base + SAMPLE_SEED_STRIDE * i) for i in range(params.n)]
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = (None,) + tuple(
+                fake_logprobs(t, params.prompt_logprobs, chr) for t in token_ids[1:]
+            )
+        aborted = False
         try:
-            while reason is None:
+            while not all(s.reason is not None for s in samples):
                 try:
                     await asyncio.wait_for(live.aborted.wait(), timeout=self.token_delay_s)
-                    reason = FinishReason.ABORT
-                    new_text, new_ids = "", ()
+                    aborted = True
                 except asyncio.TimeoutError:
-                    k = (seed + 7919 * len(out_ids)) % VOCAB_SIZE
-                    new_ids, new_text = (k,), f" w{k}"
-                    if len(token_ids) + len(out_ids) + 1 > live_blocks * self.block_size:
-                        self._take_blocks(1)
-                        live_blocks = live.num_blocks = live_blocks + 1
-                    out_ids.append(k)
-                    self._generation_tokens += 1
-                    metrics.record_token(time.monotonic())
-                    for stop in params.stop:
-                        if stop in text + new_text:
-                            cut = (text + new_text).index(stop)
-                            new_text, reason, stop_reason = (text + new_text)[len(text) : cut], FinishReason.STOP, stop
-                            break
-                    if reason is None and len(out_ids) >= params.max_tokens:
-                        reason = FinishReason.LENGTH
-                    if reason is None and len(token_ids) + len(out_ids) >= self.max_model_len:
-                        reason = FinishReason.LENGTH
-                text += new_text
-                completion = CompletionOutput(
-                    index=0,
-                    text=text,
-                    token_ids=tuple(out_ids),
-                    new_text=new_text,
-                    new_token_ids=tuple(new_ids),
-                    finish_reason=reason,
-                    stop_reason=stop_reason,
-                )
-                if reason is not None:
+                    pass
+                if self._dead:
+                    raise EngineDeadError("fake engine was killed")
+                completions = []
+                for index, sample in enumerate(samples):
+                    new_text, new_ids = "", ()
+                    if sample.reason is None and aborted:
+                        sample.reason = FinishReason.ABORT
+                    elif sample.reason is None:
+                        new_text, new_ids = self._step(sample, token_ids, params, live)
+                        metrics.record_token(time.monotonic())
+                    completions.append(sample.output(index, new_text, new_ids))
+                finished = all(s.reason is not None for s in samples)
+                if finished:
                     metrics.finished_time = time.monotonic()
                 yield RequestOutput(
                     request_id=request_id,
                     prompt=prompt if isinstance(prompt, str) else None,
                     prompt_token_ids=tuple(token_ids),
-                    outputs=(completion,),
-                    finished=reason is not None,
+                    outputs=tuple(completions),
+                    finished=finished,
                     metrics=metrics,
+                    prompt_logprobs=prompt_logprobs,
                 )
         finally:
-            if reason is None or reason == FinishReason.ABORT:
-                self._aborted.append(request_id)
-            else:
+            if all(s.reason not in (None, FinishReason.ABORT) for s in samples):
                 self._num_finished += 1
+                self._finished.append(request_id)
+            else:
+                self._aborted.append(request_id)
             self._free_blocks += self._live.pop(request_id).num_blocks
+
+    def _step(
+        self, sample: _Sample, token_ids: list[int], params: SamplingParams, live: _Live
+    ) -> tuple[str, tuple[int, ...]]:
+        """One new token of one sample: take a block if it needs one, check stop and length."""
+        k = (sample.seed + 7919 * len(sample.token_ids)) % VOCAB_SIZE
+        new_text = decode_output_token(k)
+        if len(token_ids) + len(sample.token_ids) + 1 > (sample.num_blocks + live.num_prompt_blocks) * self.block_size:
+            self._take_blocks(1)
+            sample.num_blocks += 1
+            live.num_blocks += 1
+        sample.token_ids.append(k)
+        if params.logprobs is not None:
+            sample.logprobs.append(fake_logprobs(k, params.logprobs, decode_output_token))
+        self._generation_tokens += 1
+        for stop in params.stop:
+            if stop in sample.text + new_text:
+                cut = (sample.text + new_text).index(stop)
+                new_text = (sample.text + new_text)[len(sample.text) : cut]
+                sample.reason, sample.stop_reason = FinishReason.STOP, stop
+                break
+        if sample.reason is None and len(sample.token_ids) >= params.max_tokens:
+            sample.reason = FinishReason.LENGTH
+        if sample.reason is None and len(token_ids) + len(sample.token_ids) >= self.max_model_len:
+            sample.reason = FinishReason.LENGTH
+        sample.text += new_text
+        return new_text, (k,)
 
 
 def from_model_section(section: Any) -> FakeEngine:
     """Engine factory for `engine_factory: shardserve.cluster.testing.fake_engine:from_model_section`."""
+    max_model_len = section.max_model_len or 4096
     return FakeEngine(
         name=section.name,
-        max_model_len=section.max_model_len or 4096,
+        max_model_len=max_model_len,
         block_size=section.cache.block_size,
+        num_blocks=max(4096, 2 * -(-max_model_len // section.cache.block_size)),
         max_num_seqs=section.scheduler.max_num_seqs,
         max_queue_len=section.scheduler.max_queue_len,
     )

@@ -3,14 +3,18 @@
 The app serves three fake-engine models (cluster/testing/fake_engine.py), chosen to make each
 behaviour observable:
   - `fake`: 2 replicas, prefix-affinity routing with max_load_imbalance 2 (routing tests);
-  - `solo`: 1 replica, so a test can read the one engine's blocks and aborted ids;
-  - `tiny-queue`: 1 replica running 1 request with 1 waiting at most (queue-full tests).
+  - `solo`: 1 replica, so a test can read the one engine's blocks and aborted ids; its
+    max_model_len is large so a "long" request (LONG_MAX_TOKENS) runs for minutes and cannot
+    finish normally while a test waits for its abort;
+  - `tiny-queue`: 1 replica running 1 request with 1 waiting at most (queue-full tests);
+  - `fragile`: 1 replica whose engine test_unavailable.py kills (UNAVAILABLE / 503).
 Ports are picked free at start; Serve and Ray are shut down at the end of the session.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +23,10 @@ import pytest
 
 FAKE = "shardserve.cluster.testing.fake_engine:from_model_section"
 APP_NAME = "shardserve"
+# A request that runs ~17 minutes at the fake engine's 10 ms per token: it only ends by abort.
+LONG_MAX_TOKENS = 100_000
+# Bound on how long an abort may take to reach the engine under a loaded CI machine.
+ABORT_TIMEOUT_S = 60
 
 
 def free_port() -> int:
@@ -36,9 +44,11 @@ def app_config_dict(http_port: int, grpc_port: int) -> dict[str, Any]:
         "models": [
             {"name": "fake", "engine_factory": FAKE, "replicas": 2, "resources": small,
              "router": {"prefix_affinity": True, "max_load_imbalance": 2}},
-            {"name": "solo", "engine_factory": FAKE, "replicas": 1, "resources": small},
+            {"name": "solo", "engine_factory": FAKE, "replicas": 1, "resources": small,
+             "max_model_len": 2 * LONG_MAX_TOKENS},
             {"name": "tiny-queue", "engine_factory": FAKE, "replicas": 1, "resources": small,
              "scheduler": {"max_num_seqs": 1, "max_queue_len": 1}},
+            {"name": "fragile", "engine_factory": FAKE, "replicas": 1, "resources": small},
         ],
     }  # fmt: skip
 
@@ -48,6 +58,7 @@ class Cluster:
     http_url: str
     grpc_target: str
     config: Any
+    long_max_tokens: int = LONG_MAX_TOKENS  # for model `solo`: ends only by abort
 
     def llm_handle(self, model: str) -> Any:
         from ray import serve
@@ -58,6 +69,17 @@ class Cluster:
 
     def debug_state(self, model: str = "solo") -> dict[str, Any]:
         return self.llm_handle(model).debug_state.remote().result(timeout_s=30)
+
+    def wait_aborted(self, request_id: str, model: str = "solo") -> dict[str, Any]:
+        """Wait until the engine aborted `request_id` and freed its blocks; fail fast if it finished."""
+        deadline = time.monotonic() + ABORT_TIMEOUT_S
+        while True:
+            state = self.debug_state(model)
+            if request_id in state["aborted"] and request_id not in state["held_blocks"]:
+                return state
+            assert request_id not in state["finished"], f"{request_id} finished normally: the abort was lost"
+            assert time.monotonic() < deadline, f"{request_id} not aborted after {ABORT_TIMEOUT_S}s: {state}"
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -78,8 +78,10 @@ def test_llm_server_options_reserve_a_worker_group():
 
     tp4pp2 = load_config(Path(CONFIGS[0]).parent / "llama-70b-tp4-pp2.yaml").models[0]
     options = llm_server_options(0, tp4pp2)
-    assert options["placement_group_bundles"] == [{"CPU": 4, "GPU": 1}] * 8
-    assert options["num_replicas"] == 1 and options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    # Bundle 0 holds the replica (the engine's driver, CPUs only) and rank 0; one rank per other bundle.
+    assert options["placement_group_bundles"] == [{"CPU": 8, "GPU": 1}] + [{"CPU": 4, "GPU": 1}] * 7
+    assert options["placement_group_strategy"] == "PACK"  # two pipeline stages may span nodes
+    assert options["num_replicas"] == 1 and options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 0}
     router = options["request_router_config"]
     assert router.request_router_kwargs == {"prefix_affinity": True, "max_load_imbalance": 8}
     auto = load_config(Path(CONFIGS[0]).parent / "autoscaling-dp.yaml").models[0]

@@ -78,36 +78,70 @@ def test_queue_full_is_resource_exhausted(stub, cluster):
             call.cancel()
 
 
-def wait_aborted(cluster, request_id: str) -> dict:
-    deadline = time.time() + 20
-    while True:
-        state = cluster.debug_state()
-        if request_id in state["aborted"] and request_id not in state["held_blocks"]:
-            return state
-        assert time.time() < deadline, f"{request_id} not aborted: {state}"
-        time.sleep(0.1)
-
-
 def test_cancel_mid_stream_aborts_and_frees_blocks(stub, cluster):
-    call = stub.GenerateStream(request(prompt="y" * 64, max_tokens=3000), metadata=[("x-request-id", "grpc-cancel-1")])
+    req = request(prompt="y" * 64, max_tokens=cluster.long_max_tokens)
+    call = stub.GenerateStream(req, metadata=[("x-request-id", "grpc-cancel-1")])
     for _ in range(3):
         next(call)
     assert cluster.debug_state()["held_blocks"]["grpc-cancel-1"] >= 4
     call.cancel()
-    state = wait_aborted(cluster, "grpc-cancel-1")
+    state = cluster.wait_aborted("grpc-cancel-1")
     assert state["num_free_blocks"] == state["num_blocks"]
 
 
 def test_deadline_exceeded_aborts(stub, cluster):
+    """The deadline passes while the engine runs the request (the stream proves it started)."""
+    req = request(max_tokens=cluster.long_max_tokens)
+    call = stub.GenerateStream(req, timeout=3.0, metadata=[("x-request-id", "grpc-deadline-1")])
     with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(request(max_tokens=3000), timeout=1.0, metadata=[("x-request-id", "grpc-deadline-1")])
+        for _ in call:
+            pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    state = wait_aborted(cluster, "grpc-deadline-1")
+    state = cluster.wait_aborted("grpc-deadline-1")
+    assert state["num_free_blocks"] == state["num_blocks"]
+
+
+def test_unary_deadline_exceeded_aborts(stub, cluster):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request(max_tokens=cluster.long_max_tokens), timeout=5.0,
+                      metadata=[("x-request-id", "grpc-deadline-2")])  # fmt: skip
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    state = cluster.wait_aborted("grpc-deadline-2")
     assert state["num_free_blocks"] == state["num_blocks"]
 
 
 def test_list_models_and_health(stub):
     names = [m.name for m in stub.ListModels(pb.ListModelsRequest()).models]
-    assert names == ["fake", "solo", "tiny-queue"]
+    assert names == ["fake", "solo", "tiny-queue", "fragile"]
     health = stub.Health(pb.HealthRequest())
-    assert health.ok and dict(health.models) == {"fake": "ok", "solo": "ok", "tiny-queue": "ok"}
+    assert health.ok and dict(health.models) == {"fake": "ok", "solo": "ok", "tiny-queue": "ok", "fragile": "ok"}
+
+
+def test_logprobs_and_n_unary_and_stream(stub):
+    from shardserve.cluster.testing.fake_engine import decode_output_token, fake_logprobs
+
+    resp = stub.Generate(request(prompt="grpc logprobs", max_tokens=4, n=2, seed=3, logprobs=2))
+    assert [c.index for c in resp.completions] == [0, 1] and resp.completions[0].text != resp.completions[1].text
+    assert resp.text == resp.completions[0].text and resp.usage.completion_tokens == 8
+    for completion in resp.completions:
+        assert "".join(p.sampled.token for p in completion.logprobs) == completion.text
+        for position in completion.logprobs:
+            entries = fake_logprobs(position.sampled.token_id, 2, decode_output_token)
+            assert position.sampled.token == decode_output_token(position.sampled.token_id)
+            assert position.sampled.logprob == entries[position.sampled.token_id].logprob
+            top = sorted((lp for lp in entries.values() if lp.rank <= 2), key=lambda lp: lp.rank)
+            assert [(t.token, t.logprob, t.rank) for t in position.top] == [(lp.decoded, lp.logprob, lp.rank) for lp in top]
+    parts = list(stub.GenerateStream(request(prompt="grpc logprobs", max_tokens=4, n=2, seed=3, logprobs=2)))
+    for completion in resp.completions:
+        mine = [p for p in parts if p.index == completion.index]
+        assert "".join(p.text for p in mine) == completion.text and mine[-1].finish_reason == "length"
+        assert [lp for p in mine for lp in p.logprobs] == list(completion.logprobs)
+    plain = stub.Generate(request(prompt="grpc logprobs", max_tokens=2))
+    assert len(plain.logprobs) == 0 and len(plain.completions) == 1
+
+
+@pytest.mark.parametrize(("params", "field"), [({"logprobs": 21}, "logprobs"), ({"n": 0}, "n")])
+def test_sampling_range_errors_name_the_field(stub, params, field):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request(**params))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"params.{field}" in err.value.details()

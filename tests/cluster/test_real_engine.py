@@ -2,6 +2,8 @@
 
 The app `real` runs next to the fake-engine app in the same Serve instance: HTTP under the
 route prefix /real, gRPC chosen with the `application` metadata key. It is deleted at the end.
+Logprobs and seeded n > 1 samples over HTTP are compared with the offline `LLM` API running the
+same model section in this process.
 """
 
 from __future__ import annotations
@@ -18,18 +20,29 @@ pytestmark = pytest.mark.slow
 APP = "real"
 
 
+SECTION = {"name": "smollm2", "source": "default", "device": "cpu", "dtype": "float32", "max_model_len": 512,
+           "resources": {"num_cpus_per_worker": 0.25}, "cache": {"cpu_kv_cache_bytes": 64 << 20}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def offline():
+    from shardserve.cluster.config import ModelSection
+    from shardserve.workers.llm import LLM
+
+    return LLM(config=ModelSection.model_validate(SECTION).to_engine_config())
+
+
+def http_client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.http_url + "/real/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def real(cluster):
     from ray import serve
     from shardserve.cluster.app import build_app
     from shardserve.cluster.config import AppConfig, parse_config
 
-    config = parse_config(
-        {"models": [{"name": "smollm2", "source": "default", "device": "cpu", "dtype": "float32",
-                     "max_model_len": 512, "resources": {"num_cpus_per_worker": 0.25},
-                     "cache": {"cpu_kv_cache_bytes": 64 << 20}}]},  # fmt: skip
-        AppConfig,
-    )
+    config = parse_config({"models": [SECTION]}, AppConfig)
     serve.run(build_app(config), name=APP, route_prefix="/real")
     try:
         yield cluster
@@ -45,7 +58,7 @@ def llm_stats(cluster) -> dict:
 
 
 def test_http_chat_and_stream(real):
-    client = openai.OpenAI(base_url=real.http_url + "/real/v1", api_key="unused", max_retries=0, timeout=120)
+    client = http_client(real)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     resp = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, temperature=0)
     text = resp.choices[0].message.content
@@ -78,3 +91,37 @@ def test_grpc_unary_stream_and_cancel(real):
     while (stats := llm_stats(real))["num_running"] or stats["kv_cache_usage"] > 0:
         assert time.time() < deadline, f"cancelled request still holds the engine: {stats}"
         time.sleep(0.2)
+
+
+def test_http_logprobs_match_offline(real, offline):
+    from shardserve.workers.request import SamplingParams
+
+    prompt = "The capital of France is"
+    resp = http_client(real).completions.create(model="smollm2", prompt=prompt, max_tokens=5, temperature=0, logprobs=3)
+    (ref,) = offline.generate(prompt, SamplingParams(max_tokens=5, temperature=0, logprobs=3))
+    ref_out = ref.outputs[0]
+    lp = resp.choices[0].logprobs
+    assert resp.choices[0].text == ref_out.text
+    assert lp.tokens == [pos[t].decoded for t, pos in zip(ref_out.token_ids, ref_out.logprobs, strict=True)]
+    assert lp.token_logprobs == pytest.approx(
+        [pos[t].logprob for t, pos in zip(ref_out.token_ids, ref_out.logprobs, strict=True)], abs=1e-4
+    )
+    for top, pos in zip(lp.top_logprobs, ref_out.logprobs, strict=True):
+        ranked = {e.decoded: e.logprob for e in pos.values() if e.rank <= 3}
+        assert set(top) >= set(ranked) and all(top[k] == pytest.approx(v, abs=1e-4) for k, v in ranked.items())
+    # Greedy: the sampled token is the most likely one.
+    assert all(max(top.values()) == pytest.approx(t, abs=1e-6) for top, t in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+
+
+def test_http_n2_with_seed_matches_offline(real, offline):
+    from shardserve.workers.request import SamplingParams
+
+    prompt = "Once upon a time"
+    resp = http_client(real).completions.create(
+        model="smollm2", prompt=prompt, max_tokens=8, temperature=0.9, n=2, seed=1234
+    )
+    (ref,) = offline.generate(prompt, SamplingParams(max_tokens=8, temperature=0.9, n=2, seed=1234))
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert [c.text for c in resp.choices] == [o.text for o in ref.outputs]
+    assert resp.choices[0].text != resp.choices[1].text
+    assert resp.usage.completion_tokens == sum(len(o.token_ids) for o in ref.outputs)
