@@ -2,7 +2,8 @@
 
 Data flow: the proxy (port 9000) decodes a call and invokes the Ingress method of the same
 name (Generate, GenerateStream, ListModels, Health) with the request proto and a
-RayServegRPCContext. `GrpcFrontend` maps the proto onto a `GenerateRequest` (SamplingParams
+RayServegRPCContext. `GrpcFrontend` maps the proto onto a `GenerateRequest` (a text prompt,
+chat messages or prompt token ids, passed to the engine as-is; SamplingParams
 validation names the bad field → INVALID_ARGUMENT), streams `GenerateChunk`s from IngressCore
 and answers with `GenerateResponse`s: unary joins each completion's deltas (n of them, with
 per-token logprobs when `params.logprobs` is set) into `completions`, completion 0 also in the
@@ -120,8 +121,15 @@ class GrpcFrontend:
             if not messages:
                 raise ApiError(ErrorKind.INVALID_ARGUMENT, "messages must be non-empty", "messages")
             return GenerateRequest(request_id, proto.model, params, messages=messages, priority=proto.priority)
+        if which == "prompt_token_ids":
+            token_ids = tuple(proto.prompt_token_ids.ids)
+            if not token_ids:
+                raise ApiError(ErrorKind.INVALID_ARGUMENT, "prompt_token_ids must be non-empty", "prompt_token_ids")
+            return GenerateRequest(request_id, proto.model, params, prompt=token_ids, priority=proto.priority)
         if not proto.prompt:
-            raise ApiError(ErrorKind.INVALID_ARGUMENT, "prompt must be non-empty (or send messages)", "prompt")
+            raise ApiError(
+                ErrorKind.INVALID_ARGUMENT, "prompt must be non-empty (or send messages or prompt_token_ids)", "prompt"
+            )
         return GenerateRequest(request_id, proto.model, params, prompt=proto.prompt, priority=proto.priority)
 
     def _trailers(self, context: Any, request_id: str, chunk: GenerateChunk | None) -> None:

@@ -3,7 +3,8 @@
 Data flow: grpcio-tools' protoc reads the .proto files under this folder and writes
 `llm_pb2.py`, `llm_pb2.pyi` and `llm_pb2_grpc.py` into a temporary folder; the generated
 absolute import (`from shardserve.v1 import llm_pb2`) is rewritten to a relative one so the
-stubs import as `shardserve.cluster.proto.gen.shardserve.v1`, and the folder is renamed into
+stubs import as `shardserve.cluster.proto.gen.shardserve.v1`, the generated runtime-version
+guards are dropped (so the stubs also import under an older grpcio / protobuf), and the folder is renamed into
 place atomically (several processes may build at once). `gen/` is git-ignored: `make proto`
 runs this at install time and `shardserve.cluster.proto` reruns it when a .proto is newer.
 
@@ -34,6 +35,21 @@ def is_stale() -> bool:
     return any(p.stat().st_mtime > stamp.stat().st_mtime for p in proto_files())
 
 
+# The guards newer protoc / grpcio-tools write refuse to import under an older runtime, even
+# though these stubs use nothing newer than protobuf 4.21 / grpcio 1.62 offer: stubs built here
+# must also run where another grpcio / protobuf is installed (the GPU image has grpcio 1.84).
+_PROTOBUF_GUARD = re.compile(
+    r"^from google\.protobuf import runtime_version as _runtime_version\n"
+    r"|^_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:^[ \t].*\n)*?^\)\n",
+    re.M,
+)
+_GRPC_GUARD = re.compile(r"^GRPC_GENERATED_VERSION = .*?^    \)\n", re.M | re.S)
+
+
+def _drop_version_guards(text: str) -> str:
+    return _GRPC_GUARD.sub("", _PROTOBUF_GUARD.sub("", text))
+
+
 def build() -> Path:
     try:
         from grpc_tools import protoc
@@ -54,11 +70,11 @@ def build() -> Path:
             (folder / "__init__.py").touch()
         for stub in tmp.rglob("*_pb2_grpc.py"):
             text = stub.read_text().replace("from shardserve.v1 import ", "from . import ")
-            stub.write_text(text)
+            stub.write_text(_drop_version_guards(text))
         for stub in tmp.rglob("*_pb2.py"):
             # Message classes must name their real module, or pickling them (Ray does) fails.
             text = re.sub(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'[^']+'", r"\1__name__", stub.read_text())
-            stub.write_text(text)
+            stub.write_text(_drop_version_guards(text))
         old = PROTO_ROOT / f".old-{os.getpid()}"
         if GEN_DIR.exists():
             GEN_DIR.rename(old)

@@ -145,3 +145,27 @@ def test_sampling_range_errors_name_the_field(stub, params, field):
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(request(**params))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"params.{field}" in err.value.details()
+
+
+def test_prompt_token_ids_reach_the_engine_as_is(stub):
+    def by_ids(ids: list[int]) -> pb.GenerateRequest:
+        return pb.GenerateRequest(model="solo", prompt_token_ids=pb.TokenIds(ids=ids),
+                                  params=pb.SamplingParams(max_tokens=4))
+
+    text = "ids in"
+    ids = [ord(c) for c in text]  # what the fake engine's tokenizer makes of `text`
+    unary = stub.Generate(by_ids(ids))
+    assert unary.usage.prompt_tokens == len(ids) and unary.num_tokens == 4 and unary.finish_reason == "length"
+    assert unary.text == stub.Generate(request(prompt=text, max_tokens=4)).text  # same tokens, same output
+    parts = list(stub.GenerateStream(by_ids(ids)))
+    assert "".join(p.text for p in parts) == unary.text and parts[-1].usage.prompt_tokens == len(ids)
+    assert stub.Generate(by_ids([i + 1 for i in ids])).text != unary.text
+
+
+@pytest.mark.parametrize(("ids", "field"), [([], "prompt_token_ids"), ([1, 10**9], "prompt")])
+def test_bad_prompt_token_ids_are_invalid_argument(stub, ids, field):
+    req = pb.GenerateRequest(model="solo", prompt_token_ids=pb.TokenIds(ids=ids), params=pb.SamplingParams(max_tokens=2))
+    for call in (stub.Generate, lambda r: list(stub.GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
