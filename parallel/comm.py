@@ -38,7 +38,7 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     dim = dim % x.dim()
     x = x.contiguous()
     flat = torch.empty((tp.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(flat, x, group=tp.group)  # rank r's x at rows [r * n, (r + 1) * n)
+    dist.all_gather_into_tensor(flat, x.contiguous(), group=tp.group)  # rank r's x at rows [r * n, (r + 1) * n)
     gathered = flat.view(tp.size, *x.shape)  # [tp_size, *x.shape]
     return torch.cat(gathered.unbind(0), dim=dim)
 
@@ -103,7 +103,7 @@ def expert_all_gather(x: torch.Tensor, num_rows: list[int]) -> torch.Tensor:
     padded = torch.zeros((max_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     flat = torch.empty((ep.size * max_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(flat, padded, group=ep.group)
+    dist.all_gather_into_tensor(flat, padded.contiguous(), group=ep.group)
     gathered = flat.view(ep.size, max_rows, *x.shape[1:])  # [ep, max_rows, *row]
     return torch.cat([gathered[r, :n] for r, n in enumerate(num_rows)])
 
