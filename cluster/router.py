@@ -4,14 +4,24 @@ Data flow: every DeploymentHandle call to an LLMServer (made by the Ingress) bec
 PendingRequest whose first argument is a `GenerateRequest`. `choose_replicas` hashes its
 `routing_text` in chunks of `PREFIX_CHUNK_CHARS` characters, chaining each chunk's hash with
 the previous one (like the KV cache's block hashes), and looks the chain up longest-first in a
-table of which replica last served that prefix. If a replica is found and its load (requests
-in flight from this router, or the replica's reported queue length if larger) exceeds the
+table of which replica last served that prefix. If a replica is found and its load exceeds the
 least-loaded replica's by no more than `max_load_imbalance`, it is ranked first ("affinity
 hit"); otherwise replicas are ranked by load, then by how few prefixes they own, so new
-prefixes spread. Ray Serve then tries the ranks in order (a full replica is skipped). When the
-request is sent, `on_request_routed` records its prefix chain → replica, and
-`on_request_completed` lowers the replica's load. Calls that are not generate requests
-(stats, health) simply go to the least-loaded replica.
+prefixes spread. Ray Serve then tries the ranks in order (a full replica is skipped). When a
+replica accepts the request, `on_request_routed` records its prefix chain → replica and counts
+it in flight until that very `ReplicaResult` completes (its own done callback). Calls that are
+not generate requests (stats, health) simply go to the least-loaded replica.
+
+Load = requests in flight from this router, counted exactly. Two tempting sources are not used
+because they go stale in one direction: Serve's queue-length cache is set from the count a
+replica reports when it accepts a request and can land *after* that request's completion has
+decremented it, leaving an idle replica "busy" until the entry expires (10 s); and pairing
+`on_request_routed` with Serve's `on_request_completed(replica, internal_id)` leaks a count
+whenever the completion callback runs first (a short request that finishes before the router
+loop resumes after the accept), and cannot tell a rejected attempt from an accepted retry of
+the same request. Either way one replica looks permanently loaded and gets no new prefixes.
+With several Ingress replicas each router balances its own share, so the sum stays balanced;
+Serve's `max_ongoing_requests` still makes a full replica refuse.
 
 Observability: each router registers itself in this process under its deployment name;
 `router_stats(name)` (served by the Ingress at /v1/stats) reports per replica the requests
@@ -20,6 +30,8 @@ routed, affinity hits, load and the engine stats the replica reports via record_
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from collections import OrderedDict
 from typing import Any
@@ -29,6 +41,7 @@ from shardserve.cluster.messages import GenerateRequest
 
 PREFIX_CHUNK_CHARS = 64  # one "block" of routing text (~16 tokens of English)
 MAX_PREFIX_ENTRIES = 100_000  # LRU bound of the prefix table
+MAX_PENDING_DECISIONS = 10_000  # bound of choices whose request was never routed (cancelled meanwhile)
 
 _ROUTERS: dict[str, PrefixAffinityRouter] = {}
 
@@ -56,8 +69,8 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self._in_flight: dict[ReplicaID, int] = {}
         self._num_routed: dict[ReplicaID, int] = {}
         self._num_affinity_hits: dict[ReplicaID, int] = {}
-        self._decisions: dict[str, tuple[list[str], ReplicaID | None]] = {}  # internal id -> (chain, affinity)
-        self._request_replica: dict[str, ReplicaID] = {}
+        # internal id -> (chain, affinity), from choose_replicas until on_request_routed
+        self._decisions: OrderedDict[str, tuple[list[str], ReplicaID | None]] = OrderedDict()
         if self._deployment_id is not None:
             # Ray Serve ships this class pickled by value, so its module globals are a copy:
             # register in the module as imported in this process, where router_stats() looks.
@@ -67,8 +80,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
     # ---- policy ---------------------------------------------------------------------------
     def _load(self, replica: RunningReplica) -> int:
-        cached = self._replica_queue_len_cache.get(replica.replica_id)
-        return max(self._in_flight.get(replica.replica_id, 0), cached or 0)
+        return self._in_flight.get(replica.replica_id, 0)
 
     def _affinity(self, chain: list[str], candidates: set[ReplicaID]) -> ReplicaID | None:
         for key in reversed(chain):
@@ -97,7 +109,11 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             return [[r] for r in ranked]
         chain = prefix_chain(request.routing_text)
         affinity = self._affinity(chain, set(loads))
-        self._decisions[pending_request.metadata.internal_request_id] = (chain, affinity)
+        internal_id = pending_request.metadata.internal_request_id
+        self._decisions.pop(internal_id, None)
+        self._decisions[internal_id] = (chain, affinity)
+        while len(self._decisions) > MAX_PENDING_DECISIONS:
+            self._decisions.popitem(last=False)
         if affinity is not None and loads[affinity] - min(loads.values()) <= self._max_load_imbalance:
             ranked.sort(key=lambda r: r.replica_id != affinity)
         return [[r] for r in ranked]
@@ -105,8 +121,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     # ---- bookkeeping ----------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         internal_id = pending_request.metadata.internal_request_id
-        self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
-        self._request_replica[internal_id] = replica_id
+        self._count_in_flight(replica_id, result)
         decision = self._decisions.pop(internal_id, None)
         if decision is None:
             return
@@ -124,9 +139,24 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             _, evicted = self._owner.popitem(last=False)
             self._num_owned[evicted] -= 1
 
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        if self._request_replica.pop(internal_request_id, None) is not None:
-            self._in_flight[replica_id] = max(0, self._in_flight.get(replica_id, 0) - 1)
+    def _count_in_flight(self, replica_id: ReplicaID, result: Any) -> None:
+        """Count one request on `replica_id` until this accepted attempt's own result completes.
+
+        Runs on the router's event loop; the done callback may fire on another thread (or at
+        once, if the request already finished), so the release is posted back to this loop.
+        """
+        self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
+        loop = asyncio.get_running_loop()
+
+        def finished(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: this router is gone
+                loop.call_soon_threadsafe(self._release, replica_id)
+
+        result.add_done_callback(finished)
+
+    def _release(self, replica_id: ReplicaID) -> None:
+        if replica_id in self._in_flight:  # else forgotten: the replica left the deployment
+            self._in_flight[replica_id] = max(0, self._in_flight[replica_id] - 1)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -135,7 +165,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         live = {r.replica_id for r in replicas}
-        for replica_id in set(self._num_owned) - live:
+        for replica_id in (set(self._num_owned) | set(self._in_flight)) - live:
             self._forget(replica_id)
 
     def _forget(self, replica_id: ReplicaID) -> None:

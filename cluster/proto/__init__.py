@@ -30,6 +30,10 @@ def __getattr__(name: str) -> ModuleType:
 
 
 def add_LLMServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's name)
+    # Serve's gRPC proxy calls this with its server: make its streaming handlers cancel-safe.
+    from shardserve.cluster.serve_fixes import cancel_safe_streaming
+
+    cancel_safe_streaming(server)
     __getattr__("llm_pb2_grpc").add_LLMServiceServicer_to_server(servicer, server)
 
 

@@ -8,18 +8,19 @@ behaviour observable:
     finish normally while a test waits for its abort;
   - `tiny-queue`: 1 replica running 1 request with 1 waiting at most (queue-full tests);
   - `fragile`: 1 replica whose engine test_unavailable.py kills (UNAVAILABLE / 503).
-Ports are picked free at start; Serve and Ray are shut down at the end of the session.
+Ports are picked free at start, outside the ranges where Ray's own processes take ports (see
+PORT_RANGE); Serve and Ray are shut down at the end of the session.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from shardserve.cluster.testing.ports import free_port
 
 FAKE = "shardserve.cluster.testing.fake_engine:from_model_section"
 APP_NAME = "shardserve"
@@ -27,12 +28,6 @@ APP_NAME = "shardserve"
 LONG_MAX_TOKENS = 100_000
 # Bound on how long an abort may take to reach the engine under a loaded CI machine.
 ABORT_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_config_dict(http_port: int, grpc_port: int) -> dict[str, Any]:
@@ -89,7 +84,8 @@ def cluster() -> Iterator[Cluster]:
     from shardserve.cluster.app import build_app, serve_options
     from shardserve.cluster.config import ServeConfig, parse_config
 
-    config = parse_config(app_config_dict(free_port(), free_port()), ServeConfig)
+    http_port = free_port()
+    config = parse_config(app_config_dict(http_port, free_port(taken=(http_port,))), ServeConfig)
     ray.init(num_cpus=4, include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
     try:
         serve.start(**serve_options(config))

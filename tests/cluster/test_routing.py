@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import pytest
@@ -49,3 +50,22 @@ def test_affinity_yields_to_load_imbalance(cluster):
             r.close()
         session.close()
     time.sleep(0.5)
+
+
+def test_burst_of_short_requests_leaves_no_load_behind(cluster):
+    """Requests that end before the router records their routing must not stay counted."""
+    url = cluster.http_url + "/v1/completions"
+
+    def one(i: int) -> int:
+        return requests.post(url, json={"model": "fake", "prompt": f"burst {i}", "max_tokens": 1}, timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(one, range(96))) == [200] * 96
+    deadline = time.monotonic() + 30
+    while True:
+        stats = requests.get(cluster.http_url + "/v1/stats", timeout=30).json()["models"]["fake"]["router"]
+        in_flight = {rid: r["num_in_flight"] for rid, r in stats["replicas"].items()}
+        if not any(in_flight.values()):
+            break
+        assert time.monotonic() < deadline, f"router still counts finished requests in flight: {in_flight}"
+        time.sleep(0.2)

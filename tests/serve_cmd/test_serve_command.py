@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,20 +20,16 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from shardserve.cluster.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_default_config_end_to_end(tmp_path):
     config = yaml.safe_load((REPO / "configs" / "cpu-default.yaml").read_text())
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port = free_port()
+    grpc_port = free_port(taken=(http_port,))
     config["http"]["port"], config["grpc"]["port"] = http_port, grpc_port
     config["ray"]["namespace"] = "shardserve-serve-cmd-test"
     path = tmp_path / "serve.yaml"
