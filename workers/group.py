@@ -31,8 +31,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener, wait
-from typing import Any
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any, NoReturn
 
 import ray
 from ray.util import get_node_ip_address
@@ -44,18 +44,11 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from shardserve.workers.config import EngineConfig
-from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.output import SchedulerOutput
-from shardserve.workers.worker.executor import WorkerGroupError, free_port
+from shardserve.workers.worker.channel import ConnectionGroup, WorkerGroupError
+from shardserve.workers.worker.executor import free_port
 from shardserve.workers.worker.proc import (
-    CALL,
-    ERROR,
-    OUTPUT,
     READY,
-    RESULT,
     SHUTDOWN,
-    STEP,
-    decode,
     encode,
     worker_main,
 )
@@ -135,25 +128,18 @@ def default_rank_resources(config: EngineConfig) -> RankResources:
     return RankResources(1.0, 1.0 if wants_gpu else 0.0)
 
 
-class RayExecutor:
-    """world_size RankActors driven through one socket Connection each."""
+class RayExecutor(ConnectionGroup):
+    """world_size RankActors driven through one socket Connection each (see channel.py)."""
+
+    liveness_poll_s = LIVENESS_POLL_S
 
     def __init__(self, config: EngineConfig, resources: RankResources | None = None, backend: str | None = None,
                  startup_timeout_s: float = 600.0) -> None:
+        super().__init__(config.parallel.world_size, output_rank(config), config.parallel.step_timeout_s)
         self.config = config
-        self.world_size = config.parallel.world_size
-        self.output_rank = output_rank(config)
-        self.step_timeout_s = config.parallel.step_timeout_s
         self.group_id = uuid.uuid4().hex[:8]
-        self._error: str | None = None
-        self._stopped = False
-        self.num_steps = 0
-        self.host_time_s = 0.0  # driver time spent pickling, writing and reading step messages
-        self._last_decode_s = 0.0
         self.actors: list[Any] = []
         self._run_refs: list[Any] = []
-        self._conns: list[Connection] = []
-        self._pending: list[list[tuple[str, Any]]] = [[] for _ in range(self.world_size)]
         self._pg: PlacementGroup | None = None
         self._owns_pg = False
         if not ray.is_initialized():
@@ -228,21 +214,7 @@ class RayExecutor:
             _no_delay(conn)
             self._conns.append(conn)
 
-    # ---- the step ---------------------------------------------------------------------
-
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        start = time.perf_counter()
-        self._broadcast(encode(STEP, sched))
-        sent = time.perf_counter()
-        output = self._receive(self.output_rank, OUTPUT, self.step_timeout_s)
-        self.host_time_s += (sent - start) + self._last_decode_s
-        self.num_steps += 1
-        return output
-
-    def call(self, method: str) -> list[Any]:
-        """Run a no-argument Worker method (see proc.CALLABLE) on every rank; results by rank."""
-        self._broadcast(encode(CALL, method))
-        return [self._receive(rank, RESULT, self.step_timeout_s) for rank in range(self.world_size)]
+    # ---- launcher-specific parts of ConnectionGroup -------------------------------------
 
     def check_health(self) -> None:
         """Raise WorkerGroupError if a rank failed before or its actor is gone now (one zero-timeout ray.wait)."""
@@ -280,55 +252,7 @@ class RayExecutor:
             with contextlib.suppress(Exception):
                 self.shutdown()
 
-    # ---- transport --------------------------------------------------------------------
-
-    def _broadcast(self, data: bytes) -> None:
-        if self._error is not None:
-            raise WorkerGroupError(self._error)
-        try:
-            for conn in self._conns:
-                conn.send_bytes(data)
-        except (OSError, ValueError) as exc:
-            self.check_health()  # names the dead rank when Ray already knows
-            self._fail(f"could not send to a worker: {exc!r}")
-
-    def _receive(self, rank: int, kind: str, timeout_s: float) -> Any:
-        """Wait for a `kind` message from `rank`, failing fast if any rank dies or reports an error."""
-        if self._error is not None:
-            raise WorkerGroupError(self._error)
-        if self._pending[rank]:
-            return self._expect(rank, kind, *self._pending[rank].pop(0))
-        deadline = time.monotonic() + timeout_s
-        senders = {id(conn): r for r, conn in enumerate(self._conns)}
-        order = [self._conns[rank], *(c for r, c in enumerate(self._conns) if r != rank)]
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._fail(f"worker rank {rank} did not answer within {timeout_s:.0f} s (waiting for {kind!r})")
-            ready = wait(order, timeout=min(remaining, LIVENESS_POLL_S))
-            if not ready:
-                self.check_health()
-                continue
-            for conn in ready:
-                sender = senders[id(conn)]
-                try:
-                    t0 = time.perf_counter()
-                    got_kind, payload = decode(conn.recv_bytes())
-                    self._last_decode_s = time.perf_counter() - t0
-                except (EOFError, OSError):
-                    self._fail_dead(sender)
-                if got_kind == ERROR:
-                    self._fail(f"worker rank {sender} failed:\n{payload}")
-                if sender == rank:
-                    return self._expect(rank, kind, got_kind, payload)
-                self._pending[sender].append((got_kind, payload))
-
-    def _expect(self, rank: int, kind: str, got_kind: str, payload: Any) -> Any:
-        if got_kind != kind:
-            self._fail(f"unexpected {got_kind!r} message from worker rank {rank} (waiting for {kind!r})")
-        return payload
-
-    def _fail_dead(self, rank: int) -> None:
+    def _fail_dead(self, rank: int) -> NoReturn:
         """Rank `rank`'s socket closed or its liveness ref resolved: say why, as far as Ray knows in 2 s."""
         cause = "its connection closed"
         try:
@@ -341,8 +265,3 @@ class RayExecutor:
         except Exception as exc:  # Ray itself unreachable: the socket's verdict stands
             cause += f" (Ray: {exc!r:.200})"
         self._fail(f"worker rank {rank} (actor {ACTOR_NAME_PREFIX}-{self.group_id}-{rank}) died: {cause}")
-
-    def _fail(self, message: str) -> None:
-        self._error = message
-        self.shutdown()
-        raise WorkerGroupError(message)

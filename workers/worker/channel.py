@@ -1,0 +1,136 @@
+"""The driver's side of the per-step protocol, shared by every multi-rank executor.
+
+A `ConnectionGroup` holds one `multiprocessing.connection.Connection` per rank — a pipe to a
+local process (MultiprocExecutor) or a socket to a Ray actor (RayExecutor, workers/group.py);
+both speak proc.py's messages. `execute` pickles a step once, writes the same bytes to every
+rank and reads the output rank's answer; `call` runs a Worker method on every rank. While it
+waits, it also watches what the launcher says tells a rank's death (`_death_waitables`: process
+sentinels) and every `liveness_poll_s` of silence asks the launcher (`check_health`). Messages
+from other ranks that arrive early are kept per rank. Any failure is final: the group shuts
+down and every later call raises WorkerGroupError.
+Subclasses start the ranks, fill `_conns`, and implement `check_health`, `shutdown` and
+`_fail_dead` (how to name a dead rank).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any, NoReturn
+
+from shardserve.workers.runner.output import ModelRunnerOutput
+from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.worker.proc import CALL, ERROR, OUTPUT, RESULT, STEP, decode, encode
+
+
+class WorkerGroupError(RuntimeError):
+    """A rank died, raised, or stopped answering; the worker group serves nothing more."""
+
+
+class ConnectionGroup:
+    liveness_poll_s: float = math.inf  # seconds of silence between check_health calls
+
+    def __init__(self, world_size: int, output_rank: int, step_timeout_s: float) -> None:
+        self.world_size = world_size
+        self.output_rank = output_rank
+        self.step_timeout_s = step_timeout_s
+        self.num_steps = 0
+        self.host_time_s = 0.0  # driver time spent pickling, writing and reading step messages
+        self._conns: list[Connection] = []
+        self._pending: list[list[tuple[str, Any]]] = [[] for _ in range(world_size)]
+        self._error: str | None = None
+        self._stopped = False
+        self._last_decode_s = 0.0
+
+    # ---- launcher-specific -------------------------------------------------------------
+
+    def check_health(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def _fail_dead(self, rank: int) -> NoReturn:
+        raise NotImplementedError
+
+    def _death_waitables(self) -> dict[Any, int]:
+        """Objects `multiprocessing.connection.wait` can watch that become ready when a rank dies."""
+        return {}
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        start = time.perf_counter()
+        self._broadcast(encode(STEP, sched))
+        sent = time.perf_counter()
+        output = self._receive(self.output_rank, OUTPUT, self.step_timeout_s)
+        self.host_time_s += (sent - start) + self._last_decode_s
+        self.num_steps += 1
+        return output
+
+    def call(self, method: str) -> list[Any]:
+        """Run a no-argument Worker method (see proc.CALLABLE) on every rank; results by rank."""
+        self._broadcast(encode(CALL, method))
+        return [self._receive(rank, RESULT, self.step_timeout_s) for rank in range(self.world_size)]
+
+    # ---- transport ---------------------------------------------------------------------
+
+    def _broadcast(self, data: bytes) -> None:
+        self._raise_if_failed()
+        try:
+            for conn in self._conns:
+                conn.send_bytes(data)
+        except (OSError, ValueError) as exc:
+            self.check_health()  # names the dead rank when the launcher already knows
+            self._fail(f"could not send to a worker: {exc!r}")
+
+    def _receive(self, rank: int, kind: str, timeout_s: float) -> Any:
+        """Wait for a `kind` message from `rank`, failing fast if any rank dies or reports an error."""
+        self._raise_if_failed()
+        if self._pending[rank]:
+            return self._expect(rank, kind, *self._pending[rank].pop(0))
+        deadline = time.monotonic() + timeout_s
+        deaths = self._death_waitables()
+        senders = {id(conn): r for r, conn in enumerate(self._conns)}
+        watched = [self._conns[rank], *(c for r, c in enumerate(self._conns) if r != rank), *deaths]
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail(f"worker rank {rank} did not answer within {timeout_s:.0f} s (waiting for {kind!r})")
+            ready = wait(watched, timeout=min(remaining, self.liveness_poll_s))
+            if not ready:
+                self.check_health()
+                continue
+            for item in ready:
+                if not isinstance(item, Connection):
+                    continue
+                sender = senders[id(item)]
+                try:
+                    t0 = time.perf_counter()
+                    got_kind, payload = decode(item.recv_bytes())
+                    self._last_decode_s = time.perf_counter() - t0
+                except (EOFError, OSError):
+                    self._fail_dead(sender)
+                if got_kind == ERROR:
+                    self._fail(f"worker rank {sender} failed:\n{payload}")
+                if sender == rank:
+                    return self._expect(rank, kind, got_kind, payload)
+                self._pending[sender].append((got_kind, payload))
+            for item in ready:
+                if not isinstance(item, Connection) and item in deaths:
+                    self._fail_dead(deaths[item])
+
+    def _expect(self, rank: int, kind: str, got_kind: str, payload: Any) -> Any:
+        if got_kind != kind:
+            self._fail(f"unexpected {got_kind!r} message from worker rank {rank} (waiting for {kind!r})")
+        return payload
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise WorkerGroupError(self._error)
+
+    def _fail(self, message: str) -> NoReturn:
+        self._error = message
+        self.shutdown()
+        raise WorkerGroupError(message)
