@@ -31,7 +31,6 @@ from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.stats import ThroughputMeter
 from shardserve.workers.worker.executor import Executor, LocalExecutor, make_executor
-from shardserve.workers.worker.model_meta import load_model_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class LLMEngine:
         dtype = resolve_dtype(config.model.dtype, device)
         torch.manual_seed(config.model.seed)
         if config.parallel.world_size > 1:
-            self.loaded = loaded or load_model_metadata(config.model, device, dtype)
+            self.loaded = loaded or load_model(config.model, device, dtype, weights=False)  # weights live in the workers
         else:
             self.loaded = loaded or load_model(config.model, device, dtype, progress=progress)
         self.tokenizer = self.loaded.tokenizer

@@ -30,3 +30,15 @@ def test_second_load_reads_the_converted_folder(smollm2_loaded):
     messages = [{"role": "user", "content": "Hi"}]
     assert again.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         from_gguf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_metadata_only_load_reads_no_weights(smollm2_loaded):
+    cpu = torch.device("cpu")
+    meta = load_model(ModelConfig(model="default", dtype="float32", device="cpu"), cpu, torch.float32, weights=False)
+    assert meta.model is None
+    assert meta.eos_token_ids == smollm2_loaded.eos_token_ids
+    assert meta.max_model_len == smollm2_loaded.max_model_len
+    assert meta.hf_config.num_hidden_layers == smollm2_loaded.hf_config.num_hidden_layers
+    assert meta.tokenizer.encode("Hello there") == smollm2_loaded.tokenizer.encode("Hello there")
+    dummy = load_model(ModelConfig(model="dummy:llama-3.1-8b"), cpu, torch.bfloat16, weights=False)
+    assert dummy.model is None and dummy.hf_config.hidden_size == 4096 and dummy.tokenizer is None

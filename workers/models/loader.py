@@ -42,7 +42,7 @@ class LoadedModel:
     """A model ready for the runner.
 
     model: our nn.Module (interface.py's CausalLM), in eval mode on `device` in `dtype`; None in
-      a driver process whose worker processes hold the weights (workers/worker/model_meta.py).
+      a driver process whose worker processes hold the weights (`load_model(..., weights=False)`).
     hf_config: the transformers config it was built from.
     tokenizer: a transformers tokenizer, or None (dummy weights, folders without one).
     eos_token_ids: token ids that end a sequence.
@@ -120,14 +120,18 @@ def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, prog
 
 
 def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
-               progress: bool = False) -> LoadedModel:
+               progress: bool = False, weights: bool = True) -> LoadedModel:
+    """Build and fill the model; with `weights=False` only the config, tokenizer and limits are
+    read and `LoadedModel.model` is None (the driver of a multi-process worker group)."""
     spec = model_config.model
     tokenizer: Any | None = None
     folder: Path | None = None
+    model: nn.Module | None = None
     if spec.startswith(DUMMY_PREFIX):
         config = dummy_config(spec[len(DUMMY_PREFIX):])
-        model = _build(config, device, dtype)
-        init_dummy_weights(model, model_config.seed)
+        if weights:
+            model = _build(config, device, dtype)
+            init_dummy_weights(model, model_config.seed)
         name = spec
     else:
         path = default_model_path() if spec == "default" else Path(spec).expanduser()
@@ -136,25 +140,28 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
         converted = cached_folder(path) if path.suffix == ".gguf" else None
         if path.suffix == ".gguf" and converted is None:
             config = read_gguf_config(path)
-            tensors = read_gguf_tensors(path, config, torch.float32)
-            model = _build(config, device, dtype)
-            _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
-                  f"loading {path.name}")
             tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-            write_cache(path, config, tensors, tokenizer)
+            if weights:
+                tensors = read_gguf_tensors(path, config, torch.float32)
+                model = _build(config, device, dtype)
+                _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
+                      f"loading {path.name}")
+                write_cache(path, config, tensors, tokenizer)
         elif converted is not None or (path / "config.json").is_file():
             folder = converted or path
             config = AutoConfig.from_pretrained(str(folder))
-            files = checkpoint_files(folder)
-            model = _build(config, device, dtype)
-            total = count_tensors(files) if progress else 0
-            _load(model, iterate_safetensors(files), total, progress, f"loading {path.name}")
             tokenizer = load_tokenizer(folder)
+            if weights:
+                files = checkpoint_files(folder)
+                model = _build(config, device, dtype)
+                total = count_tensors(files) if progress else 0
+                _load(model, iterate_safetensors(files), total, progress, f"loading {path.name}")
         else:
             raise FileNotFoundError(f"model {spec!r} is not a folder with config.json, a .gguf file, "
                                     f"'{DUMMY_PREFIX}<shape>' or 'default'")
         name = "SmolLM2-135M-Instruct" if spec == "default" else path.stem if path.suffix else path.name
-    model.eval()
+    if model is not None:
+        model.eval()
     return LoadedModel(
         model=model,
         hf_config=config,
