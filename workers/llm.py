@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import RequestOutput, SamplingParams
 from tqdm.auto import tqdm
@@ -18,8 +18,9 @@ Prompt = str | Sequence[int]
 
 
 class LLM:
-    """Keyword arguments override fields of ModelConfig, CacheConfig or SchedulerConfig by name,
-    e.g. `LLM("default", num_blocks=64, max_num_batched_tokens=32, mode="static")`."""
+    """Keyword arguments override fields of ModelConfig, CacheConfig, SchedulerConfig or
+    ParallelConfig by name, e.g. `LLM("default", num_blocks=64, max_num_batched_tokens=32,
+    mode="static")` or `LLM("/path/to/llama", tensor_parallel_size=2)`."""
 
     def __init__(self, model: str = "default", config: EngineConfig | None = None, progress: bool = False,
                  **overrides: object) -> None:
@@ -66,7 +67,7 @@ class LLM:
 
 
 def _apply_overrides(config: EngineConfig, overrides: dict[str, object]) -> EngineConfig:
-    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
     updates: dict[str, dict[str, object]] = {name: {} for name in sections}
     for key, value in overrides.items():
         section = next((n for n, cls in sections.items() if key in cls.__dataclass_fields__), None)
