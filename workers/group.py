@@ -48,8 +48,6 @@ from shardserve.workers.worker.channel import ConnectionGroup, WorkerGroupError
 from shardserve.workers.worker.executor import free_port
 from shardserve.workers.worker.proc import (
     READY,
-    SHUTDOWN,
-    encode,
     worker_main,
 )
 from shardserve.workers.worker.worker import WorkerSpec, output_rank
@@ -231,9 +229,7 @@ class RayExecutor(ConnectionGroup):
         if self._stopped:
             return
         self._stopped = True
-        for conn in self._conns:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send_bytes(encode(SHUTDOWN, None))
+        self._ask_ranks_to_stop()
         if ray.is_initialized():
             if self._run_refs:
                 with contextlib.suppress(Exception):

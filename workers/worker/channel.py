@@ -14,6 +14,7 @@ Subclasses start the ranks, fill `_conns`, and implement `check_health`, `shutdo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from multiprocessing.connection import Connection, wait
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 
 from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler.output import SchedulerOutput
-from shardserve.workers.worker.proc import CALL, ERROR, OUTPUT, RESULT, STEP, decode, encode
+from shardserve.workers.worker.proc import CALL, ERROR, OUTPUT, RESULT, SHUTDOWN, STEP, decode, encode
 
 
 class WorkerGroupError(RuntimeError):
@@ -125,6 +126,12 @@ class ConnectionGroup:
         if got_kind != kind:
             self._fail(f"unexpected {got_kind!r} message from worker rank {rank} (waiting for {kind!r})")
         return payload
+
+    def _ask_ranks_to_stop(self) -> None:
+        """Best effort: a rank that is already gone cannot be told."""
+        for conn in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send_bytes(encode(SHUTDOWN, None))
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

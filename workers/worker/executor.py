@@ -17,7 +17,6 @@ The engine calls `execute(scheduler_output) -> ModelRunnerOutput` once per step 
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import socket
 import time
@@ -30,7 +29,7 @@ from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler.output import SchedulerOutput
 from shardserve.workers.worker.channel import ConnectionGroup, WorkerGroupError
-from shardserve.workers.worker.proc import READY, SHUTDOWN, encode, worker_main
+from shardserve.workers.worker.proc import READY, worker_main
 from shardserve.workers.worker.worker import WorkerSpec, output_rank
 
 
@@ -111,9 +110,7 @@ class MultiprocExecutor(ConnectionGroup):
         if self._stopped:
             return
         self._stopped = True
-        for conn in self._conns:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send_bytes(encode(SHUTDOWN, None))
+        self._ask_ranks_to_stop()
         deadline = time.monotonic() + 5.0
         for proc in self._procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
