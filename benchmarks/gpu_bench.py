@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--hf-requests", type=int, default=32, help="transformers runs this many (one batch)")
+    parser.add_argument("--throughput-ab", action="store_true",
+                        help="also run the throughput case with mixed-step graphs off (same run)")
     parser.add_argument("--logprob-tol", type=float, default=0.1)
     parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "check", "latency", "throughput", "hf"])
     args = parser.parse_args()
@@ -146,10 +148,11 @@ def main() -> None:
 
     engine, startup_s = build_engine(args)
     runner = engine.runner
-    graph_mib = runner.graphs.pool_bytes / 2**20 if runner.graphs else 0.0
+    graph_mib = runner.graph_pool_bytes / 2**20
     summary.update(startup_s=startup_s, num_kv_blocks=runner.num_blocks, graph_pool_mib=graph_mib)
     print(f"engine up in {startup_s:.1f} s; {runner.num_blocks} KV blocks; graphs {runner.graph_sizes[0]}.."
-          f"{runner.graph_sizes[-1]} ({len(runner.graph_sizes)}), pool {graph_mib:.0f} MiB", flush=True)
+          f"{runner.graph_sizes[-1]} ({len(runner.graph_sizes)}) + {len(runner.token_buckets)} token buckets, "
+          f"pool {graph_mib:.0f} MiB", flush=True)
     vocab_size = engine.loaded.hf_config.vocab_size
     run_engine(engine, Workload(4, 16, 8, seed=99).sample(vocab_size))  # warm-up (compiles eager kernels)
     if "check" not in args.skip:
@@ -175,12 +178,25 @@ def main() -> None:
     if "throughput" not in args.skip:
         workload = Workload(args.num_requests, 200, 180, "lognormal", 0.8, max_len=engine.max_model_len // 2, seed=0)
         requests = workload.sample(vocab_size)
-        ours = run_throughput(engine, requests)
-        stats = engine.stats()
-        summary["throughput"] = {**asdict(ours), "preemptions": stats.num_preemptions,
-                                 "graph_steps": runner.step_times.graph_steps}
-        print(f"throughput: {ours.output_tokens_per_s:.0f} output tok/s, {ours.requests_per_s:.1f} req/s, "
-              f"{ours.output_tokens} tokens in {ours.elapsed_s:.1f} s; preemptions {stats.num_preemptions}", flush=True)
+        # A/B in the same run: steps with prefill tokens eager (the previous version) vs replayed
+        # from the mixed-step graphs; decode graphs on in both.
+        for label, mixed in (("mixed_eager", False), ("mixed_graphs", True)):
+            if label == "mixed_eager" and not args.throughput_ab:
+                continue
+            runner.set_cuda_graphs(True, mixed=mixed)
+            runner.step_times.clear()
+            before = engine.stats().num_preemptions
+            ours = run_throughput(engine, requests)
+            times = runner.step_times
+            result = {**asdict(ours), "preemptions": engine.stats().num_preemptions - before,
+                      "graph_steps": times.graph_steps, "mixed_graph_steps": times.mixed_graph_steps,
+                      "eager_steps": times.eager_steps}
+            summary["throughput" if mixed else "throughput_mixed_eager"] = result
+            print(f"throughput ({label}): {ours.output_tokens_per_s:.0f} output tok/s, {ours.requests_per_s:.1f} "
+                  f"req/s, {ours.output_tokens} tokens in {ours.elapsed_s:.1f} s; steps: decode graphs "
+                  f"{times.graph_steps}, mixed graphs {times.mixed_graph_steps}, eager {times.eager_steps}; "
+                  f"preemptions {result['preemptions']}", flush=True)
+        runner.set_cuda_graphs(True)
 
     hf = {}
     if "hf" not in args.skip:
@@ -220,6 +236,10 @@ def print_table(s: dict) -> None:
     if "throughput" in s:
         t = s["throughput"]
         print(f"{'throughput 1000 req':<22} {t['output_tokens_per_s']:>9.0f} output tok/s, {t['requests_per_s']:.1f} req/s")
+        if "throughput_mixed_eager" in s:
+            e = s["throughput_mixed_eager"]
+            print(f"{'  mixed steps eager':<22} {e['output_tokens_per_s']:>9.0f} output tok/s -> mixed graphs "
+                  f"{t['output_tokens_per_s'] / e['output_tokens_per_s']:.2f}x")
         if "throughput_tokens_per_s" in hf:
             print(f"{'transformers':<22} {hf['throughput_tokens_per_s']:>9.0f} output tok/s (first "
                   f"{hf['throughput_num_requests']} requests, one padded batch) -> ours "

@@ -127,6 +127,8 @@ def bench_extend(iters: int) -> None:
         "prefill 8x512": [(0, 512)] * 8,
         "prefix hit 4x(3584+512)": [(3584, 512)] * 4,
         "chunk 2x(2048+1024)+32 decode": [(2048, 1024)] * 2 + [(2047, 1)] * 32,
+        "mixed 256 decode(1023)+512 prefill": [(1023, 1)] * 256 + [(0, 512)],
+        "decode only 256x(1023+1)": [(1023, 1)] * 256,
     }
     for name, reqs in cases.items():
         seq_lens = [p + n for p, n in reqs]
@@ -134,7 +136,7 @@ def bench_extend(iters: int) -> None:
         kv_cache, tables, lens = paged(seq_lens)
         starts = torch.tensor([0] + q_lens, device=DEV).cumsum(0).to(torch.int32)
         q = torch.randn(sum(q_lens), NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device=DEV)
-        args = (q, kv_cache, tables, starts, lens, scale, max(q_lens))
+        args = (q, kv_cache, tables, starts, lens, scale)
         err = check(f"extend {name}", extend_attention(*args), reference.extend_attention(*args), ATTN_TOL)
         ms = time_ms(lambda a=args: extend_attention(*a), iters)
         flops = sum(4 * HEAD_DIM * NUM_Q_HEADS * sum(p + j + 1 for j in range(n)) for p, n in reqs)

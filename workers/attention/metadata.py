@@ -11,7 +11,7 @@ request lives in block `block_tables[i, t // block_size]` at offset `t % block_s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,9 @@ class AttentionMetadata:
     # Host copies for backends that loop or pad on the CPU side.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Per-step scratch a backend derives from the tensors above on the first layer and reuses in
+    # the others (the Triton extend kernel's work list); inside a CUDA graph it is captured too.
+    backend_cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def is_decode_only(self) -> bool:

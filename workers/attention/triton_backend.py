@@ -5,7 +5,8 @@ cache at `metadata.slot_mapping` (`kv_cache_write`). Then, when every request co
 exactly one token (`max_query_len == 1` and one token per request), the split-K
 `paged_decode_attention` kernel runs with `q [T, Hq, D]` as a `[B, Hq, D]` batch; otherwise
 `extend_attention` runs over the flattened batch, which covers prefill, prefix-cache hits,
-chunked prefill and decode rows mixed in. Both read each request's whole context — cached
+chunked prefill and decode rows mixed in; its work list is built once per step (first layer)
+and kept in `metadata.backend_cache`. Both read each request's whole context — cached
 prefix plus this step's tokens — from the cache through `metadata.block_tables` and return
 `[T, Hq, D]` in q's dtype. Implements the `AttentionBackend` protocol of backend.py.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from shardserve.workers.attention.metadata import AttentionMetadata
-from shardserve.workers.kernels.extend_attention import extend_attention
+from shardserve.workers.kernels.extend_attention import extend_attention, extend_block_q, extend_work_items
 from shardserve.workers.kernels.kv_cache_write import kv_cache_write
 from shardserve.workers.kernels.paged_decode_attention import paged_decode_attention
 
@@ -40,7 +41,11 @@ class TritonAttentionBackend:
             return paged_decode_attention(
                 q, kv_cache, metadata.block_tables, metadata.seq_lens, scale, max_seq_len=metadata.max_seq_len
             )
+        work = metadata.backend_cache.get("extend_work")
+        if work is None:
+            block_q = extend_block_q(num_heads, num_kv_heads, q.is_cuda)
+            work = metadata.backend_cache["extend_work"] = extend_work_items(
+                metadata.query_start_loc, num_tokens, block_q)
         return extend_attention(
-            q, kv_cache, metadata.block_tables, metadata.query_start_loc, metadata.seq_lens, scale,
-            metadata.max_query_len,
+            q, kv_cache, metadata.block_tables, metadata.query_start_loc, metadata.seq_lens, scale, work
         )

@@ -64,10 +64,9 @@ def extend_attention(
     query_start_loc: torch.Tensor,  # [R + 1]
     seq_lens: torch.Tensor,  # [R]
     scale: float,
-    max_query_len: int,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of request i's query rows (positions seq_len - query_len + j) over its context."""
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         lo, hi = starts[i], starts[i + 1]

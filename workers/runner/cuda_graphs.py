@@ -12,8 +12,9 @@ attend to one token of the null block and never touch a real request's cache. Th
 count of the decode-attention kernel is fixed per bucket: capture passes `max_seq_len =
 max_model_len`, so the kernel sizes its splits for the longest context it may ever see and
 the same graph is valid for every context length (empty splits weigh nothing). Prefill and
-mixed steps run eagerly; so does a model that synchronises with the host inside its forward
-(the MoE expert loop), which the runner detects before capturing.
+mixed steps replay the token-count graphs of mixed_graphs.py; a model that synchronises with
+the host inside its forward (the MoE expert loop) runs eagerly, which the runner detects before
+capturing.
 """
 
 from __future__ import annotations
@@ -97,10 +98,11 @@ class DecodeGraphs:
         return self.model(self.inputs[0, :bucket], self.inputs[1, :bucket], self.kv_caches, self._metadata(bucket))
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, pool: tuple[int, int] | None = None) -> None:
+        """Capture every bucket into `pool` (shared with the mixed-step graphs), or a new one."""
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
-        pool = torch.cuda.graph_pool_handle()
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         for bucket in reversed(self.sizes):
             self._forward(bucket)  # warm-up: compiles the kernels for this shape outside capture
             graph = torch.cuda.CUDAGraph()

@@ -7,7 +7,9 @@ One call per engine step: `execute(scheduler_output)`
   2. lays the scheduled tokens out in row order (numpy) and uploads everything the step needs
      — inputs and block-table diffs — in one pinned host-to-device copy (staging.py);
   3. runs the model: a decode step whose rows are 0..n-1 replays the CUDA graph of the
-     smallest bucket >= n (cuda_graphs.py); prefill and mixed steps run eagerly;
+     smallest bucket >= n (cuda_graphs.py); any other step replays the graph of the smallest
+     token-count bucket that holds it (mixed_graphs.py); without graphs (CPU, pipeline
+     stages, MoE expert loop) every step runs eagerly;
   4. computes logits only for the rows that sample (plus prompt positions of requests that
      asked for prompt logprobs), builds SamplingMetadata from the cached per-row state while
      the GPU is still busy, samples in one vectorised call, and waits for the token ids.
@@ -37,6 +39,7 @@ from shardserve.workers.runner.cuda_graphs import (
 )
 from shardserve.workers.runner.inputs import build_model_inputs
 from shardserve.workers.runner.kv_budget import KVCacheSpec, allocate_kv_caches, determine_num_blocks
+from shardserve.workers.runner.mixed_graphs import MixedGraphs, pack_mixed_inputs, slots_for, token_buckets
 from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
 from shardserve.workers.runner.persistent_batch import PersistentBatch, StepLayout
 from shardserve.workers.runner.sampling_state import SamplingState
@@ -58,14 +61,15 @@ class StepTimes:
     host_s: list[float] = field(default_factory=list)  # execute() wall time minus the wait for the GPU
     wait_s: list[float] = field(default_factory=list)  # blocked on the sampled ids
     gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
-    graph_steps: int = 0
+    graph_steps: int = 0  # decode graphs
+    mixed_graph_steps: int = 0  # token-count graphs (steps with prefill tokens)
     eager_steps: int = 0
 
     def clear(self) -> None:
         self.host_s.clear()
         self.wait_s.clear()
         self.gpu_s.clear()
-        self.graph_steps = self.eager_steps = 0
+        self.graph_steps = self.mixed_graph_steps = self.eager_steps = 0
 
 
 class ModelRunner:
@@ -82,6 +86,7 @@ class ModelRunner:
         if device.type == "cuda" and hasattr(self.model, "set_attention_backend"):
             self.model.set_attention_backend(get_attention_backend("triton"))
         self.graph_sizes = graph_batch_sizes(self.max_rows)
+        self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens)
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda" and not _syncs_in_forward(self.model)
         spec = KVCacheSpec.of_model(self.model, self.block_size)
         self.kv_bytes_per_token = spec.bytes_per_block // self.block_size
@@ -96,12 +101,32 @@ class ModelRunner:
         self._prompt_logprobs: dict[str, tuple[int, list[int]]] = {}  # request id -> (top-n, prompt)
         self.step_times = StepTimes()
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
+        self.graph_pool_bytes = 0
+        self.use_mixed_graphs = self.use_cuda_graphs
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     spec.bytes_per_block * self.num_blocks / 2**20)
         if self.use_cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.batch.block_table_device, self.graph_sizes,
-                                       self.max_model_len, device)
-            self.graphs.capture()
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Mixed-step graphs first (the largest activations), then decode graphs, in one pool."""
+        table = self.batch.block_table_device
+        self.mixed_graphs = MixedGraphs(self.model, self.kv_caches, table, self.token_buckets,
+                                        self.max_model_len, self.device)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, table, self.graph_sizes, self.max_model_len,
+                                   self.device)
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_reserved(self.device)
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        self.mixed_graphs.capture(pool)
+        self.graphs.capture(pool)
+        torch.cuda.synchronize(self.device)
+        self.graph_pool_bytes = torch.cuda.memory_reserved(self.device) - before
+        logger.info("CUDA graphs: %d decode + %d mixed-step, pool %.1f MiB, captured in %.1f s",
+                    len(self.graph_sizes), len(self.token_buckets), self.graph_pool_bytes / 2**20,
+                    time.perf_counter() - start)
 
     # ---- start-up: memory profile ---------------------------------------------------------------
 
@@ -131,23 +156,30 @@ class ModelRunner:
         del caches
 
     def _graph_reserve(self) -> int:
-        """Bytes to keep free for the decode graphs' pool: the eager peak of the largest bucket."""
-        largest = self.graph_sizes[-1]
-        torch.cuda.synchronize(self.device)
+        """Bytes to keep free for the graphs' shared pool: the larger eager peak of the largest
+        decode bucket and the largest mixed-step bucket (captures reuse the pool's free memory)."""
+        largest_tokens = self.token_buckets[-1]
+        shapes = [(self.graph_sizes[-1], self.graph_sizes[-1]),
+                  (largest_tokens, slots_for(largest_tokens, self.max_rows))]
+        peaks = []
+        for num_tokens, num_requests in shapes:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._profile_forward(num_tokens, num_requests, sample=False)
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
         torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._profile_forward(largest, largest, sample=False)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        torch.cuda.empty_cache()
-        return int(peak * GRAPH_RESERVE_MARGIN) + (64 << 20)
+        return int(max(peaks) * GRAPH_RESERVE_MARGIN) + (64 << 20)
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def set_cuda_graphs(self, enabled: bool) -> None:
-        """Use (or bypass) the captured graphs; bypassing runs decode steps eagerly (A/B runs)."""
+    def set_cuda_graphs(self, enabled: bool, mixed: bool | None = None) -> None:
+        """Use (or bypass) the captured decode graphs and, separately if `mixed` is given, the
+        mixed-step graphs; bypassed steps run eagerly (A/B runs)."""
         self.use_cuda_graphs = enabled and self.graphs is not None
+        self.use_mixed_graphs = (enabled if mixed is None else mixed) and self.mixed_graphs is not None
 
     def _add(self, new: NewRequestData) -> None:
         row = self.batch.add(new.request_id)
@@ -238,6 +270,18 @@ class ModelRunner:
             assert self.graphs is not None
             self.step_times.graph_steps += 1
             hidden = self.graphs.run(bucket, inputs.view(-1, bucket))
+            return hidden, (rest[0] if rest else None)
+        mixed = self.mixed_graphs
+        token_bucket = mixed.bucket_for(layout.num_tokens) if mixed is not None and self.use_mixed_graphs else None
+        if token_bucket is not None:
+            assert mixed is not None
+            staged = pack_mixed_inputs(layout.token_ids, layout.positions, layout.slot_mapping, layout.query_start,
+                                       layout.seq_lens, layout.rows, token_bucket,
+                                       slots_for(token_bucket, self.max_rows))
+            index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged, *extra])
+            self.batch.apply_diffs(index, values)
+            self.step_times.mixed_graph_steps += 1
+            hidden = mixed.run(token_bucket, inputs)
             return hidden, (rest[0] if rest else None)
         rows = [] if layout.rows_are_prefix else [layout.rows]
         uploaded = self.stager.upload([diff_index, diff_values, layout.token_ids, layout.positions,
