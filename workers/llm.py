@@ -50,6 +50,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
             request_id = str(self._next_id)
             self._next_id += 1
+            p = p if p.final_only else replace(p, final_only=True)  # only final outputs are read
             self.engine.add_request(request_id, prompt, p, priority=priorities[i] if priorities else 0)
             ids.append(request_id)
         finals: dict[str, RequestOutput] = {}

@@ -59,6 +59,8 @@ class SamplingParams:
     n: completions per prompt; they share the prompt's KV blocks through the prefix cache.
     logprobs: return the top-N logprobs of each sampled position (0 = only the sampled token).
     prompt_logprobs: return the top-N logprobs of each prompt position.
+    final_only: report the request only once it has finished (offline batch use, as
+      `LLM.generate` does): the engine then builds no per-step snapshot for it.
     """
 
     n: int = 1
@@ -79,6 +81,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    final_only: bool = False
 
     MAX_LOGPROBS = 20
 

@@ -43,6 +43,22 @@ def test_streamed_deltas_add_up_to_final_text(engine):
     assert metrics.ttft is not None and metrics.ttft > 0 and len(metrics.inter_token_latencies) == 23
 
 
+def test_final_only_requests_report_once_with_the_same_text(engine):
+    stream = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=("dragon",))
+    final_only = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=("dragon",), final_only=True)
+    prompt = "Tell me a story about a"
+    engine.add_request("s", prompt, stream)
+    engine.add_request("f", prompt, final_only)
+    seen: dict[str, list] = {"s": [], "f": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["s"]) > 1 and len(seen["f"]) == 1 and seen["f"][0].finished
+    got, want = seen["f"][0].outputs[0], seen["s"][-1].outputs[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+    assert got.new_text == got.text and got.new_token_ids == got.token_ids  # the delta is everything
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
     alone, _ = _run(engine, {"x": "The weather today"}, params)

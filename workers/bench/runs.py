@@ -34,7 +34,7 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], step_walls: list
     """Queue every request at once and step until all finish; returns the final RequestOutputs.
     `step_walls` (optional) receives each engine.step()'s wall time."""
     for i, r in enumerate(requests):
-        params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True, final_only=True)
         engine.add_request(f"bench-{i}", r.prompt_token_ids, params)
     finals = []
     while engine.has_unfinished_requests():
