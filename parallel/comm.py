@@ -22,10 +22,20 @@ from shardserve.parallel.state import get_parallel_state
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the TP group in place and return it; identity at TP size 1."""
-    tp = get_parallel_state().tp
+    """Sum `x` over the TP group in place and return it; identity at TP size 1.
+
+    Small CUDA messages (decode) take the group's symmetric-memory all-reduce when it is set up
+    (parallel/custom_allreduce.py); everything else, and every message without it, takes NCCL.
+    """
+    state = get_parallel_state()
+    tp = state.tp
     if tp.size == 1:
         return x
+    custom = state.tp_custom_allreduce
+    if custom is not None:
+        algorithm = custom.algorithm_for(x)
+        if algorithm is not None:
+            return custom.all_reduce_(x, algorithm)
     dist.all_reduce(x, group=tp.group)
     return x
 

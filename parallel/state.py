@@ -16,6 +16,11 @@ Rank layout (world = PP x TP; EP lives inside a pipeline stage):
         are split over moe_tp = tp / ep ranks. ep_rank = tp_rank // moe_tp, and the EP group
         of a rank is the ranks of its stage with the same tp_rank % moe_tp (token all-to-all).
     CPU group: all ranks over gloo, for host-side metadata (object broadcast, block counts).
+
+Custom all-reduce: on NCCL with TP > 1, `init_parallel` also sets up the symmetric-memory
+all-reduce of the TP group (parallel/custom_allreduce.py; a collective over the CPU group, run
+before the model is loaded) and keeps it as `ParallelState.tp_custom_allreduce`; None (NCCL for
+every TP all-reduce) when it is unavailable, fails its checks or SHARDSERVE_DISABLE_CUSTOM_ALLREDUCE=1.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from shardserve.parallel.custom_allreduce import CustomAllReduce, create_custom_allreduce
 
 ExpertDispatch = Literal["auto", "all_to_all", "all_reduce"]
 DEFAULT_TIMEOUT_S = 300.0
@@ -68,6 +74,8 @@ class ParallelState:
       `all_reduce` (every rank runs its experts on all tokens; partial sums meet in one
       all-reduce, i.e. reduce-scatter + all-gather), or `auto` (all-reduce below
       `all_to_all_min_tokens` tokens in a step, all-to-all from there up).
+    tp_custom_allreduce: the TP group's symmetric-memory all-reduce for small messages (None:
+      NCCL only); `tensor_model_parallel_all_reduce` asks it first.
     """
 
     tp: GroupInfo = field(default_factory=GroupInfo)
@@ -79,6 +87,7 @@ class ParallelState:
     pp_layer_partition: tuple[int, ...] | None = None
     expert_dispatch: ExpertDispatch = "auto"
     all_to_all_min_tokens: int = 32
+    tp_custom_allreduce: CustomAllReduce | None = None
 
     @property
     def tp_rank(self) -> int:
@@ -181,7 +190,8 @@ def _join(kind: str, groups: list[tuple[int, ...]], rank: int, timeout: datetime
 def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None = None,
                   master_addr: str = "127.0.0.1", master_port: int = 29500, backend: str | None = None,
                   timeout_s: float = DEFAULT_TIMEOUT_S, pp_layer_partition: tuple[int, ...] | None = None,
-                  expert_dispatch: ExpertDispatch = "auto", all_to_all_min_tokens: int = 32) -> ParallelState:
+                  expert_dispatch: ExpertDispatch = "auto", all_to_all_min_tokens: int = 32,
+                  custom_allreduce: bool = True) -> ParallelState:
     """Join the process group at `master_addr:master_port` and install this rank's state.
 
     ep: ranks the experts are split over inside a stage; None = every rank of the stage (tp).
@@ -189,6 +199,8 @@ def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None =
       caller selects the CUDA device first (torch.cuda.set_device).
     timeout_s: every collective (and the rendezvous) fails after this long instead of hanging
       when a peer has died.
+    custom_allreduce: on NCCL with tp > 1, set up the TP group's custom all-reduce (every rank
+      must pass the same value; the env switch SHARDSERVE_DISABLE_CUSTOM_ALLREDUCE=1 also works).
     """
     ep = tp if ep is None else ep
     layout = group_layout(world_size, tp, pp, ep)
@@ -204,15 +216,23 @@ def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None =
     pp_info = _join("pp", layout["pp"], rank, timeout)
     ep_info = _join("ep", layout["ep"], rank, timeout)
     cpu_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=timeout)
+    custom = None
+    if custom_allreduce and backend == "nccl" and tp > 1:  # the same on every rank: all join the setup
+        custom = create_custom_allreduce(tp_info.group, tp_info.ranks, cpu_group,
+                                         torch.device("cuda", torch.cuda.current_device()))
     state = ParallelState(tp=tp_info, pp=pp_info, ep=ep_info, rank=rank, world_size=world_size,
                           cpu_group=cpu_group, pp_layer_partition=pp_layer_partition,
-                          expert_dispatch=expert_dispatch, all_to_all_min_tokens=all_to_all_min_tokens)
+                          expert_dispatch=expert_dispatch, all_to_all_min_tokens=all_to_all_min_tokens,
+                          tp_custom_allreduce=custom)
     set_parallel_state(state)
     return state
 
 
 def destroy_parallel() -> None:
     """Leave the process group (if any) and go back to the single-process state."""
+    custom = get_parallel_state().tp_custom_allreduce
+    if custom is not None:
+        custom.close()  # unmap the peers' buffers while the group still exists
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     set_parallel_state(single_process_state())
