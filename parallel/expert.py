@@ -15,6 +15,12 @@ two paths and returns the complete MoE output [num_tokens, hidden] on every rank
     slice, and one all-gather over the EP group reassembles the tokens.
 
 With ep_size 1 the all-reduce path is exactly tensor-parallel MoE (each expert split over TP).
+
+The all-reduce path has static shapes and no host sync, so it is the one used while a CUDA
+graph is being captured (decode graphs); the all-to-all path reads the exchanged row counts on
+the host and is never taken under capture. A caller's own per-rank partial sum (`partial`, e.g.
+a TP-sharded shared expert) rides in the same all-reduce; on the all-to-all path it needs its
+own all-reduce (eager prefill only).
 """
 
 from __future__ import annotations
@@ -86,14 +92,26 @@ def use_all_to_all(state: ParallelState, num_tokens: int) -> bool:
     return state.expert_dispatch == "all_to_all" or num_tokens >= state.all_to_all_min_tokens
 
 
+def capturing_graph(x: torch.Tensor) -> bool:
+    """True while x's device stream is recording a CUDA graph (no host syncs allowed)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def dispatch_and_combine(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                         run_local_experts: LocalExperts, placement: ExpertPlacement) -> torch.Tensor:
-    """The MoE output [T, hidden] for replicated x [T, hidden] and routing [T, top_k]."""
+                         run_local_experts: LocalExperts, placement: ExpertPlacement,
+                         partial: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE output [T, hidden] for replicated x [T, hidden] and routing [T, top_k].
+
+    partial: optional [T, hidden] per-rank partial sum (summed over the TP group) added to it.
+    """
     state = get_parallel_state()
-    if use_all_to_all(state, x.shape[0]):
-        return _all_to_all(x, topk_ids, topk_weights, run_local_experts, placement, state)
+    if not capturing_graph(x) and use_all_to_all(state, x.shape[0]):
+        out = _all_to_all(x, topk_ids, topk_weights, run_local_experts, placement, state)
+        return out if partial is None else out + tensor_model_parallel_all_reduce(partial)
     out = run_local_experts(x, topk_ids, topk_weights)  # [T, hidden], partial over experts and moe_tp
-    return tensor_model_parallel_all_reduce(out)
+    if partial is not None:
+        out = out + partial
+    return tensor_model_parallel_all_reduce(out)  # one all-reduce for routed and shared parts
 
 
 def _all_to_all(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

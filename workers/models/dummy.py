@@ -20,6 +20,7 @@ from transformers import (
     MixtralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
@@ -71,6 +72,12 @@ DUMMY_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
         max_position_embeddings=40960, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
         bos_token_id=151643, eos_token_id=151645, architectures=["Qwen3MoeForCausalLM"]),
+    "qwen1.5-moe-a2.7b": lambda: Qwen2MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=8192, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643, architectures=["Qwen2MoeForCausalLM"]),
     "mixtral-8x7b": lambda: MixtralConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_local_experts=8, num_experts_per_tok=2,
@@ -104,6 +111,12 @@ DUMMY_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
         norm_topk_prob=True, max_position_embeddings=512, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, architectures=["Qwen3MoeForCausalLM"]),
+    "tiny-qwen2-moe": lambda: Qwen2MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, architectures=["Qwen2MoeForCausalLM"]),
 }
 
 

@@ -103,12 +103,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # h: [T, hidden], the residual stream
-        attn_out = self.self_attn(positions, self.input_layernorm(h), kv_cache, attn_metadata)
-        mlp_in, h = self.post_attention_layernorm(attn_out, h)  # one fused add + norm on CUDA
-        return h + self.mlp(mlp_in)
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [T, hidden], the previous layer's MLP output not yet added to `residual` (the
+        residual stream; None at the first layer, where h is the stream itself). Each add is
+        fused into the norm that follows it, so a layer has no separate add kernel; returns this
+        layer's (MLP output, residual stream before it)."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)  # one fused add + norm on CUDA
+        attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)
+        mlp_in, residual = self.post_attention_layernorm(attn_out, residual)
+        return self.mlp(mlp_in), residual
 
 
 MLPFactory = Callable[[int], nn.Module]  # layer index -> MLP module
@@ -147,12 +154,13 @@ class LlamaModel(nn.Module):
             h = self.embed_tokens(input_ids)  # [T, hidden]
         else:
             h = recv_hidden(input_ids.shape[0], self.hidden_size, self.dtype, input_ids.device)  # [T, hidden]
+        residual = None
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            h = layer(positions, h, kv_cache, attn_metadata)
+            h, residual = layer(positions, h, residual, kv_cache, attn_metadata)
         if self.norm is None:
-            send_hidden(h)
+            send_hidden(h + residual)  # the next stage starts from the whole residual stream
             return None
-        return self.norm(h)
+        return self.norm(h, residual)[0]
 
 
 # (our parameter name fragment, checkpoint name fragment, shard id) for merged layers.

@@ -1,16 +1,23 @@
-"""Sparse mixture-of-experts models: Mixtral and Qwen3-MoE on the Llama skeleton.
+"""Sparse mixture-of-experts models: Mixtral, Qwen2-MoE and Qwen3-MoE on the Llama skeleton.
 
 Data flow of one MoE MLP: hidden [T, hidden] -> replicated router -> softmax over the experts
 (float32) -> top-k experts per token, weights renormalised to sum to 1 (Mixtral always,
-Qwen3-MoE when `norm_topk_prob`) -> each active expert runs SiLU-gated MLP on the tokens routed
-to it (index_select in, weighted index_add out) -> partial sums over this rank's slice of every
-expert's intermediate features -> one TP all-reduce. Expert weights are stacked:
+Qwen2/3-MoE when `norm_topk_prob`) -> this rank's experts run their SiLU-gated MLPs on the
+tokens routed to them -> partial sums over this rank's slice of every expert's intermediate
+features (+ Qwen2-MoE's shared expert: a dense TP-sharded MLP on every token, scaled by
+sigmoid(shared_expert_gate(x)), partial too) -> one TP all-reduce.
+
+On CUDA (kernels enabled) the experts run as one fused grouped GEMM (`kernels/fused_moe.py`):
+static shapes, no host sync, so decode steps can be captured in CUDA graphs. On CPU each
+active expert runs in a Python loop (index_select in, weighted index_add out), which reads the
+per-expert counts on the host (`syncs_in_forward`). Expert weights are stacked:
 `w13_weight [num_local_experts, 2 * inter / moe_tp, hidden]` (gate rows then up rows) and
 `w2_weight [num_local_experts, hidden, inter / moe_tp]`. Without expert parallelism every rank
 holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds only its range of
 experts, reads only their checkpoint tensors, and `dispatch_and_combine` moves the routed
 tokens (all-to-all) or sums the partial outputs (all-reduce). Each block counts the tokens
-routed to every expert (`expert_load`, over the whole batch) for load monitoring.
+routed to every expert (`expert_load`, over the whole batch) for load monitoring, on the device
+(scatter_add, no host sync).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from shardserve.parallel.expert import ExpertPlacement, dispatch_and_combine
 from shardserve.parallel.linear import ReplicatedLinear, divide
 from shardserve.parallel.quant import Loadable, materialize
 from shardserve.parallel.state import get_parallel_state
-from shardserve.workers.models.layers import SiluAndMul
+from shardserve.workers.models.layers import SiluAndMul, use_kernels
 from shardserve.workers.models.llama import LlamaForCausalLM, LlamaMLP, LlamaOptions, MLPFactory
 from torch import nn
 
@@ -85,6 +92,11 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]; topk_ids (global expert ids), topk_weights: [T, top_k] -> partial output [T, hidden]
+        if use_kernels(x):
+            from shardserve.workers.kernels.fused_moe import fused_moe  # lazily: Triton only on CUDA
+
+            return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.placement.start,
+                             self.num_local_experts)
         # Assignments to experts of other EP ranks go to bucket num_local_experts, which is skipped.
         top_k = topk_ids.shape[1]
         local_ids = topk_ids.reshape(-1) - self.placement.start  # [T * top_k]
@@ -132,14 +144,25 @@ class _Squeezed:
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
-                 renormalize: bool, dtype: torch.dtype | None) -> None:
+                 renormalize: bool, dtype: torch.dtype | None, shared_intermediate_size: int = 0) -> None:
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = ReplicatedLinear(hidden_size, num_experts, params_dtype=dtype)  # router
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, dtype)
+        self.shared_expert: LlamaMLP | None = None
+        self.shared_expert_gate: ReplicatedLinear | None = None
+        if shared_intermediate_size > 0:  # Qwen2-MoE: a dense expert every token goes through
+            self.shared_expert = LlamaMLP(hidden_size, shared_intermediate_size, dtype)
+            self.shared_expert.down_proj.reduce_results = False  # summed in the routed output's all-reduce
+            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, params_dtype=dtype)
         # Tokens routed to each expert since start (every rank sees the whole batch's routing).
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+
+    @property
+    def syncs_in_forward(self) -> bool:
+        """True when forward reads device values on the host (the CPU expert loop): not graph-capturable."""
+        return not use_kernels(self.experts.w13_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]
@@ -148,9 +171,15 @@ class SparseMoeBlock(nn.Module):
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, top_k]
         if self.renormalize:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        self.expert_load += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_load.shape[0])
+        flat_ids = topk_ids.reshape(-1)
+        self.expert_load.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # CUDA bincount would sync
+        shared = None
+        if self.shared_expert is not None:
+            # [T, hidden] partial over TP; the per-token gate is replicated, so scaling commutes with the sum
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         # [T, hidden], complete: partial sums all-reduced, or tokens dispatched and combined
-        return dispatch_and_combine(x, topk_ids, topk_weights.to(x.dtype), self.experts, self.experts.placement)
+        return dispatch_and_combine(x, topk_ids, topk_weights.to(x.dtype), self.experts, self.experts.placement,
+                                    partial=shared)
 
 
 # Checkpoint expert names -> (expert index or None for stacked, kind).
@@ -195,6 +224,34 @@ class MixtralForCausalLM(MoEForCausalLM):
                                         config.intermediate_size, renormalize=True, dtype=dtype)
 
 
+def _qwen_moe_factory(config: Any, dtype: torch.dtype | None, shared_intermediate_size: int) -> MLPFactory:
+    """Sparse layers every `decoder_sparse_step` layers except `mlp_only_layers`; the rest dense."""
+    num_experts = getattr(config, "num_experts", None) or config.num_local_experts
+    mlp_only = set(getattr(config, "mlp_only_layers", None) or ())
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+
+    def make(layer: int) -> nn.Module:
+        if layer not in mlp_only and num_experts > 0 and (layer + 1) % step == 0:
+            return SparseMoeBlock(config.hidden_size, num_experts, config.num_experts_per_tok,
+                                  config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob),
+                                  dtype=dtype, shared_intermediate_size=shared_intermediate_size)
+        return LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+
+    return make
+
+
+class Qwen2MoeForCausalLM(MoEForCausalLM):
+    """Qwen1.5-MoE / Qwen2-MoE: routed experts plus a sigmoid-gated shared expert per sparse layer."""
+
+    @classmethod
+    def options_for(cls, config: Any) -> LlamaOptions:
+        return LlamaOptions(qkv_bias=bool(getattr(config, "qkv_bias", True)), o_bias=False)
+
+    @classmethod
+    def mlp_factory(cls, config: Any, dtype: torch.dtype | None) -> MLPFactory:
+        return _qwen_moe_factory(config, dtype, int(getattr(config, "shared_expert_intermediate_size", 0) or 0))
+
+
 class Qwen3MoeForCausalLM(MoEForCausalLM):
     @classmethod
     def options_for(cls, config: Any) -> LlamaOptions:
@@ -203,15 +260,4 @@ class Qwen3MoeForCausalLM(MoEForCausalLM):
 
     @classmethod
     def mlp_factory(cls, config: Any, dtype: torch.dtype | None) -> MLPFactory:
-        num_experts = getattr(config, "num_experts", None) or config.num_local_experts
-        mlp_only = set(getattr(config, "mlp_only_layers", None) or ())
-        step = getattr(config, "decoder_sparse_step", 1) or 1
-
-        def make(layer: int) -> nn.Module:
-            if layer not in mlp_only and num_experts > 0 and (layer + 1) % step == 0:
-                return SparseMoeBlock(config.hidden_size, num_experts, config.num_experts_per_tok,
-                                      config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob),
-                                      dtype=dtype)
-            return LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
-
-        return make
+        return _qwen_moe_factory(config, dtype, shared_intermediate_size=0)

@@ -10,7 +10,7 @@ from shardserve.workers.models.llama import (
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
-from shardserve.workers.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
+from shardserve.workers.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from torch import nn
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -19,6 +19,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
@@ -28,6 +29,7 @@ _BY_MODEL_TYPE = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 

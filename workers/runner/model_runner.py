@@ -61,6 +61,10 @@ class StepTimes:
     host_s: list[float] = field(default_factory=list)  # execute() wall time minus the wait for the GPU
     wait_s: list[float] = field(default_factory=list)  # blocked on the sampled ids
     gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
+    # Per non-empty step, in order: requests and tokens scheduled (the three lists above only
+    # cover steps that sample; these cover every step, for per-step traces).
+    rows: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
     graph_steps: int = 0  # decode graphs
     mixed_graph_steps: int = 0  # token-count graphs (steps with prefill tokens)
     eager_steps: int = 0
@@ -69,6 +73,8 @@ class StepTimes:
         self.host_s.clear()
         self.wait_s.clear()
         self.gpu_s.clear()
+        self.rows.clear()
+        self.tokens.clear()
         self.graph_steps = self.mixed_graph_steps = self.eager_steps = 0
 
 
@@ -219,6 +225,9 @@ class ModelRunner:
         sample_mask = np.fromiter((r.sample for r in layout.requests), dtype=bool, count=len(layout.requests))
         sample_tokens = layout.query_start[1:][sample_mask] - 1  # [num_sampling] token rows
         timing = self.step_times.enabled and self.device.type == "cuda"
+        if self.step_times.enabled:
+            self.step_times.rows.append(len(layout.requests))
+            self.step_times.tokens.append(layout.num_tokens)
         if timing:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
@@ -328,7 +337,6 @@ class ModelRunner:
 
 
 def _syncs_in_forward(model: torch.nn.Module) -> bool:
-    """Models whose forward reads device values on the host (MoE expert loop) cannot be captured."""
-    from shardserve.workers.models.moe import SparseMoeBlock
-
-    return any(isinstance(m, SparseMoeBlock) for m in model.modules())
+    """Models whose forward reads device values on the host (the MoE expert loop on CPU or with
+    the fused kernels off) cannot be captured; the fused-MoE path on CUDA can."""
+    return any(getattr(m, "syncs_in_forward", False) for m in model.modules())

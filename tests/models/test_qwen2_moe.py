@@ -1,0 +1,179 @@
+"""Qwen2-MoE (routed experts + sigmoid-gated shared expert) against Hugging Face transformers.
+
+Tiny random checkpoints (hidden 64, vocab 256, 6 experts top-2) saved with `save_pretrained` and
+loaded with `load_model`, compared in float32: logits of a whole prompt, the same prompt in two
+chunks over a paged cache, and greedy decoding against HF `generate`. Two variants: every layer
+sparse with `norm_topk_prob`, and `decoder_sparse_step` 2 + `mlp_only_layers` (dense layers
+mixed in) without renormalisation. One sparse block is also built per fake TP rank (TP 2, with
+and without EP 2): the ranks' partial outputs, routed plus shared, meet in exactly one
+all-reduce per block and sum to Hugging Face's block output, also when all-to-all dispatch is
+configured but a CUDA graph is being captured (static-shape all-reduce path only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hf_reference import COMMON, save_checkpoint
+from paged_helper import PagedBatch
+from shardserve.parallel import expert as expert_module
+from shardserve.parallel import linear as linear_module
+from shardserve.parallel.state import GroupInfo, ParallelState, get_parallel_state, set_parallel_state
+from shardserve.workers.config import ModelConfig
+from shardserve.workers.models.loader import LoadedModel, load_model
+from shardserve.workers.models.moe import SparseMoeBlock
+from transformers import Qwen2MoeConfig
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+ATOL = 1e-4
+MOE = dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
+           num_experts_per_tok=2, tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
+CONFIGS = {
+    "all_sparse": lambda: Qwen2MoeConfig(**COMMON, **MOE, norm_topk_prob=True, decoder_sparse_step=1,
+                                         mlp_only_layers=[]),
+    "step2_dense_mixed": lambda: Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 4}, **MOE, norm_topk_prob=False,
+                                                decoder_sparse_step=2, mlp_only_layers=[3]),
+}
+
+
+@dataclass
+class Pair:
+    ours: LoadedModel
+    hf: torch.nn.Module
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = save_checkpoint(CONFIGS[request.param](), folder, seed=3)
+    ours = load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu"), torch.device("cpu"),
+                      torch.float32)
+    assert type(ours.model).__name__ == "Qwen2MoeForCausalLM"
+    assert ours.model.missing_parameters() == []
+    return Pair(ours, hf)
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float()  # [len, vocab]
+
+
+def test_layer_kinds_follow_config(pair: Pair) -> None:
+    config = pair.ours.model.config
+    for i, layer in enumerate(pair.ours.model.model.layers):
+        sparse = i not in config.mlp_only_layers and (i + 1) % config.decoder_sparse_step == 0
+        assert isinstance(layer.mlp, SparseMoeBlock) == sparse
+        if sparse:
+            assert layer.mlp.shared_expert is not None and layer.mlp.renormalize == config.norm_topk_prob
+            assert layer.mlp.syncs_in_forward  # CPU: the expert loop (not graph-capturable)
+
+
+def test_whole_prompt(pair: Pair) -> None:
+    ids = _prompt(0, 13)
+    (hidden,) = PagedBatch(pair.ours.model).step([("a", ids)])
+    logits = pair.ours.model.compute_logits(hidden)
+    torch.testing.assert_close(logits, _hf_logits(pair.hf, ids), atol=ATOL, rtol=0)
+
+
+def test_two_chunks_read_prefix_from_paged_cache(pair: Pair) -> None:
+    ids = _prompt(1, 14)
+    batch = PagedBatch(pair.ours.model, block_size=4)
+    (first,) = batch.step([("a", ids[:5])])
+    (second,) = batch.step([("a", ids[5:])])
+    logits = pair.ours.model.compute_logits(torch.cat([first, second]))
+    torch.testing.assert_close(logits, _hf_logits(pair.hf, ids), atol=ATOL, rtol=0)
+
+
+def test_greedy_decode_matches_generate(pair: Pair) -> None:
+    ids = _prompt(2, 7)
+    num_new = 6
+    with torch.no_grad():
+        expected = pair.hf.generate(torch.tensor([ids]), max_new_tokens=num_new, do_sample=False,
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    batch = PagedBatch(pair.ours.model, block_size=4)
+    (hidden,) = batch.step([("a", ids)])
+    produced: list[int] = []
+    for _ in range(num_new):
+        token = int(pair.ours.model.compute_logits(hidden[-1:]).argmax(-1))
+        produced.append(token)
+        (hidden,) = batch.step([("a", [token])])
+    assert produced == expected
+
+
+@contextmanager
+def _fake_rank(rank: int, tp: int, ep: int, dispatch: str) -> Iterator[None]:
+    """This process acts as TP rank `rank` (EP rank rank // (tp / ep)); placeholder groups, no collectives."""
+    previous = get_parallel_state()
+    set_parallel_state(ParallelState(tp=GroupInfo(rank=rank, size=tp, group=object()),
+                                     ep=GroupInfo(rank=rank // (tp // ep), size=ep, group=object() if ep > 1 else None),
+                                     expert_dispatch=dispatch))
+    try:
+        yield
+    finally:
+        set_parallel_state(previous)
+
+
+def _load_block(config: Qwen2MoeConfig, hf_block: torch.nn.Module) -> SparseMoeBlock:
+    """Our block as the current (fake) rank holds it, loaded from the HF block's tensors."""
+    block = SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                           config.moe_intermediate_size, renormalize=config.norm_topk_prob, dtype=torch.float32,
+                           shared_intermediate_size=config.shared_expert_intermediate_size)
+    ours = dict(block.named_parameters())
+    targets = {"experts.gate_up_proj": ("experts.w13_weight", (None, "gate_up")),
+               "experts.down_proj": ("experts.w2_weight", (None, "down")),
+               "shared_expert.gate_proj.weight": ("shared_expert.gate_up_proj.weight", 0),
+               "shared_expert.up_proj.weight": ("shared_expert.gate_up_proj.weight", 1)}
+    for name, weight in hf_block.state_dict().items():
+        target, shard_id = targets.get(name, (name, None))
+        param = ours[target]
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            param.data.copy_(weight)
+        else:
+            loader(param, weight, shard_id)
+    return block
+
+
+@pytest.mark.parametrize("ep,dispatch,capturing", [(1, "all_reduce", False), (2, "all_reduce", False),
+                                                    (2, "all_to_all", True)])
+def test_tp_partials_meet_in_one_all_reduce(monkeypatch: pytest.MonkeyPatch, ep: int, dispatch: str,
+                                            capturing: bool) -> None:
+    """TP 2 ranks' outputs sum to HF's; under CUDA-graph capture all-to-all dispatch falls back to all-reduce."""
+    tp = 2
+    config = CONFIGS["all_sparse"]()
+    torch.manual_seed(5)
+    hf_block = Qwen2MoeSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for param in hf_block.parameters():
+            param.normal_(0.0, 0.2)
+    x = torch.randn(7, config.hidden_size)
+    with torch.no_grad():
+        want = hf_block(x[None])[0]
+
+    reduces: list[int] = []
+
+    def fake_reduce(t: torch.Tensor) -> torch.Tensor:  # identity per rank; the test sums the ranks
+        reduces.append(t.shape[0])
+        return t
+
+    def no_reduce(*args: object) -> torch.Tensor:
+        raise AssertionError("only the block's single all-reduce may run")
+
+    monkeypatch.setattr(expert_module, "tensor_model_parallel_all_reduce", fake_reduce)
+    monkeypatch.setattr(linear_module, "tensor_model_parallel_all_reduce", no_reduce)
+    monkeypatch.setattr(expert_module, "capturing_graph", lambda x: capturing)
+    monkeypatch.setattr(expert_module, "_all_to_all", no_reduce)  # static shapes only (all-reduce path)
+    partials = []
+    for rank in range(tp):
+        with _fake_rank(rank, tp, ep, dispatch), torch.no_grad():
+            partials.append(_load_block(config, hf_block)(x))
+    assert reduces == [7] * tp  # one all-reduce per block forward on each rank
+    torch.testing.assert_close(sum(partials), want, atol=1e-5, rtol=1e-5)
