@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -108,6 +109,31 @@ def correctness(engine: LLMEngine, tol: float) -> dict:
             "bf16_noise_floor": noise, "argmax_match": argmax_match / total, "graph_vs_eager_token_match": same / total}
 
 
+def step_breakdown(walls: list[float], times) -> dict:
+    """Where an offline run's time went: engine-step wall time by kind of step (decode-only by
+    batch size, or with prefill tokens), with the runner's host / GPU split of the same steps."""
+    if len(walls) != len(times.rows):  # an empty step (nothing schedulable) shifts the alignment
+        return {"aligned": False, "num_steps": len(walls)}
+    kinds: dict[str, list[tuple[float, int, int]]] = {}
+    for wall, rows, tokens in zip(walls, times.rows, times.tokens, strict=True):
+        if tokens == rows:
+            kind = next(f"decode <= {b}" for b in (8, 32, 64, 128, 256, 512, 1 << 30) if rows <= b)
+        else:
+            kind = "with prefill"
+        kinds.setdefault(kind, []).append((wall, rows, tokens))
+    out = {"aligned": True, "num_steps": len(walls), "total_s": sum(walls)}
+    for kind, steps in sorted(kinds.items()):
+        total = sum(w for w, _, _ in steps)
+        out[kind] = {"steps": len(steps), "wall_s": total, "mean_ms": total / len(steps) * 1e3,
+                     "mean_rows": statistics.fmean(r for _, r, _ in steps),
+                     "mean_tokens": statistics.fmean(t for _, _, t in steps)}
+    sampled = [(h, g) for h, g in zip(times.host_s, times.gpu_s, strict=False)]
+    if sampled:
+        out["median_host_ms"] = statistics.median(h for h, _ in sampled) * 1e3
+        out["median_gpu_ms"] = statistics.median(g for _, g in sampled) * 1e3
+    return out
+
+
 def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:
     config = EngineConfig(
         model=ModelConfig(model=args.model, dtype="bfloat16", device="cuda"),
@@ -184,18 +210,22 @@ def main() -> None:
             if label == "mixed_eager" and not args.throughput_ab:
                 continue
             runner.set_cuda_graphs(True, mixed=mixed)
-            runner.step_times.clear()
-            before = engine.stats().num_preemptions
-            ours = run_throughput(engine, requests)
             times = runner.step_times
+            times.clear()
+            times.enabled = True
+            before = engine.stats().num_preemptions
+            walls: list[float] = []
+            ours = run_throughput(engine, requests, walls)
+            times.enabled = False
             result = {**asdict(ours), "preemptions": engine.stats().num_preemptions - before,
                       "graph_steps": times.graph_steps, "mixed_graph_steps": times.mixed_graph_steps,
-                      "eager_steps": times.eager_steps}
+                      "eager_steps": times.eager_steps, "steps": step_breakdown(walls, times)}
             summary["throughput" if mixed else "throughput_mixed_eager"] = result
             print(f"throughput ({label}): {ours.output_tokens_per_s:.0f} output tok/s, {ours.requests_per_s:.1f} "
                   f"req/s, {ours.output_tokens} tokens in {ours.elapsed_s:.1f} s; steps: decode graphs "
                   f"{times.graph_steps}, mixed graphs {times.mixed_graph_steps}, eager {times.eager_steps}; "
                   f"preemptions {result['preemptions']}", flush=True)
+            print(f"  step breakdown: {json.dumps(result['steps'], default=lambda v: round(v, 4))}", flush=True)
         runner.set_cuda_graphs(True)
 
     hf = {}

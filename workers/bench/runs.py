@@ -130,9 +130,10 @@ def _p99(values: list[float]) -> float:
     return values[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))]
 
 
-def run_throughput(engine: LLMEngine, requests: list[BenchRequest]) -> ThroughputResult:
+def run_throughput(engine: LLMEngine, requests: list[BenchRequest],
+                   step_walls: list[float] | None = None) -> ThroughputResult:
     start = time.perf_counter()
-    finals = run_engine(engine, requests)
+    finals = run_engine(engine, requests, step_walls)
     elapsed = time.perf_counter() - start
     output_tokens = sum(len(f.outputs[0].token_ids) for f in finals)
     ttfts = [f.metrics.ttft for f in finals]
