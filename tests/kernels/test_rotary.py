@@ -59,3 +59,22 @@ def test_rotary_rejects_mismatched_cache(device):
     with pytest.raises(ValueError, match="cos/sin"):
         rotary_embedding(q, k, torch.zeros(2, dtype=torch.long, device=device),
                          torch.ones(8, 8, device=device), torch.ones(8, 4, device=device))
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+def test_rotary_with_kv_write_equals_rotary_then_kv_cache_write(device, dtype):
+    from shardserve.workers.kernels.kv_cache_write import kv_cache_write
+
+    cos, sin = (c.to(device) for c in _cos_sin(64, 32))
+    qkv = torch.randn(5, (4 + 2 * 2) * 32).to(dtype=dtype, device=device)  # a fused projection's output
+    q, k, v = (t.view(5, -1, 32) for t in qkv.split([4 * 32, 2 * 32, 2 * 32], dim=-1))
+    positions = torch.tensor([3, 9, 10, 40, 63], device=device)
+    slots = torch.tensor([5, 17, -1, 0, 30], device=device)  # -1: a padding token, skipped
+    fused_cache = torch.zeros(2, 8, 4, 2, 32, dtype=dtype, device=device)
+    plain_cache = fused_cache.clone()
+    fq, fk = rotary_embedding(q.clone(), k.clone(), positions, cos, sin, kv_write=(v, fused_cache, slots))
+    pq, pk = rotary_embedding(q.clone(), k.clone(), positions, cos, sin)
+    kv_cache_write(pk, v, plain_cache, slots)
+    assert torch.equal(fq, pq) and torch.equal(fk, pk)
+    assert torch.equal(fused_cache, plain_cache)
+    assert torch.count_nonzero(fused_cache) > 0

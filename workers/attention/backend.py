@@ -2,7 +2,8 @@
 
 A model layer projects this step's tokens to q, k, v (rope applied) and calls
 `backend.forward(q, k, v, kv_cache, metadata, scale)`. The backend first writes k and v into the
-layer's cache at `metadata.slot_mapping`, then lets every query attend causally over its
+layer's cache at `metadata.slot_mapping` (unless the caller says `kv_written=True`: on CUDA the
+rotary kernel stores them while it rotates k, saving a launch per layer), then lets every query attend causally over its
 request's whole context: the cached prefix plus this step's tokens up to and including its own
 position. The batch may mix decode rows (query_len 1) and prefill chunks with a cached prefix.
 Backends are looked up by name (`get_attention_backend`); `torch` is the reference
@@ -21,7 +22,7 @@ class AttentionBackend(Protocol):
     name: str
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
         """Write k/v into the cache, attend, return [num_tokens, num_heads, head_dim].
 
         q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];

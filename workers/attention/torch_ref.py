@@ -30,12 +30,13 @@ class TorchAttentionBackend:
     name = "torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
         _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-        write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
+        if not kv_written:
+            write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
 
         device = q.device
         max_q, max_s = metadata.max_query_len, metadata.max_seq_len

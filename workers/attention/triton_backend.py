@@ -31,12 +31,14 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         metadata: AttentionMetadata,
         scale: float,
+        kv_written: bool = False,  # k/v already in the cache (the fused rotary + KV write kernel)
     ) -> torch.Tensor:  # [T, Hq, D]
         num_tokens, num_heads, _ = q.shape
         num_kv_heads = kv_cache.shape[3]
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-        kv_cache_write(k, v, kv_cache, metadata.slot_mapping)
+        if not kv_written:
+            kv_cache_write(k, v, kv_cache, metadata.slot_mapping)
         if metadata.max_query_len == 1 and num_tokens == metadata.seq_lens.shape[0]:
             return paged_decode_attention(
                 q, kv_cache, metadata.block_tables, metadata.seq_lens, scale, max_seq_len=metadata.max_seq_len

@@ -11,6 +11,11 @@ Data flow: `positions [T]` pick one cache row per token; one program per token l
 row and rotates every q head `[Hq, R]` and k head `[Hkv, R]` of the token in fp32, rounding
 once to the input dtype. In place by default (`q`, `k` are overwritten and returned);
 `inplace=False` rotates copies.
+
+With `kv_write=(v, kv_cache, slot_mapping)` the same program also stores the token's rotated
+K and its V into the paged cache at its slot (what `kv_cache_write` does; negative slots
+skip), so a decoder layer spends one launch, not two, between its qkv projection and
+attention — at batch 1 every launch is a few microseconds of a ~6 ms step, x 32 layers.
 """
 
 from __future__ import annotations
@@ -37,12 +42,16 @@ def _rotate_heads(x_ptr, t, stride_t, stride_h, stride_d, cos, sin,
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr,
+    v_ptr, cache_ptr, slot_mapping_ptr,  # used only with WRITE_KV
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
     stride_cos, stride_sin,
+    stride_ckv, stride_cblk, stride_coff, stride_chead, stride_cd,
     NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    WRITE_KV: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
@@ -52,6 +61,19 @@ def _rotary_kernel(
     sin = tl.load(sin_ptr + pos * stride_sin + offs_i, mask=i_mask, other=0.0).to(tl.float32)  # [R/2]
     _rotate_heads(q_ptr, t, stride_qt, stride_qh, stride_qd, cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
     _rotate_heads(k_ptr, t, stride_kt, stride_kh, stride_kd, cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HALF, HALF_PAD)
+    if WRITE_KV:
+        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+        if slot >= 0:
+            tl.debug_barrier()  # the rotated K rows were stored by other threads of this program
+            offs_h = tl.arange(0, KV_HEADS_PAD)
+            offs_d = tl.arange(0, DIM_PAD)
+            mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_coff
+            dst_offs = dst + offs_h[:, None] * stride_chead + offs_d[None, :] * stride_cd  # [H_PAD, D_PAD]
+            k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
+            v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+            tl.store(cache_ptr + dst_offs, k.to(cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(cache_ptr + stride_ckv + dst_offs, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rotary_embedding(
@@ -61,8 +83,10 @@ def rotary_embedding(
     cos_cache: torch.Tensor,  # [max_position, R/2], last dim contiguous
     sin_cache: torch.Tensor,  # [max_position, R/2], last dim contiguous
     inplace: bool = True,
+    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # (v, kv_cache, slot_mapping)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, Hq, D], k [T, Hkv, D]) rotated
-    """Neox-style rotary embedding of q and k at `positions` (see the module docstring)."""
+    """Neox-style rotary embedding of q and k at `positions` (see the module docstring); with
+    `kv_write`, the rotated K and V also land in `kv_cache [2, blocks, block_size, Hkv, D]`."""
     num_tokens, num_q_heads, head_dim = q.shape
     k_tokens, num_kv_heads, k_head_dim = k.shape
     half = cos_cache.shape[-1]
@@ -81,14 +105,29 @@ def rotary_embedding(
         q, k = q.clone(), k.clone()
     if num_tokens == 0:
         return q, k
+    if kv_write is not None:
+        v, kv_cache, slot_mapping = kv_write
+        if v.shape != k.shape or tuple(kv_cache.shape[3:]) != (num_kv_heads, head_dim):
+            raise ValueError(f"v {tuple(v.shape)} / kv_cache {tuple(kv_cache.shape)} do not match k {tuple(k.shape)}")
+        if slot_mapping.shape != (num_tokens,):
+            raise ValueError(f"slot_mapping shape {tuple(slot_mapping.shape)} != ({num_tokens},)")
+        v_strides, cache_strides, block_size = v.stride(), kv_cache.stride(), kv_cache.shape[2]
+    else:
+        v, kv_cache, slot_mapping = k, k, positions  # unused (WRITE_KV off)
+        v_strides, cache_strides, block_size = k.stride(), (0,) * 5, 1
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos_cache, sin_cache,
+        v, kv_cache, slot_mapping,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
+        *v_strides,
         cos_cache.stride(0), sin_cache.stride(0),
+        *cache_strides,
         NUM_Q_HEADS=num_q_heads, Q_HEADS_PAD=triton.next_power_of_2(num_q_heads),
         NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        WRITE_KV=kv_write is not None, HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size,
         num_warps=4,
     )
     return q, k

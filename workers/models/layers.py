@@ -145,17 +145,23 @@ class RotaryEmbedding(nn.Module):
             _ROPE_TABLES[key] = table
         return table
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Rotated (q, k) and whether `kv_write = (v, kv_cache, slot_mapping)` was done too: the
+        CUDA kernel stores the rotated k and v into the paged cache in the same launch; the
+        torch path leaves that to the attention backend (False)."""
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
         if use_kernels(q):
             from shardserve.workers.kernels.rotary import rotary_embedding
 
             cos, sin = self.cos_sin_table(q.device)
-            return rotary_embedding(q, k, positions, cos, sin)  # in place
+            q, k = rotary_embedding(q, k, positions, cos, sin, kv_write=kv_write)  # in place
+            return q, k, kv_write is not None
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim / 2]
         cos = freqs.cos().repeat(1, 2)[:, None, :]  # [num_tokens, 1, head_dim]
         sin = freqs.sin().repeat(1, 2)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), False
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,9 @@ class LlamaAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)  # [T, heads, head_dim]
+        q, k, kv_written = self.rotary_emb(positions, q, k, kv_write=(v, kv_cache, attn_metadata.slot_mapping))
+        out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale,
+                                   kv_written=kv_written)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
 
 
