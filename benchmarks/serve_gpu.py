@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 APP_NAME = "shardserve-bench"
@@ -46,6 +48,8 @@ LAYOUTS = {"tp2": (2, 1), "dp2": (1, 2)}  # name -> (tensor_parallel_size, repli
 LOG_TAIL_BYTES = 2 << 20
 # A phase's own work stops this long before the orchestrator kills it, to leave time for teardown.
 TEARDOWN_RESERVE_S = 25.0
+# Every phase not yet run keeps at least this much of the budget.
+MIN_PHASE_S = 60.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-output-len", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--client-procs", type=int, default=0, help="gRPC client processes; 0 = 4 on GPU, 1 on CPU")
+    p.add_argument("--ingress-replicas", type=int, default=0, help="Ingress replicas; 0 = 2 on GPU, 1 on CPU")
     p.add_argument("--time-budget-s", type=float, default=520, help="whole run, Ray start-up included")
     # Internal: one phase, run by the orchestrator in a subprocess.
     p.add_argument("--phase", choices=["offline", "served"], help=argparse.SUPPRESS)
@@ -254,6 +259,7 @@ def served_phase(args: argparse.Namespace) -> None:
         "ray": {"namespace": APP_NAME},
         "http": {"host": "127.0.0.1", "port": free_port()},
         "grpc": {"port": free_port()},
+        "ingress": {"num_replicas": args.ingress_replicas or (2 if args.device == "cuda" else 1)},
         "models": [model_section(args, args.layout, args.concurrency)],
     }, ServeConfig)  # fmt: skip
     num_gpus = torch.cuda.device_count() if args.device == "cuda" else 0
@@ -274,15 +280,19 @@ def served_phase(args: argparse.Namespace) -> None:
         requests = workload(args)
         items = [(i, r.prompt_token_ids, r.output_len) for i, r in enumerate(requests)]
         warm = [(i, r.prompt_token_ids, r.output_len) for i, r in enumerate(warmup_workload(args, args.concurrency))]
-        warm_records = asyncio.run(drive(target, warm, args.concurrency, args.phase_deadline))
+        warm_records = asyncio.run(drive(target, warm, args.concurrency, args.phase_deadline, prefix="warm"))
         result["warmup_errors"] = sum(1 for r in warm_records if r["error"])
         procs = args.client_procs or (4 if args.device == "cuda" else 1)
         records = drive_in_processes(target, items, args.concurrency, procs, args.phase_deadline)
         result["throughput"] = _throughput_summary(records)
+        result["throughput"]["added"] = added_latency(records, engine_timings(records))
         print(f"[served {args.layout}] {_brief(result['throughput'])}", flush=True)
+        _write_json(out / f"served-{args.layout}.json", result)  # kept if the latency run fails
         lat = [(i, r.prompt_token_ids, r.output_len) for i, r in enumerate(latency_workload(args))]
-        asyncio.run(drive(target, lat[:2], 1, args.phase_deadline))  # warm-up, as in the direct run
-        result["latency"] = _latency_summary(asyncio.run(drive(target, lat, 1, args.phase_deadline)), "served")
+        asyncio.run(drive(target, lat[:2], 1, args.phase_deadline, prefix="lat-warm"))  # as in the direct run
+        lat_records = asyncio.run(drive(target, lat, 1, args.phase_deadline, prefix="lat"))
+        result["latency"] = _latency_summary(lat_records, "served")
+        result["latency"]["added"] = added_latency(lat_records, engine_timings(lat_records))
         _write_json(out / f"served-{args.layout}.json", result)
     finally:
         _copy_serve_logs(out / f"serve-logs-{args.layout}")
@@ -307,9 +317,34 @@ def wait_app_running(deadline: float) -> None:
         time.sleep(0.5)
 
 
+def engine_timings(records: list[dict]) -> dict[str, dict]:
+    """The engine's own timing of each request (LLMServer.recent_requests), from every replica
+    that served one: a control call pinned by `replica_id=` (cluster/router.py)."""
+    from ray import serve
+    from shardserve.cluster.ingress.deployment import llm_server_name
+
+    handle = serve.get_deployment_handle(llm_server_name(0, MODEL_NAME), app_name=APP_NAME)
+    timings: dict[str, dict] = {}
+    for replica in sorted({r["replica"] for r in records if r["replica"]}):
+        reply = handle.recent_requests.remote(replica_id=replica).result(timeout_s=30)
+        if reply["replica_id"] != replica:
+            print(f"engine timings: asked replica {replica}, got {reply['replica_id']}", flush=True)
+        timings.update(reply["requests"])
+    return timings
+
+
+def added_latency(records: list[dict], timings: dict[str, dict]) -> dict:
+    """Per request, served end-to-end (client) minus the engine's end-to-end (arrival to finish)."""
+    added = [r["e2e_s"] - timings[r["id"]]["engine_e2e_s"] for r in records
+             if not r["error"] and (timings.get(r["id"]) or {}).get("engine_e2e_s") is not None]
+    return {"num_requests": len(added), "p50_s": percentile(added, 0.5), "p99_s": percentile(added, 0.99),
+            "mean_s": statistics.fmean(added) if added else float("nan")}
+
+
 def _brief(t: dict) -> str:
     return (f"{t['output_tokens']} tokens in {t['elapsed_s']:.2f} s = {t['output_tokens_per_s']:.1f} tok/s, "
-            f"TTFT p50 {t['p50_ttft_s'] * 1e3:.0f} ms p99 {t['p99_ttft_s'] * 1e3:.0f} ms, errors {t['num_errors']}")
+            f"TTFT p50 {t['p50_ttft_s'] * 1e3:.0f} ms p99 {t['p99_ttft_s'] * 1e3:.0f} ms, errors {t['num_errors']}, "
+            f"added per request p50 {t['added']['p50_s'] * 1e3:.1f} ms p99 {t['added']['p99_s'] * 1e3:.1f} ms")
 
 
 def _throughput_summary(records: list[dict]) -> dict:
@@ -331,8 +366,12 @@ def _throughput_summary(records: list[dict]) -> dict:
     }  # fmt: skip
 
 
-async def drive(target: str, items: list, concurrency: int, deadline: float, barrier=None) -> list[dict]:
-    """GenerateStream every (index, token ids, output_len) item with `concurrency` calls in flight."""
+async def drive(target: str, items: list, concurrency: int, deadline: float, barrier=None,
+                prefix: str = "bench") -> list[dict]:
+    """GenerateStream every (index, token ids, output_len) item with `concurrency` calls in flight.
+
+    Each call's request id (x-request-id) is `<prefix>-<index>`, so the engine's own timing of it
+    can be matched (added_latency)."""
     import grpc
     from shardserve.cluster.proto import llm_pb2 as pb
     from shardserve.cluster.proto import llm_pb2_grpc as rpc
@@ -348,11 +387,13 @@ async def drive(target: str, items: list, concurrency: int, deadline: float, bar
             async with slots:
                 params = pb.SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0)
                 req = pb.GenerateRequest(model=MODEL_NAME, prompt_token_ids=pb.TokenIds(ids=ids), params=params)
+                rid = f"{prefix}-{index}"
                 start, first, num_tokens, replica, error = time.monotonic(), None, 0, "", None
                 try:
                     if remaining(deadline) < 1.0:
                         raise TimeoutError("not sent: the phase deadline has passed")
-                    async for resp in stub.GenerateStream(req, timeout=remaining(deadline)):
+                    metadata = (("x-request-id", rid),)
+                    async for resp in stub.GenerateStream(req, timeout=remaining(deadline), metadata=metadata):
                         if first is None and resp.num_tokens:
                             first = time.monotonic()
                         num_tokens += resp.num_tokens
@@ -364,7 +405,7 @@ async def drive(target: str, items: list, concurrency: int, deadline: float, bar
                 end = time.monotonic()
                 if error is None and num_tokens != output_len:
                     error = f"got {num_tokens} tokens, asked for {output_len}"
-                return {"index": index, "start": start, "first": first or end, "end": end, "num_tokens": num_tokens,
+                return {"index": index, "id": rid, "start": start, "first": first or end, "end": end, "num_tokens": num_tokens,
                         "e2e_s": end - start, "ttft_s": (first or end) - start, "replica": replica, "error": error}
 
         return await asyncio.gather(*(one(*item) for item in items))
@@ -446,10 +487,12 @@ class Phases:
         self.out = Path(args.out)
 
     def timeout(self) -> float:
-        """A fair share of what is left (up to 1.8x), but at least 45 s kept for every later phase."""
+        """This phase's hard budget: its fair share of what is left (up to 1.25x, so a slow phase
+        cannot eat the later ones), and at least MIN_PHASE_S kept for every later phase. Time a
+        phase leaves unused goes to the later ones."""
         left = remaining(self.deadline)
         fair = left / max(self.left, 1)
-        return max(5.0, min(left - 45 * (self.left - 1), max(1.8 * fair, 90.0)))
+        return max(5.0, min(left - MIN_PHASE_S * (self.left - 1), max(1.25 * fair, 90.0)))
 
     def start(self, phase: str, layout: str, shard: int, kill_at: float, env: dict | None = None):
         """Start one phase process; its work deadline is `kill_at` less the teardown reserve."""
@@ -522,7 +565,8 @@ def run_offline(ph: Phases, layout: str) -> dict:
         result["output_tokens_per_s_wall"] = result["output_tokens"] / max(s["elapsed_s"] for s in shards)
         result["device"] = shards[0]["device"]
     else:
-        result["error"] = f"offline {layout} failed (exit codes {codes}); see offline-{layout}-*.log"
+        result["error"] = _phase_error(ph.out, "offline", layout, replicas,
+                                       f"offline {layout} failed (exit codes {codes}); see offline-{layout}-*.log")
     return result
 
 
@@ -532,7 +576,8 @@ def run_served(ph: Phases, layout: str) -> dict:
     result = _read(ph.out / f"served-{layout}.json") or {}
     result["exit_code"] = codes[0]
     if "throughput" not in result or codes[0] != 0:
-        result["error"] = f"served {layout} failed (exit code {codes[0]}); see served-{layout}-0.log"
+        result["error"] = _phase_error(ph.out, "served", layout, 1,
+                                       f"served {layout} failed (exit code {codes[0]}); see served-{layout}-0.log")
     return result
 
 
@@ -545,11 +590,13 @@ def table(report: dict) -> str:
              f"(lognormal medians {report['input_len']}/{report['output_len']}, sigma {report['sigma']}), "
              f"served concurrency {report['concurrency']}"]
     head = (f"{'layout':<7}{'offline tok/s':>14}{'served tok/s':>14}{'ratio':>7}{'TTFT p50 ms':>12}"
-            f"{'TTFT p99 ms':>12}{'errors':>8}{'direct e2e ms':>15}{'served e2e ms':>15}{'added ms':>10}")
+            f"{'TTFT p99 ms':>12}{'errors':>8}{'direct e2e ms':>15}{'served e2e ms':>15}{'added ms':>10}"
+            f"{'req added p50/p99 ms':>22}")
     lines += [head, "-" * len(head)]
     for layout, r in report["layouts"].items():
         off, srv = r.get("offline", {}), r.get("served", {})
         thr = srv.get("throughput", {})
+        added = thr.get("added") or {}
         d_lat = (off.get("latency") or {}).get("median_e2e_s")
         s_lat = (srv.get("latency") or {}).get("median_e2e_s")
         lines.append(
@@ -557,6 +604,7 @@ def table(report: dict) -> str:
             f"{_fmt(r.get('ratio'), '.3f'):>7}{_fmt(thr.get('p50_ttft_s'), '.0f', 1e3):>12}"
             f"{_fmt(thr.get('p99_ttft_s'), '.0f', 1e3):>12}{thr.get('num_errors', '-'):>8}"
             f"{_fmt(d_lat, '.1f', 1e3):>15}{_fmt(s_lat, '.1f', 1e3):>15}{_fmt(r.get('added_latency_s'), '.1f', 1e3):>10}"
+            f"{_fmt(added.get('p50_s'), '.1f', 1e3) + ' / ' + _fmt(added.get('p99_s'), '.1f', 1e3):>22}"
         )
         failed = f"served run: {thr['num_errors']} requests failed: {thr['errors']}" if thr.get("num_errors") else None
         for err in (off.get("error"), srv.get("error"), failed, r.get("skipped")):
@@ -564,19 +612,56 @@ def table(report: dict) -> str:
                 lines.append(f"        {err}")
     lines.append("ratio = served / offline output tok/s (target >= 0.9); added = median e2e of "
                  f"{report['latency_requests']} requests ({report['latency_input_len']} in / "
-                 f"{report['latency_output_len']} out) at concurrency 1, gRPC through Serve minus AsyncEngine direct")
+                 f"{report['latency_output_len']} out) at concurrency 1, gRPC through Serve minus AsyncEngine direct; "
+                 "req added = per request of the throughput run, client e2e minus the engine's own e2e")
     return "\n".join(lines)
+
+
+def run_phase(args: argparse.Namespace) -> int:
+    """One phase process. Whatever ends it early leaves its reason in its own log (stdout) and in
+    `error-<phase>-<layout>-<shard>.txt`, which the orchestrator puts into serve_gpu.json: a
+    traceback for an exception, and a dump of every thread's stack shortly before the orchestrator
+    would kill a hung phase."""
+    faulthandler.enable(file=sys.stdout)
+    if args.phase_deadline is not None:
+        faulthandler.dump_traceback_later(max(1.0, args.phase_deadline - time.time() + 5), exit=False, file=sys.stdout)
+    print(f"[{args.phase} {args.layout} shard {args.shard}] pid {os.getpid()}, "
+          f"{remaining(args.phase_deadline or time.time()):.0f} s to its deadline", flush=True)
+    try:
+        (offline_phase if args.phase == "offline" else served_phase)(args)
+    except BaseException:  # noqa: BLE001 -- reported, then the exit code says it failed
+        text = traceback.format_exc()
+        print(f"[{args.phase} {args.layout} shard {args.shard}] FAILED\n{text}", flush=True)
+        _write_text(Path(args.out) / f"error-{args.phase}-{args.layout}-{args.shard}.txt", text)
+        return 1
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as err:
+        print(f"could not write {path}: {err!r}", flush=True)
+
+
+def _phase_error(out: Path, phase: str, layout: str, shards: int, what: str) -> str:
+    """`what`, plus the last line of each failed shard's traceback (full text in its error file)."""
+    reasons = []
+    for shard in range(shards):
+        path = out / f"error-{phase}-{layout}-{shard}.txt"
+        if path.exists():
+            lines = path.read_text(errors="replace").strip().splitlines()
+            reasons.append(f"shard {shard}: {lines[-1] if lines else '?'} (see {path.name})")
+    return "; ".join([what, *reasons])
 
 
 def main() -> int:
     argv = sys.argv[1:]
     args = parse_args(argv)
-    if args.phase == "offline":
-        offline_phase(args)
-        return 0
-    if args.phase == "served":
-        served_phase(args)
-        return 0
+    if args.phase is not None:
+        return run_phase(args)
     deadline = time.time() + args.time_budget_s
     import torch
 
@@ -586,7 +671,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("ready-*"), *out.glob("go-*"), *out.glob("offline-*.json"), *out.glob("served-*.json"),
-                  *out.glob("direct-latency-*.json")]:
+                  *out.glob("direct-latency-*.json"), *out.glob("error-*.txt")]:
         stale.unlink()
     layouts = args.layouts.split(",")
     report: dict = {k: getattr(args, k) for k in (

@@ -29,10 +29,11 @@ from shardserve.cluster.router import PrefixAffinityRouter
 from shardserve.cluster.server import LLMServer
 
 ROUTING_STATS_PERIOD_S = 2.0
-INGRESS_MAX_ONGOING_REQUESTS = 4096
+INGRESS_MIN_ONGOING_REQUESTS = 4096
 # Serve's per-replica cap sits above the engine's own (running + waiting), so the engine answers
 # "queue full" (429) itself and stats / health calls still reach a busy replica.
 CONTROL_HEADROOM = 32
+REPLICA_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
@@ -64,6 +65,7 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
         if bundles:
             options["placement_group_bundles"] = bundles
             options["placement_group_strategy"] = "STRICT_PACK" if model.parallel.pipeline_parallel_size == 1 else "PACK"
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(REPLICA_ENV_VARS)}
     return options
 
 
@@ -83,13 +85,29 @@ def worker_group_bundles(model: ModelSection) -> list[dict[str, float]]:
     return [first] + [dict(rank) for _ in range(model.world_size - 1)] if rank else []
 
 
+def ingress_max_ongoing_requests(config: AppConfig) -> int:
+    """Every Ingress replica must admit every stream the LLMServers can hold (running + queued, at
+    the most replicas), or Serve would queue requests in front of idle engines; the proxy does not
+    balance Ingress replicas exactly, so each gets the whole total, plus the control headroom."""
+    total = 0
+    for model in config.models:
+        replicas = model.autoscaling.max_replicas if model.autoscaling is not None else model.num_replicas
+        total += replicas * (model.scheduler.max_num_seqs + model.scheduler.max_queue_len)
+    return max(INGRESS_MIN_ONGOING_REQUESTS, total + CONTROL_HEADROOM)
+
+
 def build_app(config: AppConfig) -> serve.Application:
     handles = {}
     for i, model in enumerate(config.models):
         deployment = serve.deployment(LLMServer).options(**llm_server_options(i, model))
         handles[model.name] = deployment.bind(model.model_dump(mode="json"))
     app_config = config.model_dump(mode="json", exclude={"ray"})
-    ingress = serve.deployment(Ingress).options(name="Ingress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
+    ingress = serve.deployment(Ingress).options(
+        name="Ingress",
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=ingress_max_ongoing_requests(config),
+        ray_actor_options={"runtime_env": {"env_vars": dict(REPLICA_ENV_VARS)}},
+    )
     return ingress.bind(app_config, handles)
 
 

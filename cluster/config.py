@@ -50,6 +50,17 @@ class GrpcSection(_Section):
     port: int = Field(9000, ge=1, le=65535, description="gRPC port of shardserve.v1.LLMService, 1..65535.")
 
 
+class IngressSection(_Section):
+    num_replicas: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Ingress replicas (each one Python process relaying every stream's messages), >= 1. More spread "
+            "that CPU over cores; each keeps its own prefix-affinity table, so affinity weakens with several."
+        ),
+    )
+
+
 class ParallelSection(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one layer is split over (NCCL all-reduce), >= 1.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages the layers are split into, >= 1.")
@@ -201,6 +212,7 @@ class AppConfig(_Section):
 
     http: HttpSection = Field(default_factory=HttpSection, description="OpenAI-compatible HTTP API.")
     grpc: GrpcSection = Field(default_factory=GrpcSection, description="gRPC API (shardserve.v1.LLMService).")
+    ingress: IngressSection = Field(default_factory=IngressSection, description="The Ingress deployment.")
     models: list[ModelSection] = Field(..., min_length=1, description="Models served; clients pick by name.")
 
     @model_validator(mode="after")

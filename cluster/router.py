@@ -10,7 +10,8 @@ hit"); otherwise replicas are ranked by load, then by how few prefixes they own,
 prefixes spread. Ray Serve then tries the ranks in order (a full replica is skipped). When a
 replica accepts the request, `on_request_routed` records its prefix chain → replica and counts
 it in flight until that very `ReplicaResult` completes (its own done callback). Calls that are
-not generate requests (stats, health) simply go to the least-loaded replica.
+not generate requests (stats, health) simply go to the least-loaded replica, or to the replica
+a `replica_id=` keyword names (LLMServer.recent_requests, so benchmarks can read each replica).
 
 Load = requests in flight from this router, counted exactly. Two tempting sources are not used
 because they go stale in one direction: Serve's queue-length cache is set from the count a
@@ -105,7 +106,11 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             key=lambda r: (loads[r.replica_id], self._num_owned.get(r.replica_id, 0), r.replica_id.unique_id),
         )
         request = _generate_request(pending_request)
-        if request is None or not self._prefix_affinity:
+        if request is None:
+            pinned = _pinned_replica(pending_request)
+            ranked.sort(key=lambda r: r.replica_id.unique_id != pinned)
+            return [[r] for r in ranked]
+        if not self._prefix_affinity:
             return [[r] for r in ranked]
         chain = prefix_chain(request.routing_text)
         affinity = self._affinity(chain, set(loads))
@@ -199,3 +204,12 @@ def _generate_request(pending_request: PendingRequest | None) -> GenerateRequest
         if isinstance(arg, GenerateRequest):
             return arg
     return None
+
+
+def _pinned_replica(pending_request: PendingRequest | None) -> str | None:
+    """A control call's `replica_id=` keyword (e.g. LLMServer.recent_requests): that replica first,
+    so a caller can read every replica's state through the handle."""
+    if pending_request is None:
+        return None
+    pinned = pending_request.kwargs.get("replica_id")
+    return pinned if isinstance(pinned, str) else None

@@ -26,9 +26,12 @@ built on a thread so the replica's event loop stays free while ranks start and w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import re
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from typing import Any
@@ -41,9 +44,12 @@ from shardserve.cluster.messages import (
     GenerateChunk,
     GenerateRequest,
 )
+from shardserve.cluster.streaming import batched, merge_chunks
 from shardserve.workers.config import EngineConfig, SchedulerConfig
 from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFullError
 
+# Finished requests whose timings `recent_requests()` keeps (benchmarks read them by request id).
+NUM_RECENT_REQUESTS = 8192
 _PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*) (must|is|are|should)\b")
 
 
@@ -84,6 +90,7 @@ class LLMServer:
         self.engine = await make_engine(self.section)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_in_flight = 0
+        self._recent: OrderedDict[str, dict[str, float | None]] = OrderedDict()
         # The engine enforces max_queue_len once SchedulerConfig carries it; until then, here.
         self._queue_limit: int | None = None
         if "max_queue_len" not in SchedulerConfig.__dataclass_fields__:
@@ -113,13 +120,20 @@ class LLMServer:
             yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)) or "messages")
             return
         self.num_in_flight += 1
+        start = time.monotonic()
         stream = self.engine.generate(prompt, request.params, rid, request.priority)
         builder = ChunkBuilder(rid, self.replica_id)
         finished = False
         try:
-            async for out in stream:
-                finished = out.finished
-                yield builder.build(out)
+            # One message per engine step only while the path keeps up; else what piled up goes
+            # together (cluster/streaming.py), so the Ray and gRPC hops never lag the engine.
+            # Closed before the `finally` below, so `stream` is no longer being read when it closes.
+            async with contextlib.aclosing(batched(stream)) as batches:
+                async for outs in batches:
+                    finished = outs[-1].finished
+                    if finished:
+                        self._record(rid, outs[-1], start)
+                    yield merge_chunks([builder.build(out) for out in outs])
         except ValueError as err:
             yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)))
         except QueueFullError as err:
@@ -133,6 +147,27 @@ class LLMServer:
                 await aclose()
             if not finished:
                 await self.engine.abort(rid)
+
+    def _record(self, request_id: str, out: Any, start: float) -> None:
+        """Keep the engine's own timing of a finished request (what the serving path adds is the rest)."""
+        metrics = out.metrics
+        entry: dict[str, float | None] = {"server_e2e_s": time.monotonic() - start, "engine_e2e_s": None,
+                                          "engine_ttft_s": None}
+        if metrics is not None:
+            end = metrics.finished_time or metrics.last_token_time
+            entry["engine_e2e_s"] = None if end is None else end - metrics.arrival_time
+            entry["engine_ttft_s"] = metrics.ttft
+        self._recent[request_id] = entry
+        while len(self._recent) > NUM_RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+
+    async def recent_requests(self, replica_id: str | None = None) -> dict[str, Any]:
+        """Timings of the last NUM_RECENT_REQUESTS finished requests, by request id: engine-side
+        end-to-end and TTFT (the engine's RequestMetrics) and the replica's own end-to-end.
+
+        `replica_id` pins the call to that replica (cluster/router.py); the answer names the
+        replica that answered, so a caller can tell if the pin missed (the replica is gone)."""
+        return {"replica_id": self.replica_id, "requests": dict(self._recent)}
 
     async def stats(self) -> dict[str, Any]:
         stats = asdict(await self.engine.stats())

@@ -54,6 +54,7 @@ class Cluster:
     grpc_target: str
     config: Any
     long_max_tokens: int = LONG_MAX_TOKENS  # for model `solo`: ends only by abort
+    app_name: str = APP_NAME
 
     def llm_handle(self, model: str) -> Any:
         from ray import serve

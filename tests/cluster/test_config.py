@@ -81,7 +81,10 @@ def test_llm_server_options_reserve_a_worker_group():
     # Bundle 0 holds the replica (the engine's driver, CPUs only) and rank 0; one rank per other bundle.
     assert options["placement_group_bundles"] == [{"CPU": 8, "GPU": 1}] + [{"CPU": 4, "GPU": 1}] * 7
     assert options["placement_group_strategy"] == "PACK"  # two pipeline stages may span nodes
-    assert options["num_replicas"] == 1 and options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 0}
+    actor = options["ray_actor_options"]
+    assert options["num_replicas"] == 1 and (actor["num_cpus"], actor["num_gpus"]) == (4, 0)
+    # User code on the replica's own event loop: one thread hop less per streamed message.
+    assert actor["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     router = options["request_router_config"]
     assert router.request_router_kwargs == {"prefix_affinity": True, "max_load_imbalance": 8}
     auto = load_config(Path(CONFIGS[0]).parent / "autoscaling-dp.yaml").models[0]

@@ -63,9 +63,12 @@ def test_error_status_codes(stub, req, code, field):
 
 
 def test_queue_full_is_resource_exhausted(stub, cluster):
-    busy = [stub.GenerateStream(request(model="tiny-queue", max_tokens=3000)) for _ in range(2)]
+    # One request running (its first message proves it holds the engine's only slot), then one
+    # queued: started in that order, so which of them runs never depends on arrival order.
+    busy = [stub.GenerateStream(request(model="tiny-queue", max_tokens=3000))]
     try:
         next(busy[0])
+        busy.append(stub.GenerateStream(request(model="tiny-queue", max_tokens=3000)))
         deadline = time.time() + 20
         while cluster.llm_handle("tiny-queue").stats.remote().result()["num_waiting"] < 1:
             assert time.time() < deadline, "second request never queued"

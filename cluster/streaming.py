@@ -1,0 +1,109 @@
+"""Adaptive coalescing of a token stream: one message for everything produced since the last send.
+
+Why: every message a Serve deployment yields is a Ray object (LLMServer → Ingress) and then a
+second one (Ingress → gRPC proxy), each costing a few hundred microseconds of CPU in the sender,
+the receiver and the proxy. One message per token per stream capped the served throughput at
+about half of the engine's (benchmarks/serve_overhead.py; the GPU run in benchmarks/NOTES.md):
+the processes on the path saturated, and the engine thread starved for the GIL in the replica.
+
+`batched(source)` reads `source` in a task of its own and hands the consumer everything that
+arrived while it was busy sending the previous message, as one list. Nothing is delayed: when the
+consumer is idle it gets each item as soon as it arrives (a list of one, the first token
+included); items only pile up — and are then sent together — when sending is the bottleneck, so
+the message rate falls exactly when it has to. `merge_chunks` turns such a list of GenerateChunks
+into one chunk carrying the same text, token counts, logprobs and final fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import TypeVar
+
+from shardserve.cluster.messages import CompletionDelta, GenerateChunk
+
+T = TypeVar("T")
+
+
+async def batched(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
+    """Yield lists of the items `source` produced since the previous yield (never empty).
+
+    An exception from `source` is raised after the items that came before it were yielded.
+    Closing or cancelling this generator cancels the read of `source` (its own cleanup runs).
+    """
+    buffer: list[T] = []
+    wake = asyncio.Event()
+    ended = False
+    failure: BaseException | None = None
+
+    async def pump() -> None:
+        nonlocal ended, failure
+        try:
+            async for item in source:
+                buffer.append(item)
+                wake.set()
+        except BaseException as err:  # noqa: BLE001 -- re-raised in the consumer, after the items
+            failure = err  # a CancelledError too: unless we cancelled the pump, the source was
+        finally:
+            ended = True
+            wake.set()
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            while not buffer and not ended:
+                wake.clear()
+                await wake.wait()
+            if buffer:
+                items = buffer[:]
+                buffer.clear()
+                yield items
+            elif failure is not None:
+                raise failure
+            else:
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let the source's own cleanup run; raises only if we are cancelled
+
+
+def merge_chunks(chunks: Sequence[GenerateChunk]) -> GenerateChunk:
+    """One chunk equivalent to `chunks` (consecutive chunks of one request, oldest first).
+
+    Per completion index: texts concatenated, token counts summed, logprobs concatenated, the last
+    finish reason. The request-level fields come from the last chunk (finished, error, counts),
+    prompt logprobs from the chunk that carried them (only ever the first that had them).
+    """
+    if len(chunks) == 1:
+        return chunks[0]
+    by_index: dict[int, list[CompletionDelta]] = {}
+    for chunk in chunks:
+        for delta in chunk.deltas:
+            by_index.setdefault(delta.index, []).append(delta)
+    last = chunks[-1]
+    return GenerateChunk(
+        request_id=last.request_id,
+        replica_id=last.replica_id,
+        deltas=tuple(_merge_deltas(index, deltas) for index, deltas in by_index.items()),
+        finished=last.finished,
+        num_prompt_tokens=last.num_prompt_tokens,
+        num_cached_prompt_tokens=last.num_cached_prompt_tokens,
+        error=next((c.error for c in chunks if c.error is not None), None),
+        prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None),
+    )
+
+
+def _merge_deltas(index: int, deltas: list[CompletionDelta]) -> CompletionDelta:
+    if len(deltas) == 1:
+        return deltas[0]
+    logprobs = None
+    if any(d.logprobs is not None for d in deltas):
+        logprobs = tuple(p for d in deltas for p in (d.logprobs or ()))
+    return CompletionDelta(
+        index=index,
+        text="".join(d.text for d in deltas),
+        num_tokens=sum(d.num_tokens for d in deltas),
+        finish_reason=next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None),
+        logprobs=logprobs,
+    )
