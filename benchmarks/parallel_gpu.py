@@ -8,8 +8,11 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
   tp:  Llama-3.1-8B, batch 1, 128 in / 256 out: decode tok/s (1 / time per output token) at
        TP = 1, 2, 4.
   pp:  Llama-3.1-8B offline throughput (lognormal, medians 200 in / 180 out) at PP = 1 vs 2.
-       The pipeline keeps one batch in flight, so PP 2 shows the cost of the stage hand-off,
-       not a speed-up (micro-batching is not implemented).
+       PP 2 keeps 2 micro-batches in flight (workers/engine.py), each about half the running
+       requests, so both stages stay busy. max_num_seqs bounds the requests running in all
+       batches together: PP 2 runs with 256 (two batches of ~128) and with 512 (two of ~256,
+       the batch size of PP 1; each GPU holds half the layers, so twice the KV tokens fit).
+       `max_in_flight` reports the most batches the engine had in flight.
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
   overhead: driver-side cost of one step through the MultiprocExecutor at TP 2 on a tiny model:
        the round trip of an empty step (pickle, one pipe write per rank, worker wake-up and
@@ -30,7 +33,8 @@ import time
 
 CASES = {
     "tp": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2, 4)],
-    "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1) for pp in (1, 2)],
+    "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
+           for pp, seqs in ((1, 256), (2, 256), (2, 512))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
     "overhead": [dict(kind="overhead", model="dummy:tiny-llama", tp=2, pp=1, ep=1)],
 }
@@ -42,7 +46,7 @@ def _engine(case: dict, device: str, num_requests: int):
 
     config = EngineConfig(
         model=ModelConfig(model=case["model"], dtype="bfloat16" if device != "cpu" else "float32", device=device),
-        scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
+        scheduler=SchedulerConfig(max_num_seqs=case.get("max_num_seqs", 256), max_num_batched_tokens=8192),
         parallel=ParallelConfig(tensor_parallel_size=case["tp"], pipeline_parallel_size=case["pp"],
                                 expert_parallel_size=case["ep"]),
     )
@@ -66,7 +70,8 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
         workload = Workload(num_requests, 200, 180, distribution="lognormal")
         result = run_throughput(engine, workload.sample(vocab))
         return {"output_tok_s": result.output_tokens_per_s, "requests_s": result.requests_per_s,
-                "mean_ttft_s": result.mean_ttft_s, "mean_tpot_s": result.mean_tpot_s}
+                "mean_ttft_s": result.mean_ttft_s, "mean_tpot_s": result.mean_tpot_s,
+                "max_in_flight": engine.stats().max_batches_in_flight}
     finally:
         engine.shutdown()
 
@@ -83,8 +88,10 @@ def _overhead(engine) -> dict:
     for _ in range(num_steps):
         engine.executor.execute(empty)
     round_trip = (time.perf_counter() - start) / num_steps
-    # A decode step of 256 running requests, 2,000-token contexts (125 blocks each), 8 of them new.
-    scheduled = tuple(ScheduledRequest(f"req-{i}", (1234,), 2000, tuple(range(i * 125, (i + 1) * 125)), True)
+    # A decode step of 256 running requests, 2,000-token contexts (125 blocks each), 8 of them new
+    # (their whole tables go out) and one in 16 of the others crossing into a new block.
+    scheduled = tuple(ScheduledRequest(f"req-{i}", (1234,), 2000,
+                                       tuple(range(i * 125, (i + 1) * 125)) if i < 8 else (i,) * (i % 16 == 0), True)
                       for i in range(256))
     new = tuple(NewRequestData(f"req-{i}", tuple(range(200)), (), SamplingParams()) for i in range(8))
     big = SchedulerOutput(new_requests=new, scheduled=scheduled, num_batched_tokens=256)
@@ -108,11 +115,25 @@ def _device_label(device: str) -> str:
     return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
 
 
+def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: str | bytes | None) -> None:
+    if out is None:
+        return
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    name = "-".join(f"{k}{case[k]}" for k in ("kind", "tp", "pp", "ep")) + f"-seqs{case.get('max_num_seqs', 256)}"
+    text = "".join(t.decode() if isinstance(t, bytes) else (t or "") for t in (stdout, stderr))
+    with open(os.path.join(out, f"{name}.log"), "w") as f:
+        f.write(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, pp, ep, overhead")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--num-requests", type=int, default=1000, help="requests of the throughput cases")
+    parser.add_argument("--case-timeout-s", type=float, default=300.0, help="kill a case that runs longer")
+    parser.add_argument("--out", default=None, help="folder for each case's full log (stdout + stderr)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case (JSON) and print JSON
     args = parser.parse_args()
     if args.one:
@@ -127,12 +148,21 @@ def main() -> None:
         for case in CASES[name]:
             world = case["tp"] * case["pp"]
             label = f"{name:8s} {case['model']:22s} tp={case['tp']} pp={case['pp']} ep={case['ep']}"
+            if "max_num_seqs" in case:
+                label += f" seqs={case['max_num_seqs']}"
             if case["kind"] != "overhead" and world > num_gpus:
                 rows.append((label, f"skipped: needs {world} GPUs, have {num_gpus}"))
                 continue
             cmd = [sys.executable, __file__, "--one", json.dumps(case), "--device", args.device,
                    "--num-requests", str(args.num_requests)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s)
+            except subprocess.TimeoutExpired as exc:
+                _save_log(args.out, case, exc.stdout, exc.stderr)
+                rows.append((label, f"TIMED OUT after {args.case_timeout_s:.0f} s"))
+                print(f"{label}  {rows[-1][1]}", flush=True)
+                continue
+            _save_log(args.out, case, proc.stdout, proc.stderr)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 rows.append((label, f"FAILED (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"))

@@ -54,14 +54,34 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
 
 
 # ---- pipeline parallel --------------------------------------------------------------------
+# Sends are asynchronous so a stage can start its next micro-batch while the next stage still
+# receives this one (several batches in flight, workers/engine.py). Each stage sends only to
+# its successor and every rank runs the steps in the same order, so the receives match the
+# sends one to one. The previous send is completed before the next one is posted: at most one
+# send per stage is pending, its tensor kept alive here until then (the caller must not
+# modify a tensor it sent). On NCCL `wait` only orders the streams; on gloo it blocks until
+# the bytes have left, which needs the next stage to have posted the receive of the previous
+# batch, which it does as soon as that batch's metadata arrives (no cycle: deadlock-free).
+
+_pending_sends: list[tuple[Any, torch.Tensor]] = []  # (work, tensor) of the posted send
 
 
 def send_to_next_stage(x: torch.Tensor) -> None:
-    """Send `x` to this TP rank's peer in the next pipeline stage (blocking)."""
+    """Post the send of `x` to this TP rank's peer in the next pipeline stage; returns once the
+    previous send has completed (this one completes in the background)."""
     pp = get_parallel_state().pp
     if pp.rank == pp.size - 1:
         raise RuntimeError("the last pipeline stage has no next stage")
-    dist.send(x.contiguous(), dst=pp.ranks[pp.rank + 1])
+    wait_pipeline_sends()
+    x = x.contiguous()
+    _pending_sends.append((dist.isend(x, dst=pp.ranks[pp.rank + 1]), x))
+
+
+def wait_pipeline_sends() -> None:
+    """Complete every posted stage-to-stage send (before reusing its buffer or leaving the group)."""
+    while _pending_sends:
+        work, _ = _pending_sends.pop(0)
+        work.wait()
 
 
 def recv_from_prev_stage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

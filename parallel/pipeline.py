@@ -10,6 +10,12 @@ next stage receives it (`recv_hidden`, the shape known from the step's token cou
 last stage normalises, computes logits and samples. Our decoder layers carry the residual and
 the hidden state as one tensor (the norms are applied inside each layer), so one tensor crosses
 each boundary.
+
+Micro-batches: the engine keeps up to pp_size steps (disjoint request sets) in flight and every
+stage runs them in the same order, so stage s computes step k+1 while stage s+1 computes step k.
+`send_hidden` therefore does not wait for the next stage: the send is posted and completes in
+the background, and the previous one is completed first (parallel/comm.py says why this cannot
+deadlock); `recv_hidden` blocks until the step's activations have arrived.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ class PPMissingLayer(nn.Module):
 
 
 def send_hidden(hidden_states: torch.Tensor) -> None:
-    """Send this stage's residual stream [num_tokens, hidden] to the next stage."""
+    """Send this stage's residual stream [num_tokens, hidden] to the next stage (asynchronous:
+    the tensor is kept until the send completes and must not be modified)."""
     send_to_next_stage(hidden_states)
 
 

@@ -12,13 +12,30 @@ The AsyncEngine (async_engine.py) runs this loop on a thread and streams outputs
 The step runs through an executor (workers/worker/executor.py): in this process when the world
 size is 1 (`self.runner` is then the ModelRunner), else on TP x PP worker processes, in which
 case this process reads only the model's config and tokenizer and holds no weights.
+
+Pipeline parallelism (P = pipeline_parallel_size > 1) keeps a batch queue of up to P batches in
+flight, so every stage has work (stage s runs batch k+1 while stage s+1 runs batch k):
+    step(): 1. fill: while fewer than P batches are in flight, schedule a batch from the
+               requests not in flight (the scheduler skips those) and submit it without
+               waiting; stop early when nothing more can be scheduled;
+            2. collect the oldest batch and fold its tokens into the scheduler
+               (update_from_output);
+            3. fill again, so the next batch (often this one's requests) leaves before
+            4. this batch's outputs are processed (detokenization, stop strings) and returned.
+A request is in at most one batch in flight. One that finishes while in flight — an abort, or
+a stop string found in step 4 — keeps its blocks until its batch returns (scheduler), and that
+batch's result for it is dropped here. A batch that schedules nothing is not sent: the runner
+drops it would carry (finished / preempted ids) ride with the next batch sent.
+At P = 1 `step()` is the plain schedule -> execute -> update -> outputs loop.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from shardserve.workers.config import EngineConfig
@@ -28,11 +45,22 @@ from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.protocol import EngineStats, ModelInfo
 from shardserve.workers.request import FinishReason, Request, RequestOutput, SamplingParams
 from shardserve.workers.runner.model_runner import ModelRunner
+from shardserve.workers.runner.output import ModelRunnerOutput
+from shardserve.workers.scheduler.output import SchedulerOutput
 from shardserve.workers.scheduler.scheduler import Scheduler
-from shardserve.workers.stats import ThroughputMeter
+from shardserve.workers.stats import BatchQueueStats, ThroughputMeter
+from shardserve.workers.worker.channel import StepHandle
 from shardserve.workers.worker.executor import Executor, LocalExecutor, make_executor
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A submitted batch whose output has not been applied yet."""
+
+    sched: SchedulerOutput
+    handle: StepHandle
 
 
 class LLMEngine:
@@ -55,9 +83,16 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len)
+        self.max_batches_in_flight = config.parallel.pipeline_parallel_size
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
+                                   max_batches_in_flight=self.max_batches_in_flight)
         self.outputs = OutputProcessor(self.tokenizer)
         self.meter = ThroughputMeter()
+        self.batch_queue = BatchQueueStats()
+        self._batches: deque[_InFlight] = deque()  # oldest first
+        self._drop_results: set[str] = set()  # sample ids finished while in a batch in flight
+        self._carried_finished: tuple[str, ...] = ()  # runner drops of batches never sent
+        self._carried_preempted: tuple[str, ...] = ()
         # parent id -> samples 1..n-1 waiting for sample 0's prompt to be computed
         self._held_samples: dict[str, list[Request]] = {}
         self._first_sample: dict[str, Request] = {}
@@ -137,15 +172,20 @@ class LLMEngine:
             self.outputs.finish_sample(sample, FinishReason.ABORT)
         self._first_sample.pop(request_id, None)
         sample_ids = self.outputs.sample_ids(request_id)
+        # Its batch's result will come back after the output is gone: ignore it then.
+        self._drop_results.update(s for s in sample_ids if self.scheduler.is_in_flight(s))
         self.scheduler.abort_requests(sample_ids)
         self.outputs.abort(request_id)
 
     # ---- the step ----------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._held_samples) or self.outputs.has_pending()
+        return (self.scheduler.has_unfinished() or bool(self._held_samples) or self.outputs.has_pending()
+                or bool(self._batches))
 
     def step(self) -> list[RequestOutput]:
+        if self.max_batches_in_flight > 1:
+            return self._pipelined_step()
         sched = self.scheduler.schedule()
         runner_output = self.executor.execute(sched)
         advanced = self.scheduler.update_from_output(sched, runner_output)
@@ -158,6 +198,63 @@ class LLMEngine:
             self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
         self._release_held_samples()
         return self.outputs.collect()
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        """Fill the batch queue, apply the oldest batch (see the module docstring)."""
+        self._fill_batch_queue()
+        if self._batches:
+            batch = self._batches.popleft()
+            runner_output = self.executor.collect(batch.handle)
+            advanced = self.scheduler.update_from_output(batch.sched, runner_output)
+            self._fill_batch_queue()  # the next batch goes out before this one's outputs are built
+            self._process(batch.sched, runner_output, advanced)
+        self._release_held_samples()
+        return self.outputs.collect()
+
+    def _fill_batch_queue(self) -> None:
+        while len(self._batches) < self.max_batches_in_flight:
+            sched = self._with_carried_drops(self.scheduler.schedule())
+            if sched.is_empty:
+                # Nothing to run now (every running request is in flight, or none can start).
+                self._carry_drops(sched)
+                empty = ModelRunnerOutput()
+                self._process(sched, empty, self.scheduler.update_from_output(sched, empty))
+                return
+            self._batches.append(_InFlight(sched, self.executor.submit(sched)))
+            self.batch_queue.record_submit(len(self._batches))
+
+    def _process(self, sched: SchedulerOutput, runner_output: ModelRunnerOutput, advanced: list[Request]) -> None:
+        """Build the outputs of an applied batch; finish the requests that hit a stop string."""
+        scheduled_ids = [r.request_id for r in sched.scheduled]
+        if self._drop_results:
+            dropped = self._drop_results.intersection(scheduled_ids)
+            if dropped:
+                self._drop_results -= dropped
+                scheduled_ids = [r for r in scheduled_ids if r not in dropped]
+                runner_output = _without(runner_output, dropped)
+        self.meter.record(
+            num_prompt_tokens=sum(r.num_tokens for r in sched.scheduled if not r.sample)
+            + sum(r.num_tokens - 1 for r in sched.scheduled if r.sample),
+            num_generation_tokens=len(runner_output.sampled_token_ids),
+        )
+        for request_id, stop_string in self.outputs.process(scheduled_ids, advanced, runner_output):
+            if self.scheduler.is_in_flight(request_id):  # already in the next batch: drop that result
+                self._drop_results.add(request_id)
+            self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
+
+    def _carry_drops(self, sched: SchedulerOutput) -> None:
+        self._carried_finished = sched.finished_request_ids
+        self._carried_preempted = sched.preempted_request_ids
+
+    def _with_carried_drops(self, sched: SchedulerOutput) -> SchedulerOutput:
+        """`sched` plus the runner drops of earlier batches that were never sent (the runner
+        applies drops before additions, so a dropped id may come back in this very batch)."""
+        if not (self._carried_finished or self._carried_preempted):
+            return sched
+        merged = replace(sched, finished_request_ids=self._carried_finished + sched.finished_request_ids,
+                         preempted_request_ids=self._carried_preempted + sched.preempted_request_ids)
+        self._carried_finished = self._carried_preempted = ()
+        return merged
 
     def _release_held_samples(self) -> None:
         for parent_id in list(self._held_samples):
@@ -196,7 +293,18 @@ class LLMEngine:
             num_finished=self.outputs.num_finished,
             total_prompt_tokens=self.meter.total_prompt_tokens,
             total_generation_tokens=self.meter.total_generation_tokens,
+            num_batches_in_flight=len(self._batches),
+            max_batches_in_flight=self.batch_queue.max_in_flight,
         )
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.loaded.name, self.max_model_len, self.loaded.hf_config.vocab_size)
+
+
+def _without(output: ModelRunnerOutput, request_ids: set[str]) -> ModelRunnerOutput:
+    """`output` minus the entries of `request_ids` (requests aborted while in flight)."""
+    return ModelRunnerOutput(
+        sampled_token_ids={k: v for k, v in output.sampled_token_ids.items() if k not in request_ids},
+        logprobs={k: v for k, v in output.logprobs.items() if k not in request_ids},
+        prompt_logprobs={k: v for k, v in output.prompt_logprobs.items() if k not in request_ids},
+    )

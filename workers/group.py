@@ -14,8 +14,9 @@ Ray only starts things; it carries no per-step traffic. Start-up:
      loop as the local MultiprocExecutor). Its ObjectRef doubles as the liveness ref: it becomes
      ready only when the rank's loop ends or its actor dies.
 Per step: the SchedulerOutput is pickled once and the same bytes are written to every rank's
-socket Connection; the output rank's pickled ModelRunnerOutput is read back. No Ray call is made
-on the step path. While waiting, the driver polls the sockets; a killed rank closes its socket
+socket Connection (`submit`); the output rank's pickled ModelRunnerOutput is read back
+(`collect`, in submission order, so under pipeline parallelism several steps are in flight).
+No Ray call is made on the step path. While waiting, the driver polls the sockets; a killed rank closes its socket
 (EOF at once), and every `LIVENESS_POLL_S` of silence the liveness refs are checked with a
 zero-timeout `ray.wait` (a lost node). Either way the step raises WorkerGroupError, the other
 ranks are killed, and every later call (and `check_health`) raises too.

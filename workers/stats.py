@@ -1,13 +1,15 @@
-"""Token throughput counters for engine stats: totals since start and rates over a window.
+"""Engine counters: token throughput (totals and windowed rates) and the pipeline batch queue.
 
 The engine records each step's prompt and generation token counts; `rates()` divides what
-the last `window_s` seconds saw by the time they span.
+the last `window_s` seconds saw by the time they span. Under pipeline parallelism it also
+records, at each submit, how many batches are in flight (`BatchQueueStats`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 
 
 class ThroughputMeter:
@@ -33,3 +35,15 @@ class ThroughputMeter:
             return 0.0, 0.0
         span = max(now - events[0][0], 1e-9)
         return sum(e[1] for e in events) / span, sum(e[2] for e in events) / span
+
+
+@dataclass
+class BatchQueueStats:
+    """Batches submitted under pipeline parallelism and the most that were in flight at once."""
+
+    num_submitted: int = 0
+    max_in_flight: int = 0
+
+    def record_submit(self, num_in_flight: int) -> None:
+        self.num_submitted += 1
+        self.max_in_flight = max(self.max_in_flight, num_in_flight)

@@ -5,7 +5,8 @@ ranks then ask for a quarter CPU each so they fit beside its apps).
 TP = 2 on a tiny safetensors Llama through `launcher="ray"` must give the single-process
 engine's greedy tokens and logprobs; a rank actor killed with `ray.kill` must fail the next step
 (mid-generation) or the next health check (idle) with WorkerGroupError within seconds, and leave
-no rank actor or placement group behind.
+no rank actor or placement group behind. PP = 2 through Ray keeps 2 micro-batches in flight
+(submit / collect over the same sockets) and still gives the single-process outputs.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def llama(tmp_path_factory):
     return write_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "llama")
 
 
-def ray_config(folder, tp: int = 2):
-    config = engine_config(folder, tp=tp)
+def ray_config(folder, tp: int = 2, pp: int = 1):
+    config = engine_config(folder, tp=tp, pp=pp)
     return replace(config, parallel=replace(config.parallel, launcher="ray"))
 
 
@@ -141,3 +142,16 @@ def test_unplaceable_group_fails_with_what_it_needs(ray_cluster, llama) -> None:
         RayExecutor(ray_config(llama), resources=RankResources(1000.0, 0.0), startup_timeout_s=1.0)
     created = [pg for pg_id, pg in ray.util.placement_group_table().items() if pg_id not in before]
     assert [pg["state"] for pg in created] == ["REMOVED"]
+
+
+def test_pp2_on_ray_keeps_two_batches_in_flight(ray_cluster, llama) -> None:
+    config = ray_config(llama, tp=1, pp=2)
+    prompts = make_prompts(250, (5, 11, 23, 7, 3))
+    want = generate(single_process(config), prompts)
+    engine = LLMEngine(config)
+    try:
+        assert_same_outputs(want, run_engine(engine, prompts))
+        assert engine.stats().max_batches_in_flight == 2
+    finally:
+        engine.shutdown()
+    assert_group_gone(engine.executor)

@@ -24,11 +24,11 @@ def _sync(batch: PersistentBatch) -> np.ndarray:
 def test_block_table_diffs_send_only_new_entries_and_mirror_the_host():
     batch = _batch()
     row = batch.add("a")
-    batch.update_blocks(row, (7, 3))
+    batch.append_blocks(row, (7, 3))
     assert _sync(batch).tolist() == [0, 1]
-    batch.update_blocks(row, (7, 3))  # unchanged: nothing to send
+    batch.append_blocks(row, ())  # no new block this step: nothing to send
     assert _sync(batch).size == 0
-    batch.update_blocks(row, (7, 3, 9))
+    batch.append_blocks(row, (9,))
     assert _sync(batch).tolist() == [2]  # only the appended entry
     assert batch.block_table_device[0, :4].tolist() == [7, 3, 9, 0]
 
@@ -36,7 +36,7 @@ def test_block_table_diffs_send_only_new_entries_and_mirror_the_host():
 def test_remove_moves_the_last_row_and_zeroes_the_vacated_row():
     batch = _batch()
     for rid, blocks in (("a", (1, 2, 3)), ("b", (4,)), ("c", (5, 6))):
-        batch.update_blocks(batch.add(rid), blocks)
+        batch.append_blocks(batch.add(rid), blocks)
     _sync(batch)
     assert batch.remove("a") == (2, 0)  # c moves from row 2 into row 0
     assert batch.row_of == {"c": 0, "b": 1} and batch.req_ids[2] is None
@@ -52,8 +52,8 @@ def test_remove_moves_the_last_row_and_zeroes_the_vacated_row():
 
 def test_layout_is_in_row_order_with_positions_and_slots_per_token():
     batch = _batch()
-    batch.update_blocks(batch.add("a"), (3, 5))
-    batch.update_blocks(batch.add("b"), (8,))
+    batch.append_blocks(batch.add("a"), (3, 5))
+    batch.append_blocks(batch.add("b"), (8,))
     scheduled = (
         ScheduledRequest("b", (21, 22), 1, (8,), True),  # scheduler order differs from row order
         ScheduledRequest("a", (11,), 5, (3, 5), True),
@@ -71,7 +71,7 @@ def test_layout_is_in_row_order_with_positions_and_slots_per_token():
 def test_decode_layout_and_rows_that_are_not_a_prefix():
     batch = _batch()
     for rid in ("a", "b", "c"):
-        batch.update_blocks(batch.add(rid), (1 + len(batch.row_of),))
+        batch.append_blocks(batch.add(rid), (1 + len(batch.row_of),))
     layout = batch.layout((ScheduledRequest("c", (9,), 2, (4,), True),))
     assert layout.is_decode_only and not layout.rows_are_prefix
     assert layout.rows.tolist() == [2] and layout.slot_mapping.tolist() == [4 * BLOCK + 2]

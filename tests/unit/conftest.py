@@ -44,28 +44,32 @@ class FakeRunner:
         self.tokens: dict[str, list[int]] = {}  # request id -> prompt + outputs, as the runner knows them
         self.script = script or {}  # request id -> forced output tokens, in order
         self.num_prompt_tokens: dict[str, int] = {}
+        self.blocks: dict[str, list[int]] = {}  # request id -> its block table, rebuilt from the diffs
 
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in output.finished_request_ids + output.preempted_request_ids:
             self.tokens.pop(request_id, None)
+            self.blocks.pop(request_id, None)
         for new in output.new_requests:
             assert new.request_id not in self.tokens, f"{new.request_id} sent twice"
             self.tokens[new.request_id] = list(new.prompt_token_ids) + list(new.output_token_ids)
             self.num_prompt_tokens[new.request_id] = len(new.prompt_token_ids)
+            self.blocks[new.request_id] = []
         for row in output.scheduled:  # write every row's K/V first, like a layer's cache write
             tokens = self.tokens[row.request_id]
             assert list(row.token_ids) == tokens[row.start_position : row.seq_len]
-            assert NULL_BLOCK_ID not in row.block_ids
-            assert len(row.block_ids) * self.block_size >= row.seq_len
+            blocks = self.blocks[row.request_id]
+            blocks.extend(row.new_block_ids)  # tables only grow: the runner keeps the whole one
+            assert NULL_BLOCK_ID not in blocks
+            assert len(blocks) * self.block_size >= row.seq_len
             for offset, token in enumerate(row.token_ids):
                 position = row.start_position + offset
-                self.kv[row.block_ids[position // self.block_size]][position % self.block_size] = token
+                self.kv[blocks[position // self.block_size]][position % self.block_size] = token
         sampled: dict[str, int] = {}
         for row in output.scheduled:
             tokens = self.tokens[row.request_id]
-            context = [
-                self.kv[row.block_ids[p // self.block_size]][p % self.block_size] for p in range(row.seq_len)
-            ]
+            blocks = self.blocks[row.request_id]
+            context = [self.kv[blocks[p // self.block_size]][p % self.block_size] for p in range(row.seq_len)]
             assert context == tokens[: row.seq_len], f"{row.request_id}: KV blocks hold the wrong tokens"
             assert row.sample == (row.seq_len == len(tokens))
             if row.sample:

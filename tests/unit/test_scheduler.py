@@ -1,13 +1,15 @@
 """Scheduler driven by the fake runner of conftest.py: continuous and static batching, the token
-budget and chunked prefill, preemption by recompute, priority, stops, aborts and prefix hits.
+budget and chunked prefill, preemption by recompute, priority, stops, aborts and prefix hits,
+and batches in flight (pipeline parallelism: several schedule() calls before their results).
 Every scenario ends with no leaked KV block."""
 
+from collections import deque
 from dataclasses import replace
 
 import pytest
 from shardserve.workers.request import FinishReason, RequestStatus
 from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.scheduler import KV_CACHE_FULL
+from shardserve.workers.scheduler.scheduler import KV_CACHE_FULL, Scheduler
 
 EOS = 999  # the fake model (conftest.py) never samples ids >= 997 itself
 
@@ -375,4 +377,113 @@ def test_same_prompt_samples_share_blocks(make_harness, make_request, reference_
     assert 0 < harness.scheduler.stats().kv_cache_usage < 1
     harness.run()
     assert first.output_token_ids == second.output_token_ids == reference_output(first.prompt_token_ids, 4)
+    harness.assert_no_leak()
+
+
+# ---- batches in flight (pipeline parallelism) ---------------------------------------------------
+
+
+def pipelined(harness, depth=2):
+    """The harness with a scheduler that allows `depth` batches in flight (before any request)."""
+    old = harness.scheduler
+    harness.scheduler = Scheduler(old.config, old.cache_config, old.kv, old.max_model_len, max_batches_in_flight=depth)
+    return harness
+
+
+def run_pipelined(harness, depth=2, max_steps=1000):
+    """The engine's batch queue: schedule and run batches until `depth` are in flight (or nothing
+    more can be scheduled), then apply the oldest. The fake runner runs each batch when it is
+    submitted, in order, like the ranks. Returns the sizes of the batches submitted."""
+    scheduler, runner = harness.scheduler, harness.runner
+    in_flight = deque()
+    sizes = []
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished() and not in_flight:
+            return sizes
+        while len(in_flight) < depth:
+            busy = {row.request_id for output, _ in in_flight for row in output.scheduled}
+            output = scheduler.schedule()
+            assert not busy & set(rows(output)), "a request was scheduled twice while in flight"
+            assert not busy & set(output.preempted_request_ids), "an in-flight request was preempted"
+            result = runner.execute(output)  # also hands the runner its drops
+            if output.is_empty:
+                scheduler.update_from_output(output, result)
+                break
+            in_flight.append((output, result))
+            sizes.append(len(output.scheduled))
+            harness.outputs.append(output)
+        if in_flight:
+            scheduler.update_from_output(*in_flight.popleft())
+    raise AssertionError(f"requests still unfinished after {max_steps} steps: {scheduler.requests}")
+
+
+def test_in_flight_requests_are_skipped_and_batches_split_evenly(make_harness, make_request, reference_output):
+    harness = pipelined(make_harness())
+    requests = [make_request(f"r{i}", prompt(10 * i, 3 + i), max_tokens=6) for i in range(4)]
+    harness.add(*requests)
+    scheduler = harness.scheduler
+    first = scheduler.schedule()  # 4 waiting, 2 batches in flight at most: 2 per batch
+    assert list(rows(first)) == ["r0", "r1"] and all(scheduler.is_in_flight(r) for r in ("r0", "r1"))
+    second = scheduler.schedule()
+    assert list(rows(second)) == ["r2", "r3"] and scheduler.num_in_flight == 4
+    assert scheduler.schedule().is_empty  # everything is in flight
+    scheduler.update_from_output(first, harness.runner.execute(first))
+    scheduler.update_from_output(second, harness.runner.execute(second))
+    assert scheduler.num_in_flight == 0
+    third = scheduler.schedule()  # 4 running decodes: 2 per batch, in admission order
+    assert list(rows(third)) == ["r0", "r1"] and all(row.num_tokens == 1 for row in third.scheduled)
+    assert list(rows(scheduler.schedule())) == ["r2", "r3"]
+
+
+def test_pipelined_run_gives_undisturbed_tokens(make_harness, make_request, reference_output):
+    harness = pipelined(make_harness(max_num_batched_tokens=8))
+    requests = [make_request(f"r{i}", prompt(7 * i, n), max_tokens=5) for i, n in enumerate((3, 20, 5, 9, 2))]
+    harness.add(*requests)
+    sizes = run_pipelined(harness)
+    for request in requests:
+        assert request.output_token_ids == reference_output(request.prompt_token_ids, 5)
+    # 5 requests, 2 batches in flight: no batch ever holds more than 3.
+    assert max(sizes) <= 3
+    harness.assert_no_leak()
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_pipelined_preemption_never_picks_an_in_flight_request(make_harness, make_request, reference_output, policy):
+    # 7 usable blocks of 4 tokens; 4 requests that grow to 16 tokens (4 blocks) each.
+    harness = pipelined(make_harness(num_blocks=8, policy=policy))
+    requests = [make_request(f"r{i}", prompt(20 * i, 6), max_tokens=10, priority=i % 2) for i in range(4)]
+    harness.add(*requests)
+    run_pipelined(harness)  # asserts no in-flight request is ever preempted
+    assert harness.scheduler.num_preemptions > 0
+    for request in requests:
+        assert request.output_token_ids == reference_output(request.prompt_token_ids, 10)
+    harness.assert_no_leak()
+
+
+def test_abort_in_flight_frees_blocks_when_its_batch_returns(make_harness, make_request, reference_output):
+    harness = pipelined(make_harness())
+    a = make_request("a", prompt(1, 6), max_tokens=10)
+    b = make_request("b", prompt(40, 5), max_tokens=4)
+    harness.add(a, b)
+    scheduler, runner, kv = harness.scheduler, harness.runner, harness.kv
+    batch_a = scheduler.schedule()
+    batch_b = scheduler.schedule()
+    assert list(rows(batch_a)) == ["a"] and list(rows(batch_b)) == ["b"]
+    result_a = runner.execute(batch_a)
+    scheduler.abort_requests(["a"])
+    assert a.status is RequestStatus.FINISHED and a.finish_reason is FinishReason.ABORT
+    assert kv.get_block_ids("a"), "blocks of an in-flight request were freed before its batch returned"
+    # A new request with the same id waits until the old one's blocks are free.
+    again = make_request("a", prompt(80, 3), max_tokens=3)
+    harness.add(again)
+    blocked = scheduler.schedule()
+    assert blocked.is_empty and blocked.finished_request_ids == ("a",)
+    runner.execute(blocked)
+    free_before = kv.num_free_blocks
+    assert scheduler.update_from_output(batch_a, result_a) == []  # the aborted result is dropped
+    assert not kv.get_block_ids("a") and kv.num_free_blocks == free_before + 2
+    scheduler.update_from_output(batch_b, runner.execute(batch_b))
+    run_pipelined(harness)
+    assert again.output_token_ids == reference_output(again.prompt_token_ids, 3)
+    assert b.output_token_ids == reference_output(b.prompt_token_ids, 4)
     harness.assert_no_leak()

@@ -33,6 +33,8 @@ def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> t
 
 
 def build_model_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+    """Inputs of a step whose requests are all new to the runner (profiling, teacher forcing), so
+    each one's `new_block_ids` is its whole block table."""
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
@@ -40,14 +42,15 @@ def build_model_inputs(sched: SchedulerOutput, block_size: int, device: torch.de
     seq_lens: list[int] = []
     query_lens: list[int] = []
     last_token_rows: list[int] = []
-    max_num_blocks = max(len(r.block_ids) for r in sched.scheduled)
+    # Requests seen for the first time: new_block_ids is each one's whole table.
+    max_num_blocks = max(len(r.new_block_ids) for r in sched.scheduled)
     block_table_rows: list[int] = []
 
     for req in sched.scheduled:
         start = req.start_position
         input_ids.extend(req.token_ids)
         positions.extend(range(start, start + req.num_tokens))
-        blocks = req.block_ids
+        blocks = req.new_block_ids
         slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, req.seq_len))
         query_start_loc.append(query_start_loc[-1] + req.num_tokens)
         last_token_rows.append(query_start_loc[-1] - 1)

@@ -220,7 +220,7 @@ class ModelRunner:
             return ModelRunnerOutput()
         row_of = self.batch.row_of
         for req in sched.scheduled:
-            self.batch.update_blocks(row_of[req.request_id], req.block_ids)
+            self.batch.append_blocks(row_of[req.request_id], req.new_block_ids)
         layout = self.batch.layout(sched.scheduled)
         sample_mask = np.fromiter((r.sample for r in layout.requests), dtype=bool, count=len(layout.requests))
         sample_tokens = layout.query_start[1:][sample_mask] - 1  # [num_sampling] token rows

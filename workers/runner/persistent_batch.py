@@ -105,19 +105,17 @@ class PersistentBatch:
         self.req_ids[last] = None
         return moved
 
-    def update_blocks(self, row: int, block_ids: tuple[int, ...]) -> None:
-        """Record the row's block table after this step's allocation (append-only per request)."""
-        old = int(self.num_blocks[row])
-        new = len(block_ids)
-        if new == old and (new == 0 or self.block_table[row, new - 1] == block_ids[-1]):
+    def append_blocks(self, row: int, new_block_ids: tuple[int, ...]) -> None:
+        """Append the blocks the scheduler allocated to the row's request since the last step."""
+        if not new_block_ids:
             return
-        if new > self.max_blocks_per_row:
-            raise ValueError(f"request needs {new} blocks, more than max_blocks_per_row {self.max_blocks_per_row}")
-        start = old if 0 < old <= new and self.block_table[row, old - 1] == block_ids[old - 1] else 0
-        self.block_table[row, start:new] = block_ids[start:]
-        self.block_table[row, new:old] = 0
-        self.num_blocks[row] = new
-        self._diffs.append((row, start, max(new, old)))
+        start = int(self.num_blocks[row])
+        end = start + len(new_block_ids)
+        if end > self.max_blocks_per_row:
+            raise ValueError(f"request needs {end} blocks, more than max_blocks_per_row {self.max_blocks_per_row}")
+        self.block_table[row, start:end] = new_block_ids
+        self.num_blocks[row] = end
+        self._diffs.append((row, start, end))
 
     def pending_diffs(self) -> tuple[np.ndarray, np.ndarray]:
         """(flat indices into the device table, values) of every entry rewritten since the last call."""

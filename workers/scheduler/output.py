@@ -29,14 +29,16 @@ class ScheduledRequest:
 
     token_ids: the tokens fed this step, `all_token_ids[start_position:start_position+n]`.
     start_position: tokens of this request already in the KV cache (= their positions start here).
-    block_ids: the request's whole block table after this step's allocation.
+    new_block_ids: the blocks appended to the request's block table since the runner last saw
+      it — the whole table when the request (re)joins (it is in `new_requests` this step).
+      Tables only grow, so the runner rebuilds each one from these.
     sample: True when this chunk reaches the last known token, so one new token is sampled.
     """
 
     request_id: str
     token_ids: tuple[int, ...]
     start_position: int
-    block_ids: tuple[int, ...]
+    new_block_ids: tuple[int, ...]
     sample: bool
 
     @property

@@ -26,6 +26,20 @@ grow, it can never fit: it finishes with FinishReason.LENGTH and stop_reason "kv
 The engine must call `update_from_output` after every `schedule()` (with an empty
 ModelRunnerOutput when nothing was scheduled): it also returns requests the scheduler finished
 itself during `schedule()`.
+
+Batches in flight (pipeline parallelism, `max_batches_in_flight` = P > 1): the engine may call
+`schedule()` again before the previous batches' `update_from_output`, up to P times; results
+must then be applied in schedule order. A request scheduled in a batch is *in flight* until
+that batch's `update_from_output`: its next token is unknown, so later `schedule()` calls skip
+it, and it is never a preemption victim (victims are picked among requests not in flight; when
+the policy's victim is in flight, the request that needs blocks waits a batch instead of
+preempting itself). A request finished while in flight (an abort) leaves at once, but its
+blocks are freed only when its batch returns (the ranks may still write its K/V), its result
+is ignored, and a new request with the same id waits for that. To keep consecutive batches of
+similar size, each batch takes at most ceil(min(max_num_seqs, running + waiting) / P)
+requests (running ones first, in admission order, then admissions): with R requests decoding,
+the P batches in flight hold about R / P each instead of one holding all. At P = 1 nothing is
+ever in flight at `schedule()` time and none of this changes a decision.
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ class _Step:
     """Decisions of one `schedule()` call while they are being made."""
 
     token_budget: int
+    max_requests: int  # requests this batch may hold (Scheduler._batch_cap)
     num_new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> tokens, batch order
     preempted_ids: list[str] = field(default_factory=list)
 
@@ -69,6 +84,7 @@ class Scheduler:
         cache_config: CacheConfig,
         kv_manager: KVCacheManager,
         max_model_len: int,
+        max_batches_in_flight: int = 1,
     ) -> None:
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
@@ -77,6 +93,8 @@ class Scheduler:
                 f"kv_manager.block_size ({kv_manager.block_size}) must equal "
                 f"cache_config.block_size ({cache_config.block_size})"
             )
+        if max_batches_in_flight < 1:
+            raise ValueError(f"max_batches_in_flight must be >= 1, got {max_batches_in_flight}")
         self.config = scheduler_config
         self.cache_config = cache_config
         self.kv = kv_manager
@@ -86,10 +104,16 @@ class Scheduler:
         self.running: list[Request] = []  # admission order
         # Static mode: members of the current batch not admitted yet (or preempted).
         self._batch_pending: RequestQueue = FCFSQueue()
-        self._known_to_runner: set[str] = set()  # ids sent as NewRequestData and not dropped since
+        # ids sent as NewRequestData and not dropped since -> block ids the runner holds for them
+        # (each step sends only the blocks appended since: the wire stays small at long contexts)
+        self._runner_blocks: dict[str, int] = {}
         self._finished_ids: list[str] = []  # runner-known ids finished since the last schedule()
         self._finished_in_schedule: list[Request] = []  # kv_cache_full, reported by update_from_output
         self.num_preemptions = 0
+        # Batches in flight (see the module docstring); the sets stay empty at 1.
+        self.max_batches_in_flight = max_batches_in_flight
+        self._in_flight: set[str] = set()  # ids scheduled in a batch whose result is not applied yet
+        self._free_on_return: dict[str, Request] = {}  # finished while in flight: blocks still held
 
     # ---- requests in and out -----------------------------------------------------------------
 
@@ -133,6 +157,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def is_in_flight(self, request_id: str) -> bool:
+        """True while `request_id` is in a scheduled batch whose result is not applied yet."""
+        return request_id in self._in_flight
+
     # ---- counters -----------------------------------------------------------------------------
 
     @property
@@ -142,6 +170,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self._batch_pending)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests in batches whose results are not applied yet (aborted ones included)."""
+        return len(self._in_flight)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -155,15 +188,20 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        step = _Step(token_budget=self.config.max_num_batched_tokens)
-        for request in list(self.running):
+        step = _Step(token_budget=self.config.max_num_batched_tokens, max_requests=self._batch_cap())
+        pipelined = self.max_batches_in_flight > 1
+        candidates = self._batch_candidates(step.max_requests) if pipelined else list(self.running)
+        for request in candidates:
             if step.token_budget == 0:
                 break
             if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
                 self._schedule_running(request, step)
         if not step.preempted_ids:  # a step that had to preempt has no blocks to spare
             self._admit_waiting(step)
-        return self._build_output(step)
+        output = self._build_output(step)
+        if pipelined:
+            self._in_flight.update(step.num_new_tokens)
+        return output
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
@@ -172,7 +210,14 @@ class Scheduler:
         the scheduler itself finished during `schedule()` (kv_cache_full, no new token)."""
         now = time.monotonic()
         updated, self._finished_in_schedule = self._finished_in_schedule, []
+        track = self.max_batches_in_flight > 1
         for scheduled in scheduler_output.scheduled:
+            if track:
+                self._in_flight.discard(scheduled.request_id)
+                finished = self._free_on_return.pop(scheduled.request_id, None)
+                if finished is not None:  # finished while in flight: its result is dropped
+                    self.kv.free(finished)
+                    continue
             request = self.requests.get(scheduled.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted since schedule(): its blocks are already free
@@ -191,12 +236,32 @@ class Scheduler:
 
     # ---- internals ------------------------------------------------------------------------------
 
+    def _batch_cap(self) -> int:
+        """Requests one batch may hold: max_num_seqs at P = 1, else an even share of the demand."""
+        depth = self.max_batches_in_flight
+        if depth == 1:
+            return self.config.max_num_seqs
+        demand = min(self.config.max_num_seqs, len(self.running) + self.num_waiting)
+        return max(1, -(-demand // depth))
+
+    def _batch_candidates(self, max_requests: int) -> list[Request]:
+        """The first `max_requests` running requests not in flight, in admission order."""
+        candidates = []
+        for request in self.running:
+            if len(candidates) == max_requests:
+                break
+            if request.request_id not in self._in_flight:
+                candidates.append(request)
+        return candidates
+
     def _schedule_running(self, request: Request, step: _Step) -> None:
         num_new = self._num_tokens_to_schedule(request, request.num_computed_tokens, step.token_budget)
         if num_new == 0:
             return
         while not self.kv.allocate_slots(request, num_new):
-            victim = self._pick_victim()
+            victim = self._pick_victim(self._victim_candidates())
+            if victim is request and self._in_flight and self._pick_victim(self.running) is not request:
+                return  # the policy's victim is in flight: wait for its batch rather than preempt this one
             if victim is request and len(self.running) == 1:
                 # Everything else is already preempted: this request can never grow here.
                 self._finish(request, FinishReason.LENGTH, KV_CACHE_FULL)
@@ -225,10 +290,13 @@ class Scheduler:
             if num_free_slots < min(self.config.min_admit_batch, len(queue)):
                 return  # wait until a burst can join (see SchedulerConfig.min_admit_batch)
         now = time.monotonic()
-        while queue and step.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (queue and step.token_budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(step.num_new_tokens) < step.max_requests):
             request = queue.peek()
             computed = self.kv.get_computed_blocks(request)
             num_new = self._num_tokens_to_schedule(request, computed.num_computed_tokens, step.token_budget)
+            if request.request_id in self._free_on_return:
+                break  # its id's previous holder is still in flight; keep queue order
             if num_new == 0 or not self.kv.allocate_slots(request, num_new, computed):
                 break  # keep queue order: nothing overtakes the head
             queue.pop()
@@ -254,15 +322,22 @@ class Scheduler:
         # whole step's budget (prompt + outputs); it would never fit whole, so it recomputes in chunks.
         return token_budget if num_remaining > self.config.max_num_batched_tokens else 0
 
-    def _pick_victim(self) -> Request:
+    def _victim_candidates(self) -> list[Request]:
+        """Running requests that may be preempted: those not in flight (their blocks are in use)."""
+        if not self._in_flight:
+            return self.running
+        return [r for r in self.running if r.request_id not in self._in_flight]
+
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        """The policy's victim among `candidates` (running requests in admission order)."""
         if self.config.policy == "priority":
             # Largest (priority, arrival); among equals the later admitted.
             _, victim = max(
-                enumerate(self.running),
+                enumerate(candidates),
                 key=lambda item: (item[1].priority, item[1].metrics.arrival_time, item[0]),
             )
             return victim
-        return self.running[-1]
+        return candidates[-1]
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -271,7 +346,7 @@ class Scheduler:
         request.num_computed_tokens = 0  # recompute prompt + outputs on resume
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self._known_to_runner.discard(request.request_id)
+        self._runner_blocks.pop(request.request_id, None)
         admission_queue = self._batch_pending if self.config.mode == "static" else self.waiting
         admission_queue.push_front(request)
 
@@ -294,14 +369,16 @@ class Scheduler:
             self._batch_pending.remove(request)
         else:
             self.waiting.remove(request)
-        self.kv.free(request)
+        if request.request_id in self._in_flight:
+            self._free_on_return[request.request_id] = request  # the ranks may still write its K/V
+        else:
+            self.kv.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
         request.metrics.finished_time = time.monotonic()
         del self.requests[request.request_id]
-        if request.request_id in self._known_to_runner:
-            self._known_to_runner.discard(request.request_id)
+        if self._runner_blocks.pop(request.request_id, None) is not None:
             self._finished_ids.append(request.request_id)
 
     def _build_output(self, step: _Step) -> SchedulerOutput:
@@ -310,8 +387,8 @@ class Scheduler:
         prefills: list[ScheduledRequest] = []
         for request_id, num_new in step.num_new_tokens.items():
             request = self.requests[request_id]
-            if request_id not in self._known_to_runner:
-                self._known_to_runner.add(request_id)
+            if request_id not in self._runner_blocks:
+                self._runner_blocks[request_id] = 0
                 new_requests.append(
                     NewRequestData(
                         request_id=request_id,
@@ -321,11 +398,13 @@ class Scheduler:
                     )
                 )
             start = request.num_computed_tokens
+            block_ids = self.kv.get_block_ids(request_id)
+            num_sent, self._runner_blocks[request_id] = self._runner_blocks[request_id], len(block_ids)
             scheduled = ScheduledRequest(
                 request_id=request_id,
                 token_ids=tuple(request.all_token_ids[start : start + num_new]),
                 start_position=start,
-                block_ids=self.kv.get_block_ids(request_id),
+                new_block_ids=tuple(block_ids[num_sent:]),
                 sample=start + num_new == request.num_tokens,
             )
             # "Decode" = a one-token query; such rows go first (the output's documented order).

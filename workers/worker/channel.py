@@ -2,8 +2,11 @@
 
 A `ConnectionGroup` holds one `multiprocessing.connection.Connection` per rank — a pipe to a
 local process (MultiprocExecutor) or a socket to a Ray actor (RayExecutor, workers/group.py);
-both speak proc.py's messages. `execute` pickles a step once, writes the same bytes to every
-rank and reads the output rank's answer; `call` runs a Worker method on every rank. While it
+both speak proc.py's messages. `submit` pickles a step once and writes the same bytes to every
+rank without waiting; `collect` reads the output rank's answer to the oldest submitted step
+(ranks answer in submission order, so several steps may be in flight: pipeline micro-batches);
+`execute` is the two back to back. `call` runs a Worker method on every rank (nothing may be in
+flight then). While it
 waits, it also watches what the launcher says tells a rank's death (`_death_waitables`: process
 sentinels) and every `liveness_poll_s` of silence asks the launcher (`check_health`). Messages
 from other ranks that arrive early are kept per rank. Any failure is final: the group shuts
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
@@ -29,6 +33,15 @@ class WorkerGroupError(RuntimeError):
     """A rank died, raised, or stopped answering; the worker group serves nothing more."""
 
 
+@dataclass(frozen=True)
+class StepHandle:
+    """A submitted step: its submission number, and its output when it is already known
+    (an in-process executor runs the step at submit)."""
+
+    seq: int
+    output: ModelRunnerOutput | None = None
+
+
 class ConnectionGroup:
     liveness_poll_s: float = math.inf  # seconds of silence between check_health calls
 
@@ -36,7 +49,8 @@ class ConnectionGroup:
         self.world_size = world_size
         self.output_rank = output_rank
         self.step_timeout_s = step_timeout_s
-        self.num_steps = 0
+        self.num_steps = 0  # steps collected
+        self._num_submitted = 0
         self.host_time_s = 0.0  # driver time spent pickling, writing and reading step messages
         self._conns: list[Connection] = []
         self._pending: list[list[tuple[str, Any]]] = [[] for _ in range(world_size)]
@@ -61,17 +75,32 @@ class ConnectionGroup:
 
     # ---- the step ----------------------------------------------------------------------
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def submit(self, sched: SchedulerOutput) -> StepHandle:
+        """Send a step to every rank and return at once (the bytes are in the pipes/sockets)."""
         start = time.perf_counter()
         self._broadcast(encode(STEP, sched))
-        sent = time.perf_counter()
+        self.host_time_s += time.perf_counter() - start
+        handle = StepHandle(self._num_submitted)
+        self._num_submitted += 1
+        return handle
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Wait for the output of `handle`, which must be the oldest step not collected yet."""
+        if handle.seq != self.num_steps:
+            raise ValueError(f"steps must be collected in submission order: step {handle.seq} "
+                             f"collected while step {self.num_steps} is the oldest")
         output = self._receive(self.output_rank, OUTPUT, self.step_timeout_s)
-        self.host_time_s += (sent - start) + self._last_decode_s
+        self.host_time_s += self._last_decode_s
         self.num_steps += 1
         return output
 
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.submit(sched))
+
     def call(self, method: str) -> list[Any]:
         """Run a no-argument Worker method (see proc.CALLABLE) on every rank; results by rank."""
+        if self._num_submitted != self.num_steps:
+            raise RuntimeError(f"{self._num_submitted - self.num_steps} steps are in flight: collect them first")
         self._broadcast(encode(CALL, method))
         return [self._receive(rank, RESULT, self.step_timeout_s) for rank in range(self.world_size)]
 

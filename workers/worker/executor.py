@@ -1,12 +1,17 @@
 """Executors: how the engine runs one step on the model, in its own process or across ranks.
 
-The engine calls `execute(scheduler_output) -> ModelRunnerOutput` once per step and reads
-`num_blocks` (the KV blocks every rank can hold) once at start-up.
-  LocalExecutor: today's single-process behaviour, a ModelRunner in the engine process.
+The engine runs a step as `submit(scheduler_output) -> StepHandle` then
+`collect(handle) -> ModelRunnerOutput` (or `execute`, the two back to back) and reads
+`num_blocks` (the KV blocks every rank can hold) once at start-up. Under pipeline parallelism it
+submits up to pipeline_parallel_size steps before collecting the oldest (workers/engine.py);
+outputs come back in submission order.
+  LocalExecutor: the single-process engine, a ModelRunner in the engine process; `submit`
+    runs the step (one stage: nothing to overlap) and the handle carries its output.
   MultiprocExecutor: spawns world_size = TP x PP processes (multiprocessing `spawn`), one
     Worker each (worker.py), rendezvous on a free local port. A step's SchedulerOutput is
     pickled once and the same bytes are written to every rank's pipe (proc.py); the output
-    rank writes back the pickled ModelRunnerOutput. While it waits, the driver watches every
+    rank writes back the pickled ModelRunnerOutput. Pipeline stages read their pipe on a thread
+    (proc.py), so a write never waits for a stage busy with an earlier step. While it waits, the driver watches every
     pipe and every process sentinel, so a rank that dies or raises fails the step at once with
     its exit code or traceback (the surviving ranks fail their next collective and exit, or
     are terminated by `shutdown`); a step slower than `step_timeout_s` fails too. After a
@@ -28,7 +33,7 @@ from shardserve.workers.models.loader import LoadedModel
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler.output import SchedulerOutput
-from shardserve.workers.worker.channel import ConnectionGroup, WorkerGroupError
+from shardserve.workers.worker.channel import ConnectionGroup, StepHandle, WorkerGroupError
 from shardserve.workers.worker.proc import READY, worker_main
 from shardserve.workers.worker.worker import WorkerSpec, output_rank
 
@@ -36,8 +41,16 @@ from shardserve.workers.worker.worker import WorkerSpec, output_rank
 class Executor(Protocol):
     num_blocks: int
 
+    def submit(self, sched: SchedulerOutput) -> StepHandle:
+        """Start one step on every rank without waiting for its output."""
+        ...
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        """The sampled tokens of a submitted step; steps are collected in submission order."""
+        ...
+
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step on every rank; the sampled tokens of the step."""
+        """Run one step on every rank; the sampled tokens of the step (submit + collect)."""
         ...
 
     def check_health(self) -> None:
@@ -55,6 +68,14 @@ class LocalExecutor:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device) -> None:
         self.runner = ModelRunner(loaded, config, device)
         self.num_blocks = self.runner.num_blocks
+
+    def submit(self, sched: SchedulerOutput) -> StepHandle:
+        return StepHandle(0, self.runner.execute(sched))
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        if handle.output is None:
+            raise ValueError("not a handle of this executor")
+        return handle.output
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)

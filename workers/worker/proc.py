@@ -9,6 +9,13 @@ Worker -> driver:  (READY, num_blocks) once after start-up
                    (ERROR, formatted traceback) before exiting with code 1
 A closed pipe (the driver died) ends the loop; so does an error in a collective (a peer died:
 gloo/NCCL fail after the configured timeout, or at once when the connection drops).
+
+Under pipeline parallelism the driver keeps several steps in flight and writes step k+1 while
+a stage still runs step k. A rank then reads its pipe on a thread (`_Inbox`) and runs the
+steps from a queue in order, so the driver's write never waits for a busy stage — otherwise a
+large step message (beyond the socket buffer) written to a stage that is itself blocked writing
+a large output back would deadlock the two. Without pipeline stages the loop reads the pipe
+directly, as one step is in flight at a time.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import contextlib
 import logging
 import os
 import pickle
+import queue
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -53,10 +63,49 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     worker.shutdown()
 
 
+class _Inbox:
+    """Reads and decodes the driver's messages on a daemon thread into a FIFO queue."""
+
+    _CLOSED = ("closed", None)  # the driver is gone (EOF)
+
+    def __init__(self, conn: Connection) -> None:
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(conn,), name="shardserve-inbox", daemon=True).start()
+
+    def _read(self, conn: Connection) -> None:
+        while True:
+            try:
+                message = decode(conn.recv_bytes())
+            except (EOFError, OSError):
+                self._queue.put(self._CLOSED)
+                return
+            except BaseException:  # undecodable: the main loop raises it (and reports ERROR)
+                self._queue.put(("inbox-error", traceback.format_exc()))
+                return
+            self._queue.put(message)
+            if message[0] == SHUTDOWN:
+                return
+
+    def get(self) -> tuple[str, Any]:
+        """The next message; raises EOFError once the driver is gone."""
+        kind, payload = self._queue.get()
+        if kind == "closed":
+            raise EOFError
+        if kind == "inbox-error":
+            raise RuntimeError(f"could not read a driver message:\n{payload}")
+        return kind, payload
+
+
 def _serve(worker: Worker, conn: Connection) -> None:
+    receive: Callable[[], tuple[str, Any]]
+    if worker.state.pp_size > 1:
+        receive = _Inbox(conn).get
+    else:
+        def receive() -> tuple[str, Any]:
+            return decode(conn.recv_bytes())
     while True:
         try:
-            kind, payload = decode(conn.recv_bytes())
+            kind, payload = receive()
         except EOFError:
             return  # the driver is gone
         if kind == STEP:

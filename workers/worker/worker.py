@@ -12,7 +12,11 @@ address) and then feeds it steps by whatever transport it owns. Construction:
      the minimum over ranks).
 `execute(scheduler_output)` runs this rank's share of the step (every rank receives the same
 SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and returns the
-ModelRunnerOutput, the others return None.
+ModelRunnerOutput, the others return None. Under pipeline parallelism the driver keeps up to
+pp_size steps in flight with disjoint request sets; every rank runs them in submission order.
+A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
+the next step while the next stage works on this one; the per-request state of the runner
+(one persistent batch for every in-flight step) only ever sees the rows a step schedules.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from shardserve.parallel.comm import wait_pipeline_sends
 from shardserve.parallel.state import destroy_parallel, init_parallel
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
@@ -101,4 +106,5 @@ class Worker:
         return self.rank
 
     def shutdown(self) -> None:
+        wait_pipeline_sends()  # the next stage may still be reading our last activations
         destroy_parallel()
