@@ -4,10 +4,12 @@ The decoder layers are split into contiguous ranges, one per stage (evenly, the 
 taking one more when the count does not divide, or as `ParallelState.pp_layer_partition`
 says). A model keeps a full-length layer list in which the layers of other stages are
 `PPMissingLayer` (no parameters), so checkpoint names keep their global layer index. In one
-step the first stage embeds the tokens and runs its layers; every stage but the last sends its
-residual stream `[num_tokens, hidden]` to the next stage (`send_hidden`) and returns None; the
-next stage receives it (`recv_hidden`, the shape known from the step's token count), and the
-last stage normalises, computes logits and samples. Our decoder layers carry the residual and
+step the first stage embeds the tokens and runs its layers; on every stage but the last the
+model returns its residual stream `[num_tokens, hidden]` and the model runner sends it to the
+next stage (`send_hidden`); the next stage's runner receives it (`recv_hidden`, the shape known
+from the step's token count) and passes it to the model, and the last stage normalises,
+computes logits and samples. Send and receive stay outside the model's forward so that each
+stage's forward is captured in CUDA graphs like a single-GPU model's. Our decoder layers carry the residual and
 the hidden state as one tensor (the norms are applied inside each layer), so one tensor crosses
 each boundary.
 

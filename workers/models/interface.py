@@ -39,8 +39,10 @@ class CausalLM(Protocol):
     kv_cache_spec: KVCacheSpec
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+                attn_metadata: AttentionMetadata, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]. Under
+        pipeline parallelism a stage after the first starts from `hidden_in` (the previous
+        stage's output) and a stage before the last returns its residual stream."""
         ...
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ the MLP built per layer (dense here, sparse MoE in moe.py).
 
 Under pipeline parallelism (parallel/pipeline.py) a stage builds only its range of layers (the
 others are `PPMissingLayer`), the embedding lives on the first stage and the final norm and LM
-head on the last; `forward` of a stage other than the last sends its residual stream on and
-returns None, and a stage other than the first receives it instead of embedding. Checkpoint
+head on the last; `forward` of a stage other than the last returns its residual stream, and a
+stage other than the first starts from the one it is given (`hidden_in`) instead of embedding;
+the model runner moves them between stages, outside the CUDA graphs. Checkpoint
 tensors of other stages are skipped without being read.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from shardserve.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from shardserve.parallel.pipeline import PPMissingLayer, layer_range, recv_hidden, send_hidden
+from shardserve.parallel.pipeline import PPMissingLayer, layer_range
 from shardserve.parallel.quant import ShardSlice, copy_shard
 from shardserve.parallel.state import get_parallel_state
 from shardserve.workers.attention.backend import AttentionBackend, get_attention_backend
@@ -147,20 +148,25 @@ class LlamaModel(nn.Module):
         return list(self.layers[self.start_layer:self.end_layer])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor | None:
+                attn_metadata: AttentionMetadata, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The last stage's normed hidden states [T, hidden]; on an earlier pipeline stage, its
+        residual stream [T, hidden] for the next stage. Stages after the first start from
+        `hidden_in`, the previous stage's residual stream. The model runner moves the tensors
+        between stages (outside any CUDA graph: stages are captured like single-GPU models)."""
         layers = self.own_layers
         if len(kv_caches) != len(layers):
             raise ValueError(f"expected {len(layers)} KV cache tensors, got {len(kv_caches)}")
         if self.embed_tokens is not None:
             h = self.embed_tokens(input_ids)  # [T, hidden]
+        elif hidden_in is None:
+            raise ValueError("a pipeline stage after the first needs hidden_in, the previous stage's output")
         else:
-            h = recv_hidden(input_ids.shape[0], self.hidden_size, self.dtype, input_ids.device)  # [T, hidden]
+            h = hidden_in  # [T, hidden]
         residual = None
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
             h, residual = layer(positions, h, residual, kv_cache, attn_metadata)
         if self.norm is None:
-            send_hidden(h + residual)  # the next stage starts from the whole residual stream
-            return None
+            return h + residual  # the next stage starts from the whole residual stream
         return self.norm(h, residual)[0]
 
 
@@ -218,9 +224,10 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor | None:
-        """[T, hidden] on the last pipeline stage; None on the others (sent to the next stage)."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+                attn_metadata: AttentionMetadata, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, hidden]: normed hidden states on the last pipeline stage, the residual stream for
+        the next stage on the others (see LlamaModel.forward)."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata, hidden_in)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -63,8 +63,11 @@ def pad_decode_inputs(token_ids: np.ndarray, positions: np.ndarray, slot_mapping
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_table: torch.Tensor,
-                 sizes: list[int], max_model_len: int, device: torch.device) -> None:
+                 sizes: list[int], max_model_len: int, device: torch.device,
+                 hidden_in: torch.Tensor | None = None) -> None:
         self.model = model
+        # [>= max bucket, hidden]: a later pipeline stage's input, written before each replay
+        self.hidden_in = hidden_in
         self.kv_caches = kv_caches
         self.block_table = block_table  # [max_rows, max_blocks] int32, the persistent batch's
         self.sizes = sizes
@@ -95,7 +98,9 @@ class DecodeGraphs:
         )
 
     def _forward(self, bucket: int) -> torch.Tensor:
-        return self.model(self.inputs[0, :bucket], self.inputs[1, :bucket], self.kv_caches, self._metadata(bucket))
+        hidden_in = None if self.hidden_in is None else self.hidden_in[:bucket]
+        return self.model(self.inputs[0, :bucket], self.inputs[1, :bucket], self.kv_caches, self._metadata(bucket),
+                          hidden_in)
 
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int] | None = None) -> None:
@@ -114,8 +119,12 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch %d..%d), %.1f MiB", len(self._graphs),
                     self.sizes[0], self.sizes[-1], self.pool_bytes / 2**20)
 
-    def run(self, bucket: int, staged: torch.Tensor) -> torch.Tensor:
-        """Replay bucket's graph on `staged` [4, bucket] device inputs; returns [bucket, hidden]."""
+    def run(self, bucket: int, staged: torch.Tensor, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay bucket's graph on `staged` [4, bucket] device inputs (and, on a later pipeline
+        stage, the received `hidden_in` [n <= bucket, hidden]); returns [bucket, hidden]."""
         self.inputs[:, :bucket].copy_(staged)
+        if hidden_in is not None:
+            assert self.hidden_in is not None
+            self.hidden_in[: hidden_in.shape[0]].copy_(hidden_in)
         self._graphs[bucket].replay()
         return self._outputs[bucket]

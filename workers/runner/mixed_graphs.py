@@ -80,8 +80,11 @@ def pack_mixed_inputs(token_ids: np.ndarray, positions: np.ndarray, slot_mapping
 
 class MixedGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_table: torch.Tensor,
-                 buckets: list[int], max_model_len: int, device: torch.device) -> None:
+                 buckets: list[int], max_model_len: int, device: torch.device,
+                 hidden_in: torch.Tensor | None = None) -> None:
         self.model = model
+        # [>= max bucket, hidden]: a later pipeline stage's input, written before each replay
+        self.hidden_in = hidden_in
         self.kv_caches = kv_caches
         self.block_table = block_table  # [max_rows, max_blocks] int32, the persistent batch's
         self.buckets = buckets
@@ -119,7 +122,8 @@ class MixedGraphs:
             query_lens_cpu=[],  # host copies are for eager backends; graphs run the Triton one
             seq_lens_cpu=[],
         )
-        return self.model(buf[:bucket], buf[bucket : 2 * bucket], self.kv_caches, metadata)
+        hidden_in = None if self.hidden_in is None else self.hidden_in[:bucket]
+        return self.model(buf[:bucket], buf[bucket : 2 * bucket], self.kv_caches, metadata, hidden_in)
 
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int]) -> None:
@@ -133,8 +137,12 @@ class MixedGraphs:
         logger.info("captured %d mixed-step CUDA graphs (%d..%d tokens)", len(self._graphs),
                     self.buckets[0], self.buckets[-1])
 
-    def run(self, bucket: int, staged: torch.Tensor) -> torch.Tensor:
-        """Replay bucket's graph on `staged` (pack_mixed_inputs, on the device); [bucket, hidden]."""
+    def run(self, bucket: int, staged: torch.Tensor, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay bucket's graph on `staged` (pack_mixed_inputs, on the device) and, on a later
+        pipeline stage, the received `hidden_in` [n <= bucket, hidden]; returns [bucket, hidden]."""
         self.inputs[: staged.numel()].copy_(staged)
+        if hidden_in is not None:
+            assert self.hidden_in is not None
+            self.hidden_in[: hidden_in.shape[0]].copy_(hidden_in)
         self._graphs[bucket].replay()
         return self._outputs[bucket]

@@ -8,8 +8,10 @@ One call per engine step: `execute(scheduler_output)`
      — inputs and block-table diffs — in one pinned host-to-device copy (staging.py);
   3. runs the model: a decode step whose rows are 0..n-1 replays the CUDA graph of the
      smallest bucket >= n (cuda_graphs.py); any other step replays the graph of the smallest
-     token-count bucket that holds it (mixed_graphs.py); without graphs (CPU, pipeline
-     stages, MoE expert loop) every step runs eagerly;
+     token-count bucket that holds it (mixed_graphs.py); without graphs (CPU, the MoE
+     expert loop) every step runs eagerly. A pipeline stage after the first receives the
+     previous stage's activations before its forward, and a stage before the last sends its
+     own after it and returns (the stage's forward alone is captured);
   4. computes logits only for the rows that sample (plus prompt positions of requests that
      asked for prompt logprobs), builds SamplingMetadata from the cached per-row state while
      the GPU is still busy, samples in one vectorised call, and waits for the token ids.
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from shardserve.parallel.pipeline import recv_hidden, send_hidden
+from shardserve.parallel.state import get_parallel_state
 from shardserve.workers.attention.backend import get_attention_backend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.config import EngineConfig
@@ -89,6 +93,10 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, seed=config.model.seed)
         self.max_rows = config.scheduler.max_num_seqs
         self.max_model_len = loaded.max_model_len
+        state = get_parallel_state()
+        self.is_first_stage, self.is_last_stage = state.is_first_pp_rank, state.is_last_pp_rank
+        self.hidden_size = loaded.hf_config.hidden_size
+        self.dtype = next(self.model.parameters()).dtype
         if device.type == "cuda" and hasattr(self.model, "set_attention_backend"):
             self.model.set_attention_backend(get_attention_backend("triton"))
         self.graph_sizes = graph_batch_sizes(self.max_rows)
@@ -118,10 +126,14 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         """Mixed-step graphs first (the largest activations), then decode graphs, in one pool."""
         table = self.batch.block_table_device
+        hidden_in = None  # one static input buffer shared by every graph of a later pipeline stage
+        if not self.is_first_stage:
+            rows = max(self.token_buckets[-1], self.graph_sizes[-1])
+            hidden_in = torch.zeros(rows, self.hidden_size, dtype=self.dtype, device=self.device)
         self.mixed_graphs = MixedGraphs(self.model, self.kv_caches, table, self.token_buckets,
-                                        self.max_model_len, self.device)
+                                        self.max_model_len, self.device, hidden_in)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, table, self.graph_sizes, self.max_model_len,
-                                   self.device)
+                                   self.device, hidden_in)
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         start = time.perf_counter()
@@ -151,9 +163,11 @@ class ModelRunner:
         )
         sched = SchedulerOutput(new_requests=(), scheduled=scheduled, num_batched_tokens=per_request * num_requests)
         inputs = build_model_inputs(sched, self.block_size, self.device)
+        hidden_in = None if self.is_first_stage else torch.zeros(
+            per_request * num_requests, self.hidden_size, dtype=self.dtype, device=self.device)
         with torch.inference_mode():
-            hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata)
-            if sample and hidden is not None:  # None: a pipeline stage other than the last
+            hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata, hidden_in)
+            if sample and self.is_last_stage:
                 num_rows = min(self.max_rows, hidden.shape[0])
                 logits = self.model.compute_logits(hidden[-num_rows:])
                 params = [SamplingParams(temperature=1.0, top_p=0.9)] * num_rows
@@ -231,8 +245,14 @@ class ModelRunner:
         if timing:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
-        hidden, sample_index = self._forward(layout, sample_tokens)  # [tokens or bucket, hidden]
-        if hidden is None:  # a pipeline stage other than the last: its activations went to the next stage
+        hidden_in = None
+        if not self.is_first_stage:  # the previous stage's residual stream for this step's tokens
+            hidden_in = recv_hidden(layout.num_tokens, self.hidden_size, self.dtype, self.device)
+        hidden, sample_index = self._forward(layout, sample_tokens, hidden_in)  # [tokens or bucket, hidden]
+        if not self.is_last_stage:
+            # A graph's output buffer is rewritten by the next replay, possibly before the
+            # asynchronous send has read it: send a copy of the real rows.
+            send_hidden(hidden[: layout.num_tokens].clone())
             return ModelRunnerOutput()
 
         output = ModelRunnerOutput()
@@ -264,9 +284,11 @@ class ModelRunner:
             self.step_times.host_s.append(time.perf_counter() - start - waited)
         return output
 
-    def _forward(self, layout: StepLayout, sample_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Upload the step and run the model; returns hidden states and, when the sampling rows
-        are not simply the first ones, their token-row index on the device."""
+    def _forward(self, layout: StepLayout, sample_tokens: np.ndarray, hidden_in: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Upload the step and run the model (from `hidden_in` on a later pipeline stage); returns
+        hidden states and, when the sampling rows are not simply the first ones, their token-row
+        index on the device."""
         diff_index, diff_values = self.batch.pending_diffs()
         num_rows = len(layout.requests)
         contiguous_sampling = bool(np.array_equal(sample_tokens, np.arange(sample_tokens.size)))
@@ -278,7 +300,7 @@ class ModelRunner:
             self.batch.apply_diffs(index, values)
             assert self.graphs is not None
             self.step_times.graph_steps += 1
-            hidden = self.graphs.run(bucket, inputs.view(-1, bucket))
+            hidden = self.graphs.run(bucket, inputs.view(-1, bucket), hidden_in)
             return hidden, (rest[0] if rest else None)
         mixed = self.mixed_graphs
         token_bucket = mixed.bucket_for(layout.num_tokens) if mixed is not None and self.use_mixed_graphs else None
@@ -290,7 +312,7 @@ class ModelRunner:
             index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged, *extra])
             self.batch.apply_diffs(index, values)
             self.step_times.mixed_graph_steps += 1
-            hidden = mixed.run(token_bucket, inputs)
+            hidden = mixed.run(token_bucket, inputs, hidden_in)
             return hidden, (rest[0] if rest else None)
         rows = [] if layout.rows_are_prefix else [layout.rows]
         uploaded = self.stager.upload([diff_index, diff_values, layout.token_ids, layout.positions,
@@ -313,7 +335,7 @@ class ModelRunner:
             seq_lens_cpu=layout.seq_lens.tolist(),
         )
         self.step_times.eager_steps += 1
-        hidden = self.model(token_ids, positions, self.kv_caches, metadata)
+        hidden = self.model(token_ids, positions, self.kv_caches, metadata, hidden_in)
         return hidden, (uploaded[-1] if extra else None)
 
     def _compute_prompt_logprobs(self, layout: StepLayout, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:

@@ -81,7 +81,7 @@ class Worker:
         dtype = resolve_dtype(config.model.dtype, device)
         self.loaded = load_model(config.model, device, dtype)
         # Decode graphs would capture the stage-to-stage send/recv: eager under pipeline parallelism.
-        self.runner = ModelRunner(self.loaded, config, device, use_cuda_graphs=par.pipeline_parallel_size == 1)
+        self.runner = ModelRunner(self.loaded, config, device)
         self.is_output_rank = spec.rank == output_rank(config)
         logger.info("rank %d ready: tp %d/%d pp %d/%d ep %d/%d, %d KV blocks", spec.rank, self.state.tp_rank,
                     self.state.tp_size, self.state.pp_rank, self.state.pp_size, self.state.ep_rank,

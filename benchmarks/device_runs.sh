@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The device-machine runs behind the figures in benchmarks/NOTES.md, one function per device call.
+# Run from the repo root on the device machine:  bash benchmarks/device_runs.sh <function>
+# Results go under $OUT (the device tool brings that folder back). Ray / Serve runs need the
+# wheels from ../shared/device/make-wheels.sh carried as .whl/ and the generated gRPC stubs
+# (cluster/proto/gen); see ../shared/device/README.md.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+
+ns() {  # import the working tree as `shardserve.*` without installing it
+    mkdir -p /tmp/ns/shardserve
+    for d in cluster workers parallel; do ln -sfn "$PWD/$d" "/tmp/ns/shardserve/$d"; done
+    export PYTHONPATH=/tmp/ns
+}
+
+ray_site() {  # Ray + Serve from carried wheels, beside the machine's torch
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+    find cluster/proto/gen -type f -exec touch {} +
+    export PYTHONPATH=/tmp/site:/tmp/ns
+}
+
+# One GPU: kernels compiled at full size, fused MoE check, the single-GPU bench (issue 3).
+one_gpu() {
+    ns
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels \
+        --ignore=tests/kernels/test_mixed_graph_forward.py 2>&1 | tail -3
+    timeout 90 python3 benchmarks/moe_gpu_check.py --iters 20 2>&1 | tee "$OUT/moe_gpu_check.log" | tail -12
+    timeout 330 python3 benchmarks/gpu_bench.py --out "$OUT" --max-num-seqs 512 --skip kernels 2>&1 \
+        | grep -v Warning | tee "$OUT/gpu_bench.log" | tail -22
+}
+
+# Two GPUs: the small-message all-reduce, then TP / EP / PP figures (issue 4).
+two_gpu_parallel() {
+    ns
+    timeout 120 torchrun --nproc-per-node 2 benchmarks/allreduce_gpu.py 2>&1 | tee "$OUT/allreduce_gpu.log" | tail -30
+    timeout 420 python3 benchmarks/parallel_gpu.py --cases tp,ep,pp --num-requests 300 --case-timeout-s 150 \
+        --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_gpu.log" | tail -14
+}
+
+# Two GPUs: the whole serving stack vs the engine offline (issue 5).
+two_gpu_serve() {
+    ns
+    ray_site
+    timeout 560 python3 benchmarks/serve_gpu.py --out "$OUT/serve" --num-requests 192 --time-budget-s 500 2>&1 \
+        | tee "$OUT/serve_gpu.log" | tail -25
+}
+
+"$@"
