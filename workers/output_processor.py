@@ -104,10 +104,10 @@ class OutputProcessor:
             parent, sample = self._sample_of[sample_id]
             if sample.request.is_finished:
                 parent.dirty = True
-        for sample_id, entries in runner_output.prompt_logprobs.items():
+        for sample_id, (first, entries) in runner_output.prompt_logprobs.items():
             parent, _ = self._sample_of[sample_id]
-            if parent.prompt_logprobs is not None and len(parent.prompt_logprobs) < len(parent.prompt_token_ids):
-                parent.prompt_logprobs.extend(self._decode_logprobs(e) for e in entries)
+            if parent.prompt_logprobs is not None:
+                self._write_prompt_logprobs(parent, first, entries)
         for request in advanced:
             parent, sample = self._sample_of[request.request_id]
             parent.dirty = True
@@ -190,6 +190,19 @@ class OutputProcessor:
             metrics=parent.samples[0].request.metrics,
             prompt_logprobs=None if parent.prompt_logprobs is None else tuple(parent.prompt_logprobs),
         )
+
+    def _write_prompt_logprobs(self, parent: _Parent, first: int, entries: list[TokenLogprobs | None]) -> None:
+        """Put `entries` into prompt positions first, first + 1, ...: a position computed again
+        (a request preempted mid-prompt recomputes its prompt from the start; the other samples of
+        an n > 1 request prefill it too) overwrites its slot, so there is one entry per position."""
+        slots = parent.prompt_logprobs
+        assert slots is not None
+        stop = min(first + len(entries), len(parent.prompt_token_ids))
+        if stop <= first:
+            return
+        if first > len(slots):  # positions never reported (not expected): keep later ones aligned
+            slots.extend([None] * (first - len(slots)))
+        slots[first:stop] = [self._decode_logprobs(e) for e in entries[: stop - first]]
 
     def _decode_logprobs(self, entry: TokenLogprobs | None) -> PositionLogprobs | None:
         if entry is None:

@@ -138,3 +138,44 @@ def test_async_abort_frees_blocks(smollm2_loaded):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_prompt_logprobs_survive_preemption_mid_prompt(engine, smollm2_loaded):
+    from shardserve.workers.config import CacheConfig, SchedulerConfig
+
+    prompt = ("Once upon a time, in a kingdom far away, there lived a princess who loved to read books "
+              "about dragons, castles and faraway lands.")
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3, ignore_eos=True)
+    want = _run(engine, {"p": prompt}, params)[0]["p"]  # default engine: one prefill, no preemption
+    # 4-token blocks, a 4-token step budget and 15 usable blocks: "p" (last admitted, so the FCFS
+    # victim) is prefilled in chunks beside two growing decodes that keep taking its blocks away.
+    # With max_tokens=1 it finishes on its last prompt chunk, so every preemption is mid-prompt.
+    small = LLMEngine(
+        EngineConfig(model=ModelConfig(model="default", dtype="float32", device="cpu"),
+                     cache=CacheConfig(block_size=4, num_blocks=16),
+                     scheduler=SchedulerConfig(max_num_batched_tokens=4)),
+        loaded=smollm2_loaded,
+    )
+    decode = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    small.add_request("a", "List three prime numbers greater than ten and explain why.", decode)
+    small.add_request("b", "Translate to French: The weather is nice today.", decode)
+    small.add_request("p", prompt, params)
+    finals = {}
+    while small.has_unfinished_requests():
+        for out in small.step():
+            if out.finished:
+                finals[out.request_id] = out
+    got = finals["p"]
+    assert got.metrics.num_preemptions > 0
+    assert len(want.prompt_token_ids) > 4 * 4  # several chunks
+    assert got.prompt_token_ids == want.prompt_token_ids
+    assert len(want.prompt_logprobs) == len(want.prompt_token_ids)
+    assert len(got.prompt_logprobs) == len(got.prompt_token_ids)
+    assert got.prompt_logprobs[0] is None and want.prompt_logprobs[0] is None
+    for position in range(1, len(want.prompt_token_ids)):
+        g, w = got.prompt_logprobs[position], want.prompt_logprobs[position]
+        assert want.prompt_token_ids[position] in g, position
+        assert g.keys() == w.keys(), position
+        for token_id in w:
+            assert abs(g[token_id].logprob - w[token_id].logprob) < 1e-4, (position, token_id)
+            assert g[token_id].rank == w[token_id].rank, (position, token_id)

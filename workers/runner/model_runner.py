@@ -355,7 +355,8 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[row : row + last - first])
                 targets = torch.tensor(prompt[first + 1 : last + 1], device=self.device)
                 entries.extend(compute_prompt_logprobs(logits, targets, top_n))
-            output.prompt_logprobs[req.request_id] = entries
+            # entries[0] is prompt position 0 (None) or, past the first chunk, first + 1.
+            output.prompt_logprobs[req.request_id] = (0 if first == 0 else first + 1, entries)
 
 
 def _syncs_in_forward(model: torch.nn.Module) -> bool:
