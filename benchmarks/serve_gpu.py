@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-input-len", type=int, default=16)
     p.add_argument("--latency-output-len", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--stream-interval-ms", type=float, default=0.0, help="models[].stream_interval_ms of the app")
     p.add_argument("--client-procs", type=int, default=0, help="gRPC client processes; 0 = 4 on GPU, 1 on CPU")
     p.add_argument("--ingress-replicas", type=int, default=0, help="Ingress replicas; 0 = 2 on GPU, 1 on CPU")
     p.add_argument("--time-budget-s", type=float, default=520, help="whole run, Ray start-up included")
@@ -131,6 +132,7 @@ def model_section(args: argparse.Namespace, layout: str, max_num_seqs: int) -> d
         "parallel": {"tensor_parallel_size": tp}, "replicas": replicas,
         "resources": {"num_gpus_per_worker": 1 if args.device == "cuda" else 0, "num_cpus_per_worker": 1},
         "scheduler": {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
+        "stream_interval_ms": args.stream_interval_ms,
     }  # fmt: skip
 
 

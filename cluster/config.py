@@ -155,6 +155,12 @@ class ModelSection(_Section):
     cache: CacheSection = Field(default_factory=CacheSection, description="Paged KV cache.")
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="Batching limits.")
     router: RouterSection = Field(default_factory=RouterSection, description="Request routing between replicas.")
+    stream_interval_ms: float = Field(
+        0, ge=0, le=1000,
+        description=("Least time between two streamed messages of one request, 0..1000 ms; the first token and "
+                     "the end are never held. 0 = a message per engine step while the path keeps up. Larger "
+                     "values send fewer, bigger messages (throughput under many concurrent streams)."),
+    )
     engine_factory: str | None = Field(
         None,
         description=(

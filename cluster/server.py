@@ -128,7 +128,8 @@ class LLMServer:
             # One message per engine step only while the path keeps up; else what piled up goes
             # together (cluster/streaming.py), so the Ray and gRPC hops never lag the engine.
             # Closed before the `finally` below, so `stream` is no longer being read when it closes.
-            async with contextlib.aclosing(batched(stream)) as batches:
+            interval = self.section.stream_interval_ms / 1000
+            async with contextlib.aclosing(batched(stream, interval)) as batches:
                 async for outs in batches:
                     finished = outs[-1].finished
                     if finished:

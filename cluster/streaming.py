@@ -10,8 +10,12 @@ the processes on the path saturated, and the engine thread starved for the GIL i
 arrived while it was busy sending the previous message, as one list. Nothing is delayed: when the
 consumer is idle it gets each item as soon as it arrives (a list of one, the first token
 included); items only pile up — and are then sent together — when sending is the bottleneck, so
-the message rate falls exactly when it has to. `merge_chunks` turns such a list of GenerateChunks
-into one chunk carrying the same text, token counts, logprobs and final fields.
+the message rate falls exactly when it has to. With `min_interval_s` > 0 (a model's
+`stream_interval_ms`), after a message the next one waits until that much time has passed —
+the first message and the last (the stream's end) never wait — trading inter-token smoothness
+for fewer messages when the CPUs on the path are the bottleneck (vLLM's `stream_interval` plays
+the same role). `merge_chunks` turns such a list of GenerateChunks into one chunk carrying the
+same text, token counts, logprobs and final fields.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from shardserve.cluster.messages import CompletionDelta, GenerateChunk
 T = TypeVar("T")
 
 
-async def batched(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
-    """Yield lists of the items `source` produced since the previous yield (never empty).
+async def batched(source: AsyncIterator[T], min_interval_s: float = 0.0) -> AsyncIterator[list[T]]:
+    """Yield lists of the items `source` produced since the previous yield (never empty), at
+    most one list per `min_interval_s` except for the first and the final one.
 
     An exception from `source` is raised after the items that came before it were yielded.
     Closing or cancelling this generator cancels the read of `source` (its own cleanup runs).
@@ -49,12 +54,21 @@ async def batched(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
             wake.set()
 
     task = asyncio.ensure_future(pump())
+    loop = asyncio.get_running_loop()
+    next_send = loop.time()  # the first message goes out at once
     try:
         while True:
             while not buffer and not ended:
                 wake.clear()
                 await wake.wait()
+            while buffer and not ended and loop.time() < next_send:  # hold on until the interval is up
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=next_send - loop.time())
+                except asyncio.TimeoutError:
+                    break
             if buffer:
+                next_send = loop.time() + min_interval_s
                 items = buffer[:]
                 buffer.clear()
                 yield items

@@ -138,3 +138,50 @@ def test_merge_of_single_token_chunks_equals_their_concatenation(num_steps):
     merged = merge_chunks(chunks)
     assert merged.deltas[0].text == "".join(f" w{i}" for i in range(num_steps))
     assert merged.deltas[0].num_tokens == num_steps and merged.finished
+
+
+def test_min_interval_holds_messages_back_but_never_the_first_or_the_end():
+    async def run() -> tuple[list[list[int]], list[float]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        sent: list[list[int]] = []
+        times: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def consume() -> None:
+            async for items in batched(_source(queue), min_interval_s=0.2):
+                sent.append(items)
+                times.append(loop.time())
+
+        task = asyncio.create_task(consume())
+        start = loop.time()
+        for i in range(10):  # one item every 10 ms for 100 ms: inside one interval
+            queue.put_nowait(i)
+            await asyncio.sleep(0.01)
+        queue.put_nowait(None)  # the end flushes at once, without waiting for the interval
+        await asyncio.wait_for(task, 5)
+        return sent, [t - start for t in times]
+
+    sent, times = asyncio.run(run())
+    assert sent[0] == [0] and times[0] < 0.05  # the first item is not held
+    assert [x for items in sent for x in items] == list(range(10))
+    assert len(sent) == 2  # everything after the first went out as one message, at the end
+    assert times[-1] < 0.19  # the end did not wait for the 200 ms interval
+
+
+def test_min_interval_spaces_messages_of_a_long_stream():
+    async def run() -> list[float]:
+        async def source():
+            for i in range(40):  # 400 ms of items every 10 ms
+                yield i
+                await asyncio.sleep(0.01)
+
+        loop = asyncio.get_running_loop()
+        times = []
+        async for _ in batched(source(), min_interval_s=0.1):
+            times.append(loop.time())
+        return times
+
+    times = asyncio.run(run())
+    assert 4 <= len(times) <= 7  # ~400 ms / 100 ms, not 40
+    gaps = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
+    assert min(gaps[:-1], default=0.1) >= 0.095  # interval respected (the final flush may come sooner)
