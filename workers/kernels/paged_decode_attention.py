@@ -8,7 +8,8 @@ K/V tile is read from HBM once for the whole group), walks its token range `BLOC
 at a time — each token's page found through `block_tables[b, t // block_size]` — and keeps
 an online softmax. It writes its normalised partial output `[B, Hq, S, D]` and its
 log-sum-exp (base 2) `[B, Hq, S]`, both fp32. Stage 2 runs one program per (request, q head)
-and merges the S partials with weights `2 ** (lse_s - max lse)`. Splits that hold no tokens
+and merges the S partials with weights `2 ** (lse_s - max lse)`. With one split (large
+batches) stage 1 writes the output directly and stage 2 is not launched. Splits that hold no tokens
 carry `lse = -inf` and weigh nothing; a request with `seq_len == 0` gets a zero output.
 
 The number of splits grows as the batch shrinks, so that batch x kv heads x splits fills
@@ -48,6 +49,7 @@ def _decode_stage1(
     stride_lb, stride_lh,  # part_lse [B, Hq, S]; last dim contiguous
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: part_out is the final output [B, Hq, D] in q's dtype
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -102,9 +104,10 @@ def _decode_stage1(
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     tl.store(
         part_out_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-        out, mask=g_mask[:, None],
+        out.to(part_out_ptr.dtype.element_ty), mask=g_mask[:, None],
     )
-    tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+    if not DIRECT:
+        tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
 @triton.jit
@@ -171,9 +174,12 @@ def paged_decode_attention(
     if not 1 <= num_splits <= 1024:
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
 
-    # [B, Hq, S, D] / [B, Hq, S] fp32 partial results of stage 1
-    part_out = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    direct = num_splits == 1 and out.stride(2) == 1  # stage 1 writes the output itself
+    if direct:
+        part_out, part_lse = out.unsqueeze(2), out  # [B, Hq, 1, D] view; no log-sum-exp needed
+    else:  # [B, Hq, S, D] / [B, Hq, S] fp32 partial results of stage 1
+        part_out = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_stage1[(num_seqs, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, part_out, part_lse,
         scale * LOG2E,
@@ -185,9 +191,11 @@ def paged_decode_attention(
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, DIRECT=direct,
         num_warps=4,
     )
+    if direct:
+        return out
     _decode_stage2[(num_seqs, num_q_heads)](
         part_out, part_lse, out,
         num_splits,
