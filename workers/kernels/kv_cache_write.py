@@ -16,6 +16,26 @@ import triton.language as tl
 
 
 @triton.jit
+def store_kv_row(
+    t, slot, k_ptr, v_ptr, cache_ptr,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_ckv, stride_cblk, stride_coff, stride_chead, stride_cd,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Copy token t's K and V rows [Hkv, D] into the cache at `slot` (>= 0)."""
+    offs_h = tl.arange(0, HEADS_PAD)  # [H_PAD]
+    offs_d = tl.arange(0, DIM_PAD)  # [D_PAD]
+    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_coff
+    dst_offs = dst + offs_h[:, None] * stride_chead + offs_d[None, :] * stride_cd  # [H_PAD, D_PAD]
+    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+    tl.store(cache_ptr + dst_offs, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(cache_ptr + stride_ckv + dst_offs, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kv_cache_write_kernel(
     k_ptr, v_ptr, cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_kd,
@@ -28,15 +48,9 @@ def _kv_cache_write_kernel(
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot < 0:
         return
-    offs_h = tl.arange(0, HEADS_PAD)  # [H_PAD]
-    offs_d = tl.arange(0, DIM_PAD)  # [D_PAD]
-    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_coff
-    dst_offs = dst + offs_h[:, None] * stride_chead + offs_d[None, :] * stride_cd  # [H_PAD, D_PAD]
-    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-    tl.store(cache_ptr + dst_offs, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(cache_ptr + stride_ckv + dst_offs, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    store_kv_row(t, slot, k_ptr, v_ptr, cache_ptr, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                 stride_ckv, stride_cblk, stride_coff, stride_chead, stride_cd,
+                 NUM_KV_HEADS, HEADS_PAD, HEAD_DIM, DIM_PAD, BLOCK_SIZE)
 
 
 def kv_cache_write(

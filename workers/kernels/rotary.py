@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels.kv_cache_write import store_kv_row
 
 
 @triton.jit
@@ -65,15 +66,9 @@ def _rotary_kernel(
         slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
         if slot >= 0:
             tl.debug_barrier()  # the rotated K rows were stored by other threads of this program
-            offs_h = tl.arange(0, KV_HEADS_PAD)
-            offs_d = tl.arange(0, DIM_PAD)
-            mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_coff
-            dst_offs = dst + offs_h[:, None] * stride_chead + offs_d[None, :] * stride_cd  # [H_PAD, D_PAD]
-            k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
-            v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-            tl.store(cache_ptr + dst_offs, k.to(cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(cache_ptr + stride_ckv + dst_offs, v.to(cache_ptr.dtype.element_ty), mask=mask)
+            store_kv_row(t, slot, k_ptr, v_ptr, cache_ptr, stride_kt, stride_kh, stride_kd,
+                         stride_vt, stride_vh, stride_vd, stride_ckv, stride_cblk, stride_coff, stride_chead, stride_cd,
+                         NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM, DIM_PAD, BLOCK_SIZE)
 
 
 def rotary_embedding(
