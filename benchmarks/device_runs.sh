@@ -30,6 +30,15 @@ one_gpu() {
         | grep -v Warning | tee "$OUT/gpu_bench.log" | tail -22
 }
 
+# One GPU: the single-GPU bench with synchronous steps, then with async scheduling (same machine).
+one_gpu_async_ab() {
+    ns
+    timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT/sync" --max-num-seqs 512 --skip kernels 2>&1 \
+        | grep -v Warning | tee "$OUT/gpu_bench_sync.log" | tail -14
+    timeout 240 python3 benchmarks/gpu_bench.py --out "$OUT/async" --max-num-seqs 512 --skip kernels hf \
+        --async-scheduling 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_async.log" | tail -14
+}
+
 # Two GPUs: the small-message all-reduce, then TP / EP / PP figures (issue 4).
 two_gpu_parallel() {
     ns

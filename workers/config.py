@@ -85,6 +85,11 @@ class SchedulerConfig:
       1 (default) admits at every step. Larger values trade a little TTFT for throughput on
       GPU: steps that carry a prefill run eagerly, pure decode steps replay a CUDA graph, so
       admitting in bursts makes most steps graph replays.
+    async_scheduling: overlap the host work of step N+1 (scheduling, input preparation, launch)
+      with the device work of step N: the engine keeps up to 2 batches in flight and schedules
+      each request's next decode before its previous token is known on the host (a placeholder
+      the runner fills on the device). Outputs equal the synchronous engine's. Only with
+      pipeline_parallel_size == 1 (EngineConfig checks). See workers/engine.py.
     """
 
     max_num_seqs: int = 256
@@ -94,8 +99,11 @@ class SchedulerConfig:
     mode: Literal["continuous", "static"] = "continuous"
     max_queue_len: int = 1024
     min_admit_batch: int = 1
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -169,3 +177,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.scheduler.async_scheduling and self.parallel.pipeline_parallel_size > 1:
+            raise ValueError("async_scheduling requires pipeline_parallel_size == 1 (pipeline parallelism "
+                             f"already keeps batches in flight), got {self.parallel.pipeline_parallel_size}")

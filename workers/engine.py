@@ -27,6 +27,22 @@ a stop string found in step 4 — keeps its blocks until its batch returns (sche
 batch's result for it is dropped here. A batch that schedules nothing is not sent: the runner
 drops it would carry (finished / preempted ids) ride with the next batch sent.
 At P = 1 `step()` is the plain schedule -> execute -> update -> outputs loop.
+
+Async scheduling (SchedulerConfig.async_scheduling, P = 1) reuses the batch queue with a depth
+of 2 so the host work of one step overlaps the device work of the previous one:
+    step(): 1. fill: schedule batch N+1 and submit it (the runner launches it behind batch N on
+               the device and returns at once); the scheduler feeds a placeholder for each
+               token batch N samples, which the runner fills on the device;
+            2. collect batch N (wait for its ids), update_from_output, process its outputs.
+So between steps one batch is in flight, and while the device runs it the host applies the
+previous batch, builds its outputs and schedules the next. Differences from the P > 1 queue:
+the same request is in both batches; a request that batch N finishes (EOS, stop id, stop
+string; max_tokens / max_model_len are foreseen and not scheduled again) has its batch N+1
+result dropped here and its blocks freed when N+1 returns (scheduler); an abort between steps
+drops the one in-flight result the same way. A batch that samples for a request with
+repetition / presence / frequency penalties is collected before anything else is scheduled
+(`_InFlight.needs_sync`): penalties read the previous token's id on the host. Outputs equal the
+synchronous engine's; token times are recorded when a batch is applied (at collect).
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ class _InFlight:
 
     sched: SchedulerOutput
     handle: StepHandle
+    needs_sync: bool = False  # collect before scheduling the next batch (async scheduling, penalties)
 
 
 class LLMEngine:
@@ -83,9 +100,11 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.max_batches_in_flight = config.parallel.pipeline_parallel_size
+        self.async_scheduling = config.scheduler.async_scheduling  # EngineConfig: only with P = 1
+        self.max_batches_in_flight = 2 if self.async_scheduling else config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
-                                   max_batches_in_flight=self.max_batches_in_flight)
+                                   max_batches_in_flight=self.max_batches_in_flight,
+                                   async_scheduling=self.async_scheduling)
         self.outputs = OutputProcessor(self.tokenizer)
         self.meter = ThroughputMeter()
         self.batch_queue = BatchQueueStats()
@@ -184,6 +203,8 @@ class LLMEngine:
                 or bool(self._batches))
 
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._async_step()
         if self.max_batches_in_flight > 1:
             return self._pipelined_step()
         sched = self.scheduler.schedule()
@@ -211,8 +232,21 @@ class LLMEngine:
         self._release_held_samples()
         return self.outputs.collect()
 
+    def _async_step(self) -> list[RequestOutput]:
+        """Submit the next batch, then apply the previous one (see the module docstring)."""
+        self._fill_batch_queue()
+        if self._batches:
+            batch = self._batches.popleft()
+            runner_output = self.executor.collect(batch.handle)
+            advanced = self.scheduler.update_from_output(batch.sched, runner_output)
+            self._process(batch.sched, runner_output, advanced)
+        self._release_held_samples()
+        return self.outputs.collect()
+
     def _fill_batch_queue(self) -> None:
         while len(self._batches) < self.max_batches_in_flight:
+            if self._batches and self._batches[-1].needs_sync:
+                return
             sched = self._with_carried_drops(self.scheduler.schedule())
             if sched.is_empty:
                 # Nothing to run now (every running request is in flight, or none can start).
@@ -220,7 +254,8 @@ class LLMEngine:
                 empty = ModelRunnerOutput()
                 self._process(sched, empty, self.scheduler.update_from_output(sched, empty))
                 return
-            self._batches.append(_InFlight(sched, self.executor.submit(sched)))
+            needs_sync = self.async_scheduling and self._samples_with_penalties(sched)
+            self._batches.append(_InFlight(sched, self.executor.submit(sched), needs_sync))
             self.batch_queue.record_submit(len(self._batches))
 
     def _process(self, sched: SchedulerOutput, runner_output: ModelRunnerOutput, advanced: list[Request]) -> None:
@@ -241,6 +276,19 @@ class LLMEngine:
             if self.scheduler.is_in_flight(request_id):  # already in the next batch: drop that result
                 self._drop_results.add(request_id)
             self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
+        if self.async_scheduling:
+            # Finished by this batch's token (EOS, stop id) while already in the next batch.
+            self._drop_results.update(r.request_id for r in advanced
+                                      if r.is_finished and self.scheduler.is_in_flight(r.request_id))
+
+    def _samples_with_penalties(self, sched: SchedulerOutput) -> bool:
+        """True if `sched` samples for a request whose penalties need its previous token on the host."""
+        requests = self.scheduler.requests
+        for scheduled in sched.scheduled:
+            request = requests.get(scheduled.request_id)
+            if scheduled.sample and request is not None and _uses_penalties(request.sampling_params):
+                return True
+        return False
 
     def _carry_drops(self, sched: SchedulerOutput) -> None:
         self._carried_finished = sched.finished_request_ids
@@ -299,6 +347,10 @@ class LLMEngine:
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.loaded.name, self.max_model_len, self.loaded.hf_config.vocab_size)
+
+
+def _uses_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
 
 
 def _without(output: ModelRunnerOutput, request_ids: set[str]) -> ModelRunnerOutput:

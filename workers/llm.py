@@ -20,7 +20,7 @@ Prompt = str | Sequence[int]
 class LLM:
     """Keyword arguments override fields of ModelConfig, CacheConfig, SchedulerConfig or
     ParallelConfig by name, e.g. `LLM("default", num_blocks=64, max_num_batched_tokens=32,
-    mode="static")` or `LLM("/path/to/llama", tensor_parallel_size=2)`."""
+    mode="static")`, `LLM("/path/to/llama", tensor_parallel_size=2)` or `LLM(..., async_scheduling=True)`."""
 
     def __init__(self, model: str = "default", config: EngineConfig | None = None, progress: bool = False,
                  **overrides: object) -> None:

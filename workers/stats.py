@@ -2,7 +2,8 @@
 
 The engine records each step's prompt and generation token counts; `rates()` divides what
 the last `window_s` seconds saw by the time they span. Under pipeline parallelism it also
-records, at each submit, how many batches are in flight (`BatchQueueStats`).
+records, at each submit, how many batches are in flight (`BatchQueueStats`); so does async
+scheduling, where 2 shows that a step was launched while the previous one was still running.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class ThroughputMeter:
 
 @dataclass
 class BatchQueueStats:
-    """Batches submitted under pipeline parallelism and the most that were in flight at once."""
+    """Batches submitted under pipeline parallelism or async scheduling and the most that were in
+    flight at once."""
 
     num_submitted: int = 0
     max_in_flight: int = 0

@@ -1,6 +1,6 @@
 """ModelRunner: owns the model, its paged KV cache and the sampler on one device.
 
-One call per engine step: `execute(scheduler_output)`
+One call per engine step: `execute(scheduler_output)`, which is `finish(launch(scheduler_output))`
   1. applies the step's diffs to the persistent batch (runner/persistent_batch.py): finished
      and preempted requests leave their rows, new ones take rows, block tables gain the
      blocks the scheduler just allocated; the sampling options follow (sampling_state.py);
@@ -15,6 +15,22 @@ One call per engine step: `execute(scheduler_output)`
   4. computes logits only for the rows that sample (plus prompt positions of requests that
      asked for prompt logprobs), builds SamplingMetadata from the cached per-row state while
      the GPU is still busy, samples in one vectorised call, and waits for the token ids.
+Steps 1-4 up to the sampler call are `launch`, which never waits for the GPU and returns a
+`PendingStep` (the sampled ids still on the device); `finish` waits for them (`.tolist()`) and
+builds the ModelRunnerOutput. Async scheduling (SchedulerConfig.async_scheduling) launches step
+N+1 before finishing step N: the launch also writes the sampled ids into `last_sampled`
+([max_rows] on the device, indexed by persistent row, moved with the rows), and a token the
+scheduler could not know yet (PLACEHOLDER, < 0: the id step N samples) is replaced right after
+the upload, before the forward, by `last_sampled[row of that token]` — one gather and one
+scatter on the device, in stream order after step N's sampler, so neither the host nor the
+CUDA graphs (whose input buffers are written from the patched upload) ever see the placeholder.
+Under async scheduling on CUDA the launch also queues the ids' copy to pinned host memory and
+an event right after the sampler, and `finish` waits for that event only: a `.tolist()` there
+would be queued behind step N+1 and wait for it too. Output counts (seeds, min_tokens) advance
+at launch; penalty histories need the ids on the host, so a step sampling a penalty row must be
+finished before the next launch (the engine runs such steps synchronously; `finish` checks it).
+Steps that compute logprobs or prompt logprobs read them back inside `launch` (correct, but
+that step's host work does not overlap).
 On CUDA the attention backend is the Triton one and the model's norms, rotary and activation
 run the fused Triton kernels (workers/models/layers.py). `step_times` measures, per step, the
 host time spent outside the wait for the GPU and the GPU time of the step (CUDA events).
@@ -62,7 +78,7 @@ class StepTimes:
     """Per-step timing, collected only while `enabled` (CUDA events cost a little)."""
 
     enabled: bool = False
-    host_s: list[float] = field(default_factory=list)  # execute() wall time minus the wait for the GPU
+    host_s: list[float] = field(default_factory=list)  # launch() + finish() wall time minus the wait for the GPU
     wait_s: list[float] = field(default_factory=list)  # blocked on the sampled ids
     gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
     # Per non-empty step, in order: requests and tokens scheduled (the three lists above only
@@ -80,6 +96,51 @@ class StepTimes:
         self.rows.clear()
         self.tokens.clear()
         self.graph_steps = self.mixed_graph_steps = self.eager_steps = 0
+
+
+@dataclass
+class _Uploads:
+    """Small per-step host arrays that ride with the step's single upload (None: not needed
+    this step); `bind` maps the device views that came back onto the same names."""
+
+    sample_tokens: np.ndarray | None = None  # token rows that sample, when not simply 0..n-1
+    placeholder_index: np.ndarray | None = None  # token positions fed PLACEHOLDER (async)
+    placeholder_rows: np.ndarray | None = None  # their persistent rows
+    sample_rows: np.ndarray | None = None  # persistent rows that sample (async: last_sampled)
+
+    _NAMES = ("sample_tokens", "placeholder_index", "placeholder_rows", "sample_rows")
+
+    def arrays(self) -> list[np.ndarray]:
+        return [a for a in (getattr(self, n) for n in self._NAMES) if a is not None]
+
+    def bind(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = [n for n in self._NAMES if getattr(self, n) is not None]
+        return dict(zip(names, views, strict=True))
+
+
+@dataclass
+class PendingStep:
+    """A launched step: what `finish` needs once the sampled ids are read back.
+
+    output: the ModelRunnerOutput so far (prompt logprobs); complete when `token_ids` is None.
+    token_ids: [num_sampling] int64 on the device, logits order. request_ids / sample_rows: the
+    sampling requests and their persistent rows at launch, same order.
+    """
+
+    output: ModelRunnerOutput
+    seq: int = -1  # launch number
+    token_ids: torch.Tensor | None = None
+    request_ids: list[str] = field(default_factory=list)
+    sample_rows: np.ndarray | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
+    has_penalties: bool = False
+    # Async scheduling on CUDA: the ids' copy to pinned host memory, issued right after the
+    # sampler, and the event that marks it done (a `.tolist()` at finish would be queued behind
+    # the steps launched since, and wait for them too).
+    host_token_ids: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+    host_s: float = 0.0  # launch wall time
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 class ModelRunner:
@@ -111,7 +172,14 @@ class ModelRunner:
         self.batch = PersistentBatch(self.max_rows, max_blocks_per_row, self.block_size, device)
         self.sampling = SamplingState(self.max_rows, self.eos_token_id, device)
         max_tokens = config.scheduler.max_num_batched_tokens
-        self.stager = PinnedStager(4 * max_tokens + 4 * self.max_rows + 2 * max_blocks_per_row + 16, device)
+        # + 3 rows' worth for the async uploads (placeholder index / rows, sample rows)
+        self.stager = PinnedStager(4 * max_tokens + 7 * self.max_rows + 2 * max_blocks_per_row + 16, device)
+        self.async_scheduling = config.scheduler.async_scheduling
+        # [max_rows] the last id sampled per persistent row (async scheduling only): the value
+        # of a PLACEHOLDER input token, read on the device by the next launch
+        self.last_sampled = torch.zeros(self.max_rows if self.async_scheduling else 0, dtype=torch.int64,
+                                        device=device)
+        self._num_launched = 0
         self._prompt_logprobs: dict[str, tuple[int, list[int]]] = {}  # request id -> (top-n, prompt)
         self.step_times = StepTimes()
         self.graphs: DecodeGraphs | None = None
@@ -216,6 +284,9 @@ class ModelRunner:
         moved = self.batch.remove(request_id)
         if moved is not None:
             self.sampling.move(*moved)
+            if self.async_scheduling:  # the moved request's pending token follows it
+                src, dst = moved
+                self.last_sampled[dst].copy_(self.last_sampled[src])
         self._prompt_logprobs.pop(request_id, None)
 
     def _graph_bucket(self, layout: StepLayout) -> int | None:
@@ -223,85 +294,147 @@ class ModelRunner:
             return None
         return bucket_for(len(layout.requests), self.graph_sizes)
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its sampled ids."""
+        return self.finish(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> PendingStep:
+        """Apply the step's diffs, upload, run the model and the sampler; never waits for the GPU."""
         start = time.perf_counter()
+        seq, self._num_launched = self._num_launched, self._num_launched + 1
         for request_id in (*sched.finished_request_ids, *sched.preempted_request_ids):
             self._remove(request_id)
         for new in sched.new_requests:
             self._add(new)
         if sched.is_empty:
-            return ModelRunnerOutput()
+            return PendingStep(ModelRunnerOutput(), seq)
         row_of = self.batch.row_of
         for req in sched.scheduled:
             self.batch.append_blocks(row_of[req.request_id], req.new_block_ids)
         layout = self.batch.layout(sched.scheduled)
         sample_mask = np.fromiter((r.sample for r in layout.requests), dtype=bool, count=len(layout.requests))
         sample_tokens = layout.query_start[1:][sample_mask] - 1  # [num_sampling] token rows
+        sample_rows = layout.rows[sample_mask]
+        uploads = self._uploads(layout, sample_tokens, sample_rows)
         timing = self.step_times.enabled and self.device.type == "cuda"
         if self.step_times.enabled:
             self.step_times.rows.append(len(layout.requests))
             self.step_times.tokens.append(layout.num_tokens)
+        events = None
         if timing:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
         hidden_in = None
         if not self.is_first_stage:  # the previous stage's residual stream for this step's tokens
             hidden_in = recv_hidden(layout.num_tokens, self.hidden_size, self.dtype, self.device)
-        hidden, sample_index = self._forward(layout, sample_tokens, hidden_in)  # [tokens or bucket, hidden]
+        hidden, device_views = self._forward(layout, uploads, hidden_in)  # [tokens or bucket, hidden]
         if not self.is_last_stage:
             # A graph's output buffer is rewritten by the next replay, possibly before the
             # asynchronous send has read it: send a copy of the real rows.
             send_hidden(hidden[: layout.num_tokens].clone())
-            return ModelRunnerOutput()
+            return PendingStep(ModelRunnerOutput(), seq)
 
         output = ModelRunnerOutput()
         if self._prompt_logprobs:
             self._compute_prompt_logprobs(layout, hidden, output)
         num_sampling = sample_tokens.size
         if num_sampling == 0:
-            return output
+            return PendingStep(output, seq)
+        sample_index = device_views.get("sample_tokens")
         rows_hidden = hidden[:num_sampling] if sample_index is None else hidden.index_select(0, sample_index)
         logits = self.model.compute_logits(rows_hidden)  # [num_sampling, vocab_size] float32
-        sample_rows = layout.rows[sample_mask]
         metadata = self.sampling.build(sample_rows)
         sampled = self.sampler(logits, metadata)
-        if timing:
+        if self.async_scheduling:  # the next launch may feed these ids as placeholders
+            self.last_sampled.index_copy_(0, device_views["sample_rows"], sampled.token_ids)
+        self.sampling.count_sampled(sample_rows)
+        if events is not None:
             events[1].record()
-        wait_start = time.perf_counter()
-        token_ids = sampled.token_ids.tolist()
-        waited = time.perf_counter() - wait_start
-        self.sampling.record(sample_rows, token_ids)
         ids = [r.request_id for r, s in zip(layout.requests, sample_mask.tolist(), strict=True) if s]
-        output.sampled_token_ids.update(zip(ids, token_ids, strict=True))
-        if metadata.max_num_logprobs is not None:
-            for request_id, logprobs in zip(ids, sampled.logprobs, strict=True):
+        pending = PendingStep(
+            output, seq, sampled.token_ids, ids, sample_rows,
+            logprobs=sampled.logprobs if metadata.max_num_logprobs is not None else None,
+            has_penalties=self.sampling.has_penalties(sample_rows), events=events,
+        )
+        if self.async_scheduling and self.device.type == "cuda":
+            pending.host_token_ids = torch.empty(num_sampling, dtype=sampled.token_ids.dtype, pin_memory=True)
+            pending.host_token_ids.copy_(sampled.token_ids, non_blocking=True)
+            pending.copied = torch.cuda.Event()
+            pending.copied.record()
+        pending.host_s = time.perf_counter() - start
+        return pending
+
+    def finish(self, pending: PendingStep) -> ModelRunnerOutput:
+        """Wait for a launched step's sampled ids and build its output (launch order)."""
+        output = pending.output
+        if pending.token_ids is None:
+            return output
+        start = time.perf_counter()
+        if pending.copied is not None:
+            assert pending.host_token_ids is not None
+            pending.copied.synchronize()
+            token_ids = pending.host_token_ids.tolist()
+        else:
+            token_ids = pending.token_ids.tolist()
+        waited = time.perf_counter() - start
+        assert pending.sample_rows is not None
+        if pending.has_penalties:
+            if self._num_launched != pending.seq + 1:
+                # Rows may have moved and the next step sampled without these tokens.
+                raise RuntimeError("a step that samples penalty rows must be finished before the next launch")
+            self.sampling.record_tokens(pending.sample_rows, token_ids)
+        output.sampled_token_ids.update(zip(pending.request_ids, token_ids, strict=True))
+        if pending.logprobs is not None:
+            for request_id, logprobs in zip(pending.request_ids, pending.logprobs, strict=True):
                 if logprobs is not None:
                     output.logprobs[request_id] = logprobs
-        if timing:
-            self.step_times.gpu_s.append(events[0].elapsed_time(events[1]) / 1e3)
+        if pending.events is not None:
+            self.step_times.gpu_s.append(pending.events[0].elapsed_time(pending.events[1]) / 1e3)
             self.step_times.wait_s.append(waited)
-            self.step_times.host_s.append(time.perf_counter() - start - waited)
+            self.step_times.host_s.append(pending.host_s + time.perf_counter() - start - waited)
         return output
 
-    def _forward(self, layout: StepLayout, sample_tokens: np.ndarray, hidden_in: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Upload the step and run the model (from `hidden_in` on a later pipeline stage); returns
-        hidden states and, when the sampling rows are not simply the first ones, their token-row
-        index on the device."""
+    def _uploads(self, layout: StepLayout, sample_tokens: np.ndarray, sample_rows: np.ndarray) -> _Uploads:
+        uploads = _Uploads()
+        if not np.array_equal(sample_tokens, np.arange(sample_tokens.size)):
+            uploads.sample_tokens = sample_tokens
+        if not self.async_scheduling:
+            return uploads
+        if sample_rows.size:
+            uploads.sample_rows = sample_rows
+        placeholders = np.flatnonzero(layout.token_ids < 0)
+        if placeholders.size:
+            token_rows = layout.rows if layout.is_decode_only else np.repeat(layout.rows, np.diff(layout.query_start))
+            uploads.placeholder_index = placeholders
+            uploads.placeholder_rows = token_rows[placeholders]
+        return uploads
+
+    def _fill_placeholders(self, token_ids: torch.Tensor, views: dict[str, torch.Tensor]) -> None:
+        """Replace placeholder input ids (uploaded, on the device) by the ids the previous step
+        sampled for their rows; a no-op without placeholders."""
+        index = views.get("placeholder_index")
+        if index is not None:
+            token_ids.index_copy_(0, index, self.last_sampled.index_select(0, views["placeholder_rows"]))
+
+    def _forward(self, layout: StepLayout, uploads: _Uploads, hidden_in: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Upload the step (with `uploads`) and run the model (from `hidden_in` on a later pipeline
+        stage); returns hidden states and the device views of `uploads` by name."""
         diff_index, diff_values = self.batch.pending_diffs()
         num_rows = len(layout.requests)
-        contiguous_sampling = bool(np.array_equal(sample_tokens, np.arange(sample_tokens.size)))
-        extra = [] if contiguous_sampling else [sample_tokens]
+        extra = uploads.arrays()
         bucket = self._graph_bucket(layout)
         if bucket is not None:
             staged = pad_decode_inputs(layout.token_ids, layout.positions, layout.slot_mapping, layout.seq_lens, bucket)
             index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged.reshape(-1), *extra])
+            views = uploads.bind(rest)
+            self._fill_placeholders(inputs[:bucket], views)  # row 0 of [4, bucket]: the token ids
             self.batch.apply_diffs(index, values)
             assert self.graphs is not None
             self.step_times.graph_steps += 1
             hidden = self.graphs.run(bucket, inputs.view(-1, bucket), hidden_in)
-            return hidden, (rest[0] if rest else None)
+            return hidden, views
         mixed = self.mixed_graphs
         token_bucket = mixed.bucket_for(layout.num_tokens) if mixed is not None and self.use_mixed_graphs else None
         if token_bucket is not None:
@@ -310,14 +443,18 @@ class ModelRunner:
                                        layout.seq_lens, layout.rows, token_bucket,
                                        slots_for(token_bucket, self.max_rows))
             index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged, *extra])
+            views = uploads.bind(rest)
+            self._fill_placeholders(inputs[:token_bucket], views)  # the token ids come first
             self.batch.apply_diffs(index, values)
             self.step_times.mixed_graph_steps += 1
             hidden = mixed.run(token_bucket, inputs, hidden_in)
-            return hidden, (rest[0] if rest else None)
+            return hidden, views
         rows = [] if layout.rows_are_prefix else [layout.rows]
         uploaded = self.stager.upload([diff_index, diff_values, layout.token_ids, layout.positions,
                                        layout.slot_mapping, layout.query_start, layout.seq_lens, *rows, *extra])
         index, values, token_ids, positions, slots, query_start, seq_lens = uploaded[:7]
+        views = uploads.bind(uploaded[7 + len(rows):])
+        self._fill_placeholders(token_ids, views)
         self.batch.apply_diffs(index, values)
         table = self.batch.block_table_device
         block_tables = table[:num_rows] if not rows else table.index_select(0, uploaded[7])
@@ -336,7 +473,7 @@ class ModelRunner:
         )
         self.step_times.eager_steps += 1
         hidden = self.model(token_ids, positions, self.kv_caches, metadata, hidden_in)
-        return hidden, (uploaded[-1] if extra else None)
+        return hidden, views
 
     def _compute_prompt_logprobs(self, layout: StepLayout, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Logprobs of prompt token p+1 at each prompt position p this step's chunk covers."""

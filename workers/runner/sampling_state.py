@@ -10,6 +10,10 @@ the step — seeds of seeded rows, min_tokens masks — by walking just the rows
 Penalty histories live on the device as one flat (token id, row) list: appended with each
 step's sampled tokens of penalty rows (`record`), rebuilt from the host copy only when a
 penalty row joins, leaves or moves, and remapped from rows to logits rows on the device.
+Async scheduling splits `record` in two: `count_sampled` at launch (output counts feed seeds
+and min_tokens masks) and `record_tokens` once the ids are on the host; a step that samples a
+penalty row is therefore finished before the next one is launched (the engine runs it
+synchronously), so histories never miss a token.
 Equivalent to `SamplingMetadata.build` over the same rows (tests/runner check that).
 """
 
@@ -76,7 +80,21 @@ class SamplingState:
 
     def record(self, rows: np.ndarray, token_ids: list[int]) -> None:
         """Fold this step's sampled tokens (logits order, `rows` their persistent rows) in."""
+        self.count_sampled(rows)
+        self.record_tokens(rows, token_ids)
+
+    def count_sampled(self, rows: np.ndarray) -> None:
+        """One more output for each of `rows` (needs no token id: seeds and min_tokens masks of
+        the next step only depend on how many tokens were sampled, so async scheduling counts
+        at launch, before the ids reach the host)."""
         self.num_outputs[rows] += 1
+
+    def has_penalties(self, rows: np.ndarray) -> bool:
+        """True if any of `rows` applies a repetition / presence / frequency penalty."""
+        return bool(self.penalty_rows) and any(int(r) in self.penalty_rows for r in rows.tolist())
+
+    def record_tokens(self, rows: np.ndarray, token_ids: list[int]) -> None:
+        """Append the sampled ids of penalty rows to their histories (host and device)."""
         if not self.penalty_rows:
             return
         new_ids, new_rows = [], []

@@ -40,6 +40,21 @@ similar size, each batch takes at most ceil(min(max_num_seqs, running + waiting)
 requests (running ones first, in admission order, then admissions): with R requests decoding,
 the P batches in flight hold about R / P each instead of one holding all. At P = 1 nothing is
 ever in flight at `schedule()` time and none of this changes a decision.
+
+Async scheduling (SchedulerConfig.async_scheduling, P = 1 stage): the engine schedules batch
+N+1 while batch N is still running, so a request may sit in both (at most 2 batches are ever
+in flight, and at most 1 when `schedule()` runs). Per request in flight, `_Ahead` counts the
+batches holding it, the tokens they compute (the next chunk starts after them) and the tokens
+they sample. A sampled token is not known on the host until its batch is applied, so the next
+batch feeds `PLACEHOLDER` at its position; the runner replaces it on the device with the id
+its sampler wrote (runner/model_runner.py). A request whose in-flight token is sure to end it
+(max_tokens, max_model_len) is not scheduled again; one that the in-flight token ends anyway
+(EOS, stop token id, a stop string, an abort) finishes when that batch is applied, and the
+later batch's result for it is dropped (its blocks are freed when that batch returns, as
+above). Preemption victims are never in flight, so while every running request is in the batch
+in flight, a request that cannot grow skips this batch (it is scheduled again, or preempts,
+once that batch returns). Requests are not split between batches (no batch cap): each batch
+holds every running request that can advance.
 """
 
 from __future__ import annotations
@@ -56,6 +71,7 @@ from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest
 from shardserve.workers.scheduler.queue import FCFSQueue, RequestQueue, make_request_queue
 
 KV_CACHE_FULL = "kv_cache_full"  # stop_reason of a request that alone outgrew the KV pool
+PLACEHOLDER = -1  # a token id fed before it is known on the host (async scheduling)
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,15 @@ class SchedulerStats:
     num_preemptions: int  # total since start
     kv_cache_usage: float  # fraction of usable blocks held, in [0, 1]
     prefix_cache_hit_rate: float  # hit tokens / looked-up tokens, in [0, 1]
+
+
+@dataclass
+class _Ahead:
+    """A request's share of the batches in flight (scheduled, result not applied yet)."""
+
+    num_batches: int = 0
+    num_tokens: int = 0  # tokens those batches compute: the next chunk starts after them
+    num_placeholders: int = 0  # tokens those batches sample: not on the host yet
 
 
 @dataclass
@@ -85,6 +110,7 @@ class Scheduler:
         kv_manager: KVCacheManager,
         max_model_len: int,
         max_batches_in_flight: int = 1,
+        async_scheduling: bool = False,
     ) -> None:
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
@@ -95,6 +121,8 @@ class Scheduler:
             )
         if max_batches_in_flight < 1:
             raise ValueError(f"max_batches_in_flight must be >= 1, got {max_batches_in_flight}")
+        if async_scheduling and max_batches_in_flight != 2:
+            raise ValueError(f"async scheduling keeps 2 batches in flight, got max_batches_in_flight={max_batches_in_flight}")
         self.config = scheduler_config
         self.cache_config = cache_config
         self.kv = kv_manager
@@ -110,9 +138,12 @@ class Scheduler:
         self._finished_ids: list[str] = []  # runner-known ids finished since the last schedule()
         self._finished_in_schedule: list[Request] = []  # kv_cache_full, reported by update_from_output
         self.num_preemptions = 0
-        # Batches in flight (see the module docstring); the sets stay empty at 1.
+        # Batches in flight (see the module docstring); both stay empty at 1.
         self.max_batches_in_flight = max_batches_in_flight
-        self._in_flight: set[str] = set()  # ids scheduled in a batch whose result is not applied yet
+        self.async_scheduling = async_scheduling
+        # Pipeline parallelism: requests in flight wait, batches share the requests out.
+        self._pipelined = max_batches_in_flight > 1 and not async_scheduling
+        self._in_flight: dict[str, _Ahead] = {}  # ids scheduled in a batch whose result is not applied yet
         self._free_on_return: dict[str, Request] = {}  # finished while in flight: blocks still held
 
     # ---- requests in and out -----------------------------------------------------------------
@@ -189,7 +220,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         step = _Step(token_budget=self.config.max_num_batched_tokens, max_requests=self._batch_cap())
-        pipelined = self.max_batches_in_flight > 1
+        pipelined = self._pipelined
         candidates = self._batch_candidates(step.max_requests) if pipelined else list(self.running)
         for request in candidates:
             if step.token_budget == 0:
@@ -199,8 +230,12 @@ class Scheduler:
         if not step.preempted_ids:  # a step that had to preempt has no blocks to spare
             self._admit_waiting(step)
         output = self._build_output(step)
-        if pipelined:
-            self._in_flight.update(step.num_new_tokens)
+        if self.max_batches_in_flight > 1:
+            for scheduled in output.scheduled:
+                ahead = self._in_flight.setdefault(scheduled.request_id, _Ahead())
+                ahead.num_batches += 1
+                ahead.num_tokens += scheduled.num_tokens
+                ahead.num_placeholders += scheduled.sample
         return output
 
     def update_from_output(
@@ -213,10 +248,12 @@ class Scheduler:
         track = self.max_batches_in_flight > 1
         for scheduled in scheduler_output.scheduled:
             if track:
-                self._in_flight.discard(scheduled.request_id)
-                finished = self._free_on_return.pop(scheduled.request_id, None)
+                still_in_flight = self._returned(scheduled)
+                finished = self._free_on_return.get(scheduled.request_id)
                 if finished is not None:  # finished while in flight: its result is dropped
-                    self.kv.free(finished)
+                    if not still_in_flight:  # the last batch holding it is back: no rank writes its K/V
+                        del self._free_on_return[scheduled.request_id]
+                        self.kv.free(finished)
                     continue
             request = self.requests.get(scheduled.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
@@ -236,10 +273,41 @@ class Scheduler:
 
     # ---- internals ------------------------------------------------------------------------------
 
+    def _returned(self, scheduled: ScheduledRequest) -> bool:
+        """Take a returned batch's share off its request's `_Ahead`; True if it is still in flight."""
+        ahead = self._in_flight.get(scheduled.request_id)
+        if ahead is None:
+            return False
+        ahead.num_batches -= 1
+        ahead.num_tokens -= scheduled.num_tokens
+        ahead.num_placeholders -= scheduled.sample
+        if ahead.num_batches == 0:
+            del self._in_flight[scheduled.request_id]
+            return False
+        return True
+
+    def _scheduled_end(self, request: Request) -> tuple[int, int]:
+        """(tokens computed or being computed, tokens known or being sampled) of `request`:
+        where its next chunk starts and where its schedulable tokens end."""
+        ahead = self._in_flight.get(request.request_id)
+        if ahead is None:
+            return request.num_computed_tokens, request.num_tokens
+        return request.num_computed_tokens + ahead.num_tokens, request.num_tokens + ahead.num_placeholders
+
+    def _ends_in_flight(self, request: Request) -> bool:
+        """True when the tokens sampled in flight surely end the request (max_tokens or
+        max_model_len), so it must not be scheduled again."""
+        ahead = self._in_flight.get(request.request_id)
+        if ahead is None or ahead.num_placeholders == 0:
+            return False
+        num_output = request.num_output_tokens + ahead.num_placeholders
+        return (num_output >= request.sampling_params.max_tokens
+                or request.num_tokens + ahead.num_placeholders >= self.max_model_len)
+
     def _batch_cap(self) -> int:
         """Requests one batch may hold: max_num_seqs at P = 1, else an even share of the demand."""
         depth = self.max_batches_in_flight
-        if depth == 1:
+        if not self._pipelined:  # one stage (async scheduling too): every batch may hold everyone
             return self.config.max_num_seqs
         demand = min(self.config.max_num_seqs, len(self.running) + self.num_waiting)
         return max(1, -(-demand // depth))
@@ -255,11 +323,19 @@ class Scheduler:
         return candidates
 
     def _schedule_running(self, request: Request, step: _Step) -> None:
-        num_new = self._num_tokens_to_schedule(request, request.num_computed_tokens, step.token_budget)
+        if self._ends_in_flight(request):
+            return
+        start, end = self._scheduled_end(request)
+        num_new = self._num_tokens_to_schedule(request, start, step.token_budget, end)
         if num_new == 0:
             return
-        while not self.kv.allocate_slots(request, num_new):
-            victim = self._pick_victim(self._victim_candidates())
+        # The table must also cover the tokens of the batch in flight (async scheduling).
+        num_ahead = start - request.num_computed_tokens
+        while not self.kv.allocate_slots(request, num_ahead + num_new):
+            candidates = self._victim_candidates()
+            if not candidates:
+                return  # every running request is in flight (async scheduling): wait for a batch
+            victim = self._pick_victim(candidates)
             if victim is request and self._in_flight and self._pick_victim(self.running) is not request:
                 return  # the policy's victim is in flight: wait for its batch rather than preempt this one
             if victim is request and len(self.running) == 1:
@@ -312,8 +388,9 @@ class Scheduler:
             step.num_new_tokens[request.request_id] = num_new
             step.token_budget -= num_new
 
-    def _num_tokens_to_schedule(self, request: Request, num_computed: int, token_budget: int) -> int:
-        num_remaining = request.num_tokens - num_computed
+    def _num_tokens_to_schedule(self, request: Request, num_computed: int, token_budget: int,
+                                num_tokens: int | None = None) -> int:
+        num_remaining = (request.num_tokens if num_tokens is None else num_tokens) - num_computed
         if num_remaining <= token_budget:
             return num_remaining
         if self.config.enable_chunked_prefill:
@@ -397,15 +474,18 @@ class Scheduler:
                         sampling_params=request.sampling_params,
                     )
                 )
-            start = request.num_computed_tokens
+            start, end = self._scheduled_end(request)
+            token_ids = request.all_token_ids[start : start + num_new]
+            if len(token_ids) < num_new:  # sampled by the batch in flight (async scheduling)
+                token_ids = token_ids + [PLACEHOLDER] * (num_new - len(token_ids))
             block_ids = self.kv.get_block_ids(request_id)
             num_sent, self._runner_blocks[request_id] = self._runner_blocks[request_id], len(block_ids)
             scheduled = ScheduledRequest(
                 request_id=request_id,
-                token_ids=tuple(request.all_token_ids[start : start + num_new]),
+                token_ids=tuple(token_ids),
                 start_position=start,
                 new_block_ids=tuple(block_ids[num_sent:]),
-                sample=start + num_new == request.num_tokens,
+                sample=start + num_new == end,
             )
             # "Decode" = a one-token query; such rows go first (the output's documented order).
             (decodes if num_new == 1 else prefills).append(scheduled)

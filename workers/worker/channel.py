@@ -35,11 +35,12 @@ class WorkerGroupError(RuntimeError):
 
 @dataclass(frozen=True)
 class StepHandle:
-    """A submitted step: its submission number, and its output when it is already known
-    (an in-process executor runs the step at submit)."""
+    """A submitted step: its submission number, and (in-process executor) the runner's
+    PendingStep — the step is launched on the device at submit and finished at collect."""
 
     seq: int
     output: ModelRunnerOutput | None = None
+    pending: Any = None  # runner.model_runner.PendingStep (Any: this module imports no runner)
 
 
 class ConnectionGroup:

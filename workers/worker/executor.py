@@ -6,7 +6,9 @@ The engine runs a step as `submit(scheduler_output) -> StepHandle` then
 submits up to pipeline_parallel_size steps before collecting the oldest (workers/engine.py);
 outputs come back in submission order.
   LocalExecutor: the single-process engine, a ModelRunner in the engine process; `submit`
-    runs the step (one stage: nothing to overlap) and the handle carries its output.
+    launches the step on the device without waiting for it (ModelRunner.launch) and `collect`
+    waits for its sampled ids (ModelRunner.finish), so the engine's host work between the two
+    overlaps the device's (async scheduling).
   MultiprocExecutor: spawns world_size = TP x PP processes (multiprocessing `spawn`), one
     Worker each (worker.py), rendezvous on a free local port. A step's SchedulerOutput is
     pickled once and the same bytes are written to every rank's pipe (proc.py); the output
@@ -16,6 +18,12 @@ outputs come back in submission order.
     its exit code or traceback (the surviving ranks fail their next collective and exit, or
     are terminated by `shutdown`); a step slower than `step_timeout_s` fails too. After a
     failure every call raises `WorkerGroupError`.
+Under async scheduling the driver submits step N+1 before collecting step N, so its scheduling
+and output processing overlap the ranks' work; each rank runs its steps in order and fills the
+placeholder tokens of N+1 from the ids its own runner sampled in N (every rank of the last
+stage samples the same ids), so the multi-rank executors need nothing more. (Each rank still
+finishes a step before reading the next, so a rank's own input preparation does not overlap
+its device work.)
 `make_executor(config, loaded)` picks one from `config.parallel.world_size` and `.launcher`
 (`ray`: RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
 """
@@ -70,12 +78,13 @@ class LocalExecutor:
         self.num_blocks = self.runner.num_blocks
 
     def submit(self, sched: SchedulerOutput) -> StepHandle:
-        return StepHandle(0, self.runner.execute(sched))
+        pending = self.runner.launch(sched)
+        return StepHandle(pending.seq, pending=pending)
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
-        if handle.output is None:
+        if handle.pending is None:
             raise ValueError("not a handle of this executor")
-        return handle.output
+        return self.runner.finish(handle.pending)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)

@@ -1,0 +1,190 @@
+"""Async scheduling (SchedulerConfig.async_scheduling): batch N+1 is scheduled and launched
+before batch N's tokens reach the host, and the outputs must equal the synchronous engine's.
+
+The real SmolLM2 (greedy, float32 CPU) runs one batch mixing what can end a request — EOS,
+max_tokens, stop token ids, stop strings — with n > 1 seeded sampling and logprobs, under the
+default budget, chunked prefill (16-token steps) and a KV pool small enough to force preemption.
+Separately: an abort mid-run, penalties (those steps run synchronously), the scheduler's
+placeholders, the `LLM` option and config validation. Every run ends with no KV block held,
+and the engine stat `max_batches_in_flight == 2` shows batches really overlapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shardserve.workers.engine import LLMEngine
+from shardserve.workers.kv_cache.manager import KVCacheManager
+from shardserve.workers.llm import LLM
+from shardserve.workers.request import FinishReason, Request, SamplingParams
+from shardserve.workers.runner.output import ModelRunnerOutput
+from shardserve.workers.scheduler.scheduler import PLACEHOLDER, Scheduler
+
+pytestmark = pytest.mark.slow
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+PROMPTS = {
+    "eos": CHAT.format("What is 2+2? Answer with a number only."),  # ends with EOS after a few tokens
+    "eos_short": "Answer with one word. What color is the sky?",  # EOS at once
+    "long": "Tell me a story about a dragon who lived in the mountains of a faraway country.",
+    "len1": "The capital of France is",
+    "stop_str": "Count: 1, 2, 3, 4,",
+    "stop_id": CHAT.format("Say hi."),
+    "n3": "Write one sentence about the ocean:",
+    "logprobs": "The weather today",
+}
+
+
+def _config(async_scheduling: bool, **overrides: object) -> EngineConfig:
+    scheduler = {k: v for k, v in overrides.items() if k in SchedulerConfig.__dataclass_fields__}
+    cache = {k: v for k, v in overrides.items() if k in CacheConfig.__dataclass_fields__}
+    return EngineConfig(
+        model=ModelConfig(model="default", dtype="float32", device="cpu"),
+        cache=CacheConfig(**{"num_blocks": 512, **cache}),
+        scheduler=SchedulerConfig(async_scheduling=async_scheduling, **scheduler),
+    )
+
+
+def _params() -> dict[str, SamplingParams]:
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    return {
+        "eos": greedy,
+        "eos_short": greedy,
+        "long": replace(greedy, max_tokens=30, ignore_eos=True),
+        "len1": replace(greedy, max_tokens=1),
+        "stop_str": replace(greedy, stop=(" 7",), ignore_eos=True),
+        "stop_id": replace(greedy, stop_token_ids=(30,)),  # "." in SmolLM2's vocabulary
+        "n3": SamplingParams(n=3, temperature=0.8, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True),
+        "logprobs": replace(greedy, max_tokens=6, logprobs=3, prompt_logprobs=2),
+    }
+
+
+def _run(engine: LLMEngine, params: dict[str, SamplingParams], abort: tuple[str, int] | None = None):
+    """Run every prompt to the end; `abort` = (request id, step after which it is aborted).
+    Returns request id -> per output (token ids, text, finish reason, stop reason, logprobs)."""
+    for request_id, p in params.items():
+        engine.add_request(request_id, PROMPTS[request_id], p)
+    finals = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        step += 1
+        if abort is not None and step == abort[1]:
+            engine.abort_request(abort[0])
+    assert engine.kv_manager.num_free_blocks == engine.runner.num_blocks - 1  # no block leaked
+    assert engine.scheduler.num_in_flight == 0 and not engine.scheduler._free_on_return
+    return {
+        request_id: [
+            (o.token_ids, o.text, o.finish_reason, o.stop_reason,
+             None if o.logprobs is None else [{t: round(lp.logprob, 4) for t, lp in pos.items()} for pos in o.logprobs])
+            for o in out.outputs
+        ]
+        for request_id, out in finals.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def engines(smollm2_loaded):
+    """(sync, async) engine pairs by name, built once."""
+    variants = {
+        "default": {},
+        "chunked": {"max_num_batched_tokens": 16},
+        "preempt": {"max_num_batched_tokens": 32, "block_size": 4, "num_blocks": 24},
+    }
+    return {name: (LLMEngine(_config(False, **kw), loaded=smollm2_loaded),
+                   LLMEngine(_config(True, **kw), loaded=smollm2_loaded))
+            for name, kw in variants.items()}
+
+
+@pytest.mark.parametrize("variant", ["default", "chunked", "preempt"])
+def test_async_outputs_equal_sync(engines, variant):
+    sync_engine, async_engine = engines[variant]
+    want = _run(sync_engine, _params())
+    got = _run(async_engine, _params())
+    assert got == want
+    reasons = {rid: outs[0][2:4] for rid, outs in want.items()}
+    # The batch really exercises each way a request ends.
+    assert reasons["eos"] == (FinishReason.STOP, None) and reasons["eos_short"] == (FinishReason.STOP, None)
+    assert reasons["long"][0] == reasons["len1"][0] == FinishReason.LENGTH
+    assert reasons["stop_str"] == (FinishReason.STOP, " 7") and reasons["stop_id"] == (FinishReason.STOP, 30)
+    assert async_engine.stats().max_batches_in_flight == 2  # steps overlapped
+    assert sync_engine.stats().max_batches_in_flight == 0  # the synchronous path keeps no queue
+    if variant == "preempt":
+        assert async_engine.stats().num_preemptions > 0 and sync_engine.stats().num_preemptions > 0
+
+
+def test_abort_mid_run(engines):
+    """An abort while the request is in the batch in flight: its outputs stop (a prefix of the
+    full run's: a request admitted late may have one token less than in the synchronous
+    engine, whose batch N+1 already saw batch N's results), the others are unaffected."""
+    sync_engine, async_engine = engines["default"]
+    params = {k: v for k, v in _params().items() if k in ("long", "stop_str", "n3", "eos")}
+    full = _run(sync_engine, params)
+    for victim, step in (("long", 4), ("n3", 3), ("n3", 1)):
+        for engine in (sync_engine, async_engine):
+            got = _run(engine, params, abort=(victim, step))
+            assert {k: v for k, v in got.items() if k != victim} == {k: v for k, v in full.items() if k != victim}
+            for (ids, _, reason, _, _), (full_ids, *_) in zip(got[victim], full[victim], strict=True):
+                assert reason == FinishReason.ABORT and ids == full_ids[: len(ids)] and len(ids) < len(full_ids)
+
+
+def test_penalties_run_synchronously_and_match(engines):
+    sync_engine, async_engine = engines["default"]
+    params = {
+        "long": SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True),
+        "stop_str": SamplingParams(temperature=0, max_tokens=20, presence_penalty=0.5, frequency_penalty=0.5,
+                                   ignore_eos=True),
+        "n3": _params()["n3"],
+        "eos": _params()["eos"],
+    }
+    want = _run(sync_engine, params)
+    got = _run(async_engine, params)
+    assert got == want
+
+
+def test_seeded_sampling_equal(engines):
+    sync_engine, async_engine = engines["chunked"]
+    seeded = SamplingParams(temperature=1.0, top_k=50, seed=1234, max_tokens=16)
+    params = {k: replace(seeded, seed=1234 + i) for i, k in enumerate(("long", "eos", "stop_id", "logprobs"))}
+    params["n3"] = replace(seeded, n=2, min_tokens=4)
+    assert _run(async_engine, params) == _run(sync_engine, params)
+
+
+def test_scheduler_feeds_placeholders_and_foresees_the_end():
+    kv = KVCacheManager(64, 4)
+    scheduler = Scheduler(SchedulerConfig(async_scheduling=True), CacheConfig(block_size=4), kv, 64,
+                          max_batches_in_flight=2, async_scheduling=True)
+    scheduler.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True)))
+    scheduler.add_request(Request("b", [4, 5], SamplingParams(max_tokens=1, ignore_eos=True)))
+    first = scheduler.schedule()
+    second = scheduler.schedule()  # before the first batch's tokens are known
+    assert [(r.request_id, r.token_ids) for r in first.scheduled] == [("a", (1, 2, 3)), ("b", (4, 5))]
+    # "b" ends with its first token (max_tokens=1): not scheduled again; "a" decodes a placeholder.
+    assert [(r.request_id, r.token_ids, r.start_position, r.sample) for r in second.scheduled] == \
+        [("a", (PLACEHOLDER,), 3, True)]
+    assert scheduler.update_from_output(first, ModelRunnerOutput({"a": 7, "b": 8}))[0].output_token_ids == [7]
+    third = scheduler.schedule()
+    assert [(r.request_id, r.token_ids, r.start_position) for r in third.scheduled] == [("a", (PLACEHOLDER,), 4)]
+    scheduler.update_from_output(second, ModelRunnerOutput({"a": 9}))
+    scheduler.finish_request("a", FinishReason.ABORT)  # while "third" is in flight: blocks kept
+    assert kv.num_free_blocks < 63
+    scheduler.update_from_output(third, ModelRunnerOutput({"a": 10}))
+    assert kv.num_free_blocks == 63 and not scheduler.has_unfinished()
+
+
+def test_llm_option_and_validation():
+    prompts = [[5, 6, 7, 8], [9, 10], list(range(20, 45))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sync = LLM("dummy:tiny-llama", device="cpu", dtype="float32", num_blocks=64).generate(prompts, params)
+    llm = LLM("dummy:tiny-llama", device="cpu", dtype="float32", num_blocks=64, async_scheduling=True)
+    assert llm.engine.async_scheduling
+    got = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in sync]
+    with pytest.raises(ValueError, match="async_scheduling requires pipeline_parallel_size == 1"):
+        EngineConfig(scheduler=SchedulerConfig(async_scheduling=True), parallel=ParallelConfig(pipeline_parallel_size=2))
+    with pytest.raises(ValueError, match="async_scheduling must be a bool"):
+        SchedulerConfig(async_scheduling=1)  # type: ignore[arg-type]
