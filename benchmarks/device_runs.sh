@@ -33,10 +33,10 @@ one_gpu() {
 # One GPU: the single-GPU bench with synchronous steps, then with async scheduling (same machine).
 one_gpu_async_ab() {
     ns
-    timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT/sync" --max-num-seqs 512 --skip kernels 2>&1 \
+    timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT/sync" --max-num-seqs 512 --skip kernels --async-scheduling off 2>&1 \
         | grep -v Warning | tee "$OUT/gpu_bench_sync.log" | tail -14
     timeout 240 python3 benchmarks/gpu_bench.py --out "$OUT/async" --max-num-seqs 512 --skip kernels hf \
-        --async-scheduling 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_async.log" | tail -14
+        --async-scheduling on 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_async.log" | tail -14
 }
 
 # Two GPUs: the small-message all-reduce, then TP / EP / PP figures (issue 4).

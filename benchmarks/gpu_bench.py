@@ -139,7 +139,7 @@ def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:
         model=ModelConfig(model=args.model, dtype="bfloat16", device="cuda"),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  min_admit_batch=args.min_admit_batch, async_scheduling=args.async_scheduling),
+                                  min_admit_batch=args.min_admit_batch, async_scheduling={'auto': None, 'on': True, 'off': False}[args.async_scheduling]),
     )
     start = time.perf_counter()
     engine = LLMEngine(config)
@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--min-admit-batch", type=int, default=1, help="SchedulerConfig.min_admit_batch")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--async-scheduling", action="store_true", help="SchedulerConfig.async_scheduling")
+    parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                        help="SchedulerConfig.async_scheduling (auto: on with one pipeline stage)")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--hf-requests", type=int, default=32, help="transformers runs this many (one batch)")

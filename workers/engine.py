@@ -100,7 +100,7 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.async_scheduling = config.scheduler.async_scheduling  # EngineConfig: only with P = 1
+        self.async_scheduling = config.use_async_scheduling  # only with P = 1
         self.max_batches_in_flight = 2 if self.async_scheduling else config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,

@@ -186,5 +186,9 @@ def test_llm_option_and_validation():
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in sync]
     with pytest.raises(ValueError, match="async_scheduling requires pipeline_parallel_size == 1"):
         EngineConfig(scheduler=SchedulerConfig(async_scheduling=True), parallel=ParallelConfig(pipeline_parallel_size=2))
-    with pytest.raises(ValueError, match="async_scheduling must be a bool"):
+    with pytest.raises(ValueError, match="async_scheduling must be true, false or null"):
         SchedulerConfig(async_scheduling=1)  # type: ignore[arg-type]
+    # Default (None): on with one pipeline stage, off under pipeline parallelism.
+    assert EngineConfig().use_async_scheduling
+    assert not EngineConfig(parallel=ParallelConfig(pipeline_parallel_size=2)).use_async_scheduling
+    assert not EngineConfig(scheduler=SchedulerConfig(async_scheduling=False)).use_async_scheduling

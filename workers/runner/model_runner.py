@@ -174,7 +174,7 @@ class ModelRunner:
         max_tokens = config.scheduler.max_num_batched_tokens
         # + 3 rows' worth for the async uploads (placeholder index / rows, sample rows)
         self.stager = PinnedStager(4 * max_tokens + 7 * self.max_rows + 2 * max_blocks_per_row + 16, device)
-        self.async_scheduling = config.scheduler.async_scheduling
+        self.async_scheduling = config.use_async_scheduling
         # [max_rows] the last id sampled per persistent row (async scheduling only): the value
         # of a PLACEHOLDER input token, read on the device by the next launch
         self.last_sampled = torch.zeros(self.max_rows if self.async_scheduling else 0, dtype=torch.int64,
