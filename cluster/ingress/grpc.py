@@ -7,8 +7,8 @@ chat messages or prompt token ids, passed to the engine as-is; SamplingParams
 validation names the bad field → INVALID_ARGUMENT), streams `GenerateChunk`s from IngressCore
 and answers with `GenerateResponse`s: unary joins each completion's deltas (n of them, with
 per-token logprobs when `params.logprobs` is set) into `completions`, completion 0 also in the
-top-level fields; streaming sends one message per completion for what arrived since the last
-send (one engine step while the proxy keeps up, several steps merged when it does not). The request id comes
+top-level fields; streaming sends one message per completion of each chunk the LLMServer sends
+(one engine step while the path keeps up, several steps merged when it does not). The request id comes
 from the `x-request-id` metadata (or is made up) and goes back in trailing metadata with
 `x-shardserve-replica`. With an API key configured, the `authorization` metadata is checked
 first (UNAUTHENTICATED). Errors set the status code and details on the context (NOT_FOUND,
@@ -19,7 +19,6 @@ request in the engine.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ from shardserve.cluster.messages import (
 )
 from shardserve.cluster.proto import llm_pb2
 from shardserve.cluster.server import param_of
-from shardserve.cluster.streaming import batched, merge_chunks
 from shardserve.workers.request import SamplingParams
 
 REQUEST_ID_KEY = "x-request-id"
@@ -192,23 +190,22 @@ class GrpcFrontend:
             num = request.params.logprobs
             first, rest = await self.core.first_chunk(request)
             self._trailers(context, request_id, first)
-            # Chunks that arrive while the proxy is still taking the previous message go out as
-            # one (cluster/streaming.py): one Ray object per message is what this hop costs.
-            async with contextlib.aclosing(batched(_chain(first, rest))) as batches:
-                async for chunks in batches:
-                    chunk = merge_chunks(chunks)
-                    num_tokens += sum(d.num_tokens for d in chunk.deltas)
-                    for d in chunk.deltas:
-                        yield llm_pb2.GenerateResponse(
-                            request_id=request_id,
-                            text=d.text,
-                            num_tokens=d.num_tokens,
-                            finish_reason=d.finish_reason or "",
-                            usage=self._usage(first, num_tokens) if chunk.finished else None,
-                            replica_id=chunk.replica_id,
-                            index=d.index,
-                            logprobs=_logprobs(d.logprobs or (), num),
-                        )
+            # Forwarded one to one: the LLMServer already merges what piled up (cluster/streaming.py).
+            # (Merging here too, with its own reader task, made Ray's gRPC proxy segfault while
+            # cancelling streams in tests/cluster.)
+            async for chunk in _chain(first, rest):
+                num_tokens += sum(d.num_tokens for d in chunk.deltas)
+                for d in chunk.deltas:
+                    yield llm_pb2.GenerateResponse(
+                        request_id=request_id,
+                        text=d.text,
+                        num_tokens=d.num_tokens,
+                        finish_reason=d.finish_reason or "",
+                        usage=self._usage(first, num_tokens) if chunk.finished else None,
+                        replica_id=chunk.replica_id,
+                        index=d.index,
+                        logprobs=_logprobs(d.logprobs or (), num),
+                    )
         except ApiError as err:
             # A stream's status only reaches the client if the call raises; Serve keeps the
             # code and details set on the context (gRPCStatusError).
