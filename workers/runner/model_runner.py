@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -64,6 +63,7 @@ from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
 from shardserve.workers.runner.persistent_batch import PersistentBatch, StepLayout
 from shardserve.workers.runner.sampling_state import SamplingState
 from shardserve.workers.runner.staging import PinnedStager
+from shardserve.workers.runner.step_records import PendingStep, StepTimes, StepUploads
 from shardserve.workers.sampling.logprobs import compute_prompt_logprobs
 from shardserve.workers.sampling.metadata import SamplingMetadata
 from shardserve.workers.sampling.sampler import Sampler
@@ -71,76 +71,6 @@ from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest
 
 logger = logging.getLogger(__name__)
 GRAPH_RESERVE_MARGIN = 1.25  # capture-time pool vs the eager decode peak it is estimated from
-
-
-@dataclass
-class StepTimes:
-    """Per-step timing, collected only while `enabled` (CUDA events cost a little)."""
-
-    enabled: bool = False
-    host_s: list[float] = field(default_factory=list)  # launch() + finish() wall time minus the wait for the GPU
-    wait_s: list[float] = field(default_factory=list)  # blocked on the sampled ids
-    gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
-    # Per non-empty step, in order: requests and tokens scheduled (the three lists above only
-    # cover steps that sample; these cover every step, for per-step traces).
-    rows: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    graph_steps: int = 0  # decode graphs
-    mixed_graph_steps: int = 0  # token-count graphs (steps with prefill tokens)
-    eager_steps: int = 0
-
-    def clear(self) -> None:
-        self.host_s.clear()
-        self.wait_s.clear()
-        self.gpu_s.clear()
-        self.rows.clear()
-        self.tokens.clear()
-        self.graph_steps = self.mixed_graph_steps = self.eager_steps = 0
-
-
-@dataclass
-class _Uploads:
-    """Small per-step host arrays that ride with the step's single upload (None: not needed
-    this step); `bind` maps the device views that came back onto the same names."""
-
-    sample_tokens: np.ndarray | None = None  # token rows that sample, when not simply 0..n-1
-    placeholder_index: np.ndarray | None = None  # token positions fed PLACEHOLDER (async)
-    placeholder_rows: np.ndarray | None = None  # their persistent rows
-    sample_rows: np.ndarray | None = None  # persistent rows that sample (async: last_sampled)
-
-    _NAMES = ("sample_tokens", "placeholder_index", "placeholder_rows", "sample_rows")
-
-    def arrays(self) -> list[np.ndarray]:
-        return [a for a in (getattr(self, n) for n in self._NAMES) if a is not None]
-
-    def bind(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        names = [n for n in self._NAMES if getattr(self, n) is not None]
-        return dict(zip(names, views, strict=True))
-
-
-@dataclass
-class PendingStep:
-    """A launched step: what `finish` needs once the sampled ids are read back.
-
-    output: the ModelRunnerOutput so far (prompt logprobs); complete when `token_ids` is None.
-    token_ids: [num_sampling] int64 on the device, logits order. request_ids / sample_rows: the
-    sampling requests and their persistent rows at launch, same order.
-    """
-
-    output: ModelRunnerOutput
-    seq: int = -1  # launch number
-    token_ids: torch.Tensor | None = None
-    request_ids: list[str] = field(default_factory=list)
-    sample_rows: np.ndarray | None = None
-    logprobs: list[TokenLogprobs | None] | None = None
-    has_penalties: bool = False
-    # Async scheduling on CUDA: the ids' copy to pinned host memory, issued right after the
-    # sampler, and the event that marks it done (a `.tolist()` at finish would be queued behind
-    # the steps launched since, and wait for them too).
-    host_token_ids: torch.Tensor | None = None
-    copied: torch.cuda.Event | None = None
-    host_s: float = 0.0  # launch wall time
-    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 class ModelRunner:
@@ -395,8 +325,8 @@ class ModelRunner:
             self.step_times.host_s.append(pending.host_s + time.perf_counter() - start - waited)
         return output
 
-    def _uploads(self, layout: StepLayout, sample_tokens: np.ndarray, sample_rows: np.ndarray) -> _Uploads:
-        uploads = _Uploads()
+    def _uploads(self, layout: StepLayout, sample_tokens: np.ndarray, sample_rows: np.ndarray) -> StepUploads:
+        uploads = StepUploads()
         if not np.array_equal(sample_tokens, np.arange(sample_tokens.size)):
             uploads.sample_tokens = sample_tokens
         if not self.async_scheduling:
@@ -417,7 +347,7 @@ class ModelRunner:
         if index is not None:
             token_ids.index_copy_(0, index, self.last_sampled.index_select(0, views["placeholder_rows"]))
 
-    def _forward(self, layout: StepLayout, uploads: _Uploads, hidden_in: torch.Tensor | None
+    def _forward(self, layout: StepLayout, uploads: StepUploads, hidden_in: torch.Tensor | None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Upload the step (with `uploads`) and run the model (from `hidden_in` on a later pipeline
         stage); returns hidden states and the device views of `uploads` by name."""

@@ -40,7 +40,7 @@ class StepHandle:
 
     seq: int
     output: ModelRunnerOutput | None = None
-    pending: Any = None  # runner.model_runner.PendingStep (Any: this module imports no runner)
+    pending: Any = None  # runner.step_records.PendingStep (Any: this module imports no runner)
 
 
 class ConnectionGroup:

@@ -1,0 +1,85 @@
+"""Per-step records of the model runner: timing, the small uploads that ride with a step, and a
+launched step waiting to be finished (async scheduling launches step N+1 before finishing N).
+
+`StepTimes` is what the benchmarks read; `StepUploads` names the optional host arrays packed
+into the step's single pinned upload; `PendingStep` carries a launched step's sampled ids (still
+on the device) and what `ModelRunner.finish` needs to build its ModelRunnerOutput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
+
+
+@dataclass
+class StepTimes:
+    """Per-step timing, collected only while `enabled` (CUDA events cost a little)."""
+
+    enabled: bool = False
+    host_s: list[float] = field(default_factory=list)  # launch() + finish() wall time minus the wait for the GPU
+    wait_s: list[float] = field(default_factory=list)  # blocked on the sampled ids
+    gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
+    # Per non-empty step, in order: requests and tokens scheduled (the three lists above only
+    # cover steps that sample; these cover every step, for per-step traces).
+    rows: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    graph_steps: int = 0  # decode graphs
+    mixed_graph_steps: int = 0  # token-count graphs (steps with prefill tokens)
+    eager_steps: int = 0
+
+    def clear(self) -> None:
+        self.host_s.clear()
+        self.wait_s.clear()
+        self.gpu_s.clear()
+        self.rows.clear()
+        self.tokens.clear()
+        self.graph_steps = self.mixed_graph_steps = self.eager_steps = 0
+
+
+@dataclass
+class StepUploads:
+    """Small per-step host arrays that ride with the step's single upload (None: not needed
+    this step); `bind` maps the device views that came back onto the same names."""
+
+    sample_tokens: np.ndarray | None = None  # token rows that sample, when not simply 0..n-1
+    placeholder_index: np.ndarray | None = None  # token positions fed PLACEHOLDER (async)
+    placeholder_rows: np.ndarray | None = None  # their persistent rows
+    sample_rows: np.ndarray | None = None  # persistent rows that sample (async: last_sampled)
+
+    _NAMES = ("sample_tokens", "placeholder_index", "placeholder_rows", "sample_rows")
+
+    def arrays(self) -> list[np.ndarray]:
+        return [a for a in (getattr(self, n) for n in self._NAMES) if a is not None]
+
+    def bind(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = [n for n in self._NAMES if getattr(self, n) is not None]
+        return dict(zip(names, views, strict=True))
+
+
+@dataclass
+class PendingStep:
+    """A launched step: what `finish` needs once the sampled ids are read back.
+
+    output: the ModelRunnerOutput so far (prompt logprobs); complete when `token_ids` is None.
+    token_ids: [num_sampling] int64 on the device, logits order. request_ids / sample_rows: the
+    sampling requests and their persistent rows at launch, same order.
+    """
+
+    output: ModelRunnerOutput
+    seq: int = -1  # launch number
+    token_ids: torch.Tensor | None = None
+    request_ids: list[str] = field(default_factory=list)
+    sample_rows: np.ndarray | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
+    has_penalties: bool = False
+    # Async scheduling on CUDA: the ids' copy to pinned host memory, issued right after the
+    # sampler, and the event that marks it done (a `.tolist()` at finish would be queued behind
+    # the steps launched since, and wait for them too).
+    host_token_ids: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+    host_s: float = 0.0  # launch wall time
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
