@@ -103,6 +103,8 @@ def test_tp2_on_ray_equals_single_process_then_dead_rank_fails_health(ray_cluste
                 executor.check_health()
                 time.sleep(0.1)
         assert time.monotonic() - start < FAIL_WITHIN_S
+        # A step with work fails too (an idle step sends nothing to the ranks).
+        engine.add_request("after-death", next(iter(prompts.values())), SamplingParams(temperature=0, max_tokens=4))
         with pytest.raises(WorkerGroupError):
             engine.step()
         assert_group_gone(executor)
