@@ -9,9 +9,9 @@ model returns its residual stream `[num_tokens, hidden]` and the model runner se
 next stage (`send_hidden`); the next stage's runner receives it (`recv_hidden`, the shape known
 from the step's token count) and passes it to the model, and the last stage normalises,
 computes logits and samples. Send and receive stay outside the model's forward so that each
-stage's forward is captured in CUDA graphs like a single-GPU model's. Our decoder layers carry the residual and
-the hidden state as one tensor (the norms are applied inside each layer), so one tensor crosses
-each boundary.
+stage's forward is captured in CUDA graphs like a single-GPU model's. Inside a stage the layers
+pass (MLP output, residual stream) so each add fuses into the next norm; at a boundary the
+stage adds them once, so one tensor crosses each boundary.
 
 Micro-batches: the engine keeps up to pp_size steps (disjoint request sets) in flight and every
 stage runs them in the same order, so stage s computes step k+1 while stage s+1 computes step k.

@@ -2,7 +2,8 @@
 
 Data flow of one step: token ids [T] -> vocab-parallel embedding -> N decoder layers -> final
 RMSNorm -> hidden states [T, hidden]. Each layer is pre-norm attention then pre-norm MLP, each
-added to the residual stream. Attention projects with one column-parallel qkv matmul (this
+added to the residual stream; a layer returns its MLP output and the stream separately, so the
+add happens inside the next RMSNorm (one fused kernel on CUDA). Attention projects with one column-parallel qkv matmul (this
 rank's heads), optionally normalises q/k per head (Qwen3), applies rope at the given positions,
 and hands q/k/v plus this layer's paged KV cache to the attention backend; the row-parallel
 o_proj sums the heads' contributions over the TP group. `compute_logits` runs the LM head on
