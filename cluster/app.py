@@ -33,11 +33,10 @@ INGRESS_MIN_ONGOING_REQUESTS = 4096
 # Serve's per-replica cap sits above the engine's own (running + waiting), so the engine answers
 # "queue full" (429) itself and stats / health calls still reach a busy replica.
 CONTROL_HEADROOM = 32
-# Not set: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (our code on the replica's own loop)
-# saved ~20 % CPU per streamed message on CPU, but with it the gRPC proxy segfaulted in Ray core
-# while cancelling streams (2 of 3 runs of tests/cluster; 0 of 3 without). Ray issue class:
-# ray-project/ray#39703, #43771.
-REPLICA_ENV_VARS: dict[str, str] = {}
+# No runtime_env on the replicas: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (our code on the
+# replica's own loop) saved ~20 % CPU per streamed message on CPU, but while it (or later an empty
+# runtime_env) was set, Ray's gRPC proxy segfaulted in Ray core cancelling streams in about half
+# of the CI runs (Ray issue class: ray-project/ray#39703, #43771).
 
 
 def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
@@ -69,7 +68,6 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
         if bundles:
             options["placement_group_bundles"] = bundles
             options["placement_group_strategy"] = "STRICT_PACK" if model.parallel.pipeline_parallel_size == 1 else "PACK"
-    options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(REPLICA_ENV_VARS)}
     return options
 
 
@@ -110,7 +108,6 @@ def build_app(config: AppConfig) -> serve.Application:
         name="Ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=ingress_max_ongoing_requests(config),
-        ray_actor_options={"runtime_env": {"env_vars": dict(REPLICA_ENV_VARS)}},
     )
     return ingress.bind(app_config, handles)
 

@@ -158,8 +158,8 @@ class ModelSection(_Section):
     stream_interval_ms: float = Field(
         0, ge=0, le=1000,
         description=("Least time between two streamed messages of one request, 0..1000 ms; the first token and "
-                     "the end are never held. 0 = a message per engine step while the path keeps up. Larger "
-                     "values send fewer, bigger messages (throughput under many concurrent streams)."),
+                     "the end are never held. 0 = one message per engine step. Larger values send fewer, bigger "
+                     "messages, merged when the path lags (throughput under many concurrent streams)."),
     )
     engine_factory: str | None = Field(
         None,

@@ -125,16 +125,26 @@ class LLMServer:
         builder = ChunkBuilder(rid, self.replica_id)
         finished = False
         try:
-            # One message per engine step only while the path keeps up; else what piled up goes
-            # together (cluster/streaming.py), so the Ray and gRPC hops never lag the engine.
-            # Closed before the `finally` below, so `stream` is no longer being read when it closes.
-            interval = self.section.stream_interval_ms / 1000
-            async with contextlib.aclosing(batched(stream, interval)) as batches:
-                async for outs in batches:
-                    finished = outs[-1].finished
+            if self.section.stream_interval_ms > 0:
+                # At most one message per interval: what piled up meanwhile goes together
+                # (cluster/streaming.py). Closed before the `finally` below, so `stream` is no
+                # longer being read when it closes.
+                interval = self.section.stream_interval_ms / 1000
+                async with contextlib.aclosing(batched(stream, interval)) as batches:
+                    async for outs in batches:
+                        finished = outs[-1].finished
+                        if finished:
+                            self._record(rid, outs[-1], start)
+                        yield merge_chunks([builder.build(out) for out in outs])
+            else:
+                # One message per engine step, read directly. (Merging here by default, through a
+                # reader task per stream, coincided with Ray's gRPC proxy segfaulting while
+                # cancelling streams in CI; see cluster/app.py.)
+                async for out in stream:
+                    finished = out.finished
                     if finished:
-                        self._record(rid, outs[-1], start)
-                    yield merge_chunks([builder.build(out) for out in outs])
+                        self._record(rid, out, start)
+                    yield builder.build(out)
         except ValueError as err:
             yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)))
         except QueueFullError as err:

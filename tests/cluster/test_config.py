@@ -83,8 +83,8 @@ def test_llm_server_options_reserve_a_worker_group():
     assert options["placement_group_strategy"] == "PACK"  # two pipeline stages may span nodes
     actor = options["ray_actor_options"]
     assert options["num_replicas"] == 1 and (actor["num_cpus"], actor["num_gpus"]) == (4, 0)
-    # Serve's default thread for user code is kept (the same-loop setting crashed the proxy on cancels).
-    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in actor["runtime_env"]["env_vars"]
+    # No runtime_env: while one was set, Ray's gRPC proxy crashed cancelling streams (cluster/app.py).
+    assert "runtime_env" not in actor
     router = options["request_router_config"]
     assert router.request_router_kwargs == {"prefix_affinity": True, "max_load_imbalance": 8}
     auto = load_config(Path(CONFIGS[0]).parent / "autoscaling-dp.yaml").models[0]
