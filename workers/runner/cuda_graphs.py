@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,6 +60,29 @@ def pad_decode_inputs(token_ids: np.ndarray, positions: np.ndarray, slot_mapping
     out[3, :num] = seq_lens
     out[3, num:] = 1  # one token of context: the null block's slot 0
     return out
+
+
+def capture_buckets(buckets: list[int], forward: Callable[[int], torch.Tensor], pool: tuple[int, int]
+                    ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """Capture `forward(bucket)` for every bucket into `pool`, largest first (later captures
+    reuse the pool's freed memory); each is run once eagerly first so its kernels compile
+    outside the capture. Returns the graphs and their output tensors by bucket."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    for bucket in reversed(buckets):
+        forward(bucket)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[bucket] = forward(bucket)
+        graphs[bucket] = graph
+    return graphs, outputs
+
+
+def copy_hidden_in(buffer: torch.Tensor | None, hidden_in: torch.Tensor | None) -> None:
+    """Write a later pipeline stage's received activations into its graphs' static input."""
+    if hidden_in is not None:
+        assert buffer is not None, "this runner's graphs were captured without a hidden_in buffer"
+        buffer[: hidden_in.shape[0]].copy_(hidden_in)
 
 
 class DecodeGraphs:
@@ -108,12 +132,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        for bucket in reversed(self.sizes):
-            self._forward(bucket)  # warm-up: compiles the kernels for this shape outside capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[bucket] = self._forward(bucket)
-            self._graphs[bucket] = graph
+        self._graphs, self._outputs = capture_buckets(self.sizes, self._forward, pool)
         torch.cuda.synchronize(self.device)
         self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
         logger.info("captured %d decode CUDA graphs (batch %d..%d), %.1f MiB", len(self._graphs),
@@ -123,8 +142,6 @@ class DecodeGraphs:
         """Replay bucket's graph on `staged` [4, bucket] device inputs (and, on a later pipeline
         stage, the received `hidden_in` [n <= bucket, hidden]); returns [bucket, hidden]."""
         self.inputs[:, :bucket].copy_(staged)
-        if hidden_in is not None:
-            assert self.hidden_in is not None
-            self.hidden_in[: hidden_in.shape[0]].copy_(hidden_in)
+        copy_hidden_in(self.hidden_in, hidden_in)
         self._graphs[bucket].replay()
         return self._outputs[bucket]

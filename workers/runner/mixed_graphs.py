@@ -24,12 +24,12 @@ them no work.
 
 from __future__ import annotations
 
-import bisect
 import logging
 
 import numpy as np
 import torch
 from shardserve.workers.attention.metadata import AttentionMetadata
+from shardserve.workers.runner.cuda_graphs import bucket_for, capture_buckets, copy_hidden_in
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +97,8 @@ class MixedGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, hidden]
 
-    @property
-    def max_tokens(self) -> int:
-        return self.buckets[-1]
-
     def bucket_for(self, num_tokens: int) -> int | None:
-        i = bisect.bisect_left(self.buckets, num_tokens)
-        return self.buckets[i] if i < len(self.buckets) else None
+        return bucket_for(num_tokens, self.buckets)
 
     def _forward(self, bucket: int) -> torch.Tensor:
         slots = slots_for(bucket, self.max_rows)
@@ -127,13 +122,8 @@ class MixedGraphs:
 
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int]) -> None:
-        for bucket in reversed(self.buckets):
-            self.inputs.zero_()  # a valid empty step: every slot has query length 0
-            self._forward(bucket)  # warm-up: compiles the kernels for this shape outside capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[bucket] = self._forward(bucket)
-            self._graphs[bucket] = graph
+        self.inputs.zero_()  # a valid empty step: every slot has query length 0
+        self._graphs, self._outputs = capture_buckets(self.buckets, self._forward, pool)
         logger.info("captured %d mixed-step CUDA graphs (%d..%d tokens)", len(self._graphs),
                     self.buckets[0], self.buckets[-1])
 
@@ -141,8 +131,6 @@ class MixedGraphs:
         """Replay bucket's graph on `staged` (pack_mixed_inputs, on the device) and, on a later
         pipeline stage, the received `hidden_in` [n <= bucket, hidden]; returns [bucket, hidden]."""
         self.inputs[: staged.numel()].copy_(staged)
-        if hidden_in is not None:
-            assert self.hidden_in is not None
-            self.hidden_in[: hidden_in.shape[0]].copy_(hidden_in)
+        copy_hidden_in(self.hidden_in, hidden_in)
         self._graphs[bucket].replay()
         return self._outputs[bucket]
