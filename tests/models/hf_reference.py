@@ -18,6 +18,7 @@ from transformers import (
     MixtralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
@@ -25,6 +26,11 @@ from transformers import (
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, initializer_range=0.1, bos_token_id=None, eos_token_id=None,
               pad_token_id=None)
+
+
+# Qwen2-MoE: routed experts plus a sigmoid-gated shared expert.
+QWEN2_MOE = dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
+                 num_experts_per_tok=2, tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
 
 
 def tiny_configs() -> dict[str, PretrainedConfig]:
@@ -44,6 +50,10 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
                              architectures=["Qwen3ForCausalLM"]),
         "mixtral": MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                                  sliding_window=None, tie_word_embeddings=False, architectures=["MixtralForCausalLM"]),
+        "qwen2_moe": Qwen2MoeConfig(**COMMON, **QWEN2_MOE, norm_topk_prob=True, decoder_sparse_step=1,
+                                    mlp_only_layers=[]),
+        "qwen2_moe_step2_dense_mixed": Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 4}, **QWEN2_MOE,
+                                                      norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[3]),
         "qwen3_moe": Qwen3MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32, num_experts=6,
                                     num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
                                     mlp_only_layers=[1], tie_word_embeddings=False,

@@ -1,13 +1,11 @@
-"""Qwen2-MoE (routed experts + sigmoid-gated shared expert) against Hugging Face transformers.
+"""Qwen2-MoE specifics (its HF parity — whole prompt, chunks, greedy decode — runs in
+test_hf_parity.py with the other families, configs `qwen2_moe*` in hf_reference.py).
 
-Tiny random checkpoints (hidden 64, vocab 256, 6 experts top-2) saved with `save_pretrained` and
-loaded with `load_model`, compared in float32: logits of a whole prompt, the same prompt in two
-chunks over a paged cache, and greedy decoding against HF `generate`. Two variants: every layer
-sparse with `norm_topk_prob`, and `decoder_sparse_step` 2 + `mlp_only_layers` (dense layers
-mixed in) without renormalisation. One sparse block is also built per fake TP rank (TP 2, with
-and without EP 2): the ranks' partial outputs, routed plus shared, meet in exactly one
-all-reduce per block and sum to Hugging Face's block output, also when all-to-all dispatch is
-configured but a CUDA graph is being captured (static-shape all-reduce path only).
+Here: sparse and dense layers follow `decoder_sparse_step` / `mlp_only_layers`, and one sparse
+block is built per fake TP rank (TP 2, with and without EP 2): the ranks' partial outputs, routed
+plus shared, meet in exactly one all-reduce per block and sum to Hugging Face's block output, also
+when all-to-all dispatch is configured but a CUDA graph is being captured (static-shape
+all-reduce path only).
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hf_reference import COMMON, save_checkpoint
-from paged_helper import PagedBatch
+from hf_reference import save_checkpoint, tiny_configs
 from shardserve.parallel import expert as expert_module
 from shardserve.parallel import linear as linear_module
 from shardserve.parallel.state import GroupInfo, ParallelState, get_parallel_state, set_parallel_state
@@ -30,14 +27,7 @@ from transformers import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 ATOL = 1e-4
-MOE = dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
-           num_experts_per_tok=2, tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
-CONFIGS = {
-    "all_sparse": lambda: Qwen2MoeConfig(**COMMON, **MOE, norm_topk_prob=True, decoder_sparse_step=1,
-                                         mlp_only_layers=[]),
-    "step2_dense_mixed": lambda: Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 4}, **MOE, norm_topk_prob=False,
-                                                decoder_sparse_step=2, mlp_only_layers=[3]),
-}
+CONFIGS = {name: config for name, config in tiny_configs().items() if name.startswith("qwen2_moe")}
 
 
 @dataclass
@@ -49,21 +39,12 @@ class Pair:
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pair:
     folder = tmp_path_factory.mktemp(request.param)
-    hf = save_checkpoint(CONFIGS[request.param](), folder, seed=3)
+    hf = save_checkpoint(CONFIGS[request.param], folder, seed=3)
     ours = load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu"), torch.device("cpu"),
                       torch.float32)
     assert type(ours.model).__name__ == "Qwen2MoeForCausalLM"
     assert ours.model.missing_parameters() == []
     return Pair(ours, hf)
-
-
-def _prompt(seed: int, length: int) -> list[int]:
-    return torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].float()  # [len, vocab]
 
 
 def test_layer_kinds_follow_config(pair: Pair) -> None:
@@ -74,38 +55,6 @@ def test_layer_kinds_follow_config(pair: Pair) -> None:
         if sparse:
             assert layer.mlp.shared_expert is not None and layer.mlp.renormalize == config.norm_topk_prob
             assert layer.mlp.syncs_in_forward  # CPU: the expert loop (not graph-capturable)
-
-
-def test_whole_prompt(pair: Pair) -> None:
-    ids = _prompt(0, 13)
-    (hidden,) = PagedBatch(pair.ours.model).step([("a", ids)])
-    logits = pair.ours.model.compute_logits(hidden)
-    torch.testing.assert_close(logits, _hf_logits(pair.hf, ids), atol=ATOL, rtol=0)
-
-
-def test_two_chunks_read_prefix_from_paged_cache(pair: Pair) -> None:
-    ids = _prompt(1, 14)
-    batch = PagedBatch(pair.ours.model, block_size=4)
-    (first,) = batch.step([("a", ids[:5])])
-    (second,) = batch.step([("a", ids[5:])])
-    logits = pair.ours.model.compute_logits(torch.cat([first, second]))
-    torch.testing.assert_close(logits, _hf_logits(pair.hf, ids), atol=ATOL, rtol=0)
-
-
-def test_greedy_decode_matches_generate(pair: Pair) -> None:
-    ids = _prompt(2, 7)
-    num_new = 6
-    with torch.no_grad():
-        expected = pair.hf.generate(torch.tensor([ids]), max_new_tokens=num_new, do_sample=False,
-                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
-    batch = PagedBatch(pair.ours.model, block_size=4)
-    (hidden,) = batch.step([("a", ids)])
-    produced: list[int] = []
-    for _ in range(num_new):
-        token = int(pair.ours.model.compute_logits(hidden[-1:]).argmax(-1))
-        produced.append(token)
-        (hidden,) = batch.step([("a", [token])])
-    assert produced == expected
 
 
 @contextmanager
@@ -148,7 +97,7 @@ def test_tp_partials_meet_in_one_all_reduce(monkeypatch: pytest.MonkeyPatch, ep:
                                             capturing: bool) -> None:
     """TP 2 ranks' outputs sum to HF's; under CUDA-graph capture all-to-all dispatch falls back to all-reduce."""
     tp = 2
-    config = CONFIGS["all_sparse"]()
+    config = CONFIGS["qwen2_moe"]
     torch.manual_seed(5)
     hf_block = Qwen2MoeSparseMoeBlock(config).eval()
     with torch.no_grad():
