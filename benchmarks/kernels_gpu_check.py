@@ -17,11 +17,11 @@ over tolerance.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from shardserve.workers.bench.device import gpu_time_ms
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.activation import silu_and_mul
 from shardserve.workers.kernels.extend_attention import extend_attention
@@ -35,27 +35,11 @@ HIDDEN_SIZE, INTER_SIZE = 4096, 14336
 DTYPE = torch.bfloat16
 DEV = torch.device("cuda")
 ATTN_TOL, ELEMENTWISE_REL_TOL = 2e-2, 2**-6  # bf16 output: a few ulps
-_flush = None
 failures: list[str] = []
 
 
 def time_ms(fn: Callable[[], object], iters: int) -> float:
-    """Median GPU time of fn() over iters runs, each after an L2 flush (CUDA events)."""
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(512 * 2**20, dtype=torch.uint8, device=DEV)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        _flush.zero_()  # ~0.2 ms of GPU work: evicts L2 and hides the Python launch of fn
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return gpu_time_ms(fn, iters, DEV)
 
 
 def check(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float = 0.0) -> str:

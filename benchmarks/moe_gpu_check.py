@@ -20,11 +20,11 @@ Run: `python benchmarks/moe_gpu_check.py [--iters 20]`. Exit status 1 if any che
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 
 import torch
+from shardserve.workers.bench.device import gpu_time_ms
 from shardserve.workers.kernels.fused_moe import fused_moe, moe_tiles
 from shardserve.workers.kernels.moe_reference import fused_moe_reference
 
@@ -33,26 +33,10 @@ BATCHES = (1, 8, 64, 512, 2048)
 REL_TOL = 2e-2  # bf16 outputs of K=2048 / 768 dot products: a few ulps of the largest value
 DEV = torch.device("cuda")
 failures: list[str] = []
-_flush: torch.Tensor | None = None
 
 
 def time_ms(fn: Callable[[], object], iters: int) -> float:
-    """Median GPU time of fn() over iters runs, each after an L2 flush (CUDA events)."""
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(512 * 2**20, dtype=torch.uint8, device=DEV)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        _flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return gpu_time_ms(fn, iters, DEV)
 
 
 def route(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
