@@ -21,9 +21,8 @@ outputs come back in submission order.
 Under async scheduling the driver submits step N+1 before collecting step N, so its scheduling
 and output processing overlap the ranks' work; each rank runs its steps in order and fills the
 placeholder tokens of N+1 from the ids its own runner sampled in N (every rank of the last
-stage samples the same ids), so the multi-rank executors need nothing more. (Each rank still
-finishes a step before reading the next, so a rank's own input preparation does not overlap
-its device work.)
+stage samples the same ids). Each rank also launches step N+1 before it finishes step N
+(proc.py `_serve_overlapped`), so a rank's own input preparation overlaps its device work too.
 `make_executor(config, loaded)` picks one from `config.parallel.world_size` and `.launcher`
 (`ray`: RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
 """

@@ -15,7 +15,15 @@ a stage still runs step k. A rank then reads its pipe on a thread (`_Inbox`) and
 steps from a queue in order, so the driver's write never waits for a busy stage — otherwise a
 large step message (beyond the socket buffer) written to a stage that is itself blocked writing
 a large output back would deadlock the two. Without pipeline stages the loop reads the pipe
-directly, as one step is in flight at a time.
+directly.
+
+Under async scheduling (no pipeline stages) the driver writes step N+1 before it waits for step
+N's output, and a rank overlaps its own host work with its device work the same way
+(`_serve_overlapped`): it launches N+1 (input preparation, graph replay, all queued behind N on
+the device) before it finishes N (waits for N's sampled ids, writes the output). Between
+messages it watches both the pipe and N's device event, so when no next step comes (the driver
+waits for N: the first step, a step with penalty rows, an idle engine) N is finished and sent as
+soon as the device has it, at most POLL_S later.
 """
 
 from __future__ import annotations
@@ -32,11 +40,13 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from shardserve.workers.runner.step_records import PendingStep
 from shardserve.workers.worker.worker import Worker, WorkerSpec
 
 STEP, CALL, SHUTDOWN = "step", "call", "shutdown"
 READY, OUTPUT, RESULT, ERROR = "ready", "output", "result", "error"
 CALLABLE = ("expert_load", "ping")
+POLL_S = 1e-4  # pipe poll slice while a launched step runs on the device (overlapped loop)
 
 
 def encode(kind: str, payload: Any) -> bytes:
@@ -97,6 +107,9 @@ class _Inbox:
 
 
 def _serve(worker: Worker, conn: Connection) -> None:
+    if worker.overlaps_steps:
+        _serve_overlapped(worker, conn)
+        return
     receive: Callable[[], tuple[str, Any]]
     if worker.state.pp_size > 1:
         receive = _Inbox(conn).get
@@ -112,11 +125,54 @@ def _serve(worker: Worker, conn: Connection) -> None:
             output = worker.execute(payload)
             if output is not None:
                 conn.send_bytes(encode(OUTPUT, output))
-        elif kind == CALL:
-            if payload not in CALLABLE:
-                raise ValueError(f"worker call must be one of {CALLABLE}, got {payload!r}")
-            conn.send_bytes(encode(RESULT, getattr(worker, payload)()))
-        elif kind == SHUTDOWN:
+        elif not _handle_control(worker, conn, kind, payload):
             return
-        else:
-            raise ValueError(f"unknown message kind {kind!r}")
+
+
+def _handle_control(worker: Worker, conn: Connection, kind: str, payload: Any) -> bool:
+    """A CALL or SHUTDOWN message; False when the loop should end."""
+    if kind == CALL:
+        if payload not in CALLABLE:
+            raise ValueError(f"worker call must be one of {CALLABLE}, got {payload!r}")
+        conn.send_bytes(encode(RESULT, getattr(worker, payload)()))
+        return True
+    if kind == SHUTDOWN:
+        return False
+    raise ValueError(f"unknown message kind {kind!r}")
+
+
+def _serve_overlapped(worker: Worker, conn: Connection) -> None:
+    """Steps in order, each launched before the previous one is finished (see module docstring)."""
+    pending: PendingStep | None = None
+
+    def finish() -> None:
+        nonlocal pending
+        assert pending is not None
+        output = worker.finish(pending)
+        pending = None
+        if output is not None:
+            conn.send_bytes(encode(OUTPUT, output))
+
+    while True:
+        # Wait for the next message, or finish the launched step once the device has it.
+        while pending is not None:
+            if worker.step_done(pending):
+                finish()
+            elif conn.poll(POLL_S):
+                break
+        try:
+            kind, payload = decode(conn.recv_bytes())
+        except EOFError:
+            return  # the driver is gone
+        if kind == STEP:
+            launched = worker.launch(payload)
+            if pending is not None:
+                finish()
+            pending = launched
+            if worker.must_finish_now(pending):
+                finish()
+            continue
+        if pending is not None:
+            finish()
+        if not _handle_control(worker, conn, kind, payload):
+            return

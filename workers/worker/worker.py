@@ -32,6 +32,7 @@ from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.output import ModelRunnerOutput
+from shardserve.workers.runner.step_records import PendingStep
 from shardserve.workers.scheduler.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,31 @@ class Worker:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         output = self.runner.execute(sched)
+        return output if self.is_output_rank else None
+
+    # Overlapped steps (async scheduling, proc.py): launch N+1 before finishing N.
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether this rank launches the next step before finishing the current one."""
+        return self.runner.async_scheduling and self.state.pp_size == 1
+
+    def launch(self, sched: SchedulerOutput) -> PendingStep:
+        return self.runner.launch(sched)
+
+    @staticmethod
+    def step_done(pending: PendingStep) -> bool:
+        """True once `finish` would not wait: the device has produced the step's sampled ids
+        (always true on the CPU, where `launch` runs the whole step)."""
+        return pending.copied is None or pending.copied.query()
+
+    @staticmethod
+    def must_finish_now(pending: PendingStep) -> bool:
+        """A step sampling penalty rows is finished before the next launch (runner rule)."""
+        return pending.has_penalties
+
+    def finish(self, pending: PendingStep) -> ModelRunnerOutput | None:
+        output = self.runner.finish(pending)
         return output if self.is_output_rank else None
 
     def expert_load(self) -> dict[str, list[int]]:
