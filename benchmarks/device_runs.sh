@@ -39,6 +39,20 @@ one_gpu_async_ab() {
         --async-scheduling on 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_async.log" | tail -14
 }
 
+# One GPU: where the step time goes (kernel profile), then the offline run under other
+# scheduler limits (max_num_seqs / max_num_batched_tokens), throughput only.
+one_gpu_profile_sweep() {
+    ns
+    timeout 200 python3 benchmarks/profile_gpu.py --out "$OUT/profile" 2>&1 | grep -v Warning \
+        | tee "$OUT/profile_gpu.log" | tail -60
+    for lim in 512:8192 1024:8192 1024:16384; do
+        seqs=${lim%:*}; toks=${lim#*:}
+        timeout 120 python3 benchmarks/gpu_bench.py --out "$OUT/sweep-$seqs-$toks" --max-num-seqs "$seqs" \
+            --max-num-batched-tokens "$toks" --skip kernels check latency hf 2>&1 | grep -v Warning \
+            | grep -E "engine up|throughput" | tee -a "$OUT/sweep.log"
+    done
+}
+
 # Two GPUs: the small-message all-reduce, then TP / EP / PP figures (issue 4).
 two_gpu_parallel() {
     ns
@@ -47,11 +61,20 @@ two_gpu_parallel() {
         --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_gpu.log" | tail -14
 }
 
+# Four GPUs: batch-1 decode at TP 1 / 2 / 4 (async, the default) and TP 1 / 2 synchronous, then
+# Qwen3-30B-A3B offline at TP 2 and TP 2 + EP 2 on the 1,000-request workload (issue 4).
+four_gpu_parallel() {
+    ns
+    timeout 570 python3 benchmarks/parallel_gpu.py --cases tp,tpsync,ep --num-requests 1000 --case-timeout-s 200 \
+        --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_gpu.log" | tail -14
+}
+
 # Two GPUs: the whole serving stack vs the engine offline (issue 5).
 two_gpu_serve() {
     ns
     ray_site
-    timeout 560 python3 benchmarks/serve_gpu.py --out "$OUT/serve" --num-requests 192 --time-budget-s 500 2>&1 \
+    timeout 580 python3 benchmarks/serve_gpu.py --out "$OUT/serve" --num-requests "${SERVE_REQUESTS:-256}" \
+        --stream-interval-ms "${STREAM_INTERVAL_MS:-0}" --time-budget-s 560 2>&1 \
         | tee "$OUT/serve_gpu.log" | tail -25
 }
 

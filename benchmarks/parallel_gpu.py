@@ -6,7 +6,9 @@
 
 Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads and runs):
   tp:  Llama-3.1-8B, batch 1, 128 in / 256 out: decode tok/s (1 / time per output token) at
-       TP = 1, 2, 4.
+       TP = 1, 2, 4, with async scheduling (the default without PP: each step is launched before
+       the previous one's ids are read back, by the driver and by every rank).
+  tpsync: the same at TP = 1, 2 with synchronous steps, to show what the overlap buys.
   pp:  Llama-3.1-8B offline throughput (lognormal, medians 200 in / 180 out) at PP = 1 vs 2.
        PP 2 keeps 2 micro-batches in flight (workers/engine.py), each about half the running
        requests, so both stages stay busy. max_num_seqs bounds the requests running in all
@@ -33,6 +35,8 @@ import time
 
 CASES = {
     "tp": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2, 4)],
+    "tpsync": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, async_scheduling=False)
+               for tp in (1, 2)],
     "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
            for pp, seqs in ((1, 256), (2, 256), (2, 512))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
@@ -46,7 +50,8 @@ def _engine(case: dict, device: str, num_requests: int):
 
     config = EngineConfig(
         model=ModelConfig(model=case["model"], dtype="bfloat16" if device != "cpu" else "float32", device=device),
-        scheduler=SchedulerConfig(max_num_seqs=case.get("max_num_seqs", 256), max_num_batched_tokens=8192),
+        scheduler=SchedulerConfig(max_num_seqs=case.get("max_num_seqs", 256), max_num_batched_tokens=8192,
+                                  async_scheduling=case.get("async_scheduling")),
         parallel=ParallelConfig(tensor_parallel_size=case["tp"], pipeline_parallel_size=case["pp"],
                                 expert_parallel_size=case["ep"]),
     )
@@ -122,6 +127,7 @@ def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: s
 
     os.makedirs(out, exist_ok=True)
     name = "-".join(f"{k}{case[k]}" for k in ("kind", "tp", "pp", "ep")) + f"-seqs{case.get('max_num_seqs', 256)}"
+    name += "-sync" if case.get("async_scheduling") is False else ""
     text = "".join(t.decode() if isinstance(t, bytes) else (t or "") for t in (stdout, stderr))
     with open(os.path.join(out, f"{name}.log"), "w") as f:
         f.write(text)
@@ -129,7 +135,7 @@ def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, pp, ep, overhead")
+    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, tpsync, pp, ep, overhead")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--num-requests", type=int, default=1000, help="requests of the throughput cases")
     parser.add_argument("--case-timeout-s", type=float, default=300.0, help="kill a case that runs longer")
