@@ -39,12 +39,20 @@ one_gpu_async_ab() {
         --async-scheduling on 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_async.log" | tail -14
 }
 
-# One GPU: where the step time goes (kernel profile), then the offline run under other
+# One GPU: decode-size linears cuBLAS vs fused (tile sweep), where the step time goes (kernel profile), then the offline run under other
 # scheduler limits (max_num_seqs / max_num_batched_tokens), throughput only.
-one_gpu_profile_sweep() {
+one_gpu_profile() {
     ns
+    timeout 150 python3 benchmarks/gemv_gpu_check.py --out "$OUT/gemv" 2>&1 | grep -v Warning \
+        | tee "$OUT/gemv_gpu_check.log" | tail -10
     timeout 200 python3 benchmarks/profile_gpu.py --out "$OUT/profile" 2>&1 | grep -v Warning \
-        | tee "$OUT/profile_gpu.log" | tail -60
+        | tee "$OUT/profile_gpu.log" | tail -40
+    timeout 200 python3 benchmarks/profile_gpu.py --out "$OUT/profile-moe" --model dummy:qwen3-30b-a3b --num-layers 24 \
+        2>&1 | grep -v Warning | tee "$OUT/profile_moe.log" | tail -20
+}
+
+one_gpu_sweep() {
+    ns
     for lim in 512:8192 1024:8192 1024:16384; do
         seqs=${lim%:*}; toks=${lim#*:}
         timeout 120 python3 benchmarks/gpu_bench.py --out "$OUT/sweep-$seqs-$toks" --max-num-seqs "$seqs" \
