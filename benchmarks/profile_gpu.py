@@ -253,13 +253,14 @@ def profiled_kernels(prof: profile, on_cuda: bool) -> list[Kernel]:
         return [Kernel(e.name, e.self_cpu_time_total, in_sampler(e.time_range.start)) for e in events
                 if e.device_type == DeviceType.CPU and _activity(e) == "cpu_op"]
     # CPU ops by correlation id (frontend events: linked id 0), as torch links kernels to ops
+    # (torch builds without `linked_correlation_id` leave the sampler split to the name rules.)
     ops = {e.id: e for e in events
-           if e.device_type == DeviceType.CPU and not e.is_async and e.linked_correlation_id == 0}
+           if e.device_type == DeviceType.CPU and not e.is_async and getattr(e, "linked_correlation_id", None) == 0}
     kernels = []
     for e in events:
         if e.device_type != DeviceType.CUDA or not _is_device_work(e):
             continue
-        launcher = ops.get(e.linked_correlation_id)  # the CPU op that launched it (none: graph replay)
+        launcher = ops.get(getattr(e, "linked_correlation_id", -1))  # the CPU op that launched it (none: graph replay)
         kernels.append(Kernel(e.name, e.time_range.elapsed_us(),
                               launcher is not None and in_sampler(launcher.time_range.start)))
     return kernels
