@@ -340,6 +340,22 @@ class ModelRunner:
             uploads.placeholder_rows = token_rows[placeholders]
         return uploads
 
+    def _take_diffs(self, step_arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The block-table diffs (index, values) to ride with this step's upload of `step_arrays`.
+
+        Diffs pile up between steps without bound (each abort that moves a row rewrites its whole
+        table): when they do not fit beside the step's arrays in the staging buffer, they are
+        uploaded and applied here first, in chunks, and the step's upload carries none."""
+        index, values = self.batch.pending_diffs()
+        room = self.stager.capacity - sum(int(a.size) for a in step_arrays)
+        if 2 * index.size <= room:
+            return index, values
+        chunk = self.stager.capacity // 2
+        for start in range(0, index.size, chunk):
+            self.batch.apply_diffs(*self.stager.upload([index[start : start + chunk], values[start : start + chunk]]))
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+
     def _fill_placeholders(self, token_ids: torch.Tensor, views: dict[str, torch.Tensor]) -> None:
         """Replace placeholder input ids (uploaded, on the device) by the ids the previous step
         sampled for their rows; a no-op without placeholders."""
@@ -351,12 +367,12 @@ class ModelRunner:
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Upload the step (with `uploads`) and run the model (from `hidden_in` on a later pipeline
         stage); returns hidden states and the device views of `uploads` by name."""
-        diff_index, diff_values = self.batch.pending_diffs()
         num_rows = len(layout.requests)
         extra = uploads.arrays()
         bucket = self._graph_bucket(layout)
         if bucket is not None:
             staged = pad_decode_inputs(layout.token_ids, layout.positions, layout.slot_mapping, layout.seq_lens, bucket)
+            diff_index, diff_values = self._take_diffs([staged, *extra])
             index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged.reshape(-1), *extra])
             views = uploads.bind(rest)
             self._fill_placeholders(inputs[:bucket], views)  # row 0 of [4, bucket]: the token ids
@@ -372,6 +388,7 @@ class ModelRunner:
             staged = pack_mixed_inputs(layout.token_ids, layout.positions, layout.slot_mapping, layout.query_start,
                                        layout.seq_lens, layout.rows, token_bucket,
                                        slots_for(token_bucket, self.max_rows))
+            diff_index, diff_values = self._take_diffs([staged, *extra])
             index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged, *extra])
             views = uploads.bind(rest)
             self._fill_placeholders(inputs[:token_bucket], views)  # the token ids come first
@@ -380,8 +397,9 @@ class ModelRunner:
             hidden = mixed.run(token_bucket, inputs, hidden_in)
             return hidden, views
         rows = [] if layout.rows_are_prefix else [layout.rows]
-        uploaded = self.stager.upload([diff_index, diff_values, layout.token_ids, layout.positions,
-                                       layout.slot_mapping, layout.query_start, layout.seq_lens, *rows, *extra])
+        step_arrays = [layout.token_ids, layout.positions, layout.slot_mapping, layout.query_start, layout.seq_lens,
+                       *rows, *extra]
+        uploaded = self.stager.upload([*self._take_diffs(step_arrays), *step_arrays])
         index, values, token_ids, positions, slots, query_start, seq_lens = uploaded[:7]
         views = uploads.bind(uploaded[7 + len(rows):])
         self._fill_placeholders(token_ids, views)
