@@ -1,18 +1,29 @@
-"""Fused MoE: the alignment's invariants, and the grouped-GEMM path against the torch reference.
+"""Fused MoE: the alignment's invariants, the router kernel, and the grouped-GEMM path against
+the torch reference.
 
-Alignment: every (token, slot) row routed to a local expert appears exactly once, in a block of
+Alignment (the Triton kernel `fused_moe` uses; test_moe_align.py compares it with the torch
+version): every (token, slot) row routed to a local expert appears exactly once, in a block of
 its expert; blocks hold one expert; padding is the sentinel T*k; rows of other ranks' experts
-appear nowhere; the padded length fits the static buffer bound for any routing. `fused_moe` is
-compared with `fused_moe_reference` and with the model's per-expert loop (fp32, ~1e-4), for
-all experts local and for an EP subset. Small hidden sizes keep the interpreter fast.
+appear nowhere; the padded length fits the static buffer bound for any routing. Router
+(`moe_route`): the ids, weights and load counts of softmax -> top-k -> renormalise in torch.
+`fused_moe` is compared with `fused_moe_reference` and with the model's per-expert loop (fp32,
+~1e-4), for all experts local, for an EP subset and for a batch large enough for the
+multi-program alignment. Small hidden sizes keep the interpreter fast.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from shardserve.workers.kernels.fused_moe import fused_moe, moe_align_block_size, moe_tiles, padded_length
-from shardserve.workers.kernels.moe_reference import fused_moe_reference
+from shardserve.workers.kernels.fused_moe import (
+    CUDA_TILE_BANDS,
+    fused_moe,
+    moe_align_block_size,
+    moe_tiles,
+    padded_length,
+)
+from shardserve.workers.kernels.moe_reference import fused_moe_reference, moe_route_reference
+from shardserve.workers.kernels.moe_routing import moe_route
 
 HIDDEN, INTER = 64, 32
 
@@ -76,6 +87,16 @@ def test_fused_moe_matches_reference(device, num_tokens, num_experts, top_k, loc
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
 
 
+def test_fused_moe_multi_program_alignment(device):
+    # 600 rows: the alignment runs as count + align launches over several programs
+    x = torch.randn(150, HIDDEN, device=device)
+    w13 = torch.randn(6, 2 * INTER, HIDDEN, device=device) * 0.2
+    w2 = torch.randn(6, HIDDEN, INTER, device=device) * 0.2
+    ids, weights = _routing(150, 8, 4, device)
+    out = fused_moe(x, w13, w2, weights, ids, 1, 6)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, weights, ids, 1, 6), atol=1e-4, rtol=1e-4)
+
+
 def test_fused_moe_odd_sizes_and_float16(device):
     # hidden 48 / inter 40: K and N not multiples of the tiles; fp16 operands, fp32 accumulation
     x = torch.randn(5, 48, device=device).half()
@@ -116,5 +137,67 @@ def test_fused_moe_empty_batch_and_bad_shapes(device):
 def test_tiles_grow_with_rows_per_expert():
     decode, prefill = moe_tiles(8, 128, on_cuda=True), moe_tiles(2048 * 8, 128, on_cuda=True)
     assert decode.block_m == 16 and prefill.block_m == 64
-    for tiles in (decode, prefill, moe_tiles(4, 4, on_cuda=False)):
+    bounds = [bound for bound, _ in CUDA_TILE_BANDS]
+    assert bounds == sorted(bounds) and bounds[-1] == float("inf")  # every batch finds a band
+    for tiles in (decode, prefill, moe_tiles(4, 4, on_cuda=False), *(t for _, t in CUDA_TILE_BANDS)):
         assert min(tiles.block_m, tiles.block_n, tiles.block_k) >= 16  # tl.dot's minimum
+        assert tiles.block_m & (tiles.block_m - 1) == 0  # the alignment kernel needs a power of two
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 128, 8), (37, 128, 8), (20, 60, 4), (9, 8, 2),
+                                                          (5, 256, 8), (4, 6, 1), (3, 16, 6)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_matches_torch(device, num_tokens, num_experts, top_k, renormalize):
+    logits = torch.randn(num_tokens, num_experts, device=device) * 2  # fp32: no ties
+    load = torch.full((num_experts,), 5, dtype=torch.int64, device=device)
+    weights, ids = moe_route(logits, top_k, renormalize, torch.float32, load)
+    want_w, want_ids = moe_route_reference(logits, top_k, renormalize)
+    assert ids.dtype == torch.int64 and weights.shape == (num_tokens, top_k)
+    assert torch.equal(ids, want_ids)  # same experts, same (descending) order
+    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)  # GPU exp is approximate (~ulps)
+    assert torch.equal(load.cpu() - 5, torch.bincount(want_ids.reshape(-1).cpu(), minlength=num_experts))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_low_precision_logits(device, dtype):
+    # Low-precision logits tie often; a tie may pick either expert, so compare the picked logits.
+    logits = (torch.randn(40, 64, device=device) * 2).to(dtype)
+    weights, ids = moe_route(logits, 8, True, dtype)
+    want_w, want_ids = moe_route_reference(logits, 8, True, dtype)
+    assert weights.dtype == dtype
+    assert torch.equal(logits.gather(1, ids), logits.gather(1, want_ids))
+    assert (ids.sort(1).values.diff(dim=1) > 0).all()  # k distinct experts per token
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]  # fp32 math may round either way once
+    torch.testing.assert_close(weights, want_w, atol=0, rtol=2 * ulp)
+
+
+def test_route_strided_logits_and_bad_args(device):
+    logits = torch.randn(6, 20, device=device)[:, :16]  # row stride 20
+    weights, ids = moe_route(logits, 2, False)
+    want_w, want_ids = moe_route_reference(logits, 2, False)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)  # GPU exp is approximate (~ulps)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(logits, 17, False)
+    with pytest.raises(ValueError, match="expert_load"):
+        moe_route(logits, 2, False, expert_load=torch.zeros(16, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_moe_block_kernel_path_equals_torch_path(device, monkeypatch, renormalize):
+    """SparseMoeBlock with the router kernel + fused_moe equals its torch router + expert loop,
+    routing-weight dtype and expert_load counts included."""
+    from shardserve.workers.models import moe
+
+    block = moe.SparseMoeBlock(HIDDEN, 16, 4, INTER, renormalize=renormalize, dtype=torch.float32).to(device)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0.0, 0.2)
+    x = torch.randn(11, HIDDEN, device=device)
+    monkeypatch.setattr(moe, "use_kernels", lambda t: False)
+    want = block(x)
+    want_load = block.expert_load.clone()
+    monkeypatch.setattr(moe, "use_kernels", lambda t: True)  # CPU: the kernels run in the interpreter
+    got = block(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(block.expert_load, 2 * want_load)

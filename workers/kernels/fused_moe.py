@@ -3,7 +3,8 @@
 Data flow of `fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`
 over the E experts this rank holds (global ids `local_expert_start .. + E`):
 
-1. `moe_align_block_size` (torch ops, static shapes, no host sync) sorts the T*k (token, slot)
+1. `moe_align_block_size` (moe_align.py: one or two Triton launches, static grids, no host sync;
+   torch reference `moe_reference.moe_align_block_size_torch`) sorts the T*k (token, slot)
    rows by local expert and pads each expert's group to a multiple of BLOCK_M:
    `sorted_token_ids [L]` holds flat row ids `t * k + slot` (padding: the sentinel T*k),
    `expert_ids [L / BLOCK_M]` the local expert of each M-block (-1 past the end) and
@@ -21,19 +22,25 @@ over the E experts this rank holds (global ids `local_expert_start .. + E`):
 3. `_moe_sum_kernel` sums each token's k rows of y in fp32, reading only slots whose expert is
    local (rows of other ranks' experts were never written), and rounds once -> out [T, H].
 
-Tiles: BLOCK_M grows with the average rows per expert (decode: 16, prefill: up to 64); the
-CPU interpreter (tests) uses small tiles. The matmuls read fp32 operands with
-`input_precision="ieee"` so fp32 results match torch.
+Tiles: `moe_tiles` looks the average rows per expert (T*k / E) up in `CUDA_TILE_BANDS`, a table
+of rows-per-expert bands (decode: BLOCK_M 16, prefill: up to 64); `benchmarks/moe_gpu_check.py
+--sweep` times candidate tiles on the GPU. The CPU interpreter (tests) uses small tiles. The
+matmuls read fp32 operands with `input_precision="ieee"` so fp32 results match torch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels import moe_align
 from shardserve.workers.kernels.activation import silu_and_mul
+from shardserve.workers.kernels.moe_align import moe_align_block_size, padded_length  # re-exported
+
+__all__ = ["CUDA_TILE_BANDS", "MoeTiles", "fused_moe", "moe_align_block_size", "moe_tiles", "padded_length"]
 
 
 @dataclass(frozen=True)
@@ -48,55 +55,25 @@ class MoeTiles:
 
 INTERPRETER_TILES = MoeTiles(16, 32, 32, 1, 4, 1)
 
+# (upper bound of the average rows per local expert T*k / E, tiles), bounds increasing; the first
+# band whose bound is >= the batch's rows per expert applies. For Qwen3-30B-A3B (E=128, k=8)
+# rows per expert = T / 16. Fill in from `moe_gpu_check.py --sweep` (it prints such a table).
+CUDA_TILE_BANDS: tuple[tuple[float, MoeTiles], ...] = (
+    (16, MoeTiles(16, 64, 128, 1, 4, 4)),  # decode: weight-bandwidth bound, few rows per expert
+    (64, MoeTiles(32, 64, 64, 4, 4, 4)),
+    (math.inf, MoeTiles(64, 128, 64, 8, 4, 3)),
+)
+
 
 def moe_tiles(num_rows: int, num_local: int, on_cuda: bool) -> MoeTiles:
     """Tile config for num_rows = T * k (token, slot) rows over num_local experts."""
     if not on_cuda:
         return INTERPRETER_TILES
     per_expert = num_rows / max(num_local, 1)
-    if per_expert <= 16:  # decode: weight-bandwidth bound, few rows per expert
-        return MoeTiles(16, 64, 128, 1, 4, 4)
-    if per_expert <= 64:
-        return MoeTiles(32, 64, 64, 4, 4, 4)
-    return MoeTiles(64, 128, 64, 8, 4, 3)
+    return next(tiles for bound, tiles in CUDA_TILE_BANDS if per_expert <= bound)
 
 
-def padded_length(num_rows: int, num_local: int, block_m: int) -> int:
-    """Length of sorted_token_ids: the padded-length bound rounded up to whole M-blocks."""
-    bound = num_rows + min(num_local, num_rows) * (block_m - 1)
-    return triton.cdiv(bound, block_m) * block_m
-
-
-def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, local_expert_start: int, num_local: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sorted_token_ids [L] int32, expert_ids [L / block_m] int32, num_tokens_post_padded [1] int32).
-
-    topk_ids [T, k]: global expert ids. Static shapes and no host sync (graph-capturable).
-    """
-    device = topk_ids.device
-    num_rows = topk_ids.numel()
-    length = padded_length(num_rows, num_local, block_m)
-    local = topk_ids.reshape(-1).long() - local_expert_start  # [N]
-    bucket = torch.where((local >= 0) & (local < num_local), local, num_local)  # [N]; num_local: not ours
-    counts = torch.zeros(num_local + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))  # [E + 1], static size (unlike bincount)
-    padded = (counts[:num_local] + block_m - 1) // block_m * block_m  # [E]
-    ends = padded.cumsum(0)  # [E] inclusive end of each expert's group
-    starts = torch.cat([ends - padded, ends.new_full((1,), length)])  # [E + 1]; not-ours -> dump slot
-    order = torch.sort(bucket, stable=True).indices  # [N] rows grouped by expert, row order kept
-    sorted_bucket = bucket[order]
-    first_sorted = counts.cumsum(0) - counts  # [E + 1] first position of each bucket in `order`
-    rank = torch.arange(num_rows, device=device) - first_sorted[sorted_bucket]  # [N] index within its group
-    dest = torch.where(sorted_bucket < num_local, starts[sorted_bucket] + rank, length)  # [N]
-    sorted_ids = torch.full((length + 1,), num_rows, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))  # the extra last slot collects not-ours rows
-    block_first = torch.arange(0, length, block_m, device=device)  # [L / block_m]
-    expert_ids = torch.bucketize(block_first, ends, right=True)  # [L / block_m], E past the end
-    expert_ids = torch.where(expert_ids < num_local, expert_ids, -1).to(torch.int32)
-    return sorted_ids[:length], expert_ids, ends[-1:].to(torch.int32)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every batch size (odd T*k included)
 def _moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr, row_weight_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     num_rows, N, K, a_row_div,
@@ -187,6 +164,7 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, k] global expert ids
     local_expert_start: int = 0,
     num_local: int | None = None,
+    tiles: MoeTiles | None = None,  # override of moe_tiles (the tile sweep)
 ) -> torch.Tensor:  # [T, H], x's dtype; only this rank's experts contribute
     """sum_slot w[t, slot] * down_e(silu(gate_e(x[t])) * up_e(x[t])) over the slots with local experts."""
     num_local = w13.shape[0] if num_local is None else num_local
@@ -205,9 +183,10 @@ def fused_moe(
     x = x.contiguous()
     topk_ids = topk_ids.contiguous()
     num_rows = num_tokens * top_k
-    tiles = moe_tiles(num_rows, num_local, x.is_cuda)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, tiles.block_m, local_expert_start,
-                                                            num_local)
+    tiles = tiles or moe_tiles(num_rows, num_local, x.is_cuda)
+    # Looked up on the module at call time: tests re-decorate kernel modules for the interpreter.
+    sorted_ids, expert_ids, num_post = moe_align.moe_align_block_size(topk_ids, tiles.block_m, local_expert_start,
+                                                                      num_local)
     # Rows of other ranks' experts are never written nor read back; zeros only keep the CPU
     # interpreter's numpy from warning about exp(garbage) in the activation.
     h = (torch.empty if x.is_cuda else torch.zeros)(num_rows, 2 * inter, dtype=x.dtype, device=x.device)

@@ -167,18 +167,26 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]
         router_logits = self.gate(x)  # [T, num_experts]
-        probs = torch.softmax(router_logits.float(), dim=-1)
-        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, top_k]
-        if self.renormalize:
-            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        flat_ids = topk_ids.reshape(-1)
-        self.expert_load.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # CUDA bincount would sync
+        if use_kernels(router_logits):
+            from shardserve.workers.kernels.moe_routing import moe_route  # lazily: Triton only on CUDA
+
+            # one kernel: softmax, top-k, renormalise, cast to x.dtype and the expert_load count
+            topk_weights, topk_ids = moe_route(router_logits, self.top_k, self.renormalize, x.dtype,
+                                               self.expert_load)
+        else:
+            probs = torch.softmax(router_logits.float(), dim=-1)
+            topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, top_k]
+            if self.renormalize:
+                topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+            topk_weights = topk_weights.to(x.dtype)
+            flat_ids = topk_ids.reshape(-1)
+            self.expert_load.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # CUDA bincount would sync
         shared = None
         if self.shared_expert is not None:
             # [T, hidden] partial over TP; the per-token gate is replicated, so scaling commutes with the sum
             shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         # [T, hidden], complete: partial sums all-reduced, or tokens dispatched and combined
-        return dispatch_and_combine(x, topk_ids, topk_weights.to(x.dtype), self.experts, self.experts.placement,
+        return dispatch_and_combine(x, topk_ids, topk_weights, self.experts, self.experts.placement,
                                     partial=shared)
 
 
