@@ -1,5 +1,6 @@
-"""small_m_linear (decode GEMV with fused residual-add RMSNorm and SiLU-and-mul) vs the unfused
-torch references it replaces: reference.rmsnorm -> matmul -> reference.silu_and_mul."""
+"""Decode-size linears vs torch: small_m_linear (GEMV with fused residual-add RMSNorm and
+SiLU-and-mul) against the unfused references it replaces (reference.rmsnorm -> matmul ->
+reference.silu_and_mul), and splitk_gemv (K split across programs) against a matmul."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from kernel_env import ATTENTION_DTYPES
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.small_m_linear import MAX_ROWS, GemvTiles, small_m_linear
+from shardserve.workers.kernels.splitk_gemv import SplitKTiles, splitk_gemv
 
 # The interpreter's tl.dot multiplies bf16 as raw integers, so bf16 runs compiled only (like attention).
 DTYPES = ATTENTION_DTYPES
@@ -69,3 +71,30 @@ def test_rejects_bad_shapes(device):
         small_m_linear(x, torch.randn(8, 32, device=device), residual=torch.randn(2, 32, device=device))
     with pytest.raises(ValueError, match="even number"):
         small_m_linear(x, torch.randn(7, 32, device=device), silu_mul=True)
+
+
+# ---- splitk_gemv: the plain linear at decode sizes, K split across programs ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("split_k", [1, 3, 4])  # 3: the last split is shorter (K = 96 = 3 x 32)
+def test_splitk_gemv_matches_matmul(device, dtype, rows, split_k):
+    k, n = 96, 40
+    x = torch.randn(rows, k).to(dtype=dtype, device=device)
+    weight = (torch.randn(n, k) / k**0.5).to(dtype=dtype, device=device)
+    out = splitk_gemv(x, weight, SplitKTiles(16, 32, split_k, 4, 1))
+    ref = (x.float() @ weight.float().t()).to(dtype)
+    atol, rtol = TOL[dtype]
+    assert out.shape == (rows, n) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+def test_splitk_gemv_more_splits_than_chunks_and_bad_input(device):
+    x, weight = torch.randn(2, 64, device=device), torch.randn(24, 64, device=device)
+    out = splitk_gemv(x, weight, SplitKTiles(16, 32, 8, 4, 1))  # 64 = 2 chunks: only 2 splits run
+    torch.testing.assert_close(out, x @ weight.t(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        splitk_gemv(torch.randn(17, 64, device=device), weight)
+    with pytest.raises(ValueError, match="does not match"):
+        splitk_gemv(x, torch.randn(24, 32, device=device))
