@@ -136,7 +136,7 @@ def test_fused_moe_empty_batch_and_bad_shapes(device):
 
 def test_tiles_grow_with_rows_per_expert():
     decode, prefill = moe_tiles(8, 128, on_cuda=True), moe_tiles(2048 * 8, 128, on_cuda=True)
-    assert decode.block_m == 16 and prefill.block_m == 64
+    assert decode.block_m == 16 and prefill.block_m > decode.block_m
     bounds = [bound for bound, _ in CUDA_TILE_BANDS]
     assert bounds == sorted(bounds) and bounds[-1] == float("inf")  # every batch finds a band
     for tiles in (decode, prefill, moe_tiles(4, 4, on_cuda=False), *(t for _, t in CUDA_TILE_BANDS)):

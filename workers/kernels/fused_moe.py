@@ -57,11 +57,17 @@ INTERPRETER_TILES = MoeTiles(16, 32, 32, 1, 4, 1)
 
 # (upper bound of the average rows per local expert T*k / E, tiles), bounds increasing; the first
 # band whose bound is >= the batch's rows per expert applies. For Qwen3-30B-A3B (E=128, k=8)
-# rows per expert = T / 16. Fill in from `moe_gpu_check.py --sweep` (it prints such a table).
+# rows per expert = T / 16. From `moe_gpu_check.py --sweep` on an H100 (2026-11-26, the TP 2
+# slice E=128, I=384; gains over the previous three bands 1.0-1.16x, largest at T >= 1024).
 CUDA_TILE_BANDS: tuple[tuple[float, MoeTiles], ...] = (
-    (16, MoeTiles(16, 64, 128, 1, 4, 4)),  # decode: weight-bandwidth bound, few rows per expert
-    (64, MoeTiles(32, 64, 64, 4, 4, 4)),
-    (math.inf, MoeTiles(64, 128, 64, 8, 4, 3)),
+    (0.0625, MoeTiles(16, 64, 128, 1, 4, 4)),  # decode: weight-bandwidth bound, few rows per expert
+    (0.5, MoeTiles(16, 64, 128, 1, 4, 2)),
+    (2.0, MoeTiles(16, 64, 128, 1, 4, 4)),
+    (8.0, MoeTiles(16, 128, 128, 1, 8, 3)),
+    (16.0, MoeTiles(32, 64, 128, 1, 4, 3)),
+    (32.0, MoeTiles(64, 64, 64, 16, 4, 3)),
+    (64.0, MoeTiles(64, 128, 64, 1, 8, 3)),
+    (math.inf, MoeTiles(128, 256, 64, 16, 8, 4)),
 )
 
 
