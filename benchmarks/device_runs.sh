@@ -39,31 +39,26 @@ one_gpu_async_ab() {
         --async-scheduling on 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_async.log" | tail -14
 }
 
-# One GPU: decode-size linears cuBLAS vs fused (tile sweep), where the step time goes (kernel profile), then the offline run under other
-# scheduler limits (max_num_seqs / max_num_batched_tokens), throughput only.
+# One GPU: where the step time goes (kernel profile per step, dense and MoE).
 one_gpu_profile() {
     ns
-    timeout 150 python3 benchmarks/gemv_gpu_check.py --out "$OUT/gemv" 2>&1 | grep -v Warning \
-        | tee "$OUT/gemv_gpu_check.log" | tail -10
     timeout 200 python3 benchmarks/profile_gpu.py --out "$OUT/profile" 2>&1 | grep -v Warning \
         | tee "$OUT/profile_gpu.log" | tail -40
     timeout 200 python3 benchmarks/profile_gpu.py --out "$OUT/profile-moe" --model dummy:qwen3-30b-a3b --num-layers 24 \
         2>&1 | grep -v Warning | tee "$OUT/profile_moe.log" | tail -20
 }
 
-# One GPU: the new kernels compiled on the card, the decode-linear check (today vs fused vs
-# split-K), the MoE check, then the MoE tile sweep (issues 3 and 4).
+# One GPU: the MoE kernels compiled on the card, the MoE check, then the MoE tile sweep.
 one_gpu_kernels() {
     ns
     SHARDSERVE_KERNEL_DEVICE=cuda timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_moe_align.py \
-        tests/kernels/test_fused_moe.py tests/kernels/test_small_m_linear.py 2>&1 | tail -2
-    timeout 150 python3 benchmarks/gemv_gpu_check.py --out "$OUT/gemv" 2>&1 | grep -v Warning \
-        | tee "$OUT/gemv_gpu_check.log" | tail -10
+        tests/kernels/test_fused_moe.py -rf 2>&1 | tail -4
     timeout 90 python3 benchmarks/moe_gpu_check.py --iters 20 2>&1 | grep -v Warning | tee "$OUT/moe_gpu_check.log" | tail -14
     timeout 210 python3 benchmarks/moe_gpu_check.py --sweep --budget-s 180 2>&1 | grep -v Warning \
         | tee "$OUT/moe_sweep.log" | tail -45
 }
 
+# One GPU: the offline run under other scheduler limits (max_num_seqs / max_num_batched_tokens).
 one_gpu_sweep() {
     ns
     for lim in 512:8192 1024:8192 1024:16384; do

@@ -80,7 +80,6 @@ def test_cpu_smoke_moe_with_num_layers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("name", "in_sampler", "is_moe", "category"), [
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", False, False, "gemm"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", False, False, "gemm"),
-    ("_small_m_linear_kernel", False, False, "gemm"),
     ("_moe_gemm_kernel", False, True, "moe"),
     ("_moe_route_kernel", False, True, "moe"),
     ("_moe_sum_kernel", False, True, "moe"),
