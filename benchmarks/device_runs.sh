@@ -69,6 +69,19 @@ one_gpu_sweep() {
     done
 }
 
+# One GPU: vLLM 0.24 and our engine back to back on the same card, same workloads (issue 3).
+# Needs the vLLM parts copied to /tmp/vp first (../shared/device/README.md: one call per part).
+one_gpu_vs_vllm() {
+    ns
+    cat /tmp/vp/part.* | tar -C /tmp -xf - && python3 -m pip install -q --no-index --no-deps --no-compile \
+        --target /tmp/vsite /tmp/sel/*.whl >/dev/null 2>&1
+    PYTHONPATH=/tmp/vsite:/tmp/ns VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
+        HF_HUB_OFFLINE=1 timeout 270 python3 benchmarks/vllm_bench.py --out "$OUT" 2>&1 | grep -v Warning \
+        | tee "$OUT/vllm_bench.log" | tail -3
+    timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT" --max-num-seqs 512 --skip kernels 2>&1 | grep -v Warning \
+        | tee "$OUT/gpu_bench.log" | tail -16
+}
+
 # Two GPUs: the small-message all-reduce, then TP / EP / PP figures (issue 4).
 two_gpu_parallel() {
     ns
