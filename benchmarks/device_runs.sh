@@ -98,6 +98,13 @@ four_gpu_parallel() {
         --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_gpu.log" | tail -14
 }
 
+# Two GPUs: pipeline parallelism on the 1,000-request workload, PP 1 (512 running) vs PP 2 (1,024).
+two_gpu_pp() {
+    ns
+    timeout 560 python3 benchmarks/parallel_gpu.py --cases ppwide --num-requests 1000 --case-timeout-s 270 \
+        --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_gpu.log" | tail -6
+}
+
 # Two GPUs: the whole serving stack vs the engine offline (issue 5).
 two_gpu_serve() {
     ns

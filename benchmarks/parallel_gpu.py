@@ -15,6 +15,8 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
        batches together: PP 2 runs with 256 (two batches of ~128) and with 512 (two of ~256,
        the batch size of PP 1; each GPU holds half the layers, so twice the KV tokens fit).
        `max_in_flight` reports the most batches the engine had in flight.
+  ppwide: PP 1 with 512 running requests vs PP 2 with 1,024 (two micro-batches of ~512, each
+       stage half the layers and twice the KV room): the batch per GPU step is PP 1's.
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
   overhead: driver-side cost of one step through the MultiprocExecutor at TP 2 on a tiny model:
        the round trip of an empty step (pickle, one pipe write per rank, worker wake-up and
@@ -39,6 +41,9 @@ CASES = {
                for tp in (1, 2)],
     "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
            for pp, seqs in ((1, 256), (2, 256), (2, 512))],
+    # PP 2 with twice PP 1's running requests: two micro-batches the size of PP 1's batch.
+    "ppwide": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
+               for pp, seqs in ((1, 512), (2, 1024))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
     "overhead": [dict(kind="overhead", model="dummy:tiny-llama", tp=2, pp=1, ep=1)],
 }
@@ -135,7 +140,7 @@ def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, tpsync, pp, ep, overhead")
+    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, tpsync, pp, ppwide, ep, overhead")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--num-requests", type=int, default=1000, help="requests of the throughput cases")
     parser.add_argument("--case-timeout-s", type=float, default=300.0, help="kill a case that runs longer")
