@@ -101,7 +101,7 @@ four_gpu_parallel() {
 # Two GPUs: pipeline parallelism on the 1,000-request workload, PP 1 (512 running) vs PP 2 (1,024).
 two_gpu_pp() {
     ns
-    timeout 560 python3 benchmarks/parallel_gpu.py --cases ppwide --num-requests 1000 --case-timeout-s 270 \
+    timeout 560 python3 benchmarks/parallel_gpu.py --cases "${PP_CASES:-ppwide}" --num-requests "${PP_REQUESTS:-1000}" --case-timeout-s 270 \
         --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_gpu.log" | tail -6
 }
 

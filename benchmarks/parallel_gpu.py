@@ -17,6 +17,8 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
        `max_in_flight` reports the most batches the engine had in flight.
   ppwide: PP 1 with 512 running requests vs PP 2 with 1,024 (two micro-batches of ~512, each
        stage half the layers and twice the KV room): the batch per GPU step is PP 1's.
+  ppfixed: ppwide with every request 200 in / 180 out: on the lognormal workload the longest
+       request (1,795 output tokens) alone takes 1,796 sequential steps, which PP cannot shorten.
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
   overhead: driver-side cost of one step through the MultiprocExecutor at TP 2 on a tiny model:
        the round trip of an empty step (pickle, one pipe write per rank, worker wake-up and
@@ -44,6 +46,9 @@ CASES = {
     # PP 2 with twice PP 1's running requests: two micro-batches the size of PP 1's batch.
     "ppwide": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
                for pp, seqs in ((1, 512), (2, 1024))],
+    # The same with fixed lengths (200 in / 180 out): no long request bounds the run's step count.
+    "ppfixed": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs,
+                     distribution="fixed") for pp, seqs in ((1, 512), (2, 1024))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
     "overhead": [dict(kind="overhead", model="dummy:tiny-llama", tp=2, pp=1, ep=1)],
 }
@@ -77,7 +82,7 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
         if case["kind"] == "latency":
             result = run_throughput(engine, Workload(1, 128, 256).sample(vocab))
             return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s}
-        workload = Workload(num_requests, 200, 180, distribution="lognormal")
+        workload = Workload(num_requests, 200, 180, distribution=case.get("distribution", "lognormal"))
         result = run_throughput(engine, workload.sample(vocab))
         return {"output_tok_s": result.output_tokens_per_s, "requests_s": result.requests_per_s,
                 "mean_ttft_s": result.mean_ttft_s, "mean_tpot_s": result.mean_tpot_s,
@@ -133,6 +138,7 @@ def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: s
     os.makedirs(out, exist_ok=True)
     name = "-".join(f"{k}{case[k]}" for k in ("kind", "tp", "pp", "ep")) + f"-seqs{case.get('max_num_seqs', 256)}"
     name += "-sync" if case.get("async_scheduling") is False else ""
+    name += "-fixed" if case.get("distribution") == "fixed" else ""
     text = "".join(t.decode() if isinstance(t, bytes) else (t or "") for t in (stdout, stderr))
     with open(os.path.join(out, f"{name}.log"), "w") as f:
         f.write(text)
@@ -140,7 +146,7 @@ def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, tpsync, pp, ppwide, ep, overhead")
+    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, tpsync, pp, ppwide, ppfixed, ep, overhead")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--num-requests", type=int, default=1000, help="requests of the throughput cases")
     parser.add_argument("--case-timeout-s", type=float, default=300.0, help="kill a case that runs longer")
