@@ -19,7 +19,9 @@ The wrapper runs Serve's handler in a task of its own that only ever waits insid
 (each message goes to an unbounded queue without suspending), and hands the messages to grpc
 from the queue. However the grpc call ends — client cancel, deadline, normal end — the wrapper
 cancels that task, and the cancel always lands where Serve handles it: inside the proxy's await
-on the Ingress, which cancels the handle call and so the engine request. Unary handlers are left
+on the Ingress, which cancels the handle call and so the engine request. The wrapper then waits
+for the task to unwind before it returns to grpc, so the handler never touches the call's
+context after grpc has released the call. Unary handlers are left
 as they are (grpc awaits them directly, so a cancel always lands inside Serve's awaits).
 """
 
@@ -59,6 +61,11 @@ def _cancel_safe_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[
                 yield item
         finally:
             task.cancel()  # a no-op once the handler ended; else the handle call is cancelled
+            # Let the handler finish its clean-up before the grpc call ends: Serve's handler reads
+            # the call's context as it unwinds (the peer address for its access log), and a read
+            # after grpc has released the call crashed the proxy process (SIGSEGV in
+            # `context.peer()`, seen in CI on deadline-exceeded streams).
+            await asyncio.wait({task})
 
     return stream
 

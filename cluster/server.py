@@ -87,6 +87,7 @@ class LLMServer:
         from ray import serve
 
         self.section = ModelSection.model_validate(model)
+        self.stream_interval_ms = self.section.effective_stream_interval_ms()
         self.engine = await make_engine(self.section)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_in_flight = 0
@@ -125,11 +126,11 @@ class LLMServer:
         builder = ChunkBuilder(rid, self.replica_id)
         finished = False
         try:
-            if self.section.stream_interval_ms > 0:
+            if self.stream_interval_ms > 0:
                 # At most one message per interval: what piled up meanwhile goes together
                 # (cluster/streaming.py). Closed before the `finally` below, so `stream` is no
                 # longer being read when it closes.
-                interval = self.section.stream_interval_ms / 1000
+                interval = self.stream_interval_ms / 1000
                 async with contextlib.aclosing(batched(stream, interval)) as batches:
                     async for outs in batches:
                         finished = outs[-1].finished

@@ -5,9 +5,9 @@ second one (Ingress → gRPC proxy), each costing a few hundred microseconds of 
 the receiver and the proxy. One message per token per stream capped the served throughput at
 about half of the engine's (benchmarks/serve_overhead.py; the GPU run in benchmarks/NOTES.md):
 the processes on the path saturated, and the engine thread starved for the GIL in the replica.
-Used by the LLMServer when a model sets `stream_interval_ms` > 0 (cluster/server.py); by default
-it is off, because with it on by default Ray's gRPC proxy segfaulted while cancelling streams in
-CI (cluster/app.py).
+Used by the LLMServer when a model's stream interval is > 0 (cluster/server.py): by default 50 ms
+for models on GPUs and 0 (off) on CPU. With merging on for every model, CPU CI included, Ray's
+gRPC proxy segfaulted while cancelling streams (cluster/app.py), so the CPU default stays off.
 
 `batched(source)` reads `source` in a task of its own and hands the consumer everything that
 arrived while it was busy sending the previous message, as one list. Nothing is delayed: when the

@@ -7,7 +7,9 @@ behaviour observable:
     max_model_len is large so a "long" request (LONG_MAX_TOKENS) runs for minutes and cannot
     finish normally while a test waits for its abort;
   - `tiny-queue`: 1 replica running 1 request with 1 waiting at most (queue-full tests);
-  - `fragile`: 1 replica whose engine test_unavailable.py kills (UNAVAILABLE / 503).
+  - `fragile`: 1 replica whose engine test_unavailable.py kills (UNAVAILABLE / 503);
+  - `merged`: 1 replica streaming at most one message per 50 ms (`stream_interval_ms`, the GPU
+    default), so the merged streaming path runs end to end.
 Ports are picked free at start, outside the ranges where Ray's own processes take ports (see
 PORT_RANGE); Serve and Ray are shut down at the end of the session.
 """
@@ -44,6 +46,7 @@ def app_config_dict(http_port: int, grpc_port: int) -> dict[str, Any]:
             {"name": "tiny-queue", "engine_factory": FAKE, "replicas": 1, "resources": small,
              "scheduler": {"max_num_seqs": 1, "max_queue_len": 1}},
             {"name": "fragile", "engine_factory": FAKE, "replicas": 1, "resources": small},
+            {"name": "merged", "engine_factory": FAKE, "replicas": 1, "resources": small, "stream_interval_ms": 50},
         ],
     }  # fmt: skip
 
@@ -87,7 +90,9 @@ def cluster() -> Iterator[Cluster]:
 
     http_port = free_port()
     config = parse_config(app_config_dict(http_port, free_port(taken=(http_port,))), ServeConfig)
-    ray.init(num_cpus=4, include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
+    # Logical CPUs (Ray's scheduling units, not cores): the five fake-model replicas, the Ingress
+    # and test_worker_group.py's TP=2 app (replica, ranks, its Ingress) must all be placeable.
+    ray.init(num_cpus=5, include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
     try:
         serve.start(**serve_options(config))
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")

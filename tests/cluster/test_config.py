@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 from shardserve.cluster.cli import main
-from shardserve.cluster.config import AppConfig, ConfigError, ServeConfig, load_config, parse_config
+from shardserve.cluster.config import (
+    AppConfig,
+    ConfigError,
+    ModelSection,
+    ServeConfig,
+    load_config,
+    parse_config,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -111,3 +118,15 @@ def test_serve_usage_text_names_endpoints():
 
     text = usage_text(load_config(Path(CONFIGS[0]).parent / "cpu-default.yaml"))
     assert "curl http://localhost:8000/v1/chat/completions" in text and "localhost:9000" in text
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ({}, 0.0),  # CPU: one message per engine step
+    ({"device": "cuda"}, 50.0),
+    ({"resources": {"num_gpus_per_worker": 1}}, 50.0),
+    ({"device": "cuda", "stream_interval_ms": 0}, 0.0),  # an explicit value wins
+    ({"stream_interval_ms": 20}, 20.0),
+])
+def test_stream_interval_defaults_to_50_ms_on_gpus(section, expected):
+    model = ModelSection.model_validate({"name": "m", "source": "default", **section})
+    assert model.effective_stream_interval_ms() == expected

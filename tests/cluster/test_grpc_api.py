@@ -39,6 +39,17 @@ def test_stream_matches_unary(stub):
     assert parts[-1].usage.completion_tokens == 6
 
 
+def test_stream_interval_merges_messages_and_keeps_every_token(stub):
+    # The fake engine makes a token per 10 ms: at 50 ms per message a stream of 40 tokens comes
+    # in far fewer messages, the end with the usage.
+    unary = stub.Generate(request(model="solo", prompt="merge me", max_tokens=40))
+    parts = list(stub.GenerateStream(request(model="merged", prompt="merge me", max_tokens=40)))
+    assert "".join(p.text for p in parts) == unary.text
+    assert 2 <= len(parts) <= 20, len(parts)
+    assert [p.finish_reason for p in parts[:-1]] == [""] * (len(parts) - 1) and parts[-1].finish_reason == "length"
+    assert parts[-1].usage.completion_tokens == 40
+
+
 def test_chat_messages(stub):
     chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi")])
     resp = stub.Generate(pb.GenerateRequest(model="solo", messages=chat, params=pb.SamplingParams(max_tokens=3)))
@@ -115,9 +126,9 @@ def test_unary_deadline_exceeded_aborts(stub, cluster):
 
 def test_list_models_and_health(stub):
     names = [m.name for m in stub.ListModels(pb.ListModelsRequest()).models]
-    assert names == ["fake", "solo", "tiny-queue", "fragile"]
+    assert names == ["fake", "solo", "tiny-queue", "fragile", "merged"]
     health = stub.Health(pb.HealthRequest())
-    assert health.ok and dict(health.models) == {"fake": "ok", "solo": "ok", "tiny-queue": "ok", "fragile": "ok"}
+    assert health.ok and dict(health.models) == {"fake": "ok", "solo": "ok", "tiny-queue": "ok", "fragile": "ok", "merged": "ok"}
 
 
 def test_logprobs_and_n_unary_and_stream(stub):

@@ -54,6 +54,17 @@ def test_completion_stream_with_usage(cluster):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
+def test_completion_stream_with_a_stream_interval(cluster):
+    stream = client(cluster).completions.create(
+        model="merged", prompt="Count:", max_tokens=30, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == fake_words("Count:", 30)
+    assert 2 <= len(texts) < 30  # merged: fewer SSE events than tokens
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+
+
 def test_chat_plain_and_stream(cluster):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     rendered = "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"  # FakeEngine's chat template
@@ -74,7 +85,7 @@ def test_stop_string_and_models(cluster):
     assert resp.choices[0].finish_reason == "stop"
     assert resp.choices[0].text == full[: full.index(stop)]
     names = {m.id for m in client(cluster).models.list().data}
-    assert names == {"fake", "solo", "tiny-queue", "fragile"}
+    assert names == {"fake", "solo", "tiny-queue", "fragile", "merged"}
 
 
 @pytest.mark.parametrize(
@@ -180,6 +191,6 @@ def test_non_streaming_disconnect_aborts(cluster):
 
 def test_health_and_stats(cluster):
     r = requests.get(cluster.http_url + "/health", timeout=30)
-    assert r.status_code == 200 and r.json()["models"] == {"fake": "ok", "solo": "ok", "tiny-queue": "ok", "fragile": "ok"}
+    assert r.status_code == 200 and r.json()["models"] == {"fake": "ok", "solo": "ok", "tiny-queue": "ok", "fragile": "ok", "merged": "ok"}
     stats = requests.get(cluster.http_url + "/v1/stats", timeout=30).json()
     assert stats["models"]["solo"]["router"]["policy"] == "prefix_affinity"
