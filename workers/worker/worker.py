@@ -12,7 +12,9 @@ address) and then feeds it steps by whatever transport it owns. Construction:
      the minimum over ranks).
 `execute(scheduler_output)` runs this rank's share of the step (every rank receives the same
 SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and returns the
-ModelRunnerOutput, the others return None. Under pipeline parallelism the driver keeps up to
+ModelRunnerOutput, the others return None. Under async scheduling without pipeline stages the
+rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is finished
+(proc.py `_serve_overlapped`). Under pipeline parallelism the driver keeps up to
 pp_size steps in flight with disjoint request sets; every rank runs them in submission order.
 A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
 the next step while the next stage works on this one; the per-request state of the runner
