@@ -20,8 +20,9 @@ The wrapper runs Serve's handler in a task of its own that only ever waits insid
 from the queue. However the grpc call ends — client cancel, deadline, normal end — the wrapper
 cancels that task, and the cancel always lands where Serve handles it: inside the proxy's await
 on the Ingress, which cancels the handle call and so the engine request. The wrapper then waits
-for the task to unwind before it returns to grpc, so the handler never touches the call's
-context after grpc has released the call. Unary handlers are left
+for the task to unwind before it returns to grpc. The handler sees the call's context through
+`_PeerSnapshotContext`, because after such a cancel Serve reads the peer address for its access
+log, and a call ended by a deadline or a client cancel may already be released by then. Unary handlers are left
 as they are (grpc awaits them directly, so a cancel always lands inside Serve's awaits).
 """
 
@@ -35,13 +36,36 @@ from typing import Any
 _WRAPPED = "_shardserve_cancel_safe_streaming"
 
 
+class _PeerSnapshotContext:
+    """The grpc servicer context as Serve's handler sees it, with `peer()` answered from a copy
+    taken when the call started; everything else goes to the real context.
+
+    Why: once the handler is cancelled in its await (above), Serve's proxy runs on to its access
+    log, which reads `context.peer()`. When a deadline or a client cancel ended the call, grpc's
+    C core may already have released it, and that read crashed the proxy process (SIGSEGV in
+    `proxy_request_response.client`, seen in CI on deadline-exceeded streams). The other context
+    methods Serve calls (code, details, trailing metadata) only touch Python-side state.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._peer = context.peer()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 def _cancel_safe_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        safe_context = _PeerSnapshotContext(context)
 
         async def pump() -> None:
             try:
-                async for message in handler(request, context):
+                async for message in handler(request, safe_context):
                     queue.put_nowait(("message", message))
             except asyncio.CancelledError:
                 return  # cancelled by `stream` below: nobody reads the queue any more
@@ -61,11 +85,7 @@ def _cancel_safe_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[
                 yield item
         finally:
             task.cancel()  # a no-op once the handler ended; else the handle call is cancelled
-            # Let the handler finish its clean-up before the grpc call ends: Serve's handler reads
-            # the call's context as it unwinds (the peer address for its access log), and a read
-            # after grpc has released the call crashed the proxy process (SIGSEGV in
-            # `context.peer()`, seen in CI on deadline-exceeded streams).
-            await asyncio.wait({task})
+            await asyncio.wait({task})  # the handler's clean-up runs inside this call's lifetime
 
     return stream
 
