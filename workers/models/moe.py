@@ -17,7 +17,8 @@ holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds onl
 experts, reads only their checkpoint tensors, and `dispatch_and_combine` moves the routed
 tokens (all-to-all) or sums the partial outputs (all-reduce). Each block counts the tokens
 routed to every expert (`expert_load`, over the whole batch) for load monitoring, on the device
-(scatter_add, no host sync).
+with no host sync. Routing (softmax, top-k, renormalise) is one Triton kernel on CUDA
+(workers/kernels/moe_routing.py, which also counts the load) and torch ops elsewhere.
 """
 
 from __future__ import annotations
