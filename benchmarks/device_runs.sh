@@ -58,17 +58,6 @@ one_gpu_kernels() {
         | tee "$OUT/moe_sweep.log" | tail -45
 }
 
-# One GPU: the offline run under other scheduler limits (max_num_seqs / max_num_batched_tokens).
-one_gpu_sweep() {
-    ns
-    for lim in 512:8192 1024:8192 1024:16384; do
-        seqs=${lim%:*}; toks=${lim#*:}
-        timeout 120 python3 benchmarks/gpu_bench.py --out "$OUT/sweep-$seqs-$toks" --max-num-seqs "$seqs" \
-            --max-num-batched-tokens "$toks" --skip kernels check latency hf 2>&1 | grep -v Warning \
-            | grep -E "engine up|throughput" | tee -a "$OUT/sweep.log"
-    done
-}
-
 # One GPU: vLLM 0.24 and our engine back to back on the same card, same workloads (issue 3).
 # Needs the vLLM parts copied to /tmp/vp first (../shared/device/README.md: one call per part).
 one_gpu_vs_vllm() {
