@@ -203,10 +203,8 @@ class LLMEngine:
                 or bool(self._batches))
 
     def step(self) -> list[RequestOutput]:
-        if self.async_scheduling:
-            return self._async_step()
-        if self.max_batches_in_flight > 1:
-            return self._pipelined_step()
+        if self.max_batches_in_flight > 1:  # pipeline stages, or async scheduling
+            return self._queued_step()
         sched = self.scheduler.schedule()
         runner_output = self.executor.execute(sched)
         advanced = self.scheduler.update_from_output(sched, runner_output)
@@ -220,25 +218,16 @@ class LLMEngine:
         self._release_held_samples()
         return self.outputs.collect()
 
-    def _pipelined_step(self) -> list[RequestOutput]:
-        """Fill the batch queue, apply the oldest batch (see the module docstring)."""
+    def _queued_step(self) -> list[RequestOutput]:
+        """Fill the batch queue, apply the oldest batch (see the module docstring): steps 1-4
+        under pipeline parallelism, 1-2 under async scheduling."""
         self._fill_batch_queue()
         if self._batches:
             batch = self._batches.popleft()
             runner_output = self.executor.collect(batch.handle)
             advanced = self.scheduler.update_from_output(batch.sched, runner_output)
-            self._fill_batch_queue()  # the next batch goes out before this one's outputs are built
-            self._process(batch.sched, runner_output, advanced)
-        self._release_held_samples()
-        return self.outputs.collect()
-
-    def _async_step(self) -> list[RequestOutput]:
-        """Submit the next batch, then apply the previous one (see the module docstring)."""
-        self._fill_batch_queue()
-        if self._batches:
-            batch = self._batches.popleft()
-            runner_output = self.executor.collect(batch.handle)
-            advanced = self.scheduler.update_from_output(batch.sched, runner_output)
+            if not self.async_scheduling:
+                self._fill_batch_queue()  # the next batch goes out before this one's outputs are built
             self._process(batch.sched, runner_output, advanced)
         self._release_held_samples()
         return self.outputs.collect()
