@@ -62,13 +62,56 @@ one_gpu_kernels() {
 # Needs the vLLM parts copied to /tmp/vp first (../shared/device/README.md: one call per part).
 one_gpu_vs_vllm() {
     ns
-    cat /tmp/vp/part.* | tar -C /tmp -xf - && python3 -m pip install -q --no-index --no-deps --no-compile \
-        --target /tmp/vsite /tmp/sel/*.whl >/dev/null 2>&1
+    vllm_site
     PYTHONPATH=/tmp/vsite:/tmp/ns VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
         HF_HUB_OFFLINE=1 timeout 270 python3 benchmarks/vllm_bench.py --out "$OUT" 2>&1 | grep -v Warning \
         | tee "$OUT/vllm_bench.log" | tail -3
     timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT" --max-num-seqs 512 --skip kernels 2>&1 | grep -v Warning \
         | tee "$OUT/gpu_bench.log" | tail -16
+}
+
+vllm_site() {  # vLLM 0.24 from the parts copied to /tmp/vp (../shared/device/README.md: one call per part)
+    [ -d /tmp/vsite/vllm ] || { cat /tmp/vp/part.* | tar -C /tmp -xf - && python3 -m pip install -q --no-index \
+        --no-deps --no-compile --target /tmp/vsite /tmp/sel/*.whl >/dev/null 2>&1; }
+}
+
+# Two GPUs: Qwen3-30B-A3B with vLLM 0.24 at TP 2 and TP 2 + EP (batch 1 and 1,000 lognormal
+# requests), then ours at the same limits (issue 4's MoE figures on the same cards).
+# MOE_PART=vllm | ours | both (default): the two halves fit one 10-minute call each.
+two_gpu_moe_vs_vllm() {
+    ns
+    if [ "${MOE_PART:-both}" != ours ]; then
+        vllm_site
+        for ep in "" --ep; do
+            PYTHONPATH=/tmp/vsite:/tmp/ns VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
+                VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 timeout 280 python3 benchmarks/vllm_bench.py --out "$OUT" \
+                --shape qwen3-30b-a3b --tp 2 $ep > "$OUT/vllm_moe_tp2${ep}.log" 2>&1
+            tail -2 "$OUT/vllm_moe_tp2${ep}.log"
+        done
+    fi
+    if [ "${MOE_PART:-both}" != vllm ]; then
+        timeout 570 python3 benchmarks/parallel_gpu.py --cases moelat,epwide --num-requests 1000 --case-timeout-s 240 \
+            --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_moe.log" | tail -8
+    fi
+}
+
+# Two GPUs: the MoE decode-path kernels compiled on the card (direct rows, router launch, rotary
+# with Qwen3's q/k norm), the MoE check with the router launch sweep, then MoE batch-1 decode at
+# TP 2 and TP 2 + EP 2 (vLLM on the same cards: two_gpu_moe_vs_vllm).
+two_gpu_moe_latency() {
+    ns
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused_moe.py \
+        tests/kernels/test_rotary.py -rf 2>&1 | tail -3
+    timeout 100 python3 benchmarks/moe_gpu_check.py --iters 20 2>&1 | grep -v Warning | tee "$OUT/moe_gpu_check.log" | tail -24
+    timeout 300 python3 benchmarks/parallel_gpu.py --cases moelat --case-timeout-s 140 --out "$OUT/parallel" 2>&1 \
+        | tee "$OUT/parallel_moelat.log" | tail -4
+}
+
+# Two GPUs: PP 1 vs PP 2 with 2 and 3 micro-batches in flight (fixed lengths, 3,072 requests).
+two_gpu_ppmb() {
+    ns
+    timeout 570 python3 benchmarks/parallel_gpu.py --cases "${PP_CASES:-ppmb}" --case-timeout-s 200 \
+        --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_ppmb.log" | tail -5
 }
 
 # Two GPUs: the small-message all-reduce, then TP / EP / PP figures (issue 4).

@@ -293,6 +293,26 @@ def check_align_and_route(iters: int) -> None:
               + " ".join(f"{t:9.1f}" for t in times))
 
 
+ROUTE_LAUNCHES = ((1, 1), (1, 2), (1, 4), (4, 1), (4, 4), (16, 1), (16, 4))  # (tokens per program, warps)
+
+
+def route_launch_sweep(iters: int) -> None:
+    """GPU time of the router kernel per (tokens per program, warps) launch; * marks route_launch's pick."""
+    from shardserve.workers.kernels.moe_routing import route_launch
+
+    print("router launch sweep, us (bf16 logits, renormalised top-8, load counted):")
+    print(f"{'T':>5} " + " ".join(f"{f'{b}t/{w}w':>8}" for b, w in ROUTE_LAUNCHES))
+    load = torch.zeros(NUM_EXPERTS, dtype=torch.int64, device=DEV)
+    for num_tokens in (1, 4, 8, 32, 64, 256, 2048):
+        logits = torch.randn(num_tokens, NUM_EXPERTS, device=DEV).to(torch.bfloat16)
+        pick = route_launch(num_tokens, NUM_EXPERTS)
+        cells = []
+        for launch in ROUTE_LAUNCHES:
+            us = 1e3 * time_ms(partial(moe_route, logits, TOP_K, True, torch.bfloat16, load, launch), iters)
+            cells.append(f"{us:7.1f}{'*' if launch == pick else ' '}")
+        print(f"{num_tokens:>5} " + " ".join(cells))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=None, help="timing runs per measurement (20; sweep: 8)")
@@ -354,6 +374,7 @@ def main() -> int:
 
     print("Triton alignment and router vs torch (bf16 logits, renormalised top-8):")
     check_align_and_route(args.iters)
+    route_launch_sweep(args.iters)
 
     w13h, w2h = w13.half(), w2.half()
     x = torch.randn(64, HIDDEN, device=DEV, dtype=torch.float16)

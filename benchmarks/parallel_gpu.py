@@ -19,7 +19,16 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
        stage half the layers and twice the KV room): the batch per GPU step is PP 1's.
   ppfixed: ppwide with every request 200 in / 180 out: on the lognormal workload the longest
        request (1,795 output tokens) alone takes 1,796 sequential steps, which PP cannot shorten.
+  ppmb: PP 1 (512 running) vs PP 2 on ppfixed's workload with 2 vs 3 micro-batches in flight (pipeline_micro_batches;
+       max_num_seqs 1,024 vs 1,536: ~512 requests per micro-batch either way). With 2, stage 0
+       idles while the driver applies the returned batch and sends its next step; a third batch
+       gives it work meanwhile. The label's `mb` is the micro-batch count. Both run 3,072
+       requests whatever --num-requests says (a case's `num_requests`): with 1,000, 1,536 slots
+       would never fill and the 3 micro-batches would hold ~333 requests each.
+  ppmblog: ppmb on the lognormal workload.
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
+  epwide: the same with 1,024 running requests and 16,384 tokens per step (vLLM's limits).
+  moelat: Qwen3-30B-A3B batch-1 decode at TP 2 and TP 2 + EP 2.
   overhead: driver-side cost of one step through the MultiprocExecutor at TP 2 on a tiny model:
        the round trip of an empty step (pickle, one pipe write per rank, worker wake-up and
        unpickle, output pickled back), and the pickle / unpickle time and size of a 256-request
@@ -49,7 +58,20 @@ CASES = {
     # The same with fixed lengths (200 in / 180 out): no long request bounds the run's step count.
     "ppfixed": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs,
                      distribution="fixed") for pp, seqs in ((1, 512), (2, 1024))],
+    # PP 2 with a third micro-batch in flight to hide the driver's turnaround; ~512 requests each
+    # (3,072 requests: 3 full waves of 1,024, 2 of 1,536).
+    # (the first row is the one-GPU baseline, 512 running, on the same 3,072 requests)
+    "ppmb": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs,
+                  pipeline_micro_batches=mb, distribution="fixed", num_requests=3072)
+             for pp, mb, seqs in ((1, None, 512), (2, 2, 1024), (2, 3, 1536))],
+    "ppmblog": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=2, ep=1, max_num_seqs=seqs,
+                     pipeline_micro_batches=mb, num_requests=3072) for mb, seqs in ((2, 1024), (3, 1536))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
+    # vLLM's own limits on an H100 (vllm_bench.py prints them): more rows per step share each
+    # expert's weight read.
+    "epwide": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep, max_num_seqs=1024,
+                    max_num_batched_tokens=16384) for ep in (1, 2)],
+    "moelat": [dict(kind="latency", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
     "overhead": [dict(kind="overhead", model="dummy:tiny-llama", tp=2, pp=1, ep=1)],
 }
 
@@ -60,10 +82,12 @@ def _engine(case: dict, device: str, num_requests: int):
 
     config = EngineConfig(
         model=ModelConfig(model=case["model"], dtype="bfloat16" if device != "cpu" else "float32", device=device),
-        scheduler=SchedulerConfig(max_num_seqs=case.get("max_num_seqs", 256), max_num_batched_tokens=8192,
+        scheduler=SchedulerConfig(max_num_seqs=case.get("max_num_seqs", 256),
+                                  max_num_batched_tokens=case.get("max_num_batched_tokens", 8192),
                                   async_scheduling=case.get("async_scheduling")),
         parallel=ParallelConfig(tensor_parallel_size=case["tp"], pipeline_parallel_size=case["pp"],
-                                expert_parallel_size=case["ep"]),
+                                expert_parallel_size=case["ep"],
+                                pipeline_micro_batches=case.get("pipeline_micro_batches")),
     )
     return LLMEngine(config)
 
@@ -82,7 +106,8 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
         if case["kind"] == "latency":
             result = run_throughput(engine, Workload(1, 128, 256).sample(vocab))
             return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s}
-        workload = Workload(num_requests, 200, 180, distribution=case.get("distribution", "lognormal"))
+        workload = Workload(case.get("num_requests", num_requests), 200, 180,
+                            distribution=case.get("distribution", "lognormal"))
         result = run_throughput(engine, workload.sample(vocab))
         return {"output_tok_s": result.output_tokens_per_s, "requests_s": result.requests_per_s,
                 "mean_ttft_s": result.mean_ttft_s, "mean_tpot_s": result.mean_tpot_s,
@@ -139,6 +164,7 @@ def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: s
     name = "-".join(f"{k}{case[k]}" for k in ("kind", "tp", "pp", "ep")) + f"-seqs{case.get('max_num_seqs', 256)}"
     name += "-sync" if case.get("async_scheduling") is False else ""
     name += "-fixed" if case.get("distribution") == "fixed" else ""
+    name += f"-mb{case['pipeline_micro_batches']}" if case.get("pipeline_micro_batches") else ""
     text = "".join(t.decode() if isinstance(t, bytes) else (t or "") for t in (stdout, stderr))
     with open(os.path.join(out, f"{name}.log"), "w") as f:
         f.write(text)
@@ -146,7 +172,7 @@ def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: tp, tpsync, pp, ppwide, ppfixed, ep, overhead")
+    parser.add_argument("--cases", default="tp,pp,ep,overhead", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--num-requests", type=int, default=1000, help="requests of the throughput cases")
     parser.add_argument("--case-timeout-s", type=float, default=300.0, help="kill a case that runs longer")
@@ -167,6 +193,8 @@ def main() -> None:
             label = f"{name:8s} {case['model']:22s} tp={case['tp']} pp={case['pp']} ep={case['ep']}"
             if "max_num_seqs" in case:
                 label += f" seqs={case['max_num_seqs']}"
+            if case.get("pipeline_micro_batches"):
+                label += f" mb={case['pipeline_micro_batches']}"
             if case["kind"] != "overhead" and world > num_gpus:
                 rows.append((label, f"skipped: needs {world} GPUs, have {num_gpus}"))
                 continue

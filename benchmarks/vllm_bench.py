@@ -8,8 +8,11 @@ graphs, torch.compile, prefix caching, chunked prefill). Prompts are token ids
 batch-1 decode (16-token prompt, 256 new tokens, ignore_eos; decode tok/s from the run's
 wall time minus one prefill-only call) and the offline workload (1,000 lognormal requests,
 medians 200 / 180, sigma 0.8, each generating exactly its output length). Prints start-up
-time, both figures and the device; writes JSON to $OUT. Run it on the device after the vLLM
-wheels are unpacked (see /work/shared/device/README.md), in the same call as gpu_bench.py.
+time, both figures, the scheduler limits vLLM chose (max_num_seqs, max_num_batched_tokens:
+ours are set to match in the same call) and the device; writes JSON to $OUT. Run it on the
+device after the vLLM wheels are unpacked (see /work/shared/device/README.md), in the same call
+as gpu_bench.py (dense) or parallel_gpu.py (`--shape qwen3-30b-a3b --tp 2 [--ep]`: the MoE
+figures of issue 4, expert parallelism through vLLM's `enable_expert_parallel`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,25 @@ from shardserve.workers.bench.workload import Workload
 from shardserve.workers.models.dummy import dummy_config
 
 
+class _Limits:
+    max_num_seqs: object = "?"
+    max_num_batched_tokens: object = "?"
+
+
+def _scheduler_limits(llm):
+    """vLLM's scheduler config (its max_num_seqs / max_num_batched_tokens defaults depend on the GPU)."""
+    try:
+        return llm.llm_engine.vllm_config.scheduler_config
+    except AttributeError:  # another vLLM layout: report unknown rather than lose the run
+        return _Limits()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.1-8b")
     parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--ep", action="store_true", help="enable_expert_parallel (MoE shapes)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
     from vllm import LLM, SamplingParams  # noqa: PLC0415 (only on the device)
@@ -38,8 +56,10 @@ def main() -> None:
     config = dummy_config(args.shape)
     config.save_pretrained(folder)
     start = time.perf_counter()
-    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0)
+    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+              tensor_parallel_size=args.tp, enable_expert_parallel=args.ep)
     startup_s = time.perf_counter() - start
+    sched = _scheduler_limits(llm)
     vocab_size = config.vocab_size
 
     def run(requests) -> tuple[float, int]:
@@ -61,13 +81,18 @@ def main() -> None:
     workload = Workload(args.num_requests, 200, 180, "lognormal", 0.8, max_len=config.max_position_embeddings // 2,
                         seed=0)
     seconds, out_tokens = run(workload.sample(vocab_size))
-    result = {"device": torch.cuda.get_device_name(), "startup_s": startup_s, "decode_b1_tokens_per_s": decode_tps,
+    result = {"device": f"{torch.cuda.get_device_name()} x {args.tp}", "shape": args.shape, "tp": args.tp, "ep": args.ep,
+              "max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens,
+              "startup_s": startup_s, "decode_b1_tokens_per_s": decode_tps,
               "b1_total_tokens_per_s": tokens / total_s, "throughput_output_tokens_per_s": out_tokens / seconds,
               "throughput_requests_per_s": args.num_requests / seconds, "throughput_elapsed_s": seconds}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "vllm_bench.json"), "w") as f:
+    name = "vllm_bench.json" if args.shape == "llama-3.1-8b" and args.tp == 1 else \
+        f"vllm_bench-{args.shape}-tp{args.tp}{'-ep' if args.ep else ''}.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"vLLM on {result['device']}: start-up {startup_s:.0f} s; batch-1 decode {decode_tps:.1f} tok/s; "
+    print(f"vLLM {args.shape} tp={args.tp} ep={args.ep} on {result['device']} (max_num_seqs {sched.max_num_seqs}, "
+          f"max_num_batched_tokens {sched.max_num_batched_tokens}): start-up {startup_s:.0f} s; batch-1 decode {decode_tps:.1f} tok/s; "
           f"offline {args.num_requests} requests {result['throughput_output_tokens_per_s']:.0f} output tok/s "
           f"({result['throughput_requests_per_s']:.1f} req/s)")
 

@@ -71,6 +71,14 @@ class ParallelSection(_Section):
     expert_parallel_size: int = Field(
         1, ge=1, description="Ranks the MoE experts are spread over, >= 1; must divide tp × pp."
     )
+    pipeline_micro_batches: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Batches in flight under pipeline parallelism, in [pp, 2 × pp]; null = pp. pp + 1 keeps the first "
+            "stage busy while the driver turns a returned batch around (throughput at many requests)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_ep(self) -> ParallelSection:
@@ -80,6 +88,13 @@ class ParallelSection(_Section):
                 f"expert_parallel_size must divide tensor_parallel_size × pipeline_parallel_size = {world}, "
                 f"got {self.expert_parallel_size}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_micro_batches(self) -> ParallelSection:
+        # The engine's rule and message (ParallelConfig), so YAML errors read like the engine's.
+        ParallelConfig(pipeline_parallel_size=self.pipeline_parallel_size,
+                       pipeline_micro_batches=self.pipeline_micro_batches)
         return self
 
 

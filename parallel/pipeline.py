@@ -13,8 +13,11 @@ stage's forward is captured in CUDA graphs like a single-GPU model's. Inside a s
 pass (MLP output, residual stream) so each add fuses into the next norm; at a boundary the
 stage adds them once, so one tensor crosses each boundary.
 
-Micro-batches: the engine keeps up to pp_size steps (disjoint request sets) in flight and every
-stage runs them in the same order, so stage s computes step k+1 while stage s+1 computes step k.
+Micro-batches: the engine keeps up to pp_size steps (disjoint request sets) in flight, or
+ParallelConfig.pipeline_micro_batches (up to 2 x pp_size), and every stage runs them in the same
+order, so stage s computes step k+1 while stage s+1 computes step k. Nothing here depends on how
+many are in flight: each step's received activations are a fresh tensor and each sent one a
+copy held until its send completes.
 `send_hidden` therefore does not wait for the next stage: the send is posted and completes in
 the background, and the previous one is completed first (parallel/comm.py says why this cannot
 deadlock); `recv_hidden` blocks until the step's activations have arrived.

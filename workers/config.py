@@ -131,6 +131,13 @@ class ParallelConfig:
     expert_parallel_size: ranks of a stage that split the MoE experts (1 = every rank holds every
       expert, split by features); must divide tensor_parallel_size.
     pipeline_layer_partition: decoder layers per stage (None = as even as possible).
+    pipeline_micro_batches: batches the engine keeps in flight under pipeline parallelism, each
+      about 1/this of the running requests (workers/engine.py). None = pipeline_parallel_size,
+      just enough for every stage to hold one. When the oldest batch returns from the last stage
+      the driver must apply it, schedule its next step and send that to stage 0 (several ms at
+      ~500 requests); with P batches stage 0 has finished the others by then and idles for that
+      turnaround, while one more (P + 1) gives it work meanwhile. Must be in [P, 2 * P] with
+      P > 1; with one stage only None or 1 (async scheduling has its own depth of 2).
     expert_dispatch: `auto`, `all_to_all` or `all_reduce` (see parallel/expert.py).
     all_to_all_min_tokens: under `auto`, steps with at least this many tokens use all-to-all.
     collective_timeout_s: a collective waiting on a dead peer fails after this long.
@@ -144,6 +151,7 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     pipeline_layer_partition: tuple[int, ...] | None = None
+    pipeline_micro_batches: int | None = None
     expert_dispatch: Literal["auto", "all_to_all", "all_reduce"] = "auto"
     all_to_all_min_tokens: int = 32
     collective_timeout_s: float = 300.0
@@ -163,14 +171,35 @@ class ParallelConfig:
                 self.pipeline_parallel_size:
             raise ValueError(f"pipeline_layer_partition {self.pipeline_layer_partition} must have "
                              f"pipeline_parallel_size = {self.pipeline_parallel_size} entries")
+        self._check_micro_batches()
         if self.expert_dispatch not in ("auto", "all_to_all", "all_reduce"):
             raise ValueError(f"expert_dispatch must be auto, all_to_all or all_reduce, got {self.expert_dispatch!r}")
         if self.collective_timeout_s <= 0 or self.step_timeout_s <= 0:
             raise ValueError("collective_timeout_s and step_timeout_s must be > 0")
 
+    def _check_micro_batches(self) -> None:
+        value, pp = self.pipeline_micro_batches, self.pipeline_parallel_size
+        if value is None:
+            return
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"pipeline_micro_batches must be an integer or None, got {value!r}")
+        if pp == 1 and value != 1:
+            raise ValueError(f"pipeline_micro_batches must be None (null) or 1 with pipeline_parallel_size = 1, got {value}")
+        if pp > 1 and not pp <= value <= 2 * pp:
+            raise ValueError(f"pipeline_micro_batches must be in [pipeline_parallel_size, 2 x pipeline_parallel_size] "
+                             f"= [{pp}, {2 * pp}], got {value}")
+
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def pipeline_depth(self) -> int:
+        """Batches the engine keeps in flight for the pipeline: pipeline_micro_batches resolved
+        (1 with one stage, where async scheduling decides the engine's depth)."""
+        if self.pipeline_parallel_size == 1:
+            return 1
+        return self.pipeline_micro_batches or self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

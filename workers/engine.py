@@ -13,9 +13,12 @@ The step runs through an executor (workers/worker/executor.py): in this process 
 size is 1 (`self.runner` is then the ModelRunner), else on TP x PP worker processes, in which
 case this process reads only the model's config and tokenizer and holds no weights.
 
-Pipeline parallelism (P = pipeline_parallel_size > 1) keeps a batch queue of up to P batches in
-flight, so every stage has work (stage s runs batch k+1 while stage s+1 runs batch k):
-    step(): 1. fill: while fewer than P batches are in flight, schedule a batch from the
+Pipeline parallelism (P = pipeline_parallel_size > 1) keeps a batch queue of up to D batches in
+flight, so every stage has work (stage s runs batch k+1 while stage s+1 runs batch k). D =
+ParallelConfig.pipeline_micro_batches, P by default; D = P + 1 also keeps stage 0 busy while the
+driver turns the returned batch around (step 2 to its next submit in step 3), which with D = P
+it would wait for. The scheduler gives each batch about 1/D of the running requests.
+    step(): 1. fill: while fewer than D batches are in flight, schedule a batch from the
                requests not in flight (the scheduler skips those) and submit it without
                waiting; stop early when nothing more can be scheduled;
             2. collect the oldest batch and fold its tokens into the scheduler
@@ -101,7 +104,8 @@ class LLMEngine:
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.async_scheduling = config.use_async_scheduling  # only with P = 1
-        self.max_batches_in_flight = 2 if self.async_scheduling else config.parallel.pipeline_parallel_size
+        # P (or ParallelConfig.pipeline_micro_batches) under pipeline parallelism, 2 under async scheduling
+        self.max_batches_in_flight = 2 if self.async_scheduling else config.parallel.pipeline_depth
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
                                    async_scheduling=self.async_scheduling)

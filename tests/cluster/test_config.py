@@ -46,12 +46,29 @@ def test_shipped_config_validates_and_builds_engine_config(path):
         ({"autoscaling": {"min_replicas": 4, "max_replicas": 2}}, "models[0].autoscaling: max_replicas must be >= min_replicas=4"),
         ({"parallel": {"tensor_parallel_size": 2, "expert_parallel_size": 3}}, "expert_parallel_size must divide"),
         ({"scheduler": {"policy": "lifo"}}, "models[0].scheduler.policy: must be one of"),
+        ({"parallel": {"pipeline_parallel_size": 2, "pipeline_micro_batches": 5}},
+         "models[0].parallel: pipeline_micro_batches must be in [pipeline_parallel_size, 2 x pipeline_parallel_size]"
+         " = [2, 4], got 5"),
+        ({"parallel": {"pipeline_parallel_size": 2, "pipeline_micro_batches": 1}}, "= [2, 4], got 1"),
+        ({"parallel": {"pipeline_micro_batches": 2}},
+         "models[0].parallel: pipeline_micro_batches must be None (null) or 1 with pipeline_parallel_size = 1, got 2"),
+        ({"parallel": {"pipeline_parallel_size": 2, "pipeline_micro_batches": 0}},
+         "models[0].parallel.pipeline_micro_batches: must be >= 1, got 0"),
     ],
 )
 def test_errors_name_the_field(patch, expected):
     with pytest.raises(ConfigError) as err:
         parse_config({"models": [{"name": "m", **patch}]})
     assert expected in str(err.value)
+
+
+def test_pipeline_micro_batches_reach_the_engine_config():
+    model = parse_config({"models": [{"name": "m", "parallel": {"pipeline_parallel_size": 2,
+                                                                 "pipeline_micro_batches": 3}}]}).models[0]
+    parallel = model.to_engine_config().parallel
+    assert (parallel.pipeline_micro_batches, parallel.pipeline_depth) == (3, 3)
+    default = parse_config({"models": [{"name": "m", "parallel": {"pipeline_parallel_size": 2}}]}).models[0]
+    assert default.to_engine_config().parallel.pipeline_depth == 2
 
 
 def test_unique_names_and_top_level_errors():

@@ -8,7 +8,9 @@ appear nowhere; the padded length fits the static buffer bound for any routing. 
 (`moe_route`): the ids, weights and load counts of softmax -> top-k -> renormalise in torch.
 `fused_moe` is compared with `fused_moe_reference` and with the model's per-expert loop (fp32,
 ~1e-4), for all experts local, for an EP subset and for a batch large enough for the
-multi-program alignment. Small hidden sizes keep the interpreter fast.
+multi-program alignment, and on both GEMM paths (aligned blocks, and one row per block without
+alignment, which `use_direct_rows` picks for batch-1..4 decode). Small hidden sizes keep the
+interpreter fast.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import pytest
 import torch
 from shardserve.workers.kernels.fused_moe import (
     CUDA_TILE_BANDS,
+    SMEM_BUDGET_BYTES,
+    fit_shared_memory,
     fused_moe,
     moe_align_block_size,
     moe_tiles,
     padded_length,
+    use_direct_rows,
 )
 from shardserve.workers.kernels.moe_reference import fused_moe_reference, moe_route_reference
 from shardserve.workers.kernels.moe_routing import moe_route
@@ -87,6 +92,29 @@ def test_fused_moe_matches_reference(device, num_tokens, num_experts, top_k, loc
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 16, 8), (2, 64, 4), (5, 8, 2)])
+@pytest.mark.parametrize("local", ["all", "ep_upper_half"])
+@pytest.mark.parametrize("direct", [True, False])
+def test_fused_moe_direct_and_aligned_paths(device, num_tokens, num_experts, top_k, local, direct):
+    start, num_local = (0, num_experts) if local == "all" else (num_experts // 2, num_experts // 2)
+    x = torch.randn(num_tokens, HIDDEN, device=device)
+    w13 = torch.randn(num_local, 2 * INTER, HIDDEN, device=device) * 0.2
+    w2 = torch.randn(num_local, HIDDEN, INTER, device=device) * 0.2
+    ids, weights = _routing(num_tokens, num_experts, top_k, device)
+    if num_tokens == 5:  # repeated experts across tokens: direct rows read an expert more than once
+        ids[1] = ids[0]
+    out = fused_moe(x, w13, w2, weights, ids, start, num_local, direct=direct)
+    want = fused_moe_reference(x, w13, w2, weights, ids, start, num_local)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_direct_rows_only_while_experts_rarely_repeat():
+    assert use_direct_rows(8, 8, 128) and use_direct_rows(32, 8, 128)  # Qwen3-30B-A3B decode, batch 1 and 4
+    assert not use_direct_rows(64, 8, 128)  # batch 8: aligned blocks share expert reads
+    assert use_direct_rows(2, 2, 8) and not use_direct_rows(4, 2, 8)  # Mixtral: batch 1 only
+    assert use_direct_rows(8, 8, 64)  # EP half: one token's rows are distinct experts anyway
+
+
 def test_fused_moe_multi_program_alignment(device):
     # 600 rows: the alignment runs as count + align launches over several programs
     x = torch.randn(150, HIDDEN, device=device)
@@ -134,6 +162,22 @@ def test_fused_moe_empty_batch_and_bad_shapes(device):
                   torch.zeros(1, 1, dtype=torch.long, device=device))
 
 
+def test_tiles_fit_shared_memory_for_every_operand_size():
+    """The tuned bf16 bands stay as they are; fp32 operands (a model run in float32 on a GPU)
+    get fewer pipeline stages instead of a config that cannot compile (compiled on an H100, the
+    largest band with fp32 failed before this)."""
+    def staged(t, size):
+        return (t.block_m * t.block_k + t.block_k * t.block_n) * size * t.num_stages
+
+    for _, tiles in CUDA_TILE_BANDS:
+        assert fit_shared_memory(tiles, 2) == tiles
+        fp32 = fit_shared_memory(tiles, 4)
+        assert staged(fp32, 4) <= SMEM_BUDGET_BYTES and fp32.num_stages >= 1
+        assert fp32.block_m == tiles.block_m and fp32.block_n == tiles.block_n
+    assert moe_tiles(2048 * 8, 128, on_cuda=True, element_size=4).num_stages < \
+        moe_tiles(2048 * 8, 128, on_cuda=True).num_stages
+
+
 def test_tiles_grow_with_rows_per_expert():
     decode, prefill = moe_tiles(8, 128, on_cuda=True), moe_tiles(2048 * 8, 128, on_cuda=True)
     assert decode.block_m == 16 and prefill.block_m > decode.block_m
@@ -144,8 +188,9 @@ def test_tiles_grow_with_rows_per_expert():
         assert tiles.block_m & (tiles.block_m - 1) == 0  # the alignment kernel needs a power of two
 
 
+# up to 64 tokens: one token per single-warp program; 100: [BLOCK_T, E] tiles (route_launch)
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 128, 8), (37, 128, 8), (20, 60, 4), (9, 8, 2),
-                                                          (5, 256, 8), (4, 6, 1), (3, 16, 6)])
+                                                          (5, 256, 8), (4, 6, 1), (3, 16, 6), (100, 128, 8)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_route_matches_torch(device, num_tokens, num_experts, top_k, renormalize):
     logits = torch.randn(num_tokens, num_experts, device=device) * 2  # fp32: no ties

@@ -78,3 +78,45 @@ def test_rotary_with_kv_write_equals_rotary_then_kv_cache_write(device, dtype):
     assert torch.equal(fq, pq) and torch.equal(fk, pk)
     assert torch.equal(fused_cache, plain_cache)
     assert torch.count_nonzero(fused_cache) > 0
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+def test_rotary_with_qk_norm_equals_norm_then_rotary(device, dtype):
+    """Qwen3's per-head q/k RMSNorm fused in front of the rotation = rmsnorm per head, then rotary."""
+    cos, sin = (c.to(device) for c in _cos_sin(64, 32))
+    qkv = (torch.randn(5, (4 + 2 * 2) * 32) * 3).to(dtype=dtype, device=device)
+    q, k, _ = (t.view(5, -1, 32) for t in qkv.split([4 * 32, 2 * 32, 2 * 32], dim=-1))
+    q_w = (torch.rand(32) + 0.5).to(dtype=dtype, device=device)
+    k_w = (torch.rand(32) + 0.5).to(dtype=dtype, device=device)
+    positions = torch.tensor([3, 9, 10, 40, 63], device=device)
+    eps = 1e-6
+    out_q, out_k = rotary_embedding(q, k, positions, cos, sin, inplace=False, qk_norm=(q_w, k_w, eps))
+    normed_q = reference.rmsnorm(q.reshape(-1, 32), q_w, eps)[0].view_as(q)
+    normed_k = reference.rmsnorm(k.reshape(-1, 32), k_w, eps)[0].view_as(k)
+    ref_q, ref_k = reference.rotary_embedding(normed_q, normed_k, positions, cos, sin, inplace=False)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out_q, ref_q, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out_k, ref_k, atol=atol, rtol=rtol)
+    assert not torch.allclose(out_q.float(), reference.rotary_embedding(q, k, positions, cos, sin, inplace=False)[0].float(),
+                              atol=atol, rtol=rtol)  # the norm did something
+    with pytest.raises(ValueError, match="qk_norm"):
+        rotary_embedding(q, k, positions, cos[:, :8], sin[:, :8], qk_norm=(q_w, k_w, eps))  # partial rotary
+
+
+def test_attention_qk_norm_kernel_path_equals_torch_path(device, monkeypatch):
+    """RotaryEmbedding with Qwen3's q/k norms: the fused kernel path equals the torch modules."""
+    from shardserve.workers.models import layers
+
+    rope = layers.RotaryEmbedding(32, {"rope_theta": 10000.0, "rope_type": "default"}, max_position=64).to(device)
+    q_norm, k_norm = layers.RMSNorm(32, 1e-6).to(device), layers.RMSNorm(32, 1e-6).to(device)
+    with torch.no_grad():
+        q_norm.weight.uniform_(0.5, 1.5)
+        k_norm.weight.uniform_(0.5, 1.5)
+    q, k = torch.randn(6, 4, 32, device=device) * 2, torch.randn(6, 2, 32, device=device) * 2
+    positions = torch.tensor([0, 5, 6, 33, 63, 2], device=device)
+    monkeypatch.setattr(layers, "use_kernels", lambda t: False)
+    want_q, want_k, _ = rope(positions, q.clone(), k.clone(), qk_norm=(q_norm, k_norm))
+    monkeypatch.setattr(layers, "use_kernels", lambda t: True)  # CPU: the kernel runs in the interpreter
+    got_q, got_k, _ = rope(positions, q.clone(), k.clone(), qk_norm=(q_norm, k_norm))
+    torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)

@@ -1,10 +1,14 @@
-"""Pipeline micro-batching: with PP = P the engine keeps up to P batches in flight.
+"""Pipeline micro-batching: with PP = P the engine keeps up to P batches in flight, or
+ParallelConfig.pipeline_micro_batches = D in [P, 2P] (D = P + 1 hides the driver's turnaround).
 
 Every run must give the single-process engine's greedy tokens and logprobs: varied prompt
 lengths with prompts longer than a chunk (chunked prefill across batches), a KV pool small
-enough to force preemption by recompute, PP 2 alone and TP 2 x PP 2 (4 gloo ranks). The
-engine's `max_batches_in_flight` stat shows the queue actually held 2 batches. Aborting a
-request while its batch is in flight leaks no KV block and leaves the other requests intact.
+enough to force preemption by recompute, PP 2 alone and TP 2 x PP 2 (4 gloo ranks), and PP 2
+with 3 and 4 micro-batches (more batches in flight than stages: a rank must not reuse a buffer
+an in-flight batch still needs). The engine's `max_batches_in_flight` stat shows the queue
+actually held D batches. Aborting a request while its batch is in flight leaks no KV block and
+leaves the other requests intact, at D = 2 and 3. pipeline_micro_batches outside its range is
+refused with a ValueError naming the field and the range.
 Runs that preempt compare sampled tokens and logprobs only: a request preempted in the middle
 of its prompt reports some prompt logprobs twice (OutputProcessor appends the recomputed
 chunks again), in one process as well, and where that happens depends on the batch timing.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from parallel_helpers import (
     assert_same_outputs,
     engine_config,
@@ -23,7 +28,7 @@ from parallel_helpers import (
     single_process,
     write_checkpoint,
 )
-from shardserve.workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import FinishReason, SamplingParams
 
@@ -76,10 +81,32 @@ def test_tp2_pp2_microbatches_equal_single_process(tmp_path) -> None:
     assert_same_outputs(want, got)
 
 
-def test_abort_while_batch_in_flight_leaks_no_blocks(tmp_path) -> None:
+@pytest.mark.parametrize(("micro_batches", "num_blocks", "max_tokens"), [
+    (3, 64, 8),
+    (3, 24, 12),  # 23 usable blocks: preemption by recompute, as above
+    (4, 64, 8),  # 2 x P: batches of 2 requests
+])
+def test_pp2_more_microbatches_than_stages_equal_single_process(tmp_path, micro_batches: int, num_blocks: int,
+                                                                max_tokens: int) -> None:
     folder = write_checkpoint("llama", tmp_path / "llama")
-    config = microbatch_config(folder)
-    prompts = make_prompts(250, (6, 9, 4, 12))
+    config = microbatch_config(folder, num_blocks=num_blocks, pipeline_micro_batches=micro_batches)
+    prompts = make_prompts(250, LENGTHS)
+    got, stats = run_and_stats(config, prompts, max_tokens=max_tokens)
+    # 8 requests, max_num_seqs 8: batches of ceil(8 / D) requests, D of them in flight.
+    assert stats.max_batches_in_flight == micro_batches and stats.num_batches_in_flight == 0
+    assert (stats.num_preemptions > 0) == (num_blocks < 64)
+    want = generate(single_process(config), prompts, max_tokens=max_tokens)
+    assert_same_outputs(want, got)
+
+
+# D = 3 needs 6 requests for 3 batches of 2 (each batch takes ceil(requests / D)).
+@pytest.mark.parametrize(("micro_batches", "lengths"), [(None, (6, 9, 4, 12)), (3, (6, 9, 4, 12, 7, 10))])
+def test_abort_while_batch_in_flight_leaks_no_blocks(tmp_path, micro_batches: int | None,
+                                                     lengths: tuple[int, ...]) -> None:
+    folder = write_checkpoint("llama", tmp_path / "llama")
+    config = microbatch_config(folder, pipeline_micro_batches=micro_batches)
+    depth = micro_batches or 2
+    prompts = make_prompts(250, lengths)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     want = {}
     reference = LLMEngine(single_process(config))
@@ -106,7 +133,7 @@ def test_abort_while_batch_in_flight_leaks_no_blocks(tmp_path) -> None:
                 # Its batch is still on the ranks: the blocks stay held until it returns.
                 assert engine.kv_manager.get_block_ids(victim) == held and held
         assert victim is not None, "no request was ever in flight between steps"
-        assert engine.stats().max_batches_in_flight == 2
+        assert engine.stats().max_batches_in_flight == depth
         assert engine.kv_manager.num_free_blocks == engine.num_blocks - 1, "KV blocks leaked"
         assert finals[victim].outputs[0].finish_reason is FinishReason.ABORT
         assert len(finals[victim].outputs[0].token_ids) < 10
@@ -120,3 +147,31 @@ def test_abort_while_batch_in_flight_leaks_no_blocks(tmp_path) -> None:
         assert engine.kv_manager.num_free_blocks == engine.num_blocks - 1
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize(("pp", "micro_batches", "message"), [
+    (2, 1, r"pipeline_micro_batches must be in \[pipeline_parallel_size, 2 x pipeline_parallel_size\] = \[2, 4\], got 1"),
+    (2, 5, r"pipeline_micro_batches must be in \[pipeline_parallel_size, 2 x pipeline_parallel_size\] = \[2, 4\], got 5"),
+    (3, 7, r"= \[3, 6\], got 7"),
+    (1, 2, r"pipeline_micro_batches must be None \(null\) or 1 with pipeline_parallel_size = 1, got 2"),
+    (1, 0, r"pipeline_micro_batches must be None \(null\) or 1 with pipeline_parallel_size = 1, got 0"),
+    (2, True, r"pipeline_micro_batches must be an integer or None, got True"),
+    (2, 2.5, r"pipeline_micro_batches must be an integer or None, got 2.5"),
+])
+def test_micro_batches_out_of_range_is_refused(pp: int, micro_batches: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(pipeline_parallel_size=pp, pipeline_micro_batches=micro_batches)  # type: ignore[arg-type]
+
+
+def test_micro_batches_resolve_to_the_engine_depth() -> None:
+    assert ParallelConfig(pipeline_parallel_size=2).pipeline_depth == 2  # None: one batch per stage
+    assert ParallelConfig(pipeline_parallel_size=2, pipeline_micro_batches=3).pipeline_depth == 3
+    assert ParallelConfig(pipeline_parallel_size=3, pipeline_micro_batches=6).pipeline_depth == 6
+    assert ParallelConfig().pipeline_depth == ParallelConfig(pipeline_micro_batches=1).pipeline_depth == 1
+    # One stage: the knob changes nothing, async scheduling keeps its 2 batches, sync steps 1.
+    model = ModelConfig(model="dummy:tiny-llama", dtype="float32", device="cpu")
+    for async_scheduling, depth in ((None, 2), (False, 1)):
+        config = EngineConfig(model=model, cache=CacheConfig(num_blocks=16),
+                              scheduler=SchedulerConfig(async_scheduling=async_scheduling),
+                              parallel=ParallelConfig(pipeline_micro_batches=1))
+        assert LLMEngine(config).max_batches_in_flight == depth

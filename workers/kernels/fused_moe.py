@@ -19,6 +19,12 @@ over the E experts this rank holds (global ids `local_expert_start .. + E`):
    Up:   A = x (a_row_div = k)          -> h [T*k, 2I]
    SiLU-and-mul (activation.py kernel)  -> a [T*k, I]
    Down: A = a (a_row_div = 1), weighted -> y [T*k, H]
+   Direct path (`use_direct_rows`: a token's k rows, or few rows over many experts, as in
+   batch-1..4 decode): no alignment launch at all. M-block b is flat row b alone (its other
+   BLOCK_M - 1 rows masked) and its expert is read from topk_ids in the GEMM; a row of another
+   rank's expert exits at once. Rows routed to the same expert read its weights once each, so
+   this is only taken while such repeats are rare; it saves the alignment launch (~10 us per
+   layer, most of a batch-1 MoE layer's fixed cost beside the GEMMs).
 3. `_moe_sum_kernel` sums each token's k rows of y in fp32, reading only slots whose expert is
    local (rows of other ranks' experts were never written), and rounds once -> out [T, H].
 
@@ -31,7 +37,7 @@ matmuls read fp32 operands with `input_precision="ieee"` so fp32 results match t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -40,7 +46,8 @@ from shardserve.workers.kernels import moe_align
 from shardserve.workers.kernels.activation import silu_and_mul
 from shardserve.workers.kernels.moe_align import moe_align_block_size, padded_length  # re-exported
 
-__all__ = ["CUDA_TILE_BANDS", "MoeTiles", "fused_moe", "moe_align_block_size", "moe_tiles", "padded_length"]
+__all__ = ["CUDA_TILE_BANDS", "MoeTiles", "fit_shared_memory", "fused_moe", "moe_align_block_size", "moe_tiles", "padded_length",
+           "use_direct_rows"]
 
 
 @dataclass(frozen=True)
@@ -71,20 +78,37 @@ CUDA_TILE_BANDS: tuple[tuple[float, MoeTiles], ...] = (
 )
 
 
-def moe_tiles(num_rows: int, num_local: int, on_cuda: bool) -> MoeTiles:
+# Operand tiles a program may stage in shared memory: (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N) x
+# element bytes x stages. The bands are tuned for 2-byte weights (the largest takes 192 KB of an
+# H100's 227 KB); fp32 operands would need twice that and fail to compile, so they get fewer stages.
+SMEM_BUDGET_BYTES = 200 * 1024
+
+
+def fit_shared_memory(tiles: MoeTiles, element_size: int) -> MoeTiles:
+    """`tiles` with num_stages lowered until its staged operand tiles fit SMEM_BUDGET_BYTES."""
+    per_stage = (tiles.block_m * tiles.block_k + tiles.block_k * tiles.block_n) * element_size
+    stages = tiles.num_stages
+    while stages > 1 and per_stage * stages > SMEM_BUDGET_BYTES:
+        stages -= 1
+    return tiles if stages == tiles.num_stages else replace(tiles, num_stages=stages)
+
+
+def moe_tiles(num_rows: int, num_local: int, on_cuda: bool, element_size: int = 2) -> MoeTiles:
     """Tile config for num_rows = T * k (token, slot) rows over num_local experts."""
     if not on_cuda:
         return INTERPRETER_TILES
     per_expert = num_rows / max(num_local, 1)
-    return next(tiles for bound, tiles in CUDA_TILE_BANDS if per_expert <= bound)
+    tiles = next(tiles for bound, tiles in CUDA_TILE_BANDS if per_expert <= bound)
+    return fit_shared_memory(tiles, element_size)
 
 
-@triton.jit(do_not_specialize=["num_rows"])  # one compile for every batch size (odd T*k included)
+# one compile for every batch size (odd T*k included) and every EP range
+@triton.jit(do_not_specialize=["num_rows", "expert_lo", "num_local"])
 def _moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr, row_weight_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
-    num_rows, N, K, a_row_div,
+    num_rows, N, K, a_row_div, expert_lo, num_local,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
-    MUL_ROW_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
+    MUL_ROW_WEIGHT: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Swizzle: GROUP_M consecutive M-blocks walk the N-tiles together (A tiles reused from L2).
@@ -97,15 +121,22 @@ def _moe_gemm_kernel(
     pid_m = first_m + (pid % in_group) % group_size
     pid_n = (pid % in_group) // group_size
 
-    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
-        return  # past the last real block (the grid is sized for the worst routing)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if expert < 0:
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)  # [M] flat (token, slot) ids
-    row_mask = rows < num_rows  # padding rows hold the sentinel num_rows
+    if DIRECT:  # M-block pid_m is flat row pid_m alone; sorted_ids_ptr is topk_ids [T*k]
+        expert = tl.load(sorted_ids_ptr + pid_m).to(tl.int64) - expert_lo
+        if (expert < 0) | (expert >= num_local):
+            return  # another EP rank's expert
+        first = tl.arange(0, BLOCK_M) == 0
+        rows = tl.where(first, pid_m, num_rows).to(tl.int64)
+        row_mask = first
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+            return  # past the last real block (the grid is sized for the worst routing)
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)  # [M] flat (token, slot) ids
+        row_mask = rows < num_rows  # padding rows hold the sentinel num_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -146,17 +177,35 @@ def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, H, expert_lo, expert_hi, stride_ym,
     tl.store(out_ptr + token * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
-                  expert_ids: torch.Tensor, num_post: torch.Tensor, a_row_div: int,
+@dataclass(frozen=True)
+class _Rows:
+    """How the GEMMs find each M-block's rows and expert: aligned blocks, or one row per block."""
+
+    sorted_ids: torch.Tensor  # aligned: sorted_token_ids [L]; direct: topk_ids flat [T*k]
+    expert_ids: torch.Tensor  # aligned: [L / BLOCK_M]; direct: unused (topk_ids again)
+    num_post: torch.Tensor  # aligned: [1]; direct: unused
+    num_blocks: int
+    expert_lo: int
+    num_local: int
+    direct: bool
+
+
+def use_direct_rows(num_rows: int, top_k: int, num_local: int) -> bool:
+    """One M-block per (token, slot) row, no alignment: one token's rows (distinct experts), or
+    rows few enough next to the experts (<= a quarter) that two rows rarely share an expert."""
+    return num_rows <= top_k or 4 * num_rows <= num_local
+
+
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: _Rows, a_row_div: int,
                   row_weights: torch.Tensor | None, tiles: MoeTiles) -> None:
-    """out[row] = a[row // a_row_div] @ w[expert(row)]^T (* row_weights[row]) for every sorted row."""
+    """out[row] = a[row // a_row_div] @ w[expert(row)]^T (* row_weights[row]) for every routed row."""
     n, k = w.shape[1], w.shape[2]
-    grid = (expert_ids.shape[0] * triton.cdiv(n, tiles.block_n),)
+    grid = (rows.num_blocks * triton.cdiv(n, tiles.block_n),)
     _moe_gemm_kernel[grid](
-        a, w, out, out if row_weights is None else row_weights, sorted_ids, expert_ids, num_post,
-        out.shape[0], n, k, a_row_div,
+        a, w, out, out if row_weights is None else row_weights, rows.sorted_ids, rows.expert_ids, rows.num_post,
+        out.shape[0], n, k, a_row_div, rows.expert_lo, rows.num_local,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        MUL_ROW_WEIGHT=row_weights is not None, IEEE=a.dtype == torch.float32,
+        MUL_ROW_WEIGHT=row_weights is not None, IEEE=a.dtype == torch.float32, DIRECT=rows.direct,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -171,6 +220,7 @@ def fused_moe(
     local_expert_start: int = 0,
     num_local: int | None = None,
     tiles: MoeTiles | None = None,  # override of moe_tiles (the tile sweep)
+    direct: bool | None = None,  # one M-block per row, no alignment (None: use_direct_rows decides)
 ) -> torch.Tensor:  # [T, H], x's dtype; only this rank's experts contribute
     """sum_slot w[t, slot] * down_e(silu(gate_e(x[t])) * up_e(x[t])) over the slots with local experts."""
     num_local = w13.shape[0] if num_local is None else num_local
@@ -189,17 +239,23 @@ def fused_moe(
     x = x.contiguous()
     topk_ids = topk_ids.contiguous()
     num_rows = num_tokens * top_k
-    tiles = tiles or moe_tiles(num_rows, num_local, x.is_cuda)
-    # Looked up on the module at call time: tests re-decorate kernel modules for the interpreter.
-    sorted_ids, expert_ids, num_post = moe_align.moe_align_block_size(topk_ids, tiles.block_m, local_expert_start,
-                                                                      num_local)
+    tiles = tiles or moe_tiles(num_rows, num_local, x.is_cuda, max(x.element_size(), w13.element_size()))
+    if use_direct_rows(num_rows, top_k, num_local) if direct is None else direct:
+        flat_ids = topk_ids.reshape(-1)
+        rows = _Rows(flat_ids, flat_ids, flat_ids, num_rows, local_expert_start, num_local, direct=True)
+    else:
+        # Looked up on the module at call time: tests re-decorate kernel modules for the interpreter.
+        sorted_ids, expert_ids, num_post = moe_align.moe_align_block_size(topk_ids, tiles.block_m,
+                                                                          local_expert_start, num_local)
+        rows = _Rows(sorted_ids, expert_ids, num_post, expert_ids.shape[0], local_expert_start, num_local,
+                     direct=False)
     # Rows of other ranks' experts are never written nor read back; zeros only keep the CPU
     # interpreter's numpy from warning about exp(garbage) in the activation.
     h = (torch.empty if x.is_cuda else torch.zeros)(num_rows, 2 * inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, h, sorted_ids, expert_ids, num_post, top_k, None, tiles)
+    _grouped_gemm(x, w13, h, rows, top_k, None, tiles)
     act = silu_and_mul(h)  # [T*k, I]
     y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, y, sorted_ids, expert_ids, num_post, 1, topk_weights.contiguous().reshape(-1), tiles)
+    _grouped_gemm(act, w2, y, rows, 1, topk_weights.contiguous().reshape(-1), tiles)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         y, topk_ids, out, hidden, local_expert_start, local_expert_start + num_local, y.stride(0), out.stride(0),

@@ -57,11 +57,27 @@ def _moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, load_ptr, num_tokens, nu
     tl.store(ids_ptr + out_offs, top_i.to(tl.int64), mask=out_mask)
 
 
+SMALL_BATCH_TOKENS = 64  # up to here one token per program, one warp (decode)
+
+
+def route_launch(num_tokens: int, num_experts: int) -> tuple[int, int]:
+    """(tokens per program, warps) of the launch. Decode batches: one token per single-warp
+    program, so the k rounds of row max / argmin reduce within a warp (shuffles) rather than
+    across warps through shared memory, and the programs spread over the SMs; larger batches:
+    [BLOCK_T, E_PAD] tiles of at most 2k fp32 over 4 warps."""
+    e_pad = triton.next_power_of_2(num_experts)
+    if num_tokens <= SMALL_BATCH_TOKENS:
+        return 1, 1 if e_pad <= 256 else 4
+    return max(1, min(64, 2048 // e_pad)), 4
+
+
 def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype = torch.float32,
-              expert_load: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              expert_load: torch.Tensor | None = None, launch: tuple[int, int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_weights [T, k] out_dtype, topk_ids [T, k] int64) of router_logits [T, E]; one launch.
 
     expert_load: optional int64 [E] counter, incremented by each token's k picks.
+    launch: (tokens per program, warps) instead of `route_launch`'s (the GPU sweep).
     """
     num_tokens, num_experts = router_logits.shape
     if not 0 < top_k <= num_experts:
@@ -76,12 +92,11 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool, out_dt
         return weights, ids
     if router_logits.stride(1) != 1:
         router_logits = router_logits.contiguous()
-    e_pad = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(64, 2048 // e_pad))  # [BLOCK_T, E_PAD] tile of at most 2k fp32
+    block_t, num_warps = launch or route_launch(num_tokens, num_experts)
     _moe_route_kernel[(triton.cdiv(num_tokens, block_t),)](
         router_logits, weights, ids, ids if expert_load is None else expert_load,
         num_tokens, num_experts, router_logits.stride(0),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
-        RENORMALIZE=renormalize, COUNT_LOAD=expert_load is not None, num_warps=4,
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(num_experts),
+        BLOCK_T=block_t, RENORMALIZE=renormalize, COUNT_LOAD=expert_load is not None, num_warps=num_warps,
     )
     return weights, ids

@@ -147,17 +147,28 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Rotated (q, k) and whether `kv_write = (v, kv_cache, slot_mapping)` was done too: the
         CUDA kernel stores the rotated k and v into the paged cache in the same launch; the
-        torch path leaves that to the attention backend (False)."""
+        torch path leaves that to the attention backend (False). `qk_norm` (Qwen3's per-head
+        q and k norms) are applied before the rotation, inside the same kernel on CUDA."""
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
         if use_kernels(q):
             from shardserve.workers.kernels.rotary import rotary_embedding
 
             cos, sin = self.cos_sin_table(q.device)
-            q, k = rotary_embedding(q, k, positions, cos, sin, kv_write=kv_write)  # in place
+            norms = None
+            if qk_norm is not None:
+                q_norm, k_norm = qk_norm
+                if q_norm.eps != k_norm.eps:  # one eps per launch; never the case in Qwen3 configs
+                    q, k = q_norm(q), k_norm(k)
+                else:
+                    norms = (q_norm.weight, k_norm.weight, q_norm.eps)
+            q, k = rotary_embedding(q, k, positions, cos, sin, kv_write=kv_write, qk_norm=norms)  # in place
             return q, k, kv_write is not None
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim / 2]
         cos = freqs.cos().repeat(1, 2)[:, None, :]  # [num_tokens, 1, head_dim]
         sin = freqs.sin().repeat(1, 2)[:, None, :]

@@ -89,9 +89,9 @@ class LlamaAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, kv_written = self.rotary_emb(positions, q, k, kv_write=(v, kv_cache, attn_metadata.slot_mapping))
+        qk_norm = None if self.q_norm is None else (self.q_norm, self.k_norm)  # fused into the rotary kernel on CUDA
+        q, k, kv_written = self.rotary_emb(positions, q, k, kv_write=(v, kv_cache, attn_metadata.slot_mapping),
+                                           qk_norm=qk_norm)
         out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale,
                                    kv_written=kv_written)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]

@@ -27,18 +27,19 @@ The engine must call `update_from_output` after every `schedule()` (with an empt
 ModelRunnerOutput when nothing was scheduled): it also returns requests the scheduler finished
 itself during `schedule()`.
 
-Batches in flight (pipeline parallelism, `max_batches_in_flight` = P > 1): the engine may call
-`schedule()` again before the previous batches' `update_from_output`, up to P times; results
-must then be applied in schedule order. A request scheduled in a batch is *in flight* until
+Batches in flight (pipeline parallelism, `max_batches_in_flight` = D > 1: the P stages, or
+ParallelConfig.pipeline_micro_batches): the engine may call `schedule()` again before the
+previous batches' `update_from_output`, up to D times; results must then be applied in
+schedule order. A request scheduled in a batch is *in flight* until
 that batch's `update_from_output`: its next token is unknown, so later `schedule()` calls skip
 it, and it is never a preemption victim (victims are picked among requests not in flight; when
 the policy's victim is in flight, the request that needs blocks waits a batch instead of
 preempting itself). A request finished while in flight (an abort) leaves at once, but its
 blocks are freed only when its batch returns (the ranks may still write its K/V), its result
 is ignored, and a new request with the same id waits for that. To keep consecutive batches of
-similar size, each batch takes at most ceil(min(max_num_seqs, running + waiting) / P)
+similar size, each batch takes at most ceil(min(max_num_seqs, running + waiting) / D)
 requests (running ones first, in admission order, then admissions): with R requests decoding,
-the P batches in flight hold about R / P each instead of one holding all. At P = 1 nothing is
+the D batches in flight hold about R / D each instead of one holding all. At D = 1 nothing is
 ever in flight at `schedule()` time and none of this changes a decision.
 
 Async scheduling (SchedulerConfig.async_scheduling, P = 1 stage): the engine schedules batch

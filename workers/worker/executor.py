@@ -3,8 +3,9 @@
 The engine runs a step as `submit(scheduler_output) -> StepHandle` then
 `collect(handle) -> ModelRunnerOutput` (or `execute`, the two back to back) and reads
 `num_blocks` (the KV blocks every rank can hold) once at start-up. Under pipeline parallelism it
-submits up to pipeline_parallel_size steps before collecting the oldest (workers/engine.py);
-outputs come back in submission order.
+submits up to ParallelConfig.pipeline_depth steps (pipeline_parallel_size, or
+pipeline_micro_batches) before collecting the oldest (workers/engine.py); outputs come back in
+submission order.
   LocalExecutor: the single-process engine, a ModelRunner in the engine process; `submit`
     launches the step on the device without waiting for it (ModelRunner.launch) and `collect`
     waits for its sampled ids (ModelRunner.finish), so the engine's host work between the two

@@ -15,10 +15,18 @@ SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and ret
 ModelRunnerOutput, the others return None. Under async scheduling without pipeline stages the
 rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is finished
 (proc.py `_serve_overlapped`). Under pipeline parallelism the driver keeps up to
-pp_size steps in flight with disjoint request sets; every rank runs them in submission order.
+D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth: pp_size, or
+pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
 A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
 the next step while the next stage works on this one; the per-request state of the runner
 (one persistent batch for every in-flight step) only ever sees the rows a step schedules.
+Nothing on a rank is sized by D or kept per in-flight step: a rank runs one step at a time,
+and its buffers reused from step to step (graph inputs and outputs, the device staging buffer,
+the block table, the received activations' graph input) are read by step k's kernels before
+step k+1 writes them, in order on the rank's one stream. The two reuses off that stream do not
+depend on D either: a sent activation is a fresh copy kept until its send completes (at most
+one pending per stage, parallel/comm.py), and the pinned host staging buffers alternate behind
+events (runner/staging.py). So D steps in flight, D > pp_size included, need no more buffers.
 """
 
 from __future__ import annotations
