@@ -1,5 +1,7 @@
-"""The rank loop under async scheduling (proc._serve_overlapped): step N+1 is launched before step N
-is finished, and a step is still finished and sent on its own when no next step comes.
+"""The rank loop under async scheduling and on pipeline stages (proc._serve_overlapped): step N+1
+is launched before step N is finished, and a step is still finished and sent on its own when no
+next step comes. Every test runs with the pipe read directly (async scheduling) and through the
+inbox thread (pipeline stages).
 
 The real loop runs on a thread against a real pipe; the worker is a recorder whose "device"
 finishes a step only when the test says so (on the CPU a real runner finishes every step inside
@@ -20,6 +22,7 @@ from shardserve.workers.worker.proc import (
     RESULT,
     SHUTDOWN,
     STEP,
+    _Inbox,
     _serve_overlapped,
     decode,
     encode,
@@ -66,11 +69,12 @@ class _RecordingWorker:
             self.done.add(seq)
 
 
-@pytest.fixture
-def loop():
+@pytest.fixture(params=["pipe", "inbox"])
+def loop(request):
     driver, rank_end = mp.Pipe(duplex=True)
     worker = _RecordingWorker()
-    thread = threading.Thread(target=_serve_overlapped, args=(worker, rank_end), daemon=True)
+    inbox = _Inbox(rank_end) if request.param == "inbox" else None
+    thread = threading.Thread(target=_serve_overlapped, args=(worker, rank_end, inbox), daemon=True)
     thread.start()
     yield worker, driver
     driver.send_bytes(encode(SHUTDOWN, None))

@@ -105,6 +105,8 @@ class ModelRunner:
         # + 3 rows' worth for the async uploads (placeholder index / rows, sample rows)
         self.stager = PinnedStager(4 * max_tokens + 7 * self.max_rows + 2 * max_blocks_per_row + 16, device)
         self.async_scheduling = config.use_async_scheduling
+        # launch() of the next step may come before finish() of this one (worker/proc.py)
+        self.overlaps_steps = self.async_scheduling or state.pp_size > 1
         # [max_rows] the last id sampled per persistent row (async scheduling only): the value
         # of a PLACEHOLDER input token, read on the device by the next launch
         self.last_sampled = torch.zeros(self.max_rows if self.async_scheduling else 0, dtype=torch.int64,
@@ -287,7 +289,7 @@ class ModelRunner:
             logprobs=sampled.logprobs if metadata.max_num_logprobs is not None else None,
             has_penalties=self.sampling.has_penalties(sample_rows), events=events,
         )
-        if self.async_scheduling and self.device.type == "cuda":
+        if self.overlaps_steps and self.device.type == "cuda":  # finish() waits on an event, not a sync
             pending.host_token_ids = torch.empty(num_sampling, dtype=sampled.token_ids.dtype, pin_memory=True)
             pending.host_token_ids.copy_(sampled.token_ids, non_blocking=True)
             pending.copied = torch.cuda.Event()

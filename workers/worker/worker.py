@@ -12,9 +12,9 @@ address) and then feeds it steps by whatever transport it owns. Construction:
      the minimum over ranks).
 `execute(scheduler_output)` runs this rank's share of the step (every rank receives the same
 SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and returns the
-ModelRunnerOutput, the others return None. Under async scheduling without pipeline stages the
-rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is finished
-(proc.py `_serve_overlapped`). Under pipeline parallelism the driver keeps up to
+ModelRunnerOutput, the others return None. Under async scheduling, and on pipeline stages,
+the rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is
+finished (proc.py `_serve_overlapped`). Under pipeline parallelism the driver keeps up to
 D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth: pp_size, or
 pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
 A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
@@ -111,8 +111,9 @@ class Worker:
 
     @property
     def overlaps_steps(self) -> bool:
-        """Whether this rank launches the next step before finishing the current one."""
-        return self.runner.async_scheduling and self.state.pp_size == 1
+        """Whether this rank launches the next step before finishing the current one: under
+        async scheduling, and on every pipeline stage (its steps are other micro-batches)."""
+        return self.runner.overlaps_steps
 
     def launch(self, sched: SchedulerOutput) -> PendingStep:
         return self.runner.launch(sched)
