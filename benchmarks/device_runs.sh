@@ -70,6 +70,15 @@ one_gpu_vs_vllm() {
         | tee "$OUT/gpu_bench.log" | tail -16
 }
 
+# One GPU: our offline figure at vLLM's own limits on the card (vllm_bench.py prints them:
+# 1,024 running / 16,384 tokens per step on an H100); run it in the call after one_gpu_vs_vllm.
+one_gpu_vllm_limits() {
+    ns
+    timeout 400 python3 benchmarks/gpu_bench.py --out "$OUT/vllm-limits" --max-num-seqs 1024 \
+        --max-num-batched-tokens 16384 --skip kernels check latency hf 2>&1 | grep -v Warning \
+        | tee "$OUT/gpu_bench_vllm_limits.log" | tail -6
+}
+
 vllm_site() {  # vLLM 0.24 from the parts copied to /tmp/vp (../shared/device/README.md: one call per part)
     [ -d /tmp/vsite/vllm ] || { cat /tmp/vp/part.* | tar -C /tmp -xf - && python3 -m pip install -q --no-index \
         --no-deps --no-compile --target /tmp/vsite /tmp/sel/*.whl >/dev/null 2>&1; }

@@ -46,8 +46,8 @@ from shardserve.workers.kernels import moe_align
 from shardserve.workers.kernels.activation import silu_and_mul
 from shardserve.workers.kernels.moe_align import moe_align_block_size, padded_length  # re-exported
 
-__all__ = ["CUDA_TILE_BANDS", "MoeTiles", "fit_shared_memory", "fused_moe", "moe_align_block_size", "moe_tiles", "padded_length",
-           "use_direct_rows"]
+__all__ = ["CUDA_TILE_BANDS", "MoeTiles", "fit_shared_memory", "fused_moe", "moe_align_block_size", "moe_tiles",
+           "padded_length", "use_direct_rows"]
 
 
 @dataclass(frozen=True)
