@@ -116,6 +116,19 @@ two_gpu_moe_latency() {
         | tee "$OUT/parallel_moelat.log" | tail -4
 }
 
+# Two GPUs, first call of the next session: what the fourth session landed without running it on
+# the GPUs. PP stages on the overlapped rank loop (token equality with one GPU, NCCL + CUDA graphs,
+# 2-4 micro-batches, preemption), the kernels compiled (fp32 MoE tiles, q/k norm in the rotary
+# kernel), then the PP figures with the overlapped last stage.
+two_gpu_validate_s4() {
+    ns
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_pp_microbatch_gpu.py -rf 2>&1 | tail -4
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
+        tests/kernels/test_rotary.py tests/kernels/test_moe_align.py -rf 2>&1 | tail -4
+    timeout 240 python3 benchmarks/parallel_gpu.py --cases ppmb --case-timeout-s 110 --out "$OUT/parallel" 2>&1 \
+        | tee "$OUT/parallel_ppmb.log" | tail -5
+}
+
 # Two GPUs: PP 1 vs PP 2 with 2 and 3 micro-batches in flight (fixed lengths, 3,072 requests).
 two_gpu_ppmb() {
     ns
@@ -129,6 +142,16 @@ two_gpu_parallel() {
     timeout 120 torchrun --nproc-per-node 2 benchmarks/allreduce_gpu.py 2>&1 | tee "$OUT/allreduce_gpu.log" | tail -30
     timeout 420 python3 benchmarks/parallel_gpu.py --cases tp,ep,pp --num-requests 300 --case-timeout-s 150 \
         --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_gpu.log" | tail -14
+}
+
+# Two GPUs: where a TP 2 batch-1 decode step's time goes, rank by rank (kernel profile on every
+# rank: all-reduces, small kernels, GEMMs), dense then MoE.
+two_gpu_profile_tp() {
+    ns
+    timeout 240 python3 benchmarks/profile_tp.py --tp 2 --cases b1 --out "$OUT/profile-tp" 2>&1 | grep -v Warning \
+        | tee "$OUT/profile_tp.log" | tail -40
+    timeout 320 python3 benchmarks/profile_tp.py --tp 2 --cases b1 --model dummy:qwen3-30b-a3b --out "$OUT/profile-tp-moe" \
+        2>&1 | grep -v Warning | tee "$OUT/profile_tp_moe.log" | tail -40
 }
 
 # Four GPUs: batch-1 decode at TP 1 / 2 / 4 (async, the default) and TP 1 / 2 synchronous, then

@@ -17,8 +17,8 @@ Per case (printed, and in `<out>/profile_gpu.json`): engine.step() wall time (me
 profiled steps, and over the timed steps without the profiler), device kernel time and kernel
 count per batch (with async scheduling a step launches one batch, so per batch = per step), the
 GPU time of the batch from the runner's CUDA events, the decode floor (bytes read / copy
-bandwidth, decode-only cases), kernel time by category (CATEGORY_RULES below) and the top 15
-kernels. Kernels replayed from CUDA graphs are counted when CUPTI reports them (it does on
+bandwidth, decode-only cases), kernel time by category (CATEGORY_RULES in
+workers/bench/kernel_profile.py) and the top 15 kernels. Kernels replayed from CUDA graphs are counted when CUPTI reports them (it does on
 recent drivers; a graph case with only a handful of kernels per step means it did not). On CPU
 the "kernels" are the aten ops, each with its self CPU time. `--traces` also writes a Chrome
 trace per case (large files). The last printed lines are a compact table with the device name.
@@ -38,7 +38,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -46,6 +45,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 from shardserve.workers.bench.device import copy_bandwidth, device_name
+from shardserve.workers.bench.kernel_profile import (
+    CATEGORIES,
+    CATEGORY_RULES,
+    MOE_ROUTING,
+    SAMPLER_RANGE,
+    activities,
+    profiled_kernels,
+    summarize,
+)
 from shardserve.workers.bench.runs import decode_bytes_per_step
 from shardserve.workers.bench.workload import Workload
 from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -53,45 +61,10 @@ from shardserve.workers.engine import LLMEngine
 from shardserve.workers.models.dummy import DUMMY_SHAPES, dummy_config
 from shardserve.workers.models.loader import DUMMY_PREFIX
 from shardserve.workers.request import SamplingParams
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import profile, record_function
 
-SAMPLER_RANGE = "profile_gpu.sampler"  # wraps the runner's sampler call while profiling
-DEVICE_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}  # kineto activity types that are device work
-TOP_KERNELS = 15
+# Kernel events, categories (CATEGORY_RULES) and the per-step summary: workers/bench/kernel_profile.py.
 _SEEDS = itertools.count()  # every batch of prompts its own seed: no prefix-cache hits across cases
-
-# Kernel name -> category: the first matching rule wins (lower-cased name, re.search). Two rules
-# are not about the name: kernels launched inside the sampler call are "sampling/logits" (the
-# LM-head GEMM runs before it and stays "gemm"), and on an MoE model the generic routing kernels
-# outside the sampler (softmax, top-k, sort, scatter, cumsum, bucketize) are "moe".
-CATEGORIES = ("gemm", "attention", "moe", "norm", "rotary/kv-write", "activation", "sampling/logits",
-              "communication", "memcpy/memset", "other")
-CATEGORY_RULES: tuple[tuple[str, str], ...] = (
-    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|cross_device|custom_ar"),
-    ("memcpy/memset", r"memcpy|memset|direct_copy|aten::copy_|aten::_to_copy|aten::fill_|aten::zero_"),
-    ("moe", r"moe|expert"),  # before gemm: _moe_gemm_kernel
-    ("attention", r"attention|attn|flash|fmha|sdpa|_decode_stage|_extend_kernel"),
-    ("gemm", r"gemm|gemv|matmul|linear_kernel|nvjet|cutlass|xmma|cublas|splitkreduce|aten::(addmm|mm|bmm|linear)\b"),
-    ("norm", r"rms_?norm|layer_?norm|norm(?!al)"),
-    ("rotary/kv-write", r"rotary|rope|kv_cache|cache_write|reshape_and_cache|store_kv|aten::index_copy_"),
-    ("activation", r"silu|gelu|swiglu|act_and_mul|sigmoid"),
-    ("sampling/logits", r"argmax|softmax|top_?k|sort|exponential|multinomial|sampl|logit|cumsum|gumbel"),
-)
-MOE_ROUTING = r"softmax|top_?k|sort|radix|scatter|cumsum|scan|bucketize|searchsorted"
-
-
-def categorize(name: str, in_sampler: bool, is_moe: bool) -> str:
-    low = name.lower()
-    for category, pattern in CATEGORY_RULES[:2]:  # copies and collectives, wherever they run
-        if re.search(pattern, low):
-            return category
-    if in_sampler:
-        return "sampling/logits"
-    if is_moe and re.search(MOE_ROUTING, low):
-        return "moe"
-    return next((c for c, pattern in CATEGORY_RULES[2:] if re.search(pattern, low)), "other")
-
 
 @dataclass(frozen=True)
 class Case:
@@ -130,17 +103,21 @@ def with_num_layers(model: str, num_layers: int) -> str:
     return DUMMY_PREFIX + name
 
 
-def build_engine(args: argparse.Namespace, model: str) -> LLMEngine:
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    """The single-process engine's config from the command line (profile_tp.py adds its parallel sizes)."""
     on_cuda = args.device == "cuda"
     async_scheduling = {"auto": None, "on": True, "off": False}[args.async_scheduling]
-    config = EngineConfig(
+    return EngineConfig(
         model=ModelConfig(model=model, dtype="bfloat16" if on_cuda else "auto", device=args.device),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
                           cpu_kv_cache_bytes=(64 << 20) if args.small else (1 << 30)),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   async_scheduling=async_scheduling),
     )
-    return LLMEngine(config)
+
+
+def build_engine(args: argparse.Namespace, model: str) -> LLMEngine:
+    return LLMEngine(engine_config(args, model))
 
 
 def decode_floor_ms(engine: LLMEngine, rows: int, context: float, bandwidth: float, is_moe: bool) -> float:
@@ -156,10 +133,6 @@ def decode_floor_ms(engine: LLMEngine, rows: int, context: float, bandwidth: flo
                            if ".experts." in n)
         num_bytes -= expert_bytes * (1 - touched)
     return num_bytes / bandwidth * 1e3
-
-
-def activities(on_cuda: bool) -> list[ProfilerActivity]:
-    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
 
 
 def sync(engine: LLMEngine) -> None:
@@ -234,68 +207,6 @@ class _RangedSampler:
             return self.sampler(*args, **kwargs)
 
 
-@dataclass(frozen=True)
-class Kernel:
-    name: str
-    us: float
-    in_sampler: bool
-
-
-def profiled_kernels(prof: profile, on_cuda: bool) -> list[Kernel]:
-    """Device kernels, copies and memsets (GPU), or aten ops with their self time (CPU)."""
-    events = prof.events()
-    ranges = [e.time_range for e in events if e.name == SAMPLER_RANGE and e.device_type == DeviceType.CPU]
-
-    def in_sampler(start_us: float) -> bool:
-        return any(r.start <= start_us <= r.end for r in ranges)
-
-    if not on_cuda:
-        return [Kernel(e.name, e.self_cpu_time_total, in_sampler(e.time_range.start)) for e in events
-                if e.device_type == DeviceType.CPU and _activity(e) == "cpu_op"]
-    # CPU ops by correlation id (frontend events: linked id 0), as torch links kernels to ops
-    # (torch builds without `linked_correlation_id` leave the sampler split to the name rules.)
-    ops = {e.id: e for e in events
-           if e.device_type == DeviceType.CPU and not e.is_async and getattr(e, "linked_correlation_id", None) == 0}
-    kernels = []
-    for e in events:
-        if e.device_type != DeviceType.CUDA or not _is_device_work(e):
-            continue
-        launcher = ops.get(getattr(e, "linked_correlation_id", -1))  # the CPU op that launched it (none: graph replay)
-        kernels.append(Kernel(e.name, e.time_range.elapsed_us(),
-                              launcher is not None and in_sampler(launcher.time_range.start)))
-    return kernels
-
-
-def _activity(event) -> str:
-    return str(getattr(event, "activity_type", "") or "")
-
-
-def _is_device_work(event) -> bool:
-    kind = _activity(event)
-    return kind in DEVICE_WORK if kind else not event.is_user_annotation
-
-
-def summarize(kernels: list[Kernel], num_batches: int, is_moe: bool) -> dict:
-    """Per-batch totals, the category split (sums to the total) and the top kernels."""
-    per = max(num_batches, 1)
-    categories = dict.fromkeys(CATEGORIES, 0.0)
-    by_kernel: dict[tuple[str, str], list[float]] = {}  # (name, category): the same name may run in both
-    for k in kernels:
-        category = categorize(k.name, k.in_sampler, is_moe)
-        categories[category] += k.us
-        by_kernel.setdefault((k.name, category), []).append(k.us)
-    total_us = sum(categories.values())
-    top = sorted(by_kernel.items(), key=lambda item: -sum(item[1]))[:TOP_KERNELS]
-    return {
-        "kernel_ms_per_step": total_us / per / 1e3,
-        "kernels_per_step": len(kernels) / per,
-        "categories_ms_per_step": {c: us / per / 1e3 for c, us in categories.items()},
-        "top_kernels": [{"name": name, "category": category, "count_per_step": len(t) / per,
-                         "ms_per_step": sum(t) / per / 1e3, "mean_us": statistics.fmean(t),
-                         "share": sum(t) / total_us if total_us else 0.0} for (name, category), t in top],
-    }
-
-
 def run_case(engine: LLMEngine, case: Case, args: argparse.Namespace, is_moe: bool, bandwidth: float) -> dict:
     runner = engine.runner
     on_cuda = runner.device.type == "cuda"
@@ -364,6 +275,11 @@ def print_case(r: dict) -> None:
     for category, ms in sorted(r["categories_ms_per_step"].items(), key=lambda kv: -kv[1]):
         if ms:
             print(f"   {category:<16} {ms:>9.3f} ms {ms / total:>6.1%}")
+    print_top_kernels(r)
+
+
+def print_top_kernels(r: dict) -> None:
+    """The top-kernel table of a `summarize` result."""
     print(f"   {'top kernels':<70} {'category':>8} {'n/step':>7} {'mean us':>9} {'ms/step':>8} {'share':>6}")
     for k in r["top_kernels"]:
         name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."

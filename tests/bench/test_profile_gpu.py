@@ -1,6 +1,7 @@
 """benchmarks/profile_gpu.py: the CPU smoke run (the script as the lead runs it, in a subprocess)
 writes every case with the batch shape it promised and a category split that adds up, and the
-category rule table files the kernel names of our GPU runs where the docstring says."""
+category rule table (workers/bench/kernel_profile.py) files the kernel names of our GPU runs where
+the docstring says."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shardserve.workers.bench.kernel_profile import categorize
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_gpu.py"
 
@@ -100,4 +102,4 @@ def test_cpu_smoke_moe_with_num_layers(tmp_path: Path) -> None:
     ("aten::mm", False, False, "gemm"),
 ])
 def test_category_rules(name: str, in_sampler: bool, is_moe: bool, category: str) -> None:
-    assert _load_script().categorize(name, in_sampler, is_moe) == category
+    assert categorize(name, in_sampler, is_moe) == category

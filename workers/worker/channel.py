@@ -5,8 +5,10 @@ local process (MultiprocExecutor) or a socket to a Ray actor (RayExecutor, worke
 both speak proc.py's messages. `submit` pickles a step once and writes the same bytes to every
 rank without waiting; `collect` reads the output rank's answer to the oldest submitted step
 (ranks answer in submission order, so several steps may be in flight: pipeline micro-batches);
-`execute` is the two back to back. `call` runs a Worker method on every rank (nothing may be in
-flight then). While it
+`execute` is the two back to back. `call` runs a Worker method on every rank; steps may be in
+flight then: each rank answers in message order, so the output rank's outputs of the earlier
+steps come first and are kept for `collect`. A method that raises on a rank fails only the
+call (WorkerCallError). While it
 waits, it also watches what the launcher says tells a rank's death (`_death_waitables`: process
 sentinels) and every `liveness_poll_s` of silence asks the launcher (`check_health`). Messages
 from other ranks that arrive early are kept per rank. Any failure is final: the group shuts
@@ -26,11 +28,26 @@ from typing import Any, NoReturn
 
 from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler.output import SchedulerOutput
-from shardserve.workers.worker.proc import CALL, ERROR, OUTPUT, RESULT, SHUTDOWN, STEP, decode, encode
+from shardserve.workers.worker.proc import (
+    CALL,
+    CALL_FAILED,
+    CALLABLE,
+    ERROR,
+    OUTPUT,
+    RESULT,
+    SHUTDOWN,
+    STEP,
+    decode,
+    encode,
+)
 
 
 class WorkerGroupError(RuntimeError):
     """A rank died, raised, or stopped answering; the worker group serves nothing more."""
+
+
+class WorkerCallError(RuntimeError):
+    """A Worker method run by `call` raised on some rank; the group is still serving."""
 
 
 @dataclass(frozen=True)
@@ -99,11 +116,32 @@ class ConnectionGroup:
         return self.collect(self.submit(sched))
 
     def call(self, method: str) -> list[Any]:
-        """Run a no-argument Worker method (see proc.CALLABLE) on every rank; results by rank."""
-        if self._num_submitted != self.num_steps:
-            raise RuntimeError(f"{self._num_submitted - self.num_steps} steps are in flight: collect them first")
+        """Run a no-argument Worker method (see proc.CALLABLE) on every rank; results by rank.
+
+        Steps in flight are fine: every rank runs the method after its part of them. If the
+        method raises on any rank, WorkerCallError (with that rank's traceback) is raised once
+        every rank has answered, so the pipes stay in step and the group keeps serving."""
+        if method not in CALLABLE:
+            raise ValueError(f"worker call must be one of {CALLABLE}, got {method!r}")
         self._broadcast(encode(CALL, method))
-        return [self._receive(rank, RESULT, self.step_timeout_s) for rank in range(self.world_size)]
+        replies = [self._receive_reply(rank) for rank in range(self.world_size)]
+        failed = [(rank, payload) for rank, (kind, payload) in enumerate(replies) if kind == CALL_FAILED]
+        if failed:
+            rank, trace = failed[0]
+            raise WorkerCallError(f"worker call {method!r} failed on rank(s) {[r for r, _ in failed]}; "
+                                  f"rank {rank}:\n{trace}")
+        return [payload for _, payload in replies]
+
+    def _receive_reply(self, rank: int) -> tuple[str, Any]:
+        """`rank`'s (RESULT | CALL_FAILED, payload) to a CALL. The output rank first sends the
+        outputs of the steps still in flight: they are put back, in order, for `collect`."""
+        in_flight = self._num_submitted - self.num_steps if rank == self.output_rank else 0
+        outputs = [self._receive(rank, OUTPUT, self.step_timeout_s) for _ in range(in_flight)]
+        kind, payload = self._next_message(rank, RESULT, self.step_timeout_s)
+        if kind != CALL_FAILED:
+            payload = self._expect(rank, RESULT, kind, payload)
+        self._pending[rank][:0] = [(OUTPUT, output) for output in outputs]
+        return kind, payload
 
     # ---- transport ---------------------------------------------------------------------
 
@@ -118,9 +156,13 @@ class ConnectionGroup:
 
     def _receive(self, rank: int, kind: str, timeout_s: float) -> Any:
         """Wait for a `kind` message from `rank`, failing fast if any rank dies or reports an error."""
+        return self._expect(rank, kind, *self._next_message(rank, kind, timeout_s))
+
+    def _next_message(self, rank: int, kind: str, timeout_s: float) -> tuple[str, Any]:
+        """The next (kind, payload) from `rank` (`kind`: what the caller waits for, for errors)."""
         self._raise_if_failed()
         if self._pending[rank]:
-            return self._expect(rank, kind, *self._pending[rank].pop(0))
+            return self._pending[rank].pop(0)
         deadline = time.monotonic() + timeout_s
         deaths = self._death_waitables()
         senders = {id(conn): r for r, conn in enumerate(self._conns)}
@@ -146,7 +188,7 @@ class ConnectionGroup:
                 if got_kind == ERROR:
                     self._fail(f"worker rank {sender} failed:\n{payload}")
                 if sender == rank:
-                    return self._expect(rank, kind, got_kind, payload)
+                    return got_kind, payload
                 self._pending[sender].append((got_kind, payload))
             for item in ready:
                 if not isinstance(item, Connection) and item in deaths:

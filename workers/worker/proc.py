@@ -6,6 +6,8 @@ Driver -> worker:  (STEP, SchedulerOutput) | (CALL, method name) | (SHUTDOWN, No
 Worker -> driver:  (READY, num_blocks) once after start-up
                    (OUTPUT, ModelRunnerOutput) after each step, from the output rank only
                    (RESULT, value) after each CALL, from every rank
+                   (CALL_FAILED, formatted traceback) instead, from a rank whose CALL raised
+                   (an unknown method included); the rank keeps serving
                    (ERROR, formatted traceback) before exiting with code 1
 A closed pipe (the driver died) ends the loop; so does an error in a collective (a peer died:
 gloo/NCCL fail after the configured timeout, or at once when the connection drops).
@@ -52,8 +54,8 @@ from shardserve.workers.runner.step_records import PendingStep
 from shardserve.workers.worker.worker import Worker, WorkerSpec
 
 STEP, CALL, SHUTDOWN = "step", "call", "shutdown"
-READY, OUTPUT, RESULT, ERROR = "ready", "output", "result", "error"
-CALLABLE = ("expert_load", "ping")
+READY, OUTPUT, RESULT, CALL_FAILED, ERROR = "ready", "output", "result", "call-failed", "error"
+CALLABLE = ("expert_load", "ping", "profile_start", "profile_stop")
 POLL_S = 1e-4  # pipe poll slice while a launched step runs on the device (overlapped loop)
 
 
@@ -161,11 +163,19 @@ def _serve(worker: Worker, conn: Connection) -> None:
 
 
 def _handle_control(worker: Worker, conn: Connection, kind: str, payload: Any) -> bool:
-    """A CALL or SHUTDOWN message; False when the loop should end."""
+    """A CALL or SHUTDOWN message; False when the loop should end.
+
+    A CALL that raises is answered with CALL_FAILED and the loop goes on: a CALLABLE method runs
+    between steps and must touch no collective (keep it so), so a failed one leaves no peer
+    waiting (the driver raises WorkerCallError and the group keeps serving)."""
     if kind == CALL:
-        if payload not in CALLABLE:
-            raise ValueError(f"worker call must be one of {CALLABLE}, got {payload!r}")
-        conn.send_bytes(encode(RESULT, getattr(worker, payload)()))
+        try:
+            if payload not in CALLABLE:
+                raise ValueError(f"worker call must be one of {CALLABLE}, got {payload!r}")
+            reply = encode(RESULT, getattr(worker, payload)())  # pickled here: an unpicklable result fails the call only
+        except Exception:
+            reply = encode(CALL_FAILED, traceback.format_exc())
+        conn.send_bytes(reply)
         return True
     if kind == SHUTDOWN:
         return False

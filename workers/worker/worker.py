@@ -14,7 +14,9 @@ address) and then feeds it steps by whatever transport it owns. Construction:
 SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and returns the
 ModelRunnerOutput, the others return None. Under async scheduling, and on pipeline stages,
 the rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is
-finished (proc.py `_serve_overlapped`). Under pipeline parallelism the driver keeps up to
+finished (proc.py `_serve_overlapped`). `profile_start` / `profile_stop` (driver calls, see
+bench/kernel_profile.py) keep a torch profiler running on the rank around the steps between them
+and return its kernels by name and time. Under pipeline parallelism the driver keeps up to
 D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth: pp_size, or
 pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
 A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
@@ -38,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from shardserve.parallel.comm import wait_pipeline_sends
 from shardserve.parallel.state import destroy_parallel, init_parallel
+from shardserve.workers.bench.device import device_name
+from shardserve.workers.bench.kernel_profile import RankProfile, start_profiler, stop_profiler
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 from shardserve.workers.runner.model_runner import ModelRunner
@@ -94,6 +98,7 @@ class Worker:
         # Decode graphs would capture the stage-to-stage send/recv: eager under pipeline parallelism.
         self.runner = ModelRunner(self.loaded, config, device)
         self.is_output_rank = spec.rank == output_rank(config)
+        self._profiler: torch.profiler.profile | None = None  # between profile_start and profile_stop
         logger.info("rank %d ready: tp %d/%d pp %d/%d ep %d/%d, %d KV blocks", spec.rank, self.state.tp_rank,
                     self.state.tp_size, self.state.pp_rank, self.state.pp_size, self.state.ep_rank,
                     self.state.ep_size, self.runner.num_blocks)
@@ -137,6 +142,22 @@ class Worker:
         """Tokens routed to each expert so far, per MoE layer (module name -> counts per expert)."""
         return {name.removesuffix(".expert_load"): buf.tolist()
                 for name, buf in self.runner.model.named_buffers() if name.endswith("expert_load")}
+
+    def profile_start(self) -> None:
+        """Start profiling this rank's steps (CPU ops, plus device kernels on a GPU)."""
+        if self._profiler is not None:
+            raise RuntimeError(f"rank {self.rank}: profile_start while a profile is already running "
+                               "(call profile_stop first)")
+        self._profiler = start_profiler(self.device)
+
+    def profile_stop(self) -> RankProfile:
+        """Stop the profile once the device is idle; its kernels (name, us) and this rank's place."""
+        if self._profiler is None:
+            raise RuntimeError(f"rank {self.rank}: profile_stop without a running profile (call profile_start first)")
+        prof, self._profiler = self._profiler, None
+        kernels = stop_profiler(prof, self.device)
+        return RankProfile(self.rank, self.state.tp_rank, self.state.pp_rank, self.state.ep_rank,
+                           device_name(self.device), tuple((k.name, k.us) for k in kernels))
 
     def ping(self) -> int:
         """Health probe: answers with this rank."""
