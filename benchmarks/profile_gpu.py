@@ -300,10 +300,9 @@ def print_table(summary: dict) -> None:
               f"{r['kernel_ms_per_step']:>8.3f}{floor}{r['kernels_per_step']:>6.0f}{cats}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_case_args(parser: argparse.ArgumentParser) -> None:
+    """The model, engine limits and step counts (shared with profile_tp.py)."""
     parser.add_argument("--model", default="dummy:llama-3.1-8b")
-    parser.add_argument("--num-layers", type=int, default=None, help="override a dummy shape's decoder layers")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
     parser.add_argument("--cases", default=None, help="comma-separated subset of the case names")
@@ -315,12 +314,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps once the batch is decoding")
     parser.add_argument("--timed", type=int, default=10, help="steps timed without the profiler")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per case")
-    parser.add_argument("--traces", action="store_true", help="write a Chrome trace per case (large)")
-    args = parser.parse_args(argv)
+
+
+def check_case_args(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu for the smoke run")
     if args.steps < 1 or args.timed < 1:
         raise SystemExit("--steps and --timed must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_case_args(parser)
+    parser.add_argument("--num-layers", type=int, default=None, help="override a dummy shape's decoder layers")
+    parser.add_argument("--traces", action="store_true", help="write a Chrome trace per case (large)")
+    args = parser.parse_args(argv)
+    check_case_args(args)
     os.makedirs(args.out, exist_ok=True)
     model = with_num_layers(args.model, args.num_layers) if args.num_layers else args.model
     device = torch.device(args.device)

@@ -52,7 +52,16 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # profile_gpu.py sits 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from profile_gpu import SHORT, Case, CaseDriver, default_cases, engine_config, print_top_kernels  # noqa: E402
+from profile_gpu import (  # noqa: E402
+    SHORT,
+    Case,
+    CaseDriver,
+    add_case_args,
+    check_case_args,
+    default_cases,
+    engine_config,
+    print_top_kernels,
+)
 from shardserve.workers.bench.kernel_profile import (  # noqa: E402
     CATEGORIES,
     CATEGORY_RULES,
@@ -144,26 +153,12 @@ def print_table(summary: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="dummy:llama-3.1-8b")
+    add_case_args(parser)  # --cases default here: b1,decode64
     parser.add_argument("--tp", type=int, default=2, help="tensor parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
-    parser.add_argument("--cases", default=None, help="comma-separated case names (default: b1,decode64)")
-    parser.add_argument("--small", action="store_true", help="scaled-down cases (CPU smoke test)")
-    parser.add_argument("--max-num-seqs", type=int, default=512)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps once the batch is decoding")
-    parser.add_argument("--timed", type=int, default=10, help="steps timed without the profiler")
-    parser.add_argument("--steps", type=int, default=5, help="profiled steps per case")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: pass --device cpu for the smoke run")
-    if args.steps < 1 or args.timed < 1:
-        raise SystemExit("--steps and --timed must be >= 1")
+    check_case_args(args)
     world_size = args.tp * args.pp
     if world_size < 2:
         raise SystemExit("one rank runs in process: profile it with benchmarks/profile_gpu.py")
