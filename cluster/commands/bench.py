@@ -3,6 +3,21 @@
 Prints the device, our figure, the transformers `generate` figure on the same prompts, and
 the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
 same run. The heavy lifting is in workers/bench/ (this module only parses flags and prints).
+
+Model parallelism, as `vllm bench`:
+    --tensor-parallel-size/-tp N     ranks that split every layer (default 1)
+    --pipeline-parallel-size/-pp N   stages that split the layers (default 1)
+    --expert-parallel-size/-ep N     ranks of a stage that split the MoE experts; divides TP (default 1)
+    --pipeline-micro-batches D       batches in flight under PP, in [PP, 2 x PP] (default PP)
+e.g. `shardserve bench latency --model dummy:llama-3.1-8b --device cuda -tp 2 --batch-sizes 1,8`.
+With TP x PP > 1 the engine runs TP x PP worker processes (one GPU each) and this process holds
+no weights: latency reports the driver's wall-clock step time (per-step GPU events stay on the
+ranks) and GB/s per GPU (bytes one GPU of each pipeline stage reads per step, summed over the
+stages, from the model config); the transformers baseline runs afterwards on one device with
+the whole model (it must fit), the single-device figure; throughput's cost counts every device.
+A bad value (a size < 1, EP not dividing TP, micro-batches out of range, more ranks than GPUs,
+a size the model cannot be split by: heads, layers, experts) is reported with the flag, the
+field and its range, exit code 2, before any worker process starts.
 """
 
 from __future__ import annotations
@@ -28,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--max-num-batched-tokens", type=int, default=2048)
         q.add_argument("--mode", default="continuous", choices=["continuous", "static"])
         q.add_argument("--min-admit-batch", type=int, default=1, help="admit waiting requests in bursts of this many")
+        q.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="tensor-parallel ranks (GPUs)")
+        q.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
+        q.add_argument("--expert-parallel-size", "-ep", type=int, default=1,
+                       help="ranks of a stage that split the MoE experts (divides the TP size)")
+        q.add_argument("--pipeline-micro-batches", type=int, default=None,
+                       help="batches in flight under pipeline parallelism, in [PP, 2 x PP] (default PP)")
         if kind == "latency":
             q.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
         else:
@@ -42,10 +63,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from shardserve.workers.bench.cli_runs import run_latency_bench, run_throughput_bench
+# ParallelConfig field -> the flag that sets it, for error messages
+FLAGS = {
+    "tensor_parallel_size": "--tensor-parallel-size/-tp",
+    "pipeline_parallel_size": "--pipeline-parallel-size/-pp",
+    "expert_parallel_size": "--expert-parallel-size/-ep",
+    "pipeline_micro_batches": "--pipeline-micro-batches",
+}
 
-    result = run_latency_bench(args) if args.bench_kind == "latency" else run_throughput_bench(args)
+
+def _flag_of(message: str) -> str | None:
+    """The flag of the field a config error names first (`tensor_parallel_size` or `tensor-parallel size`)."""
+    text = message.replace("-", "_").replace(" ", "_")
+    found = [(text.find(field), flag) for field, flag in FLAGS.items() if field in text]
+    return min(found)[1] if found else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from shardserve.workers.bench.cli_runs import BenchConfigError, run_latency_bench, run_throughput_bench
+
+    try:
+        result = run_latency_bench(args) if args.bench_kind == "latency" else run_throughput_bench(args)
+    except BenchConfigError as exc:
+        flag = _flag_of(str(exc))
+        print(f"shardserve bench {args.bench_kind}: {f'{flag}: ' if flag else ''}{exc}", file=sys.stderr)
+        return 2
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

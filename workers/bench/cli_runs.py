@@ -2,6 +2,22 @@
 
 Each returns a JSON-able dict of every figure and prints a short table whose last lines give
 the device, ours, transformers' and the ratio.
+
+`--tensor-parallel-size/-tp`, `--pipeline-parallel-size/-pp`, `--expert-parallel-size/-ep` and
+`--pipeline-micro-batches` become the engine's ParallelConfig. With world = TP x PP > 1 the model
+runs in world worker processes (workers/worker/executor.py) and this process holds no weights,
+so (details in runs.py):
+  - device and dtype come from the engine config (LoadedModel.device / .dtype, i.e.
+    resolve_device / resolve_dtype), not from an in-process model;
+  - latency: per-step host / GPU times are on the ranks; the table shows the driver's median
+    engine.step() wall time instead (`wall ms`) and says so; GB/s is per GPU (bytes one GPU of
+    each pipeline stage reads per step, summed over the stages, computed from the model config)
+    against the copy bandwidth of one device;
+  - the transformers baseline is loaded after our measurements and after the worker group is
+    shut down, on one device (the driver's: cuda:0 on GPU) with the whole model: the
+    single-device figure the parallel engine is compared with. It must fit one device;
+  - throughput: cost per token is at price-per-hour x world devices.
+With world 1 everything is as before.
 """
 
 from __future__ import annotations
@@ -14,27 +30,89 @@ from dataclasses import asdict
 import torch
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.bench.hf_baseline import hf_generate, load_hf_model
-from shardserve.workers.bench.runs import run_engine, run_latency, run_throughput
+from shardserve.workers.bench.runs import rank_bytes, run_engine, run_latency, run_throughput
 from shardserve.workers.bench.workload import Workload
-from shardserve.workers.config import EngineConfig, ModelConfig, SchedulerConfig
+from shardserve.workers.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
+from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 
 
-def _engine(args: argparse.Namespace) -> LLMEngine:
+class BenchConfigError(ValueError):
+    """A flag value the engine cannot run with; the CLI prints it without a traceback."""
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine config of the flags; raises ValueError naming the bad field and its range."""
     config = EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, mode=args.mode,
             min_admit_batch=args.min_admit_batch,
         ),
+        parallel=ParallelConfig(
+            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+            expert_parallel_size=args.expert_parallel_size, pipeline_micro_batches=args.pipeline_micro_batches,
+        ),
     )
-    return LLMEngine(config)
+    world = config.parallel.world_size
+    if world > 1 and resolve_device(args.device).type == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs {world} GPUs, "
+                         f"this machine has {torch.cuda.device_count()}")
+    return config
+
+
+def _engine(args: argparse.Namespace) -> LLMEngine:
+    """The engine of the flags; BenchConfigError (field and range) for a bad parallel layout,
+    before any worker process starts."""
+    try:
+        config = engine_config(args)
+    except ValueError as exc:
+        raise BenchConfigError(str(exc)) from exc
+    if config.parallel.world_size == 1:
+        return LLMEngine(config)
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    loaded = load_model(config.model, device, dtype, weights=False)
+    try:  # every rank's shard on the meta device: a size the model cannot be split by fails here
+        rank_bytes(config, loaded.hf_config, dtype)
+    except ValueError as exc:
+        raise BenchConfigError(f"{loaded.name} cannot be split as {parallel_label(config)}: {exc}") from exc
+    return LLMEngine(config, loaded=loaded)
+
+
+def parallel_label(config: EngineConfig) -> str:
+    """e.g. `TP 2`, `TP 2 x PP 2`, `TP 2 EP 2`; `1 device` for a world of one."""
+    par = config.parallel
+    if par.world_size == 1:
+        return "1 device"
+    parts = [f"{name} {size}" for name, size in (("TP", par.tensor_parallel_size), ("PP", par.pipeline_parallel_size))
+             if size > 1]
+    label = " x ".join(parts)
+    if par.expert_parallel_size > 1:
+        label += f" EP {par.expert_parallel_size}"
+    return label
+
+
+def _parallel_json(config: EngineConfig) -> dict:
+    par = config.parallel
+    return {"tensor_parallel_size": par.tensor_parallel_size, "pipeline_parallel_size": par.pipeline_parallel_size,
+            "expert_parallel_size": par.expert_parallel_size,
+            "pipeline_micro_batches": par.pipeline_depth if par.pipeline_parallel_size > 1 else None,
+            "world_size": par.world_size, "label": parallel_label(config)}
+
+
+def _describe(config: EngineConfig) -> str:
+    par = config.parallel
+    micro = f", pipeline_micro_batches {par.pipeline_depth}" if par.pipeline_parallel_size > 1 else ""
+    return (f"{parallel_label(config)}; {par.world_size} worker processes (tensor_parallel_size "
+            f"{par.tensor_parallel_size}, pipeline_parallel_size {par.pipeline_parallel_size}, "
+            f"expert_parallel_size {par.expert_parallel_size}{micro})")
 
 
 def _hf(engine: LLMEngine, args: argparse.Namespace):
-    device = engine.runner.device
-    dtype = next(engine.runner.model.parameters()).dtype
-    return load_hf_model(engine.config.model, engine.loaded, device, dtype)
+    if engine.config.parallel.world_size > 1:
+        engine.shutdown()  # measurements are done: free the ranks' devices for the one-device baseline
+    return load_hf_model(engine.config.model, engine.loaded, engine.loaded.device, engine.loaded.dtype)
 
 
 def _free(model) -> None:
@@ -46,9 +124,20 @@ def _free(model) -> None:
 
 def run_latency_bench(args: argparse.Namespace) -> dict:
     engine = _engine(args)
-    device = engine.runner.device
+    try:
+        return _latency(engine, args)
+    finally:
+        engine.shutdown()
+
+
+def _latency(engine: LLMEngine, args: argparse.Namespace) -> dict:
+    config = engine.config
+    world, label = config.parallel.world_size, parallel_label(config)
+    device = engine.loaded.device
     vocab_size = engine.loaded.hf_config.vocab_size
     bandwidth = copy_bandwidth(device)
+    if world > 1 and device.type == "cuda":
+        torch.cuda.empty_cache()  # this process shares device 0 with rank 0
     name = device_name(device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     # Warm-up: first steps pay allocator and kernel-selection costs.
@@ -59,9 +148,22 @@ def run_latency_bench(args: argparse.Namespace) -> dict:
         ours = run_latency(engine, requests, bandwidth)
         rows.append({"ours": asdict(ours), "requests": requests})
     hf_model = None if args.no_hf else _hf(engine, args)
-    print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; model {engine.loaded.name}")
-    print(f"{'batch':>5} {'step ms':>8} {'host ms':>8} {'GPU ms':>7} {'dec tok/s':>9} {'GB/s':>8} {'of copy':>7} "
-          f"{'HF tok/s':>9} {'ratio':>6}")
+    if world == 1:
+        print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; model {engine.loaded.name}")
+        print(f"{'batch':>5} {'step ms':>8} {'host ms':>8} {'GPU ms':>7} {'dec tok/s':>9} {'GB/s':>8} {'of copy':>7} "
+              f"{'HF tok/s':>9} {'ratio':>6}")
+    else:
+        print(f"device: {name} x {world} ranks; copy bandwidth {bandwidth / 1e9:.1f} GB/s (one device); "
+              f"model {engine.loaded.name}")
+        print(f"parallel: {_describe(config)}")
+        print(f"step time: driver wall clock ({label}: per-step GPU events are on the ranks); "
+              "wall ms = median engine.step() on the driver")
+        print("GB/s: per GPU = bytes one GPU of each pipeline stage reads per step (its shard's weights + KV), "
+              "summed over the stages, / step time")
+        if hf_model is not None:
+            print(f"HF: transformers generate on one device ({device}) with the whole model (the single-device baseline)")
+        print(f"{'batch':>5} {'step ms':>8} {'wall ms':>8} {'dec tok/s':>9} {'GB/s':>8} {'of copy':>7} "
+              f"{'HF tok/s':>9} {'ratio':>6}")
     results = []
     for row in rows:
         ours = row["ours"]
@@ -72,19 +174,32 @@ def run_latency_bench(args: argparse.Namespace) -> dict:
             seconds, useful = hf_generate(hf_model, requests, len(requests), device)
             hf_tps = useful / seconds
         ratio = ours["tokens_per_s"] / hf_tps if hf_tps else None
+        timing = (f"{ours['host_ms_per_step']:>8.3f} {ours['gpu_ms_per_step']:>7.2f}" if world == 1
+                  else f"{ours['wall_ms_per_step']:>8.2f}")
         print(
-            f"{ours['batch_size']:>5} {ours['step_time_s'] * 1e3:>8.2f} {ours['host_ms_per_step']:>8.3f} "
-            f"{ours['gpu_ms_per_step']:>7.2f} {ours['decode_tokens_per_s']:>9.1f} "
+            f"{ours['batch_size']:>5} {ours['step_time_s'] * 1e3:>8.2f} {timing} {ours['decode_tokens_per_s']:>9.1f} "
             f"{ours['achieved_bandwidth'] / 1e9:>8.1f} {ours['achieved_bandwidth'] / bandwidth:>7.0%} "
             f"{hf_tps or float('nan'):>9.1f} {ratio or float('nan'):>6.2f}"
         )
         results.append({**ours, "hf_tokens_per_s": hf_tps, "ratio_vs_hf": ratio})
-    return {"device": name, "copy_bandwidth": bandwidth, "model": engine.loaded.name, "results": results}
+    result = {"device": name, "copy_bandwidth": bandwidth, "model": engine.loaded.name, "results": results}
+    if world > 1:
+        result.update(parallel=_parallel_json(config), step_timing="driver wall clock",
+                      bytes_per_step_convention="per GPU: one GPU of each pipeline stage, summed over the stages")
+    return result
 
 
 def run_throughput_bench(args: argparse.Namespace) -> dict:
     engine = _engine(args)
-    device = engine.runner.device
+    try:
+        return _throughput(engine, args)
+    finally:
+        engine.shutdown()
+
+
+def _throughput(engine: LLMEngine, args: argparse.Namespace) -> dict:
+    world = engine.config.parallel.world_size
+    device = engine.loaded.device
     vocab_size = engine.loaded.hf_config.vocab_size
     name = device_name(device)
     workload = Workload(
@@ -103,19 +218,28 @@ def run_throughput_bench(args: argparse.Namespace) -> dict:
         seconds, useful = hf_generate(hf_model, hf_requests, args.hf_batch_size, device)
         hf_tps = useful / seconds
         _free(hf_model)
-    cost = ours.cost_per_million_tokens(args.price_per_hour)
-    print(f"device: {name}; model {engine.loaded.name}; {ours.num_requests} requests "
+    cost = ours.cost_per_million_tokens(args.price_per_hour, num_devices=world)
+    price = f"${args.price_per_hour}/h" if world == 1 else f"${args.price_per_hour}/h x {world} devices"
+    print(f"device: {name}{'' if world == 1 else f' x {world} ranks'}; model {engine.loaded.name}; "
+          f"{ours.num_requests} requests "
           f"({args.distribution}, in {args.input_len} / out {args.output_len}), mode {args.mode}")
+    if world > 1:
+        print(f"parallel: {_describe(engine.config)}; most batches in flight {stats.max_batches_in_flight}")
     print(f"ours: {ours.output_tokens_per_s:.1f} output tok/s, {ours.requests_per_s:.2f} req/s, "
           f"TTFT mean {ours.mean_ttft_s * 1e3:.0f} ms p99 {ours.p99_ttft_s * 1e3:.0f} ms, "
           f"TPOT mean {ours.mean_tpot_s * 1e3:.1f} ms p99 {ours.p99_tpot_s * 1e3:.1f} ms, "
-          f"${cost:.3f} per 1M output tokens at ${args.price_per_hour}/h; preemptions {stats.num_preemptions}")
+          f"${cost:.3f} per 1M output tokens at {price}; preemptions {stats.num_preemptions}")
     if hf_tps is not None:
-        print(f"transformers generate (padded static batches of {args.hf_batch_size}): {hf_tps:.1f} output tok/s")
+        one_device = "" if world == 1 else f" on one device ({device}), whole model"
+        print(f"transformers generate (padded static batches of {args.hf_batch_size}){one_device}: "
+              f"{hf_tps:.1f} output tok/s")
         print(f"ratio ours / transformers: {ours.output_tokens_per_s / hf_tps:.2f}x")
-    return {
+    result = {
         "device": name, "model": engine.loaded.name, "workload": asdict(workload), "ours": asdict(ours),
         "cost_per_million_output_tokens": cost, "hf_output_tokens_per_s": hf_tps,
         "ratio_vs_hf": None if hf_tps is None else ours.output_tokens_per_s / hf_tps,
         "timestamp": time.time(),
     }
+    if world > 1:
+        result["parallel"] = _parallel_json(engine.config)
+    return result

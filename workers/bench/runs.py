@@ -9,18 +9,48 @@ throughput: N requests from a seeded workload are queued at once (offline); outp
   requests/s, TTFT and time per output token from each request's own metrics, and cost per
   million output tokens at a price per device-hour.
 Both run `transformers.generate` on the same prompts in the same process and print the ratio.
+
+Worker groups (world = TP x PP > 1, workers/worker/executor.py): the model runs in the rank
+processes, so this process has no `engine.runner`:
+  - step timing: the per-step host / GPU split (ModelRunner.step_times, CUDA events) is recorded
+    on the ranks and does not reach the driver. `run_latency` returns a WorkerGroupLatencyResult:
+    host and GPU ms are NaN and the driver's own wall clock is reported instead — the median
+    engine.step() wall time over the decode steps (`wall_ms_per_step`). The step time itself is
+    driver wall clock at any world size (token timestamps of the requests); at batch 1 decode
+    tok/s is 1 / time per output token, the figure benchmarks/parallel_gpu.py reports.
+  - bytes per step: per GPU, computed from the model config by building each rank's shard on
+    the meta device under that rank's ParallelState (no memory, same shapes as the rank's
+    weights and KV cache; same counting rules as world 1: each weight read once per step, an
+    untied input embedding not at all). A decode step visits the P pipeline stages one after
+    another, so `bytes_per_step` is what one GPU of each stage reads (the stage's busiest TP
+    rank: weights / TP plus the KV of its own heads and layers), summed over the stages: the
+    bytes that cross one GPU's memory bus at a time along the step. Over the step time that is
+    the bandwidth a GPU sustains while it holds the step, comparable with one device's copy
+    bandwidth, as at world 1 (with TP only: one rank's bytes; PP micro-batches that overlap
+    stages are not credited, so PP at batch > 1 reads low).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+from shardserve.parallel.state import (
+    GroupInfo,
+    ParallelState,
+    get_parallel_state,
+    group_layout,
+    set_parallel_state,
+)
 from shardserve.workers.bench.workload import BenchRequest
+from shardserve.workers.config import EngineConfig
 from shardserve.workers.engine import LLMEngine
+from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.request import SamplingParams
+from shardserve.workers.runner.kv_budget import KVCacheSpec
 
 
 def _sync(engine: LLMEngine) -> None:
@@ -62,9 +92,93 @@ class LatencyResult:
     eager_steps: int
 
 
+@dataclass(frozen=True)
+class WorkerGroupLatencyResult(LatencyResult):
+    """A LatencyResult of a worker group (world > 1): host_ms_per_step and gpu_ms_per_step are
+    NaN and graph_steps / eager_steps 0 (they are measured on the ranks); bytes_per_step and
+    achieved_bandwidth are per GPU (module docstring)."""
+
+    # median engine.step() wall time on the driver over the decode steps (under PP one step
+    # applies one micro-batch, so with several in flight it is shorter than step_time_s)
+    wall_ms_per_step: float
+    world_size: int
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """What one rank holds: bytes of the weights a decode step reads, KV bytes per cached token."""
+
+    rank: int
+    pp_rank: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+
+def _rank_state(config: EngineConfig, rank: int) -> ParallelState:
+    """The ParallelState `init_parallel` would install on `rank`, with placeholder groups (no
+    torch.distributed): enough for the layers to size their shards."""
+    par = config.parallel
+    layout = group_layout(par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                          par.expert_parallel_size)
+
+    def info(kind: str) -> GroupInfo:
+        ranks = next(r for r in layout[kind] if rank in r)
+        return GroupInfo(rank=ranks.index(rank), size=len(ranks), group=object() if len(ranks) > 1 else None,
+                         ranks=ranks)
+
+    return ParallelState(tp=info("tp"), pp=info("pp"), ep=info("ep"), rank=rank, world_size=par.world_size,
+                         pp_layer_partition=par.pipeline_layer_partition, expert_dispatch=par.expert_dispatch,
+                         all_to_all_min_tokens=par.all_to_all_min_tokens)
+
+
+def rank_bytes(config: EngineConfig, hf_config, dtype: torch.dtype) -> list[RankBytes]:
+    """Every rank's decode bytes, from the model config: each rank's shard is built on the meta
+    device under its ParallelState. A weight counts once (parameters are deduplicated); an
+    embedding table counts only where it is also the LM head (tied), since a lookup reads just
+    B rows."""
+    cls = model_class_for(hf_config)
+    previous = get_parallel_state()
+    out = []
+    try:
+        for rank in range(config.parallel.world_size):
+            state = _rank_state(config, rank)
+            set_parallel_state(state)
+            with torch.device("meta"):
+                model = cls(hf_config, params_dtype=dtype)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            embed = model.model.embed_tokens
+            head = getattr(model, "lm_head", None)
+            if embed is not None and (head is None or head.weight is not embed.weight):
+                weight_bytes -= embed.weight.numel() * embed.weight.element_size()
+            kv = KVCacheSpec.of_model(model, config.cache.block_size).bytes_per_block // config.cache.block_size
+            out.append(RankBytes(rank, state.pp_rank, weight_bytes, kv))
+    finally:
+        set_parallel_state(previous)
+    return out
+
+
+_RANK_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _worker_group_bytes(engine: LLMEngine, batch_size: int, mean_context: float) -> int:
+    """Per-GPU bytes of a decode step of a worker group: the busiest rank of each pipeline
+    stage, summed over the stages (module docstring)."""
+    ranks = _RANK_BYTES.get(engine)
+    if ranks is None:
+        ranks = _RANK_BYTES[engine] = rank_bytes(engine.config, engine.loaded.hf_config, engine.loaded.dtype)
+    per_stage: dict[int, float] = {}
+    for r in ranks:
+        num_bytes = r.weight_bytes + batch_size * mean_context * r.kv_bytes_per_token
+        per_stage[r.pp_rank] = max(per_stage.get(r.pp_rank, 0.0), num_bytes)
+    return int(sum(per_stage.values()))
+
+
 def decode_bytes_per_step(engine: LLMEngine, batch_size: int, mean_context: float) -> int:
     """Bytes a decode step reads: every weight once (the embedding only its looked-up rows),
-    plus K and V of every cached token of every request."""
+    plus K and V of every cached token of every request. Worker groups: per GPU, summed over the
+    pipeline stages (module docstring)."""
+    if engine.config.parallel.world_size > 1:
+        return _worker_group_bytes(engine, batch_size, mean_context)
     model = engine.runner.model
     # Parameters are counted once, so a tied embedding / LM head is one full read (the head's).
     # An untied input embedding is read only at B rows: leave it out.
@@ -77,8 +191,8 @@ def decode_bytes_per_step(engine: LLMEngine, batch_size: int, mean_context: floa
 
 
 def run_latency(engine: LLMEngine, requests: list[BenchRequest], bandwidth: float) -> LatencyResult:
-    batch_size = len(requests)
-    output_len = requests[0].output_len
+    if engine.config.parallel.world_size > 1:
+        return _run_latency_worker_group(engine, requests)
     times = engine.runner.step_times
     times.clear()
     times.enabled = True
@@ -89,23 +203,44 @@ def run_latency(engine: LLMEngine, requests: list[BenchRequest], bandwidth: floa
     times.enabled = False
     decode = slice(1, None)  # the first step is the prefill
     hosts = [w - t for w, t in zip(walls[decode], times.wait_s[decode], strict=False)] if times.wait_s else []
-    first = max(f.metrics.first_token_time for f in finals)
-    last = max(f.metrics.last_token_time for f in finals)
-    num_decode_steps = max(output_len - 1, 1)
-    step_time = (last - first) / num_decode_steps
-    mean_context = len(requests[0].prompt_token_ids) + output_len / 2
-    num_bytes = decode_bytes_per_step(engine, batch_size, mean_context)
     return LatencyResult(
-        batch_size=batch_size,
-        step_time_s=step_time,
-        tokens_per_s=batch_size * output_len / elapsed,
-        decode_tokens_per_s=batch_size / step_time,
-        bytes_per_step=num_bytes,
-        achieved_bandwidth=num_bytes / step_time,
+        **_decode_figures(engine, requests, finals, elapsed),
         host_ms_per_step=statistics.median(hosts) * 1e3 if hosts else float("nan"),
         gpu_ms_per_step=statistics.median(times.gpu_s[decode]) * 1e3 if times.gpu_s[decode] else float("nan"),
         graph_steps=times.graph_steps,
         eager_steps=times.eager_steps,
+    )
+
+
+def _decode_figures(engine: LLMEngine, requests: list[BenchRequest], finals: list, elapsed: float) -> dict:
+    """The LatencyResult fields every world size shares: step time from the token timestamps
+    (first to last token over the decode steps), tokens/s and bytes / bandwidth per step."""
+    batch_size, output_len = len(requests), requests[0].output_len
+    first = max(f.metrics.first_token_time for f in finals)
+    last = max(f.metrics.last_token_time for f in finals)
+    step_time = (last - first) / max(output_len - 1, 1)
+    mean_context = len(requests[0].prompt_token_ids) + output_len / 2
+    num_bytes = decode_bytes_per_step(engine, batch_size, mean_context)
+    return {"batch_size": batch_size, "step_time_s": step_time, "tokens_per_s": batch_size * output_len / elapsed,
+            "decode_tokens_per_s": batch_size / step_time, "bytes_per_step": num_bytes,
+            "achieved_bandwidth": num_bytes / step_time}
+
+
+def _run_latency_worker_group(engine: LLMEngine, requests: list[BenchRequest]) -> WorkerGroupLatencyResult:
+    """run_latency of a worker group: the same figures from the driver's wall clock (module docstring)."""
+    walls: list[float] = []
+    start = time.perf_counter()
+    finals = run_engine(engine, requests, walls)
+    elapsed = time.perf_counter() - start
+    decode_walls = walls[1:] or walls  # the first step is the prefill
+    return WorkerGroupLatencyResult(
+        **_decode_figures(engine, requests, finals, elapsed),
+        host_ms_per_step=float("nan"),
+        gpu_ms_per_step=float("nan"),
+        graph_steps=0,
+        eager_steps=0,
+        wall_ms_per_step=statistics.median(decode_walls) * 1e3,
+        world_size=engine.config.parallel.world_size,
     )
 
 
