@@ -129,6 +129,18 @@ two_gpu_validate_s4() {
         | tee "$OUT/parallel_ppmb.log" | tail -5
 }
 
+# Two GPUs: the bench CLI on a worker group (added in the fourth session, not yet run on GPUs):
+# batch-1/8 latency at TP 2 and throughput at TP 2, each beside transformers on one device.
+two_gpu_bench_cli() {
+    ns
+    timeout 280 python3 -m shardserve.cluster.cli bench latency --model dummy:llama-3.1-8b --device cuda -tp 2 \
+        --batch-sizes 1,8 --output-len 128 --json "$OUT/bench_latency_tp2.json" 2>&1 | grep -v Warning \
+        | tee "$OUT/bench_latency_tp2.log" | tail -8
+    timeout 280 python3 -m shardserve.cluster.cli bench throughput --model dummy:llama-3.1-8b --device cuda -tp 2 \
+        --num-requests 256 --hf-num-requests 16 --json "$OUT/bench_throughput_tp2.json" 2>&1 | grep -v Warning \
+        | tee "$OUT/bench_throughput_tp2.log" | tail -8
+}
+
 # Two GPUs: PP 1 vs PP 2 with 2 and 3 micro-batches in flight (fixed lengths, 3,072 requests).
 two_gpu_ppmb() {
     ns
