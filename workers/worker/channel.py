@@ -104,6 +104,7 @@ class ConnectionGroup:
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
         """Wait for the output of `handle`, which must be the oldest step not collected yet."""
+        self._raise_if_failed()  # a failed group: the engine's later batches in flight get the same error
         if handle.seq != self.num_steps:
             raise ValueError(f"steps must be collected in submission order: step {handle.seq} "
                              f"collected while step {self.num_steps} is the oldest")
