@@ -323,6 +323,33 @@ def check_case_args(args: argparse.Namespace) -> None:
         raise SystemExit("--steps and --timed must be >= 1")
 
 
+def is_moe_model(hf_config) -> bool:
+    return bool(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0))
+
+
+def select_cases(wanted: str | None, default: list[Case], known: list[Case]) -> list[Case]:
+    """`default`, or the `--cases` names (comma-separated) among `known`, in `known`'s order."""
+    if not wanted:
+        return default
+    names = wanted.split(",")
+    unknown = set(names) - {c.name for c in known}
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; this model has {[c.name for c in known]}")
+    return [c for c in known if c.name in names]
+
+
+def run_cases(cases: list[Case], run: Callable[[Case], dict], show: Callable[[dict], None], summary: dict,
+              path: str) -> None:
+    """Run, print and record every case; the JSON at `path` is rewritten per case, so a partial
+    run keeps what it measured."""
+    for case in cases:
+        result = run(case)
+        summary["cases"][case.name] = result
+        show(result)
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(parser)
@@ -339,14 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
     engine = build_engine(args, model)
     startup_s = time.perf_counter() - start
     hf_config = engine.loaded.hf_config
-    is_moe = bool(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0))
-    cases = default_cases(is_moe, args.small)
-    if args.cases:
-        wanted = args.cases.split(",")
-        unknown = set(wanted) - {c.name for c in cases}
-        if unknown:
-            raise SystemExit(f"unknown cases {sorted(unknown)}; this model has {[c.name for c in cases]}")
-        cases = [c for c in cases if c.name in wanted]
+    is_moe = is_moe_model(hf_config)
+    known = default_cases(is_moe, args.small)
+    cases = select_cases(args.cases, known, known)
     runner = engine.runner
     print(f"device {name}; torch {torch.__version__}; {model} ({hf_config.num_hidden_layers} layers); engine up in "
           f"{startup_s:.1f} s, {runner.num_blocks} KV blocks, graphs {runner.graphs is not None}", flush=True)
@@ -362,12 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     with profile(activities=activities(runner.device.type == "cuda")):
         warm.step()
     warm.drain()
-    for case in cases:
-        result = run_case(engine, case, args, is_moe, bandwidth)
-        summary["cases"][case.name] = result
-        print_case(result)
-        with open(os.path.join(args.out, "profile_gpu.json"), "w") as f:  # rewritten per case: partial runs keep theirs
-            json.dump(summary, f, indent=2)
+    run_cases(cases, lambda case: run_case(engine, case, args, is_moe, bandwidth), print_case, summary,
+              os.path.join(args.out, "profile_gpu.json"))
     print_table(summary)
     return summary
 

@@ -40,7 +40,6 @@ CPU smoke: `python benchmarks/profile_tp.py --device cpu --tp 2 --model dummy:ti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -60,7 +59,10 @@ from profile_gpu import (  # noqa: E402
     check_case_args,
     default_cases,
     engine_config,
+    is_moe_model,
     print_top_kernels,
+    run_cases,
+    select_cases,
 )
 from shardserve.workers.bench.kernel_profile import (  # noqa: E402
     CATEGORIES,
@@ -180,14 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def profile_engine(engine: LLMEngine, args: argparse.Namespace, startup_s: float) -> dict:
     hf_config = engine.loaded.hf_config
-    is_moe = bool(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0))
-    cases, known = tp_cases(is_moe, args.small)
-    if args.cases:
-        wanted = args.cases.split(",")
-        unknown = set(wanted) - {c.name for c in known}
-        if unknown:
-            raise SystemExit(f"unknown cases {sorted(unknown)}; this model has {[c.name for c in known]}")
-        cases = [c for c in known if c.name in wanted]
+    is_moe = is_moe_model(hf_config)
+    cases = select_cases(args.cases, *tp_cases(is_moe, args.small))
     # Warm-up: compiles the eager kernels of small shapes, and the first profiler session pays
     # the profiler's (CUPTI's) start-up on every rank, before any case is measured.
     warm = CaseDriver(engine, Case("warmup", 2, 16), 0)
@@ -202,12 +198,8 @@ def profile_engine(engine: LLMEngine, args: argparse.Namespace, startup_s: float
                      "async_scheduling": engine.async_scheduling, "startup_s": startup_s,
                      "num_kv_blocks": engine.num_blocks, "args": vars(args),
                      "category_rules": dict(CATEGORY_RULES), "moe_routing_rule": MOE_ROUTING, "cases": {}}
-    for case in cases:
-        result = run_case(engine, case, args, is_moe)
-        summary["cases"][case.name] = result
-        print_case(result)
-        with open(os.path.join(args.out, "profile_tp.json"), "w") as f:  # rewritten per case: partial runs keep theirs
-            json.dump(summary, f, indent=2)
+    run_cases(cases, lambda case: run_case(engine, case, args, is_moe), print_case, summary,
+              os.path.join(args.out, "profile_tp.json"))
     print_table(summary)
     return summary
 
