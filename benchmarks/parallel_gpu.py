@@ -25,7 +25,6 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
        gives it work meanwhile. The label's `mb` is the micro-batch count. Both run 3,072
        requests whatever --num-requests says (a case's `num_requests`): with 1,000, 1,536 slots
        would never fill and the 3 micro-batches would hold ~333 requests each.
-  ppmb3: ppmb's 3-micro-batch row alone.
   ppmblog: ppmb on the lognormal workload.
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
   epwide: the same with 1,024 running requests and 16,384 tokens per step (vLLM's limits).
@@ -65,8 +64,6 @@ CASES = {
     "ppmb": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs,
                   pipeline_micro_batches=mb, distribution="fixed", num_requests=3072)
              for pp, mb, seqs in ((1, None, 512), (2, 2, 1024), (2, 3, 1536))],
-    "ppmb3": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=2, ep=1, max_num_seqs=1536,
-                   pipeline_micro_batches=3, distribution="fixed", num_requests=3072)],
     "ppmblog": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=2, ep=1, max_num_seqs=seqs,
                      pipeline_micro_batches=mb, num_requests=3072) for mb, seqs in ((2, 1024), (3, 1536))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
