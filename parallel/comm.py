@@ -1,7 +1,8 @@
 """Collectives: the only torch.distributed calls of a forward pass and of the worker loop.
 
 Tensor parallel: row-parallel layers and the vocab-parallel embedding sum their partial results
-with `tensor_model_parallel_all_reduce`; the LM head concatenates its vocab shards with
+with `tensor_model_parallel_all_reduce` (or, where the sum feeds a residual-add RMSNorm, with
+`tensor_model_parallel_all_reduce_rmsnorm`: the reduction and the norm in one kernel); the LM head concatenates its vocab shards with
 `tensor_model_parallel_all_gather`. Pipeline parallel: a stage hands its activations to the
 same TP column of the next stage with `send_to_next_stage` / `recv_from_prev_stage`.
 Expert parallel: `expert_all_to_all` moves routed token rows between the ranks of an EP group
@@ -38,6 +39,19 @@ def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
             return custom.all_reduce_(x, algorithm)
     dist.all_reduce(x, group=tp.group)
     return x
+
+
+def tensor_model_parallel_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                                              eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(rmsnorm(sum(x) + residual) * weight, sum(x) + residual)` in one kernel when the TP group
+    has the fused all-reduce (parallel/fused_allreduce_norm.py) and x fits it; None otherwise,
+    and then the caller all-reduces x and normalises (the same values, two steps)."""
+    state = get_parallel_state()
+    custom = state.tp_custom_allreduce if state.tp.size > 1 else None
+    fused = None if custom is None else custom.fused
+    if fused is None or not fused.fits(x, residual):
+        return None
+    return fused(x, residual, weight, eps)
 
 
 def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

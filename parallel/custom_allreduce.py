@@ -27,6 +27,10 @@ ends with an agreement, so a failure on any rank of a TP group sends the whole g
 (one warning per process) instead of leaving ranks on different paths, which would deadlock.
 Per call, `CustomAllReduce.algorithm_for(x)` picks one-shot / two-shot or None (NCCL): that
 choice depends only on x's shape, dtype and layout, identical on every rank of a TP step.
+
+The same buffer, past `max_bytes`, holds the area of the all-reduce fused with the residual add
+and RMSNorm that follow a row-parallel layer (parallel/fused_allreduce_norm.py, `.fused`). It has
+its own self-test and agreement: if only that fails, the group keeps the plain custom path.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from shardserve.parallel.fused_allreduce_norm import FLAG_BYTES, FusedAllReduceNorm, area_bytes, half_bytes_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +161,13 @@ def probe_symm_mem_ops(namespace: Any = None) -> SymmOps:
 class CustomAllReduce:
     """All-reduce (sum) over a TP group through a rendezvous-ed symmetric buffer.
 
-    buffer: this rank's flat uint8 symmetric buffer of `limits.max_bytes`; group_name: the name
-    of the process group it was rendezvous-ed with. Nothing here allocates or syncs per call.
+    buffer: this rank's flat uint8 symmetric buffer (`limits.max_bytes`, then the fused area if
+    any); group_name: the name of the process group it was rendezvous-ed with; fused: the fused
+    all-reduce + RMSNorm on the same buffer (None: off). Nothing here allocates or syncs per call.
     """
 
     def __init__(self, buffer: torch.Tensor, group_name: str, rank: int, world_size: int, ops: SymmOps,
-                 limits: Limits, handle: Any = None) -> None:
+                 limits: Limits, handle: Any = None, fused: FusedAllReduceNorm | None = None) -> None:
         self.buffer = buffer
         self.group_name = group_name
         self.rank = rank
@@ -169,6 +175,7 @@ class CustomAllReduce:
         self.ops = ops
         self.limits = limits
         self.handle = handle  # keeps the peer mappings alive
+        self.fused = fused
         self.has_two_shot = ops.has_two_shot(world_size)
         self._views = {dtype: buffer.view(dtype) for dtype in SUPPORTED_DTYPES}
 
@@ -224,6 +231,7 @@ class CustomAllReduce:
     def close(self) -> None:
         """Drop the buffer and peer mappings (before the process group is destroyed)."""
         self.handle = None
+        self.fused = None
         self._views = {}
         self.buffer = torch.empty(0, dtype=torch.uint8)
 
@@ -294,13 +302,19 @@ def _agree(reason: str | None, cpu_group: Any, ranks: Sequence[int]) -> str | No
     return f"rank {failed[0]}: {reasons[failed[0]]}" if failed else None
 
 
-def _allocate(max_bytes: int, device: torch.device) -> torch.Tensor:
+def _allocate(max_bytes: int, fused_half_bytes: int, device: torch.device) -> torch.Tensor:
+    """The symmetric buffer: PyTorch's ops' `max_bytes`, then the fused area with its flags zeroed
+    (and synced: a peer may write them as soon as the next agreement has passed)."""
     import torch.distributed._symmetric_memory as symm_mem
 
     # Only unicast peer loads/stores are used: keep torch from creating NVLink multicast objects
     # (an explicit setting wins).
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    return symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+    buffer = symm_mem.empty(max_bytes + area_bytes(fused_half_bytes), dtype=torch.uint8, device=device)
+    if fused_half_bytes:
+        buffer[max_bytes:max_bytes + FLAG_BYTES].zero_()
+        torch.cuda.synchronize(device)
+    return buffer
 
 
 def _rendezvous(buffer: torch.Tensor, group_name: str) -> Any:
@@ -312,6 +326,23 @@ def _rendezvous(buffer: torch.Tensor, group_name: str) -> Any:
     return symm_mem.rendezvous(buffer, group_name)
 
 
+def _check_fused(result: CustomAllReduce, cpu_group: Any, ranks: Sequence[int]) -> None:
+    """Self-test the fused area on every rank (collective); unless it is on and passes on all of
+    them, every rank drops it (ranks on different paths would wait on each other forever)."""
+    has_fused = result.fused is not None
+    fused_reason = None if has_fused else "off on this rank"
+    if has_fused:
+        try:
+            fused_reason = result.fused.self_test()
+        except Exception as e:
+            fused_reason = f"fused self-test failed: {e!r}"
+            logger.debug("fused all-reduce + RMSNorm self-test error", exc_info=e)
+    fused_reason = _agree(fused_reason, cpu_group, ranks)
+    if fused_reason is not None and has_fused:
+        logger.warning("fused all-reduce + RMSNorm off, the all-reduce and the norm run apart: %s", fused_reason)
+        result.fused = None
+
+
 def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, device: torch.device,
                             limits: Limits | None = None, ops: SymmOps | None = None) -> CustomAllReduce | None:
     """Set up the custom all-reduce for `group` (global `ranks`), or None: use NCCL.
@@ -320,6 +351,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
     it together, also ranks of other TP groups. Never raises; a failure is logged once.
     """
     limits = limits or limits_from_env()
+    fused_half_bytes = half_bytes_from_env()  # 0: no fused all-reduce + RMSNorm
     ops = ops if ops is not None else probe_symm_mem_ops()
     me, world = dist.get_rank(), len(ranks)
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
@@ -342,7 +374,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
         buffer = None
         if reason is None:
             try:
-                buffer = _allocate(limits.max_bytes, device)
+                buffer = _allocate(limits.max_bytes, fused_half_bytes, device)
             except Exception as e:
                 reason, error = f"symmetric allocation failed: {e!r}", e
         reason = _agree(reason, cpu_group, ranks)
@@ -353,6 +385,9 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
                 group_name = str(group.group_name)
                 handle = _rendezvous(buffer, group_name)
                 result = CustomAllReduce(buffer, group_name, ranks.index(me), world, ops, limits, handle)
+                if fused_half_bytes:
+                    result.fused = FusedAllReduceNorm(handle.buffer_ptrs, limits.max_bytes, fused_half_bytes,
+                                                      ranks.index(me), device)
             except Exception as e:
                 reason, error = f"rendezvous failed: {e!r}", e
         reason = _agree(reason, cpu_group, ranks)
@@ -364,11 +399,16 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
             except Exception as e:
                 reason, error = f"self-test failed: {e!r}", e
         reason = _agree(reason, cpu_group, ranks)
+
+        stage = "fused self-test"  # a failure here turns off only the fused all-reduce + RMSNorm
+        if reason is None:
+            _check_fused(result, cpu_group, ranks)
     except Exception as e:  # a failed agreement: the group cannot coordinate, stay on NCCL
         reason, error = f"setup failed during {stage}: {e!r}", e
     if reason is None:
-        logger.info("custom all-reduce on for TP ranks %s (up to %d bytes, ops: %s)", list(ranks),
-                    limits.max_bytes, ", ".join(k for k, v in vars(ops).items() if v is not None))
+        logger.info("custom all-reduce on for TP ranks %s (up to %d bytes, ops: %s; fused with RMSNorm: %s)",
+                    list(ranks), limits.max_bytes, ", ".join(k for k, v in vars(ops).items() if v is not None),
+                    "on" if result.fused is not None else "off")
         return result
     if result is not None:
         result.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from shardserve.parallel.comm import tensor_model_parallel_all_reduce, tensor_model_parallel_all_reduce_rmsnorm
 from torch import nn
 
 _fused_kernels_enabled = True
@@ -47,12 +48,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype or torch.get_default_dtype()),
                                    requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """rmsnorm(x) * weight; with `residual`, returns (rmsnorm(x + residual) * weight, x + residual).
 
-        x, residual: [..., hidden_size], normalised over the last dim.
+        x, residual: [..., hidden_size], normalised over the last dim. reduce: x is this TP rank's
+        partial sum (a row-parallel layer's output left unreduced); it is summed over the TP group
+        first, fused with the add and the norm into one kernel where the group supports it.
         """
+        if reduce:
+            fused = tensor_model_parallel_all_reduce_rmsnorm(x, residual, self.weight, self.eps) \
+                if use_kernels(x) else None
+            if fused is not None:
+                return fused if residual is not None else fused[0]
+            x = tensor_model_parallel_all_reduce(x)
         if use_kernels(x) and x.dim() == 2 and x.stride(-1) == 1:
             from shardserve.workers.kernels.rmsnorm import rmsnorm
 

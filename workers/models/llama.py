@@ -6,7 +6,10 @@ added to the residual stream; a layer returns its MLP output and the stream sepa
 add happens inside the next RMSNorm (one fused kernel on CUDA). Attention projects with one column-parallel qkv matmul (this
 rank's heads), optionally normalises q/k per head (Qwen3), applies rope at the given positions,
 and hands q/k/v plus this layer's paged KV cache to the attention backend; the row-parallel
-o_proj sums the heads' contributions over the TP group. `compute_logits` runs the LM head on
+o_proj returns this rank's partial sum, and the TP all-reduce happens in the norm after it
+(`RMSNorm(..., reduce=True)`: one kernel with the add and the norm on GPUs with the fused
+all-reduce, parallel/fused_allreduce_norm.py). A dense MLP's down_proj defers its reduction the
+same way, to the next layer's input norm or the final norm. `compute_logits` runs the LM head on
 the rows the runner samples. Variants differ only in `LlamaOptions` (biases, q/k norm) and in
 the MLP built per layer (dense here, sparse MoE in moe.py).
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from shardserve.parallel.comm import tensor_model_parallel_all_reduce
 from shardserve.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.parallel.pipeline import PPMissingLayer, layer_range
@@ -58,8 +62,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, params_dtype=dtype)
         self.act = SiluAndMul()
 
+    def defer_reduce(self) -> bool:
+        """Return TP partial sums from now on (the consumer reduces, see LlamaDecoderLayer): True."""
+        self.down_proj.reduce_results = False
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden] -> [T, 2 * inter / tp] -> [T, inter / tp] -> [T, hidden] (all-reduced)
+        # x: [T, hidden] -> [T, 2 * inter / tp] -> [T, inter / tp] -> [T, hidden] (all-reduced,
+        # or this rank's partial sum after defer_reduce)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
@@ -80,6 +90,7 @@ class LlamaAttention(nn.Module):
                                           int(getattr(config, "max_position_embeddings", 0) or 8192))
         self.scale = self.head_dim**-0.5
         self.backend = backend
+        self.o_proj.reduce_results = False  # a TP partial sum: post_attention_layernorm reduces it
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -94,7 +105,7 @@ class LlamaAttention(nn.Module):
                                            qk_norm=qk_norm)
         out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale,
                                    kv_written=kv_written)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden], this rank's partial sum
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -105,19 +116,26 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # A dense MLP returns its TP partial sum and the consumer (next layer's input norm, the
+        # final norm, or the PP send) reduces it; an MoE block returns complete sums.
+        defer = getattr(mlp, "defer_reduce", None)
+        self.output_is_partial: bool = bool(defer()) if callable(defer) else False
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, h_is_partial: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [T, hidden], the previous layer's MLP output not yet added to `residual` (the
-        residual stream; None at the first layer, where h is the stream itself). Each add is
-        fused into the norm that follows it, so a layer has no separate add kernel; returns this
-        layer's (MLP output, residual stream before it)."""
+        residual stream; None at the first layer, where h is the stream itself), a TP partial
+        sum when `h_is_partial`. Each add is fused into the norm that follows it (and so is each
+        TP all-reduce, where the group has the fused kernel), so a layer has no separate add
+        kernel; returns this layer's (MLP output, partial when `output_is_partial`; residual
+        stream before it)."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
-            x, residual = self.input_layernorm(h, residual)  # one fused add + norm on CUDA
-        attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)
-        mlp_in, residual = self.post_attention_layernorm(attn_out, residual)
+            x, residual = self.input_layernorm(h, residual, reduce=h_is_partial)  # one fused add + norm on CUDA
+        attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)  # TP partial sum
+        mlp_in, residual = self.post_attention_layernorm(attn_out, residual, reduce=True)
         return self.mlp(mlp_in), residual
 
 
@@ -163,12 +181,15 @@ class LlamaModel(nn.Module):
             raise ValueError("a pipeline stage after the first needs hidden_in, the previous stage's output")
         else:
             h = hidden_in  # [T, hidden]
-        residual = None
+        residual, partial = None, False
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            h, residual = layer(positions, h, residual, kv_cache, attn_metadata)
+            h, residual = layer(positions, h, residual, kv_cache, attn_metadata, h_is_partial=partial)
+            partial = layer.output_is_partial
         if self.norm is None:
+            if partial:
+                h = tensor_model_parallel_all_reduce(h)
             return h + residual  # the next stage starts from the whole residual stream
-        return self.norm(h, residual)[0]
+        return self.norm(h, residual, reduce=partial)[0]
 
 
 # (our parameter name fragment, checkpoint name fragment, shard id) for merged layers.

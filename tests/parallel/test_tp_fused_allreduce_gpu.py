@@ -1,0 +1,49 @@
+"""TP 2 on 2 GPUs with the fused all-reduce + RMSNorm kernel: the same outputs as without it.
+
+The fused kernel sums the two ranks' partial rows in fp32 in rank order and then runs the
+`rmsnorm` kernel's arithmetic; the unfused path all-reduces (PyTorch's one-shot kernel, a + b)
+and then runs `rmsnorm`. At 2 ranks both are the same operations on the same values, so greedy
+tokens and logprobs, prompt logprobs included, must be identical (float32 and bfloat16), and
+in float32 also equal to one GPU within the CPU tests' tolerance. The worker log must say which
+path ran. Skipped without 2 CUDA devices (GPU machine only).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import replace
+
+import pytest
+import torch
+from parallel_helpers import assert_same_outputs, engine_config, generate, make_prompts, single_process, write_checkpoint
+from shardserve.parallel.fused_allreduce_norm import ENV_DISABLE
+from shardserve.workers.config import ModelConfig
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
+
+
+def _run(model, dtype: str, tp: int, prompts):
+    config = engine_config(model, tp=tp)
+    config = replace(config, model=ModelConfig(model=str(model), dtype=dtype, device="cuda"))
+    try:
+        return generate(config if tp > 1 else single_process(config), prompts, max_tokens=12)
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_equals_unfused_on_two_gpus(tmp_path, monkeypatch, capfd, name: str, dtype: str) -> None:
+    model = write_checkpoint(name, tmp_path / name)
+    prompts = make_prompts(250, lengths=(1, 5, 11, 23, 64))
+    monkeypatch.setenv(ENV_DISABLE, "1")
+    unfused = _run(model, dtype, 2, prompts)
+    assert "fused with RMSNorm: off" in capfd.readouterr().err
+    monkeypatch.delenv(ENV_DISABLE)
+    fused = _run(model, dtype, 2, prompts)
+    assert "fused with RMSNorm: on" in capfd.readouterr().err
+    assert_same_outputs(unfused, fused, atol=0.0)
+    if dtype == "float32":
+        assert_same_outputs(_run(model, dtype, 1, prompts), fused, atol=1e-4)
