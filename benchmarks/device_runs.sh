@@ -131,6 +131,30 @@ two_gpu_validate_s4() {
 
 # Two GPUs: the bench CLI on a worker group (added in the fourth session, not yet run on GPUs):
 # batch-1/8 latency at TP 2 and throughput at TP 2, each beside transformers on one device.
+two_gpu_fused() {  # fused all-reduce + RMSNorm: engine and kernel checks, TP 2 decode A/B, TP 2 profile
+    ns
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py -rf -x \
+        > "$OUT/fused_engine_tests.log" 2>&1
+    local rc=$?; tail -4 "$OUT/fused_engine_tests.log"
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_allreduce_rmsnorm.py -rf 2>&1 | tail -3
+    [ $rc = 0 ] || return $rc  # the figures need the engine path to work
+    timeout 240 python3 benchmarks/parallel_gpu.py --cases tpfused --case-timeout-s 110 --out "$OUT/parallel" 2>&1 \
+        | tee "$OUT/parallel_tpfused.log" | tail -5
+    timeout 150 python3 benchmarks/profile_tp.py --tp 2 --cases b1 --out "$OUT/profile-tp" 2>&1 | grep -v Warning \
+        | tee "$OUT/profile_tp.log" | tail -28
+}
+two_gpu_ppbal() {  # PP 2: 17 / 15 layer split with 3 micro-batches, and 4 micro-batches, vs PP 1
+    ns
+    timeout 330 python3 benchmarks/parallel_gpu.py --cases ppbal --case-timeout-s 110 --out "$OUT/parallel" 2>&1 \
+        | tee "$OUT/parallel_ppbal.log" | tail -5
+}
+two_gpu_trace_tp() {  # TP 2 batch-1 decode: each rank's Chrome trace (host launches and kernels), gzipped
+    ns
+    SHARDSERVE_PROFILE_TRACE_DIR="$OUT/trace-tp2" timeout 150 python3 benchmarks/profile_tp.py --tp 2 --cases b1 \
+        --out "$OUT/profile-tp-trace" 2>&1 | grep -v Warning | tail -3
+    gzip -f "$OUT"/trace-tp2/*.json; ls -la "$OUT/trace-tp2"
+}
 two_gpu_bench_cli() {
     ns
     timeout 280 python3 -m shardserve.cluster.cli bench latency --model dummy:llama-3.1-8b --device cuda -tp 2 \

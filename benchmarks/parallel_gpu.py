@@ -26,6 +26,11 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
        requests whatever --num-requests says (a case's `num_requests`): with 1,000, 1,536 slots
        would never fill and the 3 micro-batches would hold ~333 requests each.
   ppmblog: ppmb on the lognormal workload.
+  ppbal: PP 1 vs PP 2 (3 micro-batches) with the layers split 17 / 15 instead of 16 / 16 (the last
+       stage also runs the LM head and sampling, ~2 layers' worth at 512 rows), and PP 2 with 4
+       micro-batches (2,048 running), on ppmb's workload.
+  tpfused: Llama-3.1-8B batch-1 decode at TP 1, and TP 2 with the fused all-reduce + RMSNorm
+       kernel off (SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1) and on (the default).
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
   epwide: the same with 1,024 running requests and 16,384 tokens per step (vLLM's limits).
   moelat: Qwen3-30B-A3B batch-1 decode at TP 2 and TP 2 + EP 2.
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -66,6 +72,13 @@ CASES = {
              for pp, mb, seqs in ((1, None, 512), (2, 2, 1024), (2, 3, 1536))],
     "ppmblog": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=2, ep=1, max_num_seqs=seqs,
                      pipeline_micro_batches=mb, num_requests=3072) for mb, seqs in ((2, 1024), (3, 1536))],
+    "ppbal": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs,
+                   pipeline_micro_batches=mb, pipeline_layer_partition=split, distribution="fixed", num_requests=3072,
+                   tag=f"split{'-'.join(map(str, split))}" if split else None)
+              for pp, mb, seqs, split in ((1, None, 512, None), (2, 3, 1536, (17, 15)), (2, 4, 2048, None))],
+    "tpfused": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=1, pp=1, ep=1)]
+               + [dict(kind="latency", model="dummy:llama-3.1-8b", tp=2, pp=1, ep=1, tag=tag, env=env)
+                  for tag, env in (("unfused", {"SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM": "1"}), ("fused", {}))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
     # vLLM's own limits on an H100 (vllm_bench.py prints them): more rows per step share each
     # expert's weight read.
@@ -87,7 +100,9 @@ def _engine(case: dict, device: str, num_requests: int):
                                   async_scheduling=case.get("async_scheduling")),
         parallel=ParallelConfig(tensor_parallel_size=case["tp"], pipeline_parallel_size=case["pp"],
                                 expert_parallel_size=case["ep"],
-                                pipeline_micro_batches=case.get("pipeline_micro_batches")),
+                                pipeline_micro_batches=case.get("pipeline_micro_batches"),
+                                pipeline_layer_partition=tuple(case["pipeline_layer_partition"])
+                                if case.get("pipeline_layer_partition") else None),
     )
     return LLMEngine(config)
 
@@ -158,13 +173,12 @@ def _device_label(device: str) -> str:
 def _save_log(out: str | None, case: dict, stdout: str | bytes | None, stderr: str | bytes | None) -> None:
     if out is None:
         return
-    import os
-
     os.makedirs(out, exist_ok=True)
     name = "-".join(f"{k}{case[k]}" for k in ("kind", "tp", "pp", "ep")) + f"-seqs{case.get('max_num_seqs', 256)}"
     name += "-sync" if case.get("async_scheduling") is False else ""
     name += "-fixed" if case.get("distribution") == "fixed" else ""
     name += f"-mb{case['pipeline_micro_batches']}" if case.get("pipeline_micro_batches") else ""
+    name += f"-{case['tag']}" if case.get("tag") else ""
     text = "".join(t.decode() if isinstance(t, bytes) else (t or "") for t in (stdout, stderr))
     with open(os.path.join(out, f"{name}.log"), "w") as f:
         f.write(text)
@@ -195,13 +209,16 @@ def main() -> None:
                 label += f" seqs={case['max_num_seqs']}"
             if case.get("pipeline_micro_batches"):
                 label += f" mb={case['pipeline_micro_batches']}"
+            if case.get("tag"):
+                label += f" {case['tag']}"
             if case["kind"] != "overhead" and world > num_gpus:
                 rows.append((label, f"skipped: needs {world} GPUs, have {num_gpus}"))
                 continue
             cmd = [sys.executable, __file__, "--one", json.dumps(case), "--device", args.device,
                    "--num-requests", str(args.num_requests)]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s,
+                                      env={**os.environ, **case.get("env", {})})
             except subprocess.TimeoutExpired as exc:
                 _save_log(args.out, case, exc.stdout, exc.stderr)
                 rows.append((label, f"TIMED OUT after {args.case_timeout_s:.0f} s"))

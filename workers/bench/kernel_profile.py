@@ -20,6 +20,7 @@ process; rank profiles do not, so their kernels are categorised by name only.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import statistics
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 if TYPE_CHECKING:  # the engine imports the worker, which imports this module
     from shardserve.workers.engine import LLMEngine
 
+ENV_TRACE_DIR = "SHARDSERVE_PROFILE_TRACE_DIR"  # where stop_profiler writes Chrome traces (unset: none)
 SAMPLER_RANGE = "profile_gpu.sampler"  # wraps the runner's sampler call while profiling
 DEVICE_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}  # kineto activity types that are device work
 TOP_KERNELS = 15
@@ -160,12 +162,17 @@ def start_profiler(device: torch.device) -> profile:
     return prof
 
 
-def stop_profiler(prof: profile, device: torch.device) -> list[Kernel]:
-    """Stop `prof` once the device has run everything launched inside the window."""
+def stop_profiler(prof: profile, device: torch.device, trace_name: str | None = None) -> list[Kernel]:
+    """Stop `prof` once the device has run everything launched inside the window; with
+    SHARDSERVE_PROFILE_TRACE_DIR set, also write its Chrome trace there as `<trace_name>.json`."""
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.cuda.synchronize(device)
     prof.stop()
+    trace_dir = os.environ.get(ENV_TRACE_DIR)
+    if trace_dir:  # the whole timeline (host ops, launches, kernels) for chrome://tracing / Perfetto
+        os.makedirs(trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(trace_dir, f"{trace_name or 'trace'}.json"))
     return profiled_kernels(prof, on_cuda)
 
 

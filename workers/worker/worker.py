@@ -155,7 +155,7 @@ class Worker:
         if self._profiler is None:
             raise RuntimeError(f"rank {self.rank}: profile_stop without a running profile (call profile_start first)")
         prof, self._profiler = self._profiler, None
-        kernels = stop_profiler(prof, self.device)
+        kernels = stop_profiler(prof, self.device, trace_name=f"rank{self.rank}")
         return RankProfile(self.rank, self.state.tp_rank, self.state.pp_rank, self.state.ep_rank,
                            device_name(self.device), tuple((k.name, k.us) for k in kernels))
 
