@@ -44,7 +44,12 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from shardserve.parallel.fused_allreduce_norm import FLAG_BYTES, FusedAllReduceNorm, area_bytes, half_bytes_from_env
+from shardserve.parallel.fused_allreduce_norm import (
+    FLAG_BYTES,
+    FusedAllReduceNorm,
+    area_bytes,
+    half_bytes_from_env,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from parallel_helpers import assert_same_outputs, engine_config, generate, make_prompts, single_process, write_checkpoint
+from parallel_helpers import (
+    assert_same_outputs,
+    engine_config,
+    generate,
+    make_prompts,
+    single_process,
+    write_checkpoint,
+)
 from shardserve.parallel.fused_allreduce_norm import ENV_DISABLE
 from shardserve.workers.config import ModelConfig
 

@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from shardserve.parallel.comm import tensor_model_parallel_all_reduce, tensor_model_parallel_all_reduce_rmsnorm
+from shardserve.parallel.comm import (
+    tensor_model_parallel_all_reduce,
+    tensor_model_parallel_all_reduce_rmsnorm,
+)
 from torch import nn
 
 _fused_kernels_enabled = True
