@@ -155,6 +155,12 @@ two_gpu_trace_tp() {  # TP 2 batch-1 decode: each rank's Chrome trace (host laun
         --out "$OUT/profile-tp-trace" 2>&1 | grep -v Warning | tail -3
     gzip -f "$OUT"/trace-tp2/*.json; ls -la "$OUT/trace-tp2"
 }
+two_gpu_trace_pp() {  # PP 2 under decode load (400 running, 2 micro-batches): both stages' Chrome traces
+    ns
+    SHARDSERVE_PROFILE_TRACE_DIR="$OUT/trace-pp2" timeout 200 python3 benchmarks/profile_tp.py --tp 1 --pp 2 \
+        --cases decode400 --out "$OUT/profile-pp-trace" 2>&1 | grep -v Warning | tail -12
+    gzip -f "$OUT"/trace-pp2/*.json; ls -la "$OUT/trace-pp2"
+}
 two_gpu_bench_cli() {
     ns
     timeout 280 python3 -m shardserve.cluster.cli bench latency --model dummy:llama-3.1-8b --device cuda -tp 2 \

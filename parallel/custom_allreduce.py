@@ -390,11 +390,14 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
                 group_name = str(group.group_name)
                 handle = _rendezvous(buffer, group_name)
                 result = CustomAllReduce(buffer, group_name, ranks.index(me), world, ops, limits, handle)
-                if fused_half_bytes:
-                    result.fused = FusedAllReduceNorm(handle.buffer_ptrs, limits.max_bytes, fused_half_bytes,
-                                                      ranks.index(me), device)
             except Exception as e:
                 reason, error = f"rendezvous failed: {e!r}", e
+        if reason is None and fused_half_bytes:
+            try:  # a failure leaves only the fused path off (agreed in _check_fused)
+                result.fused = FusedAllReduceNorm(handle.buffer_ptrs, limits.max_bytes, fused_half_bytes,
+                                                  ranks.index(me), device)
+            except Exception as e:
+                logger.warning("fused all-reduce + RMSNorm unavailable on this rank: %r", e)
         reason = _agree(reason, cpu_group, ranks)
 
         stage = "self-test"

@@ -87,6 +87,9 @@ class FusedAllReduceNorm:
         from shardserve.workers.kernels.allreduce_rmsnorm import NUM_PROGRAMS
 
         self.rank, self.world_size, self.half_bytes = rank, len(buffer_ptrs), half_bytes
+        if any((p + offset) % 16 for p in buffer_ptrs) or half_bytes % 16:
+            raise ValueError("the fused area must start 16-byte aligned on every rank (the kernel's "
+                             "vector loads and stores assume it)")
         if self.world_size * NUM_PROGRAMS * 8 > FLAG_BYTES:
             raise ValueError(f"{self.world_size} ranks need more than {FLAG_BYTES} bytes of flags")
         self.flag_ptrs = torch.tensor([p + offset for p in buffer_ptrs], dtype=torch.int64, device=device)

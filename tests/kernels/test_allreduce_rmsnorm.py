@@ -222,3 +222,48 @@ def test_self_test_of_the_setup(monkeypatch):
 
     buffer.zero_()
     assert "self-test mismatch (1 x 4096)" in Wrong([buffer.data_ptr()], 0, half, 0, torch.device(DEVICE)).self_test()
+
+
+_COMPILE_FOR_H100 = """
+import json, re, sys
+from collections import Counter
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from shardserve.workers.kernels.allreduce_rmsnorm import _allreduce_rmsnorm_kernel as fn
+names = fn.arg_names
+pointers = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+            "new_residual_ptr": "*bf16", "data_ptrs": "*i64", "flag_ptrs": "*i64", "counter_ptr": "*i64"}
+constexprs = {"WORLD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096}
+signature = {n: pointers.get(n) or ("fp32" if n == "eps" else "constexpr" if n in constexprs else "i32") for n in names}
+# what a launch at hidden 4096 bf16 specialises as divisible by 16
+aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "stride_x", "stride_r", "stride_o", "stride_nr"}
+source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+ops = Counter(re.findall(r"\\b((?:ld|st|atom)\\.global(?:\\.[a-z0-9]+)*)", ptx))
+print("OPS " + json.dumps(ops))
+"""
+
+
+def test_peer_traffic_compiles_to_16_byte_accesses():
+    # The data areas' addresses come out of an int64 table, which tells Triton nothing about their
+    # alignment: without the kernel's `multiple_of` hints every peer store and slot load compiled
+    # to 2-byte scalars (4,096 NVLink writes per 8 KB row). Compiled for an H100 (sm_90) in a
+    # fresh process (the interpreter this suite runs under cannot compile); no GPU needed.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True, env=env,
+                          timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OPS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-2000:]
+    ops = json.loads(lines[-1][4:])
+    scalar_16bit = {op: n for op, n in ops.items() if op.endswith(".b16")}
+    assert not scalar_16bit, f"2-byte global accesses: {scalar_16bit}"
+    # per thread: x, residual, weight and 2 slot loads; 2 peer pushes and 2 outputs, each 16 bytes
+    assert ops.get("st.global.v4.b32", 0) >= 4 and ops.get("ld.global.v4.b32", 0) >= 5, ops
+    assert "atom.global.sys.release.exch.b64" in ops and "ld.global.sys.acquire.b64" in ops, ops

@@ -138,3 +138,13 @@ def _check_fused_on_gloo(state: ParallelState) -> dict:
 def test_fused_agreement_on_two_gloo_ranks() -> None:
     for got in spawn_ranks(_check_fused_on_gloo, world_size=2, tp=2, pp=1):
         assert got == {"pass": True, "rank1_fails": False, "rank0_raises": False, "rank1_off": False}
+
+
+def test_unaligned_area_is_refused() -> None:
+    # The kernel vectorises its peer stores on the promise of 16-byte aligned areas.
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        fan.FusedAllReduceNorm([4096, 8192 + 8], 0, 1024, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        fan.FusedAllReduceNorm([4096], 0, 1000, 0, torch.device("cpu"))
+    assert fan.FusedAllReduceNorm([4096, 8192], 16, 1024, 1, torch.device("cpu")).data_ptrs.tolist() == [
+        4096 + 16 + fan.FLAG_BYTES, 8192 + 16 + fan.FLAG_BYTES]

@@ -58,12 +58,14 @@ def _allreduce_rmsnorm_kernel(
         offs = tl.arange(0, BLOCK)  # [BLOCK] >= hidden_size
         mask = offs < hidden_size
         half = (epoch % 2) * half_stride  # element offset of this call's parity
-        # 1. push this rank's rows into slot [parity][rank][row] of every rank's data area
+        # 1. push this rank's rows into slot [parity][rank][row] of every rank's data area. An
+        # address read from the table carries no alignment: the areas are 16-byte aligned
+        # (fused_allreduce_norm.py), and saying so turns 2-byte scalar NVLink stores into 16-byte ones.
         for row in range(row_start, row_end):
             x = tl.load(x_ptr + row * stride_x + offs, mask=mask)
             slot = half + (rank * max_rows + row) * hidden_size
             for q in tl.static_range(WORLD):
-                dst = tl.load(data_ptrs + q).to(tl.pointer_type(dtype))
+                dst = tl.multiple_of(tl.load(data_ptrs + q).to(tl.pointer_type(dtype)), 16)
                 tl.store(dst + slot + offs, x, mask=mask)
         # 2. every thread's stores happen before the flag release (bar.sync, then release at sys scope)
         tl.debug_barrier()
@@ -78,7 +80,7 @@ def _allreduce_rmsnorm_kernel(
                 seen = tl.atomic_add(mine + pid * WORLD + q, 0, sem="acquire", scope="sys")
         tl.debug_barrier()
         # 4. reduce in rank order, then residual add + RMSNorm as in rmsnorm.py
-        local = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype))
+        local = tl.multiple_of(tl.load(data_ptrs + rank).to(tl.pointer_type(dtype)), 16)
         w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         for row in range(row_start, row_end):
             acc = tl.zeros([BLOCK], dtype=tl.float32)
