@@ -2,9 +2,10 @@
 
 Tensor parallel: row-parallel layers and the vocab-parallel embedding sum their partial results
 with `tensor_model_parallel_all_reduce` (or, where the sum feeds a residual-add RMSNorm, with
-`tensor_model_parallel_all_reduce_rmsnorm`: the reduction and the norm in one kernel); the LM head concatenates its vocab shards with
-`tensor_model_parallel_all_gather`. Pipeline parallel: a stage hands its activations to the
-same TP column of the next stage with `send_to_next_stage` / `recv_from_prev_stage`.
+`tensor_model_parallel_all_reduce_rmsnorm`: the reduction and the norm in one kernel); the LM
+head concatenates its vocab shards with `tensor_model_parallel_all_gather`. Pipeline parallel:
+a stage hands its activations to the same TP column of the next stage with `send_to_next_stage`
+/ `recv_from_prev_stage`.
 Expert parallel: `expert_all_to_all` moves routed token rows between the ranks of an EP group
 and `expert_all_gather` reassembles the token slices. Host side: `broadcast_object` sends a
 picklable object (a step's SchedulerOutput) from one rank to all over the gloo CPU group and

@@ -62,8 +62,8 @@ class RMSNorm(nn.Module):
         if reduce:
             fused = tensor_model_parallel_all_reduce_rmsnorm(x, residual, self.weight, self.eps) \
                 if use_kernels(x) else None
-            if fused is not None:
-                return fused if residual is not None else fused[0]
+            if fused is not None:  # (only taken with a residual)
+                return fused
             x = tensor_model_parallel_all_reduce(x)
         if use_kernels(x) and x.dim() == 2 and x.stride(-1) == 1:
             from shardserve.workers.kernels.rmsnorm import rmsnorm
