@@ -133,7 +133,7 @@ two_gpu_validate_s4() {
 # batch-1/8 latency at TP 2 and throughput at TP 2, each beside transformers on one device.
 two_gpu_fused() {  # fused all-reduce + RMSNorm: engine and kernel checks, TP 2 decode A/B, TP 2 profile
     ns
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py -rf -x \
+    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py -rf -x \
         > "$OUT/fused_engine_tests.log" 2>&1
     local rc=$?; tail -4 "$OUT/fused_engine_tests.log"
     SHARDSERVE_KERNEL_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider \

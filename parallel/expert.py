@@ -4,7 +4,8 @@ Under EP the `ep_size` ranks of an EP group split the experts into contiguous ra
 (`ExpertPlacement`); every rank holds its range whole along the expert axis (its slice of each
 expert's intermediate features when moe_tp = tp / ep > 1). The router runs replicated, so every
 rank of the stage knows every token's top-k experts. `dispatch_and_combine` then takes one of
-two paths and returns the complete MoE output [num_tokens, hidden] on every rank:
+two paths and returns the complete MoE output [num_tokens, hidden] on every rank
+(`dispatch_and_combine_unreduced` leaves the all-reduce path's sum to its caller):
 
   all-reduce (small batches, and whenever moe_tp > 1): each rank runs its local experts on the
     tokens routed to them, the other experts contribute zero, and one TP all-reduce sums the
@@ -104,14 +105,26 @@ def dispatch_and_combine(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
 
     partial: optional [T, hidden] per-rank partial sum (summed over the TP group) added to it.
     """
+    out, is_partial = dispatch_and_combine_unreduced(x, topk_ids, topk_weights, run_local_experts, placement,
+                                                     partial)
+    return tensor_model_parallel_all_reduce(out) if is_partial else out
+
+
+def dispatch_and_combine_unreduced(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                                   run_local_experts: LocalExperts, placement: ExpertPlacement,
+                                   partial: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """`dispatch_and_combine` without the final TP all-reduce: (output [T, hidden], True) when the
+    output is still this rank's partial sum (the all-reduce path: the caller reduces it, e.g.
+    fused into the next RMSNorm), (output, False) when it is complete (the all-to-all path). The
+    flag is decided on the host from shapes and settings, identically on every rank."""
     state = get_parallel_state()
     if not capturing_graph(x) and use_all_to_all(state, x.shape[0]):
         out = _all_to_all(x, topk_ids, topk_weights, run_local_experts, placement, state)
-        return out if partial is None else out + tensor_model_parallel_all_reduce(partial)
+        return (out if partial is None else out + tensor_model_parallel_all_reduce(partial)), False
     out = run_local_experts(x, topk_ids, topk_weights)  # [T, hidden], partial over experts and moe_tp
     if partial is not None:
         out = out + partial
-    return tensor_model_parallel_all_reduce(out)  # one all-reduce for routed and shared parts
+    return out, True  # one all-reduce, by the caller, for routed and shared parts
 
 
 def _all_to_all(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -181,10 +181,11 @@ class RowParallelLinear(LinearBase):
         size = self.input_size_per_partition
         self.quant_method.load_shard(param, loaded_weight, ShardSlice("input", self.tp_rank * size, 0, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, input_size / tp_size] -> partial [num_tokens, output_size]
+    def forward(self, x: torch.Tensor, reduce: bool | None = None) -> torch.Tensor:
+        # x: [num_tokens, input_size / tp_size] -> partial [num_tokens, output_size], summed over
+        # the TP group unless `reduce` (default: self.reduce_results) is False
         bias = self.bias if self.tp_rank == 0 else None
         out = self.quant_method.apply(self, x, bias)
-        if not self.reduce_results:
+        if not (self.reduce_results if reduce is None else reduce):
             return out
         return tensor_model_parallel_all_reduce(out)

@@ -21,6 +21,7 @@ from shardserve.parallel import expert as expert_module
 from shardserve.parallel import linear as linear_module
 from shardserve.parallel.state import GroupInfo, ParallelState, get_parallel_state, set_parallel_state
 from shardserve.workers.config import ModelConfig
+from shardserve.workers.models import moe as moe_module
 from shardserve.workers.models.loader import LoadedModel, load_model
 from shardserve.workers.models.moe import SparseMoeBlock
 from transformers import Qwen2MoeConfig
@@ -117,6 +118,7 @@ def test_tp_partials_meet_in_one_all_reduce(monkeypatch: pytest.MonkeyPatch, ep:
         raise AssertionError("only the block's single all-reduce may run")
 
     monkeypatch.setattr(expert_module, "tensor_model_parallel_all_reduce", fake_reduce)
+    monkeypatch.setattr(moe_module, "tensor_model_parallel_all_reduce", fake_reduce)  # the block's forward sums
     monkeypatch.setattr(linear_module, "tensor_model_parallel_all_reduce", no_reduce)
     monkeypatch.setattr(expert_module, "capturing_graph", lambda x: capturing)
     monkeypatch.setattr(expert_module, "_all_to_all", no_reduce)  # static shapes only (all-reduce path)
@@ -126,3 +128,35 @@ def test_tp_partials_meet_in_one_all_reduce(monkeypatch: pytest.MonkeyPatch, ep:
             partials.append(_load_block(config, hf_block)(x))
     assert reduces == [7] * tp  # one all-reduce per block forward on each rank
     torch.testing.assert_close(sum(partials), want, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_unreduced_leaves_the_sum_to_the_caller_on_the_all_reduce_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder layer fuses the block's all-reduce into the next RMSNorm: `forward_unreduced`
+    must hand back this rank's partial sum and say so (all-reduce path), or a complete output
+    and say that (all-to-all path), and run no all-reduce itself on the all-reduce path."""
+    config = CONFIGS["qwen2_moe"]
+    torch.manual_seed(6)
+    hf_block = Qwen2MoeSparseMoeBlock(config).eval()
+    x = torch.randn(7, config.hidden_size)
+
+    def no_reduce(*args: object) -> torch.Tensor:
+        raise AssertionError("forward_unreduced must leave the all-reduce to its caller")
+
+    monkeypatch.setattr(expert_module, "tensor_model_parallel_all_reduce", no_reduce)
+    monkeypatch.setattr(moe_module, "tensor_model_parallel_all_reduce", no_reduce)
+    monkeypatch.setattr(linear_module, "tensor_model_parallel_all_reduce", no_reduce)
+    partials = []
+    for rank in range(2):
+        with _fake_rank(rank, 2, 1, "all_reduce"), torch.no_grad():
+            out, is_partial = _load_block(config, hf_block).forward_unreduced(x)
+        assert is_partial
+        partials.append(out)
+    with torch.no_grad():
+        torch.testing.assert_close(sum(partials), hf_block(x[None])[0], atol=1e-5, rtol=1e-5)
+
+    complete = torch.full((7, config.hidden_size), 3.0)
+    monkeypatch.setattr(expert_module, "_all_to_all", lambda *args: complete)
+    monkeypatch.setattr(expert_module, "tensor_model_parallel_all_reduce", lambda t: t)  # the shared expert's sum
+    with _fake_rank(0, 2, 2, "all_to_all"), torch.no_grad():
+        out, is_partial = _load_block(config, hf_block).forward_unreduced(x)
+    assert not is_partial and out.shape == complete.shape

@@ -1,5 +1,8 @@
 """TP 2 on 2 GPUs with the fused all-reduce + RMSNorm kernel: the same outputs as without it.
 
+Models: a dense Llama, Qwen3 (q/k norm) and a Qwen3-MoE with one dense layer (the MoE block's
+output is reduced in the next norm too, on its all-reduce path).
+
 The fused kernel sums the two ranks' partial rows in fp32 in rank order and then runs the
 `rmsnorm` kernel's arithmetic; the unfused path all-reduces (PyTorch's one-shot kernel, a + b)
 and then runs `rmsnorm`. At 2 ranks both are the same operations on the same values, so greedy
@@ -40,7 +43,7 @@ def _run(model, dtype: str, tp: int, prompts):
         torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_moe"])  # qwen3_moe: MoE + dense layers
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_equals_unfused_on_two_gpus(tmp_path, monkeypatch, capfd, name: str, dtype: str) -> None:
     model = write_checkpoint(name, tmp_path / name)

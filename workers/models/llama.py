@@ -8,8 +8,9 @@ rank's heads), optionally normalises q/k per head (Qwen3), applies rope at the g
 and hands q/k/v plus this layer's paged KV cache to the attention backend; the row-parallel
 o_proj returns this rank's partial sum, and the TP all-reduce happens in the norm after it
 (`RMSNorm(..., reduce=True)`: one kernel with the add and the norm on GPUs with the fused
-all-reduce, parallel/fused_allreduce_norm.py). A dense MLP's down_proj defers its reduction the
-same way, to the next layer's input norm or the final norm. `compute_logits` runs the LM head on
+all-reduce, parallel/fused_allreduce_norm.py). The MLP's output is left unreduced the same way
+(`forward_unreduced`: always for a dense MLP, on the all-reduce path for an MoE block) and summed
+by the next layer's input norm or the final norm. `compute_logits` runs the LM head on
 the rows the runner samples. Variants differ only in `LlamaOptions` (biases, q/k norm) and in
 the MLP built per layer (dense here, sparse MoE in moe.py).
 
@@ -62,15 +63,15 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, params_dtype=dtype)
         self.act = SiluAndMul()
 
-    def defer_reduce(self) -> bool:
-        """Return TP partial sums from now on (the consumer reduces, see LlamaDecoderLayer): True."""
-        self.down_proj.reduce_results = False
-        return True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden] -> [T, 2 * inter / tp] -> [T, inter / tp] -> [T, hidden] (all-reduced,
-        # or this rank's partial sum after defer_reduce)
+        # x: [T, hidden] -> [T, 2 * inter / tp] -> [T, inter / tp] -> [T, hidden] (all-reduced
+        # unless down_proj.reduce_results is off, as for a shared expert)
         return self.down_proj(self.act(self.gate_up_proj(x)))
+
+    def forward_unreduced(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(this TP rank's partial sum [T, hidden], True): the caller reduces it (LlamaDecoderLayer
+        leaves it to the next RMSNorm)."""
+        return self.down_proj(self.act(self.gate_up_proj(x)), reduce=False), True
 
 
 class LlamaAttention(nn.Module):
@@ -116,30 +117,28 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        # A dense MLP returns its TP partial sum and the consumer (next layer's input norm, the
-        # final norm, or the PP send) reduces it; an MoE block returns complete sums.
-        defer = getattr(mlp, "defer_reduce", None)
-        self.output_is_partial: bool = bool(defer()) if callable(defer) else False
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, h_is_partial: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """h: [T, hidden], the previous layer's MLP output not yet added to `residual` (the
         residual stream; None at the first layer, where h is the stream itself), a TP partial
         sum when `h_is_partial`. Each add is fused into the norm that follows it (and so is each
         TP all-reduce, where the group has the fused kernel), so a layer has no separate add
-        kernel; returns this layer's (MLP output, partial when `output_is_partial`; residual
-        stream before it)."""
+        kernel; returns this layer's (MLP output, residual stream before it, whether the MLP
+        output is still a TP partial sum: the consumer, i.e. the next layer's input norm, the
+        final norm or the PP send, reduces it)."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual, reduce=h_is_partial)  # one fused add + norm on CUDA
         attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)  # TP partial sum
         mlp_in, residual = self.post_attention_layernorm(attn_out, residual, reduce=True)
-        return self.mlp(mlp_in), residual
+        out, out_is_partial = self.mlp.forward_unreduced(mlp_in)
+        return out, residual, out_is_partial
 
 
-MLPFactory = Callable[[int], nn.Module]  # layer index -> MLP module
+MLPFactory = Callable[[int], nn.Module]  # layer index -> MLP module (with `forward_unreduced`, as LlamaMLP)
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -183,8 +182,7 @@ class LlamaModel(nn.Module):
             h = hidden_in  # [T, hidden]
         residual, partial = None, False
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            h, residual = layer(positions, h, residual, kv_cache, attn_metadata, h_is_partial=partial)
-            partial = layer.output_is_partial
+            h, residual, partial = layer(positions, h, residual, kv_cache, attn_metadata, h_is_partial=partial)
         if self.norm is None:
             if partial:
                 h = tensor_model_parallel_all_reduce(h)

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from shardserve.parallel.expert import ExpertPlacement, dispatch_and_combine
+from shardserve.parallel.comm import tensor_model_parallel_all_reduce
+from shardserve.parallel.expert import ExpertPlacement, dispatch_and_combine_unreduced
 from shardserve.parallel.linear import ReplicatedLinear, divide
 from shardserve.parallel.quant import Loadable, materialize
 from shardserve.parallel.state import get_parallel_state
@@ -166,7 +167,13 @@ class SparseMoeBlock(nn.Module):
         return not use_kernels(self.experts.w13_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden]
+        """x: [T, hidden] -> the complete MoE output [T, hidden]."""
+        out, is_partial = self.forward_unreduced(x)
+        return tensor_model_parallel_all_reduce(out) if is_partial else out
+
+    def forward_unreduced(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(output [T, hidden], is_partial): the output may still be this TP rank's partial sum,
+        for the caller to reduce (LlamaDecoderLayer leaves it to the next RMSNorm)."""
         router_logits = self.gate(x)  # [T, num_experts]
         if use_kernels(router_logits):
             from shardserve.workers.kernels.moe_routing import moe_route  # lazily: Triton only on CUDA
@@ -186,9 +193,9 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             # [T, hidden] partial over TP; the per-token gate is replicated, so scaling commutes with the sum
             shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        # [T, hidden], complete: partial sums all-reduced, or tokens dispatched and combined
-        return dispatch_and_combine(x, topk_ids, topk_weights, self.experts, self.experts.placement,
-                                    partial=shared)
+        # [T, hidden]: partial sums not yet all-reduced, or tokens dispatched and combined (complete)
+        return dispatch_and_combine_unreduced(x, topk_ids, topk_weights, self.experts, self.experts.placement,
+                                              partial=shared)
 
 
 # Checkpoint expert names -> (expert index or None for stacked, kind).
