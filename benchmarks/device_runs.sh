@@ -198,6 +198,11 @@ two_gpu_profile_tp() {
 
 # Four GPUs: batch-1 decode at TP 1 / 2 / 4 (async, the default) and TP 1 / 2 synchronous, then
 # Qwen3-30B-A3B offline at TP 2 and TP 2 + EP 2 on the 1,000-request workload (issue 4).
+four_gpu_tp() {  # TP 1 / 2 / 4 batch-1 decode with the fused all-reduce (the issue's scaling figures)
+    ns
+    timeout 400 python3 benchmarks/parallel_gpu.py --cases tp --case-timeout-s 120 --out "$OUT/parallel" 2>&1 \
+        | tee "$OUT/parallel_tp.log" | tail -6
+}
 four_gpu_parallel() {
     ns
     timeout 570 python3 benchmarks/parallel_gpu.py --cases tp,tpsync,ep --num-requests 1000 --case-timeout-s 200 \
