@@ -133,13 +133,13 @@ two_gpu_validate_s4() {
 # batch-1/8 latency at TP 2 and throughput at TP 2, each beside transformers on one device.
 two_gpu_fused() {  # fused all-reduce + RMSNorm: engine and kernel checks, TP 2 decode A/B, TP 2 profile
     ns
-    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py -rf -x \
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py -rf -x \
         > "$OUT/fused_engine_tests.log" 2>&1
     local rc=$?; tail -4 "$OUT/fused_engine_tests.log"
     SHARDSERVE_KERNEL_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider \
         tests/kernels/test_allreduce_rmsnorm.py -rf 2>&1 | tail -3
     [ $rc = 0 ] || return $rc  # the figures need the engine path to work
-    timeout 240 python3 benchmarks/parallel_gpu.py --cases tpfused --case-timeout-s 110 --out "$OUT/parallel" 2>&1 \
+    timeout 300 python3 benchmarks/parallel_gpu.py --cases tpfused --case-timeout-s 110 --out "$OUT/parallel" 2>&1 \
         | tee "$OUT/parallel_tpfused.log" | tail -5
     timeout 150 python3 benchmarks/profile_tp.py --tp 2 --cases b1 --out "$OUT/profile-tp" 2>&1 | grep -v Warning \
         | tee "$OUT/profile_tp.log" | tail -28

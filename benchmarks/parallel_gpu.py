@@ -30,7 +30,8 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
        stage also runs the LM head and sampling, ~2 layers' worth at 512 rows), and PP 2 with 4
        micro-batches (2,048 running), on ppmb's workload.
   tpfused: Llama-3.1-8B batch-1 decode at TP 1, and TP 2 with the fused all-reduce + RMSNorm
-       kernel off (SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1) and on (the default).
+       kernel off (SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1), on (the default, flags protocol),
+       and on with the opt-in Lamport protocol (SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=lamport).
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
   epwide: the same with 1,024 running requests and 16,384 tokens per step (vLLM's limits).
   moelat: Qwen3-30B-A3B batch-1 decode at TP 2 and TP 2 + EP 2.
@@ -78,7 +79,8 @@ CASES = {
               for pp, mb, seqs, split in ((1, None, 512, None), (2, 3, 1536, (17, 15)), (2, 4, 2048, None))],
     "tpfused": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=1, pp=1, ep=1)]
                + [dict(kind="latency", model="dummy:llama-3.1-8b", tp=2, pp=1, ep=1, tag=tag, env=env)
-                  for tag, env in (("unfused", {"SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM": "1"}), ("fused", {}))],
+                  for tag, env in (("unfused", {"SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM": "1"}), ("fused", {}),
+                                   ("fused-lamport", {"SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL": "lamport"}))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],
     # vLLM's own limits on an H100 (vllm_bench.py prints them): more rows per step share each
     # expert's weight read.

@@ -45,10 +45,11 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from shardserve.parallel.fused_allreduce_norm import (
-    FLAG_BYTES,
     FusedAllReduceNorm,
     area_bytes,
     half_bytes_from_env,
+    prepare_area,
+    protocol_from_env,
 )
 
 logger = logging.getLogger(__name__)
@@ -307,9 +308,9 @@ def _agree(reason: str | None, cpu_group: Any, ranks: Sequence[int]) -> str | No
     return f"rank {failed[0]}: {reasons[failed[0]]}" if failed else None
 
 
-def _allocate(max_bytes: int, fused_half_bytes: int, device: torch.device) -> torch.Tensor:
-    """The symmetric buffer: PyTorch's ops' `max_bytes`, then the fused area with its flags zeroed
-    (and synced: a peer may write them as soon as the next agreement has passed)."""
+def _allocate(max_bytes: int, fused_half_bytes: int, fused_protocol: str, device: torch.device) -> torch.Tensor:
+    """The symmetric buffer: PyTorch's ops' `max_bytes`, then the fused area in its starting state
+    (and synced: a peer may write it as soon as the next agreement has passed)."""
     import torch.distributed._symmetric_memory as symm_mem
 
     # Only unicast peer loads/stores are used: keep torch from creating NVLink multicast objects
@@ -317,7 +318,7 @@ def _allocate(max_bytes: int, fused_half_bytes: int, device: torch.device) -> to
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     buffer = symm_mem.empty(max_bytes + area_bytes(fused_half_bytes), dtype=torch.uint8, device=device)
     if fused_half_bytes:
-        buffer[max_bytes:max_bytes + FLAG_BYTES].zero_()
+        prepare_area(buffer[max_bytes:], fused_protocol)
         torch.cuda.synchronize(device)
     return buffer
 
@@ -357,6 +358,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
     """
     limits = limits or limits_from_env()
     fused_half_bytes = half_bytes_from_env()  # 0: no fused all-reduce + RMSNorm
+    fused_protocol = protocol_from_env()
     ops = ops if ops is not None else probe_symm_mem_ops()
     me, world = dist.get_rank(), len(ranks)
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
@@ -379,7 +381,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
         buffer = None
         if reason is None:
             try:
-                buffer = _allocate(limits.max_bytes, fused_half_bytes, device)
+                buffer = _allocate(limits.max_bytes, fused_half_bytes, fused_protocol, device)
             except Exception as e:
                 reason, error = f"symmetric allocation failed: {e!r}", e
         reason = _agree(reason, cpu_group, ranks)
@@ -395,7 +397,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
         if reason is None and fused_half_bytes:
             try:  # a failure leaves only the fused path off (agreed in _check_fused)
                 result.fused = FusedAllReduceNorm(handle.buffer_ptrs, limits.max_bytes, fused_half_bytes,
-                                                  ranks.index(me), device)
+                                                  ranks.index(me), device, fused_protocol)
             except Exception as e:
                 logger.warning("fused all-reduce + RMSNorm unavailable on this rank: %r", e)
         reason = _agree(reason, cpu_group, ranks)
@@ -416,7 +418,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
     if reason is None:
         logger.info("custom all-reduce on for TP ranks %s (up to %d bytes, ops: %s; fused with RMSNorm: %s)",
                     list(ranks), limits.max_bytes, ", ".join(k for k, v in vars(ops).items() if v is not None),
-                    "on" if result.fused is not None else "off")
+                    f"on ({result.fused.protocol})" if result.fused is not None else "off")
         return result
     if result is not None:
         result.close()

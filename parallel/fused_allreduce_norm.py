@@ -10,7 +10,9 @@ rendezvous), after the `max_bytes` PyTorch's ops use:
     [0, max_bytes)                      PyTorch's symm_mem ops (custom_allreduce.py)
     [max_bytes, + FLAG_BYTES)           flags: NUM_PROGRAMS x W int64, zeroed before the rendezvous
     [.. , + 2 * half_bytes)             data: two parity halves of W x max_rows x hidden elements
-PyTorch's ops keep their own signal pads, so the two protocols never share a word.
+PyTorch's ops keep their own signal pads, so the two protocols never share a word. With the
+opt-in Lamport protocol (`SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=lamport`) the flags go unused and
+the data area holds three rotating buffers that start as a sentinel (see the kernel file).
 
 Selection (`FusedAllReduceNorm.fits`) depends only on shapes and dtype, identical on every rank
 of a TP step, like `choose_algorithm`. `SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1` turns it off
@@ -19,13 +21,17 @@ of a TP step, like `choose_algorithm`. `SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 ENV_DISABLE = "SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM"
 ENV_HALF_BYTES = "SHARDSERVE_FUSED_ALLREDUCE_NORM_BYTES"
+ENV_PROTOCOL = "SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL"  # flags (default) | lamport (opt-in, unmeasured)
 DEFAULT_HALF_BYTES = 4 * 1024 * 1024  # 256 rows of 4,096 bf16 at TP 2, 128 at TP 4
 FLAG_BYTES = 4096  # room for NUM_PROGRAMS (32) x 16 ranks of int64 flags
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -47,6 +53,27 @@ def half_bytes_from_env() -> int:
     return -(-value // 16) * 16
 
 
+def protocol_from_env() -> str:
+    """`flags` unless SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL names another of the kernel's protocols."""
+    from shardserve.workers.kernels.allreduce_rmsnorm import PROTOCOLS
+
+    raw = os.environ.get(ENV_PROTOCOL, "flags").strip().lower() or "flags"
+    if raw not in PROTOCOLS:
+        logger.warning("ignoring %s=%r (one of %s)", ENV_PROTOCOL, raw, ", ".join(PROTOCOLS))
+        return "flags"
+    return raw
+
+
+def prepare_area(area: torch.Tensor, protocol: str) -> None:
+    """Put this rank's fresh fused area (uint8, FLAG_BYTES + 2 * half_bytes) in its starting state:
+    flags zeroed (flags), every data slot the "not yet written" sentinel (lamport)."""
+    from shardserve.workers.kernels.allreduce_rmsnorm import SENTINEL_32
+
+    area[:FLAG_BYTES].zero_()
+    if protocol == "lamport":
+        area[FLAG_BYTES:].view(torch.int32).fill_(SENTINEL_32)
+
+
 def area_bytes(half_bytes: int) -> int:
     """Bytes the fused area adds to the symmetric buffer (0 when off)."""
     return 0 if half_bytes == 0 else FLAG_BYTES + 2 * half_bytes
@@ -54,7 +81,7 @@ def area_bytes(half_bytes: int) -> int:
 
 def fused_reason(*, device_type: str, dtype: torch.dtype, shape: Sequence[int], last_stride: int,
                  has_residual: bool, residual_shape: Sequence[int] | None, half_bytes: int,
-                 world_size: int) -> str | None:
+                 world_size: int, protocol: str = "flags") -> str | None:
     """Why this call cannot take the fused kernel (None: it can). Pure: a function of shapes only."""
     from shardserve.workers.kernels.allreduce_rmsnorm import rows_capacity
 
@@ -69,7 +96,7 @@ def fused_reason(*, device_type: str, dtype: torch.dtype, shape: Sequence[int], 
     num_tokens, hidden = shape
     if num_tokens == 0:
         return "empty"
-    capacity = rows_capacity(half_bytes, world_size, hidden, torch.empty(0, dtype=dtype).element_size())
+    capacity = rows_capacity(half_bytes, world_size, hidden, torch.empty(0, dtype=dtype).element_size(), protocol)
     if num_tokens > capacity:
         return f"{num_tokens} rows over the {capacity}-row buffer"
     return None
@@ -83,10 +110,10 @@ class FusedAllReduceNorm:
     """
 
     def __init__(self, buffer_ptrs: Sequence[int], offset: int, half_bytes: int, rank: int,
-                 device: torch.device) -> None:
-        from shardserve.workers.kernels.allreduce_rmsnorm import NUM_PROGRAMS
+                 device: torch.device, protocol: str = "flags") -> None:
+        from shardserve.workers.kernels.allreduce_rmsnorm import NUM_COUNTERS, NUM_PROGRAMS
 
-        self.rank, self.world_size, self.half_bytes = rank, len(buffer_ptrs), half_bytes
+        self.rank, self.world_size, self.half_bytes, self.protocol = rank, len(buffer_ptrs), half_bytes, protocol
         if any((p + offset) % 16 for p in buffer_ptrs) or half_bytes % 16:
             raise ValueError("the fused area must start 16-byte aligned on every rank (the kernel's "
                              "vector loads and stores assume it)")
@@ -95,13 +122,13 @@ class FusedAllReduceNorm:
         self.flag_ptrs = torch.tensor([p + offset for p in buffer_ptrs], dtype=torch.int64, device=device)
         self.data_ptrs = torch.tensor([p + offset + FLAG_BYTES for p in buffer_ptrs], dtype=torch.int64,
                                       device=device)
-        self.counters = torch.zeros(NUM_PROGRAMS, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
 
     def fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         return fused_reason(device_type=x.device.type, dtype=x.dtype, shape=tuple(x.shape),
                             last_stride=x.stride(-1) if x.dim() else 0, has_residual=residual is not None,
                             residual_shape=None if residual is None else tuple(residual.shape),
-                            half_bytes=self.half_bytes, world_size=self.world_size) is None
+                            half_bytes=self.half_bytes, world_size=self.world_size, protocol=self.protocol) is None
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +137,7 @@ class FusedAllReduceNorm:
 
         return allreduce_rmsnorm(x, residual, weight, eps, rank=self.rank, world_size=self.world_size,
                                  data_ptrs=self.data_ptrs, flag_ptrs=self.flag_ptrs, counters=self.counters,
-                                 half_bytes=self.half_bytes)
+                                 half_bytes=self.half_bytes, protocol=self.protocol)
 
     def self_test(self) -> str | None:
         """Fused result vs all-reduce-then-`rmsnorm` on integers exact in bf16 (None: all match).

@@ -67,12 +67,16 @@ def _interpreter_launches_from_threads(monkeypatch):
 class SimulatedGroup:
     """W ranks' buffers, flags and counters on one device; `call` runs one collective call."""
 
-    def __init__(self, world_size: int, device: torch.device, half_bytes: int = HALF_BYTES) -> None:
-        self.world_size, self.half_bytes = world_size, half_bytes
+    def __init__(self, world_size: int, device: torch.device, half_bytes: int = HALF_BYTES,
+                 protocol: str = "flags") -> None:
+        self.world_size, self.half_bytes, self.protocol = world_size, half_bytes, protocol
         self.data = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
+        if protocol == "lamport":  # every slot starts as "not yet written"
+            for area in self.data:
+                area.view(torch.int32).fill_(ar.SENTINEL_32)
         self.flags = [torch.zeros(ar.NUM_PROGRAMS * world_size, dtype=torch.int64, device=device)
                       for _ in range(world_size)]
-        self.counters = [torch.zeros(ar.NUM_PROGRAMS, dtype=torch.int64, device=device) for _ in range(world_size)]
+        self.counters = [torch.zeros(ar.NUM_COUNTERS, dtype=torch.int64, device=device) for _ in range(world_size)]
         self.data_ptrs = torch.tensor([d.data_ptr() for d in self.data], dtype=torch.int64, device=device)
         self.flag_ptrs = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64, device=device)
         self.streams = [torch.cuda.Stream(device) for _ in range(world_size)] if device.type == "cuda" else None
@@ -87,7 +91,7 @@ class SimulatedGroup:
                 launch: Callable[[], tuple[torch.Tensor, torch.Tensor]] = lambda: ar.allreduce_rmsnorm(  # noqa: E731
                     xs[rank], residual, weight, eps, rank=rank, world_size=self.world_size,
                     data_ptrs=self.data_ptrs, flag_ptrs=self.flag_ptrs, counters=self.counters[rank],
-                    half_bytes=self.half_bytes)
+                    half_bytes=self.half_bytes, protocol=self.protocol)
                 if self.streams is None:
                     results[rank] = launch()
                 else:
@@ -101,7 +105,8 @@ class SimulatedGroup:
             for rank in range(self.world_size):
                 ar.allreduce_rmsnorm(xs[rank], residual, weight, eps, rank=rank, world_size=self.world_size,
                                      data_ptrs=self.data_ptrs, flag_ptrs=self.flag_ptrs,
-                                     counters=self.counters[rank], half_bytes=self.half_bytes, compile_only=True)
+                                     counters=self.counters[rank], half_bytes=self.half_bytes,
+                                     protocol=self.protocol, compile_only=True)
         threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(self.world_size)]
         for t in threads:
             t.start()
@@ -120,18 +125,22 @@ def expected(xs: list[torch.Tensor], residual: torch.Tensor | None, weight: torc
     return rmsnorm(total.to(xs[0].dtype), weight, eps, residual)
 
 
+@pytest.mark.parametrize("protocol", ar.PROTOCOLS)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_sum_then_rmsnorm_over_calls(device, world_size, dtype):
+def test_matches_sum_then_rmsnorm_over_calls(device, world_size, dtype, protocol):
     hidden = 48  # not a power of two: masked lanes
-    group = SimulatedGroup(world_size, device)
+    group = SimulatedGroup(world_size, device, protocol=protocol)
     weight = (1 + 0.1 * torch.randn(hidden)).to(dtype=dtype, device=device)
     # Several calls in a row: both parities, more rows than programs (33 -> 2 rows per program),
     # a single row, and with / without residual.
     for num_tokens, with_residual in [(1, True), (5, True), (33, True), (3, False), (1, True)]:
-        if num_tokens > ar.rows_capacity(HALF_BYTES, world_size, hidden, torch.empty(0, dtype=dtype).element_size()):
+        if num_tokens > ar.rows_capacity(HALF_BYTES, world_size, hidden, torch.empty(0, dtype=dtype).element_size(),
+                                         protocol):
             continue
         xs = [(2 * torch.randn(num_tokens, hidden)).to(dtype=dtype, device=device) for _ in range(world_size)]
+        for x in xs:
+            x[0, :3] = -0.0  # bf16's Lamport sentinel: pushed as +0.0, the same value
         residual = torch.randn(num_tokens, hidden).to(dtype=dtype, device=device) if with_residual else None
         ref_out, ref_residual = expected(xs, residual, weight, 1e-6)
         results = group.call(xs, residual, weight, 1e-6)
@@ -147,14 +156,15 @@ def test_matches_sum_then_rmsnorm_over_calls(device, world_size, dtype):
                 assert torch.equal(out, ref_out)
         for out, new_residual in results[1:]:  # every rank holds the same bits
             assert torch.equal(out, results[0][0]) and torch.equal(new_residual, results[0][1])
-    counts = {int(c.unique().item()) for c in group.counters}
+    counts = {int(c[: ar.NUM_PROGRAMS].unique().item()) for c in group.counters}
     assert len(counts) == 1  # every program of every rank counted every call
 
 
-def test_strided_rows_and_rank_identical_outputs(device):
+@pytest.mark.parametrize("protocol", ar.PROTOCOLS)
+def test_strided_rows_and_rank_identical_outputs(device, protocol):
     # x as a row view of a wider buffer (the GEMM output may be a slice); every rank must end
     # with the same bits, which the next layer's replicated weights rely on.
-    group = SimulatedGroup(2, device)
+    group = SimulatedGroup(2, device, protocol=protocol)
     wide = [torch.randn(4, 100, device=device) for _ in range(2)]
     xs = [w[:, 10:58] for w in wide]
     residual = torch.randn(4, 48, device=device)
@@ -203,25 +213,28 @@ if DEVICE == "cpu":
         assert done.wait(timeout=60)
 
 
-def test_self_test_of_the_setup(monkeypatch):
+@pytest.mark.parametrize("protocol", ar.PROTOCOLS)
+def test_self_test_of_the_setup(monkeypatch, protocol):
     # parallel/fused_allreduce_norm.py's setup self-test, one rank (its own peer): the kernel's
     # result must equal all-reduce-then-rmsnorm bit for bit, and a wrong kernel must be caught.
     from shardserve.parallel import fused_allreduce_norm as fan
 
     half = 64 * 1024
     buffer = torch.zeros(fan.FLAG_BYTES + 2 * half, dtype=torch.uint8, device=DEVICE)
+    fan.prepare_area(buffer, protocol)
     monkeypatch.setattr(fan, "fused_reason", lambda **kw: None if kw["shape"][0] * kw["shape"][1] <= 4096 else "big")
-    fused = fan.FusedAllReduceNorm([buffer.data_ptr()], 0, half, 0, torch.device(DEVICE))
+    fused = fan.FusedAllReduceNorm([buffer.data_ptr()], 0, half, 0, torch.device(DEVICE), protocol)
     assert fused.self_test() is None
-    assert fused.counters.tolist() == [2] * ar.NUM_PROGRAMS  # (1 x 4096) and (3 x 576) ran; (40 x 1024) did not
+    assert fused.counters[: ar.NUM_PROGRAMS].tolist() == [2] * ar.NUM_PROGRAMS  # (1 x 4096), (3 x 576) ran
 
     class Wrong(fan.FusedAllReduceNorm):
         def __call__(self, *args, **kwargs):
             out, new_residual = super().__call__(*args, **kwargs)
             return out, new_residual + 1
 
-    buffer.zero_()
-    assert "self-test mismatch (1 x 4096)" in Wrong([buffer.data_ptr()], 0, half, 0, torch.device(DEVICE)).self_test()
+    fan.prepare_area(buffer, protocol)
+    wrong = Wrong([buffer.data_ptr()], 0, half, 0, torch.device(DEVICE), protocol)
+    assert "self-test mismatch (1 x 4096)" in wrong.self_test()
 
 
 _COMPILE_FOR_H100 = """
@@ -230,40 +243,55 @@ from collections import Counter
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from shardserve.workers.kernels.allreduce_rmsnorm import _allreduce_rmsnorm_kernel as fn
+from shardserve.workers.kernels import allreduce_rmsnorm as ar
+fn = ar._allreduce_rmsnorm_kernel if sys.argv[1] == "flags" else ar._allreduce_rmsnorm_lamport_kernel
 names = fn.arg_names
 pointers = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
             "new_residual_ptr": "*bf16", "data_ptrs": "*i64", "flag_ptrs": "*i64", "counter_ptr": "*i64"}
-constexprs = {"WORLD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096}
+constexprs = {"WORLD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": ar.NUM_PROGRAMS}
+constexprs = {n: v for n, v in constexprs.items() if n in names}
 signature = {n: pointers.get(n) or ("fp32" if n == "eps" else "constexpr" if n in constexprs else "i32") for n in names}
 # what a launch at hidden 4096 bf16 specialises as divisible by 16
-aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "stride_x", "stride_r", "stride_o", "stride_nr"}
+aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "third_stride", "stride_x", "stride_r",
+                           "stride_o", "stride_nr"}
 source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
-                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names})
 ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
-ops = Counter(re.findall(r"\\b((?:ld|st|atom)\\.global(?:\\.[a-z0-9]+)*)", ptx))
+ops = Counter(re.findall(r"\\b((?:ld|st|atom)(?:\\.[a-z0-9]+)*)", ptx))
+ops["fence/membar"] = len(re.findall(r"\\b(?:fence|membar)\\.", ptx))
 print("OPS " + json.dumps(ops))
 """
 
 
-def test_peer_traffic_compiles_to_16_byte_accesses():
-    # The data areas' addresses come out of an int64 table, which tells Triton nothing about their
-    # alignment: without the kernel's `multiple_of` hints every peer store and slot load compiled
-    # to 2-byte scalars (4,096 NVLink writes per 8 KB row). Compiled for an H100 (sm_90) in a
-    # fresh process (the interpreter this suite runs under cannot compile); no GPU needed.
+def _compiled_ops(protocol: str) -> dict[str, int]:
+    """Memory instructions of the kernel compiled for an H100 (sm_90), in a fresh process (the
+    interpreter this suite runs under cannot compile); no GPU needed."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, protocol], capture_output=True, text=True,
+                          env=env, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OPS ")]
     assert proc.returncode == 0 and lines, proc.stderr[-2000:]
-    ops = json.loads(lines[-1][4:])
-    scalar_16bit = {op: n for op, n in ops.items() if op.endswith(".b16")}
+    return json.loads(lines[-1][4:])
+
+
+@pytest.mark.parametrize("protocol", ar.PROTOCOLS)
+def test_peer_traffic_compiles_to_16_byte_accesses(protocol):
+    # The data areas' addresses come out of an int64 table, which tells Triton nothing about their
+    # alignment: without the kernels' `multiple_of` hints every peer store and slot load compiled
+    # to 2-byte scalars (4,096 NVLink writes per 8 KB row).
+    ops = _compiled_ops(protocol)
+    scalar_16bit = {op: n for op, n in ops.items() if op.endswith(".b16") and op.startswith(("ld.global", "st.global"))}
     assert not scalar_16bit, f"2-byte global accesses: {scalar_16bit}"
-    # per thread: x, residual, weight and 2 slot loads; 2 peer pushes and 2 outputs, each 16 bytes
-    assert ops.get("st.global.v4.b32", 0) >= 4 and ops.get("ld.global.v4.b32", 0) >= 5, ops
-    assert "atom.global.sys.release.exch.b64" in ops and "ld.global.sys.acquire.b64" in ops, ops
+    if protocol == "flags":
+        # per thread: x, residual, weight and 2 slot loads; 2 peer pushes and 2 outputs, 16 bytes each
+        assert ops.get("st.global.v4.b32", 0) >= 4 and ops.get("ld.global.v4.b32", 0) >= 5, ops
+        assert "atom.global.sys.release.exch.b64" in ops and "ld.global.sys.acquire.b64" in ops, ops
+    else:
+        # polled slots are volatile 16-byte loads; no flag atomics and no fences at all
+        assert ops.get("ld.volatile.global.v4.b32", 0) >= 2, ops
+        assert not [op for op in ops if op.startswith("atom")] and ops["fence/membar"] == 0, ops

@@ -19,11 +19,11 @@ from shardserve.workers.models.layers import RMSNorm
 
 
 def reason(shape=(4, 4096), *, device_type="cuda", dtype=torch.bfloat16, last_stride=1, residual_shape="same",
-           half_bytes=fan.DEFAULT_HALF_BYTES, world_size=2):
+           half_bytes=fan.DEFAULT_HALF_BYTES, world_size=2, protocol="flags"):
     residual_shape = shape if residual_shape == "same" else residual_shape
     return fan.fused_reason(device_type=device_type, dtype=dtype, shape=shape, last_stride=last_stride,
                             has_residual=residual_shape is not None, residual_shape=residual_shape,
-                            half_bytes=half_bytes, world_size=world_size)
+                            half_bytes=half_bytes, world_size=world_size, protocol=protocol)
 
 
 def test_selection_depends_only_on_shapes() -> None:
@@ -148,3 +148,21 @@ def test_unaligned_area_is_refused() -> None:
         fan.FusedAllReduceNorm([4096], 0, 1000, 0, torch.device("cpu"))
     assert fan.FusedAllReduceNorm([4096, 8192], 16, 1024, 1, torch.device("cpu")).data_ptrs.tolist() == [
         4096 + 16 + fan.FLAG_BYTES, 8192 + 16 + fan.FLAG_BYTES]
+
+
+def test_protocol_from_env_and_starting_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardserve.workers.kernels.allreduce_rmsnorm import SENTINEL_32
+
+    assert fan.protocol_from_env() == "flags"
+    monkeypatch.setenv(fan.ENV_PROTOCOL, "Lamport")
+    assert fan.protocol_from_env() == "lamport"
+    monkeypatch.setenv(fan.ENV_PROTOCOL, "carrier-pigeon")
+    assert fan.protocol_from_env() == "flags"  # logged and ignored
+    area = torch.full((fan.FLAG_BYTES + 2 * 64,), 7, dtype=torch.uint8)
+    fan.prepare_area(area, "flags")
+    assert area[: fan.FLAG_BYTES].eq(0).all() and area[fan.FLAG_BYTES:].eq(7).all()  # data: whatever it was
+    fan.prepare_area(area, "lamport")
+    assert area[fan.FLAG_BYTES:].view(torch.int32).eq(SENTINEL_32).all()
+    assert area[fan.FLAG_BYTES:].view(torch.bfloat16).view(torch.int16).eq(-32768).all()  # bf16 -0.0 in every lane
+    # Lamport's three buffers hold fewer rows than flags' two halves
+    assert reason((171, 4096), protocol="lamport") == "171 rows over the 170-row buffer"

@@ -26,7 +26,7 @@ from parallel_helpers import (
     single_process,
     write_checkpoint,
 )
-from shardserve.parallel.fused_allreduce_norm import ENV_DISABLE
+from shardserve.parallel.fused_allreduce_norm import ENV_DISABLE, ENV_PROTOCOL
 from shardserve.workers.config import ModelConfig
 
 pytestmark = [pytest.mark.gpu,
@@ -57,3 +57,17 @@ def test_fused_equals_unfused_on_two_gpus(tmp_path, monkeypatch, capfd, name: st
     assert_same_outputs(unfused, fused, atol=0.0)
     if dtype == "float32":
         assert_same_outputs(_run(model, dtype, 1, prompts), fused, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
+def test_lamport_protocol_equals_unfused_on_two_gpus(tmp_path, monkeypatch, capfd, name: str) -> None:
+    """The opt-in Lamport protocol (the data is its own flag) gives the same bits as well."""
+    model = write_checkpoint(name, tmp_path / name)
+    prompts = make_prompts(250, lengths=(1, 5, 11, 23, 64))
+    monkeypatch.setenv(ENV_DISABLE, "1")
+    unfused = _run(model, "bfloat16", 2, prompts)
+    monkeypatch.delenv(ENV_DISABLE)
+    monkeypatch.setenv(ENV_PROTOCOL, "lamport")
+    fused = _run(model, "bfloat16", 2, prompts)
+    assert "fused with RMSNorm: on (lamport)" in capfd.readouterr().err
+    assert_same_outputs(unfused, fused, atol=0.0)

@@ -5,7 +5,10 @@ and the next thing the model does with the sum is `rmsnorm(sum + residual)`. PyT
 symmetric-memory one-shot all-reduce takes ~11 us on 2 H100s (two barriers per call) and the
 norm another ~2 us kernel; at TP 2 those 64 pairs were 0.88 ms of a 4.3 ms Llama-8B step.
 
-Protocol (W ranks, each with the same symmetric buffer mapped from every peer; `data_ptrs[q]`
+Two protocols share the launcher and the epilogue: `flags` (the default, described here) and
+`lamport` (opt-in, further down: the data is its own flag).
+
+Flags protocol (W ranks, each with the same symmetric buffer mapped from every peer; `data_ptrs[q]`
 and `flag_ptrs[q]` are rank q's data and flag areas as seen from this rank):
   1. push: program p copies its rows of x into slot [parity][me][row] of EVERY rank's data area
      (peer stores are posted, so this costs one one-way NVLink trip, not a round trip);
@@ -36,8 +39,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels.rmsnorm import residual_norm_store
 
 NUM_PROGRAMS = 32  # G: fixed, identical on every rank (rows are split over the G programs)
+
+
+@triton.jit
+def _finish_row(acc, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r, stride_o,
+                stride_nr, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """acc: one row's fp32 sum over the ranks -> rounded as the collective returns it, then
+    rmsnorm.py's residual add and norm (without a residual the sum itself is the new residual)."""
+    h = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    if not HAS_RESIDUAL:
+        tl.store(new_residual_ptr + row * stride_nr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+    residual_norm_store(h, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r, stride_o,
+                        stride_nr, offs, mask, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -87,22 +103,107 @@ def _allreduce_rmsnorm_kernel(
             for q in tl.static_range(WORLD):
                 slot = half + (q * max_rows + row) * hidden_size
                 acc += tl.load(local + slot + offs, mask=mask, other=0.0).to(tl.float32)
-            h = acc.to(dtype).to(tl.float32)  # the all-reduced value, rounded as the collective returns it
-            if HAS_RESIDUAL:
-                r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-                h_rounded = (h + r).to(dtype)
-                tl.store(new_residual_ptr + row * stride_nr + offs, h_rounded, mask=mask)
-                h = h_rounded.to(tl.float32)
-            else:
-                tl.store(new_residual_ptr + row * stride_nr + offs, h.to(dtype), mask=mask)
-            rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden_size + eps)
-            normed = (h * rstd).to(dtype).to(tl.float32)
-            tl.store(out_ptr + row * stride_o + offs, (normed * w).to(dtype), mask=mask)
+            _finish_row(acc, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r,
+                        stride_o, stride_nr, offs, mask, HAS_RESIDUAL)
 
 
-def rows_capacity(half_bytes: int, world_size: int, hidden_size: int, element_size: int) -> int:
-    """Most token rows one call can take: a parity half holds W slots of max_rows rows."""
-    return half_bytes // (world_size * hidden_size * element_size)
+# ---- Lamport protocol: the data is its own flag ---------------------------------------------
+# Opt-in (SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=lamport), not yet measured against the flags above.
+# Every slot starts as a sentinel bit pattern that no pushed value has (a value equal to it is
+# pushed as +0.0: for 16-bit types the sentinel is -0.0, for fp32 one negative denormal). A reader
+# polls its slots with volatile loads until no lane holds the sentinel: no flag, no system-scope
+# fence, one one-way NVLink trip. Three buffers rotate with the call count: call e writes buffer
+# e % 3 and clears (back to the sentinel) the rows call e - 1 left in buffer (e - 1) % 3 of this
+# rank. A peer can be at most one call ahead (it needs this rank's rows of each call to finish
+# it), so it writes buffer e % 3 or (e + 1) % 3, never the one being cleared; and a row count
+# per buffer (counters[PROGRAMS + b], written by program 0) says how many rows to clear.
+SENTINEL_16 = -32768  # 0x8000: -0.0 in bf16 / fp16
+SENTINEL_32 = -2147450880  # 0x80008000: two 16-bit sentinels, so one int32 fill serves every dtype
+
+
+@triton.jit
+def _is_sentinel(v, BITS: tl.constexpr):
+    if BITS == 16:
+        return v.to(tl.int16, bitcast=True) == -32768
+    else:
+        return v.to(tl.int32, bitcast=True) == -2147450880
+
+
+@triton.jit
+def _sentinel_row(BLOCK: tl.constexpr, dtype: tl.constexpr, BITS: tl.constexpr):
+    if BITS == 16:
+        return tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
+    else:
+        return tl.full([BLOCK], -2147450880, tl.int32).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _allreduce_rmsnorm_lamport_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    data_ptrs, counter_ptr,
+    rank, num_tokens, hidden_size, rows_per_program, max_rows, third_stride, eps,
+    stride_x, stride_r, stride_o, stride_nr,
+    WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
+    PROGRAMS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    epoch = tl.load(counter_ptr + pid) + 1  # this call's number (int64)
+    tl.store(counter_ptr + pid, epoch)
+    current = epoch % 3
+    previous = (epoch + 2) % 3
+    previous_rows = tl.load(counter_ptr + PROGRAMS + previous).to(tl.int32)
+    if pid == 0:
+        tl.store(counter_ptr + PROGRAMS + current, num_tokens + 0 * epoch)  # as int64
+    dtype = x_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden_size
+    local = tl.multiple_of(tl.load(data_ptrs + rank).to(tl.pointer_type(dtype)), 16)  # 16-byte aligned areas
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, num_tokens)
+    if row_start < num_tokens:
+        base = current * third_stride
+        for row in range(row_start, row_end):  # 1. push (no sentinel value leaves this rank)
+            x = tl.load(x_ptr + row * stride_x + offs, mask=mask)
+            x = tl.where(_is_sentinel(x, BITS), tl.zeros_like(x), x)
+            slot = base + (rank * max_rows + row) * hidden_size
+            for q in tl.static_range(WORLD):
+                dst = tl.multiple_of(tl.load(data_ptrs + q).to(tl.pointer_type(dtype)), 16)
+                tl.store(dst + slot + offs, x, mask=mask)
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        for row in range(row_start, row_end):  # 2. poll until every rank's row is in, reduce, norm
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for q in tl.static_range(WORLD):
+                src = local + base + (q * max_rows + row) * hidden_size + offs
+                v = tl.load(src, mask=mask, other=0.0, volatile=True)
+                while tl.sum((_is_sentinel(v, BITS) & mask).to(tl.int32), 0) > 0:
+                    v = tl.load(src, mask=mask, other=0.0, volatile=True)
+                acc += v.to(tl.float32)
+            _finish_row(acc, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r,
+                        stride_o, stride_nr, offs, mask, HAS_RESIDUAL)
+    # 3. every program: the previous call's rows in this rank's previous buffer back to the sentinel
+    sentinel = _sentinel_row(BLOCK, dtype, BITS)
+    for row in range(pid, previous_rows, PROGRAMS):
+        for q in tl.static_range(WORLD):
+            tl.store(local + previous * third_stride + (q * max_rows + row) * hidden_size + offs, sentinel, mask=mask)
+
+
+# ---- launcher -------------------------------------------------------------------------------
+
+PROTOCOLS = ("flags", "lamport")
+NUM_COUNTERS = NUM_PROGRAMS + 3  # per-program call counts, then (lamport) each buffer's row count
+
+
+def slot_area_bytes(half_bytes: int, protocol: str) -> int:
+    """Bytes one call's slots may use: a parity half (flags), a third of both halves (lamport)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return half_bytes if protocol == "flags" else (2 * half_bytes // 3) // 16 * 16
+
+
+def rows_capacity(half_bytes: int, world_size: int, hidden_size: int, element_size: int,
+                  protocol: str = "flags") -> int:
+    """Most token rows one call can take: one call's area holds W slots of max_rows rows."""
+    return slot_area_bytes(half_bytes, protocol) // (world_size * hidden_size * element_size)
 
 
 def allreduce_rmsnorm(
@@ -114,9 +215,10 @@ def allreduce_rmsnorm(
     rank: int,
     world_size: int,
     data_ptrs: torch.Tensor,  # int64 [W]: every rank's data area (this rank's mapping of it)
-    flag_ptrs: torch.Tensor,  # int64 [W]: every rank's flag area, NUM_PROGRAMS * W int64 each
-    counters: torch.Tensor,  # int64 [NUM_PROGRAMS], this rank's call counters
-    half_bytes: int,  # bytes of one parity half of the data area
+    flag_ptrs: torch.Tensor | None,  # int64 [W]: every rank's flag area, NUM_PROGRAMS * W int64 each (flags)
+    counters: torch.Tensor,  # int64 [NUM_COUNTERS], this rank's, zeroed at setup
+    half_bytes: int,  # bytes of one parity half of the data area (the area is 2 * half_bytes)
+    protocol: str = "flags",  # lamport: the data area must start filled with SENTINEL_32
     compile_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (out [T, H], new_residual [T, H])
     """`s = sum over ranks of x`; `new_residual = s + residual` (or s); `out = rmsnorm(new_residual) * weight`.
@@ -131,26 +233,33 @@ def allreduce_rmsnorm(
         raise ValueError(f"weight must be contiguous with shape ({hidden_size},), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}, last dim contiguous")
-    max_rows = rows_capacity(half_bytes, world_size, hidden_size, x.element_size())
+    max_rows = rows_capacity(half_bytes, world_size, hidden_size, x.element_size(), protocol)
     if num_tokens > max_rows:
         raise ValueError(f"{num_tokens} rows exceed the buffer's {max_rows} rows of {hidden_size} at world size {world_size}")
-    if counters.numel() != NUM_PROGRAMS or data_ptrs.numel() != world_size or flag_ptrs.numel() != world_size:
-        raise ValueError("counters must have NUM_PROGRAMS entries and data_ptrs / flag_ptrs one per rank")
+    if counters.numel() != NUM_COUNTERS or data_ptrs.numel() != world_size or (
+            protocol == "flags" and (flag_ptrs is None or flag_ptrs.numel() != world_size)):
+        raise ValueError("counters must have NUM_COUNTERS entries and data_ptrs / flag_ptrs one per rank")
     out = torch.empty_like(x)
     new_residual = torch.empty_like(x)
     # Every call launches all programs (even with 0 rows) so each program's counter is the call count.
     rows_per_program = max(1, triton.cdiv(num_tokens, NUM_PROGRAMS))
-    args = (x, x if residual is None else residual, weight, out, new_residual, data_ptrs, flag_ptrs, counters,
-            rank, num_tokens, hidden_size, rows_per_program, max_rows, half_bytes // x.element_size(), eps,
+    head = (x, x if residual is None else residual, weight, out, new_residual)
+    tail = (rank, num_tokens, hidden_size, rows_per_program, max_rows,
+            slot_area_bytes(half_bytes, protocol) // x.element_size(), eps,
             x.stride(0), x.stride(0) if residual is None else residual.stride(0), out.stride(0), new_residual.stride(0))
     meta = dict(WORLD=world_size, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size),
                 num_warps=8 if hidden_size >= 4096 else 4)
+    if protocol == "flags":
+        kernel, args = _allreduce_rmsnorm_kernel, (*head, data_ptrs, flag_ptrs, counters, *tail)
+    else:
+        kernel, args = _allreduce_rmsnorm_lamport_kernel, (*head, data_ptrs, counters, *tail)
+        meta.update(BITS=8 * x.element_size(), PROGRAMS=NUM_PROGRAMS)
     if compile_only:
         # Compile and load the kernel now, so no later launch loads a module: loading allocates
         # device memory, which waits for the device to go idle, and a kernel spinning on a peer
         # launched from another thread of this process would never let it.
-        compiled = _allreduce_rmsnorm_kernel.warmup(*args, grid=(NUM_PROGRAMS,), **meta)
+        compiled = kernel.warmup(*args, grid=(NUM_PROGRAMS,), **meta)
         getattr(compiled, "_init_handles", lambda: None)()
     else:
-        _allreduce_rmsnorm_kernel[(NUM_PROGRAMS,)](*args, **meta)
+        kernel[(NUM_PROGRAMS,)](*args, **meta)
     return out, new_residual

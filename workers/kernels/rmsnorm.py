@@ -17,6 +17,25 @@ import triton.language as tl
 
 
 @triton.jit
+def residual_norm_store(
+    h, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r, stride_o, stride_nr,
+    offs, mask, HAS_RESIDUAL: tl.constexpr,
+):
+    """The shared epilogue: h [BLOCK] fp32 (already rounded to the dtype) -> add the residual row
+    (rounded once), store it as the new residual, normalise and store `out`. Also used by the
+    fused all-reduce kernels (allreduce_rmsnorm.py), so they compute exactly what this one does."""
+    dtype = out_ptr.dtype.element_ty
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        h_rounded = (h + r).to(new_residual_ptr.dtype.element_ty)
+        tl.store(new_residual_ptr + row * stride_nr + offs, h_rounded, mask=mask)
+        h = h_rounded.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden_size + eps)
+    normed = (h * rstd).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(dtype), mask=mask)
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     eps, hidden_size,
@@ -27,15 +46,9 @@ def _rmsnorm_kernel(
     offs = tl.arange(0, BLOCK)  # [BLOCK] >= H
     mask = offs < hidden_size
     h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        h_rounded = (h + r).to(new_residual_ptr.dtype.element_ty)
-        tl.store(new_residual_ptr + row * stride_nr + offs, h_rounded, mask=mask)
-        h = h_rounded.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden_size + eps)
-    normed = (h * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    residual_norm_store(h, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r, stride_o,
+                        stride_nr, offs, mask, HAS_RESIDUAL)
 
 
 def rmsnorm(
