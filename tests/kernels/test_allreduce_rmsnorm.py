@@ -161,6 +161,33 @@ def test_matches_sum_then_rmsnorm_over_calls(device, world_size, dtype, protocol
 
 
 @pytest.mark.parametrize("protocol", ar.PROTOCOLS)
+def test_calls_of_different_widths_and_dtypes_in_one_group(device, protocol):
+    # The setup's self-test runs widths 4,096, 576 and 1,024 (bf16) before the model's own calls
+    # (its width, maybe fp32): whatever a call leaves in the buffers must not leak into a later
+    # call of another shape. Lamport clears what the previous call wrote, so that clear must
+    # cover the previous call's bytes, not this call's layout.
+    group = SimulatedGroup(2, device, half_bytes=16 * 1024, protocol=protocol)
+    for step, (num_tokens, hidden, dtype) in enumerate([(1, 512, torch.bfloat16), (3, 48, torch.bfloat16),
+                                                        (2, 256, torch.float32), (1, 512, torch.bfloat16),
+                                                        (3, 48, torch.bfloat16), (2, 256, torch.float32),
+                                                        (1, 512, torch.bfloat16)]):
+        torch.manual_seed(step)
+        xs = [torch.randint(-8, 8, (num_tokens, hidden)).to(dtype=dtype, device=device) for _ in range(2)]
+        residual = torch.randint(-4, 4, (num_tokens, hidden)).to(dtype=dtype, device=device)
+        weight = torch.ones(hidden, dtype=dtype, device=device)
+        _, ref_residual = expected(xs, residual, weight, 1e-6)  # small integers: exact in every dtype
+        for _, new_residual in group.call(xs, residual, weight, 1e-6):
+            assert torch.equal(new_residual, ref_residual), f"call {step} ({num_tokens} x {hidden} {dtype})"
+        if protocol == "lamport":  # only this call's buffer may hold data; the other two are clear
+            third = ar.slot_area_bytes(group.half_bytes, "lamport")
+            current = (step + 1) % 3
+            for area in group.data:
+                for b in {0, 1, 2} - {current}:
+                    words = area[b * third:(b + 1) * third].view(torch.int32)
+                    assert words.eq(ar.SENTINEL_32).all(), f"call {step}: buffer {b} not cleared"
+
+
+@pytest.mark.parametrize("protocol", ar.PROTOCOLS)
 def test_strided_rows_and_rank_identical_outputs(device, protocol):
     # x as a row view of a wider buffer (the GEMM output may be a slice); every rank must end
     # with the same bits, which the next layer's replicated weights rely on.
@@ -248,12 +275,13 @@ fn = ar._allreduce_rmsnorm_kernel if sys.argv[1] == "flags" else ar._allreduce_r
 names = fn.arg_names
 pointers = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
             "new_residual_ptr": "*bf16", "data_ptrs": "*i64", "flag_ptrs": "*i64", "counter_ptr": "*i64"}
-constexprs = {"WORLD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": ar.NUM_PROGRAMS}
+constexprs = {"WORLD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": ar.NUM_PROGRAMS,
+              "CLEAR_BLOCK": 1024}
 constexprs = {n: v for n, v in constexprs.items() if n in names}
 signature = {n: pointers.get(n) or ("fp32" if n == "eps" else "constexpr" if n in constexprs else "i32") for n in names}
 # what a launch at hidden 4096 bf16 specialises as divisible by 16
-aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "third_stride", "stride_x", "stride_r",
-                           "stride_o", "stride_nr"}
+aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "third_stride", "region_stride", "stride_x",
+                           "stride_r", "stride_o", "stride_nr", "region_words", "third_words"}
 source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names})
 ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]

@@ -113,10 +113,11 @@ def _allreduce_rmsnorm_kernel(
 # pushed as +0.0: for 16-bit types the sentinel is -0.0, for fp32 one negative denormal). A reader
 # polls its slots with volatile loads until no lane holds the sentinel: no flag, no system-scope
 # fence, one one-way NVLink trip. Three buffers rotate with the call count: call e writes buffer
-# e % 3 and clears (back to the sentinel) the rows call e - 1 left in buffer (e - 1) % 3 of this
+# e % 3 and clears (back to the sentinel) what call e - 1 wrote into buffer (e - 1) % 3 of this
 # rank. A peer can be at most one call ahead (it needs this rank's rows of each call to finish
-# it), so it writes buffer e % 3 or (e + 1) % 3, never the one being cleared; and a row count
-# per buffer (counters[PROGRAMS + b], written by program 0) says how many rows to clear.
+# it), so it writes buffer e % 3 or (e + 1) % 3, never the one being cleared. Each call records
+# the words it wrote per rank region (counters[PROGRAMS + b], by program 0); the layout is in
+# bytes, so a call of another width or dtype (the setup's self-test) clears exactly that.
 SENTINEL_16 = -32768  # 0x8000: -0.0 in bf16 / fp16
 SENTINEL_32 = -2147450880  # 0x80008000: two 16-bit sentinels, so one int32 fill serves every dtype
 
@@ -130,30 +131,24 @@ def _is_sentinel(v, BITS: tl.constexpr):
 
 
 @triton.jit
-def _sentinel_row(BLOCK: tl.constexpr, dtype: tl.constexpr, BITS: tl.constexpr):
-    if BITS == 16:
-        return tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
-    else:
-        return tl.full([BLOCK], -2147450880, tl.int32).to(dtype, bitcast=True)
-
-
-@triton.jit
 def _allreduce_rmsnorm_lamport_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     data_ptrs, counter_ptr,
-    rank, num_tokens, hidden_size, rows_per_program, max_rows, third_stride, eps,
-    stride_x, stride_r, stride_o, stride_nr,
+    rank, num_tokens, hidden_size, rows_per_program, region_stride, third_stride, eps,
+    stride_x, stride_r, stride_o, stride_nr, region_words, third_words,
     WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
-    PROGRAMS: tl.constexpr,
+    PROGRAMS: tl.constexpr, CLEAR_BLOCK: tl.constexpr,
 ):
+    # Layout in bytes, whatever the call's width and dtype: buffer b, rank q's region, row r at
+    # b * third + q * region + r * hidden * itemsize (strides passed in elements and in int32 words).
     pid = tl.program_id(0)
     epoch = tl.load(counter_ptr + pid) + 1  # this call's number (int64)
     tl.store(counter_ptr + pid, epoch)
     current = epoch % 3
     previous = (epoch + 2) % 3
-    previous_rows = tl.load(counter_ptr + PROGRAMS + previous).to(tl.int32)
+    previous_words = tl.load(counter_ptr + PROGRAMS + previous).to(tl.int32)  # what call e - 1 wrote per region
     if pid == 0:
-        tl.store(counter_ptr + PROGRAMS + current, num_tokens + 0 * epoch)  # as int64
+        tl.store(counter_ptr + PROGRAMS + current, (num_tokens * hidden_size * (BITS // 8) + 3) // 4 + 0 * epoch)
     dtype = x_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden_size
@@ -165,7 +160,7 @@ def _allreduce_rmsnorm_lamport_kernel(
         for row in range(row_start, row_end):  # 1. push (no sentinel value leaves this rank)
             x = tl.load(x_ptr + row * stride_x + offs, mask=mask)
             x = tl.where(_is_sentinel(x, BITS), tl.zeros_like(x), x)
-            slot = base + (rank * max_rows + row) * hidden_size
+            slot = base + rank * region_stride + row * hidden_size
             for q in tl.static_range(WORLD):
                 dst = tl.multiple_of(tl.load(data_ptrs + q).to(tl.pointer_type(dtype)), 16)
                 tl.store(dst + slot + offs, x, mask=mask)
@@ -173,18 +168,22 @@ def _allreduce_rmsnorm_lamport_kernel(
         for row in range(row_start, row_end):  # 2. poll until every rank's row is in, reduce, norm
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for q in tl.static_range(WORLD):
-                src = local + base + (q * max_rows + row) * hidden_size + offs
+                src = local + base + q * region_stride + row * hidden_size + offs
                 v = tl.load(src, mask=mask, other=0.0, volatile=True)
                 while tl.sum((_is_sentinel(v, BITS) & mask).to(tl.int32), 0) > 0:
                     v = tl.load(src, mask=mask, other=0.0, volatile=True)
                 acc += v.to(tl.float32)
             _finish_row(acc, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r,
                         stride_o, stride_nr, offs, mask, HAS_RESIDUAL)
-    # 3. every program: the previous call's rows in this rank's previous buffer back to the sentinel
-    sentinel = _sentinel_row(BLOCK, dtype, BITS)
-    for row in range(pid, previous_rows, PROGRAMS):
+    # 3. every program: what call e - 1 wrote into this rank's previous buffer back to the sentinel
+    # (its words, in CLEAR_BLOCK chunks spread over the programs; int32 stores serve every dtype)
+    words = tl.multiple_of(tl.load(data_ptrs + rank).to(tl.pointer_type(tl.int32)), 16)
+    chunk_offs = tl.arange(0, CLEAR_BLOCK)
+    sentinel = tl.full([CLEAR_BLOCK], -2147450880, tl.int32)
+    for chunk in range(pid, tl.cdiv(previous_words, CLEAR_BLOCK), PROGRAMS):
+        word = chunk * CLEAR_BLOCK + chunk_offs
         for q in tl.static_range(WORLD):
-            tl.store(local + previous * third_stride + (q * max_rows + row) * hidden_size + offs, sentinel, mask=mask)
+            tl.store(words + previous * third_words + q * region_words + word, sentinel, mask=word < previous_words)
 
 
 # ---- launcher -------------------------------------------------------------------------------
@@ -200,9 +199,16 @@ def slot_area_bytes(half_bytes: int, protocol: str) -> int:
     return half_bytes if protocol == "flags" else (2 * half_bytes // 3) // 16 * 16
 
 
+def region_bytes(half_bytes: int, world_size: int) -> int:
+    """Lamport: one rank's region of a buffer, in bytes (16-byte multiple)."""
+    return (slot_area_bytes(half_bytes, "lamport") // world_size) // 16 * 16
+
+
 def rows_capacity(half_bytes: int, world_size: int, hidden_size: int, element_size: int,
                   protocol: str = "flags") -> int:
     """Most token rows one call can take: one call's area holds W slots of max_rows rows."""
+    if protocol == "lamport":
+        return region_bytes(half_bytes, world_size) // (hidden_size * element_size)
     return slot_area_bytes(half_bytes, protocol) // (world_size * hidden_size * element_size)
 
 
@@ -244,16 +250,21 @@ def allreduce_rmsnorm(
     # Every call launches all programs (even with 0 rows) so each program's counter is the call count.
     rows_per_program = max(1, triton.cdiv(num_tokens, NUM_PROGRAMS))
     head = (x, x if residual is None else residual, weight, out, new_residual)
-    tail = (rank, num_tokens, hidden_size, rows_per_program, max_rows,
-            slot_area_bytes(half_bytes, protocol) // x.element_size(), eps,
-            x.stride(0), x.stride(0) if residual is None else residual.stride(0), out.stride(0), new_residual.stride(0))
+    strides = (x.stride(0), x.stride(0) if residual is None else residual.stride(0), out.stride(0),
+               new_residual.stride(0))
     meta = dict(WORLD=world_size, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size),
                 num_warps=8 if hidden_size >= 4096 else 4)
+    area, item = slot_area_bytes(half_bytes, protocol), x.element_size()
     if protocol == "flags":
-        kernel, args = _allreduce_rmsnorm_kernel, (*head, data_ptrs, flag_ptrs, counters, *tail)
+        kernel = _allreduce_rmsnorm_kernel
+        args = (*head, data_ptrs, flag_ptrs, counters, rank, num_tokens, hidden_size, rows_per_program, max_rows,
+                area // item, eps, *strides)
     else:
-        kernel, args = _allreduce_rmsnorm_lamport_kernel, (*head, data_ptrs, counters, *tail)
-        meta.update(BITS=8 * x.element_size(), PROGRAMS=NUM_PROGRAMS)
+        region = region_bytes(half_bytes, world_size)
+        kernel = _allreduce_rmsnorm_lamport_kernel
+        args = (*head, data_ptrs, counters, rank, num_tokens, hidden_size, rows_per_program, region // item,
+                area // item, eps, *strides, region // 4, area // 4)
+        meta.update(BITS=8 * item, PROGRAMS=NUM_PROGRAMS, CLEAR_BLOCK=1024)
     if compile_only:
         # Compile and load the kernel now, so no later launch loads a module: loading allocates
         # device memory, which waits for the device to go idle, and a kernel spinning on a peer
