@@ -29,8 +29,8 @@ parity N % 2 are free. Rows go to programs in contiguous chunks; programs are at
 all resident at once, so a program never waits on a peer program that cannot be scheduled.
 Counters and flags are int64: they never wrap.
 
-Setup and the choice of when to use it live in `parallel/custom_allreduce.py`; this file is the
-kernel and its launcher. On CPU, tests run it through Triton's interpreter with one thread per
+Setup and the choice of when to use it live in `parallel/fused_allreduce_norm.py` (the buffer
+itself in `parallel/custom_allreduce.py`); this file is the kernels and their launcher. On CPU, tests run it through Triton's interpreter with one thread per
 simulated rank (the flag protocol is real: each thread spins on the others' stores).
 """
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from shardserve.workers.kernels.rmsnorm import residual_norm_store
+from shardserve.workers.kernels.rmsnorm import check_norm_args, residual_norm_store
 
 NUM_PROGRAMS = 32  # G: fixed, identical on every rank (rows are split over the G programs)
 
@@ -232,13 +232,7 @@ def allreduce_rmsnorm(
     Every rank of the group must make the same calls in the same order (as TP ranks do).
     compile_only: compile and load the kernel for these arguments without launching it (for
     tests that simulate several ranks with threads of one process on one GPU)."""
-    if x.dim() != 2 or x.stride(-1) != 1:
-        raise ValueError(f"x must be 2-D [num_tokens, hidden_size] with a contiguous last dim, got {tuple(x.shape)}")
-    num_tokens, hidden_size = x.shape
-    if weight.shape != (hidden_size,) or weight.stride(0) != 1:
-        raise ValueError(f"weight must be contiguous with shape ({hidden_size},), got {tuple(weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
-        raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}, last dim contiguous")
+    num_tokens, hidden_size = check_norm_args(x, weight, residual)
     max_rows = rows_capacity(half_bytes, world_size, hidden_size, x.element_size(), protocol)
     if num_tokens > max_rows:
         raise ValueError(f"{num_tokens} rows exceed the buffer's {max_rows} rows of {hidden_size} at world size {world_size}")

@@ -51,13 +51,8 @@ def _rmsnorm_kernel(
                         stride_nr, offs, mask, HAS_RESIDUAL)
 
 
-def rmsnorm(
-    x: torch.Tensor,  # [T, H]
-    weight: torch.Tensor,  # [H]
-    eps: float,
-    residual: torch.Tensor | None = None,  # [T, H]
-) -> tuple[torch.Tensor, torch.Tensor]:  # (out [T, H], new_residual [T, H])
-    """`new_residual = x + residual` (or `x`), `out = rmsnorm(new_residual) * weight`."""
+def check_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> tuple[int, int]:
+    """(num_tokens, hidden_size) of a valid [T, H] x with weight [H] and an optional residual [T, H]."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be 2-D [num_tokens, hidden_size] with a contiguous last dim, got {tuple(x.shape)}")
     num_tokens, hidden_size = x.shape
@@ -65,6 +60,17 @@ def rmsnorm(
         raise ValueError(f"weight must be contiguous with shape ({hidden_size},), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}, last dim contiguous")
+    return num_tokens, hidden_size
+
+
+def rmsnorm(
+    x: torch.Tensor,  # [T, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, H]
+) -> tuple[torch.Tensor, torch.Tensor]:  # (out [T, H], new_residual [T, H])
+    """`new_residual = x + residual` (or `x`), `out = rmsnorm(new_residual) * weight`."""
+    num_tokens, hidden_size = check_norm_args(x, weight, residual)
     out = torch.empty_like(x)
     new_residual = x if residual is None else torch.empty_like(x)
     if num_tokens == 0:
