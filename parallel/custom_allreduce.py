@@ -337,7 +337,10 @@ def _check_fused(result: CustomAllReduce, cpu_group: Any, ranks: Sequence[int]) 
     them, every rank drops it (ranks on different paths would wait on each other forever)."""
     has_fused = result.fused is not None
     fused_reason = None if has_fused else "off on this rank"
-    if has_fused:
+    protocols = _gather(result.fused.protocol if has_fused else None, cpu_group)
+    if len({protocols[r] for r in ranks}) > 1:  # different layouts would wait on each other forever
+        fused_reason = f"ranks disagree on the protocol: {sorted({str(protocols[r]) for r in ranks})}"
+    if has_fused and fused_reason is None:
         try:
             fused_reason = result.fused.self_test()
         except Exception as e:

@@ -114,6 +114,8 @@ def test_comm_fused_is_none_at_tp1() -> None:
 
 def _check_fused_on_gloo(state: ParallelState) -> dict:
     class FakeFused:
+        protocol = "flags"
+
         def __init__(self, answer):
             self.answer = answer
 
@@ -125,11 +127,13 @@ def _check_fused_on_gloo(state: ParallelState) -> dict:
     out = {}
     for case, answer in (("pass", None), ("rank1_fails", "mismatch" if state.rank == 1 else None),
                          ("rank0_raises", RuntimeError("no") if state.rank == 0 else None),
-                         ("rank1_off", "skip" if state.rank == 1 else None)):
+                         ("rank1_off", "skip" if state.rank == 1 else None), ("protocols_differ", None)):
         result = car.CustomAllReduce(torch.zeros(16, dtype=torch.uint8), "g", state.rank, 2, car.SymmOps(),
                                      car.Limits(max_bytes=16), fused=FakeFused(answer))
         if case == "rank1_off" and state.rank == 1:
             result.fused = None
+        if case == "protocols_differ" and state.rank == 1:
+            result.fused.protocol = "lamport"  # its self-test would wait forever on rank 0's flags
         car._check_fused(result, state.cpu_group, (0, 1))
         out[case] = result.fused is not None
     return out
@@ -137,7 +141,8 @@ def _check_fused_on_gloo(state: ParallelState) -> dict:
 
 def test_fused_agreement_on_two_gloo_ranks() -> None:
     for got in spawn_ranks(_check_fused_on_gloo, world_size=2, tp=2, pp=1):
-        assert got == {"pass": True, "rank1_fails": False, "rank0_raises": False, "rank1_off": False}
+        assert got == {"pass": True, "rank1_fails": False, "rank0_raises": False, "rank1_off": False,
+                       "protocols_differ": False}
 
 
 def test_unaligned_area_is_refused() -> None:
