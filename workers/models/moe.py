@@ -5,7 +5,8 @@ Data flow of one MoE MLP: hidden [T, hidden] -> replicated router -> softmax ove
 Qwen2/3-MoE when `norm_topk_prob`) -> this rank's experts run their SiLU-gated MLPs on the
 tokens routed to them -> partial sums over this rank's slice of every expert's intermediate
 features (+ Qwen2-MoE's shared expert: a dense TP-sharded MLP on every token, scaled by
-sigmoid(shared_expert_gate(x)), partial too) -> one TP all-reduce.
+sigmoid(shared_expert_gate(x)), partial too) -> one TP all-reduce. In a decoder layer that
+all-reduce is left to the next RMSNorm (`forward_unreduced`), which fuses it on GPUs.
 
 On CUDA (kernels enabled) the experts run as one fused grouped GEMM (`kernels/fused_moe.py`):
 static shapes, no host sync, so decode steps can be captured in CUDA graphs. On CPU each
@@ -14,8 +15,8 @@ per-expert counts on the host (`syncs_in_forward`). Expert weights are stacked:
 `w13_weight [num_local_experts, 2 * inter / moe_tp, hidden]` (gate rows then up rows) and
 `w2_weight [num_local_experts, hidden, inter / moe_tp]`. Without expert parallelism every rank
 holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds only its range of
-experts, reads only their checkpoint tensors, and `dispatch_and_combine` moves the routed
-tokens (all-to-all) or sums the partial outputs (all-reduce). Each block counts the tokens
+experts, reads only their checkpoint tensors, and `dispatch_and_combine_unreduced` moves the
+routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block counts the tokens
 routed to every expert (`expert_load`, over the whole batch) for load monitoring, on the device
 with no host sync. Routing (softmax, top-k, renormalise) is one Triton kernel on CUDA
 (workers/kernels/moe_routing.py, which also counts the load) and torch ops elsewhere.
