@@ -131,7 +131,7 @@ two_gpu_validate_s4() {
 
 # Two GPUs: the bench CLI on a worker group (added in the fourth session, not yet run on GPUs):
 # batch-1/8 latency at TP 2 and throughput at TP 2, each beside transformers on one device.
-two_gpu_fused() {  # fused all-reduce + RMSNorm: engine and kernel checks, TP 2 decode A/B, TP 2 profile
+two_gpu_fused() {  # fused all-reduce + RMSNorm: engine and kernel checks on the GPUs, then per-call timings
     ns
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py -rf -x \
         > "$OUT/fused_engine_tests.log" 2>&1
@@ -139,6 +139,11 @@ two_gpu_fused() {  # fused all-reduce + RMSNorm: engine and kernel checks, TP 2 
     SHARDSERVE_KERNEL_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider \
         tests/kernels/test_allreduce_rmsnorm.py -rf 2>&1 | tail -3
     [ $rc = 0 ] || return $rc  # the figures need the engine path to work
+    timeout 150 torchrun --nproc-per-node 2 benchmarks/fused_allreduce_gpu.py 2>&1 | grep -v Warning \
+        | tee "$OUT/fused_allreduce_gpu.log" | tail -9
+}
+two_gpu_fused_figures() {  # right after two_gpu_fused, same machine: TP 1 / TP 2 unfused / fused / Lamport, profile
+    ns
     timeout 300 python3 benchmarks/parallel_gpu.py --cases tpfused --case-timeout-s 110 --out "$OUT/parallel" 2>&1 \
         | tee "$OUT/parallel_tpfused.log" | tail -5
     timeout 150 python3 benchmarks/profile_tp.py --tp 2 --cases b1 --out "$OUT/profile-tp" 2>&1 | grep -v Warning \
