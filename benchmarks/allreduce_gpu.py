@@ -183,6 +183,23 @@ class Bench:
         return ("exact" if worst == 0 else f"ok, max |diff| {worst:.2g}") if ok else f"MISMATCH {worst:.3g}"
 
 
+def start(args: argparse.Namespace, waits: str) -> Bench:
+    """A torchrun rank: the watchdog (exit 3 after args.timeout s, in case `waits` forever on a
+    peer), this rank's GPU, the NCCL group, logging; returns the Bench."""
+    def watchdog() -> None:
+        time.sleep(args.timeout)
+        print(f"watchdog: no result after {args.timeout:.0f} s ({waits} waiting on a peer?); exiting with status 3",
+              file=sys.stderr, flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl")
+    bench = Bench(args)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {bench.rank}] %(levelname)s %(name)s: %(message)s")
+    return bench
+
+
 def header(bench: Bench) -> None:
     names: list[object] = [None] * bench.world
     dist.all_gather_object(names, (bench.rank, torch.cuda.get_device_name(), os.environ.get("CUDA_VISIBLE_DEVICES")),
@@ -205,20 +222,8 @@ def main() -> int:
     parser.add_argument("--eager-iters", type=int, default=200, help="eager calls timed")
     parser.add_argument("--timeout", type=float, default=150.0, help="watchdog: exit 3 after this many seconds")
     args = parser.parse_args()
-
-    def watchdog() -> None:
-        time.sleep(args.timeout)
-        print(f"watchdog: no result after {args.timeout:.0f} s (a custom kernel waiting on a peer?); "
-              "exiting with status 3", file=sys.stderr, flush=True)
-        os._exit(3)
-
-    threading.Thread(target=watchdog, daemon=True).start()
     t0 = time.perf_counter()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl")
-    bench = Bench(args)
-    logging.basicConfig(level=logging.INFO, format=f"[rank {bench.rank}] %(levelname)s %(name)s: %(message)s")
+    bench = start(args, "a custom kernel")
     from shardserve.parallel import custom_allreduce as car
 
     car.logger.setLevel(logging.DEBUG)  # setup errors with their traceback

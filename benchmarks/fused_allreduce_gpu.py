@@ -24,11 +24,8 @@ Exit status (the same on every rank): 0 when every check matched, 1 when one did
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # allreduce_gpu.py sits beside this script
@@ -36,7 +33,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # allreduce_gpu.py sit
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from allreduce_gpu import HIDDEN, Bench, header  # noqa: E402
+from allreduce_gpu import HIDDEN, header, start  # noqa: E402
 
 EPS = 1e-5
 PROTOCOLS = ("flags", "lamport")
@@ -50,18 +47,7 @@ def main() -> int:
     parser.add_argument("--eager-iters", type=int, default=200, help=argparse.SUPPRESS)  # Bench reads it
     parser.add_argument("--timeout", type=float, default=150.0, help="watchdog: exit 3 after this many seconds")
     args = parser.parse_args()
-
-    def watchdog() -> None:
-        time.sleep(args.timeout)
-        print(f"watchdog: no result after {args.timeout:.0f} s (a fused kernel waiting on a peer?); exiting with "
-              "status 3", file=sys.stderr, flush=True)
-        os._exit(3)
-
-    threading.Thread(target=watchdog, daemon=True).start()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl")
-    bench = Bench(args)
-    logging.basicConfig(level=logging.INFO, format=f"[rank {bench.rank}] %(levelname)s %(name)s: %(message)s")
+    bench = start(args, "a fused kernel")
     from shardserve.parallel import custom_allreduce as car
     from shardserve.parallel.fused_allreduce_norm import ENV_PROTOCOL
     from shardserve.workers.kernels.rmsnorm import rmsnorm
