@@ -25,9 +25,11 @@ import logging
 import os
 from collections.abc import Sequence
 
-import shardserve.workers.kernels.allreduce_rmsnorm as kernels  # the module: tests re-import it interpreted
 import torch
 
+# The kernel module is imported inside the functions that use it: the kernel tests re-import
+# kernel modules under Triton's interpreter, and names bound here at import time would keep the
+# compiled versions.
 logger = logging.getLogger(__name__)
 
 ENV_DISABLE = "SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM"
@@ -56,9 +58,11 @@ def half_bytes_from_env() -> int:
 
 def protocol_from_env() -> str:
     """`flags` unless SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL names another of the kernel's protocols."""
+    from shardserve.workers.kernels.allreduce_rmsnorm import PROTOCOLS
+
     raw = os.environ.get(ENV_PROTOCOL, "flags").strip().lower() or "flags"
-    if raw not in kernels.PROTOCOLS:
-        logger.warning("ignoring %s=%r (one of %s)", ENV_PROTOCOL, raw, ", ".join(kernels.PROTOCOLS))
+    if raw not in PROTOCOLS:
+        logger.warning("ignoring %s=%r (one of %s)", ENV_PROTOCOL, raw, ", ".join(PROTOCOLS))
         return "flags"
     return raw
 
@@ -66,9 +70,11 @@ def protocol_from_env() -> str:
 def prepare_area(area: torch.Tensor, protocol: str) -> None:
     """Put this rank's fresh fused area (uint8, FLAG_BYTES + 2 * half_bytes) in its starting state:
     flags zeroed (flags), every data slot the "not yet written" sentinel (lamport)."""
+    from shardserve.workers.kernels.allreduce_rmsnorm import SENTINEL_32
+
     area[:FLAG_BYTES].zero_()
     if protocol == "lamport":
-        area[FLAG_BYTES:].view(torch.int32).fill_(kernels.SENTINEL_32)
+        area[FLAG_BYTES:].view(torch.int32).fill_(SENTINEL_32)
 
 
 def area_bytes(half_bytes: int) -> int:
@@ -80,6 +86,8 @@ def fused_reason(*, device_type: str, dtype: torch.dtype, shape: Sequence[int], 
                  has_residual: bool, residual_shape: Sequence[int] | None, half_bytes: int,
                  world_size: int, protocol: str = "flags") -> str | None:
     """Why this call cannot take the fused kernel (None: it can). Pure: a function of shapes only."""
+    from shardserve.workers.kernels.allreduce_rmsnorm import rows_capacity
+
     if device_type != "cuda":
         return "not a CUDA tensor"
     if dtype not in FUSED_DTYPES:
@@ -91,7 +99,7 @@ def fused_reason(*, device_type: str, dtype: torch.dtype, shape: Sequence[int], 
     num_tokens, hidden = shape
     if num_tokens == 0:
         return "empty"
-    capacity = kernels.rows_capacity(half_bytes, world_size, hidden, dtype.itemsize, protocol)
+    capacity = rows_capacity(half_bytes, world_size, hidden, dtype.itemsize, protocol)
     if num_tokens > capacity:
         return f"{num_tokens} rows over the {capacity}-row buffer"
     return None
@@ -106,16 +114,18 @@ class FusedAllReduceNorm:
 
     def __init__(self, buffer_ptrs: Sequence[int], offset: int, half_bytes: int, rank: int,
                  device: torch.device, protocol: str = "flags") -> None:
+        from shardserve.workers.kernels.allreduce_rmsnorm import NUM_COUNTERS, NUM_PROGRAMS
+
         self.rank, self.world_size, self.half_bytes, self.protocol = rank, len(buffer_ptrs), half_bytes, protocol
         if any((p + offset) % 16 for p in buffer_ptrs) or half_bytes % 16:
             raise ValueError("the fused area must start 16-byte aligned on every rank (the kernel's "
                              "vector loads and stores assume it)")
-        if self.world_size * kernels.NUM_PROGRAMS * 8 > FLAG_BYTES:
+        if self.world_size * NUM_PROGRAMS * 8 > FLAG_BYTES:
             raise ValueError(f"{self.world_size} ranks need more than {FLAG_BYTES} bytes of flags")
         self.flag_ptrs = torch.tensor([p + offset for p in buffer_ptrs], dtype=torch.int64, device=device)
         self.data_ptrs = torch.tensor([p + offset + FLAG_BYTES for p in buffer_ptrs], dtype=torch.int64,
                                       device=device)
-        self.counters = torch.zeros(kernels.NUM_COUNTERS, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
 
     def fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         return fused_reason(device_type=x.device.type, dtype=x.dtype, shape=tuple(x.shape),
@@ -126,9 +136,11 @@ class FusedAllReduceNorm:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rmsnorm(sum_ranks(x) + residual) * weight, sum_ranks(x) + residual); x must `fit`."""
-        return kernels.allreduce_rmsnorm(x, residual, weight, eps, rank=self.rank, world_size=self.world_size,
-                                         data_ptrs=self.data_ptrs, flag_ptrs=self.flag_ptrs, counters=self.counters,
-                                         half_bytes=self.half_bytes, protocol=self.protocol)
+        from shardserve.workers.kernels.allreduce_rmsnorm import allreduce_rmsnorm
+
+        return allreduce_rmsnorm(x, residual, weight, eps, rank=self.rank, world_size=self.world_size,
+                                 data_ptrs=self.data_ptrs, flag_ptrs=self.flag_ptrs, counters=self.counters,
+                                 half_bytes=self.half_bytes, protocol=self.protocol)
 
     def self_test(self) -> str | None:
         """Fused result vs all-reduce-then-`rmsnorm` on integers exact in bf16 (None: all match).
