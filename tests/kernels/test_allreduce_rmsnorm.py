@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from compiled_ptx import compile_ptx, memory_ops
 from kernel_env import DEVICE
 from shardserve.workers.kernels import allreduce_rmsnorm as ar
 from shardserve.workers.kernels.rmsnorm import rmsnorm
@@ -264,47 +265,19 @@ def test_self_test_of_the_setup(monkeypatch, protocol):
     assert "self-test mismatch (1 x 4096)" in wrong.self_test()
 
 
-_COMPILE_FOR_H100 = """
-import json, re, sys
-from collections import Counter
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from shardserve.workers.kernels import allreduce_rmsnorm as ar
-fn = ar._allreduce_rmsnorm_kernel if sys.argv[1] == "flags" else ar._allreduce_rmsnorm_lamport_kernel
-names = fn.arg_names
-pointers = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
-            "new_residual_ptr": "*bf16", "data_ptrs": "*i64", "flag_ptrs": "*i64", "counter_ptr": "*i64"}
-constexprs = {"WORLD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": ar.NUM_PROGRAMS,
-              "CLEAR_BLOCK": 1024}
-constexprs = {n: v for n, v in constexprs.items() if n in names}
-signature = {n: pointers.get(n) or ("fp32" if n == "eps" else "constexpr" if n in constexprs else "i32") for n in names}
-# what a launch at hidden 4096 bf16 specialises as divisible by 16
-aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "third_stride", "region_stride", "stride_x",
-                           "stride_r", "stride_o", "stride_nr", "region_words", "third_words"}
-source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
-                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names})
-ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
-ops = Counter(re.findall(r"\\b((?:ld|st|atom)(?:\\.[a-z0-9]+)*)", ptx))
-ops["fence/membar"] = len(re.findall(r"\\b(?:fence|membar)\\.", ptx))
-print("OPS " + json.dumps(ops))
-"""
-
-
 def _compiled_ops(protocol: str) -> dict[str, int]:
-    """Memory instructions of the kernel compiled for an H100 (sm_90), in a fresh process (the
-    interpreter this suite runs under cannot compile); no GPU needed."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, protocol], capture_output=True, text=True,
-                          env=env, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OPS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-2000:]
-    return json.loads(lines[-1][4:])
+    """Memory instructions of the kernel compiled for an H100 (sm_90), at hidden 4096 bf16 (no GPU needed)."""
+    pointers = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+                "new_residual_ptr": "*bf16", "data_ptrs": "*i64", "flag_ptrs": "*i64", "counter_ptr": "*i64"}
+    constexprs = {"WORLD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": ar.NUM_PROGRAMS,
+                  "CLEAR_BLOCK": 1024}
+    # what a launch at hidden 4096 bf16 specialises as divisible by 16
+    aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "third_stride", "region_stride", "stride_x",
+                               "stride_r", "stride_o", "stride_nr", "region_words", "third_words"}
+    kernel = "_allreduce_rmsnorm_kernel" if protocol == "flags" else "_allreduce_rmsnorm_lamport_kernel"
+    ptx = compile_ptx(ar.__name__, kernel, pointers=pointers, constexprs=constexprs, aligned=aligned,
+                      floats={"eps"}, num_warps=8)
+    return memory_ops(ptx)
 
 
 @pytest.mark.parametrize("protocol", ar.PROTOCOLS)

@@ -19,7 +19,7 @@ from shardserve.workers.models.layers import RMSNorm
 
 
 def reason(shape=(4, 4096), *, device_type="cuda", dtype=torch.bfloat16, last_stride=1, residual_shape="same",
-           half_bytes=fan.DEFAULT_HALF_BYTES, world_size=2, protocol="flags"):
+           half_bytes=fan.DEFAULT_HALF_BYTES, world_size=2, protocol=fan.DEFAULT_PROTOCOL):
     residual_shape = shape if residual_shape == "same" else residual_shape
     return fan.fused_reason(device_type=device_type, dtype=dtype, shape=shape, last_stride=last_stride,
                             has_residual=residual_shape is not None, residual_shape=residual_shape,
@@ -29,6 +29,7 @@ def reason(shape=(4, 4096), *, device_type="cuda", dtype=torch.bfloat16, last_st
 def test_selection_depends_only_on_shapes() -> None:
     assert reason() is None
     assert reason((256, 4096)) is None  # the default buffer: 256 rows of 4,096 bf16 at 2 ranks
+    assert reason((384, 4096), protocol="flags") is None  # flags' two halves hold more
     assert reason((257, 4096)) == "257 rows over the 256-row buffer"
     assert reason((129, 4096), world_size=4) == "129 rows over the 128-row buffer"
     assert reason((64, 4096), dtype=torch.float32) is None and reason((129, 4096), dtype=torch.float32) is not None
@@ -158,11 +159,12 @@ def test_unaligned_area_is_refused() -> None:
 def test_protocol_from_env_and_starting_state(monkeypatch: pytest.MonkeyPatch) -> None:
     from shardserve.workers.kernels.allreduce_rmsnorm import SENTINEL_32
 
+    monkeypatch.delenv(fan.ENV_PROTOCOL, raising=False)
+    assert fan.protocol_from_env() == "lamport"  # the default
+    monkeypatch.setenv(fan.ENV_PROTOCOL, "Flags")
     assert fan.protocol_from_env() == "flags"
-    monkeypatch.setenv(fan.ENV_PROTOCOL, "Lamport")
-    assert fan.protocol_from_env() == "lamport"
     monkeypatch.setenv(fan.ENV_PROTOCOL, "carrier-pigeon")
-    assert fan.protocol_from_env() == "flags"  # logged and ignored
+    assert fan.protocol_from_env() == "lamport"  # logged and ignored
     area = torch.full((fan.FLAG_BYTES + 2 * 64,), 7, dtype=torch.uint8)
     fan.prepare_area(area, "flags")
     assert area[: fan.FLAG_BYTES].eq(0).all() and area[fan.FLAG_BYTES:].eq(7).all()  # data: whatever it was
@@ -170,4 +172,4 @@ def test_protocol_from_env_and_starting_state(monkeypatch: pytest.MonkeyPatch) -
     assert area[fan.FLAG_BYTES:].view(torch.int32).eq(SENTINEL_32).all()
     assert area[fan.FLAG_BYTES:].view(torch.bfloat16).view(torch.int16).eq(-32768).all()  # bf16 -0.0 in every lane
     # Lamport's three buffers hold fewer rows than flags' two halves
-    assert reason((171, 4096), protocol="lamport") == "171 rows over the 170-row buffer"
+    assert reason((171, 4096), protocol="lamport", half_bytes=4 << 20) == "171 rows over the 170-row buffer"
