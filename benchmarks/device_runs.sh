@@ -149,20 +149,6 @@ two_gpu_fused_figures() {  # right after two_gpu_fused, same machine: TP 1 / TP 
     timeout 150 python3 benchmarks/profile_tp.py --tp 2 --cases b1 --out "$OUT/profile-tp" 2>&1 | grep -v Warning \
         | tee "$OUT/profile_tp.log" | tail -28
 }
-two_gpu_l2() {  # o_proj L2 prefetch: compiled kernel tests, TP 1 b1 % of copy off / on (grids), TP 1 / 2 A/B
-    ns
-    SHARDSERVE_KERNEL_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_l2_prefetch.py \
-        -rf 2>&1 | tail -2
-    for cfg in off:0:32 on32:1:32 on132:1:132 on264:1:264; do
-        IFS=: read -r tag on programs <<< "$cfg"
-        SHARDSERVE_L2_PREFETCH=$on SHARDSERVE_L2_PREFETCH_PROGRAMS=$programs timeout 120 python3 benchmarks/gpu_bench.py \
-            --out "$OUT/l2-$tag" --skip kernels check throughput hf --batch-sizes 1 2>&1 | grep -v Warning \
-            > "$OUT/gpu_bench_l2_$tag.log"
-        echo "$tag: $(grep -h 'copy bandwidth\|latency b1 graphs=True' "$OUT/gpu_bench_l2_$tag.log" | tr '\n' ' ')"
-    done
-    L2_PROGRAMS=${L2_PROGRAMS:-132} timeout 200 python3 benchmarks/parallel_gpu.py --cases tpl2 --case-timeout-s 90 \
-        --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_tpl2.log" | tail -5
-}
 two_gpu_ws() {  # cuBLAS without workspace (no split-K reduce kernels): TP 1 b1 / b8 % of copy, TP 1 / 2 A/B; PP trace
     ns
     for ws in default :0:0; do

@@ -32,8 +32,6 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
   tpfused: Llama-3.1-8B batch-1 decode at TP 1, and TP 2 with the fused all-reduce + RMSNorm
        kernel off (SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1), on with the flags protocol
        (SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags) and on with the default (Lamport).
-  tpl2: Llama-3.1-8B batch-1 decode at TP 1 and TP 2 (fused, default), each with the o_proj L2
-       prefetch off and on (SHARDSERVE_L2_PREFETCH=1; $L2_PROGRAMS sets its grid).
   tpws: Llama-3.1-8B batch-1 decode at TP 1 and TP 2, each with cuBLAS's default workspace and
        with none (CUBLAS_WORKSPACE_CONFIG=:0:0: no split-K with a separate reduce kernel).
   ep:  Qwen3-30B-A3B offline throughput at TP 2 vs TP 2 + EP 2 (`auto` dispatch).
@@ -86,9 +84,6 @@ CASES = {
                   for tag, env in (("unfused", {"SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM": "1"}),
                                    ("fused-flags", {"SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL": "flags"}),
                                    ("fused-lamport", {}))],
-    "tpl2": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=tag, env=env)
-             for tp in (1, 2) for tag, env in (("l2off", {}), ("l2on", {
-                 "SHARDSERVE_L2_PREFETCH": "1", "SHARDSERVE_L2_PREFETCH_PROGRAMS": os.environ.get("L2_PROGRAMS", "32")}))],
     "tpws": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=tag, env=env)
              for tp in (1, 2) for tag, env in (("ws-default", {}), ("ws0", {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}))],
     "ep": [dict(kind="throughput", model="dummy:qwen3-30b-a3b", tp=2, pp=1, ep=ep) for ep in (1, 2)],

@@ -5,8 +5,7 @@ result, computed with plain torch ops in fp32 and rounded once to the input dtyp
 kernels do. The attention references gather each request's context from the paged cache
 token by token (`block_tables[i, t // block_size]`, offset `t % block_size`) and run a dense
 softmax, so they share no tiling, splitting or online-softmax logic with the kernels. They
-run on any device and are the CPU fallback as well as the tests' ground truth. `prefetch_to_l2`
-has no result (it only warms the GPU's L2): its twin checks the arguments and does nothing.
+run on any device and are the CPU fallback as well as the tests' ground truth.
 """
 
 from __future__ import annotations
@@ -131,10 +130,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     inter_size = x.shape[-1] // 2
     gate, up = x[..., :inter_size].float(), x[..., inter_size:].float()
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
-
-
-def prefetch_to_l2(t: torch.Tensor, max_bytes: int | None = None, num_programs: int = 32) -> None:
-    """Nothing to compute: a CPU has no L2 to warm. Rejects what the kernel's launcher rejects."""
-    from shardserve.workers.kernels.l2_prefetch import check_prefetch_args  # plain Python: no kernel bound
-
-    check_prefetch_args(t, max_bytes, num_programs)

@@ -14,11 +14,6 @@ by the next layer's input norm or the final norm. `compute_logits` runs the LM h
 the rows the runner samples. Variants differ only in `LlamaOptions` (biases, q/k norm) and in
 the MLP built per layer (dense here, sparse MoE in moe.py).
 
-Opt-in (`SHARDSERVE_L2_PREFETCH=1`, CUDA, unquantized o_proj; models/l2_prefetch.py): right after
-the qkv matmul is queued, a side stream starts reading this rank's o_proj weight into L2 while
-rope and attention (which barely use DRAM at small batch) run, and the main stream joins it after
-o_proj is queued, so the join orders only the norm after it. Off by default: no stream, no launch.
-
 Under pipeline parallelism (parallel/pipeline.py) a stage builds only its range of layers (the
 others are `PPMissingLayer`), the embedding lives on the first stage and the final norm and LM
 head on the last; `forward` of a stage other than the last returns its residual stream, and a
@@ -44,7 +39,6 @@ from shardserve.parallel.state import get_parallel_state
 from shardserve.workers.attention.backend import AttentionBackend, get_attention_backend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.models.interface import KVCacheSpec
-from shardserve.workers.models.l2_prefetch import log_plan, prefetcher_for
 from shardserve.workers.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
 from torch import nn
 
@@ -98,16 +92,11 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.backend = backend
         self.o_proj.reduce_results = False  # a TP partial sum: post_attention_layernorm reduces it
-        # Opt-in (SHARDSERVE_L2_PREFETCH=1, CUDA, unquantized): reads o_proj's weight into L2 on a
-        # side stream while rope and attention run; None otherwise (l2_prefetch.py)
-        self.o_prefetch = prefetcher_for(self.o_proj)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (heads + 2 * kv_heads) * head_dim], this rank's heads
-        if self.o_prefetch is not None:  # starts once qkv is done, overlaps the low-bandwidth kernels below
-            self.o_prefetch.prefetch(self.o_proj.weight)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
@@ -117,10 +106,7 @@ class LlamaAttention(nn.Module):
                                            qk_norm=qk_norm)
         out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale,
                                    kv_written=kv_written)  # [T, heads, head_dim]
-        out = self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden], this rank's partial sum
-        if self.o_prefetch is not None:  # after o_proj is queued: orders only the work after it
-            self.o_prefetch.join()
-        return out
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden], this rank's partial sum
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -173,7 +159,6 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.is_last_stage else None
-        log_plan("o_proj.weight", [(layer.self_attn.o_proj, layer.self_attn.o_prefetch) for layer in self.own_layers])
 
     @property
     def own_layers(self) -> list[LlamaDecoderLayer]:
