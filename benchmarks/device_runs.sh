@@ -161,6 +161,19 @@ two_gpu_ws() {  # cuBLAS without workspace (no split-K reduce kernels): TP 1 b1 
         | tee "$OUT/parallel_tpws.log" | tail -5
     two_gpu_trace_pp
 }
+two_gpu_pp_window() {  # PP 2 x 3 under ppmb's workload: both stages' busy / idle over 30 steps; driver cap
+    ns
+    timeout 60 python3 benchmarks/driver_overhead.py --num-requests 3072 --max-num-seqs 1536 --micro-batches 3 2>&1 \
+        | grep -v Warning | tail -1
+    timeout 60 python3 benchmarks/driver_overhead.py --num-requests 3072 --max-num-seqs 512 --pp 1 2>&1 \
+        | grep -v Warning | tail -1
+    # steady decode of the first wave (150 steps in), then the first prefill wave (5 steps in)
+    for warm in ${PP_WINDOW_WARM:-150 5}; do
+        SHARDSERVE_PROFILE_TRACE_DIR="$OUT/trace-ppw-$warm" timeout 240 python3 benchmarks/pp_window_trace.py \
+            --warm-steps "$warm" 2>&1 | grep -v "Warning\|INFO\|USDT\|_warn_once" | tee "$OUT/pp_window_$warm.log" | tail -16
+        gzip -f "$OUT/trace-ppw-$warm"/*.json
+    done
+}
 two_gpu_ppbal() {  # PP 2: 17 / 15 layer split with 3 micro-batches, and 4 micro-batches, vs PP 1
     ns
     timeout 330 python3 benchmarks/parallel_gpu.py --cases ppbal --case-timeout-s 110 --out "$OUT/parallel" 2>&1 \

@@ -54,10 +54,11 @@ from shardserve.workers.runner.kv_budget import KVCacheSpec
 
 
 def _sync(engine: LLMEngine) -> None:
-    if engine.config.parallel.world_size > 1:
+    runner = getattr(engine.executor, "runner", None)  # only the in-process executor has one
+    if runner is None:
         return  # worker processes: a step returns only after the output rank has its tokens on the host
-    if engine.runner.device.type == "cuda":
-        torch.cuda.synchronize(engine.runner.device)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
 
 
 def run_engine(engine: LLMEngine, requests: list[BenchRequest], step_walls: list[float] | None = None) -> list:
