@@ -234,6 +234,23 @@ def test_greedy_equals_argmax_and_keeps_input_unchanged():
     assert torch.equal(logits, before)
 
 
+def test_greedy_batch_takes_argmax_of_the_logits_as_given(monkeypatch):
+    # bf16 logits as a GPU LM head could give, with a tie for the max in row 2: the index is the
+    # float32 path's (the first max), logprobs too, and no float32 copy of the logits is made
+    logits = torch.randn(5, VOCAB_SIZE).to(torch.bfloat16)
+    logits[2, 3] = logits[2, 7] = logits[2].max() + 1
+    params = [SamplingParams(temperature=0, logprobs=2)] * 5
+    expected = Sampler(VOCAB_SIZE)(logits.float(), build(params))
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(a) or real_to(self, *a, **k))
+    out = Sampler(VOCAB_SIZE)(logits, build(params))
+    monkeypatch.undo()
+    assert torch.equal(out.token_ids, expected.token_ids) and int(out.token_ids[2]) == 3
+    assert out.logprobs == expected.logprobs
+    assert not any(torch.float32 in a for a in copies)
+
+
 def test_greedy_applies_penalties():
     logits = torch.zeros(1, VOCAB_SIZE)
     logits[0, 4], logits[0, 9] = 2.0, 1.5
