@@ -67,7 +67,7 @@ def teacher_forced_logprobs(engine: LLMEngine, token_ids: list[int], split: int)
         req = ScheduledRequest("ref", tuple(token_ids[start:end]), start, blocks, True)
         inputs = build_model_inputs(SchedulerOutput((), (req,), end - start), block_size, runner.device)
         hidden = runner.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata)
-    return runner.model.compute_logits(hidden[:-1]).log_softmax(-1)
+    return runner.model.compute_logits(hidden[:-1]).float().log_softmax(-1)
 
 
 def correctness(engine: LLMEngine, tol: float) -> dict:

@@ -125,9 +125,12 @@ def test_vocab_parallel_embedding_and_lm_head(tp_size: int) -> None:
     logits = torch.cat(logit_shards, dim=-1)
     assert torch.all(logits[:, vocab:] == 0)  # padding rows are zero
     torch.testing.assert_close(logits[:, :vocab], h @ table.T)
-    if tp_size == 1:  # the module's own forward at size 1: logits without padding, float32
+    if tp_size == 1:  # the module's own forward at size 1: logits without padding, the weight's dtype
         out = head(h)
         assert out.shape == (3, vocab) and out.dtype == torch.float32
+        head16 = ParallelLMHead(vocab, hidden, params_dtype=torch.bfloat16)
+        _load(head16, "weight", table)
+        assert head16(h.bfloat16()).dtype == torch.bfloat16  # widened by its consumers, not here
         torch.testing.assert_close(emb(ids), table[ids])
 
 

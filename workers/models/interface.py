@@ -46,7 +46,8 @@ class CausalLM(Protocol):
         ...
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[num_rows, hidden_size] -> float32 logits [num_rows, vocab_size] (no vocab padding)."""
+        """[num_rows, hidden_size] -> logits [num_rows, vocab_size] (no vocab padding) in the
+        model's dtype: consumers that need float32 widen them (sampler, logprobs)."""
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

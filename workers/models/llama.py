@@ -252,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise RuntimeError("only the last pipeline stage computes logits")
-        return self.lm_head(hidden_states)  # [N, vocab_size] float32
+        return self.lm_head(hidden_states)  # [N, vocab_size], the model's dtype
 
     def holds_checkpoint_tensor(self, name: str) -> bool:
         """False for tensors that belong to another pipeline stage (they are never read)."""

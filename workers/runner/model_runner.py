@@ -275,7 +275,7 @@ class ModelRunner:
             return PendingStep(output, seq)
         sample_index = device_views.get("sample_tokens")
         rows_hidden = hidden[:num_sampling] if sample_index is None else hidden.index_select(0, sample_index)
-        logits = self.model.compute_logits(rows_hidden)  # [num_sampling, vocab_size] float32
+        logits = self.model.compute_logits(rows_hidden)  # [num_sampling, vocab_size], model dtype
         metadata = self.sampling.build(sample_rows)
         sampled = self.sampler(logits, metadata)
         if self.async_scheduling:  # the next launch may feed these ids as placeholders
