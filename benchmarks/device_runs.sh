@@ -30,16 +30,18 @@ one_gpu() {
         | grep -v Warning | tee "$OUT/gpu_bench.log" | tail -22
 }
 
-# One GPU, sixth session: decode attention with the merge in stage 1 and the greedy sampler on
-# bf16 logits, compiled and checked on the card; the bench's correctness check and latency cases;
-# then batch 1 with the separate merge kernel (A/B on the same machine). Short: little device time was left.
+# One GPU, prepared in the sixth session (no device time was left to run it): decode attention
+# with the merge in stage 1 (opt-in) and the greedy sampler on bf16 logits, compiled and checked on
+# the card; the bench's correctness check and latency cases with the fused merge; then batch 1
+# with the default separate merge kernel (A/B on the same machine). If it wins, make it the default.
 one_gpu_s6() {
     ns
     SHARDSERVE_KERNEL_DEVICE=cuda timeout 100 python3 -m pytest -q -x -p no:cacheprovider \
         tests/kernels/test_paged_decode_attention.py tests/kernels/test_triton_backend.py -rf 2>&1 | tail -2
-    timeout 150 python3 benchmarks/gpu_bench.py --out "$OUT" --max-num-seqs 512 --skip kernels throughput hf 2>&1 \
+    SHARDSERVE_DECODE_FUSED_MERGE=1 timeout 150 python3 benchmarks/gpu_bench.py --out "$OUT" --max-num-seqs 512 \
+        --skip kernels throughput hf 2>&1 \
         | grep -v Warning | tee "$OUT/gpu_bench.log" | grep "copy bandwidth\|correctness\|graphs=True"
-    SHARDSERVE_DECODE_SEPARATE_MERGE=1 timeout 100 python3 benchmarks/gpu_bench.py --out "$OUT/separate-merge" \
+    timeout 100 python3 benchmarks/gpu_bench.py --out "$OUT/separate-merge" \
         --max-num-seqs 512 --skip kernels check throughput hf --batch-sizes 1 2>&1 | grep -v Warning \
         | tee "$OUT/gpu_bench_separate_merge.log" | grep "copy bandwidth\|graphs=True"
 }

@@ -66,9 +66,8 @@ def test_merge_in_stage_1_equals_the_separate_merge(device, monkeypatch, num_q_h
     def run():
         return paged_decode_attention(q, kv_cache, block_tables, lens, 32**-0.5, num_splits=num_splits)
 
-    monkeypatch.setenv(pda.ENV_SEPARATE_MERGE, "1")
     separate = run()
-    monkeypatch.delenv(pda.ENV_SEPARATE_MERGE)
+    monkeypatch.setenv(pda.ENV_FUSED_MERGE, "1")
     fused, again = run(), run()
     assert torch.equal(fused, separate) and torch.equal(again, separate)
     assert torch.count_nonzero(pda.merge_counters(q.device)) == 0
@@ -77,6 +76,7 @@ def test_merge_in_stage_1_equals_the_separate_merge(device, monkeypatch, num_q_h
 
 
 def test_more_pairs_than_counters_merge_in_stage_2(device, monkeypatch):
+    monkeypatch.setenv(pda.ENV_FUSED_MERGE, "1")
     monkeypatch.setattr(pda, "MAX_MERGE_COUNTERS", 3)  # 2 requests x 2 kv heads = 4 pairs > 3
     out, ref, _ = _run([40, 90], 8, 2, 32, 16, torch.float32, device, 4)
     torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)

@@ -8,15 +8,15 @@ K/V tile is read from HBM once for the whole group), walks its token range `BLOC
 at a time — each token's page found through `block_tables[b, t // block_size]` — and keeps
 an online softmax. It writes its normalised partial output `[B, Hq, S, D]` and its
 log-sum-exp (base 2) `[B, Hq, S]`, both fp32. The S partials of a head are merged with weights
-`2 ** (lse_s - max lse)`: by default inside stage 1, by the last of the (request, kv head)'s S
-programs to finish (each bumps a per-(request, kv head) counter after a CTA barrier with an
-acquire-release atomic; the one that sees S - 1 reads every partial back through L2, merges the
-G heads and resets the counter for the next launch), which saves one launch per layer at small
-batch (~2.6 us each on an H100 at batch 1, 32 a step for Llama-8B). With
-SHARDSERVE_DECODE_SEPARATE_MERGE=1, or more (request, kv head) pairs than the counter buffer
-holds, a second kernel (stage 2, one program per (request, q head)) merges instead. The
-counters are per device: kernels on one device must not overlap in time (the engine runs its
-forward on one stream). With one split (large batches) stage 1 writes the output directly and
+`2 ** (lse_s - max lse)` by a second kernel (stage 2, one program per (request, q head)), or,
+opt-in (SHARDSERVE_DECODE_FUSED_MERGE=1; not yet run on a GPU, so off by default), inside stage
+1 by the last of the (request, kv head)'s S programs to finish: each bumps a per-(request, kv
+head) counter after a CTA barrier with an acquire-release atomic; the one that sees S - 1 reads
+every partial back through L2, merges the G heads and resets the counter for the next launch.
+That saves one launch per layer at small batch (~2.6 us each on an H100 at batch 1, 32 a step
+for Llama-8B). With more (request, kv head) pairs than the counter buffer holds, stage 2 merges.
+The counters are per device: kernels on one device must not overlap in time (the engine runs
+its forward on one stream). With one split (large batches) stage 1 writes the output directly and
 nothing is merged. Splits that hold no tokens carry `lse = -inf` and weigh nothing; a request
 with `seq_len == 0` gets a zero output.
 
@@ -39,7 +39,7 @@ MAX_SPLITS = 64
 BLOCK_N = 64  # context tokens per inner iteration (spans several pages when block_size < 64)
 LOG2E = 1.4426950408889634
 MAX_MERGE_COUNTERS = 1 << 16  # (request, kv head) pairs of one launch the fused merge can count
-ENV_SEPARATE_MERGE = "SHARDSERVE_DECODE_SEPARATE_MERGE"  # 1: merge in a second kernel (A/B runs)
+ENV_FUSED_MERGE = "SHARDSERVE_DECODE_FUSED_MERGE"  # 1: the last split program merges (opt-in)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device, all zero between launches
 
 
@@ -222,7 +222,7 @@ def paged_decode_attention(
 
     direct = num_splits == 1 and out.stride(2) == 1  # stage 1 writes the output itself
     fused_merge = (not direct and num_seqs * num_kv_heads <= MAX_MERGE_COUNTERS
-                   and os.environ.get(ENV_SEPARATE_MERGE, "0") in ("", "0"))
+                   and os.environ.get(ENV_FUSED_MERGE, "0") not in ("", "0"))
     if direct:
         part_out, part_lse = out.unsqueeze(2), out  # [B, Hq, 1, D] view; no log-sum-exp needed
     else:  # [B, Hq, S, D] / [B, Hq, S] fp32 partial results of stage 1
