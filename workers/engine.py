@@ -55,6 +55,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import repeat
 
 import torch
 from shardserve.workers.config import EngineConfig
@@ -127,7 +128,7 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("prompt must be a list of token ids: this model has no tokenizer")
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and _are_ints(prompt):
             return list(prompt)
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
@@ -149,7 +150,7 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
         vocab_size = self.loaded.hf_config.vocab_size
-        if any(not 0 <= t < vocab_size for t in token_ids):
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:  # ints, at least one (checked above)
             raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {token_ids}")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         text = prompt if isinstance(prompt, str) else None
@@ -213,8 +214,7 @@ class LLMEngine:
         runner_output = self.executor.execute(sched)
         advanced = self.scheduler.update_from_output(sched, runner_output)
         self.meter.record(
-            num_prompt_tokens=sum(r.num_tokens for r in sched.scheduled if not r.sample)
-            + sum(r.num_tokens - 1 for r in sched.scheduled if r.sample),
+            num_prompt_tokens=_num_prompt_tokens(sched),
             num_generation_tokens=len(runner_output.sampled_token_ids),
         )
         for request_id, stop_string in self.outputs.process([r.request_id for r in sched.scheduled], advanced, runner_output):
@@ -261,8 +261,7 @@ class LLMEngine:
                 scheduled_ids = [r for r in scheduled_ids if r not in dropped]
                 runner_output = _without(runner_output, dropped)
         self.meter.record(
-            num_prompt_tokens=sum(r.num_tokens for r in sched.scheduled if not r.sample)
-            + sum(r.num_tokens - 1 for r in sched.scheduled if r.sample),
+            num_prompt_tokens=_num_prompt_tokens(sched),
             num_generation_tokens=len(runner_output.sampled_token_ids),
         )
         for request_id, stop_string in self.outputs.process(scheduled_ids, advanced, runner_output):
@@ -340,6 +339,18 @@ class LLMEngine:
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.loaded.name, self.max_model_len, self.loaded.hf_config.vocab_size)
+
+
+def _are_ints(values: Sequence) -> bool:
+    """Every value is an int and none is a bool (an int subclass); map() keeps the per-token
+    loop in C, which matters for prompts of thousands of tokens."""
+    return all(map(isinstance, values, repeat(int))) and not any(map(isinstance, values, repeat(bool)))
+
+
+def _num_prompt_tokens(sched: SchedulerOutput) -> int:
+    """The meter's prompt tokens of a batch: every token it feeds except each sampling row's
+    last one (that one counts as generation)."""
+    return sum(len(r.token_ids) - r.sample for r in sched.scheduled)
 
 
 def _uses_penalties(params: SamplingParams) -> bool:

@@ -4,8 +4,10 @@ For each user request it keeps one `_Sample` per completion (n of them): an incr
 detokenizer with stop-string matching, the logprobs so far and the text already emitted.
 `process()` feeds each request's newest token through its sample, reports stop-string matches
 back to the engine (which finishes those requests in the scheduler), and marks the parent
-dirty; `collect()` then builds one RequestOutput per dirty parent — cumulative text and ids,
-plus this step's delta — and forgets parents once their final output has been collected.
+dirty; `collect()` then builds one RequestOutput per dirty parent, in the order the parents
+were added — cumulative text and ids, plus this step's delta — and forgets parents once their
+final output has been collected. Dirty parents are kept in a dict of their own, so a step costs
+what it advanced, not every parent in the engine.
 Parents whose params say `final_only` get no snapshot until they finish (at a few hundred
 running requests, the per-step snapshots were the largest host cost of an offline step).
 """
@@ -34,6 +36,7 @@ class _Sample:
     text: str = ""
     new_text: str = ""
     num_emitted_tokens: int = 0  # output ids already reported in an earlier output
+    num_fed_tokens: int = 0  # output ids already fed through the text stream
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -46,8 +49,8 @@ class _Parent:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     samples: list[_Sample]
+    order: int = 0  # when it was added: outputs come in this order
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    dirty: bool = False
     error: str | None = field(default=None)
 
     @property
@@ -57,7 +60,14 @@ class _Parent:
     @property
     def requests_finished(self) -> bool:
         """Every sample's request is done (its snapshot may not have taken the reason yet)."""
-        return all(s.finish_reason is not None or s.request.finish_reason is not None for s in self.samples)
+        for sample in self.samples:  # a loop, not all(): this runs per request and step (final_only)
+            if sample.finish_reason is None and sample.request.finish_reason is None:
+                return False
+        return True
+
+
+def _added_order(parent: _Parent) -> int:
+    return parent.order
 
 
 class OutputProcessor:
@@ -65,6 +75,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._parents: dict[str, _Parent] = {}
         self._sample_of: dict[str, tuple[_Parent, _Sample]] = {}  # sample request id -> its state
+        self._dirty: dict[str, _Parent] = {}  # parents with something to report at the next collect()
+        self._num_added = 0
         self.num_finished = 0
 
     def __contains__(self, request_id: str) -> bool:
@@ -72,7 +84,8 @@ class OutputProcessor:
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
             samples: list[Request]) -> None:
-        parent = _Parent(request_id, prompt, tuple(prompt_token_ids), params, [])
+        parent = _Parent(request_id, prompt, tuple(prompt_token_ids), params, [], order=self._num_added)
+        self._num_added += 1
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = []
         for request in samples:
@@ -89,7 +102,7 @@ class OutputProcessor:
         return [] if parent is None else [s.request.request_id for s in parent.samples]
 
     def has_pending(self) -> bool:
-        return any(p.dirty for p in self._parents.values())
+        return bool(self._dirty)
 
     def process(
         self, scheduled_ids: list[str], advanced: list[Request], runner_output: ModelRunnerOutput
@@ -100,17 +113,21 @@ class OutputProcessor:
         still needs its final output, so its parent is marked dirty too.
         """
         stops: list[tuple[str, str]] = []
+        sample_of, dirty = self._sample_of, self._dirty
         for sample_id in scheduled_ids:
-            parent, sample = self._sample_of[sample_id]
+            parent, sample = sample_of[sample_id]
             if sample.request.is_finished:
-                parent.dirty = True
+                dirty[parent.request_id] = parent
         for sample_id, (first, entries) in runner_output.prompt_logprobs.items():
-            parent, _ = self._sample_of[sample_id]
+            parent, _ = sample_of[sample_id]
             if parent.prompt_logprobs is not None:
                 self._write_prompt_logprobs(parent, first, entries)
         for request in advanced:
-            parent, sample = self._sample_of[request.request_id]
-            parent.dirty = True
+            parent, sample = sample_of[request.request_id]
+            dirty[parent.request_id] = parent
+            if len(request.output_token_ids) == sample.num_fed_tokens:
+                continue  # finished by the scheduler without a new token (kv_cache_full)
+            sample.num_fed_tokens = len(request.output_token_ids)
             token_id = request.output_token_ids[-1]
             if sample.logprobs is not None and request.request_id in runner_output.logprobs:
                 sample.logprobs.append(self._decode_logprobs(runner_output.logprobs[request.request_id]))
@@ -126,7 +143,7 @@ class OutputProcessor:
         parent, sample = self._sample_of[request.request_id]
         request.finish_reason = reason
         sample.finish_reason = reason
-        parent.dirty = True
+        self._dirty[parent.request_id] = parent
 
     def abort(self, request_id: str) -> None:
         parent = self._parents.get(request_id)
@@ -135,19 +152,18 @@ class OutputProcessor:
         for sample in parent.samples:
             if sample.finish_reason is None and sample.request.finish_reason is None:
                 sample.request.finish_reason = FinishReason.ABORT
-        parent.dirty = True
+        self._dirty[request_id] = parent
 
     def collect(self) -> list[RequestOutput]:
         outputs = []
-        for request_id in [rid for rid, p in self._parents.items() if p.dirty]:
-            parent = self._parents[request_id]
-            parent.dirty = False
+        for parent in sorted(self._dirty.values(), key=_added_order):
+            del self._dirty[parent.request_id]
             if parent.params.final_only and not parent.requests_finished:
                 continue
             outputs.append(self._snapshot(parent))
             if parent.finished:
                 self.num_finished += 1
-                del self._parents[request_id]
+                del self._parents[parent.request_id]
                 for sample in parent.samples:
                     del self._sample_of[sample.request.request_id]
         return outputs

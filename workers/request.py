@@ -148,6 +148,8 @@ class SamplingParams:
         from dataclasses import replace
 
         seed = None if self.seed is None else self.seed + index
+        if self.n == 1 and seed == self.seed:
+            return self  # nothing would change (and it is frozen, so sharing it is safe)
         return replace(self, n=1, seed=seed)
 
 
@@ -290,7 +292,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
+        return self.status is RequestStatus.FINISHED
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -179,3 +179,34 @@ def test_prompt_logprobs_survive_preemption_mid_prompt(engine, smollm2_loaded):
         for token_id in w:
             assert abs(g[token_id].logprob - w[token_id].logprob) < 1e-4, (position, token_id)
             assert g[token_id].rank == w[token_id].rank, (position, token_id)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_kv_cache_full_finish_reports_each_token_once(smollm2_loaded, async_scheduling):
+    # 4-token blocks, 6 in the pool (5 usable = 20 tokens): each request outgrows the pool alone
+    # and the scheduler finishes it (kv_cache_full) without a new token. That finish must not feed
+    # the last token through the text stream again (its text came out twice), and a request
+    # finished before its first token is on the host must not crash the step.
+    from shardserve.workers.config import CacheConfig, SchedulerConfig
+
+    small = LLMEngine(
+        EngineConfig(model=ModelConfig(model="default", dtype="float32", device="cpu"),
+                     cache=CacheConfig(block_size=4, num_blocks=6),
+                     scheduler=SchedulerConfig(async_scheduling=async_scheduling)),
+        loaded=smollm2_loaded,
+    )
+    tokenizer = small.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for prompt_len in (6, 18, 19):  # 19: the longest prompt the pool admits
+        request_id = f"r{prompt_len}"
+        small.add_request(request_id, list(range(1000, 1000 + prompt_len)), params)
+        streamed, final = [], None
+        while small.has_unfinished_requests():
+            for out in small.step():
+                streamed.append(out.outputs[0].new_text)
+                final = out if out.finished else final
+        completion = final.outputs[0]
+        assert completion.finish_reason is FinishReason.LENGTH and completion.stop_reason == "kv_cache_full"
+        assert 1 <= len(completion.token_ids) <= 21 - prompt_len
+        assert completion.text == tokenizer.decode(completion.token_ids)
+        assert "".join(streamed) == completion.text

@@ -88,8 +88,10 @@ class KVCacheManager:
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self._num_queried_tokens, self._num_hit_tokens)
 
-    def get_block_ids(self, request_id: str) -> tuple[int, ...]:
-        return tuple(self._block_ids.get(request_id, ()))
+    def get_block_ids(self, request_id: str, start: int = 0) -> tuple[int, ...]:
+        """The request's block table from index `start` on (the whole table by default)."""
+        block_ids = self._block_ids.get(request_id, ())
+        return tuple(block_ids[start:]) if start < len(block_ids) else ()  # () mostly: no slice built
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -122,35 +124,46 @@ class KVCacheManager:
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         request_id = request.request_id
-        held = self._block_ids.get(request_id)
-        if held is not None and computed.block_ids:
-            raise ValueError(f"request {request_id!r} already holds blocks; computed blocks must be empty")
-        held = held if held is not None else []
         num_tokens = request.num_computed_tokens + computed.num_computed_tokens + num_new_tokens
-        num_new_blocks = max(0, self.num_blocks_for(num_tokens) - len(held) - len(computed.block_ids))
+        held = self._block_ids.get(request_id)
+        if held is not None:
+            if computed.block_ids:
+                raise ValueError(f"request {request_id!r} already holds blocks; computed blocks must be empty")
+            # A decode step mostly needs no block: only one that crosses a block boundary does.
+            num_new_blocks = -(-num_tokens // self.block_size) - len(held)  # cdiv, inlined
+            return num_new_blocks <= 0 or self._append_blocks(held, num_new_blocks)
+        num_new_blocks = max(0, self.num_blocks_for(num_tokens) - len(computed.block_ids))
         # Hit blocks nobody holds sit in the free queue: taking them uses up free blocks too.
         num_revived = sum(1 for block_id in computed.block_ids if self.pool.blocks[block_id].ref_cnt == 0)
         if num_new_blocks + num_revived > self.pool.num_free_blocks:
             return False
-        if request_id not in self._block_ids:
-            self.pool.touch(computed.block_ids)
-            self._num_registered[request_id] = len(computed.block_ids)
-            if self.enable_prefix_caching:
-                self._num_queried_tokens += request.num_tokens
-                self._num_hit_tokens += computed.num_computed_tokens
-        self._block_ids[request_id] = held + list(computed.block_ids) + self.pool.allocate(num_new_blocks)
+        self.pool.touch(computed.block_ids)
+        self._num_registered[request_id] = len(computed.block_ids)
+        if self.enable_prefix_caching:
+            self._num_queried_tokens += request.num_tokens
+            self._num_hit_tokens += computed.num_computed_tokens
+        self._block_ids[request_id] = list(computed.block_ids) + self.pool.allocate(num_new_blocks)
+        return True
+
+    def _append_blocks(self, held: list[int], num_new_blocks: int) -> bool:
+        """Append `num_new_blocks` fresh blocks to a held table; False (nothing taken) if the
+        pool has too few."""
+        if num_new_blocks > self.pool.num_free_blocks:
+            return False
+        held.extend(self.pool.allocate(num_new_blocks))
         return True
 
     def cache_full_blocks(self, request: Request) -> int:
         """Register the blocks that are full of computed tokens; returns how many were new."""
         request_id = request.request_id
-        if not self.enable_prefix_caching or request_id not in self._block_ids:
+        block_ids = self._block_ids.get(request_id)
+        if block_ids is None or not self.enable_prefix_caching:
             return 0
-        block_ids = self._block_ids[request_id]
-        num_full = min(request.num_computed_tokens // self.block_size, len(block_ids))
-        num_registered = self._num_registered[request_id]
-        if num_full <= num_registered:
+        num_registered = self._num_registered[request_id]  # <= len(block_ids): registered blocks are held
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= num_registered:  # most steps: no block filled up since the last call
             return 0
+        num_full = min(num_full, len(block_ids))
         hashes = self._full_block_hashes(request)
         for index in range(num_registered, num_full):
             # False means an identical block was cached first; this copy stays private.

@@ -60,6 +60,7 @@ holds every running request that can advance.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -84,13 +85,14 @@ class SchedulerStats:
     prefix_cache_hit_rate: float  # hit tokens / looked-up tokens, in [0, 1]
 
 
-@dataclass
-class _Ahead:
-    """A request's share of the batches in flight (scheduled, result not applied yet)."""
-
-    num_batches: int = 0
-    num_tokens: int = 0  # tokens those batches compute: the next chunk starts after them
-    num_placeholders: int = 0  # tokens those batches sample: not on the host yet
+# A request's share of the batches in flight (scheduled, result not applied yet):
+# (num_batches, num_tokens: tokens those batches compute, the next chunk starts after them,
+#  num_placeholders: tokens those batches sample, not on the host yet).
+# A plain tuple of ints, not a small object: one is made per request and batch, and such tuples
+# cost Python's garbage collector nothing (it stops tracking them), while small objects that
+# live a few batches made it run full collections, ~0.2 s each in a process that imports torch
+# (benchmarks/driver_overhead.py at PP 2 x 3: three of them, ~0.6 s of a ~3.5 s run).
+_Ahead = tuple[int, int, int]
 
 
 @dataclass
@@ -230,14 +232,7 @@ class Scheduler:
                 self._schedule_running(request, step)
         if not step.preempted_ids:  # a step that had to preempt has no blocks to spare
             self._admit_waiting(step)
-        output = self._build_output(step)
-        if self.max_batches_in_flight > 1:
-            for scheduled in output.scheduled:
-                ahead = self._in_flight.setdefault(scheduled.request_id, _Ahead())
-                ahead.num_batches += 1
-                ahead.num_tokens += scheduled.num_tokens
-                ahead.num_placeholders += scheduled.sample
-        return output
+        return self._build_output(step)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
@@ -247,25 +242,27 @@ class Scheduler:
         now = time.monotonic()
         updated, self._finished_in_schedule = self._finished_in_schedule, []
         track = self.max_batches_in_flight > 1
+        requests, sampled_token_ids = self.requests, runner_output.sampled_token_ids
         for scheduled in scheduler_output.scheduled:
+            request_id = scheduled.request_id
             if track:
                 still_in_flight = self._returned(scheduled)
-                finished = self._free_on_return.get(scheduled.request_id)
+                finished = self._free_on_return.get(request_id)
                 if finished is not None:  # finished while in flight: its result is dropped
                     if not still_in_flight:  # the last batch holding it is back: no rank writes its K/V
-                        del self._free_on_return[scheduled.request_id]
+                        del self._free_on_return[request_id]
                         self.kv.free(finished)
                     continue
-            request = self.requests.get(scheduled.request_id)
+            request = requests.get(request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted since schedule(): its blocks are already free
-            request.num_computed_tokens = scheduled.seq_len
+            request.num_computed_tokens = scheduled.start_position + len(scheduled.token_ids)  # its seq_len
             self.kv.cache_full_blocks(request)
             if not scheduled.sample:
                 continue
-            token_id = runner_output.sampled_token_ids.get(request.request_id)
+            token_id = sampled_token_ids.get(request_id)
             if token_id is None:
-                raise RuntimeError(f"runner output has no sampled token for request {request.request_id!r}")
+                raise RuntimeError(f"runner output has no sampled token for request {request_id!r}")
             request.append_output_token(token_id)
             request.metrics.record_token(now)
             self._check_stop(request, token_id)
@@ -274,36 +271,42 @@ class Scheduler:
 
     # ---- internals ------------------------------------------------------------------------------
 
+    def _track(self, request_id: str, num_new: int, sample: bool) -> None:
+        """Add a scheduled batch's share to its request's `_Ahead` (it is now in flight)."""
+        num_batches, num_tokens, num_placeholders = self._in_flight.get(request_id, (0, 0, 0))
+        self._in_flight[request_id] = (num_batches + 1, num_tokens + num_new, num_placeholders + sample)
+
     def _returned(self, scheduled: ScheduledRequest) -> bool:
         """Take a returned batch's share off its request's `_Ahead`; True if it is still in flight."""
         ahead = self._in_flight.get(scheduled.request_id)
         if ahead is None:
             return False
-        ahead.num_batches -= 1
-        ahead.num_tokens -= scheduled.num_tokens
-        ahead.num_placeholders -= scheduled.sample
-        if ahead.num_batches == 0:
+        num_batches, num_tokens, num_placeholders = ahead
+        if num_batches == 1:  # this was the last batch holding it
             del self._in_flight[scheduled.request_id]
             return False
+        self._in_flight[scheduled.request_id] = (
+            num_batches - 1, num_tokens - len(scheduled.token_ids), num_placeholders - scheduled.sample)
         return True
 
-    def _scheduled_end(self, request: Request) -> tuple[int, int]:
-        """(tokens computed or being computed, tokens known or being sampled) of `request`:
-        where its next chunk starts and where its schedulable tokens end."""
-        ahead = self._in_flight.get(request.request_id)
+    def _scheduled_end(self, request: Request, ahead: _Ahead | None) -> tuple[int, int]:
+        """(tokens computed or being computed, tokens known or being sampled) of `request`, whose
+        entry in `_in_flight` is `ahead`: where its next chunk starts and where its schedulable
+        tokens end."""
         if ahead is None:
-            return request.num_computed_tokens, request.num_tokens
-        return request.num_computed_tokens + ahead.num_tokens, request.num_tokens + ahead.num_placeholders
+            return request.num_computed_tokens, len(request.all_token_ids)
+        _, num_tokens, num_placeholders = ahead
+        return request.num_computed_tokens + num_tokens, len(request.all_token_ids) + num_placeholders
 
-    def _ends_in_flight(self, request: Request) -> bool:
-        """True when the tokens sampled in flight surely end the request (max_tokens or
-        max_model_len), so it must not be scheduled again."""
-        ahead = self._in_flight.get(request.request_id)
-        if ahead is None or ahead.num_placeholders == 0:
+    def _ends_in_flight(self, request: Request, ahead: _Ahead) -> bool:
+        """True when the tokens sampled in flight (`ahead`) surely end the request (max_tokens
+        or max_model_len), so it must not be scheduled again."""
+        _, _, num_placeholders = ahead
+        if num_placeholders == 0:
             return False
-        num_output = request.num_output_tokens + ahead.num_placeholders
+        num_output = len(request.output_token_ids) + num_placeholders
         return (num_output >= request.sampling_params.max_tokens
-                or request.num_tokens + ahead.num_placeholders >= self.max_model_len)
+                or len(request.all_token_ids) + num_placeholders >= self.max_model_len)
 
     def _batch_cap(self) -> int:
         """Requests one batch may hold: max_num_seqs at P = 1, else an even share of the demand."""
@@ -315,19 +318,17 @@ class Scheduler:
 
     def _batch_candidates(self, max_requests: int) -> list[Request]:
         """The first `max_requests` running requests not in flight, in admission order."""
-        candidates = []
-        for request in self.running:
-            if len(candidates) == max_requests:
-                break
-            if request.request_id not in self._in_flight:
-                candidates.append(request)
-        return candidates
+        in_flight = self._in_flight
+        return list(itertools.islice((r for r in self.running if r.request_id not in in_flight), max_requests))
 
     def _schedule_running(self, request: Request, step: _Step) -> None:
-        if self._ends_in_flight(request):
+        ahead = self._in_flight.get(request.request_id)
+        if ahead is not None and self._ends_in_flight(request, ahead):
             return
-        start, end = self._scheduled_end(request)
-        num_new = self._num_tokens_to_schedule(request, start, step.token_budget, end)
+        start, end = self._scheduled_end(request, ahead)
+        num_new = end - start
+        if num_new > step.token_budget:  # mostly all it has left fits (a decode always does)
+            num_new = self._num_tokens_to_schedule(request, start, step.token_budget, end)
         if num_new == 0:
             return
         # The table must also cover the tokens of the batch in flight (async scheduling).
@@ -430,14 +431,15 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id == request.eos_token_id:
                 self._finish(request, FinishReason.STOP)
                 return
             if token_id in params.stop_token_ids:
                 self._finish(request, FinishReason.STOP, token_id)
                 return
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or len(request.all_token_ids) >= self.max_model_len:
             self._finish(request, FinishReason.LENGTH)
 
     def _finish(self, request: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
@@ -463,10 +465,13 @@ class Scheduler:
         new_requests: list[NewRequestData] = []
         decodes: list[ScheduledRequest] = []
         prefills: list[ScheduledRequest] = []
+        track = self.max_batches_in_flight > 1
+        requests, runner_blocks, in_flight = self.requests, self._runner_blocks, self._in_flight
         for request_id, num_new in step.num_new_tokens.items():
-            request = self.requests[request_id]
-            if request_id not in self._runner_blocks:
-                self._runner_blocks[request_id] = 0
+            request = requests[request_id]
+            num_sent = runner_blocks.get(request_id)
+            if num_sent is None:
+                num_sent = 0
                 new_requests.append(
                     NewRequestData(
                         request_id=request_id,
@@ -475,19 +480,20 @@ class Scheduler:
                         sampling_params=request.sampling_params,
                     )
                 )
-            start, end = self._scheduled_end(request)
-            token_ids = request.all_token_ids[start : start + num_new]
-            if len(token_ids) < num_new:  # sampled by the batch in flight (async scheduling)
-                token_ids = token_ids + [PLACEHOLDER] * (num_new - len(token_ids))
-            block_ids = self.kv.get_block_ids(request_id)
-            num_sent, self._runner_blocks[request_id] = self._runner_blocks[request_id], len(block_ids)
+            start, end = self._scheduled_end(request, in_flight.get(request_id))
+            # Tables only grow while the runner holds them: send the blocks appended since.
+            new_block_ids = self.kv.get_block_ids(request_id, num_sent)
+            runner_blocks[request_id] = num_sent + len(new_block_ids)
+            sample = start + num_new == end
             scheduled = ScheduledRequest(
                 request_id=request_id,
-                token_ids=tuple(token_ids),
+                token_ids=_fed_token_ids(request.all_token_ids, start, num_new),
                 start_position=start,
-                new_block_ids=tuple(block_ids[num_sent:]),
-                sample=start + num_new == end,
+                new_block_ids=new_block_ids,
+                sample=sample,
             )
+            if track:
+                self._track(request_id, num_new, sample)
             # "Decode" = a one-token query; such rows go first (the output's documented order).
             (decodes if num_new == 1 else prefills).append(scheduled)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
@@ -498,3 +504,14 @@ class Scheduler:
             preempted_request_ids=tuple(step.preempted_ids),
             finished_request_ids=finished_ids,
         )
+
+
+def _fed_token_ids(all_token_ids: list[int], start: int, num_new: int) -> tuple[int, ...]:
+    """all_token_ids[start : start + num_new], with PLACEHOLDER for the tokens a batch in flight
+    samples (async scheduling) that are not on the host yet."""
+    if num_new == 1:  # a decode: no slice list
+        return (all_token_ids[start],) if start < len(all_token_ids) else (PLACEHOLDER,)
+    token_ids = all_token_ids[start : start + num_new]
+    if len(token_ids) < num_new:
+        token_ids += [PLACEHOLDER] * (num_new - len(token_ids))
+    return tuple(token_ids)
