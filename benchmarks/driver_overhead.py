@@ -26,10 +26,12 @@ import pstats
 import time
 from dataclasses import dataclass
 
+import torch
 from shardserve.workers import engine as engine_module
 from shardserve.workers.bench.runs import run_engine
 from shardserve.workers.bench.workload import Workload
 from shardserve.workers.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shardserve.workers.models.loader import load_model
 from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler.output import SchedulerOutput
 from shardserve.workers.worker.channel import StepHandle
@@ -68,10 +70,13 @@ def build_engine(args: argparse.Namespace) -> engine_module.LLMEngine:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         parallel=ParallelConfig(pipeline_parallel_size=args.pp, pipeline_micro_batches=args.micro_batches),
     )
+    # The config and tokenizer only, whatever the world size (an 8B model's weights at P = 1
+    # would need ~32 GB of host memory for nothing).
+    loaded = load_model(config.model, torch.device("cpu"), torch.float32, weights=False)
     original = engine_module.make_executor
     engine_module.make_executor = lambda config, loaded, device: InstantExecutor(args.num_blocks)
     try:
-        return engine_module.LLMEngine(config)  # world > 1: loads the config and tokenizer, no weights
+        return engine_module.LLMEngine(config, loaded=loaded)
     finally:
         engine_module.make_executor = original
 
