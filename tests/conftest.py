@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,8 +14,11 @@ import torch
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # A fresh GGUF conversion cache per session: the first load of the default model exercises the
-# GGUF path (and writes the cache), later loads exercise the cached folder.
-os.environ["SHARDSERVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="shardserve-test-cache-")
+# GGUF path (and writes the cache), later loads exercise the cached folder. Removed at exit: each
+# holds ~0.5 GB, and leaving them filled the disk after a few hundred runs.
+_CACHE_DIR = tempfile.mkdtemp(prefix="shardserve-test-cache-")
+os.environ["SHARDSERVE_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 # Two cores in CI: more intra-op threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
