@@ -30,6 +30,7 @@ stage samples the same ids). Each rank also launches step N+1 before it finishes
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import socket
 import time
@@ -44,6 +45,9 @@ from shardserve.workers.scheduler.output import SchedulerOutput
 from shardserve.workers.worker.channel import ConnectionGroup, StepHandle, WorkerGroupError
 from shardserve.workers.worker.proc import READY, worker_main
 from shardserve.workers.worker.worker import WorkerSpec, output_rank
+
+logger = logging.getLogger(__name__)
+STARTUP_ATTEMPTS = 3  # worker-group start-ups that lost their rendezvous port are tried again
 
 
 class Executor(Protocol):
@@ -178,4 +182,13 @@ def make_executor(config: EngineConfig, loaded: LoadedModel | None, device: torc
         from shardserve.workers.group import RayExecutor  # imports ray: only when asked for
 
         return RayExecutor(config)
-    return MultiprocExecutor(config)
+    for attempt in range(STARTUP_ATTEMPTS):
+        try:
+            return MultiprocExecutor(config)
+        except WorkerGroupError as exc:
+            # free_port() only finds a port that was free a moment ago: another process (often
+            # a gloo connection's ephemeral port) can take it before rank 0's store listens.
+            if "address already in use" not in str(exc) or attempt == STARTUP_ATTEMPTS - 1:
+                raise
+            logger.warning("worker group start-up lost its rendezvous port to another process; retrying")
+    raise AssertionError("unreachable")
