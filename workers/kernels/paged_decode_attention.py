@@ -40,6 +40,8 @@ BLOCK_N = 64  # context tokens per inner iteration (spans several pages when blo
 LOG2E = 1.4426950408889634
 MAX_MERGE_COUNTERS = 1 << 16  # (request, kv head) pairs of one launch the fused merge can count
 ENV_FUSED_MERGE = "SHARDSERVE_DECODE_FUSED_MERGE"  # 1: the last split program merges (opt-in)
+# Read once at import, not per call: the decode kernel is launched once per layer and step.
+FUSED_MERGE = os.environ.get(ENV_FUSED_MERGE, "0") not in ("", "0")
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device, all zero between launches
 
 
@@ -221,8 +223,7 @@ def paged_decode_attention(
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
 
     direct = num_splits == 1 and out.stride(2) == 1  # stage 1 writes the output itself
-    fused_merge = (not direct and num_seqs * num_kv_heads <= MAX_MERGE_COUNTERS
-                   and os.environ.get(ENV_FUSED_MERGE, "0") not in ("", "0"))
+    fused_merge = FUSED_MERGE and not direct and num_seqs * num_kv_heads <= MAX_MERGE_COUNTERS
     if direct:
         part_out, part_lse = out.unsqueeze(2), out  # [B, Hq, 1, D] view; no log-sum-exp needed
     else:  # [B, Hq, S, D] / [B, Hq, S] fp32 partial results of stage 1
