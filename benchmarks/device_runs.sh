@@ -30,23 +30,6 @@ one_gpu() {
         | grep -v Warning | tee "$OUT/gpu_bench.log" | tail -22
 }
 
-# One GPU, prepared in the sixth session (no device time was left to run it): decode attention
-# with the merge in stage 1 (opt-in) and the greedy sampler on bf16 logits, compiled and checked on
-# the card; the bench's correctness check and latency cases with the fused merge; then batch 1
-# with the default separate merge kernel (A/B on the same machine). If it wins, make it the default.
-# The first bench also re-measures offline throughput (1,000 lognormal requests) with the bf16 logits.
-one_gpu_s6() {
-    ns
-    SHARDSERVE_KERNEL_DEVICE=cuda timeout 100 python3 -m pytest -q -x -p no:cacheprovider \
-        tests/kernels/test_paged_decode_attention.py tests/kernels/test_triton_backend.py -rf 2>&1 | tail -2
-    SHARDSERVE_DECODE_FUSED_MERGE=1 timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT" --max-num-seqs 512 \
-        --skip kernels hf 2>&1 \
-        | grep -v Warning | tee "$OUT/gpu_bench.log" | grep "copy bandwidth\|correctness\|graphs=True\|throughput"
-    timeout 100 python3 benchmarks/gpu_bench.py --out "$OUT/separate-merge" \
-        --max-num-seqs 512 --skip kernels check throughput hf --batch-sizes 1 2>&1 | grep -v Warning \
-        | tee "$OUT/gpu_bench_separate_merge.log" | grep "copy bandwidth\|graphs=True"
-}
-
 # One GPU: the single-GPU bench with synchronous steps, then with async scheduling (same machine).
 one_gpu_async_ab() {
     ns

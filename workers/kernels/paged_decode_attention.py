@@ -7,18 +7,10 @@ loads the `G = Hq // Hkv` query heads that share the kv head as one `[G, D]` til
 K/V tile is read from HBM once for the whole group), walks its token range `BLOCK_N` tokens
 at a time — each token's page found through `block_tables[b, t // block_size]` — and keeps
 an online softmax. It writes its normalised partial output `[B, Hq, S, D]` and its
-log-sum-exp (base 2) `[B, Hq, S]`, both fp32. The S partials of a head are merged with weights
-`2 ** (lse_s - max lse)` by a second kernel (stage 2, one program per (request, q head)), or,
-opt-in (SHARDSERVE_DECODE_FUSED_MERGE=1; not yet run on a GPU, so off by default), inside stage
-1 by the last of the (request, kv head)'s S programs to finish: each bumps a per-(request, kv
-head) counter after a CTA barrier with an acquire-release atomic; the one that sees S - 1 reads
-every partial back through L2, merges the G heads and resets the counter for the next launch.
-That saves one launch per layer at small batch (~2.6 us each on an H100 at batch 1, 32 a step
-for Llama-8B). With more (request, kv head) pairs than the counter buffer holds, stage 2 merges.
-The counters are per device: kernels on one device must not overlap in time (the engine runs
-its forward on one stream). With one split (large batches) stage 1 writes the output directly and
-nothing is merged. Splits that hold no tokens carry `lse = -inf` and weigh nothing; a request
-with `seq_len == 0` gets a zero output.
+log-sum-exp (base 2) `[B, Hq, S]`, both fp32. Stage 2 runs one program per (request, q head)
+and merges the S partials with weights `2 ** (lse_s - max lse)`. With one split (large
+batches) stage 1 writes the output directly and stage 2 is not launched. Splits that hold no tokens
+carry `lse = -inf` and weigh nothing; a request with `seq_len == 0` gets a zero output.
 
 The number of splits grows as the batch shrinks, so that batch x kv heads x splits fills
 the GPU, and is bounded so that every split still covers at least `MIN_TOKENS_PER_SPLIT`
@@ -26,8 +18,6 @@ tokens of the longest request. Pass `num_splits` to pin it (CUDA graphs).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -38,20 +28,6 @@ MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
 BLOCK_N = 64  # context tokens per inner iteration (spans several pages when block_size < 64)
 LOG2E = 1.4426950408889634
-MAX_MERGE_COUNTERS = 1 << 16  # (request, kv head) pairs of one launch the fused merge can count
-ENV_FUSED_MERGE = "SHARDSERVE_DECODE_FUSED_MERGE"  # 1: the last split program merges (opt-in)
-# Read once at import, not per call: the decode kernel is launched once per layer and step.
-FUSED_MERGE = os.environ.get(ENV_FUSED_MERGE, "0") not in ("", "0")
-_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device, all zero between launches
-
-
-def merge_counters(device: torch.device) -> torch.Tensor:
-    """The fused merge's [MAX_MERGE_COUNTERS] int32 counters on `device`, zeroed once. Allocated by
-    the first launch, which the CUDA-graph code runs eagerly before any capture."""
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        counters = _COUNTERS[device] = torch.zeros(MAX_MERGE_COUNTERS, dtype=torch.int32, device=device)
-    return counters
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int) -> int:
@@ -64,7 +40,6 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int) -> i
 @triton.jit
 def _decode_stage1(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr,
-    out_ptr, counters_ptr,  # FUSED_MERGE: the final output [B, Hq, D] and the merge counters
     qk_scale,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh, stride_qd,
@@ -72,11 +47,9 @@ def _decode_stage1(
     stride_bt,
     stride_pb, stride_ph, stride_ps,  # part_out [B, Hq, S, D]; last dim contiguous
     stride_lb, stride_lh,  # part_lse [B, Hq, S]; last dim contiguous
-    stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: part_out is the final output [B, Hq, D] in q's dtype
-    FUSED_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,  # the last split program merges (above)
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -135,42 +108,6 @@ def _decode_stage1(
     )
     if not DIRECT:
         tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
-    if FUSED_MERGE:
-        tl.debug_barrier()  # every thread's partial stores come before this program's release
-        counter = counters_ptr + b * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:  # the last one
-            tl.store(counter, 0)  # every split has counted: zero for the next launch
-            for g in range(GROUP):
-                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head * GROUP + g, num_splits,
-                              stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                              stride_od, HEAD_DIM, SPLITS_PAD, ".cg")  # .cg: from L2, not a stale L1
-
-
-@triton.jit
-def _merge_splits(
-    part_out_ptr, part_lse_ptr, out_ptr, b, head, num_splits,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, CACHE: tl.constexpr,
-):
-    """out[b, head] = the S partials of (b, head) weighted by 2 ** (lse_s - max lse)."""
-    offs_s = tl.arange(0, SPLITS_PAD)  # [S_PAD]
-    offs_d = tl.arange(0, HEAD_DIM)  # [D]
-    s_mask = offs_s < num_splits
-    lse = tl.load(part_lse_ptr + b * stride_lb + head * stride_lh + offs_s, mask=s_mask,
-                  other=float("-inf"), cache_modifier=CACHE)  # [S_PAD]
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # seq_len == 0: all splits empty
-    w = tl.exp2(lse - lse_max)  # [S_PAD], 0 for empty splits
-    part = tl.load(
-        part_out_ptr + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=(w > 0.0)[:, None], other=0.0, cache_modifier=CACHE,
-    )  # [S_PAD, D]
-    w_sum = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)  # [D]
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d * stride_od,
-             out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -182,9 +119,24 @@ def _decode_stage2(
     stride_ob, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
-    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits,
-                  stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
-                  HEAD_DIM, SPLITS_PAD, "")
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)  # [S_PAD]
+    offs_d = tl.arange(0, HEAD_DIM)  # [D]
+    s_mask = offs_s < num_splits
+    lse = tl.load(part_lse_ptr + b * stride_lb + head * stride_lh + offs_s, mask=s_mask,
+                  other=float("-inf"))  # [S_PAD]
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # seq_len == 0: all splits empty
+    w = tl.exp2(lse - lse_max)  # [S_PAD], 0 for empty splits
+    part = tl.load(
+        part_out_ptr + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=(w > 0.0)[:, None], other=0.0,
+    )  # [S_PAD, D]
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)  # [D]
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty))
 
 
 def paged_decode_attention(
@@ -223,16 +175,13 @@ def paged_decode_attention(
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
 
     direct = num_splits == 1 and out.stride(2) == 1  # stage 1 writes the output itself
-    fused_merge = FUSED_MERGE and not direct and num_seqs * num_kv_heads <= MAX_MERGE_COUNTERS
     if direct:
         part_out, part_lse = out.unsqueeze(2), out  # [B, Hq, 1, D] view; no log-sum-exp needed
     else:  # [B, Hq, S, D] / [B, Hq, S] fp32 partial results of stage 1
         part_out = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
-    counters = merge_counters(q.device) if fused_merge else seq_lens  # (unused when not fused_merge)
-    splits_pad = triton.next_power_of_2(num_splits)
     _decode_stage1[(num_seqs, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, part_out, part_lse, out, counters,
+        q, kv_cache, block_tables, seq_lens, part_out, part_lse,
         scale * LOG2E,
         num_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -240,13 +189,12 @@ def paged_decode_attention(
         block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        IEEE=q.dtype == torch.float32, DIRECT=direct, FUSED_MERGE=fused_merge, SPLITS_PAD=splits_pad,
+        IEEE=q.dtype == torch.float32, DIRECT=direct,
         num_warps=4,
     )
-    if direct or fused_merge:
+    if direct:
         return out
     _decode_stage2[(num_seqs, num_q_heads)](
         part_out, part_lse, out,
@@ -254,7 +202,7 @@ def paged_decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=head_dim, SPLITS_PAD=splits_pad,
+        HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=4,
     )
     return out
