@@ -208,6 +208,15 @@ two_gpu_ppmb() {
         --out "$OUT/parallel" 2>&1 | tee "$OUT/parallel_ppmb.log" | tail -5
 }
 
+# Two GPUs (seventh session): the PP figure's pair with each run's step timeline, cold and after
+# a full unmeasured run of the workload (is the rest of PP 2's loss one-time costs or bubbles?).
+two_gpu_ppfig() {
+    ns
+    timeout 590 python3 benchmarks/parallel_gpu.py --cases "${PP_CASES:-ppfig,ppfigwarm}" --case-timeout-s 200 --out "$OUT/parallel" 2>&1 \
+        | tee "$OUT/parallel_ppfig.log" | tail -6
+    grep -h -A 13 "^timeline" "$OUT"/parallel/*.log | cut -c1-240
+}
+
 # Two GPUs: the small-message all-reduce, then TP / EP / PP figures (issue 4).
 two_gpu_parallel() {
     ns

@@ -29,6 +29,9 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
   ppbal: PP 1 vs PP 2 (3 micro-batches) with the layers split 17 / 15 instead of 16 / 16 (the last
        stage also runs the LM head and sampling, ~2 layers' worth at 512 rows), and PP 2 with 4
        micro-batches (2,048 running), on ppmb's workload.
+  ppfig: ppmb's PP 1 and PP 2 x 3 rows. ppfigwarm: both after an unmeasured run of the whole
+       workload (other prompts; tag `warm`). Every throughput case's log ends with its step
+       timeline (step_timeline.py): where the run's time went, step by step.
   tpfused: Llama-3.1-8B batch-1 decode at TP 1, and TP 2 with the fused all-reduce + RMSNorm
        kernel off (SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1), on with the flags protocol
        (SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags) and on with the default (Lamport).
@@ -54,6 +57,7 @@ import pickle
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 CASES = {
     "tp": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2, 4)],
@@ -79,6 +83,12 @@ CASES = {
                    pipeline_micro_batches=mb, pipeline_layer_partition=split, distribution="fixed", num_requests=3072,
                    tag=f"split{'-'.join(map(str, split))}" if split else None)
               for pp, mb, seqs, split in ((1, None, 512, None), (2, 3, 1536, (17, 15)), (2, 4, 2048, None))],
+    # The figure's pair (PP 1 vs PP 2 x 3 of ppmb); ppfigwarm: the same after a full unmeasured run
+    # of the workload (shows whether one-time costs, first shapes, weigh on the shorter PP 2 run).
+    **{name: [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs,
+                   pipeline_micro_batches=mb, distribution="fixed", num_requests=3072, warm_full=warm,
+                   tag="warm" if warm else None) for pp, mb, seqs in ((1, None, 512), (2, 3, 1536))]
+       for name, warm in (("ppfig", False), ("ppfigwarm", True))},
     "tpfused": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=1, pp=1, ep=1)]
                + [dict(kind="latency", model="dummy:llama-3.1-8b", tp=2, pp=1, ep=1, tag=tag, env=env)
                   for tag, env in (("unfused", {"SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM": "1"}),
@@ -118,6 +128,7 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
     """Build the engine of one case, warm it up, measure; returns a JSON-able dict."""
     from shardserve.workers.bench.runs import run_throughput
     from shardserve.workers.bench.workload import Workload
+    from step_timeline import StepTimeline  # beside this script
 
     engine = _engine(case, device, num_requests)
     try:
@@ -130,7 +141,11 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
             return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s}
         workload = Workload(case.get("num_requests", num_requests), 200, 180,
                             distribution=case.get("distribution", "lognormal"))
+        if case.get("warm_full"):  # the whole workload once first (other prompts: no prefix-cache hits)
+            run_throughput(engine, replace(workload, seed=workload.seed + 1).sample(vocab))
+        engine.executor = timeline = StepTimeline(engine.executor)
         result = run_throughput(engine, workload.sample(vocab))
+        print(timeline.summary(), flush=True)  # into the case's log: where the run's time went
         return {"output_tok_s": result.output_tokens_per_s, "requests_s": result.requests_per_s,
                 "mean_ttft_s": result.mean_ttft_s, "mean_tpot_s": result.mean_tpot_s,
                 "max_in_flight": engine.stats().max_batches_in_flight}

@@ -59,6 +59,7 @@ from itertools import repeat
 
 import torch
 from shardserve.workers.config import EngineConfig
+from shardserve.workers.heap import freeze_startup_heap, thaw_heap
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from shardserve.workers.output_processor import OutputProcessor
@@ -120,6 +121,7 @@ class LLMEngine:
         # parent id -> samples 1..n-1 waiting for sample 0's prompt to be computed
         self._held_samples: dict[str, list[Request]] = {}
         self._first_sample: dict[str, Request] = {}
+        freeze_startup_heap()  # full GC passes skip the start-up heap (workers/heap.py)
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -314,6 +316,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the worker processes, if any (idempotent)."""
         self.executor.shutdown()
+        thaw_heap()
 
     # ---- introspection -----------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from shardserve.parallel.state import destroy_parallel, init_parallel
 from shardserve.workers.bench.device import device_name
 from shardserve.workers.bench.kernel_profile import RankProfile, start_profiler, stop_profiler
 from shardserve.workers.config import EngineConfig
+from shardserve.workers.heap import freeze_startup_heap
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.output import ModelRunnerOutput
@@ -99,6 +100,7 @@ class Worker:
         self.runner = ModelRunner(self.loaded, config, device)
         self.is_output_rank = spec.rank == output_rank(config)
         self._profiler: torch.profiler.profile | None = None  # between profile_start and profile_stop
+        freeze_startup_heap()  # a full GC pass would stall this rank's steps (workers/heap.py)
         logger.info("rank %d ready: tp %d/%d pp %d/%d ep %d/%d, %d KV blocks", spec.rank, self.state.tp_rank,
                     self.state.tp_size, self.state.pp_rank, self.state.pp_size, self.state.ep_rank,
                     self.state.ep_size, self.runner.num_blocks)
