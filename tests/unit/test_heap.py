@@ -14,7 +14,7 @@ def test_freeze_moves_live_objects_out_of_full_collections_and_thaw_returns_them
     kept = [[i] for i in range(1000)]  # tracked containers alive at "start-up"
     frozen = freeze_startup_heap()
     try:
-        assert frozen >= len(kept) and gc.get_freeze_count() == frozen
+        assert frozen >= len(kept)  # (the count may drop at once: frozen objects are still freed by refcount)
         tracked = {id(o) for o in gc.get_objects()}
         assert not any(id(o) in tracked for o in kept)  # a full pass no longer walks them
     finally:
