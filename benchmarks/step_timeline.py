@@ -31,9 +31,9 @@ class StepTimeline:
     """Executor wrapper: forwards every call, records each step's shape and completion time."""
 
     inner: object
-    records: list[StepRecord] = field(default_factory=list)
-    _shapes: list[tuple[int, int, int]] = field(default_factory=list)
-    _last: float | None = None
+    records: list[StepRecord] = field(default_factory=list, init=False)
+    _shapes: list[tuple[int, int, int]] = field(default_factory=list, init=False)  # submitted, in order
+    _last: float | None = field(default=None, init=False)  # the previous collect (or the first submit)
 
     def __getattr__(self, name: str):  # num_blocks, check_health, shutdown, ...
         return getattr(self.inner, name)
