@@ -242,6 +242,31 @@ four_gpu_tp() {  # TP 1 / 2 / 4 batch-1 decode with the fused all-reduce (the is
     timeout 400 python3 benchmarks/parallel_gpu.py --cases tp --case-timeout-s 120 --out "$OUT/parallel" 2>&1 \
         | tee "$OUT/parallel_tp.log" | tail -6
 }
+# Four GPUs (eighth session): the scaling figures, then where a TP 4 batch-1 step's time goes.
+four_gpu_tp_profile() {
+    four_gpu_tp
+    timeout 200 python3 benchmarks/profile_tp.py --tp 4 --cases b1 --out "$OUT/profile-tp4" 2>&1 | grep -v Warning \
+        | tee "$OUT/profile_tp4.log" | tail -45
+}
+# Four GPUs (eighth session): programmatic dependent launch. The kernels compiled on the card
+# (PDL on), the fused all-reduce on 2 real GPUs, then TP 1 / 2 / 4 batch-1 decode with PDL off and on.
+four_gpu_pdl() {
+    ns
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels \
+        --ignore=tests/kernels/test_mixed_graph_forward.py 2>&1 | tail -3
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/parallel/test_fused_allreduce_norm.py 2>&1 | tail -3
+    for pdl in 0 1; do
+        SHARDSERVE_PDL=$pdl timeout 240 python3 benchmarks/parallel_gpu.py --cases tp --case-timeout-s 100 \
+            --out "$OUT/parallel-pdl$pdl" 2>&1 | tee "$OUT/parallel_tp_pdl$pdl.log" | grep "^tp "
+    done
+}
+# Four GPUs: TP 4 batch-1 decode, every rank's Chrome trace (host launches and kernels), gzipped.
+four_gpu_trace_tp() {
+    ns
+    SHARDSERVE_PROFILE_TRACE_DIR="$OUT/trace-tp4" timeout 200 python3 benchmarks/profile_tp.py --tp 4 --cases b1 \
+        --out "$OUT/profile-tp4-trace" 2>&1 | grep -v Warning | tail -3
+    gzip -f "$OUT"/trace-tp4/*.json; ls -la "$OUT/trace-tp4"
+}
 four_gpu_parallel() {
     ns
     timeout 570 python3 benchmarks/parallel_gpu.py --cases tp,tpsync,ep --num-requests 1000 --case-timeout-s 200 \

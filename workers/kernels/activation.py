@@ -11,12 +11,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 BLOCK = 1024  # columns of the output per program
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter_size, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter_size, stride_x, stride_o, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = offs < inter_size
@@ -36,6 +40,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x [T, 2I] -> [T, I]
         return out
     block = min(BLOCK, triton.next_power_of_2(inter_size))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(inter_size, block))](
-        x, out, inter_size, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+        x, out, inter_size, x.stride(0), out.stride(0), BLOCK=block, num_warps=4, **pdl_options(x.device),
     )
     return out

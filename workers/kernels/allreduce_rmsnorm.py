@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.kernels.rmsnorm import check_norm_args, residual_norm_store
 
 NUM_PROGRAMS = 32  # G: fixed, identical on every rank (rows are split over the G programs)
@@ -63,8 +64,10 @@ def _allreduce_rmsnorm_kernel(
     data_ptrs, flag_ptrs, counter_ptr,
     rank, num_tokens, hidden_size, rows_per_program, max_rows, half_stride, eps,
     stride_x, stride_r, stride_o, stride_nr,
-    WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     pid = tl.program_id(0)
     epoch = tl.load(counter_ptr + pid) + 1  # this call's number (int64)
     tl.store(counter_ptr + pid, epoch)
@@ -138,10 +141,12 @@ def _allreduce_rmsnorm_lamport_kernel(
     rank, num_tokens, hidden_size, rows_per_program, region_stride, third_stride, eps,
     stride_x, stride_r, stride_o, stride_nr, region_words, third_words,
     WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
-    PROGRAMS: tl.constexpr, CLEAR_BLOCK: tl.constexpr,
+    PROGRAMS: tl.constexpr, CLEAR_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # Layout in bytes, whatever the call's width and dtype: buffer b, rank q's region, row r at
     # b * third + q * region + r * hidden * itemsize (strides passed in elements and in int32 words).
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     pid = tl.program_id(0)
     epoch = tl.load(counter_ptr + pid) + 1  # this call's number (int64)
     tl.store(counter_ptr + pid, epoch)
@@ -248,7 +253,7 @@ def allreduce_rmsnorm(
     strides = (x.stride(0), x.stride(0) if residual is None else residual.stride(0), out.stride(0),
                new_residual.stride(0))
     meta = dict(WORLD=world_size, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size),
-                num_warps=8 if hidden_size >= 4096 else 4)
+                num_warps=8 if hidden_size >= 4096 else 4, **pdl_options(x.device))
     area, item = slot_area_bytes(half_bytes, protocol), x.element_size()
     if protocol == "flags":
         kernel = _allreduce_rmsnorm_kernel

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 
 @triton.jit
@@ -42,8 +43,10 @@ def _kv_cache_write_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_ckv, stride_cblk, stride_coff, stride_chead, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot < 0:
@@ -79,5 +82,5 @@ def kv_cache_write(
         *kv_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-        num_warps=4,
+        num_warps=4, **pdl_options(k.device),
     )

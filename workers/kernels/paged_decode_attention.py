@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 TARGET_PROGRAMS = 264  # about two waves of stage-1 programs on a 132-SM H100
 MIN_TOKENS_PER_SPLIT = 128
@@ -50,7 +51,10 @@ def _decode_stage1(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: part_out is the final output [B, Hq, D] in q's dtype
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -117,8 +121,10 @@ def _decode_stage2(
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)  # [S_PAD]
@@ -180,6 +186,7 @@ def paged_decode_attention(
     else:  # [B, Hq, S, D] / [B, Hq, S] fp32 partial results of stage 1
         part_out = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    pdl = pdl_options(q.device)
     _decode_stage1[(num_seqs, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, part_out, part_lse,
         scale * LOG2E,
@@ -192,7 +199,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
         IEEE=q.dtype == torch.float32, DIRECT=direct,
-        num_warps=4,
+        num_warps=4, **pdl,
     )
     if direct:
         return out
@@ -203,6 +210,6 @@ def paged_decode_attention(
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        num_warps=4,
+        num_warps=4, **pdl,
     )
     return out

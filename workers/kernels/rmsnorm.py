@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 
 @triton.jit
@@ -40,8 +41,10 @@ def _rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     eps, hidden_size,
     stride_x, stride_r, stride_o, stride_nr,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)  # [BLOCK] >= H
     mask = offs < hidden_size
@@ -80,6 +83,6 @@ def rmsnorm(
         eps, hidden_size,
         x.stride(0), x.stride(0) if residual is None else residual.stride(0), out.stride(0), new_residual.stride(0),
         HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size),
-        num_warps=8 if hidden_size >= 4096 else 4,
+        num_warps=8 if hidden_size >= 4096 else 4, **pdl_options(x.device),
     )
     return out, new_residual

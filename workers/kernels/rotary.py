@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.workers.kernels.kv_cache_write import store_kv_row
+from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 
 @triton.jit
@@ -69,8 +70,10 @@ def _rotary_kernel(
     NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     WRITE_KV: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    QK_NORM: tl.constexpr,
+    QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     offs_i = tl.arange(0, HALF_PAD)
@@ -153,6 +156,6 @@ def rotary_embedding(
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
         WRITE_KV=kv_write is not None, HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, QK_NORM=qk_norm is not None,
-        num_warps=4,
+        num_warps=4, **pdl_options(q.device),
     )
     return q, k
