@@ -267,6 +267,14 @@ four_gpu_trace_tp() {
         --out "$OUT/profile-tp4-trace" 2>&1 | grep -v Warning | tail -3
     gzip -f "$OUT"/trace-tp4/*.json; ls -la "$OUT/trace-tp4"
 }
+# Four GPUs: TP 1 / 2 / 4 batch-1 decode with every rank's step timing (bench/rank_timing.py):
+# is each rank's host keeping its device fed?
+four_gpu_tp_timing() {
+    ns
+    timeout 300 python3 benchmarks/parallel_gpu.py --cases "${TP_CASES:-tp}" --case-timeout-s 100 --out "$OUT/parallel" 2>&1 \
+        | tee "$OUT/parallel_tp.log" | grep "^tp"
+    grep -H "^rank" "$OUT"/parallel/*.log | sed 's/.*kindlatency-//'
+}
 four_gpu_parallel() {
     ns
     timeout 570 python3 benchmarks/parallel_gpu.py --cases tp,tpsync,ep --num-requests 1000 --case-timeout-s 200 \

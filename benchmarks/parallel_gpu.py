@@ -57,7 +57,9 @@ import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 CASES = {
     "tp": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2, 4)],
@@ -137,8 +139,12 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
             return _overhead(engine)
         run_throughput(engine, Workload(2, 32, 8).sample(vocab))  # warm-up
         if case["kind"] == "latency":
-            result = run_throughput(engine, Workload(1, 128, 256).sample(vocab))
-            return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s}
+            requests = Workload(1, 128, 256).sample(vocab)
+            result, timings = _timed(engine, lambda: run_throughput(engine, requests))
+            for timing in timings:  # into the case's log: is every rank's host keeping its device fed?
+                print(timing.line(), flush=True)
+            return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s,
+                    "max_gap_ms": max(t.gap_ms for t in timings), "max_launch_ms": max(t.launch_ms for t in timings)}
         workload = Workload(case.get("num_requests", num_requests), 200, 180,
                             distribution=case.get("distribution", "lognormal"))
         if case.get("warm_full"):  # the whole workload once first (other prompts: no prefix-cache hits)
@@ -151,6 +157,24 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
                 "max_in_flight": engine.stats().max_batches_in_flight}
     finally:
         engine.shutdown()
+
+
+def _timed(engine, run: Callable[[], Any]) -> tuple[Any, list]:
+    """run()'s result and each rank's step timing over it (bench/rank_timing.py); in process
+    (TP 1, no worker ranks) the engine's own runner is rank 0."""
+    from shardserve.workers.bench.rank_timing import start_timing, stop_timing, time_ranks
+
+    call = getattr(engine.executor, "call", None)
+    if call is not None:
+        box: list = []
+        timings = time_ranks(call, lambda: box.append(run()))
+        return box[0], timings
+    start_timing(engine.runner.step_times)
+    try:
+        result = run()
+    finally:
+        timing = stop_timing(0, engine.runner.step_times)
+    return result, [timing]
 
 
 def _overhead(engine) -> dict:

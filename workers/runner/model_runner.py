@@ -287,7 +287,7 @@ class ModelRunner:
         pending = PendingStep(
             output, seq, sampled.token_ids, ids, sample_rows,
             logprobs=sampled.logprobs if metadata.max_num_logprobs is not None else None,
-            has_penalties=self.sampling.has_penalties(sample_rows), events=events,
+            has_penalties=self.sampling.has_penalties(sample_rows), timed=self.step_times.enabled, events=events,
         )
         if self.overlaps_steps and self.device.type == "cuda":  # finish() waits on an event, not a sync
             pending.host_token_ids = torch.empty(num_sampling, dtype=sampled.token_ids.dtype, pin_memory=True)
@@ -321,10 +321,16 @@ class ModelRunner:
             for request_id, logprobs in zip(pending.request_ids, pending.logprobs, strict=True):
                 if logprobs is not None:
                     output.logprobs[request_id] = logprobs
-        if pending.events is not None:
-            self.step_times.gpu_s.append(pending.events[0].elapsed_time(pending.events[1]) / 1e3)
-            self.step_times.wait_s.append(waited)
-            self.step_times.host_s.append(pending.host_s + time.perf_counter() - start - waited)
+        times = self.step_times
+        if pending.timed:
+            times.launch_s.append(pending.host_s)
+            times.wait_s.append(waited)
+            times.host_s.append(pending.host_s + time.perf_counter() - start - waited)
+        if pending.events is not None:  # CUDA
+            times.gpu_s.append(pending.events[0].elapsed_time(pending.events[1]) / 1e3)
+            if times.last_end is not None:
+                times.gap_s.append(times.last_end.elapsed_time(pending.events[0]) / 1e3)
+            times.last_end = pending.events[1]
         return output
 
     def _uploads(self, layout: StepLayout, sample_tokens: np.ndarray, sample_rows: np.ndarray) -> StepUploads:
@@ -381,7 +387,10 @@ class ModelRunner:
             self.batch.apply_diffs(index, values)
             assert self.graphs is not None
             self.step_times.graph_steps += 1
+            replay_start = time.perf_counter()
             hidden = self.graphs.run(bucket, inputs.view(-1, bucket), hidden_in)
+            if self.step_times.enabled:
+                self.step_times.replay_s.append(time.perf_counter() - replay_start)
             return hidden, views
         mixed = self.mixed_graphs
         token_bucket = mixed.bucket_for(layout.num_tokens) if mixed is not None and self.use_mixed_graphs else None

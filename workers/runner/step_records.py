@@ -17,12 +17,18 @@ from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
 
 @dataclass
 class StepTimes:
-    """Per-step timing, collected only while `enabled` (CUDA events cost a little)."""
+    """Per-step timing, collected only while `enabled` (CUDA events cost a little). The host
+    times are kept on every device; gpu_s and gap_s on CUDA only."""
 
     enabled: bool = False
     host_s: list[float] = field(default_factory=list)  # launch() + finish() wall time minus the wait for the GPU
     wait_s: list[float] = field(default_factory=list)  # blocked on the sampled ids
     gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
+    launch_s: list[float] = field(default_factory=list)  # launch() wall time alone (inputs, replay, sampler)
+    replay_s: list[float] = field(default_factory=list)  # host time of a decode graph's replay call
+    # GPU time from the previous timed step's sampled ids to this step's first upload: ~0 when the
+    # host keeps the device fed, the device's idle time when the host is late (CUDA events)
+    gap_s: list[float] = field(default_factory=list)
     # Per non-empty step, in order: requests and tokens scheduled (the three lists above only
     # cover steps that sample; these cover every step, for per-step traces).
     rows: list[int] = field(default_factory=list)
@@ -30,11 +36,16 @@ class StepTimes:
     graph_steps: int = 0  # decode graphs
     mixed_graph_steps: int = 0  # token-count graphs (steps with prefill tokens)
     eager_steps: int = 0
+    last_end: torch.cuda.Event | None = None  # the previous timed step's end event (for gap_s)
 
     def clear(self) -> None:
         self.host_s.clear()
         self.wait_s.clear()
         self.gpu_s.clear()
+        self.launch_s.clear()
+        self.replay_s.clear()
+        self.gap_s.clear()
+        self.last_end = None
         self.rows.clear()
         self.tokens.clear()
         self.graph_steps = self.mixed_graph_steps = self.eager_steps = 0
@@ -82,4 +93,5 @@ class PendingStep:
     host_token_ids: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
     host_s: float = 0.0  # launch wall time
+    timed: bool = False  # launched while step_times was enabled
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None

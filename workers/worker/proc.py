@@ -55,7 +55,7 @@ from shardserve.workers.worker.worker import Worker, WorkerSpec
 
 STEP, CALL, SHUTDOWN = "step", "call", "shutdown"
 READY, OUTPUT, RESULT, CALL_FAILED, ERROR = "ready", "output", "result", "call-failed", "error"
-CALLABLE = ("expert_load", "ping", "profile_start", "profile_stop")
+CALLABLE = ("expert_load", "ping", "profile_start", "profile_stop", "timing_start", "timing_stop")
 POLL_S = 1e-4  # pipe poll slice while a launched step runs on the device (overlapped loop)
 
 

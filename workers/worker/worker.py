@@ -16,7 +16,8 @@ ModelRunnerOutput, the others return None. Under async scheduling, and on pipeli
 the rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is
 finished (proc.py `_serve_overlapped`). `profile_start` / `profile_stop` (driver calls, see
 bench/kernel_profile.py) keep a torch profiler running on the rank around the steps between them
-and return its kernels by name and time. Under pipeline parallelism the driver keeps up to
+and return its kernels by name and time; `timing_start` / `timing_stop` do the same for the
+runner's per-step host and device times (bench/rank_timing.py). Under pipeline parallelism the driver keeps up to
 D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth: pp_size, or
 pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
 A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
@@ -42,6 +43,7 @@ from shardserve.parallel.comm import wait_pipeline_sends
 from shardserve.parallel.state import destroy_parallel, init_parallel
 from shardserve.workers.bench.device import device_name
 from shardserve.workers.bench.kernel_profile import RankProfile, start_profiler, stop_profiler
+from shardserve.workers.bench.rank_timing import RankTiming, start_timing, stop_timing
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.heap import freeze_startup_heap
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
@@ -160,6 +162,14 @@ class Worker:
         kernels = stop_profiler(prof, self.device, trace_name=f"rank{self.rank}")
         return RankProfile(self.rank, self.state.tp_rank, self.state.pp_rank, self.state.ep_rank,
                            device_name(self.device), tuple((k.name, k.us) for k in kernels))
+
+    def timing_start(self) -> None:
+        """Record this rank's per-step host and device times from now (bench/rank_timing.py)."""
+        start_timing(self.runner.step_times)
+
+    def timing_stop(self) -> RankTiming:
+        """Stop recording; this rank's medians over the steps since timing_start."""
+        return stop_timing(self.rank, self.runner.step_times)
 
     def ping(self) -> int:
         """Health probe: answers with this rank."""

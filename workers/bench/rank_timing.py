@@ -1,0 +1,69 @@
+"""Per-rank step timing: is each rank's host keeping its device fed?
+
+Why: at TP 4 a batch-1 decode step is ~2.3 ms of GPU work, and every rank's host must prepare
+the inputs, replay the graph and run the eager sampler within that time, or its device idles
+and, through the next collective, so do the others. A kernel profile cannot show this without
+slowing the host it measures (CUPTI makes a graph launch several times slower), so this reads
+the runner's own records (ModelRunner.step_times: CUDA events and wall clocks, cheap) on every
+rank through two Worker calls, `timing_start` / `timing_stop`, around the steps to measure.
+
+Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `replay_ms` (the decode graph's
+replay call, part of launch; NaN without graphs), `host_ms`
+(launch + finish minus the wait), `wait_ms` (blocked on the sampled ids: slack, the host was
+early), `gpu_ms` (first upload to sampled ids on the device) and `gap_ms` (device time between
+a step's sampled ids and the next step's first upload: the device idle for lack of work, when
+the host is late). A fed device has gap ~0 and wait > 0.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shardserve.workers.runner.step_records import StepTimes
+
+
+@dataclass(frozen=True)
+class RankTiming:
+    rank: int
+    steps: int
+    launch_ms: float
+    replay_ms: float
+    host_ms: float
+    wait_ms: float
+    gpu_ms: float
+    gap_ms: float
+
+    @classmethod
+    def from_times(cls, rank: int, times: StepTimes) -> RankTiming:
+        def median_ms(values: list[float]) -> float:
+            return statistics.median(values) * 1e3 if values else float("nan")
+
+        return cls(rank, len(times.host_s), median_ms(times.launch_s), median_ms(times.replay_s),
+                   median_ms(times.host_s),
+                   median_ms(times.wait_s), median_ms(times.gpu_s), median_ms(times.gap_s))
+
+    def line(self) -> str:
+        return (f"rank {self.rank}: {self.steps} steps, launch {self.launch_ms:.3f} ms (graph replay {self.replay_ms:.3f}), host {self.host_ms:.3f} ms, "
+                f"wait {self.wait_ms:.3f} ms, GPU {self.gpu_ms:.3f} ms, device gap {self.gap_ms:.3f} ms")
+
+
+def start_timing(times: StepTimes) -> None:
+    times.clear()
+    times.enabled = True
+
+
+def stop_timing(rank: int, times: StepTimes) -> RankTiming:
+    times.enabled = False
+    return RankTiming.from_times(rank, times)
+
+
+def time_ranks(call: Callable[[str], list], run_steps: Callable[[], None]) -> list[RankTiming]:
+    """Every rank's RankTiming over the steps `run_steps()` makes (`call`: the executor's)."""
+    call("timing_start")
+    try:
+        run_steps()
+    finally:
+        timings = call("timing_stop")
+    return timings
