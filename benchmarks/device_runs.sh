@@ -30,6 +30,18 @@ one_gpu() {
         | grep -v Warning | tee "$OUT/gpu_bench.log" | tail -22
 }
 
+# One GPU (eighth session): batch-1 / 8 decode with programmatic dependent launch (the default),
+# the fast-path check and transformers beside it, then batch 1 with PDL off, A B A on one card.
+one_gpu_pdl() {
+    ns
+    timeout 200 python3 benchmarks/gpu_bench.py --out "$OUT/pdl-on" --batch-sizes 1,8 --skip kernels throughput 2>&1 \
+        | grep -v Warning | tee "$OUT/gpu_bench_pdl_on.log" | grep "latency\|device\|check\|transformers\|ratio"
+    SHARDSERVE_PDL=0 timeout 100 python3 benchmarks/gpu_bench.py --out "$OUT/pdl-off" --batch-sizes 1 \
+        --skip kernels check throughput hf 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_pdl_off.log" | grep "latency\|copy"
+    timeout 100 python3 benchmarks/gpu_bench.py --out "$OUT/pdl-on2" --batch-sizes 1 \
+        --skip kernels check throughput hf 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_pdl_on2.log" | grep "latency\|copy"
+}
+
 # One GPU: the single-GPU bench with synchronous steps, then with async scheduling (same machine).
 one_gpu_async_ab() {
     ns
