@@ -247,24 +247,26 @@ two_gpu_profile_tp() {
         2>&1 | grep -v Warning | tee "$OUT/profile_tp_moe.log" | tail -40
 }
 
-# Four GPUs: batch-1 decode at TP 1 / 2 / 4 (async, the default) and TP 1 / 2 synchronous, then
-# Qwen3-30B-A3B offline at TP 2 and TP 2 + EP 2 on the 1,000-request workload (issue 4).
+# Four GPUs: batch-1 decode at TP 1 / 2 / 4 (the issue's scaling figures).
 four_gpu_tp() {  # TP 1 / 2 / 4 batch-1 decode with the fused all-reduce (the issue's scaling figures)
     ns
     timeout 400 python3 benchmarks/parallel_gpu.py --cases tp --case-timeout-s 120 --out "$OUT/parallel" 2>&1 \
         | tee "$OUT/parallel_tp.log" | tail -6
 }
+
 # Four GPUs (eighth session): the scaling figures, then where a TP 4 batch-1 step's time goes.
 four_gpu_tp_profile() {
     four_gpu_tp
     timeout 200 python3 benchmarks/profile_tp.py --tp 4 --cases b1 --out "$OUT/profile-tp4" 2>&1 | grep -v Warning \
         | tee "$OUT/profile_tp4.log" | tail -45
 }
+
 # Four GPUs (eighth session): programmatic dependent launch. The kernels compiled on the card
 # (PDL on), the fused all-reduce on 2 real GPUs, then TP 1 / 2 / 4 batch-1 decode with PDL off and on.
 four_gpu_pdl() {
     ns
-    SHARDSERVE_KERNEL_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels \
+    # 150 s was too short in the eighth session (killed before its summary line): 300
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/kernels \
         --ignore=tests/kernels/test_mixed_graph_forward.py 2>&1 | tail -3
     timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/parallel/test_fused_allreduce_norm.py 2>&1 | tail -3
     for pdl in 0 1; do
@@ -272,6 +274,7 @@ four_gpu_pdl() {
             --out "$OUT/parallel-pdl$pdl" 2>&1 | tee "$OUT/parallel_tp_pdl$pdl.log" | grep "^tp "
     done
 }
+
 # Four GPUs: TP 4 batch-1 decode, every rank's Chrome trace (host launches and kernels), gzipped.
 four_gpu_trace_tp() {
     ns
@@ -279,6 +282,7 @@ four_gpu_trace_tp() {
         --out "$OUT/profile-tp4-trace" 2>&1 | grep -v Warning | tail -3
     gzip -f "$OUT"/trace-tp4/*.json; ls -la "$OUT/trace-tp4"
 }
+
 # Four GPUs: TP 1 / 2 / 4 batch-1 decode with every rank's step timing (bench/rank_timing.py):
 # is each rank's host keeping its device fed?
 four_gpu_tp_timing() {
@@ -287,6 +291,9 @@ four_gpu_tp_timing() {
         | tee "$OUT/parallel_tp.log" | grep "^tp"
     grep -H "^rank" "$OUT"/parallel/*.log | sed 's/.*kindlatency-//'
 }
+
+# Four GPUs: batch-1 decode at TP 1 / 2 / 4 (async, the default) and TP 1 / 2 synchronous, then
+# Qwen3-30B-A3B offline at TP 2 and TP 2 + EP 2 on the 1,000-request workload (issue 4).
 four_gpu_parallel() {
     ns
     timeout 570 python3 benchmarks/parallel_gpu.py --cases tp,tpsync,ep --num-requests 1000 --case-timeout-s 200 \

@@ -63,11 +63,6 @@ from typing import Any
 
 CASES = {
     "tp": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2, 4)],
-    # The fused all-reduce's Lamport kernel polling its peers' slots one rank at a time (before
-    # the eighth session) vs all at once (now), alternating on one machine.
-    "tppoll": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=1, pp=1, ep=1)]
-    + [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"poll-{poll}",
-            env={"SHARDSERVE_LAMPORT_POLL": poll}) for tp in (2, 4) for poll in ("serial", "all")],
     "tpsync": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, async_scheduling=False)
                for tp in (1, 2)],
     "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)

@@ -269,7 +269,7 @@ def _compiled_ops(protocol: str) -> dict[str, int]:
     """Memory instructions of the kernel compiled for an H100 (sm_90), at hidden 4096 bf16 (no GPU needed)."""
     pointers = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
                 "new_residual_ptr": "*bf16", "data_ptrs": "*i64", "flag_ptrs": "*i64", "counter_ptr": "*i64"}
-    constexprs = {"WORLD": 2, "WORLD_PAD": 2, "POLL_ALL": True, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": ar.NUM_PROGRAMS,
+    constexprs = {"WORLD": 2, "WORLD_PAD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": ar.NUM_PROGRAMS,
                   "CLEAR_BLOCK": 1024}
     # what a launch at hidden 4096 bf16 specialises as divisible by 16
     aligned = set(pointers) | {"hidden_size", "max_rows", "half_stride", "third_stride", "region_stride", "stride_x",

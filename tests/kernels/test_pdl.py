@@ -58,7 +58,7 @@ KERNELS = {  # module, kernel, pointers, constexprs, floats
     "allreduce_norm_lamport": ("allreduce_rmsnorm", "_allreduce_rmsnorm_lamport_kernel",
                                {"x_ptr": _BF16, "residual_ptr": _BF16, "weight_ptr": _BF16, "out_ptr": _BF16,
                                 "new_residual_ptr": _BF16, "data_ptrs": "*i64", "counter_ptr": "*i64"},
-                               {"WORLD": 2, "WORLD_PAD": 2, "POLL_ALL": True, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": 32,
+                               {"WORLD": 2, "WORLD_PAD": 2, "HAS_RESIDUAL": True, "BLOCK": 4096, "BITS": 16, "PROGRAMS": 32,
                                 "CLEAR_BLOCK": 1024}, {"eps"}),
     "allreduce_norm_flags": ("allreduce_rmsnorm", "_allreduce_rmsnorm_kernel",
                              {"x_ptr": _BF16, "residual_ptr": _BF16, "weight_ptr": _BF16, "out_ptr": _BF16,

@@ -146,7 +146,8 @@ def _latency(engine: LLMEngine, args: argparse.Namespace) -> dict:
     for batch_size in batch_sizes:
         requests = Workload(batch_size, args.input_len, args.output_len, seed=batch_size).sample(vocab_size)
         ours = run_latency(engine, requests, bandwidth)
-        rows.append({"ours": asdict(ours), "requests": requests})
+        rows.append({"ours": asdict(ours), "requests": requests,
+                     "rank_lines": [r.line() for r in getattr(ours, "ranks", ())]})
     hf_model = None if args.no_hf else _hf(engine, args)
     if world == 1:
         print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; model {engine.loaded.name}")
@@ -156,14 +157,14 @@ def _latency(engine: LLMEngine, args: argparse.Namespace) -> dict:
         print(f"device: {name} x {world} ranks; copy bandwidth {bandwidth / 1e9:.1f} GB/s (one device); "
               f"model {engine.loaded.name}")
         print(f"parallel: {_describe(config)}")
-        print(f"step time: driver wall clock ({label}: per-step GPU events are on the ranks); "
-              "wall ms = median engine.step() on the driver")
+        print(f"step time: driver wall clock ({label}); wall ms = median engine.step() on the driver; "
+              "host / GPU ms = the slowest rank's medians (each rank's below the table)")
         print("GB/s: per GPU = bytes one GPU of each pipeline stage reads per step (its shard's weights + KV), "
               "summed over the stages, / step time")
         if hf_model is not None:
             print(f"HF: transformers generate on one device ({device}) with the whole model (the single-device baseline)")
-        print(f"{'batch':>5} {'step ms':>8} {'wall ms':>8} {'dec tok/s':>9} {'GB/s':>8} {'of copy':>7} "
-              f"{'HF tok/s':>9} {'ratio':>6}")
+        print(f"{'batch':>5} {'step ms':>8} {'wall ms':>8} {'host ms':>8} {'GPU ms':>7} {'dec tok/s':>9} {'GB/s':>8} "
+              f"{'of copy':>7} {'HF tok/s':>9} {'ratio':>6}")
     results = []
     for row in rows:
         ours = row["ours"]
@@ -174,14 +175,18 @@ def _latency(engine: LLMEngine, args: argparse.Namespace) -> dict:
             seconds, useful = hf_generate(hf_model, requests, len(requests), device)
             hf_tps = useful / seconds
         ratio = ours["tokens_per_s"] / hf_tps if hf_tps else None
-        timing = (f"{ours['host_ms_per_step']:>8.3f} {ours['gpu_ms_per_step']:>7.2f}" if world == 1
-                  else f"{ours['wall_ms_per_step']:>8.2f}")
+        timing = f"{ours['host_ms_per_step']:>8.3f} {ours['gpu_ms_per_step']:>7.2f}"
+        if world > 1:
+            timing = f"{ours['wall_ms_per_step']:>8.2f} {timing}"
         print(
             f"{ours['batch_size']:>5} {ours['step_time_s'] * 1e3:>8.2f} {timing} {ours['decode_tokens_per_s']:>9.1f} "
             f"{ours['achieved_bandwidth'] / 1e9:>8.1f} {ours['achieved_bandwidth'] / bandwidth:>7.0%} "
             f"{hf_tps or float('nan'):>9.1f} {ratio or float('nan'):>6.2f}"
         )
         results.append({**ours, "hf_tokens_per_s": hf_tps, "ratio_vs_hf": ratio})
+    for row in rows:
+        for line in row["rank_lines"]:
+            print(f"  batch {row['ours']['batch_size']} {line}")
     result = {"device": name, "copy_bandwidth": bandwidth, "model": engine.loaded.name, "results": results}
     if world > 1:
         result.update(parallel=_parallel_json(config), step_timing="driver wall clock",

@@ -7,12 +7,12 @@ slowing the host it measures (CUPTI makes a graph launch several times slower), 
 the runner's own records (ModelRunner.step_times: CUDA events and wall clocks, cheap) on every
 rank through two Worker calls, `timing_start` / `timing_stop`, around the steps to measure.
 
-Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `replay_ms` (the decode graph's
-replay call, part of launch; NaN without graphs), `host_ms`
-(launch + finish minus the wait), `wait_ms` (blocked on the sampled ids: slack, the host was
-early), `gpu_ms` (first upload to sampled ids on the device) and `gap_ms` (device time between
-a step's sampled ids and the next step's first upload: the device idle for lack of work, when
-the host is late). A fed device has gap ~0 and wait > 0.
+Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `replay_ms`
+(the decode graph's replay call, part of launch; NaN without graphs), `host_ms` (launch +
+finish minus the wait), `wait_ms` (blocked on the sampled ids: slack, the host was early),
+`gpu_ms` (first upload to sampled ids on the device) and `gap_ms` (device time between a step's
+sampled ids and the next step's first upload: the device idle for lack of work, when the host
+is late). A fed device has gap ~0 and wait > 0. Device times need CUDA events: NaN on CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class RankTiming:
     wait_ms: float
     gpu_ms: float
     gap_ms: float
+    graph_steps: int = 0  # steps that replayed a decode graph
+    eager_steps: int = 0
 
     @classmethod
     def from_times(cls, rank: int, times: StepTimes) -> RankTiming:
@@ -42,7 +44,8 @@ class RankTiming:
 
         return cls(rank, len(times.host_s), median_ms(times.launch_s), median_ms(times.replay_s),
                    median_ms(times.host_s),
-                   median_ms(times.wait_s), median_ms(times.gpu_s), median_ms(times.gap_s))
+                   median_ms(times.wait_s), median_ms(times.gpu_s), median_ms(times.gap_s), times.graph_steps,
+                   times.eager_steps)
 
     def line(self) -> str:
         return (f"rank {self.rank}: {self.steps} steps, launch {self.launch_ms:.3f} ms (graph replay {self.replay_ms:.3f}), host {self.host_ms:.3f} ms, "

@@ -13,11 +13,13 @@ Both run `transformers.generate` on the same prompts in the same process and pri
 Worker groups (world = TP x PP > 1, workers/worker/executor.py): the model runs in the rank
 processes, so this process has no `engine.runner`:
   - step timing: the per-step host / GPU split (ModelRunner.step_times, CUDA events) is recorded
-    on the ranks and does not reach the driver. `run_latency` returns a WorkerGroupLatencyResult:
-    host and GPU ms are NaN and the driver's own wall clock is reported instead — the median
-    engine.step() wall time over the decode steps (`wall_ms_per_step`). The step time itself is
-    driver wall clock at any world size (token timestamps of the requests); at batch 1 decode
-    tok/s is 1 / time per output token, the figure benchmarks/parallel_gpu.py reports.
+    on the ranks; `run_latency` asks every rank for its medians over the run (Worker
+    timing_start / timing_stop, bench/rank_timing.py) and returns a WorkerGroupLatencyResult with
+    each rank's RankTiming (`ranks`), host and GPU ms of the slowest rank (GPU ms NaN on CPU:
+    no events), and the driver's own median engine.step() wall time over the decode steps
+    (`wall_ms_per_step`). The step time itself is driver wall clock at any world size (token
+    timestamps of the requests); at batch 1 decode tok/s is 1 / time per output token, the
+    figure benchmarks/parallel_gpu.py reports.
   - bytes per step: per GPU, computed from the model config by building each rank's shard on
     the meta device under that rank's ParallelState (no memory, same shapes as the rank's
     weights and KV cache; same counting rules as world 1: each weight read once per step, an
@@ -45,6 +47,7 @@ from shardserve.parallel.state import (
     group_layout,
     set_parallel_state,
 )
+from shardserve.workers.bench.rank_timing import RankTiming, time_ranks
 from shardserve.workers.bench.workload import BenchRequest
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.engine import LLMEngine
@@ -95,14 +98,16 @@ class LatencyResult:
 
 @dataclass(frozen=True)
 class WorkerGroupLatencyResult(LatencyResult):
-    """A LatencyResult of a worker group (world > 1): host_ms_per_step and gpu_ms_per_step are
-    NaN and graph_steps / eager_steps 0 (they are measured on the ranks); bytes_per_step and
-    achieved_bandwidth are per GPU (module docstring)."""
+    """A LatencyResult of a worker group (world > 1): host_ms_per_step, gpu_ms_per_step and the
+    step counts are the slowest rank's (each rank's in `ranks`; a rank that samples nothing, a
+    pipeline stage before the last, records no steps); bytes_per_step and achieved_bandwidth
+    are per GPU (module docstring)."""
 
     # median engine.step() wall time on the driver over the decode steps (under PP one step
     # applies one micro-batch, so with several in flight it is shorter than step_time_s)
     wall_ms_per_step: float
     world_size: int
+    ranks: tuple[RankTiming, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,18 +235,21 @@ def _decode_figures(engine: LLMEngine, requests: list[BenchRequest], finals: lis
 def _run_latency_worker_group(engine: LLMEngine, requests: list[BenchRequest]) -> WorkerGroupLatencyResult:
     """run_latency of a worker group: the same figures from the driver's wall clock (module docstring)."""
     walls: list[float] = []
+    box: list = []
     start = time.perf_counter()
-    finals = run_engine(engine, requests, walls)
+    ranks = tuple(time_ranks(engine.executor.call, lambda: box.append(run_engine(engine, requests, walls))))
     elapsed = time.perf_counter() - start
     decode_walls = walls[1:] or walls  # the first step is the prefill
+    timed = [r for r in ranks if r.steps > 0]
     return WorkerGroupLatencyResult(
-        **_decode_figures(engine, requests, finals, elapsed),
-        host_ms_per_step=float("nan"),
-        gpu_ms_per_step=float("nan"),
-        graph_steps=0,
-        eager_steps=0,
+        **_decode_figures(engine, requests, box[0], elapsed),
+        host_ms_per_step=max((r.host_ms for r in timed), default=float("nan")),
+        gpu_ms_per_step=max((r.gpu_ms for r in timed), default=float("nan")),
+        graph_steps=max((r.graph_steps for r in timed), default=0),
+        eager_steps=max((r.eager_steps for r in timed), default=0),
         wall_ms_per_step=statistics.median(decode_walls) * 1e3,
         world_size=engine.config.parallel.world_size,
+        ranks=ranks,
     )
 
 

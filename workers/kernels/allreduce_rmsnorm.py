@@ -37,8 +37,6 @@ simulated rank (the flag protocol is real: each thread spins on the others' stor
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -143,8 +141,7 @@ def _allreduce_rmsnorm_lamport_kernel(
     rank, num_tokens, hidden_size, rows_per_program, region_stride, third_stride, eps,
     stride_x, stride_r, stride_o, stride_nr, region_words, third_words,
     WORLD: tl.constexpr, WORLD_PAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-    BITS: tl.constexpr, PROGRAMS: tl.constexpr, CLEAR_BLOCK: tl.constexpr, POLL_ALL: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    BITS: tl.constexpr, PROGRAMS: tl.constexpr, CLEAR_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # Layout in bytes, whatever the call's width and dtype: buffer b, rank q's region, row r at
     # b * third + q * region + r * hidden * itemsize (strides passed in elements and in int32 words).
@@ -179,22 +176,14 @@ def _allreduce_rmsnorm_lamport_kernel(
         offs_q = tl.arange(0, WORLD_PAD)
         tile_mask = (offs_q < WORLD)[:, None] & mask[None, :]
         for row in range(row_start, row_end):
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            if POLL_ALL:
-                src = local + base + offs_q[:, None] * region_stride + row * hidden_size + offs[None, :]
+            src = local + base + offs_q[:, None] * region_stride + row * hidden_size + offs[None, :]
+            v = tl.load(src, mask=tile_mask, other=0.0, volatile=True)
+            while tl.sum(tl.sum((_is_sentinel(v, BITS) & tile_mask).to(tl.int32), 1), 0) > 0:
                 v = tl.load(src, mask=tile_mask, other=0.0, volatile=True)
-                while tl.sum(tl.sum((_is_sentinel(v, BITS) & tile_mask).to(tl.int32), 1), 0) > 0:
-                    v = tl.load(src, mask=tile_mask, other=0.0, volatile=True)
-                v = v.to(tl.float32)
-                for q in tl.static_range(WORLD):  # rank order, as the flags kernel sums: the same bits
-                    acc += tl.sum(tl.where(offs_q[:, None] == q, v, 0.0), 0)
-            else:  # one rank's slot at a time (A/B: SHARDSERVE_LAMPORT_POLL=serial)
-                for q in tl.static_range(WORLD):
-                    src1 = local + base + q * region_stride + row * hidden_size + offs
-                    v1 = tl.load(src1, mask=mask, other=0.0, volatile=True)
-                    while tl.sum((_is_sentinel(v1, BITS) & mask).to(tl.int32), 0) > 0:
-                        v1 = tl.load(src1, mask=mask, other=0.0, volatile=True)
-                    acc += v1.to(tl.float32)
+            v = v.to(tl.float32)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for q in tl.static_range(WORLD):  # rank order, as the flags kernel sums: the same bits
+                acc += tl.sum(tl.where(offs_q[:, None] == q, v, 0.0), 0)
             _finish_row(acc, row, residual_ptr, w, out_ptr, new_residual_ptr, eps, hidden_size, stride_r,
                         stride_o, stride_nr, offs, mask, HAS_RESIDUAL)
     # 3. every program: what call e - 1 wrote into this rank's previous buffer back to the sentinel
@@ -280,8 +269,8 @@ def allreduce_rmsnorm(
         kernel = _allreduce_rmsnorm_lamport_kernel
         args = (*head, data_ptrs, counters, rank, num_tokens, hidden_size, rows_per_program, region // item,
                 area // item, eps, *strides, region // 4, area // 4)
-        meta.update(BITS=8 * item, PROGRAMS=NUM_PROGRAMS, CLEAR_BLOCK=1024, WORLD_PAD=triton.next_power_of_2(world_size),
-                    POLL_ALL=os.environ.get("SHARDSERVE_LAMPORT_POLL", "all") != "serial")
+        meta.update(BITS=8 * item, PROGRAMS=NUM_PROGRAMS, CLEAR_BLOCK=1024,
+                    WORLD_PAD=triton.next_power_of_2(world_size))
     if compile_only:
         # Compile and load the kernel now, so no later launch loads a module: loading allocates
         # device memory, which waits for the device to go idle, and a kernel spinning on a peer
