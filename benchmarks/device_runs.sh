@@ -287,9 +287,20 @@ four_gpu_trace_tp() {
 # is each rank's host keeping its device fed?
 four_gpu_tp_timing() {
     ns
-    timeout 300 python3 benchmarks/parallel_gpu.py --cases "${TP_CASES:-tp}" --case-timeout-s 100 --out "$OUT/parallel" 2>&1 \
+    timeout "${TP_TIMEOUT:-300}" python3 benchmarks/parallel_gpu.py --cases "${TP_CASES:-tp}" --case-timeout-s 100 --out "$OUT/parallel" 2>&1 \
         | tee "$OUT/parallel_tp.log" | grep "^tp"
     grep -H "^rank" "$OUT"/parallel/*.log | sed 's/.*kindlatency-//'
+}
+
+# Four GPUs (prepared in the eighth session, not run yet): the L2 weight prefetch. Its kernel
+# compiled on the card, then TP 2 / 4 batch-1 decode without it, with 16 and 32 MB caps, without.
+four_gpu_l2() {
+    ns
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_l2_prefetch.py \
+        tests/kernels/test_pdl.py 2>&1 | tail -2
+    SHARDSERVE_L2_PREFETCH_MB=16 timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/parallel/test_tp_fused_allreduce_gpu.py 2>&1 | tail -2  # TP 2 tokens with the prefetch on
+    TP_CASES=tpl2 TP_TIMEOUT=480 four_gpu_tp_timing
 }
 
 # Four GPUs: batch-1 decode at TP 1 / 2 / 4 (async, the default) and TP 1 / 2 synchronous, then

@@ -63,6 +63,11 @@ from typing import Any
 
 CASES = {
     "tp": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2, 4)],
+    # L2 prefetch of the next GEMMs' weights behind the fused all-reduce (experimental, off by
+    # default): TP 2 / 4 without it, with a 16 MB and a 32 MB cap per call, on one machine.
+    "tpl2": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"l2-{mb}mb{run}",
+                  env={"SHARDSERVE_L2_PREFETCH_MB": str(mb)})
+             for tp in (2, 4) for mb, run in ((0, "a"), (16, ""), (32, ""), (0, "b"))],
     "tpsync": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, async_scheduling=False)
                for tp in (1, 2)],
     "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)

@@ -44,6 +44,22 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and _fused_kernels_enabled
 
 
+PREFETCH_MAX_ROWS = 16  # decode-size steps only: larger GEMMs are compute-bound, not waiting on HBM
+
+
+def prefetch_weights(x: torch.Tensor, *linears: nn.Module) -> None:
+    """Right after a fused TP all-reduce at decode size, hint the next linears' weights (each
+    one's largest parameter) into L2 while that kernel still runs (workers/kernels/l2_prefetch.py).
+    Experimental, off unless SHARDSERVE_L2_PREFETCH_MB is set; a no-op off CUDA."""
+    if not use_kernels(x) or x.shape[0] > PREFETCH_MAX_ROWS:
+        return
+    from shardserve.workers.kernels.l2_prefetch import l2_prefetch, prefetch_cap_from_env
+
+    cap = prefetch_cap_from_env()
+    if cap > 0:
+        l2_prefetch([max(m.parameters(recurse=False), key=lambda p: p.numel()) for m in linears], cap)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype | None = None) -> None:
         super().__init__()
