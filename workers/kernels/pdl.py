@@ -15,7 +15,8 @@ The protocol, for every kernel here that takes `USE_PDL`:
   (whatever that earlier kernel is).
 - `release_next(USE_PDL)` right after: once every program of this kernel has reached it, the next
   kernel (if launched with PDL) may be scheduled; it then waits in its own first statement.
-Kernels launched without PDL (cuBLAS, torch) wait for this one to finish as usual.
+Kernels launched without PDL (cuBLAS, torch) wait for this one to finish as usual. The one
+exception, l2_prefetch.py, touches no memory at all before its wait (it only hints addresses).
 
 `pdl_options(device)` gives the launch keyword arguments: `USE_PDL=True, launch_pdl=True` on a
 CUDA device of compute capability 9 or more with a Triton that has `launch_pdl`, `USE_PDL=False`
