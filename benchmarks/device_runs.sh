@@ -303,6 +303,20 @@ four_gpu_l2() {
     TP_CASES=tpl2 TP_TIMEOUT=480 four_gpu_tp_timing
 }
 
+# Four GPUs (prepared in the eighth session, not run yet): vLLM 0.24 batch-1 decode at TP 1 / 2 / 4,
+# the peer beside four_gpu_tp_timing's figures (run that next, on the same warm machine). Needs
+# the vLLM parts in /tmp/vp first (../shared/device/README.md: one call per part).
+four_gpu_vllm_tp() {
+    ns
+    vllm_site
+    for tp in 1 2 4; do
+        PYTHONPATH=/tmp/vsite:/tmp/ns VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
+            VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 timeout 180 python3 benchmarks/vllm_bench.py --out "$OUT" \
+            --tp $tp --num-requests 0 > "$OUT/vllm_tp$tp.log" 2>&1
+        tail -1 "$OUT/vllm_tp$tp.log"
+    done
+}
+
 # Four GPUs: batch-1 decode at TP 1 / 2 / 4 (async, the default) and TP 1 / 2 synchronous, then
 # Qwen3-30B-A3B offline at TP 2 and TP 2 + EP 2 on the 1,000-request workload (issue 4).
 four_gpu_parallel() {

@@ -44,7 +44,7 @@ def _scheduler_limits(llm):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.1-8b")
-    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--num-requests", type=int, default=1000, help="offline workload size (0: batch 1 only)")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--ep", action="store_true", help="enable_expert_parallel (MoE shapes)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -78,9 +78,11 @@ def main() -> None:
     prefill_s = min(run(prefill_only)[0] for _ in range(3))
     total_s, tokens = run(one)
     decode_tps = (tokens - 1) / (total_s - prefill_s)
-    workload = Workload(args.num_requests, 200, 180, "lognormal", 0.8, max_len=config.max_position_embeddings // 2,
-                        seed=0)
-    seconds, out_tokens = run(workload.sample(vocab_size))
+    seconds, out_tokens = float("nan"), 0
+    if args.num_requests > 0:
+        workload = Workload(args.num_requests, 200, 180, "lognormal", 0.8,
+                            max_len=config.max_position_embeddings // 2, seed=0)
+        seconds, out_tokens = run(workload.sample(vocab_size))
     result = {"device": f"{torch.cuda.get_device_name()} x {args.tp}", "shape": args.shape, "tp": args.tp, "ep": args.ep,
               "max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens,
               "startup_s": startup_s, "decode_b1_tokens_per_s": decode_tps,
