@@ -3,9 +3,10 @@
 Why: at TP 4 a batch-1 decode step is ~2.3 ms of GPU work, and every rank's host must prepare
 the inputs, replay the graph and run the eager sampler within that time, or its device idles
 and, through the next collective, so do the others. A kernel profile cannot show this without
-slowing the host it measures (under CUPTI a graph launch took 600-900 us instead of ~50), so this reads
-the runner's own records (ModelRunner.step_times: CUDA events and wall clocks, cheap) on every
-rank through two Worker calls, `timing_start` / `timing_stop`, around the steps to measure.
+slowing the host it measures (under CUPTI a graph launch took 600-900 us instead of ~50), so
+this reads the runner's own records (ModelRunner.step_times: CUDA events and wall clocks,
+cheap) on every rank through two Worker calls, `timing_start` / `timing_stop`, around the steps
+to measure.
 
 Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `replay_ms`
 (the decode graph's replay call, part of launch; NaN without graphs), `host_ms` (launch +
