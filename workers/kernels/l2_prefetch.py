@@ -6,7 +6,10 @@ its ramp-up and tail weigh a lot. Meanwhile the fused all-reduce + RMSNorm befor
 SMs for ~6 us waiting on NVLink, and HBM idles. This kernel, launched right after that kernel
 with programmatic dependent launch (workers/kernels/pdl.py), runs on the free SMs while it still
 runs and issues `prefetch.global.L2` for the next GEMM's weights (up to a byte cap: what HBM can
-deliver in the window, and what L2 holds), so the GEMM reads them from L2.
+deliver in the window, and what L2 holds), so the GEMM reads them from L2. A side-stream
+kernel that loaded o_proj's weights beside rope and attention was measured slower in the sixth
+session (benchmarks/NOTES.md, "Tried and dropped"); this one only hints, beside a kernel that
+waits on NVLink, and stays off until measured.
 
 Protocol exception: pdl.py's kernels wait for the previous kernel before touching memory. This
 one reads nothing; it only hints addresses of weights, which no kernel writes while serving. It

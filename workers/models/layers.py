@@ -47,17 +47,25 @@ def use_kernels(x: torch.Tensor) -> bool:
 PREFETCH_MAX_ROWS = 16  # decode-size steps only: larger GEMMs are compute-bound, not waiting on HBM
 
 
-def prefetch_weights(x: torch.Tensor, *linears: nn.Module) -> None:
-    """Right after a fused TP all-reduce at decode size, hint the next linears' weights (each
-    one's largest parameter) into L2 while that kernel still runs (workers/kernels/l2_prefetch.py).
-    Experimental, off unless SHARDSERVE_L2_PREFETCH_MB is set; a no-op off CUDA."""
-    if not use_kernels(x) or x.shape[0] > PREFETCH_MAX_ROWS:
-        return
-    from shardserve.workers.kernels.l2_prefetch import l2_prefetch, prefetch_cap_from_env
+def prefetch_bytes_for(tp_size: int) -> int:
+    """Bytes a decoder layer hints into L2 behind each fused all-reduce: SHARDSERVE_L2_PREFETCH_MB
+    (experimental, off by default) under tensor parallelism, 0 otherwise (no all-reduce to hide behind)."""
+    if tp_size <= 1:
+        return 0
+    from shardserve.workers.kernels.l2_prefetch import prefetch_cap_from_env
 
-    cap = prefetch_cap_from_env()
-    if cap > 0:
-        l2_prefetch([max(m.parameters(recurse=False), key=lambda p: p.numel()) for m in linears], cap)
+    return prefetch_cap_from_env()
+
+
+def prefetch_weights(x: torch.Tensor, max_bytes: int, *linears: nn.Module) -> None:
+    """Right after a fused TP all-reduce at decode size, hint the first `max_bytes` of the next
+    linears' weights (each one's largest parameter) into L2 while that kernel still runs
+    (workers/kernels/l2_prefetch.py); a no-op off CUDA."""
+    if max_bytes <= 0 or not use_kernels(x) or x.shape[0] > PREFETCH_MAX_ROWS:
+        return
+    from shardserve.workers.kernels.l2_prefetch import l2_prefetch
+
+    l2_prefetch([max(m.parameters(recurse=False), key=lambda p: p.numel()) for m in linears], max_bytes)
 
 
 class RMSNorm(nn.Module):

@@ -43,6 +43,7 @@ from shardserve.workers.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     SiluAndMul,
+    prefetch_bytes_for,
     prefetch_weights,
     rope_parameters,
 )
@@ -123,7 +124,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.tensor_parallel = get_parallel_state().tp_size > 1  # the norms above all-reduce first
+        # the norms above all-reduce first under TP: the next weights may be hinted into L2 behind them
+        self.prefetch_bytes = prefetch_bytes_for(get_parallel_state().tp_size)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, h_is_partial: bool = False
@@ -139,12 +141,12 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual, reduce=h_is_partial)  # one fused add + norm on CUDA
-            if h_is_partial and self.tensor_parallel:  # behind the fused all-reduce (experimental, off by default)
-                prefetch_weights(x, self.self_attn.qkv_proj, self.self_attn.o_proj)
+            if h_is_partial:  # behind the fused all-reduce (experimental, off by default)
+                prefetch_weights(x, self.prefetch_bytes, self.self_attn.qkv_proj, self.self_attn.o_proj)
         attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)  # TP partial sum
         mlp_in, residual = self.post_attention_layernorm(attn_out, residual, reduce=True)
-        if self.tensor_parallel and hasattr(self.mlp, "gate_up_proj"):
-            prefetch_weights(mlp_in, self.mlp.gate_up_proj)
+        if hasattr(self.mlp, "gate_up_proj"):
+            prefetch_weights(mlp_in, self.prefetch_bytes, self.mlp.gate_up_proj)
         out, out_is_partial = self.mlp.forward_unreduced(mlp_in)
         return out, residual, out_is_partial
 

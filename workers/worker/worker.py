@@ -17,9 +17,9 @@ the rank loop uses `launch` / `finish` instead, so step N+1 is launched before s
 finished (proc.py `_serve_overlapped`). `profile_start` / `profile_stop` (driver calls, see
 bench/kernel_profile.py) keep a torch profiler running on the rank around the steps between them
 and return its kernels by name and time; `timing_start` / `timing_stop` do the same for the
-runner's per-step host and device times (bench/rank_timing.py). Under pipeline parallelism the driver keeps up to
-D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth: pp_size, or
-pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
+runner's per-step host and device times (bench/rank_timing.py). Under pipeline parallelism the
+driver keeps up to D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth:
+pp_size, or pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
 A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
 the next step while the next stage works on this one; the per-request state of the runner
 (one persistent batch for every in-flight step) only ever sees the rows a step schedules.
