@@ -42,6 +42,37 @@ one_gpu_pdl() {
         --skip kernels check throughput hf 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_pdl_on2.log" | grep "latency\|copy"
 }
 
+# One GPU (ninth session), call 1: the decode-size projection kernel (workers/kernels/decode_linear.py)
+# compiled on the card, then cuBLAS vs ours per TP shard shape with a tile sweep; the tuned table
+# stays in /tmp for call 2 on the same warm machine.
+one_gpu_gemv() {
+    ns
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_decode_linear.py \
+        tests/kernels/test_rmsnorm.py tests/kernels/test_activation.py 2>&1 | tail -2
+    timeout 420 python3 benchmarks/gemv_gpu.py --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
+        | tee "$OUT/gemv_gpu.log"
+    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+}
+
+# One GPU (ninth session), call 2: batch-1 / 8 decode with the projection kernel (default tiles;
+# the fast-path check and transformers beside it), then batch 1 with cuBLAS, with the tuned
+# tiles of call 1, and with the kernel again: A B C A on one card.
+one_gpu_gemv_e2e() {
+    ns
+    timeout 170 python3 benchmarks/gpu_bench.py --out "$OUT/gemv-on" --batch-sizes 1,8 --skip kernels throughput 2>&1 \
+        | grep -v Warning | tee "$OUT/gpu_bench_gemv_on.log" | grep "latency\|device\|check\|transformers\|ratio"
+    for variant in off tuned on2; do
+        case $variant in
+            off) env="SHARDSERVE_DECODE_GEMV=0" ;;
+            tuned) env="SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json" ;;
+            *) env="SHARDSERVE_DECODE_GEMV=1" ;;
+        esac
+        env $env timeout 110 python3 benchmarks/gpu_bench.py --out "$OUT/gemv-$variant" --batch-sizes 1,8 \
+            --skip kernels check throughput hf 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_gemv_$variant.log" \
+            | grep "latency\|copy"
+    done
+}
+
 # One GPU: the single-GPU bench with synchronous steps, then with async scheduling (same machine).
 one_gpu_async_ab() {
     ns

@@ -130,3 +130,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     inter_size = x.shape[-1] // 2
     gate, up = x[..., :inter_size].float(), x[..., inter_size:].float()
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  silu_mul: bool = False) -> torch.Tensor:
+    """x @ weight^T (+ bias) in fp32, rounded once; with silu_mul, silu(gate) * up of the rounded halves."""
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    return silu_and_mul(y) if silu_mul else y

@@ -26,6 +26,7 @@ from shardserve.parallel.comm import (
     tensor_model_parallel_all_reduce,
     tensor_model_parallel_all_reduce_rmsnorm,
 )
+from shardserve.parallel.quant import UnquantizedLinearMethod
 from torch import nn
 
 _fused_kernels_enabled = True
@@ -37,6 +38,9 @@ def set_fused_kernels(enabled: bool) -> None:
     """Process-wide switch: False makes CUDA tensors take the torch path (for A/B checks)."""
     global _fused_kernels_enabled
     _fused_kernels_enabled = enabled
+    from shardserve.workers.kernels import decode_linear
+
+    decode_linear.set_enabled(enabled)
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -104,6 +108,19 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+
+def gate_up_silu(gate_up_proj: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(gate_up_proj(x)) [T, inter / tp]; at decode size on CUDA with plain weights, one kernel
+    with the SiLU-and-mul in the projection's epilogue (workers/kernels/decode_linear.py)."""
+    weight = getattr(gate_up_proj, "weight", None)
+    if (use_kernels(x) and isinstance(act, SiluAndMul) and weight is not None and gate_up_proj.bias is None
+            and isinstance(gate_up_proj.quant_method, UnquantizedLinearMethod)):
+        from shardserve.workers.kernels.decode_linear import decode_linear, wanted_for
+
+        if wanted_for(x, weight):
+            return decode_linear(x, weight, silu_mul=True)
+    return act(gate_up_proj(x))
 
 
 class SiluAndMul(nn.Module):

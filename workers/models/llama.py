@@ -43,6 +43,7 @@ from shardserve.workers.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     SiluAndMul,
+    gate_up_silu,
     prefetch_bytes_for,
     prefetch_weights,
     rope_parameters,
@@ -73,12 +74,12 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, 2 * inter / tp] -> [T, inter / tp] -> [T, hidden] (all-reduced
         # unless down_proj.reduce_results is off, as for a shared expert)
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(gate_up_silu(self.gate_up_proj, self.act, x))
 
     def forward_unreduced(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(this TP rank's partial sum [T, hidden], True): the caller reduces it (LlamaDecoderLayer
         leaves it to the next RMSNorm)."""
-        return self.down_proj(self.act(self.gate_up_proj(x)), reduce=False), True
+        return self.down_proj(gate_up_silu(self.gate_up_proj, self.act, x), reduce=False), True
 
 
 class LlamaAttention(nn.Module):
