@@ -334,6 +334,26 @@ four_gpu_l2() {
     TP_CASES=tpl2 TP_TIMEOUT=480 four_gpu_tp_timing
 }
 
+# Four GPUs (ninth session): the batch-1 projection kernel. Its tiles swept on GPU 0 (the table
+# stays in /tmp and is used below), then TP 1 / 2 / 4 batch-1 decode with cuBLAS and with it.
+four_gpu_gemv() {
+    ns
+    timeout 150 python3 benchmarks/gemv_gpu.py --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
+        | tee "$OUT/gemv_gpu.log" | grep -A4 "^device\|^per layer"
+    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tpgemv TP_TIMEOUT=420 four_gpu_tp_timing
+}
+
+# Four GPUs (ninth session), after four_gpu_gemv on the same warm machine: TP 2 tokens on two GPUs
+# with the kernel (and the fused all-reduce), the kernel tests compiled on the card.
+four_gpu_gemv_check() {
+    ns
+    SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/parallel/test_tp_fused_allreduce_gpu.py 2>&1 | tail -2
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_decode_linear.py \
+        tests/kernels/test_pdl.py 2>&1 | tail -2
+}
+
 # Four GPUs (prepared in the eighth session, not run yet): vLLM 0.24 batch-1 decode at TP 1 / 2 / 4,
 # the peer beside four_gpu_tp_timing's figures (run that next, on the same warm machine). Needs
 # the vLLM parts in /tmp/vp first (../shared/device/README.md: one call per part).

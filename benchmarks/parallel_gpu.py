@@ -68,6 +68,11 @@ CASES = {
     "tpl2": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"l2-{mb}mb{run}",
                   env={"SHARDSERVE_L2_PREFETCH_MB": str(mb)})
              for tp in (2, 4) for mb, run in ((0, "a"), (16, ""), (32, ""), (0, "b"))],
+    # Batch-1 projections: cuBLAS vs the PDL matrix-vector kernel (workers/kernels/decode_linear.py),
+    # TP 1 / 2 / 4, alternating on one machine.
+    "tpgemv": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"gemv-{flag}",
+                    env={"SHARDSERVE_DECODE_GEMV": flag})
+               for tp in (1, 2, 4) for flag in ("0", "1")],
     "tpsync": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, async_scheduling=False)
                for tp in (1, 2)],
     "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
