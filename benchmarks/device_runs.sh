@@ -344,14 +344,14 @@ four_gpu_gemv() {
     SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tpgemv TP_TIMEOUT=420 four_gpu_tp_timing
 }
 
-# Four GPUs (ninth session), after four_gpu_gemv on the same warm machine: TP 2 tokens on two GPUs
-# with the kernel (and the fused all-reduce), the kernel tests compiled on the card.
+# Four GPUs (ninth session): TP 2 tokens on two GPUs with the kernel (and the fused all-reduce),
+# the kernel tests compiled on the card, then TP 1 / 4 with the step-time means.
 four_gpu_gemv_check() {
     ns
-    SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
-        tests/parallel/test_tp_fused_allreduce_gpu.py 2>&1 | tail -2
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py 2>&1 | tail -2
     SHARDSERVE_KERNEL_DEVICE=cuda timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_decode_linear.py \
         tests/kernels/test_pdl.py 2>&1 | tail -2
+    TP_CASES=tp4gemv TP_TIMEOUT=260 four_gpu_tp_timing
 }
 
 # Four GPUs (prepared in the eighth session, not run yet): vLLM 0.24 batch-1 decode at TP 1 / 2 / 4,

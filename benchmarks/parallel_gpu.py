@@ -73,6 +73,9 @@ CASES = {
     "tpgemv": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"gemv-{flag}",
                     env={"SHARDSERVE_DECODE_GEMV": flag})
                for tp in (1, 2, 4) for flag in ("0", "1")],
+    # TP 4 again with the step-time means (rank_timing): where the steps beyond the GPU median go.
+    "tp4gemv": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"gemv-{flag}",
+                     env={"SHARDSERVE_DECODE_GEMV": flag}) for tp, flag in ((1, "1"), (4, "0"), (4, "1"))],
     "tpsync": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, async_scheduling=False)
                for tp in (1, 2)],
     "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
@@ -154,7 +157,9 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
             for timing in timings:  # into the case's log: is every rank's host keeping its device fed?
                 print(timing.line(), flush=True)
             return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s,
-                    "max_gap_ms": max(t.gap_ms for t in timings), "max_launch_ms": max(t.launch_ms for t in timings)}
+                    "max_gap_ms": max(t.gap_ms for t in timings),
+                    "max_mean_gap_ms": max(t.gap_mean_ms for t in timings),
+                    "max_mean_gpu_ms": max(t.gpu_mean_ms for t in timings), "max_launch_ms": max(t.launch_ms for t in timings)}
         workload = Workload(case.get("num_requests", num_requests), 200, 180,
                             distribution=case.get("distribution", "lognormal"))
         if case.get("warm_full"):  # the whole workload once first (other prompts: no prefix-cache hits)

@@ -13,7 +13,7 @@ Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `
 finish minus the wait), `wait_ms` (blocked on the sampled ids: slack, the host was early),
 `gpu_ms` (first upload to sampled ids on the device) and `gap_ms` (device time between a step's
 sampled ids and the next step's first upload: the device idle for lack of work, when the host
-is late). A fed device has gap ~0 and wait > 0. Device times need CUDA events: NaN on CPU.
+is late), and the means of those two (a few long steps show in the means only). A fed device has gap ~0 and wait > 0. Device times need CUDA events: NaN on CPU.
 """
 
 from __future__ import annotations
@@ -37,20 +37,28 @@ class RankTiming:
     gap_ms: float
     graph_steps: int = 0  # steps that replayed a decode graph
     eager_steps: int = 0
+    # means beside the medians: a few long steps (a late host, a stall) move the tokens/s a
+    # benchmark reports but not the medians
+    gpu_mean_ms: float = float("nan")
+    gap_mean_ms: float = float("nan")
 
     @classmethod
     def from_times(cls, rank: int, times: StepTimes) -> RankTiming:
         def median_ms(values: list[float]) -> float:
             return statistics.median(values) * 1e3 if values else float("nan")
 
+        def mean_ms(values: list[float]) -> float:
+            return statistics.fmean(values) * 1e3 if values else float("nan")
+
         return cls(rank, len(times.host_s), median_ms(times.launch_s), median_ms(times.replay_s),
                    median_ms(times.host_s),
                    median_ms(times.wait_s), median_ms(times.gpu_s), median_ms(times.gap_s), times.graph_steps,
-                   times.eager_steps)
+                   times.eager_steps, mean_ms(times.gpu_s), mean_ms(times.gap_s))
 
     def line(self) -> str:
         return (f"rank {self.rank}: {self.steps} steps, launch {self.launch_ms:.3f} ms (graph replay {self.replay_ms:.3f}), host {self.host_ms:.3f} ms, "
-                f"wait {self.wait_ms:.3f} ms, GPU {self.gpu_ms:.3f} ms, device gap {self.gap_ms:.3f} ms")
+                f"wait {self.wait_ms:.3f} ms, GPU {self.gpu_ms:.3f} ms (mean {self.gpu_mean_ms:.3f}), "
+                f"device gap {self.gap_ms:.3f} ms (mean {self.gap_mean_ms:.3f})")
 
 
 def start_timing(times: StepTimes) -> None:
