@@ -354,6 +354,16 @@ four_gpu_gemv_check() {
     TP_CASES=tp4gemv TP_TIMEOUT=260 four_gpu_tp_timing
 }
 
+# Two GPUs (ninth session): the TP 2 GPU tests with the batch-1 projection kernel on (in four_gpu_gemv_check
+# they ran out of their 200 s), then the kernel's tests compiled on the card.
+two_gpu_gemv_check() {
+    ns
+    timeout 420 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_fused_allreduce_gpu.py 2>&1 | tail -3
+    echo
+    SHARDSERVE_KERNEL_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_linear.py \
+        2>&1 | tail -3
+}
+
 # Four GPUs (prepared in the eighth session, not run yet): vLLM 0.24 batch-1 decode at TP 1 / 2 / 4,
 # the peer beside four_gpu_tp_timing's figures (run that next, on the same warm machine). Needs
 # the vLLM parts in /tmp/vp first (../shared/device/README.md: one call per part).
