@@ -159,7 +159,9 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
             return {"decode_tok_s": 1.0 / result.mean_tpot_s, "output_tok_s": result.output_tokens_per_s,
                     "max_gap_ms": max(t.gap_ms for t in timings),
                     "max_mean_gap_ms": max(t.gap_mean_ms for t in timings),
-                    "max_mean_gpu_ms": max(t.gpu_mean_ms for t in timings), "max_launch_ms": max(t.launch_ms for t in timings)}
+                    "max_mean_gpu_ms": max(t.gpu_mean_ms for t in timings), "max_launch_ms": max(t.launch_ms for t in timings),
+                    "max_driver_p90_ms": max(t.driver_p90_ms for t in timings),
+                    "max_prep_p90_ms": max(t.prep_p90_ms for t in timings)}
         workload = Workload(case.get("num_requests", num_requests), 200, 180,
                             distribution=case.get("distribution", "lognormal"))
         if case.get("warm_full"):  # the whole workload once first (other prompts: no prefix-cache hits)

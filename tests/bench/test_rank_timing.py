@@ -1,7 +1,7 @@
 """Per-rank step timing (workers/bench/rank_timing.py, Worker.timing_start/stop): a TP 2 engine on
 CPU (gloo, spawned ranks) records every rank's host times over exactly the steps between the two
 calls, with a step in flight at both ends (async scheduling); the device times need CUDA events,
-so on CPU they are NaN."""
+so on CPU they are NaN, as is the graph-only prep time; the driver's turnaround is timed."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def test_tp2_ranks_time_the_steps_between_the_calls() -> None:
             assert 0 < t.launch_ms <= t.host_ms
             assert t.wait_ms >= 0
             assert math.isnan(t.gpu_ms) and math.isnan(t.gap_ms)  # no CUDA events on CPU
+            # every step after the first waited on the driver's next message after a finish
+            assert 0 < t.driver_ms <= t.driver_p90_ms
+            assert t.launch_ms <= t.launch_p90_ms
+            assert math.isnan(t.prep_ms)  # decode graphs only: none on CPU
             assert f"rank {t.rank}: 4 steps" in t.line()
         # Recording stopped: later steps leave the records alone.
         engine.step()

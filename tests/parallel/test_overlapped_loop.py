@@ -42,6 +42,7 @@ class _RecordingWorker:
     events: list[str] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    driver_waits: list[float] = field(default_factory=list)
 
     def launch(self, sched: dict) -> _Pending:
         with self.lock:
@@ -63,6 +64,10 @@ class _RecordingWorker:
 
     def ping(self) -> int:
         return 7
+
+    def note_driver_wait(self, seconds: float) -> None:
+        with self.lock:
+            self.driver_waits.append(seconds)
 
     def mark_done(self, seq: int) -> None:
         with self.lock:
@@ -95,6 +100,20 @@ def test_next_step_launches_before_the_previous_finishes(loop) -> None:
     worker.mark_done(1)
     assert _receive(driver) == (OUTPUT, "out 1")  # no step 2: finished once the device has it
     assert worker.events == ["launch 0", "launch 1", "finish 0", "finish 1"]
+
+
+def test_the_wait_for_the_driver_after_a_finish_is_recorded(loop) -> None:
+    worker, driver = loop
+    driver.send_bytes(encode(STEP, {"seq": 0}))
+    worker.mark_done(0)
+    assert _receive(driver) == (OUTPUT, "out 0")
+    assert worker.driver_waits == []  # no step message since that finish yet
+    threading.Event().wait(0.05)  # the "driver" takes 50 ms to answer
+    driver.send_bytes(encode(STEP, {"seq": 1}))
+    worker.mark_done(1)
+    assert _receive(driver) == (OUTPUT, "out 1")
+    with worker.lock:
+        assert len(worker.driver_waits) == 1 and 0.04 < worker.driver_waits[0] < 5.0
 
 
 def test_a_lone_step_is_sent_when_done(loop) -> None:

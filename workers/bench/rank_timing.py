@@ -13,7 +13,11 @@ Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `
 finish minus the wait), `wait_ms` (blocked on the sampled ids: slack, the host was early),
 `gpu_ms` (first upload to sampled ids on the device) and `gap_ms` (device time between a step's
 sampled ids and the next step's first upload: the device idle for lack of work, when the host
-is late), and the means of those two (a few long steps show in the means only). A fed device has gap ~0 and wait > 0. Device times need CUDA events: NaN on CPU.
+is late), and the means of those two (a few long steps show in the means only). Under async
+scheduling the host's critical path is: the driver's turnaround (`driver_ms`: the rank's last
+finish, its output sent -> the next step's message in) then `prep_ms` (launch up to the graph
+replay); it must fit in one step of device time, so their medians and 90th percentiles are
+printed too. A fed device has gap ~0 and wait > 0. Device times need CUDA events: NaN on CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class RankTiming:
     # benchmark reports but not the medians
     gpu_mean_ms: float = float("nan")
     gap_mean_ms: float = float("nan")
+    # the host's critical path under async scheduling (median, 90th percentile): the driver's
+    # turnaround as this rank sees it (StepTimes.driver_s), then launch() up to the graph replay
+    driver_ms: float = float("nan")
+    driver_p90_ms: float = float("nan")
+    prep_ms: float = float("nan")
+    prep_p90_ms: float = float("nan")
+    launch_p90_ms: float = float("nan")
 
     @classmethod
     def from_times(cls, rank: int, times: StepTimes) -> RankTiming:
@@ -50,15 +61,23 @@ class RankTiming:
         def mean_ms(values: list[float]) -> float:
             return statistics.fmean(values) * 1e3 if values else float("nan")
 
+        def p90_ms(values: list[float]) -> float:
+            return sorted(values)[(9 * len(values)) // 10] * 1e3 if values else float("nan")
+
         return cls(rank, len(times.host_s), median_ms(times.launch_s), median_ms(times.replay_s),
                    median_ms(times.host_s),
                    median_ms(times.wait_s), median_ms(times.gpu_s), median_ms(times.gap_s), times.graph_steps,
-                   times.eager_steps, mean_ms(times.gpu_s), mean_ms(times.gap_s))
+                   times.eager_steps, mean_ms(times.gpu_s), mean_ms(times.gap_s),
+                   median_ms(times.driver_s), p90_ms(times.driver_s), median_ms(times.prep_s), p90_ms(times.prep_s),
+                   p90_ms(times.launch_s))
 
     def line(self) -> str:
-        return (f"rank {self.rank}: {self.steps} steps, launch {self.launch_ms:.3f} ms (graph replay {self.replay_ms:.3f}), host {self.host_ms:.3f} ms, "
+        return (f"rank {self.rank}: {self.steps} steps, launch {self.launch_ms:.3f} ms (p90 {self.launch_p90_ms:.3f}; "
+                f"graph replay {self.replay_ms:.3f}), host {self.host_ms:.3f} ms, "
                 f"wait {self.wait_ms:.3f} ms, GPU {self.gpu_ms:.3f} ms (mean {self.gpu_mean_ms:.3f}), "
-                f"device gap {self.gap_ms:.3f} ms (mean {self.gap_mean_ms:.3f})")
+                f"device gap {self.gap_ms:.3f} ms (mean {self.gap_mean_ms:.3f}); critical path: driver turnaround "
+                f"{self.driver_ms:.3f} ms (p90 {self.driver_p90_ms:.3f}), prep to replay {self.prep_ms:.3f} ms "
+                f"(p90 {self.prep_p90_ms:.3f})")
 
 
 def start_timing(times: StepTimes) -> None:

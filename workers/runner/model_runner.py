@@ -112,6 +112,7 @@ class ModelRunner:
         self.last_sampled = torch.zeros(self.max_rows if self.async_scheduling else 0, dtype=torch.int64,
                                         device=device)
         self._num_launched = 0
+        self._launch_start = 0.0  # perf_counter at the current launch() (StepTimes.prep_s)
         self._prompt_logprobs: dict[str, tuple[int, list[int]]] = {}  # request id -> (top-n, prompt)
         self.step_times = StepTimes()
         self.graphs: DecodeGraphs | None = None
@@ -233,7 +234,7 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingStep:
         """Apply the step's diffs, upload, run the model and the sampler; never waits for the GPU."""
-        start = time.perf_counter()
+        start = self._launch_start = time.perf_counter()
         seq, self._num_launched = self._num_launched, self._num_launched + 1
         for request_id in (*sched.finished_request_ids, *sched.preempted_request_ids):
             self._remove(request_id)
@@ -391,6 +392,7 @@ class ModelRunner:
             hidden = self.graphs.run(bucket, inputs.view(-1, bucket), hidden_in)
             if self.step_times.enabled:
                 self.step_times.replay_s.append(time.perf_counter() - replay_start)
+                self.step_times.prep_s.append(replay_start - self._launch_start)
             return hidden, views
         mixed = self.mixed_graphs
         token_bucket = mixed.bucket_for(layout.num_tokens) if mixed is not None and self.use_mixed_graphs else None

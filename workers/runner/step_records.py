@@ -26,6 +26,13 @@ class StepTimes:
     gpu_s: list[float] = field(default_factory=list)  # first upload -> sampled ids, on the GPU
     launch_s: list[float] = field(default_factory=list)  # launch() wall time alone (inputs, replay, sampler)
     replay_s: list[float] = field(default_factory=list)  # host time of a decode graph's replay call
+    # decode-graph steps: launch() start -> the replay call (input preparation and upload: the
+    # host work the device waits for when the host is late)
+    prep_s: list[float] = field(default_factory=list)
+    # worker ranks (proc.py's overlapped loop): the last finish (output sent) -> the driver's
+    # next step message in: the driver's turnaround as this rank sees it, on the host's critical
+    # path (in steady state: N finished after N+1's launch -> N+2 in, before the device is done with N+1)
+    driver_s: list[float] = field(default_factory=list)
     # GPU time from the previous timed step's sampled ids to this step's first upload: ~0 when the
     # host keeps the device fed, the device's idle time when the host is late (CUDA events)
     gap_s: list[float] = field(default_factory=list)
@@ -44,6 +51,8 @@ class StepTimes:
         self.gpu_s.clear()
         self.launch_s.clear()
         self.replay_s.clear()
+        self.prep_s.clear()
+        self.driver_s.clear()
         self.gap_s.clear()
         self.last_end = None
         self.rows.clear()

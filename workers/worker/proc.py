@@ -45,6 +45,7 @@ import pickle
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -187,14 +188,18 @@ def _serve_overlapped(worker: Worker, conn: Connection, inbox: _Inbox | _Pipe | 
     Messages come from `inbox` (default: straight from `conn`); outputs go to `conn`."""
     pending: PendingStep | None = None
     inbox = inbox or _Pipe(conn)
+    # When the last step was finished (its output sent): the driver answers with the next step
+    # message, which must come before the device runs out of work (StepTimes.driver_s).
+    finished_at: float | None = None
 
     def finish() -> None:
-        nonlocal pending
+        nonlocal pending, finished_at
         assert pending is not None
         output = worker.finish(pending)
         pending = None
         if output is not None:
             conn.send_bytes(encode(OUTPUT, output))
+        finished_at = time.perf_counter()
 
     while True:
         # Wait for the next message, or finish the launched step once the device has it.
@@ -207,6 +212,9 @@ def _serve_overlapped(worker: Worker, conn: Connection, inbox: _Inbox | _Pipe | 
             kind, payload = inbox.get()
         except EOFError:
             return  # the driver is gone
+        if finished_at is not None and kind == STEP:
+            worker.note_driver_wait(time.perf_counter() - finished_at)
+        finished_at = None
         if kind == STEP:
             launched = worker.launch(payload)
             if pending is not None:

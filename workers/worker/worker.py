@@ -142,6 +142,12 @@ class Worker:
         output = self.runner.finish(pending)
         return output if self.is_output_rank else None
 
+    def note_driver_wait(self, seconds: float) -> None:
+        """Seconds from this rank's last finish (output sent) to the driver's next step message,
+        from the overlapped loop (StepTimes.driver_s; kept only while timing)."""
+        if self.runner.step_times.enabled:
+            self.runner.step_times.driver_s.append(seconds)
+
     def expert_load(self) -> dict[str, list[int]]:
         """Tokens routed to each expert so far, per MoE layer (module name -> counts per expert)."""
         return {name.removesuffix(".expert_load"): buf.tolist()
