@@ -364,6 +364,14 @@ two_gpu_gemv_check() {
         2>&1 | tail -3
 }
 
+# Four GPUs (prepared in the ninth session, not run yet): TP 1 / 4 batch 1 with the host's critical
+# path per rank (driver turnaround, prep to replay: rank_timing), then TP 4 with the driver one
+# step further ahead (async_depth 3) against the default 2, alternating.
+four_gpu_tp_host() {
+    TP_CASES=tp4gemv TP_TIMEOUT=260 four_gpu_tp_timing
+    TP_CASES=tp4depth TP_TIMEOUT=320 four_gpu_tp_timing
+}
+
 # Four GPUs (prepared in the eighth session, not run yet): vLLM 0.24 batch-1 decode at TP 1 / 2 / 4,
 # the peer beside four_gpu_tp_timing's figures (run that next, on the same warm machine). Needs
 # the vLLM parts in /tmp/vp first (../shared/device/README.md: one call per part).

@@ -76,6 +76,10 @@ CASES = {
     # TP 4 again with the step-time means (rank_timing): where the steps beyond the GPU median go.
     "tp4gemv": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"gemv-{flag}",
                      env={"SHARDSERVE_DECODE_GEMV": flag}) for tp, flag in ((1, "1"), (4, "0"), (4, "1"))],
+    # TP 4 batch 1 with the driver one more step ahead (SchedulerConfig.async_depth 3): is the
+    # driver's turnaround what leaves TP 4's devices idle? Depth 2, 3, 3, 2 on one machine.
+    "tp4depth": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=4, pp=1, ep=1, async_depth=depth,
+                      tag=f"depth{depth}{run}") for depth, run in ((2, "a"), (3, "a"), (3, "b"), (2, "b"))],
     "tpsync": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, async_scheduling=False)
                for tp in (1, 2)],
     "pp": [dict(kind="throughput", model="dummy:llama-3.1-8b", tp=1, pp=pp, ep=1, max_num_seqs=seqs)
@@ -129,7 +133,8 @@ def _engine(case: dict, device: str, num_requests: int):
         model=ModelConfig(model=case["model"], dtype="bfloat16" if device != "cpu" else "float32", device=device),
         scheduler=SchedulerConfig(max_num_seqs=case.get("max_num_seqs", 256),
                                   max_num_batched_tokens=case.get("max_num_batched_tokens", 8192),
-                                  async_scheduling=case.get("async_scheduling")),
+                                  async_scheduling=case.get("async_scheduling"),
+                                  async_depth=case.get("async_depth", 2)),
         parallel=ParallelConfig(tensor_parallel_size=case["tp"], pipeline_parallel_size=case["pp"],
                                 expert_parallel_size=case["ep"],
                                 pipeline_micro_batches=case.get("pipeline_micro_batches"),

@@ -86,12 +86,18 @@ class SchedulerConfig:
       GPU: steps that carry a prefill run eagerly, pure decode steps replay a CUDA graph, so
       admitting in bursts makes most steps graph replays.
     async_scheduling: overlap the host work of step N+1 (scheduling, input preparation, launch)
-      with the device work of step N: the engine keeps up to 2 batches in flight and schedules
+      with the device work of step N: the engine keeps up to 2 batches in flight (async_depth) and schedules
       each request's next decode before its previous token is known on the host (a placeholder
       the runner fills on the device). Outputs equal the synchronous engine's. None (default):
       on whenever pipeline_parallel_size == 1 (pipeline parallelism keeps its own batches in
       flight); True with pipeline parallelism is an error. See workers/engine.py.
       H100, Llama-3.1-8B: b1 150.4 -> 159.4 tok/s, offline 7,923 -> 8,762 tok/s (NOTES.md).
+    async_depth: batches in flight under async scheduling, 2 (default) to 4. At 3 the driver
+      sends step N+2 before step N's output is in, so the ranks find it waiting when they finish
+      N: the driver's turnaround leaves the host's critical path, which helps where a step is
+      short (TP 4 batch 1: ~2.2 ms). A request that ends early (EOS, a stop string) costs up to
+      depth - 1 wasted steps, whose results are dropped; outputs still equal the synchronous
+      engine's.
     """
 
     max_num_seqs: int = 256
@@ -102,8 +108,11 @@ class SchedulerConfig:
     max_queue_len: int = 1024
     min_admit_batch: int = 1
     async_scheduling: bool | None = None
+    async_depth: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.async_depth, bool) or not isinstance(self.async_depth, int) or not 2 <= self.async_depth <= 4:
+            raise ValueError(f"async_depth must be an integer in [2, 4], got {self.async_depth!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be true, false or null (auto), got {self.async_scheduling!r}")
         if self.max_num_seqs < 1:

@@ -32,17 +32,19 @@ drops it would carry (finished / preempted ids) ride with the next batch sent.
 At P = 1 `step()` is the plain schedule -> execute -> update -> outputs loop.
 
 Async scheduling (SchedulerConfig.async_scheduling, P = 1) reuses the batch queue with a depth
-of 2 so the host work of one step overlaps the device work of the previous one:
+of 2 (SchedulerConfig.async_depth) so the host work of one step overlaps the device work of the previous one:
     step(): 1. fill: schedule batch N+1 and submit it (the runner launches it behind batch N on
                the device and returns at once); the scheduler feeds a placeholder for each
                token batch N samples, which the runner fills on the device;
             2. collect batch N (wait for its ids), update_from_output, process its outputs.
 So between steps one batch is in flight, and while the device runs it the host applies the
-previous batch, builds its outputs and schedules the next. Differences from the P > 1 queue:
-the same request is in both batches; a request that batch N finishes (EOS, stop id, stop
-string; max_tokens / max_model_len are foreseen and not scheduled again) has its batch N+1
-result dropped here and its blocks freed when N+1 returns (scheduler); an abort between steps
-drops the one in-flight result the same way. A batch that samples for a request with
+previous batch, builds its outputs and schedules the next. With SchedulerConfig.async_depth
+D > 2 the queue holds D batches and D - 1 stay in flight between steps (the driver is a step
+or more ahead of the ranks). Differences from the P > 1 queue: the same request is in every
+batch in flight; a request that batch N finishes (EOS, stop id, stop string; max_tokens /
+max_model_len are foreseen and not scheduled again) has the results of the later batches that
+hold it dropped here (`_drop_results` counts them) and its blocks freed when the last of them
+returns (scheduler); an abort between steps drops the in-flight results the same way. A batch that samples for a request with
 repetition / presence / frequency penalties is collected before anything else is scheduled
 (`_InFlight.needs_sync`): penalties read the previous token's id on the host. Outputs equal the
 synchronous engine's; token times are recorded when a batch is applied (at collect).
@@ -52,8 +54,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import repeat
 
@@ -107,7 +109,8 @@ class LLMEngine:
         )
         self.async_scheduling = config.use_async_scheduling  # only with P = 1
         # P (or ParallelConfig.pipeline_micro_batches) under pipeline parallelism, 2 under async scheduling
-        self.max_batches_in_flight = 2 if self.async_scheduling else config.parallel.pipeline_depth
+        self.max_batches_in_flight = config.scheduler.async_depth if self.async_scheduling \
+            else config.parallel.pipeline_depth
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
                                    async_scheduling=self.async_scheduling)
@@ -115,7 +118,8 @@ class LLMEngine:
         self.meter = ThroughputMeter()
         self.batch_queue = BatchQueueStats()
         self._batches: deque[_InFlight] = deque()  # oldest first
-        self._drop_results: set[str] = set()  # sample ids finished while in a batch in flight
+        # sample id -> results still to drop: it finished while in that many batches in flight
+        self._drop_results: Counter[str] = Counter()
         self._carried_finished: tuple[str, ...] = ()  # runner drops of batches never sent
         self._carried_preempted: tuple[str, ...] = ()
         # parent id -> samples 1..n-1 waiting for sample 0's prompt to be computed
@@ -199,7 +203,7 @@ class LLMEngine:
         self._first_sample.pop(request_id, None)
         sample_ids = self.outputs.sample_ids(request_id)
         # Its batch's result will come back after the output is gone: ignore it then.
-        self._drop_results.update(s for s in sample_ids if self.scheduler.is_in_flight(s))
+        self._drop_later_results(sample_ids)
         self.scheduler.abort_requests(sample_ids)
         self.outputs.abort(request_id)
 
@@ -257,9 +261,10 @@ class LLMEngine:
         """Build the outputs of an applied batch; finish the requests that hit a stop string."""
         scheduled_ids = [r.request_id for r in sched.scheduled]
         if self._drop_results:
-            dropped = self._drop_results.intersection(scheduled_ids)
+            dropped = {r for r in scheduled_ids if r in self._drop_results}
             if dropped:
-                self._drop_results -= dropped
+                self._drop_results.subtract(dropped)  # one result each
+                self._drop_results = +self._drop_results  # forget ids with none left to drop
                 scheduled_ids = [r for r in scheduled_ids if r not in dropped]
                 runner_output = _without(runner_output, dropped)
         self.meter.record(
@@ -267,13 +272,18 @@ class LLMEngine:
             num_generation_tokens=len(runner_output.sampled_token_ids),
         )
         for request_id, stop_string in self.outputs.process(scheduled_ids, advanced, runner_output):
-            if self.scheduler.is_in_flight(request_id):  # already in the next batch: drop that result
-                self._drop_results.add(request_id)
+            self._drop_later_results([request_id])  # already in later batches: drop those results
             self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
         if self.async_scheduling:
-            # Finished by this batch's token (EOS, stop id) while already in the next batch.
-            self._drop_results.update(r.request_id for r in advanced
-                                      if r.is_finished and self.scheduler.is_in_flight(r.request_id))
+            # Finished by this batch's token (EOS, stop id) while already in later batches.
+            self._drop_later_results([r.request_id for r in advanced if r.is_finished])
+
+    def _drop_later_results(self, sample_ids: Iterable[str]) -> None:
+        """Drop the results of the batches in flight that hold these (finished) sample ids."""
+        for sample_id in sample_ids:
+            count = self.scheduler.num_batches_holding(sample_id)
+            if count:
+                self._drop_results[sample_id] += count
 
     def _samples_with_penalties(self, sched: SchedulerOutput) -> bool:
         """True if `sched` samples for a request whose penalties need its previous token on the host."""

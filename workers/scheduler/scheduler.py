@@ -43,8 +43,9 @@ the D batches in flight hold about R / D each instead of one holding all. At D =
 ever in flight at `schedule()` time and none of this changes a decision.
 
 Async scheduling (SchedulerConfig.async_scheduling, P = 1 stage): the engine schedules batch
-N+1 while batch N is still running, so a request may sit in both (at most 2 batches are ever
-in flight, and at most 1 when `schedule()` runs). Per request in flight, `_Ahead` counts the
+N+1 while batch N is still running, so a request may sit in both (at most D =
+SchedulerConfig.async_depth batches are ever in flight, 2 by default, and at most D - 1 when
+`schedule()` runs). Per request in flight, `_Ahead` counts the
 batches holding it, the tokens they compute (the next chunk starts after them) and the tokens
 they sample. A sampled token is not known on the host until its batch is applied, so the next
 batch feeds `PLACEHOLDER` at its position; the runner replaces it on the device with the id
@@ -124,8 +125,8 @@ class Scheduler:
             )
         if max_batches_in_flight < 1:
             raise ValueError(f"max_batches_in_flight must be >= 1, got {max_batches_in_flight}")
-        if async_scheduling and max_batches_in_flight != 2:
-            raise ValueError(f"async scheduling keeps 2 batches in flight, got max_batches_in_flight={max_batches_in_flight}")
+        if async_scheduling and max_batches_in_flight < 2:
+            raise ValueError(f"async scheduling keeps 2 or more batches in flight, got max_batches_in_flight={max_batches_in_flight}")
         self.config = scheduler_config
         self.cache_config = cache_config
         self.kv = kv_manager
@@ -194,6 +195,11 @@ class Scheduler:
     def is_in_flight(self, request_id: str) -> bool:
         """True while `request_id` is in a scheduled batch whose result is not applied yet."""
         return request_id in self._in_flight
+
+    def num_batches_holding(self, request_id: str) -> int:
+        """Batches in flight that hold `request_id` (0 when it is not in flight)."""
+        ahead = self._in_flight.get(request_id)
+        return ahead[0] if ahead is not None else 0
 
     # ---- counters -----------------------------------------------------------------------------
 
