@@ -32,7 +32,8 @@ drops it would carry (finished / preempted ids) ride with the next batch sent.
 At P = 1 `step()` is the plain schedule -> execute -> update -> outputs loop.
 
 Async scheduling (SchedulerConfig.async_scheduling, P = 1) reuses the batch queue with a depth
-of 2 (SchedulerConfig.async_depth) so the host work of one step overlaps the device work of the previous one:
+of 2 (SchedulerConfig.async_depth) so the host work of one step overlaps the device work of
+the previous one:
     step(): 1. fill: schedule batch N+1 and submit it (the runner launches it behind batch N on
                the device and returns at once); the scheduler feeds a placeholder for each
                token batch N samples, which the runner fills on the device;
@@ -44,10 +45,11 @@ or more ahead of the ranks). Differences from the P > 1 queue: the same request 
 batch in flight; a request that batch N finishes (EOS, stop id, stop string; max_tokens /
 max_model_len are foreseen and not scheduled again) has the results of the later batches that
 hold it dropped here (`_drop_results` counts them) and its blocks freed when the last of them
-returns (scheduler); an abort between steps drops the in-flight results the same way. A batch that samples for a request with
-repetition / presence / frequency penalties is collected before anything else is scheduled
-(`_InFlight.needs_sync`): penalties read the previous token's id on the host. Outputs equal the
-synchronous engine's; token times are recorded when a batch is applied (at collect).
+returns (scheduler); an abort between steps drops the in-flight results the same way. A batch
+that samples for a request with repetition / presence / frequency penalties is collected
+before anything else is scheduled (`_InFlight.needs_sync`): penalties read the previous
+token's id on the host. Outputs equal the synchronous engine's; token times are recorded when a
+batch is applied (at collect).
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class LLMEngine:
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.async_scheduling = config.use_async_scheduling  # only with P = 1
-        # P (or ParallelConfig.pipeline_micro_batches) under pipeline parallelism, 2 under async scheduling
+        # P (or ParallelConfig.pipeline_micro_batches) under pipeline parallelism,
+        # SchedulerConfig.async_depth (2 by default) under async scheduling
         self.max_batches_in_flight = config.scheduler.async_depth if self.async_scheduling \
             else config.parallel.pipeline_depth
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
@@ -202,7 +205,7 @@ class LLMEngine:
             self.outputs.finish_sample(sample, FinishReason.ABORT)
         self._first_sample.pop(request_id, None)
         sample_ids = self.outputs.sample_ids(request_id)
-        # Its batch's result will come back after the output is gone: ignore it then.
+        # Its in-flight batches' results will come back after the output is gone: ignore them then.
         self._drop_later_results(sample_ids)
         self.scheduler.abort_requests(sample_ids)
         self.outputs.abort(request_id)

@@ -104,11 +104,6 @@ def _decode_linear_kernel(
     tl.store(out_ptr + offs_n, out, mask=mask_n)
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def default_tiles(n_out: int, k: int) -> GemvTiles:
     """Tiles for a card without a tuned table: 4 features a program (at least 384 programs for
     every Llama-3.1-8B shard shape, so every SM streams), 1,024 columns a chunk. These won 10 of
@@ -142,8 +137,8 @@ def table_path(device_name: str, environ: dict[str, str] | os._Environ = os.envi
 
 
 @functools.cache
-def _device_table(index: int) -> str:
-    return table_path(torch.cuda.get_device_name(index))
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def tiles_for(device: torch.device, n_out: int, k: int, silu_mul: bool) -> GemvTiles:
@@ -151,8 +146,8 @@ def tiles_for(device: torch.device, n_out: int, k: int, silu_mul: bool) -> GemvT
     if device.type != "cuda":
         return GemvTiles(4, 32, 4, 1)  # Triton's interpreter (CI): several programs and K chunks on tiny shapes
     index = device.index if device.index is not None else torch.cuda.current_device()
-    table = os.environ.get(ENV_GEMV_TILES) or _device_table(index)
-    return tuned_tiles(table).get(tiles_key(n_out, k, silu_mul)) or default_tiles(n_out, k)
+    table = tuned_tiles(table_path(_device_name(index)))
+    return table.get(tiles_key(n_out, k, silu_mul)) or default_tiles(n_out, k)
 
 
 _enabled = True  # process-wide, set with the other fused kernels (models/layers.set_fused_kernels)
