@@ -19,8 +19,9 @@ large step message (beyond the socket buffer) written to a stage that is itself 
 a large output back would deadlock the two. Without pipeline stages the loop reads the pipe
 directly.
 
-Under async scheduling (no pipeline stages) the driver writes step N+1 before it waits for step
-N's output, and a rank overlaps its own host work with its device work the same way
+Under async scheduling (no pipeline stages) the driver writes step N+1 (and N+2 with
+SchedulerConfig.async_depth 3, which then waits in the pipe) before it waits for step N's
+output, and a rank overlaps its own host work with its device work the same way
 (`_serve_overlapped`): it launches N+1 (input preparation, graph replay, all queued behind N on
 the device) before it finishes N (waits for N's sampled ids, writes the output). Between
 messages it watches both the pipe and N's device event, so when no next step comes (the driver
