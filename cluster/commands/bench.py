@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--max-num-batched-tokens", type=int, default=2048)
         q.add_argument("--mode", default="continuous", choices=["continuous", "static"])
         q.add_argument("--min-admit-batch", type=int, default=1, help="admit waiting requests in bursts of this many")
+        q.add_argument("--async-depth", type=int, default=2,
+                       help="batches in flight under async scheduling, in [2, 4] (3: the driver a step further ahead)")
         q.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="tensor-parallel ranks (GPUs)")
         q.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
         q.add_argument("--expert-parallel-size", "-ep", type=int, default=1,
@@ -63,12 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.set_defaults(func=run)
 
 
-# ParallelConfig field -> the flag that sets it, for error messages
+# Config field -> the flag that sets it, for error messages
 FLAGS = {
     "tensor_parallel_size": "--tensor-parallel-size/-tp",
     "pipeline_parallel_size": "--pipeline-parallel-size/-pp",
     "expert_parallel_size": "--expert-parallel-size/-ep",
     "pipeline_micro_batches": "--pipeline-micro-batches",
+    "async_depth": "--async-depth",
 }
 
 

@@ -133,6 +133,12 @@ def test_bad_parallel_values_exit_2_with_the_range(kind: str, flags: list[str], 
     assert "Traceback" not in captured.err + captured.out
 
 
+def test_bad_async_depth_exits_2_with_the_range(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "latency", *MODEL, "--no-hf", "--async-depth", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shardserve bench latency: --async-depth: async_depth must be an integer in [2, 4], got 5"), err
+
+
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="the machine has the GPUs")
 def test_more_ranks_than_gpus_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "latency", "--model", "dummy:tiny-llama", "--device", "cuda", "-tp", "2", "--no-hf"]

@@ -47,7 +47,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, mode=args.mode,
-            min_admit_batch=args.min_admit_batch,
+            min_admit_batch=args.min_admit_batch, async_depth=args.async_depth,
         ),
         parallel=ParallelConfig(
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
