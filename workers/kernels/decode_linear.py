@@ -106,8 +106,8 @@ def _decode_linear_kernel(
 
 def default_tiles(n_out: int, k: int) -> GemvTiles:
     """Tiles for a card without a tuned table: 4 features a program (at least 384 programs for
-    every Llama-3.1-8B shard shape, so every SM streams), 1,024 columns a chunk. These won 10 of
-    the 12 TP 1 / 2 / 4 shard shapes of the ninth session's sweep on an H100."""
+    every Llama-3.1-8B shard shape, so every SM streams), 1,024 columns a chunk: the winner of 9
+    of the 12 TP 1 / 2 / 4 shard shapes in the ninth session's first sweep on an H100."""
     return GemvTiles(4, min(1024, max(16, triton.next_power_of_2(k))), 4, 3)
 
 

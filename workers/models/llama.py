@@ -142,11 +142,11 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual, reduce=h_is_partial)  # one fused add + norm on CUDA
-            if h_is_partial:  # behind the fused all-reduce (experimental, off by default)
+            if h_is_partial and self.prefetch_bytes:  # behind the fused all-reduce (experimental, off by default)
                 prefetch_weights(x, self.prefetch_bytes, self.self_attn.qkv_proj, self.self_attn.o_proj)
         attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)  # TP partial sum
         mlp_in, residual = self.post_attention_layernorm(attn_out, residual, reduce=True)
-        if hasattr(self.mlp, "gate_up_proj"):
+        if self.prefetch_bytes and hasattr(self.mlp, "gate_up_proj"):
             prefetch_weights(mlp_in, self.prefetch_bytes, self.mlp.gate_up_proj)
         out, out_is_partial = self.mlp.forward_unreduced(mlp_in)
         return out, residual, out_is_partial
