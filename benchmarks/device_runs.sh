@@ -344,6 +344,25 @@ four_gpu_gemv() {
     SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tpgemv TP_TIMEOUT=420 four_gpu_tp_timing
 }
 
+# Four GPUs (tenth session): the projection tiles swept for this card (a card without a shipped
+# table, e.g. the H200), then TP 1 / 2 / 4 batch-1 decode with them (the defaults otherwise).
+four_gpu_tp_tuned() {
+    ns
+    timeout 150 python3 benchmarks/gemv_gpu.py --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
+        | tee "$OUT/gemv_gpu.log" | grep -A4 "^device\|^per layer"
+    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tp TP_TIMEOUT=400 four_gpu_tp_timing
+}
+
+# Two GPUs (tenth session): the same for TP 1 / 2 on a two-card machine (H200: no shipped table).
+two_gpu_tp_tuned() {
+    ns
+    timeout 150 python3 benchmarks/gemv_gpu.py --tp 1 2 --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
+        | tee "$OUT/gemv_gpu.log" | grep -A3 "^device\|^per layer"
+    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tp12 TP_TIMEOUT=300 four_gpu_tp_timing
+}
+
 # Four GPUs (ninth session): TP 2 tokens on two GPUs with the kernel (and the fused all-reduce),
 # the kernel tests compiled on the card, then TP 1 / 4 with the step-time means.
 four_gpu_gemv_check() {

@@ -73,6 +73,8 @@ CASES = {
     "tpgemv": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"gemv-{flag}",
                     env={"SHARDSERVE_DECODE_GEMV": flag})
                for tp in (1, 2, 4) for flag in ("0", "1")],
+    # TP 1 / 2 only (a two-GPU machine, e.g. two H200s for the peer cards).
+    "tp12": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1) for tp in (1, 2)],
     # TP 4 again with the step-time means (rank_timing): where the steps beyond the GPU median go.
     "tp4gemv": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"gemv-{flag}",
                      env={"SHARDSERVE_DECODE_GEMV": flag}) for tp, flag in ((1, "1"), (4, "0"), (4, "1"))],
