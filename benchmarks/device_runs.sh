@@ -316,8 +316,16 @@ four_gpu_trace_tp() {
 
 # Four GPUs: TP 1 / 2 / 4 batch-1 decode with every rank's step timing (bench/rank_timing.py):
 # is each rank's host keeping its device fed?
+reap() {  # ranks left by a run its `timeout` killed (it kills only its child, not the spawned ranks)
+    local stale
+    stale=$(pgrep -f "[m]ultiprocessing.spawn|[m]ultiprocessing.forkserver" | wc -l)
+    [ "$stale" -gt 0 ] && { echo "reap: killing $stale stale spawned processes"; pkill -9 -f "[m]ultiprocessing.spawn|[m]ultiprocessing.forkserver"; sleep 2; }
+    return 0
+}
+
 four_gpu_tp_timing() {
     ns
+    reap  # a timed run must not share the GPUs and cores with a killed run's ranks
     timeout "${TP_TIMEOUT:-300}" python3 benchmarks/parallel_gpu.py --cases "${TP_CASES:-tp}" --case-timeout-s 100 --out "$OUT/parallel" 2>&1 \
         | tee "$OUT/parallel_tp.log" | grep "^tp"
     grep -H "^rank" "$OUT"/parallel/*.log | sed 's/.*kindlatency-//'
