@@ -57,6 +57,20 @@ one_gpu_gemv() {
 # One GPU (ninth session), call 2: batch-1 / 8 decode with the projection kernel (default tiles;
 # the fast-path check and transformers beside it), then batch 1 with cuBLAS, with the tuned
 # tiles of call 1, and with the kernel again: A B C A on one card.
+# One H200 (tenth session): its projection tiles swept (no table is shipped for it), then batch-1
+# decode with cuBLAS and with the tuned table on the same card. Exits at once on another card.
+one_gpu_h200_tiles() {
+    ns
+    nvidia-smi -L | grep -q H200 || { echo "not an H200: $(nvidia-smi -L | head -1)"; return 0; }
+    timeout 150 python3 benchmarks/gemv_gpu.py --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
+        | tee "$OUT/gemv_gpu.log" | grep -A4 "^device\|^per layer"
+    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    for env in SHARDSERVE_DECODE_GEMV=0 SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json; do
+        env $env timeout 110 python3 benchmarks/gpu_bench.py --out "$OUT/${env%%=*}" --batch-sizes 1 \
+            --skip kernels check throughput hf 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_${env%%=*}.log" \
+            | grep "latency\|copy"
+    done
+}
 one_gpu_gemv_e2e() {
     ns
     timeout 170 python3 benchmarks/gpu_bench.py --out "$OUT/gemv-on" --batch-sizes 1,8 --skip kernels throughput 2>&1 \
