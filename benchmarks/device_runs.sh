@@ -20,6 +20,12 @@ ray_site() {  # Ray + Serve from carried wheels, beside the machine's torch
     export PYTHONPATH=/tmp/site:/tmp/ns
 }
 
+sweep_tiles() {  # this card's projection tiles into /tmp/gemv_tiles.json (and $OUT); args go to gemv_gpu.py
+    timeout 150 python3 benchmarks/gemv_gpu.py "$@" --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
+        | tee "$OUT/gemv_gpu.log" | grep -A4 "^device\|^per layer"
+    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+}
+
 # One GPU: kernels compiled at full size, fused MoE check, the single-GPU bench (issue 3).
 one_gpu() {
     ns
@@ -54,23 +60,22 @@ one_gpu_gemv() {
     cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
 }
 
-# One GPU (ninth session), call 2: batch-1 / 8 decode with the projection kernel (default tiles;
-# the fast-path check and transformers beside it), then batch 1 with cuBLAS, with the tuned
-# tiles of call 1, and with the kernel again: A B C A on one card.
 # One H200 (tenth session): its projection tiles swept (no table is shipped for it), then batch-1
 # decode with cuBLAS and with the tuned table on the same card. Exits at once on another card.
 one_gpu_h200_tiles() {
     ns
     nvidia-smi -L | grep -q H200 || { echo "not an H200: $(nvidia-smi -L | head -1)"; return 0; }
-    timeout 150 python3 benchmarks/gemv_gpu.py --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
-        | tee "$OUT/gemv_gpu.log" | grep -A4 "^device\|^per layer"
-    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    sweep_tiles
     for env in SHARDSERVE_DECODE_GEMV=0 SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json; do
         env $env timeout 110 python3 benchmarks/gpu_bench.py --out "$OUT/${env%%=*}" --batch-sizes 1 \
             --skip kernels check throughput hf 2>&1 | grep -v Warning | tee "$OUT/gpu_bench_${env%%=*}.log" \
             | grep "latency\|copy"
     done
 }
+
+# One GPU (ninth session), call 2: batch-1 / 8 decode with the projection kernel (default tiles;
+# the fast-path check and transformers beside it), then batch 1 with cuBLAS, with the tuned
+# tiles of call 1, and with the kernel again: A B C A on one card.
 one_gpu_gemv_e2e() {
     ns
     timeout 170 python3 benchmarks/gpu_bench.py --out "$OUT/gemv-on" --batch-sizes 1,8 --skip kernels throughput 2>&1 \
@@ -328,8 +333,6 @@ four_gpu_trace_tp() {
     gzip -f "$OUT"/trace-tp4/*.json; ls -la "$OUT/trace-tp4"
 }
 
-# Four GPUs: TP 1 / 2 / 4 batch-1 decode with every rank's step timing (bench/rank_timing.py):
-# is each rank's host keeping its device fed?
 reap() {  # ranks left by a run its `timeout` killed (it kills only its child, not the spawned ranks)
     local stale
     stale=$(pgrep -f "[m]ultiprocessing.spawn|[m]ultiprocessing.forkserver" | wc -l)
@@ -337,6 +340,8 @@ reap() {  # ranks left by a run its `timeout` killed (it kills only its child, n
     return 0
 }
 
+# Four GPUs: TP 1 / 2 / 4 batch-1 decode with every rank's step timing (bench/rank_timing.py):
+# is each rank's host keeping its device fed?
 four_gpu_tp_timing() {
     ns
     reap  # a timed run must not share the GPUs and cores with a killed run's ranks
@@ -360,28 +365,22 @@ four_gpu_l2() {
 # stays in /tmp and is used below), then TP 1 / 2 / 4 batch-1 decode with cuBLAS and with it.
 four_gpu_gemv() {
     ns
-    timeout 150 python3 benchmarks/gemv_gpu.py --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
-        | tee "$OUT/gemv_gpu.log" | grep -A4 "^device\|^per layer"
-    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    sweep_tiles
     SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tpgemv TP_TIMEOUT=420 four_gpu_tp_timing
 }
 
 # Four GPUs (tenth session): the projection tiles swept for this card (a card without a shipped
-# table, e.g. the H200), then TP 1 / 2 / 4 batch-1 decode with them (the defaults otherwise).
+# table, e.g. the H200), then TP 1 / 2 / 4 batch-1 decode with that table.
 four_gpu_tp_tuned() {
     ns
-    timeout 150 python3 benchmarks/gemv_gpu.py --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
-        | tee "$OUT/gemv_gpu.log" | grep -A4 "^device\|^per layer"
-    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    sweep_tiles
     SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tp TP_TIMEOUT=400 four_gpu_tp_timing
 }
 
 # Two GPUs (tenth session): the same for TP 1 / 2 on a two-card machine (H200: no shipped table).
 two_gpu_tp_tuned() {
     ns
-    timeout 150 python3 benchmarks/gemv_gpu.py --tp 1 2 --sweep --write-tiles /tmp/gemv_tiles.json 2>&1 | grep -v Warning \
-        | tee "$OUT/gemv_gpu.log" | grep -A3 "^device\|^per layer"
-    cp /tmp/gemv_tiles.json "$OUT/" 2>/dev/null
+    sweep_tiles --tp 1 2
     SHARDSERVE_GEMV_TILES=/tmp/gemv_tiles.json TP_CASES=tp12 TP_TIMEOUT=300 four_gpu_tp_timing
 }
 
