@@ -190,9 +190,7 @@ def _timed(engine, run: Callable[[], Any]) -> tuple[Any, list]:
 
     call = getattr(engine.executor, "call", None)
     if call is not None:
-        box: list = []
-        timings = time_ranks(call, lambda: box.append(run()))
-        return box[0], timings
+        return time_ranks(call, run)
     start_timing(engine.runner.step_times)
     try:
         result = run()

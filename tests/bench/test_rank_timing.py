@@ -23,7 +23,8 @@ def test_tp2_ranks_time_the_steps_between_the_calls() -> None:
         engine.step()
         engine.step()
         assert engine.stats().num_batches_in_flight == 1
-        timings = time_ranks(engine.executor.call, lambda: [engine.step() for _ in range(4)])
+        outputs, timings = time_ranks(engine.executor.call, lambda: [engine.step() for _ in range(4)])
+        assert len(outputs) == 4  # run_steps' result comes back
 
         assert [t.rank for t in timings] == [0, 1]
         for t in timings:
@@ -39,7 +40,7 @@ def test_tp2_ranks_time_the_steps_between_the_calls() -> None:
             assert f"rank {t.rank}: 4 steps" in t.line()
         # Recording stopped: later steps leave the records alone.
         engine.step()
-        again = time_ranks(engine.executor.call, lambda: None)
+        _, again = time_ranks(engine.executor.call, lambda: None)
         assert [t.steps for t in again] == [0, 0]
         while engine.has_unfinished_requests():
             engine.step()

@@ -25,8 +25,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from shardserve.workers.runner.step_records import StepTimes
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,11 @@ def stop_timing(rank: int, times: StepTimes) -> RankTiming:
     return RankTiming.from_times(rank, times)
 
 
-def time_ranks(call: Callable[[str], list], run_steps: Callable[[], None]) -> list[RankTiming]:
-    """Every rank's RankTiming over the steps `run_steps()` makes (`call`: the executor's)."""
+def time_ranks(call: Callable[[str], list], run_steps: Callable[[], T]) -> tuple[T, list[RankTiming]]:
+    """`run_steps()`'s result and every rank's RankTiming over the steps it makes (`call`: the executor's)."""
     call("timing_start")
     try:
-        run_steps()
+        result = run_steps()
     finally:
         timings = call("timing_stop")
-    return timings
+    return result, timings

@@ -235,21 +235,20 @@ def _decode_figures(engine: LLMEngine, requests: list[BenchRequest], finals: lis
 def _run_latency_worker_group(engine: LLMEngine, requests: list[BenchRequest]) -> WorkerGroupLatencyResult:
     """run_latency of a worker group: the same figures from the driver's wall clock (module docstring)."""
     walls: list[float] = []
-    box: list = []
     start = time.perf_counter()
-    ranks = tuple(time_ranks(engine.executor.call, lambda: box.append(run_engine(engine, requests, walls))))
+    finals, ranks = time_ranks(engine.executor.call, lambda: run_engine(engine, requests, walls))
     elapsed = time.perf_counter() - start
     decode_walls = walls[1:] or walls  # the first step is the prefill
     timed = [r for r in ranks if r.steps > 0]
     return WorkerGroupLatencyResult(
-        **_decode_figures(engine, requests, box[0], elapsed),
+        **_decode_figures(engine, requests, finals, elapsed),
         host_ms_per_step=max((r.host_ms for r in timed), default=float("nan")),
         gpu_ms_per_step=max((r.gpu_ms for r in timed), default=float("nan")),
         graph_steps=max((r.graph_steps for r in timed), default=0),
         eager_steps=max((r.eager_steps for r in timed), default=0),
         wall_ms_per_step=statistics.median(decode_walls) * 1e3,
         world_size=engine.config.parallel.world_size,
-        ranks=ranks,
+        ranks=tuple(ranks),
     )
 
 
