@@ -92,6 +92,17 @@ def _load_block(config: Qwen2MoeConfig, hf_block: torch.nn.Module) -> SparseMoeB
     return block
 
 
+def _hf_block(config: Qwen2MoeConfig, seed: int) -> Qwen2MoeSparseMoeBlock:
+    """HF's block with every parameter drawn from `seed`: a bare block is not initialised (its
+    fused expert weights are `torch.empty`, i.e. whatever memory it gets: NaN at times)."""
+    torch.manual_seed(seed)
+    hf_block = Qwen2MoeSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for param in hf_block.parameters():
+            param.normal_(0.0, 0.2)
+    return hf_block
+
+
 @pytest.mark.parametrize("ep,dispatch,capturing", [(1, "all_reduce", False), (2, "all_reduce", False),
                                                     (2, "all_to_all", True)])
 def test_tp_partials_meet_in_one_all_reduce(monkeypatch: pytest.MonkeyPatch, ep: int, dispatch: str,
@@ -99,11 +110,7 @@ def test_tp_partials_meet_in_one_all_reduce(monkeypatch: pytest.MonkeyPatch, ep:
     """TP 2 ranks' outputs sum to HF's; under CUDA-graph capture all-to-all dispatch falls back to all-reduce."""
     tp = 2
     config = CONFIGS["qwen2_moe"]
-    torch.manual_seed(5)
-    hf_block = Qwen2MoeSparseMoeBlock(config).eval()
-    with torch.no_grad():
-        for param in hf_block.parameters():
-            param.normal_(0.0, 0.2)
+    hf_block = _hf_block(config, seed=5)
     x = torch.randn(7, config.hidden_size)
     with torch.no_grad():
         want = hf_block(x[None])[0]
@@ -135,8 +142,7 @@ def test_forward_unreduced_leaves_the_sum_to_the_caller_on_the_all_reduce_path(m
     must hand back this rank's partial sum and say so (all-reduce path), or a complete output
     and say that (all-to-all path), and run no all-reduce itself on the all-reduce path."""
     config = CONFIGS["qwen2_moe"]
-    torch.manual_seed(6)
-    hf_block = Qwen2MoeSparseMoeBlock(config).eval()
+    hf_block = _hf_block(config, seed=6)
     x = torch.randn(7, config.hidden_size)
 
     def no_reduce(*args: object) -> torch.Tensor:
