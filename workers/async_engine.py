@@ -4,12 +4,15 @@ Only the engine thread touches the LLMEngine. Callers talk to it through a comma
 `generate()` submits an "add" command and awaits its future, so validation errors
 (ValueError naming the field, QueueFullError) surface before anything is yielded; the engine
 thread then pushes every RequestOutput of that request into the caller's asyncio.Queue with
-`loop.call_soon_threadsafe`. When the caller stops iterating early (client gone, task
-cancelled), the generator's `finally` submits an abort, so KV blocks are freed at once.
-If a step raises, the engine is dead: every open stream gets EngineDeadError and health()
-raises, so the serving layer can report unhealthy and be replaced. health() also asks the
-executor whether every rank of its worker group is alive (`Executor.check_health`).
-Implements workers/protocol.py's EngineProtocol.
+`loop.call_soon_threadsafe`. When the caller stops early (client gone, task cancelled, a
+timeout) at any point — even while its "add" is still queued — the generator's `finally`
+submits an abort of *its own* stream (commands run in order, so it lands after the add), and
+the KV blocks are freed at once. Nothing a caller does can raise on the engine thread: a
+command whose future was cancelled before it ran is skipped (`set_running_or_notify_cancel`),
+and a running future cannot be cancelled. If a step raises, the engine is dead: every open
+stream gets EngineDeadError and health() raises, so the serving layer can report unhealthy and
+be replaced. health() also asks the executor whether every rank of its worker group is alive
+(`Executor.check_health`). Implements workers/protocol.py's EngineProtocol.
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         self._raise_if_dead()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
         finished = False
         try:
+            # A cancel here may come before or after the engine thread ran the add: the abort in
+            # `finally` covers both (it only touches this stream's request).
+            await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -72,7 +77,7 @@ class AsyncEngine:
                     return
         finally:
             if not finished and not self._dead:
-                self._submit(lambda: self._abort(request_id))
+                self._submit(lambda: self._abort_stream(request_id, stream))
 
     async def abort(self, request_id: str) -> None:
         if not self._dead:
@@ -137,7 +142,13 @@ class AsyncEngine:
         self._streams[request_id] = stream
 
     def _abort(self, request_id: str) -> None:
+        # The stream stays until the abort's own final output (finish_reason abort) reaches it.
         self.engine.abort_request(request_id)
+
+    def _abort_stream(self, request_id: str, stream: _Stream) -> None:
+        """Abort `request_id` if `stream` still owns it (not if its add failed, e.g. a duplicate id)."""
+        if self._streams.get(request_id) is stream:
+            self._abort(request_id)
 
     def _run(self) -> None:
         try:
@@ -155,7 +166,8 @@ class AsyncEngine:
             self._streams.clear()
             while not self._commands.empty():
                 _, future = self._commands.get_nowait()
-                future.set_exception(error)
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -163,10 +175,15 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
-            try:
-                future.set_result(fn())
-            except Exception as exc:  # a bad request fails its caller, never the engine
-                future.set_exception(exc)
+            # False: the caller cancelled before the command ran, so it is skipped. Once running,
+            # the future cannot be cancelled, so setting its outcome below never raises.
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn()
+                except Exception as exc:  # a bad request fails its caller, never the engine
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
             try:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
