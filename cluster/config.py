@@ -135,7 +135,17 @@ class SchedulerSection(_Section):
     policy: Literal["fcfs", "priority"] = Field("fcfs", description="Queue order: fcfs or priority.")
     mode: Literal["continuous", "static"] = Field("continuous", description="continuous or static batching.")
     max_queue_len: int = Field(
-        1024, ge=1, description="Waiting requests per replica before new ones get 429 / RESOURCE_EXHAUSTED, >= 1."
+        1024,
+        ge=1,
+        description=(
+            "Waiting samples per replica (a request with n completions counts n) before new requests get "
+            "429 / RESOURCE_EXHAUSTED, >= 1; a request with n above it gets 400."
+        ),
+    )
+    max_queue_tokens: int = Field(
+        1 << 20,
+        ge=1,
+        description="Prompt tokens of the waiting requests per replica before new ones get 429, >= 1.",
     )
 
 
@@ -234,11 +244,7 @@ class ModelSection(_Section):
 
 
 def _scheduler_config(section: SchedulerSection) -> SchedulerConfig:
-    fields = section.model_dump()
-    # max_queue_len reaches the engine once SchedulerConfig has it; LLMServer enforces it meanwhile.
-    if "max_queue_len" not in SchedulerConfig.__dataclass_fields__:
-        fields.pop("max_queue_len")
-    return SchedulerConfig(**fields)
+    return SchedulerConfig(**section.model_dump())
 
 
 class AppConfig(_Section):

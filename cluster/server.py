@@ -45,7 +45,7 @@ from shardserve.cluster.messages import (
     GenerateRequest,
 )
 from shardserve.cluster.streaming import batched, merge_chunks
-from shardserve.workers.config import EngineConfig, SchedulerConfig
+from shardserve.workers.config import EngineConfig
 from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFullError
 
 # Finished requests whose timings `recent_requests()` keeps (benchmarks read them by request id).
@@ -92,10 +92,6 @@ class LLMServer:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_in_flight = 0
         self._recent: OrderedDict[str, dict[str, float | None]] = OrderedDict()
-        # The engine enforces max_queue_len once SchedulerConfig carries it; until then, here.
-        self._queue_limit: int | None = None
-        if "max_queue_len" not in SchedulerConfig.__dataclass_fields__:
-            self._queue_limit = self.section.scheduler.max_num_seqs + self.section.scheduler.max_queue_len
 
     def _error(self, request_id: str, kind: ErrorKind, message: str, param: str | None = None) -> GenerateChunk:
         return GenerateChunk(
@@ -106,11 +102,6 @@ class LLMServer:
         rid = request.request_id
         if request.model != self.section.name:
             yield self._error(rid, ErrorKind.NOT_FOUND, f"model {request.model!r} is not served here", "model")
-            return
-        if self._queue_limit is not None and self.num_in_flight >= self._queue_limit:
-            yield self._error(
-                rid, ErrorKind.QUEUE_FULL, f"queue is full ({self.section.scheduler.max_queue_len} waiting requests)"
-            )
             return
         try:
             prompt: Any = request.prompt

@@ -28,7 +28,7 @@ from typing import Any
 
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.engine import LLMEngine
-from shardserve.workers.protocol import EngineDeadError, EngineStats, ModelInfo, QueueFullError
+from shardserve.workers.protocol import EngineDeadError, EngineStats, ModelInfo
 from shardserve.workers.request import RequestOutput, SamplingParams
 from shardserve.workers.worker.executor import WorkerGroupError
 
@@ -133,12 +133,7 @@ class AsyncEngine:
 
     def _add(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, priority: int,
              stream: _Stream) -> None:
-        if self.engine.num_waiting() >= self.engine.config.scheduler.max_queue_len:
-            raise QueueFullError(
-                f"queue full: {self.engine.config.scheduler.max_queue_len} requests waiting "
-                "(scheduler.max_queue_len); retry later"
-            )
-        self.engine.add_request(request_id, prompt, params, priority=priority)
+        self.engine.add_request(request_id, prompt, params, priority=priority, check_queue=True)
         self._streams[request_id] = stream
 
     def _abort(self, request_id: str) -> None:

@@ -78,8 +78,11 @@ class SchedulerConfig:
     policy: `fcfs`, or `priority` (lower Request.priority first, then arrival).
     mode: `continuous` (requests join and leave every step) or `static` (a batch is admitted
       together and nothing joins until all of it finishes: the comparison baseline).
-    max_queue_len: requests waiting at most; the async engine refuses more (QueueFullError,
-      HTTP 429 / gRPC RESOURCE_EXHAUSTED) instead of queueing without bound.
+    max_queue_len: samples waiting at most (a request with n completions counts n); the async
+      engine refuses more (QueueFullError, HTTP 429 / gRPC RESOURCE_EXHAUSTED) instead of
+      queueing without bound; a request with n above it can never fit (ValueError naming n).
+    max_queue_tokens: prompt tokens of the waiting requests at most, the same way (a burst of
+      long prompts is refused before it holds the queue for minutes).
     min_admit_batch: continuous mode only — while requests are running, waiting ones join
       only once at least this many of them (or all that wait, if fewer) have a free slot.
       1 (default) admits at every step. Larger values trade a little TTFT for throughput on
@@ -106,6 +109,7 @@ class SchedulerConfig:
     policy: Literal["fcfs", "priority"] = "fcfs"
     mode: Literal["continuous", "static"] = "continuous"
     max_queue_len: int = 1024
+    max_queue_tokens: int = 1 << 20
     min_admit_batch: int = 1
     async_scheduling: bool | None = None
     async_depth: int = 2
@@ -125,6 +129,8 @@ class SchedulerConfig:
             raise ValueError(f"min_admit_batch must be in [1, max_num_seqs={self.max_num_seqs}], got {self.min_admit_batch}")
         if self.max_queue_len < 1:
             raise ValueError(f"max_queue_len must be >= 1, got {self.max_queue_len}")
+        if self.max_queue_tokens < 1:
+            raise ValueError(f"max_queue_tokens must be >= 1, got {self.max_queue_tokens}")
         if self.mode not in ("continuous", "static"):
             raise ValueError(f"mode must be continuous or static, got {self.mode!r}")
 

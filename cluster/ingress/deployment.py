@@ -31,6 +31,10 @@ from shardserve.cluster.ingress.grpc import GrpcFrontend
 from shardserve.cluster.messages import ErrorKind
 from shardserve.cluster.router import router_stats
 
+# Seconds a client told "queue full" (429) should wait: about how long a CPU replica takes to drain
+# a step's worth of requests; clients (the openai package) honour the header.
+RETRY_AFTER_S = 1
+
 api = FastAPI(title="shardserve", description="OpenAI-compatible API of a shardserve cluster.")
 
 
@@ -64,7 +68,8 @@ class _StreamResponse(StreamingResponse):
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(err.openai_body(), status_code=err.http_status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.kind == ErrorKind.QUEUE_FULL else None
+    return JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)

@@ -100,3 +100,19 @@ def cluster() -> Iterator[Cluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real(cluster: Cluster) -> Iterator[Cluster]:
+    """The real-engine app (tests/cluster/real_app.py) in the same Serve instance; deleted at the end."""
+    from ray import serve
+    from real_app import APP, ROUTE_PREFIX, SECTION
+    from shardserve.cluster.app import build_app
+    from shardserve.cluster.config import AppConfig, parse_config
+
+    config = parse_config({"models": [SECTION]}, AppConfig)
+    serve.run(build_app(config), name=APP, route_prefix=ROUTE_PREFIX)
+    try:
+        yield cluster
+    finally:
+        serve.delete(APP)
