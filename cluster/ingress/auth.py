@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from shardserve.cluster.messages import ErrorKind
 API_KEY_ENV = "SHARDSERVE_API_KEY"
 ENV_KEY_NAME = "default"
 OPEN_HTTP_PATHS = frozenset({"/health"})
+# The tenant of the HTTP request being handled (set by the auth middleware, read by the route).
+CURRENT_TENANT: ContextVar[str | None] = ContextVar("shardserve_tenant", default=None)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ async def _require_api_key(request: Request, call_next: Any) -> Any:
     if route not in auth.OPEN_HTTP_PATHS:
         gate = auth.installed()
         try:
-            request.state.tenant = gate.admit(request.headers.get("authorization"))
+            # call_next runs the route in a task that copies this context: the route reads it.
+            auth.CURRENT_TENANT.set(gate.admit(request.headers.get("authorization")))
         except RateLimited as err:
             headers = {"Retry-After": err.retry_after_header}
             return JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)
@@ -109,12 +110,10 @@ class Ingress:
         await self.grpc_server.stop()
 
     # ---- OpenAI HTTP ----------------------------------------------------------------------
-    async def _generate(
-        self, http: Request, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest
-    ) -> Any:
+    async def _generate(self, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest) -> Any:
         self.core.model(body.model)
         request = oai.to_generate_request(body, kind)
-        request = dataclasses.replace(request, tenant=getattr(http.state, "tenant", None))
+        request = dataclasses.replace(request, tenant=auth.CURRENT_TENANT.get())
         log_request(request, self.log_prompts)
         first, rest = await self.core.first_chunk(request)
         # Serve sets its own x-request-id on every response; ours names the engine request.
@@ -125,12 +124,12 @@ class Ingress:
         return JSONResponse(await responses.collect(body, first, rest), headers=headers)
 
     @api.post("/v1/completions")
-    async def completions(self, http: Request, body: oai.CompletionRequest) -> Any:
-        return await self._generate(http, "completion", body)
+    async def completions(self, body: oai.CompletionRequest) -> Any:
+        return await self._generate("completion", body)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, http: Request, body: oai.ChatCompletionRequest) -> Any:
-        return await self._generate(http, "chat", body)
+    async def chat_completions(self, body: oai.ChatCompletionRequest) -> Any:
+        return await self._generate("chat", body)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
