@@ -1,13 +1,15 @@
 """End to end with the real AsyncEngine and the embedded SmolLM2-135M on CPU, as a second app.
 
 The app `real` runs next to the fake-engine app in the same Serve instance: HTTP under the
-route prefix /real, gRPC chosen with the `application` metadata key. It is deleted at the end.
+route prefix /real, gRPC on its own free port (every Ingress runs its own gRPC server). It is
+deleted at the end.
 Logprobs and seeded n > 1 samples over HTTP are compared with the offline `LLM` API running the
 same model section in this process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import grpc
@@ -15,6 +17,7 @@ import openai
 import pytest
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
+from shardserve.cluster.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 APP = "real"
@@ -42,10 +45,11 @@ def real(cluster):
     from shardserve.cluster.app import build_app
     from shardserve.cluster.config import AppConfig, parse_config
 
-    config = parse_config({"models": [SECTION]}, AppConfig)
+    port = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))
+    config = parse_config({"models": [SECTION], "grpc": {"port": port}}, AppConfig)
     serve.run(build_app(config), name=APP, route_prefix="/real")
     try:
-        yield cluster
+        yield dataclasses.replace(cluster, grpc_target=f"127.0.0.1:{port}")
     finally:
         serve.delete(APP)
 
@@ -68,7 +72,7 @@ def test_http_chat_and_stream(real):
 
 
 def test_grpc_unary_stream_and_cancel(real):
-    metadata = [("application", APP)]
+    metadata: list[tuple[str, str]] = []  # no `application` metadata: the port is the app's own
     with grpc.insecure_channel(real.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
         req = pb.GenerateRequest(model="smollm2", prompt="The capital of France is",
