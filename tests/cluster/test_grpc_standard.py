@@ -90,3 +90,48 @@ def test_reflection_v1_and_v1alpha(cluster):
 
         models = rpc.LLMServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
         assert "solo" in {m.name for m in models.models}
+
+
+def test_banner_grpc_command_runs_as_printed(cluster):
+    """`shardserve serve`'s banner: its gRPC line runs the interpreter that runs shardserve."""
+    import shlex
+    import subprocess
+    import sys
+
+    from shardserve.cluster.commands.serve import usage_text
+
+    lines = [s.strip() for s in usage_text(cluster.config).splitlines()]
+    (command,) = [s for s in lines if s.startswith(shlex.quote(sys.executable) + " -c ")]
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.split()) == 32  # the fake engine's words for max_tokens=32
+
+
+def test_ingress_replicas_share_the_grpc_port(cluster):
+    """`ingress.num_replicas: 2` on one node: both replicas bind the port (SO_REUSEPORT) and serve."""
+    from ray import serve
+    from shardserve.cluster.app import INGRESS_ACTOR_OPTIONS
+    from shardserve.cluster.ingress.deployment import Ingress
+    from shardserve.cluster.testing.ports import free_port
+
+    config = cluster.config.model_dump(mode="json", exclude={"ray"})
+    port = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))
+    config.update(grpc={"port": port}, ingress={"num_replicas": 2})
+    handles = {m.name: cluster.llm_handle(m.name) for m in cluster.config.models}
+    ingress = serve.deployment(Ingress).options(name="Ingress", num_replicas=2, ray_actor_options=INGRESS_ACTOR_OPTIONS)
+    serve.run(ingress.bind(config, handles), name="pair", route_prefix="/pair")  # fails unless both bind
+    try:
+        status = serve.status().applications["pair"].deployments["Ingress"]
+        assert status.replica_states.get("RUNNING") == 2, status
+        req = pb.GenerateRequest(model="solo", prompt="pair", params=pb.SamplingParams(max_tokens=2))
+        from shardserve.cluster.proto import llm_pb2_grpc as rpc
+
+        for _ in range(6):  # new connections: the kernel spreads them over the two listeners
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                assert rpc.LLMServiceStub(channel).Generate(req, timeout=30).num_tokens == 2
+    finally:
+        serve.delete("pair")
+    # Once deleted, the port is closed: the replicas stopped their servers.
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
+        rpc.LLMServiceStub(channel).Generate(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
