@@ -107,7 +107,9 @@ class Ingress:
 
     async def __del__(self) -> None:
         # Serve awaits this when it stops the replica: close the gRPC port, cancel its calls.
-        await self.grpc_server.stop()
+        server = getattr(self, "grpc_server", None)  # absent when the constructor failed
+        if server is not None:
+            await server.stop()
 
     # ---- OpenAI HTTP ----------------------------------------------------------------------
     async def _generate(self, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest) -> Any:
