@@ -41,7 +41,6 @@ class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.base = args.url.rstrip("/") + args.route_prefix
-        self.metadata = (("application", args.app),) if args.app else ()
         self.outcomes: Counter[str] = Counter()
         self.lost: list[str] = []
         self.num_retries = 0
@@ -134,7 +133,7 @@ class Soak:
     async def grpc_good(self, stub: Any, request: Any) -> None:
         for _ in range(MAX_RETRIES):
             try:
-                reply = await stub.Generate(request, metadata=self.metadata, timeout=self.args.timeout)
+                reply = await stub.Generate(request, timeout=self.args.timeout)
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.num_retries += 1
@@ -148,7 +147,7 @@ class Soak:
         return self.lose(f"grpc good: still RESOURCE_EXHAUSTED after {MAX_RETRIES} tries")
 
     async def grpc_cancel(self, stub: Any, request: Any) -> None:
-        call = stub.GenerateStream(request, metadata=self.metadata, timeout=self.args.timeout)
+        call = stub.GenerateStream(request, timeout=self.args.timeout)
         try:
             async for _ in call:
                 break
@@ -161,7 +160,7 @@ class Soak:
 
     async def grpc_bad(self, stub: Any, request: Any) -> None:
         try:
-            await stub.Generate(request, metadata=self.metadata, timeout=self.args.timeout)
+            await stub.Generate(request, timeout=self.args.timeout)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in (err.details() or ""):
                 self.outcomes[BAD] += 1
@@ -227,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL of the app")
     parser.add_argument("--route-prefix", default="", help="the app's Serve route prefix, e.g. /real")
     parser.add_argument("--grpc", default="127.0.0.1:9000", help="gRPC target host:port")
-    parser.add_argument("--app", default="", help="Serve application name for gRPC (when several share the proxy)")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=32)

@@ -16,6 +16,7 @@ PORT_RANGE); Serve and Ray are shut down at the end of the session.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,15 +105,17 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def real(cluster: Cluster) -> Iterator[Cluster]:
-    """The real-engine app (tests/cluster/real_app.py) in the same Serve instance; deleted at the end."""
+    """The real-engine app (tests/cluster/real_app.py) in the same Serve instance, with its own gRPC
+    port (the Cluster it yields points there); deleted at the end."""
     from ray import serve
     from real_app import APP, ROUTE_PREFIX, SECTION
     from shardserve.cluster.app import build_app
     from shardserve.cluster.config import AppConfig, parse_config
 
-    config = parse_config({"models": [SECTION]}, AppConfig)
+    port = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))
+    config = parse_config({"models": [SECTION], "grpc": {"port": port}}, AppConfig)
     serve.run(build_app(config), name=APP, route_prefix=ROUTE_PREFIX)
     try:
-        yield cluster
+        yield dataclasses.replace(cluster, grpc_target=f"127.0.0.1:{port}")
     finally:
         serve.delete(APP)

@@ -1,7 +1,7 @@
 """The real engine (embedded SmolLM2 on CPU) as a second Serve app beside the fake-engine one.
 
 Shared by every cluster test that needs the real engine (the `real` fixture in conftest.py):
-HTTP under the route prefix /real, gRPC chosen with the `application` metadata key. Its queue is
+HTTP under the route prefix /real, gRPC on the app's own port (`real.grpc_target`). Its queue is
 small (8 running, 16 waiting samples) so overload tests reach 429 / RESOURCE_EXHAUSTED quickly.
 """
 

@@ -1,8 +1,8 @@
 """End to end with the real AsyncEngine and the embedded SmolLM2-135M on CPU, as a second app.
 
 The app `real` (tests/cluster/real_app.py, the session fixture `real` of conftest.py) runs next to
-the fake-engine app in the same Serve instance: HTTP under the route prefix /real, gRPC chosen
-with the `application` metadata key.
+the fake-engine app in the same Serve instance: HTTP under the route prefix /real, gRPC on its own
+free port (every Ingress runs its own gRPC server).
 Logprobs and seeded n > 1 samples over HTTP are compared with the offline `LLM` API running the
 same model section in this process.
 """
@@ -13,7 +13,7 @@ import time
 
 import grpc
 import pytest
-from real_app import APP, SECTION, http_client, llm_stats
+from real_app import SECTION, http_client, llm_stats
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
 
@@ -39,22 +39,20 @@ def test_http_chat_and_stream(real):
 
 
 def test_grpc_unary_stream_and_cancel(real):
-    metadata = [("application", APP)]
     with grpc.insecure_channel(real.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
         req = pb.GenerateRequest(model="smollm2", prompt="The capital of France is",
                                  params=pb.SamplingParams(max_tokens=4, temperature=0))  # fmt: skip
-        unary = stub.Generate(req, metadata=metadata)
+        unary = stub.Generate(req)
         assert unary.num_tokens == 4 and unary.finish_reason == "length"
-        parts = list(stub.GenerateStream(req, metadata=metadata))
+        parts = list(stub.GenerateStream(req))
         assert "".join(p.text for p in parts) == unary.text
         with pytest.raises(grpc.RpcError) as err:
-            stub.Generate(pb.GenerateRequest(model="smollm2", prompt="x", params=pb.SamplingParams(top_p=0)),
-                          metadata=metadata)  # fmt: skip
+            stub.Generate(pb.GenerateRequest(model="smollm2", prompt="x", params=pb.SamplingParams(top_p=0)))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in err.value.details()
         long = pb.GenerateRequest(model="smollm2", prompt="Tell me a long story.",
                                   params=pb.SamplingParams(max_tokens=400, ignore_eos=True))  # fmt: skip
-        call = stub.GenerateStream(long, metadata=metadata)
+        call = stub.GenerateStream(long)
         next(call)
         assert llm_stats(real)["num_running"] == 1
         call.cancel()

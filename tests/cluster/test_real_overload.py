@@ -19,7 +19,7 @@ from collections import Counter
 import grpc
 import httpx
 import pytest
-from real_app import APP, MODEL, ROUTE_PREFIX, llm_stats
+from real_app import MODEL, ROUTE_PREFIX, llm_stats
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
 
@@ -68,14 +68,13 @@ async def http_burst(base_url: str) -> Counter:
 
 
 async def grpc_burst(target: str) -> Counter:
-    metadata = (("application", APP),)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.LLMServiceStub(channel)
 
         async def one(i: int) -> str:
             request = pb.GenerateRequest(model=MODEL, prompt=f"Count to {i}:",
                                          params=pb.SamplingParams(max_tokens=MAX_TOKENS))  # fmt: skip
-            call = stub.GenerateStream(request, metadata=metadata)
+            call = stub.GenerateStream(request)
             try:
                 if i % 2:
                     try:

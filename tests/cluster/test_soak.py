@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from real_app import APP, MODEL, ROUTE_PREFIX
+from real_app import MODEL, ROUTE_PREFIX
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
@@ -23,7 +23,7 @@ NUM_REQUESTS = 300
 
 def test_short_soak_loses_and_leaks_nothing(real):
     cmd = [sys.executable, str(SCRIPT), "--url", real.http_url, "--route-prefix", ROUTE_PREFIX,
-           "--grpc", real.grpc_target, "--app", APP, "--model", MODEL, "--requests", str(NUM_REQUESTS),
+           "--grpc", real.grpc_target, "--model", MODEL, "--requests", str(NUM_REQUESTS),
            "--concurrency", "24", "--max-tokens", "8", "--seed", "20"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.stdout.strip(), proc.stderr[-3000:]
