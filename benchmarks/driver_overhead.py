@@ -32,8 +32,7 @@ from shardserve.workers.bench.runs import run_engine
 from shardserve.workers.bench.workload import Workload
 from shardserve.workers.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.models.loader import load_model
-from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 from shardserve.workers.worker.channel import StepHandle
 
 

@@ -9,7 +9,7 @@ Needs `import shardserve.parallel...` to work (PYTHONPATH), like allreduce_gpu.p
 For each row count (bf16 [rows, 4096]: that many tokens of Llama-3.1-8B's hidden state):
   - unfused: what the engine runs without the fused kernel, the custom one-shot all-reduce in
     place and then the `rmsnorm` kernel with the residual;
-  - flags / lamport: the fused kernel (workers/kernels/allreduce_rmsnorm.py) with each protocol,
+  - flags / lamport: the fused kernel (parallel/kernels/allreduce_rmsnorm.py) with each protocol,
     each on its own symmetric buffer set up the way the engine does it
     (`create_custom_allreduce` with SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL set).
 Each fused result is checked bit for bit against the unfused pair on random data (at 2 ranks
@@ -50,7 +50,7 @@ def main() -> int:
     bench = start(args, "a fused kernel")
     from shardserve.parallel import custom_allreduce as car
     from shardserve.parallel.fused_allreduce_norm import ENV_PROTOCOL
-    from shardserve.workers.kernels.rmsnorm import rmsnorm
+    from shardserve.parallel.kernels.rmsnorm import rmsnorm
 
     header(bench)
     customs = {}

@@ -1,6 +1,6 @@
 """Batch-1 projections on the GPU: cuBLAS vs the PDL matrix-vector kernel, per TP shard shape.
 
-What it answers: does `workers/kernels/decode_linear.py` (weights read before the PDL wait)
+What it answers: does `parallel/kernels/decode_linear.py` (weights read before the PDL wait)
 beat cuBLAS where the engine would use it, and which tiles should it use? Each case is one
 Llama-3.1-8B projection as one TP rank holds it (TP 1 / 2 / 4: qkv, o_proj, gate_up with the
 SiLU-and-mul, down_proj), one row, bf16. A case runs as the engine runs it: a CUDA
@@ -9,7 +9,7 @@ weight (L copies are >= 400 MB, so nothing stays in L2), replayed 20 times; the 
 minus the time of the norms alone is the projection's time. Variants: cuBLAS (+ the
 SiLU-and-mul kernel for gate_up), ours with the engine's tiles (the card's table or
 default_tiles), ours with PDL off, and a tile sweep (best printed; `--write-tiles` saves the
-winners as a table for workers/kernels/gemv_tiles/). Beside each: the floor, bytes / the copy bandwidth measured in this run.
+winners as a table for parallel/kernels/gemv_tiles/). Beside each: the floor, bytes / the copy bandwidth measured in this run.
 
 Before timing, every variant's output is checked against the torch reference (exit status 1 if
 any is off by more than a bf16 tolerance).
@@ -28,11 +28,11 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear, tiles_for, tiles_key
+from shardserve.parallel.kernels.rmsnorm import rmsnorm
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.activation import silu_and_mul
-from shardserve.workers.kernels.decode_linear import GemvTiles, decode_linear, tiles_for, tiles_key
-from shardserve.workers.kernels.rmsnorm import rmsnorm
 
 HIDDEN, INTER, Q_SIZE, KV_SIZE = 4096, 14336, 4096, 1024
 DTYPE = torch.bfloat16

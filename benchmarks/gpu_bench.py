@@ -40,8 +40,8 @@ from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, Sc
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.models.layers import set_fused_kernels
 from shardserve.workers.runner.inputs import build_model_inputs
-from shardserve.workers.runner.kv_budget import KVCacheSpec, allocate_kv_caches
-from shardserve.workers.scheduler.output import ScheduledRequest, SchedulerOutput
+from shardserve.workers.runner.kv_budget import KVCacheLayout, allocate_kv_caches
+from shardserve.workers.step_types import ScheduledRequest, SchedulerOutput
 
 
 def kernel_check(out_dir: str) -> str:
@@ -60,7 +60,7 @@ def teacher_forced_logprobs(engine: LLMEngine, token_ids: list[int], split: int)
     runner = engine.runner
     block_size = runner.block_size
     num_blocks = -(-len(token_ids) // block_size)
-    caches = allocate_kv_caches(KVCacheSpec.of_model(runner.model, block_size), num_blocks + 1, runner.device)
+    caches = allocate_kv_caches(KVCacheLayout.of_model(runner.model, block_size), num_blocks + 1, runner.device)
     blocks = tuple(range(1, num_blocks + 1))
     hidden = None
     for start, end in ((0, split), (split, len(token_ids))):

@@ -21,13 +21,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from shardserve.parallel.kernels.rmsnorm import rmsnorm
 from shardserve.workers.bench.device import gpu_time_ms
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.activation import silu_and_mul
 from shardserve.workers.kernels.extend_attention import extend_attention
 from shardserve.workers.kernels.kv_cache_write import kv_cache_write
 from shardserve.workers.kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
-from shardserve.workers.kernels.rmsnorm import rmsnorm
 from shardserve.workers.kernels.rotary import rotary_embedding
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16

@@ -68,7 +68,7 @@ CASES = {
     "tpl2": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"l2-{mb}mb{run}",
                   env={"SHARDSERVE_L2_PREFETCH_MB": str(mb)})
              for tp in (2, 4) for mb, run in ((0, "a"), (16, ""), (32, ""), (0, "b"))],
-    # Batch-1 projections: cuBLAS vs the PDL matrix-vector kernel (workers/kernels/decode_linear.py),
+    # Batch-1 projections: cuBLAS vs the PDL matrix-vector kernel (parallel/kernels/decode_linear.py),
     # TP 1 / 2 / 4, alternating on one machine.
     "tpgemv": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=f"gemv-{flag}",
                     env={"SHARDSERVE_DECODE_GEMV": flag})
@@ -201,7 +201,7 @@ def _timed(engine, run: Callable[[], Any]) -> tuple[Any, list]:
 
 def _overhead(engine) -> dict:
     from shardserve.workers.request import SamplingParams
-    from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
+    from shardserve.workers.step_types import NewRequestData, ScheduledRequest, SchedulerOutput
 
     empty = SchedulerOutput(new_requests=(), scheduled=(), num_batched_tokens=0)
     for _ in range(20):

@@ -3,7 +3,7 @@
 Why: every row-parallel layer's sum feeds straight into `rmsnorm(sum + residual)`; one kernel
 that pushes this rank's partial rows to every peer, waits for the peers' rows and reduces,
 adds and normalises replaces PyTorch's two-barrier one-shot all-reduce plus the norm kernel
-(workers/kernels/allreduce_rmsnorm.py has both protocols). The default is `lamport` (the data
+(parallel/kernels/allreduce_rmsnorm.py has both protocols). The default is `lamport` (the data
 is its own flag); `SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags` selects the flag protocol. Measured
 on 2 H100s (sixth session, benchmarks/NOTES.md): per call at 1 row 10.2 us unfused, 7.5 flags,
 4.8 lamport; Llama-8B batch-1 decode at TP 2 231.6 / 241.0 / 252.2 tok/s.
@@ -63,7 +63,7 @@ def half_bytes_from_env() -> int:
 
 def protocol_from_env() -> str:
     """DEFAULT_PROTOCOL unless SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL names another of the kernel's protocols."""
-    from shardserve.workers.kernels.allreduce_rmsnorm import PROTOCOLS
+    from shardserve.parallel.kernels.allreduce_rmsnorm import PROTOCOLS
 
     raw = os.environ.get(ENV_PROTOCOL, DEFAULT_PROTOCOL).strip().lower() or DEFAULT_PROTOCOL
     if raw not in PROTOCOLS:
@@ -75,7 +75,7 @@ def protocol_from_env() -> str:
 def prepare_area(area: torch.Tensor, protocol: str) -> None:
     """Put this rank's fresh fused area (uint8, FLAG_BYTES + 2 * half_bytes) in its starting state:
     flags zeroed (flags), every data slot the "not yet written" sentinel (lamport)."""
-    from shardserve.workers.kernels.allreduce_rmsnorm import SENTINEL_32
+    from shardserve.parallel.kernels.allreduce_rmsnorm import SENTINEL_32
 
     area[:FLAG_BYTES].zero_()
     if protocol == "lamport":
@@ -91,7 +91,7 @@ def fused_reason(*, device_type: str, dtype: torch.dtype, shape: Sequence[int], 
                  has_residual: bool, residual_shape: Sequence[int] | None, half_bytes: int,
                  world_size: int, protocol: str = DEFAULT_PROTOCOL) -> str | None:
     """Why this call cannot take the fused kernel (None: it can). Pure: a function of shapes only."""
-    from shardserve.workers.kernels.allreduce_rmsnorm import rows_capacity
+    from shardserve.parallel.kernels.allreduce_rmsnorm import rows_capacity
 
     if device_type != "cuda":
         return "not a CUDA tensor"
@@ -119,7 +119,7 @@ class FusedAllReduceNorm:
 
     def __init__(self, buffer_ptrs: Sequence[int], offset: int, half_bytes: int, rank: int,
                  device: torch.device, protocol: str = DEFAULT_PROTOCOL) -> None:
-        from shardserve.workers.kernels.allreduce_rmsnorm import NUM_COUNTERS, NUM_PROGRAMS
+        from shardserve.parallel.kernels.allreduce_rmsnorm import NUM_COUNTERS, NUM_PROGRAMS
 
         self.rank, self.world_size, self.half_bytes, self.protocol = rank, len(buffer_ptrs), half_bytes, protocol
         if any((p + offset) % 16 for p in buffer_ptrs) or half_bytes % 16:
@@ -141,7 +141,7 @@ class FusedAllReduceNorm:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rmsnorm(sum_ranks(x) + residual) * weight, sum_ranks(x) + residual); x must `fit`."""
-        from shardserve.workers.kernels.allreduce_rmsnorm import allreduce_rmsnorm
+        from shardserve.parallel.kernels.allreduce_rmsnorm import allreduce_rmsnorm
 
         return allreduce_rmsnorm(x, residual, weight, eps, rank=self.rank, world_size=self.world_size,
                                  data_ptrs=self.data_ptrs, flag_ptrs=self.flag_ptrs, counters=self.counters,
@@ -151,7 +151,7 @@ class FusedAllReduceNorm:
         """Fused result vs all-reduce-then-`rmsnorm` on integers exact in bf16 (None: all match).
 
         Eager, with host syncs: setup only, every rank of the group together."""
-        from shardserve.workers.kernels.rmsnorm import rmsnorm
+        from shardserve.parallel.kernels.rmsnorm import rmsnorm
 
         device, w = self.counters.device, self.world_size
         for num_tokens, hidden in ((1, 4096), (3, 576), (40, 1024)):  # 40 rows: 2 per program

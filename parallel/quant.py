@@ -6,7 +6,7 @@ works out which rows or columns belong to this rank (a `ShardSlice`, in logical 
 units) and hands the copy to `LinearMethod.load_shard`, which knows how its parameters are
 packed. In the forward pass the layer calls `apply(layer, x, bias)`. FP16/BF16 weights are
 `UnquantizedLinearMethod` (cuBLAS, or on CUDA at decode size the PDL matrix-vector kernel of
-workers/kernels/decode_linear.py); INT8, INT4 (GPTQ, AWQ) and FP8 are other implementations of the same
+parallel/kernels/decode_linear.py); INT8, INT4 (GPTQ, AWQ) and FP8 are other implementations of the same
 protocol (workers/quant/), so no layer forks per format.
 
 Checkpoint tensors may arrive lazily (a `WeightSource`, e.g. a safetensors slice): only the
@@ -115,8 +115,8 @@ class UnquantizedLinearMethod:
         copy_shard(param, loaded_weight, shard)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda:  # decode-size steps: the PDL matrix-vector kernel (workers/kernels/decode_linear.py)
-            from shardserve.workers.kernels.decode_linear import decode_linear, wanted_for
+        if x.is_cuda:  # decode-size steps: the PDL matrix-vector kernel (parallel/kernels/decode_linear.py)
+            from shardserve.parallel.kernels.decode_linear import decode_linear, wanted_for
 
             if wanted_for(x, layer.weight):
                 return decode_linear(x, layer.weight, bias)

@@ -70,10 +70,9 @@ from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.protocol import EngineStats, ModelInfo, QueueFullError
 from shardserve.workers.request import FinishReason, Request, RequestOutput, SamplingParams
 from shardserve.workers.runner.model_runner import ModelRunner
-from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.output import SchedulerOutput
 from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.stats import BatchQueueStats, ThroughputMeter
+from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 from shardserve.workers.worker.channel import StepHandle
 from shardserve.workers.worker.executor import Executor, LocalExecutor, make_executor
 

@@ -26,7 +26,7 @@ from shardserve.workers.request import (
     RequestOutput,
     SamplingParams,
 )
-from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
+from shardserve.workers.step_types import ModelRunnerOutput, TokenLogprobs
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from shardserve.workers.scheduler.output import ScheduledRequest, SchedulerOutput  # noqa: E402
+from shardserve.workers.step_types import ScheduledRequest, SchedulerOutput  # noqa: E402
 from step_timeline import StepTimeline  # noqa: E402
 
 

@@ -22,8 +22,8 @@ from shardserve.workers.engine import LLMEngine
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.llm import LLM
 from shardserve.workers.request import FinishReason, Request, SamplingParams
-from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler.scheduler import PLACEHOLDER, Scheduler
+from shardserve.workers.step_types import ModelRunnerOutput
 
 pytestmark = pytest.mark.slow
 

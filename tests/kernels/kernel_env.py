@@ -18,9 +18,14 @@ if DEVICE not in ("cpu", "cuda"):
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
     # A test module collected earlier may already have imported a kernel module compiled-mode;
-    # re-decorate those under the interpreter (kernels first, then modules that import them).
-    for name in sorted(sys.modules, key=lambda n: n.startswith("shardserve.workers.attention")):
-        if name.startswith("shardserve.workers.kernels.") or name == "shardserve.workers.attention.triton_backend":
+    # re-decorate those under the interpreter (parallel/kernels first: workers/kernels import
+    # them; then the attention backend, which imports kernels).
+    def _order(name: str) -> tuple[bool, bool]:
+        return name.startswith("shardserve.workers.attention"), name.startswith("shardserve.workers.kernels")
+
+    for name in sorted(sys.modules, key=_order):
+        if (name.startswith(("shardserve.workers.kernels.", "shardserve.parallel.kernels."))
+                or name == "shardserve.workers.attention.triton_backend"):
             importlib.reload(sys.modules[name])
 
 import torch  # noqa: E402

@@ -15,8 +15,8 @@ import pytest
 import torch
 from compiled_ptx import compile_ptx, memory_ops
 from kernel_env import DEVICE
-from shardserve.workers.kernels import allreduce_rmsnorm as ar
-from shardserve.workers.kernels.rmsnorm import rmsnorm
+from shardserve.parallel.kernels import allreduce_rmsnorm as ar
+from shardserve.parallel.kernels.rmsnorm import rmsnorm
 
 HALF_BYTES = 4 * 1024  # small on purpose: at H 48 fp32 and W 2, 10 rows per call
 

@@ -1,4 +1,4 @@
-"""Batch-1 projection kernel (workers/kernels/decode_linear.py) vs its torch reference, and its PTX.
+"""Batch-1 projection kernel (parallel/kernels/decode_linear.py) vs its torch reference, and its PTX.
 
 Under the interpreter (CI) on small shapes with small tiles: K not a multiple of the chunk, N not
 a multiple of the tile, bias, the fused SiLU-and-mul epilogue, explicit tiles, bad arguments; the
@@ -14,9 +14,9 @@ import re
 import pytest
 import torch
 from compiled_ptx import compile_ptx
-from shardserve.workers.kernels import decode_linear as dl
+from shardserve.parallel.kernels import decode_linear as dl
+from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
 from shardserve.workers.kernels import reference
-from shardserve.workers.kernels.decode_linear import GemvTiles, decode_linear
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -107,7 +107,7 @@ def test_tuned_tables(tmp_path):
 
 
 def _ptx(use_pdl: bool) -> str:
-    return compile_ptx("shardserve.workers.kernels.decode_linear", "_decode_linear_kernel",
+    return compile_ptx("shardserve.parallel.kernels.decode_linear", "_decode_linear_kernel",
                        pointers={"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"},
                        constexprs={"HAS_BIAS": False, "SILU_MUL": False, "BLOCK_N": 4, "BLOCK_K": 1024,
                                    "USE_PDL": use_pdl},

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (workers/kernels/pdl.py): when it is on, and what it compiles to.
+"""Programmatic dependent launch (parallel/kernels/pdl.py): when it is on, and what it compiles to.
 
 The launches themselves need a Hopper GPU (the compiled kernel tests and the device benchmarks
 run them there); here, on CPU: the switch, and the PTX of every PDL kernel compiled for sm_90
@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 from compiled_ptx import compile_ptx
-from shardserve.workers.kernels import pdl
+from shardserve.parallel.kernels import pdl
 
 
 def test_off_on_cpu_and_under_the_interpreter(monkeypatch):
@@ -68,9 +68,14 @@ KERNELS = {  # module, kernel, pointers, constexprs, floats
 }
 
 
+# The kernels the parallel layers call live in parallel/kernels/, the others in workers/kernels/.
+PARALLEL_KERNELS = ("allreduce_rmsnorm", "decode_linear", "rmsnorm")
+
+
 def _ptx(name: str, use_pdl: bool) -> str:
     module, kernel, pointers, constexprs, floats = KERNELS[name]
-    return compile_ptx(f"shardserve.workers.kernels.{module}", kernel, pointers=pointers,
+    package = "parallel" if module in PARALLEL_KERNELS else "workers"
+    return compile_ptx(f"shardserve.{package}.kernels.{module}", kernel, pointers=pointers,
                        constexprs={**constexprs, "USE_PDL": use_pdl}, floats=floats)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_env import DEVICE, ELEMENTWISE_DTYPES
+from shardserve.parallel.kernels.rmsnorm import rmsnorm
 from shardserve.workers.kernels import reference
-from shardserve.workers.kernels.rmsnorm import rmsnorm
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 2**-6)}  # bf16: two ulps (interpreter casts truncate)
 

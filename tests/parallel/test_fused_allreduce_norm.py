@@ -82,7 +82,7 @@ class Custom:
 
 def test_rmsnorm_reduce_takes_the_fused_kernel_when_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("shardserve.workers.models.layers.use_kernels", lambda x: True)
-    monkeypatch.setattr("shardserve.workers.kernels.rmsnorm.rmsnorm",
+    monkeypatch.setattr("shardserve.parallel.kernels.rmsnorm.rmsnorm",
                         lambda x, w, eps, residual=None: (x * 0 + 1, x if residual is None else x + residual))
     norm = RMSNorm(8, 1e-6)
     custom = Custom(RecordingFused(rows=2))
@@ -157,7 +157,7 @@ def test_unaligned_area_is_refused() -> None:
 
 
 def test_protocol_from_env_and_starting_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shardserve.workers.kernels.allreduce_rmsnorm import SENTINEL_32
+    from shardserve.parallel.kernels.allreduce_rmsnorm import SENTINEL_32
 
     monkeypatch.delenv(fan.ENV_PROTOCOL, raising=False)
     assert fan.protocol_from_env() == "lamport"  # the default

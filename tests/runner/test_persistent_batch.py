@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from shardserve.workers.runner.persistent_batch import PersistentBatch
-from shardserve.workers.scheduler.output import ScheduledRequest
+from shardserve.workers.step_types import ScheduledRequest
 
 BLOCK = 4
 

@@ -1,9 +1,10 @@
-"""SamplingState (incremental, per row) must equal SamplingMetadata.build over the same rows."""
+"""SamplingState (incremental, per row) must equal the one-pass reference build over the same rows."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from sampling_reference import build_metadata
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.runner.sampling_state import SamplingState
 from shardserve.workers.sampling.metadata import SamplingMetadata
@@ -51,7 +52,7 @@ def test_incremental_state_matches_full_build_through_adds_moves_and_steps():
 
     def check(active: list[str], sampling: list[str]) -> None:
         idx = np.array([active.index(r) for r in sampling], dtype=np.int64)
-        ref = SamplingMetadata.build([params[r] for r in sampling], [prompts[r] for r in sampling],
+        ref = build_metadata([params[r] for r in sampling], [prompts[r] for r in sampling],
                                      [outputs[r] for r in sampling], EOS, "cpu")
         _assert_same(state.build(idx), ref)
 

@@ -17,9 +17,8 @@ from shardserve.workers.config import CacheConfig, SchedulerConfig
 from shardserve.workers.kv_cache.block_pool import NULL_BLOCK_ID
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.request import Request, SamplingParams
-from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.output import SchedulerOutput
 from shardserve.workers.scheduler.scheduler import Scheduler
+from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 
 VOCAB_SIZE = 997  # sampled ids stay below 997, so ids >= 997 (tests use EOS = 999) only come from scripts
 

@@ -25,9 +25,9 @@ from shardserve.workers.engine import _are_ints
 from shardserve.workers.kv_cache.manager import NO_COMPUTED_BLOCKS, ComputedBlocks, KVCacheManager
 from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.request import FinishReason, Request, SamplingParams
-from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler import scheduler as scheduler_module
 from shardserve.workers.scheduler.scheduler import PLACEHOLDER, Scheduler
+from shardserve.workers.step_types import ModelRunnerOutput
 
 EOS = 999
 

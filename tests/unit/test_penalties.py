@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 import torch
+from sampling_reference import build_metadata
 from shardserve.workers.request import SamplingParams
-from shardserve.workers.sampling.metadata import SamplingMetadata, TokenHistory
+from shardserve.workers.sampling.metadata import TokenHistory
 from shardserve.workers.sampling.penalties import apply_min_tokens_mask, apply_penalties, token_counts
 from shardserve.workers.sampling.sampler import Sampler
 
@@ -32,7 +33,7 @@ def reference_penalties(row: torch.Tensor, prompt, output, repetition, presence,
 
 
 def run_penalties(logits, params, prompts, outputs):
-    metadata = SamplingMetadata.build(params, prompts, outputs, None, "cpu")
+    metadata = build_metadata(params, prompts, outputs, None, "cpu")
     return apply_penalties(
         logits.clone(),
         metadata.prompt_tokens,
@@ -97,11 +98,11 @@ def test_token_counts_ignore_out_of_vocabulary_ids():
 
 def test_metadata_skips_histories_when_unused():
     prompts, outputs = [[1, 2]], [[3]]
-    off = SamplingMetadata.build([SamplingParams()], prompts, outputs, None, "cpu")
+    off = build_metadata([SamplingParams()], prompts, outputs, None, "cpu")
     assert off.no_penalties and off.prompt_tokens is None and off.output_tokens is None
-    presence = SamplingMetadata.build([SamplingParams(presence_penalty=1.0)], prompts, outputs, None, "cpu")
+    presence = build_metadata([SamplingParams(presence_penalty=1.0)], prompts, outputs, None, "cpu")
     assert presence.prompt_tokens is None and presence.output_tokens.token_ids.tolist() == [3]
-    repetition = SamplingMetadata.build(
+    repetition = build_metadata(
         [SamplingParams(repetition_penalty=1.2)] * 2, [[1, 2], [5]], [[], [6, 7]], None, "cpu"
     )
     assert repetition.prompt_tokens.token_ids.tolist() == [1, 2, 5]
@@ -117,7 +118,7 @@ def test_min_tokens_mask_index_pairs():
         SamplingParams(min_tokens=2, ignore_eos=True, stop_token_ids=(9, VOCAB_SIZE + 100)),
         SamplingParams(min_tokens=4),
     ]
-    metadata = SamplingMetadata.build(params, [[0]] * 4, [[1, 1], [1], [], []], eos, "cpu")
+    metadata = build_metadata(params, [[0]] * 4, [[1, 1], [1], [], []], eos, "cpu")
     pairs = set(zip(metadata.min_tokens_rows.tolist(), metadata.min_tokens_token_ids.tolist(), strict=True))
     assert pairs == {(0, 2), (0, 5), (0, 6), (2, 9), (2, VOCAB_SIZE + 100), (3, 2)}
     logits = torch.randn(4, VOCAB_SIZE)
@@ -135,6 +136,6 @@ def test_sampler_applies_penalties_before_temperature_and_filters():
     logits = torch.zeros(200, VOCAB_SIZE)
     logits[:, 0], logits[:, 1] = 5.0, 4.0
     params = [SamplingParams(frequency_penalty=1.0, top_k=1, temperature=0.7)] * 200
-    metadata = SamplingMetadata.build(params, [[7]] * 200, [[0, 0, 0]] * 200, None, "cpu")
+    metadata = build_metadata(params, [[7]] * 200, [[0, 0, 0]] * 200, None, "cpu")
     out = Sampler(VOCAB_SIZE, seed=0)(logits, metadata)
     assert set(out.token_ids.tolist()) == {1}

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 from shardserve.workers.request import FinishReason, RequestStatus
-from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.scheduler.scheduler import KV_CACHE_FULL, Scheduler
+from shardserve.workers.step_types import ModelRunnerOutput
 
 EOS = 999  # the fake model (conftest.py) never samples ids >= 997 itself
 

@@ -53,7 +53,7 @@ from shardserve.workers.config import EngineConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.request import SamplingParams
-from shardserve.workers.runner.kv_budget import KVCacheSpec
+from shardserve.workers.runner.kv_budget import KVCacheLayout
 
 
 def _sync(engine: LLMEngine) -> None:
@@ -156,7 +156,7 @@ def rank_bytes(config: EngineConfig, hf_config, dtype: torch.dtype) -> list[Rank
             head = getattr(model, "lm_head", None)
             if embed is not None and (head is None or head.weight is not embed.weight):
                 weight_bytes -= embed.weight.numel() * embed.weight.element_size()
-            kv = KVCacheSpec.of_model(model, config.cache.block_size).bytes_per_block // config.cache.block_size
+            kv = KVCacheLayout.of_model(model, config.cache.block_size).bytes_per_block // config.cache.block_size
             out.append(RankBytes(rank, state.pp_rank, weight_bytes, kv))
     finally:
         set_parallel_state(previous)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 
 @triton.jit

@@ -4,7 +4,7 @@ Why: at TP 4 a batch-1 decode step spends ~1.44 ms in GEMMs for ~0.9 ms worth of
 copy bandwidth (benchmarks/NOTES.md, eighth session): each projection is an 8-59 MB read, and
 its ramp-up and tail weigh a lot. Meanwhile the fused all-reduce + RMSNorm before it runs on 32
 SMs for ~6 us waiting on NVLink, and HBM idles. This kernel, launched right after that kernel
-with programmatic dependent launch (workers/kernels/pdl.py), runs on the free SMs while it still
+with programmatic dependent launch (parallel/kernels/pdl.py), runs on the free SMs while it still
 runs and issues `prefetch.global.L2` for the next GEMM's weights (up to a byte cap: what HBM can
 deliver in the window, and what L2 holds), so the GEMM reads them from L2. A side-stream
 kernel that loaded o_proj's weights beside rope and attention was measured slower in the sixth
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 ENV_PREFETCH_MB = "SHARDSERVE_L2_PREFETCH_MB"  # unset or 0: off (the default until measured)
 LINE_BYTES = 128

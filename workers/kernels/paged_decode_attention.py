@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 TARGET_PROGRAMS = 264  # about two waves of stage-1 programs on a 132-SM H100
 MIN_TOKENS_PER_SPLIT = 128

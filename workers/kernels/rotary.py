@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.kernels.kv_cache_write import store_kv_row
-from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 
 @triton.jit

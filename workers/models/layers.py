@@ -38,7 +38,7 @@ def set_fused_kernels(enabled: bool) -> None:
     """Process-wide switch: False makes CUDA tensors take the torch path (for A/B checks)."""
     global _fused_kernels_enabled
     _fused_kernels_enabled = enabled
-    from shardserve.workers.kernels import decode_linear
+    from shardserve.parallel.kernels import decode_linear
 
     decode_linear.set_enabled(enabled)
 
@@ -94,7 +94,7 @@ class RMSNorm(nn.Module):
                 return fused
             x = tensor_model_parallel_all_reduce(x)
         if use_kernels(x) and x.dim() == 2 and x.stride(-1) == 1:
-            from shardserve.workers.kernels.rmsnorm import rmsnorm
+            from shardserve.parallel.kernels.rmsnorm import rmsnorm
 
             out, new_residual = rmsnorm(x, self.weight, self.eps, residual)  # [T, hidden] each
             return out if residual is None else (out, new_residual)
@@ -112,11 +112,11 @@ class RMSNorm(nn.Module):
 
 def gate_up_silu(gate_up_proj: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """act(gate_up_proj(x)) [T, inter / tp]; at decode size on CUDA with plain weights, one kernel
-    with the SiLU-and-mul in the projection's epilogue (workers/kernels/decode_linear.py)."""
+    with the SiLU-and-mul in the projection's epilogue (parallel/kernels/decode_linear.py)."""
     weight = getattr(gate_up_proj, "weight", None)
     if (use_kernels(x) and isinstance(act, SiluAndMul) and weight is not None and gate_up_proj.bias is None
             and isinstance(gate_up_proj.quant_method, UnquantizedLinearMethod)):
-        from shardserve.workers.kernels.decode_linear import decode_linear, wanted_for
+        from shardserve.parallel.kernels.decode_linear import decode_linear, wanted_for
 
         if wanted_for(x, weight):
             return decode_linear(x, weight, silu_mul=True)

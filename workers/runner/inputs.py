@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from shardserve.workers.attention.metadata import AttentionMetadata
-from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.step_types import SchedulerOutput
 
 
 @dataclass

@@ -19,7 +19,10 @@ from shardserve.workers.config import EngineConfig
 
 
 @dataclass(frozen=True)
-class KVCacheSpec:
+class KVCacheLayout:
+    """The allocated KV pool's layout on this rank: the model's KVCacheSpec (models/interface.py:
+    layers, KV heads, head size) plus the block size and the dtype of the cache tensors."""
+
     num_layers: int
     num_kv_heads: int  # per rank
     head_dim: int
@@ -32,14 +35,14 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element_size
 
     @classmethod
-    def of_model(cls, model: torch.nn.Module, block_size: int) -> KVCacheSpec:
+    def of_model(cls, model: torch.nn.Module, block_size: int) -> KVCacheLayout:
         spec = model.kv_cache_spec
         dtype = next(model.parameters()).dtype
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, dtype)
 
 
 def determine_num_blocks(
-    spec: KVCacheSpec, config: EngineConfig, device: torch.device, profile_forward: Callable[[int], None],
+    spec: KVCacheLayout, config: EngineConfig, device: torch.device, profile_forward: Callable[[int], None],
     reserve_bytes: Callable[[], int] | None = None,
 ) -> int:
     cache = config.cache
@@ -69,7 +72,7 @@ def determine_num_blocks(
     return int(num_blocks)
 
 
-def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+def allocate_kv_caches(spec: KVCacheLayout, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
     # One tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
     shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

@@ -57,17 +57,21 @@ from shardserve.workers.runner.cuda_graphs import (
     pad_decode_inputs,
 )
 from shardserve.workers.runner.inputs import build_model_inputs
-from shardserve.workers.runner.kv_budget import KVCacheSpec, allocate_kv_caches, determine_num_blocks
+from shardserve.workers.runner.kv_budget import KVCacheLayout, allocate_kv_caches, determine_num_blocks
 from shardserve.workers.runner.mixed_graphs import MixedGraphs, pack_mixed_inputs, slots_for, token_buckets
-from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
 from shardserve.workers.runner.persistent_batch import PersistentBatch, StepLayout
 from shardserve.workers.runner.sampling_state import SamplingState
 from shardserve.workers.runner.staging import PinnedStager
 from shardserve.workers.runner.step_records import PendingStep, StepTimes, StepUploads
 from shardserve.workers.sampling.logprobs import compute_prompt_logprobs
-from shardserve.workers.sampling.metadata import SamplingMetadata
 from shardserve.workers.sampling.sampler import Sampler
-from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
+from shardserve.workers.step_types import (
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledRequest,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 
 logger = logging.getLogger(__name__)
 GRAPH_RESERVE_MARGIN = 1.25  # capture-time pool vs the eager decode peak it is estimated from
@@ -93,7 +97,7 @@ class ModelRunner:
         self.graph_sizes = graph_batch_sizes(self.max_rows)
         self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens)
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda" and not _syncs_in_forward(self.model)
-        spec = KVCacheSpec.of_model(self.model, self.block_size)
+        spec = KVCacheLayout.of_model(self.model, self.block_size)
         self.kv_bytes_per_token = spec.bytes_per_block // self.block_size
         reserve = self._graph_reserve if self.use_cuda_graphs else None
         self.num_blocks = determine_num_blocks(spec, config, device, self._profile_forward, reserve)
@@ -153,7 +157,7 @@ class ModelRunner:
         """One forward of `num_tokens` tokens split over `num_requests` fresh requests (no cache
         hit), then logits and a top-k/top-p sampling pass over up to max_num_seqs rows: the
         largest eager step's peak activation memory."""
-        spec = KVCacheSpec.of_model(self.model, self.block_size)
+        spec = KVCacheLayout.of_model(self.model, self.block_size)
         per_request = max(1, num_tokens // num_requests)
         blocks_each = -(-per_request // self.block_size)
         caches = allocate_kv_caches(spec, blocks_each * num_requests + 1, self.device)
@@ -171,9 +175,10 @@ class ModelRunner:
             if sample and self.is_last_stage:
                 num_rows = min(self.max_rows, hidden.shape[0])
                 logits = self.model.compute_logits(hidden[-num_rows:])
-                params = [SamplingParams(temperature=1.0, top_p=0.9)] * num_rows
-                empty: list[list[int]] = [[]] * num_rows
-                self.sampler(logits, SamplingMetadata.build(params, empty, empty, None, self.device))
+                rows = SamplingState(num_rows, None, self.device)
+                for row in range(num_rows):
+                    rows.add(row, SamplingParams(temperature=1.0, top_p=0.9), [], [])
+                self.sampler(logits, rows.build(np.arange(num_rows)))
         del caches
 
     def _graph_reserve(self) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from shardserve.workers.scheduler.output import ScheduledRequest
+from shardserve.workers.step_types import ScheduledRequest
 
 
 @dataclass

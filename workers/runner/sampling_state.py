@@ -14,7 +14,7 @@ Async scheduling splits `record` in two: `count_sampled` at launch (output count
 and min_tokens masks) and `record_tokens` once the ids are on the host; a step that samples a
 penalty row is therefore finished before the next one is launched (the engine runs it
 synchronously), so histories never miss a token.
-Equivalent to `SamplingMetadata.build` over the same rows (tests/runner check that).
+Equivalent to a one-pass build over the same rows (tests/sampling_reference.py; tests/runner check that).
 """
 
 from __future__ import annotations

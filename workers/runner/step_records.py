@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from shardserve.workers.runner.output import ModelRunnerOutput, TokenLogprobs
+from shardserve.workers.step_types import ModelRunnerOutput, TokenLogprobs
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from shardserve.workers.runner.output import TokenLogprobs
+from shardserve.workers.step_types import TokenLogprobs
 
 # Prompt positions are processed in chunks so the float32 log_softmax copy stays bounded
 # (a 4k-token prompt over a 128k vocabulary would otherwise need 2 GiB at once).

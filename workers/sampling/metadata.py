@@ -1,15 +1,14 @@
 """The batch description the sampler consumes: one row per request that samples this step.
 
-Data flow: once per step the model runner calls `SamplingMetadata.build(params, prompt_token_ids,
-output_token_ids, eos_token_id, device)` with the requests in logits-row order. `build` walks the
-rows once on the host and turns per-request `SamplingParams` into batched tensors (temperature,
-top-k/p, min-p and the three penalties travel as one packed host-to-device copy; token-id
-histories for the penalties travel flat, as `TokenHistory`) plus the few per-row facts that stay
-on the host (seeds of seeded rows, how many logprobs each row wants). Flags such as `no_top_k`
-let the sampler skip whole stages when no row uses them. The frozen result goes to
+Data flow: once per step the model runner asks its persistent batch's `SamplingState.build(rows)`
+(workers/runner/sampling_state.py) for the rows that sample, in logits-row order. It turns the
+per-request `SamplingParams` into batched tensors (temperature, top-k/p, min-p and the three
+penalties travel as one packed host-to-device copy, cached while the batch does not change;
+token-id histories for the penalties travel flat, as `TokenHistory`) plus the few per-row facts
+that stay on the host (seeds of seeded rows, how many logprobs each row wants). Flags such as
+`no_top_k` let the sampler skip whole stages when no row uses them. The frozen result goes to
 `Sampler.__call__`; nothing in it is mutated afterwards.
 """
-
 from __future__ import annotations
 
 import array
@@ -18,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from shardserve.workers.request import SamplingParams
 
 _MASK_64 = (1 << 64) - 1
 
@@ -117,89 +115,3 @@ class SamplingMetadata:
         """Largest N any row asks for, or None when no row wants logprobs."""
         wanted = [n for n in self.num_logprobs if n is not None]
         return max(wanted) if wanted else None
-
-    @classmethod
-    def build(
-        cls,
-        params: Sequence[SamplingParams],
-        prompt_token_ids: Sequence[Sequence[int]],
-        output_token_ids: Sequence[Sequence[int]],
-        eos_token_id: int | None,
-        device: torch.device | str,
-    ) -> SamplingMetadata:
-        """Batch the rows' options. All three sequences are in logits-row order."""
-        num_rows = len(params)
-        if len(prompt_token_ids) != num_rows or len(output_token_ids) != num_rows:
-            raise ValueError(
-                f"params, prompt_token_ids and output_token_ids must have one entry per row, got "
-                f"{num_rows}, {len(prompt_token_ids)} and {len(output_token_ids)}"
-            )
-        if num_rows == 0:
-            raise ValueError("SamplingMetadata needs at least one row, got 0")
-
-        greedy = [p.temperature == 0 for p in params]
-        needs_repetition = any(p.repetition_penalty != 1.0 for p in params)
-        no_penalties = not needs_repetition and all(
-            p.presence_penalty == 0 and p.frequency_penalty == 0 for p in params
-        )
-
-        mask_rows: list[int] = []
-        mask_tokens: list[int] = []
-        seeded_rows: list[int] = []
-        seeded_step_seeds: list[int] = []
-        for row, (p, out) in enumerate(zip(params, output_token_ids, strict=True)):
-            if len(out) < p.min_tokens:
-                banned = set(p.stop_token_ids)
-                if eos_token_id is not None and not p.ignore_eos:
-                    banned.add(eos_token_id)
-                for token in sorted(banned):
-                    mask_rows.append(row)
-                    mask_tokens.append(token)
-            if p.seed is not None and not greedy[row]:
-                seeded_rows.append(row)
-                seeded_step_seeds.append(step_seed(p.seed, len(out)))
-
-        # One host-to-device copy for all per-row numbers: [7, num_rows] float32 (top_k < 2**24 is exact).
-        packed = torch.tensor(
-            [
-                [float(p.temperature) for p in params],
-                [float(p.top_k) for p in params],
-                [float(p.top_p) for p in params],
-                [float(p.min_p) for p in params],
-                [float(p.repetition_penalty) for p in params],
-                [float(p.presence_penalty) for p in params],
-                [float(p.frequency_penalty) for p in params],
-            ],
-            dtype=torch.float32,
-        ).to(device, non_blocking=True)
-        raw_temperatures, top_k, top_p, min_p, repetition, presence, frequency = packed.unbind(0)
-        greedy_mask = raw_temperatures == 0  # [num_rows]
-
-        def longs(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
-        return cls(
-            temperatures=raw_temperatures.masked_fill(greedy_mask, 1.0),
-            greedy_mask=greedy_mask,
-            all_greedy=all(greedy),
-            all_random=not any(greedy),
-            top_k=top_k.to(torch.int64),
-            max_top_k=max(p.top_k for p in params),
-            no_top_k=all(p.top_k == 0 for p in params),
-            all_top_k=all(p.top_k > 0 for p in params),
-            top_p=top_p,
-            no_top_p=all(p.top_p == 1.0 for p in params),
-            min_p=min_p,
-            no_min_p=all(p.min_p == 0.0 for p in params),
-            repetition_penalties=repetition,
-            presence_penalties=presence,
-            frequency_penalties=frequency,
-            no_penalties=no_penalties,
-            prompt_tokens=TokenHistory.build(prompt_token_ids, device) if needs_repetition else None,
-            output_tokens=None if no_penalties else TokenHistory.build(output_token_ids, device),
-            min_tokens_rows=longs(mask_rows) if mask_rows else None,
-            min_tokens_token_ids=longs(mask_tokens) if mask_rows else None,
-            seeded_rows=tuple(seeded_rows),
-            seeded_step_seeds=tuple(seeded_step_seeds),
-            num_logprobs=tuple(p.logprobs for p in params),
-        )

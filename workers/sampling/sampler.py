@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from shardserve.workers.runner.output import TokenLogprobs
 from shardserve.workers.sampling.logprobs import compute_token_logprobs
 from shardserve.workers.sampling.metadata import SamplingMetadata
 from shardserve.workers.sampling.penalties import apply_min_tokens_mask, apply_penalties
+from shardserve.workers.step_types import TokenLogprobs
 
 # Exp(1) draws can be exactly 0; clamping keeps probs / q finite-or-inf and never 0 / 0 = NaN.
 _MIN_EXPONENTIAL = torch.finfo(torch.float32).tiny

@@ -69,9 +69,8 @@ from dataclasses import dataclass, field
 from shardserve.workers.config import CacheConfig, SchedulerConfig
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.request import FinishReason, Request, RequestStatus
-from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 from shardserve.workers.scheduler.queue import FCFSQueue, RequestQueue, make_request_queue
+from shardserve.workers.step_types import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 
 KV_CACHE_FULL = "kv_cache_full"  # stop_reason of a request that alone outgrew the KV pool
 PLACEHOLDER = -1  # a token id fed before it is known on the host (async scheduling)

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
-from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 from shardserve.workers.worker.proc import (
     CALL,
     CALL_FAILED,

@@ -40,8 +40,7 @@ import torch
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import LoadedModel
 from shardserve.workers.runner.model_runner import ModelRunner
-from shardserve.workers.runner.output import ModelRunnerOutput
-from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 from shardserve.workers.worker.channel import ConnectionGroup, StepHandle, WorkerGroupError
 from shardserve.workers.worker.proc import READY, worker_main
 from shardserve.workers.worker.worker import WorkerSpec, output_rank

@@ -48,9 +48,8 @@ from shardserve.workers.config import EngineConfig
 from shardserve.workers.heap import freeze_startup_heap
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 from shardserve.workers.runner.model_runner import ModelRunner
-from shardserve.workers.runner.output import ModelRunnerOutput
 from shardserve.workers.runner.step_records import PendingStep
-from shardserve.workers.scheduler.output import SchedulerOutput
+from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

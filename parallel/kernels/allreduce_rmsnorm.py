@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
-from shardserve.workers.kernels.rmsnorm import check_norm_args, residual_norm_store
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.kernels.rmsnorm import check_norm_args, residual_norm_store
 
 NUM_PROGRAMS = 32  # G: fixed, identical on every rank (rows are split over the G programs)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from shardserve.workers.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 ENV_DECODE_GEMV = "SHARDSERVE_DECODE_GEMV"  # "0": cuBLAS for every projection
 ENV_GEMV_TILES = "SHARDSERVE_GEMV_TILES"  # a JSON table of tuned tiles (tuned_tiles)
