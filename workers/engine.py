@@ -65,6 +65,7 @@ import torch
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.heap import freeze_startup_heap, thaw_heap
 from shardserve.workers.kv_cache.manager import KVCacheManager
+from shardserve.workers.launch import make_executor
 from shardserve.workers.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.protocol import EngineStats, ModelInfo, QueueFullError
@@ -74,7 +75,7 @@ from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.stats import BatchQueueStats, ThroughputMeter
 from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 from shardserve.workers.worker.channel import StepHandle
-from shardserve.workers.worker.executor import Executor, LocalExecutor, make_executor
+from shardserve.workers.worker.executor import Executor, LocalExecutor
 
 logger = logging.getLogger(__name__)
 

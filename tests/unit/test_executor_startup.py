@@ -5,8 +5,8 @@ port lost on every attempt, is raised as is."""
 from __future__ import annotations
 
 import pytest
+from shardserve.workers import launch as executor_module
 from shardserve.workers.config import EngineConfig, ModelConfig, ParallelConfig
-from shardserve.workers.worker import executor as executor_module
 from shardserve.workers.worker.channel import WorkerGroupError
 
 CONFIG = EngineConfig(model=ModelConfig(model="dummy:tiny-llama", dtype="float32", device="cpu"),

@@ -24,8 +24,8 @@ and output processing overlap the ranks' work; each rank runs its steps in order
 placeholder tokens of N+1 from the ids its own runner sampled in N (every rank of the last
 stage samples the same ids). Each rank also launches step N+1 before it finishes step N
 (proc.py `_serve_overlapped`), so a rank's own input preparation overlaps its device work too.
-`make_executor(config, loaded)` picks one from `config.parallel.world_size` and `.launcher`
-(`ray`: RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
+`make_executor(config, loaded)` (workers/launch.py) picks one from `config.parallel.world_size`
+and `.launcher` (`ray`: RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from shardserve.workers.worker.proc import READY, worker_main
 from shardserve.workers.worker.worker import WorkerSpec, output_rank
 
 logger = logging.getLogger(__name__)
-STARTUP_ATTEMPTS = 3  # worker-group start-ups that lost their rendezvous port are tried again
 
 
 class Executor(Protocol):
@@ -168,26 +167,3 @@ class MultiprocExecutor(ConnectionGroup):
         proc = self._procs[rank]
         proc.join(timeout=1.0)
         self._fail(f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
-
-
-def make_executor(config: EngineConfig, loaded: LoadedModel | None, device: torch.device) -> Executor:
-    """LocalExecutor for a world of one (needs `loaded`); else by `config.parallel.launcher`:
-    MultiprocExecutor (`multiproc`) or the Ray worker group of workers/group.py (`ray`)."""
-    if config.parallel.world_size == 1:
-        if loaded is None or loaded.model is None:
-            raise ValueError("a single-process engine needs the loaded model")
-        return LocalExecutor(loaded, config, device)
-    if config.parallel.launcher == "ray":
-        from shardserve.workers.group import RayExecutor  # imports ray: only when asked for
-
-        return RayExecutor(config)
-    for attempt in range(STARTUP_ATTEMPTS):
-        try:
-            return MultiprocExecutor(config)
-        except WorkerGroupError as exc:
-            # free_port() only finds a port that was free a moment ago: another process (often
-            # a gloo connection's ephemeral port) can take it before rank 0's store listens.
-            if "address already in use" not in str(exc) or attempt == STARTUP_ATTEMPTS - 1:
-                raise
-            logger.warning("worker group start-up lost its rendezvous port to another process; retrying")
-    raise AssertionError("unreachable")
