@@ -5,7 +5,7 @@ compute would allow ~1.8x; neither rebalancing the layers nor a 4th micro-batch 
 single-batch profile (`profile_tp.py --pp 2`) cannot show a pipeline's stalls, so this script
 runs parallel_gpu.py's `ppmb` workload (3,072 requests, 200 in / 180 out, 1,536 running in 3
 micro-batches), lets it reach steady decode, then profiles `--steps` engine steps on both ranks
-(workers/bench/kernel_profile.py; Chrome traces with SHARDSERVE_PROFILE_TRACE_DIR) and stops.
+(benchmarks/kernel_profile.py; Chrome traces with SHARDSERVE_PROFILE_TRACE_DIR) and stops.
 
 Printed per rank, over its profiled window (first kernel start to last kernel end):
   compute busy  union of the non-NCCL kernels / window
@@ -38,8 +38,8 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # parallel_gpu.py sits beside this script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernel_profile import ENV_TRACE_DIR, profile_ranks  # noqa: E402
 from parallel_gpu import _engine  # noqa: E402
-from shardserve.workers.bench.kernel_profile import ENV_TRACE_DIR, profile_ranks  # noqa: E402
 from shardserve.workers.bench.workload import Workload  # noqa: E402
 from shardserve.workers.request import SamplingParams  # noqa: E402
 

@@ -18,7 +18,7 @@ profiled steps, and over the timed steps without the profiler), device kernel ti
 count per batch (with async scheduling a step launches one batch, so per batch = per step), the
 GPU time of the batch from the runner's CUDA events, the decode floor (bytes read / copy
 bandwidth, decode-only cases), kernel time by category (CATEGORY_RULES in
-workers/bench/kernel_profile.py) and the top 15 kernels. Kernels replayed from CUDA graphs are counted when CUPTI reports them (it does on
+benchmarks/kernel_profile.py) and the top 15 kernels. Kernels replayed from CUDA graphs are counted when CUPTI reports them (it does on
 recent drivers; a graph case with only a handful of kernels per step means it did not). On CPU
 the "kernels" are the aten ops, each with its self CPU time. `--traces` also writes a Chrome
 trace per case (large files). The last printed lines are a compact table with the device name.
@@ -44,8 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from shardserve.workers.bench.device import copy_bandwidth, device_name
-from shardserve.workers.bench.kernel_profile import (
+from kernel_profile import (
     CATEGORIES,
     CATEGORY_RULES,
     MOE_ROUTING,
@@ -54,6 +53,7 @@ from shardserve.workers.bench.kernel_profile import (
     profiled_kernels,
     summarize,
 )
+from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.bench.runs import decode_bytes_per_step
 from shardserve.workers.bench.workload import Workload
 from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -63,7 +63,7 @@ from shardserve.workers.models.loader import DUMMY_PREFIX
 from shardserve.workers.request import SamplingParams
 from torch.profiler import profile, record_function
 
-# Kernel events, categories (CATEGORY_RULES) and the per-step summary: workers/bench/kernel_profile.py.
+# Kernel events, categories (CATEGORY_RULES) and the per-step summary: benchmarks/kernel_profile.py.
 _SEEDS = itertools.count()  # every batch of prompts its own seed: no prefix-cache hits across cases
 
 @dataclass(frozen=True)

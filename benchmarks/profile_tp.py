@@ -3,8 +3,8 @@
 The engine runs with ParallelConfig(tensor_parallel_size=--tp, pipeline_parallel_size=--pp,
 expert_parallel_size=--ep): the model lives in one worker process per rank (MultiprocExecutor),
 so the profiler runs there. Data flow: this process drives the engine; around the profiled steps
-it calls the Worker methods `profile_start` / `profile_stop` on every rank through the executor
-(`profile_ranks` in workers/bench/kernel_profile.py); each rank runs torch.profiler over the
+it makes the Worker calls `probe_start` / `probe_stop` (a KernelProfileProbe) on every rank
+(`profile_ranks` in benchmarks/kernel_profile.py); each rank runs torch.profiler over the
 steps it executes and sends back its kernels by name and time; they are summarised here per rank
 with profile_gpu's category rules (CATEGORY_RULES in kernel_profile.py).
 
@@ -51,6 +51,14 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # profile_gpu.py sits 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from kernel_profile import (  # noqa: E402
+    CATEGORIES,
+    CATEGORY_RULES,
+    MOE_ROUTING,
+    RankProfile,
+    profile_ranks,
+    summarize,
+)
 from profile_gpu import (  # noqa: E402
     SHORT,
     Case,
@@ -63,14 +71,6 @@ from profile_gpu import (  # noqa: E402
     print_top_kernels,
     run_cases,
     select_cases,
-)
-from shardserve.workers.bench.kernel_profile import (  # noqa: E402
-    CATEGORIES,
-    CATEGORY_RULES,
-    MOE_ROUTING,
-    RankProfile,
-    profile_ranks,
-    summarize,
 )
 from shardserve.workers.config import ParallelConfig  # noqa: E402
 from shardserve.workers.engine import LLMEngine  # noqa: E402

@@ -5,7 +5,7 @@
 
 Why: the GPU run (benchmarks/NOTES.md, "Serve path") delivered half of the engine's offline
 throughput. Reproducing that needs an engine that produces tokens at a GPU-like rate on a machine
-without one: cluster/testing/synthetic_engine.py steps every `--step-ms` (holding the GIL for
+without one: tests/doubles/synthetic_engine.py steps every `--step-ms` (holding the GIL for
 `--host-ms` of it, split in `--syncs` pieces like a TP driver talking to its ranks) and is run by
 the real AsyncEngine inside the real LLMServer. Phases:
   1. offline: the SyntheticEngine alone, the same requests, max_num_seqs = concurrency: tok/s;
@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+# The SyntheticEngine is a test double (tests/doubles/), passed to build_app from Python.
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 APP_NAME = "serve-overhead"
 MODEL = "synthetic"
 
@@ -64,7 +66,8 @@ def requests(args: argparse.Namespace, num: int, seed: int = 0) -> list[tuple[st
 
 
 def offline(args: argparse.Namespace) -> dict:
-    from shardserve.cluster.testing.synthetic_engine import SyntheticEngine, SyntheticTiming
+    sys.path.insert(0, str(TESTS))
+    from doubles.synthetic_engine import SyntheticEngine, SyntheticTiming
     from shardserve.workers.request import SamplingParams
 
     engine = SyntheticEngine(SyntheticTiming.parse(source(args)), max_num_seqs=args.concurrency)
@@ -180,14 +183,15 @@ def served(args: argparse.Namespace) -> dict:
     from shardserve.cluster.app import build_app, serve_options
     from shardserve.cluster.config import ServeConfig, parse_config
     from shardserve.cluster.ingress.deployment import llm_server_name
-    from shardserve.cluster.testing.ports import free_port
+    sys.path.insert(0, str(TESTS))
+    from doubles import engine_factory, synthetic_engine
+    from ports import free_port
 
     http_port = free_port()
     cfg: dict = {
         "http": {"host": "127.0.0.1", "port": http_port},
         "grpc": {"port": free_port(taken=(http_port,))},
         "models": [{"name": MODEL, "source": source(args),
-                    "engine_factory": "shardserve.cluster.testing.synthetic_engine:from_model_section",
                     "resources": {"num_cpus_per_worker": 1},
                     "scheduler": {"max_num_seqs": args.concurrency}}],
     }
@@ -198,7 +202,7 @@ def served(args: argparse.Namespace) -> dict:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, namespace=APP_NAME)
     try:
         serve.start(**serve_options(config))
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config, engine_factory(synthetic_engine)), name=APP_NAME, route_prefix="/")
         result: dict = {"deployments": deployment_configs()}
         drive_in_process(target, requests(args, args.concurrency, seed=1)[:args.concurrency], args.concurrency, 60)
         handle = serve.get_deployment_handle(llm_server_name(0, MODEL), app_name=APP_NAME)

@@ -15,6 +15,8 @@ config file / RayService names `import_path: shardserve.cluster.app:app_builder`
     grpc.health.v1, reflection, TLS: cluster/ingress/grpc_server.py). Its replicas are placed on
     the Ray head node (no CPUs reserved: they relay messages), so the gRPC port lives where the
     Helm chart's gRPC Service points, and `ingress.num_replicas` share it with SO_REUSEPORT.
+`build_app(config, engine_factory=...)` is the tests' way in (their fake engines, tests/doubles/):
+a Python callable bound into each LLMServer's arguments, which no YAML file or RayService can name.
 The HTTP port and HTTPS files are proxy settings, not part of the Application: `serve_options(config)`
 gives the `serve.start` arguments (`shardserve serve` uses them; a RayService sets them in its spec).
 Serve's own gRPC proxy is not started.
@@ -30,7 +32,7 @@ from shardserve.cluster.config import AppConfig, ModelSection, ServeConfig, pars
 from shardserve.cluster.ingress.deployment import Ingress, llm_server_name
 from shardserve.cluster.ingress.tls import http_ssl_options
 from shardserve.cluster.router import PrefixAffinityRouter
-from shardserve.cluster.server import LLMServer
+from shardserve.cluster.server import EngineFactory, LLMServer
 
 ROUTING_STATS_PERIOD_S = 2.0
 # Ray's built-in resource of the head node (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
@@ -105,11 +107,12 @@ def ingress_max_ongoing_requests(config: AppConfig) -> int:
     return max(INGRESS_MIN_ONGOING_REQUESTS, total + CONTROL_HEADROOM)
 
 
-def build_app(config: AppConfig) -> serve.Application:
+def build_app(config: AppConfig, engine_factory: EngineFactory | None = None) -> serve.Application:
+    """The Application; `engine_factory` (Python callers only: tests) replaces every model's real engine."""
     handles = {}
     for i, model in enumerate(config.models):
         deployment = serve.deployment(LLMServer).options(**llm_server_options(i, model))
-        handles[model.name] = deployment.bind(model.model_dump(mode="json"))
+        handles[model.name] = deployment.bind(model.model_dump(mode="json"), engine_factory)
     app_config = config.model_dump(mode="json", exclude={"ray"})
     ingress = serve.deployment(Ingress).options(
         name="Ingress",

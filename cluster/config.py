@@ -288,20 +288,11 @@ class ModelSection(_Section):
                      "messages, merged when the path lags (throughput under many concurrent streams). "
                      f"null = {GPU_STREAM_INTERVAL_MS:g} on GPUs (device cuda or GPUs per rank), 0 on CPU."),
     )
-    engine_factory: str | None = Field(
-        None,
-        description=(
-            "FOR TESTS ONLY: `module:callable` taking this ModelSection and returning an EngineProtocol "
-            "(e.g. shardserve.cluster.testing.fake_engine:from_model_section). null = the real AsyncEngine."
-        ),
-    )
 
     @model_validator(mode="after")
     def _check_scaling(self) -> ModelSection:
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("replicas and autoscaling are mutually exclusive: set one of them")
-        if self.engine_factory is not None and ":" not in self.engine_factory:
-            raise ValueError(f"engine_factory must look like `module:callable`, got {self.engine_factory!r}")
         return self
 
     @property

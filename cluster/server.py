@@ -18,22 +18,22 @@ messages go over sockets, never Ray calls. Serve's `check_health` reaches the ex
 flight end with an UNAVAILABLE error chunk (HTTP 503 / gRPC UNAVAILABLE). `__del__` (Serve's
 graceful shutdown) stops the engine and its ranks.
 
-Engine choice: `ModelSection.engine_factory` (tests only: `module:callable` taking the section)
-or, by default, `shardserve.workers.async_engine.AsyncEngine.from_config(engine_config(section))`,
-built on a thread so the replica's event loop stays free while ranks start and weights load.
+Engine choice: `shardserve.workers.async_engine.AsyncEngine.from_config(engine_config(section))`,
+built on a thread so the replica's event loop stays free while ranks start and weights load; or
+an `engine_factory` passed from Python (`build_app(config, engine_factory=...)`: the tests' fake
+engines, never reachable from YAML).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import inspect
 import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -49,6 +49,8 @@ from shardserve.cluster.streaming import batched, merge_chunks
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFullError
 
+# Builds the engine of a model section instead of the real AsyncEngine (tests: tests/doubles/).
+EngineFactory = Callable[[ModelSection], "EngineProtocol | Awaitable[EngineProtocol]"]
 # Finished requests whose timings `recent_requests()` keeps (benchmarks read them by request id).
 NUM_RECENT_REQUESTS = 8192
 _PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*) (must|is|are|should)\b")
@@ -77,10 +79,9 @@ def engine_config(section: ModelSection) -> EngineConfig:
     return config
 
 
-async def make_engine(section: ModelSection) -> EngineProtocol:
-    if section.engine_factory is not None:
-        module_name, _, attr = section.engine_factory.partition(":")
-        engine = getattr(importlib.import_module(module_name), attr)(section)
+async def make_engine(section: ModelSection, engine_factory: EngineFactory | None = None) -> EngineProtocol:
+    if engine_factory is not None:
+        engine = engine_factory(section)
     else:
         from shardserve.workers.async_engine import AsyncEngine
 
@@ -93,12 +94,12 @@ async def make_engine(section: ModelSection) -> EngineProtocol:
 class LLMServer:
     """Ray Serve deployment class (wrapped with serve.deployment in cluster/app.py)."""
 
-    async def __init__(self, model: dict[str, Any]) -> None:
+    async def __init__(self, model: dict[str, Any], engine_factory: EngineFactory | None = None) -> None:
         from ray import serve
 
         self.section = ModelSection.model_validate(model)
         self.stream_interval_ms = self.section.effective_stream_interval_ms()
-        self.engine = await make_engine(self.section)
+        self.engine = await make_engine(self.section, engine_factory)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_in_flight = 0
         self._recent: OrderedDict[str, dict[str, float | None]] = OrderedDict()

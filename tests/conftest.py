@@ -26,7 +26,7 @@ atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 # Two cores in CI: more intra-op threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# The ports a developer's `make serve` listens on. Tests pick free ports (cluster/testing/ports.py).
+# The ports a developer's `make serve` listens on. Tests pick free ports (tests/ports.py).
 DEFAULT_PORTS = (8000, 9000)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from shardserve.cluster.config import ServeConfig
+    from shardserve.cluster.server import EngineFactory
 
 APP_NAME = "shardserve"
 
@@ -75,7 +76,8 @@ def usage_text(config: ServeConfig) -> str:
     return "\n".join([*lines, "", "Ctrl-C stops the server."])
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, engine_factory: EngineFactory | None = None) -> int:
+    """The `serve` command; `engine_factory` is for Python callers only (tests: a fake engine)."""
     from shardserve.cluster.config import ConfigError, load_config
 
     try:
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(**serve_options(config))
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config, engine_factory), name=APP_NAME, route_prefix="/")
         print(usage_text(config), flush=True)
         while not stop.wait(1.0):
             pass

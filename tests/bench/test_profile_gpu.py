@@ -1,6 +1,6 @@
 """benchmarks/profile_gpu.py: the CPU smoke run (the script as the lead runs it, in a subprocess)
 writes every case with the batch shape it promised and a category split that adds up, and the
-category rule table (workers/bench/kernel_profile.py) files the kernel names of our GPU runs where
+category rule table (benchmarks/kernel_profile.py) files the kernel names of our GPU runs where
 the docstring says."""
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from shardserve.workers.bench.kernel_profile import categorize
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_gpu.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the lab's kernel_profile.py, and profile_gpu.py imports it
+
+from kernel_profile import categorize  # noqa: E402
+
+SCRIPT = BENCH / "profile_gpu.py"
 
 
 def _load_script():

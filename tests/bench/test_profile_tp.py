@@ -1,7 +1,7 @@
-"""Kernel profiles of worker ranks (workers/bench/kernel_profile.py, Worker.profile_start/stop)
-and benchmarks/profile_tp.py: a TP 2 engine on CPU (gloo, spawned ranks) profiles every rank
-around steps taken with a batch in flight (async scheduling), a misused profile call fails only
-the call, and the script's smoke run writes every case with each rank's kernels."""
+"""Kernel profiles of worker ranks (benchmarks/kernel_profile.py: a KernelProfileProbe through
+Worker.probe_start/stop) and benchmarks/profile_tp.py: a TP 2 engine on CPU (gloo, spawned ranks)
+profiles every rank around steps taken with a batch in flight (async scheduling), a misused probe
+call fails only the call, and the script's smoke run writes every case with each rank's kernels."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from shardserve.workers.bench.kernel_profile import CATEGORIES, profile_ranks, summarize
 from shardserve.workers.config import EngineConfig, ModelConfig, ParallelConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.worker.channel import WorkerCallError
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_tp.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the lab's kernel_profile.py (the spawned ranks inherit sys.path)
+
+from kernel_profile import CATEGORIES, KernelProfileProbe, profile_ranks, summarize  # noqa: E402
+
+SCRIPT = BENCH / "profile_tp.py"
 MATMUL = re.compile(r"aten::(mm|addmm|linear|matmul)$")
 
 
@@ -48,12 +52,12 @@ def test_tp2_ranks_profile_steps_and_misuse_fails_only_the_call() -> None:
             summary = summarize(p.as_kernels(), 3, is_moe=False)
             assert summary["categories_ms_per_step"]["communication"] > 0  # the TP all-reduces
 
-        with pytest.raises(WorkerCallError, match="profile_stop without a running profile"):
-            engine.executor.call("profile_stop")
-        engine.executor.call("profile_start")
-        with pytest.raises(WorkerCallError, match="profile_start while a profile is already running"):
-            engine.executor.call("profile_start")
-        assert [p.kernels for p in engine.executor.call("profile_stop")] == [(), ()]  # nothing ran in between
+        with pytest.raises(WorkerCallError, match="probe_stop without a running probe"):
+            engine.executor.call("probe_stop")
+        engine.executor.call("probe_start", KernelProfileProbe())
+        with pytest.raises(WorkerCallError, match="probe_start while a probe is already running"):
+            engine.executor.call("probe_start", KernelProfileProbe())
+        assert [p.kernels for p in engine.executor.call("probe_stop")] == [(), ()]  # nothing ran in between
         with pytest.raises(ValueError, match="worker call must be one of"):
             engine.executor.call("shutdown")
 

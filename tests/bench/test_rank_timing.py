@@ -1,4 +1,4 @@
-"""Per-rank step timing (workers/bench/rank_timing.py, Worker.timing_start/stop): a TP 2 engine on
+"""Per-rank step timing (workers/bench/rank_timing.py: a RankTimingProbe through Worker.probe_start/stop): a TP 2 engine on
 CPU (gloo, spawned ranks) records every rank's host times over exactly the steps between the two
 calls, with a step in flight at both ends (async scheduling); the device times need CUDA events,
 so on CPU they are NaN, as is the graph-only prep time; the driver's turnaround is timed."""

@@ -1,6 +1,7 @@
 """One real local Ray cluster + Serve app (fake engines) shared by every cluster test.
 
-The app serves three fake-engine models (cluster/testing/fake_engine.py), chosen to make each
+The app serves five fake-engine models (tests/doubles/fake_engine.py, passed in as
+`build_app(config, engine_factory=FAKE)`), chosen to make each
 behaviour observable:
   - `fake`: 2 replicas, prefix-affinity routing with max_load_imbalance 2 (routing tests);
   - `solo`: 1 replica, so a test can read the one engine's blocks and aborted ids; its
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from shardserve.cluster.testing.ports import free_port
+from doubles import engine_factory, fake_engine
+from ports import free_port
 
-FAKE = "shardserve.cluster.testing.fake_engine:from_model_section"
+FAKE = engine_factory(fake_engine)  # every model of the shared app runs a FakeEngine
 APP_NAME = "shardserve"
 # A request that runs ~17 minutes at the fake engine's 10 ms per token: it only ends by abort.
 LONG_MAX_TOKENS = 100_000
@@ -40,14 +42,14 @@ def app_config_dict(http_port: int, grpc_port: int) -> dict[str, Any]:
         "http": {"host": "127.0.0.1", "port": http_port},
         "grpc": {"port": grpc_port},
         "models": [
-            {"name": "fake", "engine_factory": FAKE, "replicas": 2, "resources": small,
+            {"name": "fake", "replicas": 2, "resources": small,
              "router": {"prefix_affinity": True, "max_load_imbalance": 2}},
-            {"name": "solo", "engine_factory": FAKE, "replicas": 1, "resources": small,
+            {"name": "solo", "replicas": 1, "resources": small,
              "max_model_len": 2 * LONG_MAX_TOKENS},
-            {"name": "tiny-queue", "engine_factory": FAKE, "replicas": 1, "resources": small,
+            {"name": "tiny-queue", "replicas": 1, "resources": small,
              "scheduler": {"max_num_seqs": 1, "max_queue_len": 1}},
-            {"name": "fragile", "engine_factory": FAKE, "replicas": 1, "resources": small},
-            {"name": "merged", "engine_factory": FAKE, "replicas": 1, "resources": small, "stream_interval_ms": 50},
+            {"name": "fragile", "replicas": 1, "resources": small},
+            {"name": "merged", "replicas": 1, "resources": small, "stream_interval_ms": 50},
         ],
     }  # fmt: skip
 
@@ -96,7 +98,7 @@ def cluster() -> Iterator[Cluster]:
     ray.init(num_cpus=5, include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
     try:
         serve.start(**serve_options(config))
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config, FAKE), name=APP_NAME, route_prefix="/")
         yield Cluster(f"http://127.0.0.1:{config.http.port}", f"127.0.0.1:{config.grpc.port}", config)
     finally:
         serve.shutdown()

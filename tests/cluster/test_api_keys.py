@@ -18,9 +18,9 @@ import grpc
 import openai
 import pytest
 import requests
+from ports import free_port
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
-from shardserve.cluster.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 ALICE, BOB, CAROL = "sk-alice-0123456789", "sk-bob-0123456789", "sk-carol-0123456789"

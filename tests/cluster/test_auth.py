@@ -16,9 +16,9 @@ import openai
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ports import free_port
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
-from shardserve.cluster.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 APP = "secured"

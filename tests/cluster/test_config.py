@@ -42,6 +42,8 @@ def test_shipped_config_validates_and_builds_engine_config(path):
         ({"dtype": "fp7"}, "models[0].dtype: must be one of"),
         ({"cache": {"gpu_memory_utilization": 1.5}}, "models[0].cache.gpu_memory_utilization: must be <= 1.0, got 1.5"),
         ({"bogus": 1}, "models[0].bogus: unknown field"),
+        # no YAML way to import code into replicas: test doubles come in from Python (build_app)
+        ({"engine_factory": "os:system"}, "models[0].engine_factory: unknown field"),
         ({"replicas": 2, "autoscaling": {"max_replicas": 3}}, "models[0]: replicas and autoscaling are mutually exclusive"),
         ({"autoscaling": {"min_replicas": 4, "max_replicas": 2}}, "models[0].autoscaling: max_replicas must be >= min_replicas=4"),
         ({"parallel": {"tensor_parallel_size": 2, "expert_parallel_size": 3}}, "expert_parallel_size must divide"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from shardserve.cluster.testing.fake_engine import FakeEngine
+from doubles.fake_engine import FakeEngine
 from shardserve.workers.protocol import EngineProtocol, QueueFullError
 from shardserve.workers.request import FinishReason, SamplingParams
 

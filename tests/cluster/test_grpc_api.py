@@ -132,7 +132,7 @@ def test_list_models_and_health(stub):
 
 
 def test_logprobs_and_n_unary_and_stream(stub):
-    from shardserve.cluster.testing.fake_engine import decode_output_token, fake_logprobs
+    from doubles.fake_engine import decode_output_token, fake_logprobs
 
     resp = stub.Generate(request(prompt="grpc logprobs", max_tokens=4, n=2, seed=3, logprobs=2))
     assert [c.index for c in resp.completions] == [0, 1] and resp.completions[0].text != resp.completions[1].text

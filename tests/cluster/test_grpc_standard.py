@@ -109,10 +109,10 @@ def test_banner_grpc_command_runs_as_printed(cluster):
 
 def test_ingress_replicas_share_the_grpc_port(cluster):
     """`ingress.num_replicas: 2` on one node: both replicas bind the port (SO_REUSEPORT) and serve."""
+    from ports import free_port
     from ray import serve
     from shardserve.cluster.app import INGRESS_ACTOR_OPTIONS
     from shardserve.cluster.ingress.deployment import Ingress
-    from shardserve.cluster.testing.ports import free_port
 
     config = cluster.config.model_dump(mode="json", exclude={"ray"})
     port = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 import requests
-from shardserve.cluster.testing.fake_engine import FakeEngine
+from doubles.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import asyncio
 import openai
 import pytest
 import requests
-from shardserve.cluster.testing.fake_engine import FakeEngine, decode_output_token, fake_logprobs
+from doubles.fake_engine import FakeEngine, decode_output_token, fake_logprobs
 from shardserve.workers.request import SamplingParams
 
 pytestmark = pytest.mark.slow

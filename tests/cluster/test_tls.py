@@ -2,7 +2,8 @@
 gRPC with real clients, and the start-up banner's gRPC command run as printed.
 
 HTTPS is a Serve proxy option, fixed per Serve instance, so this module cannot use the session
-cluster: it runs `shardserve serve` in a subprocess (its own short-lived local Ray, one fake-engine
+cluster: it runs `shardserve serve` in a subprocess (tests/doubles/serve_fake.py: the command with the
+fake engine passed in; its own short-lived local Ray, one fake-engine
 model) and stops it with SIGINT at the end. The certificates (a CA, a server certificate for
 localhost / 127.0.0.1 and a client certificate) are made here with `cryptography`.
 """
@@ -30,12 +31,12 @@ import openai
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ports import free_port
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
-from shardserve.cluster.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
-FAKE = "shardserve.cluster.testing.fake_engine:from_model_section"
+SERVE_FAKE = Path(__file__).resolve().parents[1] / "doubles" / "serve_fake.py"  # `shardserve serve`, fake engines
 START_TIMEOUT_S = 240
 
 
@@ -105,12 +106,12 @@ def served(tmp_path_factory) -> Iterator[Served]:
         "tls": {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
                 "ca_file": str(certs["ca_cert"]), "require_client_auth": True,
                 "http_client_auth_unsupported_ok": True},
-        "models": [{"name": "fake", "engine_factory": FAKE, "resources": {"num_cpus_per_worker": 0.25}}],
+        "models": [{"name": "fake", "resources": {"num_cpus_per_worker": 0.25}}],
     }  # fmt: skip
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    cli = [sys.executable, "-m", "shardserve.cluster.cli", "serve", str(path), "--num-cpus", "2"]
+    cli = [sys.executable, str(SERVE_FAKE), str(path), "--num-cpus", "2"]
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)  # fmt: skip
     lines: queue.Queue = queue.Queue()

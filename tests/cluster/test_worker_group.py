@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from shardserve.cluster.testing.ports import free_port
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 APP = "tp2"

@@ -138,7 +138,7 @@ def test_penalty_step_is_finished_before_the_next_launch(loop) -> None:
 def test_a_call_finishes_the_launched_step_first(loop) -> None:
     worker, driver = loop
     driver.send_bytes(encode(STEP, {"seq": 0}))
-    driver.send_bytes(encode(CALL, "ping"))
+    driver.send_bytes(encode(CALL, ("ping", ())))
     assert _receive(driver) == (OUTPUT, "out 0")
     assert _receive(driver) == (RESULT, 7)
     assert worker.events == ["launch 0", "finish 0"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from shardserve.cluster.testing.ports import free_port
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

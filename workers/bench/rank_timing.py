@@ -5,8 +5,8 @@ the inputs, replay the graph and run the eager sampler within that time, or its 
 and, through the next collective, so do the others. A kernel profile cannot show this without
 slowing the host it measures (under CUPTI a graph launch took 600-900 us instead of ~50), so
 this reads the runner's own records (ModelRunner.step_times: CUDA events and wall clocks,
-cheap) on every rank through two Worker calls, `timing_start` / `timing_stop`, around the steps
-to measure.
+cheap) on every rank: `time_ranks` passes a `RankTimingProbe` (a RankProbe, worker/probe.py) to
+every rank with the Worker calls `probe_start` / `probe_stop` around the steps to measure.
 
 Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `replay_ms`
 (the decode graph's replay call, part of launch; NaN without graphs), `host_ms` (launch +
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from shardserve.workers.runner.step_records import StepTimes
+from shardserve.workers.worker.probe import RankInfo
 
 T = TypeVar("T")
 
@@ -93,11 +94,26 @@ def stop_timing(rank: int, times: StepTimes) -> RankTiming:
     return RankTiming.from_times(rank, times)
 
 
-def time_ranks(call: Callable[[str], list], run_steps: Callable[[], T]) -> tuple[T, list[RankTiming]]:
+class RankTimingProbe:
+    """The RankProbe that records a rank's StepTimes over the window and reports its RankTiming."""
+
+    def __init__(self) -> None:
+        self._info: RankInfo | None = None
+
+    def start(self, info: RankInfo) -> None:
+        self._info = info
+        start_timing(info.step_times)
+
+    def stop(self) -> RankTiming:
+        assert self._info is not None, "stop before start"
+        return stop_timing(self._info.rank, self._info.step_times)
+
+
+def time_ranks(call: Callable[..., list], run_steps: Callable[[], T]) -> tuple[T, list[RankTiming]]:
     """`run_steps()`'s result and every rank's RankTiming over the steps it makes (`call`: the executor's)."""
-    call("timing_start")
+    call("probe_start", RankTimingProbe())
     try:
         result = run_steps()
     finally:
-        timings = call("timing_stop")
+        timings = call("probe_stop")
     return result, timings

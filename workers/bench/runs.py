@@ -14,7 +14,7 @@ Worker groups (world = TP x PP > 1, workers/worker/executor.py): the model runs 
 processes, so this process has no `engine.runner`:
   - step timing: the per-step host / GPU split (ModelRunner.step_times, CUDA events) is recorded
     on the ranks; `run_latency` asks every rank for its medians over the run (Worker
-    timing_start / timing_stop, bench/rank_timing.py) and returns a WorkerGroupLatencyResult with
+    probe_start / probe_stop with a RankTimingProbe, bench/rank_timing.py) and returns a WorkerGroupLatencyResult with
     each rank's RankTiming (`ranks`), host and GPU ms of the slowest rank (GPU ms NaN on CPU:
     no events), and the driver's own median engine.step() wall time over the decode steps
     (`wall_ms_per_step`). The step time itself is driver wall clock at any world size (token

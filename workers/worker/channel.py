@@ -115,15 +115,15 @@ class ConnectionGroup:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.submit(sched))
 
-    def call(self, method: str) -> list[Any]:
-        """Run a no-argument Worker method (see proc.CALLABLE) on every rank; results by rank.
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Run a Worker method (see proc.CALLABLE) with `args` (pickled) on every rank; results by rank.
 
         Steps in flight are fine: every rank runs the method after its part of them. If the
         method raises on any rank, WorkerCallError (with that rank's traceback) is raised once
         every rank has answered, so the pipes stay in step and the group keeps serving."""
         if method not in CALLABLE:
             raise ValueError(f"worker call must be one of {CALLABLE}, got {method!r}")
-        self._broadcast(encode(CALL, method))
+        self._broadcast(encode(CALL, (method, args)))
         replies = [self._receive_reply(rank) for rank in range(self.world_size)]
         failed = [(rank, payload) for rank, (kind, payload) in enumerate(replies) if kind == CALL_FAILED]
         if failed:

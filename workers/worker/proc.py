@@ -2,7 +2,7 @@
 
 Messages are pickled tuples sent as raw bytes (`Connection.send_bytes`): the driver pickles a
 step once and writes the same bytes to every rank's pipe; there is no RPC layer per step.
-Driver -> worker:  (STEP, SchedulerOutput) | (CALL, method name) | (SHUTDOWN, None)
+Driver -> worker:  (STEP, SchedulerOutput) | (CALL, (method name, args)) | (SHUTDOWN, None)
 Worker -> driver:  (READY, num_blocks) once after start-up
                    (OUTPUT, ModelRunnerOutput) after each step, from the output rank only
                    (RESULT, value) after each CALL, from every rank
@@ -57,7 +57,7 @@ from shardserve.workers.worker.worker import Worker, WorkerSpec
 
 STEP, CALL, SHUTDOWN = "step", "call", "shutdown"
 READY, OUTPUT, RESULT, CALL_FAILED, ERROR = "ready", "output", "result", "call-failed", "error"
-CALLABLE = ("expert_load", "ping", "profile_start", "profile_stop", "timing_start", "timing_stop")
+CALLABLE = ("expert_load", "ping", "probe_start", "probe_stop")
 POLL_S = 1e-4  # pipe poll slice while a launched step runs on the device (overlapped loop)
 
 
@@ -172,9 +172,10 @@ def _handle_control(worker: Worker, conn: Connection, kind: str, payload: Any) -
     waiting (the driver raises WorkerCallError and the group keeps serving)."""
     if kind == CALL:
         try:
-            if payload not in CALLABLE:
-                raise ValueError(f"worker call must be one of {CALLABLE}, got {payload!r}")
-            reply = encode(RESULT, getattr(worker, payload)())  # pickled here: an unpicklable result fails the call only
+            method, args = payload
+            if method not in CALLABLE:
+                raise ValueError(f"worker call must be one of {CALLABLE}, got {method!r}")
+            reply = encode(RESULT, getattr(worker, method)(*args))  # pickled here: an unpicklable result fails the call only
         except Exception:
             reply = encode(CALL_FAILED, traceback.format_exc())
         conn.send_bytes(reply)

@@ -14,10 +14,10 @@ address) and then feeds it steps by whatever transport it owns. Construction:
 SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and returns the
 ModelRunnerOutput, the others return None. Under async scheduling, and on pipeline stages,
 the rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is
-finished (proc.py `_serve_overlapped`). `profile_start` / `profile_stop` (driver calls, see
-bench/kernel_profile.py) keep a torch profiler running on the rank around the steps between them
-and return its kernels by name and time; `timing_start` / `timing_stop` do the same for the
-runner's per-step host and device times (bench/rank_timing.py). Under pipeline parallelism the
+finished (proc.py `_serve_overlapped`). `probe_start(probe)` / `probe_stop` (driver calls) run a
+measurement the caller passes in around the steps between them and return its report: a
+`RankProbe` (probe.py) such as per-rank step timing (bench/rank_timing.py) or a kernel profile
+(benchmarks/kernel_profile.py); the worker knows only the Protocol. Under pipeline parallelism the
 driver keeps up to D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth:
 pp_size, or pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
 A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
@@ -37,19 +37,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from shardserve.parallel.comm import wait_pipeline_sends
 from shardserve.parallel.state import destroy_parallel, init_parallel
-from shardserve.workers.bench.device import device_name
-from shardserve.workers.bench.kernel_profile import RankProfile, start_profiler, stop_profiler
-from shardserve.workers.bench.rank_timing import RankTiming, start_timing, stop_timing
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.heap import freeze_startup_heap
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.step_records import PendingStep
 from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
+from shardserve.workers.worker.probe import RankInfo, RankProbe
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ class Worker:
         # Decode graphs would capture the stage-to-stage send/recv: eager under pipeline parallelism.
         self.runner = ModelRunner(self.loaded, config, device)
         self.is_output_rank = spec.rank == output_rank(config)
-        self._profiler: torch.profiler.profile | None = None  # between profile_start and profile_stop
+        self._probe: RankProbe | None = None  # between probe_start and probe_stop
         freeze_startup_heap()  # a full GC pass would stall this rank's steps (workers/heap.py)
         logger.info("rank %d ready: tp %d/%d pp %d/%d ep %d/%d, %d KV blocks", spec.rank, self.state.tp_rank,
                     self.state.tp_size, self.state.pp_rank, self.state.pp_size, self.state.ep_rank,
@@ -152,29 +151,21 @@ class Worker:
         return {name.removesuffix(".expert_load"): buf.tolist()
                 for name, buf in self.runner.model.named_buffers() if name.endswith("expert_load")}
 
-    def profile_start(self) -> None:
-        """Start profiling this rank's steps (CPU ops, plus device kernels on a GPU)."""
-        if self._profiler is not None:
-            raise RuntimeError(f"rank {self.rank}: profile_start while a profile is already running "
-                               "(call profile_stop first)")
-        self._profiler = start_profiler(self.device)
+    def probe_start(self, probe: RankProbe) -> None:
+        """Start `probe` on this rank (a measurement the caller owns: see probe.py)."""
+        if self._probe is not None:
+            raise RuntimeError(f"rank {self.rank}: probe_start while a probe is already running "
+                               "(call probe_stop first)")
+        probe.start(RankInfo(self.rank, self.state.tp_rank, self.state.pp_rank, self.state.ep_rank, self.device,
+                             self.runner.step_times))
+        self._probe = probe
 
-    def profile_stop(self) -> RankProfile:
-        """Stop the profile once the device is idle; its kernels (name, us) and this rank's place."""
-        if self._profiler is None:
-            raise RuntimeError(f"rank {self.rank}: profile_stop without a running profile (call profile_start first)")
-        prof, self._profiler = self._profiler, None
-        kernels = stop_profiler(prof, self.device, trace_name=f"rank{self.rank}")
-        return RankProfile(self.rank, self.state.tp_rank, self.state.pp_rank, self.state.ep_rank,
-                           device_name(self.device), tuple((k.name, k.us) for k in kernels))
-
-    def timing_start(self) -> None:
-        """Record this rank's per-step host and device times from now (bench/rank_timing.py)."""
-        start_timing(self.runner.step_times)
-
-    def timing_stop(self) -> RankTiming:
-        """Stop recording; this rank's medians over the steps since timing_start."""
-        return stop_timing(self.rank, self.runner.step_times)
+    def probe_stop(self) -> Any:
+        """Stop the running probe; its report (picklable: it goes back to the driver)."""
+        if self._probe is None:
+            raise RuntimeError(f"rank {self.rank}: probe_stop without a running probe (call probe_start first)")
+        probe, self._probe = self._probe, None
+        return probe.stop()
 
     def ping(self) -> int:
         """Health probe: answers with this rank."""

@@ -13,8 +13,9 @@ releases it for `device_s` (waiting on the GPU or on the ranks of a worker group
 step. So when the replica's event loop keeps the GIL busy, each re-acquire waits and the step
 slows down — the contention the real engine sees, reproduced without a model.
 
-Select it with `engine_factory: shardserve.cluster.testing.synthetic_engine:from_model_section`;
-the timing comes from the section's `source`, e.g. `synthetic:step_ms=20,host_ms=4,syncs=4`.
+Select it with `build_app(config, engine_factory=doubles.engine_factory(synthetic_engine))`
+(benchmarks/serve_overhead.py); the timing comes from the section's `source`, e.g.
+`synthetic:step_ms=20,host_ms=4,syncs=4`.
 """
 
 from __future__ import annotations

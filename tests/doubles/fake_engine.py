@@ -336,7 +336,7 @@ class FakeEngine:
 
 
 def from_model_section(section: Any) -> FakeEngine:
-    """Engine factory for `engine_factory: shardserve.cluster.testing.fake_engine:from_model_section`."""
+    """Engine factory: `build_app(config, engine_factory=doubles.engine_factory(fake_engine))`."""
     max_model_len = section.max_model_len or 4096
     return FakeEngine(
         name=section.name,

@@ -3,11 +3,13 @@
 Two ways in, one way out:
   in-process (benchmarks/profile_gpu.py): the script wraps engine steps in `torch.profiler`
     itself and passes the profiler to `profiled_kernels`;
-  worker ranks (benchmarks/profile_tp.py): `profile_ranks(engine, run_steps)` calls the
-    Worker methods `profile_start` / `profile_stop` on every rank through the executor
-    (ConnectionGroup.call, proc.py); each rank runs its own profiler around the steps it
-    executes (`start_profiler` / `stop_profiler`) and answers with a picklable `RankProfile`
-    (kernel names and times, no profiler objects cross the pipe).
+  worker ranks (benchmarks/profile_tp.py): `profile_ranks(engine, run_steps)` passes a
+    `KernelProfileProbe` (a RankProbe, workers/worker/probe.py) to every rank with the Worker
+    calls `probe_start` / `probe_stop` (ConnectionGroup.call, proc.py); each rank runs its own
+    profiler around the steps it executes (`start_profiler` / `stop_profiler`) and answers with
+    a picklable `RankProfile` (kernel names and times, no profiler objects cross the pipe). The
+    ranks unpickle the probe by this module's name: they are spawned with the driver's sys.path,
+    which holds benchmarks/ wherever this module was imported from.
 Either way the kernels go through `summarize` (per-step totals, `categorize` by CATEGORY_RULES,
 top kernels). On a GPU the "kernels" are the device kernels, copies and memsets (CUPTI); on CPU
 they are the aten ops with their self CPU time.
@@ -28,11 +30,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from shardserve.workers.bench.device import device_name
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-if TYPE_CHECKING:  # the engine imports the worker, which imports this module
+if TYPE_CHECKING:
     from shardserve.workers.engine import LLMEngine
+    from shardserve.workers.worker.probe import RankInfo
 
 ENV_TRACE_DIR = "SHARDSERVE_PROFILE_TRACE_DIR"  # where stop_profiler writes Chrome traces (unset: none)
 SAMPLER_RANGE = "profile_gpu.sampler"  # wraps the runner's sampler call while profiling
@@ -148,7 +152,7 @@ class RankProfile:
     tp_rank: int
     pp_rank: int
     ep_rank: int
-    device: str  # the rank's device name (bench/device.py), e.g. "NVIDIA H100 80GB HBM3"
+    device: str  # the rank's device name (workers/bench/device.py), e.g. "NVIDIA H100 80GB HBM3"
     kernels: tuple[tuple[str, float], ...]  # (name, microseconds) in recorded order
 
     def as_kernels(self) -> list[Kernel]:
@@ -176,6 +180,25 @@ def stop_profiler(prof: profile, device: torch.device, trace_name: str | None = 
     return profiled_kernels(prof, on_cuda)
 
 
+class KernelProfileProbe:
+    """The RankProbe that runs torch.profiler on a rank over the window and reports its RankProfile;
+    with SHARDSERVE_PROFILE_TRACE_DIR set, each rank also writes its Chrome trace `rank<r>.json`."""
+
+    def __init__(self) -> None:
+        self._info: RankInfo | None = None
+        self._profiler: profile | None = None
+
+    def start(self, info: RankInfo) -> None:
+        self._info, self._profiler = info, start_profiler(info.device)
+
+    def stop(self) -> RankProfile:
+        info, prof = self._info, self._profiler
+        assert info is not None and prof is not None, "stop before start"
+        kernels = stop_profiler(prof, info.device, trace_name=f"rank{info.rank}")
+        return RankProfile(info.rank, info.tp_rank, info.pp_rank, info.ep_rank, device_name(info.device),
+                           tuple((k.name, k.us) for k in kernels))
+
+
 def profile_ranks(engine: LLMEngine, run_steps: Callable[[], None]) -> list[RankProfile]:
     """Profile every worker rank while `run_steps()` steps the engine; one RankProfile per rank.
 
@@ -188,11 +211,11 @@ def profile_ranks(engine: LLMEngine, run_steps: Callable[[], None]) -> list[Rank
     if call is None:
         raise TypeError(f"{type(engine.executor).__name__} runs the model in this process, not on worker ranks: "
                         "profile it with torch.profiler directly (benchmarks/profile_gpu.py)")
-    call("profile_start")
+    call("probe_start", KernelProfileProbe())
     try:
         run_steps()
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: leave no rank profiling (a dead group raises again)
-            call("profile_stop")
+            call("probe_stop")
         raise
-    return call("profile_stop")
+    return call("probe_stop")

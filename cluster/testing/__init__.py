@@ -1,1 +1,0 @@
-"""Test helpers for the serving layer: a fake engine that honours EngineProtocol without a model."""
