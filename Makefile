@@ -37,9 +37,11 @@ generate: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: install $(HELM)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	PATH=$(abspath .tools/bin):$$PATH $(VENV)/bin/pytest -q --timeout=900 tests
 
 clean:
