@@ -214,7 +214,7 @@ class RayExecutor(ConnectionGroup):
             except (OSError, EOFError) as exc:
                 raise WorkerGroupError(f"could not connect to worker rank {rank} at {address.listen}: {exc!r}") from None
             _no_delay(conn)
-            self._conns.append(conn)
+            self._add_connection(conn)
 
     # ---- launcher-specific parts of ConnectionGroup -------------------------------------
 
@@ -234,7 +234,8 @@ class RayExecutor(ConnectionGroup):
         if self._stopped:
             return
         self._stopped = True
-        self._ask_ranks_to_stop()
+        if wait_s > 0:
+            self._ask_ranks_to_stop()
         if ray.is_initialized():
             if self._run_refs and wait_s > 0:
                 with contextlib.suppress(Exception):

@@ -3,7 +3,9 @@ time instead of hanging it, through either timeout of ParallelConfig:
 
 - step_timeout_s: the driver stops waiting for the step's output and declares the group dead;
 - collective_timeout_s: the live rank's all-reduce with the stalled peer times out (gloo), the
-  rank reports the error and exits, and the driver fails the step with that rank's traceback.
+  rank reports the error and exits, and the driver fails the step with that rank's traceback;
+- a write to ranks that read nothing, once their socket buffers are full, fails after
+  step_timeout_s too (the driver never blocks for ever in `submit` either).
 
 Either way every rank process is gone afterwards (the stopped one included: a failed group is
 SIGKILLed, not asked to stop) and every later step raises WorkerGroupError. The YAML fields reach
@@ -96,6 +98,34 @@ def test_hung_collective_times_out_on_the_live_rank(llama, stopped_pids) -> None
         assert "a collective timed out after parallel.collective_timeout_s = 3 s" in message, message
         assert "Timed out waiting 3000ms" in message, message  # gloo's own words, from the rank's traceback
         assert SHORT_S - 0.5 <= elapsed < SHORT_S + SLACK_S, f"failed after {elapsed:.1f} s"
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.timeout(180)  # without a bound on the driver's writes this test blocks in `submit`
+def test_write_to_a_stalled_rank_fails_after_step_timeout(llama, stopped_pids) -> None:
+    """Steps keep being submitted to ranks that read nothing (rank 1 stopped, rank 0 waiting for it in the
+    all-reduce) until the socket buffers are full: the blocked write fails after step_timeout_s."""
+    engine = running_engine(llama, collective_timeout_s=LONG_S, step_timeout_s=SHORT_S)
+    executor = engine.executor
+    submitted = []
+    real_submit = executor.submit
+    executor.submit = lambda sched: (submitted.append(sched), real_submit(sched))[1]
+    try:
+        engine.step()  # records one real step's SchedulerOutput
+        pid = executor._procs[VICTIM].pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped_pids.append(pid)
+        sends = 0
+        with pytest.raises(WorkerGroupError, match=r"could not send to a worker within parallel\.step_timeout_s = 3 s"):
+            while True:
+                start = time.monotonic()  # the last submit is the one that blocks
+                real_submit(submitted[-1])
+                sends += 1
+        elapsed = time.monotonic() - start
+        assert sends > 10, "the write failed before any socket buffer could fill"
+        assert SHORT_S - 0.5 <= elapsed < SHORT_S + SLACK_S, f"the blocked write failed after {elapsed:.1f} s"
+        assert not any(p.is_alive() for p in executor._procs), "a rank of the failed group is still running"
     finally:
         engine.shutdown()
 

@@ -14,15 +14,21 @@ sentinels) and every `liveness_poll_s` of silence asks the launcher (`check_heal
 from other ranks that arrive early are kept per rank. Any failure is final: the group shuts
 down and every later call raises WorkerGroupError.
 Subclasses start the ranks, fill `_conns`, and implement `check_health`, `shutdown` and
-`_fail_dead` (how to name a dead rank). `shutdown(wait_s)` waits that long for the ranks to
-stop on their own; a failure stops them at once (`FAILED_WAIT_S`): a rank blocked in a collective
-or stopped by the OS would only eat the wait, and the engine's callers learn of the failure after it.
+`_fail_dead` (how to name a dead rank), and add each rank's connection with `_add_connection`,
+which bounds a blocked write (a rank that stopped reading, its socket buffer full) by
+step_timeout_s too (SO_SNDTIMEO), so no send or receive of the driver waits for ever.
+`shutdown(wait_s)` asks the ranks to stop and waits that long for them; a failure kills them at
+once without asking (`FAILED_WAIT_S`): a rank blocked in a collective or stopped by the OS would
+only eat the wait, and the engine's callers learn of the failure after it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -93,6 +99,14 @@ class ConnectionGroup:
     def _fail_dead(self, rank: int) -> NoReturn:
         raise NotImplementedError
 
+    def _add_connection(self, conn: Connection) -> None:
+        """Keep `conn` as the next rank's; a write to it blocked longer than step_timeout_s fails."""
+        seconds = min(self.step_timeout_s, 1e6)
+        timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)  # not a socket: left unbounded
+        self._conns.append(conn)
+
     def _death_waitables(self) -> dict[Any, int]:
         """Objects `multiprocessing.connection.wait` can watch that become ready when a rank dies."""
         return {}
@@ -159,7 +173,8 @@ class ConnectionGroup:
                 conn.send_bytes(data)
         except (OSError, ValueError) as exc:
             self.check_health()  # names the dead rank when the launcher already knows
-            self._fail(f"could not send to a worker: {exc!r}")
+            self._fail(f"could not send to a worker within {STEP_TIMEOUT_NAME} = {self.step_timeout_s:g} s "
+                       f"(a rank is gone, or hung and not reading): {exc!r}")
 
     def _receive(self, rank: int, kind: str, timeout_s: float, timeout_name: str = "") -> Any:
         """Wait for a `kind` message from `rank`, failing fast if any rank dies or reports an error."""

@@ -121,7 +121,7 @@ class MultiprocExecutor(ConnectionGroup):
             proc = ctx.Process(target=worker_main, args=(spec, child), name=f"shardserve-rank{rank}", daemon=True)
             proc.start()
             child.close()
-            self._conns.append(parent)
+            self._add_connection(parent)
             self._procs.append(proc)
         try:
             blocks = [self._receive(rank, READY, startup_timeout_s) for rank in range(self.world_size)]
@@ -146,7 +146,8 @@ class MultiprocExecutor(ConnectionGroup):
         if self._stopped:
             return
         self._stopped = True
-        self._ask_ranks_to_stop()
+        if wait_s > 0:
+            self._ask_ranks_to_stop()
         deadline = time.monotonic() + wait_s
         for proc in self._procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
