@@ -41,7 +41,8 @@ ROUTE = "/death"
 STEP_TIMEOUT_S = 5.0
 ERROR_WITHIN_S = 10.0
 BACK_WITHIN_S = 60.0
-LONG_MAX_TOKENS = 3000  # a stream that cannot finish while the test waits (a few ms per token)
+# Streams that run for seconds (a few ms per token); the rank is killed right after their first message.
+LONG_MAX_TOKENS = 4000
 MAX_MODEL_LEN = 4096
 TO_APP = (("application", APP),)  # Serve's gRPC proxy picks the app by this metadata (several apps run)
 
@@ -126,10 +127,10 @@ def test_sigkilled_rank_fails_grpc_streams_then_replica_is_replaced(death_app) -
     with grpc.insecure_channel(cluster.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
         before = stub.Generate(short_request(), timeout=60, metadata=TO_APP)
+        victim = rank_pids()[-1]
         streams = [stub.GenerateStream(long_request(), timeout=120, metadata=TO_APP) for _ in range(2)]
         firsts = [next(s) for s in streams]  # both are generating
         assert {f.replica_id for f in firsts} == {before.replica_id}
-        victim = rank_pids()[-1]
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         for stream in streams:
@@ -148,17 +149,18 @@ def test_stalled_rank_fails_http_stream_after_step_timeout_then_replica_is_repla
     with grpc.insecure_channel(cluster.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
         before = stub.Generate(short_request(), timeout=60, metadata=TO_APP)
+        victim = rank_pids()[-1]
         body = {"model": MODEL, "prompt": "doomed", "max_tokens": LONG_MAX_TOKENS, "temperature": 0, "stream": True}
         with requests.post(url, json=body, stream=True, timeout=60) as resp:
             assert resp.status_code == 200
             lines = (line for line in resp.iter_lines() if line)
             assert next(lines).startswith(b"data: ")  # generating
-            victim = rank_pids()[-1]
             os.kill(victim, signal.SIGSTOP)
             stopped_pids.append(victim)
             stopped = time.monotonic()
             events = [json.loads(line.removeprefix(b"data: ")) for line in lines if line != b"data: [DONE]"]
             elapsed = time.monotonic() - stopped
+        assert events and "error" in events[-1], f"the stream ended without an error: {events[-1:]}"
         error = events[-1]["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         assert error["code"] == "unavailable" and error["type"] == "service_unavailable_error", error
