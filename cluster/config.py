@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 from shardserve.workers.config import (
+    MAX_TIMEOUT_S,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -176,6 +177,25 @@ class ParallelSection(_Section):
             "stage busy while the driver turns a returned batch around (throughput at many requests)."
         ),
     )
+    collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "Seconds a rank waits in a collective (all-reduce, pipeline send/recv, the start-up rendezvous) for a "
+            "peer before it fails with a timeout instead of hanging, in (0, 86400]."
+        ),
+    )
+    step_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "Seconds the engine waits for a step's result from the worker group before declaring the group dead "
+            "(requests in flight end with UNAVAILABLE, the replica turns unhealthy and is replaced), in "
+            "(0, 86400]; must cover the slowest step, prefill of a full batch included."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_ep(self) -> ParallelSection:
@@ -287,6 +307,26 @@ class ModelSection(_Section):
                      "the end are never held. 0 = one message per engine step. Larger values send fewer, bigger "
                      "messages, merged when the path lags (throughput under many concurrent streams). "
                      f"null = {GPU_STREAM_INTERVAL_MS:g} on GPUs (device cuda or GPUs per rank), 0 on CPU."),
+    )
+    health_check_period_s: float = Field(
+        2.0,
+        ge=0.5,
+        le=600,
+        description=(
+            "Seconds between Serve's health checks of an LLMServer replica (engine alive, every rank of its worker "
+            "group alive), 0.5..600. Serve replaces a replica after 3 failed checks in a row, so a dead worker "
+            "group is replaced about 3 periods after it died (Serve's own default of 10 s: ~30 s). A check is "
+            "one zero-timeout look at the ranks between two engine steps."
+        ),
+    )
+    health_check_timeout_s: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description=(
+            "Seconds a health check may take before it counts as failed, 0.5..3600. The check waits for the "
+            "engine's current step, so keep it above the slowest step."
+        ),
     )
     engine_factory: str | None = Field(
         None,
