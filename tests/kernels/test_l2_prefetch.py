@@ -1,6 +1,6 @@
 """L2 prefetch behind the fused all-reduce (workers/kernels/l2_prefetch.py, experimental).
 
-Its effect needs a Hopper GPU (benchmarks/device_runs.sh four_gpu_l2); here, on CPU: the regions
+Its effect needs a Hopper GPU (not measured yet: benchmarks/README.md); here, on CPU: the regions
 it plans, the switch, that nothing launches off CUDA, and the kernel compiled for sm_90 — it must
 touch no memory, only hint lines, and wait for the previous kernel after its hints, not before.
 """
