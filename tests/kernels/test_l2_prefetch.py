@@ -51,7 +51,7 @@ def test_kernel_hints_lines_then_waits():
     assert not re.search(r"\b(?:ld|st|atom|red)\.global", ptx), "the kernel must not touch memory"
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="launches the compiled kernel: GPU runs only (four_gpu_l2)")
+@pytest.mark.skipif(DEVICE != "cuda", reason="launches the compiled kernel: GPU runs only (SHARDSERVE_KERNEL_DEVICE=cuda)")
 def test_a_launch_on_the_gpu_changes_no_result():
     w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
