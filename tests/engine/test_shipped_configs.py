@@ -119,6 +119,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory):
 def run(config: EngineConfig) -> dict[str, tuple[int, ...]]:
     engine = LLMEngine(config)
     try:
+        ranks = getattr(engine.executor, "world_size", 1)  # LocalExecutor: the engine's own process
+        assert ranks == config.parallel.world_size, (ranks, config.parallel)
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         for request_id, token_ids in PROMPTS.items():
             engine.add_request(request_id, token_ids, params)
