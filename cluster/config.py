@@ -354,7 +354,7 @@ class ModelSection(_Section):
 
     def effective_stream_interval_ms(self) -> float:
         """`stream_interval_ms`, with null resolved: GPU engines make tokens faster than one Serve
-        message per token per stream can carry (benchmarks/NOTES.md, serve path)."""
+        message per token per stream can carry (benchmarks/README.md, serving rows)."""
         if self.stream_interval_ms is not None:
             return self.stream_interval_ms
         on_gpu = self.device == "cuda" or self.resources.num_gpus_per_worker > 0

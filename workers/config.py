@@ -95,7 +95,7 @@ class SchedulerConfig:
       the runner fills on the device). Outputs equal the synchronous engine's. None (default):
       on whenever pipeline_parallel_size == 1 (pipeline parallelism keeps its own batches in
       flight); True with pipeline parallelism is an error. See workers/engine.py.
-      H100, Llama-3.1-8B: b1 150.4 -> 159.4 tok/s, offline 7,923 -> 8,762 tok/s (NOTES.md).
+      What it buys: benchmarks/README.md.
     async_depth: batches in flight under async scheduling, 2 (default) to 4. At 3 the driver
       sends step N+2 before step N's output is in, so the ranks find it waiting when they finish
       N: the driver's turnaround leaves the host's critical path, which helps where a step is
