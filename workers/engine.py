@@ -159,8 +159,15 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
         vocab_size = self.loaded.hf_config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab_size:  # ints, at least one (checked above)
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {token_ids}")
+        # ints, at least one (checked above); the message names one bad id, never the whole prompt
+        bad = next((i for i, t in enumerate(token_ids) if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt must hold token ids in [0, {vocab_size}), got {token_ids[bad]} at position {bad}"
+            )
+        bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+        if bad is not None:  # min_tokens masks these ids in the logits: one past the vocabulary would fault
+            raise ValueError(f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         text = prompt if isinstance(prompt, str) else None
         samples = [
