@@ -19,19 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from shardserve.cluster.config import AppConfig, parse_config
-from shardserve.cluster.ingress import auth, responses
+from shardserve.cluster.ingress import auth, http_edge, responses
 from shardserve.cluster.ingress import openai as oai
 from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.grpc import GrpcFrontend
-from shardserve.cluster.messages import ErrorKind
 from shardserve.cluster.router import router_stats
 
-api = FastAPI(title="shardserve", description="OpenAI-compatible API of a shardserve cluster.")
+api = FastAPI(
+    title="shardserve", description="OpenAI-compatible API of a shardserve cluster.", responses=http_edge.ERROR_RESPONSES
+)
 
 
 @api.middleware("http")
@@ -62,18 +62,8 @@ class _StreamResponse(StreamingResponse):
             self.chunk_stream.cancel()
 
 
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(err.openai_body(), status_code=err.http_status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"] if p != "body"]
-    param = ".".join(loc) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return JSONResponse(ApiError(ErrorKind.INVALID_ARGUMENT, message, param).openai_body(), status_code=400)
+# Every 4xx/5xx in OpenAI's error shape, and the request body limit (cluster/ingress/http_edge.py).
+http_edge.install(api)
 
 
 def llm_server_name(index: int, model_name: str) -> str:
@@ -87,13 +77,14 @@ class Ingress:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         app_config = parse_config(config, AppConfig)
         self.core = IngressCore(app_config, handles)
+        http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         self.grpc = GrpcFrontend(self.core)
         self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
 
     # ---- OpenAI HTTP ----------------------------------------------------------------------
     async def _generate(self, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest) -> Any:
         self.core.model(body.model)
-        request = oai.to_generate_request(body, kind)
+        request = oai.to_generate_request(body, kind, self.core.config)
         first, rest = await self.core.first_chunk(request)
         # Serve sets its own x-request-id on every response; ours names the engine request.
         headers = {"x-shardserve-request-id": request.request_id, "x-shardserve-replica": first.replica_id}

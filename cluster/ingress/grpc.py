@@ -11,7 +11,10 @@ top-level fields; streaming sends one message per completion of each chunk the L
 (one engine step while the path keeps up, several steps merged when it does not). The request id comes
 from the `x-request-id` metadata (or is made up) and goes back in trailing metadata with
 `x-shardserve-replica`. With an API key configured, the `authorization` metadata is checked
-first (UNAUTHENTICATED). Errors set the status code and details on the context (NOT_FOUND,
+first (UNAUTHENTICATED). Validation matches HTTP's: SamplingParams ranges, the deployment's
+`limits` and the chat role set (cluster/ingress/validation.py, params named `params.n`), and bytes
+that do not parse reach us as an `UndecodableRequest` (cluster/ingress/grpc_decode.py): all
+INVALID_ARGUMENT. Errors set the status code and details on the context (NOT_FOUND,
 RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A client cancel or deadline makes the proxy cancel this
 call, which cancels the LLMServer call (synchronously, `ChunkStream.cancel`) and aborts the
 request in the engine.
@@ -25,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from shardserve.cluster.ingress import auth
+from shardserve.cluster.ingress import auth, validation
 from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
+from shardserve.cluster.ingress.grpc_decode import UndecodableRequest
 from shardserve.cluster.messages import (
     CompletionDelta,
     ErrorKind,
@@ -114,11 +118,22 @@ class GrpcFrontend:
         self.core = core
 
     def _generate_request(self, proto: Any, request_id: str) -> GenerateRequest:
-        self.core.model(proto.model)
+        if isinstance(proto, UndecodableRequest):
+            raise ApiError(ErrorKind.INVALID_ARGUMENT, proto.message())
+        model = self.core.model(proto.model)
+        request = self._parse(proto, request_id)
+        validation.check_limits(request, model, self.core.config.limits, params_prefix="params.")
+        return request
+
+    @staticmethod
+    def _parse(proto: Any, request_id: str) -> GenerateRequest:
         params = to_sampling_params(proto.params)
         which = proto.WhichOneof("input")
         if which == "messages":
-            messages = tuple((m.role, m.content) for m in proto.messages.messages)
+            # OpenAI's `developer` is the system role, as on HTTP; check_limits refuses unknown roles.
+            messages = tuple(
+                ("system" if m.role == "developer" else m.role, m.content) for m in proto.messages.messages
+            )
             if not messages:
                 raise ApiError(ErrorKind.INVALID_ARGUMENT, "messages must be non-empty", "messages")
             return GenerateRequest(request_id, proto.model, params, messages=messages, priority=proto.priority)

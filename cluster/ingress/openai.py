@@ -1,36 +1,38 @@
 """OpenAI-compatible request bodies (/v1/completions, /v1/chat/completions) → GenerateRequest.
 
 Data flow: FastAPI parses the JSON body into `CompletionRequest` / `ChatCompletionRequest`
-(pydantic: a wrong type on a known field becomes a 400 naming the field; unknown fields are
-accepted and ignored, as vLLM does, and logged). `to_generate_request` maps the OpenAI fields
-and vLLM's extra sampling fields onto `SamplingParams`, whose own validation names any
-out-of-range field (→ 400 with `param` set); fields whose OpenAI name differs from the engine's
-(`top_logprobs`, `max_completion_tokens`) are checked here under their own names. The Ingress
+(pydantic: a wrong type or a non-finite number on a known field becomes a 400 naming the field).
+`to_generate_request` first refuses text that is not valid Unicode and any unknown or
+unimplemented field that carries a value (`logit_bias`, `tools`, ... → 400 naming it; the harmless
+`user`, `metadata`, `store`, `service_tier` are accepted and ignored: cluster/ingress/validation.py),
+then maps the OpenAI fields and vLLM's extra sampling fields onto `SamplingParams`, whose own
+validation names any out-of-range field (→ 400 with `param` set); fields whose OpenAI name differs
+from the engine's (`top_logprobs`, `max_completion_tokens`) are checked here under their own names.
+Last, the deployment's `limits` (n, stop strings, prompt size, strict max_tokens) apply. The Ingress
 then streams `GenerateChunk`s from IngressCore and cluster/ingress/responses.py renders them.
 """
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from shardserve.cluster.ingress.errors import ApiError
+from shardserve.cluster.config import AppConfig
+from shardserve.cluster.ingress import validation
+from shardserve.cluster.ingress.errors import ApiError, short
 from shardserve.cluster.messages import ErrorKind, GenerateRequest
 from shardserve.cluster.server import param_of
-from shardserve.workers.request import SamplingParams
+from shardserve.workers.request import MAX_INT32, SamplingParams
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-logger = logging.getLogger(__name__)
-
-
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (user, ...)
+    # Extra fields are kept so validation.check_extra_fields can name them (400 unless harmless).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = None
@@ -44,7 +46,7 @@ class _Common(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: str | None = None  # accepted, not used
+    user: str | None = Field(None, description="Accepted and ignored (labels the caller at OpenAI).")
     # Extensions (vLLM names).
     top_k: int | None = None
     min_p: float | None = None
@@ -55,7 +57,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = None
-    priority: int = 0
+    priority: int = Field(0, ge=-MAX_INT32 - 1, le=MAX_INT32, description="Lower first (scheduler.policy priority).")
 
 
 class CompletionRequest(_Common):
@@ -70,6 +72,8 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. `name`, `tool_calls`: refused unless empty
+
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -115,8 +119,6 @@ def _check_openai_names(body: CompletionRequest | ChatCompletionRequest) -> None
 
 def to_sampling_params(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
     _check_openai_names(body)
-    if body.model_extra:
-        logger.warning("ignoring unknown request fields: %s", sorted(body.model_extra))
     kwargs: dict[str, Any] = {f: getattr(body, f) for f in _SAMPLING_FIELDS if getattr(body, f) is not None}
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         kwargs["max_tokens"] = body.max_completion_tokens
@@ -133,18 +135,45 @@ def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
-    for part in content:
+    for i, part in enumerate(content):
+        param = f"messages[{index}].content[{i}]"
         if part.get("type") != "text":
             raise ApiError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"messages[{index}].content parts must have type text, got {part.get('type')!r}",
-                f"messages[{index}].content",
+                ErrorKind.INVALID_ARGUMENT, f"{param}.type must be text, got {short(part.get('type'))}", f"{param}.type"
             )
-        parts.append(str(part.get("text", "")))
+        if not isinstance(part.get("text"), str):
+            raise ApiError(ErrorKind.INVALID_ARGUMENT, f"{param}.text must be a string", f"{param}.text")
+        validation.check_extra_fields({k: v for k, v in part.items() if k not in ("type", "text")}, param)
+        parts.append(part["text"])
     return "".join(parts)
 
 
-def to_generate_request(body: CompletionRequest | ChatCompletionRequest, kind: str) -> GenerateRequest:
+def _check_body(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Valid Unicode everywhere, and no unknown or unimplemented field carrying a value."""
+    validation.check_text(body.model_dump())
+    validation.check_extra_fields(body.model_extra)
+    if isinstance(body, ChatCompletionRequest):
+        for i, message in enumerate(body.messages):
+            validation.check_extra_fields(message.model_extra, f"messages[{i}]")
+
+
+def to_generate_request(
+    body: CompletionRequest | ChatCompletionRequest, kind: str, config: AppConfig | None = None
+) -> GenerateRequest:
+    """The GenerateRequest of an OpenAI body; `config` (the Ingress's) adds its `limits` checks."""
+    _check_body(body)
+    request = _to_generate_request(body, kind)
+    if config is not None:
+        max_tokens_name = "max_tokens"
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            max_tokens_name = "max_completion_tokens"
+        validation.check_limits(
+            request, config.model(body.model), config.limits, max_tokens_name=max_tokens_name, token_ids_name="prompt"
+        )
+    return request
+
+
+def _to_generate_request(body: CompletionRequest | ChatCompletionRequest, kind: str) -> GenerateRequest:
     params = to_sampling_params(body)
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     if isinstance(body, ChatCompletionRequest):

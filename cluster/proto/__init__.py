@@ -30,11 +30,13 @@ def __getattr__(name: str) -> ModuleType:
 
 
 def add_LLMServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's name)
-    # Serve's gRPC proxy calls this with its server: make its streaming handlers cancel-safe.
+    # Serve's gRPC proxy calls this with its server: make its streaming handlers cancel-safe, and
+    # let undecodable request bytes reach the Ingress as INVALID_ARGUMENT (cluster/ingress/grpc_decode.py).
+    from shardserve.cluster.ingress.grpc_decode import tolerant_registration
     from shardserve.cluster.serve_fixes import cancel_safe_streaming
 
     cancel_safe_streaming(server)
-    __getattr__("llm_pb2_grpc").add_LLMServiceServicer_to_server(servicer, server)
+    __getattr__("llm_pb2_grpc").add_LLMServiceServicer_to_server(servicer, tolerant_registration(server))
 
 
 SERVICER_FUNCTION = f"{__name__}.add_LLMServiceServicer_to_server"
