@@ -49,7 +49,9 @@ def _tolerant_handlers(handlers: dict[str, Any], service: str = "") -> dict[str,
     for name, handler in handlers.items():
         method = name if name.startswith("/") else f"/{service}/{name}"
         parse = handler.request_deserializer
-        out[name] = handler if parse is None else handler._replace(request_deserializer=_tolerant(method, parse))
+        out[name] = (
+            handler if parse is None else handler._replace(request_deserializer=_tolerant(method, parse))
+        )
     return out
 
 

@@ -110,7 +110,9 @@ def validation_error(err: RequestValidationError) -> ApiError:
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "syntax error")
         offset = loc[1] if len(loc) > 1 else "?"
-        return ApiError(ErrorKind.INVALID_ARGUMENT, f"request body is not valid JSON: {detail} at byte {offset}")
+        return ApiError(
+            ErrorKind.INVALID_ARGUMENT, f"request body is not valid JSON: {detail} at byte {offset}"
+        )
     param = _param(loc)
     if param is None:
         message = "request body must be a JSON object (Content-Type: application/json)"
@@ -123,7 +125,9 @@ def validation_error(err: RequestValidationError) -> ApiError:
 def http_error(request: Request, err: StarletteHTTPException) -> ApiError:
     path = short(request.url.path)
     if err.status_code == 404:
-        return ApiError(ErrorKind.NOT_FOUND, f"no route {path}; see /docs for the API", None, code="route_not_found")
+        return ApiError(
+            ErrorKind.NOT_FOUND, f"no route {path}; see /docs for the API", None, code="route_not_found"
+        )
     if err.status_code == 405:
         return ApiError(
             ErrorKind.INVALID_ARGUMENT,
@@ -135,7 +139,9 @@ def http_error(request: Request, err: StarletteHTTPException) -> ApiError:
     if err.status_code == 413:
         return too_large(BODY_LIMIT.max_bytes)
     if err.status_code == 400:  # FastAPI's "There was an error parsing the body" (e.g. invalid UTF-8)
-        return ApiError(ErrorKind.INVALID_ARGUMENT, "request body could not be read: it must be UTF-8 encoded JSON")
+        return ApiError(
+            ErrorKind.INVALID_ARGUMENT, "request body could not be read: it must be UTF-8 encoded JSON"
+        )
     kind = ErrorKind.INTERNAL if err.status_code >= 500 else ErrorKind.INVALID_ARGUMENT
     return ApiError(kind, short(err.detail, 200), None, http_status=err.status_code)
 
@@ -158,4 +164,6 @@ def install(api: FastAPI) -> None:
 
     @api.exception_handler(Exception)
     async def _internal_error(_: Request, err: Exception) -> JSONResponse:
-        return _render(ApiError(ErrorKind.INTERNAL, f"internal error ({type(err).__name__}); see the server log"))
+        return _render(
+            ApiError(ErrorKind.INTERNAL, f"internal error ({type(err).__name__}); see the server log")
+        )

@@ -23,7 +23,17 @@ from shardserve.cluster.ingress import validation
 from shardserve.cluster.ingress.errors import ApiError, short
 from shardserve.cluster.messages import ErrorKind, GenerateRequest
 from shardserve.cluster.server import param_of
-from shardserve.workers.request import MAX_INT32, SamplingParams
+from shardserve.workers.request import (
+    MAX_INT32,
+    MAX_INT64,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_INT64,
+    SamplingParams,
+)
+
+# Ranges in the OpenAPI document (documentation: SamplingParams is what enforces them).
+_INT_RANGE = {"minimum": 1, "maximum": MAX_INT32}
 
 
 class StreamOptions(BaseModel):
@@ -34,36 +44,91 @@ class _Common(BaseModel):
     # Extra fields are kept so validation.check_extra_fields can name them (400 unless harmless).
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    best_of: int | None = None
-    stream: bool = False
+    model: str = Field(..., description="A served model's name (GET /v1/models).")
+    max_tokens: int | None = Field(
+        None, description="New tokens at most, in [1, 2**31 - 1] (default 16); generation also stops at the "
+        "model's context length (finish_reason length) unless limits.strict_max_tokens refuses larger values.",
+        json_schema_extra=_INT_RANGE,
+    )  # fmt: skip
+    temperature: float | None = Field(
+        None,
+        description="In [0, 2]; 0 = greedy (default 1).",
+        json_schema_extra={"minimum": 0, "maximum": MAX_TEMPERATURE},
+    )
+    top_p: float | None = Field(
+        None, description="In (0, 1] (default 1).", json_schema_extra={"exclusiveMinimum": 0, "maximum": 1}
+    )
+    n: int = Field(
+        1,
+        description="Completions per prompt, in [1, limits.max_n] (default max 16).",
+        json_schema_extra={"minimum": 1},
+    )
+    best_of: int | None = Field(None, description="Only best_of == n is supported.")
+    stream: bool = Field(False, description="Server-sent events, one per engine step.")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    stop: str | list[str] | None = Field(
+        None,
+        description="Up to limits.max_stop_strings non-empty strings of at most limits.max_stop_string_chars.",
+    )
+    seed: int | None = Field(
+        None,
+        description="In the int64 range; the same seed gives the same tokens.",
+        json_schema_extra={"minimum": MIN_INT64, "maximum": MAX_INT64},
+    )
+    presence_penalty: float | None = Field(
+        None, description="In [-2, 2] (default 0).", json_schema_extra={"minimum": -2, "maximum": 2}
+    )
+    frequency_penalty: float | None = Field(
+        None, description="In [-2, 2] (default 0).", json_schema_extra={"minimum": -2, "maximum": 2}
+    )
     user: str | None = Field(None, description="Accepted and ignored (labels the caller at OpenAI).")
     # Extensions (vLLM names).
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    top_k: int | None = Field(
+        None,
+        description="0 or -1 disables, else in [1, 2**31 - 1].",
+        json_schema_extra={"minimum": -1, "maximum": MAX_INT32},
+    )
+    min_p: float | None = Field(
+        None, description="In [0, 1] (default 0).", json_schema_extra={"minimum": 0, "maximum": 1}
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        description="In (0, 2]; 1 disables.",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_REPETITION_PENALTY},
+    )
+    min_tokens: int | None = Field(
+        None, description="In [0, max_tokens].", json_schema_extra={"minimum": 0, "maximum": MAX_INT32}
+    )
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(
+        None,
+        description="Token ids in [0, vocab size).",
+        json_schema_extra={"items": {"type": "integer", "minimum": 0}},
+    )
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-    prompt_logprobs: int | None = None
-    priority: int = Field(0, ge=-MAX_INT32 - 1, le=MAX_INT32, description="Lower first (scheduler.policy priority).")
+    prompt_logprobs: int | None = Field(
+        None,
+        description="In [0, 20]; not with stream.",
+        json_schema_extra={"minimum": 0, "maximum": SamplingParams.MAX_LOGPROBS},
+    )
+    priority: int = Field(
+        0, ge=-MAX_INT32 - 1, le=MAX_INT32, description="Lower first (scheduler.policy priority)."
+    )
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] = Field(..., description="Text, token ids, or a one-element list.")
+    prompt: str | list[int] | list[str] = Field(
+        ...,
+        description="Non-empty text, token ids, or a one-element list of text.",
+        json_schema_extra={"minLength": 1, "minItems": 1},
+    )
     echo: bool = False
-    logprobs: int | None = None  # legacy: top-N per token, 0..20
+    logprobs: int | None = Field(
+        None,
+        description="Top-N logprobs per token, in [0, 20].",
+        json_schema_extra={"minimum": 0, "maximum": 20},
+    )
 
     @property
     def num_logprobs(self) -> int | None:
@@ -80,9 +145,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(
+        None, description="OpenAI's newer max_tokens.", json_schema_extra=_INT_RANGE
+    )
     logprobs: bool = False
-    top_logprobs: int | None = None  # 0..20, needs logprobs: true
+    top_logprobs: int | None = Field(
+        None, description="In [0, 20]; needs logprobs: true.", json_schema_extra={"minimum": 0, "maximum": 20}
+    )
 
     @property
     def num_logprobs(self) -> int | None:
@@ -103,16 +172,27 @@ def _invalid(message: str, param: str) -> ApiError:
 def _check_openai_names(body: CompletionRequest | ChatCompletionRequest) -> None:
     """Rules on fields whose OpenAI name is not the SamplingParams name (so errors name the right one)."""
     if body.best_of is not None and body.best_of != body.n:
-        raise _invalid(f"best_of is not supported (only best_of == n), got best_of={body.best_of}, n={body.n}", "best_of")
+        raise _invalid(
+            f"best_of is not supported (only best_of == n), got best_of={body.best_of}, n={body.n}", "best_of"
+        )
     if body.prompt_logprobs is not None and body.stream:
         raise _invalid("prompt_logprobs is not available with stream: true", "prompt_logprobs")
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None:
         if not body.logprobs:
             raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
         if not 0 <= body.top_logprobs <= SamplingParams.MAX_LOGPROBS:
-            raise _invalid(f"top_logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
-    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None and body.max_completion_tokens < 1:
-        raise _invalid(f"max_completion_tokens must be >= 1, got {body.max_completion_tokens}", "max_completion_tokens")
+            raise _invalid(
+                f"top_logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {body.top_logprobs}",
+                "top_logprobs",
+            )
+    if (
+        isinstance(body, ChatCompletionRequest)
+        and body.max_completion_tokens is not None
+        and body.max_completion_tokens < 1
+    ):
+        raise _invalid(
+            f"max_completion_tokens must be >= 1, got {body.max_completion_tokens}", "max_completion_tokens"
+        )
     if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
         raise _invalid("echo with logprobs is not supported; ask for prompt_logprobs instead", "echo")
 
@@ -139,7 +219,9 @@ def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
         param = f"messages[{index}].content[{i}]"
         if part.get("type") != "text":
             raise ApiError(
-                ErrorKind.INVALID_ARGUMENT, f"{param}.type must be text, got {short(part.get('type'))}", f"{param}.type"
+                ErrorKind.INVALID_ARGUMENT,
+                f"{param}.type must be text, got {short(part.get('type'))}",
+                f"{param}.type",
             )
         if not isinstance(part.get("text"), str):
             raise ApiError(ErrorKind.INVALID_ARGUMENT, f"{param}.text must be a string", f"{param}.text")
@@ -168,7 +250,11 @@ def to_generate_request(
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
             max_tokens_name = "max_completion_tokens"
         validation.check_limits(
-            request, config.model(body.model), config.limits, max_tokens_name=max_tokens_name, token_ids_name="prompt"
+            request,
+            config.model(body.model),
+            config.limits,
+            max_tokens_name=max_tokens_name,
+            token_ids_name="prompt",
         )
     return request
 
@@ -178,13 +264,16 @@ def _to_generate_request(body: CompletionRequest | ChatCompletionRequest, kind: 
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     if isinstance(body, ChatCompletionRequest):
         messages = tuple(
-            ("system" if m.role == "developer" else m.role, _text_of(m.content, i)) for i, m in enumerate(body.messages)
+            ("system" if m.role == "developer" else m.role, _text_of(m.content, i))
+            for i, m in enumerate(body.messages)
         )
         return GenerateRequest(request_id, body.model, params, messages=messages, priority=body.priority)
     prompt: Any = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
-            raise ApiError(ErrorKind.INVALID_ARGUMENT, f"prompt must be one string, got {len(prompt)}", "prompt")
+            raise ApiError(
+                ErrorKind.INVALID_ARGUMENT, f"prompt must be one string, got {len(prompt)}", "prompt"
+            )
         prompt = prompt[0]
     if isinstance(prompt, list):
         prompt = tuple(prompt)

@@ -60,6 +60,8 @@ def _is_text(text: str) -> bool:
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
+    if not key.isidentifier():  # "" or "a b": quoted, so the path stays readable
+        return f"{path}[{short(key)}]"
     return f"{path}.{key}" if path else key
 
 
@@ -90,7 +92,9 @@ def check_text(body: dict[str, Any]) -> None:
 
 
 def _is_neutral(name: str, value: Any) -> bool:
-    return value is None or value == {} or value == [] or value == "" or value in _NEUTRAL_VALUES.get(name, ())
+    return (
+        value is None or value == {} or value == [] or value == "" or value in _NEUTRAL_VALUES.get(name, ())
+    )
 
 
 def check_extra_fields(extra: dict[str, Any] | None, path: str = "") -> None:
@@ -115,7 +119,9 @@ def check_limits(
     """The deployment's `limits` and the chat role set; params named as the client spells them."""
     params = request.params
     if params.n > limits.max_n:
-        raise _invalid(f"n must be in [1, {limits.max_n}] (limits.max_n), got {params.n}", f"{params_prefix}n")
+        raise _invalid(
+            f"n must be in [1, {limits.max_n}] (limits.max_n), got {params.n}", f"{params_prefix}n"
+        )
     stop = f"{params_prefix}stop"
     if len(params.stop) > limits.max_stop_strings:
         raise _invalid(
@@ -130,7 +136,11 @@ def check_limits(
                 f"(limits.max_stop_string_chars), got {len(text)}",
                 f"{stop}[{i}]",
             )
-    if limits.strict_max_tokens and model.max_model_len is not None and params.max_tokens > model.max_model_len:
+    if (
+        limits.strict_max_tokens
+        and model.max_model_len is not None
+        and params.max_tokens > model.max_model_len
+    ):
         raise _invalid(
             f"{max_tokens_name} must be at most the context length of model {short(model.name)}, "
             f"max_model_len = {model.max_model_len} (limits.strict_max_tokens), got {params.max_tokens}",
@@ -153,7 +163,9 @@ def _check_prompt(request: GenerateRequest, limits: LimitsSection, token_ids_nam
         token_ids = not (isinstance(request.prompt, str) or request.prompt is None)
         param = token_ids_name if token_ids else "prompt"
     if size > limits.max_prompt_chars:
-        what = "token ids" if request.messages is None and not isinstance(request.prompt, str) else "characters"
+        what = (
+            "token ids" if request.messages is None and not isinstance(request.prompt, str) else "characters"
+        )
         raise _invalid(
             f"{param} must be at most {limits.max_prompt_chars} {what} in all (limits.max_prompt_chars), got {size}",
             param,

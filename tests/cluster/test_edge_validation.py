@@ -97,7 +97,10 @@ def test_bad_values_get_400_naming_the_field(http, path, body, param, words):
     ("raw", "param"),
     [
         ('{"model": "fake", "prompt": "hello", "max_tokens": 2, "temperature": Infinity}', "temperature"),
-        ('{"model": "fake", "prompt": "hello", "max_tokens": 2, "repetition_penalty": Infinity}', "repetition_penalty"),
+        (
+            '{"model": "fake", "prompt": "hello", "max_tokens": 2, "repetition_penalty": Infinity}',
+            "repetition_penalty",
+        ),
         ('{"model": "fake", "prompt": "hello", "max_tokens": 2, "top_p": NaN}', "top_p"),
         ('{"model": "fake", "prompt": "x\\ud800y", "max_tokens": 2}', "prompt"),
         ('{"model": "fake", "prompt": "hello", "max_tokens": 2, "stop": ["a", "\\udfff"]}', "stop[1]"),
@@ -174,7 +177,9 @@ def test_service_answers_after_bad_requests(http):
 
 # ---- gRPC ------------------------------------------------------------------------------------------
 def grpc_request(model: str = "fake", prompt: str = "hello", **params) -> pb.GenerateRequest:
-    return pb.GenerateRequest(model=model, prompt=prompt, params=pb.SamplingParams(**{"max_tokens": 2, **params}))
+    return pb.GenerateRequest(
+        model=model, prompt=prompt, params=pb.SamplingParams(**{"max_tokens": 2, **params})
+    )
 
 
 def grpc_chat(role: str) -> pb.GenerateRequest:
@@ -204,7 +209,9 @@ def test_grpc_bad_values_get_invalid_argument(stub, req, field, streaming):
         else:
             stub.Generate(req, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
-    assert info.value.details().startswith(f"{field} ") or info.value.details().startswith(f"{field}: "), info.value
+    assert info.value.details().startswith(f"{field} ") or info.value.details().startswith(f"{field}: "), (
+        info.value
+    )
     assert len(info.value.details()) <= MAX_MESSAGE_CHARS + len(field) + 2
 
 
