@@ -41,8 +41,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    # Extra fields are kept so validation.check_extra_fields can name them (400 unless harmless).
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # Extra fields are kept so validation.check_extra_fields can name them (400 unless null or empty);
+    # the OpenAPI document says what is accepted: no other properties.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, json_schema_extra={"additionalProperties": False})
 
     model: str = Field(..., description="A served model's name (GET /v1/models).")
     max_tokens: int | None = Field(
@@ -81,7 +82,11 @@ class _Common(BaseModel):
     frequency_penalty: float | None = Field(
         None, description="In [-2, 2] (default 0).", json_schema_extra={"minimum": -2, "maximum": 2}
     )
+    # Accepted and ignored: they change nothing in the output (cluster/ingress/validation.py).
     user: str | None = Field(None, description="Accepted and ignored (labels the caller at OpenAI).")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (OpenAI's stored-request tags).")
+    store: bool | None = Field(None, description="Accepted and ignored (OpenAI's request storage).")
+    service_tier: str | None = Field(None, description="Accepted and ignored (OpenAI's latency tier).")
     # Extensions (vLLM names).
     top_k: int | None = Field(
         None,
@@ -137,7 +142,8 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. `name`, `tool_calls`: refused unless empty
+    # e.g. `name`, `tool_calls`: refused unless null or empty (validation.check_extra_fields)
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
