@@ -59,7 +59,14 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         self._raise_if_dead()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
+        try:
+            await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
+        except asyncio.CancelledError:
+            # Cancelled while the add was queued: it still runs on the engine thread, so abort it
+            # (queued after it), or the request would run on unread, holding its KV blocks.
+            if not self._dead:
+                self._submit(lambda: self._abort(request_id))
+            raise
         finished = False
         try:
             while True:
@@ -155,7 +162,8 @@ class AsyncEngine:
             self._streams.clear()
             while not self._commands.empty():
                 _, future = self._commands.get_nowait()
-                future.set_exception(error)
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -163,10 +171,18 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
+            # A caller cancelled while waiting (client gone) leaves a cancelled future: the command
+            # still runs (an add is then aborted by its caller, an abort must happen anyway), but
+            # setting a result on it would raise InvalidStateError and kill the engine thread.
+            wanted = future.set_running_or_notify_cancel()
             try:
-                future.set_result(fn())
+                result = fn()
             except Exception as exc:  # a bad request fails its caller, never the engine
-                future.set_exception(exc)
+                if wanted:
+                    future.set_exception(exc)
+            else:
+                if wanted:
+                    future.set_result(result)
             try:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
