@@ -40,6 +40,8 @@ MAX_INT32 = 2**31 - 1
 def _fold_tokens(body: dict[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
+        if isinstance(value, float) and value.is_integer():  # JSON 1e7 is a valid integer to pydantic
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and MAX_FUZZ_TOKENS < value <= MAX_INT32:
             body[name] = 1 + value % MAX_FUZZ_TOKENS
     if "max_tokens" not in body and "max_completion_tokens" not in body:
@@ -248,7 +250,7 @@ def _send_http(case: Any, url: str, session: requests.Session, report: Report, l
     except requests.RequestException as err:
         with lock:
             report.statuses[f"http:{type(err).__name__}"] += 1
-            report.server_errors.append(f"{label}: {type(err).__name__} {str(err)[:200]}")
+            report.server_errors.append(f"{label}: {type(err).__name__} {str(err)[:200]} body={str(case.body)[:300]!r}")
         return
     status = response.status_code
     problem = shape = refused = None
