@@ -121,3 +121,10 @@ def test_json_errors_never_name_a_byte_offset():
     assert validation_error(union).param == "prompt"
     nested = RequestValidationError([{"type": "literal_error", "loc": ("body", "messages", 2, "role"), "msg": "x"}])
     assert validation_error(nested).param == "messages[2].role"
+
+
+def test_prefix_hash_takes_any_str():
+    # A lone surrogate once made the router's hashing raise, which stalled the request in Serve.
+    from shardserve.cluster.router import prefix_chain
+
+    assert len(prefix_chain("x\ud800y" * 40)) == 2 and prefix_chain("x\ud800y") != prefix_chain("x\udfffy")
