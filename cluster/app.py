@@ -11,9 +11,13 @@ config file / RayService names `import_path: shardserve.cluster.app:app_builder`
     stage, PACK when stages may span nodes); the engine starts one Ray actor per rank in it
     (workers/group.py);
   - one Ingress deployment (cluster/ingress/deployment.py) bound to a handle per model; it serves
-    the OpenAI HTTP API and the gRPC servicer.
-HTTP and gRPC ports are proxy settings, not part of the Application: `serve_options(config)` gives
-the `serve.start` arguments (`shardserve serve` uses them; a RayService sets them in its spec).
+    the OpenAI HTTP API (through Serve's HTTP proxy) and runs its own gRPC server (LLMService,
+    grpc.health.v1, reflection, TLS: cluster/ingress/grpc_server.py). Its replicas are placed on
+    the Ray head node (no CPUs reserved: they relay messages), so the gRPC port lives where the
+    Helm chart's gRPC Service points, and `ingress.num_replicas` share it with SO_REUSEPORT.
+The HTTP port and HTTPS files are proxy settings, not part of the Application: `serve_options(config)`
+gives the `serve.start` arguments (`shardserve serve` uses them; a RayService sets them in its spec).
+Serve's own gRPC proxy is not started.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from shardserve.cluster.config import AppConfig, ModelSection, ServeConfig, parse_config
 from shardserve.cluster.ingress.deployment import Ingress, llm_server_name
-from shardserve.cluster.proto import SERVICER_FUNCTION
+from shardserve.cluster.ingress.tls import http_ssl_options
 from shardserve.cluster.router import PrefixAffinityRouter
 from shardserve.cluster.server import LLMServer
 
 ROUTING_STATS_PERIOD_S = 2.0
+# Ray's built-in resource of the head node (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+INGRESS_ACTOR_OPTIONS = {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}
 INGRESS_MIN_ONGOING_REQUESTS = 4096
 # Serve's per-replica cap sits above the engine's own (running + waiting), so the engine answers
 # "queue full" (429) itself and stats / health calls still reach a busy replica.
@@ -44,6 +51,8 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": llm_server_name(index, model.name),
         "max_ongoing_requests": model.scheduler.max_num_seqs + model.scheduler.max_queue_len + CONTROL_HEADROOM,
+        "health_check_period_s": model.health_check_period_s,
+        "health_check_timeout_s": model.health_check_timeout_s,
         "ray_actor_options": {"num_cpus": res.num_cpus_per_worker, "num_gpus": res.num_gpus_per_worker},
         "request_router_config": RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
@@ -108,6 +117,7 @@ def build_app(config: AppConfig) -> serve.Application:
         name="Ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=ingress_max_ongoing_requests(config),
+        ray_actor_options=INGRESS_ACTOR_OPTIONS,
     )
     return ingress.bind(app_config, handles)
 
@@ -118,10 +128,13 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 
 def serve_options(config: ServeConfig | AppConfig) -> dict[str, Any]:
-    """Keyword arguments of `serve.start` for this config (proxy ports, gRPC servicer)."""
+    """Keyword arguments of `serve.start` for this config (HTTP proxy port and HTTPS files).
+
+    No gRPC servicer functions: Serve starts no gRPC proxy; the Ingress serves gRPC itself.
+    """
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     return {
-        "http_options": HTTPOptions(host=config.http.host, port=config.http.port),
-        "grpc_options": gRPCOptions(port=config.grpc.port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+        "http_options": HTTPOptions(host=config.http.host, port=config.http.port, **http_ssl_options(config.tls)),
+        "grpc_options": gRPCOptions(grpc_servicer_functions=[]),
     }

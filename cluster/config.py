@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 from shardserve.workers.config import (
+    MAX_TIMEOUT_S,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -65,6 +74,95 @@ class IngressSection(_Section):
     )
 
 
+class TlsSection(_Section):
+    """TLS of both APIs. Paths are read where the servers run (the Serve proxies for HTTP, the
+    Ingress replicas for gRPC); the Helm chart mounts them from a Kubernetes Secret."""
+
+    cert_file: str = Field(..., min_length=1, description="PEM certificate (chain) the HTTP and gRPC servers present.")
+    key_file: str = Field(..., min_length=1, description="PEM private key of cert_file (unencrypted).")
+    ca_file: str | None = Field(
+        None, min_length=1,
+        description="PEM CA bundle that signs client certificates; required when require_client_auth is true.",
+    )
+    require_client_auth: bool = Field(
+        False,
+        description=(
+            "Mutual TLS on the gRPC API: refuse clients without a certificate signed by ca_file. Ray Serve's "
+            "HTTP proxy has no option to require client certificates, so this field is refused unless "
+            "http_client_auth_unsupported_ok is true (HTTP then serves TLS without client certificates)."
+        ),
+    )
+    http_client_auth_unsupported_ok: bool = Field(
+        False,
+        description=(
+            "Acknowledge that with require_client_auth only gRPC checks client certificates and HTTP does not "
+            "(put a TLS-terminating proxy that checks them in front of HTTP, or keep HTTP internal)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_client_auth(self) -> TlsSection:
+        if self.require_client_auth and self.ca_file is None:
+            raise ValueError("require_client_auth: true needs ca_file (the CA that signs client certificates)")
+        if self.require_client_auth and not self.http_client_auth_unsupported_ok:
+            raise ValueError(
+                "require_client_auth: true is enforced on gRPC only (Ray Serve's HTTP proxy cannot require client "
+                "certificates); set http_client_auth_unsupported_ok: true to accept that"
+            )
+        return self
+
+
+class ApiKeySection(_Section):
+    """One API key. Its name is the tenant: it goes on every request the key sends (metrics, cost)."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._:-]+$", description="Tenant name of this key.")
+    key: SecretStr | None = Field(
+        None, min_length=8, description="The key itself (>= 8 characters). Prefer key_env or key_file."
+    )
+    key_env: str | None = Field(
+        None, min_length=1, description="Environment variable of the Ingress processes that holds the key."
+    )
+    key_file: str | None = Field(None, min_length=1, description="File that holds the key (surrounding spaces dropped).")
+    requests_per_minute: float | None = Field(
+        None, gt=0,
+        description=(
+            "Rate limit of this key, > 0; null = unlimited. A token bucket per Ingress replica holding one "
+            "minute's worth of requests: over it, HTTP 429 with Retry-After / gRPC RESOURCE_EXHAUSTED."
+        ),
+    )
+
+    @field_serializer("key", when_used="json")
+    def _reveal_key(self, key: SecretStr | None) -> str | None:
+        # build_app hands the Ingress its config as JSON: the key must survive that; repr() still hides it.
+        return None if key is None else key.get_secret_value()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeySection:
+        given = [f for f in ("key", "key_env", "key_file") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(f"api key {self.name!r}: set exactly one of key, key_env, key_file, got {given or 'none'}")
+        return self
+
+
+class AuthSection(_Section):
+    api_keys: list[ApiKeySection] = Field(
+        default_factory=list,
+        description=(
+            "Accepted API keys (HTTP `Authorization: Bearer <key>`, gRPC `authorization` metadata). Empty and no "
+            "SHARDSERVE_API_KEY in the environment = open API. SHARDSERVE_API_KEY, when set, is one more key, "
+            "tenant `default`, unlimited."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthSection:
+        names = [k.name for k in self.api_keys]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"api key names must be unique, repeated: {dupes}")
+        return self
+
+
 class ParallelSection(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one layer is split over (NCCL all-reduce), >= 1.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages the layers are split into, >= 1.")
@@ -77,6 +175,25 @@ class ParallelSection(_Section):
         description=(
             "Batches in flight under pipeline parallelism, in [pp, 2 × pp]; null = pp. pp + 1 keeps the first "
             "stage busy while the driver turns a returned batch around (throughput at many requests)."
+        ),
+    )
+    collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "Seconds a rank waits in a collective (all-reduce, pipeline send/recv, the start-up rendezvous) for a "
+            "peer before it fails with a timeout instead of hanging, in (0, 86400]."
+        ),
+    )
+    step_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "Seconds the engine waits for a step's result from the worker group before declaring the group dead "
+            "(requests in flight end with UNAVAILABLE, the replica turns unhealthy and is replaced), in "
+            "(0, 86400]; must cover the slowest step, prefill of a full batch included."
         ),
     )
 
@@ -135,7 +252,17 @@ class SchedulerSection(_Section):
     policy: Literal["fcfs", "priority"] = Field("fcfs", description="Queue order: fcfs or priority.")
     mode: Literal["continuous", "static"] = Field("continuous", description="continuous or static batching.")
     max_queue_len: int = Field(
-        1024, ge=1, description="Waiting requests per replica before new ones get 429 / RESOURCE_EXHAUSTED, >= 1."
+        1024,
+        ge=1,
+        description=(
+            "Waiting samples per replica (a request with n completions counts n) before new requests get "
+            "429 / RESOURCE_EXHAUSTED, >= 1; a request with n above it gets 400."
+        ),
+    )
+    max_queue_tokens: int = Field(
+        1 << 20,
+        ge=1,
+        description="Prompt tokens of the waiting requests per replica before new ones get 429, >= 1.",
     )
 
 
@@ -207,6 +334,26 @@ class ModelSection(_Section):
                      "messages, merged when the path lags (throughput under many concurrent streams). "
                      f"null = {GPU_STREAM_INTERVAL_MS:g} on GPUs (device cuda or GPUs per rank), 0 on CPU."),
     )
+    health_check_period_s: float = Field(
+        2.0,
+        ge=0.5,
+        le=600,
+        description=(
+            "Seconds between Serve's health checks of an LLMServer replica (engine alive, every rank of its worker "
+            "group alive), 0.5..600. Serve replaces a replica after 3 failed checks in a row, so a dead worker "
+            "group is replaced about 3 periods after it died (Serve's own default of 10 s: ~30 s). A check is "
+            "one zero-timeout look at the ranks between two engine steps."
+        ),
+    )
+    health_check_timeout_s: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description=(
+            "Seconds a health check may take before it counts as failed, 0.5..3600. The check waits for the "
+            "engine's current step, so keep it above the slowest step."
+        ),
+    )
     engine_factory: str | None = Field(
         None,
         description=(
@@ -260,11 +407,7 @@ class ModelSection(_Section):
 
 
 def _scheduler_config(section: SchedulerSection) -> SchedulerConfig:
-    fields = section.model_dump()
-    # max_queue_len reaches the engine once SchedulerConfig has it; LLMServer enforces it meanwhile.
-    if "max_queue_len" not in SchedulerConfig.__dataclass_fields__:
-        fields.pop("max_queue_len")
-    return SchedulerConfig(**fields)
+    return SchedulerConfig(**section.model_dump())
 
 
 class AppConfig(_Section):
@@ -275,6 +418,11 @@ class AppConfig(_Section):
     ingress: IngressSection = Field(default_factory=IngressSection, description="The Ingress deployment.")
     models: list[ModelSection] = Field(..., min_length=1, description="Models served; clients pick by name.")
     limits: LimitsSection = Field(default_factory=LimitsSection, description="Per-request limits (both APIs).")
+    tls: TlsSection | None = Field(None, description="TLS (and gRPC mutual TLS) for both APIs; null = plaintext.")
+    auth: AuthSection = Field(default_factory=AuthSection, description="API keys (tenants) and their rate limits.")
+    log_prompts: bool = Field(
+        False, description="Log each request's prompt text in the Ingress log (off: only id, model and tenant)."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:
@@ -322,6 +470,8 @@ def format_validation_error(err: ValidationError) -> str:
 def _friendly(item: dict[str, Any], message: str) -> str:
     ctx = item.get("ctx") or {}
     got = item.get("input")
+    if item["loc"] and item["loc"][-1] == "key":  # an API key: never echo it
+        got = "<hidden>"
     kind = item["type"]
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:

@@ -27,6 +27,7 @@ class ErrorKind(str, enum.Enum):
     NOT_FOUND = "not_found"  # HTTP 404 / NOT_FOUND
     UNAUTHENTICATED = "invalid_api_key"  # HTTP 401 / UNAUTHENTICATED (OpenAI's error code)
     QUEUE_FULL = "queue_full"  # HTTP 429 / RESOURCE_EXHAUSTED
+    RATE_LIMITED = "rate_limit_exceeded"  # HTTP 429 / RESOURCE_EXHAUSTED (an API key's own limit)
     UNAVAILABLE = "unavailable"  # HTTP 503 / UNAVAILABLE
     INTERNAL = "internal"  # HTTP 500 / INTERNAL
 
@@ -46,6 +47,7 @@ class GenerateRequest:
     prompt: str | tuple[int, ...] | None = None
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs, rendered by the engine
     priority: int = 0
+    tenant: str | None = None  # name of the API key that sent it (metrics, cost); None on an open API
 
     @property
     def routing_text(self) -> str:

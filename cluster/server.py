@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import os
 import re
 import time
 from collections import OrderedDict
@@ -45,7 +46,7 @@ from shardserve.cluster.messages import (
     GenerateRequest,
 )
 from shardserve.cluster.streaming import batched, merge_chunks
-from shardserve.workers.config import EngineConfig, SchedulerConfig
+from shardserve.workers.config import EngineConfig
 from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFullError
 
 # Finished requests whose timings `recent_requests()` keeps (benchmarks read them by request id).
@@ -57,6 +58,15 @@ def param_of(message: str) -> str | None:
     """The field a validation message names (`max_tokens must be >= 1, got 0` → max_tokens)."""
     match = _PARAM.match(message)
     return match.group(1) if match else None
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this replica's process (Linux /proc), 0 where unknown: soaks watch it stay flat."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def engine_config(section: ModelSection) -> EngineConfig:
@@ -92,10 +102,6 @@ class LLMServer:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_in_flight = 0
         self._recent: OrderedDict[str, dict[str, float | None]] = OrderedDict()
-        # The engine enforces max_queue_len once SchedulerConfig carries it; until then, here.
-        self._queue_limit: int | None = None
-        if "max_queue_len" not in SchedulerConfig.__dataclass_fields__:
-            self._queue_limit = self.section.scheduler.max_num_seqs + self.section.scheduler.max_queue_len
 
     def _error(self, request_id: str, kind: ErrorKind, message: str, param: str | None = None) -> GenerateChunk:
         return GenerateChunk(
@@ -106,11 +112,6 @@ class LLMServer:
         rid = request.request_id
         if request.model != self.section.name:
             yield self._error(rid, ErrorKind.NOT_FOUND, f"model {request.model!r} is not served here", "model")
-            return
-        if self._queue_limit is not None and self.num_in_flight >= self._queue_limit:
-            yield self._error(
-                rid, ErrorKind.QUEUE_FULL, f"queue is full ({self.section.scheduler.max_queue_len} waiting requests)"
-            )
             return
         try:
             prompt: Any = request.prompt
@@ -193,6 +194,7 @@ class LLMServer:
             "num_waiting": stats.num_waiting,
             "kv_cache_usage": stats.kv_cache_usage,
             "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+            "process_rss_bytes": process_rss_bytes(),
         }
 
     async def check_health(self) -> None:

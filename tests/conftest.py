@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,6 +25,27 @@ atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 # Two cores in CI: more intra-op threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The ports a developer's `make serve` listens on. Tests pick free ports (cluster/testing/ports.py).
+DEFAULT_PORTS = (8000, 9000)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_held() -> Iterator[list[int]]:
+    """Hold 8000 and 9000 for the whole session, so a test (or a Serve proxy it starts by accident
+    with the defaults) that binds them fails loudly instead of colliding with a developer's server.
+    A port already taken (that server is running) is left alone: the suite never touches it."""
+    with contextlib.ExitStack() as stack:
+        held = []
+        for port in DEFAULT_PORTS:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("0.0.0.0", port))
+                sock.listen(1)
+            except OSError:
+                continue
+            held.append(port)
+        yield held
 
 
 def smollm2_folder() -> str:

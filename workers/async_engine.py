@@ -4,12 +4,17 @@ Only the engine thread touches the LLMEngine. Callers talk to it through a comma
 `generate()` submits an "add" command and awaits its future, so validation errors
 (ValueError naming the field, QueueFullError) surface before anything is yielded; the engine
 thread then pushes every RequestOutput of that request into the caller's asyncio.Queue with
-`loop.call_soon_threadsafe`. When the caller stops iterating early (client gone, task
-cancelled), the generator's `finally` submits an abort, so KV blocks are freed at once.
-If a step raises, the engine is dead: every open stream gets EngineDeadError and health()
-raises, so the serving layer can report unhealthy and be replaced. health() also asks the
-executor whether every rank of its worker group is alive (`Executor.check_health`).
-Implements workers/protocol.py's EngineProtocol.
+`loop.call_soon_threadsafe`. When the caller stops early (client gone, task cancelled, a
+timeout) at any point — even while its "add" is still queued — the generator's `finally`
+submits an abort of *its own* stream (commands run in order, so it lands after the add), and
+the KV blocks are freed at once. Nothing a caller does can raise on the engine thread: a
+command whose future was cancelled before it ran is skipped (`set_running_or_notify_cancel`),
+and a running future cannot be cancelled. If a step raises, the engine is dead: every open
+stream gets EngineDeadError and health() raises, so the serving layer can report unhealthy and
+be replaced. health() also asks the executor whether every rank of its worker group is alive
+(`Executor.check_health`, on the engine thread between steps); it never waits behind a step for
+long: while a step runs it reports healthy unless that step has outlasted `step_timeout_s`
+(a hung rank), so Serve's health check answers in time. Implements EngineProtocol.
 """
 
 from __future__ import annotations
@@ -19,17 +24,20 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.engine import LLMEngine
-from shardserve.workers.protocol import EngineDeadError, EngineStats, ModelInfo, QueueFullError
+from shardserve.workers.protocol import EngineDeadError, EngineStats, ModelInfo
 from shardserve.workers.request import RequestOutput, SamplingParams
 from shardserve.workers.worker.executor import WorkerGroupError
 
 logger = logging.getLogger(__name__)
+# How long health() waits for its check to run between steps before judging the running step.
+HEALTH_WAIT_S = 1.0
 
 
 @dataclass
@@ -45,6 +53,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
         self._stopped = False
+        self._step_started: float | None = None  # monotonic time the running step began, else None
         self._thread = threading.Thread(target=self._run, name="shardserve-engine", daemon=True)
         self._thread.start()
 
@@ -59,16 +68,11 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         self._raise_if_dead()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        try:
-            await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
-        except asyncio.CancelledError:
-            # Cancelled while the add was queued: it still runs on the engine thread, so abort it
-            # (queued after it), or the request would run on unread, holding its KV blocks.
-            if not self._dead:
-                self._submit(lambda: self._abort(request_id))
-            raise
         finished = False
         try:
+            # A cancel here may come before or after the engine thread ran the add: the abort in
+            # `finally` covers both (it only touches this stream's request).
+            await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -79,7 +83,7 @@ class AsyncEngine:
                     return
         finally:
             if not finished and not self._dead:
-                self._submit(lambda: self._abort(request_id))
+                self._submit(lambda: self._abort_stream(request_id, stream))
 
     async def abort(self, request_id: str) -> None:
         if not self._dead:
@@ -94,9 +98,18 @@ class AsyncEngine:
         if not self._thread.is_alive():
             raise EngineDeadError("engine thread is not running")
         try:
-            await self._call(self.engine.executor.check_health)
+            await asyncio.wait_for(self._call(self.engine.executor.check_health), HEALTH_WAIT_S)
         except WorkerGroupError as err:
             raise EngineDeadError(f"worker group failed: {err}") from err
+        except asyncio.TimeoutError:  # a step is running: it fails by itself if a rank dies
+            started = self._step_started
+            limit = self.engine.config.parallel.step_timeout_s
+            if started is not None and time.monotonic() - started > limit:
+                raise EngineDeadError(
+                    f"an engine step has run for {time.monotonic() - started:.0f}s, over "
+                    f"parallel.step_timeout_s = {limit:g}: a rank is hung"
+                ) from None
+            self._raise_if_dead()
 
     async def stats(self) -> EngineStats:
         self._raise_if_dead()
@@ -135,16 +148,17 @@ class AsyncEngine:
 
     def _add(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, priority: int,
              stream: _Stream) -> None:
-        if self.engine.num_waiting() >= self.engine.config.scheduler.max_queue_len:
-            raise QueueFullError(
-                f"queue full: {self.engine.config.scheduler.max_queue_len} requests waiting "
-                "(scheduler.max_queue_len); retry later"
-            )
-        self.engine.add_request(request_id, prompt, params, priority=priority)
+        self.engine.add_request(request_id, prompt, params, priority=priority, check_queue=True)
         self._streams[request_id] = stream
 
     def _abort(self, request_id: str) -> None:
+        # The stream stays until the abort's own final output (finish_reason abort) reaches it.
         self.engine.abort_request(request_id)
+
+    def _abort_stream(self, request_id: str, stream: _Stream) -> None:
+        """Abort `request_id` if `stream` still owns it (not if its add failed, e.g. a duplicate id)."""
+        if self._streams.get(request_id) is stream:
+            self._abort(request_id)
 
     def _run(self) -> None:
         try:
@@ -152,7 +166,10 @@ class AsyncEngine:
                 block = not self.engine.has_unfinished_requests()
                 self._run_commands(block)
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    self._step_started = time.monotonic()
+                    outputs = self.engine.step()
+                    self._step_started = None
+                    self._dispatch(outputs)
         except BaseException as exc:  # the engine is unusable now; fail every stream
             logger.exception("engine step failed")
             self._dead = exc
@@ -171,17 +188,14 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
-            # A caller cancelled while waiting (client gone) leaves a cancelled future: the command
-            # still runs (an add is then aborted by its caller, an abort must happen anyway), but
-            # setting a result on it would raise InvalidStateError and kill the engine thread.
-            wanted = future.set_running_or_notify_cancel()
-            try:
-                result = fn()
-            except Exception as exc:  # a bad request fails its caller, never the engine
-                if wanted:
+            # False: the caller cancelled before the command ran, so it is skipped. Once running,
+            # the future cannot be cancelled, so setting its outcome below never raises.
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn()
+                except Exception as exc:  # a bad request fails its caller, never the engine
                     future.set_exception(exc)
-            else:
-                if wanted:
+                else:
                     future.set_result(result)
             try:
                 fn, future = self._commands.get_nowait()

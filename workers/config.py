@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_TIMEOUT_S = 86400.0  # upper bound of ParallelConfig.collective_timeout_s and step_timeout_s (one day)
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,11 @@ class SchedulerConfig:
     policy: `fcfs`, or `priority` (lower Request.priority first, then arrival).
     mode: `continuous` (requests join and leave every step) or `static` (a batch is admitted
       together and nothing joins until all of it finishes: the comparison baseline).
-    max_queue_len: requests waiting at most; the async engine refuses more (QueueFullError,
-      HTTP 429 / gRPC RESOURCE_EXHAUSTED) instead of queueing without bound.
+    max_queue_len: samples waiting at most (a request with n completions counts n); the async
+      engine refuses more (QueueFullError, HTTP 429 / gRPC RESOURCE_EXHAUSTED) instead of
+      queueing without bound; a request with n above it can never fit (ValueError naming n).
+    max_queue_tokens: prompt tokens of the waiting requests at most, the same way (a burst of
+      long prompts is refused before it holds the queue for minutes).
     min_admit_batch: continuous mode only — while requests are running, waiting ones join
       only once at least this many of them (or all that wait, if fewer) have a free slot.
       1 (default) admits at every step. Larger values trade a little TTFT for throughput on
@@ -106,6 +110,7 @@ class SchedulerConfig:
     policy: Literal["fcfs", "priority"] = "fcfs"
     mode: Literal["continuous", "static"] = "continuous"
     max_queue_len: int = 1024
+    max_queue_tokens: int = 1 << 20
     min_admit_batch: int = 1
     async_scheduling: bool | None = None
     async_depth: int = 2
@@ -125,6 +130,8 @@ class SchedulerConfig:
             raise ValueError(f"min_admit_batch must be in [1, max_num_seqs={self.max_num_seqs}], got {self.min_admit_batch}")
         if self.max_queue_len < 1:
             raise ValueError(f"max_queue_len must be >= 1, got {self.max_queue_len}")
+        if self.max_queue_tokens < 1:
+            raise ValueError(f"max_queue_tokens must be >= 1, got {self.max_queue_tokens}")
         if self.mode not in ("continuous", "static"):
             raise ValueError(f"mode must be continuous or static, got {self.mode!r}")
 
@@ -149,8 +156,12 @@ class ParallelConfig:
       P > 1; with one stage only None or 1 (async scheduling has its own depth of 2).
     expert_dispatch: `auto`, `all_to_all` or `all_reduce` (see parallel/expert.py).
     all_to_all_min_tokens: under `auto`, steps with at least this many tokens use all-to-all.
-    collective_timeout_s: a collective waiting on a dead peer fails after this long.
-    step_timeout_s: the driver gives up on a step that has not returned after this long.
+    collective_timeout_s: seconds a rank waits in a collective (all-reduce, pipeline send/recv, the
+      rendezvous) for a peer before failing with a timeout (torch.distributed process-group
+      timeout; parallel/state.py), in (0, MAX_TIMEOUT_S].
+    step_timeout_s: seconds the driver waits for a step's output before it declares the worker
+      group dead (WorkerGroupError; workers/worker/channel.py), in (0, MAX_TIMEOUT_S]. A rank
+      that dies is noticed at once (closed pipe/socket); this bounds a rank that hangs.
     launcher: how a world of more than one rank is started: `multiproc` (local spawned processes,
       workers/worker/executor.py) or `ray` (one Ray actor per rank in a placement group,
       workers/group.py). A world of one always runs in the engine's process.
@@ -183,8 +194,10 @@ class ParallelConfig:
         self._check_micro_batches()
         if self.expert_dispatch not in ("auto", "all_to_all", "all_reduce"):
             raise ValueError(f"expert_dispatch must be auto, all_to_all or all_reduce, got {self.expert_dispatch!r}")
-        if self.collective_timeout_s <= 0 or self.step_timeout_s <= 0:
-            raise ValueError("collective_timeout_s and step_timeout_s must be > 0")
+        for name in ("collective_timeout_s", "step_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise ValueError(f"{name} must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value!r}")
 
     def _check_micro_batches(self) -> None:
         value, pp = self.pipeline_micro_batches, self.pipeline_parallel_size

@@ -67,7 +67,7 @@ from shardserve.workers.heap import freeze_startup_heap, thaw_heap
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from shardserve.workers.output_processor import OutputProcessor
-from shardserve.workers.protocol import EngineStats, ModelInfo
+from shardserve.workers.protocol import EngineStats, ModelInfo, QueueFullError
 from shardserve.workers.request import FinishReason, Request, RequestOutput, SamplingParams
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.output import ModelRunnerOutput
@@ -148,8 +148,12 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        check_queue: bool = False,
     ) -> None:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+        """Validate and queue a request; raises ValueError naming the bad field.
+
+        `check_queue` (the serving path): refuse the request when the waiting queue has no room
+        (`check_admission`); the offline API queues everything it is given."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -159,15 +163,14 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
         vocab_size = self.loaded.hf_config.vocab_size
-        # ints, at least one (checked above); the message names one bad id, never the whole prompt
         bad = next((i for i, t in enumerate(token_ids) if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt must hold token ids in [0, {vocab_size}), got {token_ids[bad]} at position {bad}"
-            )
+        if bad is not None:  # the message names one id, never the whole prompt
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {token_ids[bad]} at position {bad}")
         bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
         if bad is not None:  # min_tokens masks these ids in the logits: one past the vocabulary would fault
             raise ValueError(f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
+        if check_queue:
+            self.check_admission(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         text = prompt if isinstance(prompt, str) else None
         samples = [
@@ -342,6 +345,30 @@ class LLMEngine:
 
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting + sum(len(v) for v in self._held_samples.values())
+
+    def check_admission(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Refuse a request the waiting queue has no room for: ValueError if it can never fit,
+        QueueFullError (retry later) if it does not fit now. Counts n samples and prompt tokens."""
+        limits = self.config.scheduler
+        if params.n > limits.max_queue_len:
+            raise ValueError(f"n must be <= scheduler.max_queue_len = {limits.max_queue_len}, got {params.n}")
+        if len(prompt_token_ids) > limits.max_queue_tokens:
+            raise ValueError(
+                f"prompt is {len(prompt_token_ids)} tokens; it must be at most scheduler.max_queue_tokens = "
+                f"{limits.max_queue_tokens}"
+            )
+        num_waiting = self.num_waiting()
+        if num_waiting + params.n > limits.max_queue_len:
+            raise QueueFullError(
+                f"queue full: {num_waiting} of {limits.max_queue_len} waiting samples taken "
+                f"(scheduler.max_queue_len), this request needs {params.n}; retry later"
+            )
+        num_tokens = self.scheduler.num_waiting_prompt_tokens
+        if num_tokens + len(prompt_token_ids) > limits.max_queue_tokens:
+            raise QueueFullError(
+                f"queue full: {num_tokens} of {limits.max_queue_tokens} waiting prompt tokens taken "
+                f"(scheduler.max_queue_tokens), this request needs {len(prompt_token_ids)}; retry later"
+            )
 
     def stats(self) -> EngineStats:
         prompt_rate, generation_rate = self.meter.rates()

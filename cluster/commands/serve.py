@@ -3,16 +3,22 @@
 Data flow: `load_config` validates the YAML → `ray.init` (a local Ray when `ray.address` is
 null, else joins `auto` / `ray://host:port`) → `serve.start` with the config's HTTP and gRPC
 proxy options → `serve.run(build_app(config))` → print the curl and Python gRPC commands that
-call it → sleep until SIGINT/SIGTERM, then delete the app and shut Serve (and a Ray we started)
+call it (`usage_text`: https / TLS credentials / a bearer key as configured) → sleep until SIGINT/SIGTERM, then delete the app and shut Serve (and a Ray we started)
 down. Ray is imported inside the function so `shardserve --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shardserve.cluster.config import ServeConfig
 
 APP_NAME = "shardserve"
 
@@ -24,28 +30,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def usage_text(config: object) -> str:
-    """The commands that call a running app (printed by `serve`)."""
-    http, grpc_port, model = config.http, config.grpc.port, config.models[0].name  # type: ignore[attr-defined]
+def usage_text(config: ServeConfig) -> str:
+    """The commands that call a running app (printed by `serve`).
+
+    The gRPC example runs the interpreter that runs shardserve (`sys.executable`: a bare `python`
+    may lack the venv's grpc and shardserve), with TLS credentials when `tls` is set.
+    """
+    from shardserve.cluster.ingress.auth import API_KEY_ENV
+
+    http, grpc_port, model, tls = config.http, config.grpc.port, config.models[0].name, config.tls
     host = "localhost" if http.host in ("0.0.0.0", "::") else http.host
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
-    return "\n".join(
-        [
-            f"shardserve is up: models {[m.name for m in config.models]}",  # type: ignore[attr-defined]
-            "",
-            "HTTP (OpenAI-compatible):",
-            f"  curl http://{host}:{http.port}/v1/chat/completions -H 'Content-Type: application/json' \\",
-            f"    -d '{body}'",
-            "",
-            "gRPC (shardserve.v1.LLMService):",
-            "  python -c \"import grpc; from shardserve.cluster.proto import llm_pb2 as pb, llm_pb2_grpc as rpc; "
-            f"stub = rpc.LLMServiceStub(grpc.insecure_channel('{host}:{grpc_port}')); "
-            f"print(stub.Generate(pb.GenerateRequest(model='{model}', prompt='Hello', "
-            "params=pb.SamplingParams(max_tokens=32))).text)\"",
-            "",
-            "Ctrl-C stops the server.",
-        ]
-    )
+    scheme, curl_tls, channel = "http", "", f"grpc.insecure_channel('{host}:{grpc_port}')"
+    if tls is not None:
+        ca = tls.ca_file or tls.cert_file
+        scheme, curl_tls = "https", f" --cacert {shlex.quote(ca)}"
+        client = ""
+        if tls.require_client_auth:
+            client = ", private_key=open('CLIENT.key', 'rb').read(), certificate_chain=open('CLIENT.crt', 'rb').read()"
+        creds = f"grpc.ssl_channel_credentials(open({ca!r}, 'rb').read(){client})"
+        channel = f"grpc.secure_channel('{host}:{grpc_port}', {creds})"
+    keyed = bool(config.auth.api_keys) or bool(os.environ.get(API_KEY_ENV))
+    curl_key = " -H \"Authorization: Bearer $API_KEY\"" if keyed else ""
+    grpc_key = ", metadata=[('authorization', 'Bearer ' + os.environ['API_KEY'])]" if keyed else ""
+    lines = [
+        f"shardserve is up: models {[m.name for m in config.models]}",
+        "",
+        "HTTP (OpenAI-compatible):",
+        f"  curl{curl_tls} {scheme}://{host}:{http.port}/v1/chat/completions -H 'Content-Type: application/json'"
+        f"{curl_key} \\",
+        f"    -d '{body}'",
+        "",
+        "gRPC (shardserve.v1.LLMService; grpc.health.v1 and server reflection on the same port):",
+        f"  {shlex.quote(sys.executable)} -c \"import os, grpc; "
+        "from shardserve.cluster.proto import llm_pb2 as pb, llm_pb2_grpc as rpc; "
+        f"stub = rpc.LLMServiceStub({channel}); "
+        f"print(stub.Generate(pb.GenerateRequest(model='{model}', prompt='Hello', "
+        f"params=pb.SamplingParams(max_tokens=32)){grpc_key}).text)\"",
+    ]
+    if keyed:
+        lines += ["", "(API keys are on: export API_KEY=<one of your keys> first.)"]
+    if tls is not None and tls.require_client_auth:
+        lines += ["(mutual TLS: CLIENT.crt / CLIENT.key are a client certificate signed by tls.ca_file.)"]
+    return "\n".join([*lines, "", "Ctrl-C stops the server."])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,36 +1,115 @@
-"""API-key check shared by the HTTP and gRPC front ends.
+"""API keys (one tenant name each) and their rate limits, shared by the HTTP and gRPC front ends.
 
-Data flow: when the environment variable `SHARDSERVE_API_KEY` is set in the Ingress process
-(the Helm chart passes it from a Secret; Ray hands a pod's environment to its actors), every
-HTTP route but /health needs `Authorization: Bearer <key>` and every gRPC call but Health needs
-the metadata `authorization: Bearer <key>`. `check(header)` raises an UNAUTHENTICATED ApiError
-(HTTP 401 in the OpenAI error shape, gRPC UNAUTHENTICATED) otherwise. The key is compared in
-constant time and never echoed.
+Data flow: the Ingress builds one `Gate` from the config's `auth` section when it starts:
+`load_keys` reads each key from the config (`key`), from this process's environment (`key_env`)
+or from a file (`key_file`, e.g. a mounted Kubernetes Secret); a missing variable or file is a
+ConfigError naming the key. `SHARDSERVE_API_KEY`, when set (the Helm chart's single-key Secret),
+is one more key named `default` (backwards compatible). With no key at all the API is open. Every
+HTTP route but /health and every LLMService RPC calls `gate.admit(authorization)` with the
+`Authorization` header / `authorization` metadata: it compares the bearer token with every key in
+constant time and returns the key's name (the tenant, put on the GenerateRequest), raises an
+UNAUTHENTICATED ApiError (HTTP 401 / gRPC UNAUTHENTICATED), or `RateLimited` when the key's
+bucket is empty (cluster/ingress/ratelimit.py). Keys are never logged or echoed.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from shardserve.cluster.config import AuthSection, ConfigError
 from shardserve.cluster.ingress.errors import ApiError
+from shardserve.cluster.ingress.ratelimit import RateLimiter
 from shardserve.cluster.messages import ErrorKind
 
 API_KEY_ENV = "SHARDSERVE_API_KEY"
+ENV_KEY_NAME = "default"
 OPEN_HTTP_PATHS = frozenset({"/health"})
+# The tenant of the HTTP request being handled (set by the auth middleware, read by the route).
+CURRENT_TENANT: ContextVar[str | None] = ContextVar("shardserve_tenant", default=None)
 
 
-def api_key() -> str | None:
-    """The configured key, or None when the API is open (read each call: cheap, and testable)."""
-    return os.environ.get(API_KEY_ENV) or None
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    secret: bytes = field(repr=False)
+    requests_per_minute: float | None = None
 
 
-def check(authorization: str | None) -> None:
-    key = api_key()
-    if key is None:
-        return
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    if not authorization:
-        raise ApiError(ErrorKind.UNAUTHENTICATED, "missing API key: send `Authorization: Bearer <key>`")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(ErrorKind.UNAUTHENTICATED, "invalid API key (expected `Authorization: Bearer <key>`)")
+def load_keys(section: AuthSection) -> list[ApiKey]:
+    keys = []
+    for i, entry in enumerate(section.api_keys):
+        where = f"auth.api_keys[{i}] ({entry.name})"
+        if entry.key is not None:
+            secret = entry.key.get_secret_value()
+        elif entry.key_env is not None:
+            secret = os.environ.get(entry.key_env, "")
+            if not secret:
+                raise ConfigError(f"{where}.key_env: environment variable {entry.key_env} is not set or empty")
+        else:
+            path = Path(entry.key_file or "")
+            try:
+                secret = path.read_text().strip()
+            except OSError as err:
+                raise ConfigError(f"{where}.key_file: cannot read {path}: {err.strerror}") from None
+            if not secret:
+                raise ConfigError(f"{where}.key_file: {path} is empty")
+        keys.append(ApiKey(entry.name, secret.encode(), entry.requests_per_minute))
+    env_key = os.environ.get(API_KEY_ENV)
+    if env_key:
+        keys.append(ApiKey(ENV_KEY_NAME, env_key.encode()))
+    secrets = [k.secret for k in keys]
+    if len(set(secrets)) != len(secrets):
+        names = sorted({k.name for k in keys if secrets.count(k.secret) > 1})
+        raise ConfigError(f"auth.api_keys: keys {names} have the same value (each key must name one tenant)")
+    return keys
+
+
+class Gate:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self.keys = keys
+        self.limiter = RateLimiter({k.name: k.requests_per_minute for k in keys if k.requests_per_minute})
+
+    @classmethod
+    def from_config(cls, section: AuthSection) -> Gate:
+        return cls(load_keys(section))
+
+    @property
+    def is_open(self) -> bool:
+        return not self.keys
+
+    def admit(self, authorization: str | None) -> str | None:
+        """The tenant (key name) of an accepted call, None on an open API; raises ApiError otherwise."""
+        if self.is_open:
+            return None
+        if not authorization:
+            raise ApiError(ErrorKind.UNAUTHENTICATED, "missing API key: send `Authorization: Bearer <key>`")
+        scheme, _, token = authorization.strip().partition(" ")
+        presented = token.strip().encode()
+        match = None
+        for key in self.keys:  # every key is compared, so timing does not tell which one matched
+            if hmac.compare_digest(presented, key.secret) and scheme.lower() == "bearer":
+                match = key
+        if match is None:
+            raise ApiError(ErrorKind.UNAUTHENTICATED, "invalid API key (expected `Authorization: Bearer <key>`)")
+        self.limiter.take(match.name)
+        return match.name
+
+
+# The Gate of this process's Ingress. The HTTP middleware is a plain function registered on the
+# FastAPI app (which Serve hands the replica as a pickled copy), so it finds the Gate here.
+_installed: Gate | None = None
+
+
+def install(gate: Gate) -> None:
+    global _installed
+    _installed = gate
+
+
+def installed() -> Gate:
+    if _installed is None:
+        raise RuntimeError("no Ingress in this process has installed its API-key gate")
+    return _installed

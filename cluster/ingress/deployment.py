@@ -1,21 +1,24 @@
-"""Ingress deployment: the FastAPI app (OpenAI HTTP API) and the gRPC servicer, in one class.
+"""Ingress deployment: the FastAPI app (OpenAI HTTP API) and the gRPC server, in one class.
 
-Data flow: Ray Serve's HTTP proxy (:8000) hands HTTP requests to the FastAPI routes below and
-its gRPC proxy (:9000) calls the methods named after the LLMService RPCs. Both go through one
+Data flow: Ray Serve's HTTP proxy (:8000) hands HTTP requests to the FastAPI routes below; the
+replica's own gRPC server (:9000, cluster/ingress/grpc_server.py: LLMService, grpc.health.v1,
+reflection, TLS) is started by the constructor and calls GrpcFrontend. Both go through one
 IngressCore holding a DeploymentHandle per model (routed by the request's `model` field), so
 both APIs share the prefix-affinity router's state in this process. HTTP responses carry
 `x-shardserve-request-id` (the engine's request id, also the body's `id`) and
 `x-shardserve-replica` (the LLMServer replica that served it); gRPC puts `x-request-id` and
 `x-shardserve-replica` in trailing metadata. `/v1/stats` shows each model's router view (per
 replica: requests routed, affinity hits, load, engine stats); `/health` is 200 only when every
-model answers. With `SHARDSERVE_API_KEY` set, a middleware (HTTP) and the servicer (gRPC) check
-the bearer key first (cluster/ingress/auth.py); /health and the gRPC Health RPC stay open.
+model answers. With API keys configured (`auth.api_keys`, or `SHARDSERVE_API_KEY`), a middleware
+(HTTP) and GrpcFrontend check the bearer key and its rate limit first (cluster/ingress/auth.py)
+and the key's name becomes the request's tenant; /health and the gRPC health RPCs stay open.
 A streaming HTTP response cancels its LLMServer call synchronously when it ends for any reason
 (`_StreamResponse`), so a client that goes away always aborts the request in the engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,7 +30,14 @@ from shardserve.cluster.ingress import openai as oai
 from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.grpc import GrpcFrontend
+from shardserve.cluster.ingress.grpc_server import GrpcServer
+from shardserve.cluster.ingress.ratelimit import RateLimited
+from shardserve.cluster.ingress.request_log import log_request
 from shardserve.cluster.router import router_stats
+
+# Seconds a client told "queue full" (429) should wait: about how long a CPU replica takes to drain
+# a step's worth of requests; clients (the openai package) honour the header.
+RETRY_AFTER_S = 1
 
 api = FastAPI(
     title="shardserve", description="OpenAI-compatible API of a shardserve cluster.", responses=http_edge.ERROR_RESPONSES
@@ -40,8 +50,13 @@ async def _require_api_key(request: Request, call_next: Any) -> Any:
     path = request.url.path
     route = path[len(root) :] if root and path.startswith(root) else path
     if route not in auth.OPEN_HTTP_PATHS:
+        gate = auth.installed()
         try:
-            auth.check(request.headers.get("authorization"))
+            # call_next runs the route in a task that copies this context: the route reads it.
+            auth.CURRENT_TENANT.set(gate.admit(request.headers.get("authorization")))
+        except RateLimited as err:
+            headers = {"Retry-After": err.retry_after_header}
+            return JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)
         except ApiError as err:
             return JSONResponse(err.openai_body(), status_code=err.http_status, headers={"WWW-Authenticate": "Bearer"})
     return await call_next(request)
@@ -62,8 +77,9 @@ class _StreamResponse(StreamingResponse):
             self.chunk_stream.cancel()
 
 
-# Every 4xx/5xx in OpenAI's error shape, and the request body limit (cluster/ingress/http_edge.py).
-http_edge.install(api)
+# Every 4xx/5xx in OpenAI's error shape (429 with Retry-After), and the request body limit
+# (cluster/ingress/http_edge.py).
+http_edge.install(api, retry_after_s=RETRY_AFTER_S)
 
 
 def llm_server_name(index: int, model_name: str) -> str:
@@ -76,15 +92,27 @@ def llm_server_name(index: int, model_name: str) -> str:
 class Ingress:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         app_config = parse_config(config, AppConfig)
+        self.log_prompts = app_config.log_prompts
         self.core = IngressCore(app_config, handles)
         http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
-        self.grpc = GrpcFrontend(self.core)
+        self.gate = auth.Gate.from_config(app_config.auth)
+        auth.install(self.gate)  # for the HTTP middleware (one Ingress per replica process)
         self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
+        self.grpc_server = GrpcServer(app_config, GrpcFrontend(self.core, self.gate, self.log_prompts))
+        self.grpc_server.start()
+
+    async def __del__(self) -> None:
+        # Serve awaits this when it stops the replica: close the gRPC port, cancel its calls.
+        server = getattr(self, "grpc_server", None)  # absent when the constructor failed
+        if server is not None:
+            await server.stop()
 
     # ---- OpenAI HTTP ----------------------------------------------------------------------
     async def _generate(self, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest) -> Any:
         self.core.model(body.model)
         request = oai.to_generate_request(body, kind, self.core.config)
+        request = dataclasses.replace(request, tenant=auth.CURRENT_TENANT.get())
+        log_request(request, self.log_prompts)
         first, rest = await self.core.first_chunk(request)
         # Serve sets its own x-request-id on every response; ours names the engine request.
         headers = {"x-shardserve-request-id": request.request_id, "x-shardserve-replica": first.replica_id}
@@ -124,21 +152,3 @@ class Ingress:
                 for name, deployment in self.deployment_names.items()
             }
         }
-
-    # ---- gRPC (method names are the RPC names of shardserve.v1.LLMService) -----------------
-    async def Generate(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
-        return await self.grpc.generate(request, grpc_context)
-
-    async def GenerateStream(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
-        stream = self.grpc.generate_stream(request, grpc_context)
-        try:
-            async for response in stream:
-                yield response
-        finally:  # Serve throws CancelledError in at *this* yield: close the inner generator too
-            await stream.aclose()
-
-    async def ListModels(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
-        return self.grpc.list_models(grpc_context)
-
-    async def Health(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
-        return await self.grpc.health(grpc_context)

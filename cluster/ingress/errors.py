@@ -23,6 +23,7 @@ HTTP_STATUS = {
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.UNAUTHENTICATED: 401,
     ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.RATE_LIMITED: 429,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
 }
@@ -31,6 +32,7 @@ OPENAI_TYPE = {
     ErrorKind.NOT_FOUND: "not_found_error",
     ErrorKind.UNAUTHENTICATED: "invalid_request_error",
     ErrorKind.QUEUE_FULL: "rate_limit_error",
+    ErrorKind.RATE_LIMITED: "rate_limit_error",
     ErrorKind.UNAVAILABLE: "service_unavailable_error",
     ErrorKind.INTERNAL: "internal_error",
 }
@@ -39,6 +41,7 @@ GRPC_STATUS = {
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }

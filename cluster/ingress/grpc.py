@@ -1,8 +1,8 @@
-"""gRPC front end of shardserve.v1.LLMService, served through Ray Serve's gRPC proxy.
+"""gRPC front end of shardserve.v1.LLMService, served by the Ingress's own gRPC server.
 
-Data flow: the proxy (port 9000) decodes a call and invokes the Ingress method of the same
-name (Generate, GenerateStream, ListModels, Health) with the request proto and a
-RayServegRPCContext. `GrpcFrontend` maps the proto onto a `GenerateRequest` (a text prompt,
+Data flow: the grpc.aio server of each Ingress replica (cluster/ingress/grpc_server.py, port
+9000) decodes a call and invokes the method of the same name (Generate, GenerateStream,
+ListModels, Health) with the request proto and its ServicerContext. `GrpcFrontend` maps the proto onto a `GenerateRequest` (a text prompt,
 chat messages or prompt token ids, passed to the engine as-is; SamplingParams
 validation names the bad field → INVALID_ARGUMENT), streams `GenerateChunk`s from IngressCore
 and answers with `GenerateResponse`s: unary joins each completion's deltas (n of them, with
@@ -10,28 +10,33 @@ per-token logprobs when `params.logprobs` is set) into `completions`, completion
 top-level fields; streaming sends one message per completion of each chunk the LLMServer sends
 (one engine step while the path keeps up, several steps merged when it does not). The request id comes
 from the `x-request-id` metadata (or is made up) and goes back in trailing metadata with
-`x-shardserve-replica`. With an API key configured, the `authorization` metadata is checked
-first (UNAUTHENTICATED). Validation matches HTTP's: SamplingParams ranges, the deployment's
-`limits` and the chat role set (cluster/ingress/validation.py, params named `params.n`), and bytes
-that do not parse reach us as an `UndecodableRequest` (cluster/ingress/grpc_decode.py): all
-INVALID_ARGUMENT. Errors set the status code and details on the context (NOT_FOUND,
-RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A client cancel or deadline makes the proxy cancel this
-call, which cancels the LLMServer call (synchronously, `ChunkStream.cancel`) and aborts the
+`x-shardserve-replica`. With API keys configured, the `authorization` metadata is checked
+first (UNAUTHENTICATED; a key over its rate limit: RESOURCE_EXHAUSTED with `retry-after`
+metadata) and the key's name becomes the request's tenant. Validation matches HTTP's:
+SamplingParams ranges, the deployment's `limits` and the chat role set
+(cluster/ingress/validation.py, params named `params.n`), and bytes that do not parse reach us as
+an `UndecodableRequest` (cluster/ingress/grpc_decode.py): all INVALID_ARGUMENT. Errors set the
+status code and details on the context (NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A client cancel or
+deadline makes grpc.aio cancel this call, which cancels the LLMServer call (synchronously, `ChunkStream.cancel`) and aborts the
 request in the engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from shardserve.cluster.ingress import auth, validation
+from shardserve.cluster.ingress import validation
+from shardserve.cluster.ingress.auth import Gate
 from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.grpc_decode import UndecodableRequest
+from shardserve.cluster.ingress.ratelimit import RateLimited
+from shardserve.cluster.ingress.request_log import log_request
 from shardserve.cluster.messages import (
     CompletionDelta,
     ErrorKind,
@@ -45,6 +50,7 @@ from shardserve.workers.request import SamplingParams
 
 REQUEST_ID_KEY = "x-request-id"
 REPLICA_KEY = "x-shardserve-replica"
+RETRY_AFTER_KEY = "retry-after"
 
 _SCALARS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -107,26 +113,40 @@ class _Completion:
         self.logprobs.extend(d.logprobs or ())
 
 
-def _fail(context: Any, err: ApiError) -> None:
+def details_of(err: ApiError) -> str:
+    return f"{err.param}: {err.message}" if err.param and not err.message.startswith(err.param) else err.message
+
+
+def _fail(context: Any, err: ApiError, request_id: str | None = None) -> None:
     context.set_code(err.grpc_status)
-    details = f"{err.param}: {err.message}" if err.param and not err.message.startswith(err.param) else err.message
-    context.set_details(details)
+    context.set_details(details_of(err))
+    metadata = [] if request_id is None else [(REQUEST_ID_KEY, request_id)]
+    if isinstance(err, RateLimited):
+        metadata.append((RETRY_AFTER_KEY, err.retry_after_header))
+    if metadata:
+        context.set_trailing_metadata(metadata)
 
 
 class GrpcFrontend:
-    def __init__(self, core: IngressCore) -> None:
+    def __init__(self, core: IngressCore, gate: Gate, log_prompts: bool = False) -> None:
         self.core = core
+        self.gate = gate
+        self.log_prompts = log_prompts
 
-    def _generate_request(self, proto: Any, request_id: str) -> GenerateRequest:
+    def _admit(self, context: Any) -> str | None:
+        return self.gate.admit(_metadata(context, "authorization"))
+
+    def _generate_request(self, proto: Any, request_id: str, tenant: str | None) -> GenerateRequest:
         if isinstance(proto, UndecodableRequest):
             raise ApiError(ErrorKind.INVALID_ARGUMENT, proto.message())
-        model = self.core.model(proto.model)
         request = self._parse(proto, request_id)
-        validation.check_limits(request, model, self.core.config.limits, params_prefix="params.")
+        validation.check_limits(request, self.core.model(proto.model), self.core.config.limits, params_prefix="params.")
+        request = dataclasses.replace(request, tenant=tenant)
+        log_request(request, self.log_prompts)
         return request
 
-    @staticmethod
-    def _parse(proto: Any, request_id: str) -> GenerateRequest:
+    def _parse(self, proto: Any, request_id: str) -> GenerateRequest:
+        self.core.model(proto.model)
         params = to_sampling_params(proto.params)
         which = proto.WhichOneof("input")
         if which == "messages":
@@ -161,15 +181,14 @@ class GrpcFrontend:
         first: GenerateChunk | None = None
         stream: ChunkStream | None = None
         try:
-            auth.check(_metadata(context, "authorization"))
-            request = self._generate_request(proto, request_id)
+            request = self._generate_request(proto, request_id, self._admit(context))
             stream = self.core.stream(request)
             async for chunk in stream:
                 first = first or chunk
                 for d in chunk.deltas:
                     completions.setdefault(d.index, _Completion()).add(d)
         except ApiError as err:
-            _fail(context, err)
+            _fail(context, err, request_id)
             return llm_pb2.GenerateResponse(request_id=request_id)
         finally:
             if stream is not None:
@@ -200,8 +219,7 @@ class GrpcFrontend:
         num_tokens = 0
         rest: ChunkStream | None = None
         try:
-            auth.check(_metadata(context, "authorization"))
-            request = self._generate_request(proto, request_id)
+            request = self._generate_request(proto, request_id, self._admit(context))
             num = request.params.logprobs
             first, rest = await self.core.first_chunk(request)
             self._trailers(context, request_id, first)
@@ -222,9 +240,9 @@ class GrpcFrontend:
                         logprobs=_logprobs(d.logprobs or (), num),
                     )
         except ApiError as err:
-            # A stream's status only reaches the client if the call raises; Serve keeps the
-            # code and details set on the context (gRPCStatusError).
-            _fail(context, err)
+            # A stream's status only reaches the client if the call raises: the servicer
+            # (grpc_server.py) turns the ApiError into an abort with this code and details.
+            _fail(context, err, request_id)
             raise
         finally:
             if rest is not None:  # synchronous: runs even while this generator is being cancelled
@@ -242,7 +260,7 @@ class GrpcFrontend:
 
     def list_models(self, context: Any) -> Any:
         try:
-            auth.check(_metadata(context, "authorization"))
+            self._admit(context)
         except ApiError as err:
             _fail(context, err)
             return llm_pb2.ListModelsResponse()

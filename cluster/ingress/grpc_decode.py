@@ -1,14 +1,13 @@
 """Undecodable gRPC requests become INVALID_ARGUMENT instead of grpc's UNKNOWN.
 
-Data flow: Ray Serve's gRPC proxy parses each call's bytes with the `request_deserializer` of the
-handlers our servicer function registers (cluster/proto/__init__.py), before any of our code runs;
-when `GenerateRequest.FromString` raises (corrupt wire format, a string field that is not UTF-8),
-grpc-aio ends the call with UNKNOWN from inside the proxy. `tolerant_registration(server)` wraps
-the proxy's server so each handler registered through it parses with `_tolerant(parse)`: a
-`DecodeError` yields an `UndecodableRequest` (what failed, in a few words) in place of the
-message. Serve pickles it to the Ingress like any request; GrpcFrontend answers it with
-INVALID_ARGUMENT naming the message type. grpc's private `_method_handlers` is what Serve's own
-server override (ray.serve._private.grpc_util) rewrites too.
+Data flow: the Ingress's grpc.aio server (cluster/ingress/grpc_server.py) parses each call's bytes
+with the `request_deserializer` of the handlers registered for LLMService, before any of our code
+runs; when `GenerateRequest.FromString` raises (corrupt wire format, a string field that is not
+UTF-8), grpc-aio ends the call with UNKNOWN. `tolerant_registration(server)` wraps the server
+while the generated `add_LLMServiceServicer_to_server` registers, so each handler parses with
+`_tolerant(parse)`: a `DecodeError` yields an `UndecodableRequest` (what failed, in a few words)
+in place of the message. GrpcFrontend answers it with INVALID_ARGUMENT naming the method.
+ListModels and Health ignore their (empty) request message, so they answer as usual.
 """
 
 from __future__ import annotations

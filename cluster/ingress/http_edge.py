@@ -146,13 +146,15 @@ def http_error(request: Request, err: StarletteHTTPException) -> ApiError:
     return ApiError(kind, short(err.detail, 200), None, http_status=err.status_code)
 
 
-def install(api: FastAPI) -> None:
-    """Register the body limit and the exception handlers (before serve.ingress freezes `api`)."""
+def install(api: FastAPI, retry_after_s: int = 1) -> None:
+    """Register the body limit and the exception handlers (before serve.ingress freezes `api`).
+    A 429 (queue full) carries `Retry-After: retry_after_s`; clients (the openai package) honour it."""
     api.add_middleware(BodyLimitMiddleware)
 
     @api.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        return _render(err)
+        headers = {"Retry-After": str(retry_after_s)} if err.kind == ErrorKind.QUEUE_FULL else None
+        return _render(err, headers=headers)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -16,6 +16,7 @@ PORT_RANGE); Serve and Ray are shut down at the end of the session.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,3 +101,21 @@ def cluster() -> Iterator[Cluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real(cluster: Cluster) -> Iterator[Cluster]:
+    """The real-engine app (tests/cluster/real_app.py) in the same Serve instance, with its own gRPC
+    port (the Cluster it yields points there); deleted at the end."""
+    from ray import serve
+    from real_app import APP, ROUTE_PREFIX, SECTION
+    from shardserve.cluster.app import build_app
+    from shardserve.cluster.config import AppConfig, parse_config
+
+    port = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))
+    config = parse_config({"models": [SECTION], "grpc": {"port": port}}, AppConfig)
+    serve.run(build_app(config), name=APP, route_prefix=ROUTE_PREFIX)
+    try:
+        yield dataclasses.replace(cluster, grpc_target=f"127.0.0.1:{port}")
+    finally:
+        serve.delete(APP)

@@ -3,22 +3,33 @@ Bearer <key>` (401 in the OpenAI error shape otherwise, /health open) and gRPC n
 `authorization` metadata (UNAUTHENTICATED otherwise, Health open).
 
 A second Serve application, `secured`, runs an Ingress with the key in its runtime_env, in front
-of the session app's LLMServer deployments (HTTP under /secured, gRPC chosen with the
-`application` metadata key). It is deleted at the end.
+of the session app's LLMServer deployments (HTTP under /secured, gRPC on its own port: every
+Ingress runs its own gRPC server). It is deleted at the end. Named keys: test_api_keys.py.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import grpc
 import openai
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
+from shardserve.cluster.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 APP = "secured"
 KEY = "sk-test-7f3a9c"
+
+
+@dataclass
+class Secured:
+    http_url: str
+    grpc_target: str  # the secured app's own gRPC server
+    cluster_grpc_target: str  # the session app's (open)
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +41,11 @@ def secured(cluster):
     handles = {m.name: cluster.llm_handle(m.name) for m in cluster.config.models}
     options = {"num_cpus": 0.1, "runtime_env": {"env_vars": {API_KEY_ENV: KEY}}}
     ingress = serve.deployment(Ingress).options(name="Ingress", ray_actor_options=options)
-    serve.run(ingress.bind(cluster.config.model_dump(mode="json", exclude={"ray"}), handles),
-              name=APP, route_prefix="/secured")  # fmt: skip
+    config = cluster.config.model_dump(mode="json", exclude={"ray"})
+    config["grpc"]["port"] = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))
+    serve.run(ingress.bind(config, handles), name=APP, route_prefix="/secured")
     try:
-        yield cluster
+        yield Secured(cluster.http_url, f"127.0.0.1:{config['grpc']['port']}", cluster.grpc_target)
     finally:
         serve.delete(APP)
 
@@ -60,7 +72,7 @@ def test_http_needs_the_bearer_key(secured):
 
 def test_grpc_needs_the_bearer_metadata(secured):
     req = pb.GenerateRequest(model="solo", prompt="auth", params=pb.SamplingParams(max_tokens=2))
-    app = [("application", APP)]
+    app: list[tuple[str, str]] = []  # no `application` metadata: this port is the secured app's own
     with grpc.insecure_channel(secured.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
         for metadata in (app, [*app, ("authorization", "Bearer wrong")]):
@@ -75,3 +87,9 @@ def test_grpc_needs_the_bearer_metadata(secured):
         assert stub.Generate(req, metadata=good).num_tokens == 2
         assert "".join(p.text for p in stub.GenerateStream(req, metadata=good)) == stub.Generate(req, metadata=good).text
         assert stub.Health(pb.HealthRequest(), metadata=app).ok
+        # grpc.health.v1 stays open too (probes carry no key).
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="solo"), timeout=10)
+        assert health.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # The session app, on its own port, has no key and stays open.
+    with grpc.insecure_channel(secured.cluster_grpc_target) as channel:
+        assert rpc.LLMServiceStub(channel).Generate(req, timeout=30).num_tokens == 2

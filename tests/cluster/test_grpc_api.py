@@ -1,4 +1,4 @@
-"""The gRPC API (shardserve.v1.LLMService) through Ray Serve's gRPC proxy, with generated stubs."""
+"""The gRPC API (shardserve.v1.LLMService) on the Ingress's own gRPC server, with generated stubs."""
 
 from __future__ import annotations
 

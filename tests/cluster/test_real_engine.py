@@ -1,7 +1,8 @@
 """End to end with the real AsyncEngine and the embedded SmolLM2-135M on CPU, as a second app.
 
-The app `real` runs next to the fake-engine app in the same Serve instance: HTTP under the
-route prefix /real, gRPC chosen with the `application` metadata key. It is deleted at the end.
+The app `real` (tests/cluster/real_app.py, the session fixture `real` of conftest.py) runs next to
+the fake-engine app in the same Serve instance: HTTP under the route prefix /real, gRPC on its own
+free port (every Ingress runs its own gRPC server).
 Logprobs and seeded n > 1 samples over HTTP are compared with the offline `LLM` API running the
 same model section in this process.
 """
@@ -11,17 +12,12 @@ from __future__ import annotations
 import time
 
 import grpc
-import openai
 import pytest
+from real_app import SECTION, http_client, llm_stats
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
 
 pytestmark = pytest.mark.slow
-APP = "real"
-
-
-SECTION = {"name": "smollm2", "source": "default", "device": "cpu", "dtype": "float32", "max_model_len": 512,
-           "resources": {"num_cpus_per_worker": 0.25}, "cache": {"cpu_kv_cache_bytes": 64 << 20}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -30,31 +26,6 @@ def offline():
     from shardserve.workers.llm import LLM
 
     return LLM(config=ModelSection.model_validate(SECTION).to_engine_config())
-
-
-def http_client(cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=cluster.http_url + "/real/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def real(cluster):
-    from ray import serve
-    from shardserve.cluster.app import build_app
-    from shardserve.cluster.config import AppConfig, parse_config
-
-    config = parse_config({"models": [SECTION]}, AppConfig)
-    serve.run(build_app(config), name=APP, route_prefix="/real")
-    try:
-        yield cluster
-    finally:
-        serve.delete(APP)
-
-
-def llm_stats(cluster) -> dict:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("LLMServer_0_smollm2", app_name=APP)
-    return handle.stats.remote().result(timeout_s=30)
 
 
 def test_http_chat_and_stream(real):
@@ -68,22 +39,20 @@ def test_http_chat_and_stream(real):
 
 
 def test_grpc_unary_stream_and_cancel(real):
-    metadata = [("application", APP)]
     with grpc.insecure_channel(real.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
         req = pb.GenerateRequest(model="smollm2", prompt="The capital of France is",
                                  params=pb.SamplingParams(max_tokens=4, temperature=0))  # fmt: skip
-        unary = stub.Generate(req, metadata=metadata)
+        unary = stub.Generate(req)
         assert unary.num_tokens == 4 and unary.finish_reason == "length"
-        parts = list(stub.GenerateStream(req, metadata=metadata))
+        parts = list(stub.GenerateStream(req))
         assert "".join(p.text for p in parts) == unary.text
         with pytest.raises(grpc.RpcError) as err:
-            stub.Generate(pb.GenerateRequest(model="smollm2", prompt="x", params=pb.SamplingParams(top_p=0)),
-                          metadata=metadata)  # fmt: skip
+            stub.Generate(pb.GenerateRequest(model="smollm2", prompt="x", params=pb.SamplingParams(top_p=0)))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in err.value.details()
         long = pb.GenerateRequest(model="smollm2", prompt="Tell me a long story.",
                                   params=pb.SamplingParams(max_tokens=400, ignore_eos=True))  # fmt: skip
-        call = stub.GenerateStream(long, metadata=metadata)
+        call = stub.GenerateStream(long)
         next(call)
         assert llm_stats(real)["num_running"] == 1
         call.cancel()

@@ -17,6 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from shardserve.cluster.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 APP = "tp2"
@@ -77,7 +78,8 @@ def tp2(cluster, tmp_path_factory):
     from shardserve.cluster.config import AppConfig, parse_config
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama")
-    config = parse_config({"models": [model_section(folder, tp=2)]}, AppConfig)
+    grpc = {"port": free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))}  # the Ingress binds it
+    config = parse_config({"models": [model_section(folder, tp=2)], "grpc": grpc}, AppConfig)
     serve.run(build_app(config), name=APP, route_prefix="/tp2")
     try:
         yield cluster, folder

@@ -68,7 +68,7 @@ def test_prompt_errors(engine):
         engine.add_request("a", [100] * 70, params)
     with pytest.raises(ValueError, match="prompt must be a string or a list of token ids, got dict"):
         engine.add_request("a", {"text": "hi"}, params)
-    with pytest.raises(ValueError, match=r"^prompt must hold token ids in \[0, 49152\), got 1000000000 at position 2$"):
+    with pytest.raises(ValueError, match=r"^prompt token ids must be in \[0, 49152\), got 1000000000 at position 2$"):
         engine.add_request("a", [1, 2, 10**9] + [5] * 40, params)
     with pytest.raises(ValueError, match=r"^stop_token_ids must be in \[0, 49152\), got 49152$"):
         engine.add_request("a", "hi", SamplingParams(max_tokens=2, min_tokens=1, stop_token_ids=[3, 49152]))

@@ -28,7 +28,7 @@ from helmkit import (
 CI_FILES = sorted(CI_VALUES_DIR.glob("*.yaml"))
 CASES = [None, *CI_FILES]  # None: the chart's own defaults
 IDS = ["defaults", *(p.stem for p in CI_FILES)]
-REQUIRED_CI_FILES = {"cpu-small", "llama-3.1-8b-tp2", "qwen3-30b-a3b-ep2", "llama-70b-tp4-pp2"}
+REQUIRED_CI_FILES = {"cpu-small", "cpu-tls-keys", "llama-3.1-8b-tp2", "qwen3-30b-a3b-ep2", "llama-70b-tp4-pp2"}
 
 
 def ray_groups(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -40,6 +40,26 @@ def container(group: dict[str, Any]) -> dict[str, Any]:
     containers = group["template"]["spec"]["containers"]
     assert len(containers) == 1, [c["name"] for c in containers]
     return containers[0]
+
+
+def expected_args(values: dict[str, Any]) -> dict[str, Any]:
+    """The app's args the chart should render: `shardserve:` plus the tls and apiKeys sections."""
+    args = copy.deepcopy({k: v for k, v in values["shardserve"].items() if k != "ray"})
+    tls = values["tls"]
+    if tls["secretName"]:
+        args["tls"] = {"cert_file": f"{tls['mountPath']}/tls.crt", "key_file": f"{tls['mountPath']}/tls.key"}
+        if tls["requireClientAuth"]:
+            args["tls"].update(ca_file=f"{tls['mountPath']}/ca.crt", require_client_auth=True,
+                               http_client_auth_unsupported_ok=True)  # fmt: skip
+    keys = values["apiKeys"]["keys"]
+    if keys:
+        auth = args.setdefault("auth", {})
+        auth["api_keys"] = [*auth.get("api_keys", []), *(
+            {"name": k["name"], "key_file": f"{values['apiKeys']['mountPath']}/{k['secretKey']}",
+             **({"requests_per_minute": k["requestsPerMinute"]} if k.get("requestsPerMinute") else {})}
+            for k in keys
+        )]  # fmt: skip
+    return args
 
 
 def test_ci_values_files_present() -> None:
@@ -73,27 +93,25 @@ def test_serve_config_is_the_values_document_and_valid(values_file: Path | None)
     assert app["route_prefix"] == values["serve"]["routePrefix"]
     args = app["args"]
     assert "ray" not in args, "the Ray cluster provides ray:, args must not carry it"
-    # Verbatim: the args are the values' `shardserve:` section (helm drops null entries).
-    assert drop_nulls(args) == drop_nulls({k: v for k, v in values["shardserve"].items() if k != "ray"})
+    # The values' `shardserve:` section verbatim (helm drops null entries), plus what the chart's tls
+    # and apiKeys sections mount.
+    assert drop_nulls(args) == drop_nulls(expected_args(values))
     config = ServeConfig.model_validate(args)
     assert parse_config(args, AppConfig) == AppConfig.model_validate(args)  # what app_builder runs
     assert [m.name for m in config.models] == [m["name"] for m in values["shardserve"]["models"]]
-    assert doc["http_options"] == {"host": config.http.host, "port": config.http.port}
-    assert doc["grpc_options"]["port"] == config.grpc.port
+    https = {}
+    if config.tls is not None:
+        https = {"ssl_certfile": config.tls.cert_file, "ssl_keyfile": config.tls.key_file}
+        https.update({"ssl_ca_certs": config.tls.ca_file} if config.tls.ca_file else {})
+    assert doc["http_options"] == {"host": config.http.host, "port": config.http.port, **https}
+    assert "grpc_options" not in doc  # Serve starts no gRPC proxy: the Ingress serves gRPC itself
 
 
 def test_serve_entry_points_resolve() -> None:
-    """import_path and the gRPC servicer functions in serveConfigV2 name real callables."""
-    from shardserve.cluster.proto import SERVICER_FUNCTION
-
+    """import_path in serveConfigV2 names a real callable."""
     doc = serve_config(only(render(None), "RayService"))
     module, _, attr = doc["applications"][0]["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
-    functions = doc["grpc_options"]["grpc_servicer_functions"]
-    assert functions == [SERVICER_FUNCTION]
-    for path in functions:
-        module, _, attr = path.rpartition(".")
-        assert callable(getattr(importlib.import_module(module), attr)), path
 
 
 @pytest.mark.parametrize("values_file", CASES, ids=IDS)
@@ -195,7 +213,7 @@ def test_service_ports_match_values_and_app(values_file: Path | None) -> None:
     assert set(services) == {"http", "grpc"}
     expected = {
         "http": (values["shardserve"]["http"]["port"], args["http"]["port"], doc["http_options"]["port"]),
-        "grpc": (values["shardserve"]["grpc"]["port"], args["grpc"]["port"], doc["grpc_options"]["port"]),
+        "grpc": (values["shardserve"]["grpc"]["port"], args["grpc"]["port"]),
     }
     for kind, service in services.items():
         (port,) = service["spec"]["ports"]
@@ -203,7 +221,9 @@ def test_service_ports_match_values_and_app(values_file: Path | None) -> None:
         assert port["port"] == expected[kind][0]
         selector = service["spec"]["selector"]
         assert selector["ray.io/serve"] == "true" and selector["app.kubernetes.io/instance"] == RELEASE
-        assert ("ray.io/node-type" in selector) == (values["service"]["podSelector"] == "head")
+        # gRPC is served by the Ingress replicas, which run on the head pod (cluster/app.py).
+        on_head = values["service"]["podSelector"] == "head" or kind == "grpc"
+        assert (selector.get("ray.io/node-type") == "head") == on_head
         # targetPort names a container port carrying the same number on every pod it may select.
         for group in [head, *workers]:
             labels = group["template"]["metadata"]["labels"]
@@ -261,6 +281,30 @@ def test_pods_get_shm_storage_nccl_and_api_key(values_file: Path | None) -> None
         for model in values["shardserve"]["models"]:
             if model["source"].startswith("/"):
                 assert model["source"].startswith(storage["mountPath"].rstrip("/") + "/"), model["source"]
+
+
+def test_tls_and_api_key_secrets_reach_every_ray_pod() -> None:
+    """tls.secretName and apiKeys.existingSecret are mounted read-only on every Ray pod (HTTPS is
+    served by Serve's proxy on each pod; the Ingress may read keys on the head) where the args say."""
+    values_file = CI_VALUES_DIR / "cpu-tls-keys.yaml"
+    values = load_values(values_file)
+    objects = render(values_file)
+    args = serve_config(only(objects, "RayService"))["applications"][0]["args"]
+    head, workers = ray_groups(objects)
+    for group in [head, *workers]:
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = {m["name"]: m for m in container(group)["volumeMounts"]}
+        assert volumes["tls"]["secret"]["secretName"] == values["tls"]["secretName"]
+        assert volumes["api-keys"]["secret"]["secretName"] == values["apiKeys"]["existingSecret"]
+        assert mounts["tls"] == {"name": "tls", "mountPath": values["tls"]["mountPath"], "readOnly": True}
+        assert mounts["api-keys"]["mountPath"] == values["apiKeys"]["mountPath"] and mounts["api-keys"]["readOnly"]
+    for path in (args["tls"]["cert_file"], args["tls"]["key_file"], args["tls"]["ca_file"]):
+        assert path.startswith(values["tls"]["mountPath"] + "/")
+    files = [k["key_file"] for k in args["auth"]["api_keys"] if k.get("key_file")]
+    assert files == [f"{values['apiKeys']['mountPath']}/{k['secretKey']}" for k in values["apiKeys"]["keys"]]
+    # Without the sections nothing is mounted.
+    head, _ = ray_groups(render(None))
+    assert not {"tls", "api-keys"} & {v["name"] for v in head["template"]["spec"]["volumes"]}
 
 
 def test_pod_disruption_budget_selects_the_ray_pods() -> None:

@@ -212,6 +212,11 @@ class Scheduler:
         return len(self.waiting) + len(self._batch_pending)
 
     @property
+    def num_waiting_prompt_tokens(self) -> int:
+        """Prompt tokens of the waiting requests (what admission control bounds)."""
+        return sum(len(r.prompt_token_ids) for r in itertools.chain(self.waiting, self._batch_pending))
+
+    @property
     def num_in_flight(self) -> int:
         """Requests in batches whose results are not applied yet (aborted ones included)."""
         return len(self._in_flight)

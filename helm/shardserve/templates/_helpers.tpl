@@ -109,6 +109,16 @@ app.kubernetes.io/part-of: shardserve
     path: {{ $s.hostPath.path }}
     type: {{ $s.hostPath.type }}
 {{- end }}
+{{- with .root.Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- if .root.Values.apiKeys.keys }}
+- name: api-keys
+  secret:
+    secretName: {{ .root.Values.apiKeys.existingSecret }}
+{{- end }}
 {{- end -}}
 
 {{- define "shardserve.volumeMounts" -}}
@@ -120,16 +130,61 @@ app.kubernetes.io/part-of: shardserve
   mountPath: {{ $s.mountPath }}
   readOnly: {{ $s.readOnly }}
 {{- end }}
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.apiKeys.keys }}
+- name: api-keys
+  mountPath: {{ .Values.apiKeys.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* The Ray pods' Serve app document: the `shardserve:` values verbatim (minus `ray:`, which the
      Ray cluster itself provides), validated at start by shardserve.cluster.config.ServeConfig. */}}
+{{/* The app's args are the `shardserve:` values plus what the chart's tls and apiKeys sections
+     mount: tls → shardserve.tls (files under tls.mountPath), apiKeys.keys → auth.api_keys entries
+     reading key_file under apiKeys.mountPath. HTTPS is a Serve proxy option (http_options.ssl_*);
+     gRPC needs no proxy option: the Ingress serves it (no grpc_options, so Serve starts no gRPC proxy). */}}
+{{- define "shardserve.appArgs" -}}
+{{- $args := omit (deepCopy .Values.shardserve) "ray" -}}
+{{- $t := .Values.tls -}}
+{{- if $t.secretName -}}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $t.mountPath) "key_file" (printf "%s/tls.key" $t.mountPath) -}}
+{{- if $t.requireClientAuth -}}
+{{- $_ := set $tls "ca_file" (printf "%s/ca.crt" $t.mountPath) -}}
+{{- $_ := set $tls "require_client_auth" true -}}
+{{- $_ := set $tls "http_client_auth_unsupported_ok" true -}}
+{{- end -}}
+{{- $_ := set $args "tls" $tls -}}
+{{- end -}}
+{{- if .Values.apiKeys.keys -}}
+{{- $auth := deepCopy ($args.auth | default dict) -}}
+{{- $keys := $auth.api_keys | default list -}}
+{{- range $k := .Values.apiKeys.keys -}}
+{{- $entry := dict "name" $k.name "key_file" (printf "%s/%s" $.Values.apiKeys.mountPath $k.secretKey) -}}
+{{- if $k.requestsPerMinute }}{{ $_ := set $entry "requests_per_minute" $k.requestsPerMinute }}{{ end -}}
+{{- $keys = append $keys $entry -}}
+{{- end -}}
+{{- $_ := set $auth "api_keys" $keys -}}
+{{- $_ := set $args "auth" $auth -}}
+{{- end -}}
+{{- toYaml $args -}}
+{{- end -}}
+
 {{- define "shardserve.serveConfig" -}}
 {{- $sv := .Values.serve -}}
-{{- $grpc := dict "port" .Values.shardserve.grpc.port "grpc_servicer_functions" $sv.grpcServicerFunctions -}}
+{{- $args := include "shardserve.appArgs" . | fromYaml -}}
 {{- $http := dict "host" .Values.shardserve.http.host "port" .Values.shardserve.http.port -}}
-{{- $app := dict "name" $sv.appName "route_prefix" $sv.routePrefix "import_path" $sv.importPath "args" (omit .Values.shardserve "ray") -}}
+{{- with $args.tls -}}
+{{- $_ := set $http "ssl_certfile" .cert_file -}}
+{{- $_ := set $http "ssl_keyfile" .key_file -}}
+{{- with .ca_file }}{{ $_ := set $http "ssl_ca_certs" . }}{{ end -}}
+{{- end -}}
+{{- $app := dict "name" $sv.appName "route_prefix" $sv.routePrefix "import_path" $sv.importPath "args" $args -}}
 {{- with $sv.runtimeEnv }}{{ $_ := set $app "runtime_env" . }}{{ end -}}
-{{- $doc := dict "proxy_location" $sv.proxyLocation "http_options" $http "grpc_options" $grpc "applications" (list $app) -}}
+{{- $doc := dict "proxy_location" $sv.proxyLocation "http_options" $http "applications" (list $app) -}}
 {{- toYaml $doc -}}
 {{- end -}}

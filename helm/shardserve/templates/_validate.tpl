@@ -26,6 +26,22 @@ cross-field rules a JSON schema cannot express:
 {{- if and $v.apiKey.enabled (not $v.apiKey.existingSecret) (not $v.apiKey.value) -}}
 {{- fail "apiKey: enabled needs apiKey.existingSecret (name of a Secret) or apiKey.value (the chart then creates the Secret)" -}}
 {{- end -}}
+{{- if and $v.tls.secretName $v.shardserve.tls -}}
+{{- fail "tls.secretName: the chart fills shardserve.tls from the Secret; leave shardserve.tls null (or drop tls.secretName)" -}}
+{{- end -}}
+{{- if and $v.tls.requireClientAuth (not $v.tls.secretName) -}}
+{{- fail "tls.requireClientAuth: needs tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
+{{- if and $v.apiKeys.keys (not $v.apiKeys.existingSecret) -}}
+{{- fail "apiKeys.existingSecret: name the Secret that holds apiKeys.keys[].secretKey" -}}
+{{- end -}}
+{{- $keyNames := dict -}}
+{{- range $k := concat ($v.apiKeys.keys | default list) (($v.shardserve.auth | default dict).api_keys | default list) -}}
+{{- if hasKey $keyNames $k.name -}}
+{{- fail (printf "apiKeys.keys: key name %q appears twice (with shardserve.auth.api_keys); names must be unique" $k.name) -}}
+{{- end -}}
+{{- $_ := set $keyNames $k.name true -}}
+{{- end -}}
 
 {{- $ports := dict -}}
 {{- range $field, $port := dict "shardserve.http.port" $v.shardserve.http.port "shardserve.grpc.port" $v.shardserve.grpc.port "metrics.port" $v.metrics.port "Ray GCS" 6379 "Ray dashboard" 8265 "Ray client" 10001 "Ray dashboard agent" 52365 -}}

@@ -1,0 +1,187 @@
+"""TLS end to end: `shardserve serve` with a `tls` section (mutual TLS on gRPC), called over HTTPS and
+gRPC with real clients, and the start-up banner's gRPC command run as printed.
+
+HTTPS is a Serve proxy option, fixed per Serve instance, so this module cannot use the session
+cluster: it runs `shardserve serve` in a subprocess (its own short-lived local Ray, one fake-engine
+model) and stops it with SIGINT at the end. The certificates (a CA, a server certificate for
+localhost / 127.0.0.1 and a client certificate) are made here with `cryptography`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import queue
+import shlex
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from shardserve.cluster.proto import llm_pb2 as pb
+from shardserve.cluster.proto import llm_pb2_grpc as rpc
+from shardserve.cluster.testing.ports import free_port
+
+pytestmark = pytest.mark.slow
+FAKE = "shardserve.cluster.testing.fake_engine:from_model_section"
+START_TIMEOUT_S = 240
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def make(name: str, issuer: tuple | None, *, ca: bool = False, server: bool = False) -> tuple:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        issuer_name, issuer_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if server:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        elif not ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        cert = builder.sign(issuer_key, hashes.SHA256())
+        return cert, key
+
+    ca = make("shardserve test CA", None, ca=True)
+    paths = {}
+    for name, (cert, key) in {"ca": ca, "server": make("localhost", ca, server=True), "client": make("client", ca)}.items():
+        paths[f"{name}_cert"] = folder / f"{name}.crt"
+        paths[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{name}_key"] = folder / f"{name}.key"
+        paths[f"{name}_key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ))  # fmt: skip
+    return paths
+
+
+@dataclass
+class Served:
+    http_url: str
+    grpc_target: str
+    certs: dict[str, Path]
+    banner: str
+
+
+def _reader(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[Served]:
+    folder = tmp_path_factory.mktemp("tls")
+    certs = _certificates(folder)
+    http_port = free_port()
+    grpc_port = free_port(taken=(http_port,))
+    config = {
+        "ray": {"namespace": "shardserve-tls-test"},
+        "http": {"host": "127.0.0.1", "port": http_port},
+        "grpc": {"port": grpc_port},
+        "tls": {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
+                "ca_file": str(certs["ca_cert"]), "require_client_auth": True,
+                "http_client_auth_unsupported_ok": True},
+        "models": [{"name": "fake", "engine_factory": FAKE, "resources": {"num_cpus_per_worker": 0.25}}],
+    }  # fmt: skip
+    path = folder / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    cli = [sys.executable, "-m", "shardserve.cluster.cli", "serve", str(path), "--num-cpus", "2"]
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not any("Ctrl-C stops the server" in line for line in seen):
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            assert line is not None and time.monotonic() < deadline, "shardserve serve did not start:\n" + "".join(seen)
+            seen.append(line)
+        banner = "".join(seen[next(i for i, s in enumerate(seen) if "shardserve is up" in s):])
+        yield Served(f"https://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", certs, banner)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the subprocess's own session: its Ray processes
+            proc.wait(timeout=30)
+
+
+def _ssl_context(served: Served) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(served.certs["ca_cert"]))
+
+
+def test_https_with_the_ca_and_refused_in_plaintext(served):
+    with httpx.Client(verify=_ssl_context(served), timeout=30) as http:
+        r = http.post(served.http_url + "/v1/completions", json={"model": "fake", "prompt": "tls", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        client = openai.OpenAI(base_url=served.http_url + "/v1", api_key="unused", http_client=http, max_retries=0)
+        assert client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2).usage.completion_tokens == 2  # fmt: skip
+    with pytest.raises(httpx.ConnectError):  # our CA is not the system's: verification fails
+        httpx.get(served.http_url + "/health", timeout=10)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(served.http_url.replace("https://", "http://") + "/health", timeout=10)
+
+
+def _credentials(served: Served, client_cert: bool) -> grpc.ChannelCredentials:
+    c = served.certs
+    extra = {"private_key": c["client_key"].read_bytes(), "certificate_chain": c["client_cert"].read_bytes()}
+    return grpc.ssl_channel_credentials(c["ca_cert"].read_bytes(), **(extra if client_cert else {}))
+
+
+def test_grpc_mutual_tls(served):
+    req = pb.GenerateRequest(model="fake", prompt="tls", params=pb.SamplingParams(max_tokens=3))
+    with grpc.secure_channel(served.grpc_target, _credentials(served, client_cert=True)) as channel:
+        assert rpc.LLMServiceStub(channel).Generate(req, timeout=30).num_tokens == 3
+        assert len(list(rpc.LLMServiceStub(channel).GenerateStream(req, timeout=30))) == 3
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert health.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # No client certificate, or no TLS at all: the handshake fails, nothing reaches the Ingress.
+    for channel in (grpc.secure_channel(served.grpc_target, _credentials(served, client_cert=False)),
+                    grpc.insecure_channel(served.grpc_target)):  # fmt: skip
+        with channel, pytest.raises(grpc.RpcError) as err:
+            rpc.LLMServiceStub(channel).Generate(req, timeout=15)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+
+
+def test_banner_grpc_command_runs_as_printed(served):
+    banner = served.banner
+    assert f"curl --cacert {served.certs['ca_cert']} https://127.0.0.1:" in banner
+    (command,) = [line.strip() for line in banner.splitlines() if line.strip().startswith(shlex.quote(sys.executable))]
+    # The banner leaves the client certificate to the reader (CLIENT.crt / CLIENT.key): fill in ours.
+    command = command.replace("CLIENT.crt", str(served.certs["client_cert"])).replace(
+        "CLIENT.key", str(served.certs["client_key"])
+    )
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.split()) == 32  # the fake engine's 32 words for max_tokens=32
