@@ -277,6 +277,32 @@ class RouterSection(_Section):
     )
 
 
+class LimitsSection(_Section):
+    """Per-request limits the Ingress enforces on both APIs (HTTP 400 / gRPC INVALID_ARGUMENT, 413 for the body)."""
+
+    max_n: int = Field(16, ge=1, le=1024, description="Most completions one request may ask for (`n`), 1..1024.")
+    max_stop_strings: int = Field(16, ge=0, le=1024, description="Most `stop` strings per request, 0..1024.")
+    max_stop_string_chars: int = Field(
+        256, ge=1, le=65536, description="Longest `stop` string, in characters, 1..65536."
+    )
+    max_prompt_chars: int = Field(
+        2_000_000, ge=1, le=1 << 30,
+        description="Longest prompt (or all chat messages together), in characters, 1..2**30.",
+    )  # fmt: skip
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, le=1 << 30,
+        description="Largest HTTP request body in bytes, 1024..2**30 (HTTP 413 above it).",
+    )  # fmt: skip
+    strict_max_tokens: bool = Field(
+        False,
+        description=(
+            "true: `max_tokens` above the model's max_model_len is refused (400 / INVALID_ARGUMENT); needs "
+            "max_model_len set on every model. false: it is accepted and generation stops at the context "
+            "length (finish_reason `length`), as vLLM does."
+        ),
+    )
+
+
 class ModelSection(_Section):
     name: str = Field(
         ..., min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="Model name clients send (`model` field)."
@@ -391,6 +417,7 @@ class AppConfig(_Section):
     grpc: GrpcSection = Field(default_factory=GrpcSection, description="gRPC API (shardserve.v1.LLMService).")
     ingress: IngressSection = Field(default_factory=IngressSection, description="The Ingress deployment.")
     models: list[ModelSection] = Field(..., min_length=1, description="Models served; clients pick by name.")
+    limits: LimitsSection = Field(default_factory=LimitsSection, description="Per-request limits (both APIs).")
     tls: TlsSection | None = Field(None, description="TLS (and gRPC mutual TLS) for both APIs; null = plaintext.")
     auth: AuthSection = Field(default_factory=AuthSection, description="API keys (tenants) and their rate limits.")
     log_prompts: bool = Field(
@@ -404,6 +431,13 @@ class AppConfig(_Section):
             if model.name in seen:
                 raise ValueError(f"model names must be unique, {model.name!r} appears twice")
             seen.add(model.name)
+        if self.limits.strict_max_tokens:
+            unknown = [m.name for m in self.models if m.max_model_len is None]
+            if unknown:
+                raise ValueError(
+                    f"limits.strict_max_tokens needs max_model_len set on every model (the Ingress checks "
+                    f"max_tokens against it); it is null for {unknown}"
+                )
         return self
 
     def model(self, name: str) -> ModelSection:
