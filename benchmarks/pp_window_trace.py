@@ -1,7 +1,7 @@
 """Where pipeline stages wait under the real throughput workload: a profiled window of steady decode.
 
-Why: PP 2 with 3 micro-batches reaches ~1.62x one GPU (benchmarks/NOTES.md) where the stages'
-compute would allow ~1.8x; neither rebalancing the layers nor a 4th micro-batch helped. The
+Why: PP 2 with 3 micro-batches stayed well below what the stages' compute would allow
+(benchmarks/README.md); neither rebalancing the layers nor a 4th micro-batch helped. The
 single-batch profile (`profile_tp.py --pp 2`) cannot show a pipeline's stalls, so this script
 runs parallel_gpu.py's `ppmb` workload (3,072 requests, 200 in / 180 out, 1,536 running in 3
 micro-batches), lets it reach steady decode, then profiles `--steps` engine steps on both ranks

@@ -23,8 +23,8 @@ recent drivers; a graph case with only a handful of kernels per step means it di
 the "kernels" are the aten ops, each with its self CPU time. `--traces` also writes a Chrome
 trace per case (large files). The last printed lines are a compact table with the device name.
 
-Run on the device machine, from the repo root (the working tree imported as `shardserve.*`,
-as `ns` in benchmarks/device_runs.sh does):
+Run on a GPU machine, from the repo root (the working tree imported as `shardserve.*` without
+installing it):
     mkdir -p /tmp/ns/shardserve && for d in cluster workers parallel; do
         ln -sfn "$PWD/$d" /tmp/ns/shardserve/$d; done
     PYTHONPATH=/tmp/ns python3 benchmarks/profile_gpu.py --out "$OUT"

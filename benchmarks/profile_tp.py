@@ -28,8 +28,8 @@ case; no `--num-layers` (the shape it registers lives in this process only, the 
 would not know it). On CPU the "kernels" are the aten ops with their self CPU time, the
 all-reduces gloo's c10d ops.
 
-Run on the 2-GPU machine, from the repo root (the working tree imported as `shardserve.*`, as
-`ns` in benchmarks/device_runs.sh does):
+Run on a 2-GPU machine, from the repo root (the working tree imported as `shardserve.*` without
+installing it):
     mkdir -p /tmp/ns/shardserve && for d in cluster workers parallel; do
         ln -sfn "$PWD/$d" /tmp/ns/shardserve/$d; done
     PYTHONPATH=/tmp/ns python3 benchmarks/profile_tp.py --tp 2 --out "$OUT"

@@ -9,8 +9,8 @@ batch-1 decode (16-token prompt, 256 new tokens, ignore_eos; decode tok/s from t
 wall time minus one prefill-only call) and the offline workload (1,000 lognormal requests,
 medians 200 / 180, sigma 0.8, each generating exactly its output length). Prints start-up
 time, both figures, the scheduler limits vLLM chose (max_num_seqs, max_num_batched_tokens:
-ours are set to match in the same call) and the device; writes JSON to $OUT. Run it on the
-device after the vLLM wheels are unpacked (see /work/shared/device/README.md), in the same call
+ours are set to match in the same call) and the device; writes JSON to $OUT. Run it in a vLLM
+environment (benchmarks/README.md, "Running"), on the same machine and in the same session
 as gpu_bench.py (dense) or parallel_gpu.py (`--shape qwen3-30b-a3b --tp 2 [--ep]`: the MoE
 figures of issue 4, expert parallelism through vLLM's `enable_expert_parallel`).
 """

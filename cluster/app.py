@@ -53,6 +53,8 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": llm_server_name(index, model.name),
         "max_ongoing_requests": model.scheduler.max_num_seqs + model.scheduler.max_queue_len + CONTROL_HEADROOM,
+        "health_check_period_s": model.health_check_period_s,
+        "health_check_timeout_s": model.health_check_timeout_s,
         "ray_actor_options": {"num_cpus": res.num_cpus_per_worker, "num_gpus": res.num_gpus_per_worker},
         "request_router_config": RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 from shardserve.workers.config import (
+    MAX_TIMEOUT_S,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -176,6 +177,25 @@ class ParallelSection(_Section):
             "stage busy while the driver turns a returned batch around (throughput at many requests)."
         ),
     )
+    collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "Seconds a rank waits in a collective (all-reduce, pipeline send/recv, the start-up rendezvous) for a "
+            "peer before it fails with a timeout instead of hanging, in (0, 86400]."
+        ),
+    )
+    step_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "Seconds the engine waits for a step's result from the worker group before declaring the group dead "
+            "(requests in flight end with UNAVAILABLE, the replica turns unhealthy and is replaced), in "
+            "(0, 86400]; must cover the slowest step, prefill of a full batch included."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_ep(self) -> ParallelSection:
@@ -257,6 +277,32 @@ class RouterSection(_Section):
     )
 
 
+class LimitsSection(_Section):
+    """Per-request limits the Ingress enforces on both APIs (HTTP 400 / gRPC INVALID_ARGUMENT, 413 for the body)."""
+
+    max_n: int = Field(16, ge=1, le=1024, description="Most completions one request may ask for (`n`), 1..1024.")
+    max_stop_strings: int = Field(16, ge=0, le=1024, description="Most `stop` strings per request, 0..1024.")
+    max_stop_string_chars: int = Field(
+        256, ge=1, le=65536, description="Longest `stop` string, in characters, 1..65536."
+    )
+    max_prompt_chars: int = Field(
+        2_000_000, ge=1, le=1 << 30,
+        description="Longest prompt (or all chat messages together), in characters, 1..2**30.",
+    )  # fmt: skip
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, le=1 << 30,
+        description="Largest HTTP request body in bytes, 1024..2**30 (HTTP 413 above it).",
+    )  # fmt: skip
+    strict_max_tokens: bool = Field(
+        False,
+        description=(
+            "true: `max_tokens` above the model's max_model_len is refused (400 / INVALID_ARGUMENT); needs "
+            "max_model_len set on every model. false: it is accepted and generation stops at the context "
+            "length (finish_reason `length`), as vLLM does."
+        ),
+    )
+
+
 class ModelSection(_Section):
     name: str = Field(
         ..., min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="Model name clients send (`model` field)."
@@ -288,6 +334,26 @@ class ModelSection(_Section):
                      "messages, merged when the path lags (throughput under many concurrent streams). "
                      f"null = {GPU_STREAM_INTERVAL_MS:g} on GPUs (device cuda or GPUs per rank), 0 on CPU."),
     )
+    health_check_period_s: float = Field(
+        2.0,
+        ge=0.5,
+        le=600,
+        description=(
+            "Seconds between Serve's health checks of an LLMServer replica (engine alive, every rank of its worker "
+            "group alive), 0.5..600. Serve replaces a replica after 3 failed checks in a row, so a dead worker "
+            "group is replaced about 3 periods after it died (Serve's own default of 10 s: ~30 s). A check is "
+            "one zero-timeout look at the ranks between two engine steps."
+        ),
+    )
+    health_check_timeout_s: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description=(
+            "Seconds a health check may take before it counts as failed, 0.5..3600. The check waits for the "
+            "engine's current step, so keep it above the slowest step."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_scaling(self) -> ModelSection:
@@ -305,7 +371,7 @@ class ModelSection(_Section):
 
     def effective_stream_interval_ms(self) -> float:
         """`stream_interval_ms`, with null resolved: GPU engines make tokens faster than one Serve
-        message per token per stream can carry (benchmarks/NOTES.md, serve path)."""
+        message per token per stream can carry (benchmarks/README.md, serving rows)."""
         if self.stream_interval_ms is not None:
             return self.stream_interval_ms
         on_gpu = self.device == "cuda" or self.resources.num_gpus_per_worker > 0
@@ -342,6 +408,7 @@ class AppConfig(_Section):
     grpc: GrpcSection = Field(default_factory=GrpcSection, description="gRPC API (shardserve.v1.LLMService).")
     ingress: IngressSection = Field(default_factory=IngressSection, description="The Ingress deployment.")
     models: list[ModelSection] = Field(..., min_length=1, description="Models served; clients pick by name.")
+    limits: LimitsSection = Field(default_factory=LimitsSection, description="Per-request limits (both APIs).")
     tls: TlsSection | None = Field(None, description="TLS (and gRPC mutual TLS) for both APIs; null = plaintext.")
     auth: AuthSection = Field(default_factory=AuthSection, description="API keys (tenants) and their rate limits.")
     log_prompts: bool = Field(
@@ -355,6 +422,13 @@ class AppConfig(_Section):
             if model.name in seen:
                 raise ValueError(f"model names must be unique, {model.name!r} appears twice")
             seen.add(model.name)
+        if self.limits.strict_max_tokens:
+            unknown = [m.name for m in self.models if m.max_model_len is None]
+            if unknown:
+                raise ValueError(
+                    f"limits.strict_max_tokens needs max_model_len set on every model (the Ingress checks "
+                    f"max_tokens against it); it is null for {unknown}"
+                )
         return self
 
     def model(self, name: str) -> ModelSection:

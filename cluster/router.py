@@ -48,10 +48,15 @@ _ROUTERS: dict[str, PrefixAffinityRouter] = {}
 
 
 def prefix_chain(text: str, chunk_chars: int = PREFIX_CHUNK_CHARS) -> list[str]:
-    """Chained hashes of the text's leading chunks; the last may be a partial chunk."""
+    """Chained hashes of the text's leading chunks; the last may be a partial chunk.
+
+    `surrogatepass`: any Python str hashes, even one holding a lone surrogate (JSON's "\\ud800"),
+    which plain UTF-8 cannot encode; an exception here would stall Serve's routing of the request.
+    """
     chain, prev = [], ""
     for start in range(0, len(text), chunk_chars):
-        prev = hashlib.blake2b((prev + text[start : start + chunk_chars]).encode(), digest_size=12).hexdigest()
+        data = (prev + text[start : start + chunk_chars]).encode("utf-8", "surrogatepass")
+        prev = hashlib.blake2b(data, digest_size=12).hexdigest()
         chain.append(prev)
     return chain
 

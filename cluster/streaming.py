@@ -3,7 +3,7 @@
 Why: every message a Serve deployment yields is a Ray object (LLMServer → Ingress) and then a
 second one (Ingress → gRPC proxy), each costing a few hundred microseconds of CPU in the sender,
 the receiver and the proxy. One message per token per stream capped the served throughput at
-about half of the engine's (benchmarks/serve_overhead.py; the GPU run in benchmarks/NOTES.md):
+about half of the engine's (benchmarks/README.md, serving rows):
 the processes on the path saturated, and the engine thread starved for the GIL in the replica.
 Used by the LLMServer when a model's stream interval is > 0 (cluster/server.py): by default 50 ms
 for models on GPUs and 0 (off) on CPU. With merging on for every model, CPU CI included, Ray's

@@ -4,9 +4,8 @@ Why: every row-parallel layer's sum feeds straight into `rmsnorm(sum + residual)
 that pushes this rank's partial rows to every peer, waits for the peers' rows and reduces,
 adds and normalises replaces PyTorch's two-barrier one-shot all-reduce plus the norm kernel
 (parallel/kernels/allreduce_rmsnorm.py has both protocols). The default is `lamport` (the data
-is its own flag); `SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags` selects the flag protocol. Measured
-on 2 H100s (sixth session, benchmarks/NOTES.md): per call at 1 row 10.2 us unfused, 7.5 flags,
-4.8 lamport; Llama-8B batch-1 decode at TP 2 231.6 / 241.0 / 252.2 tok/s.
+is its own flag); `SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags` selects the flag protocol. Figures
+for both protocols, per call and end to end: benchmarks/README.md.
 
 Memory: it lives in the same symmetric buffer as `CustomAllReduce` (one allocation, one
 rendezvous), after the `max_bytes` PyTorch's ops use:

@@ -35,6 +35,9 @@ from shardserve.parallel.custom_allreduce import CustomAllReduce, create_custom_
 
 ExpertDispatch = Literal["auto", "all_to_all", "all_reduce"]
 DEFAULT_TIMEOUT_S = 300.0
+# The rendezvous waits at least this long whatever `timeout_s` is: ranks start seconds apart
+# (process start, imports), which must not fail a group whose collectives should fail fast.
+RENDEZVOUS_MIN_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,10 @@ def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None =
     ep: ranks the experts are split over inside a stage; None = every rank of the stage (tp).
     backend: `nccl` or `gloo`; None picks nccl when CUDA is available, else gloo. On NCCL the
       caller selects the CUDA device first (torch.cuda.set_device).
-    timeout_s: every collective (and the rendezvous) fails after this long instead of hanging
-      when a peer has died.
+    timeout_s: every collective of every group (all-reduce, all-to-all, pipeline send/recv) fails
+      after this long instead of hanging when a peer has died or stalled. The rendezvous (the TCP
+      store every rank joins, and group creation through it) waits max(timeout_s,
+      RENDEZVOUS_MIN_TIMEOUT_S), so a small timeout does not fail ranks that start late.
     custom_allreduce: on NCCL with tp > 1, set up the TP group's custom all-reduce (every rank
       must pass the same value; the env switch SHARDSERVE_DISABLE_CUSTOM_ALLREDUCE=1 also works).
     """
@@ -210,8 +215,9 @@ def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None =
         raise ValueError(f"pp_layer_partition {pp_layer_partition} must list one layer count per stage ({pp})")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timeout)
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, multi_tenant=True,
+                          timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_MIN_TIMEOUT_S)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     tp_info = _join("tp", layout["tp"], rank, timeout)
     pp_info = _join("pp", layout["pp"], rank, timeout)
     ep_info = _join("ep", layout["ep"], rank, timeout)

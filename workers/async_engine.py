@@ -12,7 +12,9 @@ command whose future was cancelled before it ran is skipped (`set_running_or_not
 and a running future cannot be cancelled. If a step raises, the engine is dead: every open
 stream gets EngineDeadError and health() raises, so the serving layer can report unhealthy and
 be replaced. health() also asks the executor whether every rank of its worker group is alive
-(`Executor.check_health`). Implements workers/protocol.py's EngineProtocol.
+(`Executor.check_health`, on the engine thread between steps); it never waits behind a step for
+long: while a step runs it reports healthy unless that step has outlasted `step_timeout_s`
+(a hung rank), so Serve's health check answers in time. Implements EngineProtocol.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,8 @@ from shardserve.workers.request import RequestOutput, SamplingParams
 from shardserve.workers.worker.executor import WorkerGroupError
 
 logger = logging.getLogger(__name__)
+# How long health() waits for its check to run between steps before judging the running step.
+HEALTH_WAIT_S = 1.0
 
 
 @dataclass
@@ -48,6 +53,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
         self._stopped = False
+        self._step_started: float | None = None  # monotonic time the running step began, else None
         self._thread = threading.Thread(target=self._run, name="shardserve-engine", daemon=True)
         self._thread.start()
 
@@ -92,9 +98,18 @@ class AsyncEngine:
         if not self._thread.is_alive():
             raise EngineDeadError("engine thread is not running")
         try:
-            await self._call(self.engine.executor.check_health)
+            await asyncio.wait_for(self._call(self.engine.executor.check_health), HEALTH_WAIT_S)
         except WorkerGroupError as err:
             raise EngineDeadError(f"worker group failed: {err}") from err
+        except asyncio.TimeoutError:  # a step is running: it fails by itself if a rank dies
+            started = self._step_started
+            limit = self.engine.config.parallel.step_timeout_s
+            if started is not None and time.monotonic() - started > limit:
+                raise EngineDeadError(
+                    f"an engine step has run for {time.monotonic() - started:.0f}s, over "
+                    f"parallel.step_timeout_s = {limit:g}: a rank is hung"
+                ) from None
+            self._raise_if_dead()
 
     async def stats(self) -> EngineStats:
         self._raise_if_dead()
@@ -151,7 +166,10 @@ class AsyncEngine:
                 block = not self.engine.has_unfinished_requests()
                 self._run_commands(block)
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    self._step_started = time.monotonic()
+                    outputs = self.engine.step()
+                    self._step_started = None
+                    self._dispatch(outputs)
         except BaseException as exc:  # the engine is unusable now; fail every stream
             logger.exception("engine step failed")
             self._dead = exc

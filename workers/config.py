@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_TIMEOUT_S = 86400.0  # upper bound of ParallelConfig.collective_timeout_s and step_timeout_s (one day)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class SchedulerConfig:
       the runner fills on the device). Outputs equal the synchronous engine's. None (default):
       on whenever pipeline_parallel_size == 1 (pipeline parallelism keeps its own batches in
       flight); True with pipeline parallelism is an error. See workers/engine.py.
-      H100, Llama-3.1-8B: b1 150.4 -> 159.4 tok/s, offline 7,923 -> 8,762 tok/s (NOTES.md).
+      What it buys: benchmarks/README.md.
     async_depth: batches in flight under async scheduling, 2 (default) to 4. At 3 the driver
       sends step N+2 before step N's output is in, so the ranks find it waiting when they finish
       N: the driver's turnaround leaves the host's critical path, which helps where a step is
@@ -155,8 +156,12 @@ class ParallelConfig:
       P > 1; with one stage only None or 1 (async scheduling has its own depth of 2).
     expert_dispatch: `auto`, `all_to_all` or `all_reduce` (see parallel/expert.py).
     all_to_all_min_tokens: under `auto`, steps with at least this many tokens use all-to-all.
-    collective_timeout_s: a collective waiting on a dead peer fails after this long.
-    step_timeout_s: the driver gives up on a step that has not returned after this long.
+    collective_timeout_s: seconds a rank waits in a collective (all-reduce, pipeline send/recv, the
+      rendezvous) for a peer before failing with a timeout (torch.distributed process-group
+      timeout; parallel/state.py), in (0, MAX_TIMEOUT_S].
+    step_timeout_s: seconds the driver waits for a step's output before it declares the worker
+      group dead (WorkerGroupError; workers/worker/channel.py), in (0, MAX_TIMEOUT_S]. A rank
+      that dies is noticed at once (closed pipe/socket); this bounds a rank that hangs.
     launcher: how a world of more than one rank is started: `multiproc` (local spawned processes,
       workers/worker/executor.py) or `ray` (one Ray actor per rank in a placement group,
       workers/group.py). A world of one always runs in the engine's process.
@@ -189,8 +194,10 @@ class ParallelConfig:
         self._check_micro_batches()
         if self.expert_dispatch not in ("auto", "all_to_all", "all_reduce"):
             raise ValueError(f"expert_dispatch must be auto, all_to_all or all_reduce, got {self.expert_dispatch!r}")
-        if self.collective_timeout_s <= 0 or self.step_timeout_s <= 0:
-            raise ValueError("collective_timeout_s and step_timeout_s must be > 0")
+        for name in ("collective_timeout_s", "step_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise ValueError(f"{name} must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value!r}")
 
     def _check_micro_batches(self) -> None:
         value, pp = self.pipeline_micro_batches, self.pipeline_parallel_size

@@ -166,6 +166,9 @@ class LLMEngine:
         bad = next((i for i, t in enumerate(token_ids) if not 0 <= t < vocab_size), None)
         if bad is not None:  # the message names one id, never the whole prompt
             raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {token_ids[bad]} at position {bad}")
+        bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+        if bad is not None:  # min_tokens masks these ids in the logits: one past the vocabulary would fault
+            raise ValueError(f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
         if check_queue:
             self.check_admission(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time

@@ -18,8 +18,10 @@ socket Connection (`submit`); the output rank's pickled ModelRunnerOutput is rea
 (`collect`, in submission order, so under pipeline parallelism several steps are in flight).
 No Ray call is made on the step path. While waiting, the driver polls the sockets; a killed rank closes its socket
 (EOF at once), and every `LIVENESS_POLL_S` of silence the liveness refs are checked with a
-zero-timeout `ray.wait` (a lost node). Either way the step raises WorkerGroupError, the other
-ranks are killed, and every later call (and `check_health`) raises too.
+zero-timeout `ray.wait` (a lost node). A rank that hangs (stopped, or stuck in a collective)
+answers nothing: the step fails after ParallelConfig.step_timeout_s. Either way the step raises
+WorkerGroupError, every rank actor is killed at once, and every later call (and `check_health`)
+raises too.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class RankActor:
     def describe(self) -> dict[str, Any]:
         """Where this rank runs and what Ray gave it (answered beside `serve`: max_concurrency 2)."""
         context = ray.get_runtime_context()
-        return {"node_ip": get_node_ip_address(), "pid": os.getpid(), "resources": context.get_assigned_resources()}
+        return {"node_id": context.get_node_id(), "node_ip": get_node_ip_address(), "pid": os.getpid(),
+                "resources": context.get_assigned_resources()}
 
     def serve(self, spec: WorkerSpec) -> None:
         """Accept the driver, then run the rank's loop until SHUTDOWN or EOF (exits the process on error)."""
@@ -211,7 +214,7 @@ class RayExecutor(ConnectionGroup):
             except (OSError, EOFError) as exc:
                 raise WorkerGroupError(f"could not connect to worker rank {rank} at {address.listen}: {exc!r}") from None
             _no_delay(conn)
-            self._conns.append(conn)
+            self._add_connection(conn)
 
     # ---- launcher-specific parts of ConnectionGroup -------------------------------------
 
@@ -225,16 +228,18 @@ class RayExecutor(ConnectionGroup):
         if ended:
             self._fail_dead(self._run_refs.index(ended[0]))
 
-    def shutdown(self) -> None:
-        """Ask every rank to stop, then kill the actors and free the placement group (idempotent)."""
+    def shutdown(self, wait_s: float = 5.0) -> None:
+        """Ask every rank to stop, wait up to `wait_s` for their loops to end, then kill the actors
+        and free the placement group (idempotent). After a failure `wait_s` is 0: ray.kill at once."""
         if self._stopped:
             return
         self._stopped = True
-        self._ask_ranks_to_stop()
+        if wait_s > 0:
+            self._ask_ranks_to_stop()
         if ray.is_initialized():
-            if self._run_refs:
+            if self._run_refs and wait_s > 0:
                 with contextlib.suppress(Exception):
-                    ray.wait(self._run_refs, num_returns=len(self._run_refs), timeout=5.0)
+                    ray.wait(self._run_refs, num_returns=len(self._run_refs), timeout=wait_s)
             for actor in self.actors:
                 with contextlib.suppress(Exception):
                     ray.kill(actor, no_restart=True)

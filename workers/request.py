@@ -11,6 +11,7 @@ forward `new_text` and an offline caller can keep only the last snapshot.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,30 +34,63 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+MAX_INT32 = 2**31 - 1  # bound of counts and token ids (no model has a context or vocab near it)
+MIN_INT64, MAX_INT64 = -(2**63), 2**63 - 1  # seeds (gRPC's int64)
+MAX_TEMPERATURE = 2.0  # OpenAI's range [0, 2]
+MAX_REPETITION_PENALTY = 2.0  # (0, 2]: beyond 2 a seen token is all but banned
+_MAX_ECHO_CHARS = 40
+
+
+def _short(value: Any) -> str:
+    """repr(value) cut to a few dozen characters: messages never echo a whole prompt or list."""
+    text = repr(value)
+    return text if len(text) <= _MAX_ECHO_CHARS else f"{text[: _MAX_ECHO_CHARS - 3]}..."
+
+
 def _check_type(name: str, value: Any, types: tuple[type, ...], what: str) -> None:
     # bool is an int subclass: reject it where a number is expected.
     if isinstance(value, bool) and bool not in types:
         raise ValueError(f"{name} must be {what}, got {value!r}")
     if not isinstance(value, types):
-        raise ValueError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{name} must be {what}, got {type(value).__name__} {_short(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be {what} (a finite number), got {_short(value)}")
+
+
+def _check_range(name: str, value: float, low: float, high: float, what: str) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be {what}, got {_short(value)}")
+
+
+def _is_valid_text(text: str) -> bool:
+    """True unless `text` holds a lone surrogate (JSON's "\\ud800" parses to one; UTF-8 cannot encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one completion. Every field is validated on construction.
 
-    temperature: 0 means greedy; otherwise >= 0.
-    top_k: keep the k most likely tokens; 0 (or -1) disables.
+    Every number must be finite; the ranges below are OpenAI's where it has one (vLLM's names).
+    temperature: in [0, 2]; 0 means greedy.
+    top_k: keep the k most likely tokens; 0 (or -1) disables; else in [1, 2**31 - 1].
     top_p: keep the smallest set whose mass reaches top_p; in (0, 1].
     min_p: drop tokens whose probability is below min_p * max probability; in [0, 1].
-    repetition_penalty: > 0; 1 disables (divides positive logits of seen tokens, prompt and
+    repetition_penalty: in (0, 2]; 1 disables (divides positive logits of seen tokens, prompt and
       output, multiplies negative ones — the CTRL/HF rule).
     presence_penalty, frequency_penalty: in [-2, 2]; applied to output tokens only (OpenAI rule).
-    seed: per-request seed; the same seed gives the same tokens whatever else is batched.
-    max_tokens: >= 1 new tokens at most. min_tokens: EOS and stop ids are masked until reached.
-    stop: strings that end the completion (left out of the text unless include_stop_str_in_output).
-    stop_token_ids: token ids that end the completion (in addition to EOS unless ignore_eos).
-    n: completions per prompt; they share the prompt's KV blocks through the prefix cache.
+    seed: per-request seed in the int64 range; the same seed gives the same tokens whatever else is batched.
+    max_tokens: new tokens at most, in [1, 2**31 - 1]; the engine also stops at the model's context
+      length (finish reason `length`). min_tokens: EOS and stop ids are masked until reached.
+    stop: non-empty, valid Unicode strings that end the completion (left out of the text unless
+      include_stop_str_in_output). Servers bound their count and length (config `limits`).
+    stop_token_ids: token ids in [0, 2**31 - 1] that end the completion (in addition to EOS unless
+      ignore_eos); the engine checks them against the vocabulary.
+    n: completions per prompt, >= 1; they share the prompt's KV blocks through the prefix cache.
     logprobs: return the top-N logprobs of each sampled position (0 = only the sampled token).
     prompt_logprobs: return the top-N logprobs of each prompt position.
     final_only: report the request only once it has finished (offline batch use, as
@@ -89,53 +123,56 @@ class SamplingParams:
         num = (int, float)
         _check_type("n", self.n, (int,), "an integer >= 1")
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        _check_type("temperature", self.temperature, num, "a number >= 0")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"n must be >= 1, got {_short(self.n)}")
+        _check_type("temperature", self.temperature, num, f"a number in [0, {MAX_TEMPERATURE:g}]")
+        _check_range("temperature", self.temperature, 0, MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE:g}]")
         _check_type("top_k", self.top_k, (int,), "an integer (0 or -1 disables, else >= 1)")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")
+        if not -1 <= self.top_k <= MAX_INT32:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or in [1, {MAX_INT32}], got {_short(self.top_k)}")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", TOP_K_DISABLED)
         _check_type("top_p", self.top_p, num, "a number in (0, 1]")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1], got {_short(self.top_p)}")
         _check_type("min_p", self.min_p, num, "a number in [0, 1]")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        _check_type("repetition_penalty", self.repetition_penalty, num, "a number > 0")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check_range("min_p", self.min_p, 0, 1, "in [0, 1]")
+        what = f"in (0, {MAX_REPETITION_PENALTY:g}]"
+        _check_type("repetition_penalty", self.repetition_penalty, num, f"a number {what}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be {what}, got {_short(self.repetition_penalty)}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check_type(name, value, num, "a number in [-2, 2]")
-            if not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            _check_range(name, value, -2, 2, "in [-2, 2]")
         if self.seed is not None:
             _check_type("seed", self.seed, (int,), "an integer or None")
+            _check_range("seed", self.seed, MIN_INT64, MAX_INT64, f"in [{MIN_INT64}, {MAX_INT64}]")
         _check_type("max_tokens", self.max_tokens, (int,), "an integer >= 1")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        _check_range("max_tokens", self.max_tokens, 1, MAX_INT32, f"in [1, {MAX_INT32}]")
         _check_type("min_tokens", self.min_tokens, (int,), "an integer in [0, max_tokens]")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {_short(self.min_tokens)}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a list of non-empty strings, got {_short(self.stop)}")
+        for i, text in enumerate(self.stop):
+            if not _is_valid_text(text):
+                raise ValueError(f"stop[{i}] must be valid Unicode text (it holds a lone surrogate)")
         object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.stop_token_ids, (tuple, list)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT32 for t in self.stop_token_ids
         ):
-            raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}")
+            raise ValueError(
+                f"stop_token_ids must be a list of integers in [0, {MAX_INT32}], got {_short(self.stop_token_ids)}"
+            )
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 _check_type(name, value, (int,), f"an integer in [0, {self.MAX_LOGPROBS}] or None")
                 if not 0 <= value <= self.MAX_LOGPROBS:
-                    raise ValueError(f"{name} must be in [0, {self.MAX_LOGPROBS}], got {value}")
+                    raise ValueError(f"{name} must be in [0, {self.MAX_LOGPROBS}], got {_short(value)}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check_type(name, getattr(self, name), (bool,), "a boolean")
 

@@ -22,11 +22,10 @@ import dataclasses
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from shardserve.cluster.config import AppConfig, parse_config
-from shardserve.cluster.ingress import auth, responses
+from shardserve.cluster.ingress import auth, http_edge, responses
 from shardserve.cluster.ingress import openai as oai
 from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
@@ -34,14 +33,15 @@ from shardserve.cluster.ingress.grpc import GrpcFrontend
 from shardserve.cluster.ingress.grpc_server import GrpcServer
 from shardserve.cluster.ingress.ratelimit import RateLimited
 from shardserve.cluster.ingress.request_log import log_request
-from shardserve.cluster.messages import ErrorKind
 from shardserve.cluster.router import router_stats
 
 # Seconds a client told "queue full" (429) should wait: about how long a CPU replica takes to drain
 # a step's worth of requests; clients (the openai package) honour the header.
 RETRY_AFTER_S = 1
 
-api = FastAPI(title="shardserve", description="OpenAI-compatible API of a shardserve cluster.")
+api = FastAPI(
+    title="shardserve", description="OpenAI-compatible API of a shardserve cluster.", responses=http_edge.ERROR_RESPONSES
+)
 
 
 @api.middleware("http")
@@ -77,19 +77,9 @@ class _StreamResponse(StreamingResponse):
             self.chunk_stream.cancel()
 
 
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.kind == ErrorKind.QUEUE_FULL else None
-    return JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"] if p != "body"]
-    param = ".".join(loc) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return JSONResponse(ApiError(ErrorKind.INVALID_ARGUMENT, message, param).openai_body(), status_code=400)
+# Every 4xx/5xx in OpenAI's error shape (429 with Retry-After), and the request body limit
+# (cluster/ingress/http_edge.py).
+http_edge.install(api, retry_after_s=RETRY_AFTER_S)
 
 
 def llm_server_name(index: int, model_name: str) -> str:
@@ -104,6 +94,7 @@ class Ingress:
         app_config = parse_config(config, AppConfig)
         self.log_prompts = app_config.log_prompts
         self.core = IngressCore(app_config, handles)
+        http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         self.gate = auth.Gate.from_config(app_config.auth)
         auth.install(self.gate)  # for the HTTP middleware (one Ingress per replica process)
         self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
@@ -119,7 +110,7 @@ class Ingress:
     # ---- OpenAI HTTP ----------------------------------------------------------------------
     async def _generate(self, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest) -> Any:
         self.core.model(body.model)
-        request = oai.to_generate_request(body, kind)
+        request = oai.to_generate_request(body, kind, self.core.config)
         request = dataclasses.replace(request, tenant=auth.CURRENT_TENANT.get())
         log_request(request, self.log_prompts)
         first, rest = await self.core.first_chunk(request)

@@ -4,7 +4,11 @@ Data flow: anything that rejects a request — request-body validation, Sampling
 ValueError (whose message starts with the field name), an unknown model, an `ErrorInfo` chunk
 from an LLMServer, or Ray Serve failing to reach a replica — becomes an `ApiError(kind,
 message, param)`. The HTTP ingress renders it as `{"error": {"message", "type", "param",
-"code"}}` with the status below; the gRPC servicer sets the matching status code and details.
+"code"}}` with the status below (or the explicit `http_status` an HTTP-only failure such as 405
+or 413 carries); the gRPC servicer sets the matching status code and details. Messages never
+echo a prompt: values quoted in them go through `short()` (a few dozen characters), and the
+rendered message is capped and made UTF-8 safe (a lone surrogate from the request would make
+the JSON encoder fail, turning a 400 into a 500).
 """
 
 from __future__ import annotations
@@ -43,16 +47,44 @@ GRPC_STATUS = {
 }
 
 
+MAX_ECHO_CHARS = 40  # longest quoted request value in an error message
+MAX_MESSAGE_CHARS = 600  # longest error message sent to a client
+
+
+def utf8_safe(text: str) -> str:
+    """`text` with lone surrogates escaped (`\\ud800`), so it always encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def short(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """repr(value) cut to `limit` characters, for quoting a request value in an error message."""
+    text = utf8_safe(repr(value))
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 class ApiError(Exception):
-    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        param: str | None = None,
+        *,
+        http_status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        message = utf8_safe(message)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.kind = kind
         self.message = message
-        self.param = param
+        self.param = None if param is None else utf8_safe(param)[:MAX_MESSAGE_CHARS]
+        self._http_status = http_status
+        self.code = code or kind.value
 
-    def __reduce__(self) -> tuple[type, tuple[ErrorKind, str, str | None]]:
-        # Ray pickles exceptions between the ingress and the proxies: keep all three fields.
-        return (ApiError, (self.kind, self.message, self.param))
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles exceptions between the ingress and the proxies: keep every field.
+        return (_rebuild, (self.kind, self.message, self.param, self._http_status, self.code))
 
     @classmethod
     def from_info(cls, info: ErrorInfo) -> ApiError:
@@ -60,7 +92,7 @@ class ApiError(Exception):
 
     @property
     def http_status(self) -> int:
-        return HTTP_STATUS[self.kind]
+        return self._http_status or HTTP_STATUS[self.kind]
 
     @property
     def grpc_status(self) -> grpc.StatusCode:
@@ -72,13 +104,17 @@ class ApiError(Exception):
                 "message": self.message,
                 "type": OPENAI_TYPE[self.kind],
                 "param": self.param,
-                "code": self.kind.value,
+                "code": self.code,
             }
         }
 
 
+def _rebuild(kind: ErrorKind, message: str, param: str | None, http_status: int | None, code: str) -> ApiError:
+    return ApiError(kind, message, param, http_status=http_status, code=code)
+
+
 def unknown_model(name: str, served: list[str]) -> ApiError:
-    return ApiError(ErrorKind.NOT_FOUND, f"model {name!r} does not exist; served models: {served}", "model")
+    return ApiError(ErrorKind.NOT_FOUND, f"model {short(name)} does not exist; served models: {served}", "model")
 
 
 def from_serve_exception(err: BaseException) -> ApiError | None:

@@ -12,8 +12,11 @@ top-level fields; streaming sends one message per completion of each chunk the L
 from the `x-request-id` metadata (or is made up) and goes back in trailing metadata with
 `x-shardserve-replica`. With API keys configured, the `authorization` metadata is checked
 first (UNAUTHENTICATED; a key over its rate limit: RESOURCE_EXHAUSTED with `retry-after`
-metadata) and the key's name becomes the request's tenant. Errors set the status code and
-details on the context (NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A client cancel or
+metadata) and the key's name becomes the request's tenant. Validation matches HTTP's:
+SamplingParams ranges, the deployment's `limits` and the chat role set
+(cluster/ingress/validation.py, params named `params.n`), and bytes that do not parse reach us as
+an `UndecodableRequest` (cluster/ingress/grpc_decode.py): all INVALID_ARGUMENT. Errors set the
+status code and details on the context (NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A client cancel or
 deadline makes grpc.aio cancel this call, which cancels the LLMServer call (synchronously, `ChunkStream.cancel`) and aborts the
 request in the engine.
 """
@@ -27,9 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from shardserve.cluster.ingress import validation
 from shardserve.cluster.ingress.auth import Gate
 from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
+from shardserve.cluster.ingress.grpc_decode import UndecodableRequest
 from shardserve.cluster.ingress.ratelimit import RateLimited
 from shardserve.cluster.ingress.request_log import log_request
 from shardserve.cluster.messages import (
@@ -132,7 +137,10 @@ class GrpcFrontend:
         return self.gate.admit(_metadata(context, "authorization"))
 
     def _generate_request(self, proto: Any, request_id: str, tenant: str | None) -> GenerateRequest:
+        if isinstance(proto, UndecodableRequest):
+            raise ApiError(ErrorKind.INVALID_ARGUMENT, proto.message())
         request = self._parse(proto, request_id)
+        validation.check_limits(request, self.core.model(proto.model), self.core.config.limits, params_prefix="params.")
         request = dataclasses.replace(request, tenant=tenant)
         log_request(request, self.log_prompts)
         return request
@@ -142,7 +150,10 @@ class GrpcFrontend:
         params = to_sampling_params(proto.params)
         which = proto.WhichOneof("input")
         if which == "messages":
-            messages = tuple((m.role, m.content) for m in proto.messages.messages)
+            # OpenAI's `developer` is the system role, as on HTTP; check_limits refuses unknown roles.
+            messages = tuple(
+                ("system" if m.role == "developer" else m.role, m.content) for m in proto.messages.messages
+            )
             if not messages:
                 raise ApiError(ErrorKind.INVALID_ARGUMENT, "messages must be non-empty", "messages")
             return GenerateRequest(request_id, proto.model, params, messages=messages, priority=proto.priority)

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from shardserve.cluster.config import AppConfig
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.grpc import GrpcFrontend, details_of
+from shardserve.cluster.ingress.grpc_decode import tolerant_registration
 from shardserve.cluster.ingress.health import HealthReporter
 from shardserve.cluster.ingress.tls import grpc_credentials
 from shardserve.cluster.proto import llm_pb2, llm_pb2_grpc
@@ -80,7 +81,8 @@ class GrpcServer:
         self.config = config
         self.health = HealthReporter(frontend.core)
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(frontend), self.server)
+        # Undecodable request bytes reach GrpcFrontend as INVALID_ARGUMENT (cluster/ingress/grpc_decode.py).
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(frontend), tolerant_registration(self.server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         names = [
             llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name,

@@ -20,8 +20,8 @@ I + n.., and stores silu(gate) * up [1, I], gate and up each rounded to the dtyp
 `silu_and_mul` sees them after an unfused projection (the SiLU-and-mul kernel leaves the step).
 The bias is added in fp32 before the one rounding.
 
-Rows: one. At 8 rows a tensor-core variant of this kernel was 7-9 % slower than cuBLAS per
-layer (ninth session, benchmarks/NOTES.md), so steps of 2+ rows keep cuBLAS.
+Rows: one. A tensor-core variant for 2-16 rows lost to cuBLAS (benchmarks/README.md, "Tried and
+dropped"), so steps of 2+ rows keep cuBLAS.
 
 `SHARDSERVE_DECODE_GEMV=0` sends everything to cuBLAS (A/B runs); `wanted_for` says which calls
 this kernel takes. Tiles: the card's table tuned by `benchmarks/gemv_gpu.py --sweep

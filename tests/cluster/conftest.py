@@ -110,12 +110,12 @@ def real(cluster: Cluster) -> Iterator[Cluster]:
     """The real-engine app (tests/cluster/real_app.py) in the same Serve instance, with its own gRPC
     port (the Cluster it yields points there); deleted at the end."""
     from ray import serve
-    from real_app import APP, ROUTE_PREFIX, SECTION
+    from real_app import APP, LIMITS, ROUTE_PREFIX, SECTION
     from shardserve.cluster.app import build_app
     from shardserve.cluster.config import AppConfig, parse_config
 
     port = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))
-    config = parse_config({"models": [SECTION], "grpc": {"port": port}}, AppConfig)
+    config = parse_config({"models": [SECTION], "grpc": {"port": port}, "limits": LIMITS}, AppConfig)
     serve.run(build_app(config), name=APP, route_prefix=ROUTE_PREFIX)
     try:
         yield dataclasses.replace(cluster, grpc_target=f"127.0.0.1:{port}")

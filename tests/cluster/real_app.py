@@ -17,6 +17,9 @@ MODEL = "smollm2"
 SECTION = {"name": MODEL, "source": "default", "device": "cpu", "dtype": "float32", "max_model_len": 512,
            "resources": {"num_cpus_per_worker": 0.25}, "cache": {"cpu_kv_cache_bytes": 64 << 20},
            "scheduler": {"max_num_seqs": 8, "max_queue_len": 16}}  # fmt: skip
+# limits.max_n (default 16) would refuse n = 17 at the Ingress before the engine's own admission
+# rule (n above max_queue_len), which test_real_overload exercises.
+LIMITS = {"max_n": 64}
 
 
 def http_client(cluster: Any) -> openai.OpenAI:

@@ -111,7 +111,7 @@ def test_bad_params_get_400_naming_the_field(cluster, body, param):
 def test_openai_client_raises_typed_errors(cluster):
     with pytest.raises(openai.BadRequestError) as bad:
         client(cluster).completions.create(model="solo", prompt="x", max_tokens=0)
-    assert "max_tokens must be >= 1" in str(bad.value)
+    assert "max_tokens must be in [1, 2147483647]" in str(bad.value)
     with pytest.raises(openai.NotFoundError) as missing:
         client(cluster).completions.create(model="no-such-model", prompt="x")
     assert missing.value.body["param"] == "model"

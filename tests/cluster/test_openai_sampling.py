@@ -101,12 +101,12 @@ def test_extra_sampling_fields_reach_the_engine(cluster):
     body = {
         "model": "solo", "prompt": "params", "max_tokens": 3, "seed": 5, "stop": "zzz", "presence_penalty": 0.5,
         "frequency_penalty": -0.5, "repetition_penalty": 1.1, "top_k": 7, "min_p": 0.05, "min_tokens": 2,
-        "ignore_eos": True, "temperature": 0.3, "top_p": 0.9, "user": "someone", "not_a_field": {"x": 1},
+        "ignore_eos": True, "temperature": 0.3, "top_p": 0.9, "user": "someone", "metadata": {"x": "1"},
     }  # fmt: skip
     r = requests.post(cluster.http_url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 200, r.text
     params = cluster.debug_state()["params"][r.headers["x-shardserve-request-id"]]
-    expected = {k: v for k, v in body.items() if k not in ("model", "prompt", "user", "not_a_field", "stop")}
+    expected = {k: v for k, v in body.items() if k not in ("model", "prompt", "user", "metadata", "stop")}
     assert {k: params[k] for k in expected} == expected and params["stop"] == ("zzz",)
     chat = {"model": "solo", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2,
             "stop": ["a", "b"]}  # fmt: skip

@@ -1,7 +1,6 @@
-"""Engine doubles for cluster tests and the serving-path benchmark, injected from Python, never by YAML.
+"""Engine doubles for cluster tests, injected from Python, never by YAML.
 
-FakeEngine (fake_engine.py: EngineProtocol without a model) and SyntheticEngine
-(synthetic_engine.py: a GPU-like step time behind the real AsyncEngine) reach the replicas as
+FakeEngine (fake_engine.py: EngineProtocol without a model) reaches the replicas as
 `build_app(config, engine_factory=...)` (cluster/app.py): a callable bound into the LLMServer
 deployment's arguments, which no YAML file or RayService can name. Ray Serve pickles those
 arguments (cloudpickle) and the replicas unpickle them in processes whose sys.path lacks tests/,

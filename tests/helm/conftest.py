@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from helmkit import CHART, CI_VALUES_DIR, HELM_VERSION_PREFIX, SHARED, helm_binary, run_helm
+from helmkit import CHART, CI_VALUES_DIR, HELM_VERSION_PREFIX, helm_binary, kuberay_crds_dir, run_helm
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,8 +30,10 @@ def helm_ready() -> str:
         pytest.fail(
             f"{helm} is helm {version!r}; the chart tests pin helm {HELM_VERSION_PREFIX}x", pytrace=False
         )
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} missing: the KubeRay CRDs are read from ../shared beside the repository")
+    try:
+        kuberay_crds_dir()
+    except FileNotFoundError as error:
+        pytest.fail(str(error), pytrace=False)
     assert (CHART / "Chart.yaml").is_file() and sorted(CI_VALUES_DIR.glob("*.yaml")), (
         "chart or CI values missing"
     )

@@ -2,10 +2,11 @@
 
 Data flow: a values file -> `helm template` (subprocess) -> a list of Kubernetes objects (dicts) ->
 one validator per kind: built-in kinds through `kubernetes-validate` (strict, pinned Kubernetes
-version), the RayService through the KubeRay CRD's openAPIV3Schema (from ../shared/k8s beside the
-repository, made strict: unknown fields are errors, as with `kubectl apply --validate=strict`), and
-the Prometheus operator's PodMonitor through its pydantic model (round-tripped, so unknown fields are
-errors too). A kind with no validator is an error: nothing rendered goes unchecked.
+version), the RayService through the KubeRay CRD's openAPIV3Schema (vendored in tests/helm/kuberay/,
+or the copy in $SHARDSERVE_KUBERAY_CRDS; made strict: unknown fields are errors, as with `kubectl
+apply --validate=strict`), and the Prometheus operator's PodMonitor through its pydantic model
+(round-tripped, so unknown fields are errors too). A kind with no validator is an error: nothing
+rendered goes unchecked.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import jsonschema
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED = REPO_ROOT.parent / "shared"
 CHART = REPO_ROOT / "helm" / "shardserve"
 CI_VALUES_DIR = REPO_ROOT / "helm" / "ci"
-KUBERAY_CRDS = SHARED / "k8s" / "kuberay-crds"
+# KubeRay's RayService CRD (ray.io/v1, Apache-2.0) vendored so the tests need only the repository;
+# set SHARDSERVE_KUBERAY_CRDS to a folder of KubeRay CRD files (ray-operator/config/crd/bases of a
+# KubeRay checkout) to validate against another KubeRay release instead.
+KUBERAY_CRDS_ENV = "SHARDSERVE_KUBERAY_CRDS"
+VENDORED_KUBERAY_CRDS = Path(__file__).resolve().parent / "kuberay"
 # Kubernetes version the built-in kinds are validated against (kubernetes-validate ships its schemas).
 KUBE_VERSION = "1.31.0"
 HELM_VERSION_PREFIX = "v3.19."
@@ -42,7 +46,7 @@ def helm_binary() -> str:
             return candidate
     raise FileNotFoundError(
         "helm not found (looked at $HELM, .tools/bin/helm and PATH); install it with "
-        "`bash ../shared/tools/get-helm.sh .tools/bin` from the repository root"
+        "`bash .ci/get-helm.sh .tools/bin` from the repository root (`make test` does)"
     )
 
 
@@ -119,12 +123,28 @@ def _strict_openapi(node: Any) -> Any:
     return out
 
 
+def kuberay_crds_dir() -> Path:
+    """$SHARDSERVE_KUBERAY_CRDS when set (it must exist), else the vendored tests/helm/kuberay/."""
+    override = os.environ.get(KUBERAY_CRDS_ENV)
+    if not override:
+        return VENDORED_KUBERAY_CRDS
+    path = Path(override)
+    if not path.is_dir():
+        raise FileNotFoundError(f"${KUBERAY_CRDS_ENV}={override} is not a folder of KubeRay CRD files")
+    return path
+
+
 @functools.cache
 def crd_validator(kind: str, api_version: str) -> jsonschema.protocols.Validator:
     files = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
-    path = KUBERAY_CRDS / files[kind]
+    if kind not in files:
+        raise AssertionError(f"no KubeRay CRD known for kind {kind!r}; known: {sorted(files)}")
+    path = kuberay_crds_dir() / files[kind]
     if not path.is_file():
-        raise FileNotFoundError(f"KubeRay CRD {path} missing: ../shared/k8s must sit beside the repository")
+        raise FileNotFoundError(
+            f"KubeRay CRD {path} missing (vendored: RayService only; ${KUBERAY_CRDS_ENV} may name a "
+            "folder holding KubeRay's ray.io_*.yaml files)"
+        )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     group, version = api_version.split("/")
     assert crd["spec"]["group"] == group, (crd["spec"]["group"], group)

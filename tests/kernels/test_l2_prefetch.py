@@ -1,6 +1,6 @@
 """L2 prefetch behind the fused all-reduce (workers/kernels/l2_prefetch.py, experimental).
 
-Its effect needs a Hopper GPU (benchmarks/device_runs.sh four_gpu_l2); here, on CPU: the regions
+Its effect needs a Hopper GPU (not measured yet: benchmarks/README.md); here, on CPU: the regions
 it plans, the switch, that nothing launches off CUDA, and the kernel compiled for sm_90 — it must
 touch no memory, only hint lines, and wait for the previous kernel after its hints, not before.
 """
@@ -51,7 +51,7 @@ def test_kernel_hints_lines_then_waits():
     assert not re.search(r"\b(?:ld|st|atom|red)\.global", ptx), "the kernel must not touch memory"
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="launches the compiled kernel: GPU runs only (four_gpu_l2)")
+@pytest.mark.skipif(DEVICE != "cuda", reason="launches the compiled kernel: GPU runs only (SHARDSERVE_KERNEL_DEVICE=cuda)")
 def test_a_launch_on_the_gpu_changes_no_result():
     w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)

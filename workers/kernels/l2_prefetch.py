@@ -1,14 +1,14 @@
 """L2 prefetch of the next GEMM's weights, overlapped with the kernel before it (experimental).
 
-Why: at TP 4 a batch-1 decode step spends ~1.44 ms in GEMMs for ~0.9 ms worth of weight bytes at
-copy bandwidth (benchmarks/NOTES.md, eighth session): each projection is an 8-59 MB read, and
-its ramp-up and tail weigh a lot. Meanwhile the fused all-reduce + RMSNorm before it runs on 32
-SMs for ~6 us waiting on NVLink, and HBM idles. This kernel, launched right after that kernel
+Why: at TP 4 a batch-1 decode step spends clearly longer in GEMMs than its weight bytes take at
+copy bandwidth: each projection is an 8-59 MB read, and its ramp-up and tail weigh a lot.
+Meanwhile the fused all-reduce + RMSNorm before it runs on 32 SMs waiting on NVLink, and HBM
+idles. This kernel, launched right after that kernel
 with programmatic dependent launch (parallel/kernels/pdl.py), runs on the free SMs while it still
 runs and issues `prefetch.global.L2` for the next GEMM's weights (up to a byte cap: what HBM can
 deliver in the window, and what L2 holds), so the GEMM reads them from L2. A side-stream
-kernel that loaded o_proj's weights beside rope and attention was measured slower in the sixth
-session (benchmarks/NOTES.md, "Tried and dropped"); this one only hints, beside a kernel that
+kernel that loaded o_proj's weights beside rope and attention was measured slower
+(benchmarks/README.md, "Tried and dropped"); this one only hints, beside a kernel that
 waits on NVLink, and stays off until measured.
 
 Protocol exception: pdl.py's kernels wait for the previous kernel before touching memory. This

@@ -39,6 +39,11 @@ DUMMY_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
         rms_norm_eps=1e-5, rope_parameters=_llama3_rope(500000.0, 8.0), tie_word_embeddings=False,
         bos_token_id=128000, eos_token_id=[128001, 128008, 128009], architectures=["LlamaForCausalLM"]),
+    "llama-3.1-70b": lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_parameters=_llama3_rope(500000.0, 8.0), tie_word_embeddings=False,
+        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], architectures=["LlamaForCausalLM"]),
     "llama-3.2-1b": lambda: LlamaConfig(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,

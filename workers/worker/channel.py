@@ -14,13 +14,21 @@ sentinels) and every `liveness_poll_s` of silence asks the launcher (`check_heal
 from other ranks that arrive early are kept per rank. Any failure is final: the group shuts
 down and every later call raises WorkerGroupError.
 Subclasses start the ranks, fill `_conns`, and implement `check_health`, `shutdown` and
-`_fail_dead` (how to name a dead rank).
+`_fail_dead` (how to name a dead rank), and add each rank's connection with `_add_connection`,
+which bounds a blocked write (a rank that stopped reading, its socket buffer full) by
+step_timeout_s too (SO_SNDTIMEO), so no send or receive of the driver waits for ever.
+`shutdown(wait_s)` asks the ranks to stop and waits that long for them; a failure kills them at
+once without asking (`FAILED_WAIT_S`): a rank blocked in a collective or stopped by the OS would
+only eat the wait, and the engine's callers learn of the failure after it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -39,6 +47,9 @@ from shardserve.workers.worker.proc import (
     decode,
     encode,
 )
+
+FAILED_WAIT_S = 0.0  # how long a failed group's ranks get to exit before they are killed
+STEP_TIMEOUT_NAME = "parallel.step_timeout_s"
 
 
 class WorkerGroupError(RuntimeError):
@@ -80,11 +91,20 @@ class ConnectionGroup:
     def check_health(self) -> None:
         raise NotImplementedError
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 5.0) -> None:
+        """Stop every rank, after up to `wait_s` for them to exit on their own (idempotent)."""
         raise NotImplementedError
 
     def _fail_dead(self, rank: int) -> NoReturn:
         raise NotImplementedError
+
+    def _add_connection(self, conn: Connection) -> None:
+        """Keep `conn` as the next rank's; a write to it blocked longer than step_timeout_s fails."""
+        seconds = min(self.step_timeout_s, 1e6)
+        timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)  # not a socket: left unbounded
+        self._conns.append(conn)
 
     def _death_waitables(self) -> dict[Any, int]:
         """Objects `multiprocessing.connection.wait` can watch that become ready when a rank dies."""
@@ -107,7 +127,7 @@ class ConnectionGroup:
         if handle.seq != self.num_steps:
             raise ValueError(f"steps must be collected in submission order: step {handle.seq} "
                              f"collected while step {self.num_steps} is the oldest")
-        output = self._receive(self.output_rank, OUTPUT, self.step_timeout_s)
+        output = self._receive(self.output_rank, OUTPUT, self.step_timeout_s, STEP_TIMEOUT_NAME)
         self.host_time_s += self._last_decode_s
         self.num_steps += 1
         return output
@@ -136,8 +156,8 @@ class ConnectionGroup:
         """`rank`'s (RESULT | CALL_FAILED, payload) to a CALL. The output rank first sends the
         outputs of the steps still in flight: they are put back, in order, for `collect`."""
         in_flight = self._num_submitted - self.num_steps if rank == self.output_rank else 0
-        outputs = [self._receive(rank, OUTPUT, self.step_timeout_s) for _ in range(in_flight)]
-        kind, payload = self._next_message(rank, RESULT, self.step_timeout_s)
+        outputs = [self._receive(rank, OUTPUT, self.step_timeout_s, STEP_TIMEOUT_NAME) for _ in range(in_flight)]
+        kind, payload = self._next_message(rank, RESULT, self.step_timeout_s, STEP_TIMEOUT_NAME)
         if kind != CALL_FAILED:
             payload = self._expect(rank, RESULT, kind, payload)
         self._pending[rank][:0] = [(OUTPUT, output) for output in outputs]
@@ -152,14 +172,16 @@ class ConnectionGroup:
                 conn.send_bytes(data)
         except (OSError, ValueError) as exc:
             self.check_health()  # names the dead rank when the launcher already knows
-            self._fail(f"could not send to a worker: {exc!r}")
+            self._fail(f"could not send to a worker within {STEP_TIMEOUT_NAME} = {self.step_timeout_s:g} s "
+                       f"(a rank is gone, or hung and not reading): {exc!r}")
 
-    def _receive(self, rank: int, kind: str, timeout_s: float) -> Any:
+    def _receive(self, rank: int, kind: str, timeout_s: float, timeout_name: str = "") -> Any:
         """Wait for a `kind` message from `rank`, failing fast if any rank dies or reports an error."""
-        return self._expect(rank, kind, *self._next_message(rank, kind, timeout_s))
+        return self._expect(rank, kind, *self._next_message(rank, kind, timeout_s, timeout_name))
 
-    def _next_message(self, rank: int, kind: str, timeout_s: float) -> tuple[str, Any]:
-        """The next (kind, payload) from `rank` (`kind`: what the caller waits for, for errors)."""
+    def _next_message(self, rank: int, kind: str, timeout_s: float, timeout_name: str = "") -> tuple[str, Any]:
+        """The next (kind, payload) from `rank` (`kind`: what the caller waits for, and
+        `timeout_name`: the setting behind `timeout_s`, both for the error message)."""
         self._raise_if_failed()
         if self._pending[rank]:
             return self._pending[rank].pop(0)
@@ -170,7 +192,9 @@ class ConnectionGroup:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._fail(f"worker rank {rank} did not answer within {timeout_s:.0f} s (waiting for {kind!r})")
+                setting = f"; {timeout_name} = {timeout_s:g}" if timeout_name else ""
+                self._fail(f"worker rank {rank} did not answer within {timeout_s:g} s (waiting for {kind!r}"
+                           f"{setting}): a rank is hung or too slow; the worker group is stopped")
             ready = wait(watched, timeout=min(remaining, self.liveness_poll_s))
             if not ready:
                 self.check_health()
@@ -211,5 +235,5 @@ class ConnectionGroup:
 
     def _fail(self, message: str) -> NoReturn:
         self._error = message
-        self.shutdown()
+        self.shutdown(wait_s=FAILED_WAIT_S)
         raise WorkerGroupError(message)

@@ -67,8 +67,8 @@ class Executor(Protocol):
         """Raise WorkerGroupError if any rank is gone."""
         ...
 
-    def shutdown(self) -> None:
-        """Stop every rank (idempotent)."""
+    def shutdown(self, wait_s: float = 5.0) -> None:
+        """Stop every rank, giving them up to `wait_s` to exit on their own (idempotent)."""
         ...
 
 
@@ -94,7 +94,7 @@ class LocalExecutor:
     def check_health(self) -> None:
         return None
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 5.0) -> None:
         return None
 
 
@@ -119,7 +119,7 @@ class MultiprocExecutor(ConnectionGroup):
             proc = ctx.Process(target=worker_main, args=(spec, child), name=f"shardserve-rank{rank}", daemon=True)
             proc.start()
             child.close()
-            self._conns.append(parent)
+            self._add_connection(parent)
             self._procs.append(proc)
         try:
             blocks = [self._receive(rank, READY, startup_timeout_s) for rank in range(self.world_size)]
@@ -138,16 +138,19 @@ class MultiprocExecutor(ConnectionGroup):
             if not proc.is_alive():
                 self._fail(f"worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 5.0) -> None:
+        """Ask the ranks to stop and wait up to `wait_s`; then SIGTERM (SIGKILL after a failure, or
+        when SIGTERM is not obeyed in 5 s: a rank stopped by SIGSTOP or stuck in native code)."""
         if self._stopped:
             return
         self._stopped = True
-        self._ask_ranks_to_stop()
-        deadline = time.monotonic() + 5.0
+        if wait_s > 0:
+            self._ask_ranks_to_stop()
+        deadline = time.monotonic() + wait_s
         for proc in self._procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
         for proc in self._procs:
-            if proc.is_alive():
+            if proc.is_alive() and wait_s > 0:
                 proc.terminate()
                 proc.join(timeout=5.0)
             if proc.is_alive():

@@ -76,13 +76,23 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         worker = Worker(spec)
         conn.send_bytes(encode(READY, worker.num_blocks))
         _serve(worker, conn)
-    except BaseException:
-        message = f"rank {spec.rank}: {traceback.format_exc()}"
+    except BaseException as exc:
+        message = f"rank {spec.rank}: {_timeout_hint(spec, exc)}{traceback.format_exc()}"
         with contextlib.suppress(OSError, EOFError):
             conn.send_bytes(encode(ERROR, message))
         print(message, file=sys.stderr, flush=True)
         os._exit(1)  # no clean-up: a collective clean-up could wait on the peer that failed
     worker.shutdown()
+
+
+def _timeout_hint(spec: WorkerSpec, exc: BaseException) -> str:
+    """A first line naming the setting when a collective timed out (gloo: `Timed out waiting
+    3000ms for recv operation`; torch's DistBackendError is a RuntimeError too)."""
+    if isinstance(exc, RuntimeError) and "timed out" in str(exc).lower():
+        seconds = spec.config.parallel.collective_timeout_s
+        return (f"a collective timed out after parallel.collective_timeout_s = {seconds:g} s "
+                "(a peer rank is stalled, hung or gone)\n")
+    return ""
 
 
 class _Inbox:
