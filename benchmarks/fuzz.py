@@ -171,14 +171,14 @@ class GoodTraffic:
             with grpc.insecure_channel(self.grpc_target) as channel:
                 reply = rpc.LLMServiceStub(channel).Generate(
                     pb.GenerateRequest(
-                        model=self.model, prompt=f"good {i}", params=pb.SamplingParams(max_tokens=3)
+                        model=self.model, prompt=f"good {i}", params=pb.SamplingParams(max_tokens=3, ignore_eos=True)
                     ),
                     timeout=60,
                 )
             if reply.num_tokens != 3:
                 self.failures.append(f"good gRPC request {i}: {reply.num_tokens} tokens")
             return
-        body = {"model": self.model, "prompt": f"good {i}", "max_tokens": 3}
+        body = {"model": self.model, "prompt": f"good {i}", "max_tokens": 3, "ignore_eos": True}
         r = requests.post(f"{self.url}/v1/completions", json=body, timeout=60)
         if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != 3:
             self.failures.append(f"good HTTP request {i}: {r.status_code} {r.text[:200]}")

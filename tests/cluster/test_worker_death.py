@@ -20,6 +20,7 @@ The app runs in the session's Ray/Serve (conftest.py `cluster`) and is deleted a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from ports import free_port
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
 from test_worker_group import rank_actors, write_tiny_checkpoint
@@ -44,7 +46,6 @@ BACK_WITHIN_S = 60.0
 # Streams that run for seconds (a few ms per token); the rank is killed right after their first message.
 LONG_MAX_TOKENS = 4000
 MAX_MODEL_LEN = 4096
-TO_APP = (("application", APP),)  # Serve's gRPC proxy picks the app by this metadata (several apps run)
 
 
 def model_section(folder: Path) -> dict:
@@ -62,9 +63,11 @@ def death_app(cluster, tmp_path_factory) -> Iterator[object]:
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama")
     config_path = folder / "config.json"  # RoPE only: longer contexts than the writer's 256 are fine
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "max_position_embeddings": MAX_MODEL_LEN}))
-    serve.run(build_app(parse_config({"models": [model_section(folder)]}, AppConfig)), name=APP, route_prefix=ROUTE)
+    port = free_port(taken=(cluster.config.http.port, cluster.config.grpc.port))  # its Ingress's own gRPC port
+    config = parse_config({"models": [model_section(folder)], "grpc": {"port": port}}, AppConfig)
     try:
-        yield cluster
+        serve.run(build_app(config), name=APP, route_prefix=ROUTE)
+        yield dataclasses.replace(cluster, grpc_target=f"127.0.0.1:{port}")
     finally:
         serve.delete(APP)
         deadline = time.monotonic() + 30
@@ -111,7 +114,7 @@ def wait_until_served_again(stub: rpc.LLMServiceStub, since: float, old_replica:
     """Poll until a request succeeds on a new replica; every failure meanwhile must be UNAVAILABLE."""
     while True:
         try:
-            resp = stub.Generate(short_request(), timeout=30, metadata=TO_APP)
+            resp = stub.Generate(short_request(), timeout=30)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
             assert time.monotonic() - since < BACK_WITHIN_S, f"not served again after {BACK_WITHIN_S} s: {err}"
@@ -126,9 +129,9 @@ def test_sigkilled_rank_fails_grpc_streams_then_replica_is_replaced(death_app) -
     cluster = death_app
     with grpc.insecure_channel(cluster.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
-        before = stub.Generate(short_request(), timeout=60, metadata=TO_APP)
+        before = stub.Generate(short_request(), timeout=60)
         victim = rank_pids()[-1]
-        streams = [stub.GenerateStream(long_request(), timeout=120, metadata=TO_APP) for _ in range(2)]
+        streams = [stub.GenerateStream(long_request(), timeout=120) for _ in range(2)]
         firsts = [next(s) for s in streams]  # both are generating
         assert {f.replica_id for f in firsts} == {before.replica_id}
         os.kill(victim, signal.SIGKILL)
@@ -148,7 +151,7 @@ def test_stalled_rank_fails_http_stream_after_step_timeout_then_replica_is_repla
     url = f"{cluster.http_url}{ROUTE}/v1/completions"
     with grpc.insecure_channel(cluster.grpc_target) as channel:
         stub = rpc.LLMServiceStub(channel)
-        before = stub.Generate(short_request(), timeout=60, metadata=TO_APP)
+        before = stub.Generate(short_request(), timeout=60)
         victim = rank_pids()[-1]
         body = {"model": MODEL, "prompt": "doomed", "max_tokens": LONG_MAX_TOKENS, "temperature": 0, "stream": True}
         with requests.post(url, json=body, stream=True, timeout=60) as resp:

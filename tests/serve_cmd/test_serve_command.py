@@ -52,7 +52,8 @@ def test_serve_default_config_end_to_end(tmp_path):
         )
         assert "Paris" in chat.choices[0].message.content
 
-        grpc_line = next(line.strip() for line in text.splitlines() if line.strip().startswith("python -c"))
+        # The banner's gRPC example runs the interpreter that runs shardserve (its virtual environment).
+        grpc_line = next(line.strip() for line in text.splitlines() if line.strip().startswith(f"{sys.executable} -c"))
         argv = shlex.split(grpc_line)
         argv[0] = sys.executable
         argv[-1] = argv[-1].replace("localhost", "127.0.0.1")
