@@ -313,7 +313,10 @@ class ModelSection(_Section):
         description="Weights: `default` (embedded SmolLM2), a Hugging Face folder, a .gguf file or `dummy:<shape>`.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Compute dtype.")
-    quantization: Literal["int8", "gptq", "awq", "fp8"] | None = Field(None, description="Weight quantization.")
+    quantization: Literal["int8", "gptq", "awq", "fp8"] | None = Field(
+        None,
+        description="Weight quantization; only null until a method is implemented (any other value is refused).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
     max_model_len: int | None = Field(None, ge=1, description="Context length cap; null = the model's own.")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism of one group.")
@@ -359,6 +362,12 @@ class ModelSection(_Section):
     def _check_scaling(self) -> ModelSection:
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("replicas and autoscaling are mutually exclusive: set one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> ModelSection:
+        # The engine's rule and message (ModelConfig), so `config validate` refuses what the engine refuses.
+        ModelConfig(quantization=self.quantization)
         return self
 
     @property

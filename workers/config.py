@@ -23,6 +23,8 @@ class ModelConfig:
     device: `auto` picks cuda when available.
     max_model_len: context length cap; None = the model's own max_position_embeddings.
     seed: seed of dummy weights and of unseeded sampling.
+    quantization: weight quantization. None only, until workers/quant/ implements a method: any
+      other value is refused (never accepted and ignored).
     """
 
     model: str = "default"
@@ -39,6 +41,11 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.quantization is not None:
+            raise ValueError(
+                f"quantization must be null: no quantization method is implemented yet, got {self.quantization!r} "
+                "(serve the unquantized checkpoint)"
+            )
 
 
 @dataclass(frozen=True)

@@ -149,3 +149,15 @@ def test_serve_usage_text_names_endpoints():
 def test_stream_interval_defaults_to_50_ms_on_gpus(section, expected):
     model = ModelSection.model_validate({"name": "m", "source": "default", **section})
     assert model.effective_stream_interval_ms() == expected
+
+
+def test_quantization_is_refused_until_implemented():
+    """An accepted value must be honoured: until a method exists, `quantization` is refused, in YAML and by the engine."""
+    from shardserve.cluster.config import ConfigError, parse_config
+    from shardserve.workers.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"models\[0\]: quantization must be null: no quantization method"):
+        parse_config({"models": [{"name": "m", "quantization": "gptq"}]})
+    with pytest.raises(ValueError, match="quantization must be null"):
+        ModelConfig(quantization="int8")
+    assert parse_config({"models": [{"name": "m", "quantization": None}]}).models[0].quantization is None
