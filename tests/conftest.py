@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -70,3 +71,13 @@ def hf_smollm2():
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture
+def stopped_pids() -> Iterator[list[int]]:
+    """Pids a test SIGSTOPped (a hung rank): SIGKILLed at the end if the code under test left them."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

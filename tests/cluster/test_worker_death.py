@@ -34,7 +34,7 @@ import requests
 from ports import free_port
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
-from test_worker_group import rank_actors, write_tiny_checkpoint
+from test_worker_group import rank_actors, wait_rank_actors_gone, write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 APP = "death"
@@ -70,20 +70,7 @@ def death_app(cluster, tmp_path_factory) -> Iterator[object]:
         yield dataclasses.replace(cluster, grpc_target=f"127.0.0.1:{port}")
     finally:
         serve.delete(APP)
-        deadline = time.monotonic() + 30
-        while left := rank_actors():
-            assert time.monotonic() < deadline, f"rank actors left behind after serve.delete: {left}"
-            time.sleep(0.5)
-
-
-@pytest.fixture
-def stopped_pids() -> Iterator[list[int]]:
-    """Rank pids a test SIGSTOPped: SIGKILLed at the end if the product left them behind."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        wait_rank_actors_gone()
 
 
 def rank_pids(timeout_s: float = 60) -> list[int]:

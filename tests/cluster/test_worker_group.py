@@ -85,10 +85,15 @@ def tp2(cluster, tmp_path_factory):
         yield cluster, folder
     finally:
         serve.delete(APP)
-        deadline = time.monotonic() + 30
-        while left := rank_actors():
-            assert time.monotonic() < deadline, f"rank actors left behind after serve.delete: {left}"
-            time.sleep(0.5)
+        wait_rank_actors_gone()
+
+
+def wait_rank_actors_gone(timeout_s: float = 30) -> None:
+    """After serve.delete: the replica's rank actors must go with it."""
+    deadline = time.monotonic() + timeout_s
+    while left := rank_actors():
+        assert time.monotonic() < deadline, f"rank actors left behind after serve.delete: {left}"
+        time.sleep(0.5)
 
 
 def client(cluster) -> openai.OpenAI:

@@ -16,11 +16,9 @@ tests/cluster/test_worker_death.py.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,16 +37,6 @@ VICTIM = 1  # TP rank 1: rank 0 is the output rank, left waiting in the all-redu
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     return write_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "llama")
-
-
-@pytest.fixture
-def stopped_pids() -> Iterator[list[int]]:
-    """Pids this test SIGSTOPped: SIGKILLed at the end if the code under test left them."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def running_engine(folder: Path, collective_timeout_s: float, step_timeout_s: float) -> LLMEngine:
