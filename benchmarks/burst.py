@@ -27,8 +27,7 @@ import grpc
 import httpx
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
-
-SETTLE_S = 60.0
+from soak import settle  # benchmarks/ is on sys.path when a script there runs
 
 
 async def http_burst(
@@ -109,19 +108,6 @@ async def probe(args: argparse.Namespace, client: httpx.AsyncClient) -> tuple[st
     return resp.headers["x-shardserve-replica"], time.monotonic() - start
 
 
-async def settle(args: argparse.Namespace, client: httpx.AsyncClient) -> dict[str, Any]:
-    """Wait until every replica reports nothing running, waiting or held (routing stats lag ~2 s)."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        await asyncio.sleep(2.5)
-        router = (await client.get(args.url + "/v1/stats")).json()["models"][args.model]["router"]
-        engines = {rid: r["engine"] for rid, r in router["replicas"].items()}
-        idle = all(e.get("num_running") == 0 and e.get("num_waiting") == 0 and e.get("kv_cache_usage") == 0
-                   for e in engines.values())  # fmt: skip
-        if idle or time.monotonic() > deadline:
-            return {"idle": idle, "engines": engines}
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=args.requests + 8, max_keepalive_connections=args.requests + 8)
     async with httpx.AsyncClient(limits=limits, timeout=300) as client:
@@ -138,13 +124,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 outcomes, problems = await grpc_burst(args), []
                 allowed = {"OK", "RESOURCE_EXHAUSTED", "abandoned"}
             seconds = time.monotonic() - start
-            state = await settle(args, client)
+            idle, _ = await settle(client, args.url, args.model)
             replica_after, next_s = await probe(args, client)
             checks = {
                 "only_allowed_outcomes": set(outcomes) <= allowed,
                 "no_malformed_429": not problems,
                 "same_replica": replica_after == replica_before,
-                "idle_no_kv_held": state["idle"],
+                "idle_no_kv_held": idle,
                 "next_request_at_once": next_s < args.next_request_s,
             }
             ok = ok and all(checks.values())

@@ -37,6 +37,26 @@ MAX_RETRIES = 30
 SETTLE_S = 90.0
 
 
+async def replica_engines(http: httpx.AsyncClient, base: str, model: str) -> dict[str, dict[str, Any]]:
+    """Each replica's engine stats as the app's router reports them (GET <base>/v1/stats)."""
+    stats = (await http.get(base + "/v1/stats")).json()
+    router = stats["models"][model]["router"] or {"replicas": {}}
+    return {rid: r["engine"] for rid, r in router["replicas"].items()}
+
+
+async def settle(http: httpx.AsyncClient, base: str, model: str) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Wait until every replica reports nothing running, waiting or held (stats lag ~2 s), at most
+    SETTLE_S: (idle, engine stats per replica). benchmarks/burst.py uses it too."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        await asyncio.sleep(2.5)
+        engines = await replica_engines(http, base, model)
+        idle = all(e.get("num_running") == 0 and e.get("num_waiting") == 0 and e.get("kv_cache_usage") == 0
+                   for e in engines.values())  # fmt: skip
+        if idle or time.monotonic() > deadline:
+            return idle, engines
+
+
 class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -168,29 +188,12 @@ class Soak:
             return self.lose(f"grpc bad -> {err.code().name}: {err.details()}")
         return self.lose("grpc bad request succeeded")
 
-    # ---- the app's own counters --------------------------------------------------------------
-    async def replicas(self, http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
-        stats = (await http.get(self.base + "/v1/stats")).json()
-        router = stats["models"][self.args.model]["router"] or {"replicas": {}}
-        return {rid: r["engine"] for rid, r in router["replicas"].items()}
-
-    async def settle(self, http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
-        """Wait until every replica reports nothing running, waiting or held (stats lag ~2 s)."""
-        deadline = time.monotonic() + SETTLE_S
-        while True:
-            await asyncio.sleep(3)
-            replicas = await self.replicas(http)
-            idle = all(e.get("num_running") == 0 and e.get("num_waiting") == 0 and e.get("kv_cache_usage") == 0
-                       for e in replicas.values())  # fmt: skip
-            if idle or time.monotonic() > deadline:
-                return replicas
-
     async def run(self) -> dict[str, Any]:
         limits = httpx.Limits(max_connections=self.args.concurrency + 8)
         async with httpx.AsyncClient(limits=limits, timeout=self.args.timeout) as http, \
                 grpc.aio.insecure_channel(self.args.grpc) as channel:  # fmt: skip
             stub = rpc.LLMServiceStub(channel)
-            start_replicas = await self.settle(http)
+            _, start_replicas = await settle(http, self.base, self.args.model)
             rss_warm: dict[str, int] = {}
             queue: asyncio.Queue[int] = asyncio.Queue()
             for i in range(self.args.requests):
@@ -203,12 +206,12 @@ class Soak:
                     i = queue.get_nowait()
                     await self.run_one(i, http, stub)
                     if i == warm_mark:
-                        for rid, engine in (await self.replicas(http)).items():
+                        for rid, engine in (await replica_engines(http, self.base, self.args.model)).items():
                             rss_warm[rid] = engine.get("process_rss_bytes", 0)
 
             await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
             elapsed = time.monotonic() - start
-            end_replicas = await self.settle(http)
+            _, end_replicas = await settle(http, self.base, self.args.model)
         leaked = {rid: e for rid, e in end_replicas.items()
                   if e.get("num_running") or e.get("num_waiting") or e.get("kv_cache_usage")}  # fmt: skip
         rss_growth = {rid: (e.get("process_rss_bytes", 0) - rss_warm[rid]) / max(1, rss_warm[rid])
