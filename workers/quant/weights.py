@@ -1,0 +1,79 @@
+"""The unpacked form every quantized weight passes through: checkpoint readers produce it, kernels pack it.
+
+A checkpoint format (GPTQ, AWQ, compressed-tensors, GGUF, or quantization at load) is read
+into one of these dataclasses for this rank's slice of the layer; each compute path (the
+Triton kernels on CUDA, torch's packed CPU matmuls) then packs it into its own runtime
+layout once, at load. Nothing in the forward pass sees these objects.
+
+Conventions (N = output features, K = input features, G = K // group_size):
+  - `Int4Weight`: w[n, k] = q[n, k] * scales[n, k // g] + mins[n, k // g]. Integer zero points
+    (GPTQ, AWQ: w = (q - z) * s) become mins = -z * s; GGUF Q4_1's float minimum maps as is.
+    Act-order checkpoints (GPTQ `g_idx`) are stored with their input columns sorted by group,
+    and `perm` says which input feature each column is: y = x[:, perm] @ w.T.
+  - `Int8Weight`: symmetric per output channel, w[n, k] = q[n, k] * scales[n].
+  - `Fp8Weight`: e4m3 values, w[n, k] = q[n, k] * scales[n] (per-tensor: one value repeated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Int4Weight:
+    """q: uint8 [N, K] in 0..15; scales, mins: float32 [N, G]; perm: int64 [K] or None."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    group_size: int
+    perm: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n, k = self.q.shape
+        if k % self.group_size:
+            raise ValueError(f"input size {k} is not a multiple of group_size {self.group_size}")
+        groups = k // self.group_size
+        for name in ("scales", "mins"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (n, groups):
+                raise ValueError(f"int4 {name} has shape {shape}, expected {(n, groups)} "
+                                 f"for a [{n}, {k}] weight with group_size {self.group_size}")
+        if self.perm is not None and tuple(self.perm.shape) != (k,):
+            raise ValueError(f"int4 perm has shape {tuple(self.perm.shape)}, expected ({k},)")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """w [N, K] in the checkpoint's input order (perm undone)."""
+        scales = self.scales.repeat_interleave(self.group_size, dim=1)
+        mins = self.mins.repeat_interleave(self.group_size, dim=1)
+        w = self.q.float() * scales + mins
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype)
+
+
+@dataclass
+class Int8Weight:
+    """q: int8 [N, K]; scales: float32 [N]."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.float() * self.scales[:, None]).to(dtype)
+
+
+@dataclass
+class Fp8Weight:
+    """q: float8_e4m3fn [N, K]; scales: float32 [N]."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.float() * self.scales[:, None]).to(dtype)
+
+
+QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight
