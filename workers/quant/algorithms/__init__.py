@@ -1,0 +1,1 @@
+"""Quantization algorithms: float weight (+ calibration inputs) -> the unpacked forms of ../weights.py."""
