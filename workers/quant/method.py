@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from shardserve.parallel.linear import ReplicatedLinear, RowParallelLinear
 from shardserve.parallel.quant import Loadable, ShardSlice, copy_shard, materialize
+from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
-from shardserve.workers.quant.weights import QuantizedWeight
+from shardserve.workers.quant.weights import QuantizedWeight, narrow_inputs
 from torch import nn
 
 Runtime = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -51,7 +53,16 @@ class QuantLinearMethod:
                 and getattr(self.layout, "desc_act", False)):
             raise ValueError("act-order (desc_act) GPTQ checkpoints need tensor_parallel_size 1: a row-parallel "
                              "layer's inputs would each need every group's scales")
-        specs = self.layout.tensors(input_size_per_partition, sum(output_partition_sizes))
+        input_size = input_size_per_partition
+        self.input_slice: tuple[int, int] | None = None
+        if isinstance(self.layout, AtLoadLayout) and isinstance(layer, RowParallelLinear) and layer.tp_size > 1:
+            # Quantized at load: read the whole input axis and quantize it as one process would, then
+            # keep this rank's slice (per-channel scales span every input feature).
+            input_size = input_size_per_partition * layer.tp_size
+            self.input_slice = (layer.tp_rank * input_size_per_partition, input_size_per_partition)
+        specs = self.layout.tensors(input_size, sum(output_partition_sizes))
+        if self.input_slice is not None:
+            specs = {name: replace(spec, input_dim=None) for name, spec in specs.items()}
         for name, spec in specs.items():
             param = nn.Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
             param.input_dim, param.output_dim = spec.input_dim, spec.output_dim
@@ -72,6 +83,8 @@ class QuantLinearMethod:
         tensors = {name: getattr(layer, name).data.cpu() for name in self.names}
         device = getattr(layer, self.names[0]).device
         weight = self.layout.unpack(tensors)
+        if self.input_slice is not None:
+            weight = narrow_inputs(weight, *self.input_slice)
         for name in self.names:
             del layer._parameters[name]
         self.runtime = runtime_for(weight, device, layer.params_dtype)

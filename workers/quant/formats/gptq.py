@@ -55,6 +55,8 @@ class GptqLayout:
         k = q.shape[1]
         g = self.group_for(k)
         g_idx = tensors["g_idx"].to(torch.int64)
+        if not self.desc_act:  # a row-parallel rank's slice starts at its first group, as its scales do
+            g_idx = g_idx - g_idx.min()
         perm = None
         if not torch.equal(g_idx, torch.arange(k) // g):
             perm = torch.argsort(g_idx, stable=True)
