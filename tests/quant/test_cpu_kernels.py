@@ -1,0 +1,135 @@
+"""The quantized CPU kernels (workers/quant/cpu_kernels) against w.dequantize() + F.linear.
+
+The kernels quantize activations to int8 per 32 inputs (as llama.cpp does), so results are
+compared with a tolerance relative to the output's scale, far below a wrong nibble order,
+scale index or min term (each of which moves the output by whole quantization steps).
+Every instruction-set variant this CPU supports is checked, the scalar one included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from shardserve.workers.quant.cpu_kernels import PackedQ8, best_isa, pack_q4, pack_q8, q4_linear, q8_linear
+from shardserve.workers.quant.weights import GroupedWeight, Int8Weight
+
+ISAS = ["scalar", "avx2", "avx512vnni"]
+
+
+def _isas() -> list[str]:
+    return ISAS[: ISAS.index(best_isa()) + 1]
+
+
+def _grouped(n: int, k: int, group: int, bits: int = 4, seed: int = 0) -> GroupedWeight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    scales = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    mins = -(torch.rand(n, k // group, generator=g) * 2**bits) * scales
+    return GroupedWeight(q=q, scales=scales, mins=mins, group_size=group, bits=bits)
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    err = (y - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= 0.02 * scale, f"max error {err:.4g} vs output scale {scale:.4g}"
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_q4_matches_dequantized(group: int, m: int) -> None:
+    w = _grouped(40, 256, group, seed=group + m)
+    x = torch.randn(m, 256)
+    bias = torch.randn(40)
+    packed = pack_q4(w)
+    ref = F.linear(x, w.dequantize(), bias)
+    for isa in _isas():
+        _close(q4_linear(x, packed, bias, isa=isa), ref)
+    _close(q4_linear(x, packed), F.linear(x, w.dequantize()))
+
+
+def test_q4_variants_agree_exactly_up_to_float_order() -> None:
+    w, x = _grouped(64, 576, 32, seed=5), torch.randn(2, 576)
+    packed = pack_q4(w)
+    outs = [q4_linear(x, packed, isa=isa) for isa in _isas()]
+    for y in outs[1:]:
+        torch.testing.assert_close(y, outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_q4_nibble_order_matters() -> None:
+    # a single non-zero weight at column 17 must be read from the high nibble of byte 1
+    q = torch.zeros(16, 64, dtype=torch.uint8)
+    q[3, 17] = 15
+    w = GroupedWeight(q=q, scales=torch.ones(16, 2), mins=torch.zeros(16, 2), group_size=32)
+    x = torch.zeros(1, 64)
+    x[0, 17] = 2.0
+    y = q4_linear(x, pack_q4(w))
+    expected = torch.zeros(1, 16)
+    expected[0, 3] = 30.0
+    torch.testing.assert_close(y, expected)
+
+
+def test_q4_act_order_is_the_callers_permutation() -> None:
+    w = _grouped(32, 128, 32, seed=9)
+    w.perm = torch.randperm(128, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 128)
+    y = q4_linear(x[:, w.perm], pack_q4(w))
+    _close(y, F.linear(x, w.dequantize()))
+
+
+def test_q4_leading_dims_and_dtype() -> None:
+    w = _grouped(32, 64, 32)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    y = q4_linear(x, pack_q4(w))
+    assert y.shape == (2, 3, 32) and y.dtype == torch.bfloat16
+    _close(y.float(), F.linear(x.float(), w.dequantize()))
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_q8_per_channel_matches_dequantized(m: int) -> None:
+    g = torch.Generator().manual_seed(m)
+    w = Int8Weight(q=torch.randint(-128, 128, (48, 192), generator=g, dtype=torch.int8),
+                   scales=torch.rand(48, generator=g) * 0.01 + 1e-3)
+    x, bias = torch.randn(m, 192), torch.randn(48)
+    packed = pack_q8(w)
+    for isa in _isas():
+        _close(q8_linear(x, packed, bias, isa=isa), F.linear(x, w.dequantize(), bias))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_q8_grouped_with_mins_matches_dequantized(group: int) -> None:
+    w = _grouped(24, 256, group, bits=8, seed=group)
+    x = torch.randn(5, 256)
+    packed = pack_q8(w)
+    assert packed.mins is not None
+    for isa in _isas():
+        _close(q8_linear(x, packed, isa=isa), F.linear(x, w.dequantize()))
+
+
+def test_q8_blocks_like_gguf_q8_0_and_embedding_rows() -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (100, 96), generator=g, dtype=torch.int8)
+    d = torch.rand(100, 3, generator=g) * 0.01
+    packed = PackedQ8.from_blocks(q, d)
+    dense = (q.float().view(100, 3, 32) * d[:, :, None]).view(100, 96)
+    x = torch.randn(1, 96)
+    for isa in _isas():
+        _close(q8_linear(x, packed, isa=isa), F.linear(x, dense))
+    ids = torch.tensor([5, 0, 99, 5])
+    torch.testing.assert_close(packed.dequantize_rows(ids), dense[ids])
+
+
+def test_partial_last_group_and_bad_widths_are_refused() -> None:
+    q = torch.zeros(16, 80, dtype=torch.uint8)
+    partial = GroupedWeight(q=q, scales=torch.ones(16, 3), mins=torch.zeros(16, 3), group_size=32)
+    with pytest.raises(ValueError, match="no partial last group"):
+        pack_q4(partial)
+    with pytest.raises(ValueError, match="group_size a multiple of 32"):
+        pack_q4(GroupedWeight(q=torch.zeros(16, 64, dtype=torch.uint8), scales=torch.ones(16, 4),
+                              mins=torch.zeros(16, 4), group_size=16))
+    with pytest.raises(ValueError, match="4-bit"):
+        pack_q4(_grouped(16, 64, 32, bits=8))
+    with pytest.raises(TypeError, match="bits=4"):
+        pack_q8(_grouped(16, 64, 32))
+    with pytest.raises(ValueError, match="input features"):
+        q4_linear(torch.randn(1, 32), pack_q4(_grouped(16, 64, 32)))

@@ -1,0 +1,51 @@
+"""CPU matmuls for weights kept quantized: pack once at load, then `q4_linear` / `q8_linear` per call.
+
+`pack_q4(GroupedWeight)` and `pack_q8(Int8Weight | 8-bit GroupedWeight)` turn the unpacked forms of
+`workers/quant/weights.py` into the layouts of kernels.cpp (4-bit: GGUF Q4_1-style nibbles with fp16
+scale and min per group; 8-bit: int8 with float32 scale, and min, per group). Each call quantizes the
+activations to int8 per 32 inputs and sums integer dot products (AVX2 / AVX512-VNNI), the way
+llama.cpp does, so results differ from `w.dequantize()` + F.linear by the activation rounding
+(~0.5 % of |y|). The extension is built on first use (build.py); if that fails,
+`CpuKernelsUnavailable` is raised and the caller keeps torch's ops.
+
+Act-order weights (`perm` set) are packed in their stored column order: the caller passes
+`x[..., perm]`, as `workers/quant/cpu.py` does for torch's int4 kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from shardserve.workers.quant.cpu_kernels.build import CpuKernelsUnavailable, extension
+from shardserve.workers.quant.cpu_kernels.packing import PackedQ4, PackedQ8, pack_q4, pack_q8
+
+__all__ = ["CpuKernelsUnavailable", "PackedQ4", "PackedQ8", "best_isa", "pack_q4", "pack_q8", "q4_linear",
+           "q8_linear"]
+
+
+def best_isa() -> str:
+    """'avx512vnni', 'avx2' or 'scalar': the instruction set the kernels use on this CPU."""
+    return extension().best_isa()
+
+
+def q4_linear(x: torch.Tensor, packed: PackedQ4, bias: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
+    """y [..., N] = x [..., K] @ w.T + bias, w the packed 4-bit weight; `isa` forces a variant (tests)."""
+    x2, lead = _flat(x, packed.k)
+    y = extension().q4_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa)
+    return y.reshape(*lead, packed.n).to(x.dtype)
+
+
+def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
+    """y [..., N] = x [..., K] @ w.T + bias, w the packed 8-bit weight; `isa` forces a variant (tests)."""
+    x2, lead = _flat(x, packed.k)
+    y = extension().q8_linear(x2, packed.qs, packed.d, packed.mins, packed.group_size, _bias(bias), isa)
+    return y.reshape(*lead, packed.n).to(x.dtype)
+
+
+def _flat(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight has {k}")
+    return x.reshape(-1, k).float().contiguous(), tuple(x.shape[:-1])
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.float().contiguous()

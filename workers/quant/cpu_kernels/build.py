@@ -1,0 +1,34 @@
+"""Builds and loads the C++ extension (kernels.cpp + body.inc) once per process.
+
+`torch.utils.cpp_extension.load` compiles into torch's extensions folder (TORCH_EXTENSIONS_DIR,
+by default ~/.cache/torch_extensions) keyed by a hash of the sources, so a rebuild happens only
+when the C++ changes, and concurrent processes wait on its lock. torch's own loader was chosen
+over a setup.py extension so an editable install and CI need no compile step. No -mavx* flags
+are passed: kernels.cpp compiles its AVX2 and AVX512-VNNI variants with per-function targets and
+picks one at run time. A failed build raises `CpuKernelsUnavailable`; callers fall back to torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+EXTENSION_NAME = "shardserve_quant_cpu_v1"
+
+
+class CpuKernelsUnavailable(RuntimeError):
+    """The quantized CPU kernels could not be built or loaded on this machine."""
+
+
+@functools.cache
+def extension() -> ModuleType:
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(name=EXTENSION_NAME, sources=[str(HERE / "kernels.cpp")],
+                                  extra_cflags=["-O3"], extra_include_paths=[str(HERE)], verbose=False)
+    except Exception as exc:  # compiler missing, ninja missing, compile error: all mean "use the fallback"
+        raise CpuKernelsUnavailable(f"building the quantized CPU kernels ({HERE / 'kernels.cpp'}) failed: "
+                                    f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,243 @@
+// Batch-1-first CPU matmuls for weights kept quantized (the llama.cpp approach): the activations
+// are quantized once per call to int8 in blocks of 32 (scale d, and s = d * sum(q) for the mins),
+// then each output row is a sum over blocks of integer dot products (AVX2 maddubs, or AVX512-VNNI
+// dpbusd on 256-bit vectors) scaled in float. Output rows are split over threads with
+// at::parallel_for, so torch.set_num_threads applies.
+//
+// Layouts (packed by __init__.py; K % 32 == 0, group_size % 32 == 0, K % group_size == 0):
+//   q4: qs uint8 [N, K/2]: per 32-block, byte j = q[j] | q[j+16] << 4 (GGUF Q4_1's nibble order);
+//       dm fp16 [N, G, 2] = (scale, min) per group: w = q * scale + min.
+//   q8: qs int8 [N, K]; d fp32 [N, G]; mins fp32 [N, G] or empty: w = q * d (+ min).
+// The instruction set is picked at run time (__builtin_cpu_supports) unless forced by name;
+// nothing here assumes AVX512 at build time.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Act {  // x quantized per 32-block: q [M, K] int8, d and s [M, K/32]
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+struct Q4Args {
+  const uint8_t* qs; const uint16_t* dm; const float* bias; float* y; Act act;
+  int64_t m, n, k, group_size;
+};
+
+struct Q8Args {
+  const int8_t* qs; const float* d; const float* mins; const float* bias; float* y; Act act;
+  int64_t m, n, k, group_size;
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define QCPU_VNNI 0
+#include "body.inc"
+#undef QCPU_VNNI
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
+namespace vnni {
+#define QCPU_VNNI 1
+#include "body.inc"
+#undef QCPU_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
+
+// Portable reference (no SIMD): used where AVX2 is missing, and forced in tests.
+namespace scalar {
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) { bits = sign; } else {  // subnormal
+      int e = -1; uint32_t mm = man;
+      do { ++e; mm <<= 1; } while (!(mm & 0x400));
+      bits = sign | ((127 - 15 - e) << 23) | ((mm & 0x3FF) << 13);
+    }
+  } else if (exp == 31) { bits = sign | 0x7F800000u | (man << 13); }
+  else { bits = sign | ((exp + 112) << 23) | (man << 13); }
+  float f; std::memcpy(&f, &bits, 4); return f;
+}
+
+void q4_rows(const Q4Args& a, int64_t n0, int64_t n1) {
+  const int64_t nb = a.k / 32, bpg = a.group_size / 32, groups = a.k / a.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qs = a.qs + n * (a.k / 2);
+    const uint16_t* dm = a.dm + n * groups * 2;
+    for (int64_t m = 0; m < a.m; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t g = b / bpg;
+        int32_t isum = 0;
+        for (int j = 0; j < 16; ++j) {
+          const uint8_t byte = qs[b * 16 + j];
+          isum += (byte & 0x0F) * a.act.q[m * a.k + b * 32 + j] + (byte >> 4) * a.act.q[m * a.k + b * 32 + j + 16];
+        }
+        acc += half_to_float(dm[2 * g]) * a.act.d[m * nb + b] * isum + half_to_float(dm[2 * g + 1]) * a.act.s[m * nb + b];
+      }
+      a.y[m * a.n + n] = acc + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
+
+void q8_rows(const Q8Args& a, int64_t n0, int64_t n1) {
+  const int64_t nb = a.k / 32, bpg = a.group_size / 32, groups = a.k / a.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.m; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t g = b / bpg;
+        int32_t isum = 0;
+        for (int j = 0; j < 32; ++j) isum += a.qs[n * a.k + b * 32 + j] * a.act.q[m * a.k + b * 32 + j];
+        acc += a.d[n * groups + g] * a.act.d[m * nb + b] * isum;
+        if (a.mins) acc += a.mins[n * groups + g] * a.act.s[m * nb + b];
+      }
+      a.y[m * a.n + n] = acc + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
+}  // namespace scalar
+
+enum class Isa { kScalar, kAvx2, kVnni };
+
+Isa detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::kVnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;  // f16c comes with both
+  return Isa::kScalar;
+}
+
+Isa g_isa = detect();
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kVnni ? "avx512vnni" : isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
+
+// Quantize each row of x [M, K] to int8 per 32-block (round to nearest, scale = max|x| / 127).
+void quantize_act(const float* x, int64_t m_rows, int64_t k, int8_t* q, float* d, float* s) {
+  const int64_t nb = k / 32;
+  for (int64_t i = 0; i < m_rows * nb; ++i) {
+    const float* xb = x + i * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(xb[j] * inv));
+      q[i * 32 + j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[i] = scale;
+    s[i] = scale * static_cast<float>(sum);
+  }
+}
+
+void check_x(const torch::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 CPU matrix [M, K]");
+  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " input features, the weight has ", k);
+}
+
+const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n,
+              "bias must be a contiguous float32 vector of ", n, " elements");
+  return bias->data_ptr<float>();
+}
+
+struct ActBuffers {
+  torch::Tensor q, d, s;
+  ActBuffers(const torch::Tensor& x, int64_t k) {
+    const int64_t m = x.size(0);
+    q = torch::empty({m, k}, torch::kInt8);
+    d = torch::empty({m, k / 32}, torch::kFloat32);
+    s = torch::empty({m, k / 32}, torch::kFloat32);
+    quantize_act(x.data_ptr<float>(), m, k, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>());
+  }
+  Act view() const { return Act{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>()}; }
+};
+
+Isa pick(const std::string& forced) {
+  if (forced.empty()) return g_isa;
+  Isa want = forced == "avx512vnni" ? Isa::kVnni : forced == "avx2" ? Isa::kAvx2 : Isa::kScalar;
+  TORCH_CHECK(forced == "avx512vnni" || forced == "avx2" || forced == "scalar",
+              "isa must be avx512vnni, avx2 or scalar, got ", forced);
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(g_isa), "this CPU does not support ", forced);
+  return want;
+}
+
+// Rows per task: enough work per thread that the fork/join is amortised.
+int64_t grain(int64_t k, int64_t m) { return std::max<int64_t>(8, 32768 / std::max<int64_t>(1, k * m)); }
+
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& dm,
+                        int64_t group_size, const c10::optional<torch::Tensor>& bias, const std::string& isa) {
+  const int64_t n = qs.size(0), k = qs.size(1) * 2;
+  check_x(x, k);
+  TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.is_contiguous(), "qs must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(k % 32 == 0 && group_size % 32 == 0 && k % group_size == 0, "bad q4 geometry");
+  TORCH_CHECK(dm.scalar_type() == torch::kFloat16 && dm.is_contiguous() && dm.numel() == n * (k / group_size) * 2,
+              "dm must be contiguous float16 [N, G, 2]");
+  auto y = torch::empty({x.size(0), n}, torch::kFloat32);
+  ActBuffers act(x, k);
+  Q4Args a{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>()), bias_ptr(bias, n),
+           y.data_ptr<float>(), act.view(), x.size(0), n, k, group_size};
+  const Isa use = pick(isa);
+  at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
+    if (use == Isa::kVnni) vnni::q4_rows(a, n0, n1);
+    else if (use == Isa::kAvx2) avx2::q4_rows(a, n0, n1);
+    else scalar::q4_rows(a, n0, n1);
+  });
+  return y;
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
+                        const c10::optional<torch::Tensor>& mins, int64_t group_size,
+                        const c10::optional<torch::Tensor>& bias, const std::string& isa) {
+  const int64_t n = qs.size(0), k = qs.size(1);
+  check_x(x, k);
+  TORCH_CHECK(qs.scalar_type() == torch::kInt8 && qs.is_contiguous(), "qs must be contiguous int8 [N, K]");
+  TORCH_CHECK(k % 32 == 0 && group_size % 32 == 0 && k % group_size == 0, "bad q8 geometry");
+  const int64_t groups = k / group_size;
+  TORCH_CHECK(d.scalar_type() == torch::kFloat32 && d.is_contiguous() && d.numel() == n * groups,
+              "d must be contiguous float32 [N, G]");
+  const float* mins_p = nullptr;
+  if (mins.has_value() && mins->defined()) {
+    TORCH_CHECK(mins->scalar_type() == torch::kFloat32 && mins->is_contiguous() && mins->numel() == n * groups,
+                "mins must be contiguous float32 [N, G]");
+    mins_p = mins->data_ptr<float>();
+  }
+  auto y = torch::empty({x.size(0), n}, torch::kFloat32);
+  ActBuffers act(x, k);
+  Q8Args a{qs.data_ptr<int8_t>(), d.data_ptr<float>(), mins_p, bias_ptr(bias, n), y.data_ptr<float>(), act.view(),
+           x.size(0), n, k, group_size};
+  const Isa use = pick(isa);
+  at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
+    if (use == Isa::kVnni) vnni::q8_rows(a, n0, n1);
+    else if (use == Isa::kAvx2) avx2::q8_rows(a, n0, n1);
+    else scalar::q8_rows(a, n0, n1);
+  });
+  return y;
+}
+
+std::string best_isa() { return isa_name(g_isa); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_linear", &q4_linear, "y [M, N] = x [M, K] @ dequant(q4)^T + bias");
+  m.def("q8_linear", &q8_linear, "y [M, N] = x [M, K] @ dequant(q8)^T + bias");
+  m.def("best_isa", &best_isa, "the instruction set the kernels use on this CPU");
+}
