@@ -313,11 +313,11 @@ class ModelSection(_Section):
         description="Weights: `default` (embedded SmolLM2), a Hugging Face folder, a .gguf file or `dummy:<shape>`.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Compute dtype.")
-    quantization: Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors"] | None = Field(
+    quantization: Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf"] | None = Field(
         None,
         description=("Weight quantization. null: as the checkpoint is (GPTQ / AWQ / compressed-tensors folders are "
-                     "detected). int8 | int4 | fp8: quantize a float checkpoint at load. gptq | awq | "
-                     "compressed-tensors: require that folder format. A value contradicting the folder is refused."),
+                     "detected; GGUF files are dequantized). int8 | int4 | fp8: quantize a float "
+                     "checkpoint at load. gptq | awq | compressed-tensors | gguf: require that format (gguf: Q4_0/Q4_1/Q8_0 kept packed). A value contradicting the folder is refused."),
     )
     quantization_group_size: Literal[32, 64, 128, -1] = Field(
         128, description="Inputs per scale for int4 at load (-1: one scale per output row)."
