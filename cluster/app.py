@@ -19,7 +19,8 @@ config file / RayService names `import_path: shardserve.cluster.app:app_builder`
 a Python callable bound into each LLMServer's arguments, which no YAML file or RayService can name.
 The HTTP port and HTTPS files are proxy settings, not part of the Application: `serve_options(config)`
 gives the `serve.start` arguments (`shardserve serve` uses them; a RayService sets them in its spec).
-Serve's own gRPC proxy is not started.
+Serve's own gRPC proxy is not started; with mutual TLS (`tls.require_client_auth`) its HTTP proxy is
+not either: the Ingress replicas serve HTTPS on `http.port` themselves, also on the head node.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from shardserve.cluster.config import AppConfig, ModelSection, ServeConfig, parse_config
 from shardserve.cluster.ingress.deployment import Ingress, llm_server_name
-from shardserve.cluster.ingress.tls import http_ssl_options
+from shardserve.cluster.ingress.tls import http_ssl_options, ingress_serves_http
 from shardserve.cluster.router import PrefixAffinityRouter
 from shardserve.cluster.server import EngineFactory, LLMServer
 
@@ -133,11 +134,15 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 def serve_options(config: ServeConfig | AppConfig) -> dict[str, Any]:
     """Keyword arguments of `serve.start` for this config (HTTP proxy port and HTTPS files).
 
-    No gRPC servicer functions: Serve starts no gRPC proxy; the Ingress serves gRPC itself.
+    No gRPC servicer functions: Serve starts no gRPC proxy; the Ingress serves gRPC itself. With
+    mutual TLS no HTTP proxy either: the Ingress replicas serve HTTPS (cluster/ingress/http_server.py).
     """
-    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.config import HTTPOptions, ProxyLocation, gRPCOptions
 
-    return {
+    options: dict[str, Any] = {
         "http_options": HTTPOptions(host=config.http.host, port=config.http.port, **http_ssl_options(config.tls)),
         "grpc_options": gRPCOptions(grpc_servicer_functions=[]),
     }
+    if ingress_serves_http(config.tls):
+        options["proxy_location"] = ProxyLocation.Disabled  # the Ingress replicas serve HTTP (mutual TLS)
+    return options

@@ -42,8 +42,8 @@ def test_bad_auth_sections_name_the_field(auth, message):
 @pytest.mark.parametrize(("tls", "message"), [
     ({"cert_file": "/c"}, "tls.key_file: Field required"),
     ({"cert_file": "/c", "key_file": "/k", "require_client_auth": True}, "needs ca_file"),
-    ({"cert_file": "/c", "key_file": "/k", "ca_file": "/a", "require_client_auth": True},
-     "set http_client_auth_unsupported_ok: true"),
+    ({"cert_file": "/c", "key_file": "/k", "ca_file": "/a", "http_client_auth_unsupported_ok": True},
+     "tls.http_client_auth_unsupported_ok"),  # gone: mutual TLS now holds on HTTP too
 ])  # fmt: skip
 def test_bad_tls_sections_name_the_field(tls, message):
     with pytest.raises(ConfigError) as err:
@@ -139,7 +139,12 @@ def test_serve_options_turn_on_https_and_start_no_grpc_proxy(tmp_path):
     http = options["http_options"]
     assert (http.ssl_certfile, http.ssl_keyfile, http.ssl_ca_certs) == (str(cert), str(key), str(ca))
     assert options["grpc_options"].grpc_servicer_functions == []
+    assert "proxy_location" not in options  # server-side TLS: Serve's HTTP proxy serves HTTPS
     assert serve_options(config())["http_options"].ssl_certfile is None
+    # Mutual TLS: no Serve HTTP proxy (the Ingress replicas serve HTTPS with client certificates).
+    mutual = c.model_copy(update={"tls": c.tls.model_copy(update={"require_client_auth": True})})
+    options = serve_options(mutual)
+    assert options["proxy_location"] == "Disabled" and options["http_options"].ssl_certfile is None
     key.unlink()
     with pytest.raises(ConfigError, match=r"tls.key_file: cannot read .*k.pem"):
         http_ssl_options(c.tls)
