@@ -62,7 +62,9 @@ def _certificates(folder: Path) -> dict[str, Path]:
         if server:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            # Client auth too: the Helm chart's readiness probe presents the server's certificate.
+            usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         elif not ca:
             builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         cert = builder.sign(issuer_key, hashes.SHA256())
@@ -164,6 +166,18 @@ def test_https_mutual_tls(served):
         assert isinstance(err.value, (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)), err.value
     with pytest.raises(httpx.HTTPError):
         httpx.get(served.http_url.replace("https://", "http://") + "/health", timeout=10)
+
+
+def test_helm_readiness_probe_command(served):
+    """The head pod's readiness probe with mutual TLS (helm/shardserve/templates/_helpers.tpl): the
+    `shardserve probe` command presenting the server's own certificate; refused without one."""
+    c = served.certs
+    probe = [sys.executable, "-m", "shardserve.cluster.cli", "probe", served.http_url + "/health"]
+    mutual = [*probe, "--cert", str(c["server_cert"]), "--key", str(c["server_key"])]
+    ok = subprocess.run(mutual, capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(probe, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 1 and "probe https://" in refused.stderr, refused
 
 
 def _credentials(served: Served, client_cert: bool) -> grpc.ChannelCredentials:
