@@ -221,3 +221,48 @@ def test_banner_commands_run_as_printed(served):
     out = subprocess.run(filled(python), shell=True, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.split()) == 32  # the fake engine's 32 words for max_tokens=32
+
+
+def test_ingress_https_server_cancels_a_request_whose_client_left(tmp_path):
+    """The Ingress's HTTPS server alone (no Ray): two of them share the port (SO_REUSEPORT, as the
+    Ingress replicas do), and a client that disconnects mid-request cancels the route's task (what
+    aborts the LLMServer call), as Serve's proxy does; uvicorn alone would let it run on."""
+    import asyncio
+
+    from shardserve.cluster.config import AppConfig, parse_config
+    from shardserve.cluster.ingress.http_server import HttpsServer
+
+    certs = _certificates(tmp_path)
+    port = free_port()
+    tls = {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
+           "ca_file": str(certs["ca_cert"]), "require_client_auth": True}  # fmt: skip
+    config = parse_config({"models": [{"name": "m"}], "http": {"host": "127.0.0.1", "port": port}, "tls": tls},
+                          AppConfig)  # fmt: skip
+
+    async def main() -> None:
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def route(scope, receive, send) -> None:  # a non-streaming route waiting on its engine
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        servers = [HttpsServer(config, lambda: route) for _ in range(2)]
+        for server in servers:
+            server.start()
+        while not all(s.server.started for s in servers):
+            await asyncio.sleep(0.05)
+        context = ssl.create_default_context(cafile=str(certs["ca_cert"]))
+        context.load_cert_chain(certs["client_cert"], certs["client_key"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+        await asyncio.wait_for(started.wait(), 10)
+        writer.close()
+        await asyncio.wait_for(cancelled.wait(), 10)
+        for server in servers:
+            await server.stop()
+
+    asyncio.run(main())
