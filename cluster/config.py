@@ -119,6 +119,15 @@ class ApiKeySection(_Section):
             "minute's worth of requests: over it, HTTP 429 with Retry-After / gRPC RESOURCE_EXHAUSTED."
         ),
     )
+    tokens_per_minute: float | None = Field(
+        None, gt=0,
+        description=(
+            "Token budget of this key, > 0; null = unlimited. A bucket per Ingress replica holding one minute's "
+            "worth; a request takes max_tokens x n when admitted (refused with HTTP 429 + Retry-After / gRPC "
+            "RESOURCE_EXHAUSTED when the bucket holds less, 400 when it never could) and its prompt's tokens once "
+            "the engine has counted them (a debt that later requests wait out)."
+        ),
+    )
 
     @field_serializer("key", when_used="json")
     def _reveal_key(self, key: SecretStr | None) -> str | None:

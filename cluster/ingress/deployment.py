@@ -96,9 +96,9 @@ class Ingress:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         app_config = parse_config(config, AppConfig)
         self.log_prompts = app_config.log_prompts
-        self.core = IngressCore(app_config, handles)
-        http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         self.gate = auth.Gate.from_config(app_config.auth)
+        self.core = IngressCore(app_config, handles, self.gate)
+        http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         auth.install(self.gate)  # for the HTTP middleware (one Ingress per replica process)
         self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
         self.grpc_server = GrpcServer(app_config, GrpcFrontend(self.core, self.gate, self.log_prompts))

@@ -29,6 +29,7 @@ def test_defaults_are_open_plaintext_and_quiet():
     ({"api_keys": [{"name": "a", "key": "12345678", "key_file": "/k"}]}, "got ['key', 'key_file']"),
     ({"api_keys": [{"name": "a", "key": "short"}]}, "auth.api_keys[0].key"),
     ({"api_keys": [{"name": "a", "key_env": "A", "requests_per_minute": 0}]}, "requests_per_minute: must be > 0"),
+    ({"api_keys": [{"name": "a", "key_env": "A", "tokens_per_minute": -1}]}, "tokens_per_minute: must be > 0"),
     ({"api_keys": [{"name": "a", "key_env": "A"}, {"name": "a", "key_env": "B"}]}, "repeated: ['a']"),
     ({"api_keys": [{"name": "a b", "key_env": "A"}]}, "auth.api_keys[0].name"),
 ])  # fmt: skip
@@ -125,6 +126,19 @@ def test_token_bucket_refills_at_the_configured_rate():
     with pytest.raises(RateLimited):
         limiter.take("k")
     limiter.take("unlimited-key")
+
+
+def test_token_budget_takes_costs_and_carries_debt():
+    now = [0.0]
+    limiter = RateLimiter({"k": 60}, clock=lambda: now[0], unit="tokens")  # one token a second back
+    limiter.take("k", 50)
+    limiter.charge("k", 30)  # a prompt counted after admission: 10 - 30 = a debt of 20
+    with pytest.raises(RateLimited, match="60 tokens per minute") as err:
+        limiter.take("k", 5)
+    assert err.value.retry_after_s == pytest.approx(25.0) and err.value.retry_after_header == "25"
+    now[0] += 25
+    limiter.take("k", 5)
+    limiter.charge("unlimited-key", 10**9)
 
 
 def test_serve_options_turn_on_https_and_start_no_grpc_proxy(tmp_path):

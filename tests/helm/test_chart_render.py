@@ -56,7 +56,8 @@ def expected_args(values: dict[str, Any]) -> dict[str, Any]:
         auth = args.setdefault("auth", {})
         auth["api_keys"] = [*auth.get("api_keys", []), *(
             {"name": k["name"], "key_file": f"{values['apiKeys']['mountPath']}/{k['secretKey']}",
-             **({"requests_per_minute": k["requestsPerMinute"]} if k.get("requestsPerMinute") else {})}
+             **({"requests_per_minute": k["requestsPerMinute"]} if k.get("requestsPerMinute") else {}),
+             **({"tokens_per_minute": k["tokensPerMinute"]} if k.get("tokensPerMinute") else {})}
             for k in keys
         )]  # fmt: skip
     return args

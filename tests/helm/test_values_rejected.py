@@ -213,6 +213,13 @@ CASES: list[tuple[str, str, Callable[[Values], None], list[str], list[str]]] = [
         [],
     ),
     (
+        "api-key-token-rate-not-positive",
+        "cpu-tls-keys",
+        _set("apiKeys/keys/0/tokensPerMinute", -5),
+        ["tokensPerMinute"],
+        [],
+    ),
+    (
         "port-clash",
         "cpu-small",
         _set("shardserve/grpc/port", 8000),

@@ -165,6 +165,7 @@ app.kubernetes.io/part-of: shardserve
 {{- range $k := .Values.apiKeys.keys -}}
 {{- $entry := dict "name" $k.name "key_file" (printf "%s/%s" $.Values.apiKeys.mountPath $k.secretKey) -}}
 {{- if $k.requestsPerMinute }}{{ $_ := set $entry "requests_per_minute" $k.requestsPerMinute }}{{ end -}}
+{{- if $k.tokensPerMinute }}{{ $_ := set $entry "tokens_per_minute" $k.tokensPerMinute }}{{ end -}}
 {{- $keys = append $keys $entry -}}
 {{- end -}}
 {{- $_ := set $auth "api_keys" $keys -}}
