@@ -55,7 +55,10 @@ class RaySection(_Section):
 
 
 class HttpSection(_Section):
-    host: str = Field("0.0.0.0", description="Interface the HTTP proxy binds (OpenAI-compatible API).")
+    host: str = Field(
+        "0.0.0.0",
+        description="Interface the HTTP server binds (Serve's proxy; the Ingress replicas with tls.require_client_auth).",
+    )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API, 1..65535.")
 
 

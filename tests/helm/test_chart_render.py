@@ -325,7 +325,8 @@ def test_pods_get_shm_storage_nccl_and_api_key(values_file: Path | None) -> None
 
 def test_tls_and_api_key_secrets_reach_every_ray_pod() -> None:
     """tls.secretName and apiKeys.existingSecret are mounted read-only on every Ray pod (HTTPS is
-    served by Serve's proxy on each pod; the Ingress may read keys on the head) where the args say."""
+    served by Serve's proxy on each pod, or with mutual TLS by the Ingress on the head; the Ingress
+    may read keys on the head) where the args say."""
     values_file = CI_VALUES_DIR / "cpu-tls-keys.yaml"
     values = load_values(values_file)
     objects = render(values_file)
