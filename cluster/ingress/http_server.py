@@ -15,6 +15,7 @@ cancels its request's task, which aborts the LLMServer call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -97,7 +98,8 @@ class HttpsServer:
                 ssl_cert_reqs=ssl.CERT_REQUIRED,
             )
         )  # fmt: skip
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
+        # Signals stay Ray's: uvicorn would take SIGINT/SIGTERM when run on the process's main thread.
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         self.server.config.load()  # reads the files now: a bad certificate fails the constructor
         self.sock = _bind(config.http.host, config.http.port)
         self._task: asyncio.Task[None] | None = None
@@ -110,5 +112,8 @@ class HttpsServer:
     async def stop(self) -> None:
         self.server.should_exit = True
         if self._task is not None:
-            await self._task
+            try:
+                await self._task
+            except Exception:  # it failed earlier: still close the socket
+                logger.exception("HTTPS server ended with an error")
         self.sock.close()
