@@ -67,6 +67,11 @@ def _finish(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> t
 
 
 def cpu_runtime(w: QuantizedWeight):
+    from shardserve.workers.quant.cpu_kernels.runtime import kernel_runtime  # builds the C++ kernels once
+
+    fast = kernel_runtime(w)
+    if fast is not None:
+        return fast
     if isinstance(w, GroupedWeight):
         return CpuInt4(w) if w.bits == 4 else CpuWidened(w, widen_once=True)
     if isinstance(w, Int8Weight):
