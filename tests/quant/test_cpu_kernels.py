@@ -133,3 +133,18 @@ def test_partial_last_group_and_bad_widths_are_refused() -> None:
         pack_q8(_grouped(16, 64, 32))
     with pytest.raises(ValueError, match="input features"):
         q4_linear(torch.randn(1, 32), pack_q4(_grouped(16, 64, 32)))
+
+
+def test_cpu_runtime_takes_the_kernels_and_falls_back_where_they_cannot() -> None:
+    from shardserve.workers.quant.cpu import CpuInt4, cpu_runtime
+    from shardserve.workers.quant.cpu_kernels.runtime import Q4Runtime
+
+    w = _grouped(32, 128, 64, seed=4)
+    w.perm = torch.randperm(128, generator=torch.Generator().manual_seed(2))
+    runtime = cpu_runtime(w)
+    assert isinstance(runtime, Q4Runtime)
+    x, bias = torch.randn(2, 128), torch.randn(32)
+    _close(runtime(x, bias), F.linear(x, w.dequantize(), bias))
+    partial = GroupedWeight(q=torch.zeros(16, 80, dtype=torch.uint8), scales=torch.ones(16, 3),
+                            mins=torch.zeros(16, 3), group_size=32)
+    assert isinstance(cpu_runtime(partial), CpuInt4)
