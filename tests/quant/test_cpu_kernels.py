@@ -148,3 +148,13 @@ def test_cpu_runtime_takes_the_kernels_and_falls_back_where_they_cannot() -> Non
     partial = GroupedWeight(q=torch.zeros(16, 80, dtype=torch.uint8), scales=torch.ones(16, 3),
                             mins=torch.zeros(16, 3), group_size=32)
     assert isinstance(cpu_runtime(partial), CpuInt4)
+
+
+def test_a_failed_build_raises_a_clear_error(tmp_path, monkeypatch) -> None:
+    from shardserve.workers.quant.cpu_kernels.build import CpuKernelsUnavailable, build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    source = tmp_path / "broken.cpp"
+    source.write_text("#error this kernel does not compile\n")
+    with pytest.raises(CpuKernelsUnavailable, match="broken.cpp"):
+        build(source, "shardserve_quant_cpu_broken")

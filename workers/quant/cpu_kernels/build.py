@@ -24,11 +24,15 @@ class CpuKernelsUnavailable(RuntimeError):
 
 @functools.cache
 def extension() -> ModuleType:
+    return build(HERE / "kernels.cpp", EXTENSION_NAME)
+
+
+def build(source: Path, name: str) -> ModuleType:
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(name=EXTENSION_NAME, sources=[str(HERE / "kernels.cpp")],
-                                  extra_cflags=["-O3"], extra_include_paths=[str(HERE)], verbose=False)
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3"],
+                                  extra_include_paths=[str(source.parent)], verbose=False)
     except Exception as exc:  # compiler missing, ninja missing, compile error: all mean "use the fallback"
-        raise CpuKernelsUnavailable(f"building the quantized CPU kernels ({HERE / 'kernels.cpp'}) failed: "
+        raise CpuKernelsUnavailable(f"building the quantized CPU kernels ({source}) failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
