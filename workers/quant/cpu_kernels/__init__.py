@@ -2,10 +2,12 @@
 
 `pack_q4(GroupedWeight)` and `pack_q8(Int8Weight | 8-bit GroupedWeight)` turn the unpacked forms of
 `workers/quant/weights.py` into the layouts of kernels.cpp (4-bit: GGUF Q4_1-style nibbles with fp16
-scale and min per group; 8-bit: int8 with float32 scale, and min, per group). Each call quantizes the
-activations to int8 per 32 inputs and sums integer dot products (AVX2 / AVX512-VNNI), the way
-llama.cpp does, so results differ from `w.dequantize()` + F.linear by the activation rounding
-(~0.5 % of |y|). The extension is built on first use (build.py); if that fails,
+scale and min per group; 8-bit: int8 with float32 scale, and min, per group). By default the quantized values are
+widened to float in registers and met by float activations (AVX2 + FMA), so results equal
+`w.dequantize()` + F.linear up to summation order (greedy tokens unchanged). With
+`int8_activations=True` each call instead quantizes x to int8 per 32 inputs and sums integer dot
+products (AVX2 maddubs / AVX512-VNNI dpbusd), the way llama.cpp does: fewer instructions, but
+results move by the activation rounding (~0.5 % of |y|). The extension is built on first use (build.py); if that fails,
 `CpuKernelsUnavailable` is raised and the caller keeps torch's ops.
 
 Act-order weights (`perm` set) are packed in their stored column order: the caller passes
@@ -27,17 +29,20 @@ def best_isa() -> str:
     return extension().best_isa()
 
 
-def q4_linear(x: torch.Tensor, packed: PackedQ4, bias: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
+def q4_linear(x: torch.Tensor, packed: PackedQ4, bias: torch.Tensor | None = None, isa: str = "",
+              int8_activations: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 4-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
-    y = extension().q4_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa)
+    y = extension().q4_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)
     return y.reshape(*lead, packed.n).to(x.dtype)
 
 
-def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
+def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = None, isa: str = "",
+              int8_activations: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 8-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
-    y = extension().q8_linear(x2, packed.qs, packed.d, packed.mins, packed.group_size, _bias(bias), isa)
+    y = extension().q8_linear(x2, packed.qs, packed.d, packed.mins, packed.group_size, _bias(bias), isa,
+                              int8_activations)
     return y.reshape(*lead, packed.n).to(x.dtype)
 
 

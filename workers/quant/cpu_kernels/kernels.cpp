@@ -1,7 +1,9 @@
-// Batch-1-first CPU matmuls for weights kept quantized (the llama.cpp approach): the activations
-// are quantized once per call to int8 in blocks of 32 (scale d, and s = d * sum(q) for the mins),
-// then each output row is a sum over blocks of integer dot products (AVX2 maddubs, or AVX512-VNNI
-// dpbusd on 256-bit vectors) scaled in float. Output rows are split over threads with
+// Batch-1-first CPU matmuls for weights kept quantized. Two activation modes:
+//   float (default): each 32-block's quantized values are widened to float in registers and FMA'd
+//     with x; scale (and min, through x's sum per block) applied once per group;
+//   int8 (the llama.cpp approach): x quantized once per call to int8 per 32-block (scale d, and
+//     s = d * sum(q) for the mins), then integer dot products (AVX2 maddubs, or AVX512-VNNI dpbusd
+//     on 256-bit vectors) scaled in float. Output rows are split over threads with
 // at::parallel_for, so torch.set_num_threads applies.
 //
 // Layouts (packed by __init__.py; K % 32 == 0, group_size % 32 == 0, K % group_size == 0):
@@ -28,11 +30,13 @@ struct Act {  // x quantized per 32-block: q [M, K] int8, d and s [M, K/32]
 
 struct Q4Args {
   const uint8_t* qs; const uint16_t* dm; const float* bias; float* y; Act act;
+  const float* x; const float* xsum;  // float activations [M, K] and their sums per 32-block [M, K/32]
   int64_t m, n, k, group_size;
 };
 
 struct Q8Args {
   const int8_t* qs; const float* d; const float* mins; const float* bias; float* y; Act act;
+  const float* x; const float* xsum;
   int64_t m, n, k, group_size;
 };
 
@@ -107,6 +111,47 @@ void q8_rows(const Q8Args& a, int64_t n0, int64_t n1) {
     }
   }
 }
+void q4_rows_f32(const Q4Args& a, int64_t n0, int64_t n1) {
+  const int64_t bpg = a.group_size / 32, groups = a.k / a.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qs = a.qs + n * (a.k / 2);
+    const uint16_t* dm = a.dm + n * groups * 2;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const float* x = a.x + m * a.k;
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float t = 0.f, xsum = 0.f;
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+          for (int j = 0; j < 16; ++j) {
+            const uint8_t byte = qs[b * 16 + j];
+            t += (byte & 0x0F) * x[b * 32 + j] + (byte >> 4) * x[b * 32 + j + 16];
+          }
+          xsum += a.xsum[m * (a.k / 32) + b];
+        }
+        acc += half_to_float(dm[2 * g]) * t + half_to_float(dm[2 * g + 1]) * xsum;
+      }
+      a.y[m * a.n + n] = acc + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
+
+void q8_rows_f32(const Q8Args& a, int64_t n0, int64_t n1) {
+  const int64_t groups = a.k / a.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.m; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float t = 0.f, xsum = 0.f;
+        for (int64_t j = g * a.group_size; j < (g + 1) * a.group_size; ++j) {
+          t += a.qs[n * a.k + j] * a.x[m * a.k + j];
+          xsum += a.x[m * a.k + j];
+        }
+        acc += a.d[n * groups + g] * t + (a.mins ? a.mins[n * groups + g] * xsum : 0.f);
+      }
+      a.y[m * a.n + n] = acc + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
 }  // namespace scalar
 
 enum class Isa { kScalar, kAvx2, kVnni };
@@ -158,16 +203,30 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t n) {
   return bias->data_ptr<float>();
 }
 
+// int8_act: x quantized per 32-block (q, d, s); otherwise only x's sums per 32-block (for the mins).
 struct ActBuffers {
   torch::Tensor q, d, s;
-  ActBuffers(const torch::Tensor& x, int64_t k) {
+  ActBuffers(const torch::Tensor& x, int64_t k, bool int8_act) {
     const int64_t m = x.size(0);
-    q = torch::empty({m, k}, torch::kInt8);
-    d = torch::empty({m, k / 32}, torch::kFloat32);
     s = torch::empty({m, k / 32}, torch::kFloat32);
-    quantize_act(x.data_ptr<float>(), m, k, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>());
+    if (int8_act) {
+      q = torch::empty({m, k}, torch::kInt8);
+      d = torch::empty({m, k / 32}, torch::kFloat32);
+      quantize_act(x.data_ptr<float>(), m, k, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>());
+    } else {
+      const float* xp = x.data_ptr<float>();
+      float* sp = s.data_ptr<float>();
+      for (int64_t i = 0; i < m * (k / 32); ++i) {
+        float sum = 0.f;
+        for (int j = 0; j < 32; ++j) sum += xp[i * 32 + j];
+        sp[i] = sum;
+      }
+    }
   }
-  Act view() const { return Act{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>()}; }
+  Act view() const {
+    return Act{q.defined() ? q.data_ptr<int8_t>() : nullptr, d.defined() ? d.data_ptr<float>() : nullptr,
+               s.data_ptr<float>()};
+  }
 };
 
 Isa pick(const std::string& forced) {
@@ -183,7 +242,8 @@ Isa pick(const std::string& forced) {
 int64_t grain(int64_t k, int64_t m) { return std::max<int64_t>(8, 32768 / std::max<int64_t>(1, k * m)); }
 
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& dm,
-                        int64_t group_size, const c10::optional<torch::Tensor>& bias, const std::string& isa) {
+                        int64_t group_size, const c10::optional<torch::Tensor>& bias, const std::string& isa,
+                        bool int8_act) {
   const int64_t n = qs.size(0), k = qs.size(1) * 2;
   check_x(x, k);
   TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.is_contiguous(), "qs must be contiguous uint8 [N, K/2]");
@@ -191,12 +251,15 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
   TORCH_CHECK(dm.scalar_type() == torch::kFloat16 && dm.is_contiguous() && dm.numel() == n * (k / group_size) * 2,
               "dm must be contiguous float16 [N, G, 2]");
   auto y = torch::empty({x.size(0), n}, torch::kFloat32);
-  ActBuffers act(x, k);
+  ActBuffers act(x, k, int8_act);
   Q4Args a{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>()), bias_ptr(bias, n),
-           y.data_ptr<float>(), act.view(), x.size(0), n, k, group_size};
+           y.data_ptr<float>(), act.view(), x.data_ptr<float>(), act.s.data_ptr<float>(), x.size(0), n, k, group_size};
   const Isa use = pick(isa);
   at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
-    if (use == Isa::kVnni) vnni::q4_rows(a, n0, n1);
+    if (!int8_act) {
+      if (use == Isa::kScalar) scalar::q4_rows_f32(a, n0, n1);
+      else avx2::q4_rows_f32(a, n0, n1);
+    } else if (use == Isa::kVnni) vnni::q4_rows(a, n0, n1);
     else if (use == Isa::kAvx2) avx2::q4_rows(a, n0, n1);
     else scalar::q4_rows(a, n0, n1);
   });
@@ -205,7 +268,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
 
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
                         const c10::optional<torch::Tensor>& mins, int64_t group_size,
-                        const c10::optional<torch::Tensor>& bias, const std::string& isa) {
+                        const c10::optional<torch::Tensor>& bias, const std::string& isa, bool int8_act) {
   const int64_t n = qs.size(0), k = qs.size(1);
   check_x(x, k);
   TORCH_CHECK(qs.scalar_type() == torch::kInt8 && qs.is_contiguous(), "qs must be contiguous int8 [N, K]");
@@ -220,12 +283,15 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
     mins_p = mins->data_ptr<float>();
   }
   auto y = torch::empty({x.size(0), n}, torch::kFloat32);
-  ActBuffers act(x, k);
+  ActBuffers act(x, k, int8_act);
   Q8Args a{qs.data_ptr<int8_t>(), d.data_ptr<float>(), mins_p, bias_ptr(bias, n), y.data_ptr<float>(), act.view(),
-           x.size(0), n, k, group_size};
+           x.data_ptr<float>(), act.s.data_ptr<float>(), x.size(0), n, k, group_size};
   const Isa use = pick(isa);
   at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
-    if (use == Isa::kVnni) vnni::q8_rows(a, n0, n1);
+    if (!int8_act) {
+      if (use == Isa::kScalar) scalar::q8_rows_f32(a, n0, n1);
+      else avx2::q8_rows_f32(a, n0, n1);
+    } else if (use == Isa::kVnni) vnni::q8_rows(a, n0, n1);
     else if (use == Isa::kAvx2) avx2::q8_rows(a, n0, n1);
     else scalar::q8_rows(a, n0, n1);
   });

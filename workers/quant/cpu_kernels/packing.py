@@ -1,7 +1,8 @@
 """Packs the unpacked quantized forms (weights.py) into the layouts kernels.cpp reads.
 
   - `PackedQ4`: qs uint8 [N, K/2], per 32 inputs 16 bytes with byte j = q[j] | q[j + 16] << 4
-    (GGUF Q4_1's nibble order); dm float16 [N, G, 2] = (scale, min) per group.
+    (GGUF Q4_1's nibble order); dm float16 [N, G, 2] = (scale, min) per group (exact for GGUF and
+    GPTQ/AWQ's float16 scales; a float32 min = -z * scale is rounded to float16, ~5e-4 relative).
   - `PackedQ8`: qs int8 [N, K]; d float32 [N, G]; mins float32 [N, G] or None.
     Int8Weight (per channel) is one group spanning K; an 8-bit GroupedWeight (q in 0..255) is
     re-centred to q - 128 with min + 128 * scale; GGUF Q8_0 blocks come in through `from_blocks`.
