@@ -41,7 +41,7 @@ MODES = [False, True]  # int8_activations
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 15, 17])  # from DENSE_FROM_ROWS = 16 rows on, the dense path
 def test_q4_matches_dequantized(group: int, m: int) -> None:
     w = _grouped(40, 256, group, seed=group + m)
     x = torch.randn(m, 256)
@@ -91,7 +91,7 @@ def test_q4_leading_dims_and_dtype() -> None:
     torch.testing.assert_close(y, F.linear(x.float(), w.dequantize()).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 15, 17])
 def test_q8_per_channel_matches_dequantized(m: int) -> None:
     g = torch.Generator().manual_seed(m)
     w = Int8Weight(q=torch.randint(-128, 128, (48, 192), generator=g, dtype=torch.int8),
@@ -167,3 +167,10 @@ def test_a_failed_build_raises_a_clear_error(tmp_path, monkeypatch) -> None:
     source.write_text("#error this kernel does not compile\n")
     with pytest.raises(CpuKernelsUnavailable, match="broken.cpp"):
         build(source, "shardserve_quant_cpu_broken")
+
+
+def test_packed_dequantize_is_exact() -> None:
+    w = _grouped(16, 256, 64, seed=7)
+    torch.testing.assert_close(pack_q4(w).dequantize(), w.dequantize(), rtol=0, atol=0)
+    w8 = Int8Weight(q=torch.randint(-128, 128, (8, 64), dtype=torch.int8), scales=torch.rand(8))
+    torch.testing.assert_close(pack_q8(w8).dequantize(), w8.dequantize(), rtol=0, atol=0)

@@ -10,6 +10,9 @@ products (AVX2 maddubs / AVX512-VNNI dpbusd), the way llama.cpp does: fewer inst
 results move by the activation rounding (~0.5 % of |y|). The extension is built on first use (build.py); if that fails,
 `CpuKernelsUnavailable` is raised and the caller keeps torch's ops.
 
+From `DENSE_FROM_ROWS` rows of x on (prefill), with float activations, the weight is dequantized for the call and one
+F.linear (a blocked fp32 GEMM) runs instead: the row loop re-does the widening per row.
+
 Act-order weights (`perm` set) are packed in their stored column order: the caller passes
 `x[..., perm]`, as `workers/quant/cpu.py` does for torch's int4 kernel.
 """
@@ -17,11 +20,15 @@ Act-order weights (`perm` set) are packed in their stored column order: the call
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from shardserve.workers.quant.cpu_kernels.build import CpuKernelsUnavailable, extension
 from shardserve.workers.quant.cpu_kernels.packing import PackedQ4, PackedQ8, pack_q4, pack_q8
 
 __all__ = ["CpuKernelsUnavailable", "PackedQ4", "PackedQ8", "best_isa", "pack_q4", "pack_q8", "q4_linear",
            "q8_linear"]
+
+
+DENSE_FROM_ROWS = 16
 
 
 def best_isa() -> str:
@@ -33,6 +40,8 @@ def q4_linear(x: torch.Tensor, packed: PackedQ4, bias: torch.Tensor | None = Non
               int8_activations: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 4-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
+    if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
+        return F.linear(x2, packed.dequantize(), _bias(bias)).reshape(*lead, packed.n).to(x.dtype)
     y = extension().q4_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)
     return y.reshape(*lead, packed.n).to(x.dtype)
 
@@ -41,6 +50,8 @@ def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = Non
               int8_activations: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 8-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
+    if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
+        return F.linear(x2, packed.dequantize(), _bias(bias)).reshape(*lead, packed.n).to(x.dtype)
     y = extension().q8_linear(x2, packed.qs, packed.d, packed.mins, packed.group_size, _bias(bias), isa,
                               int8_activations)
     return y.reshape(*lead, packed.n).to(x.dtype)

@@ -27,6 +27,13 @@ class PackedQ4:
     n: int
     k: int
 
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K] (for many rows at once, where one dense matmul beats a row loop)."""
+        blocks = self.qs.view(self.n, self.k // 32, 16)
+        q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).view(self.n, -1, self.group_size).float()
+        dm = self.dm.float()  # [N, G, 2]
+        return (q * dm[:, :, 0:1] + dm[:, :, 1:2]).view(self.n, self.k)
+
 
 @dataclass(frozen=True)
 class PackedQ8:
@@ -46,6 +53,10 @@ class PackedQ8:
             raise ValueError(f"Q8 blocks need q int8 [N, K] and scales [N, K / {group_size}], got q {q.dtype} "
                              f"{tuple(q.shape)} and scales {tuple(scales.shape)}")
         return PackedQ8(q.contiguous(), scales.float().contiguous(), None, group_size, n, k)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]."""
+        return self.dequantize_rows(torch.arange(self.n))
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), K]: rows of w (a tied embedding looked up from the LM head's weight)."""
