@@ -238,10 +238,12 @@ class LLMEngine:
         if num_blocks > pool.num_free_blocks:
             raise ValueError(f"prompt to score needs {num_blocks} KV blocks, {pool.num_free_blocks} are free now; "
                              "score a shorter prompt or raise the KV cache budget")
-        runner = self.runner  # AttributeError with a clear message under worker processes
+        if not isinstance(self.executor, LocalExecutor):
+            raise ValueError("score runs the model in the engine's process: tensor_parallel_size and "
+                             "pipeline_parallel_size must be 1")
         block_ids = pool.allocate(num_blocks)
         try:
-            return score_tokens(runner, token_ids, block_ids, num_targets,
+            return score_tokens(self.executor.runner, token_ids, block_ids, num_targets,
                                 self.config.scheduler.max_num_batched_tokens)
         finally:
             pool.free(reversed(block_ids))

@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     try:  # a model that is not there, or a config the engine refuses at load
-        model = LLMEngine(EngineConfig(model=model_config), progress=not args.json)
+        model = LLMEngine(EngineConfig(model=model_config), progress=True)
         reference = None
         if reference_config is not None:
-            reference = LLMEngine(EngineConfig(model=reference_config), progress=not args.json)
+            reference = LLMEngine(EngineConfig(model=reference_config), progress=True)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     token_ids = model.tokenize(text)[: args.max_tokens]
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--reference {args.reference} tokenizes the text differently from --model {args.model}: "
                      "KL and top-1 need the same tokens")
     try:
-        result = evaluate_perplexity(model, token_ids, args.window, args.stride, reference, progress=not args.json)
+        result = evaluate_perplexity(model, token_ids, args.window, args.stride, reference, progress=True)
     except ValueError as exc:
         return _fail(str(exc))
     if args.json:

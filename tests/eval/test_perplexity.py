@@ -27,6 +27,7 @@ from shardserve.workers.engine import LLMEngine
 from shardserve.workers.eval.perplexity import PerplexityResult, evaluate_perplexity, plan_windows
 from shardserve.workers.models.gguf_cache import cached_folder
 from shardserve.workers.models.loader import default_model_path
+from shardserve.workers.request import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -108,10 +109,29 @@ def against_itself(engine, token_ids) -> PerplexityResult:
     return evaluate_perplexity(engine, token_ids[:SHORT], SHORT_WINDOW, SHORT_STRIDE, reference=engine)
 
 
-def test_model_against_itself(against_itself):
+def test_model_against_itself(against_itself, engine):
     assert against_itself.tokens == SHORT - 1
     assert abs(against_itself.kl) < 1e-5
     assert against_itself.top1 == 1.0
+    assert engine.kv_manager.num_free_blocks == engine.num_blocks - 1, "score leaked KV blocks"
+
+
+def test_score_between_steps_of_a_running_request(engine, token_ids):
+    """Scoring takes its own blocks: a request running beside it keeps its KV cache (its greedy
+    tokens are the argmax of the model's scores of its own sequence) and the score is unchanged."""
+    alone = engine.score(token_ids[:SHORT_WINDOW])
+    prompt = token_ids[100:108]
+    engine.add_request("beside", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.step()  # the prompt's KV is in the cache now
+    beside = engine.score(token_ids[:SHORT_WINDOW])
+    generated: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            generated = list(out.outputs[0].token_ids)
+    assert torch.equal(beside, alone)
+    greedy = engine.score(prompt + generated, num_targets=len(generated)).argmax(dim=1)  # [4]
+    assert greedy.tolist() == generated
+    assert engine.kv_manager.num_free_blocks == engine.num_blocks - 1
 
 
 def test_bfloat16_against_float32(engine, token_ids):
