@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,20 @@ def test_perplexity_equals_transformers(engine, token_ids, smollm2_loaded):
     assert 1.0 < ours.perplexity < 1000.0
     assert ours.perplexity == pytest.approx(theirs, rel=0.01)
     assert ours.to_json() == {"perplexity": ours.perplexity, "kl": None, "top1": None, "tokens": 63}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "num_targets", "message"),
+    [
+        ([5], None, "at least 2 tokens, got 1"),
+        ([5, 6, 7], 3, "num_targets must be in [1, 2]"),
+        ([5, 49152], None, "prompt token ids must be in [0, 49152), got 49152 at position 1"),
+        (list(range(NUM_BLOCKS * 16 + 1)), None, "needs 33 KV blocks"),
+    ],
+)
+def test_score_refuses_bad_input(engine, prompt, num_targets, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.score(prompt, num_targets)
 
 
 @pytest.fixture(scope="module")
