@@ -8,6 +8,8 @@ of it between calls), replayed 20 times: time per call = median replay / L. Floo
 (codes + scales + mins) / the copy bandwidth measured in this run (a 1 GiB device-to-device copy,
 read + write bytes, as benchmarks/gemv_gpu.py); "% floor" = floor / time. Beside each: the max
 abs error vs the dequantized weights in fp32 (FP8: vs x @ W, its activation rounding included).
+"fp8" is what fp8_linear does (W8A16 GEMV up to GEMV_MAX_ROWS rows, W8A8 _scaled_mm above);
+"fp8_w8a8" forces _scaled_mm at M <= GEMV_MAX_ROWS too.
 
 `--check`: every kernel once at every shape and M vs the reference, with a tolerance (FP8 also
 vs its own quantized activations, tightly); exit status 1 on any failure. A kernel that raises
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.quant.kernels import packed as pk
-from shardserve.workers.quant.kernels.fp8 import fp8_linear, pack_fp8, quantize_rows
+from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
@@ -41,7 +43,7 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 DTYPE = torch.bfloat16
 DEV = torch.device("cuda")
 MIN_BYTES = 400 << 20
-REL_TOL = {"bf16": 2e-2, "int4_sym": 2e-2, "int4_asym": 2e-2, "int8": 2e-2, "fp8": 8e-2}
+REL_TOL = {"bf16": 2e-2, "int4_sym": 2e-2, "int4_asym": 2e-2, "int8": 2e-2, "fp8": 8e-2, "fp8_w8a8": 8e-2}
 
 
 @dataclasses.dataclass
@@ -107,8 +109,11 @@ def cases(n: int, k: int, rows: int) -> list[Case]:
     sf = wf.abs().amax(dim=1) / 448
     f8 = Fp8Weight((wf / sf[:, None]).to(torch.float8_e4m3fn), sf)
     pf = pack_fp8(f8)
-    out.append(Case("fp8", packed_bytes(pf), f8.dequantize(), lambda i, p=pf: p if i == 0 else clone_packed(p),
-                    fp8_linear))
+    for label, gemv_rows in (("fp8", GEMV_MAX_ROWS), ("fp8_w8a8", 0)):
+        if label == "fp8_w8a8" and rows > GEMV_MAX_ROWS:
+            continue  # the same path as "fp8"
+        out.append(Case(label, packed_bytes(pf), f8.dequantize(), lambda i, p=pf: p if i == 0 else clone_packed(p),
+                        lambda a, w, g=gemv_rows, **kw: fp8_linear(a, w, gemv_max_rows=g, **kw)))
     return out
 
 
@@ -118,10 +123,13 @@ def error_of(case: Case, x: torch.Tensor) -> tuple[float, float, float]:
     ref = x.float() @ case.reference.T
     scale = max(1.0, ref.abs().max().item())
     own = 0.0
-    if case.name == "fp8":
+    tol = REL_TOL[case.name] * scale
+    if case.name == "fp8_w8a8" or (case.name == "fp8" and x.shape[0] > GEMV_MAX_ROWS):
         q, s = quantize_rows(x)
         own = ((y - (q.float() * s) @ case.reference.T).abs().max().item()) / scale
-    return (y - ref).abs().max().item(), REL_TOL[case.name] * scale, own
+    elif case.name == "fp8":  # decode rows: W8A16, x not quantized
+        tol = REL_TOL["bf16"] * scale
+    return (y - ref).abs().max().item(), tol, own
 
 
 def graph_us(case: Case, x: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ and the tl.dot GEMM (M 17; fp16 only under the interpreter, whose tl.dot multipl
 integers: see kernel_env.py), group sizes 32 / 64 / 128, symmetric and asymmetric mins, act-order
 perm, bias, K padded to whole chunks, several K iterations; against x @ w.dequantize().T in fp32.
 The layout itself is checked word by word; FP8's row quantization bit for bit against torch's
-e4m3 rounding; `fp8_linear` (torch._scaled_mm) only where CUDA exists.
+e4m3 rounding; FP8's decode GEMV; `fp8_linear`'s W8A8 path (torch._scaled_mm) only where CUDA exists.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from shardserve.workers.quant.kernels import packed as pk
-from shardserve.workers.quant.kernels.fp8 import fp8_linear, pack_fp8, quantize_rows
+from shardserve.workers.quant.kernels.fp8 import fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4, plane_for
 from shardserve.workers.quant.kernels.int8 import int8_linear, pack_int8
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
@@ -138,6 +138,20 @@ def test_fp8_pack_rejects_bad_weights():
         pack_fp8(Fp8Weight(torch.zeros(16, 24).to(torch.float8_e4m3fn), torch.ones(16)))
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fp8_decode_gemv_matches_dequantized_reference(device, rows):
+    """Decode rows: e4m3 weights x unquantized bf16 activations; K = 208 over chunks of 64 (the last partial), N = 48."""
+    w = torch.randn(48, 208, device=device) / 208**0.5
+    s = w.abs().amax(1) / 448
+    fw = Fp8Weight((w / s[:, None]).to(torch.float8_e4m3fn), s)
+    x = torch.randn(rows, 208, device=device).bfloat16()
+    bias = torch.randn(48, device=device).bfloat16()
+    out = fp8_gemv(x, pack_fp8(fw), bias)
+    ref = x.float() @ fw.dequantize().T + bias.float()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
+    assert (out.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm needs CUDA (Hopper FP8)")
 @pytest.mark.parametrize("rows", [1, 17])
 def test_fp8_linear_on_cuda(rows):
@@ -147,7 +161,7 @@ def test_fp8_linear_on_cuda(rows):
     fw = Fp8Weight((w / s[:, None]).to(torch.float8_e4m3fn), s)
     x = torch.randn(rows, K, device=dev).bfloat16()
     bias = torch.randn(N, device=dev).bfloat16()
-    out = fp8_linear(x, pack_fp8(fw), bias)
+    out = fp8_linear(x, pack_fp8(fw), bias, gemv_max_rows=0)
     q, xs = quantize_rows(x)
     ref = (q.float() * xs) @ fw.dequantize().T + bias.float()
     assert out.dtype == torch.bfloat16 and out.shape == (rows, N)
