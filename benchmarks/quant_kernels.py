@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.quant.kernels import packed as pk
-from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_linear, pack_fp8, quantize_rows
+from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
@@ -157,48 +157,106 @@ def graph_us(case: Case, x: torch.Tensor) -> float:
     return statistics.median(times[3:]) / copies * 1e3
 
 
-def sweep(bandwidth: float, budget_s: float = 60.0) -> None:
-    """GEMV tiles at M = 1 for INT4 g128 (asym) and INT8 at every shape; best 3 printed per shape."""
+def sweep(bandwidth: float, budget_s: float) -> dict:
+    """GEMV tiles at M = 1 (INT4 g128 asym with planes of 16 / 32 / 128 columns, INT8, FP8) and GEMM tiles
+    at M = 16, every shape; the best 3 printed per shape and the best overall (sum over shapes)."""
     deadline = time.monotonic() + budget_s
-    grid = [pk.GemvTiles(bn, u, nw) for bn in (2, 4, 8, 16) for u in (1, 2, 4, 8) for nw in (4, 8)]
-    for name, n, k in SHAPES:
-        x = torch.randn(1, k, device=DEV).to(DTYPE)
-        for case in [c for c in cases(n, k, 1) if c.name in ("int4_asym", "int8")]:
-            results = []
-            for tiles in grid:
-                if time.monotonic() > deadline:
-                    print("sweep: out of time")
-                    return
-                if tiles.chunks * case.make(0).weights.plane > case.make(0).weights.words.shape[1] * 2:
-                    continue
-                timed = dataclasses.replace(case, run=lambda a, w, t=tiles, f=case.run: f(a, w, gemv_tiles=t))
-                try:
-                    err, tol, _ = error_of(timed, x)
-                    if err > tol:
-                        print(f"  {tiles}: error {err:.3g} > {tol:.3g}")
-                        continue
-                    results.append((graph_us(timed, x), tiles))
-                except Exception as exc:  # a tile the compiler rejects
-                    print(f"  {tiles}: {type(exc).__name__}: {str(exc)[:100]}")
-            results.sort(key=lambda r: r[0])
-            floor = case.nbytes / bandwidth * 1e6
-            print(f"sweep {name:8s} {case.name:9s} floor {floor:6.1f} us: "
-                  + "; ".join(f"{t:6.1f} us ({floor / t:4.0%}) {tl}" for t, tl in results[:3]), flush=True)
+    gemv = [pk.GemvTiles(bn, u, nw) for bn in (4, 8, 16) for u in (1, 2, 4, 8, 16, 32) for nw in (4, 8)]
+    gemm = [pk.GemmTiles(16, bn, nw, st) for bn in (16, 32, 64) for nw in (4, 8) for st in (1, 3)]
+    variants: list[tuple[str, int, Callable]] = []
+    for plane in (16, 32, 128):
+        for t in gemv:
+            if 4 * plane * t.chunks in (1024, 2048, 4096):  # bytes of a row an iteration
+                variants.append((f"int4 p{plane} {t}", 1, lambda n, k, t=t, p=plane: (
+                    int4_case(n, k, p), lambda a, w: int4_linear(a, w, gemv_tiles=t))))
+    for t in gemv:
+        if 512 * t.chunks in (1024, 2048, 4096, 8192):
+            variants.append((f"int8 {t}", 1, lambda n, k, t=t: (
+                int8_case(n, k), lambda a, w: int8_linear(a, w, gemv_tiles=t))))
+    for bn in (2, 4, 8, 16):
+        for bk in (1024, 2048, 4096):
+            for nw in (4, 8):
+                variants.append((f"fp8 gemv {bn} {bk} {nw}", 1, lambda n, k, c=(bn, bk, nw): (
+                    fp8_case(n, k), lambda a, w: fp8_gemv(a, w, None, *c))))
+    for plane in (16, 32, 128):
+        for t in gemm:
+            variants.append((f"int4 p{plane} {t}", 16, lambda n, k, t=t, p=plane: (
+                int4_case(n, k, p), lambda a, w: int4_linear(a, w, gemm_tiles=t))))
+    for t in gemm:
+        variants.append((f"int8 {t}", 16, lambda n, k, t=t: (
+            int8_case(n, k), lambda a, w: int8_linear(a, w, gemm_tiles=t))))
+    results: dict[str, dict[str, float]] = {}
+    for label, rows, build in variants:
+        if time.monotonic() > deadline:
+            print("sweep: out of time")
+            break
+        per_shape = {}
+        for name, n, k in SHAPES:
+            x = torch.randn(rows, k, device=DEV).to(DTYPE)
+            try:
+                base, run = build(n, k)
+                case = dataclasses.replace(base, run=lambda a, w, r=run: r(a, w))
+                err, tol, _ = error_of(case, x)
+                if err > tol:
+                    print(f"  {label} {name}: error {err:.3g} > {tol:.3g}")
+                    break
+                per_shape[name] = graph_us(case, x) / (case.nbytes / bandwidth * 1e6)  # time / floor
+            except Exception as exc:  # a tile the compiler rejects
+                print(f"  {label} {name}: {type(exc).__name__}: {str(exc)[:120]}")
+                break
+        else:
+            results[f"M{rows} {label}"] = per_shape
+            print(f"M{rows} {label}: " + " ".join(f"{s} {100 / r:4.1f}%" for s, r in per_shape.items()), flush=True)
+    for prefix in ("M1 int4 p16", "M1 int4 p32", "M1 int4 p128", "M1 int8", "M1 fp8", "M16 int4 p16",
+                   "M16 int4 p32", "M16 int4 p128", "M16 int8"):
+        mine = {lb: r for lb, r in results.items() if lb.startswith(prefix + " ")}
+        if not mine:
+            continue
+        best = min(mine, key=lambda lb: sum(mine[lb].values()))
+        print(f"best {prefix}: {best}: " + " ".join(f"{s} {100 / r:4.1f}%" for s, r in mine[best].items()))
+        for name, _, _ in SHAPES:
+            top = sorted(mine, key=lambda lb, nm=name: mine[lb][nm])[:3]
+            print(f"  {name}: " + "; ".join(f"{lb} {100 / mine[lb][name]:4.1f}%" for lb in top))
+    return results
+
+
+def int4_case(n: int, k: int, plane: int = 128) -> Case:
+    w4 = int4_weight(n, k, False)
+    p4 = pack_int4(w4, DTYPE, max_plane=plane)
+    return Case("int4_asym", packed_bytes(p4), w4.dequantize(), lambda i, p=p4: p if i == 0 else clone_packed(p),
+                int4_linear)
+
+
+def int8_case(n: int, k: int) -> Case:
+    w8 = Int8Weight(torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV),
+                    torch.rand(n, device=DEV) * 1e-3 + 1e-4)
+    p8 = pack_int8(w8, DTYPE)
+    return Case("int8", packed_bytes(p8), w8.dequantize(), lambda i, p=p8: p if i == 0 else clone_packed(p),
+                int8_linear)
+
+
+def fp8_case(n: int, k: int) -> Case:
+    wf = torch.randn(n, k, device=DEV) / k**0.5
+    sf = wf.abs().amax(dim=1) / 448
+    f8 = Fp8Weight((wf / sf[:, None]).to(torch.float8_e4m3fn), sf)
+    pf = pack_fp8(f8)
+    return Case("fp8", packed_bytes(pf), f8.dequantize(), lambda i, p=pf: p if i == 0 else clone_packed(p),
+                fp8_linear)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--check", action="store_true", help="only run every kernel once vs the reference")
-    parser.add_argument("--sweep", action="store_true", help="a GEMV tile sweep at M = 1 (~60 s)")
+    parser.add_argument("--sweep", action="store_true", help="a tile sweep (GEMV at M = 1, GEMM at M = 16)")
+    parser.add_argument("--sweep-seconds", type=float, default=60.0, help="the sweep's time budget")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {device_name(DEV)}; torch {torch.__version__}")
     bandwidth = copy_bandwidth(DEV)
     print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
-    if args.sweep:
-        sweep(bandwidth)
+    sweep_results = sweep(bandwidth, args.sweep_seconds) if args.sweep else {}
     rows, failures = [], []
     totals: dict[tuple[int, str], float] = {}
     for name, n, k in SHAPES:
@@ -242,7 +300,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(DEV), "copy_bandwidth": bandwidth, "rows": rows,
-                       "failures": failures}, f, indent=1)
+                       "failures": failures, "sweep_time_over_floor": sweep_results}, f, indent=1)
     for failure in failures:
         print("FAIL", failure)
     raise SystemExit(1 if failures else 0)

@@ -41,9 +41,9 @@ class Int4Packed:
         return self.weights.n, self.weights.k
 
 
-def plane_for(group_size: int) -> int:
-    """The largest power of two <= MAX_PLANE that divides the group size (>= MIN_PLANE)."""
-    plane = MAX_PLANE
+def plane_for(group_size: int, max_plane: int = MAX_PLANE) -> int:
+    """The largest power of two <= max_plane that divides the group size (>= MIN_PLANE)."""
+    plane = max_plane
     while plane >= MIN_PLANE:
         if group_size % plane == 0:
             return plane
@@ -51,14 +51,15 @@ def plane_for(group_size: int) -> int:
     raise ValueError(f"int4 group_size {group_size} must be a multiple of {MIN_PLANE}")
 
 
-def pack_int4(w: Int4Weight, dtype: torch.dtype) -> Int4Packed:
-    """Int4Weight -> Int4Packed for activations of `dtype` (bf16 / fp16), on w's device."""
+def pack_int4(w: Int4Weight, dtype: torch.dtype, max_plane: int = MAX_PLANE) -> Int4Packed:
+    """Int4Weight -> Int4Packed for activations of `dtype` (bf16 / fp16), on w's device; planes of at
+    most `max_plane` columns (a power of two >= 16)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"int4 activations must be bfloat16 or float16, got {dtype}")
     if w.q.dtype != torch.uint8 or (w.q.numel() and int(w.q.max()) > 15):
         raise ValueError("int4 codes must be uint8 in 0..15")
     n, k = w.q.shape
-    plane = plane_for(w.group_size)
+    plane = plane_for(w.group_size, max_plane)
     words = pack_planes(w.q, 4, plane)
     groups = -(-(words.shape[1] * 8) // w.group_size)
     weights = PlaneWeights(words, pad_groups(w.scales, groups, dtype), pad_groups(w.mins, groups, dtype),

@@ -106,7 +106,7 @@ def _unpack(words, i: tl.constexpr, BITS: tl.constexpr):
 def _qgemv_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, N, K, KW, stride_xm, stride_om,
     BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    SCALE_EVERY: tl.constexpr, U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     PLANES: tl.constexpr = 32 // BITS
     CHUNK: tl.constexpr = PLANES * PLANE
@@ -135,6 +135,8 @@ def _qgemv_kernel(
         mask_c = c3 < n_chunks
         nxt = c3 + U
         words = tl.load(w_rows + nxt * PLANE, mask=mask_n3 & (nxt < n_chunks), other=0)
+        s = tl.zeros([BLOCK_N, U, 1], dtype=tl.float32)
+        m = tl.zeros([BLOCK_N, U, 1], dtype=tl.float32)
         for i in tl.static_range(PLANES):
             col0 = c3 * CHUNK + i * PLANE  # [1, U, 1]: the plane's first column
             cols = col0 + j3
@@ -144,9 +146,10 @@ def _qgemv_kernel(
                 acc += f * xv
                 xsum += xv
             else:
-                g = (col0 // GROUP) * N
-                s = tl.load(s_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) * SCALE
-                m = tl.load(m_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) - s
+                if i % SCALE_EVERY == 0:  # this plane starts a group: its scales and mins
+                    g = (col0 // GROUP) * N
+                    s = tl.load(s_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) * SCALE
+                    m = tl.load(m_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) - s
                 acc += (f * s + m) * xv
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BLOCK_N]
@@ -196,6 +199,16 @@ def _qgemm_kernel(
     tl.store(out, acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def scale_every(w: PlaneWeights) -> int:
+    """Planes between scale loads in the GEMV: one load a group when groups and chunks (both powers of
+    two) align, else every plane."""
+    chunk = (32 // w.bits) * w.plane
+    g = w.group_size
+    if g & (g - 1):
+        return 1
+    return max(1, min(g, chunk) // w.plane)
+
+
 def default_gemv_tiles(w: PlaneWeights, rows: int) -> GemvTiles:
     """About 2 KiB of words a row an iteration (4 KiB for INT8's 4-column words are 2 KiB too)."""
     chunks = max(1, min(triton.next_power_of_2(w.words.shape[1] // w.plane), 512 // w.plane))
@@ -243,7 +256,8 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
         t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))
         _qgemv_kernel[(rows, triton.cdiv(n, t.block_n))](
             x, w.words, w.scales, w.mins, bias_arg, out, n, w.k, kw, x.stride(0), out.stride(0),
-            BITS=w.bits, PLANE=w.plane, GROUP=w.group_size, PER_CHANNEL=w.per_channel, U=t.chunks,
+            BITS=w.bits, PLANE=w.plane, GROUP=w.group_size, PER_CHANNEL=w.per_channel,
+            SCALE_EVERY=scale_every(w), U=t.chunks,
             BLOCK_N=t.block_n, HAS_BIAS=bias is not None, num_warps=t.num_warps, **pdl_options(x.device),
         )
         return out
