@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.quant.kernels import packed as pk
-from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_gemv, fp8_linear, pack_fp8, quantize_rows
+from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
@@ -158,33 +158,27 @@ def graph_us(case: Case, x: torch.Tensor) -> float:
 
 
 def sweep(bandwidth: float, budget_s: float) -> dict:
-    """GEMV tiles at M = 1 (INT4 g128 asym with planes of 16 / 32 / 128 columns, INT8, FP8) and GEMM tiles
-    at M = 16, every shape; the best 3 printed per shape and the best overall (sum over shapes)."""
+    """INT4 (g128 asym, planes of 16 / 32 / 128 columns) GEMV tiles at M = 1, INT4 and INT8 GEMM tiles at
+    M = 16 and 256, every shape; the best 3 printed per shape and the best overall (sum over shapes)."""
     deadline = time.monotonic() + budget_s
     gemv = [pk.GemvTiles(bn, u, nw) for bn in (4, 8, 16) for u in (1, 2, 4, 8, 16, 32) for nw in (4, 8)]
-    gemm = [pk.GemmTiles(16, bn, nw, st) for bn in (16, 32, 64) for nw in (4, 8) for st in (1, 3)]
+    gemm16 = [pk.GemmTiles(16, bn, nw, 3, cd) for bn in (32, 64) for nw in (4, 8) for cd in (False, True)]
+    gemm256 = [pk.GemmTiles(64, 64, 4, 3, True), pk.GemmTiles(64, 128, 8, 3, True), pk.GemmTiles(128, 64, 8, 3, True),
+               pk.GemmTiles(128, 128, 8, 3, True), pk.GemmTiles(128, 128, 8, 2, True), pk.GemmTiles(64, 64, 4, 1)]
     variants: list[tuple[str, int, Callable]] = []
     for plane in (16, 32, 128):
         for t in gemv:
-            if 4 * plane * t.chunks in (1024, 2048, 4096):  # bytes of a row an iteration
+            if 4 * plane * t.chunks in (1024, 2048):  # bytes of a row an iteration
                 variants.append((f"int4 p{plane} {t}", 1, lambda n, k, t=t, p=plane: (
                     int4_case(n, k, p), lambda a, w: int4_linear(a, w, gemv_tiles=t))))
-    for t in gemv:
-        if 512 * t.chunks in (1024, 2048, 4096, 8192):
-            variants.append((f"int8 {t}", 1, lambda n, k, t=t: (
-                int8_case(n, k), lambda a, w: int8_linear(a, w, gemv_tiles=t))))
-    for bn in (2, 4, 8, 16):
-        for bk in (1024, 2048, 4096):
-            for nw in (4, 8):
-                variants.append((f"fp8 gemv {bn} {bk} {nw}", 1, lambda n, k, c=(bn, bk, nw): (
-                    fp8_case(n, k), lambda a, w: fp8_gemv(a, w, None, *c))))
-    for plane in (16, 32, 128):
-        for t in gemm:
-            variants.append((f"int4 p{plane} {t}", 16, lambda n, k, t=t, p=plane: (
-                int4_case(n, k, p), lambda a, w: int4_linear(a, w, gemm_tiles=t))))
-    for t in gemm:
-        variants.append((f"int8 {t}", 16, lambda n, k, t=t: (
-            int8_case(n, k), lambda a, w: int8_linear(a, w, gemm_tiles=t))))
+    for rows, grid, planes in ((16, gemm16, (16, 32, 128)), (256, gemm256, (16, 128))):
+        for plane in planes:
+            for t in grid:
+                variants.append((f"int4 p{plane} {t}", rows, lambda n, k, t=t, p=plane: (
+                    int4_case(n, k, p), lambda a, w: int4_linear(a, w, gemm_tiles=t))))
+        for t in grid:
+            variants.append((f"int8 {t}", rows, lambda n, k, t=t: (
+                int8_case(n, k), lambda a, w: int8_linear(a, w, gemm_tiles=t))))
     results: dict[str, dict[str, float]] = {}
     for label, rows, build in variants:
         if time.monotonic() > deadline:
@@ -207,8 +201,8 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
         else:
             results[f"M{rows} {label}"] = per_shape
             print(f"M{rows} {label}: " + " ".join(f"{s} {100 / r:4.1f}%" for s, r in per_shape.items()), flush=True)
-    for prefix in ("M1 int4 p16", "M1 int4 p32", "M1 int4 p128", "M1 int8", "M1 fp8", "M16 int4 p16",
-                   "M16 int4 p32", "M16 int4 p128", "M16 int8"):
+    for prefix in ("M1 int4 p16", "M1 int4 p32", "M1 int4 p128", "M16 int4 p16", "M16 int4 p32",
+                   "M16 int4 p128", "M16 int8", "M256 int4 p16", "M256 int4 p128", "M256 int8"):
         mine = {lb: r for lb, r in results.items() if lb.startswith(prefix + " ")}
         if not mine:
             continue

@@ -124,8 +124,9 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_xm, st
 
 
 def fp8_gemv(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = None,
-             block_n: int = 4, block_k: int = 1024, num_warps: int = 4) -> torch.Tensor:
-    """Decode rows: x [M, K] (unquantized) @ (e4m3 W * scales)^T + bias, fp32 accumulation, one kernel."""
+             block_n: int = 2, block_k: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """Decode rows: x [M, K] (unquantized) @ (e4m3 W * scales)^T + bias, fp32 accumulation, one kernel.
+    Default tiles: the best at the four Llama-3.1-8B shapes in an H100 sweep (61-78 % of the floor)."""
     n, k = packed.shape
     rows = x.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)

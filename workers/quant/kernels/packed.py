@@ -45,6 +45,7 @@ class GemmTiles:
     block_n: int
     num_warps: int
     num_stages: int
+    chunk_dot: bool = False  # one tl.dot a chunk (planes unpacked side by side) instead of one a plane
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ def _qgemv_kernel(
         words = tl.load(w_rows + nxt * PLANE, mask=mask_n3 & (nxt < n_chunks), other=0)
         s = tl.zeros([BLOCK_N, U, 1], dtype=tl.float32)
         m = tl.zeros([BLOCK_N, U, 1], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_N, U, PLANE], dtype=tl.float32)  # sum f x over the group's planes so far
+        xsum_g = tl.zeros([1, U, PLANE], dtype=tl.float32)  # sum x over them
         for i in tl.static_range(PLANES):
             col0 = c3 * CHUNK + i * PLANE  # [1, U, 1]: the plane's first column
             cols = col0 + j3
@@ -145,12 +148,18 @@ def _qgemv_kernel(
             if PER_CHANNEL:  # scales applied once at the end: sum f x and sum x
                 acc += f * xv
                 xsum += xv
-            else:
+            else:  # a group's planes: sum f x and sum x, then once a group acc += s' sum f x + m' sum x
                 if i % SCALE_EVERY == 0:  # this plane starts a group: its scales and mins
                     g = (col0 // GROUP) * N
                     s = tl.load(s_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) * SCALE
                     m = tl.load(m_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) - s
-                acc += (f * s + m) * xv
+                    acc_g = f * xv
+                    xsum_g = xv
+                else:
+                    acc_g += f * xv
+                    xsum_g += xv
+                if i % SCALE_EVERY == SCALE_EVERY - 1:
+                    acc += acc_g * s + xsum_g * m
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BLOCK_N]
     if PER_CHANNEL:  # w = u s + m per row: sum (f * 2^BITS s + m - 2^BITS s) x
@@ -166,7 +175,7 @@ def _qgemv_kernel(
 def _qgemm_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om,
     BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     PLANES: tl.constexpr = 32 // BITS
     CHUNK: tl.constexpr = PLANES * PLANE
@@ -184,15 +193,26 @@ def _qgemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for c in range(0, KW // PLANE):
         words = tl.load(w_tile + c * PLANE, mask=mask_n[None, :], other=0)
-        for i in tl.static_range(PLANES):
-            col0 = c * CHUNK + i * PLANE
-            g = (col0 // GROUP) * N
-            s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
-            m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
-            w = (_unpack(words, i, BITS) * s[None, :] + m[None, :]).to(dtype)  # [PLANE, BLOCK_N]
-            cols = col0 + offs_j
+        if CHUNK_DOT:  # the chunk's planes unpacked side by side: one dot with K = CHUNK
+            i3 = tl.arange(0, PLANES)[:, None, None]
+            u = (words[None, :, :] >> (i3 * BITS)) & ((1 << BITS) - 1)  # [PLANES, PLANE, BLOCK_N]
+            g3 = ((c * CHUNK + i3 * PLANE) // GROUP) * N
+            s3 = tl.load(s_ptr + g3 + offs_n[None, None, :], mask=mask_n[None, None, :], other=0.0)
+            m3 = tl.load(m_ptr + g3 + offs_n[None, None, :], mask=mask_n[None, None, :], other=0.0)
+            w = tl.reshape(u.to(tl.float32) * s3.to(tl.float32) + m3.to(tl.float32), [CHUNK, BLOCK_N])
+            cols = c * CHUNK + tl.arange(0, CHUNK)
             xv = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
-            acc = tl.dot(xv, w, acc)
+            acc = tl.dot(xv, w.to(dtype), acc)
+        else:
+            for i in tl.static_range(PLANES):
+                col0 = c * CHUNK + i * PLANE
+                g = (col0 // GROUP) * N
+                s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
+                m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
+                w = (_unpack(words, i, BITS) * s[None, :] + m[None, :]).to(dtype)  # [PLANE, BLOCK_N]
+                cols = col0 + offs_j
+                xv = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+                acc = tl.dot(xv, w, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -210,18 +230,17 @@ def scale_every(w: PlaneWeights) -> int:
 
 
 def default_gemv_tiles(w: PlaneWeights, rows: int) -> GemvTiles:
-    """About 2 KiB of words a row an iteration (4 KiB for INT8's 4-column words are 2 KiB too)."""
-    chunks = max(1, min(triton.next_power_of_2(w.words.shape[1] // w.plane), 512 // w.plane))
-    return GemvTiles(block_n=8 if w.n >= 8 * 132 * 2 else 4, chunks=chunks, num_warps=4)
+    """1 KiB of words a row an iteration, 4 rows a program, 4 warps: the best or within a few % of it at
+    every Llama-3.1-8B shape in benchmarks/quant_kernels.py --sweep on an H100 (INT8; INT4 planes 16-128)."""
+    return GemvTiles(block_n=4, chunks=max(1, 256 // w.plane), num_warps=4)
 
 
 def default_gemm_tiles(w: PlaneWeights, rows: int) -> GemmTiles:
-    """Small M: narrow N tiles so that every SM streams weights; large M: 64 x 64 tiles."""
+    """Small M: 16 x 32 tiles (every SM streams weights), 3 stages: the sweep's best at M = 16;
+    more rows: 64 x 64 tiles, one tl.dot a chunk."""
     if rows <= 16:
-        return GemmTiles(16, 32, 4, 1)
-    if rows <= 32:
-        return GemmTiles(32, 64, 4, 1)
-    return GemmTiles(64, 64, 4, 1)
+        return GemmTiles(16, 32, 4, 3)
+    return GemmTiles(64, 64, 4, 3, True)
 
 
 INTERPRETER_GEMV = GemvTiles(16, 2, 4)  # under Triton's interpreter: several programs and iterations
@@ -265,6 +284,6 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     _qgemm_kernel[(triton.cdiv(rows, t.block_m), triton.cdiv(n, t.block_n))](
         x, w.words, w.scales, w.mins, bias_arg, out, rows, n, w.k, kw, x.stride(0), out.stride(0),
         BITS=w.bits, PLANE=w.plane, GROUP=w.group_size, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        HAS_BIAS=bias is not None, num_warps=t.num_warps, num_stages=t.num_stages,
+        CHUNK_DOT=t.chunk_dot, HAS_BIAS=bias is not None, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out
