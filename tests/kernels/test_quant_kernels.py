@@ -58,6 +58,19 @@ def test_int4_padding_and_several_iterations(device):
     _check(int4_linear(x, p, gemm_tiles=pk.GemmTiles(16, 16, 4, 1)), x, w)
 
 
+@pytest.mark.parametrize(("group", "max_plane"), [(32, 16), (128, 16), (64, 128)])
+def test_int4_gemm_one_dot_a_chunk(device, group, max_plane):
+    """GEMM with the chunk's planes unpacked side by side (one tl.dot a chunk; the GPU default above 16
+    rows), planes narrower than the group (several planes a group) or as wide."""
+    w = _int4(N, K, group, False, True, device)
+    p = pack_int4(w, torch.float16, max_plane=max_plane)
+    x = torch.randn(18, K, device=device).half()
+    bias = torch.randn(N, device=device).half()
+    _check(int4_linear(x, p, bias, gemm_tiles=pk.GemmTiles(16, 32, 4, 1, chunk_dot=True)), x, w, bias)
+    x1 = x[:1]
+    _check(int4_linear(x1, p), x1, w)  # the GEMV with several planes a group (p16) or one (p64)
+
+
 @pytest.mark.parametrize(("rows", "dtype"), [(1, torch.bfloat16), (3, torch.float16), (17, torch.float16)])
 def test_int8_matches_dequantized_reference(device, rows, dtype):
     w = Int8Weight(torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device),
@@ -76,6 +89,7 @@ def test_int8_padding(device):
     for rows in (1, 18):
         x = torch.randn(rows, 200, device=device).half()
         _check(int8_linear(x, p), x, w)
+    _check(int8_linear(x, p, gemm_tiles=pk.GemmTiles(16, 16, 4, 1, chunk_dot=True)), x, w)
 
 
 def test_plane_layout_word_by_word():
