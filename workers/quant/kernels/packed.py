@@ -15,9 +15,10 @@ w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, all in 
 
 `qgemv` (decode, M rows <= GEMV_MAX_ROWS): program (row, tile) streams BLOCK_N rows of words over K, U
 chunks an iteration, the next chunk's words loaded before this one is unpacked (the first before the
-PDL wait: weights are never written while serving, as in parallel/kernels/decode_linear.py); fp32 FMAs.
-`qgemm` (more rows): tiles [BLOCK_M, BLOCK_N], each plane dequantized to the activation dtype in the
-main loop and fed to tl.dot. Both: fp32 accumulation, bias added in fp32, one rounding at the store.
+PDL wait: weights are never written while serving, as in parallel/kernels/decode_linear.py); per group
+it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. `qgemm` (more rows): tiles
+[BLOCK_M, BLOCK_N], planes dequantized to the activation dtype in the main loop and fed to tl.dot, one
+dot a plane or (chunk_dot) one a chunk. Both: fp32 accumulation, bias in fp32, one rounding at the store.
 """
 
 from __future__ import annotations
