@@ -3,7 +3,7 @@
 Data flow: an `Int4Weight` (codes 0..15, fp32 scales and mins [N, G], optional act-order perm) is
 packed once by `pack_int4` into the plane layout of packed.py: eight codes an int32 word, a chunk of
 PLANE words holding 8 x PLANE consecutive columns as 8 planes of PLANE columns, PLANE = the largest
-power of two <= 128 dividing the group size (so a plane needs one scale and one min a row); scales and
+power of two <= 32 dividing the group size (so a plane needs one scale and one min a row); scales and
 mins transposed to [G, N] in the activation dtype. `int4_linear` permutes x for act-order
 (index_select: shape-static, graph-safe), then runs the matrix-vector kernel for up to
 packed.GEMV_MAX_ROWS rows (decode) or the tl.dot GEMM (prefill, big batches); both dequantize
@@ -25,7 +25,8 @@ from shardserve.workers.quant.kernels.packed import (
 )
 from shardserve.workers.quant.weights import Int4Weight
 
-MAX_PLANE = 128  # columns per plane: 512-byte rows of words per chunk (8 x 128 columns)
+MAX_PLANE = 128  # widest plane: 512-byte rows of words per chunk (8 x 128 columns)
+DEFAULT_PLANE = 32  # the H100 sweep's best for the decode GEMV (128-byte rows of words per chunk)
 MIN_PLANE = 16  # tl.dot's smallest K
 
 
@@ -51,7 +52,7 @@ def plane_for(group_size: int, max_plane: int = MAX_PLANE) -> int:
     raise ValueError(f"int4 group_size {group_size} must be a multiple of {MIN_PLANE}")
 
 
-def pack_int4(w: Int4Weight, dtype: torch.dtype, max_plane: int = MAX_PLANE) -> Int4Packed:
+def pack_int4(w: Int4Weight, dtype: torch.dtype, max_plane: int = DEFAULT_PLANE) -> Int4Packed:
     """Int4Weight -> Int4Packed for activations of `dtype` (bf16 / fp16), on w's device; planes of at
     most `max_plane` columns (a power of two >= 16)."""
     if dtype not in (torch.bfloat16, torch.float16):

@@ -238,10 +238,10 @@ def default_gemv_tiles(w: PlaneWeights, rows: int) -> GemvTiles:
 
 def default_gemm_tiles(w: PlaneWeights, rows: int) -> GemmTiles:
     """Small M: 16 x 32 tiles (every SM streams weights), 3 stages: the sweep's best at M = 16;
-    more rows: 64 x 64 tiles, one tl.dot a chunk."""
+    more rows: 64 x 64 tiles, one stage (one tl.dot a plane: 8 x-tiles a chunk would not fit 3 stages)."""
     if rows <= 16:
         return GemmTiles(16, 32, 4, 3)
-    return GemmTiles(64, 64, 4, 3, True)
+    return GemmTiles(64, 64, 4, 1)
 
 
 INTERPRETER_GEMV = GemvTiles(16, 2, 4)  # under Triton's interpreter: several programs and iterations
