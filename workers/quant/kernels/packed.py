@@ -4,10 +4,9 @@ Layout ("planes"): unsigned codes u (4 or 8 bits; INT8 stores q + 128) are packe
 an int32 word. A row of W [N, K] is cut into chunks of PLANES * PLANE columns held by PLANE consecutive
 words; word j of a chunk holds, in its bit field i, the column `chunk * PLANES * PLANE + i * PLANE + j`.
 So one contiguous [rows, PLANE] tile of words unpacks with a shift and a mask into PLANES [rows, PLANE]
-tiles of *consecutive* columns: no 3-D reshapes, every byte streamed once, coalesced, and each plane
-lies inside one quantization group (PLANE divides the group size), so a plane needs one scale and one
-min per row. Scales and mins are stored transposed, [groups, N], so a tile's rows read them contiguously.
-K is padded to whole chunks (codes 0, scales and mins 0: padded columns contribute nothing).
+tiles of *consecutive* columns: every byte streamed once, coalesced; a plane lies inside one group
+(PLANE divides the group size). Scales and mins are stored [groups, N] (a tile's rows read them
+contiguously). K is padded to whole chunks (codes, scales, mins 0: padded columns add nothing).
 
 Dequantization without int->float conversions (a quarter-rate instruction): a field moved to the top
 mantissa bits of 1.0f reads as f = 1 + u / 2^BITS (one shift and one and/or), and
