@@ -138,3 +138,38 @@ def test_a_rank_installs_the_kernel_options_of_the_config_it_is_sent(monkeypatch
     finally:
         destroy_parallel()
     assert kernel_options() == DEFAULT_KERNEL_OPTIONS
+
+
+def _generate_parser():
+    import argparse
+
+    from shardserve.cluster.commands import generate
+
+    parser = argparse.ArgumentParser(prog="shardserve")
+    generate.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _flag_text(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@pytest.mark.parametrize(("section", "name"), [f for f in ENGINE_FIELDS if SAMPLE[f] is not None], ids=lambda v: v)
+def test_every_engine_field_is_a_generate_flag(section, name):
+    from shardserve.cluster.commands.engine_flags import engine_config_from_flags
+
+    flag = "--model-seed" if name == "seed" else "--" + name.replace("_", "-")  # --seed: the sampling seed
+    args = _generate_parser().parse_args(["generate", "--prompt", "hi", flag, _flag_text(SAMPLE[section, name])])
+    assert getattr(getattr(engine_config_from_flags(args), section), name) == SAMPLE[section, name]
+
+
+def test_generate_flags_default_to_the_engine_and_refuse_with_its_message(capsys):
+    from shardserve.cluster.cli import main
+    from shardserve.cluster.commands.engine_flags import engine_config_from_flags
+
+    args = _generate_parser().parse_args(["generate", "--prompt", "hi", "--seed", "3"])
+    assert engine_config_from_flags(args) == EngineConfig() and args.seed == 3
+    assert main(["generate", "--prompt", "hi", "--async-depth", "7"]) == 2
+    assert "async_depth must be an integer in [2, 4], got 7" in capsys.readouterr().err
