@@ -2,11 +2,12 @@
 
 Each field carries its documentation and range in `field(metadata=...)` (`description`, and
 `ge`/`gt`/`le`/`lt` bounds, `min_length`, `pattern`); `check_fields` enforces those and Literal
-choices in every
-`__post_init__`, next to the cross-field rules, so each rule lives here once. The edges are
-generated from these classes: the YAML/Helm schema (cluster/config_fields.py builds the pydantic
-sections of cluster/config.py from `dataclasses.fields()`) and `LLM(**kwargs)` (workers/llm.py).
-The engine, scheduler, KV cache and runner only ever read them.
+choices in every `__post_init__`, next to the cross-field rules, so each rule lives here once.
+The edges are generated from these classes: the YAML and Helm schemas (cluster/config_fields.py
+builds the pydantic sections of cluster/config.py from `dataclasses.fields()`), the `generate`
+flags (cluster/commands/engine_flags.py) and `LLM(**kwargs)` (workers/llm.py); SHARDSERVE_*
+overrides are applied in workers/env_overrides.py. The engine, scheduler, KV cache and runner
+only ever read them.
 """
 
 from __future__ import annotations
