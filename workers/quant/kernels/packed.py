@@ -6,12 +6,11 @@ words; word j of a chunk holds, in its bit field i, the column `chunk * PLANES *
 So one contiguous [rows, PLANE] tile of words unpacks with a shift and a mask into PLANES [rows, PLANE]
 tiles of *consecutive* columns: no 3-D reshapes, every byte streamed once, coalesced, and each plane
 lies inside one quantization group (PLANE divides the group size), so a plane needs one scale and one
-min per row. Scales and mins are stored transposed, [groups, N], so a tile's rows read them contiguously.
-K is padded to whole chunks (codes 0, scales and mins 0: padded columns contribute nothing).
+min per row. Scales and mins are stored transposed, [groups, N]; K is padded to whole chunks (codes,
+scales and mins 0: padded columns contribute nothing).
 
-Dequantization without int->float conversions (a quarter-rate instruction): a field moved to the top
-mantissa bits of 1.0f reads as f = 1 + u / 2^BITS (one shift and one and/or), and
-w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, all in fp32.
+Dequantization without int->float conversions: a field moved to the top mantissa bits of 1.0f reads as
+f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, in fp32.
 
 `qgemv` (decode, M rows <= GEMV_MAX_ROWS): program (row, tile) streams BLOCK_N rows of words over K, U
 chunks an iteration, the next chunk's words loaded before this one is unpacked (the first before the
