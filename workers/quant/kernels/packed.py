@@ -8,9 +8,8 @@ tiles of *consecutive* columns: every byte streamed once, coalesced; a plane lie
 (PLANE divides the group size). Scales and mins are stored [groups, N] (a tile's rows read them
 contiguously). K is padded to whole chunks (codes, scales, mins 0: padded columns add nothing).
 
-Dequantization without int->float conversions (a quarter-rate instruction): a field moved to the top
-mantissa bits of 1.0f reads as f = 1 + u / 2^BITS (one shift and one and/or), and
-w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, all in fp32.
+Dequantization without int->float conversions: a field moved to the top mantissa bits of 1.0f reads as
+f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, in fp32.
 
 `qgemv` (decode, M rows <= GEMV_MAX_ROWS): program (row, tile) streams BLOCK_N rows of words over K, U
 chunks an iteration, the next chunk's words loaded before this one is unpacked (the first before the
