@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+import torch
+from shardserve.workers.config import SECTIONS, EngineConfig, ModelConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import RequestOutput, SamplingParams
 from tqdm.auto import tqdm
@@ -62,16 +63,19 @@ class LLM:
                         bar.update(1)
         return [finals[i] for i in ids]
 
+    def score(self, prompt: Prompt, num_targets: int | None = None) -> torch.Tensor:
+        """[num_targets, vocab_size] float32 log-probs of the prompt's own tokens (LLMEngine.score)."""
+        return self.engine.score(prompt, num_targets)
+
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.generate([prompt], params)[0]
 
 
 def _apply_overrides(config: EngineConfig, overrides: dict[str, object]) -> EngineConfig:
-    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
-    updates: dict[str, dict[str, object]] = {name: {} for name in sections}
+    updates: dict[str, dict[str, object]] = {name: {} for name in SECTIONS}
     for key, value in overrides.items():
-        section = next((n for n, cls in sections.items() if key in cls.__dataclass_fields__), None)
+        section = next((n for n, cls in SECTIONS.items() if key in cls.__dataclass_fields__), None)
         if section is None:
             raise ValueError(f"unknown LLM option {key!r}")
         updates[section][key] = value

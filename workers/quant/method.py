@@ -80,7 +80,7 @@ class QuantLinearMethod:
         copy_shard(param, loaded_weight, shard)
 
     def finish_loading(self, layer: nn.Module) -> None:
-        tensors = {name: getattr(layer, name).data.cpu() for name in self.names}
+        tensors = {name: getattr(layer, name).data for name in self.names}
         device = getattr(layer, self.names[0]).device
         weight = self.layout.unpack(tensors)
         if self.input_slice is not None:
