@@ -1,0 +1,127 @@
+"""GPTQ (Frantar et al., 2022): one linear weight quantized column by column with error feedback.
+
+Data flow: calibration inputs x [tokens, K] of the layer go into a `Hessian` (H = 2/n X^T X,
+a running mean so batches can stream in). `gptq_quantize(w, H, ...)` then
+  1. optionally reorders the input columns by decreasing diag(H) (act-order, `desc_act`): the
+     columns with the largest input energy are quantized first, while most columns are still
+     free to absorb their error;
+  2. damps H (adds percdamp * mean(diag H) to the diagonal) and takes the upper Cholesky
+     factor of H^-1, which gives each column's error-feedback row;
+  3. walks blocks of `block_size` columns: each column is rounded to its group's min-max grid
+     (grid.py; a group's grid is fixed when its first column is reached, from the weights
+     already updated by the error of earlier columns), and its error (w - q) / Hinv[i, i] is
+     pushed onto the columns not yet quantized, inside the block at once, beyond it lazily.
+Results use the unpacked forms of weights.py: `Int4Weight` (act-order: columns stay in the
+order quantized, `perm` names their input feature, groups are consecutive in that order — what
+a GPTQ `g_idx` describes) and, for 8 bits, a symmetric per-channel `Int8Weight`.
+Pure torch in float32, as the reference implementation (IST-DASLab/gptq) does.
+"""
+
+from __future__ import annotations
+
+import torch
+from shardserve.workers.quant.algorithms.grid import Grid, find_grid
+from shardserve.workers.quant.weights import Int4Weight, Int8Weight
+
+GROUP_SIZES = (32, 64, 128)
+
+
+class Hessian:
+    """Running H = 2/n sum_t x_t x_t^T over the calibration tokens of one linear's input."""
+
+    def __init__(self, in_features: int) -> None:
+        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32)  # [K, K]
+        self.num_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """x [..., K]: one batch of inputs as the linear saw them."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
+        total = self.num_tokens + x.shape[0]
+        self.matrix *= self.num_tokens / total
+        x = x * (2.0 / total) ** 0.5
+        self.matrix += x.T @ x
+        self.num_tokens = total
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  sym: bool = True, desc_act: bool = False, percdamp: float = 0.01,
+                  block_size: int = 128) -> Int4Weight | Int8Weight:
+    """w [N, K] float, hessian [K, K] -> Int4Weight (bits 4, groups of `group_size` input columns)
+    or Int8Weight (bits 8: symmetric, one scale per output channel; group_size must be -1)."""
+    n, k = w.shape
+    if bits == 4:
+        if group_size not in GROUP_SIZES or k % group_size:
+            raise ValueError(f"GPTQ int4 group_size must be one of {GROUP_SIZES} and divide the input size {k}, "
+                             f"got {group_size}")
+        if block_size % group_size:
+            raise ValueError(f"block_size {block_size} must be a multiple of group_size {group_size}")
+    elif bits == 8:
+        if group_size != -1 or not sym:
+            raise ValueError("GPTQ int8 is symmetric per output channel: group_size must be -1 and sym True, "
+                             f"got group_size={group_size}, sym={sym}")
+    else:
+        raise ValueError(f"GPTQ bits must be 4 or 8, got {bits}")
+    if not 0 < percdamp < 1:
+        raise ValueError(f"percdamp must be in (0, 1), got {percdamp}")
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(k, k)} for a weight of {(n, k)}")
+
+    w = w.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
+
+    codes = torch.zeros_like(w)  # [N, K] integer codes as float
+    step = group_size if bits == 4 else k
+    num_groups = k // step
+    scales = torch.zeros(n, num_groups)
+    zeros = torch.zeros(n, num_groups)
+    grid: Grid | None = find_grid(w, bits, sym) if bits == 8 else None
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        w_block = w[:, start:end].clone()  # [N, B], updated in place by the columns before
+        err_block = torch.zeros_like(w_block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if bits == 4 and col % group_size == 0:
+                grid = find_grid(w_block[:, i:i + group_size], bits, sym)
+                scales[:, col // group_size] = grid.scale[:, 0]
+                zeros[:, col // group_size] = grid.zero[:, 0]
+            assert grid is not None
+            q = grid.quantize(w_block[:, i:i + 1])  # [N, 1]
+            codes[:, col] = q[:, 0]
+            err = (w_block[:, i] - grid.dequantize(q)[:, 0]) / hinv_block[i, i]  # [N]
+            w_block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
+            err_block[:, i] = err
+        w[:, end:] -= err_block @ hinv[start:end, end:]
+    if bits == 8:
+        assert grid is not None
+        q8 = (codes - grid.zero).to(torch.int8)  # codes 0..255 around zero 128 -> -128..127
+        if perm is not None:  # per-channel: no groups to keep together, so undo the order
+            q8 = torch.empty_like(q8).index_copy_(1, perm, q8)
+        return Int8Weight(q=q8, scales=grid.scale[:, 0].clone())
+    return Int4Weight(q=codes.to(torch.uint8), scales=scales, mins=-zeros * scales, group_size=group_size,
+                      perm=perm)
+
+
+def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); more damping if
+    H is not positive definite in float32 (e.g. fewer calibration tokens than inputs)."""
+    damp = percdamp * torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        damp = damp * 10
+    raise ValueError("GPTQ: the Hessian is not positive definite even with 1e6x damping; "
+                     "is the calibration input all zeros?")
