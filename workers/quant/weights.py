@@ -5,8 +5,9 @@ into one of these dataclasses for this rank's slice of the layer; each compute p
 Triton kernels on CUDA, torch's packed CPU matmuls) then packs it into its own runtime
 layout once, at load. Nothing in the forward pass sees these objects.
 
-Conventions (N = output features, K = input features, G = K // group_size):
-  - `Int4Weight`: w[n, k] = q[n, k] * scales[n, k // g] + mins[n, k // g]. Integer zero points
+Conventions (N = output features, K = input features, G = ceil(K / group_size): a last, partial
+group is allowed, as GPTQ writes for e.g. K = 576 with groups of 128):
+  - `GroupedWeight` (INT4, GPTQ 8-bit): w[n, k] = q[n, k] * scales[n, k // g] + mins[n, k // g]. Integer zero points
     (GPTQ, AWQ: w = (q - z) * s) become mins = -z * s; GGUF Q4_1's float minimum maps as is.
     Act-order checkpoints (GPTQ `g_idx`) are stored with their input columns sorted by group,
     and `perm` says which input feature each column is: y = x[:, perm] @ w.T.
@@ -22,32 +23,36 @@ import torch
 
 
 @dataclass
-class Int4Weight:
-    """q: uint8 [N, K] in 0..15; scales, mins: float32 [N, G]; perm: int64 [K] or None."""
+class GroupedWeight:
+    """q: uint8 [N, K] in 0..2**bits - 1; scales, mins: float32 [N, G]; perm: int64 [K] or None.
+
+    bits is 4 for every method today; GPTQ's 8-bit layout reuses this form with bits = 8."""
 
     q: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor
     group_size: int
     perm: torch.Tensor | None = None
+    bits: int = 4
 
     def __post_init__(self) -> None:
         n, k = self.q.shape
-        if k % self.group_size:
-            raise ValueError(f"input size {k} is not a multiple of group_size {self.group_size}")
-        groups = k // self.group_size
+        if self.group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        groups = -(-k // self.group_size)
         for name in ("scales", "mins"):
             shape = tuple(getattr(self, name).shape)
             if shape != (n, groups):
-                raise ValueError(f"int4 {name} has shape {shape}, expected {(n, groups)} "
+                raise ValueError(f"grouped {name} has shape {shape}, expected {(n, groups)} "
                                  f"for a [{n}, {k}] weight with group_size {self.group_size}")
         if self.perm is not None and tuple(self.perm.shape) != (k,):
-            raise ValueError(f"int4 perm has shape {tuple(self.perm.shape)}, expected ({k},)")
+            raise ValueError(f"grouped perm has shape {tuple(self.perm.shape)}, expected ({k},)")
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w [N, K] in the checkpoint's input order (perm undone)."""
-        scales = self.scales.repeat_interleave(self.group_size, dim=1)
-        mins = self.mins.repeat_interleave(self.group_size, dim=1)
+        k = self.q.shape[1]
+        scales = self.scales.repeat_interleave(self.group_size, dim=1)[:, :k]
+        mins = self.mins.repeat_interleave(self.group_size, dim=1)[:, :k]
         w = self.q.float() * scales + mins
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(1, self.perm, w)
@@ -76,4 +81,7 @@ class Fp8Weight:
         return (self.q.float() * self.scales[:, None]).to(dtype)
 
 
-QuantizedWeight = Int4Weight | Int8Weight | Fp8Weight
+QuantizedWeight = GroupedWeight | Int8Weight | Fp8Weight
+
+
+Int4Weight = GroupedWeight  # the name the kernels and algorithms use for the 4-bit case

@@ -1,1 +1,1 @@
-"""shardserve.workers.quant.algorithms: how float weights become quantized ones (RTN, GPTQ, AWQ)."""
+"""Quantization algorithms: float weight (+ calibration inputs) -> the unpacked forms of ../weights.py."""

@@ -1,0 +1,1 @@
+"""Checkpoint layouts of quantized weights: GPTQ, AWQ, compressed-tensors (see layout.py)."""
