@@ -8,22 +8,23 @@ a running mean so batches can stream in). `gptq_quantize(w, H, ...)` then
   2. damps H (adds percdamp * mean(diag H) to the diagonal) and takes the upper Cholesky
      factor of H^-1, which gives each column's error-feedback row;
   3. walks blocks of `block_size` columns: each column is rounded to its group's min-max grid
-     (grid.py; a group's grid is fixed when its first column is reached, from the weights
+     (rtn.py's `group_grid`, so RTN and GPTQ share one grid; a group's grid is fixed when its first column is reached, from the weights
      already updated by the error of earlier columns), and its error (w - q) / Hinv[i, i] is
      pushed onto the columns not yet quantized, inside the block at once, beyond it lazily.
-Results use the unpacked forms of weights.py: `Int4Weight` (act-order: columns stay in the
-order quantized, `perm` names their input feature, groups are consecutive in that order — what
-a GPTQ `g_idx` describes) and, for 8 bits, a symmetric per-channel `Int8Weight`.
+The result is weights.py's unpacked `GroupedWeight` of 4 or 8 bits (act-order: columns stay in
+the order quantized, `perm` names their input feature, groups are consecutive in that order —
+what a GPTQ `g_idx` describes), which formats/gptq.py packs.
 Pure torch in float32, as the reference implementation (IST-DASLab/gptq) does.
 """
 
 from __future__ import annotations
 
 import torch
-from shardserve.workers.quant.algorithms.grid import Grid, find_grid
-from shardserve.workers.quant.weights import Int4Weight, Int8Weight
+from shardserve.workers.quant.algorithms.rtn import group_grid, quantize_to_grid
+from shardserve.workers.quant.weights import GroupedWeight
 
-GROUP_SIZES = (32, 64, 128)
+BITS = (4, 8)
+GROUP_SIZES = (-1, 32, 64, 128)
 
 
 class Hessian:
@@ -45,22 +46,16 @@ class Hessian:
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, percdamp: float = 0.01,
-                  block_size: int = 128) -> Int4Weight | Int8Weight:
-    """w [N, K] float, hessian [K, K] -> Int4Weight (bits 4, groups of `group_size` input columns)
-    or Int8Weight (bits 8: symmetric, one scale per output channel; group_size must be -1)."""
+                  block_size: int = 128) -> GroupedWeight:
+    """w [N, K] float, hessian [K, K] -> GroupedWeight of `bits` (4 or 8) with groups of `group_size`
+    input columns (-1: one group per row; the last group may be partial, e.g. K = 576, g = 128)."""
     n, k = w.shape
-    if bits == 4:
-        if group_size not in GROUP_SIZES or k % group_size:
-            raise ValueError(f"GPTQ int4 group_size must be one of {GROUP_SIZES} and divide the input size {k}, "
-                             f"got {group_size}")
-        if block_size % group_size:
-            raise ValueError(f"block_size {block_size} must be a multiple of group_size {group_size}")
-    elif bits == 8:
-        if group_size != -1 or not sym:
-            raise ValueError("GPTQ int8 is symmetric per output channel: group_size must be -1 and sym True, "
-                             f"got group_size={group_size}, sym={sym}")
-    else:
-        raise ValueError(f"GPTQ bits must be 4 or 8, got {bits}")
+    if bits not in BITS:
+        raise ValueError(f"GPTQ bits must be one of {BITS}, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"GPTQ group_size must be one of {GROUP_SIZES}, got {group_size}")
+    g = k if group_size == -1 else group_size
+    block_size = max(block_size // g, 1) * g  # a group never straddles two blocks
     if not 0 < percdamp < 1:
         raise ValueError(f"percdamp must be in (0, 1), got {percdamp}")
     if tuple(hessian.shape) != (k, k):
@@ -76,12 +71,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
 
-    codes = torch.zeros_like(w)  # [N, K] integer codes as float
-    step = group_size if bits == 4 else k
-    num_groups = k // step
+    num_groups = -(-k // g)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, num_groups)
     zeros = torch.zeros(n, num_groups)
-    grid: Grid | None = find_grid(w, bits, sym) if bits == 8 else None
+    scale = zero = torch.zeros(n, 1)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         w_block = w[:, start:end].clone()  # [N, B], updated in place by the columns before
@@ -89,25 +83,18 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
         hinv_block = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            if bits == 4 and col % group_size == 0:
-                grid = find_grid(w_block[:, i:i + group_size], bits, sym)
-                scales[:, col // group_size] = grid.scale[:, 0]
-                zeros[:, col // group_size] = grid.zero[:, 0]
-            assert grid is not None
-            q = grid.quantize(w_block[:, i:i + 1])  # [N, 1]
+            if col % g == 0:  # the group's grid, from weights already carrying earlier errors
+                s, z = group_grid(w_block[:, i:i + g], bits, sym)
+                scales[:, col // g], zeros[:, col // g] = s, z
+                scale, zero = s[:, None], z[:, None]
+            q = quantize_to_grid(w_block[:, i:i + 1], scale, zero, bits)  # [N, 1]
             codes[:, col] = q[:, 0]
-            err = (w_block[:, i] - grid.dequantize(q)[:, 0]) / hinv_block[i, i]  # [N]
+            dq = q[:, 0].float() * scale[:, 0] + (-zero[:, 0] * scale[:, 0])  # as GroupedWeight.dequantize
+            err = (w_block[:, i] - dq) / hinv_block[i, i]  # [N]
             w_block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
             err_block[:, i] = err
         w[:, end:] -= err_block @ hinv[start:end, end:]
-    if bits == 8:
-        assert grid is not None
-        q8 = (codes - grid.zero).to(torch.int8)  # codes 0..255 around zero 128 -> -128..127
-        if perm is not None:  # per-channel: no groups to keep together, so undo the order
-            q8 = torch.empty_like(q8).index_copy_(1, perm, q8)
-        return Int8Weight(q=q8, scales=grid.scale[:, 0].clone())
-    return Int4Weight(q=codes.to(torch.uint8), scales=scales, mins=-zeros * scales, group_size=group_size,
-                      perm=perm)
+    return GroupedWeight(q=codes, scales=scales, mins=-zeros * scales, group_size=g, perm=perm, bits=bits)
 
 
 def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
