@@ -4,6 +4,7 @@
     shardserve serve configs/cpu-default.yaml
     shardserve config schema | shardserve config validate FILE
     shardserve bench latency|throughput ...
+    shardserve quantize --model default --method gptq --calib FILE --out DIR
 
 Each module in cluster/commands/ exposes `register(subparsers)`, which adds its parser and sets
 `func` to the function that runs it. Modules are imported only for the command that runs,
@@ -22,6 +23,7 @@ COMMANDS = {
     "serve": "serve",
     "config": "config",
     "bench": "bench",
+    "quantize": "quantize",
 }
 
 

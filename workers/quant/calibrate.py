@@ -33,7 +33,7 @@ from shardserve.workers.quant.algorithms.awq import (
     scale_inputs,
     search_scales,
 )
-from shardserve.workers.quant.algorithms.gptq import Hessian, gptq_quantize
+from shardserve.workers.quant.algorithms.gptq import Hessian, gptq_quantize, one_thread
 from shardserve.workers.quant.algorithms.rtn import rtn_grouped
 from shardserve.workers.quant.formats.awq import AwqLayout
 from shardserve.workers.quant.formats.gptq import GptqLayout
@@ -120,7 +120,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
     packed weights, AWQ's norms as folded — and returns the packed tensors. calib_ids: [B, T]."""
     layers = decoder_layers(model)
     result = QuantizedModel()
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():  # measured 5-10x faster than 2 threads on a shared 2-core CPU
         hidden, kwargs = _first_layer_input(model, layers, calib_ids)
         for index, layer in enumerate(tqdm(layers, desc=f"{spec.method} int{spec.bits}", unit="layer",
                                            disable=not progress)):

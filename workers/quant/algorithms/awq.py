@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from shardserve.workers.quant.algorithms.gptq import one_thread
 from shardserve.workers.quant.algorithms.rtn import group_grid, quantize_to_grid, rtn_grouped
 from shardserve.workers.quant.weights import GroupedWeight
 
@@ -71,7 +72,7 @@ def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor],
                   group_size: int, bits: int = 4, sym: bool = False, num_grid: int = NUM_GRID) -> ScaleSearch:
     """The grid search of step 2. weights: the group's [N_i, K] float weights; inspect(ws) -> the
     inspected module's output on the calibration input with the group's weights replaced by ws."""
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         reference = inspect([w.float() for w in weights]).float()
         best: tuple[float, float, torch.Tensor] | None = None
         rtn_loss = float("nan")

@@ -19,6 +19,9 @@ Pure torch in float32, as the reference implementation (IST-DASLab/gptq) does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from shardserve.workers.quant.algorithms.rtn import group_grid, quantize_to_grid
 from shardserve.workers.quant.weights import GroupedWeight
@@ -69,12 +72,20 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
-
     num_groups = -(-k // g)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, num_groups)
     zeros = torch.zeros(n, num_groups)
+    with one_thread():  # small ops: on a busy CPU, thread hand-offs cost 5-20x more than they save
+        hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
+        _quantize_columns(w, hinv, codes, scales, zeros, g, block_size, bits, sym)
+    return GroupedWeight(q=codes, scales=scales, mins=-zeros * scales, group_size=g, perm=perm, bits=bits)
+
+
+def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                      zeros: torch.Tensor, g: int, block_size: int, bits: int, sym: bool) -> None:
+    """Step 3 in place: w [N, K] (consumed), codes [N, K], scales / zeros [N, G] (filled)."""
+    n, k = w.shape
     scale = zero = torch.zeros(n, 1)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
@@ -85,6 +96,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
             col = start + i
             if col % g == 0:  # the group's grid, from weights already carrying earlier errors
                 s, z = group_grid(w_block[:, i:i + g], bits, sym)
+                s = s.half().float().clamp(min=2**-24)  # checkpoints store fp16 scales: use those
                 scales[:, col // g], zeros[:, col // g] = s, z
                 scale, zero = s[:, None], z[:, None]
             q = quantize_to_grid(w_block[:, i:i + 1], scale, zero, bits)  # [N, 1]
@@ -94,7 +106,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
             w_block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
             err_block[:, i] = err
         w[:, end:] -= err_block @ hinv[start:end, end:]
-    return GroupedWeight(q=codes, scales=scales, mins=-zeros * scales, group_size=g, perm=perm, bits=bits)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
