@@ -13,6 +13,7 @@ ours are set to match in the same call) and the device; writes JSON to $OUT. Run
 environment (benchmarks/README.md, "Running"), on the same machine and in the same session
 as gpu_bench.py (dense) or parallel_gpu.py (`--shape qwen3-30b-a3b --tp 2 [--ep]`: the MoE
 figures of issue 4, expert parallelism through vLLM's `enable_expert_parallel`).
+`--quantization awq|fp8` runs the quantized peers of benchmarks/quant_gpu.py (issue 22).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=1000, help="offline workload size (0: batch 1 only)")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--ep", action="store_true", help="enable_expert_parallel (MoE shapes)")
+    parser.add_argument("--quantization", default="none", choices=["none", "awq", "fp8"],
+                        help="awq: INT4 g128 AWQ (quantization_config in the dummy folder, fp16, Marlin on Hopper); "
+                             "fp8: vLLM's online FP8 W8A8")
+    parser.add_argument("--batch-sizes", default="1", help="decode batch sizes measured like batch 1, e.g. 1,64")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
     from vllm import LLM, SamplingParams  # noqa: PLC0415 (only on the device)
@@ -54,10 +59,17 @@ def main() -> None:
 
     folder = tempfile.mkdtemp(prefix="vllm-config-")
     config = dummy_config(args.shape)
+    dtype, quantization = "bfloat16", None
+    if args.quantization == "awq":
+        config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                      "version": "gemm"}
+        dtype = "float16"
+    elif args.quantization == "fp8":
+        quantization = "fp8"
     config.save_pretrained(folder)
     start = time.perf_counter()
-    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
-              tensor_parallel_size=args.tp, enable_expert_parallel=args.ep)
+    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, seed=0,
+              tensor_parallel_size=args.tp, enable_expert_parallel=args.ep, quantization=quantization)
     startup_s = time.perf_counter() - start
     sched = _scheduler_limits(llm)
     vocab_size = config.vocab_size
@@ -73,11 +85,18 @@ def main() -> None:
         return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
 
     run(Workload(4, 16, 8, seed=99).sample(vocab_size))  # warm-up
-    one = Workload(1, 16, 256, seed=1).sample(vocab_size)
-    prefill_only = [type(one[0])(one[0].prompt_token_ids, 1)]
-    prefill_s = min(run(prefill_only)[0] for _ in range(3))
-    total_s, tokens = run(one)
-    decode_tps = (tokens - 1) / (total_s - prefill_s)
+    decode = {}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        reqs = Workload(batch, 16, 256, seed=1 if batch == 1 else batch).sample(vocab_size)
+        prefill_only = [type(r)(r.prompt_token_ids, 1) for r in reqs]
+        prefill_s = min(run(prefill_only)[0] for _ in range(3))
+        total_s, tokens = run(reqs)
+        decode[batch] = (tokens - batch) / (total_s - prefill_s)
+    decode_tps = decode.get(1, float("nan"))
+    try:
+        linear_method = str(llm.llm_engine.vllm_config.model_config.quantization)
+    except AttributeError:
+        linear_method = "?"
     seconds, out_tokens = float("nan"), 0
     if args.num_requests > 0:
         workload = Workload(args.num_requests, 200, 180, "lognormal", 0.8,
@@ -85,14 +104,16 @@ def main() -> None:
         seconds, out_tokens = run(workload.sample(vocab_size))
     result = {"device": f"{torch.cuda.get_device_name()} x {args.tp}", "shape": args.shape, "tp": args.tp, "ep": args.ep,
               "max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens,
-              "startup_s": startup_s, "decode_b1_tokens_per_s": decode_tps,
-              "b1_total_tokens_per_s": tokens / total_s, "throughput_output_tokens_per_s": out_tokens / seconds,
+              "startup_s": startup_s, "decode_b1_tokens_per_s": decode_tps, "quantization": args.quantization,
+              "vllm_quantization": linear_method, "decode_tokens_per_s": decode, "throughput_output_tokens_per_s": out_tokens / seconds,
               "throughput_requests_per_s": args.num_requests / seconds, "throughput_elapsed_s": seconds}
     os.makedirs(args.out, exist_ok=True)
-    name = "vllm_bench.json" if args.shape == "llama-3.1-8b" and args.tp == 1 else \
-        f"vllm_bench-{args.shape}-tp{args.tp}{'-ep' if args.ep else ''}.json"
+    name = "vllm_bench.json" if args.shape == "llama-3.1-8b" and args.tp == 1 and args.quantization == "none" else \
+        f"vllm_bench-{args.shape}-tp{args.tp}{'-ep' if args.ep else ''}-{args.quantization}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)
+    print(f"vLLM {args.shape} quantization={args.quantization} (vLLM reports {linear_method}); decode tok/s by batch "
+          f"{ {b: round(v, 1) for b, v in decode.items()} }")
     print(f"vLLM {args.shape} tp={args.tp} ep={args.ep} on {result['device']} (max_num_seqs {sched.max_num_seqs}, "
           f"max_num_batched_tokens {sched.max_num_batched_tokens}): start-up {startup_s:.0f} s; batch-1 decode {decode_tps:.1f} tok/s; "
           f"offline {args.num_requests} requests {result['throughput_output_tokens_per_s']:.0f} output tok/s "

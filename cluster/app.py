@@ -11,15 +11,14 @@ config file / RayService names `import_path: shardserve.cluster.app:app_builder`
     stage, PACK when stages may span nodes); the engine starts one Ray actor per rank in it
     (workers/group.py);
   - one Ingress deployment (cluster/ingress/deployment.py) bound to a handle per model; it serves
-    the OpenAI HTTP API (through Serve's HTTP proxy) and runs its own gRPC server (LLMService,
-    grpc.health.v1, reflection, TLS: cluster/ingress/grpc_server.py). Its replicas are placed on
-    the Ray head node (no CPUs reserved: they relay messages), so the gRPC port lives where the
-    Helm chart's gRPC Service points, and `ingress.num_replicas` share it with SO_REUSEPORT.
-`build_app(config, engine_factory=...)` is the tests' way in (their fake engines, tests/doubles/):
-a Python callable bound into each LLMServer's arguments, which no YAML file or RayService can name.
+    the OpenAI HTTP API (through Serve's HTTP proxy; with mutual TLS itself: http_server.py) and
+    its own gRPC server (cluster/ingress/grpc_server.py). Its replicas are placed on the Ray head
+    node (no CPUs reserved: they relay messages), where the Helm chart's Services point, and
+    `ingress.num_replicas` share the ports with SO_REUSEPORT.
+`build_app(config, engine_factory=...)` is the tests' way in (fake engines, tests/doubles/).
 The HTTP port and HTTPS files are proxy settings, not part of the Application: `serve_options(config)`
-gives the `serve.start` arguments (`shardserve serve` uses them; a RayService sets them in its spec).
-Serve's own gRPC proxy is not started.
+gives the `serve.start` arguments (`shardserve serve` uses them; a RayService sets them in its spec):
+no gRPC proxy, and with mutual TLS (`tls.require_client_auth`) no HTTP proxy either.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from shardserve.cluster.config import AppConfig, ModelSection, ServeConfig, parse_config
 from shardserve.cluster.ingress.deployment import Ingress, llm_server_name
-from shardserve.cluster.ingress.tls import http_ssl_options
+from shardserve.cluster.ingress.tls import http_ssl_options, ingress_serves_http
 from shardserve.cluster.router import PrefixAffinityRouter
 from shardserve.cluster.server import EngineFactory, LLMServer
 
@@ -133,11 +132,15 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 def serve_options(config: ServeConfig | AppConfig) -> dict[str, Any]:
     """Keyword arguments of `serve.start` for this config (HTTP proxy port and HTTPS files).
 
-    No gRPC servicer functions: Serve starts no gRPC proxy; the Ingress serves gRPC itself.
+    No gRPC servicer functions: Serve starts no gRPC proxy; the Ingress serves gRPC itself. With
+    mutual TLS no HTTP proxy either: the Ingress replicas serve HTTPS (cluster/ingress/http_server.py).
     """
-    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.config import HTTPOptions, ProxyLocation, gRPCOptions
 
-    return {
+    options: dict[str, Any] = {
         "http_options": HTTPOptions(host=config.http.host, port=config.http.port, **http_ssl_options(config.tls)),
         "grpc_options": gRPCOptions(grpc_servicer_functions=[]),
     }
+    if ingress_serves_http(config.tls):
+        options["proxy_location"] = ProxyLocation.Disabled  # the Ingress replicas serve HTTP (mutual TLS)
+    return options

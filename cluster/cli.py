@@ -4,6 +4,8 @@
     shardserve serve configs/cpu-default.yaml
     shardserve config schema | shardserve config validate FILE
     shardserve bench latency|throughput ...
+    shardserve eval perplexity --model M --text FILE [--reference M2] [--json]
+    shardserve probe https://127.0.0.1:8000/health --cert tls.crt --key tls.key   (Kubernetes exec probe)
     shardserve quantize --model default --method gptq --calib FILE --out DIR
 
 Each module in cluster/commands/ exposes `register(subparsers)`, which adds its parser and sets
@@ -23,6 +25,8 @@ COMMANDS = {
     "serve": "serve",
     "config": "config",
     "bench": "bench",
+    "eval": "eval",
+    "probe": "probe",
     "quantize": "quantize",
 }
 

@@ -55,7 +55,10 @@ class RaySection(_Section):
 
 
 class HttpSection(_Section):
-    host: str = Field("0.0.0.0", description="Interface the HTTP proxy binds (OpenAI-compatible API).")
+    host: str = Field(
+        "0.0.0.0",
+        description="Interface the HTTP server binds (Serve's proxy; the Ingress replicas with tls.require_client_auth).",
+    )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API, 1..65535.")
 
 
@@ -75,8 +78,9 @@ class IngressSection(_Section):
 
 
 class TlsSection(_Section):
-    """TLS of both APIs. Paths are read where the servers run (the Serve proxies for HTTP, the
-    Ingress replicas for gRPC); the Helm chart mounts them from a Kubernetes Secret."""
+    """TLS of both APIs. Paths are read where the servers run (the Serve proxies for HTTP, or the Ingress
+    replicas with require_client_auth; the Ingress replicas for gRPC); the Helm chart mounts them from a
+    Kubernetes Secret."""
 
     cert_file: str = Field(..., min_length=1, description="PEM certificate (chain) the HTTP and gRPC servers present.")
     key_file: str = Field(..., min_length=1, description="PEM private key of cert_file (unencrypted).")
@@ -87,16 +91,9 @@ class TlsSection(_Section):
     require_client_auth: bool = Field(
         False,
         description=(
-            "Mutual TLS on the gRPC API: refuse clients without a certificate signed by ca_file. Ray Serve's "
-            "HTTP proxy has no option to require client certificates, so this field is refused unless "
-            "http_client_auth_unsupported_ok is true (HTTP then serves TLS without client certificates)."
-        ),
-    )
-    http_client_auth_unsupported_ok: bool = Field(
-        False,
-        description=(
-            "Acknowledge that with require_client_auth only gRPC checks client certificates and HTTP does not "
-            "(put a TLS-terminating proxy that checks them in front of HTTP, or keep HTTP internal)."
+            "Mutual TLS on both APIs: refuse, at the TLS handshake, clients without a certificate signed by "
+            "ca_file. HTTP is then served by the Ingress replicas themselves on http.port (on the head node; "
+            "Ray Serve's HTTP proxy cannot require client certificates and is not started)."
         ),
     )
 
@@ -104,11 +101,6 @@ class TlsSection(_Section):
     def _check_client_auth(self) -> TlsSection:
         if self.require_client_auth and self.ca_file is None:
             raise ValueError("require_client_auth: true needs ca_file (the CA that signs client certificates)")
-        if self.require_client_auth and not self.http_client_auth_unsupported_ok:
-            raise ValueError(
-                "require_client_auth: true is enforced on gRPC only (Ray Serve's HTTP proxy cannot require client "
-                "certificates); set http_client_auth_unsupported_ok: true to accept that"
-            )
         return self
 
 
@@ -128,6 +120,15 @@ class ApiKeySection(_Section):
         description=(
             "Rate limit of this key, > 0; null = unlimited. A token bucket per Ingress replica holding one "
             "minute's worth of requests: over it, HTTP 429 with Retry-After / gRPC RESOURCE_EXHAUSTED."
+        ),
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0,
+        description=(
+            "Token budget of this key, > 0; null = unlimited. A bucket per Ingress replica holding one minute's "
+            "worth; a request takes max_tokens x n when admitted (refused with HTTP 429 + Retry-After / gRPC "
+            "RESOURCE_EXHAUSTED when the bucket holds less, 400 when it never could) and its prompt's tokens once "
+            "the engine has counted them (a debt that later requests wait out)."
         ),
     )
 
@@ -313,9 +314,14 @@ class ModelSection(_Section):
         description="Weights: `default` (embedded SmolLM2), a Hugging Face folder, a .gguf file or `dummy:<shape>`.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Compute dtype.")
-    quantization: Literal["int8", "gptq", "awq", "fp8"] | None = Field(
+    quantization: Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf"] | None = Field(
         None,
-        description="Weight quantization; only null until a method is implemented (any other value is refused).",
+        description=("Weight quantization. null: as the checkpoint is (GPTQ / AWQ / compressed-tensors folders are "
+                     "detected; GGUF files are dequantized). int8 | int4 | fp8: quantize a float "
+                     "checkpoint at load. gptq | awq | compressed-tensors | gguf: require that format (gguf: Q4_0/Q4_1/Q8_0 kept packed). A value contradicting the folder is refused."),
+    )
+    quantization_group_size: Literal[32, 64, 128, -1] = Field(
+        128, description="Inputs per scale for int4 at load (-1: one scale per output row)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
     max_model_len: int | None = Field(None, ge=1, description="Context length cap; null = the model's own.")
@@ -367,7 +373,7 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _check_quantization(self) -> ModelSection:
         # The engine's rule and message (ModelConfig), so `config validate` refuses what the engine refuses.
-        ModelConfig(quantization=self.quantization)
+        ModelConfig(quantization=self.quantization, quantization_group_size=self.quantization_group_size)
         return self
 
     @property
@@ -394,6 +400,7 @@ class ModelSection(_Section):
                 device=self.device,
                 max_model_len=self.max_model_len,
                 quantization=self.quantization,
+                quantization_group_size=self.quantization_group_size,
             ),
             cache=CacheConfig(
                 block_size=self.cache.block_size,
@@ -418,7 +425,7 @@ class AppConfig(_Section):
     ingress: IngressSection = Field(default_factory=IngressSection, description="The Ingress deployment.")
     models: list[ModelSection] = Field(..., min_length=1, description="Models served; clients pick by name.")
     limits: LimitsSection = Field(default_factory=LimitsSection, description="Per-request limits (both APIs).")
-    tls: TlsSection | None = Field(None, description="TLS (and gRPC mutual TLS) for both APIs; null = plaintext.")
+    tls: TlsSection | None = Field(None, description="TLS (and mutual TLS) for both APIs; null = plaintext.")
     auth: AuthSection = Field(default_factory=AuthSection, description="API keys (tenants) and their rate limits.")
     log_prompts: bool = Field(
         False, description="Log each request's prompt text in the Ingress log (off: only id, model and tenant)."

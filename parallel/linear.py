@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from shardserve.parallel.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
-from shardserve.parallel.quant import LinearMethod, Loadable, ShardSlice, UnquantizedLinearMethod
+from shardserve.parallel.quant import LinearMethod, Loadable, ShardSlice, default_linear_method
 from shardserve.parallel.state import get_parallel_state
 from torch import nn
 
@@ -38,8 +38,9 @@ class LinearBase(nn.Module):
         self.input_size_per_partition = input_size_per_partition
         self.output_partition_sizes = output_partition_sizes
         self.output_size_per_partition = sum(output_partition_sizes)
-        self.quant_method: LinearMethod = quant_method or UnquantizedLinearMethod()
+        self.quant_method: LinearMethod = quant_method or default_linear_method(self)
         params_dtype = params_dtype or torch.get_default_dtype()
+        self.params_dtype = params_dtype  # the compute dtype (quantized methods keep other storage)
         self.quant_method.create_weights(self, input_size_per_partition, output_partition_sizes, params_dtype)
         if bias:
             b = nn.Parameter(torch.empty(self.output_size_per_partition, dtype=params_dtype), requires_grad=False)

@@ -10,11 +10,18 @@ parallel/kernels/decode_linear.py); INT8, INT4 (GPTQ, AWQ) and FP8 are other imp
 protocol (workers/quant/), so no layer forks per format.
 
 Checkpoint tensors may arrive lazily (a `WeightSource`, e.g. a safetensors slice): only the
-part this rank needs is read, by `narrow` before `materialize`.
+part this rank needs is read, by `narrow` before `materialize`. Packed parameters say how many
+features one element covers along a sharded dim (`input_pack` / `output_pack`: 8 nibbles per
+int32, a group per scale), and `copy_shard` slices them in elements. A method that must see every
+shard before it can pack (all of workers/quant/) does so in `finish_loading`, which the loader
+calls once per layer after the last tensor; the model is built inside `linear_methods(choose)` to
+give its layers a method other than plain weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -69,8 +76,13 @@ def copy_shard(param: torch.Tensor, loaded_weight: Loadable, shard: ShardSlice) 
     src, dst = loaded_weight, param.data
     dim = None if shard.axis is None else getattr(param, f"{shard.axis}_dim", None)
     if dim is not None:
-        src = src.narrow(dim, shard.src_start, shard.size)
-        dst = dst.narrow(dim, shard.dst_start, shard.size)
+        pack = getattr(param, f"{shard.axis}_pack", 1)
+        if shard.src_start % pack or shard.dst_start % pack or shard.size % pack:
+            raise ValueError(f"a packed parameter holds {pack} {shard.axis} features per element, so it cannot "
+                             f"take the slice of {shard.size} features at {shard.src_start} "
+                             f"(tensor-parallel size too large for this layer's packing or group size)")
+        src = src.narrow(dim, shard.src_start // pack, shard.size // pack)
+        dst = dst.narrow(dim, shard.dst_start // pack, shard.size // pack)
     tensor = materialize(src)
     if tuple(tensor.shape) != tuple(dst.shape):
         raise ValueError(f"checkpoint shard of shape {tuple(tensor.shape)} does not fit parameter "
@@ -99,6 +111,38 @@ class LinearMethod(Protocol):
         """`x @ W.T + bias` for this rank's weight: [num_tokens, in] -> [num_tokens, out]."""
         ...
 
+    def finish_loading(self, layer: nn.Module) -> None:
+        """Called once every checkpoint tensor of `layer` is loaded (repacking, freeing)."""
+        ...
+
+
+MethodChooser = Callable[[nn.Module], "LinearMethod | None"]
+_chooser: list[MethodChooser] = []
+
+
+@contextmanager
+def linear_methods(choose: MethodChooser | None) -> Iterator[None]:
+    """Layers built inside get `choose(layer)` as their method (None from it: plain weights)."""
+    _chooser.append(choose or (lambda layer: None))
+    try:
+        yield
+    finally:
+        _chooser.pop()
+
+
+def default_linear_method(layer: nn.Module) -> LinearMethod:
+    """The method for a layer built without an explicit one (see `linear_methods`)."""
+    method = _chooser[-1](layer) if _chooser else None
+    return method or UnquantizedLinearMethod()
+
+
+def finish_loading(model: nn.Module) -> None:
+    """Let every linear layer's method finish (the loader calls this after the last tensor)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.finish_loading(module)
+
 
 class UnquantizedLinearMethod:
     """Plain weights in the compute dtype: `weight` [sum(output_partition_sizes), input_size]."""
@@ -113,6 +157,9 @@ class UnquantizedLinearMethod:
 
     def load_shard(self, param: torch.Tensor, loaded_weight: Loadable, shard: ShardSlice) -> None:
         copy_shard(param, loaded_weight, shard)
+
+    def finish_loading(self, layer: nn.Module) -> None:
+        pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:  # decode-size steps: the PDL matrix-vector kernel (parallel/kernels/decode_linear.py)

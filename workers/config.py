@@ -13,6 +13,11 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 MAX_TIMEOUT_S = 86400.0  # upper bound of ParallelConfig.collective_timeout_s and step_timeout_s (one day)
 
 
+# ModelConfig.quantization: methods applied at load, then checkpoint formats (workers/quant/formats/).
+QUANTIZATION_METHODS = ("int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf")
+QUANTIZATION_GROUP_SIZES = (32, 64, 128, -1)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which weights to serve and how.
@@ -23,8 +28,12 @@ class ModelConfig:
     device: `auto` picks cuda when available.
     max_model_len: context length cap; None = the model's own max_position_embeddings.
     seed: seed of dummy weights and of unseeded sampling.
-    quantization: weight quantization. None only, until workers/quant/ implements a method: any
-      other value is refused (never accepted and ignored).
+    quantization: weight quantization (workers/quant/). None: as the checkpoint is (a GPTQ, AWQ or
+      compressed-tensors folder is detected from its config.json). int8 | int4 | fp8: quantize a
+      float checkpoint at load (or name the folder's own format); gptq | awq | compressed-tensors |
+      gguf: require that format (a GGUF file with Q4_0 / Q4_1 / Q8_0 projections is then read packed;
+      with null a GGUF file is dequantized at load). A value that contradicts the folder is an error naming both.
+    quantization_group_size: inputs per scale for `int4` at load: 32, 64, 128 or -1 (one per row).
     """
 
     model: str = "default"
@@ -33,6 +42,7 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     quantization: str | None = None
+    quantization_group_size: int = 128
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -41,11 +51,11 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.quantization is not None:
-            raise ValueError(
-                f"quantization must be null: no quantization method is implemented yet, got {self.quantization!r} "
-                "(serve the unquantized checkpoint)"
-            )
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be null or one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
+        if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
+            raise ValueError(f"quantization_group_size must be one of {QUANTIZATION_GROUP_SIZES}, "
+                             f"got {self.quantization_group_size}")
 
 
 @dataclass(frozen=True)

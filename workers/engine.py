@@ -5,6 +5,8 @@
                                        scheduler.update_from_output() → outputs.process()
                                        → list[RequestOutput] of every request that advanced
     abort_request(id)                → blocks freed at once; a final ABORT output next step
+    score(prompt)                    → [tokens - 1, vocab] log-probs of the prompt's own tokens
+                                       (one prefill, no sampling; workers/runner/scoring.py)
 
 Samples of one prompt (n > 1) share its KV blocks: only the first sample is queued at first;
 the others join once its prompt is computed, so their prompts hit the prefix cache.
@@ -71,6 +73,7 @@ from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.protocol import EngineStats, ModelInfo, QueueFullError
 from shardserve.workers.request import FinishReason, Request, RequestOutput, SamplingParams
 from shardserve.workers.runner.model_runner import ModelRunner
+from shardserve.workers.runner.scoring import score_tokens
 from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.stats import BatchQueueStats, ThroughputMeter
 from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
@@ -208,6 +211,42 @@ class LLMEngine:
                 f"prompt is {len(token_ids)} tokens but the KV cache holds at most "
                 f"{(self.num_blocks - 1) * block_size - 1}; raise the KV cache budget"
             )
+
+    def score(self, prompt: str | Sequence[int], num_targets: int | None = None) -> torch.Tensor:
+        """Full-vocabulary log-probs of a prompt's own tokens: [num_targets, vocab_size] float32,
+        row i the model's distribution over token len - num_targets + i given all tokens before it
+        (num_targets defaults to len - 1: every token but the first).
+
+        One chunked prefill through the model and the paged KV cache (workers/runner/scoring.py),
+        no sampling; the blocks come from the engine's pool and are freed before it returns, so it
+        may run between steps beside running requests. In-process engines only (world size 1)."""
+        token_ids = self.tokenize(prompt)
+        vocab_size = self.loaded.hf_config.vocab_size
+        if len(token_ids) < 2:
+            raise ValueError(f"prompt to score must have at least 2 tokens, got {len(token_ids)}")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"prompt to score is {len(token_ids)} tokens; it must be at most max_model_len = "
+                             f"{self.max_model_len}")
+        bad = next((i for i, t in enumerate(token_ids) if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {token_ids[bad]} at position {bad}")
+        num_targets = len(token_ids) - 1 if num_targets is None else num_targets
+        if not 1 <= num_targets <= len(token_ids) - 1:
+            raise ValueError(f"num_targets must be in [1, {len(token_ids) - 1}] (prompt tokens - 1), got {num_targets}")
+        pool = self.kv_manager.pool
+        num_blocks = self.kv_manager.num_blocks_for(len(token_ids))
+        if num_blocks > pool.num_free_blocks:
+            raise ValueError(f"prompt to score needs {num_blocks} KV blocks, {pool.num_free_blocks} are free now; "
+                             "score a shorter prompt or raise the KV cache budget")
+        if not isinstance(self.executor, LocalExecutor):
+            raise ValueError("score runs the model in the engine's process: tensor_parallel_size and "
+                             "pipeline_parallel_size must be 1")
+        block_ids = pool.allocate(num_blocks)
+        try:
+            return score_tokens(self.executor.runner, token_ids, block_ids, num_targets,
+                                self.config.scheduler.max_num_batched_tokens)
+        finally:
+            pool.free(reversed(block_ids))
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request and all its samples; unknown or finished ids are ignored."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
 from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import RequestOutput, SamplingParams
@@ -61,6 +62,10 @@ class LLM:
                         finals[out.request_id] = out
                         bar.update(1)
         return [finals[i] for i in ids]
+
+    def score(self, prompt: Prompt, num_targets: int | None = None) -> torch.Tensor:
+        """[num_targets, vocab_size] float32 log-probs of the prompt's own tokens (LLMEngine.score)."""
+        return self.engine.score(prompt, num_targets)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

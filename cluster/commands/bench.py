@@ -26,6 +26,8 @@ import argparse
 import json
 import sys
 
+from shardserve.workers.config import QUANTIZATION_METHODS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="latency / throughput benchmarks against transformers")
@@ -35,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--model", default="default")
         q.add_argument("--dtype", default="auto")
         q.add_argument("--device", default="auto")
+        q.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
+                       help="weight quantization (ModelConfig.quantization)")
+        q.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale for int4 at load")
         q.add_argument("--input-len", type=int, default=128 if kind == "throughput" else 16)
         q.add_argument("--output-len", type=int, default=128)
         q.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")

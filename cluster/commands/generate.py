@@ -11,6 +11,8 @@ import argparse
 import sys
 import time
 
+from shardserve.workers.config import QUANTIZATION_METHODS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text from one prompt, streamed")
@@ -20,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
+                   help="weight quantization (ModelConfig.quantization)")
+    p.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale for int4 at load")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--min-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -47,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
             frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens,
             min_tokens=args.min_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         )
-        config = EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device))
+        config = EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                                quantization=args.quantization,
+                                                quantization_group_size=args.quantization_group_size))
     except ValueError as exc:
         print(f"shardserve generate: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,7 @@ def usage_text(config: ServeConfig) -> str:
         scheme, curl_tls = "https", f" --cacert {shlex.quote(ca)}"
         client = ""
         if tls.require_client_auth:
+            curl_tls += " --cert CLIENT.crt --key CLIENT.key"
             client = ", private_key=open('CLIENT.key', 'rb').read(), certificate_chain=open('CLIENT.crt', 'rb').read()"
         creds = f"grpc.ssl_channel_credentials(open({ca!r}, 'rb').read(){client})"
         channel = f"grpc.secure_channel('{host}:{grpc_port}', {creds})"
@@ -72,7 +73,7 @@ def usage_text(config: ServeConfig) -> str:
     if keyed:
         lines += ["", "(API keys are on: export API_KEY=<one of your keys> first.)"]
     if tls is not None and tls.require_client_auth:
-        lines += ["(mutual TLS: CLIENT.crt / CLIENT.key are a client certificate signed by tls.ca_file.)"]
+        lines += ["(mutual TLS on both APIs: CLIENT.crt / CLIENT.key are a client certificate signed by tls.ca_file.)"]
     return "\n".join([*lines, "", "Ctrl-C stops the server."])
 
 

@@ -9,7 +9,9 @@ HTTP route but /health and every LLMService RPC calls `gate.admit(authorization)
 `Authorization` header / `authorization` metadata: it compares the bearer token with every key in
 constant time and returns the key's name (the tenant, put on the GenerateRequest), raises an
 UNAUTHENTICATED ApiError (HTTP 401 / gRPC UNAUTHENTICATED), or `RateLimited` when the key's
-bucket is empty (cluster/ingress/ratelimit.py). Keys are never logged or echoed.
+bucket is empty (cluster/ingress/ratelimit.py). Once the request is parsed, IngressCore calls
+`admit_tokens` (the key's `tokens_per_minute`: max_tokens × n now, the prompt's tokens through
+`charge_prompt` when the engine has counted them). Keys are never logged or echoed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from shardserve.cluster.config import AuthSection, ConfigError
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.ratelimit import RateLimiter
-from shardserve.cluster.messages import ErrorKind
+from shardserve.cluster.messages import ErrorKind, GenerateRequest
 
 API_KEY_ENV = "SHARDSERVE_API_KEY"
 ENV_KEY_NAME = "default"
@@ -37,6 +39,7 @@ class ApiKey:
     name: str
     secret: bytes = field(repr=False)
     requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
 
 
 def load_keys(section: AuthSection) -> list[ApiKey]:
@@ -57,7 +60,7 @@ def load_keys(section: AuthSection) -> list[ApiKey]:
                 raise ConfigError(f"{where}.key_file: cannot read {path}: {err.strerror}") from None
             if not secret:
                 raise ConfigError(f"{where}.key_file: {path} is empty")
-        keys.append(ApiKey(entry.name, secret.encode(), entry.requests_per_minute))
+        keys.append(ApiKey(entry.name, secret.encode(), entry.requests_per_minute, entry.tokens_per_minute))
     env_key = os.environ.get(API_KEY_ENV)
     if env_key:
         keys.append(ApiKey(ENV_KEY_NAME, env_key.encode()))
@@ -72,6 +75,7 @@ class Gate:
     def __init__(self, keys: list[ApiKey]) -> None:
         self.keys = keys
         self.limiter = RateLimiter({k.name: k.requests_per_minute for k in keys if k.requests_per_minute})
+        self.tokens = RateLimiter({k.name: k.tokens_per_minute for k in keys if k.tokens_per_minute}, unit="tokens")
 
     @classmethod
     def from_config(cls, section: AuthSection) -> Gate:
@@ -97,6 +101,30 @@ class Gate:
             raise ApiError(ErrorKind.UNAUTHENTICATED, "invalid API key (expected `Authorization: Bearer <key>`)")
         self.limiter.take(match.name)
         return match.name
+
+    def admit_tokens(self, request: GenerateRequest) -> bool:
+        """Take the request's known tokens from its key's `tokens_per_minute` bucket: max_tokens × n,
+        plus the prompt when it comes as token ids. True when the prompt's tokens are still to be
+        charged (`charge_prompt`, once the engine has counted them). Raises RateLimited when the
+        bucket is short, an INVALID_ARGUMENT ApiError when it could never hold that much."""
+        limit = self.tokens.limit(request.tenant or "")
+        if limit is None:
+            return False
+        counted = isinstance(request.prompt, tuple)
+        cost = request.params.max_tokens * request.params.n + (len(request.prompt) if counted else 0)
+        if cost > limit:
+            raise ApiError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"this request needs {cost} tokens (max_tokens {request.params.max_tokens} x n {request.params.n}"
+                f"{' + prompt' if counted else ''}), more than API key {request.tenant!r} may use in a minute "
+                f"({limit:g} tokens_per_minute); lower max_tokens",
+                "max_tokens",
+            )
+        self.tokens.take(request.tenant or "", cost)
+        return not counted
+
+    def charge_prompt(self, tenant: str | None, num_prompt_tokens: int) -> None:
+        self.tokens.charge(tenant or "", num_prompt_tokens)
 
 
 # The Gate of this process's Ingress. The HTTP middleware is a plain function registered on the

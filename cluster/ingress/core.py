@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shardserve.cluster.config import AppConfig, ModelSection
+from shardserve.cluster.ingress.auth import Gate
 from shardserve.cluster.ingress.errors import ApiError, from_serve_exception, unknown_model
 from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
 
@@ -28,11 +30,13 @@ HEALTH_TIMEOUT_S = 5.0
 
 
 class ChunkStream:
-    """The chunks of one LLMServer call; `cancel()` (sync, idempotent) stops it unless it finished."""
+    """The chunks of one LLMServer call; `cancel()` (sync, idempotent) stops it unless it finished.
+    `on_first` sees the first chunk (the prompt's token count: the key's token budget)."""
 
-    def __init__(self, response: Any) -> None:
+    def __init__(self, response: Any, on_first: Callable[[GenerateChunk], None] | None = None) -> None:
         self._response = response  # DeploymentResponseGenerator
         self._done = False
+        self._on_first = on_first
 
     def __aiter__(self) -> ChunkStream:
         return self
@@ -51,6 +55,9 @@ class ChunkStream:
             if mapped is not None:
                 raise mapped from err
             raise
+        if self._on_first is not None:
+            on_first, self._on_first = self._on_first, None
+            on_first(chunk)
         if chunk.error is not None:
             self.cancel()
             raise ApiError.from_info(chunk.error)
@@ -68,9 +75,10 @@ class ChunkStream:
 
 
 class IngressCore:
-    def __init__(self, config: AppConfig, handles: dict[str, Any]) -> None:
+    def __init__(self, config: AppConfig, handles: dict[str, Any], gate: Gate | None = None) -> None:
         self.config = config
         self.handles = handles  # model name -> DeploymentHandle of its LLMServer
+        self.gate = gate  # API keys: the per-key token budget is taken here, for both front ends
         self.created = int(time.time())
 
     @property
@@ -88,7 +96,11 @@ class IngressCore:
     def stream(self, request: GenerateRequest) -> ChunkStream:
         self.model(request.model)
         handle = self.handles[request.model]
-        return ChunkStream(handle.options(stream=True).generate.remote(request))
+        on_first = None
+        if self.gate is not None and self.gate.admit_tokens(request):  # raises when over the key's budget
+            gate, tenant = self.gate, request.tenant
+            on_first = lambda chunk: gate.charge_prompt(tenant, chunk.num_prompt_tokens)  # noqa: E731
+        return ChunkStream(handle.options(stream=True).generate.remote(request), on_first)
 
     async def first_chunk(self, request: GenerateRequest) -> tuple[GenerateChunk, ChunkStream]:
         """The first chunk (errors raise here) and the stream of the rest."""

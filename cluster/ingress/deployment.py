@@ -1,6 +1,7 @@
 """Ingress deployment: the FastAPI app (OpenAI HTTP API) and the gRPC server, in one class.
 
-Data flow: Ray Serve's HTTP proxy (:8000) hands HTTP requests to the FastAPI routes below; the
+Data flow: Ray Serve's HTTP proxy (:8000) hands HTTP requests to the FastAPI routes below (with
+mutual TLS, `tls.require_client_auth`, the replica's own HTTPS server does: cluster/ingress/http_server.py); the
 replica's own gRPC server (:9000, cluster/ingress/grpc_server.py: LLMService, grpc.health.v1,
 reflection, TLS) is started by the constructor and calls GrpcFrontend. Both go through one
 IngressCore holding a DeploymentHandle per model (routed by the request's `model` field), so
@@ -31,8 +32,10 @@ from shardserve.cluster.ingress.core import ChunkStream, IngressCore
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.grpc import GrpcFrontend
 from shardserve.cluster.ingress.grpc_server import GrpcServer
+from shardserve.cluster.ingress.http_server import HttpsServer
 from shardserve.cluster.ingress.ratelimit import RateLimited
 from shardserve.cluster.ingress.request_log import log_request
+from shardserve.cluster.ingress.tls import ingress_serves_http
 from shardserve.cluster.router import router_stats
 
 # Seconds a client told "queue full" (429) should wait: about how long a CPU replica takes to drain
@@ -93,17 +96,24 @@ class Ingress:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         app_config = parse_config(config, AppConfig)
         self.log_prompts = app_config.log_prompts
-        self.core = IngressCore(app_config, handles)
-        http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         self.gate = auth.Gate.from_config(app_config.auth)
+        self.core = IngressCore(app_config, handles, self.gate)
+        http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         auth.install(self.gate)  # for the HTTP middleware (one Ingress per replica process)
         self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
         self.grpc_server = GrpcServer(app_config, GrpcFrontend(self.core, self.gate, self.log_prompts))
         self.grpc_server.start()
+        # Mutual TLS on HTTP: this replica serves the routes below itself (no Serve HTTP proxy).
+        self.https_server = HttpsServer(app_config, lambda: self.app) if ingress_serves_http(app_config.tls) else None
+        if self.https_server is not None:
+            self.https_server.start()
 
     async def __del__(self) -> None:
         # Serve awaits this when it stops the replica: close the gRPC port, cancel its calls.
-        server = getattr(self, "grpc_server", None)  # absent when the constructor failed
+        https = getattr(self, "https_server", None)  # absent when the constructor failed
+        if https is not None:
+            await https.stop()
+        server = getattr(self, "grpc_server", None)
         if server is not None:
             await server.stop()
 

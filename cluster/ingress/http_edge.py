@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from shardserve.cluster.ingress.errors import ApiError, short
+from shardserve.cluster.ingress.ratelimit import RateLimited
 from shardserve.cluster.messages import ErrorKind
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -148,12 +149,15 @@ def http_error(request: Request, err: StarletteHTTPException) -> ApiError:
 
 def install(api: FastAPI, retry_after_s: int = 1) -> None:
     """Register the body limit and the exception handlers (before serve.ingress freezes `api`).
-    A 429 (queue full) carries `Retry-After: retry_after_s`; clients (the openai package) honour it."""
+    A 429 (queue full) carries `Retry-After: retry_after_s`, a key's rate limit its own wait; clients
+    (the openai package) honour it."""
     api.add_middleware(BodyLimitMiddleware)
 
     @api.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(retry_after_s)} if err.kind == ErrorKind.QUEUE_FULL else None
+        if isinstance(err, RateLimited):  # a key's token budget (cluster/ingress/auth.py admit_tokens)
+            headers = {"Retry-After": err.retry_after_header}
         return _render(err, headers=headers)
 
     @api.exception_handler(RequestValidationError)

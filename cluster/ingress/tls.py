@@ -1,8 +1,10 @@
 """TLS material of the config's `tls` section, for the two servers that use it.
 
-Data flow: `serve_options` (cluster/app.py) passes `http_ssl_options(tls)` to Ray Serve's
-HTTPOptions (`ssl_certfile`, `ssl_keyfile`, `ssl_ca_certs`: uvicorn in Serve's HTTP proxy serves
-HTTPS). The Ingress's gRPC server (cluster/ingress/grpc_server.py) binds its port with
+Data flow: without client authentication, `serve_options` (cluster/app.py) passes
+`http_ssl_options(tls)` to Ray Serve's HTTPOptions (`ssl_certfile`, `ssl_keyfile`, `ssl_ca_certs`:
+uvicorn in Serve's HTTP proxy serves HTTPS). With `require_client_auth` (`ingress_serves_http`) Serve
+starts no HTTP proxy and each Ingress replica serves HTTPS itself with client certificates required
+(cluster/ingress/http_server.py). The Ingress's gRPC server (cluster/ingress/grpc_server.py) binds its port with
 `grpc_credentials(tls)`: `grpc.ssl_server_credentials` with the CA as root certificates and
 `require_client_auth` for mutual TLS. Files are read where the servers run; a missing or unreadable
 file is a ConfigError naming the field.
@@ -34,8 +36,15 @@ def check_files(tls: TlsSection) -> None:
             read_pem(tls, field)
 
 
+def ingress_serves_http(tls: TlsSection | None) -> bool:
+    """Mutual TLS: the Ingress replicas serve HTTP themselves (Serve's proxy cannot require client
+    certificates), and Serve starts no HTTP proxy."""
+    return tls is not None and tls.require_client_auth
+
+
 def http_ssl_options(tls: TlsSection | None) -> dict[str, Any]:
-    if tls is None:
+    """Serve HTTP proxy's HTTPS options (server-side TLS only; none when the Ingress serves HTTP)."""
+    if tls is None or ingress_serves_http(tls):
         return {}
     check_files(tls)
     options = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}

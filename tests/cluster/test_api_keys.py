@@ -2,8 +2,8 @@
 
 Two more Serve applications run in front of the session app's LLMServer deployments, each with
 its own HTTP route prefix and its own gRPC port (every Ingress runs its own gRPC server):
-  - `tenants`: keys alice (inline, 3 requests a minute), bob (key_file) and carol (key_env, set
-    in the Ingress's runtime_env); log_prompts off (the default);
+  - `tenants`: keys alice (inline, 3 requests a minute), bob (key_file), carol (key_env, set
+    in the Ingress's runtime_env) and dave (60 tokens a minute); log_prompts off (the default);
   - `chatty`: the same keys file for bob, log_prompts on — the positive control of the log test.
 Both are deleted at the end.
 """
@@ -25,6 +25,8 @@ from shardserve.cluster.proto import llm_pb2_grpc as rpc
 pytestmark = pytest.mark.slow
 ALICE, BOB, CAROL = "sk-alice-0123456789", "sk-bob-0123456789", "sk-carol-0123456789"
 ALICE_PER_MINUTE = 3
+DAVE = "sk-dave-0123456789"
+DAVE_TOKENS_PER_MINUTE = 60  # one token a second back
 
 
 def _deploy(cluster, name: str, auth: dict, log_prompts: bool, env: dict[str, str]) -> tuple[str, str]:
@@ -51,6 +53,7 @@ def apps(cluster, tmp_path_factory):
         {"name": "alice", "key": ALICE, "requests_per_minute": ALICE_PER_MINUTE},
         {"name": "bob", "key_file": str(bob_file)},
         {"name": "carol", "key_env": "SHARDSERVE_TEST_CAROL_KEY"},
+        {"name": "dave", "key": DAVE, "tokens_per_minute": DAVE_TOKENS_PER_MINUTE},
     ]}  # fmt: skip
     env = {"SHARDSERVE_TEST_CAROL_KEY": CAROL}
     try:
@@ -111,6 +114,39 @@ def test_rate_limit_is_per_key_429_with_retry_after(apps):
             assert 1 <= int(dict(err.value.trailing_metadata())["retry-after"]) <= 60 // ALICE_PER_MINUTE
         assert stub.Generate(req, metadata=[("authorization", f"Bearer {BOB}")], timeout=30).num_tokens == 2
     assert _complete(http, BOB).status_code == 200
+
+
+def test_token_budget_counts_prompt_and_max_tokens(apps):
+    """dave's bucket holds 60 tokens (one back per second). A request takes max_tokens x n when
+    admitted and its prompt's tokens (the fake engine: one per character) once the engine counted
+    them; so after 20 + 30 tokens a request for 40 is refused, which it would not be if the prompt
+    went uncounted (60 - 20 + refill >= 40)."""
+    http, target = apps["tenants"]
+    headers = {"Authorization": f"Bearer {DAVE}"}
+
+    def complete(max_tokens: int, prompt: str = "t", n: int = 1) -> requests.Response:
+        body = {"model": "solo", "prompt": prompt, "max_tokens": max_tokens, "n": n}
+        return requests.post(f"{http}/v1/completions", json=body, headers=headers, timeout=30)
+
+    too_big = complete(max_tokens=31, n=2)  # 62 > 60: no wait would ever admit it
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "max_tokens", too_big.text
+    assert "tokens_per_minute" in too_big.json()["error"]["message"]
+    first = complete(max_tokens=20, prompt="p" * 30)
+    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] == 30, first.text
+    refused = complete(max_tokens=40)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "dave" in error["message"] and "tokens per minute" in error["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 31
+    # The same bucket on gRPC; a small request still fits.
+    req = pb.GenerateRequest(model="solo", prompt="keys", params=pb.SamplingParams(max_tokens=40))
+    with grpc.insecure_channel(target) as channel:
+        stub = rpc.LLMServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(req, metadata=[("authorization", f"Bearer {DAVE}")], timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "dave" in err.value.details()
+        assert 1 <= int(dict(err.value.trailing_metadata())["retry-after"]) <= 31
+    assert complete(max_tokens=2).status_code == 200
 
 
 def _serve_logs() -> str:

@@ -151,13 +151,20 @@ def test_stream_interval_defaults_to_50_ms_on_gpus(section, expected):
     assert model.effective_stream_interval_ms() == expected
 
 
-def test_quantization_is_refused_until_implemented():
-    """An accepted value must be honoured: until a method exists, `quantization` is refused, in YAML and by the engine."""
+def test_quantization_values_reach_the_engine_or_are_refused():
+    """Every accepted `quantization` value is one the engine implements and receives; others are refused."""
     from shardserve.cluster.config import ConfigError, parse_config
-    from shardserve.workers.config import ModelConfig
+    from shardserve.workers.config import QUANTIZATION_METHODS, ModelConfig
 
-    with pytest.raises(ConfigError, match=r"models\[0\]: quantization must be null: no quantization method"):
-        parse_config({"models": [{"name": "m", "quantization": "gptq"}]})
-    with pytest.raises(ValueError, match="quantization must be null"):
-        ModelConfig(quantization="int8")
+    for method in QUANTIZATION_METHODS:
+        section = parse_config({"models": [{"name": "m", "quantization": method,
+                                            "quantization_group_size": 64}]}).models[0]
+        engine = section.to_engine_config().model
+        assert (engine.quantization, engine.quantization_group_size) == (method, 64)
+    with pytest.raises(ConfigError, match=r"models\[0\]\.quantization"):
+        parse_config({"models": [{"name": "m", "quantization": "int3"}]})
+    with pytest.raises(ConfigError, match=r"quantization_group_size"):
+        parse_config({"models": [{"name": "m", "quantization": "int4", "quantization_group_size": 48}]})
+    with pytest.raises(ValueError, match="quantization must be null or one of"):
+        ModelConfig(quantization="int3")
     assert parse_config({"models": [{"name": "m", "quantization": None}]}).models[0].quantization is None

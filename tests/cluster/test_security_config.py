@@ -29,6 +29,7 @@ def test_defaults_are_open_plaintext_and_quiet():
     ({"api_keys": [{"name": "a", "key": "12345678", "key_file": "/k"}]}, "got ['key', 'key_file']"),
     ({"api_keys": [{"name": "a", "key": "short"}]}, "auth.api_keys[0].key"),
     ({"api_keys": [{"name": "a", "key_env": "A", "requests_per_minute": 0}]}, "requests_per_minute: must be > 0"),
+    ({"api_keys": [{"name": "a", "key_env": "A", "tokens_per_minute": -1}]}, "tokens_per_minute: must be > 0"),
     ({"api_keys": [{"name": "a", "key_env": "A"}, {"name": "a", "key_env": "B"}]}, "repeated: ['a']"),
     ({"api_keys": [{"name": "a b", "key_env": "A"}]}, "auth.api_keys[0].name"),
 ])  # fmt: skip
@@ -42,8 +43,8 @@ def test_bad_auth_sections_name_the_field(auth, message):
 @pytest.mark.parametrize(("tls", "message"), [
     ({"cert_file": "/c"}, "tls.key_file: Field required"),
     ({"cert_file": "/c", "key_file": "/k", "require_client_auth": True}, "needs ca_file"),
-    ({"cert_file": "/c", "key_file": "/k", "ca_file": "/a", "require_client_auth": True},
-     "set http_client_auth_unsupported_ok: true"),
+    ({"cert_file": "/c", "key_file": "/k", "ca_file": "/a", "http_client_auth_unsupported_ok": True},
+     "tls.http_client_auth_unsupported_ok"),  # gone: mutual TLS now holds on HTTP too
 ])  # fmt: skip
 def test_bad_tls_sections_name_the_field(tls, message):
     with pytest.raises(ConfigError) as err:
@@ -127,6 +128,19 @@ def test_token_bucket_refills_at_the_configured_rate():
     limiter.take("unlimited-key")
 
 
+def test_token_budget_takes_costs_and_carries_debt():
+    now = [0.0]
+    limiter = RateLimiter({"k": 60}, clock=lambda: now[0], unit="tokens")  # one token a second back
+    limiter.take("k", 50)
+    limiter.charge("k", 30)  # a prompt counted after admission: 10 - 30 = a debt of 20
+    with pytest.raises(RateLimited, match="60 tokens per minute") as err:
+        limiter.take("k", 5)
+    assert err.value.retry_after_s == pytest.approx(25.0) and err.value.retry_after_header == "25"
+    now[0] += 25
+    limiter.take("k", 5)
+    limiter.charge("unlimited-key", 10**9)
+
+
 def test_serve_options_turn_on_https_and_start_no_grpc_proxy(tmp_path):
     from shardserve.cluster.app import serve_options
 
@@ -139,7 +153,12 @@ def test_serve_options_turn_on_https_and_start_no_grpc_proxy(tmp_path):
     http = options["http_options"]
     assert (http.ssl_certfile, http.ssl_keyfile, http.ssl_ca_certs) == (str(cert), str(key), str(ca))
     assert options["grpc_options"].grpc_servicer_functions == []
+    assert "proxy_location" not in options  # server-side TLS: Serve's HTTP proxy serves HTTPS
     assert serve_options(config())["http_options"].ssl_certfile is None
+    # Mutual TLS: no Serve HTTP proxy (the Ingress replicas serve HTTPS with client certificates).
+    mutual = c.model_copy(update={"tls": c.tls.model_copy(update={"require_client_auth": True})})
+    options = serve_options(mutual)
+    assert options["proxy_location"] == "Disabled" and options["http_options"].ssl_certfile is None
     key.unlink()
     with pytest.raises(ConfigError, match=r"tls.key_file: cannot read .*k.pem"):
         http_ssl_options(c.tls)

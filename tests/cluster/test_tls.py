@@ -1,5 +1,5 @@
-"""TLS end to end: `shardserve serve` with a `tls` section (mutual TLS on gRPC), called over HTTPS and
-gRPC with real clients, and the start-up banner's gRPC command run as printed.
+"""TLS end to end: `shardserve serve` with a `tls` section (mutual TLS on HTTP and gRPC), called over
+HTTPS and gRPC with real clients, and the start-up banner's commands run as printed.
 
 HTTPS is a Serve proxy option, fixed per Serve instance, so this module cannot use the session
 cluster: it runs `shardserve serve` in a subprocess (tests/doubles/serve_fake.py: the command with the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import queue
 import shlex
@@ -61,15 +62,19 @@ def _certificates(folder: Path) -> dict[str, Path]:
         if server:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            # Client auth too: the Helm chart's readiness probe presents the server's certificate.
+            usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         elif not ca:
             builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         cert = builder.sign(issuer_key, hashes.SHA256())
         return cert, key
 
-    ca = make("shardserve test CA", None, ca=True)
+    ca, other_ca = make("shardserve test CA", None, ca=True), make("another CA", None, ca=True)
+    made = {"ca": ca, "server": make("localhost", ca, server=True), "client": make("client", ca),
+            "stranger": make("client", other_ca)}  # a client certificate from a CA the server does not trust
     paths = {}
-    for name, (cert, key) in {"ca": ca, "server": make("localhost", ca, server=True), "client": make("client", ca)}.items():
+    for name, (cert, key) in made.items():
         paths[f"{name}_cert"] = folder / f"{name}.crt"
         paths[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         paths[f"{name}_key"] = folder / f"{name}.key"
@@ -104,8 +109,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
         "http": {"host": "127.0.0.1", "port": http_port},
         "grpc": {"port": grpc_port},
         "tls": {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
-                "ca_file": str(certs["ca_cert"]), "require_client_auth": True,
-                "http_client_auth_unsupported_ok": True},
+                "ca_file": str(certs["ca_cert"]), "require_client_auth": True},
         "models": [{"name": "fake", "resources": {"num_cpus_per_worker": 0.25}}],
     }  # fmt: skip
     path = folder / "serve.yaml"
@@ -137,21 +141,43 @@ def served(tmp_path_factory) -> Iterator[Served]:
             proc.wait(timeout=30)
 
 
-def _ssl_context(served: Served) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(served.certs["ca_cert"]))
+def _ssl_context(served: Served, client: str | None = "client") -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(served.certs["ca_cert"]))
+    if client is not None:
+        context.load_cert_chain(served.certs[f"{client}_cert"], served.certs[f"{client}_key"])
+    return context
 
 
-def test_https_with_the_ca_and_refused_in_plaintext(served):
+def test_https_mutual_tls(served):
+    """HTTP is served by the Ingress replica (no Serve proxy) and requires a client certificate."""
     with httpx.Client(verify=_ssl_context(served), timeout=30) as http:
         r = http.post(served.http_url + "/v1/completions", json={"model": "fake", "prompt": "tls", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert http.get(served.http_url + "/health").json()["status"] == "ok"  # what the Helm probe calls
         client = openai.OpenAI(base_url=served.http_url + "/v1", api_key="unused", http_client=http, max_retries=0)
-        assert client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=2).usage.completion_tokens == 2  # fmt: skip
-    with pytest.raises(httpx.ConnectError):  # our CA is not the system's: verification fails
-        httpx.get(served.http_url + "/health", timeout=10)
+        messages = [{"role": "user", "content": "hi"}]
+        assert client.chat.completions.create(model="fake", messages=messages, max_tokens=2).usage.completion_tokens == 2
+        chunks = client.chat.completions.create(model="fake", messages=messages, max_tokens=4, stream=True)
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 4
+    # No client certificate, one from another CA, or a server we cannot verify: refused at the handshake.
+    for verify in (_ssl_context(served, client=None), _ssl_context(served, client="stranger"), True):
+        with httpx.Client(verify=verify, timeout=10) as http, pytest.raises(httpx.TransportError) as err:
+            http.get(served.http_url + "/health")
+        assert isinstance(err.value, (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)), err.value
     with pytest.raises(httpx.HTTPError):
         httpx.get(served.http_url.replace("https://", "http://") + "/health", timeout=10)
+
+
+def test_helm_readiness_probe_command(served):
+    """The head pod's readiness probe with mutual TLS (helm/shardserve/templates/_helpers.tpl): the
+    `shardserve probe` command presenting the server's own certificate; refused without one."""
+    c = served.certs
+    probe = [sys.executable, "-m", "shardserve.cluster.cli", "probe", served.http_url + "/health"]
+    mutual = [*probe, "--cert", str(c["server_cert"]), "--key", str(c["server_key"])]
+    ok = subprocess.run(mutual, capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(probe, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 1 and "probe https://" in refused.stderr, refused
 
 
 def _credentials(served: Served, client_cert: bool) -> grpc.ChannelCredentials:
@@ -175,14 +201,68 @@ def test_grpc_mutual_tls(served):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
 
 
-def test_banner_grpc_command_runs_as_printed(served):
+def test_banner_commands_run_as_printed(served):
     banner = served.banner
-    assert f"curl --cacert {served.certs['ca_cert']} https://127.0.0.1:" in banner
-    (command,) = [line.strip() for line in banner.splitlines() if line.strip().startswith(shlex.quote(sys.executable))]
-    # The banner leaves the client certificate to the reader (CLIENT.crt / CLIENT.key): fill in ours.
-    command = command.replace("CLIENT.crt", str(served.certs["client_cert"])).replace(
-        "CLIENT.key", str(served.certs["client_key"])
-    )
-    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, check=False)
+    assert f"curl --cacert {served.certs['ca_cert']} --cert CLIENT.crt --key CLIENT.key https://127.0.0.1:" in banner
+    lines = [line.strip() for line in banner.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("curl "))
+    curl = "\n".join(lines[start : start + 2])  # the command and its `-d` line (a `\` continuation)
+    (python,) = [line for line in lines if line.startswith(shlex.quote(sys.executable))]
+
+    def filled(command: str) -> str:  # the banner leaves the client certificate to the reader: ours
+        return command.replace("CLIENT.crt", str(served.certs["client_cert"])).replace(
+            "CLIENT.key", str(served.certs["client_key"])
+        )
+
+    out = subprocess.run(filled(curl) + " -sS --fail", shell=True, capture_output=True, text=True, timeout=60,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] == 32
+    out = subprocess.run(filled(python), shell=True, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.split()) == 32  # the fake engine's 32 words for max_tokens=32
+
+
+def test_ingress_https_server_cancels_a_request_whose_client_left(tmp_path):
+    """The Ingress's HTTPS server alone (no Ray): two of them share the port (SO_REUSEPORT, as the
+    Ingress replicas do), and a client that disconnects mid-request cancels the route's task (what
+    aborts the LLMServer call), as Serve's proxy does; uvicorn alone would let it run on."""
+    import asyncio
+
+    from shardserve.cluster.config import AppConfig, parse_config
+    from shardserve.cluster.ingress.http_server import HttpsServer
+
+    certs = _certificates(tmp_path)
+    port = free_port()
+    tls = {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
+           "ca_file": str(certs["ca_cert"]), "require_client_auth": True}  # fmt: skip
+    config = parse_config({"models": [{"name": "m"}], "http": {"host": "127.0.0.1", "port": port}, "tls": tls},
+                          AppConfig)  # fmt: skip
+
+    async def main() -> None:
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def route(scope, receive, send) -> None:  # a non-streaming route waiting on its engine
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        servers = [HttpsServer(config, lambda: route) for _ in range(2)]
+        for server in servers:
+            server.start()
+        while not all(s.server.started for s in servers):
+            await asyncio.sleep(0.05)
+        context = ssl.create_default_context(cafile=str(certs["ca_cert"]))
+        context.load_cert_chain(certs["client_cert"], certs["client_key"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+        await asyncio.wait_for(started.wait(), 10)
+        writer.close()
+        await asyncio.wait_for(cancelled.wait(), 10)
+        for server in servers:
+            await server.stop()
+
+    asyncio.run(main())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from helmkit import (
     CHART,
     CI_VALUES_DIR,
@@ -49,14 +50,14 @@ def expected_args(values: dict[str, Any]) -> dict[str, Any]:
     if tls["secretName"]:
         args["tls"] = {"cert_file": f"{tls['mountPath']}/tls.crt", "key_file": f"{tls['mountPath']}/tls.key"}
         if tls["requireClientAuth"]:
-            args["tls"].update(ca_file=f"{tls['mountPath']}/ca.crt", require_client_auth=True,
-                               http_client_auth_unsupported_ok=True)  # fmt: skip
+            args["tls"].update(ca_file=f"{tls['mountPath']}/ca.crt", require_client_auth=True)
     keys = values["apiKeys"]["keys"]
     if keys:
         auth = args.setdefault("auth", {})
         auth["api_keys"] = [*auth.get("api_keys", []), *(
             {"name": k["name"], "key_file": f"{values['apiKeys']['mountPath']}/{k['secretKey']}",
-             **({"requests_per_minute": k["requestsPerMinute"]} if k.get("requestsPerMinute") else {})}
+             **({"requests_per_minute": k["requestsPerMinute"]} if k.get("requestsPerMinute") else {}),
+             **({"tokens_per_minute": k["tokensPerMinute"]} if k.get("tokensPerMinute") else {})}
             for k in keys
         )]  # fmt: skip
     return args
@@ -100,10 +101,13 @@ def test_serve_config_is_the_values_document_and_valid(values_file: Path | None)
     assert parse_config(args, AppConfig) == AppConfig.model_validate(args)  # what app_builder runs
     assert [m.name for m in config.models] == [m["name"] for m in values["shardserve"]["models"]]
     https = {}
-    if config.tls is not None:
+    mutual = config.tls is not None and config.tls.require_client_auth
+    if config.tls is not None and not mutual:  # Serve's HTTP proxy serves HTTPS
         https = {"ssl_certfile": config.tls.cert_file, "ssl_keyfile": config.tls.key_file}
         https.update({"ssl_ca_certs": config.tls.ca_file} if config.tls.ca_file else {})
     assert doc["http_options"] == {"host": config.http.host, "port": config.http.port, **https}
+    # Mutual TLS: no Serve HTTP proxy, the Ingress replicas serve HTTPS (as serve_options does).
+    assert doc["proxy_location"] == ("Disabled" if mutual else values["serve"]["proxyLocation"])
     assert "grpc_options" not in doc  # Serve starts no gRPC proxy: the Ingress serves gRPC itself
 
 
@@ -220,9 +224,12 @@ def test_service_ports_match_values_and_app(values_file: Path | None) -> None:
         assert len(set(expected[kind])) == 1, expected[kind]
         assert port["port"] == expected[kind][0]
         selector = service["spec"]["selector"]
-        assert selector["ray.io/serve"] == "true" and selector["app.kubernetes.io/instance"] == RELEASE
-        # gRPC is served by the Ingress replicas, which run on the head pod (cluster/app.py).
-        on_head = values["service"]["podSelector"] == "head" or kind == "grpc"
+        assert selector["app.kubernetes.io/instance"] == RELEASE
+        # KubeRay's ray.io/serve label comes from a plaintext check: with TLS the chart's probes decide.
+        assert selector.get("ray.io/serve") == (None if args.get("tls") else "true")
+        # gRPC (and with mutual TLS HTTP) is served by the Ingress replicas, on the head pod (cluster/app.py).
+        mutual = bool(args.get("tls", {}).get("require_client_auth"))
+        on_head = values["service"]["podSelector"] == "head" or kind == "grpc" or mutual
         assert (selector.get("ray.io/node-type") == "head") == on_head
         # targetPort names a container port carrying the same number on every pod it may select.
         for group in [head, *workers]:
@@ -240,6 +247,39 @@ def test_service_ports_match_values_and_app(values_file: Path | None) -> None:
     for monitor in of_kind(objects, "PodMonitor"):
         assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
     assert bool(of_kind(objects, "PodMonitor")) == values["metrics"]["podMonitor"]["enabled"]
+
+
+@pytest.mark.parametrize("mutual", [True, False], ids=["mutual-tls", "server-tls"])
+def test_tls_readiness_probes_check_health_over_https(tmp_path: Path, mutual: bool) -> None:
+    """With TLS the chart's readiness probes replace KubeRay's plaintext ones: the head GETs /health
+    over HTTPS (with mutual TLS through `shardserve probe` and the Secret's certificate, parsed here
+    by the real CLI); workers check their proxy over HTTPS, or the raylet when they run no proxy."""
+    from shardserve.cluster.cli import build_parser
+
+    values = load_values(CI_VALUES_DIR / "cpu-tls-keys.yaml")
+    values["tls"]["requireClientAuth"] = mutual
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    head, workers = ray_groups(render(path))
+    port, mount = values["shardserve"]["http"]["port"], values["tls"]["mountPath"]
+    probe = container(head)["readinessProbe"]
+    if mutual:
+        command = probe["exec"]["command"]
+        args = build_parser(only="probe").parse_args(command[1:])
+        assert command[0] == "shardserve" and args.func.__module__ == "shardserve.cluster.commands.probe"
+        assert (args.url, args.cert, args.key) == (
+            f"https://127.0.0.1:{port}/health", f"{mount}/tls.crt", f"{mount}/tls.key"
+        )
+    else:
+        assert probe["httpGet"] == {"path": "/health", "port": "serve", "scheme": "HTTPS"}
+    for group in workers:
+        get = container(group)["readinessProbe"]["httpGet"]
+        proxy = not mutual and values["serve"]["proxyLocation"] == "EveryNode"
+        expected = {"path": "/-/healthz", "port": "serve", "scheme": "HTTPS"} if proxy else {
+            "path": "/api/local_raylet_healthz", "port": 52365, "scheme": "HTTP"}  # fmt: skip
+        assert get == expected
+    plain_head, plain_workers = ray_groups(render(CI_VALUES_DIR / "cpu-small.yaml"))
+    assert all("readinessProbe" not in container(g) for g in [plain_head, *plain_workers])  # KubeRay's own
 
 
 @pytest.mark.parametrize("values_file", CASES, ids=IDS)
@@ -285,7 +325,8 @@ def test_pods_get_shm_storage_nccl_and_api_key(values_file: Path | None) -> None
 
 def test_tls_and_api_key_secrets_reach_every_ray_pod() -> None:
     """tls.secretName and apiKeys.existingSecret are mounted read-only on every Ray pod (HTTPS is
-    served by Serve's proxy on each pod; the Ingress may read keys on the head) where the args say."""
+    served by Serve's proxy on each pod, or with mutual TLS by the Ingress on the head; the Ingress
+    may read keys on the head) where the args say."""
     values_file = CI_VALUES_DIR / "cpu-tls-keys.yaml"
     values = load_values(values_file)
     objects = render(values_file)

@@ -190,6 +190,13 @@ CASES: list[tuple[str, str, Callable[[Values], None], list[str], list[str]]] = [
         [],
     ),
     ("client-auth-without-secret", "cpu-tls-keys", _set("tls/secretName", ""), ["tls.requireClientAuth"], []),
+    (
+        "client-auth-with-serve-pods",
+        "cpu-tls-keys",
+        lambda values: values.setdefault("service", {}).update(podSelector="serve"),
+        ["service.podSelector: serve is not possible with mutual TLS"],
+        [],
+    ),
     ("api-keys-without-secret", "cpu-tls-keys", _set("apiKeys/existingSecret", ""), ["apiKeys.existingSecret"], []),
     (
         "api-key-name-twice",
@@ -203,6 +210,13 @@ CASES: list[tuple[str, str, Callable[[Values], None], list[str], list[str]]] = [
         "cpu-tls-keys",
         _set("apiKeys/keys/0/requestsPerMinute", 0),
         ["requestsPerMinute"],
+        [],
+    ),
+    (
+        "api-key-token-rate-not-positive",
+        "cpu-tls-keys",
+        _set("apiKeys/keys/0/tokensPerMinute", -5),
+        ["tokensPerMinute"],
         [],
     ),
     (

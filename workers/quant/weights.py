@@ -84,4 +84,18 @@ class Fp8Weight:
 QuantizedWeight = GroupedWeight | Int8Weight | Fp8Weight
 
 
+def narrow_inputs(w: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
+    """Input features [start, start + size) of a weight (a row-parallel rank's slice of a weight
+    quantized whole, so its scales are the ones a single process computes)."""
+    if isinstance(w, GroupedWeight):
+        g = w.group_size
+        if start % g or (size % g and start + size != w.q.shape[1]) or w.perm is not None:
+            raise ValueError(f"cannot give a tensor-parallel rank inputs [{start}, {start + size}) of a weight "
+                             f"with groups of {g}: the slice must hold whole groups")
+        groups = slice(start // g, -(-(start + size) // g))
+        return GroupedWeight(q=w.q[:, start:start + size].contiguous(), scales=w.scales[:, groups].contiguous(),
+                             mins=w.mins[:, groups].contiguous(), group_size=g, bits=w.bits)
+    return type(w)(q=w.q[:, start:start + size].contiguous(), scales=w.scales)
+
+
 Int4Weight = GroupedWeight  # the name the kernels and algorithms use for the 4-bit case

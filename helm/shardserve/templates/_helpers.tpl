@@ -156,7 +156,6 @@ app.kubernetes.io/part-of: shardserve
 {{- if $t.requireClientAuth -}}
 {{- $_ := set $tls "ca_file" (printf "%s/ca.crt" $t.mountPath) -}}
 {{- $_ := set $tls "require_client_auth" true -}}
-{{- $_ := set $tls "http_client_auth_unsupported_ok" true -}}
 {{- end -}}
 {{- $_ := set $args "tls" $tls -}}
 {{- end -}}
@@ -166,6 +165,7 @@ app.kubernetes.io/part-of: shardserve
 {{- range $k := .Values.apiKeys.keys -}}
 {{- $entry := dict "name" $k.name "key_file" (printf "%s/%s" $.Values.apiKeys.mountPath $k.secretKey) -}}
 {{- if $k.requestsPerMinute }}{{ $_ := set $entry "requests_per_minute" $k.requestsPerMinute }}{{ end -}}
+{{- if $k.tokensPerMinute }}{{ $_ := set $entry "tokens_per_minute" $k.tokensPerMinute }}{{ end -}}
 {{- $keys = append $keys $entry -}}
 {{- end -}}
 {{- $_ := set $auth "api_keys" $keys -}}
@@ -174,17 +174,79 @@ app.kubernetes.io/part-of: shardserve
 {{- toYaml $args -}}
 {{- end -}}
 
+{{/* "true" when TLS is on (the chart's Secret or shardserve.tls), else empty. */}}
+{{- define "shardserve.tlsOn" -}}
+{{- if or .Values.tls.secretName .Values.shardserve.tls }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" with mutual TLS: the Ingress replicas (head pod) serve HTTPS themselves and Serve starts no
+     HTTP proxy, as `shardserve serve` does (cluster/app.py serve_options), else empty. */}}
+{{- define "shardserve.mutualTls" -}}
+{{- if (include "shardserve.appArgs" . | fromYaml).tls }}{{ if (include "shardserve.appArgs" . | fromYaml).tls.require_client_auth }}true{{ end }}{{ end -}}
+{{- end -}}
+
 {{- define "shardserve.serveConfig" -}}
 {{- $sv := .Values.serve -}}
 {{- $args := include "shardserve.appArgs" . | fromYaml -}}
 {{- $http := dict "host" .Values.shardserve.http.host "port" .Values.shardserve.http.port -}}
+{{- $proxyLocation := $sv.proxyLocation -}}
+{{- if include "shardserve.mutualTls" . -}}
+{{- $proxyLocation = "Disabled" -}}
+{{- else -}}
 {{- with $args.tls -}}
 {{- $_ := set $http "ssl_certfile" .cert_file -}}
 {{- $_ := set $http "ssl_keyfile" .key_file -}}
 {{- with .ca_file }}{{ $_ := set $http "ssl_ca_certs" . }}{{ end -}}
 {{- end -}}
+{{- end -}}
 {{- $app := dict "name" $sv.appName "route_prefix" $sv.routePrefix "import_path" $sv.importPath "args" $args -}}
 {{- with $sv.runtimeEnv }}{{ $_ := set $app "runtime_env" . }}{{ end -}}
-{{- $doc := dict "proxy_location" $sv.proxyLocation "http_options" $http "applications" (list $app) -}}
+{{- $doc := dict "proxy_location" $proxyLocation "http_options" $http "applications" (list $app) -}}
 {{- toYaml $doc -}}
+{{- end -}}
+
+{{/* Readiness probes with TLS. KubeRay's own (and its ray.io/serve label, which the Services select
+     without TLS) GET http://<pod>:<serve port>/-/healthz in plaintext, which an HTTPS port never
+     answers; so with TLS the chart sets the probes and the Services select ready pods.
+     Head: GET /health (200 when every model answers) on the HTTP port: an httpGet probe over HTTPS,
+     or with mutual TLS (no httpGet probe can present a client certificate) `shardserve probe`
+     presenting the TLS certificate (it needs the client-auth usage, or no extended key usage).
+     Workers: their Serve proxy's /-/healthz over HTTPS when they run one (TLS without client auth,
+     proxyLocation EveryNode), else the raylet's health on the dashboard agent (KubeRay's check). */}}
+{{- define "shardserve.headReadinessProbe" -}}
+{{- $args := include "shardserve.appArgs" . | fromYaml -}}
+{{- if include "shardserve.mutualTls" . -}}
+{{- $host := .Values.shardserve.http.host -}}
+{{- $host = ternary "127.0.0.1" $host (has $host (list "0.0.0.0" "::" "")) -}}
+exec:
+  command: ["shardserve", "probe", {{ printf "https://%s:%d/health" $host (int .Values.shardserve.http.port) | quote }}, "--cert", {{ $args.tls.cert_file | quote }}, "--key", {{ $args.tls.key_file | quote }}]
+{{- else }}
+httpGet:
+  path: /health
+  port: serve
+  scheme: HTTPS
+{{- end }}
+{{ include "shardserve.probeTiming" . }}
+{{- end -}}
+
+{{- define "shardserve.workerReadinessProbe" -}}
+{{- if and (not (include "shardserve.mutualTls" .)) (eq .Values.serve.proxyLocation "EveryNode") -}}
+httpGet:
+  path: /-/healthz
+  port: serve
+  scheme: HTTPS
+{{- else -}}
+httpGet:
+  path: /api/local_raylet_healthz
+  port: 52365
+  scheme: HTTP
+{{- end }}
+{{ include "shardserve.probeTiming" . }}
+{{- end -}}
+
+{{- define "shardserve.probeTiming" -}}
+initialDelaySeconds: 10
+periodSeconds: 10
+timeoutSeconds: 10
+failureThreshold: 3
 {{- end -}}

@@ -32,6 +32,9 @@ cross-field rules a JSON schema cannot express:
 {{- if and $v.tls.requireClientAuth (not $v.tls.secretName) -}}
 {{- fail "tls.requireClientAuth: needs tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" -}}
 {{- end -}}
+{{- if and (include "shardserve.mutualTls" .) (eq $v.service.podSelector "serve") -}}
+{{- fail "service.podSelector: serve is not possible with mutual TLS (the Ingress replicas on the head pod serve HTTP, no Serve proxy runs); use head" -}}
+{{- end -}}
 {{- if and $v.apiKeys.keys (not $v.apiKeys.existingSecret) -}}
 {{- fail "apiKeys.existingSecret: name the Secret that holds apiKeys.keys[].secretKey" -}}
 {{- end -}}

@@ -39,12 +39,12 @@ def rtn_grouped(w: torch.Tensor, group_size: int, bits: int = 4, sym: bool = Tru
     """w [N, K] float -> GroupedWeight with groups of `group_size` inputs (-1: one group per row)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    q = torch.empty(n, k, dtype=torch.uint8)
+    q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     groups = -(-k // g)
-    scales = torch.empty(n, groups)
-    zeros = torch.empty(n, groups)
+    scales = torch.empty(n, groups, device=w.device)
+    zeros = torch.empty(n, groups, device=w.device)
     for i in range(groups):
-        cols = w[:, i * g:(i + 1) * g].float().cpu()
+        cols = w[:, i * g:(i + 1) * g].float()
         scale, zero = group_grid(cols, bits, sym)
         q[:, i * g:(i + 1) * g] = quantize_to_grid(cols, scale[:, None], zero[:, None], bits)
         scales[:, i], zeros[:, i] = scale, zero
@@ -52,16 +52,16 @@ def rtn_grouped(w: torch.Tensor, group_size: int, bits: int = 4, sym: bool = Tru
 
 
 def rtn_int8(w: torch.Tensor) -> Int8Weight:
-    """Symmetric per-channel INT8: w [N, K] -> Int8Weight."""
-    w = w.float().cpu()
+    """Symmetric per-channel INT8: w [N, K] -> Int8Weight (on w's device)."""
+    w = w.float()
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
     q = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8)
     return Int8Weight(q=q, scales=scales)
 
 
 def rtn_fp8(w: torch.Tensor) -> Fp8Weight:
-    """Per-channel FP8 e4m3: w [N, K] -> Fp8Weight."""
-    w = w.float().cpu()
+    """Per-channel FP8 e4m3: w [N, K] -> Fp8Weight (on w's device)."""
+    w = w.float()
     scales = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
     q = (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return Fp8Weight(q=q, scales=scales)

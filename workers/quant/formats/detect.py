@@ -1,7 +1,7 @@
 """Which layout a checkpoint's quantized layers use, from its folder and the configured method.
 
 A folder says how it was quantized in config.json's `quantization_config` (or, for older GPTQ
-folders, quantize_config.json). `resolve_layout` combines that with `ModelConfig.quantization`:
+folders, quantize_config.json); a GGUF file by the block type of its projections. `resolve_layout` combines that with `ModelConfig.quantization`:
   - folder quantized, config null or naming the same thing (int4 for GPTQ/AWQ 4-bit, int8 for
     8-bit, fp8 for FP8) -> the folder's layout;
   - folder float, config int8 | int4 | fp8 -> quantization at load (at_load.py);
@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shardserve.workers.config import QUANTIZATION_METHODS
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.awq import AwqLayout
 from shardserve.workers.quant.formats.compressed import CompressedLayout
+from shardserve.workers.quant.formats.gguf import GgufLayout, projection_block_type
 from shardserve.workers.quant.formats.gptq import GptqLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
 
-# Values of ModelConfig.quantization: at-load methods, then folder formats.
-METHODS = ("int8", "int4", "fp8", "gptq", "awq", "compressed-tensors")
+METHODS = QUANTIZATION_METHODS
 
 
 def folder_quantization(folder: Path | None, hf_config: Any = None) -> dict[str, Any] | None:
@@ -36,6 +37,15 @@ def folder_quantization(folder: Path | None, hf_config: Any = None) -> dict[str,
     if entry is not None and not isinstance(entry, dict):
         entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
     return entry
+
+
+PACKED_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
+def gguf_quantization(path: Path) -> dict[str, Any] | None:
+    """A GGUF file whose projections are all Q4_0, Q4_1 or Q8_0 blocks is read packed."""
+    block = projection_block_type(path)
+    return None if block is None else {"quant_method": "gguf", "block_type": block}
 
 
 def folder_layout(entry: dict[str, Any]) -> tuple[CheckpointLayout, str]:
@@ -61,8 +71,11 @@ def folder_layout(entry: dict[str, Any]) -> tuple[CheckpointLayout, str]:
         return AwqLayout(bits, group), "int4"
     if method == "compressed-tensors":
         return compressed_layout(entry)
+    if method == "gguf":
+        block = str(entry["block_type"])
+        return GgufLayout(PACKED_BITS[block], block), "int4" if PACKED_BITS[block] == 4 else "int8"
     raise ValueError(f"checkpoint quantization method {method!r} is not supported "
-                     "(gptq, awq, compressed-tensors)")
+                     "(gptq, awq, compressed-tensors, gguf)")
 
 
 def compressed_layout(entry: dict[str, Any]) -> tuple[CheckpointLayout, str]:

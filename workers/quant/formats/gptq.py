@@ -55,14 +55,16 @@ class GptqLayout:
         k = q.shape[1]
         g = self.group_for(k)
         g_idx = tensors["g_idx"].to(torch.int64)
+        if not self.desc_act:  # a row-parallel rank's slice starts at its first group, as its scales do
+            g_idx = g_idx - g_idx.min()
         perm = None
-        if not torch.equal(g_idx, torch.arange(k) // g):
+        columns = torch.arange(k, device=g_idx.device)
+        if not torch.equal(g_idx, columns // g):
             perm = torch.argsort(g_idx, stable=True)
             q = q[:, perm]
             # act-order: groups of g consecutive sorted columns; each group must hold exactly g features
             sorted_groups = g_idx[perm]
-            expected = torch.arange(k) // g
-            if not torch.equal(sorted_groups, expected):
+            if not torch.equal(sorted_groups, columns // g):
                 raise ValueError("GPTQ g_idx does not give every group exactly group_size inputs on this rank "
                                  "(act-order checkpoints need tensor_parallel_size 1 for row-parallel layers)")
         groups = ceil_div(k, g)
@@ -77,7 +79,7 @@ class GptqLayout:
         n, k = weight.q.shape
         zeros = zero_points(weight)  # [N, G]
         q = weight.q
-        g_idx = torch.arange(k, dtype=torch.int32) // weight.group_size
+        g_idx = torch.arange(k, dtype=torch.int32, device=q.device) // weight.group_size
         if weight.perm is not None:  # back to the checkpoint's input order
             q = torch.empty_like(q).index_copy_(1, weight.perm, q)
             g_idx = torch.empty_like(g_idx).index_copy_(0, weight.perm, g_idx)

@@ -67,7 +67,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int, order: tuple[int, ...]
     v = v.reshape(*v.shape[:-1], -1, per_word)
     if order is not None:
         v = v[..., list(order)]
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=v.device) * bits
     words = (v << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
     return words.to(torch.int32).movedim(-1, dim).contiguous()
@@ -77,7 +77,7 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int, order: tuple[int, ...
     """Inverse of `pack_int32`: int32 words -> uint8 values (bits <= 8), `dim` grows by 32 // bits."""
     per_word = 32 // bits
     w = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=w.device) * bits
     v = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., words, per_word], word position order
     if order is not None:
         v = v[..., [order.index(j) for j in range(per_word)]]
