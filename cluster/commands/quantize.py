@@ -9,21 +9,23 @@ float conversion cache, gguf_cache.py) is loaded with transformers' AutoModelFor
 in float32; the first --calib-tokens tokens of --calib, in sequences of up to 512, calibrate
 workers/quant/calibrate.py (one progress bar step per layer); workers/quant/checkpoint.py
 writes the folder. Last, the perplexity of the float and of the quantized model on the eval
-tokens (--eval, else the part of --calib after the calibration tokens) is printed: the
-quantized model is evaluated with exactly the weights the folder holds.
+tokens (--eval, else the part of --calib after the calibration tokens) is printed, computed by
+workers/eval/perplexity.py (the function behind `shardserve eval perplexity`) on the
+transformers model, which holds exactly the weights the folder does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SEQ_LEN = 512  # calibration / evaluation window, tokens
+SEQ_LEN = 512  # calibration sequence, tokens
+WINDOW, STRIDE = 512, 256  # perplexity windows, as `shardserve eval perplexity` defaults
 MIN_EVAL_TOKENS = 128
 
 
@@ -94,14 +96,13 @@ def quantize(args: argparse.Namespace, spec: Any, folder: Path) -> int:
         return 2
     seq_len = min(SEQ_LEN, args.calib_tokens)
     calib_ids = torch.tensor(calib[:args.calib_tokens]).reshape(-1, seq_len)  # [num_seqs, seq_len]
-    eval_ids = torch.tensor(held_out)
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     started = time.perf_counter()
-    float_ppl = perplexity(model, eval_ids)
+    float_ppl = perplexity(model, held_out)
     result = quantize_model(model, calib_ids, spec, progress=True)
     out = write_folder(args.out, folder, model, result, spec)
-    quant_ppl = perplexity(model, eval_ids)
+    quant_ppl = perplexity(model, held_out)
     summary = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                "desc_act": spec.desc_act, "calib_tokens": args.calib_tokens, "eval_tokens": len(held_out),
                "float_perplexity": round(float_ppl, 4), "quantized_perplexity": round(quant_ppl, 4),
@@ -137,19 +138,27 @@ def hf_folder(model: str) -> Path:
     return folder
 
 
-def perplexity(model: Any, ids: Any, window: int = SEQ_LEN) -> float:
-    """exp(mean next-token NLL) of ids [T] over consecutive windows of `window` tokens (each window
-    starts fresh, so every token after a window's first is predicted from up to window - 1 others)."""
-    import torch
+class HFScorer:
+    """A transformers causal LM as workers/eval/perplexity.py's `Scorer`, so the quality printed here
+    is computed by the same windows and sums as `shardserve eval perplexity`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def score(self, prompt: Sequence[int], num_targets: int | None = None) -> Any:
+        """log-probs [num_targets, vocab] of the last num_targets tokens of prompt, float32."""
+        import torch
+
+        num_targets = len(prompt) - 1 if num_targets is None else num_targets
+        ids = torch.tensor([list(prompt)])  # [1, T]
+        logits = self.model(input_ids=ids, use_cache=False).logits[0]  # [T, vocab]
+        return torch.log_softmax(logits[-num_targets - 1:-1].float(), dim=-1)
+
+
+def perplexity(model: Any, ids: Sequence[int]) -> float:
+    """Perplexity of a transformers model on ids: sliding windows of 512 tokens, stride 256."""
+    from shardserve.workers.eval.perplexity import evaluate_perplexity
     from shardserve.workers.quant.algorithms.gptq import one_thread
 
-    total, count = 0.0, 0
-    with torch.no_grad(), one_thread():
-        for start in range(0, ids.numel() - 1, window):
-            chunk = ids[start:start + window][None, :]  # [1, T]
-            if chunk.shape[1] < 2:
-                break
-            logits = model(input_ids=chunk, use_cache=False).logits[0, :-1].float()  # [T - 1, vocab]
-            total += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
-    return math.exp(total / count)
+    with one_thread():
+        return evaluate_perplexity(HFScorer(model), ids, window=WINDOW, stride=STRIDE).perplexity
