@@ -11,7 +11,7 @@ For each row count (bf16 [rows, 4096]: that many tokens of Llama-3.1-8B's hidden
     place and then the `rmsnorm` kernel with the residual;
   - flags / lamport: the fused kernel (parallel/kernels/allreduce_rmsnorm.py) with each protocol,
     each on its own symmetric buffer set up the way the engine does it
-    (`create_custom_allreduce` with SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL set).
+    (`create_custom_allreduce` with KernelOptions.fused_allreduce_protocol set).
 Each fused result is checked bit for bit against the unfused pair on random data (at 2 ranks
 both compute one correctly rounded a + b, then the same norm), then every variant is timed:
 `--ops` calls captured in one graph, replayed `--replays` times; per-call microseconds, the
@@ -24,7 +24,6 @@ Exit status (the same on every rank): 0 when every check matched, 1 when one did
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -49,17 +48,16 @@ def main() -> int:
     args = parser.parse_args()
     bench = start(args, "a fused kernel")
     from shardserve.parallel import custom_allreduce as car
-    from shardserve.parallel.fused_allreduce_norm import ENV_PROTOCOL
     from shardserve.parallel.kernels.rmsnorm import rmsnorm
+    from shardserve.parallel.options import KernelOptions
 
     header(bench)
     customs = {}
     for protocol in PROTOCOLS:
-        os.environ[ENV_PROTOCOL] = protocol
         custom = None
         try:
             custom = car.create_custom_allreduce(dist.group.WORLD, list(range(bench.world)), bench.cpu_group,
-                                                 bench.device)
+                                                 bench.device, options=KernelOptions(fused_allreduce_protocol=protocol))
         except Exception:
             bench.error(f"create_custom_allreduce ({protocol}) raised")
         if bench.all_ok(custom is not None and custom.fused is not None):

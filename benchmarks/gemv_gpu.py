@@ -23,13 +23,13 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear, tiles_for, tiles_key
 from shardserve.parallel.kernels.rmsnorm import rmsnorm
+from shardserve.parallel.options import DEFAULT_KERNEL_OPTIONS, KernelOptions, set_kernel_options
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.activation import silu_and_mul
@@ -49,7 +49,7 @@ def shapes(tp: int) -> list[tuple[str, int, int, bool]]:
 
 def chain_ms(project, x: torch.Tensor, weights: list[torch.Tensor], norm_w: torch.Tensor, pdl: bool) -> float:
     """GPU ms per replay of a graph of len(weights) pairs norm -> project(normed, W_i)."""
-    os.environ["SHARDSERVE_PDL"] = "1" if pdl else "0"
+    set_kernel_options(KernelOptions(pdl=pdl))  # what parallel.pdl installs on a rank
     try:
         def body():
             for w in weights:
@@ -63,7 +63,7 @@ def chain_ms(project, x: torch.Tensor, weights: list[torch.Tensor], norm_w: torc
         with torch.cuda.graph(graph):
             body()
     finally:
-        os.environ.pop("SHARDSERVE_PDL", None)
+        set_kernel_options(DEFAULT_KERNEL_OPTIONS)
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--sweep", action="store_true", help="time every tile of sweep_tiles too")
-    parser.add_argument("--write-tiles", help="write the best tiles of the sweep as a SHARDSERVE_GEMV_TILES table")
+    parser.add_argument("--write-tiles", help="write the best tiles of the sweep as a tiles table (parallel.gemv_tiles)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth(DEV)
     print(f"device: {device_name(DEV)}; copy bandwidth {bandwidth / 1e9:,.0f} GB/s")

@@ -33,7 +33,7 @@ Cases (dummy bf16 weights of real shapes; `shardserve.workers.bench` workloads a
        workload (other prompts; tag `warm`). Every throughput case's log ends with its step
        timeline (step_timeline.py): where the run's time went, step by step.
   tpfused: Llama-3.1-8B batch-1 decode at TP 1, and TP 2 with the fused all-reduce + RMSNorm
-       kernel off (SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1), on with the flags protocol
+       kernel off (SHARDSERVE_FUSED_ALLREDUCE_NORM=0), on with the flags protocol
        (SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags) and on with the default (Lamport).
   tpws: Llama-3.1-8B batch-1 decode at TP 1 and TP 2, each with cuBLAS's default workspace and
        with none (CUBLAS_WORKSPACE_CONFIG=:0:0: no split-K with a separate reduce kernel).
@@ -112,7 +112,7 @@ CASES = {
        for name, warm in (("ppfig", False), ("ppfigwarm", True))},
     "tpfused": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=1, pp=1, ep=1)]
                + [dict(kind="latency", model="dummy:llama-3.1-8b", tp=2, pp=1, ep=1, tag=tag, env=env)
-                  for tag, env in (("unfused", {"SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM": "1"}),
+                  for tag, env in (("unfused", {"SHARDSERVE_FUSED_ALLREDUCE_NORM": "0"}),
                                    ("fused-flags", {"SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL": "flags"}),
                                    ("fused-lamport", {}))],
     "tpws": [dict(kind="latency", model="dummy:llama-3.1-8b", tp=tp, pp=1, ep=1, tag=tag, env=env)

@@ -59,10 +59,10 @@ def weight_bytes(engine: LLMEngine) -> int:
                 if obj.data_ptr() not in seen:
                     seen.add(obj.data_ptr())
                     total += obj.numel() * obj.element_size()
-            elif hasattr(obj, "__dict__"):
-                stack.extend(vars(obj).values())
-            elif hasattr(obj, "__closure__") and obj.__closure__:
+            elif callable(obj) and getattr(obj, "__closure__", None):  # a runtime lambda: its captured packing
                 stack.extend(c.cell_contents for c in obj.__closure__)
+            elif hasattr(obj, "__dict__") and not callable(obj):
+                stack.extend(vars(obj).values())
     return total
 
 

@@ -3,22 +3,18 @@
 Data flow: a validated `AppConfig` (from `shardserve serve`, or `app_builder(args)` when a Serve
 config file / RayService names `import_path: shardserve.cluster.app:app_builder`) becomes:
   - per model, an LLMServer deployment (cluster/server.py) named `LLMServer_<i>_<name>`, with
-    `num_replicas` or an `autoscaling_config`, the prefix-affinity request router
-    (cluster/router.py) configured from the model's `router` section, and resources for one
-    worker group: with tp × pp = 1 the replica takes the rank's CPUs/GPUs and runs the model
-    itself; otherwise the replica is the engine's driver (CPUs only) and a placement group
-    reserves one bundle per rank, bundle 0 shared with the replica (STRICT_PACK for one pipeline
-    stage, PACK when stages may span nodes); the engine starts one Ray actor per rank in it
-    (workers/group.py);
-  - one Ingress deployment (cluster/ingress/deployment.py) bound to a handle per model; it serves
-    the OpenAI HTTP API (through Serve's HTTP proxy; with mutual TLS itself: http_server.py) and
-    its own gRPC server (cluster/ingress/grpc_server.py). Its replicas are placed on the Ray head
-    node (no CPUs reserved: they relay messages), where the Helm chart's Services point, and
-    `ingress.num_replicas` share the ports with SO_REUSEPORT.
+    `num_replicas` or an `autoscaling_config`, the prefix-affinity router (cluster/router.py) and
+    resources for one worker group: with tp × pp = 1 the replica runs the model itself; otherwise
+    it is the engine's driver (CPUs only) and a placement group reserves one bundle per rank
+    (bundle 0 shared with the replica; STRICT_PACK for one stage, PACK when stages may span nodes);
+  - one Ingress deployment (cluster/ingress/deployment.py) bound to a handle per model: the OpenAI
+    HTTP API (through Serve's HTTP proxy; with mutual TLS itself: http_server.py) and its own gRPC
+    server (cluster/ingress/grpc_server.py). Its replicas sit on the Ray head node (where the Helm
+    chart's Services point) and share the ports with SO_REUSEPORT.
 `build_app(config, engine_factory=...)` is the tests' way in (fake engines, tests/doubles/).
-The HTTP port and HTTPS files are proxy settings, not part of the Application: `serve_options(config)`
-gives the `serve.start` arguments (`shardserve serve` uses them; a RayService sets them in its spec):
-no gRPC proxy, and with mutual TLS (`tls.require_client_auth`) no HTTP proxy either.
+`serve_options(config)` gives the `serve.start` arguments (HTTP port, HTTPS files: proxy settings,
+not part of the Application; a RayService sets them in its spec): no gRPC proxy, and with mutual
+TLS (`tls.require_client_auth`) no HTTP proxy either.
 """
 
 from __future__ import annotations

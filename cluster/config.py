@@ -5,15 +5,17 @@ field (extra keys are refused, names must be unique) → `build_app(config)` in 
 turns each `ModelSection` into one LLMServer deployment, and `ModelSection.to_engine_config()`
 gives the frozen `EngineConfig` the engine reads. The Helm chart renders exactly these names
 into a RayService's serveConfigV2 `args`, which reach `app_builder(args)` and this schema again
-(minus the `ray` section, which only `shardserve serve` uses). Errors are `ConfigError`s whose
-lines name the path of the bad field, e.g.
+(minus the `ray` section, which only `shardserve serve` uses). The engine sections (cache,
+scheduler, parallel and a model's engine fields) are generated from workers/config.py
+(cluster/config_fields.py) and run the engine's own checks; the rest is the cluster's. Errors are
+`ConfigError`s whose lines name the path of the bad field, e.g.
 `models[0].parallel.tensor_parallel_size: must be >= 1, got 0`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
@@ -25,8 +27,8 @@ from pydantic import (
     field_serializer,
     model_validator,
 )
+from shardserve.cluster.config_fields import engine_section
 from shardserve.workers.config import (
-    MAX_TIMEOUT_S,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -164,56 +166,8 @@ class AuthSection(_Section):
         return self
 
 
-class ParallelSection(_Section):
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one layer is split over (NCCL all-reduce), >= 1.")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages the layers are split into, >= 1.")
-    expert_parallel_size: int = Field(
-        1, ge=1, description="Ranks the MoE experts are spread over, >= 1; must divide tp × pp."
-    )
-    pipeline_micro_batches: int | None = Field(
-        None,
-        ge=1,
-        description=(
-            "Batches in flight under pipeline parallelism, in [pp, 2 × pp]; null = pp. pp + 1 keeps the first "
-            "stage busy while the driver turns a returned batch around (throughput at many requests)."
-        ),
-    )
-    collective_timeout_s: float = Field(
-        300.0,
-        gt=0,
-        le=MAX_TIMEOUT_S,
-        description=(
-            "Seconds a rank waits in a collective (all-reduce, pipeline send/recv, the start-up rendezvous) for a "
-            "peer before it fails with a timeout instead of hanging, in (0, 86400]."
-        ),
-    )
-    step_timeout_s: float = Field(
-        600.0,
-        gt=0,
-        le=MAX_TIMEOUT_S,
-        description=(
-            "Seconds the engine waits for a step's result from the worker group before declaring the group dead "
-            "(requests in flight end with UNAVAILABLE, the replica turns unhealthy and is replaced), in "
-            "(0, 86400]; must cover the slowest step, prefill of a full batch included."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _check_ep(self) -> ParallelSection:
-        world = self.tensor_parallel_size * self.pipeline_parallel_size
-        if world % self.expert_parallel_size:
-            raise ValueError(
-                f"expert_parallel_size must divide tensor_parallel_size × pipeline_parallel_size = {world}, "
-                f"got {self.expert_parallel_size}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _check_micro_batches(self) -> ParallelSection:
-        # The engine's rule and message (ParallelConfig), so YAML errors read like the engine's.
-        ParallelConfig(pipeline_parallel_size=self.pipeline_parallel_size,
-                       pipeline_micro_batches=self.pipeline_micro_batches)
-        return self
+# Launcher: a replica's world of several ranks always runs as Ray actors (cluster/server.py).
+ParallelSection = engine_section(ParallelConfig, "ParallelSection", skip=("launcher",))
 
 
 class AutoscalingSection(_Section):
@@ -237,34 +191,8 @@ class ResourcesSection(_Section):
     num_cpus_per_worker: float = Field(1, ge=0, description="CPUs per rank of a worker group, >= 0.")
 
 
-class CacheSection(_Section):
-    block_size: int = Field(16, ge=1, description="Tokens per paged-KV block, >= 1.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use, in (0, 1]."
-    )
-    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1, description="KV pool size in bytes on CPU, >= 1.")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of prompt prefixes seen before.")
-
-
-class SchedulerSection(_Section):
-    max_num_seqs: int = Field(256, ge=1, description="Requests in one engine step at most, >= 1.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens in one engine step at most, >= 1.")
-    enable_chunked_prefill: bool = Field(True, description="Split long prompts over steps, mixed with decodes.")
-    policy: Literal["fcfs", "priority"] = Field("fcfs", description="Queue order: fcfs or priority.")
-    mode: Literal["continuous", "static"] = Field("continuous", description="continuous or static batching.")
-    max_queue_len: int = Field(
-        1024,
-        ge=1,
-        description=(
-            "Waiting samples per replica (a request with n completions counts n) before new requests get "
-            "429 / RESOURCE_EXHAUSTED, >= 1; a request with n above it gets 400."
-        ),
-    )
-    max_queue_tokens: int = Field(
-        1 << 20,
-        ge=1,
-        description="Prompt tokens of the waiting requests per replica before new ones get 429, >= 1.",
-    )
+CacheSection = engine_section(CacheConfig, "CacheSection")
+SchedulerSection = engine_section(SchedulerConfig, "SchedulerSection")
 
 
 class RouterSection(_Section):
@@ -304,27 +232,14 @@ class LimitsSection(_Section):
     )
 
 
-class ModelSection(_Section):
+# The engine's model fields, flat in a `models[]` entry; `model` is called `source` there.
+_ModelFields = engine_section(ModelConfig, "_ModelFields", renames={"model": "source"})
+
+
+class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
     name: str = Field(
         ..., min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="Model name clients send (`model` field)."
     )
-    source: str = Field(
-        "default",
-        min_length=1,
-        description="Weights: `default` (embedded SmolLM2), a Hugging Face folder, a .gguf file or `dummy:<shape>`.",
-    )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Compute dtype.")
-    quantization: Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf"] | None = Field(
-        None,
-        description=("Weight quantization. null: as the checkpoint is (GPTQ / AWQ / compressed-tensors folders are "
-                     "detected; GGUF files are dequantized). int8 | int4 | fp8: quantize a float "
-                     "checkpoint at load. gptq | awq | compressed-tensors | gguf: require that format (gguf: Q4_0/Q4_1/Q8_0 kept packed). A value contradicting the folder is refused."),
-    )
-    quantization_group_size: Literal[32, 64, 128, -1] = Field(
-        128, description="Inputs per scale for int4 at load (-1: one scale per output row)."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
-    max_model_len: int | None = Field(None, ge=1, description="Context length cap; null = the model's own.")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism of one group.")
     replicas: int | None = Field(
         None, ge=1, description="Fixed number of LLMServer replicas (data parallelism), >= 1; default 1."
@@ -371,9 +286,10 @@ class ModelSection(_Section):
         return self
 
     @model_validator(mode="after")
-    def _check_quantization(self) -> ModelSection:
-        # The engine's rule and message (ModelConfig), so `config validate` refuses what the engine refuses.
-        ModelConfig(quantization=self.quantization, quantization_group_size=self.quantization_group_size)
+    def _check_engine(self) -> ModelSection:
+        # The whole EngineConfig's rules and messages (each section ran its own already), so
+        # `config validate` refuses what the engine refuses, e.g. async_scheduling with pp > 1.
+        self.to_engine_config()
         return self
 
     @property
@@ -389,32 +305,16 @@ class ModelSection(_Section):
         message per token per stream can carry (benchmarks/README.md, serving rows)."""
         if self.stream_interval_ms is not None:
             return self.stream_interval_ms
-        on_gpu = self.device == "cuda" or self.resources.num_gpus_per_worker > 0
+        on_gpu = self.device.startswith("cuda") or self.resources.num_gpus_per_worker > 0
         return GPU_STREAM_INTERVAL_MS if on_gpu else 0.0
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=ModelConfig(
-                model=self.source,
-                dtype=self.dtype,
-                device=self.device,
-                max_model_len=self.max_model_len,
-                quantization=self.quantization,
-                quantization_group_size=self.quantization_group_size,
-            ),
-            cache=CacheConfig(
-                block_size=self.cache.block_size,
-                gpu_memory_utilization=self.cache.gpu_memory_utilization,
-                cpu_kv_cache_bytes=self.cache.cpu_kv_cache_bytes,
-                enable_prefix_caching=self.cache.enable_prefix_caching,
-            ),
-            scheduler=_scheduler_config(self.scheduler),
-            parallel=ParallelConfig(**self.parallel.model_dump()),
+            model=self.to_engine(),
+            cache=self.cache.to_engine(),
+            scheduler=self.scheduler.to_engine(),
+            parallel=self.parallel.to_engine(),
         )
-
-
-def _scheduler_config(section: SchedulerSection) -> SchedulerConfig:
-    return SchedulerConfig(**section.model_dump())
 
 
 class AppConfig(_Section):

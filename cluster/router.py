@@ -2,31 +2,20 @@
 
 Data flow: every DeploymentHandle call to an LLMServer (made by the Ingress) becomes a
 PendingRequest whose first argument is a `GenerateRequest`. `choose_replicas` hashes its
-`routing_text` in chunks of `PREFIX_CHUNK_CHARS` characters, chaining each chunk's hash with
-the previous one (like the KV cache's block hashes), and looks the chain up longest-first in a
-table of which replica last served that prefix. If a replica is found and its load exceeds the
-least-loaded replica's by no more than `max_load_imbalance`, it is ranked first ("affinity
-hit"); otherwise replicas are ranked by load, then by how few prefixes they own, so new
-prefixes spread. Ray Serve then tries the ranks in order (a full replica is skipped). When a
-replica accepts the request, `on_request_routed` records its prefix chain → replica and counts
-it in flight until that very `ReplicaResult` completes (its own done callback). Calls that are
-not generate requests (stats, health) simply go to the least-loaded replica, or to the replica
-a `replica_id=` keyword names (LLMServer.recent_requests, so benchmarks can read each replica).
+`routing_text` in chunks of `PREFIX_CHUNK_CHARS` characters, each chained with the previous one
+(like the KV cache's block hashes), and looks the chain up longest-first in a table of which
+replica last served that prefix. A replica found whose load exceeds the least-loaded one's by no
+more than `max_load_imbalance` is ranked first ("affinity hit"); otherwise replicas are ranked by
+load, then by how few prefixes they own, so new prefixes spread. Serve tries the ranks in order.
+`on_request_routed` records the accepted replica's prefix chain and counts the request in flight
+until its own `ReplicaResult` completes. Other calls (stats, health) go to the least-loaded
+replica, or to the one a `replica_id=` keyword names.
 
-Load = requests in flight from this router, counted exactly. Two tempting sources are not used
-because they go stale in one direction: Serve's queue-length cache is set from the count a
-replica reports when it accepts a request and can land *after* that request's completion has
-decremented it, leaving an idle replica "busy" until the entry expires (10 s); and pairing
-`on_request_routed` with Serve's `on_request_completed(replica, internal_id)` leaks a count
-whenever the completion callback runs first (a short request that finishes before the router
-loop resumes after the accept), and cannot tell a rejected attempt from an accepted retry of
-the same request. Either way one replica looks permanently loaded and gets no new prefixes.
-With several Ingress replicas each router balances its own share, so the sum stays balanced;
-Serve's `max_ongoing_requests` still makes a full replica refuse.
-
-Observability: each router registers itself in this process under its deployment name;
-`router_stats(name)` (served by the Ingress at /v1/stats) reports per replica the requests
-routed, affinity hits, load and the engine stats the replica reports via record_routing_stats.
+Load = requests in flight from this router, counted exactly (why not Serve's counts:
+`_count_in_flight`). With several Ingress replicas each router balances its own share; Serve's
+`max_ongoing_requests` still makes a full replica refuse. Each router registers itself under its
+deployment name; `router_stats(name)` (the Ingress's /v1/stats) reports per replica the requests
+routed, affinity hits, load and the engine stats the replica reports (record_routing_stats).
 """
 
 from __future__ import annotations
@@ -154,6 +143,13 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
         Runs on the router's event loop; the done callback may fire on another thread (or at
         once, if the request already finished), so the release is posted back to this loop.
+
+        Why not Serve's own counts: its queue-length cache is set from the count a replica reports
+        when it accepts a request and can land *after* that request's completion decremented it
+        (an idle replica looks busy until the entry expires); and `on_request_completed(replica,
+        internal_id)` leaks a count when the completion runs before the router loop resumes after
+        the accept, and cannot tell a rejected attempt from an accepted retry. Either way one
+        replica looks permanently loaded and gets no new prefixes.
         """
         self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
         loop = asyncio.get_running_loop()

@@ -5,23 +5,18 @@ prefix-affinity router in cluster/router.py picks the replica). The replica rend
 messages with the engine's template, hands prompt + SamplingParams to `engine.generate`, and
 turns each `RequestOutput` into a compact `GenerateChunk` (text delta, token count, finish
 reason, this replica's id). Bad input, a full queue and a dead engine come back as one chunk
-with an `ErrorInfo`, never as an exception. If the caller goes away (HTTP client disconnect,
-gRPC cancel or deadline), Ray Serve cancels this generator; the `finally` closes the engine's
-iterator and aborts the request, so its KV blocks return to the pool.
+with an `ErrorInfo`, never as an exception. If the caller goes away, Ray Serve cancels this
+generator; the `finally` aborts the request, so its KV blocks return to the pool.
 
-One replica = one worker group. With tp × pp = 1 the replica runs the model itself. Otherwise
-its engine uses the Ray launcher (`ParallelConfig.launcher = "ray"`): the replica keeps the
-tokenizer, scheduler and KV block table and drives one Ray actor per rank, started in the
-placement group that cluster/app.py reserved for the replica (workers/group.py); per-step
-messages go over sockets, never Ray calls. Serve's `check_health` reaches the executor's
-`check_health`, so a dead rank makes the replica unhealthy and Serve replaces it; requests in
-flight end with an UNAVAILABLE error chunk (HTTP 503 / gRPC UNAVAILABLE). `__del__` (Serve's
-graceful shutdown) stops the engine and its ranks.
+One replica = one worker group: with tp × pp = 1 the replica runs the model itself; otherwise its
+engine uses the Ray launcher and drives one Ray actor per rank in the placement group cluster/app.py
+reserved (workers/group.py; per-step messages go over sockets, never Ray calls). Serve's
+`check_health` reaches the executor's, so a dead rank makes the replica unhealthy and Serve
+replaces it; requests in flight end with UNAVAILABLE (HTTP 503). `__del__` stops the engine.
 
-Engine choice: `shardserve.workers.async_engine.AsyncEngine.from_config(engine_config(section))`,
-built on a thread so the replica's event loop stays free while ranks start and weights load; or
-an `engine_factory` passed from Python (`build_app(config, engine_factory=...)`: the tests' fake
-engines, never reachable from YAML).
+Engine: `AsyncEngine.from_config(engine_config(section))`, built on a thread so the replica's
+event loop stays free while ranks start and weights load; or an `engine_factory` passed from
+Python (`build_app(config, engine_factory=...)`: the tests' fake engines, never from YAML).
 """
 
 from __future__ import annotations

@@ -1,24 +1,20 @@
 """Adaptive coalescing of a token stream: one message for everything produced since the last send.
 
-Why: every message a Serve deployment yields is a Ray object (LLMServer → Ingress) and then a
-second one (Ingress → gRPC proxy), each costing a few hundred microseconds of CPU in the sender,
-the receiver and the proxy. One message per token per stream capped the served throughput at
-about half of the engine's (benchmarks/README.md, serving rows):
-the processes on the path saturated, and the engine thread starved for the GIL in the replica.
-Used by the LLMServer when a model's stream interval is > 0 (cluster/server.py): by default 50 ms
-for models on GPUs and 0 (off) on CPU. With merging on for every model, CPU CI included, Ray's
-gRPC proxy segfaulted while cancelling streams (cluster/app.py), so the CPU default stays off.
+Why: every message a Serve deployment yields is a Ray object (LLMServer → Ingress, then Ingress →
+proxy), each costing CPU in the sender, the receiver and the proxy; one message per token per
+stream saturated those processes and starved the engine thread for the GIL (figures:
+benchmarks/README.md, serving rows). Used by the LLMServer when a model's stream interval is > 0
+(cluster/server.py): by default on GPUs and off on CPU (with merging on for every model, Ray's
+gRPC proxy segfaulted while cancelling streams in CPU CI; cluster/app.py).
 
 `batched(source)` reads `source` in a task of its own and hands the consumer everything that
-arrived while it was busy sending the previous message, as one list. Nothing is delayed: when the
-consumer is idle it gets each item as soon as it arrives (a list of one, the first token
-included); items only pile up — and are then sent together — when sending is the bottleneck, so
-the message rate falls exactly when it has to. With `min_interval_s` > 0 (a model's
-`stream_interval_ms`), after a message the next one waits until that much time has passed —
-the first message and the last (the stream's end) never wait — trading inter-token smoothness
-for fewer messages when the CPUs on the path are the bottleneck (vLLM's `stream_interval` plays
-the same role). `merge_chunks` turns such a list of GenerateChunks into one chunk carrying the
-same text, token counts, logprobs and final fields.
+arrived while it was busy sending the previous message, as one list. Nothing is delayed: an idle
+consumer gets each item as soon as it arrives; items pile up only when sending is the bottleneck,
+so the message rate falls exactly when it has to. With `min_interval_s` > 0 (a model's
+`stream_interval_ms`) the next message waits until that much time has passed — the first and the
+last never wait — trading smoothness for fewer messages (vLLM's `stream_interval`).
+`merge_chunks` turns such a list of GenerateChunks into one chunk carrying the same text, token
+counts, logprobs and final fields.
 """
 
 from __future__ import annotations

@@ -1,36 +1,23 @@
 """A low-latency all-reduce for small tensor-parallel messages between GPUs of one host.
 
-Why: decode runs one all-reduce per row-parallel layer (64 per step for Llama-3.1-8B) on a few KB
-each. NCCL spends ~15-20 us on such a message even inside a CUDA graph; a one-shot all-reduce
-over peer-mapped memory takes ~5-7 us on NVLink.
+Why: decode runs one all-reduce of a few KB per row-parallel layer; NCCL's fixed cost per message
+is several times that of a one-shot all-reduce over peer-mapped NVLink memory (benchmarks/README.md).
 
-Data flow (one call, all on the current stream, so it is CUDA-graph capturable):
-    x (this rank's partial sum, contiguous)
-      -> copied into this rank's slot of a persistent symmetric buffer (allocated once at setup
-         with `torch.distributed._symmetric_memory.empty` and `rendezvous`-ed, so every rank has
-         its peers' slots mapped into its address space)
-      -> one kernel: barrier on the signal pads, every rank reads every peer's slot and sums
-         (one-shot), barrier again so a slot is never overwritten while a peer still reads it
-      -> the sum is written back into x (the all-reduce is in place, like dist.all_reduce).
-For larger messages on more than 2 ranks a two-shot variant (reduce-scatter, then all-gather,
-each rank reading 1/world of the data from each peer) moves less data per rank. With 2 ranks
-both move the same bytes and one-shot saves a barrier, so it is used for every size.
+Data flow (one call, all on the current stream, so it is CUDA-graph capturable): x (this rank's
+partial sum) is copied into this rank's slot of a persistent symmetric buffer (allocated once and
+`rendezvous`-ed, so every rank has its peers' slots mapped); one kernel barriers, reads every
+peer's slot and sums (one-shot), barriers again so no slot is overwritten while a peer reads it,
+and writes the sum back into x (in place, like dist.all_reduce). For larger messages on more than
+2 ranks a two-shot variant (reduce-scatter, then all-gather) moves less data per rank. The kernels
+are PyTorch's own (`torch.ops.symm_mem.*`, found at run time; without them everything goes to
+NCCL); bf16 and fp32, unicast peer loads/stores only (no NVLink multicast).
 
-The kernels are PyTorch's own (`torch.ops.symm_mem.one_shot_all_reduce_copy_out`,
-`one_shot_all_reduce_out`, `two_shot_all_reduce_out`, `two_shot_all_reduce_`), found at run time:
-torch versions that lack them leave `probe_symm_mem_ops` empty and everything goes to NCCL.
-They support bf16 and fp32 and only use unicast peer loads/stores (no NVLink multicast).
-
-Setup (`create_custom_allreduce`) is collective over every rank of `cpu_group` (gloo): each stage
-(static checks and peer access, buffer allocation, rendezvous, a self-test against known sums)
-ends with an agreement, so a failure on any rank of a TP group sends the whole group to NCCL
-(one warning per process) instead of leaving ranks on different paths, which would deadlock.
-Per call, `CustomAllReduce.algorithm_for(x)` picks one-shot / two-shot or None (NCCL): that
-choice depends only on x's shape, dtype and layout, identical on every rank of a TP step.
-
-The same buffer, past `max_bytes`, holds the area of the all-reduce fused with the residual add
-and RMSNorm that follow a row-parallel layer (parallel/fused_allreduce_norm.py, `.fused`). It has
-its own self-test and agreement: if only that fails, the group keeps the plain custom path.
+Setup (`create_custom_allreduce`, switched and sized by KernelOptions) is collective over every
+rank of `cpu_group`: each stage (checks, allocation, rendezvous, a self-test) ends with an
+agreement, so a failure on any rank sends the whole TP group to NCCL instead of leaving ranks on
+different paths (a deadlock). Per call `algorithm_for(x)` depends only on x's shape, dtype and
+layout, identical on every rank. Past `max_bytes` the same buffer holds the area of the fused
+all-reduce + RMSNorm (parallel/fused_allreduce_norm.py, `.fused`), with its own self-test.
 """
 
 from __future__ import annotations
@@ -47,20 +34,18 @@ import torch.distributed as dist
 from shardserve.parallel.fused_allreduce_norm import (
     FusedAllReduceNorm,
     area_bytes,
-    half_bytes_from_env,
+    half_bytes_for,
     prepare_area,
-    protocol_from_env,
+    protocol_for,
 )
+from shardserve.parallel.options import KernelOptions, kernel_options
 
 logger = logging.getLogger(__name__)
 
 Algorithm = Literal["one_shot", "two_shot"]
 
-ENV_DISABLE = "SHARDSERVE_DISABLE_CUSTOM_ALLREDUCE"
-ENV_MAX_BYTES = "SHARDSERVE_CUSTOM_ALLREDUCE_MAX_BYTES"
-ENV_ONE_SHOT_MAX_BYTES = "SHARDSERVE_CUSTOM_ALLREDUCE_ONE_SHOT_MAX_BYTES"
-DEFAULT_MAX_BYTES = 8 * 1024 * 1024  # the symmetric buffer; larger messages (prefill) use NCCL
-DEFAULT_ONE_SHOT_MAX_BYTES = 256 * 1024  # above this, > 2 ranks use two-shot
+DEFAULT_MAX_BYTES = KernelOptions.custom_allreduce_max_bytes  # the symmetric buffer; larger messages use NCCL
+DEFAULT_ONE_SHOT_MAX_BYTES = KernelOptions.custom_allreduce_one_shot_max_bytes  # above: > 2 ranks use two-shot
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what PyTorch's symm_mem kernels dispatch on
 ALIGN = 16  # x's byte offset must match the buffer's 16-byte alignment; sizes must be 4-byte multiples
 
@@ -81,21 +66,10 @@ class Limits:
             raise ValueError(f"max_bytes must be a non-negative multiple of {ALIGN}, got {self.max_bytes}")
 
 
-def limits_from_env() -> Limits:
-    """Limits from SHARDSERVE_CUSTOM_ALLREDUCE_{MAX_BYTES,ONE_SHOT_MAX_BYTES} (defaults otherwise)."""
-    def read(name: str, default: int) -> int:
-        raw = os.environ.get(name)
-        if raw is None:
-            return default
-        try:
-            return max(0, int(raw))
-        except ValueError:
-            logger.warning("ignoring %s=%r (not an integer)", name, raw)
-            return default
-
-    max_bytes = read(ENV_MAX_BYTES, DEFAULT_MAX_BYTES)
-    max_bytes = -(-max_bytes // ALIGN) * ALIGN  # round up so every dtype view of the buffer is whole
-    return Limits(max_bytes=max_bytes, one_shot_max_bytes=read(ENV_ONE_SHOT_MAX_BYTES, DEFAULT_ONE_SHOT_MAX_BYTES))
+def limits_for(options: KernelOptions) -> Limits:
+    """Limits from KernelOptions.custom_allreduce_{max_bytes,one_shot_max_bytes}."""
+    max_bytes = -(-max(0, options.custom_allreduce_max_bytes) // ALIGN) * ALIGN  # every dtype view whole
+    return Limits(max_bytes=max_bytes, one_shot_max_bytes=max(0, options.custom_allreduce_one_shot_max_bytes))
 
 
 def choose_algorithm(*, device_type: str, dtype: torch.dtype, nbytes: int, contiguous: bool, byte_offset: int,
@@ -245,20 +219,20 @@ class CustomAllReduce:
 # ---- collective setup ---------------------------------------------------------------------
 
 
-def disabled_by_env() -> bool:
-    return os.environ.get(ENV_DISABLE, "0").strip().lower() not in ("", "0", "false", "no")
+DISABLED = "disabled by parallel.custom_allreduce: false"
 
 
-def static_reason(device: torch.device, world_size: int, ops: SymmOps, limits: Limits) -> str | None:
+def static_reason(device: torch.device, world_size: int, ops: SymmOps, limits: Limits,
+                  enabled: bool = True) -> str | None:
     """Why this rank cannot use the custom path before touching peers (None: it can try)."""
-    if disabled_by_env():
-        return f"disabled by {ENV_DISABLE}"
+    if not enabled:
+        return DISABLED
     if device.type != "cuda" or not torch.cuda.is_available():
         return "not a CUDA device"
     if world_size < 2:
         return "a single rank"
     if limits.max_bytes == 0:
-        return f"{ENV_MAX_BYTES}=0"
+        return "custom_allreduce_max_bytes is 0"
     if not ops.usable:
         return f"torch {torch.__version__} has no symm_mem one-shot all-reduce op"
     return None
@@ -353,15 +327,18 @@ def _check_fused(result: CustomAllReduce, cpu_group: Any, ranks: Sequence[int]) 
 
 
 def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, device: torch.device,
-                            limits: Limits | None = None, ops: SymmOps | None = None) -> CustomAllReduce | None:
+                            limits: Limits | None = None, ops: SymmOps | None = None,
+                            options: KernelOptions | None = None) -> CustomAllReduce | None:
     """Set up the custom all-reduce for `group` (global `ranks`), or None: use NCCL.
 
     Collective over every rank of `cpu_group` (a gloo group containing `ranks`): all of them call
     it together, also ranks of other TP groups. Never raises; a failure is logged once.
+    options: the switches and sizes (None: this process's kernel_options()).
     """
-    limits = limits or limits_from_env()
-    fused_half_bytes = half_bytes_from_env()  # 0: no fused all-reduce + RMSNorm
-    fused_protocol = protocol_from_env()
+    options = options or kernel_options()
+    limits = limits or limits_for(options)
+    fused_half_bytes = half_bytes_for(options)  # 0: no fused all-reduce + RMSNorm
+    fused_protocol = protocol_for(options)
     ops = ops if ops is not None else probe_symm_mem_ops()
     me, world = dist.get_rank(), len(ranks)
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
@@ -371,7 +348,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
     error: Exception | None = None  # the exception behind `reason`, logged at debug level
     result: CustomAllReduce | None = None
     try:
-        reason = static_reason(device, world, ops, limits)
+        reason = static_reason(device, world, ops, limits, options.custom_allreduce)
         info = None if reason else (socket.gethostname(), _gpu_uuid(index))
         infos = _gather(info, cpu_group)
         if reason is None:
@@ -425,7 +402,7 @@ def create_custom_allreduce(group: Any, ranks: Sequence[int], cpu_group: Any, de
         return result
     if result is not None:
         result.close()
-    if ENV_DISABLE in reason or reason.endswith("not a CUDA device"):
+    if reason == DISABLED or reason.endswith("not a CUDA device"):
         logger.info("custom all-reduce off: %s", reason)
     else:
         logger.warning("custom all-reduce off, TP all-reduce uses NCCL: %s", reason)

@@ -6,22 +6,17 @@ expert's intermediate features when moe_tp = tp / ep > 1). The router runs repli
 rank of the stage knows every token's top-k experts. `dispatch_and_combine` then takes one of
 two paths and returns the complete MoE output [num_tokens, hidden] on every rank
 (`dispatch_and_combine_unreduced` leaves the all-reduce path's sum to its caller):
-
   all-reduce (small batches, and whenever moe_tp > 1): each rank runs its local experts on the
-    tokens routed to them, the other experts contribute zero, and one TP all-reduce sums the
-    partial outputs (a reduce-scatter + all-gather; no token moves);
+    tokens routed to them, the others contribute zero, and one TP all-reduce sums the partial
+    outputs (no token moves); with ep_size 1 this is exactly tensor-parallel MoE;
   all-to-all (ep == tp, at least `all_to_all_min_tokens` tokens): EP rank r takes token slice
-    r, sends each (token, expert) row to the expert's owner (dispatch), the owner runs its
-    experts and sends the rows back (combine), the sender weights and sums them into its
-    slice, and one all-gather over the EP group reassembles the tokens.
-
-With ep_size 1 the all-reduce path is exactly tensor-parallel MoE (each expert split over TP).
-
-The all-reduce path has static shapes and no host sync, so it is the one used while a CUDA
-graph is being captured (decode graphs); the all-to-all path reads the exchanged row counts on
-the host and is never taken under capture. A caller's own per-rank partial sum (`partial`, e.g.
-a TP-sharded shared expert) rides in the same all-reduce; on the all-to-all path it needs its
-own all-reduce (eager prefill only).
+    r, sends each (token, expert) row to the expert's owner, which runs its experts and sends the
+    rows back; the sender weights and sums them into its slice, and one all-gather over the EP
+    group reassembles the tokens.
+The all-reduce path has static shapes and no host sync, so it is the one used under CUDA-graph
+capture (decode); the all-to-all path reads the exchanged row counts on the host (eager only). A
+caller's own partial sum (`partial`, e.g. a TP-sharded shared expert) rides in the same
+all-reduce; on the all-to-all path it needs its own all-reduce.
 """
 
 from __future__ import annotations

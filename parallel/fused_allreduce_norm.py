@@ -4,7 +4,7 @@ Why: every row-parallel layer's sum feeds straight into `rmsnorm(sum + residual)
 that pushes this rank's partial rows to every peer, waits for the peers' rows and reduces,
 adds and normalises replaces PyTorch's two-barrier one-shot all-reduce plus the norm kernel
 (parallel/kernels/allreduce_rmsnorm.py has both protocols). The default is `lamport` (the data
-is its own flag); `SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags` selects the flag protocol. Figures
+is its own flag); `parallel.fused_allreduce_protocol: flags` selects the flag protocol. Figures
 for both protocols, per call and end to end: benchmarks/README.md.
 
 Memory: it lives in the same symmetric buffer as `CustomAllReduce` (one allocation, one
@@ -12,63 +12,47 @@ rendezvous), after the `max_bytes` PyTorch's ops use:
     [0, max_bytes)                      PyTorch's symm_mem ops (custom_allreduce.py)
     [max_bytes, + FLAG_BYTES)           flags: NUM_PROGRAMS x W int64, zeroed before the rendezvous
     [.. , + 2 * half_bytes)             data: two parity halves of W x max_rows x hidden elements
-PyTorch's ops keep their own signal pads, so the two never share a word. With the Lamport
-protocol (the default) the flags go unused and the data area holds three rotating buffers that
-start as a sentinel (see the kernel file); 6 MiB halves give each buffer 256 rows of 4,096 bf16
-at TP 2, so a 256-row decode step still takes the fused kernel.
-
+PyTorch's ops keep their own signal pads, so the two never share a word. With Lamport the flags
+go unused and the data area holds three rotating buffers that start as a sentinel; the default
+6 MiB halves (`parallel.fused_allreduce_norm_bytes`) hold 256 rows of 4,096 bf16 at TP 2.
 Selection (`FusedAllReduceNorm.fits`) depends only on shapes and dtype, identical on every rank
-of a TP step, like `choose_algorithm`. `SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM=1` turns it off
-(the all-reduce then runs alone and the norm after it, as before) for A/B runs.
+of a TP step; `parallel.fused_allreduce_norm: false` turns it off for A/B runs.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 import torch
+from shardserve.parallel.options import KernelOptions
 
 # The kernel module is imported inside the functions that use it: the kernel tests re-import
 # kernel modules under Triton's interpreter, and names bound here at import time would keep the
 # compiled versions.
 logger = logging.getLogger(__name__)
 
-ENV_DISABLE = "SHARDSERVE_DISABLE_FUSED_ALLREDUCE_NORM"
-ENV_HALF_BYTES = "SHARDSERVE_FUSED_ALLREDUCE_NORM_BYTES"
-ENV_PROTOCOL = "SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL"  # lamport (default) | flags
-DEFAULT_PROTOCOL = "lamport"  # faster at every row count measured that both hold (1-64 rows)
-DEFAULT_HALF_BYTES = 6 * 1024 * 1024  # lamport: 256 rows of 4,096 bf16 at TP 2 (flags: 384)
+DEFAULT_PROTOCOL = KernelOptions.fused_allreduce_protocol  # lamport: faster at every row count both hold (1-64)
+DEFAULT_HALF_BYTES = KernelOptions.fused_allreduce_norm_bytes  # lamport: 256 rows of 4,096 bf16 at TP 2 (flags: 384)
 FLAG_BYTES = 4096  # room for NUM_PROGRAMS (32) x 16 ranks of int64 flags
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def disabled_by_env() -> bool:
-    return os.environ.get(ENV_DISABLE, "0").strip().lower() not in ("", "0", "false", "no")
-
-
-def half_bytes_from_env() -> int:
+def half_bytes_for(options: KernelOptions) -> int:
     """Bytes of one parity half (0: no fused area); a multiple of 16."""
-    if disabled_by_env():
+    if not options.fused_allreduce_norm:
         return 0
-    raw = os.environ.get(ENV_HALF_BYTES)
-    try:
-        value = DEFAULT_HALF_BYTES if raw is None else max(0, int(raw))
-    except ValueError:
-        value = DEFAULT_HALF_BYTES
-    return -(-value // 16) * 16
+    return -(-max(0, options.fused_allreduce_norm_bytes) // 16) * 16
 
 
-def protocol_from_env() -> str:
-    """DEFAULT_PROTOCOL unless SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL names another of the kernel's protocols."""
+def protocol_for(options: KernelOptions) -> str:
+    """The kernel protocol the options name (a ValueError for one the kernel lacks)."""
     from shardserve.parallel.kernels.allreduce_rmsnorm import PROTOCOLS
 
-    raw = os.environ.get(ENV_PROTOCOL, DEFAULT_PROTOCOL).strip().lower() or DEFAULT_PROTOCOL
-    if raw not in PROTOCOLS:
-        logger.warning("ignoring %s=%r (one of %s)", ENV_PROTOCOL, raw, ", ".join(PROTOCOLS))
-        return DEFAULT_PROTOCOL
-    return raw
+    if options.fused_allreduce_protocol not in PROTOCOLS:
+        raise ValueError(f"fused_allreduce_protocol must be one of {', '.join(PROTOCOLS)}, "
+                         f"got {options.fused_allreduce_protocol!r}")
+    return options.fused_allreduce_protocol
 
 
 def prepare_area(area: torch.Tensor, protocol: str) -> None:

@@ -1,26 +1,22 @@
 """Pipeline parallelism: which decoder layers a stage holds and how activations cross stages.
 
 The decoder layers are split into contiguous ranges, one per stage (evenly, the first stages
-taking one more when the count does not divide, or as `ParallelState.pp_layer_partition`
-says). A model keeps a full-length layer list in which the layers of other stages are
-`PPMissingLayer` (no parameters), so checkpoint names keep their global layer index. In one
-step the first stage embeds the tokens and runs its layers; on every stage but the last the
-model returns its residual stream `[num_tokens, hidden]` and the model runner sends it to the
-next stage (`send_hidden`); the next stage's runner receives it (`recv_hidden`, the shape known
-from the step's token count) and passes it to the model, and the last stage normalises,
-computes logits and samples. Send and receive stay outside the model's forward so that each
-stage's forward is captured in CUDA graphs like a single-GPU model's. Inside a stage the layers
-pass (MLP output, residual stream) so each add fuses into the next norm; at a boundary the
-stage adds them once, so one tensor crosses each boundary.
+taking one more when the count does not divide, or as `ParallelState.pp_layer_partition` says).
+A model keeps a full-length layer list in which the layers of other stages are `PPMissingLayer`
+(no parameters), so checkpoint names keep their global layer index. In one step the first stage
+embeds the tokens and runs its layers; every stage but the last returns its residual stream
+`[num_tokens, hidden]`, which the model runner sends to the next stage (`send_hidden`); that
+stage's runner receives it (`recv_hidden`, the shape known from the step's token count), and the
+last stage normalises, computes logits and samples. Send and receive stay outside the model's
+forward so that each stage's forward is captured in CUDA graphs like a single-GPU model's. At a
+boundary the stage adds (MLP output, residual) once, so one tensor crosses it.
 
-Micro-batches: the engine keeps up to pp_size steps (disjoint request sets) in flight, or
-ParallelConfig.pipeline_micro_batches (up to 2 x pp_size), and every stage runs them in the same
-order, so stage s computes step k+1 while stage s+1 computes step k. Nothing here depends on how
-many are in flight: each step's received activations are a fresh tensor and each sent one a
-copy held until its send completes.
-`send_hidden` therefore does not wait for the next stage: the send is posted and completes in
-the background, and the previous one is completed first (parallel/comm.py says why this cannot
-deadlock); `recv_hidden` blocks until the step's activations have arrived.
+Micro-batches: the engine keeps up to ParallelConfig.pipeline_depth steps (disjoint request sets)
+in flight, and every stage runs them in the same order, so stage s computes step k+1 while stage
+s+1 computes step k. Nothing here depends on how many: each received activation is a fresh tensor
+and each sent one a copy held until its send completes. `send_hidden` posts the send and completes
+the previous one first (parallel/comm.py says why this cannot deadlock); `recv_hidden` blocks
+until the step's activations have arrived.
 """
 
 from __future__ import annotations

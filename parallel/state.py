@@ -1,12 +1,11 @@
 """Which slice of the model this process holds: tensor, pipeline and expert parallel groups.
 
-`init_parallel(rank, world_size, tp, pp, ep, master_addr, master_port, backend)` joins the
-process group (NCCL on GPU, gloo on CPU), creates every sub-group and installs the resulting
-`ParallelState` with `set_parallel_state`. It needs nothing but an address, so a local launcher
-(workers/worker/executor.py) and Ray actors call it the same way. Layers read the state through
+`init_parallel(rank, world_size, tp, pp, ep, master_addr, master_port, backend, kernels=...)` joins
+the process group (NCCL on GPU, gloo on CPU), creates every sub-group, installs the resulting
+`ParallelState` and this process's KernelOptions (parallel/options.py). It needs nothing but an
+address, so a local launcher and Ray actors call it the same way. Layers read the state through
 `get_parallel_state()` when they are constructed (to size and slice their weights) and the
-collectives in `comm.py` read it when they run. Without any setup the current state is the
-single-process one: every size is 1, every rank 0, no process group.
+collectives in `comm.py` when they run. Without setup the state is the single-process one.
 
 Rank layout (world = PP x TP; EP lives inside a pipeline stage):
     rank = pp_rank * tp_size + tp_rank
@@ -16,11 +15,9 @@ Rank layout (world = PP x TP; EP lives inside a pipeline stage):
         are split over moe_tp = tp / ep ranks. ep_rank = tp_rank // moe_tp, and the EP group
         of a rank is the ranks of its stage with the same tp_rank % moe_tp (token all-to-all).
     CPU group: all ranks over gloo, for host-side metadata (object broadcast, block counts).
-
-Custom all-reduce: on NCCL with TP > 1, `init_parallel` also sets up the symmetric-memory
-all-reduce of the TP group (parallel/custom_allreduce.py; a collective over the CPU group, run
-before the model is loaded) and keeps it as `ParallelState.tp_custom_allreduce`; None (NCCL for
-every TP all-reduce) when it is unavailable, fails its checks or SHARDSERVE_DISABLE_CUSTOM_ALLREDUCE=1.
+On NCCL with TP > 1 and `kernels.custom_allreduce`, `init_parallel` also sets up the TP group's
+symmetric-memory all-reduce (parallel/custom_allreduce.py, before the model is loaded) as
+`ParallelState.tp_custom_allreduce`; None (NCCL for every TP all-reduce) when it is unavailable.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from shardserve.parallel.custom_allreduce import CustomAllReduce, create_custom_allreduce
+from shardserve.parallel.options import DEFAULT_KERNEL_OPTIONS, KernelOptions, set_kernel_options
 
 ExpertDispatch = Literal["auto", "all_to_all", "all_reduce"]
 DEFAULT_TIMEOUT_S = 300.0
@@ -194,7 +192,7 @@ def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None =
                   master_addr: str = "127.0.0.1", master_port: int = 29500, backend: str | None = None,
                   timeout_s: float = DEFAULT_TIMEOUT_S, pp_layer_partition: tuple[int, ...] | None = None,
                   expert_dispatch: ExpertDispatch = "auto", all_to_all_min_tokens: int = 32,
-                  custom_allreduce: bool = True) -> ParallelState:
+                  kernels: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> ParallelState:
     """Join the process group at `master_addr:master_port` and install this rank's state.
 
     ep: ranks the experts are split over inside a stage; None = every rank of the stage (tp).
@@ -204,9 +202,10 @@ def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None =
       after this long instead of hanging when a peer has died or stalled. The rendezvous (the TCP
       store every rank joins, and group creation through it) waits max(timeout_s,
       RENDEZVOUS_MIN_TIMEOUT_S), so a small timeout does not fail ranks that start late.
-    custom_allreduce: on NCCL with tp > 1, set up the TP group's custom all-reduce (every rank
-      must pass the same value; the env switch SHARDSERVE_DISABLE_CUSTOM_ALLREDUCE=1 also works).
+    kernels: this process's kernel switches (installed with set_kernel_options; every rank must
+      pass the same); with `custom_allreduce` on NCCL with tp > 1, set up the TP group's custom all-reduce.
     """
+    set_kernel_options(kernels)
     ep = tp if ep is None else ep
     layout = group_layout(world_size, tp, pp, ep)
     if not 0 <= rank < world_size:
@@ -223,9 +222,9 @@ def init_parallel(rank: int, world_size: int, tp: int, pp: int, ep: int | None =
     ep_info = _join("ep", layout["ep"], rank, timeout)
     cpu_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=timeout)
     custom = None
-    if custom_allreduce and backend == "nccl" and tp > 1:  # the same on every rank: all join the setup
+    if kernels.custom_allreduce and backend == "nccl" and tp > 1:  # the same on every rank: all join the setup
         custom = create_custom_allreduce(tp_info.group, tp_info.ranks, cpu_group,
-                                         torch.device("cuda", torch.cuda.current_device()))
+                                         torch.device("cuda", torch.cuda.current_device()), options=kernels)
     state = ParallelState(tp=tp_info, pp=pp_info, ep=ep_info, rank=rank, world_size=world_size,
                           cpu_group=cpu_group, pp_layer_partition=pp_layer_partition,
                           expert_dispatch=expert_dispatch, all_to_all_min_tokens=all_to_all_min_tokens,
@@ -242,3 +241,4 @@ def destroy_parallel() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     set_parallel_state(single_process_state())
+    set_kernel_options(DEFAULT_KERNEL_OPTIONS)

@@ -1,206 +1,244 @@
-"""Engine configuration: frozen dataclasses, validated on construction.
+"""Engine configuration: frozen dataclasses, the one source of every engine setting.
 
-The YAML/CLI edge (cluster/config.py, cluster/cli.py) parses user input and builds these; the
-engine, scheduler, KV cache and runner only ever read them.
+Each field carries its documentation and range in `field(metadata=...)` (`description`, and
+`ge`/`gt`/`le`/`lt` bounds, `min_length`, `pattern`); `check_fields` enforces those and Literal
+choices in every `__post_init__`, next to the cross-field rules, so each rule lives here once.
+The edges are generated from these classes: the YAML and Helm schemas (cluster/config_fields.py
+builds the pydantic sections of cluster/config.py from `dataclasses.fields()`), the `generate`
+flags (cluster/commands/engine_flags.py) and `LLM(**kwargs)` (workers/llm.py); SHARDSERVE_*
+overrides are applied in workers/env_overrides.py. The engine, scheduler, KV cache and runner
+only ever read them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import functools
+import re
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+from shardserve.parallel.options import DEFAULT_KERNEL_OPTIONS as _K
+from shardserve.parallel.options import FusedProtocol, KernelOptions
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+DTYPES = typing.get_args(Dtype)
 MAX_TIMEOUT_S = 86400.0  # upper bound of ParallelConfig.collective_timeout_s and step_timeout_s (one day)
+BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+RULES = (*BOUNDS, "min_length", "pattern")  # metadata keys that are also pydantic Field arguments
+
+
+def setting(default: Any, description: str, **rules: Any) -> Any:
+    """A dataclass field with its description and rules (ge/gt/le/lt, min_length, pattern, unit) as metadata."""
+    unknown = set(rules) - {*RULES, "unit"}  # unit: for messages only, e.g. "seconds"
+    if unknown:
+        raise TypeError(f"unknown rules {unknown}")
+    return field(default=default, metadata={"description": description, **rules})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(obj: Any) -> None:
+    """Raise ValueError naming the field for a value outside its Literal choices or bounds."""
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        choices = [a for arg in (hints[f.name], *typing.get_args(hints[f.name]))
+                   if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+        if choices and value not in choices:
+            null = "null or " if type(None) in typing.get_args(hints[f.name]) else ""
+            raise ValueError(f"{f.name} must be {null}one of {', '.join(map(str, choices))}, got {value!r}")
+        min_length, pattern = f.metadata.get("min_length", 0), f.metadata.get("pattern", "")
+        if (min_length or pattern) and (not isinstance(value, str) or len(value) < min_length
+                                        or not re.search(pattern, value)):
+            rule = f"match {pattern}" if pattern else f"be a string of at least {min_length} character(s)"
+            raise ValueError(f"{f.name} must {rule}, got {value!r}")
+        bounds = {key: f.metadata[key] for key in BOUNDS if key in f.metadata}
+        if not bounds:
+            continue
+        integer = hints[f.name] in (int, int | None)
+        number = not isinstance(value, bool) and isinstance(value, int if integer else int | float)
+        if not number or not all({"ge": value >= limit, "gt": value > limit, "le": value <= limit,
+                                  "lt": value < limit}[key] for key, limit in bounds.items()):
+            kind = "an integer " if integer and (not number or len(bounds) > 1) else "" if number else "a number "
+            unit = f" {f.metadata['unit']}" if "unit" in f.metadata else ""
+            raise ValueError(f"{f.name} must be {kind}{_range_text(bounds)}{unit}, got {value!r}")
+
+
+def _range_text(bounds: dict[str, float]) -> str:
+    """`>= 1`, or `in [2, 4]` / `in (0, 1]` with both ends."""
+    low = [(k, v) for k, v in bounds.items() if k in ("ge", "gt")]
+    high = [(k, v) for k, v in bounds.items() if k in ("le", "lt")]
+    if low and high:
+        (lk, lv), (hk, hv) = low[0], high[0]
+        return f"in {'[' if lk == 'ge' else '('}{lv:g}, {hv:g}{']' if hk == 'le' else ')'}"
+    key, limit = next(iter(bounds.items()))
+    return f"{BOUNDS[key]} {limit:g}"
 
 
 # ModelConfig.quantization: methods applied at load, then checkpoint formats (workers/quant/formats/).
-QUANTIZATION_METHODS = ("int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf")
-QUANTIZATION_GROUP_SIZES = (32, 64, 128, -1)
+Quantization = Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf"]
+QUANTIZATION_METHODS = typing.get_args(Quantization)
+QuantizationGroupSize = Literal[32, 64, 128, -1]
+QUANTIZATION_GROUP_SIZES = typing.get_args(QuantizationGroupSize)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which weights to serve and how.
+    """Which weights to serve and how."""
 
-    model: a Hugging Face folder, a .gguf file, `dummy:<shape>` (seeded random weights of a
-      named real shape, see workers/models/dummy.py) or `default` (the embedded SmolLM2).
-    dtype: compute dtype; `auto` is bfloat16 on GPU and float32 on CPU.
-    device: `auto` picks cuda when available.
-    max_model_len: context length cap; None = the model's own max_position_embeddings.
-    seed: seed of dummy weights and of unseeded sampling.
-    quantization: weight quantization (workers/quant/). None: as the checkpoint is (a GPTQ, AWQ or
-      compressed-tensors folder is detected from its config.json). int8 | int4 | fp8: quantize a
-      float checkpoint at load (or name the folder's own format); gptq | awq | compressed-tensors |
-      gguf: require that format (a GGUF file with Q4_0 / Q4_1 / Q8_0 projections is then read packed;
-      with null a GGUF file is dequantized at load). A value that contradicts the folder is an error naming both.
-    quantization_group_size: inputs per scale for `int4` at load: 32, 64, 128 or -1 (one per row).
-    """
-
-    model: str = "default"
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    seed: int = 0
-    quantization: str | None = None
-    quantization_group_size: int = 128
+    model: str = setting(
+        "default", "Weights: `default` (the embedded SmolLM2), a Hugging Face folder, a .gguf file or "
+        "`dummy:<shape>` (seeded random weights of a named real shape, workers/models/dummy.py).", min_length=1)
+    dtype: Dtype = setting("auto", "Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU.")
+    device: str = setting("auto", "`auto` (cuda when available), `cpu`, `cuda` or `cuda:N`.",
+                          pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    max_model_len: int | None = setting(None, "Context length cap; null = the model's own max_position_embeddings.",
+                                        ge=1)
+    seed: int = setting(0, "Seed of dummy weights and of unseeded sampling, >= 0.", ge=0)
+    quantization: Quantization | None = setting(
+        None, "Weight quantization (workers/quant/). null: as the checkpoint is (a GPTQ, AWQ or compressed-tensors "
+        "folder is detected from its config.json). int8 | int4 | fp8: quantize a float checkpoint at load (or name "
+        "the folder's own format); gptq | awq | compressed-tensors | gguf: require that format (a GGUF file with "
+        "Q4_0 / Q4_1 / Q8_0 projections is then read packed; with null a GGUF file is dequantized at load). A "
+        "value that contradicts the folder is an error naming both.")
+    quantization_group_size: QuantizationGroupSize = setting(
+        128, "Inputs per scale for `int4` at load: 32, 64, 128 or -1 (one scale per output row).")
+    gguf_cache_dir: str | None = setting(
+        None, "Folder of the converted copies of GGUF files (the first load writes one, later loads read it); "
+        "null = $SHARDSERVE_CACHE_DIR, else ~/.cache/shardserve.")
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantization must be null or one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
-        if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
-            raise ValueError(f"quantization_group_size must be one of {QUANTIZATION_GROUP_SIZES}, "
-                             f"got {self.quantization_group_size}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache.
+    """Paged KV cache."""
 
-    block_size: tokens per KV block (default 16).
-    gpu_memory_utilization: on GPU, the fraction of total memory the engine may use
-      (weights + activations + KV); the KV pool gets what is left after a profiling step.
-    cpu_kv_cache_bytes: on CPU, the KV pool's size in bytes.
-    num_blocks: an explicit pool size that overrides both budgets (tests use tiny pools).
-    enable_prefix_caching: reuse full blocks whose chained token hash was computed before.
-    """
-
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 1 << 30
-    num_blocks: int | None = None
-    enable_prefix_caching: bool = True
+    block_size: int = setting(16, "Tokens per paged-KV block, >= 1.", ge=1)
+    gpu_memory_utilization: float = setting(
+        0.9, "On GPU, the fraction of total memory the engine may use (weights + activations + KV), in (0, 1]; "
+        "the KV pool gets what is left after a profiling step.", gt=0, le=1)
+    cpu_kv_cache_bytes: int = setting(1 << 30, "On CPU, the KV pool's size in bytes, >= 1.", ge=1)
+    num_blocks: int | None = setting(
+        None, "An explicit KV pool size in blocks that overrides both budgets, >= 1; null = from the budget.", ge=1)
+    enable_prefix_caching: bool = setting(
+        True, "Reuse full KV blocks of prompt prefixes seen before (chained token hashes).")
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Batching limits and policy.
+    """Batching limits and policy."""
 
-    max_num_seqs: requests in one step at most.
-    max_num_batched_tokens: tokens (prefill chunks + decodes) in one step at most.
-    enable_chunked_prefill: split long prompts over steps and mix them with decodes; when
-      off, a prompt is prefilled whole in one step (it must fit max_num_batched_tokens).
-    policy: `fcfs`, or `priority` (lower Request.priority first, then arrival).
-    mode: `continuous` (requests join and leave every step) or `static` (a batch is admitted
-      together and nothing joins until all of it finishes: the comparison baseline).
-    max_queue_len: samples waiting at most (a request with n completions counts n); the async
-      engine refuses more (QueueFullError, HTTP 429 / gRPC RESOURCE_EXHAUSTED) instead of
-      queueing without bound; a request with n above it can never fit (ValueError naming n).
-    max_queue_tokens: prompt tokens of the waiting requests at most, the same way (a burst of
-      long prompts is refused before it holds the queue for minutes).
-    min_admit_batch: continuous mode only — while requests are running, waiting ones join
-      only once at least this many of them (or all that wait, if fewer) have a free slot.
-      1 (default) admits at every step. Larger values trade a little TTFT for throughput on
-      GPU: steps that carry a prefill run eagerly, pure decode steps replay a CUDA graph, so
-      admitting in bursts makes most steps graph replays.
-    async_scheduling: overlap the host work of step N+1 (scheduling, input preparation, launch)
-      with the device work of step N: the engine keeps up to 2 batches in flight (async_depth) and schedules
-      each request's next decode before its previous token is known on the host (a placeholder
-      the runner fills on the device). Outputs equal the synchronous engine's. None (default):
-      on whenever pipeline_parallel_size == 1 (pipeline parallelism keeps its own batches in
-      flight); True with pipeline parallelism is an error. See workers/engine.py.
-      What it buys: benchmarks/README.md.
-    async_depth: batches in flight under async scheduling, 2 (default) to 4. At 3 the driver
-      sends step N+2 before step N's output is in, so the ranks find it waiting when they finish
-      N: the driver's turnaround leaves the host's critical path, which helps where a step is
-      short (TP 4 batch 1: ~2.2 ms). A request that ends early (EOS, a stop string) costs up to
-      depth - 1 wasted steps, whose results are dropped; outputs still equal the synchronous
-      engine's.
-    """
-
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
-    policy: Literal["fcfs", "priority"] = "fcfs"
-    mode: Literal["continuous", "static"] = "continuous"
-    max_queue_len: int = 1024
-    max_queue_tokens: int = 1 << 20
-    min_admit_batch: int = 1
-    async_scheduling: bool | None = None
-    async_depth: int = 2
+    max_num_seqs: int = setting(256, "Requests in one engine step at most, >= 1.", ge=1)
+    max_num_batched_tokens: int = setting(
+        2048, "Tokens (prefill chunks + decodes) in one engine step at most, >= 1.", ge=1)
+    enable_chunked_prefill: bool = setting(
+        True, "Split long prompts over steps, mixed with decodes; off: a prompt is prefilled whole in one step "
+        "(it must fit max_num_batched_tokens).")
+    policy: Literal["fcfs", "priority"] = setting(
+        "fcfs", "Queue order: `fcfs`, or `priority` (lower request priority first, then arrival).")
+    mode: Literal["continuous", "static"] = setting(
+        "continuous", "`continuous` (requests join and leave every step) or `static` (a batch is admitted together "
+        "and nothing joins until all of it finishes: the comparison baseline).")
+    max_queue_len: int = setting(
+        1024, "Waiting samples per engine (a request with n completions counts n) before new requests are refused "
+        "(HTTP 429 / RESOURCE_EXHAUSTED), >= 1; a request with n above it can never fit (400).", ge=1)
+    max_queue_tokens: int = setting(
+        1 << 20, "Prompt tokens of the waiting requests per engine before new ones are refused (429), >= 1.", ge=1)
+    min_admit_batch: int = setting(
+        1, "Continuous mode: while requests run, waiting ones join only once at least this many of them (or all "
+        "that wait, if fewer) have a free slot, in [1, max_num_seqs]. Larger values make most steps CUDA-graph "
+        "replays (pure decode) for a little TTFT.", ge=1)
+    async_scheduling: bool | None = setting(
+        None, "Overlap the host work of step N+1 with the device work of step N (async_depth batches in flight; "
+        "outputs equal the synchronous engine's). null = on whenever pipeline_parallel_size is 1; true with "
+        "pipeline parallelism is an error.")
+    async_depth: int = setting(
+        2, "Batches in flight under async scheduling, in [2, 4]. 3 takes the driver's turnaround off the host's "
+        "critical path where steps are short; a request that ends early costs up to depth - 1 wasted steps.",
+        ge=2, le=4)
 
     def __post_init__(self) -> None:
-        if isinstance(self.async_depth, bool) or not isinstance(self.async_depth, int) or not 2 <= self.async_depth <= 4:
-            raise ValueError(f"async_depth must be an integer in [2, 4], got {self.async_depth!r}")
+        check_fields(self)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be true, false or null (auto), got {self.async_scheduling!r}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be fcfs or priority, got {self.policy!r}")
         if not 1 <= self.min_admit_batch <= self.max_num_seqs:
             raise ValueError(f"min_admit_batch must be in [1, max_num_seqs={self.max_num_seqs}], got {self.min_admit_batch}")
-        if self.max_queue_len < 1:
-            raise ValueError(f"max_queue_len must be >= 1, got {self.max_queue_len}")
-        if self.max_queue_tokens < 1:
-            raise ValueError(f"max_queue_tokens must be >= 1, got {self.max_queue_tokens}")
-        if self.mode not in ("continuous", "static"):
-            raise ValueError(f"mode must be continuous or static, got {self.mode!r}")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Model parallelism of one worker group (world = tensor x pipeline ranks; see parallel/state.py).
+    """Model parallelism of one worker group (world = tensor x pipeline ranks; see parallel/state.py)
+    and the performance switches of its kernels (parallel/options.py KernelOptions)."""
 
-    tensor_parallel_size: ranks that split every layer's heads / features (one all-reduce per
-      row-parallel layer).
-    pipeline_parallel_size: stages that split the decoder layers; activations cross stages by
-      send/recv.
-    expert_parallel_size: ranks of a stage that split the MoE experts (1 = every rank holds every
-      expert, split by features); must divide tensor_parallel_size.
-    pipeline_layer_partition: decoder layers per stage (None = as even as possible).
-    pipeline_micro_batches: batches the engine keeps in flight under pipeline parallelism, each
-      about 1/this of the running requests (workers/engine.py). None = pipeline_parallel_size,
-      just enough for every stage to hold one. When the oldest batch returns from the last stage
-      the driver must apply it, schedule its next step and send that to stage 0 (several ms at
-      ~500 requests); with P batches stage 0 has finished the others by then and idles for that
-      turnaround, while one more (P + 1) gives it work meanwhile. Must be in [P, 2 * P] with
-      P > 1; with one stage only None or 1 (async scheduling has its own depth of 2).
-    expert_dispatch: `auto`, `all_to_all` or `all_reduce` (see parallel/expert.py).
-    all_to_all_min_tokens: under `auto`, steps with at least this many tokens use all-to-all.
-    collective_timeout_s: seconds a rank waits in a collective (all-reduce, pipeline send/recv, the
-      rendezvous) for a peer before failing with a timeout (torch.distributed process-group
-      timeout; parallel/state.py), in (0, MAX_TIMEOUT_S].
-    step_timeout_s: seconds the driver waits for a step's output before it declares the worker
-      group dead (WorkerGroupError; workers/worker/channel.py), in (0, MAX_TIMEOUT_S]. A rank
-      that dies is noticed at once (closed pipe/socket); this bounds a rank that hangs.
-    launcher: how a world of more than one rank is started: `multiproc` (local spawned processes,
-      workers/worker/executor.py) or `ray` (one Ray actor per rank in a placement group,
-      workers/group.py). A world of one always runs in the engine's process.
-    """
-
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    expert_parallel_size: int = 1
-    pipeline_layer_partition: tuple[int, ...] | None = None
-    pipeline_micro_batches: int | None = None
-    expert_dispatch: Literal["auto", "all_to_all", "all_reduce"] = "auto"
-    all_to_all_min_tokens: int = 32
-    collective_timeout_s: float = 300.0
-    step_timeout_s: float = 600.0
-    launcher: Literal["multiproc", "ray"] = "multiproc"
+    tensor_parallel_size: int = setting(
+        1, "Ranks (GPUs) every layer's heads / features are split over (one all-reduce per row-parallel layer), "
+        ">= 1.", ge=1)
+    pipeline_parallel_size: int = setting(
+        1, "Pipeline stages the decoder layers are split into (activations cross stages by send/recv), >= 1.", ge=1)
+    expert_parallel_size: int = setting(
+        1, "Ranks of a stage the MoE experts are spread over, >= 1; must divide tensor_parallel_size (1 = every "
+        "rank holds every expert, split by features).", ge=1)
+    pipeline_layer_partition: tuple[int, ...] | None = setting(
+        None, "Decoder layers per pipeline stage, one entry per stage; null = as even as possible.")
+    pipeline_micro_batches: int | None = setting(
+        None, "Batches in flight under pipeline parallelism, in [pp, 2 x pp]; null = pp. pp + 1 keeps the first "
+        "stage busy while the driver turns a returned batch around. With one stage only null or 1.", ge=1)
+    expert_dispatch: Literal["auto", "all_to_all", "all_reduce"] = setting(
+        "auto", "How MoE layers under expert parallelism move tokens: `all_to_all`, `all_reduce`, or `auto` "
+        "(all-reduce below all_to_all_min_tokens tokens in a step; parallel/expert.py).")
+    all_to_all_min_tokens: int = setting(
+        32, "Under expert_dispatch `auto`, steps with at least this many tokens use all-to-all, >= 0.", ge=0)
+    collective_timeout_s: float = setting(
+        300.0, "Seconds a rank waits in a collective (all-reduce, pipeline send/recv, the start-up rendezvous) for "
+        "a peer before it fails with a timeout instead of hanging, in (0, 86400].", gt=0, le=MAX_TIMEOUT_S, unit="seconds")
+    step_timeout_s: float = setting(
+        600.0, "Seconds the engine waits for a step's result from the worker group before declaring the group dead "
+        "(requests in flight end with UNAVAILABLE, the replica is replaced), in (0, 86400]; must cover the "
+        "slowest step, prefill of a full batch included.", gt=0, le=MAX_TIMEOUT_S, unit="seconds")
+    launcher: Literal["multiproc", "ray"] = setting(
+        "multiproc", "How a world of more than one rank starts: `multiproc` (local processes) or `ray` (one Ray "
+        "actor per rank in a placement group). A world of one runs in the engine's process.")
+    # Performance switches (KernelOptions): on GPU only; A/B runs turn them off.
+    pdl: bool = setting(
+        _K.pdl, "Programmatic dependent launch of the small decode kernels (Hopper and newer; off elsewhere).")
+    decode_gemv: bool = setting(
+        _K.decode_gemv, "The batch-1 decode projection kernel (parallel/kernels/decode_linear.py); off = cuBLAS.")
+    gemv_tiles: str | None = setting(
+        _K.gemv_tiles, "A JSON table of tuned decode-GEMV tiles; null = the table shipped for the card, if any.")
+    custom_allreduce: bool = setting(
+        _K.custom_allreduce, "The symmetric-memory all-reduce for small TP messages on one host; off = NCCL.")
+    custom_allreduce_max_bytes: int = setting(
+        _K.custom_allreduce_max_bytes, "Largest message the custom all-reduce takes (its buffer), >= 0; larger "
+        "ones use NCCL. Rounded up to 16 bytes.", ge=0)
+    custom_allreduce_one_shot_max_bytes: int = setting(
+        _K.custom_allreduce_one_shot_max_bytes, "Largest one-shot message on more than 2 ranks (two-shot above), "
+        ">= 0.", ge=0)
+    fused_allreduce_norm: bool = setting(
+        _K.fused_allreduce_norm, "Fuse the TP all-reduce with the residual add and RMSNorm after it (needs the "
+        "custom all-reduce); off = the two run apart.")
+    fused_allreduce_norm_bytes: int = setting(
+        _K.fused_allreduce_norm_bytes, "Bytes of each of the fused all-reduce's two buffer halves, >= 0 (0 = off); "
+        "rounded up to 16.", ge=0)
+    fused_allreduce_protocol: FusedProtocol = setting(
+        _K.fused_allreduce_protocol, "Synchronisation of the fused all-reduce: `lamport` (the data is its own "
+        "flag) or `flags`.")
+    l2_prefetch_mb: float = setting(
+        _K.l2_prefetch_mb, "Experimental: MiB of the next layer's weights hinted into L2 behind each fused TP "
+        "all-reduce at decode size, >= 0 (0 = off).", ge=0)
 
     def __post_init__(self) -> None:
-        if self.launcher not in ("multiproc", "ray"):
-            raise ValueError(f"launcher must be multiproc or ray, got {self.launcher!r}")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)
         if self.tensor_parallel_size % self.expert_parallel_size:
             raise ValueError(f"expert_parallel_size {self.expert_parallel_size} must divide "
                              f"tensor_parallel_size {self.tensor_parallel_size}")
@@ -209,12 +247,6 @@ class ParallelConfig:
             raise ValueError(f"pipeline_layer_partition {self.pipeline_layer_partition} must have "
                              f"pipeline_parallel_size = {self.pipeline_parallel_size} entries")
         self._check_micro_batches()
-        if self.expert_dispatch not in ("auto", "all_to_all", "all_reduce"):
-            raise ValueError(f"expert_dispatch must be auto, all_to_all or all_reduce, got {self.expert_dispatch!r}")
-        for name in ("collective_timeout_s", "step_timeout_s"):
-            value = getattr(self, name)
-            if not 0 < value <= MAX_TIMEOUT_S:
-                raise ValueError(f"{name} must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value!r}")
 
     def _check_micro_batches(self) -> None:
         value, pp = self.pipeline_micro_batches, self.pipeline_parallel_size
@@ -240,6 +272,10 @@ class ParallelConfig:
             return 1
         return self.pipeline_micro_batches or self.pipeline_parallel_size
 
+    def kernel_options(self) -> KernelOptions:
+        """The performance switches, for `set_kernel_options` / `init_parallel` of each rank."""
+        return KernelOptions(**{f.name: getattr(self, f.name) for f in fields(KernelOptions)})
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -259,3 +295,12 @@ class EngineConfig:
         if self.scheduler.async_scheduling is True and self.parallel.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling requires pipeline_parallel_size == 1 (pipeline parallelism "
                              f"already keeps batches in flight), got {self.parallel.pipeline_parallel_size}")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                             "parallel": ParallelConfig}
+
+
+def field_default(f: Any) -> Any:
+    """A dataclass field's default (MISSING when it has none)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default

@@ -64,7 +64,9 @@ from dataclasses import dataclass, replace
 from itertools import repeat
 
 import torch
+from shardserve.parallel.options import set_kernel_options
 from shardserve.workers.config import EngineConfig
+from shardserve.workers.env_overrides import apply_env_overrides
 from shardserve.workers.heap import freeze_startup_heap, thaw_heap
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.launch import make_executor
@@ -94,6 +96,8 @@ class _InFlight:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = False) -> None:
+        config = apply_env_overrides(config)  # environment A/B overrides (env_overrides.py), once; the ranks get this config
+        set_kernel_options(config.parallel.kernel_options())  # this process's kernels (a world of one)
         self.config = config
         device = resolve_device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, device)

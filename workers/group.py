@@ -2,26 +2,20 @@
 
 Ray only starts things; it carries no per-step traffic. Start-up:
   1. placement: inside a Serve replica whose deployment reserved `placement_group_bundles`
-     (cluster/app.py), the replica's own group is used: the replica sits in bundle 0 next to
-     rank 0, rank r goes into bundle r. Elsewhere the executor reserves its own group of
-     world_size bundles (`{"CPU": c}` or `{"CPU": c, "GPU": 1}`), STRICT_PACK when there is one
-     pipeline stage (TP ranks share NVLink) and PACK otherwise (stages may span nodes).
-  2. one `RankActor` per rank (PlacementGroupSchedulingStrategy, bundle index = rank). Each opens
-     a `multiprocessing.connection.Listener` on its node's IP with a random authkey; rank 0 also
-     picks the torch.distributed rendezvous port on its node.
-  3. `RankActor.serve(spec)` is submitted once per rank and runs for the group's whole life: it
-     accepts the driver's connection and enters proc.py's `worker_main` (the same Worker and
-     loop as the local MultiprocExecutor). Its ObjectRef doubles as the liveness ref: it becomes
-     ready only when the rank's loop ends or its actor dies.
-Per step: the SchedulerOutput is pickled once and the same bytes are written to every rank's
-socket Connection (`submit`); the output rank's pickled ModelRunnerOutput is read back
-(`collect`, in submission order, so under pipeline parallelism several steps are in flight).
-No Ray call is made on the step path. While waiting, the driver polls the sockets; a killed rank closes its socket
-(EOF at once), and every `LIVENESS_POLL_S` of silence the liveness refs are checked with a
-zero-timeout `ray.wait` (a lost node). A rank that hangs (stopped, or stuck in a collective)
-answers nothing: the step fails after ParallelConfig.step_timeout_s. Either way the step raises
-WorkerGroupError, every rank actor is killed at once, and every later call (and `check_health`)
-raises too.
+     (cluster/app.py) the replica's group is used (replica and rank 0 in bundle 0, rank r in
+     bundle r); elsewhere the executor reserves world_size bundles, STRICT_PACK with one
+     pipeline stage (TP ranks share NVLink), PACK otherwise (stages may span nodes).
+  2. one `RankActor` per rank (bundle index = rank), each with a `multiprocessing.connection`
+     Listener on its node's IP and a random authkey; rank 0 also picks the rendezvous port.
+  3. `RankActor.serve(spec)` runs for the group's whole life: it accepts the driver's connection
+     and enters proc.py's `worker_main` (the same loop as MultiprocExecutor). Its ObjectRef is
+     the liveness ref: ready only when the rank's loop ends or its actor dies.
+Per step (channel.py): the SchedulerOutput is pickled once and written to every rank's socket;
+the output rank's ModelRunnerOutput is read back in submission order. No Ray call on the step
+path. A killed rank closes its socket (EOF at once); every `LIVENESS_POLL_S` of silence the
+liveness refs are checked with a zero-timeout `ray.wait` (a lost node); a hung rank fails the
+step after ParallelConfig.step_timeout_s. Either way the step raises WorkerGroupError, every rank
+actor is killed, and every later call (and `check_health`) raises too.
 """
 
 from __future__ import annotations

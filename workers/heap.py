@@ -1,10 +1,9 @@
 """Short full garbage collections while serving: the start-up heap is frozen.
 
 Why: a process that imports torch and builds an engine holds a few hundred thousand objects that
-live as long as it does. Every full (generation 2) collection walks all of them: ~0.2 s on this
-CPU (benchmarks/driver_overhead.py) and 0.2-0.4 s on the GPU hosts, where each one stalled a
-step; under pipeline parallelism a stalled driver or stage stalls the whole pipeline (the PP 2
-run's step timeline, benchmarks/step_timeline.py, showed five such steps of 200-380 ms in 21 s).
+live as long as it does. Every full (generation 2) collection walks all of them, a pause of a
+fraction of a second that stalls a step; under pipeline parallelism a stalled driver or stage
+stalls the whole pipeline (figures: benchmarks/README.md, "Figures behind the code").
 After start-up, `freeze_startup_heap` collects once and moves every surviving object into the
 permanent generation (`gc.freeze`, as CPython documents for long-running servers), so later full
 collections only walk objects made while serving. Reference counting still frees frozen objects;

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shardserve.workers.config import SECTIONS, EngineConfig, ModelConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import RequestOutput, SamplingParams
 from tqdm.auto import tqdm
@@ -73,10 +73,9 @@ class LLM:
 
 
 def _apply_overrides(config: EngineConfig, overrides: dict[str, object]) -> EngineConfig:
-    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
-    updates: dict[str, dict[str, object]] = {name: {} for name in sections}
+    updates: dict[str, dict[str, object]] = {name: {} for name in SECTIONS}
     for key, value in overrides.items():
-        section = next((n for n, cls in sections.items() if key in cls.__dataclass_fields__), None)
+        section = next((n for n, cls in SECTIONS.items() if key in cls.__dataclass_fields__), None)
         if section is None:
             raise ValueError(f"unknown LLM option {key!r}")
         updates[section][key] = value

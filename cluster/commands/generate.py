@@ -1,6 +1,7 @@
 """`shardserve generate`: one prompt, streamed to the terminal — the one-command local run.
 
-Loads the model (with a progress bar), builds SamplingParams from the flags (a bad flag
+Loads the model (with a progress bar), builds SamplingParams and the EngineConfig from the flags
+(engine flags are generated from workers/config.py: cluster/commands/engine_flags.py; a bad
 value is reported with the field and its range, exit code 2), then steps the engine and
 prints each output's new text as it arrives, followed by a one-line timing summary on stderr.
 """
@@ -11,20 +12,14 @@ import argparse
 import sys
 import time
 
-from shardserve.workers.config import QUANTIZATION_METHODS
+from shardserve.cluster.commands.engine_flags import add_engine_flags, engine_config_from_flags
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text from one prompt, streamed")
-    p.add_argument("--model", default="default", help="HF folder, file.gguf, dummy:NAME or default (SmolLM2)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
-                   help="weight quantization (ModelConfig.quantization)")
-    p.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale for int4 at load")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--min-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -34,14 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (the model's: --model-seed)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    add_engine_flags(p, renames={"seed": "model_seed"})  # --model, --dtype, --tensor-parallel-size, ...
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from shardserve.workers.config import EngineConfig, ModelConfig
     from shardserve.workers.engine import LLMEngine
     from shardserve.workers.request import SamplingParams
 
@@ -52,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
             frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens,
             min_tokens=args.min_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         )
-        config = EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                                quantization=args.quantization,
-                                                quantization_group_size=args.quantization_group_size))
+        config = engine_config_from_flags(args)
     except ValueError as exc:
         print(f"shardserve generate: {exc}", file=sys.stderr)
         return 2

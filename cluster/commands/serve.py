@@ -10,7 +10,6 @@ down. Ray is imported inside the function so `shardserve --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import signal
 import sys
@@ -37,7 +36,7 @@ def usage_text(config: ServeConfig) -> str:
     The gRPC example runs the interpreter that runs shardserve (`sys.executable`: a bare `python`
     may lack the venv's grpc and shardserve), with TLS credentials when `tls` is set.
     """
-    from shardserve.cluster.ingress.auth import API_KEY_ENV
+    from shardserve.workers.env_overrides import api_key
 
     http, grpc_port, model, tls = config.http, config.grpc.port, config.models[0].name, config.tls
     host = "localhost" if http.host in ("0.0.0.0", "::") else http.host
@@ -52,7 +51,7 @@ def usage_text(config: ServeConfig) -> str:
             client = ", private_key=open('CLIENT.key', 'rb').read(), certificate_chain=open('CLIENT.crt', 'rb').read()"
         creds = f"grpc.ssl_channel_credentials(open({ca!r}, 'rb').read(){client})"
         channel = f"grpc.secure_channel('{host}:{grpc_port}', {creds})"
-    keyed = bool(config.auth.api_keys) or bool(os.environ.get(API_KEY_ENV))
+    keyed = bool(config.auth.api_keys) or api_key() is not None
     curl_key = " -H \"Authorization: Bearer $API_KEY\"" if keyed else ""
     grpc_key = ", metadata=[('authorization', 'Bearer ' + os.environ['API_KEY'])]" if keyed else ""
     lines = [

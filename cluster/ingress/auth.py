@@ -26,8 +26,8 @@ from shardserve.cluster.config import AuthSection, ConfigError
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.ratelimit import RateLimiter
 from shardserve.cluster.messages import ErrorKind, GenerateRequest
+from shardserve.workers.env_overrides import api_key
 
-API_KEY_ENV = "SHARDSERVE_API_KEY"
 ENV_KEY_NAME = "default"
 OPEN_HTTP_PATHS = frozenset({"/health"})
 # The tenant of the HTTP request being handled (set by the auth middleware, read by the route).
@@ -61,7 +61,7 @@ def load_keys(section: AuthSection) -> list[ApiKey]:
             if not secret:
                 raise ConfigError(f"{where}.key_file: {path} is empty")
         keys.append(ApiKey(entry.name, secret.encode(), entry.requests_per_minute, entry.tokens_per_minute))
-    env_key = os.environ.get(API_KEY_ENV)
+    env_key = api_key()
     if env_key:
         keys.append(ApiKey(ENV_KEY_NAME, env_key.encode()))
     secrets = [k.secret for k in keys]

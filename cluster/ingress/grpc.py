@@ -1,23 +1,18 @@
 """gRPC front end of shardserve.v1.LLMService, served by the Ingress's own gRPC server.
 
-Data flow: the grpc.aio server of each Ingress replica (cluster/ingress/grpc_server.py, port
-9000) decodes a call and invokes the method of the same name (Generate, GenerateStream,
-ListModels, Health) with the request proto and its ServicerContext. `GrpcFrontend` maps the proto onto a `GenerateRequest` (a text prompt,
-chat messages or prompt token ids, passed to the engine as-is; SamplingParams
-validation names the bad field → INVALID_ARGUMENT), streams `GenerateChunk`s from IngressCore
-and answers with `GenerateResponse`s: unary joins each completion's deltas (n of them, with
-per-token logprobs when `params.logprobs` is set) into `completions`, completion 0 also in the
-top-level fields; streaming sends one message per completion of each chunk the LLMServer sends
-(one engine step while the path keeps up, several steps merged when it does not). The request id comes
-from the `x-request-id` metadata (or is made up) and goes back in trailing metadata with
-`x-shardserve-replica`. With API keys configured, the `authorization` metadata is checked
-first (UNAUTHENTICATED; a key over its rate limit: RESOURCE_EXHAUSTED with `retry-after`
-metadata) and the key's name becomes the request's tenant. Validation matches HTTP's:
-SamplingParams ranges, the deployment's `limits` and the chat role set
-(cluster/ingress/validation.py, params named `params.n`), and bytes that do not parse reach us as
-an `UndecodableRequest` (cluster/ingress/grpc_decode.py): all INVALID_ARGUMENT. Errors set the
-status code and details on the context (NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...). A client cancel or
-deadline makes grpc.aio cancel this call, which cancels the LLMServer call (synchronously, `ChunkStream.cancel`) and aborts the
+Data flow: the grpc.aio server of each Ingress replica (cluster/ingress/grpc_server.py) decodes a
+call and invokes the method of the same name (Generate, GenerateStream, ListModels, Health).
+`GrpcFrontend` maps the proto onto a `GenerateRequest` (text prompt, chat messages or token ids),
+streams `GenerateChunk`s from IngressCore and answers with `GenerateResponse`s: unary joins each
+completion's deltas (n of them, with logprobs when asked) into `completions`, completion 0 also
+in the top-level fields; streaming sends one message per completion of each chunk the LLMServer
+sends. The request id comes from `x-request-id` metadata (or is made up) and goes back in trailing
+metadata with `x-shardserve-replica`. With API keys configured the `authorization` metadata is
+checked first (UNAUTHENTICATED; over its rate limit RESOURCE_EXHAUSTED with `retry-after`) and the
+key's name becomes the tenant. Validation matches HTTP's (cluster/ingress/validation.py, params
+named `params.n`); undecodable bytes arrive as an `UndecodableRequest` (grpc_decode.py): all
+INVALID_ARGUMENT. Errors set the status code and details on the context. A client cancel or
+deadline cancels this call, which cancels the LLMServer call (`ChunkStream.cancel`) and aborts the
 request in the engine.
 """
 

@@ -2,37 +2,22 @@
 
 Why: at decode every row-parallel layer (o_proj, down_proj) ends in an all-reduce of a few KB,
 and the next thing the model does with the sum is `rmsnorm(sum + residual)`. PyTorch's
-symmetric-memory one-shot all-reduce takes ~11 us on 2 H100s (two barriers per call) and the
-norm another ~2 us kernel; at TP 2 those 64 pairs were 0.88 ms of a 4.3 ms Llama-8B step.
+symmetric-memory one-shot all-reduce (two barriers per call) plus a separate norm kernel were a
+visible share of a TP 2 decode step (figures: benchmarks/README.md).
 
-Two protocols share the launcher and the epilogue: `flags` (described here) and `lamport`
-(further down: the data is its own flag; the engine's default since it measured faster on
-2 H100s: 4.8 vs 7.5 us per call at 1 row, parallel/fused_allreduce_norm.py).
-
-Flags protocol (W ranks, each with the same symmetric buffer mapped from every peer; `data_ptrs[q]`
-and `flag_ptrs[q]` are rank q's data and flag areas as seen from this rank):
-  1. push: program p copies its rows of x into slot [parity][me][row] of EVERY rank's data area
-     (peer stores are posted, so this costs one one-way NVLink trip, not a round trip);
-  2. signal: after a CTA barrier, a release store at system scope of `epoch` into flag
-     [p][me] of every rank;
-  3. wait: acquire loads of this rank's own flags [p][q] until every q reached `epoch`, then a
-     CTA barrier so every thread reads after the acquire;
-  4. reduce and norm: sum the W slots of each row from local memory in rank order 0..W-1 in
-     fp32 (the same order on every rank, so every rank holds bit-identical sums), round to the
-     model dtype (the all-reduced value), then exactly the arithmetic of `rmsnorm.py`.
-`epoch` is the call count: each of the G programs keeps its own counter (`counters[p]`) and
-every call launches all G programs (those without rows only bump their counter), so every
-counter equals the call count on every rank. Data slots alternate by epoch parity, which is why
-one barrier per call suffices (PyTorch's op has a second one so a slot is not overwritten while
-a peer still reads it): this rank can only enter call N after one of its programs saw a peer's
-epoch-(N-1) flag, which that peer sent after its whole call N-2 had finished, so the slots of
-parity N % 2 are free. Rows go to programs in contiguous chunks; programs are at most G = 32,
-all resident at once, so a program never waits on a peer program that cannot be scheduled.
-Counters and flags are int64: they never wrap.
+Data flow (W ranks, each with the same symmetric buffer mapped from every peer): each program
+pushes its rows of x into every rank's data area, signals, waits for every peer's rows, then sums
+the W slots of each row in rank order 0..W-1 in fp32 (the same order on every rank, so all hold
+bit-identical sums), rounds to the model dtype (the all-reduced value) and runs exactly the
+arithmetic of `rmsnorm.py`. Two protocols share the launcher and that epilogue: `flags`
+(`_allreduce_rmsnorm_kernel`: release/acquire flags per program and call) and `lamport`
+(`_allreduce_rmsnorm_lamport_kernel`: the data is its own flag; the engine's default, faster on
+2 H100s). Each kernel's docstring says why its synchronisation is enough.
 
 Setup and the choice of when to use it live in `parallel/fused_allreduce_norm.py` (the buffer
-itself in `parallel/custom_allreduce.py`); this file is the kernels and their launcher. On CPU, tests run it through Triton's interpreter with one thread per
-simulated rank (the flag protocol is real: each thread spins on the others' stores).
+itself in `parallel/custom_allreduce.py`); this file is the kernels and their launcher. On CPU,
+tests run it through Triton's interpreter with one thread per simulated rank (the flag protocol
+is real: each thread spins on the others' stores).
 """
 
 from __future__ import annotations
@@ -66,6 +51,23 @@ def _allreduce_rmsnorm_kernel(
     stride_x, stride_r, stride_o, stride_nr,
     WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """Flags protocol (`data_ptrs[q]` and `flag_ptrs[q]` are rank q's data and flag areas as seen here):
+      1. push: program p copies its rows of x into slot [parity][me][row] of EVERY rank's data area
+         (peer stores are posted, so this costs one one-way NVLink trip, not a round trip);
+      2. signal: after a CTA barrier, a release store at system scope of `epoch` into flag
+         [p][me] of every rank;
+      3. wait: acquire loads of this rank's own flags [p][q] until every q reached `epoch`, then a
+         CTA barrier so every thread reads after the acquire;
+      4. reduce and norm (see the module docstring).
+    `epoch` is the call count: each of the G programs keeps its own counter (`counters[p]`) and
+    every call launches all G programs (those without rows only bump their counter), so every
+    counter equals the call count on every rank. Data slots alternate by epoch parity, which is why
+    one barrier per call suffices: this rank can only enter call N after one of its programs saw a
+    peer's epoch-(N-1) flag, which that peer sent after its whole call N-2 had finished, so the
+    slots of parity N % 2 are free. Rows go to programs in contiguous chunks; programs are at most
+    G = 32, all resident at once, so a program never waits on a peer program that cannot be
+    scheduled. Counters and flags are int64: they never wrap.
+    """
     wait_for_previous(USE_PDL)
     release_next(USE_PDL)
     pid = tl.program_id(0)
@@ -112,7 +114,7 @@ def _allreduce_rmsnorm_kernel(
 
 
 # ---- Lamport protocol: the data is its own flag ---------------------------------------------
-# The engine's default (SHARDSERVE_FUSED_ALLREDUCE_PROTOCOL=flags selects the one above).
+# The engine's default (`parallel.fused_allreduce_protocol: flags` selects the one above).
 # Every slot starts as a sentinel bit pattern that no pushed value has (a value equal to it is
 # pushed as +0.0: for 16-bit types the sentinel is -0.0, for fp32 one negative denormal). A reader
 # polls its slots with volatile loads until no lane holds the sentinel: no flag, no system-scope

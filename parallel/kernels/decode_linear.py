@@ -1,39 +1,29 @@
 """Batch-1 decode projections: `y = x @ W^T (+ bias)` for one row, weights read ahead under PDL.
 
 Why not cuBLAS at batch 1: a projection of one row is a weight-streaming matrix-vector product
-whose cost beyond bytes / bandwidth is per kernel: the drain of the kernel before it, the
-launch, and the ramp of the first HBM round trips (the third session measured the 4096 x 4096
-projection at ~21 us for ~11 us of bytes, whatever the grid; at TP 4 every projection is a
-quarter of the size and those fixed costs weigh more). cuBLAS is launched without programmatic
-dependent launch, so each projection starts only once the kernel before it has drained. This
-kernel is launched with PDL (pdl.py) and each program reads its first chunk of weights *before*
-`griddepcontrol.wait`: weights are never written while serving, so they stream in while the
-norm, the attention or the fused all-reduce before it still runs; only the activations wait.
-This is the one place besides l2_prefetch.py that touches memory before the wait (pdl.py's rule
-is about buffers an earlier kernel may still write; weights are not such a buffer).
+whose cost beyond bytes / bandwidth is per kernel: the drain of the kernel before it, the launch
+and the ramp of the first HBM round trips (figures: benchmarks/README.md); at TP 4 every
+projection is a quarter of the size and those fixed costs weigh more. cuBLAS is launched without
+programmatic dependent launch, so each projection starts only once the kernel before it drained.
+This kernel is launched with PDL (pdl.py) and each program reads its first chunk of weights
+*before* `griddepcontrol.wait`: weights are never written while serving, so they stream in while
+the norm, attention or fused all-reduce before it still runs; only the activations wait (the one
+exception to pdl.py's rule besides l2_prefetch.py).
 
 Data flow: program n owns output features [n * BLOCK_N, (n + 1) * BLOCK_N) and streams those rows
-of W [N, K] once over K in BLOCK_K chunks (the first chunk before the wait), CUDA-core FMAs into
-[BLOCK_N] fp32 accumulators (small BLOCK_N: enough programs for the small shards of TP 4).
-`silu_mul`: W is gate_up's [gate; up] (2I rows); program n streams gate rows n.. and up rows
-I + n.., and stores silu(gate) * up [1, I], gate and up each rounded to the dtype first, as
-`silu_and_mul` sees them after an unfused projection (the SiLU-and-mul kernel leaves the step).
-The bias is added in fp32 before the one rounding.
-
-Rows: one. A tensor-core variant for 2-16 rows lost to cuBLAS (benchmarks/README.md, "Tried and
-dropped"), so steps of 2+ rows keep cuBLAS.
-
-`SHARDSERVE_DECODE_GEMV=0` sends everything to cuBLAS (A/B runs); `wanted_for` says which calls
-this kernel takes. Tiles: the card's table tuned by `benchmarks/gemv_gpu.py --sweep
---write-tiles` (shipped in gemv_tiles/<device name>.json, or named by SHARDSERVE_GEMV_TILES),
-`default_tiles` for shapes or cards without one.
+of W [N, K] once over K in BLOCK_K chunks, CUDA-core FMAs into [BLOCK_N] fp32 accumulators; the
+bias is added in fp32 before the one rounding. `silu_mul`: W is gate_up's [gate; up] and the
+kernel stores silu(gate) * up [1, I], each rounded as an unfused projection would. Rows: one (a
+tensor-core variant for 2-16 rows lost to cuBLAS: benchmarks/README.md, "Tried and dropped").
+`parallel.decode_gemv: false` sends everything to cuBLAS; `wanted_for` says which calls this kernel
+takes. Tiles: the card's table from `benchmarks/gemv_gpu.py --sweep --write-tiles` (shipped in
+gemv_tiles/<device name>.json, or `parallel.gemv_tiles`), `default_tiles` otherwise.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +31,8 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.options import KernelOptions, kernel_options
 
-ENV_DECODE_GEMV = "SHARDSERVE_DECODE_GEMV"  # "0": cuBLAS for every projection
-ENV_GEMV_TILES = "SHARDSERVE_GEMV_TILES"  # a JSON table of tuned tiles (tuned_tiles)
 MAX_ROWS = 1  # batch-1 decode; with 2+ rows cuBLAS wins (a tensor-core variant was 7-9 % slower at 8 rows)
 
 
@@ -130,10 +119,10 @@ def tuned_tiles(path: str) -> dict[str, GemvTiles]:
         return {}
 
 
-def table_path(device_name: str, environ: dict[str, str] | os._Environ = os.environ) -> str:
-    """SHARDSERVE_GEMV_TILES if set, else the table shipped for this card (gemv_tiles/<name>.json,
-    spaces as underscores), which may not exist."""
-    return environ.get(ENV_GEMV_TILES) or str(TABLES_DIR / (device_name.replace(" ", "_") + ".json"))
+def table_path(device_name: str, configured: str | None = None) -> str:
+    """`configured` (KernelOptions.gemv_tiles) if set, else the table shipped for this card
+    (gemv_tiles/<name>.json, spaces as underscores), which may not exist."""
+    return configured or str(TABLES_DIR / (device_name.replace(" ", "_") + ".json"))
 
 
 @functools.cache
@@ -146,7 +135,7 @@ def tiles_for(device: torch.device, n_out: int, k: int, silu_mul: bool) -> GemvT
     if device.type != "cuda":
         return GemvTiles(4, 32, 4, 1)  # Triton's interpreter (CI): several programs and K chunks on tiny shapes
     index = device.index if device.index is not None else torch.cuda.current_device()
-    table = tuned_tiles(table_path(_device_name(index)))
+    table = tuned_tiles(table_path(_device_name(index), kernel_options().gemv_tiles))
     return table.get(tiles_key(n_out, k, silu_mul)) or default_tiles(n_out, k)
 
 
@@ -158,9 +147,9 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
-def gemv_wanted(environ: dict[str, str] | os._Environ = os.environ) -> bool:
-    """False when SHARDSERVE_DECODE_GEMV=0 (A/B runs) or the fused kernels are switched off."""
-    return _enabled and environ.get(ENV_DECODE_GEMV, "1").strip() != "0"
+def gemv_wanted(options: KernelOptions | None = None) -> bool:
+    """False when the kernel options turn the decode GEMV off or the fused kernels are switched off."""
+    return _enabled and (options or kernel_options()).decode_gemv
 
 
 def wanted_for(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,26 +1,23 @@
 """Programmatic dependent launch (PDL) for the small decode-step kernels.
 
 Why: at batch 1 a decoder layer is ~13 kernels of a few microseconds each (norm or fused
-all-reduce + norm, rotary + KV write, two attention stages, SiLU-and-mul, around the cuBLAS
-GEMMs), so each kernel's launch and ramp-up is a visible share of the step, the more so at
-TP 4, where each GEMM is a quarter of the size. On Hopper, a kernel launched with PDL may be
-scheduled while the kernel before it in the stream is still finishing; it calls
-`griddepcontrol.wait` before it touches anything, which returns once the previous kernel has
-completed and its writes are visible. The waiting is on the GPU, so CUDA graphs keep it (stream
-capture records a programmatic edge).
+all-reduce + norm, rotary + KV write, two attention stages, SiLU-and-mul, around the GEMMs), so
+each kernel's launch and ramp-up is a visible share of the step, the more so at TP 4. On Hopper,
+a kernel launched with PDL may be scheduled while the kernel before it is still finishing; it
+calls `griddepcontrol.wait` before it touches anything, which returns once the previous kernel
+has completed and its writes are visible. The waiting is on the GPU, so CUDA graphs keep it.
 
 The protocol, for every kernel here that takes `USE_PDL`:
 - `wait_for_previous(USE_PDL)` is its first statement: no load before it, not even of weights,
-  so a chain of PDL kernels can never read a buffer that an earlier kernel still writes
-  (whatever that earlier kernel is).
+  so a chain of PDL kernels can never read a buffer that an earlier kernel still writes.
 - `release_next(USE_PDL)` right after: once every program of this kernel has reached it, the next
   kernel (if launched with PDL) may be scheduled; it then waits in its own first statement.
-Kernels launched without PDL (cuBLAS, torch) wait for this one to finish as usual. The one
-exception, l2_prefetch.py, touches no memory at all before its wait (it only hints addresses).
+Kernels launched without PDL (cuBLAS, torch) wait for this one to finish as usual. The
+exceptions, decode_linear.py and l2_prefetch.py, touch only weights or nothing before the wait.
 
 `pdl_options(device)` gives the launch keyword arguments: `USE_PDL=True, launch_pdl=True` on a
-CUDA device of compute capability 9 or more with a Triton that has `launch_pdl`, `USE_PDL=False`
-everywhere else (CPU, Triton's interpreter, older GPUs) and when `SHARDSERVE_PDL=0`.
+CUDA device of compute capability 9+ with a Triton that has `launch_pdl`; `USE_PDL=False` elsewhere
+(CPU, Triton's interpreter, older GPUs) and when `parallel.pdl` is off (parallel/options.py).
 """
 
 from __future__ import annotations
@@ -31,8 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-ENV_PDL = "SHARDSERVE_PDL"  # "0" turns PDL off (A/B runs); anything else, or unset, leaves it on where supported
+from shardserve.parallel.options import KernelOptions, kernel_options
 
 
 @triton.jit
@@ -49,11 +45,11 @@ def release_next(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def pdl_wanted(environ: dict[str, str] | os._Environ = os.environ) -> bool:
-    """False when the environment turns PDL off: SHARDSERVE_PDL=0, or Triton's interpreter."""
+def pdl_wanted(options: KernelOptions | None = None, environ: dict[str, str] | os._Environ = os.environ) -> bool:
+    """False when the kernel options turn PDL off, or under Triton's interpreter."""
     if environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
-    return environ.get(ENV_PDL, "1").strip() != "0"
+    return (options or kernel_options()).pdl
 
 
 def triton_has_pdl() -> bool:

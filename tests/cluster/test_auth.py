@@ -35,8 +35,8 @@ class Secured:
 @pytest.fixture(scope="module")
 def secured(cluster):
     from ray import serve
-    from shardserve.cluster.ingress.auth import API_KEY_ENV
     from shardserve.cluster.ingress.deployment import Ingress
+    from shardserve.workers.env_overrides import API_KEY_ENV
 
     handles = {m.name: cluster.llm_handle(m.name) for m in cluster.config.models}
     options = {"num_cpus": 0.1, "runtime_env": {"env_vars": {API_KEY_ENV: KEY}}}

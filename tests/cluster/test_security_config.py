@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 from shardserve.cluster.config import AppConfig, ConfigError, ServeConfig, parse_config
-from shardserve.cluster.ingress.auth import API_KEY_ENV, Gate, load_keys
+from shardserve.cluster.ingress.auth import Gate, load_keys
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.ratelimit import RateLimited, RateLimiter
 from shardserve.cluster.ingress.tls import http_ssl_options
 from shardserve.cluster.messages import ErrorKind
+from shardserve.workers.env_overrides import API_KEY_ENV
 
 MODELS = [{"name": "m"}]
 

@@ -16,6 +16,7 @@ import torch
 from compiled_ptx import compile_ptx
 from shardserve.parallel.kernels import decode_linear as dl
 from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
+from shardserve.parallel.options import DEFAULT_KERNEL_OPTIONS, KernelOptions, set_kernel_options
 from shardserve.workers.kernels import reference
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -77,10 +78,15 @@ def test_bad_arguments_are_rejected(device):
 def test_which_calls_it_takes():
     w = torch.randn(8, 16, dtype=torch.bfloat16)
     assert not dl.wanted_for(torch.randn(1, 16, dtype=torch.bfloat16), w)  # CPU tensors: the torch path
-    assert dl.gemv_wanted({}) and not dl.gemv_wanted({dl.ENV_DECODE_GEMV: "0"})
+    assert dl.gemv_wanted() and not dl.gemv_wanted(KernelOptions(decode_gemv=False))
+    set_kernel_options(KernelOptions(decode_gemv=False))  # parallel.decode_gemv: false
+    try:
+        assert not dl.gemv_wanted()
+    finally:
+        set_kernel_options(DEFAULT_KERNEL_OPTIONS)
     dl.set_enabled(False)  # what models.layers.set_fused_kernels(False) does
     try:
-        assert not dl.gemv_wanted({})
+        assert not dl.gemv_wanted()
     finally:
         dl.set_enabled(True)
 
@@ -98,12 +104,12 @@ def test_tuned_tables(tmp_path):
     assert table == {"1536,4096,0": GemvTiles(8, 256, 8, 1)}
     assert dl.tuned_tiles(str(tmp_path / "missing.json")) == {}
     # the table shipped for the H100 covers the TP 1 / 2 / 4 shard shapes of Llama-3.1-8B
-    shipped = dl.table_path("NVIDIA H100 80GB HBM3", {})
+    shipped = dl.table_path("NVIDIA H100 80GB HBM3")
     assert shipped.endswith("gemv_tiles/NVIDIA_H100_80GB_HBM3.json")
     h100 = dl.tuned_tiles(shipped)
     for tp in (1, 2, 4):
         assert dl.tiles_key(6144 // tp, 4096, False) in h100 and dl.tiles_key(14336 // tp, 4096, True) in h100
-    assert dl.table_path("NVIDIA H100 80GB HBM3", {dl.ENV_GEMV_TILES: str(path)}) == str(path)
+    assert dl.table_path("NVIDIA H100 80GB HBM3", str(path)) == str(path)  # parallel.gemv_tiles
 
 
 def _ptx(use_pdl: bool) -> str:

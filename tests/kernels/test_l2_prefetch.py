@@ -13,6 +13,7 @@ import pytest
 import torch
 from compiled_ptx import compile_ptx
 from kernel_env import DEVICE
+from shardserve.parallel.options import KernelOptions
 from shardserve.workers.kernels import l2_prefetch as l2
 
 
@@ -29,13 +30,10 @@ def test_regions_in_order_cut_to_the_cap():
         l2.plan_regions([torch.empty(4, 4).t()], 10)
 
 
-def test_off_by_default_and_nothing_launches_on_cpu(monkeypatch):
-    monkeypatch.delenv(l2.ENV_PREFETCH_MB, raising=False)
-    assert l2.prefetch_cap_from_env() == 0
-    monkeypatch.setenv(l2.ENV_PREFETCH_MB, "24")
-    assert l2.prefetch_cap_from_env() == 24 * 2**20
-    monkeypatch.setenv(l2.ENV_PREFETCH_MB, "lots")
-    assert l2.prefetch_cap_from_env() == 0
+def test_off_by_default_and_nothing_launches_on_cpu():
+    assert l2.prefetch_cap() == 0
+    assert l2.prefetch_cap(KernelOptions(l2_prefetch_mb=24)) == 24 * 2**20
+    assert l2.prefetch_cap(KernelOptions(l2_prefetch_mb=0.5)) == 2**19
     assert l2.l2_prefetch([torch.empty(4096)], 2**20) is False
     assert l2.l2_prefetch([], 2**20) is False
 

@@ -14,15 +14,22 @@ import pytest
 import torch
 from compiled_ptx import compile_ptx
 from shardserve.parallel.kernels import pdl
+from shardserve.parallel.options import DEFAULT_KERNEL_OPTIONS, KernelOptions, set_kernel_options
 
 
 def test_off_on_cpu_and_under_the_interpreter(monkeypatch):
     assert pdl.pdl_options(torch.device("cpu")) == {"USE_PDL": False}
-    assert not pdl.pdl_wanted({"TRITON_INTERPRET": "1"})
-    assert not pdl.pdl_wanted({pdl.ENV_PDL: "0"})
-    assert not pdl.pdl_wanted({pdl.ENV_PDL: " 0 "})
-    assert pdl.pdl_wanted({})
-    assert pdl.pdl_wanted({pdl.ENV_PDL: "1", "TRITON_INTERPRET": "0"})
+    on, off = KernelOptions(pdl=True), KernelOptions(pdl=False)
+    assert not pdl.pdl_wanted(on, {"TRITON_INTERPRET": "1"})
+    assert not pdl.pdl_wanted(off, {})
+    assert pdl.pdl_wanted(on, {})
+    assert pdl.pdl_wanted(on, {"TRITON_INTERPRET": "0"})
+    set_kernel_options(off)  # what init_parallel / the engine install from parallel.pdl
+    try:
+        assert not pdl.pdl_wanted(environ={})
+    finally:
+        set_kernel_options(DEFAULT_KERNEL_OPTIONS)
+    assert pdl.pdl_wanted(environ={})
 
 
 def test_this_triton_supports_it():

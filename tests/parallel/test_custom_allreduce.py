@@ -19,6 +19,7 @@ import torch
 from parallel_helpers import spawn_ranks
 from shardserve.parallel import comm
 from shardserve.parallel import custom_allreduce as car
+from shardserve.parallel.options import KernelOptions
 from shardserve.parallel.state import GroupInfo, ParallelState, get_parallel_state, set_parallel_state
 
 LIMITS = car.Limits(max_bytes=1024 * 1024, one_shot_max_bytes=64 * 1024)
@@ -57,13 +58,10 @@ def test_large_messages_two_shot_above_two_ranks_only() -> None:
     assert choose(LIMITS.max_bytes, world_size=8) == ("two_shot", "")
 
 
-def test_limits_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert car.limits_from_env() == car.Limits()
-    monkeypatch.setenv(car.ENV_MAX_BYTES, "1000")
-    monkeypatch.setenv(car.ENV_ONE_SHOT_MAX_BYTES, "512")
-    assert car.limits_from_env() == car.Limits(max_bytes=1008, one_shot_max_bytes=512)  # rounded up to 16
-    monkeypatch.setenv(car.ENV_MAX_BYTES, "lots")
-    assert car.limits_from_env().max_bytes == car.DEFAULT_MAX_BYTES
+def test_limits_from_kernel_options() -> None:
+    assert car.limits_for(KernelOptions()) == car.Limits()
+    options = KernelOptions(custom_allreduce_max_bytes=1000, custom_allreduce_one_shot_max_bytes=512)
+    assert car.limits_for(options) == car.Limits(max_bytes=1008, one_shot_max_bytes=512)  # rounded up to 16
     with pytest.raises(ValueError, match="multiple of 16"):
         car.Limits(max_bytes=1000)
 
@@ -93,12 +91,9 @@ def test_static_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     assert car.static_reason(cuda, 2, ops, LIMITS) is None
     assert car.static_reason(cuda, 1, ops, LIMITS) == "a single rank"
     assert "no symm_mem one-shot" in car.static_reason(cuda, 2, car.SymmOps(), LIMITS)
-    assert car.static_reason(cuda, 2, ops, car.Limits(max_bytes=0)) == f"{car.ENV_MAX_BYTES}=0"
-    for value in ("1", "true"):
-        monkeypatch.setenv(car.ENV_DISABLE, value)
-        assert car.static_reason(cuda, 2, ops, LIMITS) == f"disabled by {car.ENV_DISABLE}"
-    monkeypatch.setenv(car.ENV_DISABLE, "0")
-    assert car.static_reason(cuda, 2, ops, LIMITS) is None
+    assert car.static_reason(cuda, 2, ops, car.Limits(max_bytes=0)) == "custom_allreduce_max_bytes is 0"
+    assert car.static_reason(cuda, 2, ops, LIMITS, enabled=False) == car.DISABLED
+    assert car.static_reason(cuda, 2, ops, LIMITS, enabled=True) is None
 
 
 # ---- the call paths, with fake ops (2 ranks holding the same data: the sum doubles) --------

@@ -14,6 +14,7 @@ from parallel_helpers import spawn_ranks
 from shardserve.parallel import comm
 from shardserve.parallel import custom_allreduce as car
 from shardserve.parallel import fused_allreduce_norm as fan
+from shardserve.parallel.options import KernelOptions
 from shardserve.parallel.state import GroupInfo, ParallelState, get_parallel_state, set_parallel_state
 from shardserve.workers.models.layers import RMSNorm
 
@@ -43,15 +44,11 @@ def test_selection_depends_only_on_shapes() -> None:
     assert reason(half_bytes=0) == "4 rows over the 0-row buffer"
 
 
-def test_env_switches(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert fan.half_bytes_from_env() == fan.DEFAULT_HALF_BYTES
+def test_kernel_option_switches() -> None:
+    assert fan.half_bytes_for(KernelOptions()) == fan.DEFAULT_HALF_BYTES
     assert fan.area_bytes(fan.DEFAULT_HALF_BYTES) == fan.FLAG_BYTES + 2 * fan.DEFAULT_HALF_BYTES
-    monkeypatch.setenv(fan.ENV_HALF_BYTES, "1000")
-    assert fan.half_bytes_from_env() == 1008  # rounded up to 16
-    monkeypatch.setenv(fan.ENV_HALF_BYTES, "many")
-    assert fan.half_bytes_from_env() == fan.DEFAULT_HALF_BYTES
-    monkeypatch.setenv(fan.ENV_DISABLE, "1")
-    assert fan.half_bytes_from_env() == 0 and fan.area_bytes(0) == 0
+    assert fan.half_bytes_for(KernelOptions(fused_allreduce_norm_bytes=1000)) == 1008  # rounded up to 16
+    assert fan.half_bytes_for(KernelOptions(fused_allreduce_norm=False)) == 0 and fan.area_bytes(0) == 0
 
 
 class RecordingFused:
@@ -156,15 +153,13 @@ def test_unaligned_area_is_refused() -> None:
         4096 + 16 + fan.FLAG_BYTES, 8192 + 16 + fan.FLAG_BYTES]
 
 
-def test_protocol_from_env_and_starting_state(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_protocol_and_starting_state() -> None:
     from shardserve.parallel.kernels.allreduce_rmsnorm import SENTINEL_32
 
-    monkeypatch.delenv(fan.ENV_PROTOCOL, raising=False)
-    assert fan.protocol_from_env() == "lamport"  # the default
-    monkeypatch.setenv(fan.ENV_PROTOCOL, "Flags")
-    assert fan.protocol_from_env() == "flags"
-    monkeypatch.setenv(fan.ENV_PROTOCOL, "carrier-pigeon")
-    assert fan.protocol_from_env() == "lamport"  # logged and ignored
+    assert fan.protocol_for(KernelOptions()) == "lamport"  # the default
+    assert fan.protocol_for(KernelOptions(fused_allreduce_protocol="flags")) == "flags"
+    with pytest.raises(ValueError, match="fused_allreduce_protocol must be one of flags, lamport, got 'pigeon'"):
+        fan.protocol_for(KernelOptions(fused_allreduce_protocol="pigeon"))  # type: ignore[arg-type]
     area = torch.full((fan.FLAG_BYTES + 2 * 64,), 7, dtype=torch.uint8)
     fan.prepare_area(area, "flags")
     assert area[: fan.FLAG_BYTES].eq(0).all() and area[fan.FLAG_BYTES:].eq(7).all()  # data: whatever it was

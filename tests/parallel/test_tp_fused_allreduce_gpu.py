@@ -26,16 +26,17 @@ from parallel_helpers import (
     single_process,
     write_checkpoint,
 )
-from shardserve.parallel.fused_allreduce_norm import ENV_DISABLE, ENV_PROTOCOL
 from shardserve.workers.config import ModelConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 
-def _run(model, dtype: str, tp: int, prompts):
+def _run(model, dtype: str, tp: int, prompts, **kernels):
+    """kernels: ParallelConfig's kernel switches (fused_allreduce_norm, fused_allreduce_protocol)."""
     config = engine_config(model, tp=tp)
-    config = replace(config, model=ModelConfig(model=str(model), dtype=dtype, device="cuda"))
+    config = replace(config, model=ModelConfig(model=str(model), dtype=dtype, device="cuda"),
+                     parallel=replace(config.parallel, **kernels))
     try:
         return generate(config if tp > 1 else single_process(config), prompts, max_tokens=12)
     finally:
@@ -45,13 +46,11 @@ def _run(model, dtype: str, tp: int, prompts):
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_moe"])  # qwen3_moe: MoE + dense layers
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_equals_unfused_on_two_gpus(tmp_path, monkeypatch, capfd, name: str, dtype: str) -> None:
+def test_fused_equals_unfused_on_two_gpus(tmp_path, capfd, name: str, dtype: str) -> None:
     model = write_checkpoint(name, tmp_path / name)
     prompts = make_prompts(250, lengths=(1, 5, 11, 23, 64))
-    monkeypatch.setenv(ENV_DISABLE, "1")
-    unfused = _run(model, dtype, 2, prompts)
+    unfused = _run(model, dtype, 2, prompts, fused_allreduce_norm=False)
     assert "fused with RMSNorm: off" in capfd.readouterr().err
-    monkeypatch.delenv(ENV_DISABLE)
     fused = _run(model, dtype, 2, prompts)
     assert "fused with RMSNorm: on" in capfd.readouterr().err
     assert_same_outputs(unfused, fused, atol=0.0)
@@ -60,14 +59,11 @@ def test_fused_equals_unfused_on_two_gpus(tmp_path, monkeypatch, capfd, name: st
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
-def test_lamport_protocol_equals_unfused_on_two_gpus(tmp_path, monkeypatch, capfd, name: str) -> None:
-    """The opt-in Lamport protocol (the data is its own flag) gives the same bits as well."""
+def test_flags_protocol_equals_unfused_on_two_gpus(tmp_path, capfd, name: str) -> None:
+    """The flag protocol (the default is Lamport: the data is its own flag) gives the same bits as well."""
     model = write_checkpoint(name, tmp_path / name)
     prompts = make_prompts(250, lengths=(1, 5, 11, 23, 64))
-    monkeypatch.setenv(ENV_DISABLE, "1")
-    unfused = _run(model, "bfloat16", 2, prompts)
-    monkeypatch.delenv(ENV_DISABLE)
-    monkeypatch.setenv(ENV_PROTOCOL, "lamport")
-    fused = _run(model, "bfloat16", 2, prompts)
-    assert "fused with RMSNorm: on (lamport)" in capfd.readouterr().err
+    unfused = _run(model, "bfloat16", 2, prompts, fused_allreduce_norm=False)
+    fused = _run(model, "bfloat16", 2, prompts, fused_allreduce_protocol="flags")
+    assert "fused with RMSNorm: on (flags)" in capfd.readouterr().err
     assert_same_outputs(unfused, fused, atol=0.0)

@@ -1,23 +1,21 @@
 """Per-rank step timing: is each rank's host keeping its device fed?
 
-Why: at TP 4 a batch-1 decode step is ~2.3 ms of GPU work, and every rank's host must prepare
-the inputs, replay the graph and run the eager sampler within that time, or its device idles
-and, through the next collective, so do the others. A kernel profile cannot show this without
-slowing the host it measures (under CUPTI a graph launch took 600-900 us instead of ~50), so
-this reads the runner's own records (ModelRunner.step_times: CUDA events and wall clocks,
-cheap) on every rank: `time_ranks` passes a `RankTimingProbe` (a RankProbe, worker/probe.py) to
-every rank with the Worker calls `probe_start` / `probe_stop` around the steps to measure.
+Why: at TP 4 a batch-1 decode step is a couple of milliseconds of GPU work, and every rank's host
+must prepare the inputs, replay the graph and run the eager sampler within that time, or its
+device idles and, through the next collective, so do the others. A kernel profile cannot show
+this without slowing the host it measures (under CUPTI a graph launch takes an order of magnitude
+longer), so this reads the runner's own records (ModelRunner.step_times: CUDA events and wall
+clocks, cheap) on every rank: `time_ranks` passes a `RankTimingProbe` (a RankProbe,
+worker/probe.py) to every rank with the Worker calls `probe_start` / `probe_stop`.
 
 Per rank, medians over the steps: `launch_ms` (the host's launch() of a step), `replay_ms`
-(the decode graph's replay call, part of launch; NaN without graphs), `host_ms` (launch +
-finish minus the wait), `wait_ms` (blocked on the sampled ids: slack, the host was early),
-`gpu_ms` (first upload to sampled ids on the device) and `gap_ms` (device time between a step's
-sampled ids and the next step's first upload: the device idle for lack of work, when the host
-is late), and the means of those two (a few long steps show in the means only). Under async
-scheduling the host's critical path is: the driver's turnaround (`driver_ms`: the rank's last
-finish, its output sent -> the next step's message in) then `prep_ms` (launch up to the graph
-replay); it must fit in one step of device time, so their medians and 90th percentiles are
-printed too. A fed device has gap ~0 and wait > 0. Device times need CUDA events: NaN on CPU.
+(the decode graph's replay call; NaN without graphs), `host_ms` (launch + finish minus the wait),
+`wait_ms` (blocked on the sampled ids: slack), `gpu_ms` (first upload to sampled ids on the
+device) and `gap_ms` (device idle between a step's sampled ids and the next step's first upload,
+when the host is late), and the means of those two. Under async scheduling the host's critical
+path is the driver's turnaround (`driver_ms`) then `prep_ms` (launch up to the graph replay); it
+must fit in one step of device time, so their medians and 90th percentiles are printed too. A fed
+device has gap ~0 and wait > 0. Device times need CUDA events: NaN on CPU.
 """
 
 from __future__ import annotations

@@ -10,26 +10,12 @@ throughput: N requests from a seeded workload are queued at once (offline); outp
   million output tokens at a price per device-hour.
 Both run `transformers.generate` on the same prompts in the same process and print the ratio.
 
-Worker groups (world = TP x PP > 1, workers/worker/executor.py): the model runs in the rank
-processes, so this process has no `engine.runner`:
-  - step timing: the per-step host / GPU split (ModelRunner.step_times, CUDA events) is recorded
-    on the ranks; `run_latency` asks every rank for its medians over the run (Worker
-    probe_start / probe_stop with a RankTimingProbe, bench/rank_timing.py) and returns a WorkerGroupLatencyResult with
-    each rank's RankTiming (`ranks`), host and GPU ms of the slowest rank (GPU ms NaN on CPU:
-    no events), and the driver's own median engine.step() wall time over the decode steps
-    (`wall_ms_per_step`). The step time itself is driver wall clock at any world size (token
-    timestamps of the requests); at batch 1 decode tok/s is 1 / time per output token, the
-    figure benchmarks/parallel_gpu.py reports.
-  - bytes per step: per GPU, computed from the model config by building each rank's shard on
-    the meta device under that rank's ParallelState (no memory, same shapes as the rank's
-    weights and KV cache; same counting rules as world 1: each weight read once per step, an
-    untied input embedding not at all). A decode step visits the P pipeline stages one after
-    another, so `bytes_per_step` is what one GPU of each stage reads (the stage's busiest TP
-    rank: weights / TP plus the KV of its own heads and layers), summed over the stages: the
-    bytes that cross one GPU's memory bus at a time along the step. Over the step time that is
-    the bandwidth a GPU sustains while it holds the step, comparable with one device's copy
-    bandwidth, as at world 1 (with TP only: one rank's bytes; PP micro-batches that overlap
-    stages are not credited, so PP at batch > 1 reads low).
+Worker groups (world = TP x PP > 1): the model runs in the rank processes, so the per-step host /
+GPU split is recorded on the ranks and `run_latency` asks each for its medians (a
+RankTimingProbe, bench/rank_timing.py) next to the driver's own step wall time
+(`_run_latency_worker_group`); bytes per step are computed per GPU from shards built on the
+meta device (`rank_bytes`, `decode_bytes_per_step`). The step time itself is driver wall clock
+at any world size; at batch 1 decode tok/s is 1 / time per output token.
 """
 
 from __future__ import annotations
@@ -141,7 +127,17 @@ def rank_bytes(config: EngineConfig, hf_config, dtype: torch.dtype) -> list[Rank
     """Every rank's decode bytes, from the model config: each rank's shard is built on the meta
     device under its ParallelState. A weight counts once (parameters are deduplicated); an
     embedding table counts only where it is also the LM head (tied), since a lookup reads just
-    B rows."""
+    B rows.
+
+    Each rank's shard is built on the meta device under that rank's ParallelState (no memory, same
+    shapes as its weights and KV cache; the counting rules of world 1: each weight read once per
+    step, an untied input embedding not at all). A decode step visits the P stages one after
+    another, so the bytes per step are what one GPU of each stage reads (the stage's busiest TP
+    rank: weights / TP plus the KV of its own heads and layers), summed over the stages: over the
+    step time, the bandwidth a GPU sustains while it holds the step, comparable with one device's
+    copy bandwidth (PP micro-batches that overlap stages are not credited, so PP at batch > 1 reads
+    low).
+    """
     cls = model_class_for(hf_config)
     previous = get_parallel_state()
     out = []
@@ -233,7 +229,12 @@ def _decode_figures(engine: LLMEngine, requests: list[BenchRequest], finals: lis
 
 
 def _run_latency_worker_group(engine: LLMEngine, requests: list[BenchRequest]) -> WorkerGroupLatencyResult:
-    """run_latency of a worker group: the same figures from the driver's wall clock (module docstring)."""
+    """run_latency of a worker group: the same figures from the driver's wall clock (module docstring).
+
+    Returns each rank's RankTiming (`ranks`), host and GPU ms of the slowest rank (GPU ms NaN on CPU:
+    no events), and the driver's median engine.step() wall time over the decode steps
+    (`wall_ms_per_step`).
+    """
     walls: list[float] = []
     start = time.perf_counter()
     finals, ranks = time_ranks(engine.executor.call, lambda: run_engine(engine, requests, walls))

@@ -6,24 +6,16 @@ Data flow: `q [T, Hq, D]` is the flattened batch; request i owns query rows
 this step's own K/V, written beforehand by `kv_cache_write`. Query j of request i sits at
 absolute position `seq_lens[i] - query_len_i + j` and attends causally to every context
 token at or before it. The same kernel therefore covers plain prefill (empty prefix),
-prefix-cache hits, chunked prefill (long prefix, short query) and decode rows mixed in.
+prefix-cache hits, chunked prefill (long prefix, short query) and decode rows mixed in; it
+stores `out [T, Hq, D]`.
 
-Work split. One program handles one *work item* — (request, block of BLOCK_Q query tokens) —
-for one KV head, and takes every query head of that KV head's group at once: its tile has
-BLOCK_Q x GROUP_PAD rows (token-major, the group padded to a power of two), so the K/V it
-walks are read once for the whole group and decode rows (query_len 1) cost one pass over the
-context per KV head, not one per query head. The program walks the context `BLOCK_N` tokens
-at a time (pages looked up per token through `block_tables`): first, without masks, the tiles
-wholly before the tile's first query position, then the causal tiles up to its last one, with
-an online softmax in fp32; it stores `out [T, Hq, D]`.
-
-Why a work list: the grid is (W, Hkv) with W = ceil(T / BLOCK_Q) + min(R, T), a bound that
-depends only on the tensor shapes, never on how tokens are split among requests. Programs past
-the last real work item exit at once. So a CUDA graph captured for T tokens and R request
-slots replays correctly for any mix of prefills and decodes that fits them (see
-`workers/runner/cuda_graphs.py`). `extend_work_items` builds the list on the device from
-`query_start_loc` (cumsum + searchsorted, no host sync); callers compute it once per step and
-pass it to every layer.
+Work split: one program per *work item* — (request, block of BLOCK_Q query tokens) — and KV
+head, taking every query head of that KV head's group at once (see `_extend_kernel`). Why a work
+list: the grid is (W, Hkv) with W = ceil(T / BLOCK_Q) + min(R, T), a bound that depends only on
+the tensor shapes, never on how tokens are split among requests; programs past the last real
+item exit at once. So a CUDA graph captured for T tokens and R request slots replays correctly
+for any mix of prefills and decodes that fits them (workers/runner/cuda_graphs.py).
+`extend_work_items` builds the list on the device (no host sync), once per step for every layer.
 """
 
 from __future__ import annotations
@@ -92,6 +84,13 @@ def _extend_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Tile: BLOCK_Q x GROUP_PAD rows (token-major, the query-head group padded to a power of two), so
+    the K/V it walks are read once for the whole group and decode rows (query_len 1) cost one pass
+    over the context per KV head, not one per query head. The program walks the context BLOCK_N
+    tokens at a time (pages looked up per token through `block_tables`): first, without masks, the
+    tiles wholly before the tile's first query position, then the causal tiles up to its last one,
+    with an online softmax in fp32.
+    """
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = tl.load(work_ptr + item)

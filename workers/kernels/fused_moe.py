@@ -2,36 +2,21 @@
 
 Data flow of `fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`
 over the E experts this rank holds (global ids `local_expert_start .. + E`):
-
-1. `moe_align_block_size` (moe_align.py: one or two Triton launches, static grids, no host sync;
-   torch reference `moe_reference.moe_align_block_size_torch`) sorts the T*k (token, slot)
-   rows by local expert and pads each expert's group to a multiple of BLOCK_M:
-   `sorted_token_ids [L]` holds flat row ids `t * k + slot` (padding: the sentinel T*k),
-   `expert_ids [L / BLOCK_M]` the local expert of each M-block (-1 past the end) and
-   `num_tokens_post_padded [1]` the used length. Rows routed to other ranks' experts (EP) are
-   in no block. L = T*k + min(E, T*k) * (BLOCK_M - 1), rounded up to BLOCK_M, bounds the
-   padded length for any routing: at most min(E, T*k) groups each gain < BLOCK_M padding.
-2. `_moe_gemm_kernel` (grid fixed from L, so a captured graph replays for any routing): the
-   program of M-block b and N-tile n computes, for the BLOCK_M rows of b (one expert e),
-   `C[row] = A[row // a_row_div] @ W[e]^T` in fp32, optionally times the row's routing weight,
-   and stores into `C [T*k, N]`. Blocks at or past `num_tokens_post_padded` (or with expert -1)
-   exit at once; padding rows are masked.
+1. `moe_align_block_size` (moe_align.py; no host sync) sorts the T*k (token, slot) rows by local
+   expert, padding each expert's group to a multiple of BLOCK_M; rows routed to other ranks'
+   experts (EP) are in no block.
+2. `_moe_gemm_kernel` (grid fixed from the padded bound, so a captured graph replays for any
+   routing) computes, per M-block of one expert, `C[row] = A[row // a_row_div] @ W[e]^T` in fp32:
    Up:   A = x (a_row_div = k)          -> h [T*k, 2I]
    SiLU-and-mul (activation.py kernel)  -> a [T*k, I]
    Down: A = a (a_row_div = 1), weighted -> y [T*k, H]
-   Direct path (`use_direct_rows`: a token's k rows, or few rows over many experts, as in
-   batch-1..4 decode): no alignment launch at all. M-block b is flat row b alone (its other
-   BLOCK_M - 1 rows masked) and its expert is read from topk_ids in the GEMM; a row of another
-   rank's expert exits at once. Rows routed to the same expert read its weights once each, so
-   this is only taken while such repeats are rare; it saves the alignment launch (~10 us per
-   layer, most of a batch-1 MoE layer's fixed cost beside the GEMMs).
-3. `_moe_sum_kernel` sums each token's k rows of y in fp32, reading only slots whose expert is
-   local (rows of other ranks' experts were never written), and rounds once -> out [T, H].
-
-Tiles: `moe_tiles` looks the average rows per expert (T*k / E) up in `CUDA_TILE_BANDS`, a table
-of rows-per-expert bands (decode: BLOCK_M 16, prefill: up to 64); `benchmarks/moe_gpu_check.py
---sweep` times candidate tiles on the GPU. The CPU interpreter (tests) uses small tiles. The
-matmuls read fp32 operands with `input_precision="ieee"` so fp32 results match torch.
+   Direct path (`use_direct_rows`, e.g. batch-1..4 decode): no alignment launch; each flat row is
+   its own M-block and reads its expert from topk_ids (see `use_direct_rows`).
+3. `_moe_sum_kernel` sums each token's k rows of y in fp32 (local experts only), rounds once ->
+   out [T, H].
+Tiles: `moe_tiles` picks them by average rows per expert from `CUDA_TILE_BANDS` (decode BLOCK_M 16,
+prefill up to 64; `benchmarks/moe_gpu_check.py --sweep` times candidates). The CPU interpreter uses
+small tiles; fp32 operands use `input_precision="ieee"` so fp32 results match torch.
 """
 
 from __future__ import annotations
@@ -112,6 +97,12 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Swizzle: GROUP_M consecutive M-blocks walk the N-tiles together (A tiles reused from L2).
+    """Aligned layout (moe_align.py): `sorted_token_ids [L]` holds flat row ids `t * k + slot` (padding:
+    the sentinel T*k), `expert_ids [L / BLOCK_M]` the local expert of each M-block (-1 past the end),
+    `num_tokens_post_padded [1]` the used length; L = T*k + min(E, T*k) * (BLOCK_M - 1), rounded up
+    to BLOCK_M, bounds the padded length for any routing. Blocks at or past the used length (or with
+    expert -1) exit at once; padding rows are masked. Optionally times the row's routing weight.
+    """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.num_programs(0) // num_pid_n
@@ -192,7 +183,13 @@ class _Rows:
 
 def use_direct_rows(num_rows: int, top_k: int, num_local: int) -> bool:
     """One M-block per (token, slot) row, no alignment: one token's rows (distinct experts), or
-    rows few enough next to the experts (<= a quarter) that two rows rarely share an expert."""
+    rows few enough next to the experts (<= a quarter) that two rows rarely share an expert.
+
+    The direct path: M-block b is flat row b alone (its other BLOCK_M - 1 rows masked) and its expert
+    is read from topk_ids in the GEMM; a row of another rank's expert exits at once. Rows routed to
+    the same expert read its weights once each, so it is taken only while such repeats are rare; it
+    saves the alignment launch, most of a batch-1 MoE layer's fixed cost beside the GEMMs.
+    """
     return num_rows <= top_k or 4 * num_rows <= num_local
 
 

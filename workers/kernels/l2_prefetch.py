@@ -1,15 +1,13 @@
 """L2 prefetch of the next GEMM's weights, overlapped with the kernel before it (experimental).
 
-Why: at TP 4 a batch-1 decode step spends clearly longer in GEMMs than its weight bytes take at
-copy bandwidth: each projection is an 8-59 MB read, and its ramp-up and tail weigh a lot.
-Meanwhile the fused all-reduce + RMSNorm before it runs on 32 SMs waiting on NVLink, and HBM
-idles. This kernel, launched right after that kernel
-with programmatic dependent launch (parallel/kernels/pdl.py), runs on the free SMs while it still
-runs and issues `prefetch.global.L2` for the next GEMM's weights (up to a byte cap: what HBM can
-deliver in the window, and what L2 holds), so the GEMM reads them from L2. A side-stream
-kernel that loaded o_proj's weights beside rope and attention was measured slower
-(benchmarks/README.md, "Tried and dropped"); this one only hints, beside a kernel that
-waits on NVLink, and stays off until measured.
+Why: at TP 4 a batch-1 decode step spends clearly longer in GEMMs than their weight bytes take at
+copy bandwidth (ramp-up and tail weigh a lot), while the fused all-reduce + RMSNorm before them
+runs on 32 SMs waiting on NVLink and HBM idles. This kernel, launched right after that one with
+programmatic dependent launch (parallel/kernels/pdl.py), runs on the free SMs meanwhile and
+issues `prefetch.global.L2` for the next GEMM's weights (up to a byte cap: what HBM can deliver
+in the window and L2 holds), so the GEMM reads them from L2. It stays off
+(`parallel.l2_prefetch_mb: 0`) until measured; a side-stream load that was tried is in
+benchmarks/README.md, "Tried and dropped".
 
 Protocol exception: pdl.py's kernels wait for the previous kernel before touching memory. This
 one reads nothing; it only hints addresses of weights, which no kernel writes while serving. It
@@ -23,15 +21,14 @@ kernel could not overlap anything, so `l2_prefetch` launches nothing then (CPU i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.options import KernelOptions, kernel_options
 
-ENV_PREFETCH_MB = "SHARDSERVE_L2_PREFETCH_MB"  # unset or 0: off (the default until measured)
 LINE_BYTES = 128
 BLOCK = 512  # lines per program per iteration (4 per thread at 4 warps)
 MAX_PROGRAMS = 64  # leaves most SMs to the kernel being overlapped (the fused all-reduce uses 32)
@@ -57,12 +54,9 @@ def _l2_prefetch_kernel(base0, lines0, base1, lines1, BLOCK: tl.constexpr, USE_P
     wait_for_previous(USE_PDL)  # complete only after the kernel this one overlaps
 
 
-def prefetch_cap_from_env() -> int:
-    """Bytes to prefetch per call from SHARDSERVE_L2_PREFETCH_MB (0: off; a bad value is off)."""
-    try:
-        return max(0, int(float(os.environ.get(ENV_PREFETCH_MB, "0")) * 2**20))
-    except ValueError:
-        return 0
+def prefetch_cap(options: KernelOptions | None = None) -> int:
+    """Bytes to prefetch per call: KernelOptions.l2_prefetch_mb (0: off, the default until measured)."""
+    return max(0, int((options or kernel_options()).l2_prefetch_mb * 2**20))
 
 
 def plan_regions(tensors: Sequence[torch.Tensor], max_bytes: int) -> list[tuple[int, int]]:

@@ -8,22 +8,13 @@ Input `topk_ids [T, k]` (global expert ids, int32 or int64), read as N = T*k fla
   `expert_ids [L / BLOCK_M] int32` the local expert of each M-block, -1 past the used length;
   `num_tokens_post_padded [1] int32` the used length (sum of the padded group sizes).
 
-Data flow (P programs, each owning a contiguous slice of `rows_per_prog` rows, walked in CHUNK-row
-steps with a one-hot [CHUNK, E_PAD] tile):
-  1. `_moe_count_kernel`: program p counts its slice's rows per local expert -> `counts [P, E_PAD]`.
-  2. `_moe_align_kernel`: every program reads all of `counts` and derives, in registers, each
-     expert's total, padded size and group start (`tl.cumsum` over experts) and the rows of its
-     expert in earlier programs' slices. It then scatters its rows:
-     `dest = group_start[e] + rows of e in earlier slices + rank of the row among e's rows in this
-     slice` (the rank is a cumsum of the one-hot tile down the rows), so within a group rows keep
-     their flat order, exactly as the stable torch sort of `moe_reference.moe_align_block_size_torch`.
-     It also writes its share of the M-blocks: `expert_ids` (the block's first slot located among
-     the group ends) and the sentinel into the block's padding slots. Every slot of
-     `sorted_token_ids` is written exactly once (a row or padding), so no prior fill is needed.
-With P = 1 (few rows: decode) the align kernel counts the rows itself: one launch.
-
-Grids depend only on N, E and BLOCK_M and nothing is read back on the host, so the launches
-are CUDA-graph capturable and a captured graph replays correctly for any routing.
+Data flow (P programs, each owning a contiguous slice of rows, walked in CHUNK-row steps with a
+one-hot [CHUNK, E_PAD] tile): `_moe_count_kernel` counts each slice's rows per local expert, then
+`_moe_align_kernel` derives every expert's group start from all counts and scatters its rows,
+keeping their flat order within a group (exactly the stable torch sort of
+`moe_reference.moe_align_block_size_torch`). With P = 1 (few rows: decode) the align kernel counts
+the rows itself: one launch. Grids depend only on N, E and BLOCK_M and nothing is read back on
+the host, so the launches are CUDA-graph capturable and a graph replays for any routing.
 """
 
 from __future__ import annotations
@@ -87,6 +78,14 @@ def _moe_align_kernel(
     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, P_CHUNK: tl.constexpr,
     NB: tl.constexpr, COUNT_HERE: tl.constexpr,
 ):
+    """Every program reads all of `counts [P, E_PAD]` and derives, in registers, each expert's total,
+    padded size and group start (`tl.cumsum` over experts) and the rows of its expert in earlier
+    programs' slices, then scatters its rows to `group_start[e] + rows of e in earlier slices + rank
+    of the row among e's rows in this slice` (a cumsum of the one-hot tile down the rows). It also
+    writes its share of the M-blocks: `expert_ids` (the block's first slot located among the group
+    ends) and the sentinel into the block's padding slots. Every slot of `sorted_token_ids` is
+    written exactly once (a row or padding), so no prior fill is needed.
+    """
     pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
     first_row = pid * rows_per_prog

@@ -9,19 +9,13 @@ head vector x, with `x1 = x[:R/2]`, `x2 = x[R/2:R]`:
 
 Data flow: `positions [T]` pick one cache row per token; one program per token loads that
 row and rotates every q head `[Hq, R]` and k head `[Hkv, R]` of the token in fp32, rounding
-once to the input dtype. In place by default (`q`, `k` are overwritten and returned);
-`inplace=False` rotates copies.
-
-With `kv_write=(v, kv_cache, slot_mapping)` the same program also stores the token's rotated
-K and its V into the paged cache at its slot (what `kv_cache_write` does; negative slots
-skip), so a decoder layer spends one launch, not two, between its qkv projection and
-attention — at batch 1 every launch is a few microseconds of a ~6 ms step, x 32 layers.
-
-With `qk_norm=(q_weight [D], k_weight [D], eps)` (Qwen3's per-head RMSNorm of q and k before
-rotation; R must equal D) the program first normalises each head as Hugging Face's RMSNorm
-does (fp32 statistics, `(h * rstd)` rounded to the dtype, times the weight, rounded), then
-rotates. In torch ops that norm was ~12 launches per layer (casts, pow, mean, rsqrt, muls):
-~25 us of a Qwen3-30B-A3B batch-1 layer on an H100, more than its attention kernel.
+once to the input dtype. In place by default; `inplace=False` rotates copies.
+With `kv_write=(v, kv_cache, slot_mapping)` the same program also stores the token's rotated K
+and its V into the paged cache (what `kv_cache_write` does; negative slots skip), and with
+`qk_norm=(q_weight [D], k_weight [D], eps)` (Qwen3's per-head RMSNorm of q and k; R must equal D)
+it first normalises each head as Hugging Face's RMSNorm does (fp32 statistics, rounded as HF
+rounds). Why fused: at batch 1 every launch is a visible share of the step, and in torch ops that
+norm alone was ~12 launches per layer (benchmarks/README.md).
 """
 
 from __future__ import annotations

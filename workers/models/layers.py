@@ -52,13 +52,13 @@ PREFETCH_MAX_ROWS = 16  # decode-size steps only: larger GEMMs are compute-bound
 
 
 def prefetch_bytes_for(tp_size: int) -> int:
-    """Bytes a decoder layer hints into L2 behind each fused all-reduce: SHARDSERVE_L2_PREFETCH_MB
+    """Bytes a decoder layer hints into L2 behind each fused all-reduce: `parallel.l2_prefetch_mb`
     (experimental, off by default) under tensor parallelism, 0 otherwise (no all-reduce to hide behind)."""
     if tp_size <= 1:
         return 0
-    from shardserve.workers.kernels.l2_prefetch import prefetch_cap_from_env
+    from shardserve.workers.kernels.l2_prefetch import prefetch_cap
 
-    return prefetch_cap_from_env()
+    return prefetch_cap()
 
 
 def prefetch_weights(x: torch.Tensor, max_bytes: int, *linears: nn.Module) -> None:

@@ -3,23 +3,20 @@
 Data flow of one step: token ids [T] -> vocab-parallel embedding -> N decoder layers -> final
 RMSNorm -> hidden states [T, hidden]. Each layer is pre-norm attention then pre-norm MLP, each
 added to the residual stream; a layer returns its MLP output and the stream separately, so the
-add happens inside the next RMSNorm (one fused kernel on CUDA). Attention projects with one column-parallel qkv matmul (this
-rank's heads), optionally normalises q/k per head (Qwen3), applies rope at the given positions,
-and hands q/k/v plus this layer's paged KV cache to the attention backend; the row-parallel
-o_proj returns this rank's partial sum, and the TP all-reduce happens in the norm after it
-(`RMSNorm(..., reduce=True)`: one kernel with the add and the norm on GPUs with the fused
-all-reduce, parallel/fused_allreduce_norm.py). The MLP's output is left unreduced the same way
-(`forward_unreduced`: always for a dense MLP, on the all-reduce path for an MoE block) and summed
-by the next layer's input norm or the final norm. `compute_logits` runs the LM head on
-the rows the runner samples. Variants differ only in `LlamaOptions` (biases, q/k norm) and in
-the MLP built per layer (dense here, sparse MoE in moe.py).
+add happens inside the next RMSNorm (one fused kernel on CUDA). Attention projects with one
+column-parallel qkv matmul (this rank's heads), optionally normalises q/k per head (Qwen3),
+applies rope and hands q/k/v plus this layer's paged KV cache to the attention backend; the
+row-parallel o_proj returns this rank's partial sum, and the TP all-reduce happens in the norm
+after it (`RMSNorm(..., reduce=True)`, fused with the add and the norm on GPUs:
+parallel/fused_allreduce_norm.py). The MLP's output is left unreduced the same way and summed by
+the next norm. `compute_logits` runs the LM head on the rows the runner samples. Variants differ
+only in `LlamaOptions` (biases, q/k norm) and the MLP built per layer (dense, or MoE in moe.py).
 
 Under pipeline parallelism (parallel/pipeline.py) a stage builds only its range of layers (the
 others are `PPMissingLayer`), the embedding lives on the first stage and the final norm and LM
-head on the last; `forward` of a stage other than the last returns its residual stream, and a
-stage other than the first starts from the one it is given (`hidden_in`) instead of embedding;
-the model runner moves them between stages, outside the CUDA graphs. Checkpoint
-tensors of other stages are skipped without being read.
+head on the last; a stage other than the last returns its residual stream and one other than the
+first starts from `hidden_in`; the model runner moves them between stages, outside the CUDA
+graphs. Checkpoint tensors of other stages are skipped without being read.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def _from_gguf(path: Path, model_config: ModelConfig, device: torch.device, dtyp
     (through the float folder cached on first read)."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    converted = cached_folder(path)
+    converted = cached_folder(path, model_config.gguf_cache_dir)
     # null reads GGUF dequantized for now: torch's packed CPU matmuls are slower than fp32 (benchmarks/README.md)
     entry = gguf_quantization(path) if model_config.quantization is not None else None
     layout = resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
@@ -172,7 +172,7 @@ def _from_gguf(path: Path, model_config: ModelConfig, device: torch.device, dtyp
             model = _build(config, device, dtype, layout)
             _load(model, ((n, t.to(dtype)) for n, t in tensors.items()), len(tensors), progress,
                   f"loading {path.name}")
-            write_cache(path, config, tensors, tokenizer)
+            write_cache(path, config, tensors, tokenizer, model_config.gguf_cache_dir)
         return config, tokenizer, model, None
     if converted is not None:
         config, tokenizer = AutoConfig.from_pretrained(str(converted)), load_tokenizer(converted)
@@ -185,14 +185,14 @@ def _from_gguf(path: Path, model_config: ModelConfig, device: torch.device, dtyp
     return config, tokenizer, model, converted
 
 
-def gguf_float_folder(path: Path) -> Path:
+def gguf_float_folder(path: Path, cache_dir: str | None = None) -> Path:
     """The GGUF file as a float Hugging Face folder (dequantized once, then cached: gguf_cache.py) —
     for the dequantized path and for tools that read Hugging Face folders (transformers, quantize)."""
-    folder = cached_folder(path)
+    folder = cached_folder(path, cache_dir)
     if folder is None:
         config = read_gguf_config(path)
         tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-        folder = write_cache(path, config, read_gguf_tensors(path, config, torch.float32), tokenizer)
+        folder = write_cache(path, config, read_gguf_tensors(path, config, torch.float32), tokenizer, cache_dir)
         if folder is None:
             raise OSError(f"cannot write the dequantized copy of {path} (see gguf_cache.py for its folder)")
     return folder

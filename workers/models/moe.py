@@ -4,22 +4,19 @@ Data flow of one MoE MLP: hidden [T, hidden] -> replicated router -> softmax ove
 (float32) -> top-k experts per token, weights renormalised to sum to 1 (Mixtral always,
 Qwen2/3-MoE when `norm_topk_prob`) -> this rank's experts run their SiLU-gated MLPs on the
 tokens routed to them -> partial sums over this rank's slice of every expert's intermediate
-features (+ Qwen2-MoE's shared expert: a dense TP-sharded MLP on every token, scaled by
-sigmoid(shared_expert_gate(x)), partial too) -> one TP all-reduce. In a decoder layer that
-all-reduce is left to the next RMSNorm (`forward_unreduced`), which fuses it on GPUs.
+features (+ Qwen2-MoE's shared expert, a dense TP-sharded MLP scaled by its sigmoid gate) -> one
+TP all-reduce, left to the next RMSNorm in a decoder layer (`forward_unreduced`).
 
-On CUDA (kernels enabled) the experts run as one fused grouped GEMM (`kernels/fused_moe.py`):
-static shapes, no host sync, so decode steps can be captured in CUDA graphs. On CPU each
-active expert runs in a Python loop (index_select in, weighted index_add out), which reads the
+On CUDA the experts run as one fused grouped GEMM (`kernels/fused_moe.py`: static shapes, no host
+sync, so decode steps can be captured in CUDA graphs) and routing is one Triton kernel
+(kernels/moe_routing.py); on CPU each active expert runs in a Python loop, which reads the
 per-expert counts on the host (`syncs_in_forward`). Expert weights are stacked:
 `w13_weight [num_local_experts, 2 * inter / moe_tp, hidden]` (gate rows then up rows) and
 `w2_weight [num_local_experts, hidden, inter / moe_tp]`. Without expert parallelism every rank
 holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds only its range of
 experts, reads only their checkpoint tensors, and `dispatch_and_combine_unreduced` moves the
-routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block counts the tokens
-routed to every expert (`expert_load`, over the whole batch) for load monitoring, on the device
-with no host sync. Routing (softmax, top-k, renormalise) is one Triton kernel on CUDA
-(workers/kernels/moe_routing.py, which also counts the load) and torch ops elsewhere.
+routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block
+counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring.
 """
 
 from __future__ import annotations

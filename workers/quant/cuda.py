@@ -27,7 +27,7 @@ def cuda_runtime(w: QuantizedWeight, device: torch.device, dtype: torch.dtype):
     if isinstance(w, Fp8Weight):
         from shardserve.workers.quant.kernels.fp8 import fp8_linear, pack_fp8
 
-        packed = pack_fp8(_to(w, device), dtype)
+        packed = pack_fp8(_to(w, device))
         return lambda x, bias: fp8_linear(x, packed, bias)
     if isinstance(w, GroupedWeight):
         dense = w.dequantize(dtype).to(device)

@@ -121,8 +121,8 @@ cross-field rules a JSON schema cannot express:
 {{- fail (printf "%s.parallel.expert_parallel_size: %d does not divide modelHints.%s.numExperts (%d)" $at $ep $m.name (int .)) -}}
 {{- end -}}
 {{- end -}}
-{{- if ne (mod (mul $tp $pp) $ep) 0 -}}
-{{- fail (printf "%s.parallel.expert_parallel_size: %d must divide tensor_parallel_size x pipeline_parallel_size = %d (experts are sharded inside the TP x PP group)" $at $ep (mul $tp $pp)) -}}
+{{- if ne (mod $tp $ep) 0 -}}
+{{- fail (printf "%s.parallel.expert_parallel_size: %d must divide tensor_parallel_size %d (experts are sharded inside a stage's TP group, as the engine requires)" $at $ep $tp) -}}
 {{- end -}}
 {{- if and (eq ($m.device | default "auto") "cuda") (eq $gpw 0.0) -}}
 {{- fail (printf "%s.device: cuda needs resources.num_gpus_per_worker > 0" $at) -}}

@@ -21,13 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
 from shardserve.workers.quant.formats.layout import TensorSpec, ceil_div
 from shardserve.workers.quant.weights import GroupedWeight, QuantizedWeight
 
 BLOCK = 32
-PACKED = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 8}
+PACKED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # block type -> bits (gguf-py is imported only to read a file)
 _PROJ = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
          "ffn_down": "mlp.down_proj"}
@@ -60,10 +58,12 @@ class GgufLayout:
 
 def projection_block_type(path: Path) -> str | None:
     """The one packed block type every projection of the file uses (e.g. 'Q4_1'), else None."""
-    types = {t.tensor_type for t in GGUFReader(str(path)).tensors
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(str(path)).tensors
              if (m := _BLOCK_NAME.match(t.name)) and m.group(2) in _PROJ}
     if len(types) == 1 and next(iter(types)) in PACKED:
-        return next(iter(types)).name
+        return next(iter(types))
     return None
 
 
@@ -93,6 +93,9 @@ def unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 def read_gguf_packed(path: Path, config: Any, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Hugging Face-named tensors: packed projection fields and `dtype` for everything else."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
     reader = GGUFReader(str(path))
     for tensor in reader.tensors:
         match = _BLOCK_NAME.match(tensor.name)

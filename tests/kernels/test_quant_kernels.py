@@ -1,0 +1,182 @@
+"""INT4 / INT8 weight-only kernels and FP8 activation quantization (workers/quant/kernels/) vs torch references.
+
+Under Triton's interpreter (CI) on small shapes (K 256, N 96): the matrix-vector kernel (M 1, 3)
+and the tl.dot GEMM (M 17; fp16 only under the interpreter, whose tl.dot multiplies bf16 as raw
+integers: see kernel_env.py), group sizes 32 / 64 / 128, symmetric and asymmetric mins, act-order
+perm, bias, K padded to whole chunks, several K iterations; against x @ w.dequantize().T in fp32.
+The layout itself is checked word by word; FP8's row quantization bit for bit against torch's
+e4m3 rounding; FP8's decode GEMV; `fp8_linear`'s W8A8 path (torch._scaled_mm) only where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from shardserve.workers.quant.kernels import packed as pk
+from shardserve.workers.quant.kernels.fp8 import fp8_gemv, fp8_linear, pack_fp8, quantize_rows
+from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4, plane_for
+from shardserve.workers.quant.kernels.int8 import int8_linear, pack_int8
+from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
+
+N, K = 96, 256
+REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.5e-2}  # of max |reference|: scales stored in the dtype
+
+
+def _int4(n, k, group, symmetric, act_order, device):
+    g = k // group
+    scales = torch.rand(n, g, device=device) * 0.02 + 0.005
+    mins = -8 * scales if symmetric else -torch.rand(n, g, device=device) * 16 * scales
+    perm = torch.randperm(k, device=device) if act_order else None
+    return Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device), scales, mins, group, perm)
+
+
+def _check(out, x, w, bias=None):
+    ref = x.float() @ w.dequantize().T + (0 if bias is None else bias.float())
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    err = (out.float() - ref).abs().max().item()
+    assert err <= REL_TOL[x.dtype] * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize(("group", "symmetric", "act_order"), [(32, True, False), (64, False, True),
+                                                               (128, False, False)])
+@pytest.mark.parametrize(("rows", "dtype"), [(1, torch.bfloat16), (3, torch.float16), (17, torch.float16)])
+def test_int4_matches_dequantized_reference(device, group, symmetric, act_order, rows, dtype):
+    w = _int4(N, K, group, symmetric, act_order, device)
+    x = torch.randn(rows, K, device=device).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype) if rows != 3 else None
+    _check(int4_linear(x, pack_int4(w, dtype), bias), x, w, bias)
+
+
+def test_int4_padding_and_several_iterations(device):
+    """K = 416 (13 groups of 32): two chunks of 256 columns, the second padded; one chunk an iteration;
+    N = 50: a partial tile of rows; GEMM with a partial M tile."""
+    w = _int4(50, 416, 32, False, False, device)
+    p = pack_int4(w, torch.float16)
+    x = torch.randn(2, 416, device=device).half()
+    _check(int4_linear(x, p, gemv_tiles=pk.GemvTiles(16, 1, 4)), x, w)
+    x = torch.randn(20, 416, device=device).half()
+    _check(int4_linear(x, p, gemm_tiles=pk.GemmTiles(16, 16, 4, 1)), x, w)
+
+
+@pytest.mark.parametrize(("group", "max_plane"), [(32, 16), (128, 16), (64, 128)])
+def test_int4_gemm_one_dot_a_chunk(device, group, max_plane):
+    """GEMM with the chunk's planes unpacked side by side (one tl.dot a chunk; the GPU default above 16
+    rows), planes narrower than the group (several planes a group) or as wide."""
+    w = _int4(N, K, group, False, True, device)
+    p = pack_int4(w, torch.float16, max_plane=max_plane)
+    x = torch.randn(18, K, device=device).half()
+    bias = torch.randn(N, device=device).half()
+    _check(int4_linear(x, p, bias, gemm_tiles=pk.GemmTiles(16, 32, 4, 1, chunk_dot=True)), x, w, bias)
+    x1 = x[:1]
+    _check(int4_linear(x1, p), x1, w)  # the GEMV with several planes a group (p16) or one (p64)
+
+
+@pytest.mark.parametrize(("rows", "dtype"), [(1, torch.bfloat16), (3, torch.float16), (17, torch.float16)])
+def test_int8_matches_dequantized_reference(device, rows, dtype):
+    w = Int8Weight(torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device),
+                   torch.rand(N, device=device) * 0.01 + 1e-3)
+    x = torch.randn(rows, K, device=device).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    _check(int8_linear(x, pack_int8(w, dtype), bias), x, w, bias)
+
+
+def test_int8_padding(device):
+    """K = 200: one chunk of 512 columns, mostly padding; the extremes -128 and 127."""
+    q = torch.randint(-128, 128, (40, 200), dtype=torch.int8, device=device)
+    q[0, :100], q[1, :100] = -128, 127
+    w = Int8Weight(q, torch.rand(40, device=device) * 0.01 + 1e-3)
+    p = pack_int8(w, torch.float16)
+    for rows in (1, 18):
+        x = torch.randn(rows, 200, device=device).half()
+        _check(int8_linear(x, p), x, w)
+    _check(int8_linear(x, p, gemm_tiles=pk.GemmTiles(16, 16, 4, 1, chunk_dot=True)), x, w)
+
+
+def test_plane_layout_word_by_word():
+    """Word j of chunk c holds in field i the code of column c * PLANES * PLANE + i * PLANE + j."""
+    u = torch.randint(0, 16, (3, 300), dtype=torch.uint8)
+    words = pk.pack_planes(u, 4, 16)  # chunks of 128 columns: 3 chunks, the last padded
+    assert words.shape == (3, 3 * 16) and words.dtype == torch.int32
+    for c, i, j in [(0, 0, 0), (0, 7, 15), (1, 3, 5), (2, 2, 10), (2, 5, 0)]:
+        col = c * 128 + i * 16 + j
+        field = (int(words[1, c * 16 + j]) >> (4 * i)) & 0xF
+        assert field == (int(u[1, col]) if col < 300 else 0)
+    u8 = torch.randint(0, 256, (2, 512), dtype=torch.uint8)
+    w8 = pk.pack_planes(u8, 8, 128)
+    assert all((int(w8[0, j]) >> (8 * i)) & 0xFF == int(u8[0, i * 128 + j]) for i in range(4) for j in (0, 77))
+
+
+def test_plane_width_follows_the_group_size():
+    assert [plane_for(g) for g in (32, 64, 128, 256, 96)] == [32, 64, 128, 128, 32]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plane_for(8)
+
+
+def test_bad_inputs_are_rejected(device):
+    w = _int4(N, K, 64, True, False, device)
+    p = pack_int4(w, torch.float16)
+    with pytest.raises(ValueError, match="must be \\[M, 256\\]"):
+        int4_linear(torch.randn(1, 128, device=device).half(), p)
+    with pytest.raises(ValueError, match="packed for torch.float16"):
+        int4_linear(torch.randn(1, K, device=device).bfloat16(), p)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        int4_linear(torch.randn(1, K, device=device).half(), p, torch.zeros(5, device=device).half())
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        pack_int4(w, torch.float32)
+    with pytest.raises(ValueError, match="0..15"):
+        pack_int4(Int4Weight(w.q + 16, w.scales, w.mins, 64), torch.float16)
+    with pytest.raises(ValueError, match="int8 codes"):
+        pack_int8(Int8Weight(torch.zeros(4, 8, device=device), torch.ones(4, device=device)), torch.float16)
+    assert int4_linear(torch.randn(0, K, device=device).half(), p).shape == (0, N)
+
+
+def test_fp8_row_quantization_is_torchs_e4m3_rounding(device):
+    """Scale = amax / 448 per row; codes equal torch's round-to-nearest-even cast bit for bit, subnormals,
+    the saturating max and an all-zero row included; K = 300 over chunks of 128."""
+    x = torch.cat([torch.randn(3, 300, device=device) * 3, torch.randn(1, 300, device=device) * 1e-3,
+                   torch.zeros(1, 300, device=device)]).to(torch.bfloat16)
+    x[0, 5] = 100.0
+    q, s = quantize_rows(x, block_k=128)
+    ref_s = (x.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
+    ref_q = (x.float() / ref_s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 1)
+    torch.testing.assert_close(s, ref_s, rtol=0, atol=0)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert q[0, 5].float().item() == 448.0 and not q[4].float().any()
+
+
+def test_fp8_pack_rejects_bad_weights():
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        pack_fp8(Fp8Weight(torch.zeros(16, 16), torch.ones(16)))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pack_fp8(Fp8Weight(torch.zeros(16, 24).to(torch.float8_e4m3fn), torch.ones(16)))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fp8_decode_gemv_matches_dequantized_reference(device, rows):
+    """Decode rows: e4m3 weights x unquantized bf16 activations; K = 208 over chunks of 64 (the last partial), N = 48."""
+    w = torch.randn(48, 208, device=device) / 208**0.5
+    s = w.abs().amax(1) / 448
+    fw = Fp8Weight((w / s[:, None]).to(torch.float8_e4m3fn), s)
+    x = torch.randn(rows, 208, device=device).bfloat16()
+    bias = torch.randn(48, device=device).bfloat16()
+    out = fp8_gemv(x, pack_fp8(fw), bias)
+    ref = x.float() @ fw.dequantize().T + bias.float()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
+    assert (out.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm needs CUDA (Hopper FP8)")
+@pytest.mark.parametrize("rows", [1, 17])
+def test_fp8_linear_on_cuda(rows):
+    dev = torch.device("cuda")
+    w = torch.randn(N, K, device=dev) / K**0.5
+    s = w.abs().amax(1) / 448
+    fw = Fp8Weight((w / s[:, None]).to(torch.float8_e4m3fn), s)
+    x = torch.randn(rows, K, device=dev).bfloat16()
+    bias = torch.randn(N, device=dev).bfloat16()
+    out = fp8_linear(x, pack_fp8(fw), bias, gemv_max_rows=0)
+    q, xs = quantize_rows(x)
+    ref = (q.float() * xs) @ fw.dequantize().T + bias.float()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, N)
+    assert (out.float() - ref).abs().max().item() <= 1.5e-2 * ref.abs().max().item()

@@ -1,0 +1,288 @@
+"""The bit-plane layout and the two Triton kernels shared by the INT4 and INT8 weight-only linears.
+
+Layout ("planes"): unsigned codes u (4 or 8 bits; INT8 stores q + 128) are packed PLANES = 32 / BITS to
+an int32 word. A row of W [N, K] is cut into chunks of PLANES * PLANE columns held by PLANE consecutive
+words; word j of a chunk holds, in its bit field i, the column `chunk * PLANES * PLANE + i * PLANE + j`.
+So one contiguous [rows, PLANE] tile of words unpacks with a shift and a mask into PLANES [rows, PLANE]
+tiles of *consecutive* columns: every byte streamed once, coalesced; a plane lies inside one group
+(PLANE divides the group size). Scales and mins are stored [groups, N] (a tile's rows read them
+contiguously). K is padded to whole chunks (codes, scales, mins 0: padded columns add nothing).
+
+Dequantization without int->float conversions: a field moved to the top mantissa bits of 1.0f reads as
+f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, in fp32.
+
+`qgemv` (decode, M rows <= GEMV_MAX_ROWS): program (row, tile) streams BLOCK_N rows of words over K, U
+chunks an iteration, the next chunk's words loaded before this one is unpacked (the first before the
+PDL wait: weights are never written while serving, as in parallel/kernels/decode_linear.py); per group
+it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. `qgemm` (more rows): tiles
+[BLOCK_M, BLOCK_N], planes dequantized to the activation dtype in the main loop and fed to tl.dot, one
+dot a plane or (chunk_dot) one a chunk. Both: fp32 accumulation, bias in fp32, one rounding at the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+
+GEMV_MAX_ROWS = 4  # rows up to which the matrix-vector kernel (weights re-read from L2 per row) is used
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    block_n: int  # output features per program
+    chunks: int  # chunks (PLANES * PLANE columns each) per iteration
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    chunk_dot: bool = False  # one tl.dot a chunk (planes unpacked side by side) instead of one a plane
+
+
+@dataclass(frozen=True)
+class PlaneWeights:
+    """W in the plane layout; what the kernels read (see the module docstring)."""
+
+    words: torch.Tensor  # int32 [N, K_padded / PLANES]
+    scales: torch.Tensor  # [groups_padded, N], the activation dtype
+    mins: torch.Tensor  # [groups_padded, N]
+    bits: int
+    plane: int  # PLANE: words per chunk = columns per plane
+    group_size: int  # columns per scale (for INT8: K_padded, one group)
+    k: int  # input features before padding
+
+    @property
+    def n(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scales.shape[0] == 1
+
+
+def pack_planes(u: torch.Tensor, bits: int, plane: int) -> torch.Tensor:
+    """Codes u (uint8 [N, K] < 2^bits) -> int32 words [N, K_padded / PLANES] in the plane layout."""
+    planes = 32 // bits
+    n, k = u.shape
+    chunk = planes * plane
+    k_pad = -(-k // chunk) * chunk
+    codes = torch.zeros(n, k_pad, dtype=torch.int64, device=u.device)
+    codes[:, :k] = u.to(torch.int64)
+    codes = codes.view(n, k_pad // chunk, planes, plane)  # [N, chunk, field i, word j]
+    shifts = (torch.arange(planes, device=u.device, dtype=torch.int64) * bits).view(1, 1, planes, 1)
+    words = (codes << shifts).sum(dim=2)  # fields do not overlap: sum == or
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement int32
+    return words.view(n, -1).to(torch.int32).contiguous()
+
+
+def pad_groups(t: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, G] float -> [groups, N] in dtype, zero rows past G."""
+    out = torch.zeros(groups, t.shape[0], dtype=dtype, device=t.device)
+    out[: t.shape[1]] = t.t().to(dtype)
+    return out.contiguous()
+
+
+@triton.jit
+def _unpack(words, i: tl.constexpr, BITS: tl.constexpr):
+    """Field i of each word as f = 1 + u / 2^BITS (fp32): the field moved to the top mantissa bits of 1.0."""
+    shift: tl.constexpr = (23 - BITS) - BITS * i
+    if shift >= 0:
+        t = words << shift
+    else:
+        t = words >> (-shift)
+    mask: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+    return ((t & mask) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, N, K, KW, stride_xm, stride_om,
+    BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    SCALE_EVERY: tl.constexpr, U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    PLANES: tl.constexpr = 32 // BITS
+    CHUNK: tl.constexpr = PLANES * PLANE
+    SCALE: tl.constexpr = 1 << BITS
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    n3 = offs_n[:, None, None]
+    mask_n3 = mask_n[:, None, None]
+    u3 = tl.arange(0, U)[None, :, None]
+    j3 = tl.arange(0, PLANE)[None, None, :]
+    n_chunks = KW // PLANE
+    w_rows = w_ptr + n3.to(tl.int64) * KW + j3  # [BLOCK_N, 1, PLANE]
+    # Weights only: read before waiting on the previous kernel (see the module docstring).
+    words = tl.load(w_rows + u3 * PLANE, mask=mask_n3 & (u3 < n_chunks), other=0)
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
+
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros([BLOCK_N, U, PLANE], dtype=tl.float32)
+    xsum = tl.zeros([1, U, PLANE], dtype=tl.float32)
+    for c0 in range(0, n_chunks, U):
+        cur = words
+        c3 = c0 + u3  # [1, U, 1]
+        mask_c = c3 < n_chunks
+        nxt = c3 + U
+        words = tl.load(w_rows + nxt * PLANE, mask=mask_n3 & (nxt < n_chunks), other=0)
+        s = tl.zeros([BLOCK_N, U, 1], dtype=tl.float32)
+        m = tl.zeros([BLOCK_N, U, 1], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_N, U, PLANE], dtype=tl.float32)  # sum f x over the group's planes so far
+        xsum_g = tl.zeros([1, U, PLANE], dtype=tl.float32)  # sum x over them
+        for i in tl.static_range(PLANES):
+            col0 = c3 * CHUNK + i * PLANE  # [1, U, 1]: the plane's first column
+            cols = col0 + j3
+            xv = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)  # [1, U, PLANE]
+            f = _unpack(cur, i, BITS)
+            if PER_CHANNEL:  # scales applied once at the end: sum f x and sum x
+                acc += f * xv
+                xsum += xv
+            else:  # a group's planes: sum f x and sum x, then once a group acc += s' sum f x + m' sum x
+                if i % SCALE_EVERY == 0:  # this plane starts a group: its scales and mins
+                    g = (col0 // GROUP) * N
+                    s = tl.load(s_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) * SCALE
+                    m = tl.load(m_ptr + g + n3, mask=mask_n3 & mask_c, other=0.0).to(tl.float32) - s
+                    acc_g = f * xv
+                    xsum_g = xv
+                else:
+                    acc_g += f * xv
+                    xsum_g += xv
+                if i % SCALE_EVERY == SCALE_EVERY - 1:
+                    acc += acc_g * s + xsum_g * m
+
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BLOCK_N]
+    if PER_CHANNEL:  # w = u s + m per row: sum (f * 2^BITS s + m - 2^BITS s) x
+        s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
+        m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
+        y = y * s + m * tl.sum(tl.sum(xsum, axis=2), axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _qgemm_kernel(
+    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om,
+    BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    PLANES: tl.constexpr = 32 // BITS
+    CHUNK: tl.constexpr = PLANES * PLANE
+    SCALE: tl.constexpr = 1 << BITS
+    dtype = out_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)  # fastest: the M tiles of one weight tile run together (L2 reuse)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, PLANE)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    w_tile = w_ptr + offs_n[None, :].to(tl.int64) * KW + offs_j[:, None]  # [PLANE, BLOCK_N]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c in range(0, KW // PLANE):
+        words = tl.load(w_tile + c * PLANE, mask=mask_n[None, :], other=0)
+        if CHUNK_DOT:  # the chunk's planes unpacked side by side: one dot with K = CHUNK
+            i3 = tl.arange(0, PLANES)[:, None, None]
+            u = (words[None, :, :] >> (i3 * BITS)) & ((1 << BITS) - 1)  # [PLANES, PLANE, BLOCK_N]
+            g3 = ((c * CHUNK + i3 * PLANE) // GROUP) * N
+            s3 = tl.load(s_ptr + g3 + offs_n[None, None, :], mask=mask_n[None, None, :], other=0.0)
+            m3 = tl.load(m_ptr + g3 + offs_n[None, None, :], mask=mask_n[None, None, :], other=0.0)
+            w = tl.reshape(u.to(tl.float32) * s3.to(tl.float32) + m3.to(tl.float32), [CHUNK, BLOCK_N])
+            cols = c * CHUNK + tl.arange(0, CHUNK)
+            xv = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+            acc = tl.dot(xv, w.to(dtype), acc)
+        else:
+            for i in tl.static_range(PLANES):
+                col0 = c * CHUNK + i * PLANE
+                g = (col0 // GROUP) * N
+                s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
+                m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
+                w = (_unpack(words, i, BITS) * s[None, :] + m[None, :]).to(dtype)  # [PLANE, BLOCK_N]
+                cols = col0 + offs_j
+                xv = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+                acc = tl.dot(xv, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def scale_every(w: PlaneWeights) -> int:
+    """Planes between scale loads in the GEMV: one load a group when groups and chunks (both powers of
+    two) align, else every plane."""
+    chunk = (32 // w.bits) * w.plane
+    g = w.group_size
+    if g & (g - 1):
+        return 1
+    return max(1, min(g, chunk) // w.plane)
+
+
+def default_gemv_tiles(w: PlaneWeights, rows: int) -> GemvTiles:
+    """1 KiB of words a row an iteration, 4 rows a program, 4 warps: the best or within a few % of it at
+    every Llama-3.1-8B shape in benchmarks/quant_kernels.py --sweep on an H100 (INT8; INT4 planes 16-128)."""
+    return GemvTiles(block_n=4, chunks=max(1, 256 // w.plane), num_warps=4)
+
+
+def default_gemm_tiles(w: PlaneWeights, rows: int) -> GemmTiles:
+    """Small M: 16 x 32 tiles (every SM streams weights), 3 stages: the sweep's best at M = 16;
+    more rows: 64 x 64 tiles, one stage (one tl.dot a plane: 8 x-tiles a chunk would not fit 3 stages)."""
+    if rows <= 16:
+        return GemmTiles(16, 32, 4, 3)
+    return GemmTiles(64, 64, 4, 1)
+
+
+INTERPRETER_GEMV = GemvTiles(16, 2, 4)  # under Triton's interpreter: several programs and iterations
+INTERPRETER_GEMM = GemmTiles(16, 32, 4, 1)
+
+
+def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> None:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be bfloat16 or float16, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = None,
+                 gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype."""
+    check_input(x, w.k, bias, w.n)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows, n = x.shape[0], w.n
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return out
+    if w.scales.dtype != x.dtype:
+        raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
+    interpreted = x.device.type != "cuda"
+    bias_arg = bias if bias is not None else out
+    kw = w.words.shape[1]
+    if rows <= GEMV_MAX_ROWS:
+        t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))
+        _qgemv_kernel[(rows, triton.cdiv(n, t.block_n))](
+            x, w.words, w.scales, w.mins, bias_arg, out, n, w.k, kw, x.stride(0), out.stride(0),
+            BITS=w.bits, PLANE=w.plane, GROUP=w.group_size, PER_CHANNEL=w.per_channel,
+            SCALE_EVERY=scale_every(w), U=t.chunks,
+            BLOCK_N=t.block_n, HAS_BIAS=bias is not None, num_warps=t.num_warps, **pdl_options(x.device),
+        )
+        return out
+    t = gemm_tiles or (INTERPRETER_GEMM if interpreted else default_gemm_tiles(w, rows))
+    _qgemm_kernel[(triton.cdiv(rows, t.block_m), triton.cdiv(n, t.block_n))](
+        x, w.words, w.scales, w.mins, bias_arg, out, rows, n, w.k, kw, x.stride(0), out.stride(0),
+        BITS=w.bits, PLANE=w.plane, GROUP=w.group_size, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        CHUNK_DOT=t.chunk_dot, HAS_BIAS=bias is not None, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out
