@@ -6,6 +6,7 @@
     shardserve bench latency|throughput ...
     shardserve eval perplexity --model M --text FILE [--reference M2] [--json]
     shardserve probe https://127.0.0.1:8000/health --cert tls.crt --key tls.key   (Kubernetes exec probe)
+    shardserve quantize --model default --method gptq --calib FILE --out DIR
 
 Each module in cluster/commands/ exposes `register(subparsers)`, which adds its parser and sets
 `func` to the function that runs it. Modules are imported only for the command that runs,
@@ -26,6 +27,7 @@ COMMANDS = {
     "bench": "bench",
     "eval": "eval",
     "probe": "probe",
+    "quantize": "quantize",
 }
 
 

@@ -1,0 +1,135 @@
+"""GPTQ (Frantar et al., 2022): one linear weight quantized column by column with error feedback.
+
+Data flow: calibration inputs x [tokens, K] of the layer go into a `Hessian` (H = 2/n X^T X,
+a running mean so batches can stream in). `gptq_quantize(w, H, ...)` then
+  1. optionally reorders the input columns by decreasing diag(H) (act-order, `desc_act`): the
+     columns with the largest input energy are quantized first, while most columns are still
+     free to absorb their error;
+  2. damps H (adds percdamp * mean(diag H) to the diagonal) and takes the upper Cholesky
+     factor of H^-1, which gives each column's error-feedback row;
+  3. walks blocks of `block_size` columns: each column is rounded to its group's min-max grid
+     (rtn.py's `group_grid`, so RTN and GPTQ share one grid; a group's grid is fixed when its first column is reached, from the weights
+     already updated by the error of earlier columns), and its error (w - q) / Hinv[i, i] is
+     pushed onto the columns not yet quantized, inside the block at once, beyond it lazily.
+The result is weights.py's unpacked `GroupedWeight` of 4 or 8 bits (act-order: columns stay in
+the order quantized, `perm` names their input feature, groups are consecutive in that order —
+what a GPTQ `g_idx` describes), which formats/gptq.py packs.
+Pure torch in float32, as the reference implementation (IST-DASLab/gptq) does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from shardserve.workers.quant.algorithms.rtn import group_grid, quantize_to_grid
+from shardserve.workers.quant.weights import GroupedWeight
+
+BITS = (4, 8)
+GROUP_SIZES = (-1, 32, 64, 128)
+
+
+class Hessian:
+    """Running H = 2/n sum_t x_t x_t^T over the calibration tokens of one linear's input."""
+
+    def __init__(self, in_features: int) -> None:
+        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32)  # [K, K]
+        self.num_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """x [..., K]: one batch of inputs as the linear saw them."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
+        total = self.num_tokens + x.shape[0]
+        self.matrix *= self.num_tokens / total
+        x = x * (2.0 / total) ** 0.5
+        self.matrix += x.T @ x
+        self.num_tokens = total
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  sym: bool = True, desc_act: bool = False, percdamp: float = 0.01,
+                  block_size: int = 128) -> GroupedWeight:
+    """w [N, K] float, hessian [K, K] -> GroupedWeight of `bits` (4 or 8) with groups of `group_size`
+    input columns (-1: one group per row; the last group may be partial, e.g. K = 576, g = 128)."""
+    n, k = w.shape
+    if bits not in BITS:
+        raise ValueError(f"GPTQ bits must be one of {BITS}, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"GPTQ group_size must be one of {GROUP_SIZES}, got {group_size}")
+    g = k if group_size == -1 else group_size
+    block_size = max(block_size // g, 1) * g  # a group never straddles two blocks
+    if not 0 < percdamp < 1:
+        raise ValueError(f"percdamp must be in (0, 1), got {percdamp}")
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(k, k)} for a weight of {(n, k)}")
+
+    w = w.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    num_groups = -(-k // g)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    scales = torch.zeros(n, num_groups)
+    zeros = torch.zeros(n, num_groups)
+    with one_thread():  # small ops: on a busy CPU, thread hand-offs cost 5-20x more than they save
+        hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
+        _quantize_columns(w, hinv, codes, scales, zeros, g, block_size, bits, sym)
+    return GroupedWeight(q=codes, scales=scales, mins=-zeros * scales, group_size=g, perm=perm, bits=bits)
+
+
+def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                      zeros: torch.Tensor, g: int, block_size: int, bits: int, sym: bool) -> None:
+    """Step 3 in place: w [N, K] (consumed), codes [N, K], scales / zeros [N, G] (filled)."""
+    n, k = w.shape
+    scale = zero = torch.zeros(n, 1)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        w_block = w[:, start:end].clone()  # [N, B], updated in place by the columns before
+        err_block = torch.zeros_like(w_block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if col % g == 0:  # the group's grid, from weights already carrying earlier errors
+                s, z = group_grid(w_block[:, i:i + g], bits, sym)
+                s = s.half().float().clamp(min=2**-24)  # checkpoints store fp16 scales: use those
+                scales[:, col // g], zeros[:, col // g] = s, z
+                scale, zero = s[:, None], z[:, None]
+            q = quantize_to_grid(w_block[:, i:i + 1], scale, zero, bits)  # [N, 1]
+            codes[:, col] = q[:, 0]
+            dq = q[:, 0].float() * scale[:, 0] + (-zero[:, 0] * scale[:, 0])  # as GroupedWeight.dequantize
+            err = (w_block[:, i] - dq) / hinv_block[i, i]  # [N]
+            w_block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
+            err_block[:, i] = err
+        w[:, end:] -= err_block @ hinv[start:end, end:]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); more damping if
+    H is not positive definite in float32 (e.g. fewer calibration tokens than inputs)."""
+    damp = percdamp * torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        damp = damp * 10
+    raise ValueError("GPTQ: the Hessian is not positive definite even with 1e6x damping; "
+                     "is the calibration input all zeros?")
