@@ -23,14 +23,13 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear, tiles_for, tiles_key
 from shardserve.parallel.kernels.rmsnorm import rmsnorm
 from shardserve.parallel.options import DEFAULT_KERNEL_OPTIONS, KernelOptions, set_kernel_options
-from shardserve.workers.bench.device import copy_bandwidth, device_name
+from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
 from shardserve.workers.kernels import reference
 from shardserve.workers.kernels.activation import silu_and_mul
 
@@ -64,15 +63,7 @@ def chain_ms(project, x: torch.Tensor, weights: list[torch.Tensor], norm_w: torc
             body()
     finally:
         set_kernel_options(DEFAULT_KERNEL_OPTIONS)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:])
+    return replay_ms(graph)
 
 
 def check(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import decode_linear
-from shardserve.workers.bench.device import copy_bandwidth, device_name
+from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
@@ -146,15 +145,7 @@ def graph_us(case: Case, x: torch.Tensor) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         body()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:]) / copies * 1e3
+    return replay_ms(graph) / copies * 1e3
 
 
 def sweep(bandwidth: float, budget_s: float) -> dict:

@@ -67,3 +67,16 @@ def gpu_time_ms(fn: Callable[[], object], iters: int, device: torch.device) -> f
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 20, skip: int = 3) -> float:
+    """Median time in ms of one replay of a captured CUDA graph (CUDA events), the first `skip` dropped."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[skip:])

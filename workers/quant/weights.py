@@ -60,8 +60,8 @@ class GroupedWeight:
 
 
 @dataclass
-class Int8Weight:
-    """q: int8 [N, K]; scales: float32 [N]."""
+class ChannelWeight:
+    """q [N, K] (int8 or e4m3, see the subclasses); scales: float32 [N]."""
 
     q: torch.Tensor
     scales: torch.Tensor
@@ -71,14 +71,13 @@ class Int8Weight:
 
 
 @dataclass
-class Fp8Weight:
-    """q: float8_e4m3fn [N, K]; scales: float32 [N]."""
+class Int8Weight(ChannelWeight):
+    """q: int8 [N, K]."""
 
-    q: torch.Tensor
-    scales: torch.Tensor
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.q.float() * self.scales[:, None]).to(dtype)
+@dataclass
+class Fp8Weight(ChannelWeight):
+    """q: float8_e4m3fn [N, K]."""
 
 
 QuantizedWeight = GroupedWeight | Int8Weight | Fp8Weight
