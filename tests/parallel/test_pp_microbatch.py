@@ -154,9 +154,9 @@ def test_abort_while_batch_in_flight_leaks_no_blocks(tmp_path, micro_batches: in
     (2, 5, r"pipeline_micro_batches must be in \[pipeline_parallel_size, 2 x pipeline_parallel_size\] = \[2, 4\], got 5"),
     (3, 7, r"= \[3, 6\], got 7"),
     (1, 2, r"pipeline_micro_batches must be None \(null\) or 1 with pipeline_parallel_size = 1, got 2"),
-    (1, 0, r"pipeline_micro_batches must be None \(null\) or 1 with pipeline_parallel_size = 1, got 0"),
-    (2, True, r"pipeline_micro_batches must be an integer or None, got True"),
-    (2, 2.5, r"pipeline_micro_batches must be an integer or None, got 2.5"),
+    (1, 0, r"pipeline_micro_batches must be >= 1, got 0"),  # the field's own range, checked first
+    (2, True, r"pipeline_micro_batches must be an integer >= 1, got True"),
+    (2, 2.5, r"pipeline_micro_batches must be an integer >= 1, got 2.5"),
 ])
 def test_micro_batches_out_of_range_is_refused(pp: int, micro_batches: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
