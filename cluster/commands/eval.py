@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q = kinds.add_parser("perplexity", help="perplexity on a text; KL and top-1 agreement against a reference")
     q.add_argument("--model", default="default", help="HF folder, file.gguf, dummy:NAME or default (SmolLM2)")
     q.add_argument("--quantization", default=None, help="weight quantization of --model (engine ModelConfig)")
+    q.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale for int4 at load")
     q.add_argument("--text", required=True, help="UTF-8 text file to score")
     q.add_argument("--reference", default=None, help="reference model: report KL(reference || model) and top-1")
     q.add_argument("--reference-quantization", default=None, help="weight quantization of --reference")
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"max_tokens must be >= 2, got {args.max_tokens}")
         text = _read_text(Path(args.text))
         model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                   quantization=args.quantization)
+                                   quantization=args.quantization,
+                                   quantization_group_size=args.quantization_group_size)
         reference_config = None
         if args.reference is not None:
             reference_config = ModelConfig(model=args.reference, dtype=args.reference_dtype or args.dtype,
