@@ -120,22 +120,14 @@ def quantize(args: argparse.Namespace, spec: Any, folder: Path) -> int:
 
 def hf_folder(model: str) -> Path:
     """A Hugging Face folder for `model`: itself, or the loader's float conversion of a GGUF file."""
-    import torch
-    from shardserve.workers.config import ModelConfig
-    from shardserve.workers.models.gguf_cache import cached_folder
-    from shardserve.workers.models.loader import default_model_path, load_model
+    from shardserve.workers.models.loader import default_model_path, gguf_float_folder
 
     path = default_model_path() if model == "default" else Path(model).expanduser()
     if path.suffix != ".gguf":
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {model}: not a folder with config.json, a .gguf file or 'default'")
         return path
-    if cached_folder(path) is None:  # the first load converts the GGUF file and writes the cache
-        load_model(ModelConfig(model=str(path), dtype="float32", device="cpu"), torch.device("cpu"), torch.float32)
-    folder = cached_folder(path)
-    if folder is None:
-        raise OSError(f"could not write the float conversion of {path} (is $SHARDSERVE_CACHE_DIR writable?)")
-    return folder
+    return gguf_float_folder(path)
 
 
 class HFScorer:
