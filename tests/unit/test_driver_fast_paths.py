@@ -25,8 +25,8 @@ from shardserve.workers.engine import _are_ints
 from shardserve.workers.kv_cache.manager import NO_COMPUTED_BLOCKS, ComputedBlocks, KVCacheManager
 from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.request import FinishReason, Request, SamplingParams
-from shardserve.workers.scheduler import scheduler as scheduler_module
-from shardserve.workers.scheduler.scheduler import PLACEHOLDER, Scheduler
+from shardserve.workers.scheduler.in_flight import PLACEHOLDER, InFlightRequests
+from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.step_types import ModelRunnerOutput
 
 EOS = 999
@@ -157,7 +157,7 @@ def test_fast_paths_decide_like_the_general_paths(monkeypatch, depth, async_sche
                                                   prefix_caching, seed):
     events = _events(seed)
     fast = _drive(KVCacheManager(num_blocks, 4, prefix_caching), depth, async_scheduling, policy, events)
-    monkeypatch.setattr(scheduler_module, "_fed_token_ids", _reference_fed_token_ids)
+    monkeypatch.setattr(InFlightRequests, "fed_token_ids", staticmethod(_reference_fed_token_ids))
     general = _drive(ReferenceKVCacheManager(num_blocks, 4, prefix_caching), depth, async_scheduling, policy, events)
     assert fast == general
     log, finals, *_ = fast

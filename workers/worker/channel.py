@@ -4,22 +4,16 @@ A `ConnectionGroup` holds one `multiprocessing.connection.Connection` per rank â
 local process (MultiprocExecutor) or a socket to a Ray actor (RayExecutor, workers/group.py);
 both speak proc.py's messages. `submit` pickles a step once and writes the same bytes to every
 rank without waiting; `collect` reads the output rank's answer to the oldest submitted step
-(ranks answer in submission order, so several steps may be in flight: pipeline micro-batches);
-`execute` is the two back to back. `call` runs a Worker method on every rank; steps may be in
-flight then: each rank answers in message order, so the output rank's outputs of the earlier
-steps come first and are kept for `collect`. A method that raises on a rank fails only the
-call (WorkerCallError). While it
-waits, it also watches what the launcher says tells a rank's death (`_death_waitables`: process
-sentinels) and every `liveness_poll_s` of silence asks the launcher (`check_health`). Messages
-from other ranks that arrive early are kept per rank. Any failure is final: the group shuts
-down and every later call raises WorkerGroupError.
-Subclasses start the ranks, fill `_conns`, and implement `check_health`, `shutdown` and
-`_fail_dead` (how to name a dead rank), and add each rank's connection with `_add_connection`,
-which bounds a blocked write (a rank that stopped reading, its socket buffer full) by
-step_timeout_s too (SO_SNDTIMEO), so no send or receive of the driver waits for ever.
-`shutdown(wait_s)` asks the ranks to stop and waits that long for them; a failure kills them at
-once without asking (`FAILED_WAIT_S`): a rank blocked in a collective or stopped by the OS would
-only eat the wait, and the engine's callers learn of the failure after it.
+(ranks answer in submission order, so several steps may be in flight); `execute` is the two back
+to back. `call` runs a Worker method on every rank; the output rank's outputs of steps still in
+flight come first and are kept for `collect`; a method that raises fails only the call
+(WorkerCallError). While it waits, the group watches the launcher's death signals
+(`_death_waitables`: process sentinels) and every `liveness_poll_s` of silence asks
+`check_health`; a write is bounded by step_timeout_s too (SO_SNDTIMEO), so the driver never
+waits for ever. Any failure is final: every later call raises WorkerGroupError. Subclasses
+start the ranks, add each connection with `_add_connection`, and implement `check_health`,
+`shutdown` and `_fail_dead`. `shutdown(wait_s)` asks the ranks to stop and waits that long; a
+failure kills them at once (`FAILED_WAIT_S`).
 """
 
 from __future__ import annotations

@@ -1,29 +1,19 @@
 """Executors: how the engine runs one step on the model, in its own process or across ranks.
 
-The engine runs a step as `submit(scheduler_output) -> StepHandle` then
-`collect(handle) -> ModelRunnerOutput` (or `execute`, the two back to back) and reads
-`num_blocks` (the KV blocks every rank can hold) once at start-up. Under pipeline parallelism it
-submits up to ParallelConfig.pipeline_depth steps (pipeline_parallel_size, or
-pipeline_micro_batches) before collecting the oldest (workers/engine.py); outputs come back in
-submission order.
-  LocalExecutor: the single-process engine, a ModelRunner in the engine process; `submit`
-    launches the step on the device without waiting for it (ModelRunner.launch) and `collect`
-    waits for its sampled ids (ModelRunner.finish), so the engine's host work between the two
-    overlaps the device's (async scheduling).
-  MultiprocExecutor: spawns world_size = TP x PP processes (multiprocessing `spawn`), one
-    Worker each (worker.py), rendezvous on a free local port. A step's SchedulerOutput is
-    pickled once and the same bytes are written to every rank's pipe (proc.py); the output
-    rank writes back the pickled ModelRunnerOutput. Pipeline stages read their pipe on a thread
-    (proc.py), so a write never waits for a stage busy with an earlier step. While it waits, the driver watches every
-    pipe and every process sentinel, so a rank that dies or raises fails the step at once with
-    its exit code or traceback (the surviving ranks fail their next collective and exit, or
-    are terminated by `shutdown`); a step slower than `step_timeout_s` fails too. After a
-    failure every call raises `WorkerGroupError`.
-Under async scheduling the driver submits step N+1 before collecting step N, so its scheduling
-and output processing overlap the ranks' work; each rank runs its steps in order and fills the
-placeholder tokens of N+1 from the ids its own runner sampled in N (every rank of the last
-stage samples the same ids). Each rank also launches step N+1 before it finishes step N
-(proc.py `_serve_overlapped`), so a rank's own input preparation overlaps its device work too.
+The engine's InFlightBatches (workers/inflight.py) runs a step as `submit(scheduler_output) ->
+StepHandle`, then `collect(handle) -> ModelRunnerOutput`, with up to its depth of steps
+submitted before the oldest is collected; outputs come back in submission order. `num_blocks`
+(the KV blocks every rank can hold) is read once at start-up.
+  LocalExecutor: a ModelRunner in the engine process; `submit` launches the step without
+    waiting for the device (ModelRunner.launch), `collect` waits for its ids (ModelRunner.finish).
+  MultiprocExecutor: world_size = TP x PP spawned processes, one Worker each (worker.py), which
+    rendezvous on a free local port. A step is pickled once and the same bytes go to every
+    rank's pipe (proc.py); the output rank writes back the ModelRunnerOutput. While it waits
+    the driver watches every pipe and process sentinel (channel.py), so a rank that dies or
+    raises fails the step at once with its exit code or traceback, a step slower than
+    `step_timeout_s` fails too, and after a failure every call raises `WorkerGroupError`.
+Under async scheduling each rank fills the placeholder tokens of step N+1 from the ids its own
+runner sampled in N (every rank of the last stage samples the same ids).
 `make_executor(config, loaded)` (workers/launch.py) picks one from `config.parallel.world_size`
 and `.launcher` (`ray`: RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
 """

@@ -1,35 +1,20 @@
 """One rank of a worker group: joins the process groups, loads its shard, runs its part of a step.
 
-A `Worker` is launcher-agnostic: whoever starts the process (the local `MultiprocExecutor`,
-later a Ray actor) builds a picklable `WorkerSpec` (engine config, global rank, rendezvous
-address) and then feeds it steps by whatever transport it owns. Construction:
-  1. selects the device (cuda:<rank % visible GPUs>, or the CPU) and joins the process groups
-     with `init_parallel` (parallel/state.py), which installs this rank's ParallelState;
-  2. loads the model through the ordinary loader: every layer sizes itself from the installed
-     state, and each weight loader narrows the lazy safetensors slice to this rank's part before
-     reading, so a rank reads only its own slice (and nothing of other pipeline stages/experts);
-  3. builds a ModelRunner, which sizes this rank's KV cache (`num_blocks`; the executor takes
-     the minimum over ranks).
-`execute(scheduler_output)` runs this rank's share of the step (every rank receives the same
-SchedulerOutput); the last pipeline stage's TP rank 0 is the output rank and returns the
-ModelRunnerOutput, the others return None. Under async scheduling, and on pipeline stages,
-the rank loop uses `launch` / `finish` instead, so step N+1 is launched before step N is
-finished (proc.py `_serve_overlapped`). `probe_start(probe)` / `probe_stop` (driver calls) run a
-measurement the caller passes in around the steps between them and return its report: a
-`RankProbe` (probe.py) such as per-rank step timing (bench/rank_timing.py) or a kernel profile
-(benchmarks/kernel_profile.py); the worker knows only the Protocol. Under pipeline parallelism the
-driver keeps up to D steps in flight with disjoint request sets (D = ParallelConfig.pipeline_depth:
-pp_size, or pipeline_micro_batches up to 2 x pp_size); every rank runs them in submission order.
-A stage hands its activations on with an asynchronous send (parallel/comm.py) and goes on with
-the next step while the next stage works on this one; the per-request state of the runner
-(one persistent batch for every in-flight step) only ever sees the rows a step schedules.
-Nothing on a rank is sized by D or kept per in-flight step: a rank runs one step at a time,
-and its buffers reused from step to step (graph inputs and outputs, the device staging buffer,
-the block table, the received activations' graph input) are read by step k's kernels before
-step k+1 writes them, in order on the rank's one stream. The two reuses off that stream do not
-depend on D either: a sent activation is a fresh copy kept until its send completes (at most
-one pending per stage, parallel/comm.py), and the pinned host staging buffers alternate behind
-events (runner/staging.py). So D steps in flight, D > pp_size included, need no more buffers.
+A `Worker` is launcher-agnostic: whoever starts the process (`MultiprocExecutor`, a Ray actor)
+builds a picklable `WorkerSpec` (engine config, global rank, rendezvous address) and feeds it
+steps over its own transport. Construction selects the device (cuda:<rank % visible GPUs>, or
+the CPU), joins the process groups (`init_parallel`, parallel/state.py), loads the model through
+the ordinary loader (each layer sizes itself from the installed state and each weight loader
+reads only this rank's slice), and builds a ModelRunner, which sizes this rank's KV cache
+(`num_blocks`; the executor takes the minimum over ranks).
+`execute(scheduler_output)` runs this rank's share of the step (every rank gets the same
+SchedulerOutput); the output rank (the last stage's TP rank 0) returns the ModelRunnerOutput,
+the others None. Under async scheduling and on pipeline stages the rank loop uses `launch` /
+`finish`, so step N+1 is launched before step N is finished (proc.py `_serve_overlapped`).
+Steps in flight (the engine's InFlightBatches) run in submission order, one at a time per rank:
+buffers reused from step to step are read by step k's kernels before step k+1 writes them, on
+the rank's one stream, so nothing here is sized by the depth. `probe_start(probe)` / `probe_stop`
+run a measurement the caller passes in (a `RankProbe`, probe.py) around the steps between them.
 """
 
 from __future__ import annotations
