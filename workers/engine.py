@@ -200,6 +200,7 @@ class LLMEngine:
 
     def _build_outputs(self, batch: BatchResult, advanced: list[Request]) -> None:
         """Build the outputs of an applied batch; finish the requests that hit a stop string."""
+        batch = self.batches.kept(batch)
         self.meter.record(
             num_prompt_tokens=_num_prompt_tokens(batch.sched),
             num_generation_tokens=len(batch.output.sampled_token_ids),

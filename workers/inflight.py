@@ -3,7 +3,8 @@
     fill()     → scheduler.schedule() and executor.submit() until `depth` batches are in flight;
                  a schedule with nothing to run is not sent but returned, for the engine to apply
                  at once, and its runner drops (finished / preempted ids) ride with the next batch
-    collect()  → the oldest batch and its output (waited for), minus the results to drop
+    collect()  → the oldest batch and its output (waited for); the scheduler applies all of it
+    kept(batch) → the batch minus the results to drop, for the outputs
     drop_later_results(ids) → finished requests that later batches in flight still hold
 
 Depth 1 is the synchronous engine: each step submits one batch and collects it. With one pipeline
@@ -46,8 +47,8 @@ class Batch:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """A batch back from the executor (or a schedule with nothing to run), ready to apply.
-    `request_ids` and `output` leave out the results dropped for requests finished in flight."""
+    """A batch back from the executor (or a schedule with nothing to run), ready to apply;
+    after `InFlightBatches.kept`, without the results of requests finished while in flight."""
 
     sched: SchedulerOutput
     request_ids: list[str]
@@ -93,15 +94,17 @@ class InFlightBatches:
             return None
         batch = self._batches.popleft()
         output = self.executor.collect(batch.handle)
-        request_ids = [r.request_id for r in batch.sched.scheduled]
-        if self._drop:
-            dropped = {r for r in request_ids if r in self._drop}
-            if dropped:
-                self._drop.subtract(dropped)  # one result each
-                self._drop = +self._drop  # forget ids with none left to drop
-                request_ids = [r for r in request_ids if r not in dropped]
-                output = _without(output, dropped)
-        return BatchResult(batch.sched, request_ids, output)
+        return BatchResult(batch.sched, [r.request_id for r in batch.sched.scheduled], output)
+
+    def kept(self, batch: BatchResult) -> BatchResult:
+        """`batch` minus one result of each request with results to drop (finished in flight)."""
+        dropped = {r for r in batch.request_ids if r in self._drop} if self._drop else None
+        if not dropped:
+            return batch
+        self._drop.subtract(dropped)  # one result each
+        self._drop = +self._drop  # forget ids with none left to drop
+        return BatchResult(batch.sched, [r for r in batch.request_ids if r not in dropped],
+                           _without(batch.output, dropped))
 
     def drop_later_results(self, sample_ids: Iterable[str]) -> None:
         """Drop the results of the batches in flight that hold these (finished) sample ids."""

@@ -155,7 +155,7 @@ def _drive(kv: KVCacheManager, depth: int, async_scheduling: bool, policy: str, 
         done = batches.collect()
         if done is not None:
             advanced = scheduler.update_from_output(done.sched, done.output)
-            log.append((done.request_ids, [r.request_id for r in advanced]))
+            log.append((batches.kept(done).request_ids, [r.request_id for r in advanced]))
             batches.drop_finished(advanced)
         step += 1
     finals = {rid: (r.output_token_ids, r.finish_reason, r.stop_reason, r.metrics.num_preemptions)
