@@ -26,7 +26,7 @@ from shardserve.workers.request import (
     RequestOutput,
     SamplingParams,
 )
-from shardserve.workers.step_types import ModelRunnerOutput, TokenLogprobs
+from shardserve.workers.step_types import ModelRunnerOutput, PromptLogprobs, TokenLogprobs
 
 
 @dataclass
@@ -118,10 +118,10 @@ class OutputProcessor:
             parent, sample = sample_of[sample_id]
             if sample.request.is_finished:
                 dirty[parent.request_id] = parent
-        for sample_id, (first, entries) in runner_output.prompt_logprobs.items():
+        for sample_id, chunk in runner_output.prompt_logprobs.items():
             parent, _ = sample_of[sample_id]
             if parent.prompt_logprobs is not None:
-                self._write_prompt_logprobs(parent, first, entries)
+                self._write_prompt_logprobs(parent, chunk)
         for request in advanced:
             parent, sample = sample_of[request.request_id]
             dirty[parent.request_id] = parent
@@ -207,12 +207,13 @@ class OutputProcessor:
             prompt_logprobs=None if parent.prompt_logprobs is None else tuple(parent.prompt_logprobs),
         )
 
-    def _write_prompt_logprobs(self, parent: _Parent, first: int, entries: list[TokenLogprobs | None]) -> None:
-        """Put `entries` into prompt positions first, first + 1, ...: a position computed again
+    def _write_prompt_logprobs(self, parent: _Parent, chunk: PromptLogprobs) -> None:
+        """Put the chunk's entries into prompt positions first, first + 1, ...: a position computed again
         (a request preempted mid-prompt recomputes its prompt from the start; the other samples of
         an n > 1 request prefill it too) overwrites its slot, so there is one entry per position."""
         slots = parent.prompt_logprobs
         assert slots is not None
+        first, entries = chunk.first_position, chunk.entries
         stop = min(first + len(entries), len(parent.prompt_token_ids))
         if stop <= first:
             return
@@ -223,8 +224,7 @@ class OutputProcessor:
     def _decode_logprobs(self, entry: TokenLogprobs | None) -> PositionLogprobs | None:
         if entry is None:
             return None
-        decode = self.tokenizer.decode if self.tokenizer is not None else None
-        return {
-            token_id: Logprob(logprob, rank, decode([token_id]) if decode else None)
-            for token_id, (logprob, rank) in entry.items()
-        }
+        if self.tokenizer is None:
+            return entry
+        decode = self.tokenizer.decode
+        return {token_id: Logprob(lp.logprob, lp.rank, decode([token_id])) for token_id, lp in entry.items()}

@@ -46,8 +46,7 @@ class EngineStats:
     num_finished: int  # since start
     total_prompt_tokens: int
     total_generation_tokens: int
-    # Pipeline parallelism or async scheduling: batches submitted and not yet applied (now), and the most ever (0
-    # when the engine never keeps more than one step in flight).
+    # Batches submitted and not yet applied (now, between steps), and the most ever (1 when synchronous).
     num_batches_in_flight: int = 0
     max_batches_in_flight: int = 0
 

@@ -1,39 +1,22 @@
 """ModelRunner: owns the model, its paged KV cache and the sampler on one device.
 
-One call per engine step: `execute(scheduler_output)`, which is `finish(launch(scheduler_output))`
-  1. applies the step's diffs to the persistent batch (runner/persistent_batch.py): finished
-     and preempted requests leave their rows, new ones take rows, block tables gain the
-     blocks the scheduler just allocated; the sampling options follow (sampling_state.py);
-  2. lays the scheduled tokens out in row order (numpy) and uploads everything the step needs
-     — inputs and block-table diffs — in one pinned host-to-device copy (staging.py);
-  3. runs the model: a decode step whose rows are 0..n-1 replays the CUDA graph of the
-     smallest bucket >= n (cuda_graphs.py); any other step replays the graph of the smallest
-     token-count bucket that holds it (mixed_graphs.py); without graphs (CPU, the MoE
-     expert loop) every step runs eagerly. A pipeline stage after the first receives the
-     previous stage's activations before its forward, and a stage before the last sends its
-     own after it and returns (the stage's forward alone is captured);
-  4. computes logits only for the rows that sample (plus prompt positions of requests that
-     asked for prompt logprobs), builds SamplingMetadata from the cached per-row state while
-     the GPU is still busy, samples in one vectorised call, and waits for the token ids.
-Steps 1-4 up to the sampler call are `launch`, which never waits for the GPU and returns a
-`PendingStep` (the sampled ids still on the device); `finish` waits for them (`.tolist()`) and
-builds the ModelRunnerOutput. Async scheduling (SchedulerConfig.async_scheduling) launches step
-N+1 before finishing step N: the launch also writes the sampled ids into `last_sampled`
-([max_rows] on the device, indexed by persistent row, moved with the rows), and a token the
-scheduler could not know yet (PLACEHOLDER, < 0: the id step N samples) is replaced right after
-the upload, before the forward, by `last_sampled[row of that token]` — one gather and one
-scatter on the device, in stream order after step N's sampler, so neither the host nor the
-CUDA graphs (whose input buffers are written from the patched upload) ever see the placeholder.
-Under async scheduling on CUDA the launch also queues the ids' copy to pinned host memory and
-an event right after the sampler, and `finish` waits for that event only: a `.tolist()` there
-would be queued behind step N+1 and wait for it too. Output counts (seeds, min_tokens) advance
-at launch; penalty histories need the ids on the host, so a step sampling a penalty row must be
-finished before the next launch (the engine runs such steps synchronously; `finish` checks it).
-Steps that compute logprobs or prompt logprobs read them back inside `launch` (correct, but
-that step's host work does not overlap).
-On CUDA the attention backend is the Triton one and the model's norms, rotary and activation
-run the fused Triton kernels (workers/models/layers.py). `step_times` measures, per step, the
-host time spent outside the wait for the GPU and the GPU time of the step (CUDA events).
+One call per engine step, `execute(scheduler_output)` = `finish(launch(scheduler_output))`:
+  1. the step's diffs go into the persistent batch (persistent_batch.py; sampling options in
+     sampling_state.py): finished / preempted requests leave their rows, new ones take rows,
+     block tables gain the blocks the scheduler just allocated;
+  2. the tokens are laid out in row order (numpy) and uploaded with the block-table diffs in one
+     pinned host-to-device copy (staging.py);
+  3. the model runs: a decode step whose rows are 0..n-1 replays a decode CUDA graph
+     (cuda_graphs.py), any other step a token-count graph (mixed_graphs.py), or eagerly (CPU,
+     the MoE expert loop); a later pipeline stage receives the previous stage's activations and
+     a stage before the last sends its own and returns;
+  4. logits for the sampling rows (and prompt-logprob positions), SamplingMetadata built while
+     the GPU is busy, one vectorised sampler call.
+`launch` (1-4) never waits for the GPU and returns a `PendingStep`; `finish` waits for the ids
+and builds the ModelRunnerOutput. Async scheduling launches N+1 before finishing N: the ids N
+samples go to `last_sampled` ([max_rows], by persistent row) and the PLACEHOLDER inputs of N+1
+are replaced from it on the device right after the upload, before the forward. A step sampling
+penalty rows must be finished before the next launch (penalty histories need the ids on the host).
 """
 
 from __future__ import annotations
@@ -68,6 +51,7 @@ from shardserve.workers.sampling.sampler import Sampler
 from shardserve.workers.step_types import (
     ModelRunnerOutput,
     NewRequestData,
+    PromptLogprobs,
     ScheduledRequest,
     SchedulerOutput,
     TokenLogprobs,
@@ -459,7 +443,7 @@ class ModelRunner:
                 targets = torch.tensor(prompt[first + 1 : last + 1], device=self.device)
                 entries.extend(compute_prompt_logprobs(logits, targets, top_n))
             # entries[0] is prompt position 0 (None) or, past the first chunk, first + 1.
-            output.prompt_logprobs[req.request_id] = (0 if first == 0 else first + 1, entries)
+            output.prompt_logprobs[req.request_id] = PromptLogprobs(0 if first == 0 else first + 1, entries)
 
 
 def _syncs_in_forward(model: torch.nn.Module) -> bool:
