@@ -34,6 +34,7 @@ from shardserve.workers.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 
 # Default stream interval on GPUs: at 64 concurrent streams on 2 H100s the served throughput was
@@ -192,6 +193,7 @@ class ResourcesSection(_Section):
 
 
 CacheSection = engine_section(CacheConfig, "CacheSection")
+SpeculativeSection = engine_section(SpeculativeConfig, "SpeculativeSection", renames={"speculative_method": "method"})
 SchedulerSection = engine_section(SchedulerConfig, "SchedulerSection")
 
 
@@ -250,6 +252,8 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
     resources: ResourcesSection = Field(default_factory=ResourcesSection, description="Per-rank resources.")
     cache: CacheSection = Field(default_factory=CacheSection, description="Paged KV cache.")
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="Batching limits.")
+    speculative: SpeculativeSection = Field(
+        default_factory=SpeculativeSection, description="Speculative decoding (off unless `method` is set).")
     router: RouterSection = Field(default_factory=RouterSection, description="Request routing between replicas.")
     stream_interval_ms: float | None = Field(
         None, ge=0, le=1000,
@@ -314,6 +318,7 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
             cache=self.cache.to_engine(),
             scheduler=self.scheduler.to_engine(),
             parallel=self.parallel.to_engine(),
+            speculative=self.speculative.to_engine(),
         )
 
 

@@ -16,6 +16,9 @@ the collected one's outputs are built). Outputs equal the synchronous engine's i
 token times are recorded when a batch is applied (at collect).
 Samples of one prompt (n > 1) share its KV blocks: only the first sample is queued at first;
 the others join once its prompt is computed, so their prompts hit the prefix cache.
+Speculative decoding (config.speculative) rides the same loop: the scheduler's Speculator
+(workers/spec/) appends drafts to decoding requests, the runner verifies them in the step, and a
+speculating batch is applied before the next is scheduled.
 The AsyncEngine (async_engine.py) runs this loop on a thread and streams outputs to callers.
 The step runs through an executor (workers/worker/executor.py): in this process when the world
 size is 1 (`self.runner` is then the ModelRunner), else on TP x PP worker processes, in which
@@ -44,6 +47,7 @@ from shardserve.workers.request import FinishReason, Request, RequestOutput, Sam
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.scoring import score_tokens
 from shardserve.workers.scheduler.scheduler import Scheduler
+from shardserve.workers.spec.speculator import Speculator
 from shardserve.workers.stats import ThroughputMeter
 from shardserve.workers.step_types import SchedulerOutput
 from shardserve.workers.worker.executor import Executor, LocalExecutor
@@ -78,9 +82,10 @@ class LLMEngine:
         # SchedulerConfig.async_depth (2 by default) under async scheduling
         self.max_batches_in_flight = config.scheduler.async_depth if self.async_scheduling \
             else config.parallel.pipeline_depth
+        self.speculator = Speculator(config.speculative) if config.speculative.enabled else None
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
-                                   async_scheduling=self.async_scheduling)
+                                   async_scheduling=self.async_scheduling, speculator=self.speculator)
         self.outputs = OutputProcessor(self.tokenizer)
         self.meter = ThroughputMeter()
         self.batches = InFlightBatches(self.scheduler, self.executor, self.max_batches_in_flight,
@@ -317,6 +322,7 @@ class LLMEngine:
             total_generation_tokens=self.meter.total_generation_tokens,
             num_batches_in_flight=len(self.batches),
             max_batches_in_flight=self.batches.stats.max_in_flight,
+            spec_decode=self.speculator.stats.snapshot() if self.speculator is not None else None,
         )
 
     def model_info(self) -> ModelInfo:

@@ -15,8 +15,8 @@ ParallelConfig.pipeline_depth so every stage has work; a request is then in at m
 and the next batch leaves before the collected one's outputs are built (`refill_before_outputs`).
 A request finished while later batches hold it (EOS, stop id or string, abort) has their results
 dropped here; its blocks are freed when the last of them returns (scheduler). A batch that samples
-for a request with penalties is collected before the next is scheduled (`Batch.needs_sync`): the
-penalties read the previous token on the host.
+for a request with penalties, or a speculating batch (drafts are proposed from tokens on the host),
+is collected before the next is scheduled (`Batch.needs_sync`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class InFlightBatches:
                 self._carried_finished = sched.finished_request_ids
                 self._carried_preempted = sched.preempted_request_ids
                 return BatchResult(sched, [])
-            needs_sync = self.async_scheduling and self._samples_with_penalties(sched)
+            needs_sync = self.async_scheduling and (sched.speculating or self._samples_with_penalties(sched))
             self._batches.append(Batch(sched, self.executor.submit(sched), needs_sync))
             self.stats.record_submit(len(self._batches))
         return None
@@ -146,6 +146,7 @@ def _without(output: ModelRunnerOutput, request_ids: set[str]) -> ModelRunnerOut
     """`output` minus the entries of `request_ids` (requests finished while in flight)."""
     return ModelRunnerOutput(
         sampled_token_ids={k: v for k, v in output.sampled_token_ids.items() if k not in request_ids},
+        accepted_draft_ids={k: v for k, v in output.accepted_draft_ids.items() if k not in request_ids},
         logprobs={k: v for k, v in output.logprobs.items() if k not in request_ids},
         prompt_logprobs={k: v for k, v in output.prompt_logprobs.items() if k not in request_ids},
     )

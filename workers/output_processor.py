@@ -2,7 +2,7 @@
 
 For each user request it keeps one `_Sample` per completion (n of them): an incremental
 detokenizer with stop-string matching, the logprobs so far and the text already emitted.
-`process()` feeds each request's newest token through its sample, reports stop-string matches
+`process()` feeds each request's new tokens (one, or several after accepted drafts) through its sample, reports stop-string matches
 back to the engine (which finishes those requests in the scheduler), and marks the parent
 dirty; `collect()` then builds one RequestOutput per dirty parent, in the order the parents
 were added — cumulative text and ids, plus this step's delta — and forgets parents once their
@@ -125,17 +125,25 @@ class OutputProcessor:
         for request in advanced:
             parent, sample = sample_of[request.request_id]
             dirty[parent.request_id] = parent
-            if len(request.output_token_ids) == sample.num_fed_tokens:
+            num_fed, num_output = sample.num_fed_tokens, len(request.output_token_ids)
+            if num_output == num_fed:
                 continue  # finished by the scheduler without a new token (kv_cache_full)
-            sample.num_fed_tokens = len(request.output_token_ids)
-            token_id = request.output_token_ids[-1]
+            sample.num_fed_tokens = num_output
+            # one token, or accepted drafts + one (speculative decoding: never with logprobs)
+            new_ids = [request.output_token_ids[-1]] if num_output == num_fed + 1 else request.output_token_ids[num_fed:]
             if sample.logprobs is not None and request.request_id in runner_output.logprobs:
                 sample.logprobs.append(self._decode_logprobs(runner_output.logprobs[request.request_id]))
             if sample.stream is not None:
-                delta = sample.stream.append([token_id])
-                sample.new_text += delta.text
-                if delta.stop_str is not None and not request.is_finished:
-                    stops.append((request.request_id, delta.stop_str))
+                for i, token_id in enumerate(new_ids):
+                    delta = sample.stream.append([token_id])
+                    sample.new_text += delta.text
+                    if delta.stop_str is not None:
+                        if not request.is_finished:
+                            stops.append((request.request_id, delta.stop_str))
+                        if i + 1 < len(new_ids):  # drafts past the stop string: as if never sampled
+                            request.drop_output_tokens(len(new_ids) - i - 1)
+                            sample.num_fed_tokens = len(request.output_token_ids)
+                        break
         return stops
 
     def finish_sample(self, request: Request, reason: FinishReason) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from shardserve.workers.request import RequestOutput, SamplingParams
+from shardserve.workers.spec.speculator import SpecDecodeStats
 
 
 class EngineDeadError(RuntimeError):
@@ -49,6 +50,7 @@ class EngineStats:
     # Batches submitted and not yet applied (now, between steps), and the most ever (1 when synchronous).
     num_batches_in_flight: int = 0
     max_batches_in_flight: int = 0
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding totals (None when it is off)
 
 
 @dataclass(frozen=True)

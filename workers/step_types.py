@@ -37,6 +37,9 @@ class ScheduledRequest:
       it — the whole table when the request (re)joins (it is in `new_requests` this step).
       Tables only grow, so the runner rebuilds each one from these.
     sample: True when this chunk reaches the last known token, so one new token is sampled.
+    num_drafts: speculative decoding: the last `num_drafts` of token_ids are draft tokens
+      (proposed, not known to follow); the runner samples at each of them and at the last known
+      token, and returns the drafts the target agreed with (`ModelRunnerOutput.accepted_draft_ids`).
     """
 
     request_id: str
@@ -44,6 +47,7 @@ class ScheduledRequest:
     start_position: int
     new_block_ids: tuple[int, ...]
     sample: bool
+    num_drafts: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +66,8 @@ class SchedulerOutput:
     num_batched_tokens: int
     preempted_request_ids: tuple[str, ...] = ()
     finished_request_ids: tuple[str, ...] = ()  # freed since the previous step
+    num_draft_tokens: int = 0  # sum of the requests' num_drafts (speculative decoding)
+    speculating: bool = False  # speculation is on this step: apply it before scheduling the next
 
     @property
     def is_empty(self) -> bool:
@@ -88,8 +94,12 @@ class ModelRunnerOutput:
     prompt_logprobs: request id -> one entry per prompt position this step's chunk scores. Keyed
       by position because a request preempted mid-prompt recomputes its prompt from the start
       and reports those positions again.
+    accepted_draft_ids: request id -> the leading drafts the target agreed with (requests with
+      num_drafts only); they come before the request's sampled token, which is the target's own
+      token at the first disagreement (or after the last draft).
     """
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    accepted_draft_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)

@@ -18,6 +18,9 @@ the whole model (it must fit), the single-device figure; throughput's cost count
 A bad value (a size < 1, EP not dividing TP, micro-batches out of range, more ranks than GPUs,
 a size the model cannot be split by: heads, layers, experts) is reported with the flag, the
 field and its range, exit code 2, before any worker process starts.
+`bench latency --speculative-method ngram|suffix [--num-speculative-tokens K]` runs batch 1 on
+repetitive tasks with and without speculation and prints the speedup and acceptance
+(workers/bench/spec_runs.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import argparse
 import json
 import sys
 
-from shardserve.workers.config import QUANTIZATION_METHODS
+from shardserve.workers.config import QUANTIZATION_METHODS, SPECULATIVE_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="batches in flight under pipeline parallelism, in [PP, 2 x PP] (default PP)")
         if kind == "latency":
             q.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
+            q.add_argument("--speculative-method", default=None, choices=[m for m in SPECULATIVE_METHODS if m != "draft"],
+                           help="run batch 1 on the repetitive tasks (workers/bench/spec_tasks.py) plain and with "
+                                "this proposer, side by side: speedup and acceptance")
+            q.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step at most (k)")
+            q.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched")
+            q.add_argument("--max-verify-tokens", type=int, default=128,
+                           help="speculate only while running requests x (1 + k) stay at or below this")
         else:
             q.add_argument("--num-requests", type=int, default=64)
             q.add_argument("--distribution", default="fixed", choices=["fixed", "lognormal"])
@@ -77,6 +87,9 @@ FLAGS = {
     "expert_parallel_size": "--expert-parallel-size/-ep",
     "pipeline_micro_batches": "--pipeline-micro-batches",
     "async_depth": "--async-depth",
+    "num_speculative_tokens": "--num-speculative-tokens",
+    "prompt_lookup_max": "--prompt-lookup-max",
+    "max_verify_tokens": "--max-verify-tokens",
 }
 
 

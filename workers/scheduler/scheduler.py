@@ -15,6 +15,10 @@ workers/inflight.py) `schedule()` runs again before earlier results are applied;
 request stands is `self.in_flight` (in_flight.py), which the policy only reads: a request in
 flight is never a preemption victim; under pipeline stages it is skipped and each batch takes
 about 1/D of the requests; under async scheduling it is in every batch, fed placeholders.
+Speculative decoding (a `Speculator`, workers/spec/): on a step where it is active, a decoding
+request with nothing in flight gets drafts appended to its query (`num_drafts`, budget and blocks
+included; drafts are dropped rather than preempting anyone), and `update_from_output` keeps the
+accepted drafts before the sampled token, stopping at the first token that ends the request.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.request import FinishReason, Request, RequestStatus
 from shardserve.workers.scheduler.in_flight import InFlightRequests
 from shardserve.workers.scheduler.queue import FCFSQueue, RequestQueue, make_request_queue
+from shardserve.workers.spec.speculator import Speculator
 from shardserve.workers.step_types import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 
 KV_CACHE_FULL = "kv_cache_full"  # stop_reason of a request that alone outgrew the KV pool
@@ -51,6 +56,8 @@ class _Step:
     max_requests: int  # requests this batch may hold (Scheduler._batch_cap)
     num_new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> tokens, batch order
     preempted_ids: list[str] = field(default_factory=list)
+    speculate: bool = False  # propose drafts this step (Speculator.active)
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> its drafts (in num_new_tokens)
 
 
 class Scheduler:
@@ -62,6 +69,7 @@ class Scheduler:
         max_model_len: int,
         max_batches_in_flight: int = 1,
         async_scheduling: bool = False,
+        speculator: Speculator | None = None,
     ) -> None:
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
@@ -95,6 +103,7 @@ class Scheduler:
         # Pipeline parallelism: requests in flight wait, batches share the requests out.
         self._pipelined = max_batches_in_flight > 1 and not async_scheduling
         self.in_flight = InFlightRequests(kv_manager)
+        self.speculator = speculator
 
     # ---- requests in and out -----------------------------------------------------------------
 
@@ -166,6 +175,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         step = _Step(token_budget=self.config.max_num_batched_tokens, max_requests=self._batch_cap())
+        step.speculate = self.speculator is not None and self.speculator.active(len(self.running))
         pipelined = self._pipelined
         candidates = self._batch_candidates(step.max_requests) if pipelined else list(self.running)
         for request in candidates:
@@ -193,18 +203,38 @@ class Scheduler:
             request = requests.get(request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted since schedule(): its blocks are already free
-            request.num_computed_tokens = scheduled.start_position + len(scheduled.token_ids)  # its seq_len
+            # its seq_len, but for drafts (their K/V counts once they are accepted)
+            request.num_computed_tokens = scheduled.start_position + len(scheduled.token_ids) - scheduled.num_drafts
             self.kv.cache_full_blocks(request)
             if not scheduled.sample:
                 continue
             token_id = sampled_token_ids.get(request_id)
             if token_id is None:
                 raise RuntimeError(f"runner output has no sampled token for request {request_id!r}")
+            if scheduled.num_drafts:
+                self._apply_drafts(request, scheduled.num_drafts, runner_output.accepted_draft_ids.get(request_id, ()),
+                                   now)
+                if request.is_finished:
+                    updated.append(request)
+                    continue
             request.append_output_token(token_id)
             request.metrics.record_token(now)
             self._check_stop(request, token_id)
             updated.append(request)
         return updated
+
+    def _apply_drafts(self, request: Request, num_drafts: int, accepted: tuple[int, ...], now: float) -> None:
+        """Append the accepted drafts (their K/V is in the cache) until one ends the request."""
+        assert self.speculator is not None
+        self.speculator.record(request.request_id, num_drafts, len(accepted))
+        for token_id in accepted:
+            request.append_output_token(token_id)
+            request.metrics.record_token(now)
+            request.num_computed_tokens += 1
+            self._check_stop(request, token_id)
+            if request.is_finished:
+                return
+        self.kv.cache_full_blocks(request)
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -234,6 +264,13 @@ class Scheduler:
             return
         # The table must also cover the tokens of the batch in flight (async scheduling).
         num_ahead = start - request.num_computed_tokens
+        drafts: list[int] = []
+        if step.speculate and ahead is None and num_new == 1 and start == end - 1:
+            drafts = self._propose(request, end, step.token_budget - 1)
+            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)):
+                num_new += len(drafts)
+            else:
+                drafts = []  # no room for them: never preempt for drafts
         while not self.kv.allocate_slots(request, num_ahead + num_new):
             candidates = self._victim_candidates()
             if not candidates:
@@ -250,10 +287,21 @@ class Scheduler:
             step.preempted_ids.append(victim.request_id)
             # A victim scheduled earlier this step (priority policy) gives its tokens back.
             step.token_budget += step.num_new_tokens.pop(victim.request_id, 0)
+            step.drafts.pop(victim.request_id, None)
             if victim is request:
                 return
         step.num_new_tokens[request.request_id] = num_new
         step.token_budget -= num_new
+        if drafts:
+            step.drafts[request.request_id] = drafts
+
+    def _propose(self, request: Request, num_tokens: int, token_budget: int) -> list[int]:
+        """Drafts for a decoding request, leaving room for the target's own token within
+        max_tokens, max_model_len and this step's token budget."""
+        assert self.speculator is not None
+        limit = min(token_budget, request.sampling_params.max_tokens - request.num_output_tokens - 1,
+                    self.max_model_len - num_tokens - 1)
+        return self.speculator.propose(request, limit)
 
     def _admit_waiting(self, step: _Step) -> None:
         queue = self.waiting
@@ -357,6 +405,8 @@ class Scheduler:
         request.stop_reason = stop_reason
         request.metrics.finished_time = time.monotonic()
         del self.requests[request.request_id]
+        if self.speculator is not None:
+            self.speculator.finish(request)
         if self._runner_blocks.pop(request.request_id, None) is not None:
             self._finished_ids.append(request.request_id)
 
@@ -384,24 +434,34 @@ class Scheduler:
             # Tables only grow while the runner holds them: send the blocks appended since.
             new_block_ids = self.kv.get_block_ids(request_id, num_sent)
             runner_blocks[request_id] = num_sent + len(new_block_ids)
-            sample = start + num_new == end
+            drafts = step.drafts.get(request_id)
+            num_known = num_new - len(drafts) if drafts else num_new
+            sample = start + num_known == end
+            token_ids = fed_token_ids(request.all_token_ids, start, num_known)
             scheduled = ScheduledRequest(
                 request_id=request_id,
-                token_ids=fed_token_ids(request.all_token_ids, start, num_new),
+                token_ids=(*token_ids, *drafts) if drafts else token_ids,
                 start_position=start,
                 new_block_ids=new_block_ids,
                 sample=sample,
+                num_drafts=len(drafts) if drafts else 0,
             )
             if track:
                 in_flight.track(request_id, num_new, sample)
             # "Decode" = a one-token query; such rows go first (the output's documented order).
             (decodes if num_new == 1 else prefills).append(scheduled)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
+        num_draft_tokens = sum(map(len, step.drafts.values())) if step.drafts else 0
+        if num_draft_tokens:
+            assert self.speculator is not None
+            self.speculator.stats.num_spec_steps += 1
         return SchedulerOutput(
             new_requests=tuple(new_requests),
             scheduled=tuple(decodes + prefills),
             num_batched_tokens=sum(step.num_new_tokens.values()),
             preempted_request_ids=tuple(step.preempted_ids),
             finished_request_ids=finished_ids,
+            num_draft_tokens=num_draft_tokens,
+            speculating=step.speculate,
         )
 
