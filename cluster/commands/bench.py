@@ -1,4 +1,5 @@
-"""`shardserve bench latency|throughput`: our engine beside transformers, same process.
+"""`shardserve bench latency|throughput`: our engine beside transformers, same process;
+`shardserve bench serve`: online load against running servers (cluster/bench_serve/).
 
 Prints the device, our figure, the transformers `generate` figure on the same prompts, and
 the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
@@ -26,12 +27,16 @@ import argparse
 import json
 import sys
 
+from shardserve.cluster.bench_serve.options import add_arguments as add_serve_arguments
 from shardserve.workers.config import QUANTIZATION_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="latency / throughput benchmarks against transformers")
+    p = subparsers.add_parser("bench", help="latency / throughput against transformers; serve: online load")
     sub = p.add_subparsers(dest="bench_kind", required=True)
+    serve = sub.add_parser("serve", help="online load against OpenAI-compatible HTTP or our gRPC endpoints")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
     for kind in ("latency", "throughput"):
         q = sub.add_parser(kind)
         q.add_argument("--model", default="default")
@@ -85,6 +90,12 @@ def _flag_of(message: str) -> str | None:
     text = message.replace("-", "_").replace(" ", "_")
     found = [(text.find(field), flag) for field, flag in FLAGS.items() if field in text]
     return min(found)[1] if found else None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shardserve.cluster.bench_serve.cli import run as run_bench_serve
+
+    return run_bench_serve(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,64 @@
+"""Runs `shardserve bench serve` from parsed flags: dataset, load, print, JSON, plots.
+
+Data flow: options.to_options(args) -> dataset.build_requests -> runner.run_all (asyncio, one
+endpoint at a time per load point; each point printed as it ends) -> summary.summarize ->
+report.print_table / write_json -> plots.write_plots (imported here, only when plots are on).
+Returns the exit code: 0, or 2 for flags that contradict each other or a dataset that cannot be
+read (the message names the flag, or the file and line). Errors of single requests do not fail
+the run: they are counted, printed and kept in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from shardserve.cluster.bench_serve.dataset import DatasetError, build_requests
+from shardserve.cluster.bench_serve.options import ServeBenchOptions, UsageError, to_options
+from shardserve.cluster.bench_serve.records import PointResult
+from shardserve.cluster.bench_serve.summary import PointSummary, summarize
+
+
+def _config_json(options: ServeBenchOptions) -> dict:
+    return {
+        "endpoints": [asdict(e) for e in options.endpoints],
+        "load_points": [{"kind": p.kind, "value": "inf" if math.isinf(p.value) else p.value} for p in options.points],
+        "schedule": asdict(options.schedule), "dataset": asdict(options.dataset),
+        "client": {**asdict(options.client), "api_key": None}, "slo": asdict(options.slo),
+        "num_warmup": options.num_warmup,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        options = to_options(args)
+        requests = build_requests(options.dataset)
+    except (UsageError, DatasetError) as exc:
+        print(f"shardserve bench serve: error: {exc}", file=sys.stderr)
+        return 2
+    from shardserve.cluster.bench_serve.report import print_point, print_table, write_json
+    from shardserve.cluster.bench_serve.runner import run_all
+
+    summaries: list[PointSummary] = []
+
+    def on_result(result: PointResult) -> None:
+        summaries.append(summarize(result, options.slo))
+        print_point(summaries[-1], options.slo)
+        sys.stdout.flush()
+
+    results = asyncio.run(run_all(options.endpoints, options.points, requests, options.client, options.schedule,
+                                  on_result, options.num_warmup))
+    print_table(summaries, options.slo)
+    out_dir = Path(options.out_dir)
+    write_json(out_dir / "results.json", _config_json(options), summaries, results)
+    written = [out_dir / "results.json"]
+    if options.plots:
+        from shardserve.cluster.bench_serve.plots import write_plots
+
+        written += write_plots(summaries, results, options.slo, out_dir)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
