@@ -37,6 +37,8 @@ def _latency(summaries: list[PointSummary], slo: Slo, path: Path) -> None:
               ("e2e_ms", "end-to-end latency (ms)", None))
     for ax, (field, title, limit) in zip(axes, panels, strict=True):
         for color, (endpoint, rows) in enumerate(_by_endpoint(summaries).items()):
+            if not any(s.num_ok for s in rows):
+                continue  # every request failed: no latency to draw (its errors are in the table)
             x = [loads.index(s.load) for s in rows]
             for quantile, style in (("p50", "-"), ("p99", "--")):
                 y = [getattr(getattr(s, field), quantile) for s in rows]
