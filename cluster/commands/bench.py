@@ -1,9 +1,8 @@
-"""`shardserve bench latency|throughput`: our engine beside transformers, same process;
-`shardserve bench serve`: online load against running servers (cluster/bench_serve/).
+"""`shardserve bench latency|throughput`: our engine beside transformers, same process.
 
 Prints the device, our figure, the transformers `generate` figure on the same prompts, and
 the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
-same run. The heavy lifting is in workers/bench/ (this module only parses flags and prints).
+same run. The work is in workers/bench/; `bench serve` (online load) is cluster/bench_serve/.
 
 Model parallelism, as `vllm bench`:
     --tensor-parallel-size/-tp N     ranks that split every layer (default 1)
