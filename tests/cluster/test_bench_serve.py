@@ -110,3 +110,24 @@ def test_plots_are_real_pngs(run):
         image = imread(out / name)  # decodes the whole file
         assert image.ndim == 3 and image.shape[0] >= 400 and image.shape[1] >= 600
         assert image[..., :3].std() > 0.05  # something was drawn, not a blank canvas
+
+
+def test_closed_loop_concurrency_with_text_prompts(real, tmp_path):
+    """--concurrency 2 keeps at most two requests in flight; text prompts of N common words come out
+    close to N tokens in the server's own count."""
+    cmd = [sys.executable, "-m", "shardserve.cluster.cli", "bench", "serve", "--model", MODEL,
+           "--endpoint", f"grpc://{real.grpc_target}", "--concurrency", "2", "--num-requests", "5",
+           "--prompt-format", "text", "--distribution", "fixed", "--input-len", "10", "--output-len", "3",
+           "--no-plots", "--out-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # --no-plots
+    (point,) = json.loads((tmp_path / "results.json").read_text())["points"]
+    assert point["summary"]["load"] == "conc 2" and point["summary"]["num_ok"] == 5
+    spans = [(r["send_s"], r["send_s"] + r["e2e_s"]) for r in point["requests"]]
+    for start, _ in spans:
+        in_flight = sum(s <= start + 1e-6 and start < e for s, e in spans)
+        assert in_flight <= 2, spans
+    assert sorted(s for s, _ in spans)[2] >= min(e for _, e in spans) - 1e-3  # the third waited for a slot
+    for r in point["requests"]:
+        assert r["output_tokens"] == 3 and abs(r["prompt_tokens"] - 10) <= 2, r
