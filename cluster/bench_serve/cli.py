@@ -1,7 +1,7 @@
 """Runs `shardserve bench serve` from parsed flags: dataset, load, print, JSON, plots.
 
 Data flow: options.to_options(args) -> dataset.build_requests -> runner.run_all (asyncio, one
-endpoint at a time per load point; each point printed as it ends) -> summary.summarize ->
+endpoint at a time per load point, fresh prompts each; each point printed as it ends) -> summary.summarize ->
 report.print_table / write_json -> plots.write_plots (imported here, only when plots are on).
 Returns the exit code: 0, or 2 for flags that contradict each other or a dataset that cannot be
 read (the message names the flag, or the file and line). Errors of single requests do not fail
@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from shardserve.cluster.bench_serve.dataset import DatasetError, build_requests
+from shardserve.cluster.bench_serve.dataset import DatasetError, build_requests, fresh_prompts
 from shardserve.cluster.bench_serve.options import ServeBenchOptions, UsageError, to_options
 from shardserve.cluster.bench_serve.records import PointResult
 from shardserve.cluster.bench_serve.summary import PointSummary, summarize
@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
         print_point(summaries[-1], options.slo)
         sys.stdout.flush()
 
-    results = asyncio.run(run_all(options.endpoints, options.points, requests, options.client, options.schedule,
-                                  on_result, options.num_warmup))
+    def requests_for(salt: int):
+        return fresh_prompts(requests, options.dataset, salt)
+
+    results = asyncio.run(run_all(options.endpoints, options.points, requests_for, options.client,
+                                  options.schedule, on_result, options.num_warmup))
     print_table(summaries, options.slo)
     out_dir = Path(options.out_dir)
     write_json(out_dir / "results.json", _config_json(options), summaries, results)

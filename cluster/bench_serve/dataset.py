@@ -1,7 +1,7 @@
 """The requests a run sends: lognormal lengths (workers/bench/workload.py) or a JSONL file.
 
 Data flow: `build_requests` returns one list of `ServeRequest`, built once per run from the seed,
-so every endpoint and load point gets the very same prompts. A prompt of N tokens is made for an
+so every endpoint and load point gets the very same lengths. A prompt of N tokens is made for an
 endpoint whose tokenizer is unknown here, in one of two ways (`--prompt-format`):
   - `ids` (default): N random token ids in [min(1000, vocab/4), vocab_size) sent as the prompt
     itself — /v1/completions of vLLM and of shardserve take a list of ints as `prompt`, our gRPC
@@ -10,7 +10,8 @@ endpoint whose tokenizer is unknown here, in one of two ways (`--prompt-format`)
   - `text`: N words drawn from common English words that are one token each in the usual BPE
     vocabularies, so the server sees close to N tokens (its own count is recorded from usage).
 A JSONL line is `{"prompt": "..." | [ids], "max_tokens": N}` or `{"input_len": N, "output_len": M}`;
-a file with fewer lines than --num-requests is cycled.
+a file with fewer lines than --num-requests is cycled. `fresh_prompts` redraws the drawn prompts'
+content (same lengths) for each load point and endpoint, so no prefix cache hit skews a later one.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ WORDS = (
 @dataclass(frozen=True)
 class ServeRequest:
     """One request: the prompt (text, or token ids sent as-is), its requested input length in tokens
-    (None for a text prompt from a file: the server's usage tells), and the output length asked."""
+    (None for a text prompt from a file: the server's usage tells), the output length asked, and
+    whether the prompt was drawn here (then `fresh_prompts` may redraw it) or given by the file."""
 
     prompt: str | list[int]
     input_len: int | None
     max_tokens: int
+    drawn: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,9 @@ def _from_line(obj: object, spec: DatasetSpec, rng: np.random.Generator, where: 
         prompt = obj["prompt"]
         max_tokens = _positive_int(obj.get("max_tokens"), "max_tokens", where)
         if isinstance(prompt, str) and prompt:
-            return ServeRequest(prompt, None, max_tokens)
+            return ServeRequest(prompt, None, max_tokens, drawn=False)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and t >= 0 for t in prompt):
-            return ServeRequest(list(prompt), len(prompt), max_tokens)
+            return ServeRequest(list(prompt), len(prompt), max_tokens, drawn=False)
         raise DatasetError(f"{where}: prompt must be non-empty text or a list of token ids >= 0")
     if "input_len" in obj:
         input_len = _positive_int(obj["input_len"], "input_len", where)
@@ -127,3 +130,12 @@ def build_requests(spec: DatasetSpec) -> list[ServeRequest]:
     rng = np.random.default_rng(spec.seed + 1)
     return [ServeRequest(_prompt(len(r.prompt_token_ids), spec, rng), len(r.prompt_token_ids), r.output_len)
             for r in sampled]
+
+
+def fresh_prompts(requests: list[ServeRequest], spec: DatasetSpec, salt: int) -> list[ServeRequest]:
+    """The same lengths with newly drawn prompt content (seeded by the run's seed and `salt`), so a
+    server's prefix cache never serves a prompt it saw at an earlier load point or on another endpoint
+    of the same server; prompts given in a file are kept as they are."""
+    rng = np.random.default_rng([spec.seed, salt])
+    return [ServeRequest(_prompt(r.input_len, spec, rng), r.input_len, r.max_tokens) if r.drawn and r.input_len
+            else r for r in requests]

@@ -7,9 +7,9 @@ Data flow: `run_point` opens the endpoint's client (clients.py), then either
     ended (a closed loop);
 and waits for every record. `run_all` walks the load points in order and, within each, the
 endpoints one after the other (never at once, so side-by-side servers on one machine do not
-compete), always sending the same requests; `num_warmup` requests go to each endpoint first,
-unmeasured. The duration of a point runs from its start to its
-last request's end: the denominator of its throughput.
+compete), always sending requests of the same lengths, with fresh prompt content each time (no
+prefix-cache hit from an earlier point); `num_warmup` requests go to each endpoint first, unmeasured.
+A point's duration runs from its start to its last request's end: the denominator of its throughput.
 """
 
 from __future__ import annotations
@@ -69,16 +69,19 @@ async def run_point(endpoint: Endpoint, point: LoadPoint, requests: list[ServeRe
     return PointResult(endpoint.label, point, duration, records)
 
 
-async def run_all(endpoints: list[Endpoint], points: list[LoadPoint], requests: list[ServeRequest],
+async def run_all(endpoints: list[Endpoint], points: list[LoadPoint], requests_for: Callable[[int], list[ServeRequest]],
                   settings: ClientSettings, schedule: Schedule,
                   on_result: Callable[[PointResult], None] | None = None, num_warmup: int = 0) -> list[PointResult]:
+    """`requests_for(salt)`: the run's requests with prompt content of that salt (dataset.fresh_prompts):
+    salt 0 for the warm-up, then one per load point and endpoint."""
     if num_warmup > 0:  # first requests pay connection set-up, and a server's own warm-up; not measured
         warmup = LoadPoint("concurrency", num_warmup)
         for endpoint in endpoints:
-            await run_point(endpoint, warmup, requests[:num_warmup], settings, schedule)
+            await run_point(endpoint, warmup, requests_for(0)[:num_warmup], settings, schedule)
     results = []
-    for point in points:
-        for endpoint in endpoints:
+    for i, point in enumerate(points):
+        for j, endpoint in enumerate(endpoints):
+            requests = requests_for(1 + i * len(endpoints) + j)
             result = await run_point(endpoint, point, requests, settings, schedule)
             if on_result is not None:
                 on_result(result)

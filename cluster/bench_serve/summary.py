@@ -66,6 +66,7 @@ class PointSummary:
     total_token_throughput: float  # (prompt + output) tokens / s
     goodput: float  # successful requests meeting the SLO / s
     num_good: int
+    num_short: int  # succeeded with fewer tokens than asked (ignore_eos not honoured, or the context ended)
     ttft_ms: Stats
     itl_ms: Stats
     tpot_ms: Stats
@@ -90,7 +91,7 @@ def summarize(result: PointResult, slo: Slo) -> PointSummary:
         duration_s=result.duration_s, input_tokens=input_tokens, output_tokens=output_tokens,
         request_throughput=len(ok) / duration, output_throughput=output_tokens / duration,
         total_token_throughput=(input_tokens + output_tokens) / duration,
-        goodput=num_good / duration, num_good=num_good,
+        goodput=num_good / duration, num_good=num_good, num_short=sum(r.output_tokens < r.max_tokens for r in ok),
         ttft_ms=Stats.of([r.ttft_s for r in ok]), itl_ms=Stats.of([x for r in ok for x in r.itl_s()]),
         tpot_ms=Stats.of(tpots), e2e_ms=Stats.of([r.e2e_s for r in ok]),
         errors=sorted({r.error or "no output" for r in failed}),

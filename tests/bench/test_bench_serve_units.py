@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 from shardserve.cluster.bench_serve.arrivals import LoadPoint, send_offsets
-from shardserve.cluster.bench_serve.dataset import DatasetError, DatasetSpec, build_requests
+from shardserve.cluster.bench_serve.dataset import DatasetError, DatasetSpec, build_requests, fresh_prompts
 from shardserve.cluster.bench_serve.records import PointResult, RequestRecord
 from shardserve.cluster.bench_serve.summary import Slo, summarize
 from shardserve.cluster.cli import main
@@ -64,6 +64,21 @@ def test_lognormal_dataset_is_seeded_and_exact_in_ids():
     assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == r.input_len for r in text)
 
 
+def test_fresh_prompts_keep_lengths_and_file_prompts(tmp_path):
+    spec = DatasetSpec(num_requests=30, input_len=16, output_len=4, seed=2)
+    base = build_requests(spec)
+    a, b = fresh_prompts(base, spec, 1), fresh_prompts(base, spec, 2)
+    assert a == fresh_prompts(base, spec, 1)  # seeded
+    for x, y, z in zip(base, a, b, strict=True):
+        assert len(x.prompt) == len(y.prompt) == len(z.prompt) == x.input_len and x.max_tokens == y.max_tokens
+        assert x.prompt != y.prompt != z.prompt  # no prompt seen at one load point comes back at another
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": [5, 6, 7], "max_tokens": 1}\n{"input_len": 5, "output_len": 2}\n')
+    spec = DatasetSpec(num_requests=2, path=str(path), prompt_format="text")
+    given, drawn = fresh_prompts(build_requests(spec), spec, 3)
+    assert given.prompt == [5, 6, 7] and isinstance(drawn.prompt, str) and len(drawn.prompt.split()) == 5
+
+
 def test_jsonl_dataset_both_forms_and_cycling(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "Hello there", "max_tokens": 3}\n\n{"input_len": 7, "output_len": 2}\n'
@@ -100,12 +115,12 @@ def test_goodput_counts_requests_meeting_both_slos():
         RequestRecord(0, 4, 3, chunk_times_s=[0.2, 0.25, 0.3], e2e_s=0.3, output_tokens=3),  # good: TPOT 50 ms
         RequestRecord(1, 4, 3, chunk_times_s=[0.6, 0.65, 0.7], e2e_s=0.7, output_tokens=3),  # TTFT 600 ms: too slow
         RequestRecord(2, 4, 3, chunk_times_s=[0.1, 0.3, 0.5], e2e_s=0.5, output_tokens=3),  # TPOT 200 ms: too slow
-        RequestRecord(3, 4, 1, chunk_times_s=[0.1], e2e_s=0.1, output_tokens=1),  # one token: no ITL, good
+        RequestRecord(3, 4, 2, chunk_times_s=[0.1], e2e_s=0.1, output_tokens=1),  # 1 of 2 tokens: no ITL, good
         RequestRecord(4, 4, 3, error="HTTP 429: queue full"),
     ]
     result = PointResult("ours", LoadPoint("rate", 2.0), 2.0, records)
     s = summarize(result, Slo(ttft_ms=500, itl_ms=100))
-    assert (s.num_ok, s.num_errors, s.num_good) == (4, 1, 2) and s.errors == ["HTTP 429: queue full"]
+    assert (s.num_ok, s.num_errors, s.num_good, s.num_short) == (4, 1, 2, 1) and s.errors == ["HTTP 429: queue full"]
     assert s.request_throughput == 2.0 and s.goodput == 1.0 and s.output_throughput == 5.0
     assert s.ttft_ms.p50 == pytest.approx(150.0) and s.tpot_ms.mean == pytest.approx((50 + 50 + 200) / 3)
     assert summarize(result, Slo()).goodput == s.request_throughput  # no SLO: every success counts

@@ -78,7 +78,7 @@ def test_summaries_follow_from_the_raw_records(run):
             assert s["num_ok"] == 0 and s["num_errors"] == len(DATASET) and s["goodput"] == 0
             assert any("HTTP 404" in e and MODEL in e for e in s["errors"]), s["errors"]
             continue
-        assert s["num_ok"] == len(DATASET) and s["num_errors"] == 0 and s["errors"] == []
+        assert s["num_ok"] == len(DATASET) and s["num_errors"] == 0 and s["errors"] == [] and s["num_short"] == 0
         assert s["output_tokens"] == sum(r["max_tokens"] for r in requests)
         assert s["duration_s"] >= max(r["send_s"] + r["e2e_s"] for r in requests) - 1e-3
         assert s["request_throughput"] == pytest.approx(len(DATASET) / s["duration_s"])
