@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from shardserve.cluster.bench_serve.arrivals import LoadPoint, send_offsets
 from shardserve.cluster.bench_serve.dataset import DatasetError, DatasetSpec, build_requests, fresh_prompts
+from shardserve.cluster.bench_serve.options import endpoint_arg
 from shardserve.cluster.bench_serve.records import PointResult, RequestRecord
+from shardserve.cluster.bench_serve.settings import Endpoint
 from shardserve.cluster.bench_serve.summary import Slo, summarize
 from shardserve.cluster.cli import main
 
@@ -124,6 +126,18 @@ def test_goodput_counts_requests_meeting_both_slos():
     assert s.request_throughput == 2.0 and s.goodput == 1.0 and s.output_throughput == 5.0
     assert s.ttft_ms.p50 == pytest.approx(150.0) and s.tpot_ms.mean == pytest.approx((50 + 50 + 200) / 3)
     assert summarize(result, Slo()).goodput == s.request_throughput  # no SLO: every success counts
+
+
+@pytest.mark.parametrize(("arg", "label", "scheme", "url"), [
+    ("ours=http://h:8000", "ours", "http", "http://h:8000/v1/completions"),
+    ("http://h:8000/real/", "h:8000", "http", "http://h:8000/real/v1/completions"),
+    ("v=https://h/v1", "v", "https", "https://h/v1/completions"),
+    ("x=http://h:1/v1/completions", "x", "http", "http://h:1/v1/completions"),
+    ("g=grpc://10.0.0.1:9000", "g", "grpc", "10.0.0.1:9000"),
+    ("grpcs://h:443", "h:443", "grpcs", "h:443"),
+])
+def test_endpoint_urls(arg, label, scheme, url):
+    assert endpoint_arg(arg) == Endpoint(label, scheme, url)
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
