@@ -2,7 +2,7 @@
 
 Data flow: options.to_options(args) -> dataset.build_requests -> runner.run_all (asyncio, one
 endpoint at a time per load point, fresh prompts each; each point printed as it ends) -> summary.summarize ->
-report.print_table / write_json -> plots.write_plots (imported here, only when plots are on).
+report.print_table / write_json (also after each point) -> plots.write_plots (imported here, only when plots are on).
 Returns the exit code: 0, or 2 for flags that contradict each other or a dataset that cannot be
 read (the message names the flag, or the file and line). Errors of single requests do not fail
 the run: they are counted, printed and kept in the JSON.
@@ -44,11 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from shardserve.cluster.bench_serve.runner import run_all
 
     summaries: list[PointSummary] = []
+    done: list[PointResult] = []
+    out_dir = Path(options.out_dir)
 
     def on_result(result: PointResult) -> None:
         summaries.append(summarize(result, options.slo))
+        done.append(result)
         print_point(summaries[-1], options.slo)
         sys.stdout.flush()
+        write_json(out_dir / "results.json", _config_json(options), summaries, done)  # kept if the run is cut
 
     def requests_for(salt: int):
         return fresh_prompts(requests, options.dataset, salt)
@@ -56,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     results = asyncio.run(run_all(options.endpoints, options.points, requests_for, options.client,
                                   options.schedule, on_result, options.num_warmup))
     print_table(summaries, options.slo)
-    out_dir = Path(options.out_dir)
     write_json(out_dir / "results.json", _config_json(options), summaries, results)
     written = [out_dir / "results.json"]
     if options.plots:
