@@ -3,9 +3,9 @@
 Data flow: options.to_options(args) -> dataset.build_requests -> runner.run_all (asyncio, one
 endpoint at a time per load point, fresh prompts each; each point printed as it ends) -> summary.summarize ->
 report.print_table / write_json (also after each point) -> plots.write_plots (imported here, only when plots are on).
-Returns the exit code: 0, or 2 for flags that contradict each other or a dataset that cannot be
-read (the message names the flag, or the file and line). Errors of single requests do not fail
-the run: they are counted, printed and kept in the JSON.
+Returns the exit code: 0; 2 for flags that contradict each other or a dataset that cannot be read
+(the message names the flag, or the file and line); 1 when not one request succeeded. Errors of
+single requests do not fail the run: they are counted, printed and kept in the JSON.
 """
 
 from __future__ import annotations
@@ -67,4 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         written += write_plots(summaries, results, options.slo, out_dir)
     print("wrote " + ", ".join(str(p) for p in written))
+    if not any(s.num_ok for s in summaries):
+        print("shardserve bench serve: no request succeeded (errors above)", file=sys.stderr)
+        return 1
     return 0

@@ -50,8 +50,13 @@ def _latency(summaries: list[PointSummary], slo: Slo, path: Path) -> None:
         ax.set_xlabel("load")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend(ax)
     fig.savefig(path, dpi=100)
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn when every request failed
+        ax.legend(fontsize="small")
 
 
 def _throughput(summaries: list[PointSummary], path: Path) -> None:
@@ -95,7 +100,7 @@ def _ttft_cdf(results: list[PointResult], slo: Slo, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_title("TTFT CDF")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     fig.savefig(path, dpi=100)
 
 

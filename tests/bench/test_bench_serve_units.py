@@ -173,3 +173,15 @@ def test_bad_flag_exit_code_as_a_user_sees_it():
                            "--endpoint", "ours=http://127.0.0.1:1", "--rates", "-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--rates" in proc.stderr and "-1" in proc.stderr, proc.stderr
+
+
+def test_unreachable_endpoints_are_counted_and_exit_1(tmp_path, capsys):
+    """Connection failures over both protocols land in the records; with no success at all, exit code 1."""
+    argv = ["bench", "serve", "--model", "m", "--endpoint", "g=grpc://127.0.0.1:9", "--endpoint", "h=http://127.0.0.1:9",
+            "--rates", "inf", "--num-requests", "2", "--out-dir", str(tmp_path)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "no request succeeded" in err and "gRPC UNAVAILABLE" in out and "ClientConnectorError" in out
+    points = json.loads((tmp_path / "results.json").read_text())["points"]
+    assert [p["summary"]["num_errors"] for p in points] == [2, 2]
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("latency_vs_rate.png", "ttft_cdf.png"))
