@@ -133,4 +133,4 @@ echo "bench serve gets $BENCH_S s"
     --endpoint "ours=grpc://127.0.0.1:$OURS_GRPC" --endpoint "vllm=http://127.0.0.1:$VLLM_PORT" \
     --rates "$RATES" --num-requests "$NUM_REQUESTS" --num-warmup 16 --arrival poisson --seed 0 \
     --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --sigma 0.8 --max-len 1024 --vocab-size 128256 \
-    --slo-ttft-ms 500 --slo-itl-ms 50 --out-dir "$OUT" 2>&1 | tee "$OUT/bench_serve.log" | tail -16
+    --slo-ttft-ms 500 --slo-itl-ms 50 --out-dir "$OUT" 2>&1 | tee "$OUT/bench_serve.log" | tail -24

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, DatasetError) as exc:
         print(f"shardserve bench serve: error: {exc}", file=sys.stderr)
         return 2
-    from shardserve.cluster.bench_serve.report import print_point, print_table, write_json
+    from shardserve.cluster.bench_serve import report
     from shardserve.cluster.bench_serve.runner import run_all
 
     summaries: list[PointSummary] = []
@@ -50,17 +50,18 @@ def run(args: argparse.Namespace) -> int:
     def on_result(result: PointResult) -> None:
         summaries.append(summarize(result, options.slo))
         done.append(result)
-        print_point(summaries[-1], options.slo)
+        report.print_point(summaries[-1], options.slo)
         sys.stdout.flush()
-        write_json(out_dir / "results.json", _config_json(options), summaries, done)  # kept if the run is cut
+        report.write_json(out_dir / "results.json", _config_json(options), summaries, done)  # kept if the run is cut
 
     def requests_for(salt: int):
         return fresh_prompts(requests, options.dataset, salt)
 
     results = asyncio.run(run_all(options.endpoints, options.points, requests_for, options.client,
                                   options.schedule, on_result, options.num_warmup))
-    print_table(summaries, options.slo)
-    write_json(out_dir / "results.json", _config_json(options), summaries, results)
+    report.print_table(summaries, options.slo)
+    report.print_goodput_side_by_side(summaries)
+    report.write_json(out_dir / "results.json", _config_json(options), summaries, results)
     written = [out_dir / "results.json"]
     if options.plots:
         from shardserve.cluster.bench_serve.plots import write_plots

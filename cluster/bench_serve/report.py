@@ -2,7 +2,7 @@
 
 Data flow: cli.py calls `print_point` as each load point ends on an endpoint (progress you can
 read while a long run goes on), `print_table` at the end (every endpoint and load, one line each),
-and `write_json` with the summaries and every raw request record. JSON has no infinity, so a rate
+`print_goodput_side_by_side` (with several endpoints: goodput per load, and the ratios), and `write_json` with the summaries and every raw request record. JSON has no infinity, so a rate
 of `inf` is written as the string "inf".
 """
 
@@ -50,6 +50,22 @@ def print_table(summaries: list[PointSummary], slo: Slo) -> None:
         print(f"{s.load:<12} {s.endpoint:<14} {s.num_ok:>5} {s.num_errors:>4} {s.request_throughput:>7.2f} "
               f"{s.goodput:>7.2f} {s.output_throughput:>9.1f} {_ms(s.ttft_ms.p50):>9} {_ms(s.ttft_ms.p99):>9} "
               f"{_ms(s.itl_ms.p50):>8} {_ms(s.itl_ms.p99):>8} {_ms(s.e2e_ms.p50):>9} {_ms(s.e2e_ms.p99):>9}")
+
+
+def print_goodput_side_by_side(summaries: list[PointSummary]) -> None:
+    """With several endpoints: each load's goodput per endpoint, and the first endpoint's over each other's."""
+    endpoints = list(dict.fromkeys(s.endpoint for s in summaries))
+    if len(endpoints) < 2:
+        return
+    first, others = endpoints[0], endpoints[1:]
+    print(f"\ngoodput side by side (req/s meeting the SLO); ratio = {first} / other")
+    print(f"{'load':<12} " + " ".join(f"{e:>12}" for e in endpoints) + " " + " ".join(
+        f"{first + '/' + e:>16}" for e in others))
+    for load in dict.fromkeys(s.load for s in summaries):
+        row = {s.endpoint: s.goodput for s in summaries if s.load == load}
+        ratios = [f"{row[first] / row[e]:.2f}x" if row.get(e) and first in row else "-" for e in others]
+        print(f"{load:<12} " + " ".join(f"{row[e]:>12.2f}" if e in row else f"{'-':>12}" for e in endpoints) + " "
+              + " ".join(f"{r:>16}" for r in ratios))
 
 
 def _finite(value: float) -> float | str:

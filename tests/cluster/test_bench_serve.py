@@ -98,6 +98,11 @@ def test_prints_each_point_and_the_table(run):
         for load in ("4 req/s", "inf req/s"):
             assert f"== {endpoint} @ {load}:" in stdout
     assert "goodput: TTFT <= 20000 ms, ITL <= 5000 ms" in stdout and "error: HTTP 404" in stdout
+    side = stdout[stdout.index("goodput side by side"):].splitlines()
+    assert "http/grpc" in side[1] and "http/nomodel" in side[1]
+    for line in side[2:4]:  # one per load: three goodputs, http / grpc as a ratio, http / nomodel undefined
+        cells = line.split()
+        assert cells[-2].endswith("x") and cells[-1] == "-" and float(cells[-3]) == 0.0, line
 
 
 def test_plots_are_real_pngs(run):
