@@ -78,7 +78,8 @@ class HttpClient:
     @staticmethod
     def _event(event: dict, record: RequestRecord, now: float) -> None:
         if "error" in event:
-            record.error = f"error event: {event['error'].get('message', event['error'])}"
+            error = event["error"]
+            record.error = f"error event: {error.get('message', error) if isinstance(error, dict) else error}"
             return
         for choice in event.get("choices") or ():
             if choice.get("text"):

@@ -35,8 +35,8 @@ def print_point(s: PointSummary, slo: Slo) -> None:
     for name, stats in (("TTFT", s.ttft_ms), ("ITL", s.itl_ms), ("TPOT", s.tpot_ms), ("E2E", s.e2e_ms)):
         print(f"   {name:<5} {_ms(stats.mean):>9} {_ms(stats.p50):>9} {_ms(stats.p90):>9} {_ms(stats.p99):>9}")
     if s.num_short:
-        print(f"   {s.num_short} requests got fewer tokens than asked (the server ignored ignore_eos / min_tokens, "
-              "or the context ended)")
+        print(f"   {s.num_short} requests got fewer tokens than asked (an end-of-sequence token with "
+              "--no-ignore-eos, a server that ignores ignore_eos / min_tokens, or the context's end)")
     for error in s.errors[:5]:
         print(f"   error: {error}")
 
