@@ -124,7 +124,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     load = q.add_mutually_exclusive_group()
     load.add_argument("--rates", type=rates_arg, default=None, help="requests/s, comma-separated; inf = all at once")
     load.add_argument("--concurrency", type=concurrency_arg, default=None, help="requests in flight, comma-separated")
-    q.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="inter-arrival times at a rate")
+    q.add_argument("--arrival", choices=ARRIVALS, default=None, help="inter-arrival times at a rate (poisson)")
     q.add_argument("--burstiness", type=_bounded(float, 0, "burstiness", strict=True), default=None,
                    help="gamma shape with --arrival gamma: < 1 burstier, 1 = Poisson, > 1 smoother (default 1)")
     q.add_argument("--num-requests", type=_bounded(int, 1, "num-requests"), default=100,
@@ -162,8 +162,12 @@ def to_options(args: argparse.Namespace) -> ServeBenchOptions:
     labels = [e.label for e in args.endpoint]
     if len(set(labels)) != len(labels):
         raise UsageError(f"--endpoint: labels must differ, got {', '.join(labels)} (name them: LABEL=URL)")
-    if args.burstiness is not None and args.arrival != "gamma":
-        raise UsageError(f"--burstiness applies to --arrival gamma only (got --arrival {args.arrival})")
+    if args.concurrency is not None and (args.arrival is not None or args.burstiness is not None):
+        raise UsageError("--arrival / --burstiness shape the arrivals at --rates; --concurrency sends the next "
+                         "request when one ends")
+    arrival = args.arrival or "poisson"
+    if args.burstiness is not None and arrival != "gamma":
+        raise UsageError(f"--burstiness applies to --arrival gamma only (got --arrival {arrival})")
     lengths = {key: getattr(args, key) for key in LENGTH_DEFAULTS}
     if args.dataset is not None and any(v is not None for v in lengths.values()):
         given = ", ".join("--" + k.replace("_", "-") for k, v in lengths.items() if v is not None)
@@ -176,7 +180,7 @@ def to_options(args: argparse.Namespace) -> ServeBenchOptions:
     return ServeBenchOptions(
         endpoints=args.endpoint,
         points=args.rates or args.concurrency or [LoadPoint("rate", math.inf)],
-        schedule=Schedule(args.arrival, 1.0 if args.burstiness is None else args.burstiness, args.seed),
+        schedule=Schedule(arrival, 1.0 if args.burstiness is None else args.burstiness, args.seed),
         dataset=dataset,
         client=ClientSettings(model=args.model, ignore_eos=not args.no_ignore_eos, temperature=args.temperature,
                               api_key=args.api_key, timeout_s=args.timeout_s),

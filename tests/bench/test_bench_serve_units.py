@@ -159,6 +159,7 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
     (["--endpoint", "http://127.0.0.1:1", "--slo-ttft-ms", "-5"], "slo-ttft-ms must be a finite float > 0"),
     (["--endpoint", "http://127.0.0.1:1", "--endpoint", "http://127.0.0.1:1"], "labels must differ"),
     (["--endpoint", "http://127.0.0.1:1", "--burstiness", "0.5"], "--arrival gamma only"),
+    (["--endpoint", "http://127.0.0.1:1", "--concurrency", "4", "--arrival", "gamma"], "--arrival / --burstiness"),
     (["--endpoint", "http://127.0.0.1:1", "--dataset", "x.jsonl", "--input-len", "5"], "--input-len: the lengths"),
     (["--endpoint", "http://127.0.0.1:1", "--dataset", "/nonexistent/x.jsonl"], "cannot read dataset"),
 ])
