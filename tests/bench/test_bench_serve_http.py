@@ -28,7 +28,7 @@ def _choice(text: str, finish: str | None = None) -> dict:
 
 async def _serve(behaviour: str, bodies: list[dict], gap_s: float = 0.02):
     async def completions(request: web.Request) -> web.StreamResponse:
-        bodies.append(await request.json())
+        bodies.append({**await request.json(), "_authorization": request.headers.get("Authorization")})
         if behaviour == "busy":
             return web.json_response({"error": {"message": "queue full", "type": "rate_limit"}}, status=429)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -54,19 +54,20 @@ async def _serve(behaviour: str, bodies: list[dict], gap_s: float = 0.02):
     return runner, port
 
 
-async def _send(behaviour: str):
+async def _send(behaviour: str, api_key: str | None = None):
     bodies: list[dict] = []
     runner, port = await _serve(behaviour, bodies)
     try:
         endpoint = Endpoint("x", "http", f"http://127.0.0.1:{port}/v1/completions")
-        async with open_client(endpoint, ClientSettings(model="m")) as client:
+        async with open_client(endpoint, ClientSettings(model="m", api_key=api_key)) as client:
             return await client.send(7, REQUEST), bodies
     finally:
         await runner.cleanup()
 
 
 def test_body_asks_for_exact_lengths_and_usage():
-    _, (body,) = asyncio.run(_send("usage"))
+    _, (body,) = asyncio.run(_send("usage", api_key="sk-1"))
+    assert body["_authorization"] == "Bearer sk-1"
     assert body["prompt"] == [1001, 1002, 1003] and body["max_tokens"] == 4 and body["model"] == "m"
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["ignore_eos"] is True and body["min_tokens"] == 4 and body["temperature"] == 0.0
