@@ -2,7 +2,8 @@
 
 Prints the device, our figure, the transformers `generate` figure on the same prompts, and
 the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
-same run. The heavy lifting is in workers/bench/ (this module only parses flags and prints).
+same run. The work is in workers/bench/ (`latency --speculative-method M`: speculation beside the
+plain engine, spec_runs.py); `bench serve` (online load) is cluster/bench_serve/.
 
 Model parallelism, as `vllm bench`:
     --tensor-parallel-size/-tp N     ranks that split every layer (default 1)
@@ -18,9 +19,6 @@ the whole model (it must fit), the single-device figure; throughput's cost count
 A bad value (a size < 1, EP not dividing TP, micro-batches out of range, more ranks than GPUs,
 a size the model cannot be split by: heads, layers, experts) is reported with the flag, the
 field and its range, exit code 2, before any worker process starts.
-`bench latency --speculative-method ngram|suffix [--num-speculative-tokens K]` runs batch 1 on
-repetitive tasks with and without speculation and prints the speedup and acceptance
-(workers/bench/spec_runs.py).
 """
 
 from __future__ import annotations
@@ -29,12 +27,16 @@ import argparse
 import json
 import sys
 
+from shardserve.cluster.bench_serve.options import add_arguments as add_serve_arguments
 from shardserve.workers.config import QUANTIZATION_METHODS, SPECULATIVE_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="latency / throughput benchmarks against transformers")
+    p = subparsers.add_parser("bench", help="latency / throughput against transformers; serve: online load")
     sub = p.add_subparsers(dest="bench_kind", required=True)
+    serve = sub.add_parser("serve", help="online load against OpenAI-compatible HTTP or our gRPC endpoints")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
     for kind in ("latency", "throughput"):
         q = sub.add_parser(kind)
         q.add_argument("--model", default="default")
@@ -98,6 +100,12 @@ def _flag_of(message: str) -> str | None:
     text = message.replace("-", "_").replace(" ", "_")
     found = [(text.find(field), flag) for field, flag in FLAGS.items() if field in text]
     return min(found)[1] if found else None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shardserve.cluster.bench_serve.cli import run as run_bench_serve
+
+    return run_bench_serve(args)
 
 
 def run(args: argparse.Namespace) -> int:
