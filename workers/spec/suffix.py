@@ -159,26 +159,30 @@ class SuffixProposer:
         if not positions:
             return _NO_DRAFT
         total = len(positions)
-        token = index.token
+        tokens, size = index.tokens, len(index.tokens)
+        agreeing = [position - index.base for position in positions]  # store indices, newest first
         draft: list[int] = []
         score = 0.0
-        agreeing = positions
         for offset in range(1, max_tokens + 1):
-            counts: dict[int, int] = {}
-            for position in agreeing:  # newest first, so a tie goes to the newest occurrence
-                next_token = token(position + offset)
-                if next_token >= 0:
-                    counts[next_token] = counts.get(next_token, 0) + 1
-            if not counts:
-                break
-            best = max(counts, key=counts.__getitem__)
-            probability = counts[best] / total  # = the product of the per-token probabilities
+            next_ids = [tokens[end + offset] if end + offset < size else -1 for end in agreeing]
+            best = next_ids[0]
+            num_best = next_ids.count(best)
+            if num_best < len(next_ids) or best < 0:  # they disagree (or the newest ended)
+                counts: dict[int, int] = {}
+                for next_id in next_ids:  # newest first, so a tie goes to the newest occurrence
+                    if next_id >= 0:
+                        counts[next_id] = counts.get(next_id, 0) + 1
+                if not counts:
+                    break
+                best = max(counts, key=counts.__getitem__)
+                num_best = counts[best]
+            probability = num_best / total  # = the product of the per-token probabilities
             if probability < self.min_probability:
                 break
             draft.append(best)
             score += probability
-            if counts[best] < len(agreeing):
-                agreeing = [position for position in agreeing if token(position + offset) == best]
+            if num_best < len(agreeing):
+                agreeing = [end for end, next_id in zip(agreeing, next_ids, strict=True) if next_id == best]
         return Draft(tuple(draft), score)
 
 
