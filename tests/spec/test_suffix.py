@@ -104,6 +104,18 @@ def test_own_context_beats_a_weaker_cache_match() -> None:
     assert proposer.propose("r", tokens, num_prompt_tokens=6, max_tokens=3) == [40, 41, 42]
 
 
+def test_request_state_follows_the_token_list() -> None:
+    proposer = SuffixProposer()
+    tokens = [1, 2, 3, 4, 1, 2]
+    assert proposer.propose("r", tokens, num_prompt_tokens=2, max_tokens=2) == [3, 4]
+    tokens += [3, 9, 1, 2]  # the same list, grown: "1 2 3" now continues with 9 (newest) or 4
+    assert proposer.propose("r", tokens, num_prompt_tokens=2, max_tokens=2) == [3, 9]
+    # A shorter list (the contract says it only grows) is indexed afresh, never read past its end.
+    assert proposer.propose("r", [5, 6, 5], num_prompt_tokens=2, max_tokens=2) == [6, 5]
+    proposer.finish("r", [5, 6, 5], num_prompt_tokens=3)
+    assert proposer.propose("r", [1, 2], num_prompt_tokens=1, max_tokens=2) == []  # a fresh request "r"
+
+
 def test_nothing_matching_and_max_tokens() -> None:
     proposer = SuffixProposer()
     answer = task_output(7)
@@ -160,6 +172,15 @@ def test_cache_is_bounded_and_forgets_the_oldest_requests() -> None:
     assert proposer.num_cached_tokens == bound
     assert proposer.propose("q", [1] + long_output[50:53], num_prompt_tokens=1, max_tokens=4) == long_output[53:57]
     assert proposer.propose("p", [1] + long_output[10:13], num_prompt_tokens=1, max_tokens=4) == []
+
+
+def test_a_zero_bound_disables_the_cache_only() -> None:
+    proposer = SuffixProposer(max_cached_tokens=0)
+    answer = task_output(12, 20)
+    proposer.finish("old", [0] + answer, num_prompt_tokens=1)
+    assert proposer.num_cached_tokens == 0 and proposer.num_cache_nodes == 0
+    assert proposer.propose("q", [1] + answer[:4], num_prompt_tokens=1, max_tokens=4) == []
+    assert proposer.propose("r", answer[:8] + answer[:4], num_prompt_tokens=1, max_tokens=4) == answer[4:8]
 
 
 def test_eviction_frees_the_trie_nodes() -> None:

@@ -15,6 +15,8 @@ Cost of one `propose`: O(max_depth) per appended token + O(max_depth) per source
 O(max_tokens * max_matches), independent of the context's and the cache's length.
 Memory: see suffix_index.py; the cache also keeps each output token once (4 bytes).
 Pure Python: the work per call is a few dozen dict look-ups, too small for numpy to pay off.
+Not thread-safe: one engine thread calls it. `finish` must follow every request that was proposed
+for (aborted ones too), or its index stays.
 """
 
 from __future__ import annotations

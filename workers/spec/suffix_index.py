@@ -10,12 +10,12 @@ the same node, so the newest `max_matches` occurrences are read in O(max_matches
 Path compression keeps memory near linear: a node one position passes through is a leaf whose
 deeper path is read from the store itself; it is split only when a second position arrives.
 Memory per indexed token: its token (the caller's list, or 4 bytes in the cache's array),
-4 * max_depth bytes of links, plus one node per n-gram that occurs at least twice (a dict entry and
-three list slots). A hashed n-gram table gives the same answers but needs max_depth entries per
+4 * max_depth bytes of links, at most one leaf node, plus one node per n-gram occurring at least
+twice (a node: a dict entry and three list slots). A hashed n-gram table gives the same answers but needs max_depth entries per
 token; a suffix automaton cannot forget the oldest text. `remove_oldest(g)` undoes `insert(g)`
 for the oldest live position (collapsing nodes back to leaves), so a bounded cache evicts in
 O(max_depth) per token. Costs: insert / remove O(max_depth), match O(max_depth + max_matches).
-Tokens are non-negative ints; a negative value in the store marks a sequence boundary.
+Token ids are ints in [0, 2**31); a negative value in the store marks a sequence boundary.
 """
 
 from __future__ import annotations
