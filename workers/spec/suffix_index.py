@@ -67,12 +67,13 @@ class SuffixIndex:
 
     def insert(self, position: int) -> None:
         """Index `position` (newer than every indexed one) along its reversed context."""
-        edges, count, last, links = self._edges, self._count, self._last, self._links
+        edges, count, last, links, tokens = self._edges, self._count, self._last, self._links, self.tokens
         depth_limit = self.max_depth
         row = (position - self.base) * depth_limit - 1
         node = _ROOT
         for depth in range(1, depth_limit + 1):
-            token = self.token(position - depth + 1)
+            index = position - self.base - depth + 1  # < len(tokens): the position is in the store
+            token = tokens[index] if index >= 0 else -1
             if token < 0:
                 break  # the position's sequence starts here
             key = node * _KEY_STRIDE + token
@@ -94,13 +95,15 @@ class SuffixIndex:
     def match(self, context: Sequence[int], max_matches: int) -> tuple[int, list[int]]:
         """Longest suffix of `context` (at most max_depth tokens) ending at an indexed position:
         its length and up to `max_matches` of those positions, newest first; (0, []) if none."""
-        edges, count, last = self._edges, self._count, self._last
+        edges, count, last, tokens = self._edges, self._count, self._last, self.tokens
         node, depth, leaf_position = _ROOT, 0, -1
         limit = min(self.max_depth, len(context))
+        end = len(context) - 1
         while depth < limit:
-            token = context[len(context) - 1 - depth]
+            token = context[end - depth]
             if leaf_position >= 0:  # past a leaf: compare with its one position's context in the store
-                if self.token(leaf_position - depth) != token:
+                index = leaf_position - self.base - depth  # < len(tokens): the leaf is in the store
+                if index < 0 or tokens[index] != token:
                     break
                 depth += 1
                 continue
