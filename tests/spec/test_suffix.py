@@ -303,17 +303,18 @@ def reference_draft(sources: list[list[int]], context: list[int], max_depth: int
     return draft, score
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(12))
 def test_matches_the_brute_force_reference_with_evictions(seed: int) -> None:
     rng = random.Random(seed)
-    max_depth, max_matches, min_probability, bound = 5, 3, 0.3, 60
+    max_depth, max_matches = rng.randint(1, 8), rng.randint(1, 6)
+    min_probability, bound, vocab = rng.choice([0.0, 0.1, 0.3, 0.5, 1.0]), rng.choice([5, 30, 60]), rng.randint(2, 5)
     proposer = SuffixProposer(max_cached_tokens=bound, max_depth=max_depth, min_probability=min_probability,
                               max_matches=max_matches)
     live: list[list[int]] = []  # the reference's cache: outputs of finished requests, oldest first
-    for request in range(40):
-        prompt = [rng.randrange(4) for _ in range(rng.randint(0, 6))]
+    for request in range(30):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
         tokens = list(prompt)
-        for _ in range(rng.randint(1, 25)):
+        for _ in range(rng.randint(1, 20)):
             k = rng.randint(0, 6)
             draft = proposer.propose(f"r{request}", tokens, len(prompt), k)
             if k and tokens:
@@ -323,10 +324,15 @@ def test_matches_the_brute_force_reference_with_evictions(seed: int) -> None:
                 assert draft == expected, (seed, request, tokens)
             else:
                 assert draft == []
-            tokens.extend(rng.randrange(4) for _ in range(rng.randint(1, 3)))
+            tokens.extend(rng.randrange(vocab) for _ in range(rng.randint(1, 3)))
         proposer.finish(f"r{request}", tokens, len(prompt))
         output = tokens[len(prompt):][-bound:]
         live.append(output)
         while sum(map(len, live)) > bound:
             live.pop(0)
         assert proposer.num_cached_tokens == sum(map(len, live))
+    # Evictions left no node behind: the trie equals one built from the live outputs alone.
+    fresh = SuffixProposer(max_cached_tokens=bound, max_depth=max_depth)
+    for index, output in enumerate(live):
+        fresh.finish(f"f{index}", output, num_prompt_tokens=0)
+    assert proposer.num_cache_nodes == fresh.num_cache_nodes
