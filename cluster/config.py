@@ -403,7 +403,9 @@ def parse_config(data: Any, cls: type[AppConfig] = ServeConfig) -> AppConfig:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config(path: str | Path) -> ServeConfig:
+def load_config(path: str | Path, speculative: dict[str, Any] | None = None) -> ServeConfig:
+    """The validated config of a YAML file; `speculative` (YAML names) is merged into every model's
+    `speculative` section first (`shardserve serve --speculative-method ...`)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -413,6 +415,10 @@ def load_config(path: str | Path) -> ServeConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: <root>: must be a mapping with a `models` list, got {type(data).__name__}")
+    if speculative and isinstance(data.get("models"), list):
+        for model in data["models"]:
+            if isinstance(model, dict):
+                model["speculative"] = {**(model.get("speculative") or {}), **speculative}
     try:
         return parse_config(data, ServeConfig)  # type: ignore[return-value]
     except ConfigError as err:

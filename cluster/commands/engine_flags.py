@@ -48,10 +48,14 @@ def _argument(hint: Any) -> dict[str, Any]:
     return {"type": {bool: _bool, int: int, float: float, str: str}[base]}
 
 
-def add_engine_flags(parser: argparse.ArgumentParser, renames: dict[str, str] | None = None) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser, renames: dict[str, str] | None = None,
+                     sections: tuple[str, ...] | None = None) -> None:
+    """One flag per field of every engine section (or of `sections` only)."""
     renames = renames or {}
     group = parser.add_argument_group("engine", "every engine setting (workers/config.py); unset = its default")
-    for cls in SECTIONS.values():
+    for name, cls in SECTIONS.items():
+        if sections is not None and name not in sections:
+            continue
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             flag = "--" + renames.get(f.name, f.name).replace("_", "-")
@@ -62,10 +66,14 @@ def add_engine_flags(parser: argparse.ArgumentParser, renames: dict[str, str] | 
                                help=f.metadata.get("description", "").replace("%", "%%"), **keywords)
 
 
+def given_engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine fields whose flags were given, by field name."""
+    return {name[len(DEST_PREFIX):]: value for name, value in vars(args).items()
+            if name.startswith(DEST_PREFIX) and value is not None}
+
+
 def engine_config_from_flags(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
     """`base` (default: EngineConfig()) with every given engine flag applied; ValueError names the field."""
     from shardserve.workers.llm import _apply_overrides
 
-    given = {name[len(DEST_PREFIX):]: value for name, value in vars(args).items()
-             if name.startswith(DEST_PREFIX) and value is not None}
-    return _apply_overrides(base or EngineConfig(), given)
+    return _apply_overrides(base or EngineConfig(), given_engine_flags(args))

@@ -1,6 +1,7 @@
 """`shardserve serve CONFIG.yaml`: start or join Ray, run the app (HTTP + gRPC), block until Ctrl-C.
 
-Data flow: `load_config` validates the YAML → `ray.init` (a local Ray when `ray.address` is
+Data flow: `load_config` validates the YAML (the `--speculative-*` flags override every model's
+`speculative` section) → `ray.init` (a local Ray when `ray.address` is
 null, else joins `auto` / `ray://host:port`) → `serve.start` with the config's HTTP and gRPC
 proxy options → `serve.run(build_app(config))` → print the curl and Python gRPC commands that
 call it (`usage_text`: https / TLS credentials / a bearer key as configured) → sleep until SIGINT/SIGTERM, then delete the app and shut Serve (and a Ray we started)
@@ -16,6 +17,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from shardserve.cluster.commands.engine_flags import add_engine_flags, given_engine_flags
+
 if TYPE_CHECKING:
     from shardserve.cluster.config import ServeConfig
     from shardserve.cluster.server import EngineFactory
@@ -27,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="Serve the models of a config file (HTTP :8000, gRPC :9000).")
     parser.add_argument("config", help="serve config YAML (see `shardserve config schema`)")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs of a locally started Ray.")
+    add_engine_flags(parser, sections=("speculative",))  # --speculative-method ... for every model
     parser.set_defaults(func=run)
 
 
@@ -80,8 +84,9 @@ def run(args: argparse.Namespace, engine_factory: EngineFactory | None = None) -
     """The `serve` command; `engine_factory` is for Python callers only (tests: a fake engine)."""
     from shardserve.cluster.config import ConfigError, load_config
 
+    speculative = {("method" if k == "speculative_method" else k): v for k, v in given_engine_flags(args).items()}
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, speculative=speculative)
     except ConfigError as err:
         print(f"invalid config: {err}", file=sys.stderr)
         return 2

@@ -59,6 +59,18 @@ def test_ngram_greedy_equals_plain(prompts, want, async_scheduling: bool) -> Non
     assert sum(stats.accepted_per_position) == stats.num_accepted_tokens
 
 
+def test_suffix_greedy_equals_plain_and_learns_across_requests(prompts, want) -> None:
+    """The suffix proposer drafts from the request's own tokens and from earlier requests'
+    outputs: the same tasks a second time accept more drafts than the first time."""
+    llm = LLM("default", speculative={"method": "suffix", "num_speculative_tokens": 4})
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    assert _tokens(llm, prompts, greedy) == want
+    first = llm.engine.stats().spec_decode.num_accepted_tokens
+    assert _tokens(llm, prompts, greedy) == want
+    second = llm.engine.stats().spec_decode.num_accepted_tokens - first
+    assert second > first and second >= 0.5 * sum(len(w) for w in want), (first, second)
+
+
 def test_requests_that_cannot_speculate_run_beside_ones_that_do(plain, prompts, want) -> None:
     """A penalty, logprobs and a seed need per-token host state: those requests get no drafts,
     and share steps with requests that do; every output equals the plain engine's."""
@@ -81,7 +93,7 @@ def test_requests_that_cannot_speculate_run_beside_ones_that_do(plain, prompts, 
 def test_chunked_prefill_preemption_and_prefix_hits(prompts, want) -> None:
     """16-token prefill chunks, a KV pool too small for every request at once (preemption by
     recompute) and the same prompts twice (prefix-cache hits): still the plain engine's tokens."""
-    llm = LLM("default", speculative=NGRAM, max_num_batched_tokens=16, num_blocks=40, block_size=16)
+    llm = LLM("default", speculative=NGRAM, max_num_batched_tokens=16, num_blocks=24, block_size=16)
     got = _tokens(llm, prompts + prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     assert got == want + want
     stats = llm.engine.stats()
@@ -116,6 +128,8 @@ def _two_sample_chi2_p(a: Counter, b: Counter) -> float:
     if min(rare) > 0:
         table[0].append(rare[0])
         table[1].append(rare[1])
+    if len(table[0]) < 2:  # one outcome only: the same distribution iff both samples have it
+        return 1.0 if set(a) == set(b) else 0.0
     counts = torch.tensor(table, dtype=torch.float64)  # [2, bins]
     expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
     statistic = ((counts - expected) ** 2 / expected).sum()
@@ -132,7 +146,7 @@ def test_sampled_outputs_keep_the_target_distribution(plain) -> None:
     got = spec.generate([prompt], params)[0].outputs
     base = plain.generate([prompt], params)[0].outputs
     stats = spec.engine.stats().spec_decode
-    assert stats.num_draft_tokens > 200 and 0.2 < stats.acceptance_rate, stats
+    assert stats.num_draft_tokens > 200 and stats.acceptance_rate > 0.2, stats
     for position in (1, 2, 3):
         a = Counter(o.token_ids[position] for o in got if len(o.token_ids) > position)
         b = Counter(o.token_ids[position] for o in base if len(o.token_ids) > position)
@@ -155,7 +169,7 @@ def test_adaptive_switch_turns_speculation_off_for_large_batches(prompts) -> Non
         return out
 
     scheduler.schedule = spy
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (8, 16, MAX_TOKENS)])
     assert all(drafts == 0 for running, drafts in seen if running > 2)
     assert any(drafts > 0 for running, drafts in seen if running <= 2)
 
@@ -193,3 +207,27 @@ def test_yaml_section_reaches_the_engine() -> None:
     with pytest.raises(ConfigError, match=r"models\[0\]\.speculative"):
         parse_config({"models": [section | {"speculative": {"method": "ngram", "num_speculative_tokens": 99}}]})
     assert math.isfinite(spec.suffix_min_probability)
+
+
+def test_serve_flags_override_every_models_section(tmp_path) -> None:
+    """`shardserve serve config.yaml --speculative-method suffix --num-speculative-tokens 6`."""
+    import argparse
+
+    from shardserve.cluster.commands import serve
+    from shardserve.cluster.commands.engine_flags import given_engine_flags
+    from shardserve.cluster.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - {name: a, source: default}\n"
+                    "  - {name: b, source: default, speculative: {method: ngram, prompt_lookup_max: 5}}\n")
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", str(path), "--speculative-method", "suffix", "--num-speculative-tokens", "6"])
+    flags = given_engine_flags(args)
+    assert flags == {"speculative_method": "suffix", "num_speculative_tokens": 6}
+    config = load_config(path, speculative={"method": "suffix", "num_speculative_tokens": 6})
+    a, b = (m.to_engine_config().speculative for m in config.models)
+    assert (a.speculative_method, a.num_speculative_tokens) == ("suffix", 6)
+    assert (b.speculative_method, b.num_speculative_tokens, b.prompt_lookup_max) == ("suffix", 6, 5)
+    with pytest.raises(ConfigError, match="num_speculative_tokens"):
+        load_config(path, speculative={"num_speculative_tokens": 0})

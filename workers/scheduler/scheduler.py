@@ -452,9 +452,9 @@ class Scheduler:
             (decodes if num_new == 1 else prefills).append(scheduled)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         num_draft_tokens = sum(map(len, step.drafts.values())) if step.drafts else 0
-        if num_draft_tokens:
-            assert self.speculator is not None
-            self.speculator.stats.num_spec_steps += 1
+        if self.speculator is not None:
+            self.speculator.end_step(step.speculate, num_draft_tokens)
+            self.speculator.stats.num_spec_steps += num_draft_tokens > 0
         return SchedulerOutput(
             new_requests=tuple(new_requests),
             scheduled=tuple(decodes + prefills),

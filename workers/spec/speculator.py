@@ -12,8 +12,10 @@ probability p(d) (the target drew d), and on a rejection the target's draw is a 
 without d, renormalised — so greedy outputs are identical and sampled ones keep the target's
 distribution. `record(...)` folds the result into the statistics and the request's k: k follows
 its recent accepted length (+1 while everything is accepted, down to 1 after misses).
-Requests whose sampling needs per-token host state (penalties, a seed, logprobs, min_tokens not
-yet reached) are never given drafts.
+Under async scheduling a speculating step is applied before the next is scheduled (drafts follow
+tokens the host must know), so steps where nothing can be proposed back off exponentially
+(`end_step`) and keep the overlap. Requests whose sampling needs per-token host state
+(penalties, a seed, logprobs, min_tokens not yet reached) are never given drafts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from shardserve.workers.config import SpeculativeConfig
 from shardserve.workers.request import Request, SamplingParams
 from shardserve.workers.spec.proposer import Proposer, make_proposer
+
+MAX_BACKOFF_STEPS = 64  # the longest run of plain steps between two tries when nothing is proposable
 
 
 @dataclass
@@ -57,15 +61,39 @@ class Speculator:
         self.proposer = proposer or make_proposer(config)
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
         self._k_of: dict[str, int] = {}  # request id -> its current k (adaptive)
+        self._asked = 0  # requests asked for drafts in the current step
+        self._backoff = 0  # steps to skip after the next miss / 2
+        self._skip = 0  # steps left to skip
 
     def active(self, num_running: int) -> bool:
-        """Speculate this step? Only while the batch's verify tokens stay within max_verify_tokens."""
-        return num_running * (1 + self.k) <= self.config.max_verify_tokens
+        """Speculate this step? Only while the batch's verify tokens stay within max_verify_tokens,
+        and not while backing off after steps whose requests had nothing to propose."""
+        if num_running * (1 + self.k) > self.config.max_verify_tokens:
+            return False
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
+    def end_step(self, speculating: bool, num_draft_tokens: int) -> None:
+        """After a schedule: a speculating step in which requests were asked and none had drafts
+        backs off (1, 2, 4 ... MAX_BACKOFF_STEPS steps without speculation, which keep async
+        scheduling's overlap); any draft resets it. A step in which nobody could be asked (all in
+        flight: the step that re-synchronises) does not count."""
+        if not speculating:
+            return
+        if num_draft_tokens:
+            self._backoff = 0
+        elif self._asked:
+            self._backoff = min(MAX_BACKOFF_STEPS, 2 * self._backoff or 1)
+            self._skip = self._backoff
+        self._asked = 0
 
     def propose(self, request: Request, limit: int) -> list[int]:
         """Drafts for a decoding request: at most min(its k, limit); [] if it is not eligible."""
         if limit <= 0 or not eligible(request.sampling_params, request.num_output_tokens):
             return []
+        self._asked += 1
         max_tokens = min(self._k_of.get(request.request_id, self.k), limit)
         return self.proposer.propose(request.request_id, request.all_token_ids, request.num_prompt_tokens,
                                      max_tokens)

@@ -78,7 +78,8 @@ class Worker:
             spec.rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
             ep=par.expert_parallel_size, master_addr=spec.master_addr, master_port=spec.master_port,
             backend=spec.backend, timeout_s=par.collective_timeout_s, pp_layer_partition=par.pipeline_layer_partition,
-            expert_dispatch=par.expert_dispatch, all_to_all_min_tokens=par.all_to_all_min_tokens)
+            expert_dispatch=par.expert_dispatch, all_to_all_min_tokens=par.all_to_all_min_tokens,
+            kernels=par.kernel_options())
         torch.manual_seed(config.model.seed)
         dtype = resolve_dtype(config.model.dtype, device)
         self.loaded = load_model(config.model, device, dtype)
