@@ -66,6 +66,7 @@ from itertools import repeat
 import torch
 from shardserve.parallel.options import set_kernel_options
 from shardserve.workers.config import EngineConfig
+from shardserve.workers.cost import CostMeter
 from shardserve.workers.env_overrides import apply_env_overrides
 from shardserve.workers.heap import freeze_startup_heap, thaw_heap
 from shardserve.workers.kv_cache.manager import KVCacheManager
@@ -127,6 +128,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.meter = ThroughputMeter()
         self.batch_queue = BatchQueueStats()
+        self.cost = CostMeter.for_engine(config.cost, config.parallel.world_size, device.type)  # workers/cost.py
         self._batches: deque[_InFlight] = deque()  # oldest first
         # sample id -> results still to drop: it finished while in that many batches in flight
         self._drop_results: Counter[str] = Counter()
@@ -279,6 +281,7 @@ class LLMEngine:
             num_prompt_tokens=_num_prompt_tokens(sched),
             num_generation_tokens=len(runner_output.sampled_token_ids),
         )
+        self.cost.record(sched.scheduled, self.outputs)
         for request_id, stop_string in self.outputs.process([r.request_id for r in sched.scheduled], advanced, runner_output):
             self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
         self._release_held_samples()
@@ -327,6 +330,7 @@ class LLMEngine:
             num_prompt_tokens=_num_prompt_tokens(sched),
             num_generation_tokens=len(runner_output.sampled_token_ids),
         )
+        self.cost.record(sched.scheduled, self.outputs)
         for request_id, stop_string in self.outputs.process(scheduled_ids, advanced, runner_output):
             self._drop_later_results([request_id])  # already in later batches: drop those results
             self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
@@ -428,6 +432,7 @@ class LLMEngine:
             total_generation_tokens=self.meter.total_generation_tokens,
             num_batches_in_flight=len(self._batches),
             max_batches_in_flight=self.batch_queue.max_in_flight,
+            cost=self.cost.stats(),
         )
 
     def model_info(self) -> ModelInfo:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from shardserve.workers.cost import CostStats
 from shardserve.workers.request import RequestOutput, SamplingParams
 
 
@@ -50,6 +51,7 @@ class EngineStats:
     # when the engine never keeps more than one step in flight).
     num_batches_in_flight: int = 0
     max_batches_in_flight: int = 0
+    cost: CostStats | None = None  # measured cost (workers/cost.py); None without a price
 
 
 @dataclass(frozen=True)
