@@ -30,6 +30,7 @@ from pydantic import (
 from shardserve.cluster.config_fields import engine_section
 from shardserve.workers.config import (
     CacheConfig,
+    CostConfig,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
@@ -192,6 +193,8 @@ class ResourcesSection(_Section):
 
 
 CacheSection = engine_section(CacheConfig, "CacheSection")
+# The price; the devices it multiplies come from `resources` (ModelSection.to_engine_config).
+CostSection = engine_section(CostConfig, "CostSection", skip=("gpus_per_rank", "cpus_per_rank"))
 SchedulerSection = engine_section(SchedulerConfig, "SchedulerSection")
 
 
@@ -251,6 +254,12 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
     cache: CacheSection = Field(default_factory=CacheSection, description="Paged KV cache.")
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="Batching limits.")
     router: RouterSection = Field(default_factory=RouterSection, description="Request routing between replicas.")
+    cost: CostSection = Field(
+        default_factory=CostSection,
+        description=("Price of the worker group's devices: each request's measured share of the engine's busy time "
+                     "x tp x pp ranks x (resources.num_gpus_per_worker x gpu_hour_usd + num_cpus_per_worker x "
+                     "cpu_hour_usd) is returned as usage.cost_usd (workers/cost.py)."),
+    )
     stream_interval_ms: float | None = Field(
         None, ge=0, le=1000,
         description=("Least time between two streamed messages of one request, 0..1000 ms; the first token and "
@@ -314,6 +323,8 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
             cache=self.cache.to_engine(),
             scheduler=self.scheduler.to_engine(),
             parallel=self.parallel.to_engine(),
+            cost=CostConfig(**self.cost.engine_kwargs(), gpus_per_rank=self.resources.num_gpus_per_worker or None,
+                            cpus_per_rank=self.resources.num_cpus_per_worker),
         )
 
 

@@ -120,7 +120,7 @@ class LLMServer:
         self.num_in_flight += 1
         start = time.monotonic()
         stream = self.engine.generate(prompt, request.params, rid, request.priority)
-        builder = ChunkBuilder(rid, self.replica_id)
+        builder = ChunkBuilder(rid, self.replica_id, priced=self.section.cost.to_engine().priced)
         finished = False
         try:
             if self.stream_interval_ms > 0:
@@ -191,6 +191,7 @@ class LLMServer:
             "kv_cache_usage": stats.kv_cache_usage,
             "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
             "process_rss_bytes": process_rss_bytes(),
+            "cost": None if stats.cost is None else asdict(stats.cost),  # /v1/stats (cluster/ingress/cost_view.py)
         }
 
     async def check_health(self) -> None:

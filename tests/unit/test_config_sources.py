@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Engine fields YAML does not offer, and why (everything else must be settable there).
 NOT_IN_YAML = {
     ("parallel", "launcher"): "a replica's multi-rank group always runs as Ray actors (cluster/server.py)",
+    ("cost", "gpus_per_rank"): "set from resources.num_gpus_per_worker (ModelSection.to_engine_config)",
+    ("cost", "cpus_per_rank"): "set from resources.num_cpus_per_worker (ModelSection.to_engine_config)",
 }
 # A non-default value per field that every check accepts (alone, on top of the defaults).
 SAMPLE = {
@@ -44,6 +46,8 @@ SAMPLE = {
     ("parallel", "custom_allreduce_one_shot_max_bytes"): 1024, ("parallel", "fused_allreduce_norm"): False,
     ("parallel", "fused_allreduce_norm_bytes"): 2048, ("parallel", "fused_allreduce_protocol"): "flags",
     ("parallel", "l2_prefetch_mb"): 2.5,
+    ("cost", "gpu_hour_usd"): 2.5, ("cost", "cpu_hour_usd"): 0.05, ("cost", "gpus_per_rank"): 2.0,
+    ("cost", "cpus_per_rank"): 4.0,
 }
 ENGINE_FIELDS = [(section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)]
 
