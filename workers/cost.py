@@ -109,7 +109,7 @@ class CostMeter:
         now = self._clock()
         charged: list[tuple[RequestMetrics, int, int, bool]] = []  # (metrics, prefill, decode, sampled)
         total_prefill = total_decode = 0
-        begin = now
+        earliest = now  # the earliest first schedule of the batch's live requests
         for row in rows:
             found = billing.billing(row.request_id)
             num_prompt = found[0].num_prompt_tokens if found is not None else row.start_position
@@ -123,8 +123,11 @@ class CostMeter:
             charged.append((metrics, num_prefill, num_decode, row.sample))
             scheduled = request.metrics.first_scheduled_time
             if scheduled is not None:
-                begin = min(begin, scheduled)
-        start = begin if self._last_apply is None else max(self._last_apply, begin)
+                earliest = min(earliest, scheduled)
+        if self._last_apply is None:
+            start = earliest
+        else:  # busy since the previous apply, or idle until this batch's requests were scheduled
+            start = self._last_apply if not charged else max(self._last_apply, earliest)
         interval = max(0.0, now - start)
         self._last_apply = now
         self.busy_s += interval

@@ -102,6 +102,7 @@ class LLMEngine:
         self.config = config
         device = resolve_device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, device)
+        self.cost = CostMeter.for_engine(config.cost, config.parallel.world_size, device.type)  # workers/cost.py
         torch.manual_seed(config.model.seed)
         if config.parallel.world_size > 1:
             self.loaded = loaded or load_model(config.model, device, dtype, weights=False)  # weights live in the workers
@@ -128,7 +129,6 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.meter = ThroughputMeter()
         self.batch_queue = BatchQueueStats()
-        self.cost = CostMeter.for_engine(config.cost, config.parallel.world_size, device.type)  # workers/cost.py
         self._batches: deque[_InFlight] = deque()  # oldest first
         # sample id -> results still to drop: it finished while in that many batches in flight
         self._drop_results: Counter[str] = Counter()
