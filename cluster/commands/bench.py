@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="batches in flight under pipeline parallelism, in [PP, 2 x PP] (default PP)")
         if kind == "latency":
             q.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
+            q.add_argument("--price-per-hour", type=float, default=None,
+                           help="device price (USD per device-hour): adds the measured cost per 1M output tokens")
         else:
             q.add_argument("--num-requests", type=int, default=64)
             q.add_argument("--distribution", default="fixed", choices=["fixed", "lognormal"])
@@ -66,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--hf-batch-size", type=int, default=16)
             q.add_argument("--hf-num-requests", type=int, default=None,
                            help="run transformers on the first N requests only (it is slow); tokens/s compares")
-            q.add_argument("--price-per-hour", type=float, default=2.5, help="device price for cost per token")
+            q.add_argument("--price-per-hour", type=float, default=2.5,
+                           help="device price (USD per device-hour) for cost per token, aggregate and measured")
         q.set_defaults(func=run)
 
 
@@ -77,6 +80,8 @@ FLAGS = {
     "expert_parallel_size": "--expert-parallel-size/-ep",
     "pipeline_micro_batches": "--pipeline-micro-batches",
     "async_depth": "--async-depth",
+    "gpu_hour_usd": "--price-per-hour",
+    "cpu_hour_usd": "--price-per-hour",
 }
 
 
