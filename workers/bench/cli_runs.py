@@ -17,10 +17,7 @@ so (details in runs.py):
     shut down, on one device (the driver's: cuda:0 on GPU) with the whole model: the
     single-device figure the parallel engine is compared with. It must fit one device;
   - throughput: cost per token is at price-per-hour x world devices.
-With world 1 everything is as before. `--price-per-hour` (throughput: 2.5 by default; latency: off unless given)
-prices the engine itself (CostConfig: per GPU on cuda, per rank on CPU), so each request carries its measured
-cost (workers/cost.py); both commands print cost per million output tokens from those costs, and throughput
-also prints the aggregate (elapsed x price / tokens) and how the requests' costs add up to busy time x price.
+With world 1 everything is as before. `--price-per-hour` also prices the engine (`_cost_config`, workers/cost.py).
 """
 
 from __future__ import annotations
