@@ -110,20 +110,22 @@ class CostMeter:
         charged: list[tuple[RequestMetrics, int, int, bool]] = []  # (metrics, prefill, decode, sampled)
         total_prefill = total_decode = 0
         earliest = now  # the earliest first schedule of the batch's live requests
-        for row in rows:
-            found = billing.billing(row.request_id)
-            num_prompt = found[0].num_prompt_tokens if found is not None else row.start_position
-            num_prefill = max(0, min(row.seq_len, num_prompt) - row.start_position)
-            num_decode = row.num_tokens - num_prefill
-            total_prefill += num_prefill
-            total_decode += num_decode
-            if found is None:
+        lookup = billing.billing
+        for row in rows:  # a plain loop: it runs per request and batch
+            found = lookup(row.request_id)
+            num_tokens, start = len(row.token_ids), row.start_position
+            if found is None:  # left already: its tokens still count for the fit
+                total_decode += num_tokens
                 continue
             request, metrics = found
-            charged.append((metrics, num_prefill, num_decode, row.sample))
+            num_prompt = len(request.prompt_token_ids)
+            num_prefill = 0 if start >= num_prompt else min(start + num_tokens, num_prompt) - start
+            total_prefill += num_prefill
+            total_decode += num_tokens - num_prefill
+            charged.append((metrics, num_prefill, num_tokens - num_prefill, row.sample))
             scheduled = request.metrics.first_scheduled_time
-            if scheduled is not None:
-                earliest = min(earliest, scheduled)
+            if scheduled is not None and scheduled < earliest:
+                earliest = scheduled
         if self._last_apply is None:
             start = earliest
         else:  # busy since the previous apply, or idle until this batch's requests were scheduled
@@ -137,13 +139,13 @@ class CostMeter:
             self.unattributed_usd += batch_usd
             return
         w_p, w_d = self.fit.weights
-        weights = [w_p * p + w_d * d for _, p, d, _ in charged]
-        total_weight = sum(weights)
-        for (metrics, num_prefill, num_decode, sampled), weight in zip(charged, weights, strict=True):
-            share = weight / total_weight if total_weight > 0 else 1.0 / len(charged)
-            metrics.cost_usd += batch_usd * share
-            self.num_tokens += num_prefill + num_decode
-            self.num_output_tokens += sampled
+        live_prefill = sum(c[1] for c in charged)
+        live_decode = sum(c[2] for c in charged)
+        usd_per_weight = batch_usd / (w_p * live_prefill + w_d * live_decode)  # weights > 0, every row has a token
+        for metrics, num_prefill, num_decode, _ in charged:
+            metrics.cost_usd += (w_p * num_prefill + w_d * num_decode) * usd_per_weight
+        self.num_tokens += live_prefill + live_decode
+        self.num_output_tokens += sum(c[3] for c in charged)
 
     def stats(self) -> CostStats | None:
         if self.usd_per_hour is None:
