@@ -173,7 +173,7 @@ def run_case(case: dict, device: str, num_requests: int) -> dict:
                             distribution=case.get("distribution", "lognormal"))
         if case.get("warm_full"):  # the whole workload once first (other prompts: no prefix-cache hits)
             run_throughput(engine, replace(workload, seed=workload.seed + 1).sample(vocab))
-        engine.executor = timeline = StepTimeline(engine.executor)
+        engine.executor = engine.batches.executor = timeline = StepTimeline(engine.executor)  # every step through it
         result = run_throughput(engine, workload.sample(vocab))
         print(timeline.summary(), flush=True)  # into the case's log: where the run's time went
         return {"output_tok_s": result.output_tokens_per_s, "requests_s": result.requests_per_s,

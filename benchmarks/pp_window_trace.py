@@ -147,7 +147,7 @@ def main() -> None:
                 pipeline_micro_batches=args.micro_batches)
     engine = _engine(case, args.device, args.num_requests)
     try:
-        engine.executor = timed = TimedExecutor(engine.executor)
+        engine.executor = engine.batches.executor = timed = TimedExecutor(engine.executor)  # every step through it
         vocab = engine.loaded.hf_config.vocab_size
         for i, r in enumerate(Workload(args.num_requests, 200, 180).sample(vocab)):
             engine.add_request(f"w-{i}", r.prompt_token_ids,

@@ -3,7 +3,7 @@
     shardserve generate --model default --prompt "Hi" [--chat] [sampling flags]
     shardserve serve configs/cpu-default.yaml
     shardserve config schema | shardserve config validate FILE
-    shardserve bench latency|throughput ...
+    shardserve bench latency|throughput ...   |   shardserve bench serve --endpoint URL --model M ... (online load)
     shardserve eval perplexity --model M --text FILE [--reference M2] [--json]
     shardserve probe https://127.0.0.1:8000/health --cert tls.crt --key tls.key   (Kubernetes exec probe)
     shardserve quantize --model default --method gptq --calib FILE --out DIR

@@ -35,6 +35,7 @@ from shardserve.workers.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 
 # Default stream interval on GPUs: at 64 concurrent streams on 2 H100s the served throughput was
@@ -193,6 +194,7 @@ class ResourcesSection(_Section):
 
 
 CacheSection = engine_section(CacheConfig, "CacheSection")
+SpeculativeSection = engine_section(SpeculativeConfig, "SpeculativeSection", renames={"speculative_method": "method"})
 # The price; the devices it multiplies come from `resources` (ModelSection.to_engine_config).
 CostSection = engine_section(CostConfig, "CostSection", skip=("gpus_per_rank", "cpus_per_rank"))
 SchedulerSection = engine_section(SchedulerConfig, "SchedulerSection")
@@ -253,6 +255,8 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
     resources: ResourcesSection = Field(default_factory=ResourcesSection, description="Per-rank resources.")
     cache: CacheSection = Field(default_factory=CacheSection, description="Paged KV cache.")
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="Batching limits.")
+    speculative: SpeculativeSection = Field(
+        default_factory=SpeculativeSection, description="Speculative decoding (off unless `method` is set).")
     router: RouterSection = Field(default_factory=RouterSection, description="Request routing between replicas.")
     cost: CostSection = Field(
         default_factory=CostSection,
@@ -323,6 +327,7 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
             cache=self.cache.to_engine(),
             scheduler=self.scheduler.to_engine(),
             parallel=self.parallel.to_engine(),
+            speculative=self.speculative.to_engine(),
             cost=CostConfig(**self.cost.engine_kwargs(), gpus_per_rank=self.resources.num_gpus_per_worker or None,
                             cpus_per_rank=self.resources.num_cpus_per_worker),
         )

@@ -277,6 +277,55 @@ class ParallelConfig:
         return KernelOptions(**{f.name: getattr(self, f.name) for f in fields(KernelOptions)})
 
 
+# SpeculativeConfig.method: proposers of draft tokens (workers/spec/).
+SpeculativeMethod = Literal["ngram", "suffix", "draft"]
+SPECULATIVE_METHODS = typing.get_args(SpeculativeMethod)
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer drafts tokens, one target step verifies them (workers/spec/).
+    YAML `models[].speculative: {method, num_speculative_tokens, ...}` (`method` is `speculative_method`
+    here, as in `LLM(speculative_method=...)` and `--speculative-method`); `LLM(speculative={...})`."""
+
+    speculative_method: SpeculativeMethod | None = setting(
+        None, "Draft-token proposer: `ngram` (prompt lookup: the longest earlier match of the context's suffix in "
+        "its own prompt and output), `suffix` (earlier requests' outputs and the request's own tokens, "
+        "SuffixDecoding), `draft` (a smaller model: not implemented yet, refused); null = off.")
+    num_speculative_tokens: int = setting(
+        4, f"Draft tokens proposed per request and step at most (k), in [1, {MAX_SPECULATIVE_TOKENS}]; each request's "
+        "own k adapts to its acceptance.", ge=1, le=MAX_SPECULATIVE_TOKENS)
+    prompt_lookup_min: int = setting(
+        2, "ngram: shortest suffix of the context matched, in [1, 32].", ge=1, le=32)
+    prompt_lookup_max: int = setting(
+        4, "ngram: longest suffix of the context matched (the longest match wins), in [prompt_lookup_min, 32].",
+        ge=1, le=32)
+    max_verify_tokens: int = setting(
+        128, "Speculate in a step only while its decoding requests x (1 + k) stay at or below this many tokens, "
+        ">= 1; a larger batch already keeps the device busy, so it decodes plainly (speculation never costs "
+        "throughput under load).", ge=1)
+    suffix_max_cached_tokens: int = setting(
+        200_000, "suffix: output tokens of finished requests kept for proposals (oldest dropped first), >= 0.", ge=0)
+    suffix_max_depth: int = setting(
+        24, "suffix: longest context suffix matched, in [1, 64].", ge=1, le=64)
+    suffix_min_probability: float = setting(
+        0.1, "suffix: stop a draft once its estimated probability falls below this, in [0, 1].", ge=0, le=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.speculative_method == "draft":
+            raise ValueError("speculative method `draft` (a draft model) is not implemented yet; use `ngram` or "
+                             "`suffix`")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(f"prompt_lookup_max must be >= prompt_lookup_min = {self.prompt_lookup_min}, "
+                             f"got {self.prompt_lookup_max}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_method is not None
+
+
 @dataclass(frozen=True)
 class CostConfig:
     """Price of the worker group's devices; the engine splits its measured busy time x price over the
@@ -309,6 +358,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     cost: CostConfig = field(default_factory=CostConfig)
 
     @property
@@ -322,10 +372,13 @@ class EngineConfig:
         if self.scheduler.async_scheduling is True and self.parallel.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling requires pipeline_parallel_size == 1 (pipeline parallelism "
                              f"already keeps batches in flight), got {self.parallel.pipeline_parallel_size}")
+        if self.speculative.enabled and self.parallel.pipeline_parallel_size > 1:
+            raise ValueError("speculative decoding requires pipeline_parallel_size == 1, got "
+                             f"{self.parallel.pipeline_parallel_size}")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                             "parallel": ParallelConfig, "cost": CostConfig}
+                             "parallel": ParallelConfig, "speculative": SpeculativeConfig, "cost": CostConfig}
 
 
 def field_default(f: Any) -> Any:

@@ -1,66 +1,35 @@
-"""LLMEngine: the synchronous step loop — schedule → run → postprocess. No tensors here.
+"""LLMEngine: the step loop — schedule → submit → collect → update → outputs. No tensors here.
 
     add_request(id, prompt, params)  → validated, tokenized, queued (n > 1 becomes n requests)
-    step()                           → scheduler.schedule() → runner.execute() →
-                                       scheduler.update_from_output() → outputs.process()
+    step()                           → batches.fill(): scheduler.schedule() → executor.submit()
+                                       → batches.collect(): the oldest batch's output
+                                       → scheduler.update_from_output() → outputs.process()
                                        → list[RequestOutput] of every request that advanced
     abort_request(id)                → blocks freed at once; a final ABORT output next step
     score(prompt)                    → [tokens - 1, vocab] log-probs of the prompt's own tokens
                                        (one prefill, no sampling; workers/runner/scoring.py)
 
+The step reads the same in every mode; InFlightBatches (inflight.py) owns the batches in flight:
+depth 1 (synchronous), 2+ (async scheduling: the host applies batch N while the device runs N+1),
+or ParallelConfig.pipeline_depth with P pipeline stages (the next micro-batch is submitted before
+the collected one's outputs are built). Outputs equal the synchronous engine's in every mode;
+token times are recorded when a batch is applied (at collect).
 Samples of one prompt (n > 1) share its KV blocks: only the first sample is queued at first;
 the others join once its prompt is computed, so their prompts hit the prefix cache.
+Speculative decoding (config.speculative) rides the same loop: the scheduler's Speculator
+(workers/spec/) appends drafts to decoding requests, the runner verifies them in the step, and a
+speculating batch is applied before the next is scheduled.
 The AsyncEngine (async_engine.py) runs this loop on a thread and streams outputs to callers.
 The step runs through an executor (workers/worker/executor.py): in this process when the world
 size is 1 (`self.runner` is then the ModelRunner), else on TP x PP worker processes, in which
 case this process reads only the model's config and tokenizer and holds no weights.
-
-Pipeline parallelism (P = pipeline_parallel_size > 1) keeps a batch queue of up to D batches in
-flight, so every stage has work (stage s runs batch k+1 while stage s+1 runs batch k). D =
-ParallelConfig.pipeline_micro_batches, P by default; D = P + 1 also keeps stage 0 busy while the
-driver turns the returned batch around (step 2 to its next submit in step 3), which with D = P
-it would wait for. The scheduler gives each batch about 1/D of the running requests.
-    step(): 1. fill: while fewer than D batches are in flight, schedule a batch from the
-               requests not in flight (the scheduler skips those) and submit it without
-               waiting; stop early when nothing more can be scheduled;
-            2. collect the oldest batch and fold its tokens into the scheduler
-               (update_from_output);
-            3. fill again, so the next batch (often this one's requests) leaves before
-            4. this batch's outputs are processed (detokenization, stop strings) and returned.
-A request is in at most one batch in flight. One that finishes while in flight — an abort, or
-a stop string found in step 4 — keeps its blocks until its batch returns (scheduler), and that
-batch's result for it is dropped here. A batch that schedules nothing is not sent: the runner
-drops it would carry (finished / preempted ids) ride with the next batch sent.
-At P = 1 `step()` is the plain schedule -> execute -> update -> outputs loop.
-
-Async scheduling (SchedulerConfig.async_scheduling, P = 1) reuses the batch queue with a depth
-of 2 (SchedulerConfig.async_depth) so the host work of one step overlaps the device work of
-the previous one:
-    step(): 1. fill: schedule batch N+1 and submit it (the runner launches it behind batch N on
-               the device and returns at once); the scheduler feeds a placeholder for each
-               token batch N samples, which the runner fills on the device;
-            2. collect batch N (wait for its ids), update_from_output, process its outputs.
-So between steps one batch is in flight, and while the device runs it the host applies the
-previous batch, builds its outputs and schedules the next. With SchedulerConfig.async_depth
-D > 2 the queue holds D batches and D - 1 stay in flight between steps (the driver is a step
-or more ahead of the ranks). Differences from the P > 1 queue: the same request is in every
-batch in flight; a request that batch N finishes (EOS, stop id, stop string; max_tokens /
-max_model_len are foreseen and not scheduled again) has the results of the later batches that
-hold it dropped here (`_drop_results` counts them) and its blocks freed when the last of them
-returns (scheduler); an abort between steps drops the in-flight results the same way. A batch
-that samples for a request with repetition / presence / frequency penalties is collected
-before anything else is scheduled (`_InFlight.needs_sync`): penalties read the previous
-token's id on the host. Outputs equal the synchronous engine's; token times are recorded when a
-batch is applied (at collect).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from itertools import repeat
 
 import torch
@@ -69,6 +38,7 @@ from shardserve.workers.config import EngineConfig
 from shardserve.workers.cost import CostMeter
 from shardserve.workers.env_overrides import apply_env_overrides
 from shardserve.workers.heap import freeze_startup_heap, thaw_heap
+from shardserve.workers.inflight import BatchResult, InFlightBatches
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.launch import make_executor
 from shardserve.workers.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
@@ -78,21 +48,12 @@ from shardserve.workers.request import FinishReason, Request, RequestOutput, Sam
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.scoring import score_tokens
 from shardserve.workers.scheduler.scheduler import Scheduler
-from shardserve.workers.stats import BatchQueueStats, ThroughputMeter
-from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
-from shardserve.workers.worker.channel import StepHandle
+from shardserve.workers.spec.speculator import Speculator
+from shardserve.workers.stats import ThroughputMeter
+from shardserve.workers.step_types import SchedulerOutput
 from shardserve.workers.worker.executor import Executor, LocalExecutor
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    """A submitted batch whose output has not been applied yet."""
-
-    sched: SchedulerOutput
-    handle: StepHandle
-    needs_sync: bool = False  # collect before scheduling the next batch (async scheduling, penalties)
 
 
 class LLMEngine:
@@ -123,17 +84,14 @@ class LLMEngine:
         # SchedulerConfig.async_depth (2 by default) under async scheduling
         self.max_batches_in_flight = config.scheduler.async_depth if self.async_scheduling \
             else config.parallel.pipeline_depth
+        self.speculator = Speculator(config.speculative) if config.speculative.enabled else None
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
-                                   async_scheduling=self.async_scheduling)
+                                   async_scheduling=self.async_scheduling, speculator=self.speculator)
         self.outputs = OutputProcessor(self.tokenizer)
         self.meter = ThroughputMeter()
-        self.batch_queue = BatchQueueStats()
-        self._batches: deque[_InFlight] = deque()  # oldest first
-        # sample id -> results still to drop: it finished while in that many batches in flight
-        self._drop_results: Counter[str] = Counter()
-        self._carried_finished: tuple[str, ...] = ()  # runner drops of batches never sent
-        self._carried_preempted: tuple[str, ...] = ()
+        self.batches = InFlightBatches(self.scheduler, self.executor, self.max_batches_in_flight,
+                                      self.async_scheduling)
         # parent id -> samples 1..n-1 waiting for sample 0's prompt to be computed
         self._held_samples: dict[str, list[Request]] = {}
         self._first_sample: dict[str, Request] = {}
@@ -261,7 +219,7 @@ class LLMEngine:
         self._first_sample.pop(request_id, None)
         sample_ids = self.outputs.sample_ids(request_id)
         # Its in-flight batches' results will come back after the output is gone: ignore them then.
-        self._drop_later_results(sample_ids)
+        self.batches.drop_later_results(sample_ids)
         self.scheduler.abort_requests(sample_ids)
         self.outputs.abort(request_id)
 
@@ -269,104 +227,39 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished() or bool(self._held_samples) or self.outputs.has_pending()
-                or bool(self._batches))
+                or bool(self.batches))
 
     def step(self) -> list[RequestOutput]:
-        if self.max_batches_in_flight > 1:  # pipeline stages, or async scheduling
-            return self._queued_step()
-        sched = self.scheduler.schedule()
-        runner_output = self.executor.execute(sched)
-        advanced = self.scheduler.update_from_output(sched, runner_output)
-        self.meter.record(
-            num_prompt_tokens=_num_prompt_tokens(sched),
-            num_generation_tokens=len(runner_output.sampled_token_ids),
-        )
-        self.cost.record(sched.scheduled, self.outputs)
-        for request_id, stop_string in self.outputs.process([r.request_id for r in sched.scheduled], advanced, runner_output):
-            self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
+        """Schedule → submit → collect the oldest batch → update the scheduler → build outputs."""
+        self._fill()
+        batch = self.batches.collect()
+        if batch is not None:
+            advanced = self.scheduler.update_from_output(batch.sched, batch.output)
+            if self.batches.refill_before_outputs:  # pipeline stages: the next batch leaves first
+                self._fill()
+            self._build_outputs(batch, advanced)
         self._release_held_samples()
         return self.outputs.collect()
 
-    def _queued_step(self) -> list[RequestOutput]:
-        """Fill the batch queue, apply the oldest batch (see the module docstring): steps 1-4
-        under pipeline parallelism, 1-2 under async scheduling."""
-        self._fill_batch_queue()
-        if self._batches:
-            batch = self._batches.popleft()
-            runner_output = self.executor.collect(batch.handle)
-            advanced = self.scheduler.update_from_output(batch.sched, runner_output)
-            if not self.async_scheduling:
-                self._fill_batch_queue()  # the next batch goes out before this one's outputs are built
-            self._process(batch.sched, runner_output, advanced)
-        self._release_held_samples()
-        return self.outputs.collect()
+    def _fill(self) -> None:
+        """Submit batches until the queue is full; a schedule with nothing to run is applied at once
+        (the scheduler may have finished requests in it: kv_cache_full)."""
+        idle = self.batches.fill()
+        if idle is not None:
+            self._build_outputs(idle, self.scheduler.update_from_output(idle.sched, idle.output))
 
-    def _fill_batch_queue(self) -> None:
-        while len(self._batches) < self.max_batches_in_flight:
-            if self._batches and self._batches[-1].needs_sync:
-                return
-            sched = self._with_carried_drops(self.scheduler.schedule())
-            if sched.is_empty:
-                # Nothing to run now (every running request is in flight, or none can start).
-                self._carry_drops(sched)
-                empty = ModelRunnerOutput()
-                self._process(sched, empty, self.scheduler.update_from_output(sched, empty))
-                return
-            needs_sync = self.async_scheduling and self._samples_with_penalties(sched)
-            self._batches.append(_InFlight(sched, self.executor.submit(sched), needs_sync))
-            self.batch_queue.record_submit(len(self._batches))
-
-    def _process(self, sched: SchedulerOutput, runner_output: ModelRunnerOutput, advanced: list[Request]) -> None:
+    def _build_outputs(self, batch: BatchResult, advanced: list[Request]) -> None:
         """Build the outputs of an applied batch; finish the requests that hit a stop string."""
-        scheduled_ids = [r.request_id for r in sched.scheduled]
-        if self._drop_results:
-            dropped = {r for r in scheduled_ids if r in self._drop_results}
-            if dropped:
-                self._drop_results.subtract(dropped)  # one result each
-                self._drop_results = +self._drop_results  # forget ids with none left to drop
-                scheduled_ids = [r for r in scheduled_ids if r not in dropped]
-                runner_output = _without(runner_output, dropped)
+        batch = self.batches.kept(batch)
         self.meter.record(
-            num_prompt_tokens=_num_prompt_tokens(sched),
-            num_generation_tokens=len(runner_output.sampled_token_ids),
+            num_prompt_tokens=_num_prompt_tokens(batch.sched),
+            num_generation_tokens=len(batch.output.sampled_token_ids),
         )
-        self.cost.record(sched.scheduled, self.outputs)
-        for request_id, stop_string in self.outputs.process(scheduled_ids, advanced, runner_output):
-            self._drop_later_results([request_id])  # already in later batches: drop those results
+        self.cost.record(batch.sched.scheduled, self.outputs)  # workers/cost.py
+        for request_id, stop_string in self.outputs.process(batch.request_ids, advanced, batch.output):
+            self.batches.drop_later_results([request_id])  # already in later batches: drop those results
             self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
-        if self.async_scheduling:
-            # Finished by this batch's token (EOS, stop id) while already in later batches.
-            self._drop_later_results([r.request_id for r in advanced if r.is_finished])
-
-    def _drop_later_results(self, sample_ids: Iterable[str]) -> None:
-        """Drop the results of the batches in flight that hold these (finished) sample ids."""
-        for sample_id in sample_ids:
-            count = self.scheduler.num_batches_holding(sample_id)
-            if count:
-                self._drop_results[sample_id] += count
-
-    def _samples_with_penalties(self, sched: SchedulerOutput) -> bool:
-        """True if `sched` samples for a request whose penalties need its previous token on the host."""
-        requests = self.scheduler.requests
-        for scheduled in sched.scheduled:
-            request = requests.get(scheduled.request_id)
-            if scheduled.sample and request is not None and _uses_penalties(request.sampling_params):
-                return True
-        return False
-
-    def _carry_drops(self, sched: SchedulerOutput) -> None:
-        self._carried_finished = sched.finished_request_ids
-        self._carried_preempted = sched.preempted_request_ids
-
-    def _with_carried_drops(self, sched: SchedulerOutput) -> SchedulerOutput:
-        """`sched` plus the runner drops of earlier batches that were never sent (the runner
-        applies drops before additions, so a dropped id may come back in this very batch)."""
-        if not (self._carried_finished or self._carried_preempted):
-            return sched
-        merged = replace(sched, finished_request_ids=self._carried_finished + sched.finished_request_ids,
-                         preempted_request_ids=self._carried_preempted + sched.preempted_request_ids)
-        self._carried_finished = self._carried_preempted = ()
-        return merged
+        self.batches.drop_finished(advanced)
 
     def _release_held_samples(self) -> None:
         for parent_id in list(self._held_samples):
@@ -430,8 +323,9 @@ class LLMEngine:
             num_finished=self.outputs.num_finished,
             total_prompt_tokens=self.meter.total_prompt_tokens,
             total_generation_tokens=self.meter.total_generation_tokens,
-            num_batches_in_flight=len(self._batches),
-            max_batches_in_flight=self.batch_queue.max_in_flight,
+            num_batches_in_flight=len(self.batches),
+            max_batches_in_flight=self.batches.stats.max_in_flight,
+            spec_decode=self.speculator.stats.snapshot() if self.speculator is not None else None,
             cost=self.cost.stats(),
         )
 
@@ -449,16 +343,3 @@ def _num_prompt_tokens(sched: SchedulerOutput) -> int:
     """The meter's prompt tokens of a batch: every token it feeds except each sampling row's
     last one (that one counts as generation)."""
     return sum(len(r.token_ids) - r.sample for r in sched.scheduled)
-
-
-def _uses_penalties(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
-
-
-def _without(output: ModelRunnerOutput, request_ids: set[str]) -> ModelRunnerOutput:
-    """`output` minus the entries of `request_ids` (requests aborted while in flight)."""
-    return ModelRunnerOutput(
-        sampled_token_ids={k: v for k, v in output.sampled_token_ids.items() if k not in request_ids},
-        logprobs={k: v for k, v in output.logprobs.items() if k not in request_ids},
-        prompt_logprobs={k: v for k, v in output.prompt_logprobs.items() if k not in request_ids},
-    )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-from shardserve.workers.config import SECTIONS, EngineConfig, ModelConfig
+from shardserve.workers.config import SECTIONS, EngineConfig, ModelConfig, SpeculativeConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import RequestOutput, SamplingParams
 from tqdm.auto import tqdm
@@ -21,7 +21,8 @@ Prompt = str | Sequence[int]
 class LLM:
     """Keyword arguments override fields of ModelConfig, CacheConfig, SchedulerConfig or
     ParallelConfig by name, e.g. `LLM("default", num_blocks=64, max_num_batched_tokens=32,
-    mode="static")`, `LLM("/path/to/llama", tensor_parallel_size=2)` or `LLM(..., async_scheduling=True)`."""
+    mode="static")`, `LLM("/path/to/llama", tensor_parallel_size=2)` or `LLM(..., async_scheduling=True)`; speculative
+    decoding as `LLM(..., speculative={"method": "ngram", "num_speculative_tokens": 4})`."""
 
     def __init__(self, model: str = "default", config: EngineConfig | None = None, progress: bool = False,
                  **overrides: object) -> None:
@@ -74,6 +75,16 @@ class LLM:
 
 def _apply_overrides(config: EngineConfig, overrides: dict[str, object]) -> EngineConfig:
     updates: dict[str, dict[str, object]] = {name: {} for name in SECTIONS}
+    overrides = dict(overrides)
+    speculative = overrides.pop("speculative", None)
+    if speculative is not None:  # LLM(speculative={"method": "ngram", ...}): the YAML section's names
+        if not isinstance(speculative, dict):
+            raise ValueError(f"speculative must be a dict like {{'method': 'ngram'}}, got {speculative!r}")
+        for key, value in speculative.items():
+            name = "speculative_method" if key == "method" else key
+            if name not in SpeculativeConfig.__dataclass_fields__:
+                raise ValueError(f"unknown speculative option {key!r}")
+            overrides.setdefault(name, value)
     for key, value in overrides.items():
         section = next((n for n, cls in SECTIONS.items() if key in cls.__dataclass_fields__), None)
         if section is None:

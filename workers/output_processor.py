@@ -2,7 +2,7 @@
 
 For each user request it keeps one `_Sample` per completion (n of them): an incremental
 detokenizer with stop-string matching, the logprobs so far and the text already emitted.
-`process()` feeds each request's newest token through its sample, reports stop-string matches
+`process()` feeds each request's new tokens (one, or several after accepted drafts) through its sample, reports stop-string matches
 back to the engine (which finishes those requests in the scheduler), and marks the parent
 dirty; `collect()` then builds one RequestOutput per dirty parent, in the order the parents
 were added — cumulative text and ids, plus this step's delta — and forgets parents once their
@@ -27,7 +27,7 @@ from shardserve.workers.request import (
     RequestOutput,
     SamplingParams,
 )
-from shardserve.workers.step_types import ModelRunnerOutput, TokenLogprobs
+from shardserve.workers.step_types import ModelRunnerOutput, PromptLogprobs, TokenLogprobs
 
 
 @dataclass
@@ -125,24 +125,32 @@ class OutputProcessor:
             parent, sample = sample_of[sample_id]
             if sample.request.is_finished:
                 dirty[parent.request_id] = parent
-        for sample_id, (first, entries) in runner_output.prompt_logprobs.items():
+        for sample_id, chunk in runner_output.prompt_logprobs.items():
             parent, _ = sample_of[sample_id]
             if parent.prompt_logprobs is not None:
-                self._write_prompt_logprobs(parent, first, entries)
+                self._write_prompt_logprobs(parent, chunk)
         for request in advanced:
             parent, sample = sample_of[request.request_id]
             dirty[parent.request_id] = parent
-            if len(request.output_token_ids) == sample.num_fed_tokens:
+            num_fed, num_output = sample.num_fed_tokens, len(request.output_token_ids)
+            if num_output == num_fed:
                 continue  # finished by the scheduler without a new token (kv_cache_full)
-            sample.num_fed_tokens = len(request.output_token_ids)
-            token_id = request.output_token_ids[-1]
+            sample.num_fed_tokens = num_output
+            # one token, or accepted drafts + one (speculative decoding: never with logprobs)
+            new_ids = [request.output_token_ids[-1]] if num_output == num_fed + 1 else request.output_token_ids[num_fed:]
             if sample.logprobs is not None and request.request_id in runner_output.logprobs:
                 sample.logprobs.append(self._decode_logprobs(runner_output.logprobs[request.request_id]))
             if sample.stream is not None:
-                delta = sample.stream.append([token_id])
-                sample.new_text += delta.text
-                if delta.stop_str is not None and not request.is_finished:
-                    stops.append((request.request_id, delta.stop_str))
+                for i, token_id in enumerate(new_ids):
+                    delta = sample.stream.append([token_id])
+                    sample.new_text += delta.text
+                    if delta.stop_str is not None:
+                        if not request.is_finished:
+                            stops.append((request.request_id, delta.stop_str))
+                        if i + 1 < len(new_ids):  # drafts past the stop string: as if never sampled
+                            request.drop_output_tokens(len(new_ids) - i - 1)
+                            sample.num_fed_tokens = len(request.output_token_ids)
+                        break
         return stops
 
     def finish_sample(self, request: Request, reason: FinishReason) -> None:
@@ -214,12 +222,13 @@ class OutputProcessor:
             prompt_logprobs=None if parent.prompt_logprobs is None else tuple(parent.prompt_logprobs),
         )
 
-    def _write_prompt_logprobs(self, parent: _Parent, first: int, entries: list[TokenLogprobs | None]) -> None:
-        """Put `entries` into prompt positions first, first + 1, ...: a position computed again
+    def _write_prompt_logprobs(self, parent: _Parent, chunk: PromptLogprobs) -> None:
+        """Put the chunk's entries into prompt positions first, first + 1, ...: a position computed again
         (a request preempted mid-prompt recomputes its prompt from the start; the other samples of
         an n > 1 request prefill it too) overwrites its slot, so there is one entry per position."""
         slots = parent.prompt_logprobs
         assert slots is not None
+        first, entries = chunk.first_position, chunk.entries
         stop = min(first + len(entries), len(parent.prompt_token_ids))
         if stop <= first:
             return
@@ -230,8 +239,7 @@ class OutputProcessor:
     def _decode_logprobs(self, entry: TokenLogprobs | None) -> PositionLogprobs | None:
         if entry is None:
             return None
-        decode = self.tokenizer.decode if self.tokenizer is not None else None
-        return {
-            token_id: Logprob(logprob, rank, decode([token_id]) if decode else None)
-            for token_id, (logprob, rank) in entry.items()
-        }
+        if self.tokenizer is None:
+            return entry
+        decode = self.tokenizer.decode
+        return {token_id: Logprob(lp.logprob, lp.rank, decode([token_id])) for token_id, lp in entry.items()}

@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 
 from shardserve.workers.cost import CostStats
 from shardserve.workers.request import RequestOutput, SamplingParams
+from shardserve.workers.spec.speculator import SpecDecodeStats
 
 
 class EngineDeadError(RuntimeError):
@@ -47,10 +48,10 @@ class EngineStats:
     num_finished: int  # since start
     total_prompt_tokens: int
     total_generation_tokens: int
-    # Pipeline parallelism or async scheduling: batches submitted and not yet applied (now), and the most ever (0
-    # when the engine never keeps more than one step in flight).
+    # Batches submitted and not yet applied (now, between steps), and the most ever (1 when synchronous).
     num_batches_in_flight: int = 0
     max_batches_in_flight: int = 0
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding totals (None when it is off)
     cost: CostStats | None = None  # measured cost (workers/cost.py); None without a price
 
 

@@ -336,6 +336,12 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
+    def drop_output_tokens(self, count: int) -> None:
+        """Forget the last `count` output tokens (accepted drafts past a stop string)."""
+        del self.output_token_ids[len(self.output_token_ids) - count:]
+        del self.all_token_ids[len(self.all_token_ids) - count:]
+        self.metrics.num_generation_tokens -= count
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "

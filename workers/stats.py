@@ -40,8 +40,8 @@ class ThroughputMeter:
 
 @dataclass
 class BatchQueueStats:
-    """Batches submitted under pipeline parallelism or async scheduling and the most that were in
-    flight at once."""
+    """Batches submitted (workers/inflight.py) and the most that were in flight at once (1 when
+    synchronous)."""
 
     num_submitted: int = 0
     max_in_flight: int = 0

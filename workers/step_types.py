@@ -5,15 +5,16 @@ every rank): every field is plain data (ints, tuples, frozen dataclasses). The r
 small state per request id, created from `NewRequestData` the first time a request is scheduled
 (or again after a preemption) and dropped when the id appears in `finished_request_ids` or
 `preempted_request_ids`. `ModelRunnerOutput` comes back from the output rank to the engine, which
-hands it to the scheduler (token bookkeeping) and the output processor (text, logprobs). One
-module for both, so scheduler, runner, sampling and engine import the boundary, not each other.
+hands it to the scheduler (token bookkeeping) and the output processor (text, logprobs: `Logprob`
+per token id, `PromptLogprobs` per prompt chunk). One module for all of them, so scheduler,
+runner, sampling and engine import the boundary, not each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shardserve.workers.request import SamplingParams
+from shardserve.workers.request import Logprob, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class ScheduledRequest:
       it — the whole table when the request (re)joins (it is in `new_requests` this step).
       Tables only grow, so the runner rebuilds each one from these.
     sample: True when this chunk reaches the last known token, so one new token is sampled.
+    num_drafts: speculative decoding: the last `num_drafts` of token_ids are draft tokens
+      (proposed, not known to follow); the runner samples at each of them and at the last known
+      token, and returns the drafts the target agreed with (`ModelRunnerOutput.accepted_draft_ids`).
     """
 
     request_id: str
@@ -43,6 +47,7 @@ class ScheduledRequest:
     start_position: int
     new_block_ids: tuple[int, ...]
     sample: bool
+    num_drafts: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -61,26 +66,40 @@ class SchedulerOutput:
     num_batched_tokens: int
     preempted_request_ids: tuple[str, ...] = ()
     finished_request_ids: tuple[str, ...] = ()  # freed since the previous step
+    num_draft_tokens: int = 0  # sum of the requests' num_drafts (speculative decoding)
+    speculating: bool = False  # speculation is on this step: apply it before scheduling the next
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
 
-# token id -> (logprob, rank); the engine adds decoded text when it builds outputs.
-TokenLogprobs = dict[int, tuple[float, int]]
+# token id -> Logprob (logprob, rank); the engine adds the decoded text when it builds outputs.
+TokenLogprobs = dict[int, Logprob]
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """One prompt chunk's logprobs: entry i scores absolute prompt position `first_position + i`
+    (None for position 0, which has no prediction)."""
+
+    first_position: int
+    entries: list[TokenLogprobs | None]
 
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
     """sampled_token_ids: request id -> the token sampled this step (only requests with `sample`).
     logprobs: request id -> the sampled token's logprob plus the top-N (requests asking for it).
-    prompt_logprobs: request id -> (first position, entries): one entry per prompt position this
-      step's chunk scores, entry i for absolute prompt position `first position + i` (None for
-      position 0, which has no prediction). Keyed by position because a request preempted
-      mid-prompt recomputes its prompt from the start and reports those positions again.
+    prompt_logprobs: request id -> one entry per prompt position this step's chunk scores. Keyed
+      by position because a request preempted mid-prompt recomputes its prompt from the start
+      and reports those positions again.
+    accepted_draft_ids: request id -> the leading drafts the target agreed with (requests with
+      num_drafts only); they come before the request's sampled token, which is the target's own
+      token at the first disagreement (or after the last draft).
     """
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    accepted_draft_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs | None]]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)

@@ -2,7 +2,8 @@
 
 Prints the device, our figure, the transformers `generate` figure on the same prompts, and
 the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
-same run. The heavy lifting is in workers/bench/ (this module only parses flags and prints).
+same run. The work is in workers/bench/ (`latency --speculative-method M`: speculation beside the
+plain engine, spec_runs.py); `bench serve` (online load) is cluster/bench_serve/.
 
 Model parallelism, as `vllm bench`:
     --tensor-parallel-size/-tp N     ranks that split every layer (default 1)
@@ -26,12 +27,16 @@ import argparse
 import json
 import sys
 
-from shardserve.workers.config import QUANTIZATION_METHODS
+from shardserve.cluster.bench_serve.options import add_arguments as add_serve_arguments
+from shardserve.workers.config import QUANTIZATION_METHODS, SPECULATIVE_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="latency / throughput benchmarks against transformers")
+    p = subparsers.add_parser("bench", help="latency / throughput against transformers; serve: online load")
     sub = p.add_subparsers(dest="bench_kind", required=True)
+    serve = sub.add_parser("serve", help="online load against OpenAI-compatible HTTP or our gRPC endpoints")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
     for kind in ("latency", "throughput"):
         q = sub.add_parser(kind)
         q.add_argument("--model", default="default")
@@ -58,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="batches in flight under pipeline parallelism, in [PP, 2 x PP] (default PP)")
         if kind == "latency":
             q.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
+            q.add_argument("--speculative-method", default=None, choices=[m for m in SPECULATIVE_METHODS if m != "draft"],
+                           help="run batch 1 on the repetitive tasks (workers/bench/spec_tasks.py) plain and with "
+                                "this proposer, side by side: speedup and acceptance")
+            q.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step at most (k)")
+            q.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched")
+            q.add_argument("--max-verify-tokens", type=int, default=128,
+                           help="speculate only while running requests x (1 + k) stay at or below this")
             q.add_argument("--price-per-hour", type=float, default=None,
                            help="device price (USD per device-hour): adds the measured cost per 1M output tokens")
         else:
@@ -80,6 +92,9 @@ FLAGS = {
     "expert_parallel_size": "--expert-parallel-size/-ep",
     "pipeline_micro_batches": "--pipeline-micro-batches",
     "async_depth": "--async-depth",
+    "num_speculative_tokens": "--num-speculative-tokens",
+    "prompt_lookup_max": "--prompt-lookup-max",
+    "max_verify_tokens": "--max-verify-tokens",
     "gpu_hour_usd": "--price-per-hour",
     "cpu_hour_usd": "--price-per-hour",
 }
@@ -90,6 +105,12 @@ def _flag_of(message: str) -> str | None:
     text = message.replace("-", "_").replace(" ", "_")
     found = [(text.find(field), flag) for field, flag in FLAGS.items() if field in text]
     return min(found)[1] if found else None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shardserve.cluster.bench_serve.cli import run as run_bench_serve
+
+    return run_bench_serve(args)
 
 
 def run(args: argparse.Namespace) -> int:

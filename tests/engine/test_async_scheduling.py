@@ -22,7 +22,8 @@ from shardserve.workers.engine import LLMEngine
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.llm import LLM
 from shardserve.workers.request import FinishReason, Request, SamplingParams
-from shardserve.workers.scheduler.scheduler import PLACEHOLDER, Scheduler
+from shardserve.workers.scheduler.in_flight import PLACEHOLDER
+from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.step_types import ModelRunnerOutput
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def _run(engine: LLMEngine, params: dict[str, SamplingParams], abort: tuple[str,
         if abort is not None and step == abort[1]:
             engine.abort_request(abort[0])
     assert engine.kv_manager.num_free_blocks == engine.runner.num_blocks - 1  # no block leaked
-    assert engine.scheduler.num_in_flight == 0 and not engine.scheduler._free_on_return
+    assert not engine.scheduler.in_flight and not engine.scheduler.in_flight._free_on_return
     return {
         request_id: [
             (o.token_ids, o.text, o.finish_reason, o.stop_reason,
@@ -140,7 +141,7 @@ def test_async_outputs_equal_sync(engines, variant, depth):
     assert reasons["long"][0] == reasons["len1"][0] == FinishReason.LENGTH
     assert reasons["stop_str"] == (FinishReason.STOP, " 7") and reasons["stop_id"] == (FinishReason.STOP, 30)
     assert async_engine.stats().max_batches_in_flight == depth  # steps overlapped
-    assert sync_engine.stats().max_batches_in_flight == 0  # the synchronous path keeps no queue
+    assert sync_engine.stats().max_batches_in_flight == 1  # depth 1: one batch, collected in its step
     if variant == "preempt":
         assert sync_engine.stats().num_preemptions > 0
         # At depth 3 every running request sits in the batches in flight whenever schedule()
@@ -222,12 +223,12 @@ def test_depth_three_schedules_two_placeholders_ahead():
     assert rows[0] == [("a", (1, 2, 3), 0), ("b", (4, 5), 0)]
     assert rows[1] == [("a", (PLACEHOLDER,), 3), ("b", (PLACEHOLDER,), 2)]
     assert rows[2] == [("a", (PLACEHOLDER,), 4)]  # "b"'s two tokens are in flight: its max_tokens
-    assert scheduler.num_batches_holding("a") == 3 and scheduler.num_batches_holding("b") == 2
+    assert scheduler.in_flight.num_batches("a") == 3 and scheduler.in_flight.num_batches("b") == 2
     scheduler.update_from_output(batches[0], ModelRunnerOutput({"a": 7, "b": 8}))
     scheduler.update_from_output(batches[1], ModelRunnerOutput({"a": 9, "b": 10}))
-    assert scheduler.num_batches_holding("b") == 0 and "b" not in scheduler.requests  # finished: max_tokens
+    assert scheduler.in_flight.num_batches("b") == 0 and "b" not in scheduler.requests  # finished: max_tokens
     scheduler.finish_request("a", FinishReason.ABORT)  # while batches[2] holds it: blocks kept
-    assert scheduler.num_batches_holding("a") == 1 and kv.num_free_blocks < 63
+    assert scheduler.in_flight.num_batches("a") == 1 and kv.num_free_blocks < 63
     scheduler.update_from_output(batches[2], ModelRunnerOutput({"a": 11}))
     assert kv.num_free_blocks == 63 and not scheduler.has_unfinished()
 

@@ -125,7 +125,7 @@ def test_abort_while_batch_in_flight_leaks_no_blocks(tmp_path, micro_batches: in
             for out in engine.step():
                 if out.finished:
                     finals[out.request_id] = out
-            in_flight = [r for r in prompts if engine.scheduler.is_in_flight(r)]
+            in_flight = [r for r in prompts if r in engine.scheduler.in_flight]
             if victim is None and in_flight and engine.scheduler.requests[in_flight[0]].num_output_tokens >= 2:
                 victim = in_flight[0]
                 held = engine.kv_manager.get_block_ids(victim)

@@ -5,8 +5,8 @@ The KV cache manager grows a held block table in place and skips the general all
 and `cache_full_blocks` return early when nothing changed; the scheduler feeds a decode's one
 token without slicing. `ReferenceKVCacheManager` and `_reference_fed_token_ids` below are the
 general code those shortcuts replaced. Each workload runs twice, once with the shortcuts and
-once with the references, through the engine's batch queue (synchronous, pipeline micro-batches
-at D = 2 and 3, async scheduling), and every SchedulerOutput, every applied result and the
+once with the references, through the engine's batch queue (InFlightBatches: synchronous,
+pipeline micro-batches at D = 2 and 3, async scheduling), and every SchedulerOutput, every applied result and the
 final pool must be the same. The workloads mix chunked prefills, decodes, prefix hits,
 preemption and kv_cache_full (small pools), EOS / stop ids / max_tokens / max_model_len stops
 and aborts (waiting, running and in flight).
@@ -17,16 +17,16 @@ The output processor's dirty-parent bookkeeping is checked against the order it 
 from __future__ import annotations
 
 import random
-from collections import deque
 
 import pytest
 from shardserve.workers.config import CacheConfig, SchedulerConfig
 from shardserve.workers.engine import _are_ints
+from shardserve.workers.inflight import InFlightBatches
 from shardserve.workers.kv_cache.manager import NO_COMPUTED_BLOCKS, ComputedBlocks, KVCacheManager
 from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.request import FinishReason, Request, SamplingParams
-from shardserve.workers.scheduler import scheduler as scheduler_module
-from shardserve.workers.scheduler.scheduler import PLACEHOLDER, Scheduler
+from shardserve.workers.scheduler.in_flight import PLACEHOLDER, InFlightRequests
+from shardserve.workers.scheduler.scheduler import Scheduler
 from shardserve.workers.step_types import ModelRunnerOutput
 
 EOS = 999
@@ -112,16 +112,31 @@ def _events(seed: int, num_steps: int = 40) -> list[tuple[list[tuple], list[str]
     return events
 
 
+class _Executor:
+    """Runs each batch when it is submitted (like ranks, in order) and logs what it was sent."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def submit(self, sched):
+        self.log.append(sched)
+        return ModelRunnerOutput(sampled_token_ids={
+            row.request_id: _sampled_token(row.request_id, row.seq_len) for row in sched.scheduled if row.sample})
+
+    def collect(self, handle) -> ModelRunnerOutput:
+        return handle  # the output itself
+
+
 def _drive(kv: KVCacheManager, depth: int, async_scheduling: bool, policy: str, events, max_model_len: int = 40):
-    """The engine's batch queue over the scheduler; returns everything the run decided."""
+    """The engine's batch queue (InFlightBatches) over the scheduler; returns everything the run decided."""
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=24, policy=policy),
                           CacheConfig(block_size=4), kv, max_model_len,
                           max_batches_in_flight=depth, async_scheduling=async_scheduling)
     requests: dict[str, Request] = {}
     log: list = []
-    in_flight: deque = deque()
+    batches = InFlightBatches(scheduler, _Executor(log), depth, async_scheduling)
     step = 0
-    while step < len(events) or scheduler.has_unfinished() or in_flight:
+    while step < len(events) or scheduler.has_unfinished() or batches:
         assert step < 2000, "the workload never drained"
         adds, aborts = events[step] if step < len(events) else ([], [])
         for request_id, prompt, params, priority in adds:
@@ -131,18 +146,17 @@ def _drive(kv: KVCacheManager, depth: int, async_scheduling: bool, policy: str, 
                 scheduler.add_request(request)
             except ValueError as error:
                 log.append(("rejected", request_id, str(error)))
+        batches.drop_later_results(aborts)
         scheduler.abort_requests(aborts)
-        while len(in_flight) < depth:
-            output = scheduler.schedule()
-            log.append(output)
-            result = ModelRunnerOutput(sampled_token_ids={
-                row.request_id: _sampled_token(row.request_id, row.seq_len) for row in output.scheduled if row.sample})
-            if output.is_empty:
-                log.append([r.request_id for r in scheduler.update_from_output(output, result)])
-                break
-            in_flight.append((output, result))
-        if in_flight:
-            log.append([r.request_id for r in scheduler.update_from_output(*in_flight.popleft())])
+        idle = batches.fill()
+        if idle is not None:
+            log.append(idle.sched)
+            log.append([r.request_id for r in scheduler.update_from_output(idle.sched, idle.output)])
+        done = batches.collect()
+        if done is not None:
+            advanced = scheduler.update_from_output(done.sched, done.output)
+            log.append((batches.kept(done).request_ids, [r.request_id for r in advanced]))
+            batches.drop_finished(advanced)
         step += 1
     finals = {rid: (r.output_token_ids, r.finish_reason, r.stop_reason, r.metrics.num_preemptions)
               for rid, r in requests.items()}
@@ -157,7 +171,7 @@ def test_fast_paths_decide_like_the_general_paths(monkeypatch, depth, async_sche
                                                   prefix_caching, seed):
     events = _events(seed)
     fast = _drive(KVCacheManager(num_blocks, 4, prefix_caching), depth, async_scheduling, policy, events)
-    monkeypatch.setattr(scheduler_module, "_fed_token_ids", _reference_fed_token_ids)
+    monkeypatch.setattr(InFlightRequests, "fed_token_ids", staticmethod(_reference_fed_token_ids))
     general = _drive(ReferenceKVCacheManager(num_blocks, 4, prefix_caching), depth, async_scheduling, policy, events)
     assert fast == general
     log, finals, *_ = fast

@@ -300,14 +300,14 @@ def test_logprobs_and_ranks_match_log_softmax_of_raw_logits():
         assert next(iter(entry)) == sampled  # sampled token first
         if row == 2:  # four-way tie at the top: which tied ids fill the top-2 is arbitrary
             assert len(entry) in (2, 3) and set(entry) <= {0, 1, 2, 3}
-            assert all(rank == 1 for _, rank in entry.values())
+            assert all(lp.rank == 1 for lp in entry.values())
         else:
             top = expected[row].argsort(descending=True)[: p.logprobs].tolist()
             assert set(entry) == {sampled} | set(top)
-        for token, (lp, rank) in entry.items():
-            assert lp == pytest.approx(expected[row, token].item(), abs=1e-5)
-            assert rank == 1 + int((expected[row] > expected[row, token] + 1e-9).sum())
-    assert out.logprobs[2][out.token_ids[2].item()][1] == 1  # tied top tokens all have rank 1
+        for token, lp in entry.items():
+            assert lp.logprob == pytest.approx(expected[row, token].item(), abs=1e-5)
+            assert lp.rank == 1 + int((expected[row] > expected[row, token] + 1e-9).sum())
+    assert out.logprobs[2][out.token_ids[2].item()].rank == 1  # tied top tokens all have rank 1
     assert len(out.logprobs[3]) == 1
 
 
@@ -322,9 +322,8 @@ def test_prompt_logprobs_match_reference_across_chunks(monkeypatch):
         target = prompt[j + 1]
         assert next(iter(entry)) == target
         assert set(entry) == {target} | set(expected[j].topk(2).indices.tolist())
-        lp, rank = entry[target]
-        assert lp == pytest.approx(expected[j, target].item(), abs=1e-5)
-        assert rank == 1 + int((expected[j] > expected[j, target]).sum())
+        assert entry[target].logprob == pytest.approx(expected[j, target].item(), abs=1e-5)
+        assert entry[target].rank == 1 + int((expected[j] > expected[j, target]).sum())
 
 
 def test_bad_inputs_name_the_value():

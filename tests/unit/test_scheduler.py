@@ -423,13 +423,13 @@ def test_in_flight_requests_are_skipped_and_batches_split_evenly(make_harness, m
     harness.add(*requests)
     scheduler = harness.scheduler
     first = scheduler.schedule()  # 4 waiting, 2 batches in flight at most: 2 per batch
-    assert list(rows(first)) == ["r0", "r1"] and all(scheduler.is_in_flight(r) for r in ("r0", "r1"))
+    assert list(rows(first)) == ["r0", "r1"] and all(r in scheduler.in_flight for r in ("r0", "r1"))
     second = scheduler.schedule()
-    assert list(rows(second)) == ["r2", "r3"] and scheduler.num_in_flight == 4
+    assert list(rows(second)) == ["r2", "r3"] and len(scheduler.in_flight) == 4
     assert scheduler.schedule().is_empty  # everything is in flight
     scheduler.update_from_output(first, harness.runner.execute(first))
     scheduler.update_from_output(second, harness.runner.execute(second))
-    assert scheduler.num_in_flight == 0
+    assert len(scheduler.in_flight) == 0
     third = scheduler.schedule()  # 4 running decodes: 2 per batch, in admission order
     assert list(rows(third)) == ["r0", "r1"] and all(row.num_tokens == 1 for row in third.scheduled)
     assert list(rows(scheduler.schedule())) == ["r2", "r3"]

@@ -31,6 +31,7 @@ import torch
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.bench.hf_baseline import hf_generate, load_hf_model
 from shardserve.workers.bench.runs import rank_bytes, run_engine, run_latency, run_throughput
+from shardserve.workers.bench.spec_runs import run_speculative_bench, speculative_config
 from shardserve.workers.bench.workload import Workload
 from shardserve.workers.config import CostConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
@@ -140,6 +141,12 @@ def _free(model) -> None:
 
 
 def run_latency_bench(args: argparse.Namespace) -> dict:
+    if getattr(args, "speculative_method", None):
+        try:
+            config, _ = engine_config(args), speculative_config(args)
+        except ValueError as exc:
+            raise BenchConfigError(str(exc)) from exc
+        return run_speculative_bench(config, args)
     engine = _engine(args)
     try:
         return _latency(engine, args)

@@ -1,25 +1,18 @@
 """CUDA graphs for steps that carry prefill tokens: one captured forward per token-count bucket.
 
-Why: a step with a prefill chunk (alone or mixed with decode rows) used to run eagerly, and
-on a GPU its host cost — about 7 Triton launches x every layer, ~13 ms for Llama-3.1-8B —
-exceeded its GPU time whenever the chunk was a few hundred tokens, which is the steady state
-of continuous batching (a finishing request is replaced by a fresh prompt). vLLM reaches the
-same end by splitting its compiled graph around attention ("piecewise"); here attention
-itself is graph-safe, because the extend kernel's grid depends only on the token count and
-the number of request slots (`workers/kernels/extend_attention.py`), so the whole forward is
-captured.
+Why: eagerly, a step with a prefill chunk pays ~7 Triton launches x every layer on the host
+(~13 ms for Llama-3.1-8B), more than its GPU time at chunks of a few hundred tokens, the steady
+state of continuous batching. Attention itself is graph-safe (the extend kernel's grid depends
+only on the token count and the number of request slots), so the whole forward is captured.
 
 Data flow: at start-up `MixedGraphs.capture` records, for every bucket T in
 `token_buckets(max_num_batched_tokens)` (largest first, in the runner's shared graph pool), the
-model's forward over T tokens split among R = min(max_num_seqs, T) request slots. Each
-bucket's inputs are views of one persistent int64 buffer laid out as `pack_mixed_inputs`
-writes it: token ids [T], positions [T], slot mapping [T], query_start [R + 1], seq lens [R]
-and persistent-batch rows [R]; block tables are gathered from the persistent batch's device
-table by those rows inside the graph, so any rows (not only 0..R-1) can be scheduled. A step
-with n tokens over r requests picks the smallest bucket T >= n; padding tokens belong to no
-request (the kernel leaves their attention output zero) and write their K/V to slot 0 of the
-null block 0; padding request slots have query length 0 and context 0, so the kernel gives
-them no work.
+forward over T tokens split among R = min(max_num_seqs, T) request slots. A bucket's inputs are
+views of one persistent int64 buffer laid out by `pack_mixed_inputs`: token ids [T], positions
+[T], slot mapping [T], query_start [R + 1], seq lens [R] and persistent-batch rows [R]; block
+tables are gathered by those rows inside the graph, so any rows can be scheduled. A step of n
+tokens picks the smallest bucket T >= n; padding tokens belong to no request and write their
+K/V to the null block 0; padding request slots have query length 0, so the kernel skips them.
 """
 
 from __future__ import annotations

@@ -1,39 +1,24 @@
 """ModelRunner: owns the model, its paged KV cache and the sampler on one device.
 
-One call per engine step: `execute(scheduler_output)`, which is `finish(launch(scheduler_output))`
-  1. applies the step's diffs to the persistent batch (runner/persistent_batch.py): finished
-     and preempted requests leave their rows, new ones take rows, block tables gain the
-     blocks the scheduler just allocated; the sampling options follow (sampling_state.py);
-  2. lays the scheduled tokens out in row order (numpy) and uploads everything the step needs
-     — inputs and block-table diffs — in one pinned host-to-device copy (staging.py);
-  3. runs the model: a decode step whose rows are 0..n-1 replays the CUDA graph of the
-     smallest bucket >= n (cuda_graphs.py); any other step replays the graph of the smallest
-     token-count bucket that holds it (mixed_graphs.py); without graphs (CPU, the MoE
-     expert loop) every step runs eagerly. A pipeline stage after the first receives the
-     previous stage's activations before its forward, and a stage before the last sends its
-     own after it and returns (the stage's forward alone is captured);
-  4. computes logits only for the rows that sample (plus prompt positions of requests that
-     asked for prompt logprobs), builds SamplingMetadata from the cached per-row state while
-     the GPU is still busy, samples in one vectorised call, and waits for the token ids.
-Steps 1-4 up to the sampler call are `launch`, which never waits for the GPU and returns a
-`PendingStep` (the sampled ids still on the device); `finish` waits for them (`.tolist()`) and
-builds the ModelRunnerOutput. Async scheduling (SchedulerConfig.async_scheduling) launches step
-N+1 before finishing step N: the launch also writes the sampled ids into `last_sampled`
-([max_rows] on the device, indexed by persistent row, moved with the rows), and a token the
-scheduler could not know yet (PLACEHOLDER, < 0: the id step N samples) is replaced right after
-the upload, before the forward, by `last_sampled[row of that token]` — one gather and one
-scatter on the device, in stream order after step N's sampler, so neither the host nor the
-CUDA graphs (whose input buffers are written from the patched upload) ever see the placeholder.
-Under async scheduling on CUDA the launch also queues the ids' copy to pinned host memory and
-an event right after the sampler, and `finish` waits for that event only: a `.tolist()` there
-would be queued behind step N+1 and wait for it too. Output counts (seeds, min_tokens) advance
-at launch; penalty histories need the ids on the host, so a step sampling a penalty row must be
-finished before the next launch (the engine runs such steps synchronously; `finish` checks it).
-Steps that compute logprobs or prompt logprobs read them back inside `launch` (correct, but
-that step's host work does not overlap).
-On CUDA the attention backend is the Triton one and the model's norms, rotary and activation
-run the fused Triton kernels (workers/models/layers.py). `step_times` measures, per step, the
-host time spent outside the wait for the GPU and the GPU time of the step (CUDA events).
+One call per engine step, `execute(scheduler_output)` = `finish(launch(scheduler_output))`:
+  1. the step's diffs go into the persistent batch (persistent_batch.py; sampling options in
+     sampling_state.py): finished / preempted requests leave their rows, new ones take rows,
+     block tables gain the blocks the scheduler just allocated;
+  2. the tokens are laid out in row order (numpy) and uploaded with the block-table diffs in one
+     pinned host-to-device copy (staging.py);
+  3. the model runs: a decode step whose rows are 0..n-1 replays a decode CUDA graph
+     (cuda_graphs.py), any other step a token-count graph (mixed_graphs.py), or eagerly (CPU,
+     the MoE expert loop); a later pipeline stage receives the previous stage's activations and
+     a stage before the last sends its own and returns;
+  4. logits for the sampling rows (and prompt-logprob positions), SamplingMetadata built while
+     the GPU is busy, one vectorised sampler call. A request with draft tokens (speculative
+     decoding) samples at its last known token and at every draft, with its row's options
+     repeated; `finish` keeps the drafts up to the first the target disagrees with (`_verify`).
+`launch` (1-4) never waits for the GPU and returns a `PendingStep`; `finish` waits for the ids
+and builds the ModelRunnerOutput. Async scheduling launches N+1 before finishing N: the ids N
+samples go to `last_sampled` ([max_rows], by persistent row) and the PLACEHOLDER inputs of N+1
+are replaced from it on the device right after the upload, before the forward. A step sampling
+penalty rows must be finished before the next launch (penalty histories need the ids on the host).
 """
 
 from __future__ import annotations
@@ -68,6 +53,7 @@ from shardserve.workers.sampling.sampler import Sampler
 from shardserve.workers.step_types import (
     ModelRunnerOutput,
     NewRequestData,
+    PromptLogprobs,
     ScheduledRequest,
     SchedulerOutput,
     TokenLogprobs,
@@ -87,6 +73,9 @@ class ModelRunner:
         self.vocab_size = loaded.hf_config.vocab_size
         self.sampler = Sampler(self.vocab_size, seed=config.model.seed)
         self.max_rows = config.scheduler.max_num_seqs
+        # logits rows of a step at most: verify steps add up to max_verify_tokens (speculative decoding)
+        speculative = config.speculative
+        self.max_sample_rows = self.max_rows + (speculative.max_verify_tokens if speculative.enabled else 0)
         self.max_model_len = loaded.max_model_len
         state = get_parallel_state()
         self.is_first_stage, self.is_last_stage = state.is_first_pp_rank, state.is_last_pp_rank
@@ -173,7 +162,7 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata, hidden_in)
             if sample and self.is_last_stage:
-                num_rows = min(self.max_rows, hidden.shape[0])
+                num_rows = min(self.max_sample_rows, hidden.shape[0])
                 logits = self.model.compute_logits(hidden[-num_rows:])
                 rows = SamplingState(num_rows, None, self.device)
                 for row in range(num_rows):
@@ -254,6 +243,9 @@ class ModelRunner:
         sample_mask = np.fromiter((r.sample for r in layout.requests), dtype=bool, count=len(layout.requests))
         sample_tokens = layout.query_start[1:][sample_mask] - 1  # [num_sampling] token rows
         sample_rows = layout.rows[sample_mask]
+        drafts = None
+        if sched.num_draft_tokens:
+            sample_tokens, sample_rows, drafts = _verify_rows(layout, sample_mask)
         uploads = self._uploads(layout, sample_tokens, sample_rows)
         timing = self.step_times.enabled and self.device.type == "cuda"
         if self.step_times.enabled:
@@ -294,6 +286,7 @@ class ModelRunner:
             output, seq, sampled.token_ids, ids, sample_rows,
             logprobs=sampled.logprobs if metadata.max_num_logprobs is not None else None,
             has_penalties=self.sampling.has_penalties(sample_rows), timed=self.step_times.enabled, events=events,
+            drafts=drafts,
         )
         if self.overlaps_steps and self.device.type == "cuda":  # finish() waits on an event, not a sync
             pending.host_token_ids = torch.empty(num_sampling, dtype=sampled.token_ids.dtype, pin_memory=True)
@@ -322,8 +315,11 @@ class ModelRunner:
                 # Rows may have moved and the next step sampled without these tokens.
                 raise RuntimeError("a step that samples penalty rows must be finished before the next launch")
             self.sampling.record_tokens(pending.sample_rows, token_ids)
-        output.sampled_token_ids.update(zip(pending.request_ids, token_ids, strict=True))
-        if pending.logprobs is not None:
+        if pending.drafts is not None:
+            self._verify(pending, token_ids, output)
+        else:
+            output.sampled_token_ids.update(zip(pending.request_ids, token_ids, strict=True))
+        if pending.logprobs is not None and pending.drafts is None:
             for request_id, logprobs in zip(pending.request_ids, pending.logprobs, strict=True):
                 if logprobs is not None:
                     output.logprobs[request_id] = logprobs
@@ -338,6 +334,24 @@ class ModelRunner:
                 times.gap_s.append(times.last_end.elapsed_time(pending.events[0]) / 1e3)
             times.last_end = pending.events[1]
         return output
+
+    def _verify(self, pending: PendingStep, token_ids: list[int], output: ModelRunnerOutput) -> None:
+        """Each request's sampled token and accepted drafts from a speculative step's samples: the
+        drafts are kept while the target drew them; its draw at the first other position (or after
+        the last draft) is the sampled token (exact for deterministic drafts: speculator.py)."""
+        assert pending.drafts is not None and pending.sample_rows is not None
+        logprobs, position = pending.logprobs, 0
+        for request_id, drafts in zip(pending.request_ids, pending.drafts, strict=True):
+            num_drafts, accepted = len(drafts), 0
+            while accepted < num_drafts and token_ids[position + accepted] == drafts[accepted]:
+                accepted += 1
+            output.sampled_token_ids[request_id] = token_ids[position + accepted]
+            if num_drafts:
+                output.accepted_draft_ids[request_id] = drafts[:accepted]
+                self.sampling.num_outputs[pending.sample_rows[position]] += accepted
+            elif logprobs is not None and logprobs[position] is not None:
+                output.logprobs[request_id] = logprobs[position]
+            position += num_drafts + 1
 
     def _uploads(self, layout: StepLayout, sample_tokens: np.ndarray, sample_rows: np.ndarray) -> StepUploads:
         uploads = StepUploads()
@@ -459,7 +473,22 @@ class ModelRunner:
                 targets = torch.tensor(prompt[first + 1 : last + 1], device=self.device)
                 entries.extend(compute_prompt_logprobs(logits, targets, top_n))
             # entries[0] is prompt position 0 (None) or, past the first chunk, first + 1.
-            output.prompt_logprobs[req.request_id] = (0 if first == 0 else first + 1, entries)
+            output.prompt_logprobs[req.request_id] = PromptLogprobs(0 if first == 0 else first + 1, entries)
+
+
+def _verify_rows(layout: StepLayout, sample_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
+    """Sampling positions of a step with drafts: a sampling request with d drafts samples at its
+    last d + 1 query tokens. Returns (token rows, persistent rows, drafts per sampling request)."""
+    requests = layout.requests
+    num_drafts = np.fromiter((r.num_drafts for r in requests), dtype=np.int64, count=len(requests))
+    counts = np.where(sample_mask, 1 + num_drafts, 0)
+    firsts = layout.query_start[1:] - counts  # [requests] first sampled token row
+    offsets = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    token_rows = np.repeat(firsts, counts) + np.arange(total) - np.repeat(offsets, counts)
+    drafts = [r.token_ids[len(r.token_ids) - r.num_drafts:] if r.num_drafts else ()
+              for r, s in zip(requests, sample_mask.tolist(), strict=True) if s]
+    return token_rows, np.repeat(layout.rows, counts), drafts
 
 
 def _syncs_in_forward(model: torch.nn.Module) -> bool:

@@ -87,6 +87,9 @@ class PendingStep:
     output: the ModelRunnerOutput so far (prompt logprobs); complete when `token_ids` is None.
     token_ids: [num_sampling] int64 on the device, logits order. request_ids / sample_rows: the
     sampling requests and their persistent rows at launch, same order.
+    drafts: speculative steps only: per sampling request its draft tokens; such a request has
+    1 + len(drafts) consecutive entries in token_ids / sample_rows (the target's token at the
+    last known token and at each draft), the others one.
     """
 
     output: ModelRunnerOutput
@@ -96,6 +99,7 @@ class PendingStep:
     sample_rows: np.ndarray | None = None
     logprobs: list[TokenLogprobs | None] | None = None
     has_penalties: bool = False
+    drafts: list[tuple[int, ...]] | None = None
     # Async scheduling on CUDA: the ids' copy to pinned host memory, issued right after the
     # sampler, and the event that marks it done (a `.tolist()` at finish would be queued behind
     # the steps launched since, and wait for them too).

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from shardserve.workers.request import Logprob
 from shardserve.workers.step_types import TokenLogprobs
 
 # Prompt positions are processed in chunks so the float32 log_softmax copy stays bounded
@@ -72,9 +73,10 @@ def to_token_logprobs(
     top_ranks = gathered.top_ranks.tolist()
     result: list[TokenLogprobs] = []
     for row, num_top in enumerate(num_top_per_row):
-        entry: TokenLogprobs = {ids[row]: (lps[row], ranks[row])}
+        entry: TokenLogprobs = {ids[row]: Logprob(lps[row], ranks[row])}
         for j in range(num_top):
-            entry.setdefault(top_ids[row][j], (top_lps[row][j], top_ranks[row][j]))
+            if top_ids[row][j] not in entry:
+                entry[top_ids[row][j]] = Logprob(top_lps[row][j], top_ranks[row][j])
         result.append(entry)
     return result
 

@@ -1,62 +1,24 @@
-"""Scheduler: picks each step's batch (continuous or static batching, chunked prefill,
-preemption by recompute, FCFS or priority) and folds the sampled tokens back into requests.
+"""Scheduler: the policy — who runs each step (continuous or static batching, chunked prefill,
+preemption by recompute, FCFS or priority) — and the sampled tokens folded back into requests.
 
-Data flow of one engine step:
-1. `schedule()` walks the running requests in admission order; each gets
-   `min(num_tokens - num_computed_tokens, token budget left)` tokens (1 for a decode, a chunk
-   of a prefill). When the KV cache manager cannot grow a request's block table, the scheduler
-   preempts by recompute (FCFS: the last admitted running request; priority: the running
-   request with the largest (priority, arrival)) until the allocation fits or the request
-   itself is the victim. Then, unless something was preempted this step, it admits waiting
-   requests (queue order) while max_num_seqs, the token budget and free blocks allow, starting
-   each from its prefix-cache hit. The result is a `SchedulerOutput`: per request the fed
-   token ids, start position and block table, and `NewRequestData` for requests the runner has
-   not seen (new, or resumed after preemption).
-2. The runner computes the tokens and samples for requests whose chunk reached their end.
-3. `update_from_output()` advances `num_computed_tokens`, registers newly full blocks in the
-   prefix cache, appends sampled tokens and applies token-level stops (EOS, stop ids, max_tokens,
-   max_model_len). Finished requests free their blocks at once; their ids (for the runner to
-   drop its state) go out in the next `SchedulerOutput.finished_request_ids`.
-
-Static mode (the baseline for continuous batching): when nothing runs, up to max_num_seqs
-waiting requests form a batch; only its members are admitted (over several steps if the token
-budget or free blocks require) and nothing else joins until every member finished. A preempted
-member waits at the front of its batch. If a request is the only one running and still cannot
-grow, it can never fit: it finishes with FinishReason.LENGTH and stop_reason "kv_cache_full".
-The engine must call `update_from_output` after every `schedule()` (with an empty
-ModelRunnerOutput when nothing was scheduled): it also returns requests the scheduler finished
-itself during `schedule()`.
-
-Batches in flight (pipeline parallelism, `max_batches_in_flight` = D > 1: the P stages, or
-ParallelConfig.pipeline_micro_batches): the engine may call `schedule()` again before the
-previous batches' `update_from_output`, up to D times; results must then be applied in
-schedule order. A request scheduled in a batch is *in flight* until
-that batch's `update_from_output`: its next token is unknown, so later `schedule()` calls skip
-it, and it is never a preemption victim (victims are picked among requests not in flight; when
-the policy's victim is in flight, the request that needs blocks waits a batch instead of
-preempting itself). A request finished while in flight (an abort) leaves at once, but its
-blocks are freed only when its batch returns (the ranks may still write its K/V), its result
-is ignored, and a new request with the same id waits for that. To keep consecutive batches of
-similar size, each batch takes at most ceil(min(max_num_seqs, running + waiting) / D)
-requests (running ones first, in admission order, then admissions): with R requests decoding,
-the D batches in flight hold about R / D each instead of one holding all. At D = 1 nothing is
-ever in flight at `schedule()` time and none of this changes a decision.
-
-Async scheduling (SchedulerConfig.async_scheduling, P = 1 stage): the engine schedules batch
-N+1 while batch N is still running, so a request may sit in both (at most D =
-SchedulerConfig.async_depth batches are ever in flight, 2 by default, and at most D - 1 when
-`schedule()` runs). Per request in flight, `_Ahead` counts the
-batches holding it, the tokens they compute (the next chunk starts after them) and the tokens
-they sample. A sampled token is not known on the host until its batch is applied, so the next
-batch feeds `PLACEHOLDER` at its position; the runner replaces it on the device with the id
-its sampler wrote (runner/model_runner.py). A request whose in-flight token is sure to end it
-(max_tokens, max_model_len) is not scheduled again; one that the in-flight token ends anyway
-(EOS, stop token id, a stop string, an abort) finishes when that batch is applied, and the
-later batch's result for it is dropped (its blocks are freed when that batch returns, as
-above). Preemption victims are never in flight, so while every running request is in the batch
-in flight, a request that cannot grow skips this batch (it is scheduled again, or preempts,
-once that batch returns). Requests are not split between batches (no batch cap): each batch
-holds every running request that can advance.
+`schedule()` gives each running request (admission order) min(tokens left, budget left) tokens;
+when a block table cannot grow it preempts (FCFS: the last admitted; priority: the largest
+(priority, arrival)) until it fits or the request itself is the victim; then, unless it
+preempted, admits waiting requests from their prefix-cache hit while max_num_seqs, budget and
+blocks allow. Out goes a `SchedulerOutput` (step_types.py). `update_from_output()` advances
+`num_computed_tokens`, caches full blocks, appends tokens and applies token stops (EOS, stop
+ids, max_tokens, max_model_len); finished ids reach the runner in the next output. It must
+follow every `schedule()`, even an empty one: it returns the requests `schedule()` finished
+(kv_cache_full: alone and still unable to grow). Static mode admits a batch of up to
+max_num_seqs only when nothing runs. With D = `max_batches_in_flight` > 1 (InFlightBatches,
+workers/inflight.py) `schedule()` runs again before earlier results are applied; where each
+request stands is `self.in_flight` (in_flight.py), which the policy only reads: a request in
+flight is never a preemption victim; under pipeline stages it is skipped and each batch takes
+about 1/D of the requests; under async scheduling it is in every batch, fed placeholders.
+Speculative decoding (a `Speculator`, workers/spec/): on a step where it is active, a decoding
+request with nothing in flight gets drafts appended to its query (`num_drafts`, budget and blocks
+included; drafts are dropped rather than preempting anyone), and `update_from_output` keeps the
+accepted drafts before the sampled token, stopping at the first token that ends the request.
 """
 
 from __future__ import annotations
@@ -69,11 +31,12 @@ from dataclasses import dataclass, field
 from shardserve.workers.config import CacheConfig, SchedulerConfig
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.request import FinishReason, Request, RequestStatus
+from shardserve.workers.scheduler.in_flight import InFlightRequests
 from shardserve.workers.scheduler.queue import FCFSQueue, RequestQueue, make_request_queue
+from shardserve.workers.spec.speculator import Speculator
 from shardserve.workers.step_types import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 
 KV_CACHE_FULL = "kv_cache_full"  # stop_reason of a request that alone outgrew the KV pool
-PLACEHOLDER = -1  # a token id fed before it is known on the host (async scheduling)
 
 
 @dataclass(frozen=True)
@@ -85,16 +48,6 @@ class SchedulerStats:
     prefix_cache_hit_rate: float  # hit tokens / looked-up tokens, in [0, 1]
 
 
-# A request's share of the batches in flight (scheduled, result not applied yet):
-# (num_batches, num_tokens: tokens those batches compute, the next chunk starts after them,
-#  num_placeholders: tokens those batches sample, not on the host yet).
-# A plain tuple of ints, not a small object: one is made per request and batch, and such tuples
-# cost Python's garbage collector nothing (it stops tracking them), while small objects that
-# live a few batches made it run full collections, ~0.2 s each in a process that imports torch
-# (benchmarks/driver_overhead.py at PP 2 x 3: three of them, ~0.6 s of a ~3.5 s run).
-_Ahead = tuple[int, int, int]
-
-
 @dataclass
 class _Step:
     """Decisions of one `schedule()` call while they are being made."""
@@ -103,6 +56,8 @@ class _Step:
     max_requests: int  # requests this batch may hold (Scheduler._batch_cap)
     num_new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> tokens, batch order
     preempted_ids: list[str] = field(default_factory=list)
+    speculate: bool = False  # propose drafts this step (Speculator.active)
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> its drafts (in num_new_tokens)
 
 
 class Scheduler:
@@ -114,6 +69,7 @@ class Scheduler:
         max_model_len: int,
         max_batches_in_flight: int = 1,
         async_scheduling: bool = False,
+        speculator: Speculator | None = None,
     ) -> None:
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
@@ -146,8 +102,8 @@ class Scheduler:
         self.async_scheduling = async_scheduling
         # Pipeline parallelism: requests in flight wait, batches share the requests out.
         self._pipelined = max_batches_in_flight > 1 and not async_scheduling
-        self._in_flight: dict[str, _Ahead] = {}  # ids scheduled in a batch whose result is not applied yet
-        self._free_on_return: dict[str, Request] = {}  # finished while in flight: blocks still held
+        self.in_flight = InFlightRequests(kv_manager)
+        self.speculator = speculator
 
     # ---- requests in and out -----------------------------------------------------------------
 
@@ -191,15 +147,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def is_in_flight(self, request_id: str) -> bool:
-        """True while `request_id` is in a scheduled batch whose result is not applied yet."""
-        return request_id in self._in_flight
-
-    def num_batches_holding(self, request_id: str) -> int:
-        """Batches in flight that hold `request_id` (0 when it is not in flight)."""
-        ahead = self._in_flight.get(request_id)
-        return ahead[0] if ahead is not None else 0
-
     # ---- counters -----------------------------------------------------------------------------
 
     @property
@@ -215,11 +162,6 @@ class Scheduler:
         """Prompt tokens of the waiting requests (what admission control bounds)."""
         return sum(len(r.prompt_token_ids) for r in itertools.chain(self.waiting, self._batch_pending))
 
-    @property
-    def num_in_flight(self) -> int:
-        """Requests in batches whose results are not applied yet (aborted ones included)."""
-        return len(self._in_flight)
-
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=self.num_running,
@@ -233,6 +175,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         step = _Step(token_budget=self.config.max_num_batched_tokens, max_requests=self._batch_cap())
+        step.speculate = self.speculator is not None and self.speculator.active(len(self.running))
         pipelined = self._pipelined
         candidates = self._batch_candidates(step.max_requests) if pipelined else list(self.running)
         for request in candidates:
@@ -255,68 +198,45 @@ class Scheduler:
         requests, sampled_token_ids = self.requests, runner_output.sampled_token_ids
         for scheduled in scheduler_output.scheduled:
             request_id = scheduled.request_id
-            if track:
-                still_in_flight = self._returned(scheduled)
-                finished = self._free_on_return.get(request_id)
-                if finished is not None:  # finished while in flight: its result is dropped
-                    if not still_in_flight:  # the last batch holding it is back: no rank writes its K/V
-                        del self._free_on_return[request_id]
-                        self.kv.free(finished)
-                    continue
+            if track and self.in_flight.returned(scheduled):
+                continue  # finished while in flight: its result is dropped
             request = requests.get(request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted since schedule(): its blocks are already free
-            request.num_computed_tokens = scheduled.start_position + len(scheduled.token_ids)  # its seq_len
+            # its seq_len, but for drafts (their K/V counts once they are accepted)
+            request.num_computed_tokens = scheduled.start_position + len(scheduled.token_ids) - scheduled.num_drafts
             self.kv.cache_full_blocks(request)
             if not scheduled.sample:
                 continue
             token_id = sampled_token_ids.get(request_id)
             if token_id is None:
                 raise RuntimeError(f"runner output has no sampled token for request {request_id!r}")
+            if scheduled.num_drafts:
+                self._apply_drafts(request, scheduled.num_drafts, runner_output.accepted_draft_ids.get(request_id, ()),
+                                   now)
+                if request.is_finished:
+                    updated.append(request)
+                    continue
             request.append_output_token(token_id)
             request.metrics.record_token(now)
             self._check_stop(request, token_id)
             updated.append(request)
         return updated
 
+    def _apply_drafts(self, request: Request, num_drafts: int, accepted: tuple[int, ...], now: float) -> None:
+        """Append the accepted drafts (their K/V is in the cache) until one ends the request."""
+        assert self.speculator is not None
+        self.speculator.record(request.request_id, num_drafts, len(accepted))
+        for token_id in accepted:
+            request.append_output_token(token_id)
+            request.metrics.record_token(now)
+            request.num_computed_tokens += 1
+            self._check_stop(request, token_id)
+            if request.is_finished:
+                return
+        self.kv.cache_full_blocks(request)
+
     # ---- internals ------------------------------------------------------------------------------
-
-    def _track(self, request_id: str, num_new: int, sample: bool) -> None:
-        """Add a scheduled batch's share to its request's `_Ahead` (it is now in flight)."""
-        num_batches, num_tokens, num_placeholders = self._in_flight.get(request_id, (0, 0, 0))
-        self._in_flight[request_id] = (num_batches + 1, num_tokens + num_new, num_placeholders + sample)
-
-    def _returned(self, scheduled: ScheduledRequest) -> bool:
-        """Take a returned batch's share off its request's `_Ahead`; True if it is still in flight."""
-        ahead = self._in_flight.get(scheduled.request_id)
-        if ahead is None:
-            return False
-        num_batches, num_tokens, num_placeholders = ahead
-        if num_batches == 1:  # this was the last batch holding it
-            del self._in_flight[scheduled.request_id]
-            return False
-        self._in_flight[scheduled.request_id] = (
-            num_batches - 1, num_tokens - len(scheduled.token_ids), num_placeholders - scheduled.sample)
-        return True
-
-    def _scheduled_end(self, request: Request, ahead: _Ahead | None) -> tuple[int, int]:
-        """(tokens computed or being computed, tokens known or being sampled) of `request`, whose
-        entry in `_in_flight` is `ahead`: where its next chunk starts and where its schedulable
-        tokens end."""
-        if ahead is None:
-            return request.num_computed_tokens, len(request.all_token_ids)
-        _, num_tokens, num_placeholders = ahead
-        return request.num_computed_tokens + num_tokens, len(request.all_token_ids) + num_placeholders
-
-    def _ends_in_flight(self, request: Request, ahead: _Ahead) -> bool:
-        """True when the tokens sampled in flight (`ahead`) surely end the request (max_tokens
-        or max_model_len), so it must not be scheduled again."""
-        _, _, num_placeholders = ahead
-        if num_placeholders == 0:
-            return False
-        num_output = len(request.output_token_ids) + num_placeholders
-        return (num_output >= request.sampling_params.max_tokens
-                or len(request.all_token_ids) + num_placeholders >= self.max_model_len)
 
     def _batch_cap(self) -> int:
         """Requests one batch may hold: max_num_seqs at P = 1, else an even share of the demand."""
@@ -328,14 +248,15 @@ class Scheduler:
 
     def _batch_candidates(self, max_requests: int) -> list[Request]:
         """The first `max_requests` running requests not in flight, in admission order."""
-        in_flight = self._in_flight
+        in_flight = self.in_flight.ahead
         return list(itertools.islice((r for r in self.running if r.request_id not in in_flight), max_requests))
 
     def _schedule_running(self, request: Request, step: _Step) -> None:
-        ahead = self._in_flight.get(request.request_id)
-        if ahead is not None and self._ends_in_flight(request, ahead):
+        in_flight = self.in_flight
+        ahead = in_flight.ahead.get(request.request_id)
+        if ahead is not None and in_flight.ends_in_flight(request, ahead, self.max_model_len):
             return
-        start, end = self._scheduled_end(request, ahead)
+        start, end = in_flight.scheduled_end(request, ahead)
         num_new = end - start
         if num_new > step.token_budget:  # mostly all it has left fits (a decode always does)
             num_new = self._num_tokens_to_schedule(request, start, step.token_budget, end)
@@ -343,12 +264,19 @@ class Scheduler:
             return
         # The table must also cover the tokens of the batch in flight (async scheduling).
         num_ahead = start - request.num_computed_tokens
+        drafts: list[int] = []
+        if step.speculate and ahead is None and num_new == 1 and start == end - 1:
+            drafts = self._propose(request, end, step.token_budget - 1)
+            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)):
+                num_new += len(drafts)
+            else:
+                drafts = []  # no room for them: never preempt for drafts
         while not self.kv.allocate_slots(request, num_ahead + num_new):
             candidates = self._victim_candidates()
             if not candidates:
                 return  # every running request is in flight (async scheduling): wait for a batch
             victim = self._pick_victim(candidates)
-            if victim is request and self._in_flight and self._pick_victim(self.running) is not request:
+            if victim is request and in_flight.ahead and self._pick_victim(self.running) is not request:
                 return  # the policy's victim is in flight: wait for its batch rather than preempt this one
             if victim is request and len(self.running) == 1:
                 # Everything else is already preempted: this request can never grow here.
@@ -359,10 +287,21 @@ class Scheduler:
             step.preempted_ids.append(victim.request_id)
             # A victim scheduled earlier this step (priority policy) gives its tokens back.
             step.token_budget += step.num_new_tokens.pop(victim.request_id, 0)
+            step.drafts.pop(victim.request_id, None)
             if victim is request:
                 return
         step.num_new_tokens[request.request_id] = num_new
         step.token_budget -= num_new
+        if drafts:
+            step.drafts[request.request_id] = drafts
+
+    def _propose(self, request: Request, num_tokens: int, token_budget: int) -> list[int]:
+        """Drafts for a decoding request, leaving room for the target's own token within
+        max_tokens, max_model_len and this step's token budget."""
+        assert self.speculator is not None
+        limit = min(token_budget, request.sampling_params.max_tokens - request.num_output_tokens - 1,
+                    self.max_model_len - num_tokens - 1)
+        return self.speculator.propose(request, limit)
 
     def _admit_waiting(self, step: _Step) -> None:
         queue = self.waiting
@@ -383,7 +322,7 @@ class Scheduler:
             request = queue.peek()
             computed = self.kv.get_computed_blocks(request)
             num_new = self._num_tokens_to_schedule(request, computed.num_computed_tokens, step.token_budget)
-            if request.request_id in self._free_on_return:
+            if self.in_flight.holds_blocks_of(request.request_id):
                 break  # its id's previous holder is still in flight; keep queue order
             if num_new == 0 or not self.kv.allocate_slots(request, num_new, computed):
                 break  # keep queue order: nothing overtakes the head
@@ -413,9 +352,10 @@ class Scheduler:
 
     def _victim_candidates(self) -> list[Request]:
         """Running requests that may be preempted: those not in flight (their blocks are in use)."""
-        if not self._in_flight:
+        in_flight = self.in_flight.ahead
+        if not in_flight:
             return self.running
-        return [r for r in self.running if r.request_id not in self._in_flight]
+        return [r for r in self.running if r.request_id not in in_flight]
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         """The policy's victim among `candidates` (running requests in admission order)."""
@@ -459,15 +399,14 @@ class Scheduler:
             self._batch_pending.remove(request)
         else:
             self.waiting.remove(request)
-        if request.request_id in self._in_flight:
-            self._free_on_return[request.request_id] = request  # the ranks may still write its K/V
-        else:
-            self.kv.free(request)
+        self.in_flight.free(request)  # now, or when the batches in flight holding it return
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
         request.metrics.finished_time = time.monotonic()
         del self.requests[request.request_id]
+        if self.speculator is not None:
+            self.speculator.finish(request)
         if self._runner_blocks.pop(request.request_id, None) is not None:
             self._finished_ids.append(request.request_id)
 
@@ -476,7 +415,8 @@ class Scheduler:
         decodes: list[ScheduledRequest] = []
         prefills: list[ScheduledRequest] = []
         track = self.max_batches_in_flight > 1
-        requests, runner_blocks, in_flight = self.requests, self._runner_blocks, self._in_flight
+        requests, runner_blocks, in_flight = self.requests, self._runner_blocks, self.in_flight
+        ahead, fed_token_ids = in_flight.ahead, in_flight.fed_token_ids
         for request_id, num_new in step.num_new_tokens.items():
             request = requests[request_id]
             num_sent = runner_blocks.get(request_id)
@@ -490,38 +430,38 @@ class Scheduler:
                         sampling_params=request.sampling_params,
                     )
                 )
-            start, end = self._scheduled_end(request, in_flight.get(request_id))
+            start, end = in_flight.scheduled_end(request, ahead.get(request_id))
             # Tables only grow while the runner holds them: send the blocks appended since.
             new_block_ids = self.kv.get_block_ids(request_id, num_sent)
             runner_blocks[request_id] = num_sent + len(new_block_ids)
-            sample = start + num_new == end
+            drafts = step.drafts.get(request_id)
+            num_known = num_new - len(drafts) if drafts else num_new
+            sample = start + num_known == end
+            token_ids = fed_token_ids(request.all_token_ids, start, num_known)
             scheduled = ScheduledRequest(
                 request_id=request_id,
-                token_ids=_fed_token_ids(request.all_token_ids, start, num_new),
+                token_ids=(*token_ids, *drafts) if drafts else token_ids,
                 start_position=start,
                 new_block_ids=new_block_ids,
                 sample=sample,
+                num_drafts=len(drafts) if drafts else 0,
             )
             if track:
-                self._track(request_id, num_new, sample)
+                in_flight.track(request_id, num_new, sample)
             # "Decode" = a one-token query; such rows go first (the output's documented order).
             (decodes if num_new == 1 else prefills).append(scheduled)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
+        num_draft_tokens = sum(map(len, step.drafts.values())) if step.drafts else 0
+        if num_draft_tokens:
+            assert self.speculator is not None
+            self.speculator.stats.num_spec_steps += 1
         return SchedulerOutput(
             new_requests=tuple(new_requests),
             scheduled=tuple(decodes + prefills),
             num_batched_tokens=sum(step.num_new_tokens.values()),
             preempted_request_ids=tuple(step.preempted_ids),
             finished_request_ids=finished_ids,
+            num_draft_tokens=num_draft_tokens,
+            speculating=step.speculate,
         )
 
-
-def _fed_token_ids(all_token_ids: list[int], start: int, num_new: int) -> tuple[int, ...]:
-    """all_token_ids[start : start + num_new], with PLACEHOLDER for the tokens a batch in flight
-    samples (async scheduling) that are not on the host yet."""
-    if num_new == 1:  # a decode: no slice list
-        return (all_token_ids[start],) if start < len(all_token_ids) else (PLACEHOLDER,)
-    token_ids = all_token_ids[start : start + num_new]
-    if len(token_ids) < num_new:
-        token_ids += [PLACEHOLDER] * (num_new - len(token_ids))
-    return tuple(token_ids)

@@ -5,15 +5,15 @@ local process (MultiprocExecutor) or a socket to a Ray actor (RayExecutor, worke
 both speak proc.py's messages. `submit` pickles a step once and writes the same bytes to every
 rank without waiting; `collect` reads the output rank's answer to the oldest submitted step
 (ranks answer in submission order, so several steps may be in flight); `execute` is the two back
-to back. `call` runs a Worker method on every rank; earlier steps' outputs that arrive first are
-kept for `collect`, and a method that raises fails only the call (WorkerCallError).
-While waiting it watches what tells a rank's death (`_death_waitables`: process sentinels) and
-every `liveness_poll_s` of silence asks the launcher (`check_health`). Any failure is final: the
-group shuts down and every later call raises WorkerGroupError.
-Subclasses start the ranks, implement `check_health`, `shutdown` and `_fail_dead`, and add each
-rank's connection with `_add_connection`, which bounds a blocked write by step_timeout_s too
-(SO_SNDTIMEO), so the driver never waits for ever. `shutdown(wait_s)` asks the ranks to stop and
-waits that long; after a failure it kills them at once (`FAILED_WAIT_S`).
+to back. `call` runs a Worker method on every rank; the output rank's outputs of steps still in
+flight come first and are kept for `collect`; a method that raises fails only the call
+(WorkerCallError). While it waits, the group watches the launcher's death signals
+(`_death_waitables`: process sentinels) and every `liveness_poll_s` of silence asks
+`check_health`; a write is bounded by step_timeout_s too (SO_SNDTIMEO), so the driver never
+waits for ever. Any failure is final: every later call raises WorkerGroupError. Subclasses
+start the ranks, add each connection with `_add_connection`, and implement `check_health`,
+`shutdown` and `_fail_dead`. `shutdown(wait_s)` asks the ranks to stop and waits that long; a
+failure kills them at once (`FAILED_WAIT_S`).
 """
 
 from __future__ import annotations

@@ -1,22 +1,21 @@
 """Executors: how the engine runs one step on the model, in its own process or across ranks.
 
-The engine runs a step as `submit(scheduler_output) -> StepHandle` then
-`collect(handle) -> ModelRunnerOutput` (or `execute`, the two back to back) and reads
-`num_blocks` (the KV blocks every rank can hold) once at start-up. It may submit several steps
-before collecting the oldest (pipeline micro-batches, async scheduling); outputs come back in
-submission order.
-  LocalExecutor: a ModelRunner in the engine's process; `submit` launches the step on the device
-    without waiting (ModelRunner.launch) and `collect` waits for its sampled ids (finish), so the
-    engine's host work between the two overlaps the device's.
-  MultiprocExecutor: spawns world_size = TP x PP processes, one Worker each (worker.py), with a
-    rendezvous on a free local port; the per-step protocol is channel.py's (one pickled step
-    written to every rank's pipe, the output rank answers). A rank that dies or raises fails the
-    step at once with its exit code or traceback; a step slower than `step_timeout_s` fails too.
-    After a failure every call raises `WorkerGroupError`.
+The engine's InFlightBatches (workers/inflight.py) runs a step as `submit(scheduler_output) ->
+StepHandle`, then `collect(handle) -> ModelRunnerOutput`, with up to its depth of steps
+submitted before the oldest is collected; outputs come back in submission order. `num_blocks`
+(the KV blocks every rank can hold) is read once at start-up.
+  LocalExecutor: a ModelRunner in the engine process; `submit` launches the step without
+    waiting for the device (ModelRunner.launch), `collect` waits for its ids (ModelRunner.finish).
+  MultiprocExecutor: world_size = TP x PP spawned processes, one Worker each (worker.py), which
+    rendezvous on a free local port. A step is pickled once and the same bytes go to every
+    rank's pipe (proc.py); the output rank writes back the ModelRunnerOutput. While it waits
+    the driver watches every pipe and process sentinel (channel.py), so a rank that dies or
+    raises fails the step at once with its exit code or traceback, a step slower than
+    `step_timeout_s` fails too, and after a failure every call raises `WorkerGroupError`.
 Under async scheduling each rank fills the placeholder tokens of step N+1 from the ids its own
-runner sampled in N, and launches N+1 before it finishes N (proc.py `_serve_overlapped`).
-`make_executor` (workers/launch.py) picks one by world size and `parallel.launcher` (`ray`:
-RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
+runner sampled in N (every rank of the last stage samples the same ids).
+`make_executor(config, loaded, device)` (workers/launch.py) picks one from `config.parallel.world_size`
+and `.launcher` (`ray`: RayExecutor in workers/group.py, the same Worker and proc.py loop in Ray actors).
 """
 
 from __future__ import annotations

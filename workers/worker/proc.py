@@ -3,38 +3,18 @@
 Messages are pickled tuples sent as raw bytes (`Connection.send_bytes`): the driver pickles a
 step once and writes the same bytes to every rank's pipe; there is no RPC layer per step.
 Driver -> worker:  (STEP, SchedulerOutput) | (CALL, (method name, args)) | (SHUTDOWN, None)
-Worker -> driver:  (READY, num_blocks) once after start-up
-                   (OUTPUT, ModelRunnerOutput) after each step, from the output rank only
-                   (RESULT, value) after each CALL, from every rank
-                   (CALL_FAILED, formatted traceback) instead, from a rank whose CALL raised
-                   (an unknown method included); the rank keeps serving
-                   (ERROR, formatted traceback) before exiting with code 1
-A closed pipe (the driver died) ends the loop; so does an error in a collective (a peer died:
-gloo/NCCL fail after the configured timeout, or at once when the connection drops).
-
-Under pipeline parallelism the driver keeps several steps in flight and writes step k+1 while
-a stage still runs step k. A rank then reads its pipe on a thread (`_Inbox`) and runs the
-steps from a queue in order, so the driver's write never waits for a busy stage — otherwise a
-large step message (beyond the socket buffer) written to a stage that is itself blocked writing
-a large output back would deadlock the two. Without pipeline stages the loop reads the pipe
-directly.
-
-Under async scheduling (no pipeline stages) the driver writes step N+1 (and N+2 with
-SchedulerConfig.async_depth 3, which then waits in the pipe) before it waits for step N's
-output, and a rank overlaps its own host work with its device work the same way
-(`_serve_overlapped`): it launches N+1 (input preparation, graph replay, all queued behind N on
-the device) before it finishes N (waits for N's sampled ids, writes the output). Between
-messages it watches both the pipe and N's device event, so when no next step comes (the driver
-waits for N: the first step, a step with penalty rows, an idle engine) N is finished and sent as
-soon as the device has it, at most POLL_S later.
-
-Pipeline stages use the same overlapped loop, fed by the inbox thread. It matters on the last
-stage: the others never wait for their device (a step ends with an asynchronous send), but the
-last stage waits for each micro-batch's sampled ids, and with a plain loop its GPU would idle
-while the rank then prepares the next micro-batch's inputs (host work that grows with the
-batch: several ms at ~500 requests, against ~15 ms of GPU work per stage and micro-batch for
-Llama-3.1-8B at PP 2). The next micro-batch's message is usually already in the inbox: it is
-launched first, then the previous one finished.
+Worker -> driver:  (READY, num_blocks) once after start-up; (OUTPUT, ModelRunnerOutput) after
+                   each step, from the output rank only; (RESULT, value) after each CALL, from
+                   every rank, or (CALL_FAILED, traceback) from a rank whose CALL raised (it
+                   keeps serving); (ERROR, traceback) before exiting with code 1.
+A closed pipe (the driver died) ends the loop; so does an error in a collective (a peer died).
+When the engine keeps several steps in flight (async scheduling, pipeline stages) a rank runs
+`_serve_overlapped`: it launches step N+1 (input preparation, graph replay, queued behind N on
+the device) before it finishes N (waits for N's sampled ids, writes the output), and between
+messages it watches both the pipe and N's device event, so a step the driver waits for is sent
+as soon as the device has it (at most POLL_S later). Pipeline stages read their pipe on a thread
+(`_Inbox`) so the driver's write of step k+1 never waits for a stage busy writing step k's
+output (a large message each way would deadlock the two).
 """
 
 from __future__ import annotations

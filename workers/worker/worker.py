@@ -1,21 +1,21 @@
 """One rank of a worker group: joins the process groups, loads its shard, runs its part of a step.
 
-A `Worker` is launcher-agnostic: whoever starts the process (MultiprocExecutor or a Ray actor)
-builds a picklable `WorkerSpec` (the driver's EngineConfig, global rank, rendezvous address) and
-feeds it steps over its own transport. Construction:
-  1. selects the device (cuda:<rank % visible GPUs>, or the CPU) and joins the process groups
-     with `init_parallel` (parallel/state.py), which installs this rank's ParallelState and the
-     config's kernel switches (parallel/options.py; the rank's environment is never read);
-  2. loads the model: every layer sizes itself from that state and each weight loader narrows
-     the lazy safetensors slice first, so a rank reads only its own slice;
-  3. builds a ModelRunner, which sizes this rank's KV cache (`num_blocks`; the executor takes
-     the minimum over ranks).
-`execute(scheduler_output)` runs this rank's share of the step; TP rank 0 of the last stage is
-the output rank and returns the ModelRunnerOutput. Under async scheduling and on pipeline stages
-the loop uses `launch` / `finish`, so step N+1 starts before N is finished (proc.py). Steps in
-flight (up to ParallelConfig.pipeline_depth) run in submission order, one at a time per rank, so
-no buffer is sized by the depth (see `Worker.launch`). `probe_start(probe)` / `probe_stop` run a
-measurement the caller passes in (a `RankProbe`, probe.py) around the steps between them.
+A `Worker` is launcher-agnostic: whoever starts the process (`MultiprocExecutor`, a Ray actor)
+builds a picklable `WorkerSpec` (engine config, global rank, rendezvous address) and feeds it
+steps over its own transport. Construction selects the device (cuda:<rank % visible GPUs>, or
+the CPU), joins the process groups (`init_parallel`, parallel/state.py, which also installs the config's
+kernel switches, parallel/options.py), loads the model through
+the ordinary loader (each layer sizes itself from the installed state and each weight loader
+reads only this rank's slice), and builds a ModelRunner, which sizes this rank's KV cache
+(`num_blocks`; the executor takes the minimum over ranks).
+`execute(scheduler_output)` runs this rank's share of the step (every rank gets the same
+SchedulerOutput); the output rank (the last stage's TP rank 0) returns the ModelRunnerOutput,
+the others None. Under async scheduling and on pipeline stages the rank loop uses `launch` /
+`finish`, so step N+1 is launched before step N is finished (proc.py `_serve_overlapped`).
+Steps in flight (the engine's InFlightBatches) run in submission order, one at a time per rank:
+buffers reused from step to step are read by step k's kernels before step k+1 writes them, on
+the rank's one stream, so nothing here is sized by the depth. `probe_start(probe)` / `probe_stop`
+run a measurement the caller passes in (a `RankProbe`, probe.py) around the steps between them.
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ class Worker:
             spec.rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
             ep=par.expert_parallel_size, master_addr=spec.master_addr, master_port=spec.master_port,
             backend=spec.backend, timeout_s=par.collective_timeout_s, pp_layer_partition=par.pipeline_layer_partition,
-            expert_dispatch=par.expert_dispatch, all_to_all_min_tokens=par.all_to_all_min_tokens,
-            kernels=par.kernel_options())
+            expert_dispatch=par.expert_dispatch, all_to_all_min_tokens=par.all_to_all_min_tokens)
         torch.manual_seed(config.model.seed)
         dtype = resolve_dtype(config.model.dtype, device)
         self.loaded = load_model(config.model, device, dtype)
@@ -110,13 +109,6 @@ class Worker:
         return self.runner.overlaps_steps
 
     def launch(self, sched: SchedulerOutput) -> PendingStep:
-        """Start this rank's share of a step. Steps in flight have disjoint request sets and run
-        one at a time in submission order; the buffers reused from step to step (graph inputs and
-        outputs, the staging buffer, the block table, received activations) are read by step k's
-        kernels before step k+1 writes them, in order on the rank's one stream. The two reuses off
-        that stream do not depend on the depth either: a sent activation is a fresh copy kept until
-        its send completes (parallel/comm.py), and the pinned host staging buffers alternate behind
-        events (runner/staging.py). So any number of steps in flight needs no more buffers."""
         return self.runner.launch(sched)
 
     @staticmethod

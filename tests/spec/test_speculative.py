@@ -1,0 +1,195 @@
+"""Speculative decoding in the real engine (embedded SmolLM2 on CPU): lossless, honoured, refused.
+
+Greedy outputs with the n-gram proposer must equal the plain engine's token for token — alone,
+with async scheduling on and off, beside requests that cannot speculate (penalties, logprobs, a
+seed), under chunked prefill, preemption and prefix-cache hits — and the drafts must really have
+been accepted (or the test proves nothing). Sampled outputs keep the target's distribution: a
+two-sample chi-square test on 400 samples of the tokens speculation produces. Bad settings are
+refused at start-up with the field and its range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from shardserve.workers.bench.spec_tasks import TASKS
+from shardserve.workers.config import SpeculativeConfig
+from shardserve.workers.llm import LLM
+from shardserve.workers.request import SamplingParams
+
+MAX_TOKENS = 40
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
+
+
+def _chat(llm: LLM, text: str) -> str:
+    return llm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def plain() -> LLM:
+    return LLM("default")
+
+
+@pytest.fixture(scope="module")
+def prompts(plain: LLM) -> list[str]:
+    return [_chat(plain, text) for text in TASKS.values()]
+
+
+@pytest.fixture(scope="module")
+def want(plain: LLM, prompts: list[str]) -> list[tuple[int, ...]]:
+    outs = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _tokens(llm: LLM, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[tuple[int, ...]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_ngram_greedy_equals_plain(prompts, want, async_scheduling: bool) -> None:
+    llm = LLM("default", speculative=NGRAM, async_scheduling=async_scheduling)
+    assert _tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS)) == want
+    stats = llm.engine.stats().spec_decode
+    assert stats.num_accepted_tokens > 10 and stats.num_spec_steps > 0, stats
+    assert stats.mean_accepted_length > 1.5, stats
+    assert sum(stats.accepted_per_position) == stats.num_accepted_tokens
+
+
+def test_requests_that_cannot_speculate_run_beside_ones_that_do(plain, prompts, want) -> None:
+    """A penalty, logprobs and a seed need per-token host state: those requests get no drafts,
+    and share steps with requests that do; every output equals the plain engine's."""
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    others = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, repetition_penalty=1.3),
+              SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2),
+              SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=7)]
+    batch = prompts + prompts
+    params = [greedy] * len(prompts) + others
+    llm = LLM("default", speculative=NGRAM)
+    got = llm.generate(batch, params)
+    expected = plain.generate(batch[len(prompts):], others)
+    assert [o.outputs[0].token_ids for o in got[: len(prompts)]] == want
+    for mine, theirs in zip(got[len(prompts):], expected, strict=True):
+        assert mine.outputs[0].token_ids == theirs.outputs[0].token_ids
+    assert got[len(prompts) + 1].outputs[0].logprobs is not None
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_chunked_prefill_preemption_and_prefix_hits(prompts, want) -> None:
+    """16-token prefill chunks, a KV pool too small for every request at once (preemption by
+    recompute) and the same prompts twice (prefix-cache hits): still the plain engine's tokens."""
+    llm = LLM("default", speculative=NGRAM, max_num_batched_tokens=16, num_blocks=40, block_size=16)
+    got = _tokens(llm, prompts + prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    assert got == want + want
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0, "the pool was meant to force preemption"
+    assert stats.prefix_cache_hit_rate > 0
+    assert stats.spec_decode.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 9])
+def test_stops_inside_accepted_drafts(plain, prompts, max_tokens: int) -> None:
+    """max_tokens and a stop token that fall inside a run of accepted drafts end the output there."""
+    llm = LLM("default", speculative=NGRAM)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    assert _tokens(llm, prompts, params) == _tokens(plain, prompts, params)
+    full = _tokens(plain, prompts[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0]
+    stop_id = full[12]  # a token that speculation reaches inside a draft
+    stop = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_id])
+    got = _tokens(llm, prompts[:1], stop)[0]
+    assert got == _tokens(plain, prompts[:1], stop)[0] and got[-1] == stop_id
+    text = plain.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0].text
+    stop_string = text[len(text) // 2 : len(text) // 2 + 4]  # ends inside the output, likely inside a draft
+    by_string = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop_string])
+    mine, theirs = llm.generate(prompts[:1], by_string)[0].outputs[0], plain.generate(prompts[:1], by_string)[0].outputs[0]
+    assert (mine.text, mine.token_ids, mine.stop_reason) == (theirs.text, theirs.token_ids, theirs.stop_reason)
+
+
+def _two_sample_chi2_p(a: Counter, b: Counter) -> float:
+    """p-value of a chi-square test that two samples come from one distribution (rare bins pooled)."""
+    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
+    rare = (sum(a.values()) - sum(a[k] for k in keys), sum(b.values()) - sum(b[k] for k in keys))
+    table = [[a[k] for k in keys], [b[k] for k in keys]]
+    if min(rare) > 0:
+        table[0].append(rare[0])
+        table[1].append(rare[1])
+    counts = torch.tensor(table, dtype=torch.float64)  # [2, bins]
+    expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    df = counts.shape[1] - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), statistic / 2))
+
+
+def test_sampled_outputs_keep_the_target_distribution(plain) -> None:
+    """400 samples at temperature 1 from a prompt where drafts are accepted often: the tokens at
+    output positions 2-4 (where speculation acts) are distributed as the plain engine's."""
+    prompt = "1 2 3 4 5 6 7 8 1 2 3 4 5 6 7 8 1 2 3 4 5 6 7 8 1 2 3 4"
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=4, n=400)
+    spec = LLM("default", speculative=NGRAM | {"max_verify_tokens": 4096}, max_num_seqs=400, seed=1)
+    got = spec.generate([prompt], params)[0].outputs
+    base = plain.generate([prompt], params)[0].outputs
+    stats = spec.engine.stats().spec_decode
+    assert stats.num_draft_tokens > 200 and 0.2 < stats.acceptance_rate, stats
+    for position in (1, 2, 3):
+        a = Counter(o.token_ids[position] for o in got if len(o.token_ids) > position)
+        b = Counter(o.token_ids[position] for o in base if len(o.token_ids) > position)
+        assert _two_sample_chi2_p(a, b) > 1e-3, (position, a.most_common(5), b.most_common(5))
+    pairs_a = Counter(o.token_ids[1:3] for o in got)
+    pairs_b = Counter(o.token_ids[1:3] for o in base)
+    assert _two_sample_chi2_p(pairs_a, pairs_b) > 1e-3
+
+
+def test_adaptive_switch_turns_speculation_off_for_large_batches(prompts) -> None:
+    """max_verify_tokens 10 with k 4: speculation only while at most 2 requests run."""
+    llm = LLM("default", speculative=NGRAM | {"max_verify_tokens": 10})
+    scheduler = llm.engine.scheduler
+    seen = []
+    schedule = scheduler.schedule
+
+    def spy():
+        out = schedule()
+        seen.append((len(scheduler.running), out.num_draft_tokens))
+        return out
+
+    scheduler.schedule = spy
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert all(drafts == 0 for running, drafts in seen if running > 2)
+    assert any(drafts > 0 for running, drafts in seen if running <= 2)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer in [1, 16], got 0"),
+    ({"method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens must be an integer in [1, 16], got 17"),
+    ({"method": "draft"}, "speculative method `draft` (a draft model) is not implemented yet"),
+    ({"method": "medusa"}, "speculative_method must be null or one of ngram, suffix, draft, got 'medusa'"),
+    ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 3}, "prompt_lookup_max must be >= prompt_lookup_min = 5"),
+    ({"method": "ngram", "max_verify_tokens": 0}, "max_verify_tokens must be >= 1, got 0"),
+    ({"methd": "ngram"}, "unknown speculative option 'methd'"),
+])
+def test_bad_settings_are_refused_with_the_field(options: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        LLM("default", speculative=options)
+    assert message in str(info.value)
+
+
+def test_pipeline_parallel_is_refused() -> None:
+    from shardserve.workers.config import EngineConfig, ParallelConfig
+
+    with pytest.raises(ValueError, match="speculative decoding requires pipeline_parallel_size == 1, got 2"):
+        EngineConfig(parallel=ParallelConfig(pipeline_parallel_size=2),
+                     speculative=SpeculativeConfig(speculative_method="ngram"))
+
+
+def test_yaml_section_reaches_the_engine() -> None:
+    from shardserve.cluster.config import ConfigError, ServeConfig, parse_config
+
+    section = {"name": "m", "source": "default", "speculative": {"method": "ngram", "num_speculative_tokens": 3}}
+    config = ServeConfig.model_validate({"models": [section]})
+    spec = config.models[0].to_engine_config().speculative
+    assert spec.speculative_method == "ngram" and spec.num_speculative_tokens == 3
+    with pytest.raises(ConfigError, match=r"models\[0\]\.speculative"):
+        parse_config({"models": [section | {"speculative": {"method": "ngram", "num_speculative_tokens": 99}}]})
+    assert math.isfinite(spec.suffix_min_probability)

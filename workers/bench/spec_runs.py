@@ -1,0 +1,86 @@
+"""`shardserve bench latency --speculative-method M`: batch-1 decode with speculation beside the plain engine.
+
+Data flow: the same engine config is built twice, without and with `speculative` (method, k,
+...). Each engine warms up on one short request, then runs each task of spec_tasks.py alone
+(batch 1, greedy, up to --output-len tokens, stopping at EOS as a user's request would). Per task:
+decode tokens/s = (output tokens - 1) / (last token time - first token time), both engines; the
+speedup is their ratio. The speculating engine's statistics give the acceptance rate (accepted /
+proposed draft tokens) and the mean accepted length (tokens per verify step per request). The
+outputs must be identical (greedy): the table says so per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import asdict, replace
+
+from shardserve.workers.bench.device import device_name
+from shardserve.workers.bench.spec_tasks import task_prompts
+from shardserve.workers.config import EngineConfig, SpeculativeConfig
+from shardserve.workers.engine import LLMEngine
+from shardserve.workers.request import SamplingParams
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
+    return SpeculativeConfig(speculative_method=args.speculative_method,
+                             num_speculative_tokens=args.num_speculative_tokens,
+                             prompt_lookup_max=max(args.prompt_lookup_max, 2), max_verify_tokens=args.max_verify_tokens)
+
+
+def _run_tasks(engine: LLMEngine, prompts: dict[str, list[int]], output_len: int) -> dict[str, dict]:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, final_only=True)
+    _generate(engine, "warmup", prompts[next(iter(prompts))][:16], SamplingParams(temperature=0.0, max_tokens=8))
+    results = {}
+    for name, prompt in prompts.items():
+        final = _generate(engine, name, prompt, params)
+        metrics = final.metrics
+        tokens = final.outputs[0].token_ids
+        span = (metrics.last_token_time or 0) - (metrics.first_token_time or 0)
+        results[name] = {"output_tokens": len(tokens), "token_ids": list(tokens),
+                         "decode_tokens_per_s": (len(tokens) - 1) / span if span > 0 else float("nan")}
+    return results
+
+
+def _generate(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams):
+    engine.add_request(request_id, prompt, params)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final = out
+    assert final is not None
+    return final
+
+
+def run_speculative_bench(config: EngineConfig, args: argparse.Namespace) -> dict:
+    spec = speculative_config(args)
+    runs, stats = {}, None
+    for label, engine_config in (("plain", config), ("speculative", replace(config, speculative=spec))):
+        engine = LLMEngine(engine_config)
+        try:
+            prompts = task_prompts(engine.tokenizer, engine.loaded.hf_config.vocab_size)
+            runs[label] = _run_tasks(engine, prompts, args.output_len)
+            device = device_name(engine.loaded.device)
+            if label == "speculative":
+                stats = engine.stats().spec_decode
+        finally:
+            engine.shutdown()
+    assert stats is not None
+    rows = []
+    print(f"\n{'task':<12} {'tokens':>7} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'same output':>12}")
+    for name, plain in runs["plain"].items():
+        fast = runs["speculative"][name]
+        speedup = fast["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
+        same = fast["token_ids"] == plain["token_ids"]
+        rows.append({"task": name, "plain": plain["decode_tokens_per_s"], "speculative": fast["decode_tokens_per_s"],
+                     "speedup": speedup, "output_tokens": plain["output_tokens"], "identical": same})
+        print(f"{name:<12} {plain['output_tokens']:>7} {plain['decode_tokens_per_s']:>12.1f} "
+              f"{fast['decode_tokens_per_s']:>11.1f} {speedup:>7.2f}x {'yes' if same else 'NO':>12}")
+    mean = statistics.geometric_mean([r["speedup"] for r in rows])
+    print(f"speculative {spec.speculative_method}, k = {spec.num_speculative_tokens}: speedup {mean:.2f}x "
+          f"(geometric mean), acceptance {stats.acceptance_rate:.0%}, mean accepted length "
+          f"{stats.mean_accepted_length:.2f} tokens per verify step; device: {device}")
+    return {"device": device, "model": config.model.model, "speculative": asdict(spec), "tasks": rows,
+            "speedup_geomean": mean, "spec_decode": asdict(stats) | {"acceptance_rate": stats.acceptance_rate,
+                                                                      "mean_accepted_length": stats.mean_accepted_length}}

@@ -1,0 +1,55 @@
+"""NgramProposer: prompt lookup — draft the tokens that followed the last earlier occurrence of the
+context's suffix in the request's own prompt and output (vLLM's `ngram`, "prompt lookup decoding").
+
+Data flow: per request an index maps each n-gram (n in [min_n, max_n]) to the end of its latest
+occurrence; `propose` first indexes the tokens appended since its last call (the request's token
+list only grows), then looks up the context's last n tokens from the longest n down and returns up
+to `max_tokens` tokens that followed that occurrence. The n-grams that end at the last token are
+indexed one call late, so a lookup never finds the suffix itself. Cost per call: O(new tokens x
+(max_n - min_n + 1)), never O(context); memory: that many dict entries per token of a running
+request, dropped at `finish`.
+"""
+
+from __future__ import annotations
+
+
+class _RequestIndex:
+    __slots__ = ("ends", "num_indexed")
+
+    def __init__(self, num_sizes: int) -> None:
+        self.ends: list[dict[tuple[int, ...], int]] = [{} for _ in range(num_sizes)]
+        self.num_indexed = 0  # n-grams ending before this position are in `ends`
+
+
+class NgramProposer:
+    def __init__(self, min_n: int, max_n: int) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"ngram sizes must satisfy 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.min_n, self.max_n = min_n, max_n
+        self._index: dict[str, _RequestIndex] = {}
+
+    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int) -> list[int]:
+        if max_tokens <= 0 or len(token_ids) < self.min_n + 1:
+            return []
+        index = self._index.get(request_id)
+        if index is None:
+            index = self._index[request_id] = _RequestIndex(self.max_n - self.min_n + 1)
+        self._extend(index, token_ids, len(token_ids) - 1)
+        length = len(token_ids)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            end = index.ends[n - self.min_n].get(tuple(token_ids[length - n:]))
+            if end is not None:
+                return token_ids[end : end + max_tokens]
+        return []
+
+    def _extend(self, index: _RequestIndex, token_ids: list[int], upto: int) -> None:
+        """Index the n-grams ending at positions [num_indexed, upto) (end = position + 1)."""
+        min_n = self.min_n
+        for position in range(index.num_indexed, upto):
+            end = position + 1
+            for n in range(min_n, min(self.max_n, end) + 1):
+                index.ends[n - min_n][tuple(token_ids[end - n : end])] = end
+        index.num_indexed = max(index.num_indexed, upto)
+
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+        self._index.pop(request_id, None)

@@ -1,0 +1,93 @@
+"""Speculator: the scheduler's side of speculative decoding — who gets drafts this step, how many,
+and what was accepted.
+
+Data flow per step: `Scheduler.schedule()` asks `active(num_running)` once (the adaptive switch:
+speculate only while running requests x (1 + k) <= max_verify_tokens, i.e. while the device has
+room); for each decoding request with nothing in flight it calls `propose(request, limit)`, which
+returns drafts from the proposer (proposer.py) capped by the request's own k. The scheduler feeds
+[last token, drafts...] in one query; the runner samples the target at every position and keeps
+the drafts up to the first disagreement, plus the target's own token there (or after all of
+them). With deterministic drafts that is exact rejection sampling: a draft d is kept with
+probability p(d) (the target drew d), and on a rejection the target's draw is a sample of p
+without d, renormalised — so greedy outputs are identical and sampled ones keep the target's
+distribution. `record(...)` folds the result into the statistics and the request's k: k follows
+its recent accepted length (+1 while everything is accepted, down to 1 after misses).
+Requests whose sampling needs per-token host state (penalties, a seed, logprobs, min_tokens not
+yet reached) are never given drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardserve.workers.config import SpeculativeConfig
+from shardserve.workers.request import Request, SamplingParams
+from shardserve.workers.spec.proposer import Proposer, make_proposer
+
+
+@dataclass
+class SpecDecodeStats:
+    """Totals since start: steps that speculated, drafts (requests given >= 1 draft token in a step),
+    draft tokens proposed and accepted, and accepted counts per draft position (index 0 = first)."""
+
+    num_spec_steps: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verify step yields per draft on average: accepted drafts + the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def snapshot(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.num_spec_steps, self.num_drafts, self.num_draft_tokens,
+                               self.num_accepted_tokens, list(self.accepted_per_position))
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
+        self.config = config
+        self.k = config.num_speculative_tokens
+        self.proposer = proposer or make_proposer(config)
+        self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
+        self._k_of: dict[str, int] = {}  # request id -> its current k (adaptive)
+
+    def active(self, num_running: int) -> bool:
+        """Speculate this step? Only while the batch's verify tokens stay within max_verify_tokens."""
+        return num_running * (1 + self.k) <= self.config.max_verify_tokens
+
+    def propose(self, request: Request, limit: int) -> list[int]:
+        """Drafts for a decoding request: at most min(its k, limit); [] if it is not eligible."""
+        if limit <= 0 or not eligible(request.sampling_params, request.num_output_tokens):
+            return []
+        max_tokens = min(self._k_of.get(request.request_id, self.k), limit)
+        return self.proposer.propose(request.request_id, request.all_token_ids, request.num_prompt_tokens,
+                                     max_tokens)
+
+    def record(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        """One verified draft of `num_drafts` tokens, `num_accepted` of them kept."""
+        stats = self.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += num_drafts
+        stats.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            stats.accepted_per_position[position] += 1
+        k = self._k_of.get(request_id, self.k)
+        self._k_of[request_id] = min(self.k, k + 1) if num_accepted == num_drafts else max(1, num_accepted + 1)
+
+    def finish(self, request: Request) -> None:
+        self._k_of.pop(request.request_id, None)
+        self.proposer.finish(request.request_id, request.all_token_ids, request.num_prompt_tokens)
+
+
+def eligible(params: SamplingParams, num_outputs: int) -> bool:
+    """Sampling that reads only the logits of its position (no per-token host state)."""
+    return (params.seed is None and params.logprobs is None and num_outputs >= params.min_tokens
+            and params.repetition_penalty == 1.0 and params.presence_penalty == 0
+            and params.frequency_penalty == 0)
