@@ -4,7 +4,8 @@ The engine calls `record(rows, outputs)` once per applied batch (sync, async and
     interval  = now - max(previous apply, earliest first-scheduled time of the batch's requests)
     batch_usd = interval x rate,  rate = ranks x (gpus_per_rank x gpu_hour_usd + cpus_per_rank x cpu_hour_usd) / 3600
     share_i   = batch_usd x (w_p P_i + w_d D_i) / sum_j (w_p P_j + w_d D_j)
-P_i / D_i: the tokens request i fed at prompt positions / at generated positions. Intervals tile the busy wall
+P_i / D_i: the tokens request i fed at prompt positions / at generated positions (verified draft tokens of
+speculative decoding included). Intervals tile the busy wall
 time (first schedule after idle .. last apply; batches overlapping under async scheduling or pipeline stages
 are counted once), so the shares of a run add up to busy_s x rate; a batch whose requests all left before it
 came back (aborted, finished in flight) is `unattributed_usd`. Each share goes to `RequestMetrics.cost_usd` of

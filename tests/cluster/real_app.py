@@ -14,7 +14,7 @@ import openai
 APP = "real"
 ROUTE_PREFIX = "/real"
 MODEL = "smollm2"
-# Priced (cost.cpu_hour_usd) so responses carry usage.cost_usd (tests/cluster/test_cost.py).
+# Priced (cost.cpu_hour_usd) so responses carry usage.cost_usd (tests/cluster/test_cost_api.py).
 SECTION = {"name": MODEL, "source": "default", "device": "cpu", "dtype": "float32", "max_model_len": 512,
            "resources": {"num_cpus_per_worker": 0.25}, "cache": {"cpu_kv_cache_bytes": 64 << 20},
            "scheduler": {"max_num_seqs": 8, "max_queue_len": 16},
