@@ -95,3 +95,16 @@ def test_price_of_the_worker_group():
     assert usd_per_hour(CostConfig(cpu_hour_usd=0.5, cpus_per_rank=4), 1, "cpu") == 2.0
     with pytest.raises(ValueError, match="cost.gpu_hour_usd is set but this engine has no GPUs"):
         usd_per_hour(CostConfig(gpu_hour_usd=2.0), 1, "cpu")
+
+
+def test_yaml_refuses_a_negative_price_naming_the_field():
+    from shardserve.cluster.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"models\[0\]\.cost\.gpu_hour_usd: must be >= 0(\.0)?, got -2"):
+        parse_config({"models": [{"name": "m", "cost": {"gpu_hour_usd": -2}}]})
+    with pytest.raises(ConfigError, match=r"models\[0\]\.cost\.gpus_per_rank: unknown field"):  # from resources
+        parse_config({"models": [{"name": "m", "cost": {"gpus_per_rank": 2}}]})
+    section = parse_config({"models": [{"name": "m", "cost": {"gpu_hour_usd": 2.5},
+                                        "resources": {"num_gpus_per_worker": 2, "num_cpus_per_worker": 4}}]}).models[0]
+    cost = section.to_engine_config().cost
+    assert (cost.gpu_hour_usd, cost.cpu_hour_usd, cost.gpus_per_rank, cost.cpus_per_rank) == (2.5, None, 2, 4)
