@@ -30,6 +30,7 @@ from pydantic import (
 from shardserve.cluster.config_fields import engine_section
 from shardserve.workers.config import (
     CacheConfig,
+    CostConfig,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
@@ -194,6 +195,8 @@ class ResourcesSection(_Section):
 
 CacheSection = engine_section(CacheConfig, "CacheSection")
 SpeculativeSection = engine_section(SpeculativeConfig, "SpeculativeSection", renames={"speculative_method": "method"})
+# The price; the devices it multiplies come from `resources` (ModelSection.to_engine_config).
+CostSection = engine_section(CostConfig, "CostSection", skip=("gpus_per_rank", "cpus_per_rank"))
 SchedulerSection = engine_section(SchedulerConfig, "SchedulerSection")
 
 
@@ -255,6 +258,12 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
     speculative: SpeculativeSection = Field(
         default_factory=SpeculativeSection, description="Speculative decoding (off unless `method` is set).")
     router: RouterSection = Field(default_factory=RouterSection, description="Request routing between replicas.")
+    cost: CostSection = Field(
+        default_factory=CostSection,
+        description=("Price of the worker group's devices: each request's measured share of the engine's busy time "
+                     "x tp x pp ranks x (resources.num_gpus_per_worker x gpu_hour_usd + num_cpus_per_worker x "
+                     "cpu_hour_usd) is returned as usage.cost_usd (workers/cost.py)."),
+    )
     stream_interval_ms: float | None = Field(
         None, ge=0, le=1000,
         description=("Least time between two streamed messages of one request, 0..1000 ms; the first token and "
@@ -319,6 +328,8 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
             scheduler=self.scheduler.to_engine(),
             parallel=self.parallel.to_engine(),
             speculative=self.speculative.to_engine(),
+            cost=CostConfig(**self.cost.engine_kwargs(), gpus_per_rank=self.resources.num_gpus_per_worker or None,
+                            cpus_per_rank=self.resources.num_cpus_per_worker),
         )
 
 

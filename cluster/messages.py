@@ -104,6 +104,7 @@ class GenerateChunk:
     error: ErrorInfo | None = None
     # On the first chunk when params.prompt_logprobs is set: one per prompt token, None for the first.
     prompt_logprobs: tuple[PositionLogprob | None, ...] | None = None
+    cost_usd: float | None = None  # on the final chunk of a priced engine: the request's measured cost
 
 
 def position_logprob(token_id: int, entries: PositionLogprobs) -> PositionLogprob:
@@ -125,9 +126,10 @@ class ChunkBuilder:
     new in this step. Prompt logprobs go out once, on the first chunk that has them.
     """
 
-    def __init__(self, request_id: str, replica_id: str) -> None:
+    def __init__(self, request_id: str, replica_id: str, priced: bool = False) -> None:
         self.request_id = request_id
         self.replica_id = replica_id
+        self.priced = priced  # the engine has a price (cost config): the final chunk carries cost_usd
         self._sent_prompt_logprobs = False
 
     def build(self, out: RequestOutput) -> GenerateChunk:
@@ -148,6 +150,7 @@ class ChunkBuilder:
             num_cached_prompt_tokens=0 if metrics is None else metrics.num_cached_prompt_tokens,
             error=None if out.error is None else ErrorInfo(ErrorKind.INTERNAL, out.error),
             prompt_logprobs=prompt_logprobs,
+            cost_usd=metrics.cost_usd if self.priced and out.finished and metrics is not None else None,
         )
 
 

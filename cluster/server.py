@@ -94,6 +94,7 @@ class LLMServer:
 
         self.section = ModelSection.model_validate(model)
         self.stream_interval_ms = self.section.effective_stream_interval_ms()
+        self.priced = self.section.cost.to_engine().priced  # final chunks carry cost_usd (workers/cost.py)
         self.engine = await make_engine(self.section, engine_factory)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_in_flight = 0
@@ -120,7 +121,7 @@ class LLMServer:
         self.num_in_flight += 1
         start = time.monotonic()
         stream = self.engine.generate(prompt, request.params, rid, request.priority)
-        builder = ChunkBuilder(rid, self.replica_id)
+        builder = ChunkBuilder(rid, self.replica_id, priced=self.priced)
         finished = False
         try:
             if self.stream_interval_ms > 0:
@@ -191,6 +192,7 @@ class LLMServer:
             "kv_cache_usage": stats.kv_cache_usage,
             "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
             "process_rss_bytes": process_rss_bytes(),
+            "cost": None if stats.cost is None else asdict(stats.cost),  # /v1/stats (cluster/ingress/cost_view.py)
         }
 
     async def check_health(self) -> None:

@@ -104,6 +104,7 @@ def merge_chunks(chunks: Sequence[GenerateChunk]) -> GenerateChunk:
         num_cached_prompt_tokens=last.num_cached_prompt_tokens,
         error=next((c.error for c in chunks if c.error is not None), None),
         prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None),
+        cost_usd=last.cost_usd,
     )
 
 

@@ -327,12 +327,39 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    """Price of the worker group's devices; the engine splits its measured busy time x price over the
+    requests (workers/cost.py). Both prices null = no cost is reported."""
+
+    gpu_hour_usd: float | None = setting(
+        None, "US dollars per GPU-hour of one GPU of the worker group, >= 0; null = GPUs are not priced.",
+        ge=0, unit="USD per GPU-hour")
+    cpu_hour_usd: float | None = setting(
+        None, "US dollars per CPU-hour of one CPU (core) of the worker group, >= 0; null = CPUs are not priced. "
+        "Set it to price a CPU-only engine.", ge=0, unit="USD per CPU-hour")
+    gpus_per_rank: float | None = setting(
+        None, "GPUs each rank holds, >= 0; null = 1 on a cuda device, 0 on CPU. The Serve app sets it from "
+        "resources.num_gpus_per_worker.", ge=0)
+    cpus_per_rank: float | None = setting(
+        None, "CPUs each rank holds, >= 0; null = this process's torch threads. The Serve app sets it from "
+        "resources.num_cpus_per_worker.", ge=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def priced(self) -> bool:
+        return self.gpu_hour_usd is not None or self.cpu_hour_usd is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     @property
     def use_async_scheduling(self) -> bool:
@@ -351,7 +378,7 @@ class EngineConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                             "parallel": ParallelConfig, "speculative": SpeculativeConfig}
+                             "parallel": ParallelConfig, "speculative": SpeculativeConfig, "cost": CostConfig}
 
 
 def field_default(f: Any) -> Any:

@@ -35,6 +35,7 @@ from itertools import repeat
 import torch
 from shardserve.parallel.options import set_kernel_options
 from shardserve.workers.config import EngineConfig
+from shardserve.workers.cost import CostMeter
 from shardserve.workers.env_overrides import apply_env_overrides
 from shardserve.workers.heap import freeze_startup_heap, thaw_heap
 from shardserve.workers.inflight import BatchResult, InFlightBatches
@@ -62,6 +63,7 @@ class LLMEngine:
         self.config = config
         device = resolve_device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, device)
+        self.cost = CostMeter.for_engine(config.cost, config.parallel.world_size, device.type)  # workers/cost.py
         torch.manual_seed(config.model.seed)
         if config.parallel.world_size > 1:
             self.loaded = loaded or load_model(config.model, device, dtype, weights=False)  # weights live in the workers
@@ -253,6 +255,7 @@ class LLMEngine:
             num_prompt_tokens=_num_prompt_tokens(batch.sched),
             num_generation_tokens=len(batch.output.sampled_token_ids),
         )
+        self.cost.record(batch.sched.scheduled, self.outputs)  # workers/cost.py
         for request_id, stop_string in self.outputs.process(batch.request_ids, advanced, batch.output):
             self.batches.drop_later_results([request_id])  # already in later batches: drop those results
             self.scheduler.finish_request(request_id, FinishReason.STOP, stop_reason=stop_string)
@@ -323,6 +326,7 @@ class LLMEngine:
             num_batches_in_flight=len(self.batches),
             max_batches_in_flight=self.batches.stats.max_in_flight,
             spec_decode=self.speculator.stats.snapshot() if self.speculator is not None else None,
+            cost=self.cost.stats(),
         )
 
     def model_info(self) -> ModelInfo:

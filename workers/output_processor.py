@@ -23,6 +23,7 @@ from shardserve.workers.request import (
     Logprob,
     PositionLogprobs,
     Request,
+    RequestMetrics,
     RequestOutput,
     SamplingParams,
 )
@@ -100,6 +101,12 @@ class OutputProcessor:
     def sample_ids(self, request_id: str) -> list[str]:
         parent = self._parents.get(request_id)
         return [] if parent is None else [s.request.request_id for s in parent.samples]
+
+    def billing(self, sample_id: str) -> tuple[Request, RequestMetrics] | None:
+        """A live sample and the metrics its caller sees (the first sample's: every sample's cost
+        adds up there); None once the parent's final output was collected (workers/cost.py)."""
+        entry = self._sample_of.get(sample_id)
+        return None if entry is None else (entry[1].request, entry[0].samples[0].request.metrics)
 
     def has_pending(self) -> bool:
         return bool(self._dirty)

@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched")
             q.add_argument("--max-verify-tokens", type=int, default=128,
                            help="speculate only while running requests x (1 + k) stay at or below this")
+            q.add_argument("--price-per-hour", type=float, default=None,
+                           help="device price (USD per device-hour): adds the measured cost per 1M output tokens")
         else:
             q.add_argument("--num-requests", type=int, default=64)
             q.add_argument("--distribution", default="fixed", choices=["fixed", "lognormal"])
@@ -78,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--hf-batch-size", type=int, default=16)
             q.add_argument("--hf-num-requests", type=int, default=None,
                            help="run transformers on the first N requests only (it is slow); tokens/s compares")
-            q.add_argument("--price-per-hour", type=float, default=2.5, help="device price for cost per token")
+            q.add_argument("--price-per-hour", type=float, default=2.5,
+                           help="device price (USD per device-hour) for cost per token, aggregate and measured")
         q.set_defaults(func=run)
 
 
@@ -92,6 +95,8 @@ FLAGS = {
     "num_speculative_tokens": "--num-speculative-tokens",
     "prompt_lookup_max": "--prompt-lookup-max",
     "max_verify_tokens": "--max-verify-tokens",
+    "gpu_hour_usd": "--price-per-hour",
+    "cpu_hour_usd": "--price-per-hour",
 }
 
 

@@ -9,7 +9,7 @@ both APIs share the prefix-affinity router's state in this process. HTTP respons
 `x-shardserve-request-id` (the engine's request id, also the body's `id`) and
 `x-shardserve-replica` (the LLMServer replica that served it); gRPC puts `x-request-id` and
 `x-shardserve-replica` in trailing metadata. `/v1/stats` shows each model's router view (per
-replica: requests routed, affinity hits, load, engine stats); `/health` is 200 only when every
+replica: requests routed, affinity hits, load, engine stats; the model's cost, cost_view.py); `/health` is 200 only when every
 model answers. With API keys configured (`auth.api_keys`, or `SHARDSERVE_API_KEY`), a middleware
 (HTTP) and GrpcFrontend check the bearer key and its rate limit first (cluster/ingress/auth.py)
 and the key's name becomes the request's tenant; /health and the gRPC health RPCs stay open.
@@ -29,6 +29,7 @@ from shardserve.cluster.config import AppConfig, parse_config
 from shardserve.cluster.ingress import auth, http_edge, responses
 from shardserve.cluster.ingress import openai as oai
 from shardserve.cluster.ingress.core import ChunkStream, IngressCore
+from shardserve.cluster.ingress.cost_view import model_cost
 from shardserve.cluster.ingress.errors import ApiError
 from shardserve.cluster.ingress.grpc import GrpcFrontend
 from shardserve.cluster.ingress.grpc_server import GrpcServer
@@ -158,7 +159,8 @@ class Ingress:
     async def stats(self) -> dict[str, Any]:
         return {
             "models": {
-                name: {"deployment": deployment, "router": router_stats(deployment)}
+                name: {"deployment": deployment, "router": (router := router_stats(deployment)),
+                       "cost": model_cost(router)}
                 for name, deployment in self.deployment_names.items()
             }
         }

@@ -174,12 +174,13 @@ class GrpcFrontend:
         self._trailers(context, request_id, None)
         completions: dict[int, _Completion] = {}
         first: GenerateChunk | None = None
+        last: GenerateChunk | None = None
         stream: ChunkStream | None = None
         try:
             request = self._generate_request(proto, request_id, self._admit(context))
             stream = self.core.stream(request)
             async for chunk in stream:
-                first = first or chunk
+                first, last = first or chunk, chunk
                 for d in chunk.deltas:
                     completions.setdefault(d.index, _Completion()).add(d)
         except ApiError as err:
@@ -190,6 +191,7 @@ class GrpcFrontend:
                 stream.cancel()
         self._trailers(context, request_id, first)
         num = request.params.logprobs
+        cost_usd = last.cost_usd if last is not None else None
         done = [
             llm_pb2.Completion(index=i, text="".join(c.texts), num_tokens=c.num_tokens,
                                finish_reason=c.finish_reason, logprobs=_logprobs(c.logprobs, num))
@@ -201,7 +203,7 @@ class GrpcFrontend:
             text=head.text,
             num_tokens=head.num_tokens,
             finish_reason=head.finish_reason,
-            usage=self._usage(first, sum(c.num_tokens for c in done)),
+            usage=self._usage(first, sum(c.num_tokens for c in done), cost_usd),
             replica_id=first.replica_id if first else "",
             index=head.index,
             logprobs=head.logprobs,
@@ -229,7 +231,7 @@ class GrpcFrontend:
                         text=d.text,
                         num_tokens=d.num_tokens,
                         finish_reason=d.finish_reason or "",
-                        usage=self._usage(first, num_tokens) if chunk.finished else None,
+                        usage=self._usage(first, num_tokens, chunk.cost_usd) if chunk.finished else None,
                         replica_id=chunk.replica_id,
                         index=d.index,
                         logprobs=_logprobs(d.logprobs or (), num),
@@ -244,13 +246,15 @@ class GrpcFrontend:
                 rest.cancel()
 
     @staticmethod
-    def _usage(first: GenerateChunk | None, num_tokens: int) -> Any:
+    def _usage(first: GenerateChunk | None, num_tokens: int, cost_usd: float | None) -> Any:
+        """Usage of the request; `cost_usd` (its measured cost) is set only when the model is priced."""
         if first is None:
             return None
         return llm_pb2.Usage(
             prompt_tokens=first.num_prompt_tokens,
             completion_tokens=num_tokens,
             cached_prompt_tokens=first.num_cached_prompt_tokens,
+            cost_usd=cost_usd,
         )
 
     def list_models(self, context: Any) -> Any:

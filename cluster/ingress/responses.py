@@ -28,13 +28,15 @@ from shardserve.cluster.messages import CompletionDelta, GenerateChunk, Position
 Body = CompletionRequest | ChatCompletionRequest
 
 
-def _usage(first: GenerateChunk, num_tokens: int) -> dict[str, Any]:
-    return {
+def _usage(first: GenerateChunk, num_tokens: int, cost_usd: float | None) -> dict[str, Any]:
+    """OpenAI's usage; `cost_usd` (the request's measured cost, workers/cost.py) only when the model is priced."""
+    usage = {
         "prompt_tokens": first.num_prompt_tokens,
         "completion_tokens": num_tokens,
         "total_tokens": first.num_prompt_tokens + num_tokens,
         "prompt_tokens_details": {"cached_tokens": first.num_cached_prompt_tokens},
     }
+    return usage if cost_usd is None else {**usage, "cost_usd": cost_usd}
 
 
 def _echo_prefix(body: Body) -> str:
@@ -63,6 +65,7 @@ class _Renderer:
         self.echo = _echo_prefix(body)
         self.choices: dict[int, _Choice] = {}
         self.num_tokens = 0
+        self.cost_usd: float | None = None  # from the final chunk
 
     def add(self, d: CompletionDelta) -> _Choice:
         choice = self.choices.get(d.index)
@@ -96,10 +99,12 @@ async def collect(body: Body, first: GenerateChunk, rest: ChunkStream) -> dict[s
     renderer = _Renderer(body)
     for d in first.deltas:
         renderer.add(d)
+    renderer.cost_usd = first.cost_usd
     try:
         async for chunk in rest:
             for d in chunk.deltas:
                 renderer.add(d)
+            renderer.cost_usd = chunk.cost_usd if chunk.cost_usd is not None else renderer.cost_usd
     finally:
         rest.cancel()  # no-op once finished; stops the engine if this task was cancelled
     choices = []
@@ -113,7 +118,7 @@ async def collect(body: Body, first: GenerateChunk, rest: ChunkStream) -> dict[s
         "created": int(time.time()),
         "model": body.model,
         "choices": choices,
-        "usage": _usage(first, renderer.num_tokens),
+        "usage": _usage(first, renderer.num_tokens, renderer.cost_usd),
     }
     if body.prompt_logprobs is not None and first.prompt_logprobs is not None:
         response["prompt_logprobs"] = lp.prompt_logprobs(first.prompt_logprobs, body.prompt_logprobs)
@@ -135,6 +140,7 @@ async def sse_events(body: Body, first: GenerateChunk, rest: ChunkStream) -> Asy
     }
 
     def event_of(chunk: GenerateChunk) -> str | None:
+        renderer.cost_usd = chunk.cost_usd if chunk.cost_usd is not None else renderer.cost_usd
         choices = []
         for d in chunk.deltas:
             is_new = d.index not in renderer.choices
@@ -154,7 +160,7 @@ async def sse_events(body: Body, first: GenerateChunk, rest: ChunkStream) -> Asy
             if event is not None:
                 yield event
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield _event({**head, "choices": [], "usage": _usage(first, renderer.num_tokens)})
+            yield _event({**head, "choices": [], "usage": _usage(first, renderer.num_tokens, renderer.cost_usd)})
         yield "data: [DONE]\n\n"
     except ApiError as err:
         yield _event(err.openai_body())

@@ -112,7 +112,7 @@ def test_merge_chunks_keeps_text_tokens_logprobs_and_final_fields():
         GenerateChunk("r", "rep", (CompletionDelta(0, "b", 1, logprobs=(_lp(2),)), CompletionDelta(1, "y", 1, "stop")),
                       num_prompt_tokens=2),
         GenerateChunk("r", "rep", (CompletionDelta(0, "c", 2, "length", logprobs=(_lp(3), _lp(4))),),
-                      finished=True, num_prompt_tokens=2, num_cached_prompt_tokens=1),
+                      finished=True, num_prompt_tokens=2, num_cached_prompt_tokens=1, cost_usd=0.25),
     ]
     merged = merge_chunks(chunks)
     by_index = {d.index: d for d in merged.deltas}
@@ -121,6 +121,7 @@ def test_merge_chunks_keeps_text_tokens_logprobs_and_final_fields():
     assert (by_index[1].text, by_index[1].num_tokens, by_index[1].finish_reason, by_index[1].logprobs) == (
         "xy", 2, "stop", None)
     assert merged.finished and merged.num_cached_prompt_tokens == 1 and merged.prompt_logprobs == prompt_lp
+    assert merged.cost_usd == 0.25  # the request's cost rides on the final chunk
     assert merge_chunks(chunks[:1]) is chunks[0]
 
 

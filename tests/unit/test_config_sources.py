@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # Engine fields YAML does not offer, and why (everything else must be settable there).
 NOT_IN_YAML = {
     ("parallel", "launcher"): "a replica's multi-rank group always runs as Ray actors (cluster/server.py)",
+    ("cost", "gpus_per_rank"): "set from resources.num_gpus_per_worker (ModelSection.to_engine_config)",
+    ("cost", "cpus_per_rank"): "set from resources.num_cpus_per_worker (ModelSection.to_engine_config)",
 }
+# Engine fields YAML names otherwise (cluster/config.py renames).
+YAML_NAMES = {("speculative", "speculative_method"): "method"}
 # A non-default value per field that every check accepts (alone, on top of the defaults).
 SAMPLE = {
     ("model", "model"): "dummy:tiny-llama", ("model", "dtype"): "float32", ("model", "device"): "cpu",
@@ -44,6 +48,12 @@ SAMPLE = {
     ("parallel", "custom_allreduce_one_shot_max_bytes"): 1024, ("parallel", "fused_allreduce_norm"): False,
     ("parallel", "fused_allreduce_norm_bytes"): 2048, ("parallel", "fused_allreduce_protocol"): "flags",
     ("parallel", "l2_prefetch_mb"): 2.5,
+    ("speculative", "speculative_method"): "ngram", ("speculative", "num_speculative_tokens"): 3,
+    ("speculative", "prompt_lookup_min"): 1, ("speculative", "prompt_lookup_max"): 3,
+    ("speculative", "max_verify_tokens"): 64, ("speculative", "suffix_max_cached_tokens"): 1000,
+    ("speculative", "suffix_max_depth"): 8, ("speculative", "suffix_min_probability"): 0.2,
+    ("cost", "gpu_hour_usd"): 2.5, ("cost", "cpu_hour_usd"): 0.05, ("cost", "gpus_per_rank"): 2.0,
+    ("cost", "cpus_per_rank"): 4.0,
 }
 ENGINE_FIELDS = [(section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)]
 
@@ -69,7 +79,7 @@ def test_every_engine_field_is_settable_from_yaml(section, name):
     if section == "model":
         entry["source" if name == "model" else name] = yaml_value
     else:
-        entry[section] = {name: yaml_value}
+        entry[section] = {YAML_NAMES.get((section, name), name): yaml_value}
     engine = parse_config({"models": [entry]}).models[0].to_engine_config()
     assert getattr(getattr(engine, section), name) == value
 

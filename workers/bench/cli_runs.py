@@ -17,7 +17,7 @@ so (details in runs.py):
     shut down, on one device (the driver's: cuda:0 on GPU) with the whole model: the
     single-device figure the parallel engine is compared with. It must fit one device;
   - throughput: cost per token is at price-per-hour x world devices.
-With world 1 everything is as before.
+With world 1 everything is as before. `--price-per-hour` also prices the engine (`_cost_config`, workers/cost.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from shardserve.workers.bench.hf_baseline import hf_generate, load_hf_model
 from shardserve.workers.bench.runs import rank_bytes, run_engine, run_latency, run_throughput
 from shardserve.workers.bench.spec_runs import run_speculative_bench, speculative_config
 from shardserve.workers.bench.workload import Workload
-from shardserve.workers.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shardserve.workers.config import CostConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 
@@ -55,12 +55,28 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
             expert_parallel_size=args.expert_parallel_size, pipeline_micro_batches=args.pipeline_micro_batches,
         ),
+        cost=_cost_config(args),
     )
     world = config.parallel.world_size
     if world > 1 and resolve_device(args.device).type == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs {world} GPUs, "
                          f"this machine has {torch.cuda.device_count()}")
     return config
+
+
+def _cost_config(args: argparse.Namespace) -> CostConfig:
+    """`--price-per-hour` per device: each GPU on cuda; on CPU each rank counts as one device (as the aggregate
+    cost of `throughput` always counted it)."""
+    price = getattr(args, "price_per_hour", None)
+    if price is None:
+        return CostConfig()
+    if resolve_device(args.device).type == "cuda":
+        return CostConfig(gpu_hour_usd=price, gpus_per_rank=1)
+    return CostConfig(cpu_hour_usd=price, cpus_per_rank=1)
+
+
+def _per_million(cost_usd: float | None, num_tokens: int) -> float | None:
+    return None if cost_usd is None or not num_tokens else cost_usd / num_tokens * 1e6
 
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
@@ -176,6 +192,7 @@ def _latency(engine: LLMEngine, args: argparse.Namespace) -> dict:
     results = []
     for row in rows:
         ours = row["ours"]
+        per_million = _per_million(ours["cost_usd"], len(row["requests"]) * args.output_len)
         hf_tps = None
         if hf_model is not None:
             requests = row["requests"]
@@ -190,8 +207,13 @@ def _latency(engine: LLMEngine, args: argparse.Namespace) -> dict:
             f"{ours['batch_size']:>5} {ours['step_time_s'] * 1e3:>8.2f} {timing} {ours['decode_tokens_per_s']:>9.1f} "
             f"{ours['achieved_bandwidth'] / 1e9:>8.1f} {ours['achieved_bandwidth'] / bandwidth:>7.0%} "
             f"{hf_tps or float('nan'):>9.1f} {ratio or float('nan'):>6.2f}"
+            + (f" {per_million:>9.3f} $/1M" if per_million is not None else "")
         )
-        results.append({**ours, "hf_tokens_per_s": hf_tps, "ratio_vs_hf": ratio})
+        results.append({**ours, "hf_tokens_per_s": hf_tps, "ratio_vs_hf": ratio,
+                        "measured_cost_per_million_output_tokens": per_million})
+    if engine.cost.usd_per_hour is not None:
+        print(f"$/1M: measured cost per million output tokens at ${args.price_per_hour}/h per device "
+              f"(${engine.cost.usd_per_hour:g}/h for the engine; each request's share, workers/cost.py)")
     for row in rows:
         for line in row["rank_lines"]:
             print(f"  batch {row['ours']['batch_size']} {line}")
@@ -221,6 +243,7 @@ def _throughput(engine: LLMEngine, args: argparse.Namespace) -> dict:
     )
     requests = workload.sample(vocab_size)
     run_engine(engine, Workload(4, 16, 8, seed=99).sample(vocab_size))  # warm-up
+    before = engine.stats().cost
     ours = run_throughput(engine, requests)
     stats = engine.stats()
     hf_tps = None
@@ -242,6 +265,13 @@ def _throughput(engine: LLMEngine, args: argparse.Namespace) -> dict:
           f"TTFT mean {ours.mean_ttft_s * 1e3:.0f} ms p99 {ours.p99_ttft_s * 1e3:.0f} ms, "
           f"TPOT mean {ours.mean_tpot_s * 1e3:.1f} ms p99 {ours.p99_tpot_s * 1e3:.1f} ms, "
           f"${cost:.3f} per 1M output tokens at {price}; preemptions {stats.num_preemptions}")
+    measured = _per_million(ours.cost_usd, ours.output_tokens)
+    busy_usd = None if stats.cost is None else stats.cost.cost_usd_total - before.cost_usd_total
+    if measured is not None:
+        print(f"measured (each request's share of busy time x price, workers/cost.py): ${measured:.3f} per 1M "
+              f"output tokens; the {ours.num_requests} requests' costs ${ours.cost_usd:.6f} = "
+              f"{ours.cost_usd / busy_usd:.2%} of busy time x price (${busy_usd:.6f}), "
+              f"{measured / cost:.2%} of the aggregate")
     if hf_tps is not None:
         one_device = "" if world == 1 else f" on one device ({device}), whole model"
         print(f"transformers generate (padded static batches of {args.hf_batch_size}){one_device}: "
@@ -249,7 +279,8 @@ def _throughput(engine: LLMEngine, args: argparse.Namespace) -> dict:
         print(f"ratio ours / transformers: {ours.output_tokens_per_s / hf_tps:.2f}x")
     result = {
         "device": name, "model": engine.loaded.name, "workload": asdict(workload), "ours": asdict(ours),
-        "cost_per_million_output_tokens": cost, "hf_output_tokens_per_s": hf_tps,
+        "cost_per_million_output_tokens": cost, "measured_cost_per_million_output_tokens": measured,
+        "busy_cost_usd": busy_usd, "hf_output_tokens_per_s": hf_tps,
         "ratio_vs_hf": None if hf_tps is None else ours.output_tokens_per_s / hf_tps,
         "timestamp": time.time(),
     }

@@ -7,7 +7,8 @@ latency: for each batch size B, B requests of `input_len` tokens each generate e
   copy bandwidth measured in the same run.
 throughput: N requests from a seeded workload are queued at once (offline); output tokens/s,
   requests/s, TTFT and time per output token from each request's own metrics, and cost per
-  million output tokens at a price per device-hour.
+  million output tokens at a price per device-hour: aggregate (elapsed x price / tokens) and
+  measured (the sum of the requests' own costs, workers/cost.py, when the engine is priced).
 Both run `transformers.generate` on the same prompts in the same process and print the ratio.
 
 Worker groups (world = TP x PP > 1): the model runs in the rank processes, so the per-step host /
@@ -80,6 +81,7 @@ class LatencyResult:
     gpu_ms_per_step: float
     graph_steps: int
     eager_steps: int
+    cost_usd: float | None  # the requests' measured costs summed (workers/cost.py); None when unpriced
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,12 @@ def _decode_figures(engine: LLMEngine, requests: list[BenchRequest], finals: lis
     num_bytes = decode_bytes_per_step(engine, batch_size, mean_context)
     return {"batch_size": batch_size, "step_time_s": step_time, "tokens_per_s": batch_size * output_len / elapsed,
             "decode_tokens_per_s": batch_size / step_time, "bytes_per_step": num_bytes,
-            "achieved_bandwidth": num_bytes / step_time}
+            "achieved_bandwidth": num_bytes / step_time, "cost_usd": requests_cost_usd(engine, finals)}
+
+
+def requests_cost_usd(engine: LLMEngine, finals: list) -> float | None:
+    """What the finished requests were charged (RequestMetrics.cost_usd); None when the engine has no price."""
+    return None if engine.cost.usd_per_hour is None else sum(f.metrics.cost_usd for f in finals)
 
 
 def _run_latency_worker_group(engine: LLMEngine, requests: list[BenchRequest]) -> WorkerGroupLatencyResult:
@@ -264,6 +271,7 @@ class ThroughputResult:
     p99_ttft_s: float
     mean_tpot_s: float
     p99_tpot_s: float
+    cost_usd: float | None = None  # the requests' measured costs summed (workers/cost.py); None when unpriced
 
     def cost_per_million_tokens(self, price_per_hour: float, num_devices: int = 1) -> float:
         return price_per_hour * num_devices / 3600 / self.output_tokens_per_s * 1e6
@@ -296,4 +304,5 @@ def run_throughput(engine: LLMEngine, requests: list[BenchRequest],
         p99_ttft_s=_p99(ttfts),
         mean_tpot_s=statistics.fmean(tpots),
         p99_tpot_s=_p99(tpots),
+        cost_usd=requests_cost_usd(engine, finals),
     )
