@@ -217,6 +217,7 @@ class RequestMetrics:
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generation_tokens: int = 0
     num_preemptions: int = 0
+    cost_usd: float = 0.0
 
     @property
     def ttft(self) -> float | None:
