@@ -187,9 +187,10 @@ class AutoscalingSection(_Section):
         "time before the last one goes when min_replicas is 0), in [0, 86400].",
     )
     look_back_period_s: float = Field(
-        30, gt=0, le=3600,
-        description="Seconds over which the autoscaler averages requests in flight, in (0, 3600]; a "
-        "replica counts as idle only once this window holds no request.",
+        30, gt=10, le=3600,
+        description="Seconds over which the autoscaler averages requests in flight, in (10, 3600] (Ray Serve "
+        "wants it above its 10 s metrics interval); a replica counts as idle only once this window holds no "
+        "request.",
     )
 
     @model_validator(mode="after")

@@ -111,6 +111,7 @@ class LLMServer:
             self.engine.step_observer = self.metrics.observe_step
         self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics_forever())
         clock.log_ready(self.section.name, self.replica_id)
+        self.metrics.set_startup(clock.stages)
 
     def _error(self, request_id: str, kind: ErrorKind, message: str, param: str | None = None) -> GenerateChunk:
         return GenerateChunk(

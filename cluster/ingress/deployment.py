@@ -100,10 +100,10 @@ class Ingress:
         app_config = parse_config(config, AppConfig)
         self.log_prompts = app_config.log_prompts
         self.gate = auth.Gate.from_config(app_config.auth)
-        self.core = IngressCore(app_config, handles, self.gate)
+        self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
+        self.core = IngressCore(app_config, handles, self.gate, self.deployment_names)
         http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         auth.install(self.gate)  # for the HTTP middleware (one Ingress per replica process)
-        self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
         self.grpc_server = GrpcServer(app_config, GrpcFrontend(self.core, self.gate, self.log_prompts))
         self.grpc_server.start()
         # Mutual TLS on HTTP: this replica serves the routes below itself (no Serve HTTP proxy).
@@ -159,8 +159,7 @@ class Ingress:
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics(self) -> Response:
-        handles = self.core.handles
-        body = await scrape.render(handles, {name: self.deployment_names[name] for name in handles})
+        body = await scrape.render(self.core.handles, self.deployment_names)
         return Response(body, media_type=scrape.CONTENT_TYPE)
 
     @api.get("/v1/stats")

@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass
 
 PREFIX = "shardserve:"
-MODEL, REPLICA, TENANT, FINISHED_REASON = "model", "replica", "tenant", "finished_reason"
+MODEL, REPLICA, TENANT, FINISHED_REASON, STAGE = "model", "replica", "tenant", "finished_reason", "stage"
 REPLICA_LABELS = (MODEL, REPLICA)
 TENANT_LABELS = (MODEL, REPLICA, TENANT)
 
@@ -65,6 +65,9 @@ BATCH_SIZE = MetricSpec("batch_size", Kind.HISTOGRAM, "Requests that advanced in
 COLD_START = MetricSpec("cold_start_seconds", Kind.HISTOGRAM, "Requests that arrived before their replica was "
                         "ready (scale from zero, or up): Ingress arrival to first token, seconds.",
                         buckets=COLD_START_BUCKETS)  # fmt: skip
+STARTUP = MetricSpec("replica_startup_seconds", Kind.GAUGE, "How long each start-up stage of this replica took "
+                     "(process: Ray actor start and imports; engine: weights, KV sizing, warm-up), seconds.",
+                     (MODEL, REPLICA, STAGE))  # fmt: skip
 RUNNING = MetricSpec("num_requests_running", Kind.GAUGE, "Requests in the engine's running batch.")
 WAITING = MetricSpec("num_requests_waiting", Kind.GAUGE, "Requests waiting in the engine's queue.")
 KV_USAGE = MetricSpec("kv_cache_usage_perc", Kind.GAUGE, "Fraction of KV cache blocks in use, 0..1.")
@@ -89,6 +92,6 @@ ENGINE_COUNTERS: dict[MetricSpec, str] = {
 }
 
 SPECS: tuple[MetricSpec, ...] = (
-    TTFT, ITL, E2E, QUEUE_TIME, STEP_TIME, BATCH_SIZE, COLD_START, RUNNING, WAITING, KV_USAGE,
+    TTFT, ITL, E2E, QUEUE_TIME, STEP_TIME, BATCH_SIZE, COLD_START, STARTUP, RUNNING, WAITING, KV_USAGE,
     PROMPT_TOKENS, GENERATION_TOKENS, SUCCESS, COST, *ENGINE_COUNTERS,
 )  # fmt: skip

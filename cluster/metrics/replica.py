@@ -27,7 +27,8 @@ from shardserve.cluster.metrics.tenant import TenantLabels
 from shardserve.workers.protocol import EngineStats
 from shardserve.workers.request import RequestMetrics, RequestOutput
 
-logger = logging.getLogger(__name__)
+# Serve writes this logger to the replica's log file (the root logger stays at WARNING there).
+logger = logging.getLogger("ray.serve")
 MAX_PENDING_STEPS = 1 << 16  # steps kept between flushes (the oldest go first if nobody flushes)
 
 
@@ -80,6 +81,12 @@ class ReplicaMetrics:
         logger.info("cold start: model %s replica %s: request held %.2f s before this replica was ready, "
                     "first token %.2f s after it arrived", self.model, self.replica_id,
                     self.ready_unix_s - arrival_unix_s, seconds)  # fmt: skip
+
+    def set_startup(self, stages: dict[str, float]) -> None:
+        for stage, seconds in stages.items():
+            tags = {**self._base, n.STAGE: stage}
+            self._prom[n.STARTUP.name].labels(**tags).set(seconds)
+            self.ray.set(n.STARTUP, seconds, tags)
 
     def flush(self, stats: EngineStats | None = None) -> None:
         """Drain the steps recorded since the last flush; set the gauges from `stats`."""

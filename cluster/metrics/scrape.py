@@ -1,8 +1,7 @@
 """The Ingress's GET /metrics: one scrape shows every LLMServer replica of the app.
 
 Data flow: the route calls `render(handles, deployment_names)`. For each model it lists the
-replicas its prefix-affinity router knows (cluster/router.py: this Ingress's live view of Serve's
-running replicas) and calls `LLMServer.metrics_snapshot(replica_id=...)` on each through the
+running replicas (cluster/replicas.py: the router's live view, else Serve's status) and calls `LLMServer.metrics_snapshot(replica_id=...)` on each through the
 DeploymentHandle (the router pins the call; the answer names the replica that answered, so a
 missed pin is dropped as a duplicate). The replicas' prometheus_client families are merged by
 name (their `model` / `replica` labels keep the series apart) and rendered in Prometheus' text
@@ -23,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from shardserve.cluster.metrics.names import MODEL, PREFIX
-from shardserve.cluster.router import running_replica_ids
+from shardserve.cluster.replicas import running_replicas
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT_S = 5.0
@@ -35,7 +34,7 @@ async def render(handles: dict[str, Any], deployment_names: dict[str, str]) -> b
                                  "Ingress's router sees them.", labels=[MODEL])  # fmt: skip
     snapshots: list[dict[str, Any]] = []
     for model, handle in handles.items():
-        replica_ids = await _replica_ids(deployment_names[model])
+        replica_ids = await running_replicas(deployment_names[model])
         replicas.add_metric([model], len(replica_ids))
         calls = [_snapshot(handle, replica_id) for replica_id in replica_ids]
         snapshots.extend(s for s in await asyncio.gather(*calls) if s is not None)
@@ -62,25 +61,10 @@ def merge(snapshots: list[dict[str, Any]]) -> list[Metric]:
     return list(merged.values())
 
 
-async def _replica_ids(deployment_name: str) -> list[str]:
-    """The router's running replicas; before this process's first request the router does not
-    exist yet and Serve's status says whether a replica runs (then one unpinned call creates it)."""
-    ids = running_replica_ids(deployment_name)
-    if ids is not None:
-        return ids
-    from ray import serve
-
-    app = serve.get_replica_context().app_name
-    status = await asyncio.to_thread(serve.status)
-    deployment = status.applications[app].deployments.get(deployment_name)
-    running = 0 if deployment is None else deployment.replica_states.get("RUNNING", 0)
-    return [""] if running else []  # "" = any replica
-
-
-async def _snapshot(handle: Any, replica_id: str) -> dict[str, Any] | None:
+async def _snapshot(handle: Any, replica_id: str | None) -> dict[str, Any] | None:
+    """One replica's families; `replica_id` None (ids not known yet): whichever replica answers."""
     try:
-        call = handle.metrics_snapshot.remote(replica_id=replica_id or None)
-        return await asyncio.wait_for(call, SNAPSHOT_TIMEOUT_S)
+        return await asyncio.wait_for(handle.metrics_snapshot.remote(replica_id=replica_id), SNAPSHOT_TIMEOUT_S)
     except Exception as err:  # a replica going away or stuck: leave it out of this scrape
         logger.warning("metrics of replica %s left out of this scrape: %r", replica_id or "(any)", err)
         return None

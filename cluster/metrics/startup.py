@@ -13,7 +13,8 @@ import logging
 import os
 import time
 
-logger = logging.getLogger(__name__)
+# Serve writes this logger to the replica's log file (the root logger stays at WARNING there).
+logger = logging.getLogger("ray.serve")
 
 
 def process_age_s() -> float | None:
