@@ -2,8 +2,9 @@
 
 Data flow: the LLMServer replica's `ReplicaMetrics` records every value twice: into its
 prometheus_client registry (scraped through the Ingress's /metrics) and here, into
-`ray.util.metrics` objects that Ray's metrics agent on the replica's node exports (as
-`ray_shardserve:...` on the node's metrics port, which the Helm PodMonitor scrapes). Why both: a
+`ray.util.metrics` objects that Ray's metrics agent on the replica's node exports on the node's
+metrics port (which the Helm PodMonitor scrapes) as `ray_shardserve_<name>`: Ray's export drops a
+name holding a colon without a word (Ray 2.60, measured), so `:` becomes `_` here. Why both: a
 Ray cluster's operators already scrape the agents, while /metrics on the API port needs nothing
 but the Service. Outside a Ray worker (unit tests, offline use) the sink is off: no Ray call.
 """
@@ -18,6 +19,11 @@ from shardserve.cluster.metrics.names import Kind, MetricSpec
 logger = logging.getLogger(__name__)
 
 
+def ray_name(spec: MetricSpec) -> str:
+    """The name given to Ray (its export adds the `ray_` prefix, and `_total` to counters)."""
+    return spec.full_name.replace(":", "_")
+
+
 class RaySink:
     def __init__(self, specs: tuple[MetricSpec, ...]) -> None:
         self._metrics: dict[str, Any] = {}
@@ -28,12 +34,13 @@ class RaySink:
             if not ray.is_initialized():
                 return
             for spec in specs:
+                name = ray_name(spec)
                 if spec.kind == Kind.COUNTER:
-                    metric = metrics.Counter(spec.full_name, spec.doc, tag_keys=spec.labels)
+                    metric = metrics.Counter(name, spec.doc, tag_keys=spec.labels)
                 elif spec.kind == Kind.GAUGE:
-                    metric = metrics.Gauge(spec.full_name, spec.doc, tag_keys=spec.labels)
+                    metric = metrics.Gauge(name, spec.doc, tag_keys=spec.labels)
                 else:
-                    metric = metrics.Histogram(spec.full_name, spec.doc, list(spec.buckets), tag_keys=spec.labels)
+                    metric = metrics.Histogram(name, spec.doc, list(spec.buckets), tag_keys=spec.labels)
                 self._metrics[spec.name] = metric
         except Exception as err:  # never let the export take the replica down
             logger.warning("Ray metrics export is off: %r", err)

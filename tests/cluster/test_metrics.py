@@ -39,6 +39,7 @@ COLD_TTFT_TARGET_S = 10.0  # issue 24's target for SmolLM2 on CPU: measured and 
 # What the test holds a cold start to: held and answered, never dropped, on a loaded 2-core CI machine.
 COLD_TTFT_BOUND_S = 90.0
 SCALE_DOWN_TIMEOUT_S = 120
+RAY_EXPORT_TIMEOUT_S = 60  # Ray's agents export what the replicas recorded every few seconds
 EVERY_NAME = [
     "shardserve:time_to_first_token_seconds", "shardserve:inter_token_latency_seconds",
     "shardserve:e2e_request_latency_seconds", "shardserve:request_queue_time_seconds",
@@ -183,6 +184,36 @@ def test_metrics_of_http_and_grpc_requests(metered):
     cold_start = total(families, "shardserve:cold_start_seconds", "_sum", model=MODEL)
     assert 0 < cold_start <= cold_e2e
     print(f"\ncold start (HTTP, Ingress arrival to first token): {cold_start:.2f} s; client e2e {cold_e2e:.2f} s")
+    # The same counts through Ray's metrics export (the node's agent names it `ray_shardserve_...`).
+    exported = ray_export_total("ray_shardserve_request_success_total", num_requests, tenant=KEY_NAME)
+    assert exported == num_requests
+
+
+def ray_export_total(name: str, expected: float, **labels: str) -> float:
+    """The sum of `name`'s samples on this node's Ray metrics port, once it reaches `expected`."""
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    deadline, value = time.monotonic() + RAY_EXPORT_TIMEOUT_S, 0.0
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        value = sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))  # fmt: skip
+        if value >= expected:
+            return value
+        time.sleep(2)
+    return value
+
+
+def test_open_api_tenant_is_the_user_field(real):
+    """Without API keys the request's OpenAI `user` field labels it (the shared `real` app)."""
+    client = openai.OpenAI(base_url=real.http_url + "/real/v1", api_key="unused", max_retries=0, timeout=120)
+    done = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, user="alice")
+    r = requests.get(real.http_url + "/real/metrics", timeout=30)
+    families = {family.name: family for family in text_string_to_metric_families(r.text)}
+    alice = {"model": MODEL, "tenant": "alice"}
+    assert total(families, "shardserve:request_success", "_total", **alice) == 1
+    assert total(families, "shardserve:generation_tokens", "_total", **alice) == done.usage.completion_tokens
 
 
 def test_scale_to_zero_holds_a_grpc_stream_and_answers_it(metered):
