@@ -15,11 +15,9 @@ reserved (workers/group.py; per-step messages go over sockets, never Ray calls).
 replaces it; requests in flight end with UNAVAILABLE (HTTP 503). `__del__` stops the engine.
 
 Engine: `AsyncEngine.from_config(engine_config(section))`, built on a thread so the replica's
-event loop stays free while ranks start and weights load; or an `engine_factory` passed from
-Python (`build_app(config, engine_factory=...)`: the tests' fake engines, never from YAML).
-Metrics: `ReplicaMetrics` (cluster/metrics/replica.py) records each finished request and each
-engine step (through the engine's `step_observer`, where it has one); the Ingress's /metrics
-pulls `metrics_snapshot()`. The log shows how long each start-up stage took.
+event loop stays free while ranks start and weights load; or an `engine_factory` from Python
+(`build_app(config, engine_factory=...)`: the tests' fake engines). Metrics: cluster/metrics/
+(each finished request and engine step; the Ingress's /metrics pulls `metrics_snapshot()`).
 """
 
 from __future__ import annotations
