@@ -1,12 +1,14 @@
 """Ray's metrics API as a second exporter of the same metric set (cluster/metrics/names.py).
 
-Data flow: the LLMServer replica's `ReplicaMetrics` records every value twice: into its
+Data flow: the LLMServer replica's `ReplicaMetrics` records each value twice: into its
 prometheus_client registry (scraped through the Ingress's /metrics) and here, into
 `ray.util.metrics` objects that Ray's metrics agent on the replica's node exports on the node's
 metrics port (which the Helm PodMonitor scrapes) as `ray_shardserve_<name>`: Ray's export drops a
 name holding a colon without a word (Ray 2.60, measured), so `:` becomes `_` here. Why both: a
 Ray cluster's operators already scrape the agents, while /metrics on the API port needs nothing
-but the Service. Outside a Ray worker (unit tests, offline use) the sink is off: no Ray call.
+but the Service. Per-token and per-step histograms (inter-token latency, step time, batch size)
+stay off Ray (`MetricSpec.ray_export`): its observe() is ~20x prometheus_client's. Outside a Ray
+worker (unit tests, offline use) the sink is off: no Ray call.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class RaySink:
 
             if not ray.is_initialized():
                 return
-            for spec in specs:
+            for spec in (s for s in specs if s.ray_export):
                 name = ray_name(spec)
                 if spec.kind == Kind.COUNTER:
                     metric = metrics.Counter(name, spec.doc, tag_keys=spec.labels)
