@@ -6,11 +6,8 @@ would be held at the handle and start a replica (Serve's scale-from-zero), so an
 never stay at zero. The answer is the prefix-affinity router's live replica set (cluster/router.py),
 or, before this process has a router for the deployment (no call through its handle yet), the
 count of RUNNING replicas in Serve's status (one controller call; the ids are then unknown: None).
-Scale from zero (Ray 2.60, measured): Serve holds the request at the handle and starts a replica
-once the handle's metrics reach the controller. Its immediate push at zero replicas sends the
-handle's recorded history when it has one (`_get_metrics_report`), not the request just queued,
-so after earlier traffic the start waits for the next record (look_back_period_s x 0.2) and push
-(RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s): 6-7 s of a CPU cold start.
+Scale from zero: Serve holds the request at the handle and starts a replica once the handle's
+metrics reach the controller; cluster/ingress/wake.py makes that immediate after earlier traffic.
 """
 
 from __future__ import annotations

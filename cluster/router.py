@@ -76,9 +76,11 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         if self._deployment_id is not None:
             # Ray Serve ships this class pickled by value, so its module globals are a copy:
             # register in the module as imported in this process, where router_stats() looks.
+            # The first router of a deployment in this process is the Ingress's own; a short-lived
+            # one (cluster/ingress/wake.py) must not take its place.
             from shardserve.cluster import router as module
 
-            module._ROUTERS[self._deployment_id.name] = self
+            module._ROUTERS.setdefault(self._deployment_id.name, self)
 
     # ---- policy ---------------------------------------------------------------------------
     def _load(self, replica: RunningReplica) -> int:

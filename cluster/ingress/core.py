@@ -26,6 +26,7 @@ from typing import Any
 from shardserve.cluster.config import AppConfig, ModelSection
 from shardserve.cluster.ingress.auth import Gate
 from shardserve.cluster.ingress.errors import ApiError, from_serve_exception, unknown_model
+from shardserve.cluster.ingress.wake import Waker
 from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
 from shardserve.cluster.replicas import running_replicas
 
@@ -88,6 +89,7 @@ class IngressCore:
         self.config = config
         self.handles = handles  # model name -> DeploymentHandle of its LLMServer
         self.deployment_names = deployment_names or {}  # model name -> its LLMServer deployment
+        self.waker = Waker(config, self.deployment_names)  # scale from zero without Serve's metrics delay
         self.gate = gate  # API keys: the per-key token budget is taken here, for both front ends
         self.created = int(time.time())
 
@@ -105,6 +107,7 @@ class IngressCore:
 
     def stream(self, request: GenerateRequest) -> ChunkStream:
         self.model(request.model)
+        self.waker.maybe_wake(request.model)
         handle = self.handles[request.model]
         on_first = None
         if self.gate is not None and self.gate.admit_tokens(request):  # raises when over the key's budget
