@@ -13,7 +13,8 @@ idempotent: it cancels on CancelledError inside `__anext__`, on an error chunk, 
 front end's response ends for any reason. `first_chunk()` lets a front end wait for the first
 chunk (so errors still get a proper status) before committing response headers.
 `health()` asks every model's LLMServer, except one scaled to zero (min_replicas 0, no replica
-running: cluster/replicas.py), which is "ok" without a call, since a call would wake it.
+running: cluster/replicas.py), which is "ok" without a call, since a call would wake it; a request
+to such a model makes `Waker` start a replica at once (cluster/ingress/wake.py).
 """
 
 from __future__ import annotations
