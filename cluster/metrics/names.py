@@ -4,14 +4,18 @@ One table (`SPECS`) that both exporters read: the prometheus_client registry of 
 replica (cluster/metrics/replica.py, scraped through the Ingress's /metrics) and Ray's metrics API
 (cluster/metrics/ray_export.py, exported by every Ray node's metrics agent). Buckets are vLLM's
 (vllm/v1/metrics/loggers.py), so dashboards and SLO queries written for vLLM read ours unchanged.
-Engine statistics that are added later (speculative decoding's `spec_decode_*` counters) go in
-`ENGINE_COUNTERS`: the replica feeds every entry from the engine's per-request metrics.
+Engine statistics grow in two named places: `ENGINE_COUNTERS` (fed from each finished request's
+RequestMetrics) and `ENGINE_TOTALS` (counters fed from the engine's running totals in EngineStats,
+sampled on scrape: where speculative decoding's `spec_decode_*` counters go).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from shardserve.workers.protocol import EngineStats
 
 PREFIX = "shardserve:"
 MODEL, REPLICA, TENANT, FINISHED_REASON, STAGE = "model", "replica", "tenant", "finished_reason", "stage"
@@ -94,7 +98,13 @@ ENGINE_COUNTERS: dict[MetricSpec, str] = {
     PREEMPTIONS: "num_preemptions",
 }
 
+# Counters fed from the engine's totals since start (EngineStats): spec -> the total, or None when
+# the engine does not have it. The replica adds what grew since the last sample. For example:
+#   SPEC_ACCEPTED = MetricSpec("spec_decode_num_accepted_tokens", Kind.COUNTER, "Draft tokens accepted.")
+#   ENGINE_TOTALS = {SPEC_ACCEPTED: lambda s: s.spec_decode.num_accepted_tokens if s.spec_decode else None}
+ENGINE_TOTALS: dict[MetricSpec, Callable[[EngineStats], float | None]] = {}
+
 SPECS: tuple[MetricSpec, ...] = (
     TTFT, ITL, E2E, QUEUE_TIME, STEP_TIME, BATCH_SIZE, COLD_START, STARTUP, RUNNING, WAITING, KV_USAGE,
-    PROMPT_TOKENS, GENERATION_TOKENS, SUCCESS, COST, *ENGINE_COUNTERS,
+    PROMPT_TOKENS, GENERATION_TOKENS, SUCCESS, COST, *ENGINE_COUNTERS, *ENGINE_TOTALS,
 )  # fmt: skip

@@ -42,6 +42,7 @@ class ReplicaMetrics:
         self.tenants = TenantLabels()
         self._steps: deque[tuple[float, int]] = deque(maxlen=MAX_PENDING_STEPS)
         self._base = {n.MODEL: model, n.REPLICA: replica_id}
+        self._last_totals: dict[str, float] = {}  # ENGINE_TOTALS as last sampled
 
     # ---- engine thread ----------------------------------------------------------------------
     def observe_step(self, duration_s: float, batch_size: int) -> None:
@@ -102,6 +103,15 @@ class ReplicaMetrics:
                                 (n.KV_USAGE, stats.kv_cache_usage)):  # fmt: skip
                 self._prom[spec.name].labels(**self._base).set(value)
                 self.ray.set(spec, value, self._base)
+            self._count_totals(stats)
+
+    def _count_totals(self, stats: EngineStats) -> None:
+        for spec, read in n.ENGINE_TOTALS.items():
+            value = read(stats)
+            if value is not None:
+                grown = value - self._last_totals.get(spec.name, 0.0)
+                self._last_totals[spec.name] = value
+                self._inc(spec, max(grown, 0.0), self._base)
 
     def snapshot(self) -> list[Metric]:
         """Every family of this replica's registry (picklable: the Ingress merges them)."""

@@ -91,3 +91,16 @@ def test_merge_keeps_one_snapshot_per_replica():
     families = {f.name: f for f in merge(snapshots)}
     prompt = [s for s in families["shardserve:prompt_tokens"].samples if s.name.endswith("_total")]
     assert sorted((s.labels["replica"], s.value) for s in prompt) == [("a", 5.0), ("b", 5.0)]
+
+
+def test_engine_totals_become_counters(monkeypatch):
+    """ENGINE_TOTALS (where spec_decode_* will go): each sample adds what the engine's total grew by."""
+    from shardserve.cluster.metrics import names
+
+    spec = names.MetricSpec("test_generated", names.Kind.COUNTER, "Engine total, for this test.")
+    monkeypatch.setattr(names, "ENGINE_TOTALS", {spec: lambda s: s.total_generation_tokens})
+    monkeypatch.setattr(names, "SPECS", (*names.SPECS, spec))
+    metrics = ReplicaMetrics("m", "rep")
+    for total_generated in (4, 10, 10):
+        metrics.flush(EngineStats(0, 0, 0.0, 0.0, 0, 0.0, 0.0, 1, 7, total_generated))
+    assert values(metrics)[("shardserve:test_generated_total", (("model", "m"), ("replica", "rep")))] == 10
