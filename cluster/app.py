@@ -65,6 +65,9 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
             "min_replicas": model.autoscaling.min_replicas,
             "max_replicas": model.autoscaling.max_replicas,
             "target_ongoing_requests": model.autoscaling.target_ongoing_requests,
+            "upscale_delay_s": model.autoscaling.upscale_delay_s,
+            "downscale_delay_s": model.autoscaling.downscale_delay_s,
+            "look_back_period_s": model.autoscaling.look_back_period_s,
         }
     else:
         options["num_replicas"] = model.num_replicas

@@ -178,6 +178,22 @@ class AutoscalingSection(_Section):
     target_ongoing_requests: float = Field(
         16, gt=0, description="Requests in flight per replica the autoscaler aims for, > 0."
     )
+    upscale_delay_s: float = Field(
+        30, ge=0, le=3600,
+        description="Seconds the load must call for more replicas before one is added, in [0, 3600]. "
+        "Scaling up from zero replicas never waits: a request held at zero starts one at once.",
+    )
+    downscale_delay_s: float = Field(
+        600, ge=0, le=86400,
+        description="Seconds the load must call for fewer replicas before one is removed (also the idle "
+        "time before the last one goes when min_replicas is 0), in [0, 86400].",
+    )
+    look_back_period_s: float = Field(
+        30, gt=10, le=3600,
+        description="Seconds over which the autoscaler averages requests in flight, in (10, 3600] (Ray Serve "
+        "wants it above its 10 s metrics interval); a replica counts as idle only once this window holds no "
+        "request.",
+    )
 
     @model_validator(mode="after")
     def _check_range(self) -> AutoscalingSection:

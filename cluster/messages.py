@@ -14,7 +14,8 @@ engine `RequestOutput` into a `GenerateChunk` (the LLMServer keeps one per reque
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from shardserve.workers.request import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
 
@@ -48,6 +49,10 @@ class GenerateRequest:
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs, rendered by the engine
     priority: int = 0
     tenant: str | None = None  # name of the API key that sent it (metrics, cost); None on an open API
+    user: str | None = None  # the OpenAI `user` field: the metrics' tenant label on an open API
+    # Wall-clock time (time.time()) the Ingress built it: a replica that was not ready yet then
+    # reports the wait as a cold start (cluster/metrics/replica.py).
+    arrival_unix_s: float = field(default_factory=time.time)
 
     @property
     def routing_text(self) -> str:

@@ -50,6 +50,13 @@ def prefix_chain(text: str, chunk_chars: int = PREFIX_CHUNK_CHARS) -> list[str]:
     return chain
 
 
+def running_replica_ids(deployment_name: str) -> list[str] | None:
+    """Ids of the deployment's running replicas as this process's router knows them (None: no router
+    yet, i.e. no call through a handle to that deployment from this process so far)."""
+    router = _ROUTERS.get(deployment_name)
+    return None if router is None else [r.replica_id.unique_id for r in router._replicas.values()]
+
+
 def router_stats(deployment_name: str) -> dict[str, Any] | None:
     router = _ROUTERS.get(deployment_name)
     return None if router is None else router.stats()
@@ -69,9 +76,11 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         if self._deployment_id is not None:
             # Ray Serve ships this class pickled by value, so its module globals are a copy:
             # register in the module as imported in this process, where router_stats() looks.
+            # The first router of a deployment in this process is the Ingress's own; a short-lived
+            # one (cluster/ingress/wake.py) must not take its place.
             from shardserve.cluster import router as module
 
-            module._ROUTERS[self._deployment_id.name] = self
+            module._ROUTERS.setdefault(self._deployment_id.name, self)
 
     # ---- policy ---------------------------------------------------------------------------
     def _load(self, replica: RunningReplica) -> int:

@@ -15,8 +15,9 @@ reserved (workers/group.py; per-step messages go over sockets, never Ray calls).
 replaces it; requests in flight end with UNAVAILABLE (HTTP 503). `__del__` stops the engine.
 
 Engine: `AsyncEngine.from_config(engine_config(section))`, built on a thread so the replica's
-event loop stays free while ranks start and weights load; or an `engine_factory` passed from
-Python (`build_app(config, engine_factory=...)`: the tests' fake engines, never from YAML).
+event loop stays free while ranks start and weights load; or an `engine_factory` from Python
+(`build_app(config, engine_factory=...)`: the tests' fake engines). Metrics: cluster/metrics/
+(each finished request and engine step; the Ingress's /metrics pulls `metrics_snapshot()`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from shardserve.cluster.messages import (
     GenerateChunk,
     GenerateRequest,
 )
+from shardserve.cluster.metrics.replica import ReplicaMetrics
+from shardserve.cluster.metrics.startup import StartupClock
 from shardserve.cluster.streaming import batched, merge_chunks
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFullError
@@ -48,6 +51,7 @@ from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFu
 EngineFactory = Callable[[ModelSection], "EngineProtocol | Awaitable[EngineProtocol]"]
 # Finished requests whose timings `recent_requests()` keeps (benchmarks read them by request id).
 NUM_RECENT_REQUESTS = 8192
+METRICS_FLUSH_PERIOD_S = 5.0  # steps into histograms and gauges sampled, for Ray's export
 _PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*) (must|is|are|should)\b")
 
 
@@ -92,13 +96,21 @@ class LLMServer:
     async def __init__(self, model: dict[str, Any], engine_factory: EngineFactory | None = None) -> None:
         from ray import serve
 
+        clock = StartupClock()
         self.section = ModelSection.model_validate(model)
         self.stream_interval_ms = self.section.effective_stream_interval_ms()
         self.priced = self.section.cost.to_engine().priced  # final chunks carry cost_usd (workers/cost.py)
         self.engine = await make_engine(self.section, engine_factory)
+        clock.stage("engine")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.num_in_flight = 0
         self._recent: OrderedDict[str, dict[str, float | None]] = OrderedDict()
+        self.metrics = ReplicaMetrics(self.section.name, self.replica_id)
+        if hasattr(self.engine, "step_observer"):  # AsyncEngine: called on its thread after each step
+            self.engine.step_observer = self.metrics.observe_step
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics_forever())
+        clock.log_ready(self.section.name, self.replica_id)
+        self.metrics.set_startup(clock.stages)
 
     def _error(self, request_id: str, kind: ErrorKind, message: str, param: str | None = None) -> GenerateChunk:
         return GenerateChunk(
@@ -133,7 +145,7 @@ class LLMServer:
                     async for outs in batches:
                         finished = outs[-1].finished
                         if finished:
-                            self._record(rid, outs[-1], start)
+                            self._record(request, outs[-1], start)
                         yield merge_chunks([builder.build(out) for out in outs])
             else:
                 # One message per engine step, read directly. (Merging here by default, through a
@@ -142,7 +154,7 @@ class LLMServer:
                 async for out in stream:
                     finished = out.finished
                     if finished:
-                        self._record(rid, out, start)
+                        self._record(request, out, start)
                     yield builder.build(out)
         except ValueError as err:
             yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)))
@@ -158,8 +170,11 @@ class LLMServer:
             if not finished:
                 await self.engine.abort(rid)
 
-    def _record(self, request_id: str, out: Any, start: float) -> None:
-        """Keep the engine's own timing of a finished request (what the serving path adds is the rest)."""
+    def _record(self, request: GenerateRequest, out: Any, start: float) -> None:
+        """Count a finished request in the metrics; keep the engine's own timing of it (what the serving
+        path adds is the rest)."""
+        self.metrics.on_finished(out, request.tenant, request.user, request.arrival_unix_s)
+        request_id = request.request_id
         metrics = out.metrics
         entry: dict[str, float | None] = {"server_e2e_s": time.monotonic() - start, "engine_e2e_s": None,
                                           "engine_ttft_s": None}
@@ -183,6 +198,25 @@ class LLMServer:
         stats = asdict(await self.engine.stats())
         return {"replica_id": self.replica_id, "model": self.section.name, "num_in_flight": self.num_in_flight, **stats}
 
+    async def metrics_snapshot(self, replica_id: str | None = None) -> dict[str, Any]:
+        """This replica's metric families for the Ingress's /metrics (cluster/metrics/scrape.py);
+        `replica_id` pins the call to that replica (cluster/router.py)."""
+        await self._flush_metrics()
+        return {"replica_id": self.replica_id, "families": self.metrics.snapshot()}
+
+    async def _flush_metrics(self) -> None:
+        try:
+            stats = await self.engine.stats()
+        except EngineDeadError:
+            stats = None
+        self.metrics.flush(stats)
+
+    async def _flush_metrics_forever(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_PERIOD_S)
+            with contextlib.suppress(Exception):  # a dead engine: health checks report it
+                await self._flush_metrics()
+
     async def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve polls this; the router shows it per replica on the stats endpoint."""
         stats = await self.engine.stats()
@@ -201,6 +235,10 @@ class LLMServer:
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: stop the engine thread and the worker group's ranks."""
+        flusher = getattr(self, "_flusher", None)
+        if flusher is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the task is gone with it
+                flusher.get_loop().call_soon_threadsafe(flusher.cancel)
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
         if shutdown is not None:
             shutdown()

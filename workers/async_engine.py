@@ -15,6 +15,9 @@ be replaced. health() also asks the executor whether every rank of its worker gr
 (`Executor.check_health`, on the engine thread between steps); it never waits behind a step for
 long: while a step runs it reports healthy unless that step has outlasted `step_timeout_s`
 (a hung rank), so Serve's health check answers in time. Implements EngineProtocol.
+`step_observer`, when set (the serving layer's metrics), is called on the engine thread after each
+step with its wall time and the number of requests that produced output; it must only record
+(an append), never block.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._stopped = False
         self._step_started: float | None = None  # monotonic time the running step began, else None
+        self.step_observer: Callable[[float, int], None] | None = None
         self._thread = threading.Thread(target=self._run, name="shardserve-engine", daemon=True)
         self._thread.start()
 
@@ -166,9 +170,12 @@ class AsyncEngine:
                 block = not self.engine.has_unfinished_requests()
                 self._run_commands(block)
                 if self.engine.has_unfinished_requests():
-                    self._step_started = time.monotonic()
+                    started = self._step_started = time.monotonic()
                     outputs = self.engine.step()
                     self._step_started = None
+                    observer = self.step_observer
+                    if observer is not None:
+                        observer(time.monotonic() - started, len(outputs))
                     self._dispatch(outputs)
         except BaseException as exc:  # the engine is unusable now; fail every stream
             logger.exception("engine step failed")

@@ -29,7 +29,7 @@ from shardserve.cluster.messages import ErrorKind, GenerateRequest
 from shardserve.workers.env_overrides import api_key
 
 ENV_KEY_NAME = "default"
-OPEN_HTTP_PATHS = frozenset({"/health"})
+OPEN_HTTP_PATHS = frozenset({"/health", "/metrics"})
 # The tenant of the HTTP request being handled (set by the auth middleware, read by the route).
 CURRENT_TENANT: ContextVar[str | None] = ContextVar("shardserve_tenant", default=None)
 

@@ -12,6 +12,9 @@ body suspended when its task is cancelled, and anyio re-cancels any await in a `
 idempotent: it cancels on CancelledError inside `__anext__`, on an error chunk, and whenever a
 front end's response ends for any reason. `first_chunk()` lets a front end wait for the first
 chunk (so errors still get a proper status) before committing response headers.
+`health()` asks every model's LLMServer, except one scaled to zero (min_replicas 0, no replica
+running: cluster/replicas.py), which is "ok" without a call, since a call would wake it; a request
+to such a model makes `Waker` start a replica at once (cluster/ingress/wake.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 from shardserve.cluster.config import AppConfig, ModelSection
 from shardserve.cluster.ingress.auth import Gate
 from shardserve.cluster.ingress.errors import ApiError, from_serve_exception, unknown_model
+from shardserve.cluster.ingress.wake import Waker
 from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
+from shardserve.cluster.replicas import running_replicas
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -75,9 +80,17 @@ class ChunkStream:
 
 
 class IngressCore:
-    def __init__(self, config: AppConfig, handles: dict[str, Any], gate: Gate | None = None) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        handles: dict[str, Any],
+        gate: Gate | None = None,
+        deployment_names: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.handles = handles  # model name -> DeploymentHandle of its LLMServer
+        self.deployment_names = deployment_names or {}  # model name -> its LLMServer deployment
+        self.waker = Waker(config, self.deployment_names)  # scale from zero without Serve's metrics delay
         self.gate = gate  # API keys: the per-key token budget is taken here, for both front ends
         self.created = int(time.time())
 
@@ -95,6 +108,7 @@ class IngressCore:
 
     def stream(self, request: GenerateRequest) -> ChunkStream:
         self.model(request.model)
+        self.waker.maybe_wake(request.model)
         handle = self.handles[request.model]
         on_first = None
         if self.gate is not None and self.gate.admit_tokens(request):  # raises when over the key's budget
@@ -114,6 +128,8 @@ class IngressCore:
 
     async def health(self) -> dict[str, str]:
         async def one(name: str) -> str:
+            if await self._scaled_to_zero(name):
+                return "ok"  # idle at min_replicas 0: a request starts a replica (calling one would too)
             try:
                 reply = await asyncio.wait_for(self.handles[name].health.remote(), HEALTH_TIMEOUT_S)
                 return reply["status"]
@@ -124,3 +140,9 @@ class IngressCore:
 
         statuses = await asyncio.gather(*(one(name) for name in self.model_names))
         return dict(zip(self.model_names, statuses, strict=True))
+
+    async def _scaled_to_zero(self, name: str) -> bool:
+        autoscaling = self.config.model(name).autoscaling
+        if autoscaling is None or autoscaling.min_replicas > 0 or name not in self.deployment_names:
+            return False
+        return not await running_replicas(self.deployment_names[name])

@@ -9,10 +9,12 @@ both APIs share the prefix-affinity router's state in this process. HTTP respons
 `x-shardserve-request-id` (the engine's request id, also the body's `id`) and
 `x-shardserve-replica` (the LLMServer replica that served it); gRPC puts `x-request-id` and
 `x-shardserve-replica` in trailing metadata. `/v1/stats` shows each model's router view (per
-replica: requests routed, affinity hits, load, engine stats; the model's cost, cost_view.py); `/health` is 200 only when every
-model answers. With API keys configured (`auth.api_keys`, or `SHARDSERVE_API_KEY`), a middleware
+replica: requests routed, affinity hits, load, engine stats; the model's cost, cost_view.py); `/health` is 200
+only when every model answers. `/metrics` is the whole app's Prometheus metrics (every LLMServer
+replica, pulled on each scrape: cluster/metrics/scrape.py). With API keys configured (`auth.api_keys`, or `SHARDSERVE_API_KEY`), a middleware
 (HTTP) and GrpcFrontend check the bearer key and its rate limit first (cluster/ingress/auth.py)
-and the key's name becomes the request's tenant; /health and the gRPC health RPCs stay open.
+and the key's name becomes the request's tenant; /health, /metrics and the gRPC health RPCs stay
+open (Prometheus' norm, like vLLM's /metrics: scrapers carry no key; key names, never keys, show).
 A streaming HTTP response cancels its LLMServer call synchronously when it ends for any reason
 (`_StreamResponse`), so a client that goes away always aborts the request in the engine.
 """
@@ -23,7 +25,7 @@ import dataclasses
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from shardserve.cluster.config import AppConfig, parse_config
 from shardserve.cluster.ingress import auth, http_edge, responses
@@ -37,6 +39,7 @@ from shardserve.cluster.ingress.http_server import HttpsServer
 from shardserve.cluster.ingress.ratelimit import RateLimited
 from shardserve.cluster.ingress.request_log import log_request
 from shardserve.cluster.ingress.tls import ingress_serves_http
+from shardserve.cluster.metrics import scrape
 from shardserve.cluster.router import router_stats
 
 # Seconds a client told "queue full" (429) should wait: about how long a CPU replica takes to drain
@@ -98,10 +101,10 @@ class Ingress:
         app_config = parse_config(config, AppConfig)
         self.log_prompts = app_config.log_prompts
         self.gate = auth.Gate.from_config(app_config.auth)
-        self.core = IngressCore(app_config, handles, self.gate)
+        self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
+        self.core = IngressCore(app_config, handles, self.gate, self.deployment_names)
         http_edge.BODY_LIMIT.max_bytes = app_config.limits.max_body_bytes
         auth.install(self.gate)  # for the HTTP middleware (one Ingress per replica process)
-        self.deployment_names = {m.name: llm_server_name(i, m.name) for i, m in enumerate(app_config.models)}
         self.grpc_server = GrpcServer(app_config, GrpcFrontend(self.core, self.gate, self.log_prompts))
         self.grpc_server.start()
         # Mutual TLS on HTTP: this replica serves the routes below itself (no Serve HTTP proxy).
@@ -122,7 +125,7 @@ class Ingress:
     async def _generate(self, kind: str, body: oai.CompletionRequest | oai.ChatCompletionRequest) -> Any:
         self.core.model(body.model)
         request = oai.to_generate_request(body, kind, self.core.config)
-        request = dataclasses.replace(request, tenant=auth.CURRENT_TENANT.get())
+        request = dataclasses.replace(request, tenant=auth.CURRENT_TENANT.get(), user=body.user)
         log_request(request, self.log_prompts)
         first, rest = await self.core.first_chunk(request)
         # Serve sets its own x-request-id on every response; ours names the engine request.
@@ -154,6 +157,11 @@ class Ingress:
         statuses = await self.core.health()
         ok = all(s == "ok" for s in statuses.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "models": statuses}, status_code=200 if ok else 503)
+
+    @api.get("/metrics", include_in_schema=False)
+    async def metrics(self) -> Response:
+        body = await scrape.render(self.core.handles, self.deployment_names)
+        return Response(body, media_type=scrape.CONTENT_TYPE)
 
     @api.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:

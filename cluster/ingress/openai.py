@@ -83,7 +83,7 @@ class _Common(BaseModel):
         None, description="In [-2, 2] (default 0).", json_schema_extra={"minimum": -2, "maximum": 2}
     )
     # Accepted and ignored: they change nothing in the output (cluster/ingress/validation.py).
-    user: str | None = Field(None, description="Accepted and ignored (labels the caller at OpenAI).")
+    user: str | None = Field(None, description="Labels the caller: the metrics' tenant when no API key names it.")
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (OpenAI's stored-request tags).")
     store: bool | None = Field(None, description="Accepted and ignored (OpenAI's request storage).")
     service_tier: str | None = Field(None, description="Accepted and ignored (OpenAI's latency tier).")

@@ -46,6 +46,9 @@ def test_shipped_config_validates_and_builds_engine_config(path):
         ({"engine_factory": "os:system"}, "models[0].engine_factory: unknown field"),
         ({"replicas": 2, "autoscaling": {"max_replicas": 3}}, "models[0]: replicas and autoscaling are mutually exclusive"),
         ({"autoscaling": {"min_replicas": 4, "max_replicas": 2}}, "models[0].autoscaling: max_replicas must be >= min_replicas=4"),
+        ({"autoscaling": {"downscale_delay_s": -1}}, "models[0].autoscaling.downscale_delay_s: must be >= 0.0, got -1"),
+        ({"autoscaling": {"upscale_delay_s": 7200}}, "models[0].autoscaling.upscale_delay_s: must be <= 3600.0, got 7200"),
+        ({"autoscaling": {"look_back_period_s": 5}}, "models[0].autoscaling.look_back_period_s: must be > 10.0, got 5"),
         ({"parallel": {"tensor_parallel_size": 2, "expert_parallel_size": 3}},
          "models[0].parallel: expert_parallel_size 3 must divide tensor_parallel_size 2"),
         # the engine's rule (experts split inside a stage), not tp x pp: this used to pass validate and fail at start
@@ -128,6 +131,14 @@ def test_llm_server_options_reserve_a_worker_group():
     auto = load_config(Path(CONFIGS[0]).parent / "autoscaling-dp.yaml").models[0]
     scaling = llm_server_options(0, auto)
     assert scaling["autoscaling_config"]["max_replicas"] == 8 and "num_replicas" not in scaling
+    zero = ModelSection.model_validate({"name": "z", "source": "default", "autoscaling": {
+        "min_replicas": 0, "upscale_delay_s": 0, "downscale_delay_s": 5, "look_back_period_s": 12}})
+    config = llm_server_options(0, zero)["autoscaling_config"]
+    assert (config["min_replicas"], config["upscale_delay_s"], config["downscale_delay_s"]) == (0, 0, 5)
+    assert config["look_back_period_s"] == 12
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**config)  # Serve accepts what the section gives it
     assert "placement_group_bundles" not in scaling
 
 

@@ -159,6 +159,9 @@ def test_https_mutual_tls(served):
         assert client.chat.completions.create(model="fake", messages=messages, max_tokens=2).usage.completion_tokens == 2
         chunks = client.chat.completions.create(model="fake", messages=messages, max_tokens=4, stream=True)
         assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 4
+        # The Ingress's own HTTPS server serves the app's Prometheus metrics too (cluster/metrics/).
+        metrics = http.get(served.http_url + "/metrics")
+        assert metrics.status_code == 200 and "shardserve:request_success_total" in metrics.text
     # No client certificate, one from another CA, or a server we cannot verify: refused at the handshake.
     for verify in (_ssl_context(served, client=None), _ssl_context(served, client="stranger"), True):
         with httpx.Client(verify=verify, timeout=10) as http, pytest.raises(httpx.TransportError) as err:

@@ -245,7 +245,8 @@ def test_service_ports_match_values_and_app(values_file: Path | None) -> None:
             "ports"
         ]
     for monitor in of_kind(objects, "PodMonitor"):
-        assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+        app = ["serve"] if values["metrics"]["podMonitor"]["scrapeApp"] else []
+        assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics", *app]
     assert bool(of_kind(objects, "PodMonitor")) == values["metrics"]["podMonitor"]["enabled"]
 
 
