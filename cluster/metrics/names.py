@@ -99,10 +99,16 @@ ENGINE_COUNTERS: dict[MetricSpec, str] = {
 }
 
 # Counters fed from the engine's totals since start (EngineStats): spec -> the total, or None when
-# the engine does not have it. The replica adds what grew since the last sample. For example:
-#   SPEC_ACCEPTED = MetricSpec("spec_decode_num_accepted_tokens", Kind.COUNTER, "Draft tokens accepted.")
-#   ENGINE_TOTALS = {SPEC_ACCEPTED: lambda s: s.spec_decode.num_accepted_tokens if s.spec_decode else None}
-ENGINE_TOTALS: dict[MetricSpec, Callable[[EngineStats], float | None]] = {}
+# the engine does not have it. The replica adds what grew since the last sample.
+SPEC_DRAFTS = MetricSpec("spec_decode_num_drafts", Kind.COUNTER, "Speculative decoding: drafts verified (a "
+                         "request given one or more draft tokens in a step).")  # fmt: skip
+SPEC_DRAFT_TOKENS = MetricSpec("spec_decode_num_draft_tokens", Kind.COUNTER, "Draft tokens proposed.")
+SPEC_ACCEPTED = MetricSpec("spec_decode_num_accepted_tokens", Kind.COUNTER, "Draft tokens accepted.")
+ENGINE_TOTALS: dict[MetricSpec, Callable[[EngineStats], float | None]] = {
+    SPEC_DRAFTS: lambda s: s.spec_decode.num_drafts if s.spec_decode else None,
+    SPEC_DRAFT_TOKENS: lambda s: s.spec_decode.num_draft_tokens if s.spec_decode else None,
+    SPEC_ACCEPTED: lambda s: s.spec_decode.num_accepted_tokens if s.spec_decode else None,
+}
 
 SPECS: tuple[MetricSpec, ...] = (
     TTFT, ITL, E2E, QUEUE_TIME, STEP_TIME, BATCH_SIZE, COLD_START, STARTUP, RUNNING, WAITING, KV_USAGE,

@@ -14,11 +14,13 @@ import openai
 APP = "real"
 ROUTE_PREFIX = "/real"
 MODEL = "smollm2"
-# Priced (cost.cpu_hour_usd) so responses carry usage.cost_usd (tests/cluster/test_cost_api.py).
+# Priced (cost.cpu_hour_usd) so responses carry usage.cost_usd (tests/cluster/test_cost_api.py), and
+# speculating (n-gram) so every real-engine test through the app also runs verify steps.
 SECTION = {"name": MODEL, "source": "default", "device": "cpu", "dtype": "float32", "max_model_len": 512,
            "resources": {"num_cpus_per_worker": 0.25}, "cache": {"cpu_kv_cache_bytes": 64 << 20},
            "scheduler": {"max_num_seqs": 8, "max_queue_len": 16},
-           "cost": {"cpu_hour_usd": 36.0}}  # fmt: skip
+           "cost": {"cpu_hour_usd": 36.0},
+           "speculative": {"method": "ngram", "num_speculative_tokens": 3}}  # fmt: skip
 # limits.max_n (default 16) would refuse n = 17 at the Ingress before the engine's own admission
 # rule (n above max_queue_len), which test_real_overload exercises.
 LIMITS = {"max_n": 64}

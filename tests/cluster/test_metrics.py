@@ -51,6 +51,8 @@ EVERY_NAME = [
     "shardserve:prompt_tokens", "shardserve:generation_tokens", "shardserve:request_success",
     "shardserve:step_time_seconds", "shardserve:batch_size", "shardserve:cost_usd",
     "shardserve:cold_start_seconds", "shardserve:num_replicas", "shardserve:replica_startup_seconds",
+    "shardserve:spec_decode_num_drafts", "shardserve:spec_decode_num_draft_tokens",
+    "shardserve:spec_decode_num_accepted_tokens",
 ]  # fmt: skip  (counter families are named without `_total`; their samples carry it)
 
 
