@@ -9,20 +9,13 @@
     score(prompt)                    → [tokens - 1, vocab] log-probs of the prompt's own tokens
                                        (one prefill, no sampling; workers/runner/scoring.py)
 
-The step reads the same in every mode; InFlightBatches (inflight.py) owns the batches in flight:
-depth 1 (synchronous), 2+ (async scheduling: the host applies batch N while the device runs N+1),
-or ParallelConfig.pipeline_depth with P pipeline stages (the next micro-batch is submitted before
-the collected one's outputs are built). Outputs equal the synchronous engine's in every mode;
-token times are recorded when a batch is applied (at collect).
-Samples of one prompt (n > 1) share its KV blocks: only the first sample is queued at first;
-the others join once its prompt is computed, so their prompts hit the prefix cache.
-Speculative decoding (config.speculative) rides the same loop: the scheduler's Speculator
-(workers/spec/) appends drafts to decoding requests, the runner verifies them in the step, and a
-speculating batch is applied before the next is scheduled.
-The AsyncEngine (async_engine.py) runs this loop on a thread and streams outputs to callers.
-The step runs through an executor (workers/worker/executor.py): in this process when the world
-size is 1 (`self.runner` is then the ModelRunner), else on TP x PP worker processes, in which
-case this process reads only the model's config and tokenizer and holds no weights.
+InFlightBatches (inflight.py) owns the batches in flight: depth 1 (synchronous), 2+ (async: the
+host applies batch N while the device runs N+1) or P pipeline stages; outputs equal the
+synchronous engine's in every mode. Samples of one prompt (n > 1) share its KV blocks: the others
+join once the first one's prompt is computed. Speculative decoding rides the same loop (the
+scheduler's Speculator, workers/spec/, adds drafts; the runner verifies them). The AsyncEngine
+(async_engine.py) runs this loop on a thread. The executor (workers/worker/executor.py) runs the
+model in this process at world size 1 (`self.runner`), else on TP x PP worker processes.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Prints the device, our figure, the transformers `generate` figure on the same prompts, and
 the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
-same run. The work is in workers/bench/ (`latency --speculative-method M`: speculation beside the
-plain engine, spec_runs.py); `bench serve` (online load) is cluster/bench_serve/.
+same run. Work: workers/bench/ (`latency --speculative-method M`: spec_runs.py); `bench serve`: cluster/bench_serve/.
 
 Model parallelism, as `vllm bench`:
     --tensor-parallel-size/-tp N     ranks that split every layer (default 1)

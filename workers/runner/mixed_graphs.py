@@ -1,7 +1,7 @@
 """CUDA graphs for steps that carry prefill tokens: one captured forward per token-count bucket.
 
 Why: eagerly, a step with a prefill chunk pays ~7 Triton launches x every layer on the host
-(~13 ms for Llama-3.1-8B), more than its GPU time at chunks of a few hundred tokens, the steady
+(benchmarks/README.md), more than its GPU time at chunks of a few hundred tokens, the steady
 state of continuous batching. Attention itself is graph-safe (the extend kernel's grid depends
 only on the token count and the number of request slots), so the whole forward is captured.
 

@@ -10,10 +10,8 @@ One call per engine step, `execute(scheduler_output)` = `finish(launch(scheduler
      (cuda_graphs.py), any other step a token-count graph (mixed_graphs.py), or eagerly (CPU,
      the MoE expert loop); a later pipeline stage receives the previous stage's activations and
      a stage before the last sends its own and returns;
-  4. logits for the sampling rows (and prompt-logprob positions), SamplingMetadata built while
-     the GPU is busy, one vectorised sampler call. A request with draft tokens (speculative
-     decoding) samples at its last known token and at every draft, with its row's options
-     repeated; `finish` keeps the drafts up to the first the target disagrees with (`_verify`).
+  4. logits for the sampling rows (and prompt-logprob positions; a request with drafts samples at
+     each of them too: `_verify`), SamplingMetadata built while the GPU is busy, one sampler call.
 `launch` (1-4) never waits for the GPU and returns a `PendingStep`; `finish` waits for the ids
 and builds the ModelRunnerOutput. Async scheduling launches N+1 before finishing N: the ids N
 samples go to `last_sampled` ([max_rows], by persistent row) and the PLACEHOLDER inputs of N+1

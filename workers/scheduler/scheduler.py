@@ -15,10 +15,8 @@ workers/inflight.py) `schedule()` runs again before earlier results are applied;
 request stands is `self.in_flight` (in_flight.py), which the policy only reads: a request in
 flight is never a preemption victim; under pipeline stages it is skipped and each batch takes
 about 1/D of the requests; under async scheduling it is in every batch, fed placeholders.
-Speculative decoding (a `Speculator`, workers/spec/): on a step where it is active, a decoding
-request with nothing in flight gets drafts appended to its query (`num_drafts`, budget and blocks
-included; drafts are dropped rather than preempting anyone), and `update_from_output` keeps the
-accepted drafts before the sampled token, stopping at the first token that ends the request.
+Speculation (workers/spec/): a decoding request not in flight may get drafts in its query (never
+at the cost of a preemption); `update_from_output` keeps the accepted ones, stopping at a stop.
 """
 
 from __future__ import annotations
