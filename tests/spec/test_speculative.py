@@ -49,14 +49,28 @@ def _tokens(llm: LLM, prompts: list[str], params: SamplingParams | list[Sampling
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_ngram_greedy_equals_plain(prompts, want, async_scheduling: bool) -> None:
-    llm = LLM("default", speculative=NGRAM, async_scheduling=async_scheduling)
-    assert _tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS)) == want
+@pytest.fixture(scope="module")
+def spec() -> LLM:
+    """The n-gram engine with the defaults (async scheduling on), shared by the tests below."""
+    return LLM("default", speculative=NGRAM)
+
+
+def _assert_accepted(llm: LLM, before: int = 0) -> None:
     stats = llm.engine.stats().spec_decode
-    assert stats.num_accepted_tokens > 10 and stats.num_spec_steps > 0, stats
-    assert stats.mean_accepted_length > 1.5, stats
+    assert stats.num_accepted_tokens - before > 10 and stats.num_spec_steps > 0, stats
     assert sum(stats.accepted_per_position) == stats.num_accepted_tokens
+
+
+def test_ngram_greedy_equals_plain(spec, prompts, want) -> None:
+    assert _tokens(spec, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS)) == want
+    _assert_accepted(spec)
+    assert spec.engine.stats().spec_decode.mean_accepted_length > 1.5
+
+
+def test_ngram_greedy_equals_plain_synchronous(prompts, want) -> None:
+    llm = LLM("default", speculative=NGRAM, async_scheduling=False)
+    assert _tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS)) == want
+    _assert_accepted(llm)
 
 
 def test_suffix_greedy_equals_plain_and_learns_across_requests(prompts, want) -> None:
@@ -71,7 +85,7 @@ def test_suffix_greedy_equals_plain_and_learns_across_requests(prompts, want) ->
     assert second > first and second >= 0.5 * sum(len(w) for w in want), (first, second)
 
 
-def test_requests_that_cannot_speculate_run_beside_ones_that_do(plain, prompts, want) -> None:
+def test_requests_that_cannot_speculate_run_beside_ones_that_do(spec, plain, prompts, want) -> None:
     """A penalty, logprobs and a seed need per-token host state: those requests get no drafts,
     and share steps with requests that do; every output equals the plain engine's."""
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
@@ -79,15 +93,14 @@ def test_requests_that_cannot_speculate_run_beside_ones_that_do(plain, prompts, 
               SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2),
               SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=7)]
     batch = prompts + prompts
-    params = [greedy] * len(prompts) + others
-    llm = LLM("default", speculative=NGRAM)
-    got = llm.generate(batch, params)
+    before = spec.engine.stats().spec_decode.num_accepted_tokens
+    got = spec.generate(batch, [greedy] * len(prompts) + others)
     expected = plain.generate(batch[len(prompts):], others)
     assert [o.outputs[0].token_ids for o in got[: len(prompts)]] == want
     for mine, theirs in zip(got[len(prompts):], expected, strict=True):
         assert mine.outputs[0].token_ids == theirs.outputs[0].token_ids
     assert got[len(prompts) + 1].outputs[0].logprobs is not None
-    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    _assert_accepted(spec, before)
 
 
 def test_chunked_prefill_preemption_and_prefix_hits(prompts, want) -> None:
@@ -102,22 +115,23 @@ def test_chunked_prefill_preemption_and_prefix_hits(prompts, want) -> None:
     assert stats.spec_decode.num_accepted_tokens > 0
 
 
-@pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 9])
-def test_stops_inside_accepted_drafts(plain, prompts, max_tokens: int) -> None:
-    """max_tokens and a stop token that fall inside a run of accepted drafts end the output there."""
-    llm = LLM("default", speculative=NGRAM)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    assert _tokens(llm, prompts, params) == _tokens(plain, prompts, params)
-    full = _tokens(plain, prompts[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0]
-    stop_id = full[12]  # a token that speculation reaches inside a draft
-    stop = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_id])
-    got = _tokens(llm, prompts[:1], stop)[0]
-    assert got == _tokens(plain, prompts[:1], stop)[0] and got[-1] == stop_id
-    text = plain.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0].text
+def test_stops_inside_accepted_drafts(spec, plain, prompts) -> None:
+    """max_tokens, a stop token and a stop string that fall inside a run of accepted drafts end the
+    output exactly where the plain engine's ends."""
+    lengths = [SamplingParams(temperature=0, max_tokens=n) for n in (1, 2, 3, 5, 9) for _ in prompts]
+    batch = [p for _ in range(5) for p in prompts]
+    assert _tokens(spec, batch, lengths) == _tokens(plain, batch, lengths)
+    full = plain.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0]
+    stop_id = full.token_ids[12]  # a token that speculation reaches inside a draft
+    text = full.text
     stop_string = text[len(text) // 2 : len(text) // 2 + 4]  # ends inside the output, likely inside a draft
-    by_string = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop_string])
-    mine, theirs = llm.generate(prompts[:1], by_string)[0].outputs[0], plain.generate(prompts[:1], by_string)[0].outputs[0]
-    assert (mine.text, mine.token_ids, mine.stop_reason) == (theirs.text, theirs.token_ids, theirs.stop_reason)
+    stops = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_id]),
+             SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop_string])]
+    mine = [o.outputs[0] for o in spec.generate(prompts[:1] * 2, stops)]
+    theirs = [o.outputs[0] for o in plain.generate(prompts[:1] * 2, stops)]
+    assert mine[0].token_ids == theirs[0].token_ids and mine[0].token_ids[-1] == stop_id
+    assert (mine[1].text, mine[1].token_ids, mine[1].stop_reason) == \
+        (theirs[1].text, theirs[1].token_ids, theirs[1].stop_reason)
 
 
 def _two_sample_chi2_p(a: Counter, b: Counter) -> float:
@@ -139,13 +153,14 @@ def _two_sample_chi2_p(a: Counter, b: Counter) -> float:
 
 def test_sampled_outputs_keep_the_target_distribution(plain) -> None:
     """400 samples at temperature 1 from a prompt where drafts are accepted often: the tokens at
-    output positions 2-4 (where speculation acts) are distributed as the plain engine's."""
+    output positions 2-4 (where speculation acts) are distributed as the plain engine's (seeded
+    engines: the test is deterministic, and fails if the distribution moves)."""
     prompt = "1 2 3 4 5 6 7 8 1 2 3 4 5 6 7 8 1 2 3 4 5 6 7 8 1 2 3 4"
     params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=4, n=400)
-    spec = LLM("default", speculative=NGRAM | {"max_verify_tokens": 4096}, max_num_seqs=400, seed=1)
-    got = spec.generate([prompt], params)[0].outputs
+    llm = LLM("default", speculative=NGRAM | {"max_verify_tokens": 4096}, max_num_seqs=400, seed=1)
+    got = llm.generate([prompt], params)[0].outputs
     base = plain.generate([prompt], params)[0].outputs
-    stats = spec.engine.stats().spec_decode
+    stats = llm.engine.stats().spec_decode
     assert stats.num_draft_tokens > 200 and stats.acceptance_rate > 0.2, stats
     for position in (1, 2, 3):
         a = Counter(o.token_ids[position] for o in got if len(o.token_ids) > position)
