@@ -85,9 +85,11 @@ class RunResult:
     prompt_logprobs: dict[str, list[dict[int, float]]]
 
 
-def run_engine(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int = 8) -> RunResult:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=NUM_LOGPROBS,
-                            prompt_logprobs=NUM_LOGPROBS)
+def run_engine(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int = 8,
+               logprobs: bool = True) -> RunResult:
+    """Greedy, ignore_eos; with `logprobs`, the top-NUM_LOGPROBS of every sampled and prompt position."""
+    num = NUM_LOGPROBS if logprobs else None
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=num, prompt_logprobs=num)
     for request_id, token_ids in prompts.items():
         engine.add_request(request_id, token_ids, params)
     finals = {}
@@ -98,9 +100,9 @@ def run_engine(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int
     assert engine.kv_manager.num_free_blocks == engine.num_blocks - 1, "KV blocks leaked"
     return RunResult(
         token_ids={k: v.outputs[0].token_ids for k, v in finals.items()},
-        logprobs={k: [{t: lp.logprob for t, lp in pos.items()} for pos in v.outputs[0].logprobs]
+        logprobs={k: [{t: lp.logprob for t, lp in pos.items()} for pos in v.outputs[0].logprobs or []]
                   for k, v in finals.items()},
-        prompt_logprobs={k: [{t: lp.logprob for t, lp in pos.items()} for pos in v.prompt_logprobs if pos]
+        prompt_logprobs={k: [{t: lp.logprob for t, lp in pos.items()} for pos in v.prompt_logprobs or [] if pos]
                          for k, v in finals.items()},
     )
 

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from parallel_helpers import engine_config, make_prompts, single_process, write_checkpoint
+from parallel_helpers import engine_config, make_prompts, run_engine, single_process, write_checkpoint
 from shardserve.workers.config import SpeculativeConfig
 from shardserve.workers.engine import LLMEngine
-from shardserve.workers.request import SamplingParams
 
 MAX_TOKENS = 32
 
 
 def _greedy(config, prompts: dict[str, list[int]]) -> tuple[dict[str, tuple[int, ...]], LLMEngine]:
+    """Greedy token ids (no logprobs: they would keep requests from speculating) and the engine."""
     engine = LLMEngine(config)
     try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        for request_id, token_ids in prompts.items():
-            engine.add_request(request_id, token_ids, params)
-        finals = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finals[out.request_id] = out.outputs[0].token_ids
-        assert engine.kv_manager.num_free_blocks == engine.num_blocks - 1, "KV blocks leaked"
-        return finals, engine
+        return run_engine(engine, prompts, MAX_TOKENS, logprobs=False).token_ids, engine
     finally:
         engine.shutdown()
 
