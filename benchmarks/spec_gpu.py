@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batch-sizes", default="16,32,64")
     parser.add_argument("--smollm2", default=None, help="path of the SmolLM2 GGUF (repetitive-task speedups)")
+    parser.add_argument("--methods", default="ngram,suffix", help="proposers run on SmolLM2")
+    parser.add_argument("--output-len", type=int, default=256, help="SmolLM2 task outputs at most")
     parser.add_argument("--skip", nargs="*", default=[], choices=["verify", "load", "smollm2"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
@@ -77,18 +79,19 @@ def main() -> None:
     print(f"device {name}; torch {torch.__version__}", flush=True)
     summary: dict = {"device": name, "args": vars(args)}
     ngram = SpeculativeConfig(speculative_method="ngram", num_speculative_tokens=args.k)
-    plain = engine(args.model, None)
-    vocab = plain.loaded.hf_config.vocab_size
-    if "verify" not in args.skip:
-        summary["plain_b1"] = decode_gpu_ms(plain, vocab, bandwidth)
-    if "load" not in args.skip:
-        for b in (int(x) for x in args.batch_sizes.split(",")):
-            r = run_latency(plain, Workload(b, 16, 256, seed=b).sample(vocab), bandwidth)
-            summary[f"plain_b{b}"] = r.decode_tokens_per_s
-            print(f"plain b{b}: {r.decode_tokens_per_s:.0f} tok/s", flush=True)
-    plain.shutdown()
-    del plain
-    torch.cuda.empty_cache()
+    if "verify" not in args.skip or "load" not in args.skip:
+        plain = engine(args.model, None)
+        vocab = plain.loaded.hf_config.vocab_size
+        if "verify" not in args.skip:
+            summary["plain_b1"] = decode_gpu_ms(plain, vocab, bandwidth)
+        if "load" not in args.skip:
+            for b in (int(x) for x in args.batch_sizes.split(",")):
+                r = run_latency(plain, Workload(b, 16, 256, seed=b).sample(vocab), bandwidth)
+                summary[f"plain_b{b}"] = r.decode_tokens_per_s
+                print(f"plain b{b}: {r.decode_tokens_per_s:.0f} tok/s", flush=True)
+        plain.shutdown()
+        del plain
+        torch.cuda.empty_cache()
     if "verify" not in args.skip:
         always = engine(args.model, replace(ngram, max_verify_tokens=1 << 20), always=args.k)
         summary["verify_b1"] = decode_gpu_ms(always, vocab, bandwidth)
@@ -109,11 +112,11 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()  # the SmolLM2 runs are subprocesses that size their KV cache from free memory
     if args.smollm2 and "smollm2" not in args.skip:
-        for method in ("ngram", "suffix"):
+        for method in args.methods.split(","):
             path = os.path.join(args.out, f"smollm2-{method}.json")
             proc = subprocess.run([sys.executable, "-m", "shardserve.cluster.cli", "bench", "latency", "--model",
                                    args.smollm2, "--device", "cuda", "--speculative-method", method, "--output-len",
-                                   "256", "--json", path], capture_output=True, text=True)
+                                   str(args.output_len), "--json", path], capture_output=True, text=True)
             with open(os.path.join(args.out, f"smollm2-{method}.log"), "w") as f:
                 f.write(proc.stdout + proc.stderr)
             print(proc.stdout[-1500:], proc.stderr[-1500:] if proc.returncode else "", flush=True)
