@@ -77,7 +77,9 @@ class LLMEngine:
         # SchedulerConfig.async_depth (2 by default) under async scheduling
         self.max_batches_in_flight = config.scheduler.async_depth if self.async_scheduling \
             else config.parallel.pipeline_depth
-        self.speculator = Speculator(config.speculative) if config.speculative.enabled else None
+        # A speculating step gives up async scheduling's overlap, which only a GPU has to lose.
+        backoff = self.async_scheduling and device.type == "cuda"
+        self.speculator = Speculator(config.speculative, backoff=backoff) if config.speculative.enabled else None
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
                                    async_scheduling=self.async_scheduling, speculator=self.speculator)

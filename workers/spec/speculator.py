@@ -13,8 +13,7 @@ without d, renormalised — so greedy outputs are identical and sampled ones kee
 distribution. `record(...)` folds the result into the statistics and the request's k: k follows
 its recent accepted length (+1 while everything is accepted, down to 1 after misses).
 Under async scheduling a speculating step is applied before the next is scheduled (drafts follow
-tokens the host must know), so steps where nothing can be proposed back off exponentially
-(`end_step`) and keep the overlap. Requests whose sampling needs per-token host state
+tokens the host must know), so on a GPU runs of steps with nothing to propose back off (`end_step`). Requests whose sampling needs per-token host state
 (penalties, a seed, logprobs, min_tokens not yet reached) are never given drafts.
 """
 
@@ -26,7 +25,11 @@ from shardserve.workers.config import SpeculativeConfig
 from shardserve.workers.request import Request, SamplingParams
 from shardserve.workers.spec.proposer import Proposer, make_proposer
 
-MAX_BACKOFF_STEPS = 64  # the longest run of plain steps between two tries when nothing is proposable
+# Back-off (async scheduling on a GPU): after this many speculating steps in a row with nothing to
+# propose, plain steps between tries double up to MAX_BACKOFF_STEPS. Misses come in short runs on
+# repetitive text (where speculation pays) and never end on text with no repeats.
+BACKOFF_AFTER_MISSES = 4
+MAX_BACKOFF_STEPS = 16
 
 
 @dataclass
@@ -55,14 +58,15 @@ class SpecDecodeStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None, backoff: bool = False) -> None:
         self.config = config
+        self.backoff = backoff
         self.k = config.num_speculative_tokens
         self.proposer = proposer or make_proposer(config)
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
         self._k_of: dict[str, int] = {}  # request id -> its current k (adaptive)
         self._asked = 0  # requests asked for drafts in the current step
-        self._backoff = 0  # steps to skip after the next miss / 2
+        self._misses = 0  # speculating steps in a row that asked and got no draft
         self._skip = 0  # steps left to skip
 
     def active(self, num_running: int) -> bool:
@@ -76,17 +80,19 @@ class Speculator:
         return True
 
     def end_step(self, speculating: bool, num_draft_tokens: int) -> None:
-        """After a schedule: a speculating step in which requests were asked and none had drafts
-        backs off (1, 2, 4 ... MAX_BACKOFF_STEPS steps without speculation, which keep async
-        scheduling's overlap); any draft resets it. A step in which nobody could be asked (all in
-        flight: the step that re-synchronises) does not count."""
+        """After a schedule. With `backoff` (async scheduling on a GPU, where a speculating step
+        costs the overlap), BACKOFF_AFTER_MISSES speculating steps in a row whose requests were
+        asked and had no drafts start a back-off: 1, 2, 4 ... MAX_BACKOFF_STEPS plain steps
+        between tries; any draft resets it. A step in which nobody could be asked (all in flight:
+        the step that re-synchronises) does not count."""
         if not speculating:
             return
         if num_draft_tokens:
-            self._backoff = 0
-        elif self._asked:
-            self._backoff = min(MAX_BACKOFF_STEPS, 2 * self._backoff or 1)
-            self._skip = self._backoff
+            self._misses = 0
+        elif self._asked and self.backoff:
+            self._misses += 1
+            if self._misses >= BACKOFF_AFTER_MISSES:
+                self._skip = min(MAX_BACKOFF_STEPS, 1 << (self._misses - BACKOFF_AFTER_MISSES))
         self._asked = 0
 
     def propose(self, request: Request, limit: int) -> list[int]:

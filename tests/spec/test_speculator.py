@@ -1,0 +1,83 @@
+"""The Speculator's policy alone (no model): the adaptive switch, per-request k and the back-off."""
+
+from __future__ import annotations
+
+from shardserve.workers.config import SpeculativeConfig
+from shardserve.workers.request import Request, SamplingParams
+from shardserve.workers.spec.speculator import BACKOFF_AFTER_MISSES, MAX_BACKOFF_STEPS, Speculator
+
+
+class Fixed:
+    """Proposes `drafts` (a list the test changes) to everyone."""
+
+    def __init__(self) -> None:
+        self.drafts: list[int] = []
+
+    def propose(self, request_id, token_ids, num_prompt_tokens, max_tokens):
+        return self.drafts[:max_tokens]
+
+    def finish(self, request_id, token_ids, num_prompt_tokens):
+        pass
+
+
+def _speculator(backoff: bool, k: int = 4, max_verify_tokens: int = 128) -> tuple[Speculator, Fixed]:
+    proposer = Fixed()
+    config = SpeculativeConfig(speculative_method="ngram", num_speculative_tokens=k, max_verify_tokens=max_verify_tokens)
+    return Speculator(config, proposer=proposer, backoff=backoff), proposer
+
+
+def _step(spec: Speculator, request: Request) -> tuple[bool, list[int]]:
+    """One schedule: (speculating, drafts)."""
+    active = spec.active(1)
+    drafts = spec.propose(request, 8) if active else []
+    spec.end_step(active, len(drafts))
+    return active, drafts
+
+
+def test_switch_follows_the_batch_size() -> None:
+    spec, _ = _speculator(backoff=False, k=4, max_verify_tokens=10)
+    assert spec.active(1) and spec.active(2) and not spec.active(3)
+
+
+def test_each_request_k_follows_its_acceptance() -> None:
+    spec, proposer = _speculator(backoff=False, k=4)
+    proposer.drafts = [1, 2, 3, 4, 5, 6]
+    request = Request("r", [1, 2, 3], SamplingParams())
+    assert spec.propose(request, 8) == [1, 2, 3, 4]  # k caps it
+    spec.record("r", 4, 1)  # one of four accepted: k drops to 2
+    assert spec.propose(request, 8) == [1, 2]
+    spec.record("r", 2, 2)  # all accepted: k grows by one
+    assert spec.propose(request, 8) == [1, 2, 3]
+    assert spec.propose(request, 2) == [1, 2]  # the scheduler's limit caps it too
+    assert spec.stats.num_drafts == 2 and spec.stats.num_accepted_tokens == 3
+    assert spec.stats.accepted_per_position == [2, 1, 0, 0]
+
+
+def test_requests_needing_host_state_get_no_drafts() -> None:
+    spec, proposer = _speculator(backoff=False)
+    proposer.drafts = [7, 7]
+    for params in (SamplingParams(seed=1), SamplingParams(logprobs=1), SamplingParams(repetition_penalty=1.2),
+                   SamplingParams(min_tokens=3)):
+        assert spec.propose(Request("r", [1], params), 4) == []
+
+
+def test_back_off_after_a_run_of_misses_and_reset_on_a_draft() -> None:
+    spec, proposer = _speculator(backoff=True)
+    request = Request("r", [1, 2, 3], SamplingParams())
+    pattern = [_step(spec, request)[0] for _ in range(BACKOFF_AFTER_MISSES)]
+    assert pattern == [True] * BACKOFF_AFTER_MISSES  # misses in a short run: still speculating
+    assert [_step(spec, request)[0] for _ in range(2)] == [False, True]  # skip 1, then try
+    assert [_step(spec, request)[0] for _ in range(3)] == [False, False, True]  # skip 2
+    for _ in range(200):
+        _step(spec, request)
+    assert spec._skip <= MAX_BACKOFF_STEPS
+    proposer.drafts = [5]
+    while not _step(spec, request)[0]:
+        pass
+    assert spec._misses == 0 and _step(spec, request) == (True, [5])
+
+
+def test_no_back_off_without_async_overlap_to_lose() -> None:
+    spec, _ = _speculator(backoff=False)
+    request = Request("r", [1, 2, 3], SamplingParams())
+    assert all(_step(spec, request)[0] for _ in range(50))
