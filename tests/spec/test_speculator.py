@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from shardserve.workers.config import SpeculativeConfig
 from shardserve.workers.request import Request, SamplingParams
-from shardserve.workers.spec.speculator import BACKOFF_AFTER_MISSES, MAX_BACKOFF_STEPS, Speculator
+from shardserve.workers.spec.speculator import (
+    BACKOFF_AFTER_MISSES,
+    MAX_BACKOFF_STEPS,
+    PAUSE_AFTER_REJECTIONS,
+    Speculator,
+)
 
 
 class Fixed:
@@ -81,3 +86,18 @@ def test_no_back_off_without_async_overlap_to_lose() -> None:
     spec, _ = _speculator(backoff=False)
     request = Request("r", [1, 2, 3], SamplingParams())
     assert all(_step(spec, request)[0] for _ in range(50))
+
+
+def test_a_request_whose_drafts_keep_failing_pauses_its_proposals() -> None:
+    spec, proposer = _speculator(backoff=False)
+    proposer.drafts = [9, 9]
+    request = Request("r", [1, 2, 3], SamplingParams())
+    for _ in range(PAUSE_AFTER_REJECTIONS):
+        assert _step(spec, request)[1]
+        spec.record("r", 2, 0)  # all rejected
+    assert _step(spec, request)[1] == []  # paused one step
+    assert _step(spec, request)[1] == [9]  # k fell to 1 after the rejections
+    spec.record("r", 1, 0)
+    assert [_step(spec, request)[1] for _ in range(3)] == [[], [], [9]]  # paused two steps
+    spec.record("r", 1, 1)  # accepted: no more pauses
+    assert _step(spec, request)[1] == [9, 9]

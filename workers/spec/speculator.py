@@ -11,10 +11,12 @@ them). With deterministic drafts that is exact rejection sampling: a draft d is 
 probability p(d) (the target drew d), and on a rejection the target's draw is a sample of p
 without d, renormalised — so greedy outputs are identical and sampled ones keep the target's
 distribution. `record(...)` folds the result into the statistics and the request's k: k follows
-its recent accepted length (+1 while everything is accepted, down to 1 after misses).
+its recent accepted length (+1 while everything is accepted, down to 1 after misses), and a
+request whose drafts keep being rejected pauses its proposals for a while.
 Under async scheduling a speculating step is applied before the next is scheduled (drafts follow
-tokens the host must know), so on a GPU runs of steps with nothing to propose back off (`end_step`). Requests whose sampling needs per-token host state
-(penalties, a seed, logprobs, min_tokens not yet reached) are never given drafts.
+tokens the host must know), so on a GPU runs of steps with nothing to propose back off
+(`end_step`). Requests whose sampling needs per-token host state (penalties, a seed, logprobs,
+min_tokens not yet reached) are never given drafts.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from shardserve.workers.spec.proposer import Proposer, make_proposer
 # propose, plain steps between tries double up to MAX_BACKOFF_STEPS. Misses come in short runs on
 # repetitive text (where speculation pays) and never end on text with no repeats.
 BACKOFF_AFTER_MISSES = 4
+# A request whose drafts were all rejected this many verify steps in a row pauses its proposals
+# (1, 2, 4 ... MAX_BACKOFF_STEPS steps): a verify step costs more than a plain one.
+PAUSE_AFTER_REJECTIONS = 2
 MAX_BACKOFF_STEPS = 16
 
 
@@ -67,6 +72,9 @@ class Speculator:
         self._k_of: dict[str, int] = {}  # request id -> its current k (adaptive)
         self._asked = 0  # requests asked for drafts in the current step
         self._misses = 0  # speculating steps in a row that asked and got no draft
+        self._num_steps = 0  # schedules so far (end_step calls)
+        self._rejected: dict[str, int] = {}  # request id -> verify steps in a row with nothing accepted
+        self._paused_until: dict[str, int] = {}  # request id -> the step its proposals resume
         self._skip = 0  # steps left to skip
 
     def active(self, num_running: int) -> bool:
@@ -85,6 +93,7 @@ class Speculator:
         asked and had no drafts start a back-off: 1, 2, 4 ... MAX_BACKOFF_STEPS plain steps
         between tries; any draft resets it. A step in which nobody could be asked (all in flight:
         the step that re-synchronises) does not count."""
+        self._num_steps += 1
         if not speculating:
             return
         if num_draft_tokens:
@@ -99,6 +108,8 @@ class Speculator:
         """Drafts for a decoding request: at most min(its k, limit); [] if it is not eligible."""
         if limit <= 0 or not eligible(request.sampling_params, request.num_output_tokens):
             return []
+        if self._paused_until.get(request.request_id, 0) > self._num_steps:
+            return []  # its last drafts were all rejected: a verify step would cost more than it gives
         self._asked += 1
         max_tokens = min(self._k_of.get(request.request_id, self.k), limit)
         return self.proposer.propose(request.request_id, request.all_token_ids, request.num_prompt_tokens,
@@ -114,9 +125,16 @@ class Speculator:
             stats.accepted_per_position[position] += 1
         k = self._k_of.get(request_id, self.k)
         self._k_of[request_id] = min(self.k, k + 1) if num_accepted == num_drafts else max(1, num_accepted + 1)
+        rejected = self._rejected.get(request_id, 0) + 1 if num_accepted == 0 else 0
+        self._rejected[request_id] = rejected
+        if rejected >= PAUSE_AFTER_REJECTIONS:  # pause its proposals 1, 2, 4 ... steps
+            pause = min(MAX_BACKOFF_STEPS, 1 << (rejected - PAUSE_AFTER_REJECTIONS))
+            self._paused_until[request_id] = self._num_steps + pause
 
     def finish(self, request: Request) -> None:
         self._k_of.pop(request.request_id, None)
+        self._rejected.pop(request.request_id, None)
+        self._paused_until.pop(request.request_id, None)
         self.proposer.finish(request.request_id, request.all_token_ids, request.num_prompt_tokens)
 
 
