@@ -19,6 +19,7 @@ from shardserve.workers.protocol import EngineStats
 
 PREFIX = "shardserve:"
 MODEL, REPLICA, TENANT, FINISHED_REASON, STAGE = "model", "replica", "tenant", "finished_reason", "stage"
+POSITION = "position"  # a draft token's position in its draft, 0 = first
 REPLICA_LABELS = (MODEL, REPLICA)
 TENANT_LABELS = (MODEL, REPLICA, TENANT)
 
@@ -104,6 +105,10 @@ SPEC_DRAFTS = MetricSpec("spec_decode_num_drafts", Kind.COUNTER, "Speculative de
                          "request given one or more draft tokens in a step).")  # fmt: skip
 SPEC_DRAFT_TOKENS = MetricSpec("spec_decode_num_draft_tokens", Kind.COUNTER, "Draft tokens proposed.")
 SPEC_ACCEPTED = MetricSpec("spec_decode_num_accepted_tokens", Kind.COUNTER, "Draft tokens accepted.")
+# Accepted drafts per draft position, from EngineStats.spec_decode.accepted_per_position.
+SPEC_ACCEPTED_PER_POS = MetricSpec("spec_decode_num_accepted_tokens_per_pos", Kind.COUNTER, "Draft tokens "
+                                   "accepted at each position of their draft (0 = first).",
+                                   (MODEL, REPLICA, POSITION))  # fmt: skip
 ENGINE_TOTALS: dict[MetricSpec, Callable[[EngineStats], float | None]] = {
     SPEC_DRAFTS: lambda s: s.spec_decode.num_drafts if s.spec_decode else None,
     SPEC_DRAFT_TOKENS: lambda s: s.spec_decode.num_draft_tokens if s.spec_decode else None,
@@ -112,5 +117,5 @@ ENGINE_TOTALS: dict[MetricSpec, Callable[[EngineStats], float | None]] = {
 
 SPECS: tuple[MetricSpec, ...] = (
     TTFT, ITL, E2E, QUEUE_TIME, STEP_TIME, BATCH_SIZE, COLD_START, STARTUP, RUNNING, WAITING, KV_USAGE,
-    PROMPT_TOKENS, GENERATION_TOKENS, SUCCESS, COST, *ENGINE_COUNTERS, *ENGINE_TOTALS,
+    PROMPT_TOKENS, GENERATION_TOKENS, SUCCESS, COST, *ENGINE_COUNTERS, *ENGINE_TOTALS, SPEC_ACCEPTED_PER_POS,
 )  # fmt: skip

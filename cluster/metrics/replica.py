@@ -109,9 +109,17 @@ class ReplicaMetrics:
         for spec, read in n.ENGINE_TOTALS.items():
             value = read(stats)
             if value is not None:
-                grown = value - self._last_totals.get(spec.name, 0.0)
-                self._last_totals[spec.name] = value
-                self._inc(spec, max(grown, 0.0), self._base)
+                self._inc_total(spec, spec.name, value, self._base)
+        if stats.spec_decode is not None:
+            for position, value in enumerate(stats.spec_decode.accepted_per_position):
+                self._inc_total(n.SPEC_ACCEPTED_PER_POS, f"{n.SPEC_ACCEPTED_PER_POS.name}/{position}", value,
+                                {**self._base, n.POSITION: str(position)})
+
+    def _inc_total(self, spec: n.MetricSpec, key: str, value: float, tags: dict[str, str]) -> None:
+        """Count what an engine total (since start) grew by since it was last sampled."""
+        grown = value - self._last_totals.get(key, 0.0)
+        self._last_totals[key] = value
+        self._inc(spec, max(grown, 0.0), tags)
 
     def snapshot(self) -> list[Metric]:
         """Every family of this replica's registry (picklable: the Ingress merges them)."""

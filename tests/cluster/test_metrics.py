@@ -52,7 +52,7 @@ EVERY_NAME = [
     "shardserve:step_time_seconds", "shardserve:batch_size", "shardserve:cost_usd",
     "shardserve:cold_start_seconds", "shardserve:num_replicas", "shardserve:replica_startup_seconds",
     "shardserve:spec_decode_num_drafts", "shardserve:spec_decode_num_draft_tokens",
-    "shardserve:spec_decode_num_accepted_tokens",
+    "shardserve:spec_decode_num_accepted_tokens", "shardserve:spec_decode_num_accepted_tokens_per_pos",
 ]  # fmt: skip  (counter families are named without `_total`; their samples carry it)
 
 
@@ -167,6 +167,10 @@ def test_metrics_of_http_and_grpc_requests(metered):
     assert total(families, "shardserve:request_success", "_total", **tenant) == num_requests
     assert total(families, "shardserve:request_success", "_total", model=MODEL) == num_requests
     assert total(families, "shardserve:cost_usd", "_total", **tenant) >= 0
+    # The app speculates (real_app.SECTION): the per-position counts add up to the accepted total.
+    accepted = total(families, "shardserve:spec_decode_num_accepted_tokens", "_total", model=MODEL)
+    assert total(families, "shardserve:spec_decode_num_accepted_tokens_per_pos", "_total", model=MODEL) == accepted
+    assert total(families, "shardserve:spec_decode_num_draft_tokens", "_total", model=MODEL) >= accepted
     assert total(families, "shardserve:prefix_cache_queries", "_total", model=MODEL) == prompt_tokens
     assert 0 <= total(families, "shardserve:prefix_cache_hits", "_total", model=MODEL) <= prompt_tokens
     assert total(families, "shardserve:num_preemptions", "_total", model=MODEL) == 0
