@@ -246,3 +246,19 @@ def test_serve_flags_override_every_models_section(tmp_path) -> None:
     assert (b.speculative_method, b.num_speculative_tokens, b.prompt_lookup_max) == ("suffix", 6, 5)
     with pytest.raises(ConfigError, match="num_speculative_tokens"):
         load_config(path, speculative={"num_speculative_tokens": 0})
+
+
+def test_bench_latency_prints_the_speedup_beside_the_plain_run(tmp_path) -> None:
+    """`shardserve bench latency --speculative-method ngram`: both engines on the three tasks, the
+    same outputs, acceptance from the engine's statistics; a bad k exits 2 naming the flag."""
+    import json
+
+    from shardserve.cluster.cli import main
+
+    path = tmp_path / "spec.json"
+    assert main(["bench", "latency", "--speculative-method", "ngram", "--output-len", "12", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert [t["task"] for t in result["tasks"]] == list(TASKS)
+    assert all(t["identical"] and t["plain"] > 0 and t["speculative"] > 0 for t in result["tasks"])
+    assert result["spec_decode"]["num_draft_tokens"] >= result["spec_decode"]["num_accepted_tokens"] > 0
+    assert main(["bench", "latency", "--speculative-method", "ngram", "--num-speculative-tokens", "0"]) == 2

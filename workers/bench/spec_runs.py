@@ -25,7 +25,7 @@ from shardserve.workers.request import SamplingParams
 def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
     return SpeculativeConfig(speculative_method=args.speculative_method,
                              num_speculative_tokens=args.num_speculative_tokens,
-                             prompt_lookup_max=max(args.prompt_lookup_max, 2), max_verify_tokens=args.max_verify_tokens)
+                             prompt_lookup_max=args.prompt_lookup_max, max_verify_tokens=args.max_verify_tokens)
 
 
 def _run_tasks(engine: LLMEngine, prompts: dict[str, list[int]], output_len: int) -> dict[str, dict]:
