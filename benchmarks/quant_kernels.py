@@ -24,15 +24,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
 from shardserve.workers.quant.kernels import packed as pk
+from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
 from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
@@ -205,6 +208,88 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
     return results
 
 
+CODES_GRID = {
+    1: [CodesTiles(16, bn, 4, st) for bn in (16, 32, 64) for st in (3, 5)],
+    16: [CodesTiles(16, bn, nw, st) for bn in (32, 64, 128) for nw in (4, 8) for st in (3, 4)],
+    64: [CodesTiles(bm, bn, nw, st) for bm in (32, 64) for bn in (64, 128) for nw in (4, 8) for st in (3, 4)],
+    256: [CodesTiles(bm, bn, nw, st) for bm in (64, 128) for bn in (64, 128) for nw in (4, 8) for st in (2, 3)],
+    2048: [CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3), CodesTiles(128, 256, 8, 2),
+           CodesTiles(64, 128, 4, 3), CodesTiles(64, 256, 8, 2), CodesTiles(128, 64, 4, 3)],
+}
+
+
+def layer_us(build: Callable[[int, int], tuple[Case, Callable]], rows: int) -> float | None:
+    """One layer's four projections at `rows` rows, us (None: a shape failed the error check or compile)."""
+    total = 0.0
+    for name, n, k in SHAPES:
+        x = torch.randn(rows, k, device=DEV).to(DTYPE)
+        try:
+            base, run = build(n, k)
+            case = dataclasses.replace(base, run=lambda a, w, r=run: r(a, w))
+            err, tol, _ = error_of(case, x)
+            if err > tol:
+                print(f"    {name}: error {err:.3g} > {tol:.3g}")
+                return None
+            total += graph_us(case, x)
+        except Exception as exc:  # a tile the compiler rejects (shared memory)
+            print(f"    {name}: {type(exc).__name__}: {str(exc)[:100]}")
+            return None
+    return total
+
+
+def sweep_codes(budget_s: float, write: bool) -> dict:
+    """codes_gemm.py's tiles at M = 1 (INT4 only), 16, 64, 256, 2048 for INT4 g128 (planes of 32) and INT8,
+    each layer's time beside bf16 (decode_linear at M = 1, cuBLAS otherwise) and beside the previous
+    kernels (the GEMV at M = 1, the dequantizing GEMM above); with `write`, the best tiles per bit width
+    and row bucket go to workers/quant/kernels/codes_tiles/<device>.json (and $OUT when set)."""
+    deadline = time.monotonic() + budget_s
+    best: dict[str, list] = {}
+    report = {}
+    for rows, grid in CODES_GRID.items():
+        bf16 = layer_us(lambda n, k, r=rows: _bf16_case(n, k, r), rows)
+        print(f"M={rows}: bf16 {bf16:.1f} us a layer", flush=True)
+        for bits in (4, 8):
+            if rows == 1 and bits == 8:
+                continue
+            make = (lambda n, k: int4_case(n, k, 32)) if bits == 4 else int8_case
+            linear = int4_linear if bits == 4 else int8_linear
+            before = layer_us(lambda n, k, mk=make, f=linear: (mk(n, k), f), rows)
+            print(f"  int{bits} previous kernel {before:.1f} us", flush=True)
+            results = []
+            for t in grid:
+                if time.monotonic() > deadline:
+                    print("  sweep: out of time")
+                    break
+                us = layer_us(lambda n, k, mk=make, f=linear, t=t: (mk(n, k), lambda a, w: f(a, w, codes_tiles=t)),
+                              rows)
+                if us is not None:
+                    results.append((us, t))
+                    print(f"  int{bits} {t}: {us:.1f} us ({bf16 / us:.2f}x bf16)", flush=True)
+            if results:
+                us, t = min(results, key=lambda r: r[0])
+                print(f"best M={rows} int{bits}: {t} {us:.1f} us = {bf16 / us:.2f}x bf16, "
+                      f"{before / us:.2f}x the previous kernel", flush=True)
+                report[f"int{bits} M{rows}"] = {"us": us, "bf16_us": bf16, "previous_us": before, "tiles": str(t)}
+                if rows > 1:
+                    best[f"{bits},{rows}"] = [t.block_m, t.block_n, t.num_warps, t.num_stages, t.sub]
+    if write and best:
+        from shardserve.workers.quant.kernels.packed import CODES_TABLES_DIR
+
+        name = device_name(DEV).replace(" ", "_") + ".json"
+        paths = [CODES_TABLES_DIR / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
+        for path in paths:
+            path.write_text(json.dumps(best, indent=1) + "\n")
+            print(f"wrote {path}")
+        pk.tuned_codes_tiles.cache_clear()
+    return report
+
+
+def _bf16_case(n: int, k: int, rows: int) -> tuple[Case, Callable]:
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(DTYPE)
+    run = (lambda a, ww: decode_linear(a, ww)) if rows == 1 else (lambda a, ww: F.linear(a, ww))
+    return Case("bf16", n * k * 2, w.float(), lambda i: w if i == 0 else w.clone(), run), run
+
+
 def int4_case(n: int, k: int, plane: int = 128) -> Case:
     w4 = int4_weight(n, k, False)
     p4 = pack_int4(w4, DTYPE, max_plane=plane)
@@ -235,6 +320,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only run every kernel once vs the reference")
     parser.add_argument("--sweep", action="store_true", help="a tile sweep (GEMV at M = 1, GEMM at M = 16)")
     parser.add_argument("--sweep-seconds", type=float, default=60.0, help="the sweep's time budget")
+    parser.add_argument("--sweep-codes", action="store_true", help="codes_gemm.py's tiles at M = 1 ... 2048")
+    parser.add_argument("--write-tiles", action="store_true", help="with --sweep-codes: write the best tiles table")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -242,6 +329,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(DEV)
     print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
     sweep_results = sweep(bandwidth, args.sweep_seconds) if args.sweep else {}
+    if args.sweep_codes:
+        sweep_results["codes"] = sweep_codes(args.sweep_seconds, args.write_tiles)
     rows, failures = [], []
     totals: dict[tuple[int, str], float] = {}
     for name, n, k in SHAPES:

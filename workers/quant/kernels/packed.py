@@ -21,12 +21,16 @@ dot a plane or (chunk_dot) one a chunk. Both: fp32 accumulation, bias in fp32, o
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.workers.quant.kernels.codes_gemm import CodesTiles, codes_gemm, codes_supported
 
 GEMV_MAX_ROWS = 4  # rows up to which the matrix-vector kernel (weights re-read from L2 per row) is used
 
@@ -242,8 +246,43 @@ def default_gemm_tiles(w: PlaneWeights, rows: int) -> GemmTiles:
     return GemmTiles(64, 64, 4, 1)
 
 
+CODES_BUCKETS = (16, 64, 256, 2048)  # rows up to which a tile of the tuned table applies (the last: any more)
+CODES_TABLES_DIR = Path(__file__).with_name("codes_tiles")
+
+
+@functools.cache
+def tuned_codes_tiles(device_name: str) -> dict[str, CodesTiles]:
+    """The card's table written by benchmarks/quant_kernels.py --sweep-codes --write-tiles:
+    {"<bits>,<bucket>": [block_m, block_n, num_warps, num_stages, sub]}; empty when none ships."""
+    path = CODES_TABLES_DIR / (device_name.replace(" ", "_") + ".json")
+    try:
+        with open(path) as f:
+            return {key: CodesTiles(*value) for key, value in json.load(f).items()}
+    except FileNotFoundError:
+        return {}
+
+
+def codes_bucket(rows: int) -> int:
+    return next((b for b in CODES_BUCKETS if rows <= b), CODES_BUCKETS[-1])
+
+
+def default_codes_tiles(bits: int, rows: int, device: torch.device) -> CodesTiles:
+    """Tiles of codes_gemm.py's kernel: the card's tuned table by bit width and row bucket, else
+    guesses that fit shared memory on any card (INT4: a K step of 256 columns, INT8 of 128)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    tuned = tuned_codes_tiles(torch.cuda.get_device_name(index)).get(f"{bits},{codes_bucket(rows)}")
+    if tuned is not None:
+        return tuned
+    if rows <= 16:
+        return CodesTiles(16, 64, 4, 3)
+    if rows <= 64:
+        return CodesTiles(64, 64, 4, 3)
+    return CodesTiles(128, 128, 8, 2)
+
+
 INTERPRETER_GEMV = GemvTiles(16, 2, 4)  # under Triton's interpreter: several programs and iterations
 INTERPRETER_GEMM = GemmTiles(16, 32, 4, 1)
+INTERPRETER_CODES = CodesTiles(16, 32, 4, 1)
 
 
 def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> None:
@@ -256,8 +295,13 @@ def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> N
 
 
 def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = None,
-                 gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype."""
+                 gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
+                 codes_tiles: CodesTiles | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
+
+    Up to GEMV_MAX_ROWS rows the matrix-vector kernel, else codes_gemm.py's tensor-core kernel where it
+    takes the layout (`gemm_tiles` forces this module's dequantizing GEMM, `codes_tiles` the codes
+    kernel at any M)."""
     check_input(x, w.k, bias, w.n)
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -270,6 +314,13 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     interpreted = x.device.type != "cuda"
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
+    codes_ok = codes_supported(w.bits, w.plane, w.group_size, w.per_channel, x.dtype)
+    if codes_tiles is not None or (rows > GEMV_MAX_ROWS and gemm_tiles is None and codes_ok):
+        if not codes_ok:
+            raise ValueError(f"the codes GEMM does not take {w.bits}-bit planes of {w.plane} in groups of {w.group_size}")
+        t = codes_tiles or (INTERPRETER_CODES if interpreted else default_codes_tiles(w.bits, rows, x.device))
+        return codes_gemm(x, w.words, w.scales, w.mins, bias, out, bits=w.bits, plane=w.plane,
+                          group_size=w.group_size, k=w.k, tiles=t)
     if rows <= GEMV_MAX_ROWS:
         t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))
         _qgemv_kernel[(rows, triton.cdiv(n, t.block_n))](
