@@ -210,9 +210,10 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
 
 CODES_GRID = {
     1: [CodesTiles(16, bn, 4, st) for bn in (16, 32, 64) for st in (3, 5)],
-    16: [CodesTiles(16, bn, nw, st) for bn in (32, 64, 128) for nw in (4, 8) for st in (3, 4)],
-    64: [CodesTiles(bm, bn, nw, st) for bm in (32, 64) for bn in (64, 128) for nw in (4, 8) for st in (3, 4)],
-    256: [CodesTiles(bm, bn, nw, st) for bm in (64, 128) for bn in (64, 128) for nw in (4, 8) for st in (2, 3)],
+    16: [CodesTiles(16, bn, 4, st) for bn in (32, 64, 128) for st in (3, 4)],
+    64: [CodesTiles(bm, bn, nw, 3) for bm in (32, 64) for bn in (64, 128) for nw in (4, 8)],
+    256: [CodesTiles(64, 64, 4, 3), CodesTiles(64, 128, 4, 3), CodesTiles(64, 128, 8, 3), CodesTiles(128, 64, 8, 3),
+          CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3), CodesTiles(64, 64, 4, 4), CodesTiles(128, 64, 4, 2)],
     2048: [CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3), CodesTiles(128, 256, 8, 2),
            CodesTiles(64, 128, 4, 3), CodesTiles(64, 256, 8, 2), CodesTiles(128, 64, 4, 3)],
 }

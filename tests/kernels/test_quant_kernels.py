@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from shardserve.workers.quant.kernels import packed as pk
+from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
 from shardserve.workers.quant.kernels.fp8 import fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4, plane_for
 from shardserve.workers.quant.kernels.int8 import int8_linear, pack_int8
@@ -180,3 +181,37 @@ def test_fp8_linear_on_cuda(rows):
     ref = (q.float() * xs) @ fw.dequantize().T + bias.float()
     assert out.dtype == torch.bfloat16 and out.shape == (rows, N)
     assert (out.float() - ref).abs().max().item() <= 1.5e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize(("group", "max_plane", "symmetric"), [(32, 16, True), (32, 32, False), (64, 32, False),
+                                                               (128, 32, True), (128, 16, False), (256, 32, False),
+                                                               (128, 128, False)])
+def test_int4_codes_gemm(device, group, max_plane, symmetric):
+    """codes_gemm.py: the raw codes through tl.dot, group scales on the accumulator, for every way a
+    group can sit in a chunk (a plane per group, 2 or 4 planes, the chunk inside a group); act-order,
+    bias, partial M and N tiles, K over two chunks (fp16 under the interpreter, see the docstring)."""
+    w = _int4(40, 512, group, symmetric, group == 64, device)
+    p = pack_int4(w, torch.float16, max_plane=max_plane)
+    x = torch.randn(5, 512, device=device).half()
+    bias = torch.randn(40, device=device).half()
+    _check(int4_linear(x, p, bias, codes_tiles=CodesTiles(16, 16, 4, 1)), x, w, bias)
+
+
+def test_int8_codes_gemm_and_default_dispatch(device):
+    """INT8 codes (q = u - 128 exactly) a sub-block of a plane at a time, the extremes -128 / 127; above
+    GEMV_MAX_ROWS rows int8_linear / int4_linear take the codes kernel by default."""
+    q = torch.randint(-128, 128, (40, 600), dtype=torch.int8, device=device)
+    q[0, :100], q[1, :100] = -128, 127
+    w = Int8Weight(q, torch.rand(40, device=device) * 0.01 + 1e-3)
+    p = pack_int8(w, torch.float16)
+    x = torch.randn(18, 600, device=device).half()
+    for sub in (16, 128):
+        _check(int8_linear(x, p, codes_tiles=CodesTiles(16, 16, 4, 1, sub)), x, w)
+    assert pk.codes_supported(8, 128, 512, True, torch.float16)
+    assert pk.codes_supported(4, 32, 128, False, torch.bfloat16)
+    assert not pk.codes_supported(4, 32, 96, False, torch.bfloat16)  # 3 planes a group: old GEMM
+    w4 = _int4(40, 384, 96, False, False, device)
+    p4 = pack_int4(w4, torch.float16)
+    _check(int4_linear(x[:, :384], p4), x[:, :384], w4)  # groups of 96: the dequantizing GEMM
+    with pytest.raises(ValueError, match="codes GEMM does not take"):
+        int4_linear(x[:, :384], p4, codes_tiles=CodesTiles(16, 16, 4, 1))
