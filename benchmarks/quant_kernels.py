@@ -209,13 +209,11 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
 
 
 CODES_GRID = {
-    1: [CodesTiles(16, bn, 4, st) for bn in (16, 32, 64) for st in (3, 5)],
-    16: [CodesTiles(16, bn, 4, st) for bn in (32, 64, 128) for st in (3, 4)],
-    64: [CodesTiles(bm, bn, nw, 3) for bm in (32, 64) for bn in (64, 128) for nw in (4, 8)],
-    256: [CodesTiles(64, 64, 4, 3), CodesTiles(64, 128, 4, 3), CodesTiles(64, 128, 8, 3), CodesTiles(128, 64, 8, 3),
-          CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3), CodesTiles(64, 64, 4, 4), CodesTiles(128, 64, 4, 2)],
-    2048: [CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3), CodesTiles(128, 256, 8, 2),
-           CodesTiles(64, 128, 4, 3), CodesTiles(64, 256, 8, 2), CodesTiles(128, 64, 4, 3)],
+    1: [CodesTiles(16, bn, 4, 4) for bn in (16, 32, 64)],
+    16: [CodesTiles(16, 32, 4, 4), CodesTiles(16, 64, 4, 3), CodesTiles(16, 64, 4, 5), CodesTiles(16, 128, 4, 3)],
+    64: [CodesTiles(32, 64, 4, 3), CodesTiles(64, 64, 4, 3), CodesTiles(64, 128, 4, 3), CodesTiles(64, 128, 8, 3)],
+    256: [CodesTiles(64, 128, 4, 3), CodesTiles(128, 64, 8, 3), CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3)],
+    2048: [CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3), CodesTiles(128, 256, 8, 2)],
 }
 
 
