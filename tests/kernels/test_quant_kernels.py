@@ -215,3 +215,32 @@ def test_int8_codes_gemm_and_default_dispatch(device):
     _check(int4_linear(x[:, :384], p4), x[:, :384], w4)  # groups of 96: the dequantizing GEMM
     with pytest.raises(ValueError, match="codes GEMM does not take"):
         int4_linear(x[:, :384], p4, codes_tiles=CodesTiles(16, 16, 4, 1))
+
+
+def _silu_mul_ref(y: torch.Tensor) -> torch.Tensor:
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate.float()) * up.float()
+
+
+def test_silu_mul_epilogue_of_the_decode_kernels(device):
+    """gate_up at decode size: silu(gate) * up from the GEMV's epilogue for INT4, INT8 and FP8 (W = [gate;
+    up]), equal to the unfused projection followed by SiLU-and-mul; through cuda.py's KernelRuntime,
+    which declines above the GEMV's rows."""
+    from shardserve.workers.quant.cuda import cuda_runtime
+
+    x = torch.randn(2, K, device=device).bfloat16()
+    w4 = _int4(N, K, 64, False, False, device)
+    w8 = Int8Weight(torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device),
+                    torch.rand(N, device=device) * 0.01 + 1e-3)
+    wf = torch.randn(N, K, device=device) / K**0.5
+    sf = wf.abs().amax(1) / 448
+    f8 = Fp8Weight((wf / sf[:, None]).to(torch.float8_e4m3fn), sf)
+    for w in (w4, w8, f8):
+        runtime = cuda_runtime(w, torch.device(device), torch.bfloat16)
+        fused = runtime.silu_mul(x)
+        ref = _silu_mul_ref(runtime(x, None))
+        assert fused.shape == (2, N // 2) and fused.dtype == torch.bfloat16
+        assert (fused.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item(), type(w).__name__
+        assert runtime.silu_mul(torch.randn(17, K, device=device).bfloat16()) is None
+    with pytest.raises(ValueError, match="silu_mul takes at most"):
+        int4_linear(x, pack_int4(w4, torch.bfloat16), torch.zeros(N, device=device).bfloat16(), silu_mul=True)

@@ -111,8 +111,14 @@ class RMSNorm(nn.Module):
 
 
 def gate_up_silu(gate_up_proj: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """act(gate_up_proj(x)) [T, inter / tp]; at decode size on CUDA with plain weights, one kernel
-    with the SiLU-and-mul in the projection's epilogue (parallel/kernels/decode_linear.py)."""
+    """act(gate_up_proj(x)) [T, inter / tp]; at decode size on CUDA, one kernel with the SiLU-and-mul
+    in the projection's epilogue (parallel/kernels/decode_linear.py for plain weights, the quantized
+    runtime's `silu_mul` (workers/quant/cuda.py) for INT4 / INT8 / FP8)."""
+    fused = getattr(getattr(gate_up_proj.quant_method, "runtime", None), "silu_mul", None)
+    if fused is not None and use_kernels(x) and isinstance(act, SiluAndMul) and gate_up_proj.bias is None:
+        out = fused(x)
+        if out is not None:
+            return out
     weight = getattr(gate_up_proj, "weight", None)
     if (use_kernels(x) and isinstance(act, SiluAndMul) and weight is not None and gate_up_proj.bias is None
             and isinstance(gate_up_proj.quant_method, UnquantizedLinearMethod)):

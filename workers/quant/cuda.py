@@ -2,33 +2,55 @@
 
 Each kernel module packs the unpacked weight (../weights.py) into its runtime layout once, at
 load, and its `*_linear(x, packed, bias)` picks the matrix-vector kernel at decode size and the
-GEMM with dequantization in its main loop otherwise; all are CUDA-graph safe. GPTQ 8-bit weights
-(asymmetric groups, no kernel of their own) are widened once to the model dtype.
+GEMM otherwise; all are CUDA-graph safe. A `KernelRuntime` also offers `silu_mul(x)`: at decode
+size, gate_up's projection with SiLU-and-mul in the GEMV's epilogue (models/layers.gate_up_silu),
+None otherwise. GPTQ 8-bit weights (asymmetric groups, no kernel of their own) are widened once to
+the model dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from shardserve.workers.quant.kernels.packed import GEMV_MAX_ROWS
 from shardserve.workers.quant.weights import Fp8Weight, GroupedWeight, Int8Weight, QuantizedWeight
+
+
+class KernelRuntime:
+    """`linear(x, packed, bias)` of one kernel module over its packed weight; `silu_mul` at decode size."""
+
+    def __init__(self, linear: Callable, packed: object, gemv_rows: int, silu_mul: Callable) -> None:
+        self.linear, self.packed, self.gemv_rows, self._silu_mul = linear, packed, gemv_rows, silu_mul
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.linear(x, self.packed, bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up for W = [gate; up] in one kernel, or None above the GEMV's rows."""
+        if x.dim() != 2 or x.shape[0] > self.gemv_rows or self.packed.shape[0] % 2:
+            return None
+        return self._silu_mul(x, self.packed)
 
 
 def cuda_runtime(w: QuantizedWeight, device: torch.device, dtype: torch.dtype):
     if isinstance(w, GroupedWeight) and w.bits == 4:
         from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4
 
-        packed = pack_int4(_to(w, device), dtype)
-        return lambda x, bias: int4_linear(x, packed, bias)
+        return KernelRuntime(int4_linear, pack_int4(_to(w, device), dtype), GEMV_MAX_ROWS,
+                             lambda x, p: int4_linear(x, p, silu_mul=True))
     if isinstance(w, Int8Weight):
         from shardserve.workers.quant.kernels.int8 import int8_linear, pack_int8
 
-        packed = pack_int8(_to(w, device), dtype)
-        return lambda x, bias: int8_linear(x, packed, bias)
+        return KernelRuntime(int8_linear, pack_int8(_to(w, device), dtype), GEMV_MAX_ROWS,
+                             lambda x, p: int8_linear(x, p, silu_mul=True))
     if isinstance(w, Fp8Weight):
-        from shardserve.workers.quant.kernels.fp8 import fp8_linear, pack_fp8
+        from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS as FP8_GEMV_ROWS
+        from shardserve.workers.quant.kernels.fp8 import fp8_gemv, fp8_linear, pack_fp8
 
-        packed = pack_fp8(_to(w, device))
-        return lambda x, bias: fp8_linear(x, packed, bias)
+        return KernelRuntime(fp8_linear, pack_fp8(_to(w, device)), FP8_GEMV_ROWS,
+                             lambda x, p: fp8_gemv(x, p, silu_mul=True))
     if isinstance(w, GroupedWeight):
         dense = w.dequantize(dtype).to(device)
         return lambda x, bias: F.linear(x, dense, bias)

@@ -57,6 +57,6 @@ def pack_int8(w: Int8Weight, dtype: torch.dtype) -> Int8Packed:
 
 def int8_linear(x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None = None,
                 gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
-                codes_tiles: CodesTiles | None = None) -> torch.Tensor:
+                codes_tiles: CodesTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the Int8Weight's dequantize())."""
-    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, codes_tiles)
+    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, codes_tiles, silu_mul)

@@ -107,30 +107,17 @@ def _unpack(words, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _qgemv_kernel(
-    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, N, K, KW, stride_xm, stride_om,
-    BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    SCALE_EVERY: tl.constexpr, U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
-):
+def _gemv_rows(words, w_rows, x_row, s_ptr, m_ptr, n3, mask_n3, offs_n, mask_n, N, K, KW,
+               BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+               SCALE_EVERY: tl.constexpr, U: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum_k x_k w_nk [BLOCK_N] in fp32 for the rows w_rows (scale rows n3 / offs_n of N); `words` holds
+    their first U chunks, already loaded."""
     PLANES: tl.constexpr = 32 // BITS
     CHUNK: tl.constexpr = PLANES * PLANE
     SCALE: tl.constexpr = 1 << BITS
-    row = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    n3 = offs_n[:, None, None]
-    mask_n3 = mask_n[:, None, None]
     u3 = tl.arange(0, U)[None, :, None]
     j3 = tl.arange(0, PLANE)[None, None, :]
     n_chunks = KW // PLANE
-    w_rows = w_ptr + n3.to(tl.int64) * KW + j3  # [BLOCK_N, 1, PLANE]
-    # Weights only: read before waiting on the previous kernel (see the module docstring).
-    words = tl.load(w_rows + u3 * PLANE, mask=mask_n3 & (u3 < n_chunks), other=0)
-    wait_for_previous(USE_PDL)
-    release_next(USE_PDL)
-
-    x_row = x_ptr + row * stride_xm
     acc = tl.zeros([BLOCK_N, U, PLANE], dtype=tl.float32)
     xsum = tl.zeros([1, U, PLANE], dtype=tl.float32)
     for c0 in range(0, n_chunks, U):
@@ -169,9 +156,50 @@ def _qgemv_kernel(
         s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
         m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
         y = y * s + m * tl.sum(tl.sum(xsum, axis=2), axis=1)
+    return y
+
+
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, N_OUT, N, K, KW, stride_xm, stride_om,
+    BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    SCALE_EVERY: tl.constexpr, U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """out[row, n] for n < N_OUT; with SILU_MUL, W is [gate; up] (N = 2 N_OUT) and the program's gate
+    rows n and up rows N_OUT + n give silu(gate) * up, each rounded as an unfused projection would."""
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_OUT
+    n3 = offs_n[:, None, None]
+    mask_n3 = mask_n[:, None, None]
+    u3 = tl.arange(0, U)[None, :, None]
+    j3 = tl.arange(0, PLANE)[None, None, :]
+    n_chunks = KW // PLANE
+    w_rows = w_ptr + n3.to(tl.int64) * KW + j3  # [BLOCK_N, 1, PLANE]
+    up_rows = w_rows + N_OUT.to(tl.int64) * KW
+    # Weights only: read before waiting on the previous kernel (see the module docstring).
+    words = tl.load(w_rows + u3 * PLANE, mask=mask_n3 & (u3 < n_chunks), other=0)
+    words_up = words
+    if SILU_MUL:
+        words_up = tl.load(up_rows + u3 * PLANE, mask=mask_n3 & (u3 < n_chunks), other=0)
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
+
+    x_row = x_ptr + row * stride_xm
+    y = _gemv_rows(words, w_rows, x_row, s_ptr, m_ptr, n3, mask_n3, offs_n, mask_n, N, K, KW,
+                   BITS, PLANE, GROUP, PER_CHANNEL, SCALE_EVERY, U, BLOCK_N)
+    dtype = out_ptr.dtype.element_ty
+    if SILU_MUL:
+        y_up = _gemv_rows(words_up, up_rows, x_row, s_ptr, m_ptr, n3 + N_OUT, mask_n3, offs_n + N_OUT, mask_n,
+                          N, K, KW, BITS, PLANE, GROUP, PER_CHANNEL, SCALE_EVERY, U, BLOCK_N)
+        gate = y.to(dtype).to(tl.float32)
+        up = y_up.to(dtype).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(dtype), mask=mask_n)
 
 
 @triton.jit
@@ -296,17 +324,21 @@ def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> N
 
 def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = None,
                  gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
-                 codes_tiles: CodesTiles | None = None) -> torch.Tensor:
+                 codes_tiles: CodesTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
 
     Up to GEMV_MAX_ROWS rows the matrix-vector kernel, else codes_gemm.py's tensor-core kernel where it
     takes the layout (`gemm_tiles` forces this module's dequantizing GEMM, `codes_tiles` the codes
-    kernel at any M)."""
+    kernel at any M). `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows): silu(gate) * up
+    [M, N / 2] from the GEMV's epilogue."""
     check_input(x, w.k, bias, w.n)
     if x.stride(1) != 1:
         x = x.contiguous()
     rows, n = x.shape[0], w.n
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if silu_mul and (rows > GEMV_MAX_ROWS or bias is not None or n % 2):
+        raise ValueError(f"silu_mul takes at most {GEMV_MAX_ROWS} rows, no bias and an even N; got {rows} rows, N {n}")
+    n_out = n // 2 if silu_mul else n
+    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     if rows == 0 or n == 0:
         return out
     if w.scales.dtype != x.dtype:
@@ -315,7 +347,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
     codes_ok = codes_supported(w.bits, w.plane, w.group_size, w.per_channel, x.dtype)
-    if codes_tiles is not None or (rows > GEMV_MAX_ROWS and gemm_tiles is None and codes_ok):
+    if not silu_mul and (codes_tiles is not None or (rows > GEMV_MAX_ROWS and gemm_tiles is None and codes_ok)):
         if not codes_ok:
             raise ValueError(f"the codes GEMM does not take {w.bits}-bit planes of {w.plane} in groups of {w.group_size}")
         t = codes_tiles or (INTERPRETER_CODES if interpreted else default_codes_tiles(w.bits, rows, x.device))
@@ -323,11 +355,11 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
                           group_size=w.group_size, k=w.k, tiles=t)
     if rows <= GEMV_MAX_ROWS:
         t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))
-        _qgemv_kernel[(rows, triton.cdiv(n, t.block_n))](
-            x, w.words, w.scales, w.mins, bias_arg, out, n, w.k, kw, x.stride(0), out.stride(0),
+        _qgemv_kernel[(rows, triton.cdiv(n_out, t.block_n))](
+            x, w.words, w.scales, w.mins, bias_arg, out, n_out, n, w.k, kw, x.stride(0), out.stride(0),
             BITS=w.bits, PLANE=w.plane, GROUP=w.group_size, PER_CHANNEL=w.per_channel,
-            SCALE_EVERY=scale_every(w), U=t.chunks,
-            BLOCK_N=t.block_n, HAS_BIAS=bias is not None, num_warps=t.num_warps, **pdl_options(x.device),
+            SCALE_EVERY=scale_every(w), U=t.chunks, BLOCK_N=t.block_n, HAS_BIAS=bias is not None,
+            SILU_MUL=silu_mul, num_warps=t.num_warps, **pdl_options(x.device),
         )
         return out
     t = gemm_tiles or (INTERPRETER_GEMM if interpreted else default_gemm_tiles(w, rows))
