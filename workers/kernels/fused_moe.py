@@ -12,8 +12,7 @@ over the E experts this rank holds (global ids `local_expert_start .. + E`):
    Down: A = a (a_row_div = 1), weighted -> y [T*k, H]
    Direct path (`use_direct_rows`, e.g. batch-1..4 decode): no alignment launch; each flat row is
    its own M-block and reads its expert from topk_ids (see `use_direct_rows`).
-3. `_moe_sum_kernel` sums each token's k rows of y in fp32 (local experts only), rounds once ->
-   out [T, H].
+3. `_moe_sum_kernel` sums each token's k rows of y in fp32 (local experts only), rounds once.
 Steps 1-3 are `moe_pipeline`, which takes the two grouped GEMMs as a function: quantized experts
 (workers/quant/kernels/moe.py) reuse it with GEMMs that dequantize in their main loop.
 Tiles: `moe_tiles` picks them by average rows per expert from `CUDA_TILE_BANDS` (decode BLOCK_M 16,

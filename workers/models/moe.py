@@ -17,6 +17,7 @@ holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds onl
 experts, reads only their checkpoint tensors, and `dispatch_and_combine_unreduced` moves the
 routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block
 counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring.
+With `quantization: int8 | int4 | fp8` the experts are rounded once loaded (quant/experts.py).
 """
 
 from __future__ import annotations
