@@ -14,7 +14,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from parallel_helpers import assert_same_outputs, engine_config, generate, make_prompts, single_process, tiny_config
+from parallel_helpers import (
+    assert_same_outputs,
+    engine_config,
+    generate,
+    make_prompts,
+    single_process,
+    tiny_config,
+)
 from transformers import AutoModelForCausalLM
 
 
