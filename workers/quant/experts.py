@@ -52,6 +52,14 @@ class CpuExperts:
         return self.w2[expert](x, None)
 
 
+def split_experts(w: QuantizedWeight, num_experts: int) -> list[QuantizedWeight]:
+    """A weight of the stacked rows [E * N, K] -> E weights [N, K] (views, no copy)."""
+    fields = {name: value.chunk(num_experts) if isinstance(value, torch.Tensor) and name != "perm" else None
+              for name, value in vars(w).items()}
+    return [type(w)(**{name: parts[e] if parts is not None else getattr(w, name) for name, parts in fields.items()})
+            for e in range(num_experts)]
+
+
 class ExpertQuantMethod:
     def __init__(self, layout: AtLoadLayout) -> None:
         self.layout = layout
@@ -76,9 +84,10 @@ class ExpertQuantMethod:
         return True
 
     def quantize(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[list[QuantizedWeight], list[QuantizedWeight]]:
-        """Float stacks [E, N, K] -> per-expert unpacked weights (w2 narrowed to this rank's inputs)."""
-        q13 = [self.layout.unpack({"weight": w}) for w in w13]
-        q2 = [self.layout.unpack({"weight": w}) for w in w2]
+        """Float stacks [E, N, K] -> per-expert unpacked weights (w2 narrowed to this rank's inputs).
+        Every expert's rows are rounded in one call (row-wise methods: the same as one call an expert)."""
+        q13 = split_experts(self.layout.unpack({"weight": w13.reshape(-1, w13.shape[2])}), w13.shape[0])
+        q2 = split_experts(self.layout.unpack({"weight": w2.reshape(-1, w2.shape[2])}), w2.shape[0])
         if self.w2_input_slice is not None:
             q2 = [narrow_inputs(w, *self.w2_input_slice) for w in q2]
         return q13, q2
