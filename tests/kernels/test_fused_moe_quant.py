@@ -133,3 +133,21 @@ def test_experts_layer_on_device(device, method):
     # The CPU kernels keep INT4 scales in fp16 (cpu_kernels/): ~1e-3 of |y|.
     _check(out, qmoe.fused_moe_quant_reference(x, q13, q2, weights, ids), dtype,
            None if device.type == "cuda" else 2e-3)
+
+
+def test_cuda_tiles_fit_shared_memory_for_every_kind():
+    """The bf16 bands would stage 8 activation tiles a chunk for INT4 (over an H100's shared memory at
+    the largest bands): stages are lowered, block_m (the alignment's) is kept."""
+    from shardserve.workers.kernels.fused_moe import CUDA_TILE_BANDS, SMEM_BUDGET_BYTES
+
+    kinds = [qmoe.pack_moe(_quantize(torch.randn(1, 64, 256), method, 128)[:1], torch.bfloat16)
+             for method in ("int4", "int8", "fp8")]
+    assert [w.plane for w in kinds] == [32, 32, 0]
+    lowered = 0
+    for _, tiles in CUDA_TILE_BANDS:
+        for w in kinds:
+            fitted = qmoe.fit_stages(tiles, w, 2)
+            assert fitted.block_m == tiles.block_m and fitted.num_stages >= 1
+            assert fitted.num_stages == 1 or qmoe.stage_bytes(fitted, w, 2) * fitted.num_stages <= SMEM_BUDGET_BYTES
+            lowered += fitted.num_stages < tiles.num_stages
+    assert lowered > 0

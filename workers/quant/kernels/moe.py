@@ -15,13 +15,13 @@ CUDA-graph safe) with `_moe_qgemm_kernel` as its grouped GEMM: per M-block of on
 [PLANE, BLOCK_N] tile of words is read once per chunk and each plane is unpacked with packed.py's
 `_unpack` (w = f * 2^BITS s + (m - 2^BITS s), one FMA a weight), cast to the activation dtype and
 fed to tl.dot (fp32 operands: IEEE, as fused_moe.py); fp32 accumulation, optional routing weight, one
-rounding at the store.
+rounding at the store. Tiles: fused_moe.py's bands, stages lowered to fit shared memory (`fit_stages`).
 `fused_moe_quant_reference`: dequantize every expert, then moe_reference.py's torch MoE.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -84,7 +84,7 @@ def pack_moe(experts: list[QuantizedWeight], dtype: torch.dtype) -> MoePacked:
     if isinstance(first, Int8Weight):
         u = [(w.q.to(torch.int16) + 128).to(torch.uint8) for w in experts]
         bits, scales, mins = 8, [w.scales.float().view(n, 1) for w in experts], None
-        plane = moe_plane(8, 16, k)
+        plane = moe_plane(8, 128, k)  # INT8 has one group a row: any plane fits it
         group = -(-k // (4 * plane)) * 4 * plane  # the padded K: one group a row
     elif isinstance(first, GroupedWeight):
         if first.bits != 4 or any(w.perm is not None for w in experts):
@@ -194,10 +194,30 @@ def _moe_qgemm_kernel(
     tl.store(c_ptrs, acc.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
 
 
+def stage_bytes(tiles: fm.MoeTiles, w: MoePacked, element_size: int) -> int:
+    """Shared memory one pipeline stage of the main loop may take: a chunk's tile of words and the
+    activation tiles of its planes (FP8: a [BLOCK_K, BLOCK_N] e4m3 tile and a [BLOCK_M, BLOCK_K] one)."""
+    if w.bits == 0:
+        return tiles.block_k * tiles.block_n + tiles.block_m * tiles.block_k * element_size
+    planes = 32 // w.bits
+    return w.plane * tiles.block_n * 4 + planes * tiles.block_m * w.plane * element_size
+
+
+def fit_stages(tiles: fm.MoeTiles, w: MoePacked, element_size: int) -> fm.MoeTiles:
+    """The bf16 bands of fused_moe.py with fewer stages where a chunk's planes would overflow shared
+    memory (block_m is kept: the alignment was done with it)."""
+    stages = tiles.num_stages
+    while stages > 1 and stage_bytes(tiles, w, element_size) * stages > fm.SMEM_BUDGET_BYTES:
+        stages -= 1
+    return tiles if stages == tiles.num_stages else replace(tiles, num_stages=stages)
+
+
 def _qgemm(a: torch.Tensor, w: MoePacked, out: torch.Tensor, rows: fm.MoeRows, a_row_div: int,
            row_weights: torch.Tensor | None, tiles: fm.MoeTiles) -> None:
     if a.stride(1) != 1:
         a = a.contiguous()
+    if a.is_cuda:
+        tiles = fit_stages(tiles, w, a.element_size())
     grid = (rows.num_blocks * triton.cdiv(w.n, tiles.block_n),)
     block_k = FP8_BLOCK_K if not a.is_cuda else tiles.block_k
     _moe_qgemm_kernel[grid](
