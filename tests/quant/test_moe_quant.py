@@ -143,3 +143,18 @@ def test_int4_group_that_cannot_split_experts_over_tp_is_refused():
     assert method.full_w2_inputs(tp_rank=1, tp_size=2, inter_per_rank=64)
     assert method.w2_input_slice == (64, 64)
     assert not ExpertQuantMethod(AtLoadLayout("int8", torch.float32)).full_w2_inputs(0, 1, 64)
+
+
+def test_row_wide_int4_group_splits_over_tp_like_one_process():
+    """int4 with quantization_group_size -1 (one scale and min a row): each TP rank's half of w2 keeps the
+    whole row's scale and min, so its dequantized weights are exactly one process's, sliced."""
+    layout = AtLoadLayout("int4", torch.float32, -1, sym=False)
+    w13, w2 = torch.randn(2, 32, HIDDEN), torch.randn(2, HIDDEN, 32)
+    _, whole = ExpertQuantMethod(layout).quantize(w13, w2)
+    for rank in (0, 1):
+        method = ExpertQuantMethod(layout)
+        assert method.full_w2_inputs(tp_rank=rank, tp_size=2, inter_per_rank=16)
+        _, halves = method.quantize(w13[:, 16 * rank:16 * rank + 16], w2)
+        for half, full in zip(halves, whole, strict=True):
+            assert half.q.shape == (HIDDEN, 16) and half.group_size == 16
+            assert torch.equal(half.dequantize(), full.dequantize()[:, 16 * rank:16 * rank + 16])

@@ -7,7 +7,7 @@ Data flow for the experts of one layer on one rank (workers/models/moe.py `Fused
                   read with every input feature (`full_w2_inputs`), as the dense at-load method does
                   for row-parallel layers, so per-channel scales are the ones one process computes;
   finish_loading  rounds every expert (algorithms/rtn.py, through the at-load layout), keeps this
-                  rank's input slice of w2 (`narrow_inputs`: whole groups only), frees the float
+                  rank's input slice of w2 (whole groups, or one row-wide group), frees the float
                   parameters and packs for the device: the stacked plane / FP8 layout of
                   kernels/moe.py on CUDA, or one CPU runtime per expert (cpu.py: the C++ kernels or
                   torch's packed CPU matmuls), run by the layer's expert loop;
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
-from shardserve.workers.quant.weights import QuantizedWeight, narrow_inputs
+from shardserve.workers.quant.weights import GroupedWeight, QuantizedWeight, narrow_inputs
 
 ExpertLinear = Callable[[int, torch.Tensor], torch.Tensor]  # (local expert, x [n, in]) -> [n, out]
 
@@ -60,6 +60,15 @@ def split_experts(w: QuantizedWeight, num_experts: int) -> list[QuantizedWeight]
             for e in range(num_experts)]
 
 
+def _narrow(w: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
+    """This rank's inputs of a weight rounded whole; a single group a row (int4 with group -1) keeps its
+    row's scale and min over the slice (one group of `size`), so the rank matches one process."""
+    if isinstance(w, GroupedWeight) and w.scales.shape[1] == 1 and w.perm is None:
+        return GroupedWeight(q=w.q[:, start:start + size].contiguous(), scales=w.scales, mins=w.mins,
+                             group_size=size, bits=w.bits)
+    return narrow_inputs(w, start, size)
+
+
 class ExpertQuantMethod:
     def __init__(self, layout: AtLoadLayout) -> None:
         self.layout = layout
@@ -89,7 +98,7 @@ class ExpertQuantMethod:
         q13 = split_experts(self.layout.unpack({"weight": w13.reshape(-1, w13.shape[2])}), w13.shape[0])
         q2 = split_experts(self.layout.unpack({"weight": w2.reshape(-1, w2.shape[2])}), w2.shape[0])
         if self.w2_input_slice is not None:
-            q2 = [narrow_inputs(w, *self.w2_input_slice) for w in q2]
+            q2 = [_narrow(w, *self.w2_input_slice) for w in q2]
         return q13, q2
 
     def finish_loading(self, layer: torch.nn.Module) -> None:
