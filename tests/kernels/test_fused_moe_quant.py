@@ -151,3 +151,19 @@ def test_cuda_tiles_fit_shared_memory_for_every_kind():
             assert fitted.num_stages == 1 or qmoe.stage_bytes(fitted, w, 2) * fitted.num_stages <= SMEM_BUDGET_BYTES
             lowered += fitted.num_stages < tiles.num_stages
     assert lowered > 0
+
+
+@pytest.mark.parametrize("bits", [4, 0])
+def test_compiles_for_h100_with_tensor_core_dots(bits):
+    """The interpreter cannot compile: the INT4 and FP8 GEMMs are compiled for sm_90 (no GPU needed) at the
+    largest bf16 band, aligned rows, and their dequantized tiles must reach tensor-core MMAs."""
+    from compiled_ptx import compile_ptx
+
+    pointers = {"a_ptr": "*bf16", "w_ptr": "*i32" if bits else "*fp8e4nv", "s_ptr": "*bf16" if bits else "*fp32",
+                "m_ptr": "*bf16" if bits else "*fp32", "c_ptr": "*bf16", "row_weight_ptr": "*bf16",
+                "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_post_ptr": "*i32"}
+    constexprs = {"BITS": bits, "PLANES": 8 if bits else 1, "PLANE": 32, "GROUP": 128, "MUL_ROW_WEIGHT": True,
+                  "DIRECT": False, "IEEE": False, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16}
+    ptx = compile_ptx("shardserve.workers.quant.kernels.moe", "_moe_qgemm_kernel", pointers=pointers,
+                      constexprs=constexprs, num_warps=8)
+    assert "wgmma" in ptx or "mma.sync" in ptx

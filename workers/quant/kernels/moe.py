@@ -130,7 +130,7 @@ def _moe_qgemm_kernel(
     a_ptr, w_ptr, s_ptr, m_ptr, c_ptr, row_weight_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     num_rows, N, K, KW, a_row_div, expert_lo, num_local,
     stride_am, stride_we, stride_se, stride_cm,
-    BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, MUL_ROW_WEIGHT: tl.constexpr,
+    BITS: tl.constexpr, PLANES: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, MUL_ROW_WEIGHT: tl.constexpr,
     DIRECT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -148,6 +148,8 @@ def _moe_qgemm_kernel(
     if skip:
         return
     dtype = c_ptr.dtype.element_ty
+    CHUNK: tl.constexpr = PLANES * PLANE  # planes: columns a chunk of PLANE words covers
+    SCALE: tl.constexpr = 1 << BITS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     a_rows = a_ptr + (rows // a_row_div)[:, None] * stride_am  # [M, 1]
@@ -167,9 +169,6 @@ def _moe_qgemm_kernel(
                 acc = tl.dot(a, w, acc)
         acc = acc * tl.load(s_expert + offs_n, mask=n_mask, other=0.0)[None, :]
     else:  # planes: one [PLANE, BLOCK_N] tile of words a chunk, each plane dequantized in registers
-        PLANES: tl.constexpr = 32 // BITS
-        CHUNK: tl.constexpr = PLANES * PLANE
-        SCALE: tl.constexpr = 1 << BITS
         offs_j = tl.arange(0, PLANE)
         w_tile = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * KW + offs_j[:, None]  # [PLANE, N]
         m_expert = m_ptr + expert * stride_se
@@ -225,7 +224,7 @@ def _qgemm(a: torch.Tensor, w: MoePacked, out: torch.Tensor, rows: fm.MoeRows, a
         rows.sorted_ids, rows.expert_ids, rows.num_post,
         out.shape[0], w.n, w.k, w.words.shape[2], a_row_div, rows.expert_lo, rows.num_local,
         a.stride(0), w.words.stride(0), w.scales.stride(0), out.stride(0),
-        BITS=w.bits, PLANE=max(w.plane, 16), GROUP=w.group_size, MUL_ROW_WEIGHT=row_weights is not None,
+        BITS=w.bits, PLANES=32 // w.bits if w.bits else 1, PLANE=max(w.plane, 16), GROUP=w.group_size, MUL_ROW_WEIGHT=row_weights is not None,
         DIRECT=rows.direct, IEEE=a.dtype == torch.float32, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k, GROUP_M=tiles.group_m,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
