@@ -20,11 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
 from shardserve.workers.quant.weights import GroupedWeight, QuantizedWeight, narrow_inputs
+
+if TYPE_CHECKING:  # imported lazily at run time: Triton only on CUDA
+    from shardserve.workers.quant.kernels.moe import MoePacked
 
 ExpertLinear = Callable[[int, torch.Tensor], torch.Tensor]  # (local expert, x [n, in]) -> [n, out]
 
@@ -74,11 +78,7 @@ class ExpertQuantMethod:
         self.layout = layout
         self.w2_input_slice: tuple[int, int] | None = None
         self.cpu: CpuExperts | None = None
-        self.packed: tuple[object, object] | None = None  # (w13, w2) kernels/moe.py MoePacked on CUDA
-
-    @property
-    def name(self) -> str:
-        return self.layout.name
+        self.packed: tuple[MoePacked, MoePacked] | None = None  # (w13, w2) on CUDA
 
     def full_w2_inputs(self, tp_rank: int, tp_size: int, inter_per_rank: int) -> bool:
         """Whether w2 is loaded with every input feature (then sliced after rounding): under MoE TP."""
