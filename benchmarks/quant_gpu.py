@@ -49,7 +49,8 @@ def weight_bytes(engine: LLMEngine) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     seen: set[int] = set()
     for module in model.modules():
-        runtime = getattr(getattr(module, "quant_method", None), "runtime", None)
+        method = getattr(module, "quant_method", None)
+        runtime = getattr(method, "runtime", None) or getattr(method, "packed", None)  # packed: MoE experts
         if runtime is None:
             continue
         stack = [runtime]
@@ -59,6 +60,8 @@ def weight_bytes(engine: LLMEngine) -> int:
                 if obj.data_ptr() not in seen:
                     seen.add(obj.data_ptr())
                     total += obj.numel() * obj.element_size()
+            elif isinstance(obj, tuple | list):
+                stack.extend(obj)
             elif callable(obj) and getattr(obj, "__closure__", None):  # a runtime lambda: its captured packing
                 stack.extend(c.cell_contents for c in obj.__closure__)
             elif hasattr(obj, "__dict__") and not callable(obj):

@@ -104,9 +104,9 @@ class ModelConfig:
     quantization: Quantization | None = setting(
         None, "Weight quantization (workers/quant/). null: as the checkpoint is (a GPTQ, AWQ or compressed-tensors "
         "folder is detected from its config.json). int8 | int4 | fp8: quantize a float checkpoint at load (or name "
-        "the folder's own format); gptq | awq | compressed-tensors | gguf: require that format (a GGUF file with "
-        "Q4_0 / Q4_1 / Q8_0 projections is then read packed; with null a GGUF file is dequantized at load). A "
-        "value that contradicts the folder is an error naming both.")
+        "the folder's own format; MoE experts included); gptq | awq | compressed-tensors | gguf: require that format (a GGUF file with "
+        "Q4_0 / Q4_1 / Q8_0 projections is then read packed; with null a GGUF file is dequantized at load; a MoE "
+        "model takes int8 | int4 | fp8 only). A value that contradicts the folder is an error naming both.")
     quantization_group_size: QuantizationGroupSize = setting(
         128, "Inputs per scale for `int4` at load: 32, 64, 128 or -1 (one scale per output row).")
     gguf_cache_dir: str | None = setting(

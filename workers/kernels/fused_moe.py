@@ -12,8 +12,9 @@ over the E experts this rank holds (global ids `local_expert_start .. + E`):
    Down: A = a (a_row_div = 1), weighted -> y [T*k, H]
    Direct path (`use_direct_rows`, e.g. batch-1..4 decode): no alignment launch; each flat row is
    its own M-block and reads its expert from topk_ids (see `use_direct_rows`).
-3. `_moe_sum_kernel` sums each token's k rows of y in fp32 (local experts only), rounds once ->
-   out [T, H].
+3. `_moe_sum_kernel` sums each token's k rows of y in fp32 (local experts only), rounds once.
+Steps 1-3 are `moe_pipeline`, which takes the two grouped GEMMs as a function: quantized experts
+(workers/quant/kernels/moe.py) reuse it with GEMMs that dequantize in their main loop.
 Tiles: `moe_tiles` picks them by average rows per expert from `CUDA_TILE_BANDS` (decode BLOCK_M 16,
 prefill up to 64; `benchmarks/moe_gpu_check.py --sweep` times candidates). The CPU interpreter uses
 small tiles; fp32 operands use `input_precision="ieee"` so fp32 results match torch.
@@ -22,6 +23,7 @@ small tiles; fp32 operands use `input_precision="ieee"` so fp32 results match to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,8 +33,8 @@ from shardserve.workers.kernels import moe_align
 from shardserve.workers.kernels.activation import silu_and_mul
 from shardserve.workers.kernels.moe_align import moe_align_block_size, padded_length  # re-exported
 
-__all__ = ["CUDA_TILE_BANDS", "MoeTiles", "fit_shared_memory", "fused_moe", "moe_align_block_size", "moe_tiles",
-           "padded_length", "use_direct_rows"]
+__all__ = ["CUDA_TILE_BANDS", "MoeRows", "MoeTiles", "fit_shared_memory", "fused_moe", "moe_align_block_size",
+           "moe_pipeline", "moe_tiles", "padded_length", "use_direct_rows"]
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, H, expert_lo, expert_hi, stride_ym,
 
 
 @dataclass(frozen=True)
-class _Rows:
+class MoeRows:
     """How the GEMMs find each M-block's rows and expert: aligned blocks, or one row per block."""
 
     sorted_ids: torch.Tensor  # aligned: sorted_token_ids [L]; direct: topk_ids flat [T*k]
@@ -193,7 +195,7 @@ def use_direct_rows(num_rows: int, top_k: int, num_local: int) -> bool:
     return num_rows <= top_k or 4 * num_rows <= num_local
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: _Rows, a_row_div: int,
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: MoeRows, a_row_div: int,
                   row_weights: torch.Tensor | None, tiles: MoeTiles) -> None:
     """out[row] = a[row // a_row_div] @ w[expert(row)]^T (* row_weights[row]) for every routed row."""
     n, k = w.shape[1], w.shape[2]
@@ -221,12 +223,31 @@ def fused_moe(
 ) -> torch.Tensor:  # [T, H], x's dtype; only this rank's experts contribute
     """sum_slot w[t, slot] * down_e(silu(gate_e(x[t])) * up_e(x[t])) over the slots with local experts."""
     num_local = w13.shape[0] if num_local is None else num_local
-    num_tokens, hidden = x.shape
-    top_k = topk_ids.shape[1]
-    inter = w2.shape[2]
+    hidden, inter = x.shape[1], w2.shape[2]
     if w13.shape != (num_local, 2 * inter, hidden) or w2.shape != (num_local, hidden, inter):
         raise ValueError(f"w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not match {num_local} experts "
                          f"of hidden {hidden}")
+    element_size = max(x.element_size(), w13.element_size())
+
+    def gemm(a: torch.Tensor, up: bool, out: torch.Tensor, rows: MoeRows, a_row_div: int,
+             row_weights: torch.Tensor | None, tiles: MoeTiles) -> None:
+        _grouped_gemm(a, w13 if up else w2, out, rows, a_row_div, row_weights, tiles)
+
+    return moe_pipeline(x, topk_weights, topk_ids, local_expert_start, num_local, inter, gemm, element_size,
+                        tiles, direct)
+
+
+GroupedGemm = Callable[[torch.Tensor, bool, torch.Tensor, MoeRows, int, "torch.Tensor | None", MoeTiles], None]
+
+
+def moe_pipeline(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, local_expert_start: int,
+                 num_local: int, inter: int, gemm: GroupedGemm, element_size: int,
+                 tiles: MoeTiles | None = None, direct: bool | None = None) -> torch.Tensor:
+    """Alignment, up GEMM, SiLU-and-mul, down GEMM and the per-token sum, with the two grouped GEMMs
+    given by `gemm(a, up, out, rows, a_row_div, row_weights, tiles)` (up: the w13 GEMM, else w2's):
+    plain weights here, quantized experts in workers/quant/kernels/moe.py."""
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != num_tokens:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
                          f"must both be [{num_tokens}, k]")
@@ -236,23 +257,23 @@ def fused_moe(
     x = x.contiguous()
     topk_ids = topk_ids.contiguous()
     num_rows = num_tokens * top_k
-    tiles = tiles or moe_tiles(num_rows, num_local, x.is_cuda, max(x.element_size(), w13.element_size()))
+    tiles = tiles or moe_tiles(num_rows, num_local, x.is_cuda, element_size)
     if use_direct_rows(num_rows, top_k, num_local) if direct is None else direct:
         flat_ids = topk_ids.reshape(-1)
-        rows = _Rows(flat_ids, flat_ids, flat_ids, num_rows, local_expert_start, num_local, direct=True)
+        rows = MoeRows(flat_ids, flat_ids, flat_ids, num_rows, local_expert_start, num_local, direct=True)
     else:
         # Looked up on the module at call time: tests re-decorate kernel modules for the interpreter.
         sorted_ids, expert_ids, num_post = moe_align.moe_align_block_size(topk_ids, tiles.block_m,
                                                                           local_expert_start, num_local)
-        rows = _Rows(sorted_ids, expert_ids, num_post, expert_ids.shape[0], local_expert_start, num_local,
+        rows = MoeRows(sorted_ids, expert_ids, num_post, expert_ids.shape[0], local_expert_start, num_local,
                      direct=False)
     # Rows of other ranks' experts are never written nor read back; zeros only keep the CPU
     # interpreter's numpy from warning about exp(garbage) in the activation.
     h = (torch.empty if x.is_cuda else torch.zeros)(num_rows, 2 * inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, h, rows, top_k, None, tiles)
+    gemm(x, True, h, rows, top_k, None, tiles)
     act = silu_and_mul(h)  # [T*k, I]
     y = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, y, rows, 1, topk_weights.contiguous().reshape(-1), tiles)
+    gemm(act, False, y, rows, 1, topk_weights.contiguous().reshape(-1), tiles)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         y, topk_ids, out, hidden, local_expert_start, local_expert_start + num_local, y.stride(0), out.stride(0),

@@ -13,7 +13,8 @@ and fills its weights:
 Every parameter must receive a checkpoint tensor; a missing one is an error naming it.
 Quantization (workers/quant/): the folder's `quantization_config` and `ModelConfig.quantization`
 resolve to a checkpoint layout; the model is built with that layout's linear method in its
-decoder layers, and once every tensor is in, each layer packs its weights for the device.
+decoder layers (and, for int8 / int4 / fp8 at load, in its MoE experts: quant/experts.py), and once
+every tensor is in, each layer packs its weights for the device.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.dummy import dummy_config, init_dummy_weights
 from shardserve.workers.models.gguf import read_gguf_config, read_gguf_tensors
 from shardserve.workers.models.gguf_cache import cached_folder, write_cache
+from shardserve.workers.models.moe import quantize_experts_at_load
 from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
 from shardserve.workers.models.weights import checkpoint_files, count_tensors, iterate_safetensors
+from shardserve.workers.quant.experts import check_expert_layout
 from shardserve.workers.quant.formats.detect import folder_quantization, gguf_quantization, resolve_layout
 from shardserve.workers.quant.formats.gguf import GgufLayout, read_gguf_packed
 from shardserve.workers.quant.formats.layout import CheckpointLayout
@@ -113,11 +116,14 @@ def resolve_max_model_len(config: Any, requested: int | None) -> int:
 
 def _build(config: Any, device: torch.device, dtype: torch.dtype, layout: CheckpointLayout | None) -> nn.Module:
     cls = model_class_for(config)
-    if layout is not None and (getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)):
-        raise ValueError(f"quantization ({layout.name}) of mixture-of-experts models is not implemented yet: "
-                         "serve this model with quantization: null")
+    is_moe = bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+    if is_moe:
+        check_expert_layout(layout)  # refused before anything is built
     with torch.device(device), linear_methods(method_chooser(layout)):
-        return cls(config, params_dtype=dtype)
+        model = cls(config, params_dtype=dtype)
+    if is_moe:
+        quantize_experts_at_load(model, layout)
+    return model
 
 
 def _layout(model_config: ModelConfig, folder: Path | None, hf_config: Any,

@@ -17,6 +17,7 @@ holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds onl
 experts, reads only their checkpoint tensors, and `dispatch_and_combine_unreduced` moves the
 routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block
 counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring.
+With `quantization: int8 | int4 | fp8` the experts are rounded once loaded (quant/experts.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from shardserve.parallel.quant import Loadable, materialize
 from shardserve.parallel.state import get_parallel_state
 from shardserve.workers.models.layers import SiluAndMul, use_kernels
 from shardserve.workers.models.llama import LlamaForCausalLM, LlamaMLP, LlamaOptions, MLPFactory
+from shardserve.workers.quant.experts import ExpertQuantMethod, check_expert_layout
+from shardserve.workers.quant.formats.layout import CheckpointLayout
 from torch import nn
 
 
@@ -57,7 +60,22 @@ class FusedExperts(nn.Module):
             torch.empty(self.num_local_experts, hidden_size, self.inter_per_rank, dtype=dtype), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        self.w2_input_start = self.moe_tp_rank * self.inter_per_rank  # first w2 input column this rank reads
+        self.quant_method: ExpertQuantMethod | None = None  # set by quantize_at_load
         self.act = SiluAndMul()  # Triton kernel on CUDA
+
+    def quantize_at_load(self, method: ExpertQuantMethod) -> None:
+        """Quantize these experts once loaded (workers/quant/experts.py); before any weight is loaded.
+        Under MoE TP, w2 is then read with all its input features (sliced after rounding)."""
+        self.quant_method = method
+        state = get_parallel_state()
+        if method.full_w2_inputs(self.moe_tp_rank, state.moe_tp_size, self.inter_per_rank):
+            w2 = self.w2_weight
+            self.w2_weight = nn.Parameter(
+                torch.empty(self.num_local_experts, w2.shape[1], self.intermediate_size, dtype=w2.dtype,
+                            device=w2.device), requires_grad=False)
+            self.w2_weight.weight_loader = self.weight_loader
+            self.w2_input_start = 0
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: Loadable, shard_id: object = None) -> None:
         """shard_id = (expert, kind): kind in gate, up, down (one expert's 2-D tensor) or
@@ -84,19 +102,29 @@ class FusedExperts(nn.Module):
         if kind in ("gate", "up"):  # [inter, hidden]: this rank's rows
             src = loaded_weight.narrow(0, self.moe_tp_rank * n, n)
             dst = dst.narrow(0, 0 if kind == "gate" else n, n)
-        elif kind == "down":  # [hidden, inter]: this rank's columns
-            src = loaded_weight.narrow(1, self.moe_tp_rank * n, n)
+        elif kind == "down":  # [hidden, inter]: this rank's columns (all of them to quantize at load under TP)
+            src = loaded_weight.narrow(1, self.w2_input_start, param.shape[2])
         else:
             raise ValueError(f"expert weight kind must be gate, up, gate_up or down, got {kind!r}")
         dst.copy_(materialize(src))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]; topk_ids (global expert ids), topk_weights: [T, top_k] -> partial output [T, hidden]
-        if use_kernels(x):
+        if self.quant_method is not None:
+            if use_kernels(x):
+                return self.quant_method.fused(x, topk_ids, topk_weights, self.placement.start)
+            up, down = self.quant_method.linears()
+        elif use_kernels(x):
             from shardserve.workers.kernels.fused_moe import fused_moe  # lazily: Triton only on CUDA
 
             return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.placement.start,
                              self.num_local_experts)
+        else:
+            def up(expert: int, h: torch.Tensor) -> torch.Tensor:
+                return F.linear(h, self.w13_weight[expert])
+
+            def down(expert: int, h: torch.Tensor) -> torch.Tensor:
+                return F.linear(h, self.w2_weight[expert])
         # Assignments to experts of other EP ranks go to bucket num_local_experts, which is skipped.
         top_k = topk_ids.shape[1]
         local_ids = topk_ids.reshape(-1) - self.placement.start  # [T * top_k]
@@ -112,11 +140,22 @@ class FusedExperts(nn.Module):
             if count == 0:
                 continue
             tokens = token_of[start:start + count]  # [n]
-            h = F.linear(x.index_select(0, tokens), self.w13_weight[expert])  # [n, 2 * inter / tp]
-            y = F.linear(self.act(h), self.w2_weight[expert])  # [n, hidden]
+            h = up(expert, x.index_select(0, tokens))  # [n, 2 * inter / tp]
+            y = down(expert, self.act(h))  # [n, hidden]
             out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype))
             start += count
         return out
+
+
+def quantize_experts_at_load(model: nn.Module, layout: CheckpointLayout | None) -> None:
+    """Give every FusedExperts of `model` the at-load quantization of `layout` (the loader calls this
+    right after building; other quantized layouts are refused for MoE models)."""
+    at_load = check_expert_layout(layout)
+    if at_load is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FusedExperts):
+            module.quantize_at_load(ExpertQuantMethod(at_load))
 
 
 def _select(weight: Loadable, index: int) -> Loadable:
@@ -162,7 +201,7 @@ class SparseMoeBlock(nn.Module):
     @property
     def syncs_in_forward(self) -> bool:
         """True when forward reads device values on the host (the CPU expert loop): not graph-capturable."""
-        return not use_kernels(self.experts.w13_weight)
+        return not use_kernels(self.gate.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> the complete MoE output [T, hidden]."""
