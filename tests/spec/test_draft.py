@@ -1,9 +1,9 @@
 """The draft-model proposer in the real engine (embedded SmolLM2 on CPU): lossless, batched, refused.
 
 Greedy outputs with a draft model must equal the plain engine's token for token. The draft is
-SmolLM2 itself (every draft must then be accepted: the test reads it from the spec metrics) under
-16-token prefill chunks, a KV pool small enough to preempt and the prompts twice (prefix-cache
-hits, in the target and in the draft's own engine); and SmolLM2 cut to 20 of its 30 layers
+SmolLM2 itself (every draft must then be accepted: the test reads it from the spec metrics) with
+a KV pool small enough to preempt and the prompts twice (prefix-cache hits, in the target and in
+the draft's own engine); and SmolLM2 cut to 20 of its 30 layers
 (self-speculation) through `shardserve bench latency --speculative-method draft`, which checks
 identical outputs per task. Each bad setting is refused at start-up with its reason: another
 vocabulary, a KV pool that does not fit, a layer count out of range, draft fields without method
@@ -46,9 +46,10 @@ def want(plain: LLM, prompts: list[str]) -> list[tuple[int, ...]]:
 
 def test_target_as_its_own_draft_accepts_everything_under_preemption_and_prefix_hits(prompts, want) -> None:
     """Draft = the target's weights: greedy drafts are the target's own tokens, so ~every one is
-    accepted — with chunked prefill, preemption and prefix hits — and the drafts of a step's
-    requests run as one batch in the draft's engine, whose prefix cache makes calls incremental."""
-    llm = LLM("default", speculative=SELF_DRAFT, max_num_batched_tokens=16, num_blocks=24, block_size=16)
+    accepted — with a KV pool too small for all requests (preemption by recompute, in the target
+    and in the draft's engine, which gets as many blocks) and prefix hits — and the drafts of a
+    step's requests run as one batch in the draft's engine, whose prefix cache makes calls incremental."""
+    llm = LLM("default", speculative=SELF_DRAFT, num_blocks=24, block_size=16)
     proposer = llm.engine.speculator.proposer
     assert isinstance(proposer, DraftModelProposer)
     batch_sizes: list[int] = []
