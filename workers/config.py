@@ -326,9 +326,11 @@ class SpeculativeConfig:
         "method `draft`.", ge=1)
     draft_num_blocks: int | None = setting(
         None, "draft: the draft's own paged KV pool in blocks of cache.block_size, >= 2 (prefix caching on); "
-        "null = as many blocks as the target's pool (the draft holds as many tokens as the target). Refused at "
-        "start-up when the draft's KV pool does not fit the device's free memory (on GPU: lower "
-        "cache.gpu_memory_utilization to leave room). Only with method `draft`.", ge=2)
+        "null = as many blocks as the target's pool (the draft holds as many tokens as the target), or what 80 % of "
+        "the device's free memory after the draft's weights holds if less (a GPU the target's pool fills). Refused "
+        "at start-up when a given value does not fit that free memory, or when null leaves less than one "
+        "full-length context (on GPU: lower cache.gpu_memory_utilization to leave room). Only with method "
+        "`draft`.", ge=2)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -25,7 +25,13 @@ from typing import Any
 
 import psutil
 import torch
-from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from shardserve.workers.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.models.loader import LoadedModel, load_model
 from shardserve.workers.request import SamplingParams
@@ -35,6 +41,7 @@ from torch import nn
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 GIB = float(1 << 30)
+FREE_MEMORY_SHARE = 0.8  # of the free memory a default-sized draft KV pool may take (the rest: activations)
 
 
 class DraftModelProposer(Proposer):
@@ -42,20 +49,21 @@ class DraftModelProposer(Proposer):
 
     def __init__(self, config: SpeculativeConfig, target: TargetModel) -> None:
         assert config.draft_model is not None  # SpeculativeConfig refuses method draft without it
-        engine_config = draft_engine_config(config, target)
+        model_config = draft_model_config(config, target)
         device, dtype = target.loaded.device, target.loaded.dtype
-        header = load_model(engine_config.model, device, dtype, weights=False)
+        header = load_model(model_config, device, dtype, weights=False)
         check_vocabulary(header, target.loaded)
         num_layers = config.draft_num_layers
         check_num_layers(num_layers, header.hf_config)
         try:
-            loaded = load_model(engine_config.model, device, dtype)
+            loaded = load_model(model_config, device, dtype)
         except torch.OutOfMemoryError as error:
             raise ValueError(f"draft model {config.draft_model!r} does not fit on {device}: its weights could "
                              f"not be allocated ({error}); pick a smaller draft_model or draft_quantization") from None
         if num_layers is not None:
             loaded = truncate_layers(loaded, num_layers)
-        check_fits(loaded, engine_config.cache, device)
+        num_blocks = kv_pool_blocks(config.draft_num_blocks, target, loaded)
+        engine_config = draft_engine_config(model_config, target, num_blocks)
         # No tokenizer: the draft's outputs are token ids only (no detokenizing per step).
         self.engine = LLMEngine(engine_config, loaded=replace(loaded, tokenizer=None))
         self.max_model_len = self.engine.max_model_len
@@ -94,17 +102,19 @@ class DraftModelProposer(Proposer):
         self.engine.shutdown()
 
 
-def draft_engine_config(config: SpeculativeConfig, target: TargetModel) -> EngineConfig:
-    """The nested engine's config: the draft's weights on the target's device, dtype and KV block
-    size; TP 1, synchronous steps, no speculation of its own."""
-    model = target.config.model
-    loaded = target.loaded
-    model_config = ModelConfig(
+def draft_model_config(config: SpeculativeConfig, target: TargetModel) -> ModelConfig:
+    """The draft's weights on the target's device in the target's dtype."""
+    model, loaded = target.config.model, target.loaded
+    return ModelConfig(
         model=config.draft_model, dtype=_DTYPE_NAMES.get(loaded.dtype, "auto"), device=str(loaded.device),
         seed=model.seed, quantization=config.draft_quantization,
         quantization_group_size=model.quantization_group_size, gguf_cache_dir=model.gguf_cache_dir)
+
+
+def draft_engine_config(model_config: ModelConfig, target: TargetModel, num_blocks: int) -> EngineConfig:
+    """The nested engine's config: the target's KV block size and batch limits; TP 1, synchronous
+    steps, no speculation of its own."""
     cache = target.config.cache
-    num_blocks = config.draft_num_blocks if config.draft_num_blocks is not None else target.num_blocks
     scheduler = target.config.scheduler
     parallel = replace(target.config.parallel, tensor_parallel_size=1, pipeline_parallel_size=1,
                        expert_parallel_size=1, pipeline_layer_partition=None, pipeline_micro_batches=None)
@@ -156,14 +166,26 @@ def truncate_layers(loaded: LoadedModel, num_layers: int) -> LoadedModel:
     return replace(loaded, hf_config=hf_config, name=f"{loaded.name}[:{num_layers} layers]")
 
 
-def check_fits(loaded: LoadedModel, cache: CacheConfig, device: torch.device) -> None:
-    """The draft's KV pool must fit the device's free memory (its weights are already loaded)."""
-    assert cache.num_blocks is not None
-    layout = KVCacheLayout.of_model(loaded.model, cache.block_size)
-    need = layout.bytes_per_block * cache.num_blocks
+def kv_pool_blocks(requested: int | None, target: TargetModel, loaded: LoadedModel) -> int:
+    """The draft's KV pool in blocks: `requested` if the device's free memory (after the draft's
+    weights) holds it; null = the target's block count, or what FREE_MEMORY_SHARE of the free memory
+    holds if less (a GPU the target's pool already fills), at least one full-length context."""
+    device, block_size = loaded.device, target.config.cache.block_size
+    per_block = KVCacheLayout.of_model(loaded.model, block_size).bytes_per_block
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    if need > free:
-        hint = "lower cache.gpu_memory_utilization to leave it room, or" if device.type == "cuda" else ""
-        raise ValueError(f"the draft model does not fit: its KV pool of {cache.num_blocks} blocks needs "
-                         f"{need / GIB:.2f} GiB, {free / GIB:.2f} GiB of {device} memory are free after its "
-                         f"weights; {hint} lower speculative.draft_num_blocks")
+    hint = "lower cache.gpu_memory_utilization to leave it room, or " if device.type == "cuda" else ""
+    if requested is not None:
+        if requested * per_block > free:
+            raise ValueError(f"the draft model does not fit: its KV pool of {requested} blocks needs "
+                             f"{requested * per_block / GIB:.2f} GiB, {free / GIB:.2f} GiB of {device} memory are "
+                             f"free after its weights; {hint}lower speculative.draft_num_blocks")
+        return requested
+    num_blocks = int(free * FREE_MEMORY_SHARE) // per_block
+    if num_blocks >= target.num_blocks:
+        return target.num_blocks
+    needed = -(-min(target.loaded.max_model_len, loaded.max_model_len) // block_size) + 1
+    if num_blocks < needed:
+        raise ValueError(f"the draft model does not fit: {free / GIB:.2f} GiB of {device} memory are free after "
+                         f"its weights, room for {num_blocks} KV blocks of {per_block} bytes, fewer than one "
+                         f"full-length context needs ({needed}); {hint}pick a smaller draft")
+    return num_blocks
