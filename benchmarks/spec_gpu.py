@@ -8,7 +8,8 @@ decode steps gives verify / plain (target <= 1.15 at k = 4). (2) Under load: bat
 decode (16 in / 256 out), plain vs the n-gram engine with its default adaptive switch
 (max_verify_tokens 128): the switch must leave throughput at >= 0.97x plain where the batch is
 large. (3) With `--smollm2 PATH` (the embedded GGUF, carried to the device), `bench latency
---speculative-method ngram` and `suffix` on the repetitive tasks: batch-1 speedup and acceptance
+--speculative-method ngram` and `suffix` (and `--methods draft,draft24,draft-gguf`: the draft-model
+proposer with SmolLM2, its first 24 layers, its packed copy) on the repetitive tasks: batch-1 speedup and acceptance
 with real text. Logs and a JSON go to $OUT; the last lines are the table with the device name.
 """
 
@@ -68,7 +69,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batch-sizes", default="16,32,64")
     parser.add_argument("--smollm2", default=None, help="path of the SmolLM2 GGUF (repetitive-task speedups)")
-    parser.add_argument("--methods", default="ngram,suffix", help="proposers run on SmolLM2")
+    parser.add_argument("--methods", default="ngram,suffix",
+                        help="proposers run on SmolLM2: ngram, suffix, draft (SmolLM2 drafts for itself), draftN "
+                             "(its first N layers), draft-gguf (its packed Q4_1 copy)")
     parser.add_argument("--output-len", type=int, default=256, help="SmolLM2 task outputs at most")
     parser.add_argument("--skip", nargs="*", default=[], choices=["verify", "load", "smollm2"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -115,8 +118,8 @@ def main() -> None:
         for method in args.methods.split(","):
             path = os.path.join(args.out, f"smollm2-{method}.json")
             proc = subprocess.run([sys.executable, "-m", "shardserve.cluster.cli", "bench", "latency", "--model",
-                                   args.smollm2, "--device", "cuda", "--speculative-method", method, "--output-len",
-                                   str(args.output_len), "--json", path], capture_output=True, text=True)
+                                   args.smollm2, "--device", "cuda", *_method_flags(method, args.smollm2),
+                                   "--output-len", str(args.output_len), "--json", path], capture_output=True, text=True)
             with open(os.path.join(args.out, f"smollm2-{method}.log"), "w") as f:
                 f.write(proc.stdout + proc.stderr)
             print(proc.stdout[-1500:], proc.stderr[-1500:] if proc.returncode else "", flush=True)
@@ -134,12 +137,22 @@ def main() -> None:
         if f"ngram_b{b}" in summary:
             print(f"batch {b}: plain {summary[f'plain_b{b}']:.0f}, ngram {summary[f'ngram_b{b}']:.0f} tok/s: "
                   f"{summary[f'ngram_b{b}'] / summary[f'plain_b{b}']:.3f}x")
-    for method in ("ngram", "suffix"):
+    for method in args.methods.split(","):
         run = summary.get(f"smollm2_{method}")
         if run:
             print(f"SmolLM2 {method}: speedup {run['speedup_geomean']:.2f}x, acceptance "
                   f"{run['spec_decode']['acceptance_rate']:.0%}")
     print(f"n-gram engine statistics under load: {summary.get('ngram_stats', '')[:200]}")
+
+
+def _method_flags(method: str, smollm2: str) -> list[str]:
+    """`bench latency` flags of a --methods entry: ngram | suffix | draft | draftN | draft-gguf."""
+    if not method.startswith("draft"):
+        return ["--speculative-method", method]
+    flags = ["--speculative-method", "draft", "--draft-model", smollm2]
+    if method == "draft-gguf":
+        return [*flags, "--draft-quantization", "gguf"]
+    return [*flags, "--draft-num-layers", method[len("draft"):]] if method != "draft" else flags
 
 
 if __name__ == "__main__":

@@ -292,7 +292,8 @@ class SpeculativeConfig:
     speculative_method: SpeculativeMethod | None = setting(
         None, "Draft-token proposer: `ngram` (prompt lookup: the longest earlier match of the context's suffix in "
         "its own prompt and output), `suffix` (earlier requests' outputs and the request's own tokens, "
-        "SuffixDecoding), `draft` (a smaller model: not implemented yet, refused); null = off.")
+        "SuffixDecoding), `draft` (a draft model run greedily by a nested engine: draft_model, workers/spec/draft.py); "
+        "null = off.")
     num_speculative_tokens: int = setting(
         4, f"Draft tokens proposed per request and step at most (k), in [1, {MAX_SPECULATIVE_TOKENS}]; each request's "
         "own k adapts to its acceptance.", ge=1, le=MAX_SPECULATIVE_TOKENS)
@@ -311,15 +312,44 @@ class SpeculativeConfig:
         24, "suffix: longest context suffix matched, in [1, 64].", ge=1, le=64)
     suffix_min_probability: float = setting(
         0.1, "suffix: stop a draft once its estimated probability falls below this, in [0, 1].", ge=0, le=1)
+    draft_model: str | None = setting(
+        None, "draft: the draft model's weights, as ModelConfig.model takes them (`default` = the embedded "
+        "SmolLM2, a Hugging Face folder, a .gguf file, `dummy:<shape>`); required with method `draft`, refused "
+        "with any other. Its vocabulary must be the target's (refused at start-up otherwise). It runs on the "
+        "target's device in the target's dtype, tensor parallel 1.", min_length=1)
+    draft_quantization: Quantization | None = setting(
+        None, "draft: weight quantization of the draft model, the values of ModelConfig.quantization (a quantized "
+        "copy of the target is a draft); null = as its checkpoint is. Only with method `draft`.")
+    draft_num_layers: int | None = setting(
+        None, "draft: layer-truncated self-speculation — keep the first L decoder layers (+ final norm and LM head) "
+        "of the draft model, L in [1, its num_hidden_layers] (checked at start-up); null = all layers. Only with "
+        "method `draft`.", ge=1)
+    draft_num_blocks: int | None = setting(
+        None, "draft: the draft's own paged KV pool in blocks of cache.block_size, >= 2 (prefix caching on); "
+        "null = as many blocks as the target's pool (the draft holds as many tokens as the target), or what 80 % of "
+        "the device's free memory after the draft's weights holds if less (a GPU the target's pool fills). Refused "
+        "at start-up when a given value does not fit that free memory, or when null leaves less than one "
+        "full-length context (on GPU: lower cache.gpu_memory_utilization to leave room). Only with method "
+        "`draft`.", ge=2)
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.speculative_method == "draft":
-            raise ValueError("speculative method `draft` (a draft model) is not implemented yet; use `ngram` or "
-                             "`suffix`")
+        self._check_draft_fields()
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"prompt_lookup_max must be >= prompt_lookup_min = {self.prompt_lookup_min}, "
                              f"got {self.prompt_lookup_max}")
+
+    def _check_draft_fields(self) -> None:
+        """method `draft` needs draft_model; the draft_* fields mean nothing (so are refused) with another."""
+        if self.speculative_method == "draft":
+            if self.draft_model is None:
+                raise ValueError("speculative method `draft` requires draft_model (e.g. `default`, a Hugging Face "
+                                 "folder or a .gguf file)")
+            return
+        given = [f.name for f in fields(self) if f.name.startswith("draft_") and getattr(self, f.name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} is only used with speculative method `draft`, got method "
+                             f"{self.speculative_method!r}")
 
     @property
     def enabled(self) -> bool:

@@ -41,6 +41,7 @@ from shardserve.workers.request import FinishReason, Request, RequestOutput, Sam
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.scoring import score_tokens
 from shardserve.workers.scheduler.scheduler import Scheduler
+from shardserve.workers.spec.proposer import TargetModel, make_proposer
 from shardserve.workers.spec.speculator import Speculator
 from shardserve.workers.stats import ThroughputMeter
 from shardserve.workers.step_types import SchedulerOutput
@@ -79,7 +80,10 @@ class LLMEngine:
             else config.parallel.pipeline_depth
         # A speculating step gives up async scheduling's overlap, which only a GPU has to lose.
         backoff = self.async_scheduling and device.type == "cuda"
-        self.speculator = Speculator(config.speculative, backoff=backoff) if config.speculative.enabled else None
+        self.speculator = None
+        if config.speculative.enabled:  # a draft model (spec/draft.py) needs the target's config and model
+            target = TargetModel(config, self.loaded, self.num_blocks)
+            self.speculator = Speculator(config.speculative, make_proposer(config.speculative, target), backoff)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
                                    async_scheduling=self.async_scheduling, speculator=self.speculator)
@@ -272,8 +276,10 @@ class LLMEngine:
         return self.executor.runner
 
     def shutdown(self) -> None:
-        """Stop the worker processes, if any (idempotent)."""
+        """Stop the worker processes, if any, and the draft model's engine (idempotent)."""
         self.executor.shutdown()
+        if self.speculator is not None:
+            self.speculator.close()
         thaw_heap()
 
     # ---- introspection -----------------------------------------------------------------

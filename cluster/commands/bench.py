@@ -2,7 +2,8 @@
 
 Prints the device, our figure, the transformers `generate` figure on the same prompts, and
 the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
-same run. Work: workers/bench/ (`latency --speculative-method M`: spec_runs.py); `bench serve`: cluster/bench_serve/.
+same run. Work: workers/bench/ (`latency --speculative-method M [--draft-model X --draft-num-layers N]`:
+spec_runs.py); `bench serve`: cluster/bench_serve/.
 
 Model parallelism, as `vllm bench`:
     --tensor-parallel-size/-tp N     ranks that split every layer (default 1)
@@ -62,13 +63,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="batches in flight under pipeline parallelism, in [PP, 2 x PP] (default PP)")
         if kind == "latency":
             q.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
-            q.add_argument("--speculative-method", default=None, choices=[m for m in SPECULATIVE_METHODS if m != "draft"],
+            q.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
                            help="run batch 1 on the repetitive tasks (workers/bench/spec_tasks.py) plain and with "
                                 "this proposer, side by side: speedup and acceptance")
             q.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step at most (k)")
             q.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched")
             q.add_argument("--max-verify-tokens", type=int, default=128,
                            help="speculate only while running requests x (1 + k) stay at or below this")
+            q.add_argument("--draft-model", default=None,
+                           help="draft: the draft model (`default`, a folder, a .gguf file), e.g. the target itself")
+            q.add_argument("--draft-quantization", default=None, choices=QUANTIZATION_METHODS,
+                           help="draft: quantization of the draft model (a quantized copy of the target)")
+            q.add_argument("--draft-num-layers", type=int, default=None,
+                           help="draft: keep the first N decoder layers of the draft model (self-speculation)")
+            q.add_argument("--draft-num-blocks", type=int, default=None,
+                           help="draft: the draft's KV pool in blocks (default: the target's)")
             q.add_argument("--price-per-hour", type=float, default=None,
                            help="device price (USD per device-hour): adds the measured cost per 1M output tokens")
         else:
@@ -94,6 +103,10 @@ FLAGS = {
     "num_speculative_tokens": "--num-speculative-tokens",
     "prompt_lookup_max": "--prompt-lookup-max",
     "max_verify_tokens": "--max-verify-tokens",
+    "draft_model": "--draft-model",
+    "draft_quantization": "--draft-quantization",
+    "draft_num_layers": "--draft-num-layers",
+    "draft_num_blocks": "--draft-num-blocks",
     "gpu_hour_usd": "--price-per-hour",
     "cpu_hour_usd": "--price-per-hour",
 }

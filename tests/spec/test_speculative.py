@@ -192,7 +192,7 @@ def test_adaptive_switch_turns_speculation_off_for_large_batches(prompts) -> Non
 @pytest.mark.parametrize(("options", "message"), [
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer in [1, 16], got 0"),
     ({"method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens must be an integer in [1, 16], got 17"),
-    ({"method": "draft"}, "speculative method `draft` (a draft model) is not implemented yet"),
+    ({"method": "draft"}, "speculative method `draft` requires draft_model"),
     ({"method": "medusa"}, "speculative_method must be null or one of ngram, suffix, draft, got 'medusa'"),
     ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 3}, "prompt_lookup_max must be >= prompt_lookup_min = 5"),
     ({"method": "ngram", "max_verify_tokens": 0}, "max_verify_tokens must be >= 1, got 0"),

@@ -101,3 +101,45 @@ def test_a_request_whose_drafts_keep_failing_pauses_its_proposals() -> None:
     assert [_step(spec, request)[1] for _ in range(3)] == [[], [], [9]]  # paused two steps
     spec.record("r", 1, 1)  # accepted: no more pauses
     assert _step(spec, request)[1] == [9, 9]
+
+
+class Batched(Fixed):
+    """A batched proposer (as the draft model): the Speculator asks it once per step."""
+
+    batched = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[tuple[str, int]]] = []  # per propose_batch call: (request id, max_tokens)
+
+    def propose(self, request_id, token_ids, num_prompt_tokens, max_tokens):
+        raise AssertionError("a prefetched request must be served from its batch")
+
+    def propose_batch(self, queries):
+        self.calls.append([(q.request_id, q.max_tokens) for q in queries])
+        return [self.drafts[: q.max_tokens] for q in queries]
+
+
+def test_a_batched_proposer_is_asked_once_per_step_for_every_eligible_request() -> None:
+    proposer = Batched()
+    proposer.drafts = [5, 6, 7, 8, 9]
+    spec = Speculator(SpeculativeConfig(speculative_method="ngram", num_speculative_tokens=4), proposer=proposer)
+    a = Request("a", [1, 2, 3], SamplingParams(max_tokens=100))
+    b = Request("b", [1, 2], SamplingParams(max_tokens=3))  # room for 2 drafts + the target's token
+    seeded = Request("c", [1, 2], SamplingParams(seed=1))  # not eligible: never asked
+    spec.prefetch([a, b, seeded], max_model_len=1000)
+    assert proposer.calls == [[("a", 4), ("b", 2)]]
+    assert spec.propose(a, 3) == [5, 6, 7]  # cut to the scheduler's limit
+    assert spec.propose(b, 8) == [5, 6]
+    assert spec.propose(seeded, 8) == []
+    spec.end_step(True, 5)
+    spec.prefetch([a], max_model_len=5)  # 3 tokens in a context of 5: room for 1 draft
+    assert proposer.calls[-1] == [("a", 1)]
+
+
+def test_prefetch_leaves_host_proposers_alone() -> None:
+    spec, proposer = _speculator(backoff=False)
+    proposer.drafts = [1, 2]
+    request = Request("r", [1, 2, 3], SamplingParams())
+    spec.prefetch([request], max_model_len=1000)  # not batched: nothing asked ahead
+    assert spec.propose(request, 8) == [1, 2]

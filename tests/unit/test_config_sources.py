@@ -52,10 +52,22 @@ SAMPLE = {
     ("speculative", "prompt_lookup_min"): 1, ("speculative", "prompt_lookup_max"): 3,
     ("speculative", "max_verify_tokens"): 64, ("speculative", "suffix_max_cached_tokens"): 1000,
     ("speculative", "suffix_max_depth"): 8, ("speculative", "suffix_min_probability"): 0.2,
+    ("speculative", "draft_model"): "default", ("speculative", "draft_quantization"): "int8",
+    ("speculative", "draft_num_layers"): 12, ("speculative", "draft_num_blocks"): 64,
     ("cost", "gpu_hour_usd"): 2.5, ("cost", "cpu_hour_usd"): 0.05, ("cost", "gpus_per_rank"): 2.0,
     ("cost", "cpus_per_rank"): 4.0,
 }
 ENGINE_FIELDS = [(section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)]
+# Fields valid only beside others (same section), which the samples above set with them: the draft
+# model's fields are refused unless speculative_method is `draft` (and that needs a draft_model).
+_DRAFT = {"speculative_method": "draft", "draft_model": "default"}
+COMPANIONS = {("speculative", name): _DRAFT for name in ("draft_model", "draft_quantization", "draft_num_layers",
+                                                        "draft_num_blocks")}
+
+
+def _sample(section: str, name: str) -> dict:
+    """The field's sample value with the values of its section it needs beside it."""
+    return {**COMPANIONS.get((section, name), {}), name: SAMPLE[section, name]}
 
 
 def test_every_engine_field_has_a_sample_and_a_description():
@@ -67,7 +79,7 @@ def test_every_engine_field_has_a_sample_and_a_description():
 
 @pytest.mark.parametrize(("section", "name"), ENGINE_FIELDS, ids=lambda v: v)
 def test_every_engine_field_is_reachable_from_llm_kwargs(section, name):
-    config = _apply_overrides(EngineConfig(), {name: SAMPLE[section, name]})
+    config = _apply_overrides(EngineConfig(), _sample(section, name))
     assert getattr(getattr(config, section), name) == SAMPLE[section, name]
 
 
@@ -79,7 +91,8 @@ def test_every_engine_field_is_settable_from_yaml(section, name):
     if section == "model":
         entry["source" if name == "model" else name] = yaml_value
     else:
-        entry[section] = {YAML_NAMES.get((section, name), name): yaml_value}
+        entry[section] = {YAML_NAMES.get((section, key), key): value for key, value in _sample(section, name).items()}
+        entry[section][YAML_NAMES.get((section, name), name)] = yaml_value
     engine = parse_config({"models": [entry]}).models[0].to_engine_config()
     assert getattr(getattr(engine, section), name) == value
 
@@ -171,7 +184,10 @@ def test_every_engine_field_is_a_generate_flag(section, name):
     from shardserve.cluster.commands.engine_flags import engine_config_from_flags
 
     flag = "--model-seed" if name == "seed" else "--" + name.replace("_", "-")  # --seed: the sampling seed
-    args = _generate_parser().parse_args(["generate", "--prompt", "hi", flag, _flag_text(SAMPLE[section, name])])
+    companions = [text for key, value in COMPANIONS.get((section, name), {}).items() if key != name
+                  for text in ("--" + key.replace("_", "-"), _flag_text(value))]
+    args = _generate_parser().parse_args(["generate", "--prompt", "hi", *companions, flag,
+                                          _flag_text(SAMPLE[section, name])])
     assert getattr(getattr(engine_config_from_flags(args), section), name) == SAMPLE[section, name]
 
 

@@ -31,7 +31,7 @@ import torch
 from shardserve.workers.bench.device import copy_bandwidth, device_name
 from shardserve.workers.bench.hf_baseline import hf_generate, load_hf_model
 from shardserve.workers.bench.runs import rank_bytes, run_engine, run_latency, run_throughput
-from shardserve.workers.bench.spec_runs import run_speculative_bench, speculative_config
+from shardserve.workers.bench.spec_runs import SpecStartupError, run_speculative_bench, speculative_config
 from shardserve.workers.bench.workload import Workload
 from shardserve.workers.config import CostConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.workers.engine import LLMEngine
@@ -146,7 +146,10 @@ def run_latency_bench(args: argparse.Namespace) -> dict:
             config, _ = engine_config(args), speculative_config(args)
         except ValueError as exc:
             raise BenchConfigError(str(exc)) from exc
-        return run_speculative_bench(config, args)
+        try:
+            return run_speculative_bench(config, args)
+        except SpecStartupError as exc:
+            raise BenchConfigError(str(exc)) from exc
     engine = _engine(args)
     try:
         return _latency(engine, args)

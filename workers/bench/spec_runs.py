@@ -6,7 +6,8 @@ Data flow: the same engine config is built twice, without and with `speculative`
 decode tokens/s = (output tokens - 1) / (last token time - first token time), both engines; the
 speedup is their ratio. The speculating engine's statistics give the acceptance rate (accepted /
 proposed draft tokens) and the mean accepted length (tokens per verify step per request). The
-outputs must be identical (greedy): the table says so per task.
+outputs must be identical (greedy): the table says so per task. Method `draft` takes --draft-model,
+--draft-quantization, --draft-num-layers and --draft-num-blocks (SpeculativeConfig's draft_* fields).
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import SamplingParams
 
 
+class SpecStartupError(ValueError):
+    """The speculating engine refused to start (e.g. a draft model with another vocabulary)."""
+
+
 def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
     return SpeculativeConfig(speculative_method=args.speculative_method,
                              num_speculative_tokens=args.num_speculative_tokens,
-                             prompt_lookup_max=args.prompt_lookup_max, max_verify_tokens=args.max_verify_tokens)
+                             prompt_lookup_max=args.prompt_lookup_max, max_verify_tokens=args.max_verify_tokens,
+                             draft_model=getattr(args, "draft_model", None),
+                             draft_quantization=getattr(args, "draft_quantization", None),
+                             draft_num_layers=getattr(args, "draft_num_layers", None),
+                             draft_num_blocks=getattr(args, "draft_num_blocks", None))
 
 
 def _run_tasks(engine: LLMEngine, prompts: dict[str, list[int]], output_len: int) -> dict[str, dict]:
@@ -57,7 +66,10 @@ def run_speculative_bench(config: EngineConfig, args: argparse.Namespace) -> dic
     spec = speculative_config(args)
     runs, stats = {}, None
     for label, engine_config in (("plain", config), ("speculative", replace(config, speculative=spec))):
-        engine = LLMEngine(engine_config)
+        try:
+            engine = LLMEngine(engine_config)
+        except ValueError as exc:  # start-up refusals (a draft model's vocabulary, size, layers)
+            raise SpecStartupError(str(exc)) from exc
         try:
             prompts = task_prompts(engine.tokenizer, engine.loaded.hf_config.vocab_size)
             runs[label] = _run_tasks(engine, prompts, args.output_len)
@@ -78,7 +90,9 @@ def run_speculative_bench(config: EngineConfig, args: argparse.Namespace) -> dic
         print(f"{name:<12} {plain['output_tokens']:>7} {plain['decode_tokens_per_s']:>12.1f} "
               f"{fast['decode_tokens_per_s']:>11.1f} {speedup:>7.2f}x {'yes' if same else 'NO':>12}")
     mean = statistics.geometric_mean([r["speedup"] for r in rows])
-    print(f"speculative {spec.speculative_method}, k = {spec.num_speculative_tokens}: speedup {mean:.2f}x "
+    draft = (f" (draft {spec.draft_model}" + (f", {spec.draft_num_layers} layers" if spec.draft_num_layers else "")
+             + (f", {spec.draft_quantization}" if spec.draft_quantization else "") + ")") if spec.draft_model else ""
+    print(f"speculative {spec.speculative_method}{draft}, k = {spec.num_speculative_tokens}: speedup {mean:.2f}x "
           f"(geometric mean), acceptance {stats.acceptance_rate:.0%}, mean accepted length "
           f"{stats.mean_accepted_length:.2f} tokens per verify step; device: {device}")
     return {"device": device, "model": config.model.model, "speculative": asdict(spec), "tasks": rows,

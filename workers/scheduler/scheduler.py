@@ -176,6 +176,8 @@ class Scheduler:
         step.speculate = self.speculator is not None and self.speculator.active(len(self.running))
         pipelined = self._pipelined
         candidates = self._batch_candidates(step.max_requests) if pipelined else list(self.running)
+        if step.speculate:  # a batched proposer (draft model) drafts for all decoding requests at once
+            self._prefetch_drafts(candidates)
         for request in candidates:
             if step.token_budget == 0:
                 break
@@ -292,6 +294,15 @@ class Scheduler:
         step.token_budget -= num_new
         if drafts:
             step.drafts[request.request_id] = drafts
+
+    def _prefetch_drafts(self, candidates: list[Request]) -> None:
+        """The requests `_schedule_running` will ask for drafts: decoding (one known token to
+        compute) and nothing in flight."""
+        assert self.speculator is not None
+        ahead = self.in_flight.ahead
+        decoding = [r for r in candidates if r.request_id not in ahead
+                    and len(r.all_token_ids) - r.num_computed_tokens == 1]
+        self.speculator.prefetch(decoding, self.max_model_len)
 
     def _propose(self, request: Request, num_tokens: int, token_budget: int) -> list[int]:
         """Drafts for a decoding request, leaving room for the target's own token within

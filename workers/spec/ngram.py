@@ -12,6 +12,8 @@ request, dropped at `finish`.
 
 from __future__ import annotations
 
+from shardserve.workers.spec.proposer import Proposer
+
 
 class _RequestIndex:
     __slots__ = ("ends", "num_indexed")
@@ -21,7 +23,7 @@ class _RequestIndex:
         self.num_indexed = 0  # n-grams ending before this position are in `ends`
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     def __init__(self, min_n: int, max_n: int) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram sizes must satisfy 1 <= min_n <= max_n, got {min_n}, {max_n}")

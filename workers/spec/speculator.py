@@ -13,6 +13,9 @@ without d, renormalised — so greedy outputs are identical and sampled ones kee
 distribution. `record(...)` folds the result into the statistics and the request's k: k follows
 its recent accepted length (+1 while everything is accepted, down to 1 after misses), and a
 request whose drafts keep being rejected pauses its proposals for a while.
+A batched proposer (the draft model: one forward per draft position for the whole batch) is asked
+once per step: `prefetch(requests, max_model_len)` at the start of `schedule()` drafts for every
+decoding request that will be asked, and `propose` then serves those drafts (cut to its limit).
 Under async scheduling a speculating step is applied before the next is scheduled (drafts follow
 tokens the host must know), so on a GPU runs of steps with nothing to propose back off
 (`end_step`). Requests whose sampling needs per-token host state (penalties, a seed, logprobs,
@@ -21,11 +24,12 @@ min_tokens not yet reached) are never given drafts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shardserve.workers.config import SpeculativeConfig
 from shardserve.workers.request import Request, SamplingParams
-from shardserve.workers.spec.proposer import Proposer, make_proposer
+from shardserve.workers.spec.proposer import DraftQuery, Proposer, make_proposer
 
 # Back-off (async scheduling on a GPU): after this many speculating steps in a row with nothing to
 # propose, plain steps between tries double up to MAX_BACKOFF_STEPS. Misses come in short runs on
@@ -76,6 +80,8 @@ class Speculator:
         self._rejected: dict[str, int] = {}  # request id -> verify steps in a row with nothing accepted
         self._paused_until: dict[str, int] = {}  # request id -> the step its proposals resume
         self._skip = 0  # steps left to skip
+        self._batched = bool(getattr(self.proposer, "batched", False))
+        self._prefetched: dict[str, list[int]] = {}  # request id -> this step's drafts (batched proposers)
 
     def active(self, num_running: int) -> bool:
         """Speculate this step? Only while the batch's verify tokens stay within max_verify_tokens,
@@ -94,6 +100,7 @@ class Speculator:
         between tries; any draft resets it. A step in which nobody could be asked (all in flight:
         the step that re-synchronises) does not count."""
         self._num_steps += 1
+        self._prefetched.clear()
         if not speculating:
             return
         if num_draft_tokens:
@@ -104,14 +111,41 @@ class Speculator:
                 self._skip = min(MAX_BACKOFF_STEPS, 1 << (self._misses - BACKOFF_AFTER_MISSES))
         self._asked = 0
 
+    def prefetch(self, requests: Iterable[Request], max_model_len: int) -> None:
+        """Batched proposers only: draft in one call for each of `requests` (the decoding ones the
+        scheduler may ask this step) that `propose` would serve, each up to its k and its room
+        (max_tokens, max_model_len); `propose` cuts them to the step's limit."""
+        if not self._batched:
+            return
+        queries = []
+        for request in requests:
+            if not self._may_propose(request):
+                continue
+            room = min(request.sampling_params.max_tokens - request.num_output_tokens - 1,
+                       max_model_len - len(request.all_token_ids) - 1)
+            max_tokens = min(self._k_of.get(request.request_id, self.k), room)
+            if max_tokens > 0:
+                queries.append(DraftQuery(request.request_id, request.all_token_ids, request.num_prompt_tokens,
+                                          max_tokens))
+        if queries:
+            drafts = self.proposer.propose_batch(queries)
+            self._prefetched.update((q.request_id, d) for q, d in zip(queries, drafts, strict=True))
+
+    def _may_propose(self, request: Request) -> bool:
+        if not eligible(request.sampling_params, request.num_output_tokens):
+            return False
+        # a request whose last drafts were all rejected pauses: a verify step would cost more than it gives
+        return self._paused_until.get(request.request_id, 0) <= self._num_steps
+
     def propose(self, request: Request, limit: int) -> list[int]:
         """Drafts for a decoding request: at most min(its k, limit); [] if it is not eligible."""
-        if limit <= 0 or not eligible(request.sampling_params, request.num_output_tokens):
+        if limit <= 0 or not self._may_propose(request):
             return []
-        if self._paused_until.get(request.request_id, 0) > self._num_steps:
-            return []  # its last drafts were all rejected: a verify step would cost more than it gives
         self._asked += 1
         max_tokens = min(self._k_of.get(request.request_id, self.k), limit)
+        prefetched = self._prefetched.pop(request.request_id, None)
+        if prefetched is not None:
+            return prefetched[:max_tokens]
         return self.proposer.propose(request.request_id, request.all_token_ids, request.num_prompt_tokens,
                                      max_tokens)
 
@@ -136,6 +170,12 @@ class Speculator:
         self._rejected.pop(request.request_id, None)
         self._paused_until.pop(request.request_id, None)
         self.proposer.finish(request.request_id, request.all_token_ids, request.num_prompt_tokens)
+
+    def close(self) -> None:
+        """Release the proposer's resources (the draft model's engine)."""
+        close = getattr(self.proposer, "close", None)
+        if close is not None:
+            close()
 
 
 def eligible(params: SamplingParams, num_outputs: int) -> bool:

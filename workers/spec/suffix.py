@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shardserve.workers.spec.proposer import Proposer
 from shardserve.workers.spec.suffix_index import SuffixIndex
 
 
@@ -100,7 +101,7 @@ class _RequestContext:
         return added
 
 
-class SuffixProposer:
+class SuffixProposer(Proposer):
     """Speculative draft tokens from the request's own context and from earlier outputs (one per engine)."""
 
     def __init__(self, max_cached_tokens: int = 200_000, max_depth: int = 24, min_probability: float = 0.1,

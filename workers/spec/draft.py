@@ -1,0 +1,191 @@
+"""DraftModelProposer: drafts by running a smaller model greedily — a nested engine of our own.
+
+Data flow: at start-up the draft's config is read without weights (vocabulary and layer count are
+checked against the target's), its weights are loaded on the target's device in the target's
+dtype (`draft_quantization` applied by the loader; `draft_num_layers` keeps the first L decoder
+layers, the final norm and the LM head: self-speculation), its KV pool is checked against the
+device's free memory, and a second LLMEngine (workers/engine.py: scheduler, paged KV cache with
+prefix caching, runner; tensor parallel 1, synchronous) is built around it. `propose_batch`
+adds one greedy request per target request (prompt = its tokens so far, max_tokens = its k) and
+steps the nested engine until all finish: they run as one batch, one draft step per position.
+The prefix cache makes each call incremental: the blocks of the previous call's context (and of
+its drafts that were accepted) are hits, so only the tail since then is prefilled. Nothing is held
+per request between calls (`finish` has nothing to free); cached blocks are evicted LRU. Reusing
+our own engine rather than a second library keeps one model code path, one KV cache and one
+quantization story for target and draft.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import psutil
+import torch
+from shardserve.workers.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
+from shardserve.workers.engine import LLMEngine
+from shardserve.workers.models.loader import LoadedModel, load_model
+from shardserve.workers.request import SamplingParams
+from shardserve.workers.runner.kv_budget import KVCacheLayout
+from shardserve.workers.spec.proposer import DraftQuery, Proposer, TargetModel
+from torch import nn
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+GIB = float(1 << 30)
+FREE_MEMORY_SHARE = 0.8  # of the free memory a default-sized draft KV pool may take (the rest: activations)
+
+
+class DraftModelProposer(Proposer):
+    batched = True
+
+    def __init__(self, config: SpeculativeConfig, target: TargetModel) -> None:
+        assert config.draft_model is not None  # SpeculativeConfig refuses method draft without it
+        model_config = draft_model_config(config, target)
+        device, dtype = target.loaded.device, target.loaded.dtype
+        header = load_model(model_config, device, dtype, weights=False)
+        check_vocabulary(header, target.loaded)
+        num_layers = config.draft_num_layers
+        check_num_layers(num_layers, header.hf_config)
+        try:
+            loaded = load_model(model_config, device, dtype)
+        except torch.OutOfMemoryError as error:
+            raise ValueError(f"draft model {config.draft_model!r} does not fit on {device}: its weights could "
+                             f"not be allocated ({error}); pick a smaller draft_model or draft_quantization") from None
+        if num_layers is not None:
+            loaded = truncate_layers(loaded, num_layers)
+        num_blocks = kv_pool_blocks(config.draft_num_blocks, target, loaded)
+        engine_config = draft_engine_config(model_config, target, num_blocks)
+        # No tokenizer: the draft's outputs are token ids only (no detokenizing per step).
+        self.engine = LLMEngine(engine_config, loaded=replace(loaded, tokenizer=None))
+        self.max_model_len = self.engine.max_model_len
+        self._ids = itertools.count()
+
+    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int) -> list[int]:
+        return self.propose_batch([DraftQuery(request_id, token_ids, num_prompt_tokens, max_tokens)])[0]
+
+    def propose_batch(self, queries: Sequence[DraftQuery]) -> list[list[int]]:
+        """Greedy drafts for every query, run as one batch in the nested engine."""
+        engine = self.engine
+        greedy_ids: dict[str, int] = {}  # nested request id -> query index
+        for index, query in enumerate(queries):
+            room = self.max_model_len - len(query.token_ids)
+            max_tokens = min(query.max_tokens, room)
+            if max_tokens <= 0:
+                continue  # past the draft's context length: no drafts
+            draft_id = f"{query.request_id}/{next(self._ids)}"
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, final_only=True)
+            try:
+                engine.add_request(draft_id, query.token_ids, params)
+            except ValueError:
+                continue  # a context the draft's pool cannot hold: no drafts for it
+            greedy_ids[draft_id] = index
+        drafts: list[list[int]] = [[] for _ in queries]
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished and out.request_id in greedy_ids:
+                    drafts[greedy_ids[out.request_id]] = list(out.outputs[0].token_ids)
+        return drafts
+
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+        """Nothing to free: every call runs to completion; its blocks stay in the prefix cache (LRU)."""
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def draft_model_config(config: SpeculativeConfig, target: TargetModel) -> ModelConfig:
+    """The draft's weights on the target's device in the target's dtype."""
+    model, loaded = target.config.model, target.loaded
+    return ModelConfig(
+        model=config.draft_model, dtype=_DTYPE_NAMES.get(loaded.dtype, "auto"), device=str(loaded.device),
+        seed=model.seed, quantization=config.draft_quantization,
+        quantization_group_size=model.quantization_group_size, gguf_cache_dir=model.gguf_cache_dir)
+
+
+def draft_engine_config(model_config: ModelConfig, target: TargetModel, num_blocks: int) -> EngineConfig:
+    """The nested engine's config: the target's KV block size and batch limits; TP 1, synchronous
+    steps, no speculation of its own."""
+    cache = target.config.cache
+    scheduler = target.config.scheduler
+    parallel = replace(target.config.parallel, tensor_parallel_size=1, pipeline_parallel_size=1,
+                       expert_parallel_size=1, pipeline_layer_partition=None, pipeline_micro_batches=None)
+    return EngineConfig(
+        model=model_config,
+        cache=CacheConfig(block_size=cache.block_size, num_blocks=num_blocks, enable_prefix_caching=True),
+        scheduler=SchedulerConfig(max_num_seqs=scheduler.max_num_seqs,
+                                  max_num_batched_tokens=scheduler.max_num_batched_tokens,
+                                  enable_chunked_prefill=True, async_scheduling=False),
+        parallel=parallel,
+    )
+
+
+def check_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:
+    """Draft token ids must mean what they mean to the target: the same vocabulary size and, where
+    both have a tokenizer, the same token -> id map."""
+    draft_size, target_size = draft.hf_config.vocab_size, target.hf_config.vocab_size
+    if draft_size != target_size:
+        raise ValueError(f"draft_model {draft.name!r} has a vocabulary of {draft_size} tokens, the target "
+                         f"{target.name!r} one of {target_size}: a draft must share the target's tokenizer")
+    if draft.tokenizer is not None and target.tokenizer is not None \
+            and draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+        raise ValueError(f"draft_model {draft.name!r} has another tokenizer than the target {target.name!r} "
+                         f"(same size, {draft_size}, different token ids): a draft must share the target's tokenizer")
+
+
+def check_num_layers(num_layers: int | None, hf_config: Any) -> None:
+    total = int(hf_config.num_hidden_layers)
+    if num_layers is not None and not 1 <= num_layers <= total:
+        raise ValueError(f"draft_num_layers must be in [1, {total}] (the draft model's num_hidden_layers), "
+                         f"got {num_layers}")
+
+
+def truncate_layers(loaded: LoadedModel, num_layers: int) -> LoadedModel:
+    """Keep the first `num_layers` decoder layers (the final norm and LM head stay): the model's
+    forward runs `model.layers[start:end]` and its KV spec sizes one cache tensor per layer."""
+    model = loaded.model
+    inner = getattr(model, "model", None)
+    if not isinstance(getattr(inner, "layers", None), nn.ModuleList) or not hasattr(model, "kv_cache_spec"):
+        raise ValueError(f"draft_num_layers: the layers of {type(model).__name__} cannot be truncated")
+    if num_layers == len(inner.layers):
+        return loaded
+    inner.layers = nn.ModuleList(list(inner.layers)[:num_layers])
+    inner.end_layer = min(inner.end_layer, num_layers)
+    model.kv_cache_spec = replace(model.kv_cache_spec, num_layers=num_layers)
+    hf_config = copy.deepcopy(loaded.hf_config)
+    hf_config.num_hidden_layers = num_layers
+    model.config = hf_config
+    return replace(loaded, hf_config=hf_config, name=f"{loaded.name}[:{num_layers} layers]")
+
+
+def kv_pool_blocks(requested: int | None, target: TargetModel, loaded: LoadedModel) -> int:
+    """The draft's KV pool in blocks: `requested` if the device's free memory (after the draft's
+    weights) holds it; null = the target's block count, or what FREE_MEMORY_SHARE of the free memory
+    holds if less (a GPU the target's pool already fills), at least one full-length context."""
+    device, block_size = loaded.device, target.config.cache.block_size
+    per_block = KVCacheLayout.of_model(loaded.model, block_size).bytes_per_block
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    hint = "lower cache.gpu_memory_utilization to leave it room, or " if device.type == "cuda" else ""
+    if requested is not None:
+        if requested * per_block > free:
+            raise ValueError(f"the draft model does not fit: its KV pool of {requested} blocks needs "
+                             f"{requested * per_block / GIB:.2f} GiB, {free / GIB:.2f} GiB of {device} memory are "
+                             f"free after its weights; {hint}lower speculative.draft_num_blocks")
+        return requested
+    num_blocks = int(free * FREE_MEMORY_SHARE) // per_block
+    if num_blocks >= target.num_blocks:
+        return target.num_blocks
+    needed = -(-min(target.loaded.max_model_len, loaded.max_model_len) // block_size) + 1
+    if num_blocks < needed:
+        raise ValueError(f"the draft model does not fit: {free / GIB:.2f} GiB of {device} memory are free after "
+                         f"its weights, room for {num_blocks} KV blocks of {per_block} bytes, fewer than one "
+                         f"full-length context needs ({needed}); {hint}pick a smaller draft")
+    return num_blocks
