@@ -32,6 +32,7 @@ from shardserve.workers.attention.backend import get_attention_backend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import LoadedModel
+from shardserve.workers.quant.cpu_kernels import decode_ops
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.runner.cuda_graphs import (
     DecodeGraphs,
@@ -81,6 +82,8 @@ class ModelRunner:
         self.dtype = next(self.model.parameters()).dtype
         if device.type == "cuda" and hasattr(self.model, "set_attention_backend"):
             self.model.set_attention_backend(get_attention_backend("triton"))
+        elif device.type == "cpu" and hasattr(self.model, "set_attention_backend") and decode_ops.ops() is not None:
+            self.model.set_attention_backend(get_attention_backend("cpu"))  # fused C++ decode attention
         self.graph_sizes = graph_batch_sizes(self.max_rows)
         self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens)
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda" and not _syncs_in_forward(self.model)
