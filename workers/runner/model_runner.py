@@ -84,6 +84,8 @@ class ModelRunner:
             self.model.set_attention_backend(get_attention_backend("triton"))
         elif device.type == "cpu" and hasattr(self.model, "set_attention_backend") and decode_ops.ops() is not None:
             self.model.set_attention_backend(get_attention_backend("cpu"))  # fused C++ decode attention
+            if hasattr(self.model, "use_cpu_lm_head"):
+                self.model.use_cpu_lm_head()  # logits from the exact Q8_0 blocks of a GGUF head (cpu_head.py)
         self.graph_sizes = graph_batch_sizes(self.max_rows)
         self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens)
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda" and not _syncs_in_forward(self.model)

@@ -6,7 +6,8 @@ computing them; each op here is one call. `ops()` builds the extension on first 
 machinery as the quantized matmuls (build.py; its own extension name, so either can be rebuilt
 alone) and returns None where that fails, or where `SHARDSERVE_CPU_FUSED_OPS=0`: callers
 (workers/models/layers.py, workers/attention/cpu_backend.py) then keep their torch path, which stays
-the reference the tests compare against. `wanted(x)` is the gate every caller uses: a float32 CPU
+the reference the tests compare against (the same switch keeps the runner off the CPU attention
+backend and the packed LM head: workers/models/cpu_head.py). `wanted(x)` is the gate every caller uses: a float32 CPU
 tensor and the ops available; CUDA tensors and other dtypes never take these kernels.
 """
 
