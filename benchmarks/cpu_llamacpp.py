@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-kernels", action="store_true", help="no per-shape kernel projection")
     ap.add_argument("--skip-engine", action="store_true", help="no end-to-end run of ours (kernels only)")
+    ap.add_argument("--cpu-activations", choices=["float", "int8"], default="float",
+                    help="ours: ModelConfig.cpu_activations (int8 = llama.cpp's activation rounding)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
@@ -123,7 +125,7 @@ def main() -> None:
     if not args.skip_engine:
         from shardserve.workers.llm import LLM
 
-        ours = LLM("default", quantization="gguf")
+        ours = LLM("default", quantization="gguf", cpu_activations=args.cpu_activations)
         ours_run(ours, PROMPT, 4)  # warm-up: first-call allocations
     shapes = None if args.skip_kernels else KernelShapes()
     llamacpp_run(peer, prompt_ids, 4)
@@ -144,7 +146,7 @@ def main() -> None:
 
     result: dict[str, object] = {
         "cpu": cpu_model(), "threads": args.threads, "isa": best_isa(), "gguf": gguf.name, "tokens": args.tokens,
-        "repeats": args.repeats, "llamacpp_tok_s": max(peer_tps),
+        "repeats": args.repeats, "llamacpp_tok_s": max(peer_tps), "cpu_activations": args.cpu_activations,
     }
     print(f"\nCPU {result['cpu']}, {args.threads} threads, kernels {result['isa']}, {gguf.name}, "
           f"{args.tokens} new tokens, best of {args.repeats}")
@@ -152,7 +154,8 @@ def main() -> None:
     if ours_tps:
         result["ours_tok_s"] = max(ours_tps)
         result["ratio_ours_over_llamacpp"] = max(ours_tps) / max(peer_tps)
-        print(f"ours, LLM('default', quantization='gguf'): {max(ours_tps):.1f} tok/s "
+        print(f"ours, LLM('default', quantization='gguf', cpu_activations='{args.cpu_activations}'): "
+              f"{max(ours_tps):.1f} tok/s "
               f"= {result['ratio_ours_over_llamacpp']:.2f}x llama.cpp")
     if k_ours:
         f = best(k_fp32)

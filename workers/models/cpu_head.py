@@ -28,12 +28,14 @@ class PackedLMHead:
 
     def __init__(self, packed: PackedQ8, lm_head: ParallelLMHead) -> None:
         self.packed, self.lm_head = packed, lm_head
+        self.int8_activations = False  # ModelConfig.cpu_activations
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [num_tokens, hidden] -> [num_tokens, vocab_size] float32
         if hidden_states.shape[0] >= DENSE_FROM_ROWS or hidden_states.dtype != torch.float32:
             return self.lm_head(hidden_states)
-        return q8_linear(hidden_states, self.packed)[:, : self.lm_head.num_embeddings]
+        logits = q8_linear(hidden_states, self.packed, int8_activations=self.int8_activations)
+        return logits[:, : self.lm_head.num_embeddings]
 
 
 def packed_lm_head(lm_head: ParallelLMHead | None) -> PackedLMHead | None:
