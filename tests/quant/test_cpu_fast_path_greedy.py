@@ -49,3 +49,20 @@ def test_fused_cpu_path_gives_the_eager_paths_greedy_tokens(monkeypatch: pytest.
         monkeypatch.delenv(decode_ops.ENV_SWITCH)
         decode_ops.ops.cache_clear()
     assert got == want
+
+
+@pytest.mark.slow
+def test_int8_activations_are_honoured_and_refused_where_nothing_takes_them() -> None:
+    from shardserve.workers.quant.cpu_kernels.runtime import Q4Runtime
+
+    llm = LLM("default", quantization="gguf", cpu_activations="int8")
+    model = llm.engine.loaded.model
+    runtimes = [m.quant_method.runtime for m in model.modules()
+                if isinstance(getattr(getattr(m, "quant_method", None), "runtime", None), Q4Runtime)]
+    assert len(runtimes) == 4 * 30 and all(r.int8_activations for r in runtimes)
+    assert model.cpu_lm_head is not None and model.cpu_lm_head.int8_activations
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert len(llm.generate(PROMPTS[:2], params)[1].outputs[0].token_ids) == 6
+    del llm, model
+    with pytest.raises(ValueError, match="cpu_activations=int8"):
+        LLM("dummy:smollm2-135m", cpu_activations="int8")  # float weights: no layer on the kernels
