@@ -2,7 +2,8 @@
 
 `LLM("default", quantization="gguf")` with the fused CPU decode ops (decode_ops.cpp: RMSNorm,
 rope + KV write, paged attention, SiLU-and-mul; the `cpu` attention backend) and the LM head from
-the embedding's Q8_0 blocks (cpu_head.py), against the same model with `SHARDSERVE_CPU_FUSED_OPS=0`
+the embedding's Q8_0 blocks (cpu_head.py), against the same model loaded and run with
+`set_fused_kernels(False)`
 (the eager torch ops and the float head: the path before them), on 20 prompts. Requests run 5 at a
 time so every step stays below the kernels' dense-fallback size (16 rows) and takes the row kernels.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 from shardserve.workers.llm import LLM
+from shardserve.workers.models.layers import set_fused_kernels
 from shardserve.workers.quant.cpu_kernels import decode_ops
 from shardserve.workers.request import SamplingParams
 
@@ -28,8 +30,7 @@ def _greedy(llm: LLM) -> list[list[int]]:
 
 
 @pytest.mark.slow
-def test_fused_cpu_path_gives_the_eager_paths_greedy_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    decode_ops.ops.cache_clear()
+def test_fused_cpu_path_gives_the_eager_paths_greedy_tokens() -> None:
     if decode_ops.ops() is None:
         pytest.skip("the CPU decode ops extension did not build here")
     fast = LLM("default", quantization="gguf")
@@ -38,16 +39,14 @@ def test_fused_cpu_path_gives_the_eager_paths_greedy_tokens(monkeypatch: pytest.
     got = _greedy(fast)
     del fast, model
 
-    monkeypatch.setenv(decode_ops.ENV_SWITCH, "0")
-    decode_ops.ops.cache_clear()
+    set_fused_kernels(False)
     try:
         eager = LLM("default", quantization="gguf")
         model = eager.engine.loaded.model
         assert model.model.layers[0].self_attn.backend.name == "torch" and model.cpu_lm_head is None
         want = _greedy(eager)
     finally:
-        monkeypatch.delenv(decode_ops.ENV_SWITCH)
-        decode_ops.ops.cache_clear()
+        set_fused_kernels(True)
     assert got == want
 
 

@@ -15,7 +15,7 @@ computes what the torch path computes (fp32 inside, one rounding to the input dt
 torch path stays the reference. On CPU with float32 tensors, the same three modules run the
 fused C++ ops of `workers/quant/cpu_kernels/decode_ops.cpp` instead (one call each in place of
 ~5-10 eager ops), the rotary one also storing k and v into the paged cache; where that extension
-is unavailable (or `SHARDSERVE_CPU_FUSED_OPS=0`) the torch path runs.
+is unavailable (or `set_fused_kernels(False)`) the torch path runs.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ _ROPE_TABLES: dict[tuple[int, str, int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 def set_fused_kernels(enabled: bool) -> None:
-    """Process-wide switch: False makes CUDA tensors take the torch path (for A/B checks)."""
+    """Process-wide switch: False makes CUDA tensors, and CPU float32 ones, take the torch path (for A/B checks)."""
     global _fused_kernels_enabled
     _fused_kernels_enabled = enabled
+    decode_ops.set_enabled(enabled)
     from shardserve.parallel.kernels import decode_linear
 
     decode_linear.set_enabled(enabled)

@@ -4,7 +4,8 @@ write, paged attention, SiLU-and-mul.
 On CPU a batch-1 decode step spends more time dispatching ~30 tiny eager PyTorch ops per layer than
 computing them; each op here is one call. `ops()` builds the extension on first use with the same
 machinery as the quantized matmuls (build.py; its own extension name, so either can be rebuilt
-alone) and returns None where that fails, or where `SHARDSERVE_CPU_FUSED_OPS=0`: callers
+alone) and returns None where that fails, or while `set_enabled(False)` (A/B checks; also set by
+`layers.set_fused_kernels`): callers
 (workers/models/layers.py, workers/attention/cpu_backend.py) then keep their torch path, which stays
 the reference the tests compare against (the same switch keeps the runner off the CPU attention
 backend and the packed LM head: workers/models/cpu_head.py). `wanted(x)` is the gate every caller uses: a float32 CPU
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from types import ModuleType
 
 import torch
@@ -23,14 +23,23 @@ from shardserve.workers.quant.cpu_kernels.build import HERE, CpuKernelsUnavailab
 
 log = logging.getLogger(__name__)
 EXTENSION_NAME = "shardserve_cpu_decode_ops_v1"
-ENV_SWITCH = "SHARDSERVE_CPU_FUSED_OPS"  # "0" keeps the eager torch ops (A/B checks)
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Process-wide switch: False keeps the eager torch ops (and, for models loaded while it is off,
+    the torch attention backend and the float LM head)."""
+    global _enabled
+    _enabled = enabled
+
+
+def ops() -> ModuleType | None:
+    """The built extension, or None (switched off, or the build failed)."""
+    return _built() if _enabled else None
 
 
 @functools.cache
-def ops() -> ModuleType | None:
-    """The built extension, or None (disabled, or the build failed: logged once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
+def _built() -> ModuleType | None:
     try:
         return build(HERE / "decode_ops.cpp", EXTENSION_NAME)
     except CpuKernelsUnavailable as exc:
