@@ -17,6 +17,18 @@
 
 namespace {
 
+// sum of a[i] * b[i], i < n, in 8 interleaved partial sums: the vectoriser can then use SIMD lanes
+// (a single running sum is a strict float reduction it must leave scalar without -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+  float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu(), name, " must be a float32 CPU tensor");
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dim");
@@ -48,8 +60,7 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
         for (int64_t i = 0; i < h; ++i) s[i] = xr[i] + rr[i];
         src = s;
       }
-      float ss = 0.f;
-      for (int64_t i = 0; i < h; ++i) ss += src[i] * src[i];
+      const float ss = dot(src, src, h);
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + e);
       for (int64_t i = 0; i < h; ++i) o[i] = w[i] * (src[i] * inv);
     }
@@ -147,9 +158,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
         for (int64_t s = 0; s < n; ++s) {
           const int64_t slot = static_cast<int64_t>(bt[r * max_blocks + s / bs]) * bs + s % bs;
           const float* kv = kc + slot * row + kvh * d;
-          float dot = 0.f;
-          for (int64_t i = 0; i < d; ++i) dot += qv[i] * kv[i];
-          scores[s] = dot * sc;
+          scores[s] = dot(qv, kv, d) * sc;
           mx = std::max(mx, scores[s]);
         }
         float sum = 0.f;
