@@ -8,6 +8,8 @@ model's projections at their exact shapes (30 layers x q/k/v/o/gate/up/down + th
 head) on our kernels (Q4_1 layers, Q8_0 head) vs fp32 F.linear: the per-token matmul time
 projected from them. Repeats interleave so a busy machine slows every contender alike; the
 best repeat of each is reported (tok/s counts prefill + decode of a ~10-token prompt).
+`--compare-eager` adds ours as it was before the fused CPU path (`set_fused_kernels(False)`: eager
+torch ops, torch attention backend, float LM head), interleaved with the others.
 Prints tok/s, the ratio ours / llama.cpp, CPU model and threads; `--json PATH` writes them.
 """
 
@@ -44,14 +46,19 @@ def llamacpp_run(llm, prompt_ids: list[int], tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def ours_run(llm, prompt: str, tokens: int) -> float:
+def ours_run(llm, prompt: str, tokens: int, fused: bool = True) -> float:
+    from shardserve.workers.models.layers import set_fused_kernels
     from shardserve.workers.request import SamplingParams
+
+    set_fused_kernels(fused)
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     out = llm.generate([prompt], params)[0]
+    elapsed = time.perf_counter() - start
+    set_fused_kernels(True)
     assert len(out.outputs[0].token_ids) == tokens
-    return tokens / (time.perf_counter() - start)
+    return tokens / elapsed
 
 
 class KernelShapes:
@@ -107,6 +114,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-kernels", action="store_true", help="no per-shape kernel projection")
     ap.add_argument("--skip-engine", action="store_true", help="no end-to-end run of ours (kernels only)")
+    ap.add_argument("--cpu-activations", choices=["float", "int8"], default="float",
+                    help="ours: ModelConfig.cpu_activations (int8 = llama.cpp's activation rounding)")
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="also ours before the fused CPU path (eager torch ops, float LM head)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
@@ -123,28 +134,40 @@ def main() -> None:
     if not args.skip_engine:
         from shardserve.workers.llm import LLM
 
-        ours = LLM("default", quantization="gguf")
+        ours = LLM("default", quantization="gguf", cpu_activations=args.cpu_activations)
         ours_run(ours, PROMPT, 4)  # warm-up: first-call allocations
+    eager = None
+    if args.compare_eager:
+        from shardserve.workers.llm import LLM
+        from shardserve.workers.models.layers import set_fused_kernels
+
+        set_fused_kernels(False)  # loaded with the torch attention backend and the float LM head
+        eager = LLM("default", quantization="gguf", cpu_activations=args.cpu_activations)
+        set_fused_kernels(True)
+        ours_run(eager, PROMPT, 4, fused=False)
     shapes = None if args.skip_kernels else KernelShapes()
     llamacpp_run(peer, prompt_ids, 4)
 
-    peer_tps, ours_tps, k_ours, k_int8, k_fp32 = [], [], [], [], []
+    peer_tps, ours_tps, eager_tps, k_ours, k_int8, k_fp32 = [], [], [], [], [], []
     for r in range(args.repeats):
         peer_tps.append(llamacpp_run(peer, prompt_ids, args.tokens))
         if ours is not None:
             ours_tps.append(ours_run(ours, PROMPT, args.tokens))
+        if eager is not None:
+            eager_tps.append(ours_run(eager, PROMPT, args.tokens, fused=False))
         if shapes is not None:
             k_ours.append(shapes.ours_ms(int8_activations=False))
             k_int8.append(shapes.ours_ms(int8_activations=True))
             k_fp32.append(shapes.fp32_ms())
         print(f"repeat {r + 1}: llama.cpp {peer_tps[-1]:.1f} tok/s"
               + (f", ours {ours_tps[-1]:.1f} tok/s" if ours_tps else "")
+              + (f", ours eager (before) {eager_tps[-1]:.1f} tok/s" if eager_tps else "")
               + (f", kernels ours {sum(k_ours[-1].values()):.2f} ms (int8 act {sum(k_int8[-1].values()):.2f})"
                  f" / fp32 {sum(k_fp32[-1].values()):.2f} ms" if k_ours else ""), flush=True)
 
     result: dict[str, object] = {
         "cpu": cpu_model(), "threads": args.threads, "isa": best_isa(), "gguf": gguf.name, "tokens": args.tokens,
-        "repeats": args.repeats, "llamacpp_tok_s": max(peer_tps),
+        "repeats": args.repeats, "llamacpp_tok_s": max(peer_tps), "cpu_activations": args.cpu_activations,
     }
     print(f"\nCPU {result['cpu']}, {args.threads} threads, kernels {result['isa']}, {gguf.name}, "
           f"{args.tokens} new tokens, best of {args.repeats}")
@@ -152,8 +175,13 @@ def main() -> None:
     if ours_tps:
         result["ours_tok_s"] = max(ours_tps)
         result["ratio_ours_over_llamacpp"] = max(ours_tps) / max(peer_tps)
-        print(f"ours, LLM('default', quantization='gguf'): {max(ours_tps):.1f} tok/s "
+        print(f"ours, LLM('default', quantization='gguf', cpu_activations='{args.cpu_activations}'): "
+              f"{max(ours_tps):.1f} tok/s "
               f"= {result['ratio_ours_over_llamacpp']:.2f}x llama.cpp")
+    if eager_tps:
+        result["ours_eager_tok_s"] = max(eager_tps)
+        print(f"ours before the fused CPU path (eager ops, float LM head): {max(eager_tps):.1f} tok/s "
+              f"= {max(eager_tps) / max(peer_tps):.2f}x llama.cpp")
     if k_ours:
         f = best(k_fp32)
         result["kernels_fp32_ms"] = f

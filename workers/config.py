@@ -86,6 +86,7 @@ Quantization = Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors
 QUANTIZATION_METHODS = typing.get_args(Quantization)
 QuantizationGroupSize = Literal[32, 64, 128, -1]
 QUANTIZATION_GROUP_SIZES = typing.get_args(QuantizationGroupSize)
+CpuActivations = Literal["float", "int8"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,12 @@ class ModelConfig:
         "model takes int8 | int4 | fp8 only). A value that contradicts the folder is an error naming both.")
     quantization_group_size: QuantizationGroupSize = setting(
         128, "Inputs per scale for `int4` at load: 32, 64, 128 or -1 (one scale per output row).")
+    cpu_activations: CpuActivations = setting(
+        "float", "On CPU, how the matmuls of weights kept quantized (the 4/8-bit kernels of "
+        "workers/quant/cpu_kernels, and the GGUF's Q8_0 LM head) meet the activations: `float` (exact up to "
+        "summation order) or `int8` (activations rounded to int8 per 32 inputs, llama.cpp's way: ~1.5x faster "
+        "matmuls, different rounding; quality in benchmarks/README.md). `int8` on a GPU, or on a model with no "
+        "layer on those kernels, is an error.")
     gguf_cache_dir: str | None = setting(
         None, "Folder of the converted copies of GGUF files (the first load writes one, later loads read it); "
         "null = $SHARDSERVE_CACHE_DIR, else ~/.cache/shardserve.")

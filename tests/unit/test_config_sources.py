@@ -31,7 +31,7 @@ YAML_NAMES = {("speculative", "speculative_method"): "method"}
 SAMPLE = {
     ("model", "model"): "dummy:tiny-llama", ("model", "dtype"): "float32", ("model", "device"): "cpu",
     ("model", "max_model_len"): 128, ("model", "seed"): 7, ("model", "gguf_cache_dir"): "/tmp/gguf",
-    ("model", "quantization"): "int8", ("model", "quantization_group_size"): 64,
+    ("model", "quantization"): "int8", ("model", "quantization_group_size"): 64, ("model", "cpu_activations"): "int8",
     ("cache", "block_size"): 32, ("cache", "gpu_memory_utilization"): 0.5, ("cache", "cpu_kv_cache_bytes"): 4096,
     ("cache", "num_blocks"): 9, ("cache", "enable_prefix_caching"): False,
     ("scheduler", "max_num_seqs"): 8, ("scheduler", "max_num_batched_tokens"): 64,

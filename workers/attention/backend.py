@@ -7,7 +7,8 @@ rotary kernel stores them while it rotates k, saving a launch per layer), then l
 request's whole context: the cached prefix plus this step's tokens up to and including its own
 position. The batch may mix decode rows (query_len 1) and prefill chunks with a cached prefix.
 Backends are looked up by name (`get_attention_backend`); `torch` is the reference
-implementation (torch_ref.py), and faster kernels plug in under other names.
+implementation (torch_ref.py), and faster kernels plug in under other names: `triton` on CUDA,
+`cpu` (fused C++ decode attention, torch reference for long prefills) on CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class AttentionBackend(Protocol):
         ...
 
 
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("torch", "triton", "cpu")
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
@@ -45,4 +46,8 @@ def get_attention_backend(name: str) -> AttentionBackend:
         from shardserve.workers.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
+    if name == "cpu":
+        from shardserve.workers.attention.cpu_backend import CpuAttentionBackend
+
+        return CpuAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}; available: {ATTENTION_BACKENDS}")

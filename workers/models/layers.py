@@ -12,7 +12,10 @@ On CUDA (and unless `set_fused_kernels(False)`), the modules run the Triton kern
 `shardserve.workers.kernels`: RMSNorm with the residual add fused in (`forward(x, residual)`
 returns `(normed, new_residual)`), in-place rotary on q/k, and SiLU-and-mul. Each kernel
 computes what the torch path computes (fp32 inside, one rounding to the input dtype), so the
-torch path stays the reference and the CPU path is unchanged.
+torch path stays the reference. On CPU with float32 tensors, the same three modules run the
+fused C++ ops of `workers/quant/cpu_kernels/decode_ops.cpp` instead (one call each in place of
+~5-10 eager ops), the rotary one also storing k and v into the paged cache; where that extension
+is unavailable (or `set_fused_kernels(False)`) the torch path runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from shardserve.parallel.comm import (
     tensor_model_parallel_all_reduce_rmsnorm,
 )
 from shardserve.parallel.quant import UnquantizedLinearMethod
+from shardserve.workers.quant.cpu_kernels import decode_ops
 from torch import nn
 
 _fused_kernels_enabled = True
@@ -35,9 +39,10 @@ _ROPE_TABLES: dict[tuple[int, str, int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 def set_fused_kernels(enabled: bool) -> None:
-    """Process-wide switch: False makes CUDA tensors take the torch path (for A/B checks)."""
+    """Process-wide switch: False makes CUDA tensors, and CPU float32 ones, take the torch path (for A/B checks)."""
     global _fused_kernels_enabled
     _fused_kernels_enabled = enabled
+    decode_ops.set_enabled(enabled)
     from shardserve.parallel.kernels import decode_linear
 
     decode_linear.set_enabled(enabled)
@@ -98,6 +103,10 @@ class RMSNorm(nn.Module):
 
             out, new_residual = rmsnorm(x, self.weight, self.eps, residual)  # [T, hidden] each
             return out if residual is None else (out, new_residual)
+        if decode_ops.wanted(x) and x.dim() == 2 and self.weight.dtype == torch.float32 \
+                and (residual is None or residual.dtype == torch.float32):
+            out, stream = decode_ops.ops().rms_norm(x, residual, self.weight, self.eps)  # [T, hidden] each
+            return out if residual is None else (out, stream)
         if residual is not None:
             x = x + residual  # rounded to the model dtype, as the residual stream holds it
             return self._norm(x), x
@@ -136,6 +145,8 @@ class SiluAndMul(nn.Module):
             from shardserve.workers.kernels.activation import silu_and_mul
 
             return silu_and_mul(x)
+        if decode_ops.wanted(x) and x.dim() == 2:
+            return decode_ops.ops().silu_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -228,10 +239,24 @@ class RotaryEmbedding(nn.Module):
             return q, k, kv_write is not None
         if qk_norm is not None:
             q, k = qk_norm[0](q), qk_norm[1](k)
+        if kv_write is not None and _cpu_rotary_kv(positions, q, k, kv_write, self.inv_freq):
+            return q, k, True
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim / 2]
         cos = freqs.cos().repeat(1, 2)[:, None, :]  # [num_tokens, 1, head_dim]
         sin = freqs.sin().repeat(1, 2)[:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin), False
+
+
+def _cpu_rotary_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                   kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> bool:
+    """On CPU in float32: rotate q and k in place and store k, v into the cache in one fused call
+    (decode_ops.cpp); False (nothing done) where the fused op does not apply."""
+    v, kv_cache, slot_mapping = kv_write
+    if not (decode_ops.wanted(q) and k.dtype == v.dtype == kv_cache.dtype == inv_freq.dtype == torch.float32
+            and kv_cache.is_contiguous() and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        return False
+    decode_ops.ops().rotary_kv(q, k, v, positions.to(torch.int64), inv_freq, kv_cache, slot_mapping.to(torch.int64))
+    return True
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

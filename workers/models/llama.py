@@ -231,6 +231,7 @@ class LlamaForCausalLM(nn.Module):
                                 params_dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head: ParallelLMHead | None = None
+        self.cpu_lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by use_cpu_lm_head
         if self.model.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype)
             if self.tie_word_embeddings and self.model.embed_tokens is not None:
@@ -263,7 +264,17 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise RuntimeError("only the last pipeline stage computes logits")
+        if self.cpu_lm_head is not None and hidden_states.device.type == "cpu":
+            return self.cpu_lm_head(hidden_states)  # [N, vocab_size] float32, from packed 8-bit blocks
         return self.lm_head(hidden_states)  # [N, vocab_size], the model's dtype
+
+    def use_cpu_lm_head(self) -> bool:
+        """On CPU, compute logits from the LM head's exact 8-bit blocks where the float weight is
+        one (cpu_head.py: the embedded GGUF's tied Q8_0 table); True if that applies."""
+        from shardserve.workers.models.cpu_head import packed_lm_head
+
+        self.cpu_lm_head = packed_lm_head(self.lm_head)
+        return self.cpu_lm_head is not None
 
     def holds_checkpoint_tensor(self, name: str) -> bool:
         """False for tensors that belong to another pipeline stage (they are never read)."""

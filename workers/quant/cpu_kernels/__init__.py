@@ -41,9 +41,9 @@ def q4_linear(x: torch.Tensor, packed: PackedQ4, bias: torch.Tensor | None = Non
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 4-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
-        return F.linear(x2, packed.dequantize(), _bias(bias)).reshape(*lead, packed.n).to(x.dtype)
+        return _shaped(F.linear(x2, packed.dequantize(), _bias(bias)), lead, x.dtype)
     y = extension().q4_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)
-    return y.reshape(*lead, packed.n).to(x.dtype)
+    return _shaped(y, lead, x.dtype)
 
 
 def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = None, isa: str = "",
@@ -51,16 +51,25 @@ def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = Non
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 8-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
-        return F.linear(x2, packed.dequantize(), _bias(bias)).reshape(*lead, packed.n).to(x.dtype)
+        return _shaped(F.linear(x2, packed.dequantize(), _bias(bias)), lead, x.dtype)
     y = extension().q8_linear(x2, packed.qs, packed.d, packed.mins, packed.group_size, _bias(bias), isa,
                               int8_activations)
-    return y.reshape(*lead, packed.n).to(x.dtype)
+    return _shaped(y, lead, x.dtype)
 
 
 def _flat(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight has {k}")
+    if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return x, (x.shape[0],)  # the decode case: no reshape / cast / copy calls (each costs ~1-2 us of dispatch)
     return x.reshape(-1, k).float().contiguous(), tuple(x.shape[:-1])
+
+
+def _shaped(y: torch.Tensor, lead: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """y [M, N] float32 back to x's leading dims and dtype (no call where x was [M, K] float32)."""
+    if len(lead) != 1:
+        y = y.reshape(*lead, y.shape[-1])
+    return y if dtype == torch.float32 else y.to(dtype)
 
 
 def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -54,6 +54,26 @@ class PackedQ8:
                              f"{tuple(q.shape)} and scales {tuple(scales.shape)}")
         return PackedQ8(q.contiguous(), scales.float().contiguous(), None, group_size, n, k)
 
+    @staticmethod
+    def from_exact_float(w: torch.Tensor, group_size: int = 32) -> PackedQ8 | None:
+        """The symmetric 8-bit blocks a float32 [N, K] weight already is, or None where it is not.
+
+        A GGUF Q8_0 tensor read back as float (the tied SmolLM2 embedding) holds q * d per block,
+        |q| <= 127 with the largest 127 and d a float16: d is recovered as max|w| / 127 and
+        q = w / d, and the result is kept only if q * d gives back every value exactly (lossless)."""
+        n, k = w.shape
+        if w.dtype != torch.float32 or k % group_size or group_size % 32:
+            return None
+        blocks = w.reshape(n, k // group_size, group_size)
+        d = blocks.abs().amax(dim=-1) / 127.0  # [N, G]
+        if not torch.equal(d.half().float(), d):
+            return None
+        q = torch.where(d[:, :, None] > 0, blocks / d.clamp_min(torch.finfo(torch.float32).tiny)[:, :, None],
+                        0.0).round()
+        if q.abs().max() > 127 or not torch.equal(q * d[:, :, None], blocks):
+            return None
+        return PackedQ8.from_blocks(q.to(torch.int8).reshape(n, k), d, group_size)
+
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]."""
         return self.dequantize_rows(torch.arange(self.n))
