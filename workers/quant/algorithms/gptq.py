@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from shardserve.workers.quant.algorithms.clip import ClipSearch, clipped_grid
 from shardserve.workers.quant.algorithms.rtn import group_grid, quantize_to_grid
 from shardserve.workers.quant.weights import GroupedWeight
 
@@ -49,9 +50,15 @@ class Hessian:
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, percdamp: float = 0.01,
-                  block_size: int = 128) -> GroupedWeight:
+                  block_size: int = 128, clip: ClipSearch | None = None,
+                  static_groups: bool = False, clip_by_energy: bool = False) -> GroupedWeight:
     """w [N, K] float, hessian [K, K] -> GroupedWeight of `bits` (4 or 8) with groups of `group_size`
-    input columns (-1: one group per row; the last group may be partial, e.g. K = 576, g = 128)."""
+    input columns (-1: one group per row; the last group may be partial, e.g. K = 576, g = 128);
+    clip: each group's grid from clip.py's search (None: min-max); static_groups: every grid is
+    fixed first, from the weights before any error feedback, on groups of consecutive inputs in
+    the checkpoint's order — with desc_act the columns are still quantized in act-order, but the
+    result needs no `perm` (g_idx = k // g), so kernels skip the input permutation; clip_by_energy:
+    the clipping search weighs each input's squared error by diag(H) instead of |err|^norm."""
     n, k = w.shape
     if bits not in BITS:
         raise ValueError(f"GPTQ bits must be one of {BITS}, got {bits}")
@@ -69,22 +76,41 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
-    if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
     num_groups = -(-k // g)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, num_groups)
     zeros = torch.zeros(n, num_groups)
     with one_thread():  # small ops: on a busy CPU, thread hand-offs cost 5-20x more than they save
+        group_of = None
+        energy = torch.diag(h) if clip_by_energy else None  # [K]
+        if static_groups:
+            for i in range(num_groups):
+                cols = w[:, i * g:(i + 1) * g]
+                s, z = (group_grid(cols, bits, sym) if clip is None else
+                        clipped_grid(cols, bits, sym, clip, column_weight=_part(energy, i * g, (i + 1) * g)))
+                scales[:, i], zeros[:, i] = s.half().float().clamp(min=2**-24), z
+            group_of = torch.arange(k) // g  # [K], the group of each column in quantization order
+        perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
+        if perm is not None:
+            w, h = w[:, perm], h[perm][:, perm]
+            if group_of is not None:
+                group_of = group_of[perm]
+            if energy is not None:
+                energy = energy[perm]
         hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
-        _quantize_columns(w, hinv, codes, scales, zeros, g, block_size, bits, sym)
+        _quantize_columns(w, hinv, codes, scales, zeros, g, block_size, bits, sym, clip, group_of, energy)
+    if static_groups and perm is not None:  # codes back to the checkpoint's input order
+        codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+        perm = None
     return GroupedWeight(q=codes, scales=scales, mins=-zeros * scales, group_size=g, perm=perm, bits=bits)
 
 
 def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                      zeros: torch.Tensor, g: int, block_size: int, bits: int, sym: bool) -> None:
-    """Step 3 in place: w [N, K] (consumed), codes [N, K], scales / zeros [N, G] (filled)."""
+                      zeros: torch.Tensor, g: int, block_size: int, bits: int, sym: bool,
+                      clip: ClipSearch | None, group_of: torch.Tensor | None,
+                      energy: torch.Tensor | None) -> None:
+    """Step 3 in place: w [N, K] (consumed), codes [N, K], scales / zeros [N, G] (filled, or given:
+    static groups, with group_of [K] the group of each column)."""
     n, k = w.shape
     scale = zero = torch.zeros(n, 1)
     for start in range(0, k, block_size):
@@ -94,8 +120,13 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, 
         hinv_block = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            if col % g == 0:  # the group's grid, from weights already carrying earlier errors
-                s, z = group_grid(w_block[:, i:i + g], bits, sym)
+            if group_of is not None:
+                group = int(group_of[col])
+                scale, zero = scales[:, group:group + 1], zeros[:, group:group + 1]
+            elif col % g == 0:  # the group's grid, from weights already carrying earlier errors
+                cols = w_block[:, i:i + g]
+                s, z = (group_grid(cols, bits, sym) if clip is None else
+                        clipped_grid(cols, bits, sym, clip, column_weight=_part(energy, col, col + g)))
                 s = s.half().float().clamp(min=2**-24)  # checkpoints store fp16 scales: use those
                 scales[:, col // g], zeros[:, col // g] = s, z
                 scale, zero = s[:, None], z[:, None]
@@ -106,6 +137,10 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, 
             w_block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
             err_block[:, i] = err
         w[:, end:] -= err_block @ hinv[start:end, end:]
+
+
+def _part(values: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    return None if values is None else values[start:end]
 
 
 @contextmanager

@@ -139,11 +139,12 @@ def resolve_layout(requested: str | None, entry: dict[str, Any] | None, params_d
     return layout
 
 
-def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, method: str) -> dict[str, Any]:
-    """The config.json entry of a folder written in the GPTQ or AWQ layout."""
+def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, method: str,
+                        static_groups: bool = False) -> dict[str, Any]:
+    """The config.json entry of a folder written in the GPTQ or AWQ layout (desc_act: g_idx is not k // g)."""
     if method == "gptq":
         return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-                "sym": sym, "checkpoint_format": "gptq", "static_groups": False, "true_sequential": True}
+                "sym": sym, "checkpoint_format": "gptq", "static_groups": static_groups, "true_sequential": True}
     if method == "awq":
         return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
                 "version": "gemm"}
