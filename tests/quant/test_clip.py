@@ -82,3 +82,19 @@ def test_gptq_static_groups_with_act_order_need_no_perm(clip) -> None:
     assert torch.equal(packed["g_idx"], torch.arange(k, dtype=torch.int32) // g)
     rtn_error = output_error(x, w, rtn_grouped(w, g, 4, sym=False).dequantize())
     assert output_error(x, w, q.dequantize()) < 0.9 * rtn_error
+
+
+@pytest.mark.parametrize("clip_error", ["weight", "energy", "output"])
+def test_gptq_clip_errors(clip_error: str) -> None:
+    n, k, g = 64, 256, 64
+    x = correlated_inputs(1024, k, seed=7)
+    w = weights_with_outliers(n, k, seed=8)
+    hessian = Hessian(k)
+    hessian.add(x)
+    q = gptq_quantize(w, hessian.matrix, 4, g, sym=False, desc_act=True, clip=WEIGHT_MSE, clip_error=clip_error)
+    plain = gptq_quantize(w, hessian.matrix, 4, g, sym=False, desc_act=True)
+    assert not torch.equal(q.scales, plain.scales)  # the search changed some grids
+    rtn_error = output_error(x, w, rtn_grouped(w, g, 4, sym=False).dequantize())
+    assert output_error(x, w, q.dequantize()) < 0.9 * rtn_error
+    with pytest.raises(ValueError, match="clip_error must be one of"):
+        gptq_quantize(w, hessian.matrix, 4, g, clip=WEIGHT_MSE, clip_error="l1")

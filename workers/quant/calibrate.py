@@ -8,11 +8,13 @@ before it, *already quantized* (as GPTQ does, so later layers correct for earlie
 quantized weight is packed into the output layout, unpacked again and written back into the
 module as its dequantized float — so what the perplexity check measures is exactly what the
 folder holds; the layer then runs once more to produce the next layer's input.
-  - rtn: each linear rounded to its group grid (algorithms/rtn.py);
+  - rtn: each linear rounded to its group grid (algorithms/rtn.py); with `clip`, each group's
+    range searched on its output error over the layer's inputs (algorithms/clip.py);
   - gptq: Hessians from forward pre-hooks on the linears, in sub-steps q/k/v, o, gate/up, down
     ("true sequential": o is quantized from the outputs of the quantized q/k/v);
   - awq: one float forward keeps every linear's input, then the scale search and folding of
-    algorithms/awq.py per group of LLAMA_GROUPS, then RTN of the scaled weights.
+    algorithms/awq.py per group of LLAMA_GROUPS, then (with `clip`, AutoAWQ's auto_clip) the
+    output-error clipping search on the scaled inputs, then RTN of the scaled weights.
 transformers' own model classes are run (AutoModelForCausalLM, forward hooks): a well-kept
 implementation of every Llama-style family, not a second copy of ours.
 """
@@ -75,7 +77,7 @@ class QuantSpec:
     static_groups: bool = False
     damp: float = 0.01
     awq_duo: bool = False
-    clip_by_energy: bool = False
+    clip_error: str = "weight"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -152,11 +154,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
             elif spec.method == "awq":
                 _awq_layer(layer, hidden, kwargs, spec, prefix, result)
             else:
-                for name in LINEARS:
-                    w = layer.get_submodule(name).weight.float()
-                    weight = (clipped_grouped(w, spec.group_size, spec.bits, spec.sym, WEIGHT_MSE) if spec.clip
-                              else rtn_grouped(w, spec.group_size, spec.bits, spec.sym))
-                    _commit(layer, name, weight, spec, prefix, result)
+                _rtn_layer(layer, hidden, kwargs, spec, prefix, result)
             hidden = layer(hidden, **kwargs)
     return result
 
@@ -206,6 +204,20 @@ def _inputs_of(layer: nn.Module, names: tuple[str, ...], hidden: torch.Tensor, k
             handle.remove()
 
 
+def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
+               prefix: str, result: QuantizedModel) -> None:
+    """Round to nearest; with clip, each group's range searched on its output error over this
+    layer's calibration inputs (the clip of AWQ without its scaling)."""
+    hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in LINEARS}
+    if spec.clip:
+        _inputs_of(layer, LINEARS, hidden, kwargs, lambda name, args, _kw: hessians[name].add(args[0]))
+    for name in LINEARS:
+        w = layer.get_submodule(name).weight.float()
+        weight = (clipped_grouped(w, spec.group_size, spec.bits, spec.sym, OUTPUT_MSE, hessians[name].matrix)
+                  if spec.clip else rtn_grouped(w, spec.group_size, spec.bits, spec.sym))
+        _commit(layer, name, weight, spec, prefix, result)
+
+
 def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
                 prefix: str, result: QuantizedModel) -> None:
     for step in GPTQ_STEPS:
@@ -215,7 +227,7 @@ def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
             weight = gptq_quantize(layer.get_submodule(name).weight, hessians[name].matrix, spec.bits,
                                    spec.group_size, spec.sym, spec.desc_act,
                                    percdamp=spec.damp, clip=WEIGHT_MSE if spec.clip else None,
-                                   static_groups=spec.static_groups, clip_by_energy=spec.clip_by_energy)
+                                   static_groups=spec.static_groups, clip_error=spec.clip_error)
             _commit(layer, name, weight, spec, prefix, result)
 
 
