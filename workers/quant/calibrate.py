@@ -36,7 +36,7 @@ from shardserve.workers.quant.algorithms.awq import (
     search_scales,
 )
 from shardserve.workers.quant.algorithms.clip import OUTPUT_MSE, WEIGHT_MSE, clipped_grouped
-from shardserve.workers.quant.algorithms.gptq import Hessian, gptq_quantize, one_thread
+from shardserve.workers.quant.algorithms.gptq import CLIP_ERRORS, Hessian, gptq_quantize, one_thread
 from shardserve.workers.quant.algorithms.rtn import rtn_grouped
 from shardserve.workers.quant.formats.awq import AwqLayout
 from shardserve.workers.quant.formats.gptq import GptqLayout
@@ -64,9 +64,10 @@ AWQ_UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
 class QuantSpec:
     """What `shardserve quantize` was asked for; invalid combinations are refused here.
 
-    clip: each group's range searched (algorithms/clip.py) instead of min-max; static_groups
-    (GPTQ): grids fixed before the error feedback, so act-order needs no g_idx; damp (GPTQ): the
-    fraction of mean(diag H) added to H's diagonal, in (0, 1)."""
+    clip: each group's range searched (algorithms/clip.py) instead of min-max — on the output error
+    over the calibration inputs (RTN, AWQ; GPTQ with clip_error "output", the default; "weight" /
+    "energy" measured worse); static_groups (GPTQ): grids fixed before the error feedback, so
+    act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1)."""
 
     method: str
     bits: int = 4
@@ -77,7 +78,7 @@ class QuantSpec:
     static_groups: bool = False
     damp: float = 0.01
     awq_duo: bool = False
-    clip_error: str = "weight"
+    clip_error: str = "output"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,6 +92,8 @@ class QuantSpec:
             raise ValueError(f"desc_act (act-order) is a GPTQ option; method is {self.method}")
         if self.static_groups and self.method != "gptq":
             raise ValueError(f"static_groups is a GPTQ option; method is {self.method}")
+        if self.clip_error not in CLIP_ERRORS:
+            raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {self.clip_error!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
 
