@@ -118,6 +118,8 @@ def test_awq_folder(capsys, tmp_path, eval_file):
     (["--method", "awq", "--bits", "8"], "bits must be one of (4,) for awq, got 8"),
     (["--method", "gptq", "--group-size", "100"], "group_size must be one of (-1, 32, 64, 128), got 100"),
     (["--method", "awq", "--desc-act"], "desc_act (act-order) is a GPTQ option"),
+    (["--method", "rtn", "--static-groups"], "static_groups is a GPTQ option; method is rtn"),
+    (["--method", "gptq", "--damp", "1.5"], "damp must be in (0, 1), got 1.5"),
     (["--method", "rtn", "--calib-tokens", "1000"], "--calib-tokens must be 16..512 or a multiple of 512"),
 ])
 def test_bad_flags_are_refused(capsys, tmp_path, flags, message):

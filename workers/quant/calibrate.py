@@ -8,11 +8,13 @@ before it, *already quantized* (as GPTQ does, so later layers correct for earlie
 quantized weight is packed into the output layout, unpacked again and written back into the
 module as its dequantized float — so what the perplexity check measures is exactly what the
 folder holds; the layer then runs once more to produce the next layer's input.
-  - rtn: each linear rounded to its group grid (algorithms/rtn.py);
+  - rtn: each linear rounded to its group grid (algorithms/rtn.py); with `clip`, each group's
+    range searched on its output error over the layer's inputs (algorithms/clip.py);
   - gptq: Hessians from forward pre-hooks on the linears, in sub-steps q/k/v, o, gate/up, down
     ("true sequential": o is quantized from the outputs of the quantized q/k/v);
   - awq: one float forward keeps every linear's input, then the scale search and folding of
-    algorithms/awq.py per group of LLAMA_GROUPS, then RTN of the scaled weights.
+    algorithms/awq.py per group of LLAMA_GROUPS, then (with `clip`, AutoAWQ's auto_clip) the
+    output-error clipping search on the scaled inputs, then RTN of the scaled weights.
 transformers' own model classes are run (AutoModelForCausalLM, forward hooks): a well-kept
 implementation of every Llama-style family, not a second copy of ours.
 """
@@ -33,7 +35,8 @@ from shardserve.workers.quant.algorithms.awq import (
     scale_inputs,
     search_scales,
 )
-from shardserve.workers.quant.algorithms.gptq import Hessian, gptq_quantize, one_thread
+from shardserve.workers.quant.algorithms.clip import OUTPUT_MSE, WEIGHT_MSE, clipped_grouped
+from shardserve.workers.quant.algorithms.gptq import CLIP_ERRORS, Hessian, gptq_quantize, one_thread
 from shardserve.workers.quant.algorithms.rtn import rtn_grouped
 from shardserve.workers.quant.formats.awq import AwqLayout
 from shardserve.workers.quant.formats.gptq import GptqLayout
@@ -52,17 +55,30 @@ GPTQ_STEPS = (
     ("mlp.down_proj",),
 )
 LINEARS = tuple(name for step in GPTQ_STEPS for name in step)
+# AWQ clips every linear but q / k on its output error, as AutoAWQ's auto_clip: their outputs only
+# matter through softmax(q k^T), which the output error of each alone does not measure.
+AWQ_UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """What `shardserve quantize` was asked for; invalid combinations are refused here."""
+    """What `shardserve quantize` was asked for; invalid combinations are refused here.
+
+    clip: each group's range searched (algorithms/clip.py) instead of min-max — on the output error
+    over the calibration inputs (RTN, AWQ; GPTQ with clip_error "output", the default; "weight" /
+    "energy" measured worse); static_groups (GPTQ): grids fixed before the error feedback, so
+    act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1)."""
 
     method: str
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False
+    clip: bool = True
+    static_groups: bool = False
+    damp: float = 0.01
+    awq_duo: bool = False
+    clip_error: str = "output"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,13 +90,24 @@ class QuantSpec:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
         if self.desc_act and self.method != "gptq":
             raise ValueError(f"desc_act (act-order) is a GPTQ option; method is {self.method}")
+        if self.static_groups and self.method != "gptq":
+            raise ValueError(f"static_groups is a GPTQ option; method is {self.method}")
+        if self.clip_error not in CLIP_ERRORS:
+            raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {self.clip_error!r}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+
+    @property
+    def uses_g_idx(self) -> bool:
+        """Act-order columns with their own groups: static groups keep g_idx = k // g."""
+        return self.desc_act and not self.static_groups
 
     @property
     def layout(self) -> GptqLayout | AwqLayout:
         """The checkpoint layout written: AWQ GEMM for awq, GPTQ v1 for gptq and rtn."""
         if self.method == "awq":
             return AwqLayout(self.bits, self.group_size)
-        return GptqLayout(self.bits, self.group_size, self.desc_act)
+        return GptqLayout(self.bits, self.group_size, self.uses_g_idx)
 
     @property
     def format(self) -> str:
@@ -130,10 +157,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
             elif spec.method == "awq":
                 _awq_layer(layer, hidden, kwargs, spec, prefix, result)
             else:
-                for name in LINEARS:
-                    w = layer.get_submodule(name).weight
-                    _commit(layer, name, rtn_grouped(w.float(), spec.group_size, spec.bits, spec.sym),
-                            spec, prefix, result)
+                _rtn_layer(layer, hidden, kwargs, spec, prefix, result)
             hidden = layer(hidden, **kwargs)
     return result
 
@@ -183,6 +207,20 @@ def _inputs_of(layer: nn.Module, names: tuple[str, ...], hidden: torch.Tensor, k
             handle.remove()
 
 
+def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
+               prefix: str, result: QuantizedModel) -> None:
+    """Round to nearest; with clip, each group's range searched on its output error over this
+    layer's calibration inputs (the clip of AWQ without its scaling)."""
+    hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in LINEARS}
+    if spec.clip:
+        _inputs_of(layer, LINEARS, hidden, kwargs, lambda name, args, _kw: hessians[name].add(args[0]))
+    for name in LINEARS:
+        w = layer.get_submodule(name).weight.float()
+        weight = (clipped_grouped(w, spec.group_size, spec.bits, spec.sym, OUTPUT_MSE, hessians[name].matrix)
+                  if spec.clip else rtn_grouped(w, spec.group_size, spec.bits, spec.sym))
+        _commit(layer, name, weight, spec, prefix, result)
+
+
 def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
                 prefix: str, result: QuantizedModel) -> None:
     for step in GPTQ_STEPS:
@@ -190,7 +228,9 @@ def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
         _inputs_of(layer, step, hidden, kwargs, lambda name, args, _kw, h=hessians: h[name].add(args[0]))
         for name in step:
             weight = gptq_quantize(layer.get_submodule(name).weight, hessians[name].matrix, spec.bits,
-                                   spec.group_size, spec.sym, spec.desc_act)
+                                   spec.group_size, spec.sym, spec.desc_act,
+                                   percdamp=spec.damp, clip=WEIGHT_MSE if spec.clip else None,
+                                   static_groups=spec.static_groups, clip_error=spec.clip_error)
             _commit(layer, name, weight, spec, prefix, result)
 
 
@@ -206,12 +246,20 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
             continue  # e.g. v -> o under grouped-query attention: v's outputs are not o's inputs
         scales = search_scales(activation_scale(seen[group.linears[0]][0][0]), [m.weight for m in linears],
                                _inspector(layer, group.inspect, group.linears, seen[group.inspect]),
-                               spec.group_size, spec.bits, spec.sym)
+                               spec.group_size, spec.bits, spec.sym, duo=spec.awq_duo)
         result.awq_alphas[f"{prefix}{group.prev}"] = scales.alpha
         apply_awq_scales(prev, linears, scales.scales)
+    hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in LINEARS}
+    if spec.clip:  # the inputs as the linears see them now, divided by the folded scales
+        _inputs_of(layer, LINEARS, hidden, kwargs, lambda name, args, _kw: hessians[name].add(args[0]))
     for name in LINEARS:
-        weight = layer.get_submodule(name).weight
-        _commit(layer, name, quantize_scaled(weight, spec.group_size, spec.bits, spec.sym), spec, prefix, result)
+        weight = layer.get_submodule(name).weight.float()
+        if spec.clip and name not in AWQ_UNCLIPPED:
+            quantized = clipped_grouped(weight, spec.group_size, spec.bits, spec.sym, OUTPUT_MSE,
+                                        hessians[name].matrix)
+        else:
+            quantized = quantize_scaled(weight, spec.group_size, spec.bits, spec.sym)
+        _commit(layer, name, quantized, spec, prefix, result)
 
 
 def apply_awq_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor) -> None:

@@ -50,8 +50,8 @@ def write_folder(out: Path, source: Path, model: nn.Module, result: QuantizedMod
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         config = model.config.to_dict()
-        config["quantization_config"] = quantization_config(spec.bits, spec.group_size, spec.sym, spec.desc_act,
-                                                            spec.format)
+        config["quantization_config"] = quantization_config(spec.bits, spec.group_size, spec.sym, spec.uses_g_idx,
+                                                            spec.format, spec.static_groups)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(checkpoint_tensors(model, result), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in TOKENIZER_FILES:

@@ -12,7 +12,9 @@ shapes allow — `LLAMA_GROUPS`, the scheme of llm-awq's `auto_scale_block`):
      `fold_into_linear` for the previous linear's output rows) and multiplies the group's
      weights by s (`scale_inputs`) — the float model computes the same function as before —
      then RTN-quantizes the scaled weights (`quantize_scaled`).
-The weight-clipping search of llm-awq (`auto_clip`) is not done here.
+With `duo` (AutoAWQ's default), s = mean|x|^alpha / w_mean^(1 - alpha), where w_mean is each
+input's mean weight magnitude relative to its group's largest. The weight clipping of llm-awq's
+`auto_clip` follows the scaling, in clip.py (the caller runs it on the scaled weights).
 """
 
 from __future__ import annotations
@@ -62,30 +64,48 @@ def activation_scale(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().reshape(-1, x.shape[-1]).float().mean(dim=0)
 
 
-def scales_for(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
-    s = x_mean.pow(alpha).clamp(min=1e-4)
+def weight_scale(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over the group's output rows of |w| / max |w| of its quantization group, per input [K]
+    (AutoAWQ's w_mean: how large each input's weights are on their grids)."""
+    w = torch.cat([w.float() for w in weights], dim=0).abs()  # [sum N_i, K]
+    g = w.shape[1] if group_size == -1 else group_size
+    normalised = torch.cat([part / (part.amax(dim=1, keepdim=True) + 1e-6) for part in w.split(g, dim=1)], dim=1)
+    return normalised.mean(dim=0)
+
+
+def scales_for(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = mean|x|^alpha, or with w_mean (AutoAWQ's duo scaling) mean|x|^alpha / w_mean^(1 - alpha)."""
+    s = x_mean.pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.pow(1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
 
 def search_scales(x_mean: torch.Tensor, weights: Sequence[torch.Tensor],
                   inspect: Callable[[list[torch.Tensor]], torch.Tensor],
-                  group_size: int, bits: int = 4, sym: bool = False, num_grid: int = NUM_GRID) -> ScaleSearch:
+                  group_size: int, bits: int = 4, sym: bool = False, num_grid: int = NUM_GRID,
+                  duo: bool = False) -> ScaleSearch:
     """The grid search of step 2. weights: the group's [N_i, K] float weights; inspect(ws) -> the
-    inspected module's output on the calibration input with the group's weights replaced by ws."""
+    inspected module's output on the calibration input with the group's weights replaced by ws;
+    duo: the scales also divide by the weights' own magnitude (`scales_for`'s w_mean)."""
+    w_mean = weight_scale(weights, group_size) if duo else None
     with torch.no_grad(), one_thread():
         reference = inspect([w.float() for w in weights]).float()
-        best: tuple[float, float, torch.Tensor] | None = None
-        rtn_loss = float("nan")
-        for step in range(num_grid):
-            alpha = step / num_grid
-            s = scales_for(x_mean, alpha)
+
+        def loss_of(s: torch.Tensor) -> float:
             candidates = [fake_quantize(w.float() * s, group_size, bits, sym) / s for w in weights]
-            loss = float((inspect(candidates).float() - reference).pow(2).mean())
-            if step == 0:
-                rtn_loss = loss
-            if best is None or loss < best[0]:
+            return float((inspect(candidates).float() - reference).pow(2).mean())
+
+        ones = torch.ones_like(x_mean)
+        rtn_loss = loss_of(ones)  # s = 1: plain RTN, always a candidate (alpha 0 without duo)
+        best: tuple[float, float, torch.Tensor] = (rtn_loss, 0.0, ones)
+        for step in range(1 if w_mean is None else 0, num_grid):
+            alpha = step / num_grid
+            s = scales_for(x_mean, alpha, w_mean)
+            loss = loss_of(s)
+            if loss < best[0]:
                 best = (loss, alpha, s)
-    assert best is not None
     return ScaleSearch(scales=best[2], alpha=best[1], loss=best[0], rtn_loss=rtn_loss)
 
 

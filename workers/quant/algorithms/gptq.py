@@ -19,15 +19,17 @@ Pure torch in float32, as the reference implementation (IST-DASLab/gptq) does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from shardserve.workers.quant.algorithms.clip import OUTPUT_MSE, ClipSearch, clipped_grid
 from shardserve.workers.quant.algorithms.rtn import group_grid, quantize_to_grid
 from shardserve.workers.quant.weights import GroupedWeight
 
 BITS = (4, 8)
 GROUP_SIZES = (-1, 32, 64, 128)
+CLIP_ERRORS = ("weight", "energy", "output")
 
 
 class Hessian:
@@ -49,9 +51,18 @@ class Hessian:
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, percdamp: float = 0.01,
-                  block_size: int = 128) -> GroupedWeight:
+                  block_size: int = 128, clip: ClipSearch | None = None,
+                  static_groups: bool = False, clip_error: str = "weight") -> GroupedWeight:
     """w [N, K] float, hessian [K, K] -> GroupedWeight of `bits` (4 or 8) with groups of `group_size`
-    input columns (-1: one group per row; the last group may be partial, e.g. K = 576, g = 128)."""
+    input columns (-1: one group per row; the last group may be partial, e.g. K = 576, g = 128);
+    clip: each group's grid from clip.py's search (None: min-max); static_groups: every grid is
+    fixed first, from the weights before any error feedback, on groups of consecutive inputs in
+    the checkpoint's order — with desc_act the columns are still quantized in act-order, but the
+    result needs no `perm` (g_idx = k // g), so kernels skip the input permutation; clip_error: what
+    the clipping search minimises — "weight" |err|^norm, "energy" err^2 weighted by diag(H), or
+    "output" err H_gg err^T with the group's block of H (its output error on the calibration inputs)."""
+    if clip_error not in CLIP_ERRORS:
+        raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {clip_error!r}")
     n, k = w.shape
     if bits not in BITS:
         raise ValueError(f"GPTQ bits must be one of {BITS}, got {bits}")
@@ -69,22 +80,37 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
-    if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
     num_groups = -(-k // g)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, num_groups)
     zeros = torch.zeros(n, num_groups)
     with one_thread():  # small ops: on a busy CPU, thread hand-offs cost 5-20x more than they save
+        group_of = None
+        if static_groups:
+            for i in range(num_groups):
+                s, z = _grid(w[:, i * g:(i + 1) * g], h, i * g, bits, sym, clip, clip_error)
+                scales[:, i], zeros[:, i] = s.half().float().clamp(min=2**-24), z
+            group_of = torch.arange(k) // g  # [K], the group of each column in quantization order
+        perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
+        if perm is not None:
+            w, h = w[:, perm], h[perm][:, perm]
+            if group_of is not None:
+                group_of = group_of[perm]
         hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
-        _quantize_columns(w, hinv, codes, scales, zeros, g, block_size, bits, sym)
+        _quantize_columns(w, hinv, codes, scales, zeros, g, block_size, bits, sym, group_of,
+                          lambda cols, col: _grid(cols, h, col, bits, sym, clip, clip_error))
+    if static_groups and perm is not None:  # codes back to the checkpoint's input order
+        codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+        perm = None
     return GroupedWeight(q=codes, scales=scales, mins=-zeros * scales, group_size=g, perm=perm, bits=bits)
 
 
 def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                      zeros: torch.Tensor, g: int, block_size: int, bits: int, sym: bool) -> None:
-    """Step 3 in place: w [N, K] (consumed), codes [N, K], scales / zeros [N, G] (filled)."""
+                      zeros: torch.Tensor, g: int, block_size: int, bits: int, sym: bool,
+                      group_of: torch.Tensor | None,
+                      grid: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Step 3 in place: w [N, K] (consumed), codes [N, K], scales / zeros [N, G] (filled, or given:
+    static groups, with group_of [K] the group of each column)."""
     n, k = w.shape
     scale = zero = torch.zeros(n, 1)
     for start in range(0, k, block_size):
@@ -94,8 +120,11 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, 
         hinv_block = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            if col % g == 0:  # the group's grid, from weights already carrying earlier errors
-                s, z = group_grid(w_block[:, i:i + g], bits, sym)
+            if group_of is not None:
+                group = int(group_of[col])
+                scale, zero = scales[:, group:group + 1], zeros[:, group:group + 1]
+            elif col % g == 0:  # the group's grid, from weights already carrying earlier errors
+                s, z = grid(w_block[:, i:i + g], col)
                 s = s.half().float().clamp(min=2**-24)  # checkpoints store fp16 scales: use those
                 scales[:, col // g], zeros[:, col // g] = s, z
                 scale, zero = s[:, None], z[:, None]
@@ -106,6 +135,19 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, 
             w_block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
             err_block[:, i] = err
         w[:, end:] -= err_block @ hinv[start:end, end:]
+
+
+def _grid(cols: torch.Tensor, h: torch.Tensor, start: int, bits: int, sym: bool, clip: ClipSearch | None,
+          clip_error: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of the group whose columns cols [N, g] start at column `start` of h (same order)."""
+    if clip is None:
+        return group_grid(cols, bits, sym)
+    block = h[start:start + cols.shape[1], start:start + cols.shape[1]]
+    if clip_error == "output":
+        return clipped_grid(cols, bits, sym, OUTPUT_MSE, hessian=block)
+    if clip_error == "energy":
+        return clipped_grid(cols, bits, sym, clip, column_weight=torch.diagonal(block))
+    return clipped_grid(cols, bits, sym, clip)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import torch
 from shardserve.workers.config import QUANTIZATION_METHODS
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.awq import AwqLayout
-from shardserve.workers.quant.formats.compressed import CompressedLayout
+from shardserve.workers.quant.formats.compressed import CompressedLayout, PackQuantizedLayout
 from shardserve.workers.quant.formats.gguf import GgufLayout, projection_block_type
 from shardserve.workers.quant.formats.gptq import GptqLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
@@ -86,12 +86,27 @@ def compressed_layout(entry: dict[str, Any]) -> tuple[CheckpointLayout, str]:
     weights = group.get("weights") or {}
     bits, kind = int(weights.get("num_bits", 0)), str(weights.get("type", ""))
     strategy = str(weights.get("strategy", ""))
+    fmt = str(group.get("format") or entry.get("format") or "")
+    acts = group.get("input_activations")
+    if fmt == "pack-quantized":
+        if acts is not None:
+            raise ValueError("compressed-tensors pack-quantized folders with quantized activations are not "
+                             "supported (weight-only: input_activations null)")
+        if bits not in (4, 8) or kind != "int" or strategy not in ("channel", "group"):
+            raise ValueError(f"compressed-tensors pack-quantized weights {bits}-bit {kind} per {strategy} are not "
+                             "supported (4 or 8-bit int, per channel or per group)")
+        group_size = -1 if strategy == "channel" else int(weights.get("group_size") or 0)
+        check_group(group_size, "quantization_config.config_groups.weights.group_size")
+        sym = bool(weights.get("symmetric", True))
+        return PackQuantizedLayout(bits, group_size, sym), f"int{bits}"
+    if fmt not in ("", "int-quantized", "float-quantized", "naive-quantized"):
+        raise ValueError(f"compressed-tensors format {fmt!r} is not supported "
+                         "(int-quantized, float-quantized, naive-quantized, pack-quantized)")
     if bits != 8 or kind not in ("int", "float") or strategy not in ("channel", "tensor"):
         raise ValueError(f"compressed-tensors weights {bits}-bit {kind} per {strategy} are not supported "
                          "(8-bit int or float, per channel or per tensor)")
     if not weights.get("symmetric", True):
         raise ValueError("compressed-tensors asymmetric 8-bit weights are not supported")
-    acts = group.get("input_activations")
     if acts is not None and not acts.get("dynamic", False):
         raise ValueError("compressed-tensors static activation scales are not supported (dynamic only)")
     kind_name = "int8" if kind == "int" else "fp8"
@@ -124,11 +139,12 @@ def resolve_layout(requested: str | None, entry: dict[str, Any] | None, params_d
     return layout
 
 
-def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, method: str) -> dict[str, Any]:
-    """The config.json entry of a folder written in the GPTQ or AWQ layout."""
+def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, method: str,
+                        static_groups: bool = False) -> dict[str, Any]:
+    """The config.json entry of a folder written in the GPTQ or AWQ layout (desc_act: g_idx is not k // g)."""
     if method == "gptq":
         return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-                "sym": sym, "checkpoint_format": "gptq", "static_groups": False, "true_sequential": True}
+                "sym": sym, "checkpoint_format": "gptq", "static_groups": static_groups, "true_sequential": True}
     if method == "awq":
         return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
                 "version": "gemm"}
