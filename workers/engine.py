@@ -41,7 +41,8 @@ from shardserve.workers.request import FinishReason, Request, RequestOutput, Sam
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.scoring import score_tokens
 from shardserve.workers.scheduler.scheduler import Scheduler
-from shardserve.workers.spec.proposer import TargetModel, make_proposer
+from shardserve.workers.spec.factory import make_proposer
+from shardserve.workers.spec.proposer import TargetModel
 from shardserve.workers.spec.speculator import Speculator
 from shardserve.workers.stats import ThroughputMeter
 from shardserve.workers.step_types import SchedulerOutput
@@ -82,7 +83,7 @@ class LLMEngine:
         backoff = self.async_scheduling and device.type == "cuda"
         self.speculator = None
         if config.speculative.enabled:  # a draft model (spec/draft.py) needs the target's config and model
-            target = TargetModel(config, self.loaded, self.num_blocks)
+            target = TargetModel(config, self.loaded, self.num_blocks, engine_factory=type(self))
             self.speculator = Speculator(config.speculative, make_proposer(config.speculative, target), backoff)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,

@@ -3,16 +3,13 @@
 Greedy outputs with a draft model must equal the plain engine's token for token. The draft is
 SmolLM2 itself (every draft must then be accepted: the test reads it from the spec metrics) with
 a KV pool small enough to preempt and the prompts twice (prefix-cache hits, in the target and in
-the draft's own engine); and SmolLM2 cut to 20 of its 30 layers
-(self-speculation) through `shardserve bench latency --speculative-method draft`, which checks
-identical outputs per task. Each bad setting is refused at start-up with its reason: another
+the draft's own engine); and SmolLM2 cut to 24 of its 30 layers (self-speculation), with the
+`bench latency --draft-*` flags' mapping. Each bad setting is refused at start-up with its reason: another
 vocabulary, a KV pool that does not fit, a layer count out of range, draft fields without method
 `draft`, method `draft` without a draft model.
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 from shardserve.workers.bench.spec_tasks import TASKS
@@ -76,27 +73,35 @@ def test_target_as_its_own_draft_accepts_everything_under_preemption_and_prefix_
         llm.engine.shutdown()
 
 
-def test_bench_latency_with_a_layer_truncated_draft(tmp_path) -> None:
-    """`shardserve bench latency --speculative-method draft --draft-model default --draft-num-layers 20`:
-    plain and speculating engines on the three tasks, identical outputs, acceptance reported."""
-    from shardserve.cluster.cli import main
+def test_layer_truncated_self_draft_is_lossless(prompts, want) -> None:
+    """Self-speculation: SmolLM2 cut to its first 24 of 30 layers drafts for SmolLM2; the outputs equal
+    the plain engine's, drafts were proposed and some accepted. The `bench latency --draft-*` flags
+    map onto the same SpeculativeConfig fields (the bench itself is tested with ngram)."""
+    from shardserve.cluster.cli import build_parser
+    from shardserve.workers.bench.spec_runs import speculative_config
 
-    path = tmp_path / "draft.json"
-    assert main(["bench", "latency", "--speculative-method", "draft", "--draft-model", "default",
-                 "--draft-num-layers", "20", "--output-len", "10", "--json", str(path)]) == 0
-    result = json.loads(path.read_text())
-    assert [t["task"] for t in result["tasks"]] == list(TASKS)
-    assert all(t["identical"] and t["plain"] > 0 and t["speculative"] > 0 for t in result["tasks"])
-    assert result["speculative"]["draft_num_layers"] == 20
-    spec = result["spec_decode"]
-    assert spec["num_draft_tokens"] >= spec["num_accepted_tokens"] > 0, spec
+    args = build_parser().parse_args(["bench", "latency", "--speculative-method", "draft", "--draft-model", "default",
+                                      "--draft-num-layers", "24", "--num-speculative-tokens", "3"])
+    config = speculative_config(args)
+    assert (config.speculative_method, config.draft_model, config.draft_num_layers,
+            config.num_speculative_tokens) == ("draft", "default", 24, 3)
+    llm = LLM("default", speculative={"method": "draft", "draft_model": "default", "draft_num_layers": 24,
+                                      "num_speculative_tokens": 3})
+    try:
+        assert len(llm.engine.speculator.proposer.engine.loaded.model.model.layers) == 24
+        got = llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+        assert [o.outputs[0].token_ids for o in got] == want[:2]
+        spec = llm.engine.stats().spec_decode
+        assert spec.num_draft_tokens >= spec.num_accepted_tokens > 0, spec
+    finally:
+        llm.engine.shutdown()
 
 
 def _start(plain: LLM, **options) -> DraftModelProposer:
     """The draft's start-up against the (already loaded) plain target, as the engine runs it."""
     engine = plain.engine
     config = SpeculativeConfig(speculative_method="draft", **options)
-    return DraftModelProposer(config, TargetModel(engine.config, engine.loaded, engine.num_blocks))
+    return DraftModelProposer(config, TargetModel(engine.config, engine.loaded, engine.num_blocks, type(engine)))
 
 
 @pytest.mark.parametrize(("options", "message"), [

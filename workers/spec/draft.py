@@ -32,7 +32,6 @@ from shardserve.workers.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
-from shardserve.workers.engine import LLMEngine
 from shardserve.workers.models.loader import LoadedModel, load_model
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.runner.kv_budget import KVCacheLayout
@@ -65,7 +64,7 @@ class DraftModelProposer(Proposer):
         num_blocks = kv_pool_blocks(config.draft_num_blocks, target, loaded)
         engine_config = draft_engine_config(model_config, target, num_blocks)
         # No tokenizer: the draft's outputs are token ids only (no detokenizing per step).
-        self.engine = LLMEngine(engine_config, loaded=replace(loaded, tokenizer=None))
+        self.engine = target.engine_factory(engine_config, loaded=replace(loaded, tokenizer=None))
         self.max_model_len = self.engine.max_model_len
         self._ids = itertools.count()
 

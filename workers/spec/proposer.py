@@ -1,4 +1,4 @@
-"""The proposer interface of speculative decoding, and the factory that picks one from the config.
+"""The proposer interface of speculative decoding (factory.py picks one from the config).
 
 A proposer drafts tokens from token ids alone: `propose(request_id, token_ids, num_prompt_tokens,
 max_tokens)` returns up to `max_tokens` ids to follow `token_ids` (the request's prompt + outputs
@@ -15,11 +15,11 @@ model also needs the target engine's config and model (`TargetModel`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from shardserve.workers.config import EngineConfig, SpeculativeConfig
+from shardserve.workers.config import EngineConfig
 
 if TYPE_CHECKING:
     from shardserve.workers.models.loader import LoadedModel
@@ -43,6 +43,7 @@ class TargetModel:
     config: EngineConfig
     loaded: LoadedModel
     num_blocks: int
+    engine_factory: Callable[..., Any]  # the target's engine class: the draft model runs in another of it
 
 
 class Proposer(Protocol):
@@ -59,22 +60,3 @@ class Proposer(Protocol):
 
     def close(self) -> None:
         """Release what the proposer holds (default: nothing)."""
-
-
-def make_proposer(config: SpeculativeConfig, target: TargetModel | None = None) -> Proposer:
-    if config.speculative_method == "ngram":
-        from shardserve.workers.spec.ngram import NgramProposer
-
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-    if config.speculative_method == "suffix":
-        from shardserve.workers.spec.suffix import SuffixProposer
-
-        return SuffixProposer(max_cached_tokens=config.suffix_max_cached_tokens, max_depth=config.suffix_max_depth,
-                              min_probability=config.suffix_min_probability)
-    if config.speculative_method == "draft":
-        if target is None:
-            raise ValueError("speculative method `draft` needs the target model (TargetModel) to build its draft")
-        from shardserve.workers.spec.draft import DraftModelProposer
-
-        return DraftModelProposer(config, target)
-    raise ValueError(f"no proposer for speculative_method {config.speculative_method!r}")

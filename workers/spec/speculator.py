@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 from shardserve.workers.config import SpeculativeConfig
 from shardserve.workers.request import Request, SamplingParams
-from shardserve.workers.spec.proposer import DraftQuery, Proposer, make_proposer
+from shardserve.workers.spec.factory import make_proposer
+from shardserve.workers.spec.proposer import DraftQuery, Proposer
 
 # Back-off (async scheduling on a GPU): after this many speculating steps in a row with nothing to
 # propose, plain steps between tries double up to MAX_BACKOFF_STEPS. Misses come in short runs on
