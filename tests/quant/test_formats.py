@@ -98,3 +98,8 @@ def test_resolve_layout_names_both_sides_of_a_contradiction() -> None:
         resolve_layout(None, {"quant_method": "marlin24"}, torch.float32)
     with pytest.raises(ValueError, match="quantization must be null or one of"):
         ModelConfig(quantization="int3")
+    w8a8 = {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}}}
+    with pytest.raises(ValueError, match="INT8 weights with quantized activations \\(W8A8\\) are not supported"):
+        resolve_layout(None, w8a8, torch.float32)

@@ -107,6 +107,9 @@ def compressed_layout(entry: dict[str, Any]) -> tuple[CheckpointLayout, str]:
                          "(8-bit int or float, per channel or per tensor)")
     if not weights.get("symmetric", True):
         raise ValueError("compressed-tensors asymmetric 8-bit weights are not supported")
+    if acts is not None and kind == "int":
+        raise ValueError("compressed-tensors INT8 weights with quantized activations (W8A8) are not supported: "
+                         "INT8 runs weight-only (W8A16); a folder whose input_activations is null loads")
     if acts is not None and not acts.get("dynamic", False):
         raise ValueError("compressed-tensors static activation scales are not supported (dynamic only)")
     kind_name = "int8" if kind == "int" else "fp8"
