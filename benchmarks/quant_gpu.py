@@ -64,6 +64,8 @@ def weight_bytes(engine: LLMEngine) -> int:
                 stack.extend(obj)
             elif callable(obj) and getattr(obj, "__closure__", None):  # a runtime lambda: its captured packing
                 stack.extend(c.cell_contents for c in obj.__closure__)
+            elif hasattr(obj, "packed"):  # cuda.py's KernelRuntime
+                stack.append(obj.packed)
             elif hasattr(obj, "__dict__") and not callable(obj):
                 stack.extend(vars(obj).values())
     return total

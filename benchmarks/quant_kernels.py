@@ -277,6 +277,7 @@ def sweep_codes(budget_s: float, write: bool) -> dict:
         name = device_name(DEV).replace(" ", "_") + ".json"
         paths = [CODES_TABLES_DIR / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
         for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(best, indent=1) + "\n")
             print(f"wrote {path}")
         pk.tuned_codes_tiles.cache_clear()

@@ -244,3 +244,21 @@ def test_silu_mul_epilogue_of_the_decode_kernels(device):
         assert runtime.silu_mul(torch.randn(17, K, device=device).bfloat16()) is None
     with pytest.raises(ValueError, match="silu_mul takes at most"):
         int4_linear(x, pack_int4(w4, torch.bfloat16), torch.zeros(N, device=device).bfloat16(), silu_mul=True)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (4, 128), (8, 0)])
+def test_dequantize_planes_for_prefill(device, bits, group):
+    """From DEQUANT_MIN_ROWS rows on CUDA, W is dequantized from the planes to the activation dtype and
+    cuBLAS multiplies: the dequantized W equals the weight's own dequantize() (K padded: 416 / 384 / 600)."""
+    if bits == 4:
+        w = _int4(48, 416 if group == 32 else 384, group, False, True, device)
+        p = pack_int4(w, torch.float16).weights
+        ref = w.dequantize()[:, w.perm]  # act-order: the packed codes are in permuted column order
+    else:
+        w = Int8Weight(torch.randint(-128, 128, (48, 600), dtype=torch.int8, device=device),
+                       torch.rand(48, device=device) * 0.01 + 1e-3)
+        p = pack_int8(w, torch.float16).weights
+        ref = w.dequantize()
+    got = pk.dequantize_planes(p, torch.float16)
+    assert got.shape == ref.shape and got.dtype == torch.float16
+    assert (got.float() - ref.float()).abs().max().item() <= 2e-3 * ref.abs().max().item()

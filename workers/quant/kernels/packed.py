@@ -33,6 +33,12 @@ from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_
 from shardserve.workers.quant.kernels.codes_gemm import CodesTiles, codes_gemm, codes_supported
 
 GEMV_MAX_ROWS = 4  # rows up to which the matrix-vector kernel (weights re-read from L2 per row) is used
+# Above this many rows W is dequantized to the activation dtype and cuBLAS multiplies: the Triton GEMMs
+# here (with dequantization in the main loop, or codes_gemm.py's) ran at 0.26-0.28x cuBLAS at M = 2048
+# and 0.2-0.3x at M = 256 on an H100, while dequantizing costs about one bf16 read of W
+# (benchmarks/README.md). Up to it: codes_gemm.py for INT4 (its best at 16-64 rows), this module's
+# dequantizing GEMM for INT8 (faster than the codes kernel there).
+DEQUANT_MIN_ROWS = 65
 
 
 @dataclass(frozen=True)
@@ -329,7 +335,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
 
     Up to GEMV_MAX_ROWS rows the matrix-vector kernel, else codes_gemm.py's tensor-core kernel where it
     takes the layout (`gemm_tiles` forces this module's dequantizing GEMM, `codes_tiles` the codes
-    kernel at any M). `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows): silu(gate) * up
+    kernel at any M); from DEQUANT_MIN_ROWS rows (on CUDA) W dequantized + cuBLAS. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows): silu(gate) * up
     [M, N / 2] from the GEMV's epilogue."""
     check_input(x, w.k, bias, w.n)
     if x.stride(1) != 1:
@@ -346,8 +352,11 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     interpreted = x.device.type != "cuda"
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
+    if rows >= DEQUANT_MIN_ROWS and not interpreted and gemm_tiles is None and codes_tiles is None:
+        return torch.nn.functional.linear(x, dequantize_planes(w, x.dtype), bias)
     codes_ok = codes_supported(w.bits, w.plane, w.group_size, w.per_channel, x.dtype)
-    if not silu_mul and (codes_tiles is not None or (rows > GEMV_MAX_ROWS and gemm_tiles is None and codes_ok)):
+    codes_default = codes_ok and w.bits == 4 and gemm_tiles is None and rows > GEMV_MAX_ROWS
+    if not silu_mul and (codes_tiles is not None or codes_default):
         if not codes_ok:
             raise ValueError(f"the codes GEMM does not take {w.bits}-bit planes of {w.plane} in groups of {w.group_size}")
         t = codes_tiles or (INTERPRETER_CODES if interpreted else default_codes_tiles(w.bits, rows, x.device))
@@ -367,5 +376,41 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
         x, w.words, w.scales, w.mins, bias_arg, out, rows, n, w.k, kw, x.stride(0), out.stride(0),
         BITS=w.bits, PLANE=w.plane, GROUP=w.group_size, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         CHUNK_DOT=t.chunk_dot, HAS_BIAS=bias is not None, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K, KW, BITS: tl.constexpr, PLANE: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n, k] = u s + m (the activation dtype) for one chunk of BLOCK_N rows: each packed byte read once."""
+    PLANES: tl.constexpr = 32 // BITS
+    CHUNK: tl.constexpr = PLANES * PLANE
+    SCALE: tl.constexpr = 1 << BITS
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1)
+    offs_j = tl.arange(0, PLANE)
+    mask_n = offs_n < N
+    words = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * KW + c * PLANE + offs_j[None, :], mask=mask_n[:, None],
+                    other=0)
+    dtype = out_ptr.dtype.element_ty
+    for i in tl.static_range(PLANES):
+        col0 = c * CHUNK + i * PLANE
+        g = (col0 // GROUP) * N
+        s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
+        m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
+        w = _unpack(words, i, BITS) * s[:, None] + m[:, None]
+        cols = col0 + offs_j
+        tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + cols[None, :], w.to(dtype),
+                 mask=mask_n[:, None] & (cols[None, :] < K))
+
+
+def dequantize_planes(w: PlaneWeights, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` from the plane layout (for cuBLAS at prefill sizes: DEQUANT_MIN_ROWS)."""
+    out = torch.empty(w.n, w.k, dtype=dtype, device=w.words.device)
+    block_n = 16 if w.words.device.type != "cuda" else 32
+    _dequant_kernel[(triton.cdiv(w.n, block_n), w.words.shape[1] // w.plane)](
+        w.words, w.scales, w.mins, out, w.n, w.k, w.words.shape[1], BITS=w.bits, PLANE=w.plane,
+        GROUP=w.group_size, BLOCK_N=block_n, num_warps=4,
     )
     return out
