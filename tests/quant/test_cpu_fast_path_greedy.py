@@ -4,7 +4,7 @@
 rope + KV write, paged attention, SiLU-and-mul; the `cpu` attention backend) and the LM head from
 the embedding's Q8_0 blocks (cpu_head.py), against the same model loaded and run with
 `set_fused_kernels(False)`
-(the eager torch ops and the float head: the path before them), on 20 prompts. Requests run 5 at a
+(the eager torch ops and the float head: the path before them), on 10 prompts. Requests run 5 at a
 time so every step stays below the kernels' dense-fallback size (16 rows) and takes the row kernels.
 """
 
@@ -17,8 +17,7 @@ from shardserve.workers.quant.cpu_kernels import decode_ops
 from shardserve.workers.request import SamplingParams
 
 PROMPTS = [f"{topic} is" for topic in ("Paris", "The moon", "Python", "A cat", "Music", "Winter", "Bread",
-                                         "The ocean", "Chess", "A river", "Gold", "Rain", "Tea", "A clock",
-                                         "Snow", "The sun", "Glass", "A bridge", "Salt", "Wind")]
+                                         "The ocean", "Chess", "A river")]
 
 
 def _greedy(llm: LLM) -> list[list[int]]:

@@ -64,7 +64,9 @@ def check_folder_is_what_was_measured(out: Path, spec: QuantSpec, summary: dict,
 def test_gptq_layout_folder(capsys, tmp_path, eval_file):
     # RTN writes the same GPTQ layout as GPTQ (whose column loop is the slow part on two cores);
     # GPTQ itself, act-order g_idx included, is covered on small layers in test_algorithms.py.
-    out, summary = quantize(capsys, tmp_path, eval_file, "--method", "rtn", "--bits", "4", "--group-size", "128")
+    # --no-clip: the clipping search (tests/quant/test_clip.py) is not what this folder test is about.
+    out, summary = quantize(capsys, tmp_path, eval_file, "--method", "rtn", "--bits", "4", "--group-size", "128",
+                            "--no-clip")
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == quantization_config(4, 128, True, False, "gptq")
     assert config["model_type"] == "llama"
@@ -95,7 +97,7 @@ def test_gptq_layout_folder(capsys, tmp_path, eval_file):
 
 
 def test_awq_folder(capsys, tmp_path, eval_file):
-    out, summary = quantize(capsys, tmp_path, eval_file, "--method", "awq", "--group-size", "64")
+    out, summary = quantize(capsys, tmp_path, eval_file, "--method", "awq", "--group-size", "64", "--no-clip")
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == quantization_config(4, 64, False, False, "awq")
     tensors = load_file(str(out / "model.safetensors"))
