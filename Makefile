@@ -43,7 +43,7 @@ lint: install
 test: install $(HELM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	PATH=$(abspath .tools/bin):$$PATH $(VENV)/bin/pytest -q --timeout=900 tests
+	PATH=$(abspath .tools/bin):$$PATH $(VENV)/bin/pytest -q --timeout=900 --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
