@@ -1,9 +1,8 @@
 """`shardserve bench latency|throughput`: our engine beside transformers, same process.
 
-Prints the device, our figure, the transformers `generate` figure on the same prompts, and
-the ratio; latency also prints achieved bandwidth against the copy bandwidth measured in the
-same run. Work: workers/bench/ (`latency --speculative-method M [--draft-model X --draft-num-layers N]`:
-spec_runs.py); `bench serve`: cluster/bench_serve/.
+Prints the device, our figure, the transformers figure on the same prompts, the ratio; latency also
+the bandwidth achieved vs the copy bandwidth measured in the run. Work: workers/bench/ (`latency
+--speculative-method M [--draft-*]`: spec_runs.py); `bench serve`: cluster/bench_serve/.
 
 Model parallelism, as `vllm bench`:
     --tensor-parallel-size/-tp N     ranks that split every layer (default 1)

@@ -1,12 +1,12 @@
 """The LM head on CPU from 8-bit blocks when the float weight is exactly such blocks (lossless).
 
 The embedded SmolLM2 GGUF stores its tied embedding as Q8_0; the loader dequantizes it to a float32
-[49152, 576] table (113 MB), and a batch-1 decode step then spends more time streaming that table
-through F.linear than in all 30 decoder layers. `packed_lm_head` re-derives the Q8_0 blocks from
+table, and a batch-1 decode step then spends more time streaming that table through F.linear than
+in all the decoder layers (benchmarks/README.md). `packed_lm_head` re-derives the Q8_0 blocks from
 the float table (PackedQ8.from_exact_float: kept only if every value round-trips exactly) and the
 returned callable computes the logits with the q8 kernel (float activations, so the result equals
-F.linear up to summation order; 28 MB read a step). It applies only on CPU, to a float32,
-single-rank head (no vocab sharding): otherwise None and the model keeps `lm_head(hidden)`.
+F.linear up to summation order, reading a quarter of the bytes). It applies only on CPU, to a
+float32, single-rank head (no vocab sharding): otherwise None and the model keeps `lm_head(hidden)`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,4 @@
-"""Speculator: the scheduler's side of speculative decoding — who gets drafts this step, how many,
-and what was accepted.
-
+"""Speculator: the scheduler's side of speculative decoding (who gets drafts, how many, what was accepted).
 Data flow per step: `Scheduler.schedule()` asks `active(num_running)` once (the adaptive switch:
 speculate only while running requests x (1 + k) <= max_verify_tokens, i.e. while the device has
 room); for each decoding request with nothing in flight it calls `propose(request, limit)`, which
@@ -10,9 +8,8 @@ the drafts up to the first disagreement, plus the target's own token there (or a
 them). With deterministic drafts that is exact rejection sampling: a draft d is kept with
 probability p(d) (the target drew d), and on a rejection the target's draw is a sample of p
 without d, renormalised — so greedy outputs are identical and sampled ones keep the target's
-distribution. `record(...)` folds the result into the statistics and the request's k: k follows
-its recent accepted length (+1 while everything is accepted, down to 1 after misses), and a
-request whose drafts keep being rejected pauses its proposals for a while.
+distribution. `record(...)` folds the result into the statistics and the request's k (+1 while all
+is accepted, down to 1 after misses); a request whose drafts keep being rejected pauses a while.
 A batched proposer (the draft model: one forward per draft position for the whole batch) is asked
 once per step: `prefetch(requests, max_model_len)` at the start of `schedule()` drafts for every
 decoding request that will be asked, and `propose` then serves those drafts (cut to its limit).
