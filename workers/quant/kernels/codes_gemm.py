@@ -1,9 +1,10 @@
 """Tensor-core GEMM on plane-layout weights (packed.py) fed with the raw codes: scales applied per group.
 
-Why: dequantizing every weight to w = u s + m before tl.dot costs an unpack, an FMA and a conversion a
-weight, and that ALU work, not the bytes, bounded the first GEMM (packed.py's `qgemm`). Here a weight
-costs about one integer op: the codes go to the tensor cores as exact small integers and the group's
-scale and min are applied to the accumulator once a group.
+Why: packed.py's `qgemm` dequantizes every weight to w = u s + m before tl.dot (an unpack, an FMA and
+a conversion a weight). Here a weight costs about one integer op: the codes go to the tensor cores
+as exact small integers and the group's scale and min are applied to the accumulator once a group.
+On an H100 that made INT4 faster at 16-64 rows but not above, and INT8 slower (benchmarks/README.md),
+so plane_linear uses it for INT4 at 5-64 rows only.
 
   - INT4: `(words >> 4p) & 0x000F000F | 0x43004300` holds two bf16 numbers 128 + u at once: field p
     (plane p) in the low half and field p + 4 (plane p + 4) in the high half. Per group g of the

@@ -1,4 +1,4 @@
-"""The bit-plane layout and the two Triton kernels shared by the INT4 and INT8 weight-only linears.
+"""The bit-plane layout and the Triton kernels shared by the INT4 and INT8 weight-only linears.
 
 Layout ("planes"): unsigned codes u (4 or 8 bits; INT8 stores q + 128) are packed PLANES = 32 / BITS to
 an int32 word. A row of W [N, K] is cut into chunks of PLANES * PLANE columns held by PLANE consecutive
@@ -17,6 +17,7 @@ PDL wait: weights are never written while serving, as in parallel/kernels/decode
 it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. `qgemm` (more rows): tiles
 [BLOCK_M, BLOCK_N], planes dequantized to the activation dtype in the main loop and fed to tl.dot, one
 dot a plane or (chunk_dot) one a chunk. Both: fp32 accumulation, bias in fp32, one rounding at the store.
+`dequantize_planes` writes W in the activation dtype for cuBLAS at prefill sizes; `plane_linear` picks.
 """
 
 from __future__ import annotations
@@ -333,9 +334,10 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
                  codes_tiles: CodesTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
 
-    Up to GEMV_MAX_ROWS rows the matrix-vector kernel, else codes_gemm.py's tensor-core kernel where it
-    takes the layout (`gemm_tiles` forces this module's dequantizing GEMM, `codes_tiles` the codes
-    kernel at any M); from DEQUANT_MIN_ROWS rows (on CUDA) W dequantized + cuBLAS. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows): silu(gate) * up
+    Up to GEMV_MAX_ROWS rows the matrix-vector kernel; INT4 up to DEQUANT_MIN_ROWS - 1 rows
+    codes_gemm.py's kernel, INT8 (or other group layouts) this module's dequantizing GEMM; from
+    DEQUANT_MIN_ROWS rows on CUDA, W dequantized + cuBLAS. `gemm_tiles` / `codes_tiles` force one
+    GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows): silu(gate) * up
     [M, N / 2] from the GEMV's epilogue."""
     check_input(x, w.k, bias, w.n)
     if x.stride(1) != 1:
@@ -343,17 +345,17 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     rows, n = x.shape[0], w.n
     if silu_mul and (rows > GEMV_MAX_ROWS or bias is not None or n % 2):
         raise ValueError(f"silu_mul takes at most {GEMV_MAX_ROWS} rows, no bias and an even N; got {rows} rows, N {n}")
+    if w.scales.dtype != x.dtype:
+        raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
+    interpreted = x.device.type != "cuda"
+    if rows >= DEQUANT_MIN_ROWS and not interpreted and gemm_tiles is None and codes_tiles is None and n:
+        return torch.nn.functional.linear(x, dequantize_planes(w, x.dtype), bias)
     n_out = n // 2 if silu_mul else n
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     if rows == 0 or n == 0:
         return out
-    if w.scales.dtype != x.dtype:
-        raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
-    interpreted = x.device.type != "cuda"
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
-    if rows >= DEQUANT_MIN_ROWS and not interpreted and gemm_tiles is None and codes_tiles is None:
-        return torch.nn.functional.linear(x, dequantize_planes(w, x.dtype), bias)
     codes_ok = codes_supported(w.bits, w.plane, w.group_size, w.per_channel, x.dtype)
     codes_default = codes_ok and w.bits == 4 and gemm_tiles is None and rows > GEMV_MAX_ROWS
     if not silu_mul and (codes_tiles is not None or codes_default):
