@@ -230,7 +230,6 @@ class ModelRunner:
         """Run one step and wait for its sampled ids."""
         return self.finish(self.launch(sched))
 
-    @torch.inference_mode()
     def _use_int8_activations(self, device: torch.device) -> None:
         """ModelConfig.cpu_activations = int8: the quantized CPU kernels round activations to int8."""
         from shardserve.workers.quant.cpu_kernels.runtime import use_int8_activations
@@ -245,6 +244,7 @@ class ModelRunner:
             raise ValueError("model.cpu_activations=int8 needs weights kept quantized on CPU (e.g. quantization: "
                              "gguf, int4 or int8); no layer of this model runs on those kernels")
 
+    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingStep:
         """Apply the step's diffs, upload, run the model and the sampler; never waits for the GPU."""
         start = self._launch_start = time.perf_counter()
