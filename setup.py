@@ -27,5 +27,4 @@ def _packages() -> tuple[list[str], dict[str, str]]:
 packages, package_dir = _packages()
 setup(packages=packages, package_dir=package_dir, package_data={"shardserve.cluster": ["proto/**/*.proto"],
                                                                      "shardserve.parallel.kernels": ["gemv_tiles/*.json"],
-                                                                     "shardserve.workers.quant.cpu_kernels": ["*.cpp", "*.inc"],
-                                                                     "shardserve.workers.quant.kernels": ["codes_tiles/*.json"]})
+                                                                     "shardserve.workers.quant.cpu_kernels": ["*.cpp", "*.inc"]})

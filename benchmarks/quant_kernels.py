@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -236,51 +234,31 @@ def layer_us(build: Callable[[int, int], tuple[Case, Callable]], rows: int) -> f
     return total
 
 
-def sweep_codes(budget_s: float, write: bool) -> dict:
-    """codes_gemm.py's tiles at M = 1 (INT4 only), 16, 64, 256, 2048 for INT4 g128 (planes of 32) and INT8,
-    each layer's time beside bf16 (decode_linear at M = 1, cuBLAS otherwise) and beside the previous
-    kernels (the GEMV at M = 1, the dequantizing GEMM above); with `write`, the best tiles per bit width
-    and row bucket go to workers/quant/kernels/codes_tiles/<device>.json (and $OUT when set)."""
+def sweep_codes(budget_s: float) -> dict:
+    """codes_gemm.py's tiles at M = 1, 16, 64, 256, 2048 for INT4 g128 (planes of 32), each layer's time
+    beside bf16 (decode_linear at M = 1, cuBLAS otherwise) and beside what int4_linear runs by default
+    at that M (the GEMV, the codes GEMM with its default tiles, or dequantize + cuBLAS)."""
     deadline = time.monotonic() + budget_s
-    best: dict[str, list] = {}
     report = {}
     for rows, grid in CODES_GRID.items():
         bf16 = layer_us(lambda n, k, r=rows: _bf16_case(n, k, r), rows)
-        print(f"M={rows}: bf16 {bf16:.1f} us a layer", flush=True)
-        for bits in (4, 8):
-            if rows == 1 and bits == 8:
-                continue
-            make = (lambda n, k: int4_case(n, k, 32)) if bits == 4 else int8_case
-            linear = int4_linear if bits == 4 else int8_linear
-            before = layer_us(lambda n, k, mk=make, f=linear: (mk(n, k), f), rows)
-            print(f"  int{bits} previous kernel {before:.1f} us", flush=True)
-            results = []
-            for t in grid:
-                if time.monotonic() > deadline:
-                    print("  sweep: out of time")
-                    break
-                us = layer_us(lambda n, k, mk=make, f=linear, t=t: (mk(n, k), lambda a, w: f(a, w, codes_tiles=t)),
-                              rows)
-                if us is not None:
-                    results.append((us, t))
-                    print(f"  int{bits} {t}: {us:.1f} us ({bf16 / us:.2f}x bf16)", flush=True)
-            if results:
-                us, t = min(results, key=lambda r: r[0])
-                print(f"best M={rows} int{bits}: {t} {us:.1f} us = {bf16 / us:.2f}x bf16, "
-                      f"{before / us:.2f}x the previous kernel", flush=True)
-                report[f"int{bits} M{rows}"] = {"us": us, "bf16_us": bf16, "previous_us": before, "tiles": str(t)}
-                if rows > 1:
-                    best[f"{bits},{rows}"] = [t.block_m, t.block_n, t.num_warps, t.num_stages, t.sub]
-    if write and best:
-        from shardserve.workers.quant.kernels.packed import CODES_TABLES_DIR
-
-        name = device_name(DEV).replace(" ", "_") + ".json"
-        paths = [CODES_TABLES_DIR / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(best, indent=1) + "\n")
-            print(f"wrote {path}")
-        pk.tuned_codes_tiles.cache_clear()
+        default = layer_us(lambda n, k: (int4_case(n, k, 32), int4_linear), rows)
+        print(f"M={rows}: bf16 {bf16:.1f} us a layer, int4 default path {default:.1f} us", flush=True)
+        results = []
+        for t in grid:
+            if time.monotonic() > deadline:
+                print("  sweep: out of time")
+                break
+            us = layer_us(lambda n, k, t=t: (int4_case(n, k, 32), lambda a, w: int4_linear(a, w, codes_tiles=t)),
+                          rows)
+            if us is not None:
+                results.append((us, t))
+                print(f"  int4 {t}: {us:.1f} us ({bf16 / us:.2f}x bf16)", flush=True)
+        if results:
+            us, t = min(results, key=lambda r: r[0])
+            print(f"best M={rows} int4 codes: {t} {us:.1f} us = {bf16 / us:.2f}x bf16, "
+                  f"{default / us:.2f}x the default path", flush=True)
+            report[f"int4 M{rows}"] = {"us": us, "bf16_us": bf16, "default_us": default, "tiles": str(t)}
     return report
 
 
@@ -321,7 +299,6 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="a tile sweep (GEMV at M = 1, GEMM at M = 16)")
     parser.add_argument("--sweep-seconds", type=float, default=60.0, help="the sweep's time budget")
     parser.add_argument("--sweep-codes", action="store_true", help="codes_gemm.py's tiles at M = 1 ... 2048")
-    parser.add_argument("--write-tiles", action="store_true", help="with --sweep-codes: write the best tiles table")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -330,7 +307,7 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
     sweep_results = sweep(bandwidth, args.sweep_seconds) if args.sweep else {}
     if args.sweep_codes:
-        sweep_results["codes"] = sweep_codes(args.sweep_seconds, args.write_tiles)
+        sweep_results["codes"] = sweep_codes(args.sweep_seconds)
     rows, failures = [], []
     totals: dict[tuple[int, str], float] = {}
     for name, n, k in SHAPES:

@@ -197,24 +197,27 @@ def test_int4_codes_gemm(device, group, max_plane, symmetric):
     _check(int4_linear(x, p, bias, codes_tiles=CodesTiles(16, 16, 4, 1)), x, w, bias)
 
 
-def test_int8_codes_gemm_and_default_dispatch(device):
-    """INT8 codes (q = u - 128 exactly) a sub-block of a plane at a time, the extremes -128 / 127; above
-    GEMV_MAX_ROWS rows int8_linear / int4_linear take the codes kernel by default."""
+def test_codes_gemm_dispatch(device):
+    """Which GEMM takes more than GEMV_MAX_ROWS rows under the interpreter: INT4 in groups of whole
+    planes the codes kernel, INT4 groups of 96 (3 planes) and INT8 the dequantizing GEMM; forcing the
+    codes kernel on a layout it does not take is an error naming it."""
     q = torch.randint(-128, 128, (40, 600), dtype=torch.int8, device=device)
     q[0, :100], q[1, :100] = -128, 127
     w = Int8Weight(q, torch.rand(40, device=device) * 0.01 + 1e-3)
     p = pack_int8(w, torch.float16)
     x = torch.randn(18, 600, device=device).half()
-    for sub in (16, 128):
-        _check(int8_linear(x, p, codes_tiles=CodesTiles(16, 16, 4, 1, sub)), x, w)
-    assert pk.codes_supported(8, 128, 512, True, torch.float16)
+    _check(int8_linear(x, p), x, w)
+    assert not pk.codes_supported(8, 128, 512, True, torch.float16)
     assert pk.codes_supported(4, 32, 128, False, torch.bfloat16)
     assert not pk.codes_supported(4, 32, 96, False, torch.bfloat16)  # 3 planes a group: old GEMM
     w4 = _int4(40, 384, 96, False, False, device)
     p4 = pack_int4(w4, torch.float16)
     _check(int4_linear(x[:, :384], p4), x[:, :384], w4)  # groups of 96: the dequantizing GEMM
-    with pytest.raises(ValueError, match="codes GEMM does not take"):
+    with pytest.raises(ValueError, match="the codes GEMM takes INT4 only, in groups of whole planes"):
         int4_linear(x[:, :384], p4, codes_tiles=CodesTiles(16, 16, 4, 1))
+    with pytest.raises(ValueError, match="the codes GEMM takes INT4 only"):
+        int8_linear(x, p, codes_tiles=CodesTiles(16, 16, 4, 1))
+
 
 
 def _silu_mul_ref(y: torch.Tensor) -> torch.Tensor:

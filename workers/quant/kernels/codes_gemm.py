@@ -1,20 +1,16 @@
-"""Tensor-core GEMM on plane-layout weights (packed.py) fed with the raw codes: scales applied per group.
+"""Tensor-core GEMM on INT4 plane-layout weights (packed.py) fed with the raw codes: scales applied per group.
 
 Why: packed.py's `qgemm` dequantizes every weight to w = u s + m before tl.dot (an unpack, an FMA and
-a conversion a weight). Here a weight costs about one integer op: the codes go to the tensor cores
-as exact small integers and the group's scale and min are applied to the accumulator once a group.
-On an H100 that made INT4 faster at 16-64 rows but not above, and INT8 slower (benchmarks/README.md),
-so plane_linear uses it for INT4 at 5-64 rows only.
-
-  - INT4: `(words >> 4p) & 0x000F000F | 0x43004300` holds two bf16 numbers 128 + u at once: field p
-    (plane p) in the low half and field p + 4 (plane p + 4) in the high half. Per group g of the
-    row n: sum_k x_k w_k = s sum_k x_k (128 + u_k) + (m - 128 s) sum_k x_k, so the kernel keeps one
-    dot accumulator a group and the row sums of the x tiles it already holds.
-  - INT8 (one group over K): u - 128 = q is exact in bf16 / fp16 (via the fp32 magic 2^23 + u), one
-    dot a plane, the row's scale once at the end.
-Activations: bf16 (INT4 codes as bf16) or fp16 (codes as fp16: 0x6400 magic, 1024 + u). Program
-(m tile, n tile) streams its [PLANE, BLOCK_N] word tiles over K; Triton pipelines the word and x tile
-loads over `num_stages`. fp32 accumulation, bias in fp32, one rounding at the store.
+a conversion a weight). Here a weight costs about one integer op: `(words >> 4p) & 0x000F000F |
+MAGIC` holds two 16-bit numbers OFFSET + u at once, field p (plane p) in the low half and field
+p + 4 (plane p + 4) in the high half (bf16: 0x4300 reads 128 + u; fp16: 0x6400 reads 1024 + u).
+Per group g of the row n: sum_k x_k w_k = s sum_k x_k (OFFSET + u_k) + (m - OFFSET s) sum_k x_k, so
+the kernel keeps one dot accumulator a group and the row sums of the x tiles it already holds.
+On an H100 that made INT4 faster than `qgemm` at 16-64 rows only (and an INT8 variant slower:
+benchmarks/README.md), so plane_linear uses it for INT4 between the GEMV's rows and
+DEQUANT_MIN_ROWS. Program (m tile, n tile) streams its [PLANE, BLOCK_N] word tiles over K; Triton
+pipelines the word and x tile loads over `num_stages`. fp32 accumulation, bias in fp32, one
+rounding at the store.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ class CodesTiles:
     block_n: int
     num_warps: int
     num_stages: int
-    sub: int = 32  # INT8: words of a 128-word plane a step (a K step of 4 x sub columns)
 
 
 @triton.jit
@@ -46,11 +41,10 @@ def _apply_group(acc, acc_g, xs_g, s_ptr, m_ptr, g, offs_n, mask_n, OFFSET: tl.c
 @triton.jit
 def _codes_gemm_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om,
-    BITS: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, SCALE_EVERY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PLANE: tl.constexpr, GROUP: tl.constexpr, SCALE_EVERY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    PLANES: tl.constexpr = 32 // BITS
-    CHUNK: tl.constexpr = PLANES * PLANE
+    CHUNK: tl.constexpr = 8 * PLANE
     dtype = out_ptr.dtype.element_ty
     IS_BF16: tl.constexpr = dtype == tl.bfloat16
     MAGIC: tl.constexpr = 0x43004300 if IS_BF16 else 0x64006400  # two halves reading 128 + u (bf16) / 1024 + u (fp16)
@@ -65,60 +59,45 @@ def _codes_gemm_kernel(
     w_tile = w_ptr + offs_n[None, :].to(tl.int64) * KW + offs_j[:, None]  # [PLANE, BLOCK_N]
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if BITS == 8:  # one group over K: q = u - 128 exactly, the scale at the end; SUB words of a plane a step
-        w_sub = w_ptr + offs_n[None, :].to(tl.int64) * KW + tl.arange(0, SUB)[:, None]  # [SUB, BLOCK_N]
-        offs_s = tl.arange(0, SUB)
-        for c in range(0, KW // SUB):
-            words = tl.load(w_sub + c * SUB, mask=mask_n[None, :], other=0)
-            col0 = (c * SUB) // PLANE * CHUNK + (c * SUB) % PLANE  # column of field 0 of the first word
-            for i in tl.static_range(PLANES):
-                f = (((words >> (8 * i)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-                q = (f - 8388736.0).to(dtype)  # 2^23 + 128
-                cols = col0 + i * PLANE + offs_s
-                xv = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
-                acc = tl.dot(xv, q, acc)
-    else:  # INT4: pairs of planes (p, p + 4) unpacked by one mask, a dot accumulator a group
-        for c in range(0, KW // PLANE):
-            words = tl.load(w_tile + c * PLANE, mask=mask_n[None, :], other=0)
-            acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            xs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-            xs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for p in tl.static_range(4):
-                t = ((words >> (4 * p)) & 0x000F000F) | MAGIC
-                lo = t.to(tl.int16).to(dtype, bitcast=True)  # plane p
-                hi = (t >> 16).to(tl.int16).to(dtype, bitcast=True)  # plane p + 4
-                col_lo = c * CHUNK + p * PLANE
-                col_hi = col_lo + 4 * PLANE
-                x_lo = tl.load(x_rows + (col_lo + offs_j)[None, :],
-                               mask=mask_m[:, None] & ((col_lo + offs_j)[None, :] < K), other=0.0)
-                x_hi = tl.load(x_rows + (col_hi + offs_j)[None, :],
-                               mask=mask_m[:, None] & ((col_hi + offs_j)[None, :] < K), other=0.0)
-                if SCALE_EVERY == 8:  # the chunk is inside one group: one accumulator for both halves
-                    acc_lo = tl.dot(x_lo, lo, acc_lo)
-                    acc_lo = tl.dot(x_hi, hi, acc_lo)
-                    xs_lo += tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
-                    if p == 3:
-                        acc = _apply_group(acc, acc_lo, xs_lo, s_ptr, m_ptr, ((c * CHUNK) // GROUP) * N,
-                                           offs_n, mask_n, OFFSET)
+    for c in range(0, KW // PLANE):  # pairs of planes (p, p + 4) unpacked by one mask, a dot accumulator a group
+        words = tl.load(w_tile + c * PLANE, mask=mask_n[None, :], other=0)
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        xs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+        xs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for p in tl.static_range(4):
+            t = ((words >> (4 * p)) & 0x000F000F) | MAGIC
+            lo = t.to(tl.int16).to(dtype, bitcast=True)  # plane p
+            hi = (t >> 16).to(tl.int16).to(dtype, bitcast=True)  # plane p + 4
+            col_lo = c * CHUNK + p * PLANE
+            col_hi = col_lo + 4 * PLANE
+            x_lo = tl.load(x_rows + (col_lo + offs_j)[None, :],
+                           mask=mask_m[:, None] & ((col_lo + offs_j)[None, :] < K), other=0.0)
+            x_hi = tl.load(x_rows + (col_hi + offs_j)[None, :],
+                           mask=mask_m[:, None] & ((col_hi + offs_j)[None, :] < K), other=0.0)
+            if SCALE_EVERY == 8:  # the chunk is inside one group: one accumulator for both halves
+                acc_lo = tl.dot(x_lo, lo, acc_lo)
+                acc_lo = tl.dot(x_hi, hi, acc_lo)
+                xs_lo += tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+                if p == 3:
+                    acc = _apply_group(acc, acc_lo, xs_lo, s_ptr, m_ptr, ((c * CHUNK) // GROUP) * N,
+                                       offs_n, mask_n, OFFSET)
+            else:
+                if p % SCALE_EVERY == 0:  # a group starts at this plane (and at plane p + 4)
+                    acc_lo = tl.dot(x_lo, lo)
+                    acc_hi = tl.dot(x_hi, hi)
+                    xs_lo = tl.sum(x_lo.to(tl.float32), axis=1)
+                    xs_hi = tl.sum(x_hi.to(tl.float32), axis=1)
                 else:
-                    if p % SCALE_EVERY == 0:  # a group starts at this plane (and at plane p + 4)
-                        acc_lo = tl.dot(x_lo, lo)
-                        acc_hi = tl.dot(x_hi, hi)
-                        xs_lo = tl.sum(x_lo.to(tl.float32), axis=1)
-                        xs_hi = tl.sum(x_hi.to(tl.float32), axis=1)
-                    else:
-                        acc_lo = tl.dot(x_lo, lo, acc_lo)
-                        acc_hi = tl.dot(x_hi, hi, acc_hi)
-                        xs_lo += tl.sum(x_lo.to(tl.float32), axis=1)
-                        xs_hi += tl.sum(x_hi.to(tl.float32), axis=1)
-                    if p % SCALE_EVERY == SCALE_EVERY - 1:  # the group ends: its scales and mins
-                        acc = _apply_group(acc, acc_lo, xs_lo, s_ptr, m_ptr, (col_lo // GROUP) * N,
-                                           offs_n, mask_n, OFFSET)
-                        acc = _apply_group(acc, acc_hi, xs_hi, s_ptr, m_ptr, (col_hi // GROUP) * N,
-                                           offs_n, mask_n, OFFSET)
-    if BITS == 8:
-        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                    acc_lo = tl.dot(x_lo, lo, acc_lo)
+                    acc_hi = tl.dot(x_hi, hi, acc_hi)
+                    xs_lo += tl.sum(x_lo.to(tl.float32), axis=1)
+                    xs_hi += tl.sum(x_hi.to(tl.float32), axis=1)
+                if p % SCALE_EVERY == SCALE_EVERY - 1:  # the group ends: its scales and mins
+                    acc = _apply_group(acc, acc_lo, xs_lo, s_ptr, m_ptr, (col_lo // GROUP) * N,
+                                       offs_n, mask_n, OFFSET)
+                    acc = _apply_group(acc, acc_hi, xs_hi, s_ptr, m_ptr, (col_hi // GROUP) * N,
+                                       offs_n, mask_n, OFFSET)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -126,16 +105,10 @@ def _codes_gemm_kernel(
 
 
 def codes_supported(bits: int, plane: int, group_size: int, per_channel: bool, dtype: torch.dtype) -> bool:
-    """Which plane weights this kernel takes: INT4 groups of whole planes (planes inside a group or
-    groups of whole chunks), INT8 per channel; tl.dot needs PLANE >= 16."""
-    if dtype not in (torch.bfloat16, torch.float16) or plane < 16:
-        return False
-    if bits == 8:
-        return per_channel
-    if bits != 4 or per_channel:
-        return False
-    every = scale_every_codes(plane, group_size)
-    return every in (1, 2, 4, 8)
+    """Which plane weights this kernel takes: INT4 in groups of whole planes (planes inside a group or
+    groups of whole chunks), bf16 / fp16 activations; tl.dot needs PLANE >= 16."""
+    return (bits == 4 and not per_channel and plane >= 16 and dtype in (torch.bfloat16, torch.float16)
+            and scale_every_codes(plane, group_size) > 0)
 
 
 def scale_every_codes(plane: int, group_size: int) -> int:
@@ -150,15 +123,15 @@ def scale_every_codes(plane: int, group_size: int) -> int:
 
 
 def codes_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-               bias: torch.Tensor | None, out: torch.Tensor, *, bits: int, plane: int, group_size: int,
+               bias: torch.Tensor | None, out: torch.Tensor, *, plane: int, group_size: int,
                k: int, tiles: CodesTiles) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ W^T + bias for plane-layout W (packed.PlaneWeights' tensors)."""
+    """out [M, N] = x [M, K] @ W^T + bias for INT4 plane-layout W (packed.PlaneWeights' tensors)."""
     rows, n = out.shape
-    every = 1 if bits == 8 else scale_every_codes(plane, group_size)
+    every = scale_every_codes(plane, group_size)
     _codes_gemm_kernel[(triton.cdiv(rows, tiles.block_m), triton.cdiv(n, tiles.block_n))](
         x, words, scales, mins, bias if bias is not None else out, out, rows, n, k, words.shape[1],
-        x.stride(0), out.stride(0), BITS=bits, PLANE=plane, GROUP=group_size, SCALE_EVERY=every,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, SUB=min(tiles.sub, plane), HAS_BIAS=bias is not None,
+        x.stride(0), out.stride(0), PLANE=plane, GROUP=group_size, SCALE_EVERY=every,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HAS_BIAS=bias is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

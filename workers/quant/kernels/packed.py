@@ -22,10 +22,7 @@ dot a plane or (chunk_dot) one a chunk. Both: fp32 accumulation, bias in fp32, o
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
@@ -281,38 +278,10 @@ def default_gemm_tiles(w: PlaneWeights, rows: int) -> GemmTiles:
     return GemmTiles(64, 64, 4, 1)
 
 
-CODES_BUCKETS = (16, 64, 256, 2048)  # rows up to which a tile of the tuned table applies (the last: any more)
-CODES_TABLES_DIR = Path(__file__).with_name("codes_tiles")
-
-
-@functools.cache
-def tuned_codes_tiles(device_name: str) -> dict[str, CodesTiles]:
-    """The card's table written by benchmarks/quant_kernels.py --sweep-codes --write-tiles:
-    {"<bits>,<bucket>": [block_m, block_n, num_warps, num_stages, sub]}; empty when none ships."""
-    path = CODES_TABLES_DIR / (device_name.replace(" ", "_") + ".json")
-    try:
-        with open(path) as f:
-            return {key: CodesTiles(*value) for key, value in json.load(f).items()}
-    except FileNotFoundError:
-        return {}
-
-
-def codes_bucket(rows: int) -> int:
-    return next((b for b in CODES_BUCKETS if rows <= b), CODES_BUCKETS[-1])
-
-
-def default_codes_tiles(bits: int, rows: int, device: torch.device) -> CodesTiles:
-    """Tiles of codes_gemm.py's kernel: the card's tuned table by bit width and row bucket, else
-    guesses that fit shared memory on any card (INT4: a K step of 256 columns, INT8 of 128)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    tuned = tuned_codes_tiles(torch.cuda.get_device_name(index)).get(f"{bits},{codes_bucket(rows)}")
-    if tuned is not None:
-        return tuned
-    if rows <= 16:
-        return CodesTiles(16, 64, 4, 3)
-    if rows <= 64:
-        return CodesTiles(64, 64, 4, 3)
-    return CodesTiles(128, 128, 8, 2)
+def default_codes_tiles(rows: int) -> CodesTiles:
+    """Tiles of codes_gemm.py's kernel: the best of the H100 sweep (`quant_kernels.py --sweep-codes`)
+    at 16 and at 64 rows, the sizes it serves."""
+    return CodesTiles(16, 64, 4, 3) if rows <= 16 else CodesTiles(64, 64, 4, 3)
 
 
 INTERPRETER_GEMV = GemvTiles(16, 2, 4)  # under Triton's interpreter: several programs and iterations
@@ -357,13 +326,14 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
     codes_ok = codes_supported(w.bits, w.plane, w.group_size, w.per_channel, x.dtype)
-    codes_default = codes_ok and w.bits == 4 and gemm_tiles is None and rows > GEMV_MAX_ROWS
+    codes_default = codes_ok and gemm_tiles is None and rows > GEMV_MAX_ROWS
     if not silu_mul and (codes_tiles is not None or codes_default):
         if not codes_ok:
-            raise ValueError(f"the codes GEMM does not take {w.bits}-bit planes of {w.plane} in groups of {w.group_size}")
-        t = codes_tiles or (INTERPRETER_CODES if interpreted else default_codes_tiles(w.bits, rows, x.device))
-        return codes_gemm(x, w.words, w.scales, w.mins, bias, out, bits=w.bits, plane=w.plane,
-                          group_size=w.group_size, k=w.k, tiles=t)
+            raise ValueError(f"the codes GEMM takes INT4 only, in groups of whole planes; got {w.bits}-bit "
+                             f"planes of {w.plane} in groups of {w.group_size}")
+        t = codes_tiles or (INTERPRETER_CODES if interpreted else default_codes_tiles(rows))
+        return codes_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, group_size=w.group_size, k=w.k,
+                          tiles=t)
     if rows <= GEMV_MAX_ROWS:
         t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))
         _qgemv_kernel[(rows, triton.cdiv(n_out, t.block_n))](
