@@ -9,7 +9,9 @@ of it between calls), replayed 20 times: time per call = median replay / L. Floo
 read + write bytes, as benchmarks/gemv_gpu.py); "% floor" = floor / time. Beside each: the max
 abs error vs the dequantized weights in fp32 (FP8: vs x @ W, its activation rounding included).
 "fp8" is what fp8_linear does (W8A16 GEMV up to GEMV_MAX_ROWS rows, W8A8 _scaled_mm above);
-"fp8_w8a8" forces _scaled_mm at M <= GEMV_MAX_ROWS too.
+"fp8_w8a8" forces _scaled_mm at M <= GEMV_MAX_ROWS too. "tinygemm" is the engine's INT4 path on
+CUDA (kernels/tinygemm.py: torch's own kernel at decode rows, dequantize + cuBLAS above); "int4_*" the
+Triton kernels it replaced where torch's kernel accepts the shape.
 
 `--check`: every kernel once at every shape and M vs the reference, with a tolerance (FP8 also
 vs its own quantized activations, tightly); exit status 1 on any failure. A kernel that raises
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
 from shardserve.workers.quant.kernels import packed as pk
+from shardserve.workers.quant.kernels import tinygemm as tg
 from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
 from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
@@ -43,7 +46,7 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 DTYPE = torch.bfloat16
 DEV = torch.device("cuda")
 MIN_BYTES = 400 << 20
-REL_TOL = {"bf16": 2e-2, "int4_sym": 2e-2, "int4_asym": 2e-2, "int8": 2e-2, "fp8": 8e-2, "fp8_w8a8": 8e-2}
+REL_TOL = {"tinygemm": 2e-2, "bf16": 2e-2, "int4_sym": 2e-2, "int4_asym": 2e-2, "int8": 2e-2, "fp8": 8e-2, "fp8_w8a8": 8e-2}
 
 
 @dataclasses.dataclass
@@ -98,6 +101,10 @@ def cases(n: int, k: int, rows: int) -> list[Case]:
         p4 = pack_int4(w4, DTYPE)
         out.append(Case("int4_sym" if sym else "int4_asym", packed_bytes(p4), w4.dequantize(),
                         lambda i, p=p4: p if i == 0 else clone_packed(p), int4_linear))
+        if not sym:
+            tiny = tinygemm_case(w4)
+            if tiny is not None:
+                out.append(tiny)
         del w4
     w8 = Int8Weight(torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV),
                     torch.rand(n, device=DEV) * 1e-3 + 1e-4)
@@ -115,6 +122,19 @@ def cases(n: int, k: int, rows: int) -> list[Case]:
         out.append(Case(label, packed_bytes(pf), f8.dequantize(), lambda i, p=pf: p if i == 0 else clone_packed(p),
                         lambda a, w, g=gemv_rows, **kw: fp8_linear(a, w, gemv_max_rows=g, **kw)))
     return out
+
+
+def tinygemm_case(w4: Int4Weight) -> Case | None:
+    """What the engine runs for INT4 on CUDA with bf16 (kernels/tinygemm.py: torch._weight_int4pack_mm up
+    to TINY_MAX_ROWS rows, dequantize + cuBLAS above), on the same codes / scales / mins."""
+    if not tg.supported(w4, DEV, DTYPE):
+        return None
+    p = tg.pack_tiny(w4)
+    nbytes = p.words.numel() * 4 + p.scales_zeros.numel() * 2
+    return Case("tinygemm", nbytes, w4.dequantize(),
+                lambda i: p if i == 0 else dataclasses.replace(p, words=p.words.clone(),
+                                                                scales_zeros=p.scales_zeros.clone()),
+                tg.tiny_linear)
 
 
 def error_of(case: Case, x: torch.Tensor) -> tuple[float, float, float]:

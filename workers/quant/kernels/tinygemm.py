@@ -1,0 +1,139 @@
+"""INT4 group-wise linear on CUDA through PyTorch's own tensor-core kernel (tinygemm), for bf16 activations.
+
+Why: at decode sizes `torch._weight_int4pack_mm` (the kernel gpt-fast and torchao use) streams INT4
+weights faster than this package's Triton GEMV (benchmarks/README.md), and ships inside torch itself.
+Data flow: `pack_tiny` turns an `Int4Weight` (codes, scales, mins [N, G]) into torch's packed tensor
+(`_convert_weight_to_int4pack`) plus [G, N, 2] (scale, zero) with w = (q - 8) * scale + zero, i.e.
+zero = min + 8 scale. `tiny_linear` permutes x for act-order, then: up to TINY_MAX_ROWS rows the
+kernel; more rows, W dequantized to bf16 by `_dequant_kernel` and multiplied by cuBLAS (the kernel is
+slow at prefill sizes). torch's packed layout is not documented, so `block_layout` reads it once per
+device: it packs an 8 x BK block whose codes spell each element's index (4 bits a pass) and records
+which element every nibble of the packed block holds; the layout repeats block by block.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from shardserve.workers.quant.weights import Int4Weight
+
+TINY_MAX_ROWS = 16  # rows up to which torch's kernel runs; above, dequantize + cuBLAS
+GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
+N_TILE = 8  # output rows of a packed block
+
+
+@dataclass(frozen=True)
+class TinyPacked:
+    """torch's packed INT4 weight, its scales-and-zeros and the act-order perm (or None)."""
+
+    words: torch.Tensor  # int32, torch's layout: [N / 8][K / BK][32][inner_k_tiles / 2]
+    scales_zeros: torch.Tensor  # bf16 [G, N, 2]
+    perm: torch.Tensor | None
+    n: int
+    k: int
+    group_size: int
+    inner_k_tiles: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+
+def inner_k_tiles_for(k: int) -> int | None:
+    """The widest packing (8, 4 or 2 k-tiles of 16 columns per block) that divides K, or None."""
+    for tiles in (8, 4, 2):
+        if k % (16 * tiles) == 0:
+            return tiles
+    return None
+
+
+def supported(w: Int4Weight, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's kernel takes this weight here: CUDA, bf16, 4-bit groups of 32-256, N % 8 == 0."""
+    n, k = w.q.shape
+    return (device.type == "cuda" and dtype == torch.bfloat16 and w.bits == 4 and hasattr(torch, "_weight_int4pack_mm")
+            and w.group_size in GROUP_SIZES and k % w.group_size == 0 and n % N_TILE == 0
+            and inner_k_tiles_for(k) is not None)
+
+
+def pack_tiny(w: Int4Weight) -> TinyPacked:
+    """Int4Weight (on a CUDA device) -> TinyPacked; the caller checked `supported`."""
+    n, k = w.q.shape
+    tiles = inner_k_tiles_for(k)
+    q = w.q.to(torch.uint8)
+    words = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+    zeros = w.mins + 8 * w.scales
+    scales_zeros = torch.stack([w.scales.t(), zeros.t()], dim=2).to(torch.bfloat16).contiguous()
+    perm = None if w.perm is None else w.perm.to(device=w.q.device, dtype=torch.int64).contiguous()
+    return TinyPacked(words, scales_zeros, perm, n, k, w.group_size, tiles)
+
+
+def tiny_linear(x: torch.Tensor, p: TinyPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] bf16 -> x @ W^T + bias [M, N] (W = the Int4Weight's dequantize())."""
+    if x.dim() != 2 or x.shape[1] != p.k or x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be bfloat16 [M, {p.k}], got {x.dtype} {tuple(x.shape)}")
+    if p.perm is not None:
+        x = x.index_select(1, p.perm)
+    if x.shape[0] > TINY_MAX_ROWS:
+        return torch.nn.functional.linear(x, dequantize_tiny(p), bias)
+    out = torch._weight_int4pack_mm(x.contiguous(), p.words, p.group_size, p.scales_zeros)
+    return out if bias is None else out + bias
+
+
+@functools.cache
+def block_layout(inner_k_tiles: int, device: torch.device) -> torch.Tensor:
+    """int32 [8 * BK] (BK = 16 * inner_k_tiles): for element (r, c) of a block, at r * BK + c, the
+    nibble of the packed block holding it (word * 8 + nibble, nibble i at bits 4i..4i+3)."""
+    bk = 16 * inner_k_tiles
+    index = torch.arange(N_TILE * bk, device=device)
+    holds = torch.zeros(N_TILE * bk, dtype=torch.int64, device=device)  # nibble position -> element
+    for shift in range(0, int(N_TILE * bk - 1).bit_length(), 4):
+        codes = ((index >> shift) & 0xF).view(N_TILE, bk).to(torch.uint8)
+        words = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).contiguous(), inner_k_tiles)
+        nibbles = (words.reshape(-1, 1).to(torch.int64) >> (4 * torch.arange(8, device=device))) & 0xF
+        holds |= nibbles.reshape(-1) << shift
+    if not torch.equal(holds.sort().values, index):
+        raise RuntimeError("torch's int4 packing is not a permutation of one block: unsupported torch version")
+    where = torch.empty_like(holds)
+    where[holds] = torch.arange(holds.numel(), device=device)
+    return where.to(torch.int32)
+
+
+@triton.jit
+def _dequant_kernel(words_ptr, where_ptr, sz_ptr, out_ptr, N, K, K_BLOCKS,
+                    BK: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr):
+    """W [TILES * 8 rows, BK columns] of block column kb: each element's nibble found through `where`."""
+    pid_n = tl.program_id(0)
+    kb = tl.program_id(1)
+    r = tl.arange(0, TILES * 8)[:, None]
+    c = tl.arange(0, BK)[None, :]
+    n = pid_n * TILES * 8 + r
+    mask = n < N
+    pos = tl.load(where_ptr + (r % 8) * BK + c)  # nibble within the block
+    block = (n // 8).to(tl.int64) * K_BLOCKS + kb
+    words = tl.load(words_ptr + block * BK + pos // 8, mask=mask, other=0)
+    q = ((words >> ((pos % 8) * 4)) & 0xF).to(tl.float32)
+    k = kb * BK + c
+    sz = sz_ptr + ((k // GROUP).to(tl.int64) * N + n) * 2
+    scale = tl.load(sz, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n.to(tl.int64) * K + k, ((q - 8.0) * scale + zero).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_words(words: torch.Tensor, where: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
+                     group_size: int, inner_k_tiles: int, tiles: int = 4) -> torch.Tensor:
+    """W [N, K] bf16 from blocks in the layout `where` describes (see `block_layout`)."""
+    bk = 16 * inner_k_tiles
+    out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
+    grid = (triton.cdiv(n, tiles * N_TILE), k // bk)
+    _dequant_kernel[grid](words, where, scales_zeros, out, n, k, k // bk, BK=bk, GROUP=group_size, TILES=tiles)
+    return out
+
+
+def dequantize_tiny(p: TinyPacked) -> torch.Tensor:
+    """W [N, K] bf16 in the packed (act-order) column order."""
+    return dequantize_words(p.words, block_layout(p.inner_k_tiles, p.words.device), p.scales_zeros, p.n, p.k,
+                            p.group_size, p.inner_k_tiles)
