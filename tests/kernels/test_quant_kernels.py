@@ -228,10 +228,11 @@ def _silu_mul_ref(y: torch.Tensor) -> torch.Tensor:
 def test_silu_mul_epilogue_of_the_decode_kernels(device):
     """gate_up at decode size: silu(gate) * up from the GEMV's epilogue for INT4, INT8 and FP8 (W = [gate;
     up]), equal to the unfused projection followed by SiLU-and-mul; through cuda.py's KernelRuntime,
-    which declines above the GEMV's rows."""
+    which declines above the GEMV's rows (and for INT4 on CUDA, which runs torch's kernel unfused)."""
     from shardserve.workers.quant.cuda import cuda_runtime
+    from shardserve.workers.quant.kernels.tinygemm import TinyPacked
 
-    x = torch.randn(2, K, device=device).bfloat16()
+    x = torch.randn(1, K, device=device).bfloat16()
     w4 = _int4(N, K, 64, False, False, device)
     w8 = Int8Weight(torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device),
                     torch.rand(N, device=device) * 0.01 + 1e-3)
@@ -241,8 +242,11 @@ def test_silu_mul_epilogue_of_the_decode_kernels(device):
     for w in (w4, w8, f8):
         runtime = cuda_runtime(w, torch.device(device), torch.bfloat16)
         fused = runtime.silu_mul(x)
+        if isinstance(runtime.packed, TinyPacked):
+            assert fused is None and device == "cuda"
+            continue
         ref = _silu_mul_ref(runtime(x, None))
-        assert fused.shape == (2, N // 2) and fused.dtype == torch.bfloat16
+        assert fused.shape == (1, N // 2) and fused.dtype == torch.bfloat16
         assert (fused.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item(), type(w).__name__
         assert runtime.silu_mul(torch.randn(17, K, device=device).bfloat16()) is None
     with pytest.raises(ValueError, match="silu_mul takes at most"):

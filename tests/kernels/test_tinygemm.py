@@ -33,7 +33,7 @@ def _pack_by(where: torch.Tensor, q: torch.Tensor, bk: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-@pytest.mark.parametrize("tiles,group", [(2, 32), (4, 64), (8, 128)])
+@pytest.mark.parametrize("tiles,group", [(2, 64), (4, 32), (8, 128), (8, 32)])
 def test_dequantize_follows_the_block_layout(tiles, group, device):
     n, bk = 40, 16 * tiles  # 40 rows: one whole program of 32 and a part
     k = 2 * max(bk, group)

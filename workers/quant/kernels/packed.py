@@ -30,7 +30,8 @@ import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.quant.kernels.codes_gemm import CodesTiles, codes_gemm, codes_supported
 
-GEMV_MAX_ROWS = 4  # rows up to which the matrix-vector kernel (weights re-read from L2 per row) is used
+GEMV_MAX_ROWS = 1  # rows up to which the matrix-vector kernel is the default: it re-reads the weights for
+# every row, and on an H100 4 rows cost it ~3.5x one row while the GEMMs stay near one read (benchmarks/README.md)
 # Above this many rows W is dequantized to the activation dtype and cuBLAS multiplies: the Triton GEMMs
 # here (with dequantization in the main loop, or codes_gemm.py's) ran at 0.26-0.28x cuBLAS at M = 2048
 # and 0.2-0.3x at M = 256 on an H100, while dequantizing costs about one bf16 read of W
@@ -303,7 +304,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
                  codes_tiles: CodesTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
 
-    Up to GEMV_MAX_ROWS rows the matrix-vector kernel; INT4 up to DEQUANT_MIN_ROWS - 1 rows
+    Up to GEMV_MAX_ROWS rows (or any rows with `gemv_tiles`) the matrix-vector kernel; INT4 up to DEQUANT_MIN_ROWS - 1 rows
     codes_gemm.py's kernel, INT8 (or other group layouts) this module's dequantizing GEMM; from
     DEQUANT_MIN_ROWS rows on CUDA, W dequantized + cuBLAS. `gemm_tiles` / `codes_tiles` force one
     GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows): silu(gate) * up
@@ -312,7 +313,8 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     if x.stride(1) != 1:
         x = x.contiguous()
     rows, n = x.shape[0], w.n
-    if silu_mul and (rows > GEMV_MAX_ROWS or bias is not None or n % 2):
+    gemv = rows <= GEMV_MAX_ROWS or gemv_tiles is not None
+    if silu_mul and (not gemv or bias is not None or n % 2):
         raise ValueError(f"silu_mul takes at most {GEMV_MAX_ROWS} rows, no bias and an even N; got {rows} rows, N {n}")
     if w.scales.dtype != x.dtype:
         raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
@@ -326,7 +328,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
     codes_ok = codes_supported(w.bits, w.plane, w.group_size, w.per_channel, x.dtype)
-    codes_default = codes_ok and gemm_tiles is None and rows > GEMV_MAX_ROWS
+    codes_default = codes_ok and gemm_tiles is None and not gemv
     if not silu_mul and (codes_tiles is not None or codes_default):
         if not codes_ok:
             raise ValueError(f"the codes GEMM takes INT4 only, in groups of whole planes; got {w.bits}-bit "
@@ -334,7 +336,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
         t = codes_tiles or (INTERPRETER_CODES if interpreted else default_codes_tiles(rows))
         return codes_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, group_size=w.group_size, k=w.k,
                           tiles=t)
-    if rows <= GEMV_MAX_ROWS:
+    if gemv:
         t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))
         _qgemv_kernel[(rows, triton.cdiv(n_out, t.block_n))](
             x, w.words, w.scales, w.mins, bias_arg, out, n_out, n, w.k, kw, x.stride(0), out.stride(0),

@@ -105,22 +105,30 @@ def block_layout(inner_k_tiles: int, device: torch.device) -> torch.Tensor:
 @triton.jit
 def _dequant_kernel(words_ptr, where_ptr, sz_ptr, out_ptr, N, K, K_BLOCKS,
                     BK: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr):
-    """W [TILES * 8 rows, BK columns] of block column kb: each element's nibble found through `where`."""
+    """W [TILES * 8 rows, BK columns] of block column kb: each element's nibble found through `where`
+    (one [8, BK] table for every block); scales and zeros loaded once a row and group."""
     pid_n = tl.program_id(0)
     kb = tl.program_id(1)
-    r = tl.arange(0, TILES * 8)[:, None]
-    c = tl.arange(0, BK)[None, :]
-    n = pid_n * TILES * 8 + r
-    mask = n < N
-    pos = tl.load(where_ptr + (r % 8) * BK + c)  # nibble within the block
-    block = (n // 8).to(tl.int64) * K_BLOCKS + kb
-    words = tl.load(words_ptr + block * BK + pos // 8, mask=mask, other=0)
-    q = ((words >> ((pos % 8) * 4)) & 0xF).to(tl.float32)
-    k = kb * BK + c
-    sz = sz_ptr + ((k // GROUP).to(tl.int64) * N + n) * 2
-    scale = tl.load(sz, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + n.to(tl.int64) * K + k, ((q - 8.0) * scale + zero).to(out_ptr.dtype.element_ty), mask=mask)
+    t3 = tl.arange(0, TILES)[:, None, None]
+    r3 = tl.arange(0, 8)[None, :, None]
+    c3 = tl.arange(0, BK)[None, None, :]
+    tile = pid_n * TILES + t3  # [TILES, 1, 1] n-tile
+    mask = tile * 8 < N
+    pos = tl.load(where_ptr + r3 * BK + c3)  # [1, 8, BK] nibble within a block
+    words = tl.load(words_ptr + (tile.to(tl.int64) * K_BLOCKS + kb) * BK + pos // 8, mask=mask, other=0)
+    q = ((words >> ((pos % 8) * 4)) & 0xF).to(tl.float32)  # [TILES, 8, BK]
+    q = tl.reshape(q, [TILES * 8, BK // GROUP if GROUP < BK else 1, GROUP if GROUP < BK else BK])
+    n = pid_n * TILES * 8 + tl.arange(0, TILES * 8)
+    g0 = (kb * BK) // GROUP
+    gs = g0 + tl.arange(0, BK // GROUP if GROUP < BK else 1)  # the block's groups
+    sz = sz_ptr + (gs[None, :, None] * N + n[:, None, None]) * 2  # [TILES * 8, groups, 1]
+    row_ok = (n < N)[:, None, None]
+    w = (q - 8.0) * tl.load(sz, mask=row_ok, other=0.0).to(tl.float32) + tl.load(sz + 1, mask=row_ok,
+                                                                                   other=0.0).to(tl.float32)
+    w = tl.reshape(w, [TILES * 8, BK])
+    k = kb * BK + tl.arange(0, BK)[None, :]
+    out = out_ptr + n[:, None].to(tl.int64) * K + k
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(n < N)[:, None])
 
 
 def dequantize_words(words: torch.Tensor, where: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
