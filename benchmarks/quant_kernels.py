@@ -10,8 +10,8 @@ read + write bytes, as benchmarks/gemv_gpu.py); "% floor" = floor / time. Beside
 abs error vs the dequantized weights in fp32 (FP8: vs x @ W, its activation rounding included).
 "fp8" is what fp8_linear does (W8A16 GEMV up to GEMV_MAX_ROWS rows, W8A8 _scaled_mm above);
 "fp8_w8a8" forces _scaled_mm at M <= GEMV_MAX_ROWS too. "tinygemm" is the engine's INT4 path on
-CUDA (kernels/tinygemm.py: torch's own kernel at decode rows, dequantize + cuBLAS above); "int4_*" the
-Triton kernels it replaced where torch's kernel accepts the shape.
+CUDA (kernels/tinygemm.py: torch's own kernel up to 16 rows, the plane kernels above); "int4_*" the
+plane kernels alone.
 
 `--check`: every kernel once at every shape and M vs the reference, with a tolerance (FP8 also
 vs its own quantized activations, tightly); exit status 1 on any failure. A kernel that raises
@@ -125,16 +125,15 @@ def cases(n: int, k: int, rows: int) -> list[Case]:
 
 
 def tinygemm_case(w4: Int4Weight) -> Case | None:
-    """What the engine runs for INT4 on CUDA with bf16 (kernels/tinygemm.py: torch._weight_int4pack_mm up
-    to TINY_MAX_ROWS rows, dequantize + cuBLAS above), on the same codes / scales / mins."""
+    """What the engine runs for INT4 on CUDA with bf16 (kernels/tinygemm.py's dual packing: torch's kernel
+    up to TINY_MAX_ROWS rows, the plane kernels above), on the same codes / scales / mins; bytes = torch's
+    packing (what the decode rows read)."""
     if not tg.supported(w4, DEV, DTYPE):
         return None
-    p = tg.pack_tiny(w4)
-    nbytes = p.words.numel() * 4 + p.scales_zeros.numel() * 2
-    return Case("tinygemm", nbytes, w4.dequantize(),
-                lambda i: p if i == 0 else dataclasses.replace(p, words=p.words.clone(),
-                                                                scales_zeros=p.scales_zeros.clone()),
-                tg.tiny_linear)
+    first = tg.pack_dual(w4, DTYPE)
+    nbytes = first.tiny.words.numel() * 4 + first.tiny.scales_zeros.numel() * 2
+    return Case("tinygemm", nbytes, w4.dequantize(), lambda i: first if i == 0 else tg.pack_dual(w4, DTYPE),
+                tg.dual_linear)
 
 
 def error_of(case: Case, x: torch.Tensor) -> tuple[float, float, float]:

@@ -4,7 +4,8 @@ Under Triton's interpreter (CI): the dequantize kernel over blocks in a layout g
 permutation of each 8 x BK block (the kernel may only follow `where`, never assume an order), for
 2, 4 and 8 k-tiles a block and several groups, rows past a whole program, against the reference.
 On CUDA (SHARDSERVE_KERNEL_DEVICE=cuda): torch's packing read by `block_layout`, torch's kernel at
-decode rows and the dequantize + cuBLAS path above TINY_MAX_ROWS, with act-order and bias.
+decode rows and the dequantize + cuBLAS path above TINY_MAX_ROWS, with act-order and bias; the
+engine's dual packing (torch's kernel, then the planes) on the same rows.
 """
 
 from __future__ import annotations
@@ -64,6 +65,6 @@ def test_tiny_linear_on_cuda(rows, act_order):
     p = tg.pack_tiny(w)
     x = torch.randn(rows, 512, device=dev, dtype=torch.bfloat16)
     bias = torch.randn(96, device=dev, dtype=torch.bfloat16)
-    out = tg.tiny_linear(x, p, bias)
     ref = x.float() @ w.dequantize().T + bias.float()
-    assert (out.float() - ref).abs().max().item() <= 1.5e-2 * ref.abs().max().item()
+    for out in (tg.tiny_linear(x, p, bias), tg.dual_linear(x, tg.pack_dual(w, torch.bfloat16), bias)):
+        assert (out.float() - ref).abs().max().item() <= 1.5e-2 * ref.abs().max().item()

@@ -2,8 +2,8 @@
 
 Each kernel module packs the unpacked weight (../weights.py) into its runtime layout once, at
 load, and its `*_linear(x, packed, bias)` picks the matrix-vector kernel at decode size and the
-GEMM otherwise; all are CUDA-graph safe. INT4 with bf16 activations takes torch's own kernel
-(kernels/tinygemm.py) where it accepts the shape, the Triton kernels otherwise. A `KernelRuntime` also offers `silu_mul(x)`: at decode
+GEMM otherwise; all are CUDA-graph safe. INT4 with bf16 activations takes torch's own kernel at
+decode rows (kernels/tinygemm.py) where it accepts the shape, the Triton kernels otherwise. A `KernelRuntime` also offers `silu_mul(x)`: at decode
 size, gate_up's projection with SiLU-and-mul in the GEMV's epilogue (models/layers.gate_up_silu),
 None otherwise. GPTQ 8-bit weights (asymmetric groups, no kernel of their own) are widened once to
 the model dtype.
@@ -41,7 +41,8 @@ def cuda_runtime(w: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4
 
         if tinygemm.supported(w, device, dtype):  # no fused SiLU: gemv_rows 0 turns silu_mul off
-            return KernelRuntime(tinygemm.tiny_linear, tinygemm.pack_tiny(_to(w, device)), 0, lambda x, p: None)
+            return KernelRuntime(tinygemm.dual_linear, tinygemm.pack_dual(_to(w, device), dtype), 0,
+                                 lambda x, p: None)
 
         return KernelRuntime(int4_linear, pack_int4(_to(w, device), dtype), GEMV_MAX_ROWS,
                              lambda x, p: int4_linear(x, p, silu_mul=True))

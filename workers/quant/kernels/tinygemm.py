@@ -6,7 +6,10 @@ Data flow: `pack_tiny` turns an `Int4Weight` (codes, scales, mins [N, G]) into t
 (`_convert_weight_to_int4pack`) plus [G, N, 2] (scale, zero) with w = (q - 8) * scale + zero, i.e.
 zero = min + 8 scale. `tiny_linear` permutes x for act-order, then: up to TINY_MAX_ROWS rows the
 kernel; more rows, W dequantized to bf16 by `_dequant_kernel` and multiplied by cuBLAS (the kernel is
-slow at prefill sizes). torch's packed layout is not documented, so `block_layout` reads it once per
+slow at prefill sizes). The engine holds an `Int4Dual`: this packing for up to TINY_MAX_ROWS rows
+beside int4.py's plane layout for more (its codes GEMM and dequantize kernel are ~2-3x faster than
+this module's dequantize above 16 rows on an H100): INT4 weights then take 1 byte a weight, not 0.5.
+torch's packed layout is not documented, so `block_layout` reads it once per
 device: it packs an 8 x BK block whose codes spell each element's index (4 bits a pass) and records
 which element every nibble of the packed block holds; the layout repeats block by block.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.weights import Int4Weight
 
 TINY_MAX_ROWS = 16  # rows up to which torch's kernel runs; above, dequantize + cuBLAS
@@ -81,6 +85,29 @@ def tiny_linear(x: torch.Tensor, p: TinyPacked, bias: torch.Tensor | None = None
         return torch.nn.functional.linear(x, dequantize_tiny(p), bias)
     out = torch._weight_int4pack_mm(x.contiguous(), p.words, p.group_size, p.scales_zeros)
     return out if bias is None else out + bias
+
+
+@dataclass(frozen=True)
+class Int4Dual:
+    """One INT4 weight in both layouts: torch's for decode rows, the planes for more."""
+
+    tiny: TinyPacked
+    planes: Int4Packed
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tiny.shape
+
+
+def pack_dual(w: Int4Weight, dtype: torch.dtype) -> Int4Dual:
+    return Int4Dual(pack_tiny(w), pack_int4(w, dtype))
+
+
+def dual_linear(x: torch.Tensor, p: Int4Dual, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's kernel up to TINY_MAX_ROWS rows, int4.py's kernels above."""
+    if x.dim() == 2 and x.shape[0] <= TINY_MAX_ROWS:
+        return tiny_linear(x, p.tiny, bias)
+    return int4_linear(x, p.planes, bias)
 
 
 @functools.cache
