@@ -20,10 +20,13 @@ Stamps are time.time() of one host; the client runs in this process.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import socket
 import statistics
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-api", choices=["auto", "chat", "completions"], default="auto",
                    help="auto: chat when the model has a chat template, else completions of token ids")
     p.add_argument("--stream-interval-ms", type=float, help="override the model's stream_interval_ms")
+    p.add_argument("--ray-defaults", action="store_true",
+                   help="start Ray without cluster/app.py's SERVE_ENV (Ray Serve's default threads and proxy hop)")
     p.add_argument("--json", help="write every request's record here")
     return p.parse_args(argv)
 
@@ -90,14 +95,15 @@ def app_config(args: argparse.Namespace) -> Any:
     return parse_config(data, ServeConfig)
 
 
-def start_app(config: Any) -> None:
+def start_app(config: Any, ray_defaults: bool) -> None:
     import ray
     from ray import serve
-    from shardserve.cluster.app import build_app, serve_options
+    from shardserve.cluster.app import build_app, serve_env, serve_options
 
     num_gpus = 1 if config.models[0].device.startswith("cuda") else 0
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=num_gpus, include_dashboard=False,
-             namespace=config.ray.namespace)
+    with contextlib.nullcontext() if ray_defaults else serve_env():  # as `shardserve serve` starts Ray
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=num_gpus, include_dashboard=False,
+                 namespace=config.ray.namespace)
     serve.start(**serve_options(config))
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
 
@@ -153,11 +159,16 @@ def engine_records(replicas: set[str]) -> dict[str, dict]:
     from ray import serve
     from shardserve.cluster.ingress.deployment import llm_server_name
 
-    handle = serve.get_deployment_handle(llm_server_name(0, MODEL[0]), app_name=APP_NAME)
-    out: dict[str, dict] = {}
-    for replica in sorted(replicas):
-        out.update(handle.recent_requests.remote(replica_id=replica).result(timeout_s=30)["requests"])
-    return out
+    async def fetch() -> dict[str, dict]:  # on a running loop: works whatever Serve's router-loop setting
+        handle = serve.get_deployment_handle(llm_server_name(0, MODEL[0]), app_name=APP_NAME)
+        out: dict[str, dict] = {}
+        for replica in sorted(replicas):
+            out.update((await handle.recent_requests.remote(replica_id=replica))["requests"])
+        return out
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()  # runs until the process ends
+    return asyncio.run_coroutine_threadsafe(fetch(), loop).result(timeout=60)
 
 
 MODEL: list[str] = []  # the served model's name (set in main)
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     config = app_config(args)
     model = config.models[0]
     MODEL.append(model.name)
-    start_app(config)
+    start_app(config, args.ray_defaults)
     try:
         paths = args.paths.split(",")
         api = args.http_api

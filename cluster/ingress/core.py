@@ -2,7 +2,8 @@
 
 Data flow: a front end builds a `GenerateRequest` and calls `core.stream(request)`. The core
 finds the model's LLMServer handle (unknown model → ApiError NOT_FOUND), calls
-`generate` as a streaming handle call (the prefix-affinity router picks the replica), and
+`generate` as a streaming by-value handle call (the prefix-affinity router picks the replica;
+request and chunks go over Serve's gRPC between replicas, no Ray object per chunk), and
 re-yields its `GenerateChunk`s, turning an error chunk or a Ray Serve failure into an ApiError.
 When the consumer stops early (client disconnect, gRPC cancel or deadline) the handle call is
 cancelled; Ray Serve cancels the replica's generator, which aborts the request in the engine.
@@ -114,7 +115,9 @@ class IngressCore:
         if self.gate is not None and self.gate.admit_tokens(request):  # raises when over the key's budget
             gate, tenant = self.gate, request.tenant
             on_first = lambda chunk: gate.charge_prompt(tenant, chunk.num_prompt_tokens)  # noqa: E731
-        return ChunkStream(handle.options(stream=True).generate.remote(request), on_first)
+        # By value: the call and its chunks go over the replica's own gRPC server (Serve's
+        # inter-deployment gRPC), not as a Ray task and one Ray object per chunk.
+        return ChunkStream(handle.options(stream=True, _by_reference=False).generate.remote(request), on_first)
 
     async def first_chunk(self, request: GenerateRequest) -> tuple[GenerateChunk, ChunkStream]:
         """The first chunk (errors raise here) and the stream of the rest."""
