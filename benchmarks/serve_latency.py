@@ -98,10 +98,15 @@ def app_config(args: argparse.Namespace) -> Any:
 def start_app(config: Any, ray_defaults: bool) -> None:
     import ray
     from ray import serve
-    from shardserve.cluster.app import build_app, serve_env, serve_options
+    from shardserve.cluster.app import build_app, serve_options
 
     num_gpus = 1 if config.models[0].device.startswith("cuda") else 0
-    with contextlib.nullcontext() if ray_defaults else serve_env():  # as `shardserve serve` starts Ray
+    env: Any = contextlib.nullcontext()
+    if not ray_defaults:  # as `shardserve serve` starts Ray (imported here: an older tree has no serve_env)
+        from shardserve.cluster.app import serve_env
+
+        env = serve_env()
+    with env:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=num_gpus, include_dashboard=False,
                  namespace=config.ray.namespace)
     serve.start(**serve_options(config))
