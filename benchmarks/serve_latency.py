@@ -9,12 +9,12 @@ requests one at a time over gRPC (generated stubs, GenerateStream, 16 prompt tok
 (streaming chat with the model's template, or streaming completions of the same token ids with
 `--http-api completions`), after a few warm-up requests each. The engine's own TTFT / e2e of each
 request and the per-hop stamps come from `LLMServer.recent_requests()` (cluster/server.py `_Trace`):
-client send -> ingress built the request -> LLMServer received it (handle call, router, actor hop)
+client send -> ingress built the request -> LLMServer received it (handle call, router pick, hop)
 -> engine add_request (template, engine thread hand-off) -> engine's first token (the engine's own
 TTFT) -> LLMServer yielded the first chunk (output hand-off, chunk build) -> client got it (Serve's
 stream back, Ingress message building, transport). Prints the median of each hop and the median
 added TTFT / e2e (client minus the engine's own) per path; `--json FILE` writes every record.
-Stamps are time.time() of one host; the client runs in this process.
+Stamps are time.time() of one host; the client runs in this process. Old vs new: serve_latency_ab.sh.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 # Ray's workers inherit) and runs with --ray-defaults (Ray Serve's default threads and proxy hop).
 # Hops an old tree does not stamp print as nan; added TTFT / e2e come from the engine's own timing.
 #
-#   benchmarks/serve_latency_ab.sh OLD [serve_latency.py args...]
+#   benchmarks/serve_latency_ab.sh OLD [serve_latency.py args...]     (OLD: a commit, or a folder holding
+#                                       its cluster/ workers/ parallel/: on a machine without .git)
 #   e.g. benchmarks/serve_latency_ab.sh fceec36                       # CPU, make serve's config
 #        benchmarks/serve_latency_ab.sh fceec36 --model dummy:llama-3.1-8b --device cuda --dtype bfloat16
 # Environment: PYTHON (python), ROUNDS (2), OUT (a temporary folder). Run from the repository root.
@@ -18,7 +19,8 @@ OUT=${OUT:-$(mktemp -d /tmp/serve_latency_ab.XXXXXX)}
 TREE=$OUT/old-tree
 SHIM=$OUT/old-shim/shardserve
 mkdir -p "$TREE" "$SHIM"
-git archive "$OLD" cluster workers parallel | tar -x -C "$TREE"
+if [ -d "$OLD" ]; then cp -r "$OLD"/cluster "$OLD"/workers "$OLD"/parallel "$TREE"/
+else git archive "$OLD" cluster workers parallel | tar -x -C "$TREE"; fi
 for d in cluster workers parallel; do ln -sfn "$TREE/$d" "$SHIM/$d"; done
 PYTHONPATH=$OUT/old-shim "$PY" -m shardserve.cluster.proto.build >/dev/null
 for round in $(seq 1 "$ROUNDS"); do

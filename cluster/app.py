@@ -43,11 +43,11 @@ CONTROL_HEADROOM = 32
 # Ray Serve's own switches for every Serve process, read from the environment when Ray starts it:
 # user code on the replica's main loop and the handle's router on the caller's loop (two thread
 # hops fewer per request and per streamed message), and the HTTP proxy calling the Ingress over
-# gRPC by value (no Ray object per message). Together with by-value LLMServer calls (IngressCore)
-# they took the TTFT gRPC adds at concurrency 1 from 12.3 to 6.0 ms on 2 shared CPU cores
-# (benchmarks/serve_latency.py). Set through the environment, not a runtime_env: while Serve's
-# gRPC proxy existed, a runtime_env on the replicas coincided with it segfaulting in Ray core
-# (ray-project/ray#39703, #43771); the Ingress serves gRPC itself now. The Helm chart sets them too.
+# gRPC by value (no Ray object per message). With by-value LLMServer calls (IngressCore) they cut
+# about a third of the latency the serving path adds (benchmarks/README.md, serve_latency_ab.sh).
+# Set through the environment, not a runtime_env: while Serve's gRPC proxy existed, a runtime_env
+# on the replicas coincided with it segfaulting in Ray core (ray-project/ray#39703, #43771); the
+# Ingress serves gRPC itself now. The Helm chart sets them too (rayServe.env).
 SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
