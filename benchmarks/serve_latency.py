@@ -9,7 +9,7 @@ requests one at a time over gRPC (generated stubs, GenerateStream, 16 prompt tok
 (streaming chat with the model's template, or streaming completions of the same token ids with
 `--http-api completions`), after a few warm-up requests each. The engine's own TTFT / e2e of each
 request and the per-hop stamps come from `LLMServer.recent_requests()` (cluster/server.py `_Trace`):
-client send -> ingress built the request -> LLMServer received it (handle call, router pick, hop)
+client send -> ingress built the request -> router picked a replica -> LLMServer received it
 -> engine add_request (template, engine thread hand-off) -> engine's first token (the engine's own
 TTFT) -> LLMServer yielded the first chunk (output hand-off, chunk build) -> client got it (Serve's
 stream back, Ingress message building, transport). Prints the median of each hop and the median
@@ -36,7 +36,8 @@ APP_NAME = "serve-latency"
 ROOT = Path(__file__).resolve().parent.parent
 HOPS = (  # (name, from stamp, to stamp) of the first token's way
     ("client -> ingress", "client_send_unix_s", "ingress_unix_s"),
-    ("ingress -> LLMServer", "ingress_unix_s", "server_receive_unix_s"),
+    ("ingress -> router pick", "ingress_unix_s", "router_pick_unix_s"),
+    ("router pick -> LLMServer", "router_pick_unix_s", "server_receive_unix_s"),
     ("LLMServer -> engine add", "server_receive_unix_s", "engine_arrival_unix_s"),
     ("engine TTFT", "engine_arrival_unix_s", "engine_first_token_unix_s"),
     ("engine -> LLMServer yield", "engine_first_token_unix_s", "server_first_yield_unix_s"),

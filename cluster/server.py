@@ -94,18 +94,21 @@ async def make_engine(section: ModelSection, engine_factory: EngineFactory | Non
 class _Trace:
     """Wall-clock stamps (time.time()) of one request's first token on its way through the serving
     path, kept with its timing in `recent_requests()` (benchmarks/serve_latency.py reads them): the
-    Ingress built the request, this replica received it, first chunk yielded. The engine's own
-    stamps (add_request, first token: RequestMetrics, monotonic) are moved onto the same clock."""
+    Ingress built the request, the router picked this replica, it received it, the first chunk was
+    yielded. The engine's own stamps (add_request, first token: RequestMetrics, monotonic) are moved
+    onto the same clock."""
 
     ingress_unix_s: float
+    router_pick_unix_s: float | None
     server_receive_unix_s: float
     first_yield_unix_s: float | None = None
 
     def unix_stamps(self, metrics: Any) -> dict[str, float | None]:
         shift = time.time() - time.monotonic()
-        first_token = None if metrics is None or metrics.first_token_time is None else metrics.first_token_time
+        first_token = None if metrics is None else metrics.first_token_time
         return {
             "ingress_unix_s": self.ingress_unix_s,
+            "router_pick_unix_s": self.router_pick_unix_s,
             "server_receive_unix_s": self.server_receive_unix_s,
             "engine_arrival_unix_s": None if metrics is None else metrics.arrival_time + shift,
             "engine_first_token_unix_s": None if first_token is None else first_token + shift,
@@ -156,7 +159,7 @@ class LLMServer:
             return
         self.num_in_flight += 1
         start = time.monotonic()
-        trace = _Trace(request.arrival_unix_s, received)
+        trace = _Trace(request.arrival_unix_s, request.stamps.get("routed"), received)
         stream = self.engine.generate(prompt, request.params, rid, request.priority)
         builder = ChunkBuilder(rid, self.replica_id, priced=self.priced)
         finished = False
