@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             print_summary(path, summary[path])
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"summary": summary, "records": records}, indent=1))
     finally:
         serve.shutdown()
