@@ -19,6 +19,9 @@ TLS (`tls.require_client_auth`) no HTTP proxy either.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from ray import serve
@@ -37,10 +40,38 @@ INGRESS_MIN_ONGOING_REQUESTS = 4096
 # Serve's per-replica cap sits above the engine's own (running + waiting), so the engine answers
 # "queue full" (429) itself and stats / health calls still reach a busy replica.
 CONTROL_HEADROOM = 32
-# No runtime_env on the replicas: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (our code on the
-# replica's own loop) saved ~20 % CPU per streamed message on CPU, but while it (or later an empty
-# runtime_env) was set, Ray's gRPC proxy segfaulted in Ray core cancelling streams in about half
-# of the CI runs (Ray issue class: ray-project/ray#39703, #43771).
+# Ray Serve's own switches for every Serve process, read from the environment when Ray starts it:
+# user code on the replica's main loop and the handle's router on the caller's loop (two thread
+# hops fewer per request and per streamed message), and the HTTP proxy calling the Ingress over
+# gRPC by value (no Ray object per message). With by-value LLMServer calls (IngressCore) they cut
+# about a third of the latency the serving path adds (benchmarks/README.md, serve_latency_ab.sh).
+# Set through the environment, not a runtime_env: while Serve's gRPC proxy existed, a runtime_env
+# on the replicas coincided with it segfaulting in Ray core (ray-project/ray#39703, #43771); the
+# Ingress serves gRPC itself now. The Helm chart sets them too (rayServe.env).
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+}
+
+
+@contextlib.contextmanager
+def serve_env() -> Iterator[None]:
+    """Wrap `ray.init` of a local Ray in this: the raylet it starts, and so every Serve process
+    it spawns, inherits SERVE_ENV (values already in the environment win). The caller's own
+    process gets its environment back, so its handles keep Serve's defaults (a router on a
+    separate loop: synchronous `.result()` calls keep working)."""
+    saved = {k: os.environ.get(k) for k in SERVE_ENV}
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class GenerateRequest:
     # Wall-clock time (time.time()) the Ingress built it: a replica that was not ready yet then
     # reports the wait as a cold start (cluster/metrics/replica.py).
     arrival_unix_s: float = field(default_factory=time.time)
+    # Wall-clock stamps taken on the way to the replica (the router's pick: "routed"), for the
+    # LLMServer's per-hop trace (cluster/server.py); the one mutable part, never compared.
+    stamps: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def routing_text(self) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -109,6 +110,8 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             key=lambda r: (loads[r.replica_id], self._num_owned.get(r.replica_id, 0), r.replica_id.unique_id),
         )
         request = _generate_request(pending_request)
+        if request is not None:
+            request.stamps["routed"] = time.time()  # the replica pick, for the LLMServer's trace
         if request is None:
             pinned = _pinned_replica(pending_request)
             ranked.sort(key=lambda r: r.replica_id.unique_id != pinned)

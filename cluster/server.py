@@ -30,7 +30,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from shardserve.cluster.config import ModelSection
@@ -90,6 +90,32 @@ async def make_engine(section: ModelSection, engine_factory: EngineFactory | Non
     return engine
 
 
+@dataclass
+class _Trace:
+    """Wall-clock stamps (time.time()) of one request's first token on its way through the serving
+    path, kept with its timing in `recent_requests()` (benchmarks/serve_latency.py reads them): the
+    Ingress built the request, the router picked this replica, it received it, the first chunk was
+    yielded. The engine's own stamps (add_request, first token: RequestMetrics, monotonic) are moved
+    onto the same clock."""
+
+    ingress_unix_s: float
+    router_pick_unix_s: float | None
+    server_receive_unix_s: float
+    first_yield_unix_s: float | None = None
+
+    def unix_stamps(self, metrics: Any) -> dict[str, float | None]:
+        shift = time.time() - time.monotonic()
+        first_token = None if metrics is None else metrics.first_token_time
+        return {
+            "ingress_unix_s": self.ingress_unix_s,
+            "router_pick_unix_s": self.router_pick_unix_s,
+            "server_receive_unix_s": self.server_receive_unix_s,
+            "engine_arrival_unix_s": None if metrics is None else metrics.arrival_time + shift,
+            "engine_first_token_unix_s": None if first_token is None else first_token + shift,
+            "server_first_yield_unix_s": self.first_yield_unix_s,
+        }
+
+
 class LLMServer:
     """Ray Serve deployment class (wrapped with serve.deployment in cluster/app.py)."""
 
@@ -118,6 +144,7 @@ class LLMServer:
         )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        received = time.time()
         rid = request.request_id
         if request.model != self.section.name:
             yield self._error(rid, ErrorKind.NOT_FOUND, f"model {request.model!r} is not served here", "model")
@@ -132,6 +159,7 @@ class LLMServer:
             return
         self.num_in_flight += 1
         start = time.monotonic()
+        trace = _Trace(request.arrival_unix_s, request.stamps.get("routed"), received)
         stream = self.engine.generate(prompt, request.params, rid, request.priority)
         builder = ChunkBuilder(rid, self.replica_id, priced=self.priced)
         finished = False
@@ -143,19 +171,23 @@ class LLMServer:
                 interval = self.stream_interval_ms / 1000
                 async with contextlib.aclosing(batched(stream, interval)) as batches:
                     async for outs in batches:
+                        chunk = merge_chunks([builder.build(out) for out in outs])
+                        trace.first_yield_unix_s = trace.first_yield_unix_s or time.time()
                         finished = outs[-1].finished
                         if finished:
-                            self._record(request, outs[-1], start)
-                        yield merge_chunks([builder.build(out) for out in outs])
+                            self._record(request, outs[-1], start, trace)
+                        yield chunk
             else:
                 # One message per engine step, read directly. (Merging here by default, through a
                 # reader task per stream, coincided with Ray's gRPC proxy segfaulting while
                 # cancelling streams in CI; see cluster/app.py.)
                 async for out in stream:
+                    chunk = builder.build(out)
+                    trace.first_yield_unix_s = trace.first_yield_unix_s or time.time()
                     finished = out.finished
                     if finished:
-                        self._record(request, out, start)
-                    yield builder.build(out)
+                        self._record(request, out, start, trace)
+                    yield chunk
         except ValueError as err:
             yield self._error(rid, ErrorKind.INVALID_ARGUMENT, str(err), param_of(str(err)))
         except QueueFullError as err:
@@ -170,14 +202,14 @@ class LLMServer:
             if not finished:
                 await self.engine.abort(rid)
 
-    def _record(self, request: GenerateRequest, out: Any, start: float) -> None:
+    def _record(self, request: GenerateRequest, out: Any, start: float, trace: _Trace) -> None:
         """Count a finished request in the metrics; keep the engine's own timing of it (what the serving
-        path adds is the rest)."""
+        path adds is the rest) and the per-hop trace of its first token (`_Trace`)."""
         self.metrics.on_finished(out, request.tenant, request.user, request.arrival_unix_s)
         request_id = request.request_id
         metrics = out.metrics
         entry: dict[str, float | None] = {"server_e2e_s": time.monotonic() - start, "engine_e2e_s": None,
-                                          "engine_ttft_s": None}
+                                          "engine_ttft_s": None, **trace.unix_stamps(metrics)}
         if metrics is not None:
             end = metrics.finished_time or metrics.last_token_time
             entry["engine_e2e_s"] = None if end is None else end - metrics.arrival_time

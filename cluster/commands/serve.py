@@ -93,11 +93,12 @@ def run(args: argparse.Namespace, engine_factory: EngineFactory | None = None) -
 
     import ray
     from ray import serve
-    from shardserve.cluster.app import build_app, serve_options
+    from shardserve.cluster.app import build_app, serve_env, serve_options
 
     started_ray = config.ray.address is None
     local = {"num_cpus": args.num_cpus} if started_ray else {}
-    ray.init(address=config.ray.address, namespace=config.ray.namespace, **local)
+    with serve_env():  # a local Ray's Serve processes get it; a running cluster has its own (Helm chart)
+        ray.init(address=config.ray.address, namespace=config.ray.namespace, **local)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -127,7 +127,7 @@ class Gate:
         self.tokens.charge(tenant or "", num_prompt_tokens)
 
 
-# The Gate of this process's Ingress. The HTTP middleware is a plain function registered on the
+# The Gate of this process's Ingress. The HTTP middleware is a plain ASGI class registered on the
 # FastAPI app (which Serve hands the replica as a pickled copy), so it finds the Gate here.
 _installed: Gate | None = None
 

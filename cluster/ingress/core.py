@@ -2,7 +2,8 @@
 
 Data flow: a front end builds a `GenerateRequest` and calls `core.stream(request)`. The core
 finds the model's LLMServer handle (unknown model → ApiError NOT_FOUND), calls
-`generate` as a streaming handle call (the prefix-affinity router picks the replica), and
+`generate` as a streaming by-value handle call (the prefix-affinity router picks the replica;
+request and chunks go over Serve's gRPC between replicas, no Ray object per chunk), and
 re-yields its `GenerateChunk`s, turning an error chunk or a Ray Serve failure into an ApiError.
 When the consumer stops early (client disconnect, gRPC cancel or deadline) the handle call is
 cancelled; Ray Serve cancels the replica's generator, which aborts the request in the engine.
@@ -93,6 +94,7 @@ class IngressCore:
         self.waker = Waker(config, self.deployment_names)  # scale from zero without Serve's metrics delay
         self.gate = gate  # API keys: the per-key token budget is taken here, for both front ends
         self.created = int(time.time())
+        self._generate: dict[str, Any] = {}  # model name -> its handle's streaming by-value options, made once
 
     @property
     def model_names(self) -> list[str]:
@@ -109,12 +111,17 @@ class IngressCore:
     def stream(self, request: GenerateRequest) -> ChunkStream:
         self.model(request.model)
         self.waker.maybe_wake(request.model)
-        handle = self.handles[request.model]
+        generate = self._generate.get(request.model)
+        if generate is None:  # made on the first request (on the replica's loop, where Serve's router lives)
+            # By value: the call and its chunks go over the replica's own gRPC server (Serve's
+            # inter-deployment gRPC), not as a Ray task and one Ray object per chunk.
+            generate = self.handles[request.model].options(stream=True, _by_reference=False).generate
+            self._generate[request.model] = generate
         on_first = None
         if self.gate is not None and self.gate.admit_tokens(request):  # raises when over the key's budget
             gate, tenant = self.gate, request.tenant
             on_first = lambda chunk: gate.charge_prompt(tenant, chunk.num_prompt_tokens)  # noqa: E731
-        return ChunkStream(handle.options(stream=True).generate.remote(request), on_first)
+        return ChunkStream(generate.remote(request), on_first)
 
     async def first_chunk(self, request: GenerateRequest) -> tuple[GenerateChunk, ChunkStream]:
         """The first chunk (errors raise here) and the stream of the rest."""

@@ -41,6 +41,7 @@ from shardserve.cluster.ingress.request_log import log_request
 from shardserve.cluster.ingress.tls import ingress_serves_http
 from shardserve.cluster.metrics import scrape
 from shardserve.cluster.router import router_stats
+from starlette.datastructures import Headers
 
 # Seconds a client told "queue full" (429) should wait: about how long a CPU replica takes to drain
 # a step's worth of requests; clients (the openai package) honour the header.
@@ -51,22 +52,41 @@ api = FastAPI(
 )
 
 
-@api.middleware("http")
-async def _require_api_key(request: Request, call_next: Any) -> Any:
-    root = request.scope.get("root_path", "")
-    path = request.url.path
-    route = path[len(root) :] if root and path.startswith(root) else path
-    if route not in auth.OPEN_HTTP_PATHS:
-        gate = auth.installed()
-        try:
-            # call_next runs the route in a task that copies this context: the route reads it.
-            auth.CURRENT_TENANT.set(gate.admit(request.headers.get("authorization")))
-        except RateLimited as err:
-            headers = {"Retry-After": err.retry_after_header}
-            return JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)
-        except ApiError as err:
-            return JSONResponse(err.openai_body(), status_code=err.http_status, headers={"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
+class _RequireApiKey:
+    """The API-key check of every route but the open ones; the key's name becomes the request's tenant.
+
+    Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each route in a
+    task of its own and pipes every streamed message through a memory stream (a hop per SSE event).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            root = scope.get("root_path", "")
+            path = Request(scope).url.path
+            route = path[len(root) :] if root and path.startswith(root) else path
+            if route not in auth.OPEN_HTTP_PATHS:
+                gate = auth.installed()
+                try:
+                    # The route runs in this task (its streaming body in a child task): it reads this context.
+                    auth.CURRENT_TENANT.set(gate.admit(Headers(scope=scope).get("authorization")))
+                except RateLimited as err:
+                    headers = {"Retry-After": err.retry_after_header}
+                    await JSONResponse(err.openai_body(), status_code=err.http_status, headers=headers)(
+                        scope, receive, send
+                    )
+                    return
+                except ApiError as err:
+                    await JSONResponse(
+                        err.openai_body(), status_code=err.http_status, headers={"WWW-Authenticate": "Bearer"}
+                    )(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_RequireApiKey)
 
 
 class _StreamResponse(StreamingResponse):

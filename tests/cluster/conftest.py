@@ -88,14 +88,15 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     import ray
     from ray import serve
-    from shardserve.cluster.app import build_app, serve_options
+    from shardserve.cluster.app import build_app, serve_env, serve_options
     from shardserve.cluster.config import ServeConfig, parse_config
 
     http_port = free_port()
     config = parse_config(app_config_dict(http_port, free_port(taken=(http_port,))), ServeConfig)
     # Logical CPUs (Ray's scheduling units, not cores): the five fake-model replicas, the Ingress
     # and test_worker_group.py's TP=2 app (replica, ranks, its Ingress) must all be placeable.
-    ray.init(num_cpus=5, include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
+    with serve_env():  # Serve's processes as `shardserve serve` starts them
+        ray.init(num_cpus=5, include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
     try:
         serve.start(**serve_options(config))
         serve.run(build_app(config, FAKE), name=APP_NAME, route_prefix="/")

@@ -297,7 +297,7 @@ def test_pods_get_shm_storage_nccl_and_api_key(values_file: Path | None) -> None
         mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and mounts["dshm"] == "/dev/shm"
         env = {e["name"]: e for e in main.get("env", [])}
-        for name, value in values["nccl"]["env"].items():
+        for name, value in [*values["nccl"]["env"].items(), *values["rayServe"]["env"].items()]:
             assert env[name]["value"] == str(value)
         if storage["type"] == "image":
             assert "models" not in volumes
@@ -322,6 +322,13 @@ def test_pods_get_shm_storage_nccl_and_api_key(values_file: Path | None) -> None
         for model in values["shardserve"]["models"]:
             if model["source"].startswith("/"):
                 assert model["source"].startswith(storage["mountPath"].rstrip("/") + "/"), model["source"]
+
+
+def test_chart_sets_the_serve_env_of_the_app() -> None:
+    """The chart's Ray Serve switches are the ones `shardserve serve` sets for a local Ray."""
+    from shardserve.cluster.app import SERVE_ENV
+
+    assert load_values(None)["rayServe"]["env"] == SERVE_ENV
 
 
 def test_tls_and_api_key_secrets_reach_every_ray_pod() -> None:

@@ -85,6 +85,10 @@ app.kubernetes.io/part-of: shardserve
 - name: {{ $k }}
   value: {{ $val | toString | quote }}
 {{- end }}
+{{- range $k, $val := .Values.rayServe.env }}
+- name: {{ $k }}
+  value: {{ $val | toString | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
