@@ -22,7 +22,7 @@ import torch
 from shardserve.workers.quant.cpu_kernels.build import HERE, CpuKernelsUnavailable, build
 
 log = logging.getLogger(__name__)
-EXTENSION_NAME = "shardserve_cpu_decode_ops_v2"
+EXTENSION_NAME = "shardserve_cpu_decode_ops_v3"
 _enabled = True
 
 
