@@ -9,7 +9,8 @@ same kernels in the same order, so hidden states are bit-identical to the per-mo
 reference the tests compare against). It applies only where that path would take the fused CPU
 ops anyway: float32 CPU model, one TP rank, the CPU attention backend, no q/k norm, dense MLPs,
 every projection on the packed kernels (no act-order); `build_stack` returns None otherwise, and
-`wanted(...)` keeps longer prefills, other dtypes and `set_fused_kernels(False)` on the modules.
+`wanted(...)` keeps longer prefills, other dtypes, `set_fused_kernels(False)` and `set_enabled(False)`
+on the modules.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from shardserve.workers.quant.cpu_kernels.runtime import Q4Runtime, Q8Runtime
 log = logging.getLogger(__name__)
 EXTENSION_NAME = "shardserve_cpu_decode_stack_v1"
 MAX_QUERY_LEN = 32  # as the CPU attention backend's fused path (cpu_backend.FUSED_MAX_QUERY_LEN)
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Process-wide switch (A/B checks, benchmarks): False runs decode steps module by module."""
+    global _enabled
+    _enabled = enabled
 
 
 @functools.cache
@@ -43,7 +51,7 @@ class CpuDecodeStack:
         self.stack, self.runtimes = stack, runtimes
 
     def wanted(self, h: torch.Tensor, kv_caches: list[torch.Tensor], max_query_len: int) -> bool:
-        return (h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() == 2 and h.is_contiguous()
+        return (_enabled and h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() == 2 and h.is_contiguous()
                 and max_query_len <= MAX_QUERY_LEN and decode_ops.ops() is not None
                 and all(c.dtype == torch.float32 and c.is_contiguous() for c in kv_caches))
 
