@@ -185,9 +185,6 @@ class LlamaModel(nn.Module):
         residual stream [T, hidden] for the next stage. Stages after the first start from
         `hidden_in`, the previous stage's residual stream. The model runner moves the tensors
         between stages (outside any CUDA graph: stages are captured like single-GPU models)."""
-        layers = self.own_layers
-        if len(kv_caches) != len(layers):
-            raise ValueError(f"expected {len(layers)} KV cache tensors, got {len(kv_caches)}")
         if self.embed_tokens is not None:
             h = self.embed_tokens(input_ids)  # [T, hidden]
         elif hidden_in is None:
@@ -199,6 +196,9 @@ class LlamaModel(nn.Module):
         if stack is not None and stack.wanted(h, kv_caches, attn_metadata.max_query_len):
             h, residual = stack(h, positions, kv_caches, attn_metadata)  # every layer in one C++ call
         else:
+            layers = self.own_layers
+            if len(kv_caches) != len(layers):
+                raise ValueError(f"expected {len(layers)} KV cache tensors, got {len(kv_caches)}")
             for layer, kv_cache in zip(layers, kv_caches, strict=True):
                 h, residual, partial = layer(positions, h, residual, kv_cache, attn_metadata, h_is_partial=partial)
         if self.norm is None:

@@ -9,7 +9,8 @@ same kernels in the same order, so hidden states are bit-identical to the per-mo
 reference the tests compare against). It applies only where that path would take the fused CPU
 ops anyway: float32 CPU model, one TP rank, the CPU attention backend, no q/k norm, dense MLPs,
 every projection on the packed kernels (no act-order); `build_stack` returns None otherwise, and
-`wanted(...)` keeps longer prefills, other dtypes, `set_fused_kernels(False)` and `set_enabled(False)`
+`wanted(...)` keeps steps of `DENSE_FROM_ROWS` tokens or more (the
+matmuls take F.linear there), longer prefills, other dtypes, `set_fused_kernels(False)` and `set_enabled(False)`
 on the modules.
 """
 
@@ -21,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from shardserve.workers.quant.cpu_kernels import decode_ops
+from shardserve.workers.quant.cpu_kernels import DENSE_FROM_ROWS, decode_ops
 from shardserve.workers.quant.cpu_kernels.build import HERE, CpuKernelsUnavailable, build
 from shardserve.workers.quant.cpu_kernels.runtime import Q4Runtime, Q8Runtime
 
@@ -49,15 +50,19 @@ def _built() -> ModuleType | None:
 class CpuDecodeStack:
     def __init__(self, stack: Any, runtimes: list[Q4Runtime | Q8Runtime]) -> None:
         self.stack, self.runtimes = stack, runtimes
+        self.num_layers = stack.num_layers()
 
     def wanted(self, h: torch.Tensor, kv_caches: list[torch.Tensor], max_query_len: int) -> bool:
         return (_enabled and h.device.type == "cpu" and h.dtype == torch.float32 and h.dim() == 2 and h.is_contiguous()
-                and max_query_len <= MAX_QUERY_LEN and decode_ops.ops() is not None
+                and h.shape[0] < DENSE_FROM_ROWS and max_query_len <= MAX_QUERY_LEN and decode_ops.ops() is not None
                 and all(c.dtype == torch.float32 and c.is_contiguous() for c in kv_caches))
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(last layer's MLP output, residual stream before it), each [T, hidden]."""
+        """(last layer's MLP output, residual stream before it), each [T, hidden]; a KV cache count
+        other than the layer count is a ValueError."""
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} KV cache tensors, got {len(kv_caches)}")
         out, residual = self.stack.forward(
             h, positions.to(torch.int64), kv_caches, metadata.slot_mapping.to(torch.int64),
             metadata.block_tables.to(torch.int32).contiguous(), metadata.seq_lens.to(torch.int32),
