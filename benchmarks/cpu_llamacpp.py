@@ -8,7 +8,8 @@ model's projections at their exact shapes (30 layers x q/k/v/o/gate/up/down + th
 head) on our kernels (Q4_1 layers, Q8_0 head) vs fp32 F.linear: the per-token matmul time
 projected from them. Repeats interleave so a busy machine slows every contender alike; the
 best repeat of each is reported (tok/s counts prefill + decode of a ~10-token prompt).
-`--compare-eager` adds ours as it was before the fused CPU path (`set_fused_kernels(False)`: eager
+`--compare-modules` adds ours with decode steps run module by module (`decode_stack.set_enabled(False)`:
+the fused ops and kernels, but one Python call per op), `--compare-eager` ours before the fused CPU path (`set_fused_kernels(False)`: eager
 torch ops, torch attention backend, float LM head), interleaved with the others.
 Prints tok/s, the ratio ours / llama.cpp, CPU model and threads; `--json PATH` writes them.
 """
@@ -46,17 +47,20 @@ def llamacpp_run(llm, prompt_ids: list[int], tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def ours_run(llm, prompt: str, tokens: int, fused: bool = True) -> float:
+def ours_run(llm, prompt: str, tokens: int, fused: bool = True, stack: bool = True) -> float:
     from shardserve.workers.models.layers import set_fused_kernels
+    from shardserve.workers.quant.cpu_kernels import decode_stack
     from shardserve.workers.request import SamplingParams
 
     set_fused_kernels(fused)
+    decode_stack.set_enabled(stack)
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     out = llm.generate([prompt], params)[0]
     elapsed = time.perf_counter() - start
     set_fused_kernels(True)
+    decode_stack.set_enabled(True)
     assert len(out.outputs[0].token_ids) == tokens
     return tokens / elapsed
 
@@ -118,6 +122,8 @@ def main() -> None:
                     help="ours: ModelConfig.cpu_activations (int8 = llama.cpp's activation rounding)")
     ap.add_argument("--compare-eager", action="store_true",
                     help="also ours before the fused CPU path (eager torch ops, float LM head)")
+    ap.add_argument("--compare-modules", action="store_true",
+                    help="also ours with decode steps module by module (no one-call C++ decoder stack)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
@@ -145,14 +151,19 @@ def main() -> None:
         eager = LLM("default", quantization="gguf", cpu_activations=args.cpu_activations)
         set_fused_kernels(True)
         ours_run(eager, PROMPT, 4, fused=False)
+    if args.compare_modules and ours is not None:
+        ours_run(ours, PROMPT, 4, stack=False)
     shapes = None if args.skip_kernels else KernelShapes()
     llamacpp_run(peer, prompt_ids, 4)
 
+    modules_tps: list[float] = []
     peer_tps, ours_tps, eager_tps, k_ours, k_int8, k_fp32 = [], [], [], [], [], []
     for r in range(args.repeats):
         peer_tps.append(llamacpp_run(peer, prompt_ids, args.tokens))
         if ours is not None:
             ours_tps.append(ours_run(ours, PROMPT, args.tokens))
+        if args.compare_modules and ours is not None:
+            modules_tps.append(ours_run(ours, PROMPT, args.tokens, stack=False))
         if eager is not None:
             eager_tps.append(ours_run(eager, PROMPT, args.tokens, fused=False))
         if shapes is not None:
@@ -161,6 +172,7 @@ def main() -> None:
             k_fp32.append(shapes.fp32_ms())
         print(f"repeat {r + 1}: llama.cpp {peer_tps[-1]:.1f} tok/s"
               + (f", ours {ours_tps[-1]:.1f} tok/s" if ours_tps else "")
+              + (f", ours module by module {modules_tps[-1]:.1f} tok/s" if modules_tps else "")
               + (f", ours eager (before) {eager_tps[-1]:.1f} tok/s" if eager_tps else "")
               + (f", kernels ours {sum(k_ours[-1].values()):.2f} ms (int8 act {sum(k_int8[-1].values()):.2f})"
                  f" / fp32 {sum(k_fp32[-1].values()):.2f} ms" if k_ours else ""), flush=True)
@@ -178,6 +190,10 @@ def main() -> None:
         print(f"ours, LLM('default', quantization='gguf', cpu_activations='{args.cpu_activations}'): "
               f"{max(ours_tps):.1f} tok/s "
               f"= {result['ratio_ours_over_llamacpp']:.2f}x llama.cpp")
+    if modules_tps:
+        result["ours_modules_tok_s"] = max(modules_tps)
+        print(f"ours module by module (no C++ decoder stack): {max(modules_tps):.1f} tok/s "
+              f"= {max(modules_tps) / max(peer_tps):.2f}x llama.cpp")
     if eager_tps:
         result["ours_eager_tok_s"] = max(eager_tps)
         print(f"ours before the fused CPU path (eager ops, float LM head): {max(eager_tps):.1f} tok/s "

@@ -5,7 +5,8 @@ descheduled OpenMP thread stalls every parallel region, and llama.cpp's spinning
 most. Here each contender runs single-threaded and is charged its process CPU time
 (`time.process_time`), which other tenants' load barely moves. Contenders, interleaved, best of
 `--repeats`: llama-cpp-python on the same GGUF; ours `LLM("default", quantization="gguf")` with
-`cpu_activations` float and int8; and ours before the fused CPU path (`set_fused_kernels(False)`:
+`cpu_activations` float and int8 (decode steps in one C++ call: decode_stack.py); ours float module by
+module (`decode_stack.set_enabled(False)`); and ours before the fused CPU path (`set_fused_kernels(False)`:
 eager torch ops, torch attention, float LM head). Each decodes `--tokens` tokens greedily from a
 short prompt (prefill included). Prints ms of CPU per token and the ratio to llama.cpp.
 """
@@ -30,6 +31,7 @@ def main() -> None:
     from shardserve.workers.llm import LLM
     from shardserve.workers.models.layers import set_fused_kernels
     from shardserve.workers.models.loader import default_model_path
+    from shardserve.workers.quant.cpu_kernels import decode_stack
     from shardserve.workers.request import SamplingParams
 
     torch.set_num_threads(1)
@@ -43,12 +45,14 @@ def main() -> None:
             if n == args.tokens:
                 break
 
-    def ours(llm: LLM, fused: bool = True) -> None:
+    def ours(llm: LLM, fused: bool = True, stack: bool = True) -> None:
         set_fused_kernels(fused)
+        decode_stack.set_enabled(stack)
         try:
             llm.generate([PROMPT], params)
         finally:
             set_fused_kernels(True)
+            decode_stack.set_enabled(True)
 
     fast = LLM("default", quantization="gguf")
     int8 = LLM("default", quantization="gguf", cpu_activations="int8")
@@ -56,7 +60,8 @@ def main() -> None:
     eager = LLM("default", quantization="gguf")
     set_fused_kernels(True)
     runs = {"llama.cpp": peer_run, "ours, float activations": lambda: ours(fast),
-            "ours, int8 activations": lambda: ours(int8), "ours before the fused CPU path": lambda: ours(eager, False)}
+            "ours, int8 activations": lambda: ours(int8),
+            "ours, float, module by module": lambda: ours(fast, stack=False), "ours before the fused CPU path": lambda: ours(eager, False)}
     for run in runs.values():
         run()  # warm-up
     best = dict.fromkeys(runs, float("inf"))

@@ -45,6 +45,7 @@ from shardserve.workers.models.layers import (
     prefetch_weights,
     rope_parameters,
 )
+from shardserve.workers.quant.cpu_kernels.decode_stack import CpuDecodeStack, build_stack
 from torch import nn
 
 
@@ -149,6 +150,7 @@ class LlamaDecoderLayer(nn.Module):
         return out, residual, out_is_partial
 
 
+UNBUILT = object()  # LlamaModel.cpu_stack before its first CPU step
 MLPFactory = Callable[[int], nn.Module]  # layer index -> MLP module (with `forward_unreduced`, as LlamaMLP)
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -170,6 +172,7 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.is_last_stage else None
+        self.cpu_stack: CpuDecodeStack | None | object = UNBUILT  # built at the first CPU step
 
     @property
     def own_layers(self) -> list[LlamaDecoderLayer]:
@@ -182,9 +185,6 @@ class LlamaModel(nn.Module):
         residual stream [T, hidden] for the next stage. Stages after the first start from
         `hidden_in`, the previous stage's residual stream. The model runner moves the tensors
         between stages (outside any CUDA graph: stages are captured like single-GPU models)."""
-        layers = self.own_layers
-        if len(kv_caches) != len(layers):
-            raise ValueError(f"expected {len(layers)} KV cache tensors, got {len(kv_caches)}")
         if self.embed_tokens is not None:
             h = self.embed_tokens(input_ids)  # [T, hidden]
         elif hidden_in is None:
@@ -192,13 +192,32 @@ class LlamaModel(nn.Module):
         else:
             h = hidden_in  # [T, hidden]
         residual, partial = None, False
-        for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            h, residual, partial = layer(positions, h, residual, kv_cache, attn_metadata, h_is_partial=partial)
+        stack = self._cpu_decode_stack(h)
+        if stack is not None and stack.wanted(h, kv_caches, attn_metadata.max_query_len):
+            h, residual = stack(h, positions, kv_caches, attn_metadata)  # every layer in one C++ call
+        else:
+            layers = self.own_layers
+            if len(kv_caches) != len(layers):
+                raise ValueError(f"expected {len(layers)} KV cache tensors, got {len(kv_caches)}")
+            for layer, kv_cache in zip(layers, kv_caches, strict=True):
+                h, residual, partial = layer(positions, h, residual, kv_cache, attn_metadata, h_is_partial=partial)
         if self.norm is None:
             if partial:
                 h = tensor_model_parallel_all_reduce(h)
             return h + residual  # the next stage starts from the whole residual stream
         return self.norm(h, residual, reduce=partial)[0]
+
+    def _cpu_decode_stack(self, h: torch.Tensor) -> CpuDecodeStack | None:
+        """On CPU, the C++ stack of this stage's layers for decode-size steps (built once, after
+        loading; None where it does not apply: workers/quant/cpu_kernels/decode_stack.py)."""
+        if h.device.type != "cpu":
+            return None
+        if self.cpu_stack is UNBUILT:
+            plain = all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
+                        and type(layer.mlp) is LlamaMLP and isinstance(layer.mlp.act, SiluAndMul)
+                        for layer in self.own_layers)  # subclasses may compute differently
+            self.cpu_stack = build_stack(self) if plain else None
+        return self.cpu_stack
 
 
 # (our parameter name fragment, checkpoint name fragment, shard id) for merged layers.
@@ -254,6 +273,7 @@ class LlamaForCausalLM(nn.Module):
         """Swap the attention implementation of every layer (e.g. to `triton` on GPU)."""
         for layer in self.model.own_layers:
             layer.self_attn.backend = backend
+        self.model.cpu_stack = UNBUILT  # rebuilt at the next CPU step: it needs the CPU backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata, hidden_in: torch.Tensor | None = None) -> torch.Tensor:

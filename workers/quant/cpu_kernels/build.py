@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-EXTENSION_NAME = "shardserve_quant_cpu_v1"
+EXTENSION_NAME = "shardserve_quant_cpu_v2"
 
 
 class CpuKernelsUnavailable(RuntimeError):

@@ -197,9 +197,11 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
 
 }  // namespace
 
+#ifndef QCPU_NO_MODULE  // decode_stack.cpp includes this file for its functions, with its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "(rmsnorm(x [+ residual]) * weight, x + residual or undefined)");
   m.def("rotary_kv", &rotary_kv, "rope on q and k in place, then k and v stored at slot_mapping");
   m.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of x [T, 2d] = (gate, up)");
 }
+#endif

@@ -6,7 +6,8 @@ computing them; each op here is one call. `ops()` builds the extension on first 
 machinery as the quantized matmuls (build.py; its own extension name, so either can be rebuilt
 alone) and returns None where that fails, or while `set_enabled(False)` (A/B checks; also set by
 `layers.set_fused_kernels`): callers
-(workers/models/layers.py, workers/attention/cpu_backend.py) then keep their torch path, which stays
+(workers/models/layers.py, workers/attention/cpu_backend.py, and decode_stack.py, which runs a whole
+decoder stack on these ops in one call) then keep their torch path, which stays
 the reference the tests compare against (the same switch keeps the runner off the CPU attention
 backend and the packed LM head: workers/models/cpu_head.py). `wanted(x)` is the gate every caller uses: a float32 CPU
 tensor and the ops available; CUDA tensors and other dtypes never take these kernels.
@@ -22,7 +23,7 @@ import torch
 from shardserve.workers.quant.cpu_kernels.build import HERE, CpuKernelsUnavailable, build
 
 log = logging.getLogger(__name__)
-EXTENSION_NAME = "shardserve_cpu_decode_ops_v2"
+EXTENSION_NAME = "shardserve_cpu_decode_ops_v3"
 _enabled = True
 
 

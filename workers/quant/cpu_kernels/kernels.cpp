@@ -302,8 +302,10 @@ std::string best_isa() { return isa_name(g_isa); }
 
 }  // namespace
 
+#ifndef QCPU_NO_MODULE  // decode_stack.cpp includes this file for its functions, with its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "y [M, N] = x [M, K] @ dequant(q4)^T + bias");
   m.def("q8_linear", &q8_linear, "y [M, N] = x [M, K] @ dequant(q8)^T + bias");
   m.def("best_isa", &best_isa, "the instruction set the kernels use on this CPU");
 }
+#endif
