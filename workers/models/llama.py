@@ -34,6 +34,7 @@ from shardserve.parallel.pipeline import PPMissingLayer, layer_range
 from shardserve.parallel.quant import ShardSlice, copy_shard
 from shardserve.parallel.state import get_parallel_state
 from shardserve.workers.attention.backend import AttentionBackend, get_attention_backend
+from shardserve.workers.attention.cpu_backend import CpuAttentionBackend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.models.interface import KVCacheSpec
 from shardserve.workers.models.layers import (
@@ -215,6 +216,7 @@ class LlamaModel(nn.Module):
         if self.cpu_stack is UNBUILT:
             plain = all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
                         and type(layer.mlp) is LlamaMLP and isinstance(layer.mlp.act, SiluAndMul)
+                        and isinstance(layer.self_attn.backend, CpuAttentionBackend)
                         for layer in self.own_layers)  # subclasses may compute differently
             self.cpu_stack = build_stack(self) if plain else None
         return self.cpu_stack

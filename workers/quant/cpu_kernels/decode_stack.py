@@ -72,9 +72,7 @@ class CpuDecodeStack:
 
 def build_stack(model: torch.nn.Module) -> CpuDecodeStack | None:
     """The C++ stack over `model`'s own decoder layers (a LlamaModel whose layers are plain Llama
-    attention + SiLU MLP, as llama.py checks), or None where it does not apply."""
-    from shardserve.workers.attention.cpu_backend import CpuAttentionBackend
-
+    attention + SiLU MLP on the CPU attention backend, as llama.py checks), or None where it does not apply."""
     layers = model.own_layers
     if not layers or decode_ops.ops() is None:
         return None
@@ -82,7 +80,7 @@ def build_stack(model: torch.nn.Module) -> CpuDecodeStack | None:
     linears: list[list[tuple]] = []
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not isinstance(attn.backend, CpuAttentionBackend) or attn.q_norm is not None:
+        if attn.q_norm is not None:
             return None
         row = []
         for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
