@@ -100,7 +100,7 @@ def test_verify_steps_run_as_decode_rows_with_the_mixed_paths_logits(spec, promp
     assert [t.shape for t in logits] == [t.shape for t in mixed_logits]
     assert any(t.shape[0] > 1 for t in logits), "no step verified drafts"
     for mine, theirs in zip(logits, mixed_logits, strict=True):
-        torch.testing.assert_close(mine, theirs, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(mine, theirs, atol=5e-4, rtol=1e-5)  # measured: 3e-5 at |logit| <= 32
 
 
 def test_suffix_greedy_equals_plain_and_learns_across_requests(prompts, want) -> None:
