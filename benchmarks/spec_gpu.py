@@ -4,7 +4,9 @@ Data flow: (1) Verify-step cost, Llama-3.1-8B shape (dummy weights, bf16): a pla
 whose scheduler drafts k tokens for every decoding request (the proposer below always proposes
 k tokens, so every decode step is a verify step of 1 + k tokens: the worst case, whatever is
 accepted) run the same batch-1 request of 16 in / 128 out; the median CUDA-event time of their
-decode steps gives verify / plain (target <= 1.15 at k = 4). (2) Under load: batch 16, 32, 64
+decode steps gives verify / plain (target <= 1.15 at k = 4); the verify engine runs once per
+`--verify-paths` entry: `decode` (verify steps as decode rows, the default) and `mixed` (forced
+onto the mixed-step graphs, the old path), side by side on one warm GPU. (2) Under load: batch 16, 32, 64
 decode (16 in / 256 out), plain vs the n-gram engine with its default adaptive switch
 (max_verify_tokens 128): the switch must leave throughput at >= 0.97x plain where the batch is
 large. (3) With `--smollm2 PATH` (the embedded GGUF, carried to the device), `bench latency
@@ -56,11 +58,12 @@ def engine(model: str, spec: SpeculativeConfig | None, always: int = 0) -> LLMEn
     return eng
 
 
-def decode_gpu_ms(eng: LLMEngine, vocab: int, bandwidth: float) -> tuple[float, float]:
-    """(median GPU ms of the decode steps, decode tok/s) of one batch-1 request, 16 in / 128 out."""
+def decode_gpu_ms(eng: LLMEngine, vocab: int, bandwidth: float) -> tuple[float, float, int]:
+    """(median GPU ms of the decode steps, decode tok/s, verify steps run as decode rows) of one
+    batch-1 request, 16 in / 128 out."""
     run_latency(eng, Workload(1, 16, 32, seed=1).sample(vocab), bandwidth)  # warm-up
     result = run_latency(eng, Workload(1, 16, 128, seed=2).sample(vocab), bandwidth)
-    return result.gpu_ms_per_step, result.decode_tokens_per_s
+    return result.gpu_ms_per_step, result.decode_tokens_per_s, eng.runner.step_times.verify_decode_steps
 
 
 def main() -> None:
@@ -73,9 +76,15 @@ def main() -> None:
                         help="proposers run on SmolLM2: ngram, suffix, draft (SmolLM2 drafts for itself), draftN "
                              "(its first N layers), draft-gguf (its packed Q4_1 copy)")
     parser.add_argument("--output-len", type=int, default=256, help="SmolLM2 task outputs at most")
+    parser.add_argument("--verify-paths", default="decode,mixed",
+                        help="verify-step paths timed: decode (verify tokens as decode rows), mixed (the mixed-step "
+                             "graphs, forced)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["verify", "load", "smollm2"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
+    bad = set(args.verify_paths.split(",")) - {"decode", "mixed"}
+    if bad:
+        parser.error(f"--verify-paths takes decode and/or mixed, got {sorted(bad)}")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
     name, bandwidth = device_name(device), copy_bandwidth(device)
@@ -97,12 +106,15 @@ def main() -> None:
         torch.cuda.empty_cache()
     if "verify" not in args.skip:
         always = engine(args.model, replace(ngram, max_verify_tokens=1 << 20), always=args.k)
-        summary["verify_b1"] = decode_gpu_ms(always, vocab, bandwidth)
+        for path in args.verify_paths.split(","):
+            always.runner.set_verify_as_decode(path == "decode")
+            summary[f"verify_b1_{path}"] = decode_gpu_ms(always, vocab, bandwidth)
+            ms, _, as_decode = summary[f"verify_b1_{path}"]
+            print(f"verify k={args.k} ({path} path, {as_decode} steps as decode rows): {ms:.3f} ms vs plain "
+                  f"{summary['plain_b1'][0]:.3f} ms", flush=True)
         always.shutdown()
         del always
         torch.cuda.empty_cache()
-        print(f"verify k={args.k}: {summary['verify_b1'][0]:.3f} ms vs plain {summary['plain_b1'][0]:.3f} ms",
-              flush=True)
     if "load" not in args.skip:
         spec = engine(args.model, ngram)
         for b in (int(x) for x in args.batch_sizes.split(",")):
@@ -129,10 +141,11 @@ def main() -> None:
     with open(os.path.join(args.out, "spec_gpu.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print(f"\n{name}, {args.model}, k = {args.k}")
-    if "verify_b1" in summary:
-        (p_ms, _), (v_ms, _) = summary["plain_b1"], summary["verify_b1"]
-        print(f"batch-1 decode step {p_ms:.3f} ms, verify step (1 + {args.k} tokens) {v_ms:.3f} ms: "
-              f"{v_ms / p_ms:.3f}x (target <= 1.15)")
+    for path in args.verify_paths.split(","):
+        if f"verify_b1_{path}" in summary:
+            p_ms, v_ms = summary["plain_b1"][0], summary[f"verify_b1_{path}"][0]
+            print(f"batch-1 decode step {p_ms:.3f} ms, verify step (1 + {args.k} tokens, {path} path) {v_ms:.3f} ms: "
+                  f"{v_ms / p_ms:.3f}x (target <= 1.15)")
     for b in (int(x) for x in args.batch_sizes.split(",")):
         if f"ngram_b{b}" in summary:
             print(f"batch {b}: plain {summary[f'plain_b{b}']:.0f}, ngram {summary[f'ngram_b{b}']:.0f} tok/s: "

@@ -15,6 +15,7 @@ from shardserve.workers.attention.backend import get_attention_backend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.loader import load_model
+from shardserve.workers.runner.cuda_graphs import DecodeGraphs, pad_decode_inputs
 from shardserve.workers.runner.mixed_graphs import MixedGraphs, pack_mixed_inputs, slots_for, token_buckets
 
 BLOCK = 4
@@ -92,5 +93,44 @@ def test_padded_graph_forward_equals_unpadded_eager_forward(model):
     assert hidden.shape[0] == bucket
     torch.testing.assert_close(hidden[: int(starts[-1])], expected, atol=1e-4, rtol=1e-4)
     # The real tokens' K/V landed where the eager step put them; padding wrote only the null block.
+    for eager, graph in zip(eager_caches, graph_caches, strict=True):
+        torch.testing.assert_close(graph[:, 1:], eager[:, 1:])
+
+
+def test_verify_decode_graph_forward_equals_the_mixed_eager_forward(model):
+    """A verify step (request on row 5: last token + 4 drafts; row 1: a plain decode row) through the
+    verify-decode graph's forward (`DecodeGraphs(gather_rows=True)`, padded to 8 rows, block tables
+    gathered by row) equals the same step run eagerly as one extend query per request."""
+    spec = model.kv_cache_spec
+    num_blocks, max_rows, max_blocks = 40, 8, 10
+    table = torch.zeros(max_rows, max_blocks, dtype=torch.int32)
+    pages = torch.randperm(num_blocks - 1)[:16] + 1
+    table[5, :8], table[1, :8] = pages[:8], pages[8:16]
+    chunks = [(3, 1, table[1].tolist()), (9, 5, table[5].tolist())]  # drafts cross a block boundary
+    token_ids, positions, slots, starts, seq_lens, rows_np = _step(chunks, max_rows, [1, 5])
+
+    def fresh_caches():
+        gen = torch.Generator().manual_seed(7)
+        return [torch.randn(2, num_blocks, BLOCK, spec.num_kv_heads, spec.head_dim, generator=gen)
+                for _ in range(spec.num_layers)]
+
+    eager_caches = fresh_caches()
+    metadata = AttentionMetadata(
+        num_tokens=6, num_requests=2, query_start_loc=torch.from_numpy(starts),
+        seq_lens=torch.from_numpy(seq_lens), block_tables=table.index_select(0, torch.from_numpy(rows_np)),
+        slot_mapping=torch.from_numpy(slots), max_query_len=5, max_seq_len=14,
+        query_lens_cpu=[1, 5], seq_lens_cpu=seq_lens.tolist())
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(token_ids), torch.from_numpy(positions), eager_caches, metadata)
+
+    graph_caches = fresh_caches()
+    graphs = DecodeGraphs(model, graph_caches, table, [2, 5, 8], max_model_len=40, device=torch.device("cpu"),
+                          gather_rows=True)
+    token_rows = np.repeat(rows_np, np.diff(starts))
+    staged = pad_decode_inputs(token_ids, positions, slots, positions + 1, 8, token_rows)
+    graphs.inputs[:, :8].copy_(torch.from_numpy(staged))
+    with torch.inference_mode():
+        hidden = graphs._forward(8)
+    torch.testing.assert_close(hidden[:6], expected, atol=1e-4, rtol=1e-4)
     for eager, graph in zip(eager_caches, graph_caches, strict=True):
         torch.testing.assert_close(graph[:, 1:], eager[:, 1:])

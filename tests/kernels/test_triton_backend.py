@@ -14,6 +14,9 @@ from kernel_env import ATOL
 from shardserve.workers.attention import triton_backend
 from shardserve.workers.attention.metadata import AttentionMetadata
 from shardserve.workers.attention.triton_backend import TritonAttentionBackend
+from shardserve.workers.runner.persistent_batch import PersistentBatch
+from shardserve.workers.runner.verify_decode import decode_rows, eager_metadata, is_verify_decode
+from shardserve.workers.step_types import ScheduledRequest
 
 BLOCK_SIZE, HEAD_DIM = 16, 32
 
@@ -77,3 +80,40 @@ def test_backend_forward_matches_naive_attention(device, monkeypatch, requests, 
     written = metadata.slot_mapping
     flat = cache.view(2, -1, num_kv_heads, HEAD_DIM)
     assert torch.equal(flat[0, written], k) and torch.equal(flat[1, written], v)
+
+
+def test_verify_step_as_decode_rows_matches_the_extend_path(device, monkeypatch):
+    """A verify step (each request's last token + its drafts, a plain decode row beside) run as one
+    decode query per token (runner/verify_decode.py: block tables repeated, context = position + 1)
+    takes the split-K decode kernel and gives the extend kernel's result: causal within the drafts."""
+    requests = [(40, 5), (17, 1), (3, 3)]  # (cached prefix, 1 + drafts)
+    cache, metadata, q, k, v, history = _step(requests, 8, 2, device)
+    batch = PersistentBatch(4, metadata.block_tables.shape[1], BLOCK_SIZE, device)
+    scheduled = []
+    for i, (prefix, n) in enumerate(requests):
+        batch.add(f"r{i}")
+        blocks = tuple(metadata.block_tables[i].tolist()[: -(-(prefix + n) // BLOCK_SIZE)])
+        batch.append_blocks(i, blocks)
+        scheduled.append(ScheduledRequest(f"r{i}", tuple(range(n)), prefix, blocks, True, num_drafts=n - 1))
+    layout = batch.layout(tuple(scheduled))
+    assert is_verify_decode(layout)
+    assert torch.equal(torch.from_numpy(layout.slot_mapping).to(device), metadata.slot_mapping)
+    _, rows = decode_rows(layout)
+    block_tables = metadata.block_tables.index_select(0, torch.from_numpy(rows).to(device))
+    as_decode = eager_metadata(layout, metadata.slot_mapping, torch.from_numpy(layout.positions).to(device),
+                               block_tables)
+    scale = HEAD_DIM**-0.5
+    calls: list[str] = []
+    for name in ("paged_decode_attention", "extend_attention"):
+        kernel = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    backend = TritonAttentionBackend()
+    decoded = backend.forward(q, k, v, cache.clone(), as_decode, scale)
+    extended = backend.forward(q, k, v, cache, metadata, scale)
+    assert calls == ["paged_decode_attention", "extend_attention"]
+    torch.testing.assert_close(decoded, extended, atol=ATOL[torch.float32], rtol=0)
+    lo = 0
+    for (_, n), kv in zip(requests, history, strict=True):
+        expected = naive_attention(q[lo : lo + n], kv[0], kv[1], scale)
+        torch.testing.assert_close(decoded[lo : lo + n], expected, atol=ATOL[torch.float32], rtol=0)
+        lo += n

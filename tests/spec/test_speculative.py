@@ -73,6 +73,36 @@ def test_ngram_greedy_equals_plain_synchronous(prompts, want) -> None:
     _assert_accepted(llm)
 
 
+def _run_recording_logits(llm: LLM, prompt: str, as_decode: bool) -> tuple[tuple[int, ...], list[torch.Tensor], int]:
+    """(greedy tokens, the logits of every step, verify steps run as decode rows) of one request,
+    with the runner's verify-as-decode path on or off."""
+    runner, model = llm.engine.runner, llm.engine.runner.model
+    runner.set_verify_as_decode(as_decode)
+    before = runner.step_times.verify_decode_steps
+    logits: list[torch.Tensor] = []
+    compute = model.compute_logits
+    model.compute_logits = lambda hidden: logits.append(compute(hidden).float().clone()) or logits[-1]
+    try:
+        tokens = _tokens(llm, [prompt], SamplingParams(temperature=0, max_tokens=24))[0]
+    finally:
+        del model.compute_logits
+        runner.set_verify_as_decode(True)
+    return tokens, logits, runner.step_times.verify_decode_steps - before
+
+
+def test_verify_steps_run_as_decode_rows_with_the_mixed_paths_logits(spec, prompts, want) -> None:
+    """Batch 1: a verify step (last token + drafts) runs as one decode query per token (verify_decode.py);
+    its tokens and every step's logits equal the mixed path's (the same step run as one extend query)."""
+    tokens, logits, num_decode = _run_recording_logits(spec, prompts[0], as_decode=True)
+    mixed_tokens, mixed_logits, mixed_decode = _run_recording_logits(spec, prompts[0], as_decode=False)
+    assert tokens == mixed_tokens == want[0][:24]
+    assert num_decode > 0 and mixed_decode == 0
+    assert [t.shape for t in logits] == [t.shape for t in mixed_logits]
+    assert any(t.shape[0] > 1 for t in logits), "no step verified drafts"
+    for mine, theirs in zip(logits, mixed_logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=5e-4, rtol=1e-5)  # measured: 3e-5 at |logit| <= 32
+
+
 def test_suffix_greedy_equals_plain_and_learns_across_requests(prompts, want) -> None:
     """The suffix proposer drafts from the request's own tokens and from earlier requests'
     outputs: the same tasks a second time accept more drafts than the first time."""

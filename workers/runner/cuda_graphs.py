@@ -11,7 +11,9 @@ position 0, slot 0 (block 0, the null block, takes their K/V) and seq_len 1, so 
 attend to one token of the null block and never touch a real request's cache. The split
 count of the decode-attention kernel is fixed per bucket: capture passes `max_seq_len =
 max_model_len`, so the kernel sizes its splits for the longest context it may ever see and
-the same graph is valid for every context length (empty splits weigh nothing). Prefill and
+the same graph is valid for every context length (empty splits weigh nothing). With
+`gather_rows` (verify steps run as decode rows: verify_decode.py) a fifth input field holds each
+row's persistent-batch row and the graph gathers its block table by it. Prefill and
 mixed steps replay the token-count graphs of mixed_graphs.py; a model that synchronises with
 the host inside its forward (the MoE expert loop) runs eagerly, which the runner detects before
 capturing.
@@ -30,6 +32,7 @@ from shardserve.workers.attention.metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 NUM_INPUT_FIELDS = 4  # token ids, positions, slot mapping, seq lens
+NUM_GATHER_FIELDS = 5  # ... and the persistent-batch row whose block table a row reads
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -48,17 +51,22 @@ def bucket_for(num_rows: int, sizes: list[int]) -> int | None:
 
 
 def pad_decode_inputs(token_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
-                      seq_lens: np.ndarray, bucket: int) -> np.ndarray:
-    """[4, bucket] int64 graph inputs; rows past the real ones write to the null block 0."""
+                      seq_lens: np.ndarray, bucket: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """[4, bucket] int64 graph inputs ([5, bucket] with the persistent `rows` of a gathering graph);
+    rows past the real ones write to the null block 0 (a gathering graph's padding reads row 0's
+    first slot: read only, its result is never used)."""
     num = token_ids.size
     if num > bucket:
         raise ValueError(f"{num} requests do not fit a bucket of {bucket}")
-    out = np.zeros((NUM_INPUT_FIELDS, bucket), dtype=np.int64)  # padding: token 0, pos 0, slot 0
+    fields = NUM_INPUT_FIELDS if rows is None else NUM_GATHER_FIELDS
+    out = np.zeros((fields, bucket), dtype=np.int64)  # padding: token 0, pos 0, slot 0, row 0
     out[0, :num] = token_ids
     out[1, :num] = positions
     out[2, :num] = slot_mapping
     out[3, :num] = seq_lens
     out[3, num:] = 1  # one token of context: the null block's slot 0
+    if rows is not None:
+        out[4, :num] = rows
     return out
 
 
@@ -88,8 +96,9 @@ def copy_hidden_in(buffer: torch.Tensor | None, hidden_in: torch.Tensor | None) 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_table: torch.Tensor,
                  sizes: list[int], max_model_len: int, device: torch.device,
-                 hidden_in: torch.Tensor | None = None) -> None:
+                 hidden_in: torch.Tensor | None = None, gather_rows: bool = False) -> None:
         self.model = model
+        self.gather_rows = gather_rows  # block tables gathered by the row field (not rows 0..B-1)
         # [>= max bucket, hidden]: a later pipeline stage's input, written before each replay
         self.hidden_in = hidden_in
         self.kv_caches = kv_caches
@@ -97,10 +106,11 @@ class DecodeGraphs:
         self.sizes = sizes
         self.max_model_len = max_model_len
         self.device = device
-        max_rows = block_table.shape[0]
+        max_rows = block_table.shape[0] if not gather_rows else sizes[-1]
         if sizes[-1] > max_rows:
             raise ValueError(f"largest bucket {sizes[-1]} exceeds the block table's {max_rows} rows")
-        self.inputs = torch.zeros(NUM_INPUT_FIELDS, max_rows, dtype=torch.int64, device=device)  # [4, max_rows]
+        fields = NUM_GATHER_FIELDS if gather_rows else NUM_INPUT_FIELDS
+        self.inputs = torch.zeros(fields, max_rows, dtype=torch.int64, device=device)  # [4 or 5, max_rows]
         self.inputs[3].fill_(1)
         self._query_start = torch.arange(max_rows + 1, dtype=torch.int64, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -108,12 +118,16 @@ class DecodeGraphs:
         self.pool_bytes = 0
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
+        if self.gather_rows:
+            block_tables = self.block_table.index_select(0, self.inputs[4, :bucket])  # [bucket, max_blocks]
+        else:
+            block_tables = self.block_table[:bucket]
         return AttentionMetadata(
             num_tokens=bucket,
             num_requests=bucket,
             query_start_loc=self._query_start[: bucket + 1],
             seq_lens=self.inputs[3, :bucket],
-            block_tables=self.block_table[:bucket],
+            block_tables=block_tables,
             slot_mapping=self.inputs[2, :bucket],
             max_query_len=1,
             max_seq_len=self.max_model_len,  # pins the split count: valid for any context
@@ -135,11 +149,12 @@ class DecodeGraphs:
         self._graphs, self._outputs = capture_buckets(self.sizes, self._forward, pool)
         torch.cuda.synchronize(self.device)
         self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
-        logger.info("captured %d decode CUDA graphs (batch %d..%d), %.1f MiB", len(self._graphs),
-                    self.sizes[0], self.sizes[-1], self.pool_bytes / 2**20)
+        logger.info("captured %d %s CUDA graphs (batch %d..%d), %.1f MiB", len(self._graphs),
+                    "verify-decode" if self.gather_rows else "decode", self.sizes[0], self.sizes[-1],
+                    self.pool_bytes / 2**20)
 
     def run(self, bucket: int, staged: torch.Tensor, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay bucket's graph on `staged` [4, bucket] device inputs (and, on a later pipeline
+        """Replay bucket's graph on `staged` [4 or 5, bucket] device inputs (and, on a later pipeline
         stage, the received `hidden_in` [n <= bucket, hidden]); returns [bucket, hidden]."""
         self.inputs[:, :bucket].copy_(staged)
         copy_hidden_in(self.hidden_in, hidden_in)

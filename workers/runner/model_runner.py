@@ -7,7 +7,8 @@ One call per engine step, `execute(scheduler_output)` = `finish(launch(scheduler
   2. the tokens are laid out in row order (numpy) and uploaded with the block-table diffs in one
      pinned host-to-device copy (staging.py);
   3. the model runs: a decode step whose rows are 0..n-1 replays a decode CUDA graph
-     (cuda_graphs.py), any other step a token-count graph (mixed_graphs.py), or eagerly (CPU,
+     (cuda_graphs.py), a verify step of decode rows and drafts only runs as one decode query per
+     token (verify_decode.py), any other step a token-count graph (mixed_graphs.py), or eagerly (CPU,
      the MoE expert loop); a later pipeline stage receives the previous stage's activations and
      a stage before the last sends its own and returns;
   4. logits for the sampling rows (and prompt-logprob positions; a request with drafts samples at
@@ -47,6 +48,13 @@ from shardserve.workers.runner.persistent_batch import PersistentBatch, StepLayo
 from shardserve.workers.runner.sampling_state import SamplingState
 from shardserve.workers.runner.staging import PinnedStager
 from shardserve.workers.runner.step_records import PendingStep, StepTimes, StepUploads
+from shardserve.workers.runner.verify_decode import (
+    decode_rows,
+    eager_metadata,
+    kv_budget_tokens,
+    takes_decode_path,
+    verify_graph_sizes,
+)
 from shardserve.workers.sampling.logprobs import compute_prompt_logprobs
 from shardserve.workers.sampling.sampler import Sampler
 from shardserve.workers.step_types import (
@@ -93,6 +101,11 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda" and not _syncs_in_forward(self.model)
         spec = KVCacheLayout.of_model(self.model, self.block_size)
         self.kv_bytes_per_token = spec.bytes_per_block // self.block_size
+        # speculative decoding: verify steps of decode rows + drafts run as decode rows (verify_decode.py)
+        self.verify_as_decode = speculative.enabled
+        self.verify_kv_budget = kv_budget_tokens(self.model, self.kv_bytes_per_token)
+        self.verify_graph_sizes = verify_graph_sizes(
+            speculative.num_speculative_tokens, speculative.max_verify_tokens, self.max_rows) if speculative.enabled else []
         reserve = self._graph_reserve if self.use_cuda_graphs else None
         self.num_blocks = determine_num_blocks(spec, config, device, self._profile_forward, reserve)
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, device)
@@ -114,6 +127,7 @@ class ModelRunner:
         self._prompt_logprobs: dict[str, tuple[int, list[int]]] = {}  # request id -> (top-n, prompt)
         self.step_times = StepTimes()
         self.graphs: DecodeGraphs | None = None
+        self.verify_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self.graph_pool_bytes = 0
         self.use_mixed_graphs = self.use_cuda_graphs
@@ -123,26 +137,33 @@ class ModelRunner:
             self._capture_graphs()
 
     def _capture_graphs(self) -> None:
-        """Mixed-step graphs first (the largest activations), then decode graphs, in one pool."""
+        """Mixed-step graphs first (the largest activations), then decode (and verify-decode) graphs,
+        in one pool."""
         table = self.batch.block_table_device
         hidden_in = None  # one static input buffer shared by every graph of a later pipeline stage
         if not self.is_first_stage:
-            rows = max(self.token_buckets[-1], self.graph_sizes[-1])
+            rows = max(self.token_buckets[-1], self.graph_sizes[-1], *self.verify_graph_sizes)
             hidden_in = torch.zeros(rows, self.hidden_size, dtype=self.dtype, device=self.device)
         self.mixed_graphs = MixedGraphs(self.model, self.kv_caches, table, self.token_buckets,
                                         self.max_model_len, self.device, hidden_in)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, table, self.graph_sizes, self.max_model_len,
                                    self.device, hidden_in)
+        if self.verify_graph_sizes:
+            self.verify_graphs = DecodeGraphs(self.model, self.kv_caches, table, self.verify_graph_sizes,
+                                              self.max_model_len, self.device, hidden_in, gather_rows=True)
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         self.mixed_graphs.capture(pool)
         self.graphs.capture(pool)
+        if self.verify_graphs is not None:
+            self.verify_graphs.capture(pool)
         torch.cuda.synchronize(self.device)
         self.graph_pool_bytes = torch.cuda.memory_reserved(self.device) - before
-        logger.info("CUDA graphs: %d decode + %d mixed-step, pool %.1f MiB, captured in %.1f s",
-                    len(self.graph_sizes), len(self.token_buckets), self.graph_pool_bytes / 2**20,
+        logger.info("CUDA graphs: %d decode + %d verify-decode + %d mixed-step, pool %.1f MiB, captured in %.1f s",
+                    len(self.graph_sizes), len(self.verify_graph_sizes), len(self.token_buckets),
+                    self.graph_pool_bytes / 2**20,
                     time.perf_counter() - start)
 
     # ---- start-up: memory profile ---------------------------------------------------------------
@@ -200,6 +221,11 @@ class ModelRunner:
         mixed-step graphs; bypassed steps run eagerly (A/B runs)."""
         self.use_cuda_graphs = enabled and self.graphs is not None
         self.use_mixed_graphs = (enabled if mixed is None else mixed) and self.mixed_graphs is not None
+
+    def set_verify_as_decode(self, enabled: bool) -> None:
+        """Run decode-like verify steps as decode rows (the default with speculation) or, off, as
+        mixed steps like any step with more than one token per request (A/B runs)."""
+        self.verify_as_decode = enabled
 
     def _add(self, new: NewRequestData) -> None:
         row = self.batch.add(new.request_id)
@@ -416,6 +442,10 @@ class ModelRunner:
         stage); returns hidden states and the device views of `uploads` by name."""
         num_rows = len(layout.requests)
         extra = uploads.arrays()
+        if self.verify_as_decode and takes_decode_path(layout, self.verify_kv_budget):
+            verified = self._forward_verify_decode(layout, uploads, extra, hidden_in)
+            if verified is not None:
+                return verified
         bucket = self._graph_bucket(layout)
         if bucket is not None:
             staged = pad_decode_inputs(layout.token_ids, layout.positions, layout.slot_mapping, layout.seq_lens, bucket)
@@ -473,6 +503,45 @@ class ModelRunner:
         self.step_times.eager_steps += 1
         hidden = self.model(token_ids, positions, self.kv_caches, metadata, hidden_in)
         return hidden, views
+
+    def _forward_verify_decode(self, layout: StepLayout, uploads: StepUploads, extra: list[np.ndarray],
+                               hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """A decode-like verify step as one decode query per token (verify_decode.py): a verify
+        graph, or eagerly without graphs; None (the caller takes the mixed path) when graphs are on
+        and no verify graph fits."""
+        seq_lens, rows = decode_rows(layout)
+        times = self.step_times
+        if self.use_cuda_graphs:
+            graphs = self.verify_graphs
+            bucket = bucket_for(layout.num_tokens, graphs.sizes) if graphs is not None else None
+            if bucket is None:
+                return None
+            assert graphs is not None
+            staged = pad_decode_inputs(layout.token_ids, layout.positions, layout.slot_mapping, seq_lens, bucket,
+                                       rows)
+            if staged.size + sum(a.size for a in extra) > self.stager.capacity:
+                return None
+            diff_index, diff_values = self._take_diffs([staged, *extra])
+            index, values, inputs, *rest = self.stager.upload([diff_index, diff_values, staged.reshape(-1), *extra])
+            views = uploads.bind(rest)
+            self._fill_placeholders(inputs[:bucket], views)  # row 0 of [5, bucket]: the token ids
+            self.batch.apply_diffs(index, values)
+            times.graph_steps += 1
+            times.verify_decode_steps += 1
+            return graphs.run(bucket, inputs.view(-1, bucket), hidden_in), views
+        step_arrays = [layout.token_ids, layout.positions, layout.slot_mapping, rows, *extra]
+        if sum(a.size for a in step_arrays) > self.stager.capacity:
+            return None
+        uploaded = self.stager.upload([*self._take_diffs(step_arrays), *step_arrays])
+        index, values, token_ids, positions, slots, rows_device = uploaded[:6]
+        views = uploads.bind(uploaded[6:])
+        self._fill_placeholders(token_ids, views)
+        self.batch.apply_diffs(index, values)
+        block_tables = self.batch.block_table_device.index_select(0, rows_device)  # [T, max_blocks]
+        metadata = eager_metadata(layout, slots, positions, block_tables)
+        times.eager_steps += 1
+        times.verify_decode_steps += 1
+        return self.model(token_ids, positions, self.kv_caches, metadata, hidden_in), views
 
     def _compute_prompt_logprobs(self, layout: StepLayout, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Logprobs of prompt token p+1 at each prompt position p this step's chunk covers."""

@@ -43,6 +43,8 @@ class StepTimes:
     graph_steps: int = 0  # decode graphs
     mixed_graph_steps: int = 0  # token-count graphs (steps with prefill tokens)
     eager_steps: int = 0
+    # verify steps run as decode rows (verify_decode.py), graph or eager; counted in the two above too
+    verify_decode_steps: int = 0
     last_end: torch.cuda.Event | None = None  # the previous timed step's end event (for gap_s)
 
     def clear(self) -> None:
@@ -57,7 +59,7 @@ class StepTimes:
         self.last_end = None
         self.rows.clear()
         self.tokens.clear()
-        self.graph_steps = self.mixed_graph_steps = self.eager_steps = 0
+        self.graph_steps = self.mixed_graph_steps = self.eager_steps = self.verify_decode_steps = 0
 
 
 @dataclass
