@@ -47,13 +47,25 @@ class AlwaysK:
         pass
 
 
+class FixedK(Speculator):
+    """Every decoding request drafts k tokens every step: the per-request k adaptation and the pause
+    after rejected drafts are undone after each verify (with random weights most drafts are rejected,
+    and without this most steps of the verify run would be plain decode steps)."""
+
+    def record(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        super().record(request_id, num_drafts, num_accepted)
+        self._k_of.pop(request_id, None)
+        self._rejected.pop(request_id, None)
+        self._paused_until.pop(request_id, None)
+
+
 def engine(model: str, spec: SpeculativeConfig | None, always: int = 0) -> LLMEngine:
     config = EngineConfig(model=ModelConfig(model=model), scheduler=SchedulerConfig(max_num_seqs=256))
     if spec is not None:
         config = replace(config, speculative=spec)
     eng = LLMEngine(config)
     if always:  # swap in the always-propose proposer (same Speculator, same scheduler path)
-        eng.speculator = Speculator(spec, proposer=AlwaysK(always))
+        eng.speculator = FixedK(spec, proposer=AlwaysK(always))
         eng.scheduler.speculator = eng.speculator
     return eng
 
@@ -110,7 +122,9 @@ def main() -> None:
             always.runner.set_verify_as_decode(path == "decode")
             summary[f"verify_b1_{path}"] = decode_gpu_ms(always, vocab, bandwidth)
             ms, _, as_decode = summary[f"verify_b1_{path}"]
-            print(f"verify k={args.k} ({path} path, {as_decode} steps as decode rows): {ms:.3f} ms vs plain "
+            summary[f"verify_b1_{path}_drafts"] = always.speculator.stats.num_drafts
+            print(f"verify k={args.k} ({path} path, {as_decode} steps as decode rows, "
+                  f"{always.speculator.stats.num_drafts} drafts verified so far): {ms:.3f} ms vs plain "
                   f"{summary['plain_b1'][0]:.3f} ms", flush=True)
         always.shutdown()
         del always
