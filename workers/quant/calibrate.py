@@ -21,6 +21,7 @@ implementation of every Llama-style family, not a second copy of ours.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,8 @@ class QuantSpec:
     damp: float = 0.01
     awq_duo: bool = False
     clip_error: str = "output"
+    float_inputs: bool = False
+    gptaq: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -149,16 +152,22 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
     result = QuantizedModel()
     with torch.no_grad(), one_thread():  # measured 5-10x faster than 2 threads on a shared 2-core CPU
         hidden, kwargs = _first_layer_input(model, layers, calib_ids)
+        float_hidden = hidden  # the float model's stream (GPTAQ's targets)
         for index, layer in enumerate(tqdm(layers, desc=f"{spec.method} int{spec.bits}", unit="layer",
                                            disable=not progress)):
             prefix = f"model.layers.{index}."
-            if spec.method == "gptq":
+            float_out = layer(hidden, **kwargs) if spec.float_inputs else None
+            if spec.method == "gptq" and spec.gptaq:
+                float_layer = copy.deepcopy(layer)
+                _gptq_layer(layer, hidden, kwargs, spec, prefix, result, float_layer, float_hidden)
+                float_hidden = float_layer(float_hidden, **kwargs)
+            elif spec.method == "gptq":
                 _gptq_layer(layer, hidden, kwargs, spec, prefix, result)
             elif spec.method == "awq":
                 _awq_layer(layer, hidden, kwargs, spec, prefix, result)
             else:
                 _rtn_layer(layer, hidden, kwargs, spec, prefix, result)
-            hidden = layer(hidden, **kwargs)
+            hidden = float_out if float_out is not None else layer(hidden, **kwargs)
     return result
 
 
@@ -196,15 +205,31 @@ def _commit(layer: nn.Module, name: str, weight: GroupedWeight, spec: QuantSpec,
 
 
 def _inputs_of(layer: nn.Module, names: tuple[str, ...], hidden: torch.Tensor, kwargs: dict[str, Any],
-               on_input: Callable[[str, tuple, dict], None]) -> None:
-    """Runs the layer once, calling on_input(name, args, kwargs) with each named submodule's input."""
+               on_input: Callable[[str, tuple, dict], None], stop_after: str | None = None) -> None:
+    """Runs the layer once, calling on_input(name, args, kwargs) with each named submodule's input;
+    the forward stops once `stop_after` has had its input (the rest of the layer is not needed)."""
+
+    def hook(name: str, args: tuple, kw: dict) -> None:
+        on_input(name, args, kw)
+        if name == stop_after:
+            raise _Stop
+
     handles = [layer.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, kw, name=name: on_input(name, args, kw), with_kwargs=True) for name in names]
+        lambda _m, args, kw, name=name: hook(name, args, kw), with_kwargs=True) for name in names]
     try:
         layer(hidden, **kwargs)
+    except _Stop:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _input_of(layer: nn.Module, name: str, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The input layer.<name> receives when the layer runs on hidden (the forward stops there)."""
+    seen: list[torch.Tensor] = []
+    _inputs_of(layer, (name,), hidden, kwargs, lambda _n, args, _kw: seen.append(args[0]), stop_after=name)
+    return seen[0]
 
 
 def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
@@ -222,15 +247,19 @@ def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
 
 
 def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
-                prefix: str, result: QuantizedModel) -> None:
-    for step in GPTQ_STEPS:
-        hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in step}
-        _inputs_of(layer, step, hidden, kwargs, lambda name, args, _kw, h=hessians: h[name].add(args[0]))
+                prefix: str, result: QuantizedModel, float_layer: nn.Module | None = None,
+                float_hidden: torch.Tensor | None = None) -> None:
+    """float_layer / float_hidden (GPTAQ): this layer unquantized and its input in the float model."""
+    for step in GPTQ_STEPS:  # the linears of a step read one input: one Hessian, from the step's first
+        hessian = Hessian(layer.get_submodule(step[0]).in_features, asymmetric=float_layer is not None)
+        x_float = None if float_layer is None else _input_of(float_layer, step[0], float_hidden, kwargs)
+        hessian.add(_input_of(layer, step[0], hidden, kwargs), x_float)
         for name in step:
-            weight = gptq_quantize(layer.get_submodule(name).weight, hessians[name].matrix, spec.bits,
+            weight = gptq_quantize(layer.get_submodule(name).weight, hessian.matrix, spec.bits,
                                    spec.group_size, spec.sym, spec.desc_act,
                                    percdamp=spec.damp, clip=WEIGHT_MSE if spec.clip else None,
-                                   static_groups=spec.static_groups, clip_error=spec.clip_error)
+                                   static_groups=spec.static_groups, clip_error=spec.clip_error,
+                                   dxxt=hessian.dxxt)
             _commit(layer, name, weight, spec, prefix, result)
 
 
