@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="GPTQ: every group's grid fixed before the error feedback (with --desc-act: no g_idx)")
     p.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ: fraction of mean(diag H) added to its diagonal, in (0, 1) (default 0.01)")
+    p.add_argument("--gptaq", action="store_true",
+                   help="GPTQ: asymmetric calibration (GPTAQ): each linear's target is the float model's output")
     p.add_argument("--no-clip", dest="clip", action="store_false",
                    help="min-max group grids (default: searched clipping, workers/quant/algorithms/clip.py)")
     p.add_argument("--calib", required=True, type=Path, help="calibration text file (UTF-8)")
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = QuantSpec(method=args.method, bits=args.bits, group_size=args.group_size,
                          sym=(args.method != "awq") if args.sym is None else args.sym, desc_act=args.desc_act,
-                         clip=args.clip, static_groups=args.static_groups, damp=args.damp)
+                         clip=args.clip, static_groups=args.static_groups, damp=args.damp,
+                         gptaq=args.gptaq)
         check_tokens(args.calib_tokens)
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
             raise ValueError(f"--out {args.out} exists and is not an empty folder")
@@ -112,7 +115,7 @@ def quantize(args: argparse.Namespace, spec: Any, folder: Path) -> int:
     quant_ppl = perplexity(model, held_out)
     summary = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                "desc_act": spec.desc_act, "clip": spec.clip, "clip_error": spec.clip_error,
-               "static_groups": spec.static_groups,
+               "static_groups": spec.static_groups, "gptaq": spec.gptaq,
                "damp": spec.damp, "calib_tokens": args.calib_tokens, "eval_tokens": len(held_out),
                "float_perplexity": round(float_ppl, 4), "quantized_perplexity": round(quant_ppl, 4),
                "increase_pct": round(100 * (quant_ppl / float_ppl - 1), 2), "out": str(out),

@@ -122,6 +122,7 @@ def test_awq_folder(capsys, tmp_path, eval_file):
     (["--method", "awq", "--desc-act"], "desc_act (act-order) is a GPTQ option"),
     (["--method", "rtn", "--static-groups"], "static_groups is a GPTQ option; method is rtn"),
     (["--method", "gptq", "--damp", "1.5"], "damp must be in (0, 1), got 1.5"),
+    (["--method", "awq", "--gptaq"], "gptaq (asymmetric calibration) is a GPTQ option; method is awq"),
     (["--method", "rtn", "--calib-tokens", "1000"], "--calib-tokens must be 16..512 or a multiple of 512"),
 ])
 def test_bad_flags_are_refused(capsys, tmp_path, flags, message):

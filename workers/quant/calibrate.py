@@ -59,6 +59,9 @@ LINEARS = tuple(name for step in GPTQ_STEPS for name in step)
 # AWQ clips every linear but q / k on its output error, as AutoAWQ's auto_clip: their outputs only
 # matter through softmax(q k^T), which the output error of each alone does not measure.
 AWQ_UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
+# AWQ's scale search runs each group's module 20 times: on the first sequences up to this many tokens
+# (its time grows with them); the clipping search's Hessians take every calibration token.
+AWQ_SEARCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,10 @@ class QuantSpec:
     clip: each group's range searched (algorithms/clip.py) instead of min-max — on the output error
     over the calibration inputs (RTN, AWQ; GPTQ with clip_error "output", the default; "weight" /
     "energy" measured worse); static_groups (GPTQ): grids fixed before the error feedback, so
-    act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1)."""
+    act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1);
+    float_inputs: each layer calibrates on the float outputs of the layer before (AutoAWQ) instead
+    of its quantized ones (GPTQ's sequential scheme); gptaq (GPTQ): the Hessian from the quantized
+    model's inputs, the target from the float model's (asymmetric calibration, algorithms/gptq.py)."""
 
     method: str
     bits: int = 4
@@ -95,6 +101,8 @@ class QuantSpec:
             raise ValueError(f"desc_act (act-order) is a GPTQ option; method is {self.method}")
         if self.static_groups and self.method != "gptq":
             raise ValueError(f"static_groups is a GPTQ option; method is {self.method}")
+        if self.gptaq and self.method != "gptq":
+            raise ValueError(f"gptaq (asymmetric calibration) is a GPTQ option; method is {self.method}")
         if self.clip_error not in CLIP_ERRORS:
             raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {self.clip_error!r}")
         if not 0 < self.damp < 1:
@@ -267,7 +275,8 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
                prefix: str, result: QuantizedModel) -> None:
     seen: dict[str, tuple[tuple, dict]] = {}
     watched = tuple(dict.fromkeys(LINEARS + tuple(g.inspect for g in LLAMA_GROUPS)))
-    _inputs_of(layer, watched, hidden, kwargs, lambda name, args, kw: seen.setdefault(name, (args, kw)))
+    searched = hidden[:max(1, AWQ_SEARCH_TOKENS // hidden.shape[1])]  # [seqs, T, D]: the search's share
+    _inputs_of(layer, watched, searched, kwargs, lambda name, args, kw: seen.setdefault(name, (args, kw)))
     for group in LLAMA_GROUPS:
         prev = layer.get_submodule(group.prev)
         linears = [layer.get_submodule(name) for name in group.linears]
