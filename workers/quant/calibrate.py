@@ -1,20 +1,19 @@
 """Quantizes a float Hugging Face causal LM layer by layer on calibration tokens (RTN, GPTQ, AWQ).
 
 Data flow: the calibration tokens [num_seqs, seq_len] run through the embeddings up to the first
-decoder layer, where a pre-hook keeps that layer's input and keyword arguments (rotary
-embeddings, causal mask) and stops the forward. Then, for each decoder layer in turn (one tqdm
-step each): its linears are quantized from the inputs this layer receives from the layers
-before it, *already quantized* (as GPTQ does, so later layers correct for earlier error); every
-quantized weight is packed into the output layout, unpacked again and written back into the
-module as its dequantized float — so what the perplexity check measures is exactly what the
-folder holds; the layer then runs once more to produce the next layer's input.
-  - rtn: each linear rounded to its group grid (algorithms/rtn.py); with `clip`, each group's
-    range searched on its output error over the layer's inputs (algorithms/clip.py);
-  - gptq: Hessians from forward pre-hooks on the linears, in sub-steps q/k/v, o, gate/up, down
-    ("true sequential": o is quantized from the outputs of the quantized q/k/v);
-  - awq: one float forward keeps every linear's input, then the scale search and folding of
-    algorithms/awq.py per group of LLAMA_GROUPS, then (with `clip`, AutoAWQ's auto_clip) the
-    output-error clipping search on the scaled inputs, then RTN of the scaled weights.
+decoder layer, where a pre-hook keeps its input and keyword arguments (rotary embeddings, mask) and
+stops the forward. Then, per decoder layer (one tqdm step): its linears are quantized from the
+inputs it receives from the layers before — for GPTQ / RTN those layers *already quantized*, so
+later layers correct earlier error; for AWQ their float outputs, as AutoAWQ — each quantized weight
+is packed, unpacked and written back as its dequantized float (the perplexity check measures
+exactly what the folder holds); the layer then runs again to give the next layer's input.
+  - rtn: group grids (algorithms/rtn.py), with `clip` searched on the output error (clip.py);
+  - gptq: sub-steps q/k/v, o, gate/up, down ("true sequential"), one Hessian per sub-step (its
+    linears read one input) from a forward stopped at that input; with `gptaq`, a float copy of
+    the layer on the float model's stream gives the asymmetric term (algorithms/gptq.py);
+  - awq: the scale search of algorithms/awq.py per LLAMA_GROUPS group on the first
+    AWQ_SEARCH_TOKENS tokens, folding, then the output-error clip on the scaled inputs of every
+    token (AutoAWQ's auto_clip), then RTN of the scaled weights.
 transformers' own model classes are run (AutoModelForCausalLM, forward hooks): a well-kept
 implementation of every Llama-style family, not a second copy of ours.
 """
@@ -61,7 +60,7 @@ LINEARS = tuple(name for step in GPTQ_STEPS for name in step)
 AWQ_UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
 # AWQ's scale search runs each group's module 20 times: on the first sequences up to this many tokens
 # (its time grows with them); the clipping search's Hessians take every calibration token.
-AWQ_SEARCH_TOKENS = 4096
+AWQ_SEARCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -72,9 +71,8 @@ class QuantSpec:
     over the calibration inputs (RTN, AWQ; GPTQ with clip_error "output", the default; "weight" /
     "energy" measured worse); static_groups (GPTQ): grids fixed before the error feedback, so
     act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1);
-    float_inputs: each layer calibrates on the float outputs of the layer before (AutoAWQ) instead
-    of its quantized ones (GPTQ's sequential scheme); gptaq (GPTQ): the Hessian from the quantized
-    model's inputs, the target from the float model's (asymmetric calibration, algorithms/gptq.py)."""
+    gptaq (GPTQ): the Hessian from the quantized model's inputs, the target from the float model's
+    (asymmetric calibration, algorithms/gptq.py)."""
 
     method: str
     bits: int = 4
@@ -86,7 +84,6 @@ class QuantSpec:
     damp: float = 0.01
     awq_duo: bool = False
     clip_error: str = "output"
-    float_inputs: bool = False
     gptaq: bool = False
 
     def __post_init__(self) -> None:
@@ -107,6 +104,12 @@ class QuantSpec:
             raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {self.clip_error!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+
+    @property
+    def float_inputs(self) -> bool:
+        """AWQ calibrates each layer on the float outputs of the layer before (AutoAWQ; measured a
+        little better here), GPTQ and RTN on its quantized outputs (GPTQ's sequential scheme)."""
+        return self.method == "awq"
 
     @property
     def uses_g_idx(self) -> bool:
