@@ -67,8 +67,9 @@ def test_gptq_layout_folder(capsys, tmp_path, eval_file):
     # --no-clip: the clipping search (tests/quant/test_clip.py) is not what this folder test is about.
     out, summary = quantize(capsys, tmp_path, eval_file, "--method", "rtn", "--bits", "4", "--group-size", "128",
                             "--no-clip")
+    assert (summary["sym"], summary["desc_act"], summary["gptaq"]) == (False, False, False)  # rtn's defaults
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == quantization_config(4, 128, True, False, "gptq")
+    assert config["quantization_config"] == quantization_config(4, 128, False, False, "gptq")
     assert config["model_type"] == "llama"
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     tensors = load_file(str(out / "model.safetensors"))
@@ -93,7 +94,7 @@ def test_gptq_layout_folder(capsys, tmp_path, eval_file):
         assert tensors[f"model.layers.{i}.input_layernorm.weight"].dtype == torch.float32
     assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors  # tied
     assert summary["quantized_perplexity"] > summary["float_perplexity"] > 1
-    check_folder_is_what_was_measured(out, QuantSpec("rtn", 4, 128, True), summary, eval_file)
+    check_folder_is_what_was_measured(out, QuantSpec("rtn", 4, 128, False), summary, eval_file)
 
 
 def test_awq_folder(capsys, tmp_path, eval_file):
@@ -130,3 +131,16 @@ def test_bad_flags_are_refused(capsys, tmp_path, flags, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], (False, True, True)),
+    (["--sym", "--no-desc-act", "--no-gptaq"], (True, False, False)),
+])
+def testgptq_defaults_are_the_best_measured(flags, expected):
+    """GPTQ's defaults: asymmetric, act-order, GPTAQ (benchmarks/README.md's quality row); each can be turned off."""
+    from shardserve.cluster.cli import build_parser
+    from shardserve.cluster.commands.quantize import gptq_default
+
+    args = build_parser("quantize").parse_args(["quantize", "--method", "gptq", "--calib", "c", "--out", "o", *flags])
+    assert (args.sym, gptq_default("gptq", args.desc_act), gptq_default("gptq", args.gptaq)) == expected
