@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-clip", dest="clip", action="store_false",
                    help="min-max group grids (default: searched clipping, workers/quant/algorithms/clip.py)")
     p.add_argument("--calib", required=True, type=Path, help="calibration text file (UTF-8)")
-    p.add_argument("--calib-tokens", type=int, default=8192,
+    p.add_argument("--calib-tokens", type=int, default=7168,
                    help=f"calibration tokens: below {SEQ_LEN} or a multiple of {SEQ_LEN}")
     p.add_argument("--eval", type=Path, default=None,
                    help="text for the perplexity check (default: --calib after the calibration tokens)")
