@@ -134,13 +134,18 @@ def test_bad_flags_are_refused(capsys, tmp_path, flags, message):
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    ([], (False, True, True)),
-    (["--sym", "--no-desc-act", "--no-gptaq"], (True, False, False)),
+    (["--method", "gptq"], (False, True, True, 7168)),
+    (["--method", "gptq", "--sym", "--no-desc-act", "--no-gptaq", "--calib-tokens", "512"], (True, False, False, 512)),
+    (["--method", "awq"], (False, False, False, 2048)),
 ])
-def testgptq_defaults_are_the_best_measured(flags, expected):
-    """GPTQ's defaults: asymmetric, act-order, GPTAQ (benchmarks/README.md's quality row); each can be turned off."""
+def test_defaults_are_the_best_measured(tmp_path, flags, expected):
+    """GPTQ's defaults: asymmetric, act-order, GPTAQ, 7168 tokens; AWQ's 2048 tokens (benchmarks/README.md's
+    quality row); each can be changed. The missing --calib stops the run before any model loads."""
     from shardserve.cluster.cli import build_parser
-    from shardserve.cluster.commands.quantize import gptq_default
+    from shardserve.cluster.commands.quantize import gptq_default, run
 
-    args = build_parser("quantize").parse_args(["quantize", "--method", "gptq", "--calib", "c", "--out", "o", *flags])
-    assert (args.sym, gptq_default("gptq", args.desc_act), gptq_default("gptq", args.gptaq)) == expected
+    args = build_parser("quantize").parse_args(
+        ["quantize", "--calib", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), *flags])
+    assert run(args) == 2
+    assert (args.sym, gptq_default(args.method, args.desc_act), gptq_default(args.method, args.gptaq),
+            args.calib_tokens) == expected
