@@ -190,3 +190,5 @@ def test_gptaq_targets_the_float_models_output():
     assert errors[2] < errors[1] < errors[0], errors
     with pytest.raises(ValueError, match="needs the float model's inputs"):
         Hessian(k, asymmetric=True).add(x)
+    with pytest.raises(ValueError, match=r"gptaq_alpha must be in \(0, 1\], got 0"):
+        QuantSpec("gptq", gptaq=True, gptaq_alpha=0)

@@ -72,7 +72,7 @@ class QuantSpec:
     "energy" measured worse); static_groups (GPTQ): grids fixed before the error feedback, so
     act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1);
     gptaq (GPTQ): the Hessian from the quantized model's inputs, the target from the float model's
-    (asymmetric calibration, algorithms/gptq.py)."""
+    (asymmetric calibration, algorithms/gptq.py), its term scaled by gptaq_alpha (GPTQModel's 0.25)."""
 
     method: str
     bits: int = 4
@@ -85,6 +85,7 @@ class QuantSpec:
     awq_duo: bool = False
     clip_error: str = "output"
     gptaq: bool = False
+    gptaq_alpha: float = 0.25
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,6 +103,8 @@ class QuantSpec:
             raise ValueError(f"gptaq (asymmetric calibration) is a GPTQ option; method is {self.method}")
         if self.clip_error not in CLIP_ERRORS:
             raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {self.clip_error!r}")
+        if not 0 < self.gptaq_alpha <= 1:
+            raise ValueError(f"gptaq_alpha must be in (0, 1], got {self.gptaq_alpha}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
 
@@ -270,7 +273,7 @@ def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
                                    spec.group_size, spec.sym, spec.desc_act,
                                    percdamp=spec.damp, clip=WEIGHT_MSE if spec.clip else None,
                                    static_groups=spec.static_groups, clip_error=spec.clip_error,
-                                   dxxt=hessian.dxxt)
+                                   dxxt=hessian.dxxt, dxxt_alpha=spec.gptaq_alpha)
             _commit(layer, name, weight, spec, prefix, result)
 
 
