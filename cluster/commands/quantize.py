@@ -128,7 +128,7 @@ def quantize(args: argparse.Namespace, spec: Any, folder: Path) -> int:
     quant_ppl = perplexity(model, held_out)
     summary = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                "desc_act": spec.desc_act, "clip": spec.clip, "clip_error": spec.clip_error,
-               "static_groups": spec.static_groups, "gptaq": spec.gptaq,
+               "static_groups": spec.static_groups, "gptaq": spec.gptaq, "gptaq_alpha": spec.gptaq_alpha,
                "damp": spec.damp, "calib_tokens": args.calib_tokens, "eval_tokens": len(held_out),
                "float_perplexity": round(float_ppl, 4), "quantized_perplexity": round(quant_ppl, 4),
                "increase_pct": round(100 * (quant_ppl / float_ppl - 1), 2), "out": str(out),
