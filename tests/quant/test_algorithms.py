@@ -141,7 +141,8 @@ def test_awq_search_protects_salient_channels():
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("gptq", 4, 32, True, True), QuantSpec("awq", 4, 32, False),
-                                  QuantSpec("rtn", 8, 64, False)], ids=lambda s: f"{s.method}{s.bits}")
+                                  QuantSpec("rtn", 8, 64, False), QuantSpec("gptq", 4, 32, False, True, gptaq=True)],
+                         ids=lambda s: f"{s.method}{s.bits}{'-gptaq' if s.gptaq else ''}")
 def test_quantize_model_writes_back_exactly_what_it_packs(spec):
     model = tiny_llama(4)
     ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -170,3 +171,24 @@ def test_gptq_model_error_is_below_rtn_on_a_tiny_llama():
         with torch.no_grad():
             errors[method] = float((model(ids).logits - reference).norm() / reference.norm())
     assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_gptaq_targets_the_float_models_output():
+    """Inputs drifted by earlier quantized layers (x) vs the float model's (x~): the asymmetric
+    Hessian's feedback brings Q x closer to W x~ than plain GPTQ, more so with a larger alpha."""
+    k = 256
+    x_float = correlated_inputs(2048, k)
+    x = x_float + 0.3 * torch.randn(2048, k, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(64, k, generator=torch.Generator().manual_seed(4))
+    errors = []
+    for asymmetric, alpha in ((False, 0.0), (True, 0.25), (True, 1.0)):
+        hessian = Hessian(k, asymmetric=asymmetric)
+        hessian.add(x, x_float if asymmetric else None)
+        q = gptq_quantize(w, hessian.matrix, 4, 128, sym=False, desc_act=True, dxxt=hessian.dxxt,
+                          dxxt_alpha=alpha).dequantize()
+        errors.append(float((x @ q.T - x_float @ w.T).square().mean()))
+    assert errors[2] < errors[1] < errors[0], errors
+    with pytest.raises(ValueError, match="needs the float model's inputs"):
+        Hessian(k, asymmetric=True).add(x)
+    with pytest.raises(ValueError, match=r"gptaq_alpha must be in \(0, 1\], got 0"):
+        QuantSpec("gptq", gptaq=True, gptaq_alpha=0)

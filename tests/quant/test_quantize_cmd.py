@@ -67,8 +67,9 @@ def test_gptq_layout_folder(capsys, tmp_path, eval_file):
     # --no-clip: the clipping search (tests/quant/test_clip.py) is not what this folder test is about.
     out, summary = quantize(capsys, tmp_path, eval_file, "--method", "rtn", "--bits", "4", "--group-size", "128",
                             "--no-clip")
+    assert (summary["sym"], summary["desc_act"], summary["gptaq"]) == (False, False, False)  # rtn's defaults
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == quantization_config(4, 128, True, False, "gptq")
+    assert config["quantization_config"] == quantization_config(4, 128, False, False, "gptq")
     assert config["model_type"] == "llama"
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     tensors = load_file(str(out / "model.safetensors"))
@@ -93,7 +94,7 @@ def test_gptq_layout_folder(capsys, tmp_path, eval_file):
         assert tensors[f"model.layers.{i}.input_layernorm.weight"].dtype == torch.float32
     assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors  # tied
     assert summary["quantized_perplexity"] > summary["float_perplexity"] > 1
-    check_folder_is_what_was_measured(out, QuantSpec("rtn", 4, 128, True), summary, eval_file)
+    check_folder_is_what_was_measured(out, QuantSpec("rtn", 4, 128, False), summary, eval_file)
 
 
 def test_awq_folder(capsys, tmp_path, eval_file):
@@ -122,6 +123,7 @@ def test_awq_folder(capsys, tmp_path, eval_file):
     (["--method", "awq", "--desc-act"], "desc_act (act-order) is a GPTQ option"),
     (["--method", "rtn", "--static-groups"], "static_groups is a GPTQ option; method is rtn"),
     (["--method", "gptq", "--damp", "1.5"], "damp must be in (0, 1), got 1.5"),
+    (["--method", "awq", "--gptaq"], "gptaq (asymmetric calibration) is a GPTQ option; method is awq"),
     (["--method", "rtn", "--calib-tokens", "1000"], "--calib-tokens must be 16..512 or a multiple of 512"),
 ])
 def test_bad_flags_are_refused(capsys, tmp_path, flags, message):
@@ -129,3 +131,21 @@ def test_bad_flags_are_refused(capsys, tmp_path, flags, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--method", "gptq"], (False, True, True, 7168)),
+    (["--method", "gptq", "--sym", "--no-desc-act", "--no-gptaq", "--calib-tokens", "512"], (True, False, False, 512)),
+    (["--method", "awq"], (False, False, False, 2048)),
+])
+def test_defaults_are_the_best_measured(tmp_path, flags, expected):
+    """GPTQ's defaults: asymmetric, act-order, GPTAQ, 7168 tokens; AWQ's 2048 tokens (benchmarks/README.md's
+    quality row); each can be changed. The missing --calib stops the run before any model loads."""
+    from shardserve.cluster.cli import build_parser
+    from shardserve.cluster.commands.quantize import gptq_default, run
+
+    args = build_parser("quantize").parse_args(
+        ["quantize", "--calib", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), *flags])
+    assert run(args) == 2
+    assert (args.sym, gptq_default(args.method, args.desc_act), gptq_default(args.method, args.gptaq),
+            args.calib_tokens) == expected

@@ -1,26 +1,26 @@
 """Quantizes a float Hugging Face causal LM layer by layer on calibration tokens (RTN, GPTQ, AWQ).
 
 Data flow: the calibration tokens [num_seqs, seq_len] run through the embeddings up to the first
-decoder layer, where a pre-hook keeps that layer's input and keyword arguments (rotary
-embeddings, causal mask) and stops the forward. Then, for each decoder layer in turn (one tqdm
-step each): its linears are quantized from the inputs this layer receives from the layers
-before it, *already quantized* (as GPTQ does, so later layers correct for earlier error); every
-quantized weight is packed into the output layout, unpacked again and written back into the
-module as its dequantized float — so what the perplexity check measures is exactly what the
-folder holds; the layer then runs once more to produce the next layer's input.
-  - rtn: each linear rounded to its group grid (algorithms/rtn.py); with `clip`, each group's
-    range searched on its output error over the layer's inputs (algorithms/clip.py);
-  - gptq: Hessians from forward pre-hooks on the linears, in sub-steps q/k/v, o, gate/up, down
-    ("true sequential": o is quantized from the outputs of the quantized q/k/v);
-  - awq: one float forward keeps every linear's input, then the scale search and folding of
-    algorithms/awq.py per group of LLAMA_GROUPS, then (with `clip`, AutoAWQ's auto_clip) the
-    output-error clipping search on the scaled inputs, then RTN of the scaled weights.
+decoder layer, where a pre-hook keeps its input and keyword arguments (rotary embeddings, mask) and
+stops the forward. Then, per decoder layer (one tqdm step): its linears are quantized from the
+inputs it receives from the layers before — for GPTQ / RTN those layers *already quantized*, so
+later layers correct earlier error; for AWQ their float outputs, as AutoAWQ — each quantized weight
+is packed, unpacked and written back as its dequantized float (the perplexity check measures
+exactly what the folder holds); the layer then runs again to give the next layer's input.
+  - rtn: group grids (algorithms/rtn.py), with `clip` searched on the output error (clip.py);
+  - gptq: sub-steps q/k/v, o, gate/up, down ("true sequential"), one Hessian per sub-step (its
+    linears read one input) from a forward stopped at that input; with `gptaq`, a float copy of
+    the layer on the float model's stream gives the asymmetric term (algorithms/gptq.py);
+  - awq: the scale search of algorithms/awq.py per LLAMA_GROUPS group on the first
+    AWQ_SEARCH_TOKENS tokens, folding, then the output-error clip on the scaled inputs of every
+    token (AutoAWQ's auto_clip), then RTN of the scaled weights.
 transformers' own model classes are run (AutoModelForCausalLM, forward hooks): a well-kept
 implementation of every Llama-style family, not a second copy of ours.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +58,9 @@ LINEARS = tuple(name for step in GPTQ_STEPS for name in step)
 # AWQ clips every linear but q / k on its output error, as AutoAWQ's auto_clip: their outputs only
 # matter through softmax(q k^T), which the output error of each alone does not measure.
 AWQ_UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
+# AWQ's scale search runs each group's module 20 times: on the first sequences up to this many tokens
+# (its time grows with them); the clipping search's Hessians take every calibration token.
+AWQ_SEARCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ class QuantSpec:
     clip: each group's range searched (algorithms/clip.py) instead of min-max — on the output error
     over the calibration inputs (RTN, AWQ; GPTQ with clip_error "output", the default; "weight" /
     "energy" measured worse); static_groups (GPTQ): grids fixed before the error feedback, so
-    act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1)."""
+    act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1);
+    gptaq (GPTQ): the Hessian from the quantized model's inputs, the target from the float model's
+    (asymmetric calibration, algorithms/gptq.py), its term scaled by gptaq_alpha (GPTQModel: 0.25; 0.5 measured better here)."""
 
     method: str
     bits: int = 4
@@ -79,6 +84,8 @@ class QuantSpec:
     damp: float = 0.01
     awq_duo: bool = False
     clip_error: str = "output"
+    gptaq: bool = False
+    gptaq_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,10 +99,20 @@ class QuantSpec:
             raise ValueError(f"desc_act (act-order) is a GPTQ option; method is {self.method}")
         if self.static_groups and self.method != "gptq":
             raise ValueError(f"static_groups is a GPTQ option; method is {self.method}")
+        if self.gptaq and self.method != "gptq":
+            raise ValueError(f"gptaq (asymmetric calibration) is a GPTQ option; method is {self.method}")
         if self.clip_error not in CLIP_ERRORS:
             raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {self.clip_error!r}")
+        if not 0 < self.gptaq_alpha <= 1:
+            raise ValueError(f"gptaq_alpha must be in (0, 1], got {self.gptaq_alpha}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+
+    @property
+    def float_inputs(self) -> bool:
+        """AWQ calibrates each layer on the float outputs of the layer before (AutoAWQ; measured a
+        little better here), GPTQ and RTN on its quantized outputs (GPTQ's sequential scheme)."""
+        return self.method == "awq"
 
     @property
     def uses_g_idx(self) -> bool:
@@ -149,16 +166,22 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
     result = QuantizedModel()
     with torch.no_grad(), one_thread():  # measured 5-10x faster than 2 threads on a shared 2-core CPU
         hidden, kwargs = _first_layer_input(model, layers, calib_ids)
+        float_hidden = hidden  # the float model's stream (GPTAQ's targets)
         for index, layer in enumerate(tqdm(layers, desc=f"{spec.method} int{spec.bits}", unit="layer",
                                            disable=not progress)):
             prefix = f"model.layers.{index}."
-            if spec.method == "gptq":
+            float_out = layer(hidden, **kwargs) if spec.float_inputs else None
+            if spec.method == "gptq" and spec.gptaq:
+                float_layer = copy.deepcopy(layer)
+                _gptq_layer(layer, hidden, kwargs, spec, prefix, result, float_layer, float_hidden)
+                float_hidden = float_layer(float_hidden, **kwargs)
+            elif spec.method == "gptq":
                 _gptq_layer(layer, hidden, kwargs, spec, prefix, result)
             elif spec.method == "awq":
                 _awq_layer(layer, hidden, kwargs, spec, prefix, result)
             else:
                 _rtn_layer(layer, hidden, kwargs, spec, prefix, result)
-            hidden = layer(hidden, **kwargs)
+            hidden = float_out if float_out is not None else layer(hidden, **kwargs)
     return result
 
 
@@ -196,15 +219,31 @@ def _commit(layer: nn.Module, name: str, weight: GroupedWeight, spec: QuantSpec,
 
 
 def _inputs_of(layer: nn.Module, names: tuple[str, ...], hidden: torch.Tensor, kwargs: dict[str, Any],
-               on_input: Callable[[str, tuple, dict], None]) -> None:
-    """Runs the layer once, calling on_input(name, args, kwargs) with each named submodule's input."""
+               on_input: Callable[[str, tuple, dict], None], stop_after: str | None = None) -> None:
+    """Runs the layer once, calling on_input(name, args, kwargs) with each named submodule's input;
+    the forward stops once `stop_after` has had its input (the rest of the layer is not needed)."""
+
+    def hook(name: str, args: tuple, kw: dict) -> None:
+        on_input(name, args, kw)
+        if name == stop_after:
+            raise _Stop
+
     handles = [layer.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, kw, name=name: on_input(name, args, kw), with_kwargs=True) for name in names]
+        lambda _m, args, kw, name=name: hook(name, args, kw), with_kwargs=True) for name in names]
     try:
         layer(hidden, **kwargs)
+    except _Stop:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _input_of(layer: nn.Module, name: str, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The input layer.<name> receives when the layer runs on hidden (the forward stops there)."""
+    seen: list[torch.Tensor] = []
+    _inputs_of(layer, (name,), hidden, kwargs, lambda _n, args, _kw: seen.append(args[0]), stop_after=name)
+    return seen[0]
 
 
 def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
@@ -222,15 +261,19 @@ def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
 
 
 def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
-                prefix: str, result: QuantizedModel) -> None:
-    for step in GPTQ_STEPS:
-        hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in step}
-        _inputs_of(layer, step, hidden, kwargs, lambda name, args, _kw, h=hessians: h[name].add(args[0]))
+                prefix: str, result: QuantizedModel, float_layer: nn.Module | None = None,
+                float_hidden: torch.Tensor | None = None) -> None:
+    """float_layer / float_hidden (GPTAQ): this layer unquantized and its input in the float model."""
+    for step in GPTQ_STEPS:  # the linears of a step read one input: one Hessian, from the step's first
+        hessian = Hessian(layer.get_submodule(step[0]).in_features, asymmetric=float_layer is not None)
+        x_float = None if float_layer is None else _input_of(float_layer, step[0], float_hidden, kwargs)
+        hessian.add(_input_of(layer, step[0], hidden, kwargs), x_float)
         for name in step:
-            weight = gptq_quantize(layer.get_submodule(name).weight, hessians[name].matrix, spec.bits,
+            weight = gptq_quantize(layer.get_submodule(name).weight, hessian.matrix, spec.bits,
                                    spec.group_size, spec.sym, spec.desc_act,
                                    percdamp=spec.damp, clip=WEIGHT_MSE if spec.clip else None,
-                                   static_groups=spec.static_groups, clip_error=spec.clip_error)
+                                   static_groups=spec.static_groups, clip_error=spec.clip_error,
+                                   dxxt=hessian.dxxt, dxxt_alpha=spec.gptaq_alpha)
             _commit(layer, name, weight, spec, prefix, result)
 
 
@@ -238,7 +281,8 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
                prefix: str, result: QuantizedModel) -> None:
     seen: dict[str, tuple[tuple, dict]] = {}
     watched = tuple(dict.fromkeys(LINEARS + tuple(g.inspect for g in LLAMA_GROUPS)))
-    _inputs_of(layer, watched, hidden, kwargs, lambda name, args, kw: seen.setdefault(name, (args, kw)))
+    searched = hidden[:max(1, AWQ_SEARCH_TOKENS // hidden.shape[1])]  # [seqs, T, D]: the search's share
+    _inputs_of(layer, watched, searched, kwargs, lambda name, args, kw: seen.setdefault(name, (args, kw)))
     for group in LLAMA_GROUPS:
         prev = layer.get_submodule(group.prev)
         linears = [layer.get_submodule(name) for name in group.linears]

@@ -52,7 +52,8 @@ class QuantLinearMethod:
         if (isinstance(layer, RowParallelLinear) and layer.tp_size > 1
                 and getattr(self.layout, "desc_act", False)):
             raise ValueError("act-order (desc_act) GPTQ checkpoints need tensor_parallel_size 1: a row-parallel "
-                             "layer's inputs would each need every group's scales")
+                             "layer's inputs would each need every group's scales; `shardserve quantize --static-groups` writes "
+                             "a folder without act-order that shards")
         input_size = input_size_per_partition
         self.input_slice: tuple[int, int] | None = None
         if isinstance(self.layout, AtLoadLayout) and isinstance(layer, RowParallelLinear) and layer.tp_size > 1:

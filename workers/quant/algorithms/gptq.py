@@ -33,26 +33,36 @@ CLIP_ERRORS = ("weight", "energy", "output")
 
 
 class Hessian:
-    """Running H = 2/n sum_t x_t x_t^T over the calibration tokens of one linear's input."""
+    """Running H = 2/n sum_t x_t x_t^T over the calibration tokens of one linear's input; with
+    `asymmetric`, also dXXT = 2/n sum_t (x~_t - x_t) x_t^T, x~ the input the float model gives (GPTAQ)."""
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, asymmetric: bool = False) -> None:
         self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32)  # [K, K]
+        self.dxxt = torch.zeros_like(self.matrix) if asymmetric else None
         self.num_tokens = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """x [..., K]: one batch of inputs as the linear saw them."""
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+        """x [..., K]: one batch of inputs as the linear saw them; x_float: the same tokens' inputs in
+        the float model (required with `asymmetric`)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
         total = self.num_tokens + x.shape[0]
         self.matrix *= self.num_tokens / total
         x = x * (2.0 / total) ** 0.5
         self.matrix += x.T @ x
+        if self.dxxt is not None:
+            if x_float is None:
+                raise ValueError("an asymmetric Hessian needs the float model's inputs too")
+            self.dxxt *= self.num_tokens / total
+            x_float = x_float.detach().reshape(-1, x_float.shape[-1]).to(torch.float32) * (2.0 / total) ** 0.5
+            self.dxxt += (x_float - x).T @ x
         self.num_tokens = total
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, percdamp: float = 0.01,
                   block_size: int = 128, clip: ClipSearch | None = None,
-                  static_groups: bool = False, clip_error: str = "weight") -> GroupedWeight:
+                  static_groups: bool = False, clip_error: str = "weight",
+                  dxxt: torch.Tensor | None = None, dxxt_alpha: float = 0.25) -> GroupedWeight:
     """w [N, K] float, hessian [K, K] -> GroupedWeight of `bits` (4 or 8) with groups of `group_size`
     input columns (-1: one group per row; the last group may be partial, e.g. K = 576, g = 128);
     clip: each group's grid from clip.py's search (None: min-max); static_groups: every grid is
@@ -60,7 +70,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     the checkpoint's order — with desc_act the columns are still quantized in act-order, but the
     result needs no `perm` (g_idx = k // g), so kernels skip the input permutation; clip_error: what
     the clipping search minimises — "weight" |err|^norm, "energy" err^2 weighted by diag(H), or
-    "output" err H_gg err^T with the group's block of H (its output error on the calibration inputs)."""
+    "output" err H_gg err^T with the group's block of H (its output error on the calibration inputs);
+    dxxt: Hessian.dxxt of an asymmetric Hessian (GPTAQ, Li et al. 2025: the target is the float
+    model's output W x~, not W x, so each quantized column also moves the later ones by
+    w_i P[i, :], P = dxxt_alpha * triu(dXXT U^T, 1) U with U the error-feedback factor)."""
     if clip_error not in CLIP_ERRORS:
         raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {clip_error!r}")
     n, k = w.shape
@@ -80,6 +93,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    if dxxt is not None:
+        dxxt = dxxt.detach().to(torch.float32).clone()
+        dxxt[:, dead] = 0.0
     num_groups = -(-k // g)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, num_groups)
@@ -94,11 +110,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
         perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
         if perm is not None:
             w, h = w[:, perm], h[perm][:, perm]
+            dxxt = None if dxxt is None else dxxt[perm][:, perm]
             if group_of is not None:
                 group_of = group_of[perm]
         hinv = _inverse_cholesky(h, percdamp)  # [K, K] upper triangular
+        p = None if dxxt is None else dxxt_alpha * torch.triu(dxxt @ hinv.T, diagonal=1) @ hinv
         _quantize_columns(w, hinv, codes, scales, zeros, g, block_size, bits, sym, group_of,
-                          lambda cols, col: _grid(cols, h, col, bits, sym, clip, clip_error))
+                          lambda cols, col: _grid(cols, h, col, bits, sym, clip, clip_error), p)
     if static_groups and perm is not None:  # codes back to the checkpoint's input order
         codes = torch.empty_like(codes).index_copy_(1, perm, codes)
         perm = None
@@ -108,9 +126,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
 def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                       zeros: torch.Tensor, g: int, block_size: int, bits: int, sym: bool,
                       group_of: torch.Tensor | None,
-                      grid: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+                      grid: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+                      p: torch.Tensor | None = None) -> None:
     """Step 3 in place: w [N, K] (consumed), codes [N, K], scales / zeros [N, G] (filled, or given:
-    static groups, with group_of [K] the group of each column)."""
+    static groups, with group_of [K] the group of each column); p [K, K]: GPTAQ's extra feedback."""
     n, k = w.shape
     scale = zero = torch.zeros(n, 1)
     for start in range(0, k, block_size):
@@ -132,9 +151,14 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, 
             codes[:, col] = q[:, 0]
             dq = q[:, 0].float() * scale[:, 0] + (-zero[:, 0] * scale[:, 0])  # as GroupedWeight.dequantize
             err = (w_block[:, i] - dq) / hinv_block[i, i]  # [N]
-            w_block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
+            update = err[:, None] * hinv_block[i, i:][None, :]
+            if p is not None:  # p[i, i] = 0: column i still ends on dq
+                update -= w_block[:, i:i + 1] * p[col, col:end][None, :]
+            w_block[:, i:] -= update
             err_block[:, i] = err
         w[:, end:] -= err_block @ hinv[start:end, end:]
+        if p is not None:  # w_block's columns now hold their quantized values
+            w[:, end:] += w_block @ p[start:end, end:]
 
 
 def _grid(cols: torch.Tensor, h: torch.Tensor, start: int, bits: int, sym: bool, clip: ClipSearch | None,
