@@ -13,9 +13,11 @@ outputs must be identical (greedy): the table says so per task. Method `draft` t
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 from dataclasses import asdict, replace
 
+import torch
 from shardserve.workers.bench.device import device_name
 from shardserve.workers.bench.spec_tasks import task_prompts
 from shardserve.workers.config import EngineConfig, SpeculativeConfig
@@ -78,6 +80,12 @@ def run_speculative_bench(config: EngineConfig, args: argparse.Namespace) -> dic
                 stats = engine.stats().spec_decode
         finally:
             engine.shutdown()
+            # Free its KV pool before the next engine sizes its own from the card's memory (a GPU
+            # pool is most of the card; peak memory would count the old one and leave no room).
+            del engine
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     assert stats is not None
     rows = []
     print(f"\n{'task':<12} {'tokens':>7} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'same output':>12}")
