@@ -22,15 +22,16 @@ from shardserve.workers.quant.weights import Fp8Weight, GroupedWeight, Int8Weigh
 class KernelRuntime:
     """`linear(x, packed, bias)` of one kernel module over its packed weight; `silu_mul` at decode size."""
 
-    def __init__(self, linear: Callable, packed: object, gemv_rows: int, silu_mul: Callable) -> None:
+    def __init__(self, linear: Callable, packed: object, gemv_rows: int, silu_mul: Callable | None) -> None:
         self.linear, self.packed, self.gemv_rows, self._silu_mul = linear, packed, gemv_rows, silu_mul
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.linear(x, self.packed, bias)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up for W = [gate; up] in one kernel, or None above the GEMV's rows."""
-        if x.dim() != 2 or x.shape[0] > self.gemv_rows or self.packed.shape[0] % 2:
+        """silu(gate) * up for W = [gate; up] in one kernel, or None above the GEMV's rows (or with no
+        fused kernel)."""
+        if self._silu_mul is None or x.dim() != 2 or x.shape[0] > self.gemv_rows or self.packed.shape[0] % 2:
             return None
         return self._silu_mul(x, self.packed)
 
@@ -40,9 +41,8 @@ def cuda_runtime(w: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         from shardserve.workers.quant.kernels import tinygemm
         from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4
 
-        if tinygemm.supported(w, device, dtype):  # no fused SiLU: gemv_rows 0 turns silu_mul off
-            return KernelRuntime(tinygemm.dual_linear, tinygemm.pack_dual(_to(w, device), dtype), 0,
-                                 lambda x, p: None)
+        if tinygemm.supported(w, device, dtype):  # torch's kernel has no SiLU epilogue
+            return KernelRuntime(tinygemm.dual_linear, tinygemm.pack_dual(_to(w, device), dtype), 0, None)
 
         return KernelRuntime(int4_linear, pack_int4(_to(w, device), dtype), GEMV_MAX_ROWS,
                              lambda x, p: int4_linear(x, p, silu_mul=True))

@@ -11,11 +11,13 @@ picks one at run time. A failed build raises `CpuKernelsUnavailable`; callers fa
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 EXTENSION_NAME = "shardserve_quant_cpu_v2"
+log = logging.getLogger(__name__)
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -36,3 +38,12 @@ def build(source: Path, name: str) -> ModuleType:
     except Exception as exc:  # compiler missing, ninja missing, compile error: all mean "use the fallback"
         raise CpuKernelsUnavailable(f"building the quantized CPU kernels ({source}) failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
+
+
+def build_or_none(source: Path, name: str, fallback: str) -> ModuleType | None:
+    """`build`, or None after a warning that says what the caller falls back to."""
+    try:
+        return build(source, name)
+    except CpuKernelsUnavailable as exc:
+        log.warning("%s; %s", exc, fallback)
+        return None

@@ -16,13 +16,11 @@ tensor and the ops available; CUDA tensors and other dtypes never take these ker
 from __future__ import annotations
 
 import functools
-import logging
 from types import ModuleType
 
 import torch
-from shardserve.workers.quant.cpu_kernels.build import HERE, CpuKernelsUnavailable, build
+from shardserve.workers.quant.cpu_kernels.build import HERE, build_or_none
 
-log = logging.getLogger(__name__)
 EXTENSION_NAME = "shardserve_cpu_decode_ops_v3"
 _enabled = True
 
@@ -41,11 +39,7 @@ def ops() -> ModuleType | None:
 
 @functools.cache
 def _built() -> ModuleType | None:
-    try:
-        return build(HERE / "decode_ops.cpp", EXTENSION_NAME)
-    except CpuKernelsUnavailable as exc:
-        log.warning("%s; the CPU decode path keeps eager torch ops", exc)
-        return None
+    return build_or_none(HERE / "decode_ops.cpp", EXTENSION_NAME, "the CPU decode path keeps eager torch ops")
 
 
 def wanted(x: torch.Tensor) -> bool:

@@ -17,16 +17,14 @@ on the modules.
 from __future__ import annotations
 
 import functools
-import logging
 from types import ModuleType
 from typing import Any
 
 import torch
 from shardserve.workers.quant.cpu_kernels import DENSE_FROM_ROWS, decode_ops
-from shardserve.workers.quant.cpu_kernels.build import HERE, CpuKernelsUnavailable, build
+from shardserve.workers.quant.cpu_kernels.build import HERE, build_or_none
 from shardserve.workers.quant.cpu_kernels.runtime import Q4Runtime, Q8Runtime
 
-log = logging.getLogger(__name__)
 EXTENSION_NAME = "shardserve_cpu_decode_stack_v1"
 MAX_QUERY_LEN = 32  # as the CPU attention backend's fused path (cpu_backend.FUSED_MAX_QUERY_LEN)
 _enabled = True
@@ -40,11 +38,7 @@ def set_enabled(enabled: bool) -> None:
 
 @functools.cache
 def _built() -> ModuleType | None:
-    try:
-        return build(HERE / "decode_stack.cpp", EXTENSION_NAME)
-    except CpuKernelsUnavailable as exc:
-        log.warning("%s; the CPU decode path keeps one call per module", exc)
-        return None
+    return build_or_none(HERE / "decode_stack.cpp", EXTENSION_NAME, "the CPU decode path keeps one call per module")
 
 
 class CpuDecodeStack:
