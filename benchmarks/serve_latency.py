@@ -15,6 +15,9 @@ TTFT) -> LLMServer yielded the first chunk (output hand-off, chunk build) -> cli
 stream back, Ingress message building, transport). Prints the median of each hop and the median
 added TTFT / e2e (client minus the engine's own) per path; `--json FILE` writes every record.
 Stamps are time.time() of one host; the client runs in this process. Old vs new: serve_latency_ab.sh.
+`--cold-starts N` instead: the model scales to zero (min_replicas 0); N times, wait until no replica is
+left, send one gRPC request, print its client TTFT, the replica's cold_start_seconds and start-up
+stages from /metrics (the first round also compiles the kernels; later rounds find them cached).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-defaults", action="store_true",
                    help="start Ray without cluster/app.py's SERVE_ENV (Ray Serve's default threads and proxy hop)")
     p.add_argument("--json", help="write every request's record here")
+    p.add_argument("--cold-starts", type=int, default=0,
+                   help="measure this many starts from zero replicas instead (min_replicas 0)")
     return p.parse_args(argv)
 
 
@@ -93,6 +98,10 @@ def app_config(args: argparse.Namespace) -> Any:
         model["dtype"] = args.dtype
     if args.stream_interval_ms is not None:
         model["stream_interval_ms"] = args.stream_interval_ms
+    if args.cold_starts:
+        model.pop("replicas", None)
+        model["autoscaling"] = {"min_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 4,
+                                "upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 11}
     return parse_config(data, ServeConfig)
 
 
@@ -180,6 +189,45 @@ def engine_records(replicas: set[str]) -> dict[str, dict]:
 MODEL: list[str] = []  # the served model's name (set in main)
 
 
+def live_replicas() -> int:
+    """Replicas of the model's LLMServer in any state (starting, running, stopping)."""
+    from ray import serve
+    from shardserve.cluster.ingress.deployment import llm_server_name
+
+    deployments = serve.status().applications[APP_NAME].deployments
+    return sum(deployments[llm_server_name(0, MODEL[0])].replica_states.values())
+
+
+def scrape(url: str) -> dict[str, list[Any]]:
+    """/metrics samples by name (prometheus_client's parser)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=60).text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def cold_starts(stub: Any, url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each round: wait for zero replicas, one gRPC request, its TTFT and the replica's stages."""
+    rounds = []
+    for i in range(args.cold_starts):
+        waited = time.monotonic()
+        while live_replicas() > 0:
+            if time.monotonic() - waited > 300:
+                raise RuntimeError("the app did not scale to zero in 300 s")
+            time.sleep(0.5)
+        rec = grpc_one(stub, MODEL[0], args, 50_000 + i)
+        samples = scrape(url)
+        cold = [s.value for s in samples.get("shardserve:cold_start_seconds", []) if s.name.endswith("_sum")]
+        stages = {s.labels["stage"]: round(s.value, 2) for s in samples.get("shardserve:replica_startup_seconds", [])}
+        row = {"round": i, "client_ttft_s": rec["client_first_unix_s"] - rec["client_send_unix_s"],
+               "cold_start_seconds_sum": sum(cold), "startup_stages_s": stages, "num_tokens": rec["num_tokens"]}
+        print(f"cold start {i}: client TTFT {row['client_ttft_s']:.2f} s; replica stages {stages}; "
+              f"server-measured cold start {sum(cold):.2f} s", flush=True)
+        rounds.append(row)
+    return rounds
+
+
 def summarize(records: list[dict]) -> dict[str, Any]:
     def med(values: list[float]) -> float:
         return statistics.median(values) * 1e3 if values else float("nan")
@@ -229,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         records: list[dict] = []
         with grpc.insecure_channel(f"127.0.0.1:{config.grpc.port}") as channel, httpx.Client(timeout=120) as client:
             stub = rpc.LLMServiceStub(channel)
+            if args.cold_starts:
+                rounds = cold_starts(stub, url, args)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"cold_starts": rounds}, indent=1))
+                return 0
             senders = {"grpc": lambda i: grpc_one(stub, model.name, args, i),
                        "http": lambda i: http_one(client, url, model.name, api, args, i)}
             for path in paths:

@@ -42,10 +42,14 @@ cleanup() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done; sle
 trap cleanup EXIT
 
 # Our side: Ray + Serve from the carried wheels, the package itself installed in place.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "carry .whl (../shared/device/make-wheels.sh)"; exit 1; }
+WHL=${WHL:-.whl}  # the Ray wheels (make-wheels.sh); skipped when an earlier call on this machine installed them
+if [ ! -d /tmp/site/ray ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+        || { echo "carry $WHL (../shared/device/make-wheels.sh $WHL)"; exit 1; }
+fi
 find cluster/proto/gen -type f -exec touch {} +  # carried stubs are newer than the .proto: no rebuild
-OURS_ENV=(env PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH)
+# EXTRA_SITE: e.g. a folder with matplotlib for the plots (the GPU image has none)
+OURS_ENV=(env PYTHONPATH=/tmp/site${EXTRA_SITE:+:$EXTRA_SITE} PATH=/tmp/site/bin:$PATH)
 "${OURS_ENV[@]}" python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 
 wait_ready() {  # url name pid seconds [started-at, in $SECONDS]
