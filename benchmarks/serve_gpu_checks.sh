@@ -20,8 +20,10 @@ find cluster/proto/gen -type f -exec touch {} +  # carried stubs are newer than 
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 GPU=(--model dummy:llama-3.1-8b --device cuda --dtype bfloat16)
+STEPS=${STEPS:-cold_start,latency,cost_ab}  # which of the three to run
 run() {  # name seconds command...
     local name=$1 secs=$2; shift 2
+    [[ ",$STEPS," == *",$name,"* ]] || return 0
     echo "== $name (limit $secs s)"; local t0=$SECONDS
     timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? after $((SECONDS - t0)) s"
 }

@@ -162,9 +162,11 @@ def http_one(client: Any, url: str, model: str, api: str, args: argparse.Namespa
             choices = json.loads(line[6:]).get("choices") or []
             delta = choices[0].get("delta", {}).get("content") if api == "chat" and choices else None
             text = choices[0].get("text") if api != "chat" and choices else None
-            if (delta or text) and rec["client_first_unix_s"] is None:
+            # completions of token ids: a dummy model has no tokenizer, so a token's chunk carries "" text
+            got = bool(delta or text) or (api != "chat" and text is not None)
+            if got and rec["client_first_unix_s"] is None:
                 rec["client_first_unix_s"] = time.time()
-            num_chunks += bool(delta or text)
+            num_chunks += got
     rec.update(client_end_unix_s=time.time(), num_tokens=None, num_chunks=num_chunks)
     return rec
 
