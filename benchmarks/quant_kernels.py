@@ -16,7 +16,7 @@ plane kernels alone.
 `--check`: every kernel once at every shape and M vs the reference, with a tolerance (FP8 also
 vs its own quantized activations, tightly); exit status 1 on any failure. A kernel that raises
 is printed and the run goes on (then exit status 1). `--sweep`: a small GEMV tile sweep at M = 1
-(at most ~60 s). `--json PATH` writes the rows.
+(at most ~60 s); `--sweep-gemv`: INT8 / FP8 GEMV tiles per shape. `--json PATH` writes the rows.
 
 Run: `python benchmarks/quant_kernels.py [--check] [--sweep] [--m 1 16 256] [--json out.json]`.
 """
@@ -37,7 +37,7 @@ from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import tinygemm as tg
 from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
-from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_linear, pack_fp8, quantize_rows
+from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
@@ -225,6 +225,50 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
     return results
 
 
+def sweep_gemv(bandwidth: float, budget_s: float) -> dict:
+    """INT8 (plane GEMV) and FP8 (fp8_gemv) tiles at M = 1, every shape: per shape the best 3 (us and %
+    of the floor) beside the default tiles, and a table of each shape's best to paste into the kernels."""
+    deadline = time.monotonic() + budget_s
+    int8 = [(f"int8 {t}", t) for t in (pk.GemvTiles(bn, u, nw) for bn in (1, 2, 4, 8) for u in (1, 2, 4, 8)
+                                        for nw in (4, 8))]
+    fp8 = [(f"fp8 bn{bn} bk{bk} w{nw}", (bn, bk, nw)) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096)
+           for nw in (4, 8)]
+    results: dict[str, dict[str, float]] = {}
+    for name, n, k in SHAPES:
+        x = torch.randn(1, k, device=DEV).to(DTYPE)
+        by_name = {c.name: c for c in cases(n, k, 1) if c.name in ("bf16", "int8", "fp8")}
+        variants = [("int8 default", by_name["int8"], int8_linear), ("fp8 default", by_name["fp8"], fp8_gemv)]
+        variants += [(label, by_name["int8"], lambda a, w, t=t: int8_linear(a, w, gemv_tiles=t)) for label, t in int8]
+        variants += [(label, by_name["fp8"], lambda a, w, t=t: fp8_gemv(a, w, block_n=t[0], block_k=t[1], num_warps=t[2]))
+                     for label, t in fp8]
+        results[f"{name} bf16"] = {"us": graph_us(by_name["bf16"], x)}
+        for label, base, run in variants:
+            if time.monotonic() > deadline:
+                print("sweep: out of time")
+                break
+            case = dataclasses.replace(base, run=run)
+            try:
+                err, tol, _ = error_of(case, x)
+                if err > tol:
+                    print(f"  {name} {label}: error {err:.3g} > {tol:.3g}")
+                    continue
+                us = graph_us(case, x)
+            except Exception as exc:  # a tile the compiler rejects
+                print(f"  {name} {label}: {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            results[f"{name} {label}"] = {"us": us, "floor_pct": 100 * case.nbytes / bandwidth * 1e6 / us}
+        del by_name, variants
+        torch.cuda.empty_cache()
+        bf16_us = results[f"{name} bf16"]["us"]
+        for method in ("int8", "fp8"):
+            mine = {lb: r for lb, r in results.items() if lb.startswith(f"{name} {method} ")}
+            top = sorted(mine, key=lambda lb, m=mine: m[lb]["us"])[:3]
+            default = mine.get(f"{name} {method} default", {}).get("us", float("nan"))
+            print(f"{name} {method}: default {default:.1f} us; best " + "; ".join(
+                f"{lb.split(' ', 2)[2]} {mine[lb]['us']:.1f} us {mine[lb]['floor_pct']:.0f}%" for lb in top)
+                + f"; bf16 {bf16_us:.1f} us", flush=True)
+    return results
+
 CODES_GRID = {
     1: [CodesTiles(16, bn, 4, 4) for bn in (16, 32, 64)],
     16: [CodesTiles(16, 32, 4, 4), CodesTiles(16, 64, 4, 3), CodesTiles(16, 64, 4, 5), CodesTiles(16, 128, 4, 3)],
@@ -318,6 +362,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="a tile sweep (GEMV at M = 1, GEMM at M = 16)")
     parser.add_argument("--sweep-seconds", type=float, default=60.0, help="the sweep's time budget")
     parser.add_argument("--sweep-codes", action="store_true", help="codes_gemm.py's tiles at M = 1 ... 2048")
+    parser.add_argument("--sweep-gemv", action="store_true", help="INT8 and FP8 GEMV tiles at M = 1, per shape")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -327,6 +372,8 @@ def main() -> None:
     sweep_results = sweep(bandwidth, args.sweep_seconds) if args.sweep else {}
     if args.sweep_codes:
         sweep_results["codes"] = sweep_codes(args.sweep_seconds)
+    if args.sweep_gemv:
+        sweep_results["gemv"] = sweep_gemv(bandwidth, args.sweep_seconds)
     rows, failures = [], []
     totals: dict[tuple[int, str], float] = {}
     for name, n, k in SHAPES:
