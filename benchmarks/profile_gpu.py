@@ -108,7 +108,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
     on_cuda = args.device == "cuda"
     async_scheduling = {"auto": None, "on": True, "off": False}[args.async_scheduling]
     return EngineConfig(
-        model=ModelConfig(model=model, dtype="bfloat16" if on_cuda else "auto", device=args.device),
+        model=ModelConfig(model=model, dtype="bfloat16" if on_cuda else "auto", device=args.device,
+                          quantization=args.quantization),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
                           cpu_kv_cache_bytes=(64 << 20) if args.small else (1 << 30)),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_case_args(parser)
     parser.add_argument("--num-layers", type=int, default=None, help="override a dummy shape's decoder layers")
     parser.add_argument("--traces", action="store_true", help="write a Chrome trace per case (large)")
+    parser.add_argument("--quantization", default=None, help="quantize at load (int8 | int4 | fp8 ...)")
     args = parser.parse_args(argv)
     check_case_args(args)
     os.makedirs(args.out, exist_ok=True)
