@@ -31,7 +31,7 @@ def _apply_group(acc, acc_g, xs_g, s_ptr, m_ptr, g, offs_n, mask_n, OFFSET: tl.c
     return acc + acc_g * s[None, :] + xs_g[:, None] * m[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])  # one binary for every row count and split
 def _codes_gemm_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
     PLANE: tl.constexpr, GROUP: tl.constexpr, SCALE_EVERY: tl.constexpr,

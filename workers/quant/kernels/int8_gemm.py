@@ -23,7 +23,7 @@ from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split
 WORDS = 32  # words of a chunk a K step: 4 x 32 columns, 128 bytes of each weight row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])  # one binary for every row count and split
 def _int8_gemm_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
     PLANE: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
