@@ -47,7 +47,7 @@ Run = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 def tile_grid(rows: int) -> list[SplitTiles]:
-    """(BLOCK_M, BLOCK_N, stages) near the rows, 8 warps for tiles of >= 64 x 128, each at 1 / 2 / 4 / 8
+    """(BLOCK_M, BLOCK_N, stages) near the rows, 4 or 8 warps (below), each at 1 / 2 / 4 / 8
     splits; 16 (tiles, stages) in all, shared between buckets (a kernel compiles once per tiles, stages
     and split-or-not: the row count and the split count are not specialized)."""
     if rows <= 16:
@@ -58,7 +58,9 @@ def tile_grid(rows: int) -> list[SplitTiles]:
         shapes = [(32, bn, s) for bn in (64, 128) for s in (3, 4)] + [(64, 64, 3), (64, 128, 3)]
     else:
         shapes = [(64, 64, 3), (64, 128, 3)] + [(128, bn, s) for bn in (64, 128) for s in (2, 3)]
-    return [SplitTiles(bm, bn, split, 8 if bm * bn >= 64 * 128 else 4, stages)
+    # 8 warps from 32 x 128 and 128 x 64 tiles: INT4's three [BLOCK_M, BLOCK_N] fp32 accumulators hit 255
+    # registers (and spilled) at 32 x 128 with 4 warps (ptxas, sm_90)
+    return [SplitTiles(bm, bn, split, 8 if (bm >= 32 and bn >= 128) or bm >= 128 else 4, stages)
             for bm, bn, stages in shapes for split in (1, 2, 4, 8)]
 
 

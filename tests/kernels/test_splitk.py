@@ -6,7 +6,8 @@ K split 1, 2 and 3 ways where 3 does not divide the K steps (INT4: 5 chunks of 2
 2 + 2 + 1; INT8: 8 blocks of 128 columns as 3 + 3 + 2, K padded), more splits asked than K steps,
 bias, M not a multiple of BLOCK_M (5 and 20 rows with BLOCK_M 16), N a partial tile; against
 x @ w.dequantize().T in fp32. INT8 with mins that are not -128 s (the row-sum term of the kernel).
-The default-tile heuristic's contract on the Llama-3.1-8B shapes; on CUDA, a CUDA-graph replay.
+The default-tile heuristic's contract on the Llama-3.1-8B shapes; both kernels compiled for sm_90
+(no GPU needed); on CUDA, a CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -126,3 +127,21 @@ def test_split_k_in_a_cuda_graph(device):
     torch.cuda.synchronize()
     _check(y4, x, w4, bias)
     _check(y8, x, w8, bias)
+
+
+@pytest.mark.parametrize(("module", "kernel", "constexprs"), [
+    ("codes_gemm", "_codes_gemm_kernel", {"PLANE": 32, "GROUP": 128, "SCALE_EVERY": 4}),
+    ("int8_gemm", "_int8_gemm_kernel", {"PLANE": 128, "WORDS": 32}),
+])
+def test_split_k_kernels_compile_for_h100(module, kernel, constexprs):
+    """What the interpreter cannot show: each kernel compiles for sm_90 (no GPU needed) writing fp32
+    partials, its K loop on tensor cores with pipelined (cp.async) weight and x loads."""
+    from compiled_ptx import compile_ptx
+
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "m_ptr": "*bf16", "bias_ptr": "*bf16",
+                "out_ptr": "*fp32"}
+    ptx = compile_ptx(f"shardserve.workers.quant.kernels.{module}", kernel, pointers=pointers,
+                      constexprs={**constexprs, "BLOCK_M": 64, "BLOCK_N": 64, "HAS_BIAS": False, "SPLIT": True},
+                      aligned=["N", "K", "KW", "stride_xm", "stride_om", *pointers])
+    assert "wgmma" in ptx or "mma.sync" in ptx
+    assert "cp.async" in ptx

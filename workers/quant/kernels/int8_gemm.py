@@ -45,7 +45,7 @@ def _int8_gemm_kernel(
     w_tile = w_ptr + offs_n[None, :].to(tl.int64) * KW + offs_j[:, None]  # [WORDS, BLOCK_N]
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    xacc = tl.zeros([BLOCK_M, WORDS], dtype=tl.float32)  # x summed elementwise; one row sum at the end
     for t in range(first, last):
         words = tl.load(w_tile + t * WORDS, mask=mask_n[None, :], other=0)
         col0 = (t // BLOCKS) * CHUNK + (t % BLOCKS) * WORDS  # the columns of field 0 of these words
@@ -54,10 +54,10 @@ def _int8_gemm_kernel(
             xv = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
             q = (((words >> (8 * i)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # u - 128
             acc = tl.dot(xv, q.to(dtype), acc)
-            xsum += tl.sum(xv.to(tl.float32), axis=1)
+            xacc += xv.to(tl.float32)
     s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 128.0 * s
-    acc = acc * s[None, :] + xsum[:, None] * m[None, :]
+    acc = acc * s[None, :] + tl.sum(xacc, axis=1)[:, None] * m[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT:
         part = out_ptr + tl.program_id(2).to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
