@@ -67,7 +67,7 @@ def tile_grid(rows: int) -> list[SplitTiles]:
 def useful(t: SplitTiles, rows: int, n: int, steps: int) -> bool:
     """Skip splits that cannot help: more than 4 waves of programs already, or < 2 K steps a split."""
     tiles = -(-rows // t.block_m) * -(-n // t.block_n)
-    return t.split_k == 1 or (tiles * t.split_k <= 4 * splitk.SM_COUNT and steps // t.split_k >= 2)
+    return t.split_k == 1 or (tiles * t.split_k <= 4 * splitk.sm_count_of(DEV) and steps // t.split_k >= 2)
 
 
 @dataclasses.dataclass
@@ -193,7 +193,7 @@ def sweep_splitk(seconds: float = 240.0, methods: tuple[str, ...] = ("int4", "in
                 if weights.tiny is not None:
                     row["tinygemm"] = time_us(lambda a, t: tg.tiny_linear(a, t), weights.tiny, x, ref, f"{where} tiny")
                 lin = linear_of(method)
-                default = splitk.default_split_tiles(bits, rows, n, k)
+                default = splitk.default_split_tiles(bits, rows, n, k, splitk.sm_count_of(DEV))
                 row["default_tiles"] = _src(default)
                 row["default"] = time_us(lambda a, w, t=default, f=lin: f(a, w, split_tiles=t), weights.packed, x, ref,
                                          f"{where} {default}")

@@ -30,7 +30,12 @@ import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.quant.kernels.codes_gemm import codes_gemm, codes_supported
 from shardserve.workers.quant.kernels.int8_gemm import int8_gemm, int8_gemm_supported
-from shardserve.workers.quant.kernels.splitk import INTERPRETER_SPLIT, SplitTiles, default_split_tiles
+from shardserve.workers.quant.kernels.splitk import (
+    INTERPRETER_SPLIT,
+    SplitTiles,
+    default_split_tiles,
+    sm_count_of,
+)
 
 GEMV_MAX_ROWS = 1  # rows up to which the matrix-vector kernel is the default: it re-reads the weights for
 # every row, and on an H100 4 rows cost it ~3.5x one row while the GEMMs stay near one read (benchmarks/README.md)
@@ -347,7 +352,8 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
         if not split_ok:
             raise ValueError(f"the split-K GEMMs take INT4 in groups of whole planes or INT8 per-channel; got "
                              f"{w.bits}-bit planes of {w.plane} in groups of {w.group_size}")
-        t = split_tiles or (INTERPRETER_SPLIT if interpreted else default_split_tiles(w.bits, rows, n, w.k))
+        t = split_tiles or (INTERPRETER_SPLIT if interpreted
+                            else default_split_tiles(w.bits, rows, n, w.k, sm_count_of(x.device)))
         return split_gemm(x, w, bias, out, t)
     if gemv:
         t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))

@@ -16,6 +16,7 @@ waves of programs, at least MIN_STEPS K steps a split.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class SplitTiles:
     num_stages: int
 
 
-SM_COUNT = 132  # H100 SXM: the heuristic's wave size
+SM_COUNT = 132  # H100 SXM / H200: the heuristic's wave size where the device is not known
 MIN_STEPS = 4  # K steps (INT4 chunks of 8 planes, INT8 blocks of 128 columns) a split at least
 MAX_SPLIT = 8
 SWEEP_ROWS = (2, 4, 8, 16, 32, 64, 128, 256)  # the row buckets of SPLIT_TABLE (a row count takes the next one up)
@@ -53,18 +54,24 @@ def row_bucket(rows: int) -> int:
     return next((b for b in SWEEP_ROWS if rows <= b), SWEEP_ROWS[-1])
 
 
-def default_split_tiles(bits: int, rows: int, n: int, k: int) -> SplitTiles:
+def default_split_tiles(bits: int, rows: int, n: int, k: int, sm_count: int = SM_COUNT) -> SplitTiles:
     """The sweep's tiles for this shape if SPLIT_TABLE has them, else: BLOCK_M the rows rounded up to
     16 / 32 / 64, BLOCK_N 64, and as many splits (<= MAX_SPLIT, >= MIN_STEPS K steps each) as bring the
-    grid to about two waves of SM_COUNT programs."""
+    grid to about two waves of `sm_count` programs."""
     hit = SPLIT_TABLE.get((bits, row_bucket(rows), n, k))
     if hit is not None:
         return hit
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_n = 64
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
-    split = max(1, min(MAX_SPLIT, (2 * SM_COUNT) // tiles, k_steps(bits, k) // MIN_STEPS))
+    split = max(1, min(MAX_SPLIT, (2 * sm_count) // tiles, k_steps(bits, k) // MIN_STEPS))
     return SplitTiles(block_m, block_n, split, 4, 4 if block_m <= 32 else 3)
+
+
+@functools.cache
+def sm_count_of(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (host-side, no sync: safe under graph capture)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
