@@ -12,6 +12,8 @@ The default-tile heuristic's contract on the Llama-3.1-8B shapes; both kernels c
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from kernel_env import DEVICE
@@ -129,19 +131,33 @@ def test_split_k_in_a_cuda_graph(device):
     _check(y8, x, w8, bias)
 
 
-@pytest.mark.parametrize(("module", "kernel", "constexprs"), [
-    ("codes_gemm", "_codes_gemm_kernel", {"PLANE": 32, "GROUP": 128, "SCALE_EVERY": 4}),
-    ("int8_gemm", "_int8_gemm_kernel", {"PLANE": 128, "WORDS": 32}),
-])
-def test_split_k_kernels_compile_for_h100(module, kernel, constexprs):
-    """What the interpreter cannot show: each kernel compiles for sm_90 (no GPU needed) writing fp32
-    partials, its K loop on tensor cores with pipelined (cp.async) weight and x loads."""
-    from compiled_ptx import compile_ptx
+_GEMM_POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "m_ptr": "*bf16", "bias_ptr": "*bf16",
+                  "out_ptr": "*fp32"}
+_COMPILED = [  # module, kernel, pointers, constexprs
+    ("codes_gemm", "_codes_gemm_kernel", _GEMM_POINTERS,
+     {"PLANE": 32, "GROUP": 128, "SCALE_EVERY": 4, "BLOCK_M": 64, "BLOCK_N": 64, "HAS_BIAS": False, "SPLIT": True}),
+    ("int8_gemm", "_int8_gemm_kernel", _GEMM_POINTERS,
+     {"PLANE": 128, "WORDS": 32, "BLOCK_M": 64, "BLOCK_N": 64, "HAS_BIAS": False, "SPLIT": True}),
+    ("splitk", "_reduce_kernel", {"part_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"},
+     {"HAS_BIAS": True, "BLOCK": 1024}),
+]
 
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "m_ptr": "*bf16", "bias_ptr": "*bf16",
-                "out_ptr": "*fp32"}
-    ptx = compile_ptx(f"shardserve.workers.quant.kernels.{module}", kernel, pointers=pointers,
-                      constexprs={**constexprs, "BLOCK_M": 64, "BLOCK_N": 64, "HAS_BIAS": False, "SPLIT": True},
-                      aligned=["N", "K", "KW", "stride_xm", "stride_om", *pointers])
-    assert "wgmma" in ptx or "mma.sync" in ptx
-    assert "cp.async" in ptx
+
+def test_split_k_kernels_compile_for_h100():
+    """What the interpreter cannot show: each kernel compiles for sm_90 (no GPU needed, one process for
+    the three); the GEMMs write fp32 partials from a K loop on tensor cores with pipelined (cp.async)
+    loads; with PDL on, each waits for the previous kernel before its first global access
+    (parallel/kernels/pdl.py)."""
+    from compiled_ptx import compile_ptx_all, ptx_spec
+
+    ptxs = compile_ptx_all([ptx_spec(f"shardserve.workers.quant.kernels.{module}", kernel, pointers=pointers,
+                                     constexprs={**constexprs, "USE_PDL": True},
+                                     aligned=["N", "K", "KW", "stride_xm", "stride_om", *pointers])
+                            for module, kernel, pointers, constexprs in _COMPILED])
+    for (module, *_), ptx in zip(_COMPILED, ptxs, strict=True):
+        if module != "splitk":
+            assert "wgmma" in ptx or "mma.sync" in ptx, module
+            assert "cp.async" in ptx, module
+        wait = ptx.find("griddepcontrol.wait")
+        first_access = re.search(r"\b(?:ld|st|atom|red|cp\.async)\.global", ptx)
+        assert 0 <= wait < first_access.start() and "griddepcontrol.launch_dependents" in ptx, module

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split
 
 
@@ -36,8 +37,11 @@ def _codes_gemm_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
     PLANE: tl.constexpr, GROUP: tl.constexpr, SCALE_EVERY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """SPLIT: out_ptr is fp32 partials [splits, M, N] (no bias); else out [M, N] in x's dtype."""
+    wait_for_previous(USE_PDL)  # parallel/kernels/pdl.py's protocol: nothing read before it
+    release_next(USE_PDL)
     CHUNK: tl.constexpr = 8 * PLANE
     dtype = x_ptr.dtype.element_ty
     IS_BF16: tl.constexpr = dtype == tl.bfloat16
@@ -137,7 +141,7 @@ def codes_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins:
             x, words, scales, mins, bias if bias is not None else out, dest, rows, n, k, kw,
             x.stride(0), out.stride(0), per, PLANE=plane, GROUP=group_size, SCALE_EVERY=every,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HAS_BIAS=bias is not None, SPLIT=split,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_options(x.device),
         )
 
     return launch_split(launch, kw // plane, out, bias, tiles)

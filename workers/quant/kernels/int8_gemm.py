@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split
 
 WORDS = 32  # words of a chunk a K step: 4 x 32 columns, 128 bytes of each weight row
@@ -27,9 +28,11 @@ WORDS = 32  # words of a chunk a K step: 4 x 32 columns, 128 bytes of each weigh
 def _int8_gemm_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
     PLANE: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """SPLIT: out_ptr is fp32 partials [splits, M, N] (no bias); else out [M, N] in x's dtype."""
+    wait_for_previous(USE_PDL)  # parallel/kernels/pdl.py's protocol: nothing read before it
+    release_next(USE_PDL)
     CHUNK: tl.constexpr = 4 * PLANE
     BLOCKS: tl.constexpr = PLANE // WORDS  # K steps a chunk
     dtype = x_ptr.dtype.element_ty
@@ -88,7 +91,7 @@ def int8_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: 
             x, words, scales, mins, bias if bias is not None else out, dest, rows, n, k, kw,
             x.stride(0), out.stride(0), per, PLANE=plane, WORDS=WORDS, BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, HAS_BIAS=bias is not None, SPLIT=split,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_options(x.device),
         )
 
     return launch_split(launch, kw // WORDS, out, bias, tiles)

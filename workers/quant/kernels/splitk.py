@@ -8,7 +8,9 @@ chunks / word blocks, so every split sees whole groups), in fp32.
 Data flow: `launch_split` sizes the grid; with one split the kernel adds the bias and stores x's dtype
 into `out` directly; with more it writes fp32 partials into a [splits, M, N] buffer (torch.empty inside
 the call: the caching allocator keeps that CUDA-graph safe, no host sync) and `_reduce_kernel` sums
-them in a fixed order (deterministic, unlike atomics), adds the bias and rounds once.
+them in a fixed order (deterministic, unlike atomics), adds the bias and rounds once. Both kernels
+follow parallel/kernels/pdl.py's protocol (wait, then release, first): with PDL the reduce is
+scheduled while the GEMM's last programs run and its launch latency hides behind them.
 `default_split_tiles` picks tiles by (bits, rows, N, K): the H100 sweep's table (`SPLIT_TABLE`, filled
 from `benchmarks/quant_kernels.py --sweep-splitk`) where it has the shape, else a heuristic: about two
 waves of programs, at least MIN_STEPS K steps a split.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,10 @@ def sm_count_of(device: torch.device) -> int:
 
 @triton.jit
 def _reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLITS, HAS_BIAS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """out[m, n] = sum_s part[s, m, n] (+ bias[n]) rounded once to out's dtype; splits summed in order."""
+    wait_for_previous(USE_PDL)  # the GEMM's partials are complete and visible past this
+    release_next(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     size = M * N
     mask = offs < size
@@ -111,6 +116,6 @@ def launch_split(launch: Launch, steps: int, out: torch.Tensor, bias: torch.Tens
     block = 1024
     _reduce_kernel[(triton.cdiv(rows * n, block),)](
         part, bias if bias is not None else out, out, rows, n, out.stride(0), splits,
-        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl_options(out.device),
     )
     return out
