@@ -15,10 +15,10 @@ plane kernels alone.
 
 `--check`: every kernel once at every shape and M vs the reference, with a tolerance (FP8 also
 vs its own quantized activations, tightly); exit status 1 on any failure. A kernel that raises
-is printed and the run goes on (then exit status 1). `--sweep`: a small GEMV tile sweep at M = 1
-(at most ~60 s); `--sweep-gemv`: INT8 / FP8 GEMV tiles per shape. `--json PATH` writes the rows.
-
-Run: `python benchmarks/quant_kernels.py [--check] [--sweep] [--m 1 16 256] [--json out.json]`.
+is printed and the run goes on (then exit status 1). `--sweep`: a small GEMV tile sweep at M = 1 (~60 s);
+`--sweep-gemv`: INT8 / FP8 GEMV tiles at M = 1 per shape;
+`--sweep-splitk`: splitk_sweep.py (split-K tiles at M 2-256, ~4 min; alone unless --m is given).
+Run: `python benchmarks/quant_kernels.py [--check] [--sweep | --sweep-gemv | --sweep-splitk] [--m 1 16 256] [--json out.json]`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from shardserve.parallel.kernels.decode_linear import decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import tinygemm as tg
-from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
 from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
@@ -269,67 +268,6 @@ def sweep_gemv(bandwidth: float, budget_s: float) -> dict:
                 + f"; bf16 {bf16_us:.1f} us", flush=True)
     return results
 
-CODES_GRID = {
-    1: [CodesTiles(16, bn, 4, 4) for bn in (16, 32, 64)],
-    16: [CodesTiles(16, 32, 4, 4), CodesTiles(16, 64, 4, 3), CodesTiles(16, 64, 4, 5), CodesTiles(16, 128, 4, 3)],
-    64: [CodesTiles(32, 64, 4, 3), CodesTiles(64, 64, 4, 3), CodesTiles(64, 128, 4, 3), CodesTiles(64, 128, 8, 3)],
-    256: [CodesTiles(64, 128, 4, 3), CodesTiles(128, 64, 8, 3), CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3)],
-    2048: [CodesTiles(128, 128, 8, 2), CodesTiles(128, 128, 8, 3), CodesTiles(128, 256, 8, 2)],
-}
-
-
-def layer_us(build: Callable[[int, int], tuple[Case, Callable]], rows: int) -> float | None:
-    """One layer's four projections at `rows` rows, us (None: a shape failed the error check or compile)."""
-    total = 0.0
-    for name, n, k in SHAPES:
-        x = torch.randn(rows, k, device=DEV).to(DTYPE)
-        try:
-            base, run = build(n, k)
-            case = dataclasses.replace(base, run=lambda a, w, r=run: r(a, w))
-            err, tol, _ = error_of(case, x)
-            if err > tol:
-                print(f"    {name}: error {err:.3g} > {tol:.3g}")
-                return None
-            total += graph_us(case, x)
-        except Exception as exc:  # a tile the compiler rejects (shared memory)
-            print(f"    {name}: {type(exc).__name__}: {str(exc)[:100]}")
-            return None
-    return total
-
-
-def sweep_codes(budget_s: float) -> dict:
-    """codes_gemm.py's tiles at M = 1, 16, 64, 256, 2048 for INT4 g128 (planes of 32), each layer's time
-    beside bf16 (decode_linear at M = 1, cuBLAS otherwise) and beside what int4_linear runs by default
-    at that M (the GEMV, the codes GEMM with its default tiles, or dequantize + cuBLAS)."""
-    deadline = time.monotonic() + budget_s
-    report = {}
-    for rows, grid in CODES_GRID.items():
-        bf16 = layer_us(lambda n, k, r=rows: _bf16_case(n, k, r), rows)
-        default = layer_us(lambda n, k: (int4_case(n, k, 32), int4_linear), rows)
-        print(f"M={rows}: bf16 {bf16:.1f} us a layer, int4 default path {default:.1f} us", flush=True)
-        results = []
-        for t in grid:
-            if time.monotonic() > deadline:
-                print("  sweep: out of time")
-                break
-            us = layer_us(lambda n, k, t=t: (int4_case(n, k, 32), lambda a, w: int4_linear(a, w, codes_tiles=t)),
-                          rows)
-            if us is not None:
-                results.append((us, t))
-                print(f"  int4 {t}: {us:.1f} us ({bf16 / us:.2f}x bf16)", flush=True)
-        if results:
-            us, t = min(results, key=lambda r: r[0])
-            print(f"best M={rows} int4 codes: {t} {us:.1f} us = {bf16 / us:.2f}x bf16, "
-                  f"{default / us:.2f}x the default path", flush=True)
-            report[f"int4 M{rows}"] = {"us": us, "bf16_us": bf16, "default_us": default, "tiles": str(t)}
-    return report
-
-
-def _bf16_case(n: int, k: int, rows: int) -> tuple[Case, Callable]:
-    w = (torch.randn(n, k, device=DEV) / k**0.5).to(DTYPE)
-    run = (lambda a, ww: decode_linear(a, ww)) if rows == 1 else (lambda a, ww: F.linear(a, ww))
-    return Case("bf16", n * k * 2, w.float(), lambda i: w if i == 0 else w.clone(), run), run
-
 
 def int4_case(n: int, k: int, plane: int = 128) -> Case:
     w4 = int4_weight(n, k, False)
@@ -357,23 +295,35 @@ def fp8_case(n: int, k: int) -> Case:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--m", type=int, nargs="+", help="rows of the kernel table (default 1 16 256; with "
+                        "--sweep-splitk the table runs only when given)")
     parser.add_argument("--check", action="store_true", help="only run every kernel once vs the reference")
     parser.add_argument("--sweep", action="store_true", help="a tile sweep (GEMV at M = 1, GEMM at M = 16)")
-    parser.add_argument("--sweep-seconds", type=float, default=60.0, help="the sweep's time budget")
-    parser.add_argument("--sweep-codes", action="store_true", help="codes_gemm.py's tiles at M = 1 ... 2048")
+    parser.add_argument("--sweep-seconds", type=float, help="the sweep's time budget (default: --sweep 60, "
+                        "--sweep-splitk 200, the whole run then ~4 min on an H100)")
+    parser.add_argument("--sweep-splitk", action="store_true",
+                        help="split-K GEMM tiles (splitk_sweep.py), INT4 g128 / INT8 at M = 2 ... 256")
     parser.add_argument("--sweep-gemv", action="store_true", help="INT8 and FP8 GEMV tiles at M = 1, per shape")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    m_given = args.m is not None
+    args.m = args.m or [1, 16, 256]
     torch.manual_seed(0)
     print(f"device: {device_name(DEV)}; torch {torch.__version__}")
     bandwidth = copy_bandwidth(DEV)
     print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
-    sweep_results = sweep(bandwidth, args.sweep_seconds) if args.sweep else {}
-    if args.sweep_codes:
-        sweep_results["codes"] = sweep_codes(args.sweep_seconds)
+    sweep_results = sweep(bandwidth, args.sweep_seconds or 60.0) if args.sweep else {}
     if args.sweep_gemv:
-        sweep_results["gemv"] = sweep_gemv(bandwidth, args.sweep_seconds)
+        sweep_results["gemv"] = sweep_gemv(bandwidth, args.sweep_seconds or 200.0)
+    if args.sweep_splitk:
+        from splitk_sweep import sweep_splitk  # benchmarks/ is on sys.path when a script there runs
+
+        sweep_results["splitk"] = sweep_splitk(args.sweep_seconds or 200.0)
+        if not m_given:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"device": device_name(DEV), "sweep": sweep_results}, f, indent=1, default=str)
+            raise SystemExit(0)
     rows, failures = [], []
     totals: dict[tuple[int, str], float] = {}
     for name, n, k in SHAPES:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 from shardserve.workers.quant.kernels import packed as pk
-from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
 from shardserve.workers.quant.kernels.fp8 import fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4, plane_for
 from shardserve.workers.quant.kernels.int8 import int8_linear, pack_int8
+from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 
 N, K = 96, 256
@@ -194,30 +194,28 @@ def test_int4_codes_gemm(device, group, max_plane, symmetric):
     p = pack_int4(w, torch.float16, max_plane=max_plane)
     x = torch.randn(5, 512, device=device).half()
     bias = torch.randn(40, device=device).half()
-    _check(int4_linear(x, p, bias, codes_tiles=CodesTiles(16, 16, 4, 1)), x, w, bias)
+    _check(int4_linear(x, p, bias, split_tiles=SplitTiles(16, 16, 1, 4, 1)), x, w, bias)
 
 
 def test_codes_gemm_dispatch(device):
     """Which GEMM takes more than GEMV_MAX_ROWS rows under the interpreter: INT4 in groups of whole
-    planes the codes kernel, INT4 groups of 96 (3 planes) and INT8 the dequantizing GEMM; forcing the
-    codes kernel on a layout it does not take is an error naming it."""
+    planes and INT8 the split-K GEMMs (codes_gemm.py, int8_gemm.py), INT4 groups of 96 (3 planes) the
+    dequantizing GEMM; forcing a split-K GEMM on a layout it does not take is an error naming it."""
     q = torch.randint(-128, 128, (40, 600), dtype=torch.int8, device=device)
     q[0, :100], q[1, :100] = -128, 127
     w = Int8Weight(q, torch.rand(40, device=device) * 0.01 + 1e-3)
     p = pack_int8(w, torch.float16)
     x = torch.randn(18, 600, device=device).half()
     _check(int8_linear(x, p), x, w)
-    assert not pk.codes_supported(8, 128, 512, True, torch.float16)
+    assert pk.split_supported(p.weights, torch.float16)
     assert pk.codes_supported(4, 32, 128, False, torch.bfloat16)
     assert not pk.codes_supported(4, 32, 96, False, torch.bfloat16)  # 3 planes a group: old GEMM
     w4 = _int4(40, 384, 96, False, False, device)
     p4 = pack_int4(w4, torch.float16)
+    assert not pk.split_supported(p4.weights, torch.float16)
     _check(int4_linear(x[:, :384], p4), x[:, :384], w4)  # groups of 96: the dequantizing GEMM
-    with pytest.raises(ValueError, match="the codes GEMM takes INT4 only, in groups of whole planes"):
-        int4_linear(x[:, :384], p4, codes_tiles=CodesTiles(16, 16, 4, 1))
-    with pytest.raises(ValueError, match="the codes GEMM takes INT4 only"):
-        int8_linear(x, p, codes_tiles=CodesTiles(16, 16, 4, 1))
-
+    with pytest.raises(ValueError, match="the split-K GEMMs take INT4 in groups of whole planes or INT8"):
+        int4_linear(x[:, :384], p4, split_tiles=SplitTiles(16, 16, 2, 4, 1))
 
 
 def _silu_mul_ref(y: torch.Tensor) -> torch.Tensor:

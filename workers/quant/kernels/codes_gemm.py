@@ -8,26 +8,20 @@ Per group g of the row n: sum_k x_k w_k = s sum_k x_k (OFFSET + u_k) + (m - OFFS
 the kernel keeps one dot accumulator a group and the row sums of the x tiles it already holds.
 On an H100 that made INT4 faster than `qgemm` at 16-64 rows only (and an INT8 variant slower:
 benchmarks/README.md), so plane_linear uses it for INT4 between the GEMV's rows and
-DEQUANT_MIN_ROWS. Program (m tile, n tile) streams its [PLANE, BLOCK_N] word tiles over K; Triton
-pipelines the word and x tile loads over `num_stages`. fp32 accumulation, bias in fp32, one
-rounding at the store.
+DEQUANT_MIN_ROWS. Program (m tile, n tile, K split) streams its [PLANE, BLOCK_N] word tiles over its
+share of the K chunks (splitk.py: a chunk holds whole groups or lies inside one, and its group sums
+are applied before the next chunk, so any split of the chunks is exact); Triton pipelines the word
+and x tile loads over `num_stages`. fp32 accumulation; one split adds the bias and rounds at the
+store, more write fp32 partials that splitk.py's reduce sums, biases and rounds once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
-
-
-@dataclass(frozen=True)
-class CodesTiles:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split
 
 
 @triton.jit
@@ -38,19 +32,25 @@ def _apply_group(acc, acc_g, xs_g, s_ptr, m_ptr, g, offs_n, mask_n, OFFSET: tl.c
     return acc + acc_g * s[None, :] + xs_g[:, None] * m[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])  # one binary for every row count and split
 def _codes_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om,
+    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
     PLANE: tl.constexpr, GROUP: tl.constexpr, SCALE_EVERY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    """SPLIT: out_ptr is fp32 partials [splits, M, N] (no bias); else out [M, N] in x's dtype."""
+    wait_for_previous(USE_PDL)  # parallel/kernels/pdl.py's protocol: nothing read before it
+    release_next(USE_PDL)
     CHUNK: tl.constexpr = 8 * PLANE
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     IS_BF16: tl.constexpr = dtype == tl.bfloat16
     MAGIC: tl.constexpr = 0x43004300 if IS_BF16 else 0x64006400  # two halves reading 128 + u (bf16) / 1024 + u (fp16)
     OFFSET: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     pid_m = tl.program_id(0)  # fastest: the M tiles of one weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
+    first = tl.program_id(2) * STEPS_PER_SPLIT  # this split's chunks
+    last = tl.minimum(first + STEPS_PER_SPLIT, KW // PLANE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, PLANE)
@@ -59,7 +59,7 @@ def _codes_gemm_kernel(
     w_tile = w_ptr + offs_n[None, :].to(tl.int64) * KW + offs_j[:, None]  # [PLANE, BLOCK_N]
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for c in range(0, KW // PLANE):  # pairs of planes (p, p + 4) unpacked by one mask, a dot accumulator a group
+    for c in range(first, last):  # pairs of planes (p, p + 4) unpacked by one mask, a dot accumulator a group
         words = tl.load(w_tile + c * PLANE, mask=mask_n[None, :], other=0)
         acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -98,10 +98,15 @@ def _codes_gemm_kernel(
                                        offs_n, mask_n, OFFSET)
                     acc = _apply_group(acc, acc_hi, xs_hi, s_ptr, m_ptr, (col_hi // GROUP) * N,
                                        offs_n, mask_n, OFFSET)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        part = out_ptr + tl.program_id(2).to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(part, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(dtype), mask=mask)
 
 
 def codes_supported(bits: int, plane: int, group_size: int, per_channel: bool, dtype: torch.dtype) -> bool:
@@ -124,14 +129,19 @@ def scale_every_codes(plane: int, group_size: int) -> int:
 
 def codes_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                bias: torch.Tensor | None, out: torch.Tensor, *, plane: int, group_size: int,
-               k: int, tiles: CodesTiles) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ W^T + bias for INT4 plane-layout W (packed.PlaneWeights' tensors)."""
+               k: int, tiles: SplitTiles) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W^T + bias for INT4 plane-layout W (packed.PlaneWeights' tensors), K
+    split `tiles.split_k` ways over its chunks."""
     rows, n = out.shape
     every = scale_every_codes(plane, group_size)
-    _codes_gemm_kernel[(triton.cdiv(rows, tiles.block_m), triton.cdiv(n, tiles.block_n))](
-        x, words, scales, mins, bias if bias is not None else out, out, rows, n, k, words.shape[1],
-        x.stride(0), out.stride(0), PLANE=plane, GROUP=group_size, SCALE_EVERY=every,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HAS_BIAS=bias is not None,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
-    return out
+    kw = words.shape[1]
+
+    def launch(grid: tuple[int, int, int], dest: torch.Tensor, per: int, split: bool) -> None:
+        _codes_gemm_kernel[grid](
+            x, words, scales, mins, bias if bias is not None else out, dest, rows, n, k, kw,
+            x.stride(0), out.stride(0), per, PLANE=plane, GROUP=group_size, SCALE_EVERY=every,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HAS_BIAS=bias is not None, SPLIT=split,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_options(x.device),
+        )
+
+    return launch_split(launch, kw // plane, out, bias, tiles)

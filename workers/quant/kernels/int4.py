@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
 from shardserve.workers.quant.kernels.packed import (
     GemmTiles,
     GemvTiles,
@@ -24,6 +23,7 @@ from shardserve.workers.quant.kernels.packed import (
     pad_groups,
     plane_linear,
 )
+from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.weights import Int4Weight
 
 MAX_PLANE = 128  # widest plane: 512-byte rows of words per chunk (8 x 128 columns)
@@ -72,10 +72,10 @@ def pack_int4(w: Int4Weight, dtype: torch.dtype, max_plane: int = DEFAULT_PLANE)
 
 def int4_linear(x: torch.Tensor, packed: Int4Packed, bias: torch.Tensor | None = None,
                 gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
-                codes_tiles: CodesTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
+                split_tiles: SplitTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the Int4Weight's dequantize())."""
     if packed.perm is not None:
         if x.dim() != 2 or x.shape[1] != packed.perm.shape[0]:
             raise ValueError(f"x must be [M, {packed.perm.shape[0]}], got {tuple(x.shape)}")
         x = x.index_select(1, packed.perm)
-    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, codes_tiles, silu_mul)
+    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, split_tiles, silu_mul)

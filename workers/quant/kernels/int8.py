@@ -4,8 +4,9 @@ Data flow: an `Int8Weight` (int8 codes [N, K], fp32 scales [N]) is packed once b
 the plane layout of packed.py with 8-bit fields: u = q + 128 (offset binary), four codes an int32
 word, chunks of 4 x 128 columns; one "group" spanning all of K, scale s and min -128 s per row (so
 w = u s + m = q s). `int8_linear` runs the matrix-vector kernel for up to packed.GEMV_MAX_ROWS rows
-(per-channel: it accumulates sum f x and sum x and applies the row's scale once at the end) or the
-tl.dot GEMM for more rows (each plane dequantized to the activation dtype in the main loop).
+(per-channel: it accumulates sum f x and sum x and applies the row's scale once at the end), the
+split-K tl.dot GEMM of int8_gemm.py (the codes u - 128 fed to tl.dot, the scale applied once) up to
+packed.DEQUANT_MIN_ROWS - 1 rows, and W dequantized + cuBLAS above (packed.plane_linear).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from shardserve.workers.quant.kernels.codes_gemm import CodesTiles
 from shardserve.workers.quant.kernels.packed import (
     GemmTiles,
     GemvTiles,
@@ -22,6 +22,7 @@ from shardserve.workers.quant.kernels.packed import (
     pad_groups,
     plane_linear,
 )
+from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.weights import Int8Weight
 
 PLANE = 128  # columns per plane: 512-byte rows of words per chunk (4 x 128 columns)
@@ -57,6 +58,6 @@ def pack_int8(w: Int8Weight, dtype: torch.dtype) -> Int8Packed:
 
 def int8_linear(x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None = None,
                 gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
-                codes_tiles: CodesTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
+                split_tiles: SplitTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the Int8Weight's dequantize())."""
-    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, codes_tiles, silu_mul)
+    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, split_tiles, silu_mul)

@@ -14,10 +14,10 @@ f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one
 `qgemv` (decode, M rows <= GEMV_MAX_ROWS): program (row, tile) streams BLOCK_N rows of words over K, U
 chunks an iteration, the next chunk's words loaded before this one is unpacked (the first before the
 PDL wait: weights are never written while serving, as in parallel/kernels/decode_linear.py); per group
-it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. `qgemm` (more rows): tiles
-[BLOCK_M, BLOCK_N], planes dequantized to the activation dtype in the main loop and fed to tl.dot, one
-dot a plane or (chunk_dot) one a chunk. Both: fp32 accumulation, bias in fp32, one rounding at the store.
-`dequantize_planes` writes W in the activation dtype for cuBLAS at prefill sizes; `plane_linear` picks.
+it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. More rows: the split-K GEMMs
+(codes_gemm.py INT4, int8_gemm.py INT8, splitk.py) or, for layouts they do not take, `qgemm`: tiles
+[BLOCK_M, BLOCK_N], planes dequantized in the main loop and fed to tl.dot. All: fp32 accumulation, one
+rounding. `dequantize_planes` writes W in the activation dtype for cuBLAS at prefill sizes; `plane_linear` picks.
 """
 
 from __future__ import annotations
@@ -28,15 +28,23 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
-from shardserve.workers.quant.kernels.codes_gemm import CodesTiles, codes_gemm, codes_supported
+from shardserve.workers.quant.kernels.codes_gemm import codes_gemm, codes_supported
+from shardserve.workers.quant.kernels.int8_gemm import int8_gemm, int8_gemm_supported
+from shardserve.workers.quant.kernels.splitk import (
+    INTERPRETER_SPLIT,
+    SplitTiles,
+    default_split_tiles,
+    sm_count_of,
+)
 
 GEMV_MAX_ROWS = 1  # rows up to which the matrix-vector kernel is the default: it re-reads the weights for
 # every row, and on an H100 4 rows cost it ~3.5x one row while the GEMMs stay near one read (benchmarks/README.md)
-# Above this many rows W is dequantized to the activation dtype and cuBLAS multiplies: the Triton GEMMs
+# From this many rows W is dequantized to the activation dtype and cuBLAS multiplies: the Triton GEMMs
 # here (with dequantization in the main loop, or codes_gemm.py's) ran at 0.26-0.28x cuBLAS at M = 2048
 # and 0.2-0.3x at M = 256 on an H100, while dequantizing costs about one bf16 read of W
-# (benchmarks/README.md). Up to it: codes_gemm.py for INT4 (its best at 16-64 rows), this module's
-# dequantizing GEMM for INT8 (faster than the codes kernel there).
+# (benchmarks/README.md). Below it: the split-K GEMMs (codes_gemm.py for INT4, int8_gemm.py for INT8).
+# plane_linear takes it as a parameter; `quant_kernels.py --sweep-splitk` prints where the split-K
+# GEMMs stop beating dequantize + cuBLAS.
 DEQUANT_MIN_ROWS = 65
 
 
@@ -279,15 +287,24 @@ def default_gemm_tiles(w: PlaneWeights, rows: int) -> GemmTiles:
     return GemmTiles(64, 64, 4, 1)
 
 
-def default_codes_tiles(rows: int) -> CodesTiles:
-    """Tiles of codes_gemm.py's kernel: the best of the H100 sweep (`quant_kernels.py --sweep-codes`)
-    at 16 and at 64 rows, the sizes it serves."""
-    return CodesTiles(16, 64, 4, 3) if rows <= 16 else CodesTiles(64, 64, 4, 3)
-
-
 INTERPRETER_GEMV = GemvTiles(16, 2, 4)  # under Triton's interpreter: several programs and iterations
 INTERPRETER_GEMM = GemmTiles(16, 32, 4, 1)
-INTERPRETER_CODES = CodesTiles(16, 32, 4, 1)
+
+
+def split_supported(w: PlaneWeights, dtype: torch.dtype) -> bool:
+    """Whether a split-K GEMM takes these weights: INT4 in groups of whole planes (codes_gemm.py) or
+    INT8 per-channel (int8_gemm.py)."""
+    return (codes_supported(w.bits, w.plane, w.group_size, w.per_channel, dtype)
+            or int8_gemm_supported(w.bits, w.plane, w.per_channel, dtype))
+
+
+def split_gemm(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None, out: torch.Tensor,
+               tiles: SplitTiles) -> torch.Tensor:
+    """out = x @ W^T + bias by the split-K GEMM of W's layout (the caller checked `split_supported`)."""
+    if w.bits == 4:
+        return codes_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, group_size=w.group_size,
+                          k=w.k, tiles=tiles)
+    return int8_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, k=w.k, tiles=tiles)
 
 
 def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> None:
@@ -301,14 +318,16 @@ def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> N
 
 def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = None,
                  gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
-                 codes_tiles: CodesTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
+                 split_tiles: SplitTiles | None = None, silu_mul: bool = False,
+                 dequant_min_rows: int = DEQUANT_MIN_ROWS) -> torch.Tensor:
     """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
 
-    Up to GEMV_MAX_ROWS rows (or any rows with `gemv_tiles`) the matrix-vector kernel; INT4 up to DEQUANT_MIN_ROWS - 1 rows
-    codes_gemm.py's kernel, INT8 (or other group layouts) this module's dequantizing GEMM; from
-    DEQUANT_MIN_ROWS rows on CUDA, W dequantized + cuBLAS. `gemm_tiles` / `codes_tiles` force one
-    GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows): silu(gate) * up
-    [M, N / 2] from the GEMV's epilogue."""
+    Up to GEMV_MAX_ROWS rows (or any rows with `gemv_tiles`) the matrix-vector kernel; then, below
+    `dequant_min_rows` rows, the split-K GEMM (codes_gemm.py for INT4 in groups of whole planes,
+    int8_gemm.py for INT8; splitk.default_split_tiles) or, for other layouts, this module's dequantizing
+    GEMM; from `dequant_min_rows` rows on CUDA, W dequantized + cuBLAS. `gemm_tiles` / `split_tiles`
+    force one GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows):
+    silu(gate) * up [M, N / 2] from the GEMV's epilogue."""
     check_input(x, w.k, bias, w.n)
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -319,7 +338,8 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     if w.scales.dtype != x.dtype:
         raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
     interpreted = x.device.type != "cuda"
-    if rows >= DEQUANT_MIN_ROWS and not interpreted and gemm_tiles is None and codes_tiles is None and n:
+    forced = gemv_tiles is not None or gemm_tiles is not None or split_tiles is not None
+    if rows >= dequant_min_rows and not interpreted and not forced and n:
         return torch.nn.functional.linear(x, dequantize_planes(w, x.dtype), bias)
     n_out = n // 2 if silu_mul else n
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
@@ -327,15 +347,14 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
         return out
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
-    codes_ok = codes_supported(w.bits, w.plane, w.group_size, w.per_channel, x.dtype)
-    codes_default = codes_ok and gemm_tiles is None and not gemv
-    if not silu_mul and (codes_tiles is not None or codes_default):
-        if not codes_ok:
-            raise ValueError(f"the codes GEMM takes INT4 only, in groups of whole planes; got {w.bits}-bit "
-                             f"planes of {w.plane} in groups of {w.group_size}")
-        t = codes_tiles or (INTERPRETER_CODES if interpreted else default_codes_tiles(rows))
-        return codes_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, group_size=w.group_size, k=w.k,
-                          tiles=t)
+    split_ok = split_supported(w, x.dtype)
+    if not silu_mul and (split_tiles is not None or (split_ok and gemm_tiles is None and not gemv)):
+        if not split_ok:
+            raise ValueError(f"the split-K GEMMs take INT4 in groups of whole planes or INT8 per-channel; got "
+                             f"{w.bits}-bit planes of {w.plane} in groups of {w.group_size}")
+        t = split_tiles or (INTERPRETER_SPLIT if interpreted
+                            else default_split_tiles(w.bits, rows, n, w.k, sm_count_of(x.device)))
+        return split_gemm(x, w, bias, out, t)
     if gemv:
         t = gemv_tiles or (INTERPRETER_GEMV if interpreted else default_gemv_tiles(w, rows))
         _qgemv_kernel[(rows, triton.cdiv(n_out, t.block_n))](
