@@ -11,7 +11,9 @@ batch-1 figure is also shown as % of the copy-bandwidth floor measured here. (3)
 each quantized engine's first tokens on 4 prompts beside bf16's (agreement count; random
 weights make this a smoke check, quality is `shardserve eval perplexity`'s job). The vLLM figures
 of the same shapes come from `vllm_bench.py --quantization awq|fp8` in the same lease. Full
-logs and a JSON go to $OUT; the last lines are the table with the device name.
+logs and a JSON go to $OUT; the last lines are the table with the device name. `--split-report FILE`
+(`quant_kernels.py --sweep-splitk --json FILE`, run just before on the same card): its best tiles go into
+splitk.SPLIT_TABLE and its cut-overs into packed.DEQUANT_MIN_ROWS / tinygemm.TINY_MAX_ROWS for this run.
 """
 
 from __future__ import annotations
@@ -87,6 +89,41 @@ def greedy_tokens(engine: LLMEngine, vocab_size: int) -> list[tuple[int, ...]]:
     return [tuple(f.outputs[0].token_ids) for f in finals]
 
 
+SWEEP_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def apply_split_report(path: str) -> dict:
+    """What the engine would run with the sweep's tiles and cut-overs pasted in (splitk_sweep.py's JSON)."""
+    from shardserve.workers.quant.kernels import packed, splitk, tinygemm
+    from shardserve.workers.quant.kernels.splitk import SplitTiles
+
+    with open(path) as f:
+        report = json.load(f)
+    dequant_from, tiny_max = [], 0
+    for method, by_rows in report.items():
+        bits = 4 if method == "int4" else 8
+        layer: dict[int, dict[str, float]] = {}
+        for rows, shapes in by_rows.items():
+            for shape, row in shapes.items():
+                if "best_tiles" in row:
+                    args = [int(v) for v in row["best_tiles"].split("(", 1)[1].rstrip(")").split(",")]
+                    splitk.SPLIT_TABLE[(bits, int(rows), *SWEEP_SHAPES[shape])] = SplitTiles(*args)
+                for key in ("best", "dequant", "tinygemm"):
+                    if row.get(key) is not None:
+                        layer.setdefault(int(rows), {}).setdefault(key, 0.0)
+                        layer[int(rows)][key] += row[key]
+        whole = {m: c for m, c in layer.items() if "best" in c and "dequant" in c}
+        dequant_from += [m for m, c in sorted(whole.items()) if c["dequant"] < c["best"]][:1]
+        if method == "int4":
+            tiny_max = max([m for m, c in whole.items() if c.get("tinygemm", float("inf")) < c["best"]], default=0)
+    packed.DEQUANT_MIN_ROWS = min(dequant_from, default=max(splitk.SWEEP_ROWS) + 1)
+    tinygemm.TINY_MAX_ROWS = max(1, tiny_max)  # one row: torch's kernel beats the plane GEMV (not swept)
+    applied = {"tiles": len(splitk.SPLIT_TABLE), "DEQUANT_MIN_ROWS": packed.DEQUANT_MIN_ROWS,
+               "TINY_MAX_ROWS": tinygemm.TINY_MAX_ROWS}
+    print(f"split report applied: {applied}", flush=True)
+    return applied
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dummy:llama-3.1-8b")
@@ -96,12 +133,15 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--skip", nargs="*", default=[], choices=["check", "kernels", "latency", "throughput"])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    parser.add_argument("--split-report", help="splitk_sweep.py's JSON: its tiles and cut-overs for this run")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
     name, bandwidth = device_name(device), copy_bandwidth(device)
     print(f"device {name}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     summary: dict = {"device": name, "copy_bandwidth": bandwidth, "args": vars(args), "methods": {}}
+    if args.split_report:
+        summary["split_report"] = apply_split_report(args.split_report)
     if "check" not in args.skip:
         summary["kernel_check"] = kernel_script(args.out, ["--check"])
     if "kernels" not in args.skip:

@@ -319,11 +319,11 @@ def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> N
 def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = None,
                  gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
                  split_tiles: SplitTiles | None = None, silu_mul: bool = False,
-                 dequant_min_rows: int = DEQUANT_MIN_ROWS) -> torch.Tensor:
+                 dequant_min_rows: int | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
 
     Up to GEMV_MAX_ROWS rows (or any rows with `gemv_tiles`) the matrix-vector kernel; then, below
-    `dequant_min_rows` rows, the split-K GEMM (codes_gemm.py for INT4 in groups of whole planes,
+    `dequant_min_rows` (default DEQUANT_MIN_ROWS) rows, the split-K GEMM (codes_gemm.py for INT4 in groups of whole planes,
     int8_gemm.py for INT8; splitk.default_split_tiles) or, for other layouts, this module's dequantizing
     GEMM; from `dequant_min_rows` rows on CUDA, W dequantized + cuBLAS. `gemm_tiles` / `split_tiles`
     force one GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows):
@@ -339,6 +339,8 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
         raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
     interpreted = x.device.type != "cuda"
     forced = gemv_tiles is not None or gemm_tiles is not None or split_tiles is not None
+    if dequant_min_rows is None:
+        dequant_min_rows = DEQUANT_MIN_ROWS
     if rows >= dequant_min_rows and not interpreted and not forced and n:
         return torch.nn.functional.linear(x, dequantize_planes(w, x.dtype), bias)
     n_out = n // 2 if silu_mul else n
