@@ -99,6 +99,7 @@ def apply_split_report(path: str) -> dict:
 
     with open(path) as f:
         report = json.load(f)
+    report = report.get("sweep", {}).get("splitk", report)  # quant_kernels.py --sweep-splitk wraps it
     dequant_from, tiny_max = [], 0
     for method, by_rows in report.items():
         bits = 4 if method == "int4" else 8

@@ -39,13 +39,11 @@ from shardserve.workers.quant.kernels.splitk import (
 
 GEMV_MAX_ROWS = 1  # rows up to which the matrix-vector kernel is the default: it re-reads the weights for
 # every row, and on an H100 4 rows cost it ~3.5x one row while the GEMMs stay near one read (benchmarks/README.md)
-# From this many rows W is dequantized to the activation dtype and cuBLAS multiplies: the Triton GEMMs
-# here (with dequantization in the main loop, or codes_gemm.py's) ran at 0.26-0.28x cuBLAS at M = 2048
-# and 0.2-0.3x at M = 256 on an H100, while dequantizing costs about one bf16 read of W
-# (benchmarks/README.md). Below it: the split-K GEMMs (codes_gemm.py for INT4, int8_gemm.py for INT8).
-# plane_linear takes it as a parameter; `quant_kernels.py --sweep-splitk` prints where the split-K
-# GEMMs stop beating dequantize + cuBLAS.
-DEQUANT_MIN_ROWS = 65
+# From this many rows W is dequantized to the activation dtype and cuBLAS multiplies; below it the
+# split-K GEMMs (codes_gemm.py for INT4, int8_gemm.py for INT8). 256: the first row count of the H100
+# sweep (`quant_kernels.py --sweep-splitk`, benchmarks/README.md) where dequantize + cuBLAS won, for both.
+# plane_linear takes it as a parameter.
+DEQUANT_MIN_ROWS = 256
 
 
 @dataclass(frozen=True)

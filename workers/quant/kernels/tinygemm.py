@@ -18,7 +18,7 @@ import torch
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.weights import Int4Weight
 
-TINY_MAX_ROWS = 16  # rows up to which the engine runs torch's kernel (slow at prefill sizes); above, int4.py's
+TINY_MAX_ROWS = 8  # rows up to which the engine runs torch's kernel; above, int4.py's split-K GEMM was faster (H100 sweep)
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
 N_TILE = 8  # output rows of a packed block
 
