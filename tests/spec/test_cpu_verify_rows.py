@@ -76,7 +76,7 @@ def test_verify_rows_on_the_decode_stack_equal_plain_decode_steps() -> None:
         pytest.skip("the CPU decode ops extension did not build here")
     plain = LLM("default", quantization="gguf", async_scheduling=False)
     prompt = plain.tokenizer.encode(plain.tokenizer.apply_chat_template(
-        [{"role": "user", "content": TASKS["repeat-list"]}], tokenize=False, add_generation_prompt=True),
+        [{"role": "user", "content": TASKS["edit-code"]}], tokenize=False, add_generation_prompt=True),
         add_special_tokens=False)
     want_tokens, want = _hidden_by_position(plain, prompt, 24)
     spec = LLM("default", quantization="gguf", async_scheduling=False,
