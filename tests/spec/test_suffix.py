@@ -277,8 +277,9 @@ def test_acceptance_when_quoting_the_prompt() -> None:
 
 
 def reference_draft(sources: list[list[int]], context: list[int], max_depth: int, max_matches: int,
-                    min_probability: float, max_tokens: int, own: bool) -> tuple[list[int], float]:
-    """The specification by brute force: every occurrence of every suffix length, newest first."""
+                    min_probability: float, max_tokens: int, own: bool) -> tuple[list[int], float, int]:
+    """The specification by brute force: every occurrence of every suffix length, newest first;
+    (draft, score, matched suffix length)."""
     ends = [(s, e) for s, seq in enumerate(sources) for e in range(len(seq) - (1 if own else 0))]
     ends.reverse()  # newest first
     for length in range(min(max_depth, len(context)), 0, -1):
@@ -287,7 +288,7 @@ def reference_draft(sources: list[list[int]], context: list[int], max_depth: int
         if found:
             break
     else:
-        return [], 0.0
+        return [], 0.0, 0
     found = found[:max_matches]
     agreeing, draft, score = found, [], 0.0
     for offset in range(1, max_tokens + 1):
@@ -300,7 +301,7 @@ def reference_draft(sources: list[list[int]], context: list[int], max_depth: int
         draft.append(best)
         score += nexts.count(best) / len(found)
         agreeing = [(s, e) for s, e in agreeing if e + offset < len(sources[s]) and sources[s][e + offset] == best]
-    return draft, score
+    return draft, score, length
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -320,7 +321,9 @@ def test_matches_the_brute_force_reference_with_evictions(seed: int) -> None:
             if k and tokens:
                 own = reference_draft([tokens], tokens, max_depth, max_matches, min_probability, k, own=True)
                 cached = reference_draft(live, tokens, max_depth, max_matches, min_probability, k, own=False)
-                expected = cached[0] if (cached[1], len(cached[0])) > (own[1], len(own[0])) else own[0]
+                # ties on score: the deeper match, then the longer draft, then the request's own context
+                expected = cached[0] if (cached[1], cached[2], len(cached[0])) > (own[1], own[2], len(own[0])) \
+                    else own[0]
                 assert draft == expected, (seed, request, tokens)
             else:
                 assert draft == []

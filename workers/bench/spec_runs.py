@@ -2,7 +2,10 @@
 
 Data flow: the same engine config is built twice, without and with `speculative` (method, k,
 ...). Each engine warms up on one short request, then runs each task of spec_tasks.py alone
-(batch 1, greedy, up to --output-len tokens, stopping at EOS as a user's request would). Per task:
+(batch 1, greedy, up to --output-len tokens, stopping at EOS as a user's request would). Method
+`suffix` gets a repeated-task trace (SuffixDecoding's setting: agentic / repetitive traffic where
+the same tasks come back): both engines first run every task once, unmeasured, as the earlier
+requests whose outputs the suffix cache holds, then run them again measured. Per task:
 decode tokens/s = (output tokens - 1) / (last token time - first token time), both engines; the
 speedup is their ratio. The speculating engine's statistics give the acceptance rate (accepted /
 proposed draft tokens) and the mean accepted length (tokens per verify step per request). The
@@ -39,9 +42,17 @@ def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
                              draft_num_blocks=getattr(args, "draft_num_blocks", None))
 
 
-def _run_tasks(engine: LLMEngine, prompts: dict[str, list[int]], output_len: int) -> dict[str, dict]:
+def repeats_tasks(spec: SpeculativeConfig) -> bool:
+    """Does the bench give this method a repeated-task trace (each task seen once before it is measured)?"""
+    return spec.speculative_method == "suffix"
+
+
+def _run_tasks(engine: LLMEngine, prompts: dict[str, list[int]], output_len: int, repeat: bool) -> dict[str, dict]:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, final_only=True)
     _generate(engine, "warmup", prompts[next(iter(prompts))][:16], SamplingParams(temperature=0.0, max_tokens=8))
+    if repeat:  # the earlier requests of the trace: the same tasks, unmeasured
+        for name, prompt in prompts.items():
+            _generate(engine, f"{name}-earlier", prompt, params)
     results = {}
     for name, prompt in prompts.items():
         final = _generate(engine, name, prompt, params)
@@ -74,7 +85,7 @@ def run_speculative_bench(config: EngineConfig, args: argparse.Namespace) -> dic
             raise SpecStartupError(str(exc)) from exc
         try:
             prompts = task_prompts(engine.tokenizer, engine.loaded.hf_config.vocab_size)
-            runs[label] = _run_tasks(engine, prompts, args.output_len)
+            runs[label] = _run_tasks(engine, prompts, args.output_len, repeats_tasks(spec))
             device = device_name(engine.loaded.device)
             if label == "speculative":
                 stats = engine.stats().spec_decode
@@ -100,9 +111,11 @@ def run_speculative_bench(config: EngineConfig, args: argparse.Namespace) -> dic
     mean = statistics.geometric_mean([r["speedup"] for r in rows])
     draft = (f" (draft {spec.draft_model}" + (f", {spec.draft_num_layers} layers" if spec.draft_num_layers else "")
              + (f", {spec.draft_quantization}" if spec.draft_quantization else "") + ")") if spec.draft_model else ""
-    print(f"speculative {spec.speculative_method}{draft}, k = {spec.num_speculative_tokens}: speedup {mean:.2f}x "
+    trace = ", repeated-task trace (each task seen once before)" if repeats_tasks(spec) else ""
+    print(f"speculative {spec.speculative_method}{draft}{trace}, k = {spec.num_speculative_tokens}: speedup {mean:.2f}x "
           f"(geometric mean), acceptance {stats.acceptance_rate:.0%}, mean accepted length "
           f"{stats.mean_accepted_length:.2f} tokens per verify step; device: {device}")
     return {"device": device, "model": config.model.model, "speculative": asdict(spec), "tasks": rows,
+            "repeated_task_trace": repeats_tasks(spec),
             "speedup_geomean": mean, "spec_decode": asdict(stats) | {"acceptance_rate": stats.acceptance_rate,
                                                                       "mean_accepted_length": stats.mean_accepted_length}}

@@ -4,15 +4,21 @@ context's suffix in the request's own prompt and output (vLLM's `ngram`, "prompt
 Data flow: per request an index maps each n-gram (n in [min_n, max_n]) to the end of its latest
 occurrence; `propose` first indexes the tokens appended since its last call (the request's token
 list only grows), then looks up the context's last n tokens from the longest n down and returns up
-to `max_tokens` tokens that followed that occurrence. The n-grams that end at the last token are
-indexed one call late, so a lookup never finds the suffix itself. Cost per call: O(new tokens x
-(max_n - min_n + 1)), never O(context); memory: that many dict entries per token of a running
+to tokens that followed that occurrence. How many: the match is then extended backwards past n
+(up to MAX_MATCH_LEN tokens), and a match of L tokens drafts at most L - min_n + 1 of them
+(`draft_length`), so a bare min_n-gram match risks one token and a long copied span the full
+`max_tokens`: on a CPU each extra verify row costs a fraction of a step whether it is accepted
+or not (benchmarks/README.md). The n-grams that end at the last token are indexed one call
+late, so a lookup never finds the suffix itself. Cost per call: O(new tokens x (max_n - min_n +
+1)) + O(MAX_MATCH_LEN), never O(context); memory: that many dict entries per token of a running
 request, dropped at `finish`.
 """
 
 from __future__ import annotations
 
 from shardserve.workers.spec.proposer import Proposer
+
+MAX_MATCH_LEN = 32  # the backward extension of a match stops here (a longer one drafts max_tokens anyway)
 
 
 class _RequestIndex:
@@ -41,8 +47,13 @@ class NgramProposer(Proposer):
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
             end = index.ends[n - self.min_n].get(tuple(token_ids[length - n:]))
             if end is not None:
-                return token_ids[end : end + max_tokens]
+                match_len = n + _agreeing_before(token_ids, end - n, length - n, MAX_MATCH_LEN - n)
+                return token_ids[end : end + min(max_tokens, self.draft_length(match_len))]
         return []
+
+    def draft_length(self, match_len: int) -> int:
+        """Draft tokens for a match of `match_len` tokens: 1 for a bare min_n-gram, one more per token beyond."""
+        return max(1, match_len - self.min_n + 1)
 
     def _extend(self, index: _RequestIndex, token_ids: list[int], upto: int) -> None:
         """Index the n-grams ending at positions [num_indexed, upto) (end = position + 1)."""
@@ -55,3 +66,11 @@ class NgramProposer(Proposer):
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
         self._index.pop(request_id, None)
+
+
+def _agreeing_before(token_ids: list[int], a: int, b: int, limit: int) -> int:
+    """How many tokens (at most `limit`) right before positions a < b agree pairwise."""
+    count = 0
+    while count < limit and a - count > 0 and token_ids[a - count - 1] == token_ids[b - count - 1]:
+        count += 1
+    return count

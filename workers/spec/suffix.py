@@ -9,8 +9,9 @@ most `max_depth` tokens), takes its `max_matches` newest occurrences and extends
 by token with the most frequent next token among the occurrences still agreeing (ties: the
 newest). The draft's cumulative probability (occurrences agreeing with the whole draft / all
 occurrences) must stay >= `min_probability`; the sum of cumulative probabilities is the
-expected accepted length, and the source with the larger one wins (ties: the longer draft, then
-the request's own context).
+expected accepted length, and the source with the larger one wins (ties: the longer matched
+suffix — on a repeated task the cache matches far deeper than the prompt does —, then the longer
+draft, then the request's own context).
 Cost of one `propose`: O(max_depth) per appended token + O(max_depth) per source +
 O(max_tokens * max_matches), independent of the context's and the cache's length.
 Memory: see suffix_index.py; the cache also keeps each output token once (4 bytes).
@@ -32,10 +33,12 @@ from shardserve.workers.spec.suffix_index import SuffixIndex
 
 @dataclass(frozen=True)
 class Draft:
-    """One source's proposal: `token_ids` with `score` = the sum of their cumulative probabilities."""
+    """One source's proposal: `token_ids` with `score` = the sum of their cumulative probabilities,
+    from occurrences of the context's last `depth` tokens."""
 
     token_ids: tuple[int, ...]
     score: float
+    depth: int = 0
 
 
 _NO_DRAFT = Draft((), 0.0)
@@ -144,7 +147,7 @@ class SuffixProposer(Proposer):
             return []
         own = self._draft(state.index, token_ids, max_tokens)
         cached = self._draft(self._cache.index, token_ids, max_tokens)
-        if (cached.score, len(cached.token_ids)) > (own.score, len(own.token_ids)):
+        if (cached.score, cached.depth, len(cached.token_ids)) > (own.score, own.depth, len(own.token_ids)):
             return list(cached.token_ids)
         return list(own.token_ids)
 
@@ -158,7 +161,7 @@ class SuffixProposer(Proposer):
 
     def _draft(self, index: SuffixIndex, context: Sequence[int], max_tokens: int) -> Draft:
         """Greedy by frequency over the newest occurrences of the context's longest matching suffix."""
-        _, positions = index.match(context, self.max_matches)
+        depth, positions = index.match(context, self.max_matches)
         if not positions:
             return _NO_DRAFT
         total = len(positions)
@@ -186,7 +189,7 @@ class SuffixProposer(Proposer):
             score += probability
             if num_best < len(agreeing):
                 agreeing = [end for end, next_id in zip(agreeing, next_ids, strict=True) if next_id == best]
-        return Draft(tuple(draft), score)
+        return Draft(tuple(draft), score, depth)
 
 
 def _check_int(name: str, value: int, low: int, high: int) -> None:

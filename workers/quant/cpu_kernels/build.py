@@ -2,7 +2,9 @@
 
 `torch.utils.cpp_extension.load` compiles into torch's extensions folder (TORCH_EXTENSIONS_DIR,
 by default ~/.cache/torch_extensions) keyed by a hash of the sources, so a rebuild happens only
-when the C++ changes, and concurrent processes wait on its lock. torch's own loader was chosen
+when the C++ changes, and concurrent processes wait on its lock. torch hashes only the listed
+source, not the files it includes (kernels.cpp, body.inc), so the name carries a hash of every
+.cpp / .inc here: checkouts with different kernels never load each other's build. torch's own loader was chosen
 over a setup.py extension so an editable install and CI need no compile step. No -mavx* flags
 are passed: kernels.cpp compiles its AVX2 and AVX512-VNNI variants with per-function targets and
 picks one at run time. A failed build raises `CpuKernelsUnavailable`; callers fall back to torch ops.
@@ -11,6 +13,7 @@ picks one at run time. A failed build raises `CpuKernelsUnavailable`; callers fa
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -33,11 +36,19 @@ def build(source: Path, name: str) -> ModuleType:
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3"],
+        return cpp_extension.load(name=f"{name}_{_sources_hash(source.parent)}", sources=[str(source)], extra_cflags=["-O3"],
                                   extra_include_paths=[str(source.parent)], verbose=False)
     except Exception as exc:  # compiler missing, ninja missing, compile error: all mean "use the fallback"
         raise CpuKernelsUnavailable(f"building the quantized CPU kernels ({source}) failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
+
+
+@functools.cache
+def _sources_hash(folder: Path) -> str:
+    digest = hashlib.sha1()
+    for path in sorted((*folder.glob("*.cpp"), *folder.glob("*.inc"))):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def build_or_none(source: Path, name: str, fallback: str) -> ModuleType | None:
