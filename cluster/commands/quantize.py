@@ -51,6 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: asymmetric calibration (GPTAQ), each linear's target the float model's "
                         "output (default on for gptq)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="each group's scale re-solved by least squares on the output error once its codes are "
+                        "fixed (workers/quant/algorithms/refit.py; default on, needs the clipping search's inputs)")
+    p.add_argument("--gains", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ rounding: one least-squares gain per input channel of q/k/v, gate/up and down once "
+                        "each is quantized, folded into the norms and up_proj's scales (algorithms/gains.py)")
+    p.add_argument("--awq-scales", action="store_true",
+                   help="GPTQ: AWQ's per-input scales searched and folded into the norms before GPTQ")
+    p.add_argument("--rounding", choices=("rtn", "gptq"), default=None,
+                   help="AWQ: how the scaled weights are rounded: rtn (AutoAWQ's clip + round to nearest) or "
+                        "gptq (GPTQ's error feedback, act-order with static groups: the AWQ layout has no g_idx)")
     p.add_argument("--no-clip", dest="clip", action="store_false",
                    help="min-max group grids (default: searched clipping, workers/quant/algorithms/clip.py)")
     p.add_argument("--calib", required=True, type=Path, help="calibration text file (UTF-8)")
@@ -71,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         spec = QuantSpec(method=args.method, bits=args.bits, group_size=args.group_size,
                          sym=args.sym, desc_act=gptq_default(args.method, args.desc_act),
                          clip=args.clip, static_groups=args.static_groups, damp=args.damp,
-                         gptaq=gptq_default(args.method, args.gptaq))
+                         gptaq=gptq_default(args.method, args.gptaq), awq_scales=args.awq_scales,
+                         rounding=args.rounding or "", refit=refit_default(args), gains=gains_default(args))
         if args.calib_tokens is None:
             args.calib_tokens = CALIB_TOKENS["gptq" if args.method == "gptq" else "other"]
         check_tokens(args.calib_tokens)
@@ -90,6 +102,20 @@ def run(args: argparse.Namespace) -> int:
 def gptq_default(method: str, flag: bool | None) -> bool:
     """A GPTQ option's value: as given, else on for gptq (the best measured) and off for the others."""
     return method == "gptq" if flag is None else flag
+
+
+def refit_default(args: argparse.Namespace) -> bool:
+    """--refit as given, else on wherever it has its Hessians: GPTQ rounding, or a clipping search."""
+    if args.refit is not None:
+        return args.refit
+    return args.clip or args.method == "gptq" or args.rounding == "gptq"
+
+
+def gains_default(args: argparse.Namespace) -> bool:
+    """--gains as given, else on with GPTQ rounding (the only rounding it is defined for)."""
+    if args.gains is not None:
+        return args.gains
+    return args.method == "gptq" or args.rounding == "gptq"
 
 
 def check_tokens(calib_tokens: int) -> None:
@@ -129,7 +155,8 @@ def quantize(args: argparse.Namespace, spec: Any, folder: Path) -> int:
     summary = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                "desc_act": spec.desc_act, "clip": spec.clip, "clip_error": spec.clip_error,
                "static_groups": spec.static_groups, "gptaq": spec.gptaq, "gptaq_alpha": spec.gptaq_alpha,
-               "damp": spec.damp, "calib_tokens": args.calib_tokens, "eval_tokens": len(held_out),
+               "damp": spec.damp, "refit": spec.refit, "gains": spec.gains, "awq_scales": spec.awq_scales,
+               "rounding": spec.rounding, "calib_tokens": args.calib_tokens, "eval_tokens": len(held_out),
                "float_perplexity": round(float_ppl, 4), "quantized_perplexity": round(quant_ppl, 4),
                "increase_pct": round(100 * (quant_ppl / float_ppl - 1), 2), "out": str(out),
                "seconds": round(time.perf_counter() - started, 1)}
