@@ -1,4 +1,4 @@
-"""Scale refit (algorithms/refit.py): with the codes and integer zeros kept, the least-squares scales lower
+"""Scale refit (algorithms/refit.py) and channel gains (gains.py): with the codes and integer zeros kept, the least-squares scales lower
 the output error of GPTQ's and of clipped RTN's weights, also against GPTAQ's float target, and a
 weight with act-order columns keeps its perm."""
 
@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from shardserve.workers.quant.algorithms.clip import OUTPUT_MSE, clipped_grouped
+from shardserve.workers.quant.algorithms.gains import channel_gains
 from shardserve.workers.quant.algorithms.gptq import Hessian, gptq_quantize
 from shardserve.workers.quant.algorithms.refit import refit_scales
+from shardserve.workers.quant.calibrate import QuantSpec
 
 
 def inputs(tokens: int, k: int, seed: int) -> torch.Tensor:
@@ -55,3 +57,32 @@ def test_refit_with_the_float_target_of_gptaq():
         return float((x @ weight.dequantize().T - x_float @ w.T).square().mean())
 
     assert error(target) < error(plain) and error(target) < error(q), (error(target), error(plain), error(q))
+
+
+def test_channel_gains_undo_a_shared_shrink():
+    """A quantized weight whose input channels are all off by their own factor: the gains recover 1 / factor."""
+    k = 128
+    x = inputs(1024, k, seed=5)
+    w = torch.randn(96, k, generator=torch.Generator().manual_seed(6))
+    hessian = Hessian(k)
+    hessian.add(x)
+    factor = 1 + 0.2 * torch.rand(k, generator=torch.Generator().manual_seed(7))
+    gains = channel_gains(w * factor, w, hessian.matrix)
+    torch.testing.assert_close(gains, 1 / factor, rtol=1e-3, atol=1e-3)
+    noisy = w * factor + 0.05 * torch.randn(96, k, generator=torch.Generator().manual_seed(8))
+    gains = channel_gains(noisy, w, hessian.matrix)
+    assert float((x @ (noisy * gains - w).T).square().mean()) < float((x @ (noisy - w).T).square().mean())
+
+
+def test_spec_refuses_options_without_their_rounding():
+    with pytest.raises(ValueError, match="gains .* follow GPTQ rounding; method is awq"):
+        QuantSpec("awq", gains=True)
+    with pytest.raises(ValueError, match="refit needs the clipping search"):
+        QuantSpec("rtn", clip=False, refit=True)
+    with pytest.raises(ValueError, match="awq_scales .* is a GPTQ option; method is rtn"):
+        QuantSpec("rtn", awq_scales=True)
+    with pytest.raises(ValueError, match="AWQ layout has no g_idx"):
+        QuantSpec("awq", rounding="gptq", desc_act=True)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        QuantSpec("awq", rounding="nearest")
+    assert QuantSpec("awq", rounding="gptq", desc_act=True, static_groups=True).layout.group_size == 128
