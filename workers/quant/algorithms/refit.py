@@ -37,18 +37,18 @@ def refit_scales(weight: GroupedWeight, w: torch.Tensor, hessian: torch.Tensor,
     zeros = torch.round(-weight.mins / torch.where(old == 0, torch.ones_like(old), old))  # [N, G]
     group_of = torch.arange(k) // g  # [K]
     u = weight.q.float() - zeros[:, group_of]  # [N, K]
-    onehot = torch.nn.functional.one_hot(group_of, num_groups).T.float()  # [G, K]
-    basis = u[:, None, :] * onehot[None]  # [N, G, K]: row r's dequantized weight is s_r @ basis[r]
-    curvature = torch.matmul(basis, h)  # [N, G, K]
-    m = torch.matmul(curvature, basis.transpose(1, 2))  # [N, G, G]
-    b = torch.einsum("nk,ngk->ng", w @ c, basis)  # [N, G]
+    onehot = torch.nn.functional.one_hot(group_of, num_groups).float()  # [K, G]
+    # row r's dequantized weight is sum_g s_rg u_r|g; curvature[r, g] = u_r|g H, one [N, g] @ [g, K] per group
+    curvature = torch.stack([u[:, i * g:(i + 1) * g] @ h[i * g:(i + 1) * g] for i in range(num_groups)], dim=1)
+    m = (curvature * u[:, None, :]) @ onehot  # [N, G, G]: u_r|g H u_r|g'^T
+    b = ((w @ c) * u) @ onehot  # [N, G]
     ridge = RIDGE * torch.diagonal(m, dim1=1, dim2=2) + 1e-12  # [N, G]
     m = m + torch.diag_embed(ridge)
     new = torch.linalg.solve(m, (b + ridge * old).unsqueeze(-1)).squeeze(-1)  # [N, G]
     new = torch.where(new > 0, new, old).half().float().clamp(min=2**-24)
 
     def loss(scales: torch.Tensor) -> torch.Tensor:  # per row, up to the constant w H w^T
-        w_hat = torch.einsum("ng,ngk->nk", scales, basis)
+        w_hat = scales[:, group_of] * u
         return ((w_hat @ h) * w_hat).sum(dim=1) - 2 * ((w @ c) * w_hat).sum(dim=1)
 
     better = (loss(new) < loss(old))[:, None]
