@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "output (default on for gptq)")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="each group's scale re-solved by least squares on the output error once its codes are "
-                        "fixed (workers/quant/algorithms/refit.py; default on, needs the clipping search's inputs)")
+                        "fixed (workers/quant/algorithms/refit.py; RTN / AWQ: needs the clipping search; default off)")
     p.add_argument("--gains", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ rounding: one least-squares gain per input channel of q/k/v, gate/up and down once "
                         "each is quantized, folded into the norms and up_proj's scales (algorithms/gains.py)")
@@ -105,17 +105,13 @@ def gptq_default(method: str, flag: bool | None) -> bool:
 
 
 def refit_default(args: argparse.Namespace) -> bool:
-    """--refit as given, else on wherever it has its Hessians: GPTQ rounding, or a clipping search."""
-    if args.refit is not None:
-        return args.refit
-    return args.clip or args.method == "gptq" or args.rounding == "gptq"
+    """--refit as given, else off (not yet measured better on SmolLM2: benchmarks/README.md's quality row)."""
+    return bool(args.refit)
 
 
 def gains_default(args: argparse.Namespace) -> bool:
-    """--gains as given, else on with GPTQ rounding (the only rounding it is defined for)."""
-    if args.gains is not None:
-        return args.gains
-    return args.method == "gptq" or args.rounding == "gptq"
+    """--gains as given, else off (not yet measured better on SmolLM2)."""
+    return bool(args.gains)
 
 
 def check_tokens(calib_tokens: int) -> None:

@@ -124,6 +124,10 @@ def test_awq_folder(capsys, tmp_path, eval_file):
     (["--method", "rtn", "--static-groups"], "static_groups is a GPTQ option; method is rtn"),
     (["--method", "gptq", "--damp", "1.5"], "damp must be in (0, 1), got 1.5"),
     (["--method", "awq", "--gptaq"], "gptaq (asymmetric calibration) is a GPTQ option; method is awq"),
+    (["--method", "awq", "--gains"], "gains (input-channel gains) follow GPTQ rounding; method is awq"),
+    (["--method", "rtn", "--awq-scales"], "awq_scales (AWQ's scale search before GPTQ) is a GPTQ option"),
+    (["--method", "gptq", "--rounding", "rtn"], "rounding is an AWQ option (rtn or gptq); method is gptq"),
+    (["--method", "awq", "--rounding", "gptq", "--desc-act"], "the AWQ layout has no g_idx"),
     (["--method", "rtn", "--calib-tokens", "1000"], "--calib-tokens must be 16..512 or a multiple of 512"),
 ])
 def test_bad_flags_are_refused(capsys, tmp_path, flags, message):

@@ -115,8 +115,8 @@ class QuantSpec:
             raise ValueError(f"static_groups is a GPTQ option; method is {self.method}")
         if self.rounding not in ("", *ROUNDINGS):
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding == "gptq" and self.method == "rtn":
-            raise ValueError("rounding 'gptq' with method rtn is method gptq")
+        if self.rounding and self.method != "awq":
+            raise ValueError(f"rounding is an AWQ option (rtn or gptq); method is {self.method}")
         if self.gptaq and not self.gptq_rounding:
             raise ValueError(f"gptaq (asymmetric calibration) is a GPTQ option; method is {self.method}")
         if self.gains and not self.gptq_rounding:
