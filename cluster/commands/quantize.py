@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ act-order: columns by decreasing diag(H) (default on with GPTQ rounding; its g_idx is "
                         "refused by row-parallel layers under TP > 1: add --static-groups there)")
-    p.add_argument("--static-groups", action="store_true", default=None,
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: every group's grid fixed before the error feedback (with --desc-act: no g_idx; "
                         "default on for awq's GPTQ rounding)")
     p.add_argument("--damp", type=float, default=0.01,

@@ -123,14 +123,14 @@ def test_awq_folder(capsys, tmp_path, eval_file):
     (["--method", "gptq", "--bits", "3"], "bits must be one of (4, 8) for gptq, got 3"),
     (["--method", "awq", "--bits", "8"], "bits must be one of (4,) for awq, got 8"),
     (["--method", "gptq", "--group-size", "100"], "group_size must be one of (-1, 32, 64, 128), got 100"),
-    (["--method", "awq", "--desc-act"], "desc_act (act-order) is a GPTQ option"),
+    (["--method", "awq", "--rounding", "rtn", "--desc-act"], "desc_act (act-order) is a GPTQ option"),
     (["--method", "rtn", "--static-groups"], "static_groups is a GPTQ option; method is rtn"),
     (["--method", "gptq", "--damp", "1.5"], "damp must be in (0, 1), got 1.5"),
-    (["--method", "awq", "--gptaq"], "gptaq (asymmetric calibration) is a GPTQ option; method is awq"),
-    (["--method", "awq", "--gains"], "gains (input-channel gains) follow GPTQ rounding; method is awq"),
+    (["--method", "awq", "--rounding", "rtn", "--gptaq"], "gptaq (asymmetric calibration) is a GPTQ option; method is awq"),
+    (["--method", "awq", "--rounding", "rtn", "--gains"], "gains (input-channel gains) follow GPTQ rounding; method is awq"),
     (["--method", "rtn", "--awq-scales"], "awq_scales (AWQ's scale search before GPTQ) is a GPTQ option"),
     (["--method", "gptq", "--rounding", "rtn"], "rounding is an AWQ option (rtn or gptq); method is gptq"),
-    (["--method", "awq", "--rounding", "gptq", "--desc-act"], "the AWQ layout has no g_idx"),
+    (["--method", "awq", "--rounding", "gptq", "--no-static-groups"], "the AWQ layout has no g_idx"),
     (["--method", "rtn", "--calib-tokens", "1000"], "--calib-tokens must be 16..512 or a multiple of 512"),
 ])
 def test_bad_flags_are_refused(capsys, tmp_path, flags, message):
