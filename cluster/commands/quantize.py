@@ -27,7 +27,7 @@ from typing import Any
 SEQ_LEN = 512  # calibration sequence, tokens
 WINDOW, STRIDE = 512, 256  # perplexity windows, as `shardserve eval perplexity` defaults
 MIN_EVAL_TOKENS = 128
-# Default calibration tokens: GPTQ's Hessians gain from 7168 (vs 2048); AWQ measured no better with more.
+# Default calibration tokens: GPTQ's Hessians gain from 7168 (vs 2048); AWQ with RTN measured no better with more.
 CALIB_TOKENS = {"gptq": 7168, "other": 2048}
 
 
@@ -42,21 +42,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false",
                      help="zero point per group (default: measured better for every method)")
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ act-order: columns by decreasing diag(H) (default on for gptq; its g_idx is "
+                   help="GPTQ act-order: columns by decreasing diag(H) (default on with GPTQ rounding; its g_idx is "
                         "refused by row-parallel layers under TP > 1: add --static-groups there)")
-    p.add_argument("--static-groups", action="store_true",
-                   help="GPTQ: every group's grid fixed before the error feedback (with --desc-act: no g_idx)")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: every group's grid fixed before the error feedback (with --desc-act: no g_idx; "
+                        "default on for awq's GPTQ rounding)")
     p.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ: fraction of mean(diag H) added to its diagonal, in (0, 1) (default 0.01)")
     p.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: asymmetric calibration (GPTAQ), each linear's target the float model's "
                         "output (default on for gptq)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="each group's scale re-solved by least squares on the output error once its codes are "
+                        "fixed (workers/quant/algorithms/refit.py; RTN rounding: needs the clipping search; default on for awq only)")
+    p.add_argument("--gains", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ rounding: one least-squares gain per input channel of q/k/v, gate/up and down once "
+                        "each is quantized, folded into the norms and up_proj's scales (algorithms/gains.py; default on for awq only)")
+    p.add_argument("--awq-scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: AWQ's per-input scales searched and folded into the norms before GPTQ (default on "
+                        "for gptq: 14.296 vs 14.500 without, benchmarks/README.md)")
+    p.add_argument("--rounding", choices=("rtn", "gptq"), default=None,
+                   help="AWQ: how the scaled weights are rounded: rtn (AutoAWQ's clip + round to nearest) or "
+                        "gptq (default: GPTQ's error feedback, act-order with static groups: the AWQ layout has no g_idx)")
     p.add_argument("--no-clip", dest="clip", action="store_false",
                    help="min-max group grids (default: searched clipping, workers/quant/algorithms/clip.py)")
     p.add_argument("--calib", required=True, type=Path, help="calibration text file (UTF-8)")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help=f"calibration tokens: below {SEQ_LEN} or a multiple of {SEQ_LEN} (default: "
-                        f"{CALIB_TOKENS['gptq']} for gptq, {CALIB_TOKENS['other']} for awq / rtn, the best measured)")
+                        f"{CALIB_TOKENS['gptq']} with GPTQ rounding (gptq, awq), {CALIB_TOKENS['other']} for rtn / awq --rounding rtn)")
     p.add_argument("--eval", type=Path, default=None,
                    help="text for the perplexity check (default: --calib after the calibration tokens)")
     p.add_argument("--out", required=True, type=Path, help="folder to write (must not exist or be empty)")
@@ -68,12 +81,11 @@ def run(args: argparse.Namespace) -> int:
     from shardserve.workers.quant.calibrate import QuantSpec
 
     try:
-        spec = QuantSpec(method=args.method, bits=args.bits, group_size=args.group_size,
-                         sym=args.sym, desc_act=gptq_default(args.method, args.desc_act),
-                         clip=args.clip, static_groups=args.static_groups, damp=args.damp,
-                         gptaq=gptq_default(args.method, args.gptaq))
-        if args.calib_tokens is None:
-            args.calib_tokens = CALIB_TOKENS["gptq" if args.method == "gptq" else "other"]
+        resolve_defaults(args)
+        spec = QuantSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                         desc_act=args.desc_act, clip=args.clip, static_groups=args.static_groups,
+                         damp=args.damp, gptaq=args.gptaq, awq_scales=args.awq_scales, rounding=args.rounding,
+                         refit=args.refit, gains=args.gains)
         check_tokens(args.calib_tokens)
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
             raise ValueError(f"--out {args.out} exists and is not an empty folder")
@@ -87,9 +99,29 @@ def run(args: argparse.Namespace) -> int:
     return quantize(args, spec, folder)
 
 
-def gptq_default(method: str, flag: bool | None) -> bool:
-    """A GPTQ option's value: as given, else on for gptq (the best measured) and off for the others."""
-    return method == "gptq" if flag is None else flag
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fills the flags left unset with the best measured setting (benchmarks/README.md's quality row):
+    gptq: AWQ's scales folded in, then act-order + GPTAQ on 7168 tokens; awq: AWQ's scales rounded by GPTQ (act-order with static
+    groups, the AWQ layout has no g_idx) + GPTAQ + scale refit + channel gains on 7168 tokens; rtn and
+    awq --rounding rtn: 2048 tokens. A flag given explicitly is kept (QuantSpec refuses contradictions)."""
+    if args.rounding is None:
+        args.rounding = "gptq" if args.method == "awq" else ""
+    gptq_rounding = args.method == "gptq" or args.rounding == "gptq"
+    awq_gptq = args.method == "awq" and args.rounding == "gptq"
+    if args.desc_act is None:
+        args.desc_act = gptq_rounding
+    if args.static_groups is None:
+        args.static_groups = awq_gptq and args.desc_act
+    if args.gptaq is None:
+        args.gptaq = gptq_rounding
+    if args.awq_scales is None:
+        args.awq_scales = args.method == "gptq"
+    if args.refit is None:
+        args.refit = awq_gptq
+    if args.gains is None:
+        args.gains = awq_gptq
+    if args.calib_tokens is None:
+        args.calib_tokens = CALIB_TOKENS["gptq" if gptq_rounding else "other"]
 
 
 def check_tokens(calib_tokens: int) -> None:
@@ -129,7 +161,8 @@ def quantize(args: argparse.Namespace, spec: Any, folder: Path) -> int:
     summary = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                "desc_act": spec.desc_act, "clip": spec.clip, "clip_error": spec.clip_error,
                "static_groups": spec.static_groups, "gptaq": spec.gptaq, "gptaq_alpha": spec.gptaq_alpha,
-               "damp": spec.damp, "calib_tokens": args.calib_tokens, "eval_tokens": len(held_out),
+               "damp": spec.damp, "refit": spec.refit, "gains": spec.gains, "awq_scales": spec.awq_scales,
+               "rounding": spec.rounding, "calib_tokens": args.calib_tokens, "eval_tokens": len(held_out),
                "float_perplexity": round(float_ppl, 4), "quantized_perplexity": round(quant_ppl, 4),
                "increase_pct": round(100 * (quant_ppl / float_ppl - 1), 2), "out": str(out),
                "seconds": round(time.perf_counter() - started, 1)}

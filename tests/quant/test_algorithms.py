@@ -141,8 +141,14 @@ def test_awq_search_protects_salient_channels():
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("gptq", 4, 32, True, True), QuantSpec("awq", 4, 32, False),
-                                  QuantSpec("rtn", 8, 64, False), QuantSpec("gptq", 4, 32, False, True, gptaq=True)],
-                         ids=lambda s: f"{s.method}{s.bits}{'-gptaq' if s.gptaq else ''}")
+                                  QuantSpec("rtn", 8, 64, False), QuantSpec("gptq", 4, 32, False, True, gptaq=True),
+                                  QuantSpec("gptq", 4, 32, False, True, gptaq=True, refit=True, gains=True,
+                                            awq_scales=True),
+                                  QuantSpec("awq", 4, 32, False, True, static_groups=True, rounding="gptq",
+                                            gptaq=True, refit=True, gains=True),
+                                  QuantSpec("rtn", 4, 32, False, refit=True)],
+                         ids=lambda s: f"{s.method}{s.bits}{'-gptaq' if s.gptaq else ''}{'-refit' if s.refit else ''}"
+                                       f"{'-' + s.rounding if s.rounding else ''}{'-awq_scales' if s.awq_scales else ''}")
 def test_quantize_model_writes_back_exactly_what_it_packs(spec):
     model = tiny_llama(4)
     ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -156,7 +162,7 @@ def test_quantize_model_writes_back_exactly_what_it_packs(spec):
     with torch.no_grad():
         error = float((model(ids).logits - reference).norm() / reference.norm())
     assert 0 < error < (0.02 if spec.bits == 8 else 0.3)
-    if spec.method == "awq":
+    if spec.awq_scaling:
         assert len(result.awq_alphas) == 8
 
 

@@ -36,7 +36,9 @@ from shardserve.workers.quant.algorithms.awq import (
     search_scales,
 )
 from shardserve.workers.quant.algorithms.clip import OUTPUT_MSE, WEIGHT_MSE, clipped_grouped
+from shardserve.workers.quant.algorithms.gains import channel_gains
 from shardserve.workers.quant.algorithms.gptq import CLIP_ERRORS, Hessian, gptq_quantize, one_thread
+from shardserve.workers.quant.algorithms.refit import refit_scales
 from shardserve.workers.quant.algorithms.rtn import rtn_grouped
 from shardserve.workers.quant.formats.awq import AwqLayout
 from shardserve.workers.quant.formats.gptq import GptqLayout
@@ -61,6 +63,10 @@ AWQ_UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")
 # AWQ's scale search runs each group's module 20 times: on the first sequences up to this many tokens
 # (its time grows with them); the clipping search's Hessians take every calibration token.
 AWQ_SEARCH_TOKENS = 2048
+ROUNDINGS = ("rtn", "gptq")
+# GPTQ steps whose input gains (algorithms/gains.py) fold for free: into the norm before, or up_proj's rows.
+GAIN_TARGETS = {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
+                "mlp.down_proj": "mlp.up_proj"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,11 @@ class QuantSpec:
     "energy" measured worse); static_groups (GPTQ): grids fixed before the error feedback, so
     act-order needs no g_idx; damp (GPTQ): the fraction of mean(diag H) added to H's diagonal, in (0, 1);
     gptaq (GPTQ): the Hessian from the quantized model's inputs, the target from the float model's
-    (asymmetric calibration, algorithms/gptq.py), its term scaled by gptaq_alpha (GPTQModel: 0.25; 0.5 measured better here)."""
+    (asymmetric calibration, algorithms/gptq.py), its term scaled by gptaq_alpha (GPTQModel: 0.25; 0.5 measured better here);
+    awq_scales (GPTQ): AWQ's scale search folded in before GPTQ; rounding (AWQ): "rtn" (AutoAWQ, the
+    default "") or "gptq" (GPTQ on the scaled weights); refit: each group's scale re-solved by least
+    squares once its codes are fixed (algorithms/refit.py); gains (GPTQ rounding): per-input-channel
+    gains folded into the norms and up_proj's scales (algorithms/gains.py)."""
 
     method: str
     bits: int = 4
@@ -86,6 +96,10 @@ class QuantSpec:
     clip_error: str = "output"
     gptaq: bool = False
     gptaq_alpha: float = 0.5
+    awq_scales: bool = False
+    rounding: str = ""
+    refit: bool = False
+    gains: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -95,12 +109,24 @@ class QuantSpec:
             raise ValueError(f"bits must be one of {allowed_bits} for {self.method}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
-        if self.desc_act and self.method != "gptq":
+        if self.desc_act and not self.gptq_rounding:
             raise ValueError(f"desc_act (act-order) is a GPTQ option; method is {self.method}")
-        if self.static_groups and self.method != "gptq":
+        if self.static_groups and not self.gptq_rounding:
             raise ValueError(f"static_groups is a GPTQ option; method is {self.method}")
-        if self.gptaq and self.method != "gptq":
+        if self.rounding not in ("", *ROUNDINGS):
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding and self.method != "awq":
+            raise ValueError(f"rounding is an AWQ option (rtn or gptq); method is {self.method}")
+        if self.gptaq and not self.gptq_rounding:
             raise ValueError(f"gptaq (asymmetric calibration) is a GPTQ option; method is {self.method}")
+        if self.gains and not self.gptq_rounding:
+            raise ValueError(f"gains (input-channel gains) follow GPTQ rounding; method is {self.method}")
+        if self.refit and not (self.clip or self.gptq_rounding):
+            raise ValueError("refit needs the clipping search's Hessians with RTN rounding: drop --no-clip")
+        if self.awq_scales and self.method != "gptq":
+            raise ValueError(f"awq_scales (AWQ's scale search before GPTQ) is a GPTQ option; method is {self.method}")
+        if self.method == "awq" and self.uses_g_idx:
+            raise ValueError("the AWQ layout has no g_idx: act-order with AWQ needs static_groups")
         if self.clip_error not in CLIP_ERRORS:
             raise ValueError(f"clip_error must be one of {CLIP_ERRORS}, got {self.clip_error!r}")
         if not 0 < self.gptaq_alpha <= 1:
@@ -109,10 +135,20 @@ class QuantSpec:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
 
     @property
+    def gptq_rounding(self) -> bool:
+        """Codes chosen by GPTQ's error feedback: method gptq, or awq with rounding 'gptq'."""
+        return self.method == "gptq" or (self.method == "awq" and self.rounding == "gptq")
+
+    @property
+    def awq_scaling(self) -> bool:
+        """AWQ's per-input scales searched and folded before the codes are chosen."""
+        return self.method == "awq" or self.awq_scales
+
+    @property
     def float_inputs(self) -> bool:
-        """AWQ calibrates each layer on the float outputs of the layer before (AutoAWQ; measured a
-        little better here), GPTQ and RTN on its quantized outputs (GPTQ's sequential scheme)."""
-        return self.method == "awq"
+        """AWQ with RTN calibrates each layer on the float outputs of the layer before (AutoAWQ;
+        measured a little better here), GPTQ and RTN on its quantized outputs (GPTQ's sequential scheme)."""
+        return self.method == "awq" and not self.gptq_rounding
 
     @property
     def uses_g_idx(self) -> bool:
@@ -171,11 +207,13 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
                                            disable=not progress)):
             prefix = f"model.layers.{index}."
             float_out = layer(hidden, **kwargs) if spec.float_inputs else None
-            if spec.method == "gptq" and spec.gptaq:
+            if spec.awq_scaling:  # exact in float: the layer computes what it did before
+                _awq_scale_layer(layer, float_hidden if spec.gptaq else hidden, kwargs, spec, prefix, result)
+            if spec.gptq_rounding and spec.gptaq:
                 float_layer = copy.deepcopy(layer)
                 _gptq_layer(layer, hidden, kwargs, spec, prefix, result, float_layer, float_hidden)
                 float_hidden = float_layer(float_hidden, **kwargs)
-            elif spec.method == "gptq":
+            elif spec.gptq_rounding:
                 _gptq_layer(layer, hidden, kwargs, spec, prefix, result)
             elif spec.method == "awq":
                 _awq_layer(layer, hidden, kwargs, spec, prefix, result)
@@ -257,6 +295,8 @@ def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
         w = layer.get_submodule(name).weight.float()
         weight = (clipped_grouped(w, spec.group_size, spec.bits, spec.sym, OUTPUT_MSE, hessians[name].matrix)
                   if spec.clip else rtn_grouped(w, spec.group_size, spec.bits, spec.sym))
+        if spec.refit and spec.clip:
+            weight = refit_scales(weight, w, hessians[name].matrix)
         _commit(layer, name, weight, spec, prefix, result)
 
 
@@ -268,17 +308,41 @@ def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
         hessian = Hessian(layer.get_submodule(step[0]).in_features, asymmetric=float_layer is not None)
         x_float = None if float_layer is None else _input_of(float_layer, step[0], float_hidden, kwargs)
         hessian.add(_input_of(layer, step[0], hidden, kwargs), x_float)
+        cross = None if hessian.dxxt is None else hessian.matrix + spec.gptaq_alpha * hessian.dxxt
+        floats = [layer.get_submodule(name).weight.detach().float().clone() for name in step]
         for name in step:
             weight = gptq_quantize(layer.get_submodule(name).weight, hessian.matrix, spec.bits,
                                    spec.group_size, spec.sym, spec.desc_act,
                                    percdamp=spec.damp, clip=WEIGHT_MSE if spec.clip else None,
                                    static_groups=spec.static_groups, clip_error=spec.clip_error,
                                    dxxt=hessian.dxxt, dxxt_alpha=spec.gptaq_alpha)
+            if spec.refit:
+                weight = refit_scales(weight, layer.get_submodule(name).weight, hessian.matrix, cross)
             _commit(layer, name, weight, spec, prefix, result)
+        if spec.gains and step[0] in GAIN_TARGETS:
+            quantized = torch.cat([layer.get_submodule(name).weight.float() for name in step])
+            gains = channel_gains(quantized, torch.cat(floats), hessian.matrix, cross)
+            _fold_gains(layer, GAIN_TARGETS[step[0]], gains, spec, prefix, result)
 
 
-def _awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
-               prefix: str, result: QuantizedModel) -> None:
+def _fold_gains(layer: nn.Module, target: str, gains: torch.Tensor, spec: QuantSpec, prefix: str,
+                result: QuantizedModel) -> None:
+    """Multiplies the input of a quantized step by gains [K]: into the RMSNorm weight that makes it,
+    or into the output rows (scales and mins) of the quantized linear that makes it."""
+    module = layer.get_submodule(target)
+    if not isinstance(module, nn.Linear):
+        module.weight.data = module.weight.data * gains.to(module.weight.dtype)
+        return
+    old = result.weights[prefix + target]
+    scales = (old.scales * gains[:, None]).half().float().clamp(min=2**-24)
+    zeros = torch.round(-old.mins / old.scales)
+    _commit(layer, target, GroupedWeight(q=old.q, scales=scales, mins=-zeros * scales, group_size=old.group_size,
+                                         perm=old.perm, bits=old.bits), spec, prefix, result)
+
+
+def _awq_scale_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
+                     prefix: str, result: QuantizedModel) -> None:
+    """AWQ's scale search per LLAMA_GROUPS group on the first AWQ_SEARCH_TOKENS tokens, folded in."""
     seen: dict[str, tuple[tuple, dict]] = {}
     watched = tuple(dict.fromkeys(LINEARS + tuple(g.inspect for g in LLAMA_GROUPS)))
     searched = hidden[:max(1, AWQ_SEARCH_TOKENS // hidden.shape[1])]  # [seqs, T, D]: the search's share
@@ -293,6 +357,11 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
                                spec.group_size, spec.bits, spec.sym, duo=spec.awq_duo)
         result.awq_alphas[f"{prefix}{group.prev}"] = scales.alpha
         apply_awq_scales(prev, linears, scales.scales)
+
+
+def _awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,
+               prefix: str, result: QuantizedModel) -> None:
+    """AWQ's rounding once its scales are folded: output-error clip (not q / k), then RTN."""
     hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in LINEARS}
     if spec.clip:  # the inputs as the linears see them now, divided by the folded scales
         _inputs_of(layer, LINEARS, hidden, kwargs, lambda name, args, _kw: hessians[name].add(args[0]))
@@ -303,6 +372,8 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
                                         hessians[name].matrix)
         else:
             quantized = quantize_scaled(weight, spec.group_size, spec.bits, spec.sym)
+        if spec.refit and spec.clip and name not in AWQ_UNCLIPPED:
+            quantized = refit_scales(quantized, weight, hessians[name].matrix)
         _commit(layer, name, quantized, spec, prefix, result)
 
 
