@@ -198,3 +198,16 @@ def test_gptaq_targets_the_float_models_output():
         Hessian(k, asymmetric=True).add(x)
     with pytest.raises(ValueError, match=r"gptaq_alpha must be in \(0, 1\], got 0"):
         QuantSpec("gptq", gptaq=True, gptaq_alpha=0)
+
+
+def test_awq_refuses_groups_that_do_not_divide_a_linear():
+    """SmolLM2's 576 input features at group 128: AWQ's layout (no g_idx) cannot hold it, so it is refused
+    up front, naming the linear; GPTQ (g_idx) and dividing groups pass."""
+    from shardserve.workers.quant.calibrate import QuantSpec, check_whole_groups
+    from torch import nn
+
+    layers = nn.ModuleList([nn.ModuleDict({"mlp": nn.ModuleDict({"up_proj": nn.Linear(576, 64)})})])
+    with pytest.raises(ValueError, match=r"awq group_size 128 does not divide model\.layers\.0\.mlp\.up_proj's 576"):
+        check_whole_groups(layers, QuantSpec("awq", 4, 128, False))
+    check_whole_groups(layers, QuantSpec("awq", 4, 64, False))
+    check_whole_groups(layers, QuantSpec("gptq", 4, 128, False))

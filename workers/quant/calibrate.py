@@ -199,6 +199,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
     """Quantizes `model` (float, CPU, eval) in place — its linears end as dequantized copies of the
     packed weights, AWQ's norms as folded — and returns the packed tensors. calib_ids: [B, T]."""
     layers = decoder_layers(model)
+    check_whole_groups(layers, spec)
     result = QuantizedModel()
     with torch.no_grad(), one_thread():  # measured 5-10x faster than 2 threads on a shared 2-core CPU
         hidden, kwargs = _first_layer_input(model, layers, calib_ids)
@@ -221,6 +222,20 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
                 _rtn_layer(layer, hidden, kwargs, spec, prefix, result)
             hidden = float_out if float_out is not None else layer(hidden, **kwargs)
     return result
+
+
+def check_whole_groups(layers: nn.ModuleList, spec: QuantSpec) -> None:
+    """AWQ's layout has no g_idx: every quantized linear must split into whole groups (AutoAWQ and vLLM
+    refuse the rest, and so does our loader), so a group that does not divide K is refused before any work."""
+    if spec.method != "awq" or spec.group_size <= 0:
+        return
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear) and module.in_features % spec.group_size:
+                raise ValueError(
+                    f"awq group_size {spec.group_size} does not divide model.layers.{index}.{name}'s "
+                    f"{module.in_features} input features: an AWQ checkpoint needs whole groups; use a group size "
+                    f"that divides {module.in_features} or --method gptq")
 
 
 def _first_layer_input(model: nn.Module, layers: nn.ModuleList,
