@@ -1,4 +1,14 @@
-"""Shared fixtures: the embedded SmolLM2 loaded once per session, ours and Hugging Face's."""
+"""Shared fixtures (the embedded SmolLM2 loaded once per session, ours and Hugging Face's) and the
+grouping that lets `make test` run the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`).
+
+Grouping: every test that starts or joins a Ray cluster (it uses tests/cluster/conftest.py's
+session fixtures `cluster` / `real`, or its module is marked `ray`) goes to ONE xdist group, so one
+worker runs them all in order: the shared Ray + Serve cluster starts once, and two Ray heads never
+run at once (a `ray.cluster_utils.Cluster` writes /tmp/ray/ray_current_cluster, which a plain
+`ray.init()` elsewhere would join). Every other test is grouped by its module, so a module's
+fixtures (a loaded model, an engine) are built once, on one worker. xdist was chosen over a
+hand-made split: it balances the modules across workers as they finish and reports one result.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +34,22 @@ _CACHE_DIR = tempfile.mkdtemp(prefix="shardserve-test-cache-")
 os.environ["SHARDSERVE_CACHE_DIR"] = _CACHE_DIR
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
-# Two cores in CI: more intra-op threads than cores only adds contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores in CI: more intra-op threads than cores only adds contention, so the cores are split
+# between the xdist workers (PYTEST_XDIST_WORKER_COUNT; unset when pytest runs alone).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+
+RAY_GROUP = "ray"
+RAY_FIXTURES = frozenset({"cluster", "real"})  # tests/cluster/conftest.py's session fixtures
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each test its xdist group (see the module docstring); without xdist the marks do nothing."""
+    for item in items:
+        uses_ray = item.get_closest_marker("ray") is not None or not RAY_FIXTURES.isdisjoint(item.fixturenames)
+        group = RAY_GROUP if uses_ray else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 # The ports a developer's `make serve` listens on. Tests pick free ports (tests/ports.py).
 DEFAULT_PORTS = (8000, 9000)
