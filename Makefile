@@ -9,8 +9,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 HELM := .tools/bin/helm
-# pytest-xdist workers for `make test`: CI has 2 cores. tests/conftest.py keeps every Ray test on one
-# worker (xdist group "ray") and splits torch's threads between the workers.
+# pytest-xdist workers for `make test`: CI has 2 cores. tests/conftest.py's scheduler keeps every Ray
+# test on one worker and each module on one worker, and splits torch's threads between the workers.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
@@ -48,7 +48,7 @@ test: install $(HELM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	PATH=$(abspath .tools/bin):$$PATH $(VENV)/bin/pytest -q --timeout=900 --durations=25 \
-	  -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
+	  -n $(TEST_WORKERS) $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
