@@ -9,6 +9,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 HELM := .tools/bin/helm
+# pytest-xdist workers for `make test`: CI has 2 cores. tests/conftest.py's scheduler keeps every Ray
+# test on one worker and each module on one worker, and splits torch's threads between the workers.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 
 .PHONY: install serve generate test lint clean
 
@@ -43,7 +47,8 @@ lint: install
 test: install $(HELM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	PATH=$(abspath .tools/bin):$$PATH $(VENV)/bin/pytest -q --timeout=900 --durations=25 tests
+	PATH=$(abspath .tools/bin):$$PATH $(VENV)/bin/pytest -q --timeout=900 --durations=25 \
+	  -n $(TEST_WORKERS) $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info

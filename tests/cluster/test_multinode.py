@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 NODE_RESOURCES = ("node_a", "node_b")  # custom resource of the head and of the worker node
 JOB_TIMEOUT_S = 480
 
@@ -85,9 +87,16 @@ def test_pp2_stages_on_two_nodes_equal_one_process(tmp_path) -> None:
     folder = helpers.write_checkpoint("llama", tmp_path / "llama")
     out = tmp_path / "job.pickle"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
+    # A Cluster writes its address to RAY_TMPDIR/ray/ray_current_cluster, where any plain `ray.init()`
+    # on the machine (another test process, another checkout's suite) would find and join it: the
+    # child gets a temp dir of its own (short: Ray's socket paths must stay under 108 characters).
+    env["RAY_TMPDIR"] = ray_tmp = tempfile.mkdtemp(prefix="ray-mn-", dir="/tmp")
     start = time.monotonic()
-    job = subprocess.run([sys.executable, __file__, str(folder), str(out)], env=env, capture_output=True,
-                         text=True, timeout=JOB_TIMEOUT_S)
+    try:
+        job = subprocess.run([sys.executable, __file__, str(folder), str(out)], env=env, capture_output=True,
+                             text=True, timeout=JOB_TIMEOUT_S)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert job.returncode == 0, f"two-node job failed ({time.monotonic() - start:.0f} s):\n{job.stderr[-6000:]}"
     report = pickle.loads(out.read_bytes())
     nodes, ranks = report["nodes"], report["ranks"]

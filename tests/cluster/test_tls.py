@@ -36,7 +36,7 @@ from ports import free_port
 from shardserve.cluster.proto import llm_pb2 as pb
 from shardserve.cluster.proto import llm_pb2_grpc as rpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SERVE_FAKE = Path(__file__).resolve().parents[1] / "doubles" / "serve_fake.py"  # `shardserve serve`, fake engines
 START_TIMEOUT_S = 240
 

@@ -128,11 +128,27 @@ def _pair(engines, variant: str, depth: int) -> tuple[LLMEngine, LLMEngine]:
     return sync_engine, by_depth[depth]
 
 
+@pytest.fixture(scope="module")
+def sync_run(engines):
+    """`_run` on a variant's synchronous engine, each (variant, case, abort) run once per module:
+    the reference that both depths' tests compare with (the same engine, prompts and params, and
+    greedy or seeded, so a second run would repeat the first)."""
+    done: dict[tuple, dict] = {}
+
+    def run(variant: str, case: str, params: dict[str, SamplingParams], abort: tuple[str, int] | None = None):
+        key = (variant, case, abort)
+        if key not in done:
+            done[key] = _run(engines[variant][0], params, abort=abort)
+        return done[key]
+
+    return run
+
+
 @pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("variant", ["default", "chunked", "preempt"])
-def test_async_outputs_equal_sync(engines, variant, depth):
+def test_async_outputs_equal_sync(engines, sync_run, variant, depth):
     sync_engine, async_engine = _pair(engines, variant, depth)
-    want = _run(sync_engine, _params())
+    want = sync_run(variant, "all", _params())
     got = _run(async_engine, _params())
     _assert_same(got, want)
     reasons = {rid: outs[0][2:4] for rid, outs in want.items()}
@@ -151,24 +167,24 @@ def test_async_outputs_equal_sync(engines, variant, depth):
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
-def test_abort_mid_run(engines, depth):
+def test_abort_mid_run(engines, sync_run, depth):
     """An abort while the request is in the batches in flight: its outputs stop (a prefix of the
     full run's: a request admitted late may have fewer tokens than in the synchronous engine,
     whose batch N+1 already saw batch N's results), the others are unaffected."""
-    sync_engine, async_engine = _pair(engines, "default", depth)
+    _, async_engine = _pair(engines, "default", depth)
     params = {k: v for k, v in _params().items() if k in ("long", "stop_str", "n3", "eos")}
-    full = _run(sync_engine, params)
+    full = sync_run("default", "abort", params)
     for victim, step in (("long", 4), ("n3", 3), ("n3", 1)):
-        for engine in (sync_engine, async_engine):
-            got = _run(engine, params, abort=(victim, step))
+        abort = (victim, step)
+        for got in (sync_run("default", "abort", params, abort), _run(async_engine, params, abort=abort)):
             _assert_same({k: v for k, v in got.items() if k != victim}, {k: v for k, v in full.items() if k != victim})
             for (ids, _, reason, _, _), (full_ids, *_) in zip(got[victim], full[victim], strict=True):
                 assert reason == FinishReason.ABORT and ids == full_ids[: len(ids)] and len(ids) < len(full_ids)
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
-def test_penalties_run_synchronously_and_match(engines, depth):
-    sync_engine, async_engine = _pair(engines, "default", depth)
+def test_penalties_run_synchronously_and_match(engines, sync_run, depth):
+    _, async_engine = _pair(engines, "default", depth)
     params = {
         "long": SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True),
         "stop_str": SamplingParams(temperature=0, max_tokens=20, presence_penalty=0.5, frequency_penalty=0.5,
@@ -176,18 +192,18 @@ def test_penalties_run_synchronously_and_match(engines, depth):
         "n3": _params()["n3"],
         "eos": _params()["eos"],
     }
-    want = _run(sync_engine, params)
+    want = sync_run("default", "penalties", params)
     got = _run(async_engine, params)
     _assert_same(got, want)
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
-def test_seeded_sampling_equal(engines, depth):
-    sync_engine, async_engine = _pair(engines, "chunked", depth)
+def test_seeded_sampling_equal(engines, sync_run, depth):
+    _, async_engine = _pair(engines, "chunked", depth)
     seeded = SamplingParams(temperature=1.0, top_k=50, seed=1234, max_tokens=16)
     params = {k: replace(seeded, seed=1234 + i) for i, k in enumerate(("long", "eos", "stop_id", "logprobs"))}
     params["n3"] = replace(seeded, n=2, min_tokens=4)
-    _assert_same(_run(async_engine, params), _run(sync_engine, params))
+    _assert_same(_run(async_engine, params), sync_run("chunked", "seeded", params))
 
 
 def test_scheduler_feeds_placeholders_and_foresees_the_end():

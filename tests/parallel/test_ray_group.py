@@ -29,7 +29,7 @@ from shardserve.workers.engine import LLMEngine
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.worker.executor import WorkerGroupError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 FAIL_WITHIN_S = 10.0
 RANK_CPUS = 0.25
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from ports import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
 
 
