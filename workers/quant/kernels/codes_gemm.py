@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
-from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split
+from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split, store_tile
 
 
 @triton.jit
@@ -98,15 +98,7 @@ def _codes_gemm_kernel(
                                        offs_n, mask_n, OFFSET)
                     acc = _apply_group(acc, acc_hi, xs_hi, s_ptr, m_ptr, (col_hi // GROUP) * N,
                                        offs_n, mask_n, OFFSET)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT:
-        part = out_ptr + tl.program_id(2).to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(part, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(dtype), mask=mask)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
 def codes_supported(bits: int, plane: int, group_size: int, per_channel: bool, dtype: torch.dtype) -> bool:

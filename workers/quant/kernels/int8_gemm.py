@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
-from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split
+from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split, store_tile
 
 WORDS = 32  # words of a chunk a K step: 4 x 32 columns, 128 bytes of each weight row
 
@@ -61,15 +61,7 @@ def _int8_gemm_kernel(
     s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 128.0 * s
     acc = acc * s[None, :] + tl.sum(xacc, axis=1)[:, None] * m[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT:
-        part = out_ptr + tl.program_id(2).to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(part, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(dtype), mask=mask)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
 def int8_gemm_supported(bits: int, plane: int, per_channel: bool, dtype: torch.dtype) -> bool:

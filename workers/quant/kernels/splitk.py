@@ -162,6 +162,22 @@ def _reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLITS, HAS_BIA
     tl.store(out_ptr + (offs // N).to(tl.int64) * stride_om + col, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
+               SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A GEMM program's fp32 tile: into its split's slice of the partials [splits, M, N] (SPLIT), or
+    with the bias added, rounded once, into out [M, N]."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        part = out_ptr + tl.program_id(2).to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(part, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # launch(grid, dest, steps_per_split, split): runs the GEMM kernel; dest is `out` (split False: bias added,
 # x's dtype stored) or the fp32 [splits, M, N] partials (split True: no bias).
 Launch = Callable[[tuple[int, int, int], torch.Tensor, int, bool], None]
