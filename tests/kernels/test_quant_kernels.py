@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quant_weights import random_int4
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels.fp8 import fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4, plane_for
@@ -23,12 +24,6 @@ N, K = 96, 256
 REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.5e-2}  # of max |reference|: scales stored in the dtype
 
 
-def _int4(n, k, group, symmetric, act_order, device):
-    g = k // group
-    scales = torch.rand(n, g, device=device) * 0.02 + 0.005
-    mins = -8 * scales if symmetric else -torch.rand(n, g, device=device) * 16 * scales
-    perm = torch.randperm(k, device=device) if act_order else None
-    return Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device), scales, mins, group, perm)
 
 
 def _check(out, x, w, bias=None):
@@ -42,7 +37,7 @@ def _check(out, x, w, bias=None):
                                                                (128, False, False)])
 @pytest.mark.parametrize(("rows", "dtype"), [(1, torch.bfloat16), (3, torch.float16), (17, torch.float16)])
 def test_int4_matches_dequantized_reference(device, group, symmetric, act_order, rows, dtype):
-    w = _int4(N, K, group, symmetric, act_order, device)
+    w = random_int4(N, K, group, symmetric, act_order, device)
     x = torch.randn(rows, K, device=device).to(dtype)
     bias = torch.randn(N, device=device).to(dtype) if rows != 3 else None
     _check(int4_linear(x, pack_int4(w, dtype), bias), x, w, bias)
@@ -51,7 +46,7 @@ def test_int4_matches_dequantized_reference(device, group, symmetric, act_order,
 def test_int4_padding_and_several_iterations(device):
     """K = 416 (13 groups of 32): two chunks of 256 columns, the second padded; one chunk an iteration;
     N = 50: a partial tile of rows; GEMM with a partial M tile."""
-    w = _int4(50, 416, 32, False, False, device)
+    w = random_int4(50, 416, 32, False, False, device)
     p = pack_int4(w, torch.float16)
     x = torch.randn(2, 416, device=device).half()
     _check(int4_linear(x, p, gemv_tiles=pk.GemvTiles(16, 1, 4)), x, w)
@@ -63,7 +58,7 @@ def test_int4_padding_and_several_iterations(device):
 def test_int4_gemm_one_dot_a_chunk(device, group, max_plane):
     """GEMM with the chunk's planes unpacked side by side (one tl.dot a chunk; the GPU default above 16
     rows), planes narrower than the group (several planes a group) or as wide."""
-    w = _int4(N, K, group, False, True, device)
+    w = random_int4(N, K, group, False, True, device)
     p = pack_int4(w, torch.float16, max_plane=max_plane)
     x = torch.randn(18, K, device=device).half()
     bias = torch.randn(N, device=device).half()
@@ -114,7 +109,7 @@ def test_plane_width_follows_the_group_size():
 
 
 def test_bad_inputs_are_rejected(device):
-    w = _int4(N, K, 64, True, False, device)
+    w = random_int4(N, K, 64, True, False, device)
     p = pack_int4(w, torch.float16)
     with pytest.raises(ValueError, match="must be \\[M, 256\\]"):
         int4_linear(torch.randn(1, 128, device=device).half(), p)
@@ -190,7 +185,7 @@ def test_int4_codes_gemm(device, group, max_plane, symmetric):
     """codes_gemm.py: the raw codes through tl.dot, group scales on the accumulator, for every way a
     group can sit in a chunk (a plane per group, 2 or 4 planes, the chunk inside a group); act-order,
     bias, partial M and N tiles, K over two chunks (fp16 under the interpreter, see the docstring)."""
-    w = _int4(40, 512, group, symmetric, group == 64, device)
+    w = random_int4(40, 512, group, symmetric, group == 64, device)
     p = pack_int4(w, torch.float16, max_plane=max_plane)
     x = torch.randn(5, 512, device=device).half()
     bias = torch.randn(40, device=device).half()
@@ -210,7 +205,7 @@ def test_codes_gemm_dispatch(device):
     assert pk.split_supported(p.weights, torch.float16)
     assert pk.codes_supported(4, 32, 128, False, torch.bfloat16)
     assert not pk.codes_supported(4, 32, 96, False, torch.bfloat16)  # 3 planes a group: old GEMM
-    w4 = _int4(40, 384, 96, False, False, device)
+    w4 = random_int4(40, 384, 96, False, False, device)
     p4 = pack_int4(w4, torch.float16)
     assert not pk.split_supported(p4.weights, torch.float16)
     _check(int4_linear(x[:, :384], p4), x[:, :384], w4)  # groups of 96: the dequantizing GEMM
@@ -231,7 +226,7 @@ def test_silu_mul_epilogue_of_the_decode_kernels(device):
     from shardserve.workers.quant.kernels.tinygemm import Int4Dual
 
     x = torch.randn(1, K, device=device).bfloat16()
-    w4 = _int4(N, K, 64, False, False, device)
+    w4 = random_int4(N, K, 64, False, False, device)
     w8 = Int8Weight(torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device),
                     torch.rand(N, device=device) * 0.01 + 1e-3)
     wf = torch.randn(N, K, device=device) / K**0.5
@@ -256,7 +251,7 @@ def test_dequantize_planes_for_prefill(device, bits, group):
     """From DEQUANT_MIN_ROWS rows on CUDA, W is dequantized from the planes to the activation dtype and
     cuBLAS multiplies: the dequantized W equals the weight's own dequantize() (K padded: 416 / 384 / 600)."""
     if bits == 4:
-        w = _int4(48, 416 if group == 32 else 384, group, False, True, device)
+        w = random_int4(48, 416 if group == 32 else 384, group, False, True, device)
         p = pack_int4(w, torch.float16).weights
         ref = w.dequantize()[:, w.perm]  # act-order: the packed codes are in permuted column order
     else:

@@ -17,24 +17,19 @@ import re
 import pytest
 import torch
 from kernel_env import DEVICE
+from quant_weights import random_int4
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import splitk
 from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import int8_linear, pack_int8
 from shardserve.workers.quant.kernels.splitk import SplitTiles
-from shardserve.workers.quant.weights import Int4Weight, Int8Weight
+from shardserve.workers.quant.weights import Int8Weight
 
 DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.5e-2}  # of max |reference|: scales stored in the dtype
 N = 40  # a partial BLOCK_N tile of 16 / 32
 
 
-def _int4(n, k, group, symmetric, act_order, device):
-    g = k // group
-    scales = torch.rand(n, g, device=device) * 0.02 + 0.005
-    mins = -8 * scales if symmetric else -torch.rand(n, g, device=device) * 16 * scales
-    perm = torch.randperm(k, device=device) if act_order else None
-    return Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device), scales, mins, group, perm)
 
 
 def _int8(n, k, device):
@@ -55,7 +50,7 @@ def _check(out, x, w, bias):
 ])
 def test_int4_split_k(device, dtype, group, symmetric, split, rows):
     """K = 1280: 5 chunks of 8 planes of 32 columns; act-order on the groups of 64."""
-    w = _int4(N, 1280, group, symmetric, group == 64, device)
+    w = random_int4(N, 1280, group, symmetric, group == 64, device)
     x = torch.randn(rows, 1280, device=device).to(dtype)
     bias = torch.randn(N, device=device).to(dtype)
     _check(int4_linear(x, pack_int4(w, dtype), bias, split_tiles=SplitTiles(16, 32, split, 4, 1)), x, w, bias)
@@ -116,7 +111,7 @@ def test_default_split_tiles(bits, monkeypatch):
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: run with SHARDSERVE_KERNEL_DEVICE=cuda")
 def test_split_k_in_a_cuda_graph(device):
     """Captured (partials buffer from the caching allocator, reduce kernel) and replayed on new x."""
-    w4, w8 = _int4(256, 4096, 128, False, False, device), _int8(256, 4096, device)
+    w4, w8 = random_int4(256, 4096, 128, False, False, device), _int8(256, 4096, device)
     p4, p8 = pack_int4(w4, torch.bfloat16), pack_int8(w8, torch.bfloat16)
     x = torch.randn(48, 4096, device=device).bfloat16()
     bias = torch.randn(256, device=device).bfloat16()
