@@ -303,6 +303,7 @@ def print_table(summary: dict) -> None:
 
 def add_case_args(parser: argparse.ArgumentParser) -> None:
     """The model, engine limits and step counts (shared with profile_tp.py)."""
+    parser.add_argument("--quantization", default=None, help="quantize at load (int8 | int4 | fp8 ...)")
     parser.add_argument("--model", default="dummy:llama-3.1-8b")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
@@ -356,7 +357,6 @@ def main(argv: list[str] | None = None) -> dict:
     add_case_args(parser)
     parser.add_argument("--num-layers", type=int, default=None, help="override a dummy shape's decoder layers")
     parser.add_argument("--traces", action="store_true", help="write a Chrome trace per case (large)")
-    parser.add_argument("--quantization", default=None, help="quantize at load (int8 | int4 | fp8 ...)")
     args = parser.parse_args(argv)
     check_case_args(args)
     os.makedirs(args.out, exist_ok=True)
