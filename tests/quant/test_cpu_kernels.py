@@ -154,9 +154,33 @@ def test_cpu_runtime_takes_the_kernels_and_falls_back_where_they_cannot() -> Non
     assert isinstance(runtime, Q4Runtime)
     x, bias = torch.randn(2, 128), torch.randn(32)
     _close(runtime(x, bias), F.linear(x, w.dequantize(), bias), int8=False)
-    partial = GroupedWeight(q=torch.zeros(16, 80, dtype=torch.uint8), scales=torch.ones(16, 3),
-                            mins=torch.zeros(16, 3), group_size=32)
-    assert isinstance(cpu_runtime(partial), CpuInt4)
+    group16 = GroupedWeight(q=torch.zeros(16, 64, dtype=torch.uint8), scales=torch.ones(16, 4),
+                            mins=torch.zeros(16, 4), group_size=16)
+    assert isinstance(cpu_runtime(group16), CpuInt4)  # the kernels' groups are multiples of 32
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])  # 17: the dense prefill path over the padded weight
+@pytest.mark.parametrize("act_order", [False, True])
+def test_partial_last_group_is_padded_for_the_kernels(m: int, act_order: bool) -> None:
+    """GPTQ g128 on K = 576 (SmolLM2): 4.5 groups. The kernels get whole groups of zero codes and x zero
+    columns; the result is the dequantized weight's, and torch's int4 kernel (far slower at 512 rows)
+    is not used."""
+    from shardserve.workers.quant.cpu import cpu_runtime
+    from shardserve.workers.quant.cpu_kernels.runtime import Q4Runtime, Q8Runtime
+
+    full = _grouped(32, 640, 128, seed=5)
+    w = GroupedWeight(q=full.q[:, :576].contiguous(), scales=full.scales, mins=full.mins, group_size=128)
+    if act_order:
+        w.perm = torch.randperm(576, generator=torch.Generator().manual_seed(3))
+    runtime = cpu_runtime(w)
+    assert isinstance(runtime, Q4Runtime) and runtime.pad == 64
+    x, bias = torch.randn(m, 576), torch.randn(32)
+    _close(runtime(x, bias), F.linear(x, w.dequantize(), bias), int8=False)
+    channel = Int8Weight(q=torch.randint(-127, 128, (16, 200), dtype=torch.int8), scales=torch.rand(16) * 0.01)
+    runtime = cpu_runtime(channel)
+    assert isinstance(runtime, Q8Runtime) and runtime.pad == 24
+    x = torch.randn(m, 200)
+    _close(runtime(x, None), F.linear(x, channel.dequantize()), int8=False)
 
 
 def test_a_failed_build_raises_a_clear_error(tmp_path, monkeypatch) -> None:

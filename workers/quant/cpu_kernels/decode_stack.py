@@ -111,7 +111,8 @@ def build_stack(model: torch.nn.Module) -> CpuDecodeStack | None:
 def _packed(proj: torch.nn.Module) -> tuple | None:
     """(is_q4, qs, scales, mins, group_size, bias) of a one-rank projection on the packed kernels."""
     runtime = getattr(getattr(proj, "quant_method", None), "runtime", None)
-    if getattr(proj, "tp_size", 1) != 1 or not isinstance(runtime, Q4Runtime | Q8Runtime) or runtime.perm is not None:
+    if getattr(proj, "tp_size", 1) != 1 or not isinstance(runtime, Q4Runtime | Q8Runtime) or runtime.perm is not None \
+            or runtime.pad:
         return None
     bias = None if proj.bias is None else proj.bias.data.float().contiguous()
     p = runtime.packed
