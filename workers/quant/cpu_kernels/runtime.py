@@ -52,13 +52,15 @@ def use_int8_activations(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         runtime = getattr(getattr(module, "quant_method", None), "runtime", None)
-        if isinstance(runtime, Q4Runtime | Q8Runtime):
+        if isinstance(runtime, Q4Runtime | Q8Runtime) or type(runtime).__name__ in ("KquantRuntime", "StackedRuntime"):
             runtime.int8_activations = True
             count += 1
     return count
 
 
 def kernel_runtime(w: QuantizedWeight) -> Runtime | None:
+    if isinstance(w, GroupedWeight) and w.float32_scales:  # GGUF k-quants: kquant.py's exact float32 layouts
+        return _kquant_runtime(w)
     k, group = w.q.shape[1], getattr(w, "group_size", w.q.shape[1])
     if k % 32 or group % 32 or k % group:
         return None
@@ -72,3 +74,14 @@ def kernel_runtime(w: QuantizedWeight) -> Runtime | None:
     if isinstance(w, Int8Weight):
         return Q8Runtime(w)
     return None
+
+
+def _kquant_runtime(w: GroupedWeight) -> Runtime | None:
+    from shardserve.workers.quant.cpu_kernels.kquant import KquantRuntime, kquant_extension
+
+    try:
+        kquant_extension()
+    except CpuKernelsUnavailable as exc:
+        log.warning("%s; using torch's CPU ops", exc)
+        return None
+    return KquantRuntime(w)
