@@ -3,11 +3,13 @@
 gguf-py cannot quantize Q4_K / Q6_K, so the blocks are random but valid: random bytes for the codes
 and sub-block scales, a finite fp16 d (and dmin) sized so weights have a std of a few hundredths.
 The reference is gguf-py's own `dequantize` of the same bytes. The tokenizer and the Llama keys are
-copied from the embedded SmolLM2 file (the model shape is overridden: hidden 256, 2 layers).
+copied from the embedded SmolLM2 file, its vocabulary cut to 4096 tokens (the model shape is
+overridden: hidden 256, 2 layers).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from shardserve.workers.models.loader import default_model_path
 
 BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+VOCAB = 4096  # SmolLM2's first 4096 tokens and the merges among them: parsing 49k tokens costs seconds a read
 
 
 def random_blocks(block: str, n: int, k: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
@@ -32,21 +35,38 @@ def random_blocks(block: str, n: int, k: int, rng: np.random.Generator, scale: f
     return raw.reshape(n, -1)
 
 
-def write_tiny_llama(path: Path, types: dict[str, str], seed: int = 0) -> Path:
-    """A 2-layer Llama GGUF whose projections use `types` ({'attn_q': 'Q4_K', ...}; a key
-    'blk.1.attn_v' overrides one layer)."""
-    rng = np.random.default_rng(seed)
+@functools.cache
+def _source_keys() -> dict[str, tuple[object, GGUFValueType, GGUFValueType | None]]:
+    """SmolLM2's Llama and tokenizer keys, the vocabulary cut to VOCAB tokens: {key: (value, type, item type)}."""
     source = GGUFReader(str(default_model_path()))
-    writer = GGUFWriter(str(path), "llama")
-    shape = {"llama.embedding_length": HIDDEN, "llama.feed_forward_length": FFN, "llama.block_count": LAYERS,
-             "llama.attention.head_count": HEADS, "llama.attention.head_count_kv": KV_HEADS,
-             "llama.rope.dimension_count": HIDDEN // HEADS, "llama.context_length": 512}
+    tokens = source.fields["tokenizer.ggml.tokens"].contents()[:VOCAB]
+    known = set(tokens)
+    merges = [m for m in source.fields["tokenizer.ggml.merges"].contents()
+              if (parts := m.split(" ")) and all(p in known for p in parts) and "".join(parts) in known]
+    trimmed = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges, "llama.vocab_size": VOCAB,
+               "tokenizer.ggml.token_type": source.fields["tokenizer.ggml.token_type"].contents()[:VOCAB]}
+    keys = {}
     for key, field in source.fields.items():
         if key.startswith(("tokenizer.", "llama.")) or key == "general.name":
             kind = field.types[0]
             sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, shape.get(key, field.contents()), kind, sub)
-    vocab = len(source.fields["tokenizer.ggml.tokens"].contents())
+            keys[key] = (trimmed.get(key, field.contents()), kind, sub)
+    return keys
+
+
+def write_tiny_llama(path: Path, types: dict[str, str], seed: int = 0, tokenizer: bool = True) -> Path:
+    """A 2-layer Llama GGUF whose projections use `types` ({'attn_q': 'Q4_K', ...}; a key
+    'blk.1.attn_v' overrides one layer); without `tokenizer`, no tokenizer keys (a file only read
+    as far as its tensor list)."""
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    shape = {"llama.embedding_length": HIDDEN, "llama.feed_forward_length": FFN, "llama.block_count": LAYERS,
+             "llama.attention.head_count": HEADS, "llama.attention.head_count_kv": KV_HEADS,
+             "llama.rope.dimension_count": HIDDEN // HEADS, "llama.context_length": 512}
+    for key, (value, kind, sub) in _source_keys().items():
+        if tokenizer or not key.startswith("tokenizer."):
+            writer.add_key_value(key, shape.get(key, value), kind, sub)
+    vocab = VOCAB
     writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
     writer.add_tensor("output_norm.weight", rng.uniform(0.8, 1.2, HIDDEN).astype(np.float32))
     dims = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // 2, HIDDEN), "attn_v": (HIDDEN // 2, HIDDEN),

@@ -137,6 +137,6 @@ def test_tiny_q4_k_m_llama_gives_the_dequantized_paths_greedy_tokens(tmp_path: P
 
 
 def test_a_projection_of_another_k_quant_is_refused_by_name(tmp_path: Path) -> None:
-    path = write_tiny_llama(tmp_path / "tiny-q5.gguf", {**MIXED, "blk.1.ffn_down": "Q5_K"})
+    path = write_tiny_llama(tmp_path / "tiny-q5.gguf", {**MIXED, "blk.1.ffn_down": "Q5_K"}, tokenizer=False)
     with pytest.raises(ValueError, match=r"blk\.1\.ffn_down\.weight is Q5_K"):
         LLM(str(path), quantization="gguf", gguf_cache_dir=str(tmp_path / "cache"))
