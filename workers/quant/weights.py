@@ -13,6 +13,7 @@ group is allowed, as GPTQ writes for e.g. K = 576 with groups of 128):
     and `perm` says which input feature each column is: y = x[:, perm] @ w.T.
   - `Int8Weight`: symmetric per output channel, w[n, k] = q[n, k] * scales[n].
   - `Fp8Weight`: e4m3 values, w[n, k] = q[n, k] * scales[n] (per-tensor: one value repeated).
+  - `StackedWeight`: row blocks of one merged layer in different forms (GGUF Q4_K_M's qkv).
 """
 
 from __future__ import annotations

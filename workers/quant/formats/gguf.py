@@ -1,4 +1,4 @@
-"""GGUF projections kept packed: Q4_0, Q4_1 and Q8_0 blocks read into the grouped layout, no float copy.
+"""GGUF projections kept packed: Q4_0, Q4_1, Q8_0 and the k-quants Q4_K, Q6_K read into grouped layouts.
 
 gguf-py's `GGUFReader` (the llama.cpp project's own reader, which transformers also uses)
 memory-maps the file. Each decoder projection (`blk.N.attn_q` ... `ffn_down`) is split into its
@@ -6,10 +6,13 @@ block fields — 32 weights per block with an fp16 scale d (and, for Q4_1, an fp
 Q4_1 w = q * d + m, Q4_0 w = (q - 8) * d, Q8_0 w = q * d with signed q (stored + 128 here) — and
 yielded as three tensors `<hf name>.q` (uint8 [N, K]), `.scales`, `.mins` (float32 [N, K / 32]),
 which `GgufLayout` loads like any checkpoint layout (sliced by rank) and unpacks into a
-GroupedWeight. Llama's q/k rows, permuted by llama.cpp's converter, are put back in Hugging Face
-order (a row permutation of all three). Every other tensor (norms, embedding) is dequantized with
-gguf-py's `dequantize`. Files whose projections use other block types take the dequantized path
-(workers/models/gguf.py).
+GroupedWeight. A file whose projections are all Q4_K / Q6_K (llama.cpp's Q4_K_M, Q6_K) goes through
+gguf_kquant.py instead: 256-weight super-blocks, exact fp32 sub-block scales, per-row block types (a
+merged layer may mix them). Llama's q/k rows, permuted by llama.cpp's converter, are put back in
+Hugging Face order (a row permutation of every field). Every other tensor (norms, embedding) is
+dequantized with gguf-py's `dequantize`. Files whose projections use other block types (Q5_0, Q2_K,
+Q3_K, Q5_K — so Q4_K_S, which has Q5_K tensors — or Q4_1 mixed with Q8_0) take the dequantized path
+(workers/models/gguf.py); `unpacked_reason` names the tensor that sent them there.
 """
 
 from __future__ import annotations
