@@ -1,10 +1,11 @@
 """GGUF Q4_K / Q6_K weights on the CUDA Triton kernels vs torch references (under the interpreter in CI).
 
 Random valid super-blocks (random code and scale bytes, finite fp16 d) are split by
-formats/gguf_kquant.py; Q4_K runs on int4.py's planes (groups of 32), Q6_K on q6k.py's 8-bit planes
-in groups of 16: the matrix-vector kernel (with and without the SiLU-and-mul epilogue) and the
-tl.dot GEMM (fp16 only under the interpreter: see kernel_env.py), against x @ w.dequantize().T in fp32,
-where w.dequantize() is itself checked equal to gguf-py's `dequantize`.
+formats/gguf_kquant.py and packed by kernels/kquant.py (planes with float32 scales): the planes'
+float32 dequantization equals gguf-py's `dequantize` bit for bit; Q4_K on int4.py's linear (the
+matrix-vector kernel, the split-K codes GEMM), Q6_K on 8-bit planes in groups of 16 (the
+matrix-vector kernel, the dequantizing tl.dot GEMM; fp16 only under the interpreter: see
+kernel_env.py), both with the SiLU-and-mul epilogue, against x @ w.dequantize().T in fp32.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from shardserve.workers.kernels.reference import silu_and_mul
 from shardserve.workers.quant.formats.gguf_kquant import GgufKLayout, split_kquant
-from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4
-from shardserve.workers.quant.kernels.q6k import pack_q6k, q6k_linear
+from shardserve.workers.quant.kernels.int4 import int4_linear
+from shardserve.workers.quant.kernels.kquant import pack_q4k, pack_q6k, q6k_linear
+from shardserve.workers.quant.kernels.packed import dequantize_planes
 
-REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.5e-2}  # of max |reference|: scales stored in the dtype
+REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.5e-2}  # of max |reference|: x and y in the dtype
 BYTES = {"Q4_K": 144, "Q6_K": 210}
 
 
@@ -31,7 +33,11 @@ def _weight(block: str, n: int, k: int, device: torch.device):
     raw = raw.reshape(n, -1)
     w = GgufKLayout(block).unpack(split_kquant(raw, block))
     assert torch.equal(w.dequantize(), torch.from_numpy(np.array(dequantize(raw, GGMLQuantizationType[block]))))
-    return type(w)(**{f: (v.to(device) if isinstance(v, torch.Tensor) else v) for f, v in vars(w).items()})
+    return type(w)(**{f: (v.to(device) if isinstance(v, torch.Tensor) else v) for f, v in vars(w).items()}), raw
+
+
+def _linear(block, w):
+    return (int4_linear, pack_q4k(w)) if block == "Q4_K" else (q6k_linear, pack_q6k(w))
 
 
 def _check(out, ref):
@@ -39,24 +45,31 @@ def _check(out, ref):
     assert err <= REL_TOL[out.dtype] * ref.abs().max().item(), err
 
 
+@pytest.mark.parametrize("block", ["Q4_K", "Q6_K"])
+def test_planes_dequantize_to_gguf_py_bit_for_bit(device, block):
+    w, raw = _weight(block, 40, 768, device)
+    planes = _linear(block, w)[1].weights
+    assert planes.scales.dtype == torch.float32
+    want = torch.from_numpy(np.array(dequantize(raw, GGMLQuantizationType[block])))
+    assert torch.equal(dequantize_planes(planes, torch.float32).cpu(), want)
+
+
 @pytest.mark.parametrize(("rows", "dtype"), [(1, torch.bfloat16), (17, torch.float16)])
 @pytest.mark.parametrize("block", ["Q4_K", "Q6_K"])
 def test_kquant_kernels_match_dequantized_reference(device, block, rows, dtype):
-    w = _weight(block, 48, 512, device)
+    w, _ = _weight(block, 48, 512, device)
     x = torch.randn(rows, 512, device=device).to(dtype)
     bias = torch.randn(48, device=device).to(dtype)
-    ref = x.float() @ w.dequantize().T + bias.float()
-    if block == "Q4_K":
-        out = int4_linear(x, pack_int4(w, dtype), bias)
-    else:
-        out = q6k_linear(x, pack_q6k(w, dtype), bias)
+    linear, packed = _linear(block, w)
+    out = linear(x, packed, bias)
     assert out.dtype == dtype
-    _check(out, ref)
+    _check(out, x.float() @ w.dequantize().T + bias.float())
 
 
-def test_q6k_gemv_silu_mul_epilogue(device):
-    w = _weight("Q6_K", 64, 256, device)
+@pytest.mark.parametrize("block", ["Q4_K", "Q6_K"])
+def test_gemv_silu_mul_epilogue(device, block):
+    w, _ = _weight(block, 64, 256, device)
     x = torch.randn(1, 256, device=device).half()
     y = (x.float() @ w.dequantize().T).half()
-    out = q6k_linear(x, pack_q6k(w, torch.float16), silu_mul=True)
-    _check(out, silu_and_mul(y).float())
+    linear, packed = _linear(block, w)
+    _check(linear(x, packed, silu_mul=True), silu_and_mul(y).float())

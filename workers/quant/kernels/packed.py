@@ -18,6 +18,7 @@ it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. More r
 (codes_gemm.py INT4, int8_gemm.py INT8, splitk.py) or, for layouts they do not take, `qgemm`: tiles
 [BLOCK_M, BLOCK_N], planes dequantized in the main loop and fed to tl.dot. All: fp32 accumulation, one
 rounding. `dequantize_planes` writes W in the activation dtype for cuBLAS at prefill sizes; `plane_linear` picks.
+Scales and mins are in the activation dtype, or float32 where a layout must stay exact (kquant.py).
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     gemv = rows <= GEMV_MAX_ROWS or gemv_tiles is not None
     if silu_mul and (not gemv or bias is not None or n % 2):
         raise ValueError(f"silu_mul takes at most {GEMV_MAX_ROWS} rows, no bias and an even N; got {rows} rows, N {n}")
-    if w.scales.dtype != x.dtype:
+    if w.scales.dtype not in (x.dtype, torch.float32):  # float32: exact layouts (GGUF k-quants, kquant.py)
         raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
     interpreted = x.device.type != "cuda"
     forced = gemv_tiles is not None or gemm_tiles is not None or split_tiles is not None
@@ -375,8 +376,10 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K, KW, BITS: tl.constexpr, PLANE: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n, k] = u s + m (the activation dtype) for one chunk of BLOCK_N rows: each packed byte read once."""
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr = False):
+    """out[n, k] = u s + m (the activation dtype) for one chunk of BLOCK_N rows: each packed byte read once.
+    EXACT (float32 scales): u recovered as an integer and u * s + m rounded once, so float32 output is
+    the checkpoint's own dequantization (GGUF k-quants), where f * 2^BITS s + (m - 2^BITS s) may round twice."""
     PLANES: tl.constexpr = 32 // BITS
     CHUNK: tl.constexpr = PLANES * PLANE
     SCALE: tl.constexpr = 1 << BITS
@@ -390,9 +393,14 @@ def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K, KW, BITS: tl.constexpr, 
     for i in tl.static_range(PLANES):
         col0 = c * CHUNK + i * PLANE
         g = (col0 // GROUP) * N
-        s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
-        m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
-        w = _unpack(words, i, BITS) * s[:, None] + m[:, None]
+        if EXACT:
+            s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = ((_unpack(words, i, BITS) - 1.0) * SCALE) * s[:, None] + m[:, None]
+        else:
+            s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
+            m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
+            w = _unpack(words, i, BITS) * s[:, None] + m[:, None]
         cols = col0 + offs_j
         tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + cols[None, :], w.to(dtype),
                  mask=mask_n[:, None] & (cols[None, :] < K))
@@ -404,6 +412,6 @@ def dequantize_planes(w: PlaneWeights, dtype: torch.dtype) -> torch.Tensor:
     block_n = 16 if w.words.device.type != "cuda" else 32
     _dequant_kernel[(triton.cdiv(w.n, block_n), w.words.shape[1] // w.plane)](
         w.words, w.scales, w.mins, out, w.n, w.k, w.words.shape[1], BITS=w.bits, PLANE=w.plane,
-        GROUP=w.group_size, BLOCK_N=block_n, num_warps=4,
+        GROUP=w.group_size, BLOCK_N=block_n, EXACT=w.scales.dtype == torch.float32, num_warps=4,
     )
     return out
