@@ -1,6 +1,6 @@
 """GGUF Q4_K / Q6_K kept packed (formats/gguf_kquant.py, cpu_kernels/kquant.cpp) against gguf-py.
 
-Random valid super-blocks (gguf_kquant_files.py; gguf-py cannot quantize k-quants) are split into
+Random valid super-blocks (tests/gguf_kquant_files.py; gguf-py cannot quantize k-quants) are split into
 grouped fields whose dequantized weights, and those of the CPU packed forms, equal gguf-py's
 `dequantize` bit for bit in fp32; the C++ kernels (float and int8 activations, AVX2 and scalar)
 match x @ w.T; a merged layer mixing Q4_K and Q6_K rows becomes a StackedWeight; a row-parallel
@@ -18,7 +18,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
-from gguf_kquant_files import random_blocks, write_tiny_llama
+from gguf_kquant_files import MIXED, random_blocks, write_tiny_llama
 from shardserve.parallel.quant import ShardSlice
 from shardserve.workers.llm import LLM
 from shardserve.workers.quant.cpu_kernels import best_isa
@@ -113,10 +113,6 @@ def test_tensor_parallel_ranks_take_whole_sub_blocks_and_a_cut_one_is_refused() 
         _load_rank_slice(fields, 32, 512, 0, 496)  # e.g. 3 ranks of K = 1488 would cut a sub-block
     with pytest.raises(ValueError, match="cannot take the slice of 32 features at 16"):
         _load_rank_slice(fields, 32, 512, 16, 32)
-
-
-MIXED = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
-         "ffn_up": "Q4_K", "ffn_down": "Q6_K", "blk.1.attn_v": "Q4_K", "blk.1.ffn_down": "Q4_K"}
 
 
 def test_tiny_q4_k_m_llama_gives_the_dequantized_paths_greedy_tokens(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ an int32 word. A row of W [N, K] is cut into chunks of PLANES * PLANE columns he
 words; word j of a chunk holds, in its bit field i, the column `chunk * PLANES * PLANE + i * PLANE + j`.
 So one contiguous [rows, PLANE] tile of words unpacks with a shift and a mask into PLANES [rows, PLANE]
 tiles of *consecutive* columns: every byte streamed once, coalesced; a plane lies inside one group
-(PLANE divides the group size). Scales and mins are stored [groups, N] (a tile's rows read them
-contiguously). K is padded to whole chunks (codes, scales, mins 0: padded columns add nothing).
+(PLANE divides the group size). Scales and mins are stored [groups, N] in the activation dtype, or float32
+for exact layouts (kquant.py). K is padded to whole chunks (codes, scales, mins 0: padded columns add nothing).
 
 Dequantization without int->float conversions: a field moved to the top mantissa bits of 1.0f reads as
 f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, in fp32.
@@ -18,7 +18,6 @@ it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. More r
 (codes_gemm.py INT4, int8_gemm.py INT8, splitk.py) or, for layouts they do not take, `qgemm`: tiles
 [BLOCK_M, BLOCK_N], planes dequantized in the main loop and fed to tl.dot. All: fp32 accumulation, one
 rounding. `dequantize_planes` writes W in the activation dtype for cuBLAS at prefill sizes; `plane_linear` picks.
-Scales and mins are in the activation dtype, or float32 where a layout must stay exact (kquant.py).
 """
 
 from __future__ import annotations

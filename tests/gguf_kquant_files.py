@@ -18,6 +18,8 @@ from shardserve.workers.models.loader import default_model_path
 
 BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+MIXED = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
+         "ffn_up": "Q4_K", "ffn_down": "Q6_K", "blk.1.attn_v": "Q4_K", "blk.1.ffn_down": "Q4_K"}  # like Q4_K_M
 VOCAB = 4096  # SmolLM2's first 4096 tokens and the merges among them: parsing 49k tokens costs seconds a read
 
 
