@@ -5,7 +5,8 @@ grouped fields whose dequantized weights, and those of the CPU packed forms, equ
 `dequantize` bit for bit in fp32; the C++ kernels (float and int8 activations, AVX2 and scalar)
 match x @ w.T; a merged layer mixing Q4_K and Q6_K rows becomes a StackedWeight; a row-parallel
 rank's slice takes whole 32-input sub-blocks and a cut one is refused; a tiny Llama GGUF mixing
-Q4_K and Q6_K (q/k Q4_K, v Q6_K in one qkv) generates the dequantized path's greedy tokens; a file
+Q4_K and Q6_K (q/k Q4_K, v Q6_K in one qkv) generates the dequantized path's greedy tokens and top-5
+logprobs (within 1e-4); a file
 with a Q5_K projection is refused by `quantization: gguf`, naming the tensor.
 """
 
@@ -117,7 +118,7 @@ def test_tensor_parallel_ranks_take_whole_sub_blocks_and_a_cut_one_is_refused() 
 
 def test_tiny_q4_k_m_llama_gives_the_dequantized_paths_greedy_tokens(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "tiny-q4_k_m.gguf", MIXED)
-    params = SamplingParams(max_tokens=8, temperature=0)
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=5)
     prompts = ["Paris is", "The moon and the", "A cat sat on", "1, 2, 3,"]
     packed = LLM(str(path), quantization="gguf", gguf_cache_dir=str(tmp_path / "cache"))
     layers = packed.engine.loaded.model.model.layers
@@ -125,11 +126,15 @@ def test_tiny_q4_k_m_llama_gives_the_dequantized_paths_greedy_tokens(tmp_path: P
     assert qkv0.quant_method.layout.name == "gguf Q4_K+Q6_K" and not list(qkv0.named_parameters())
     assert isinstance(qkv0.quant_method.runtime, StackedRuntime)  # q, k Q4_K + v Q6_K
     assert isinstance(qkv1.quant_method.runtime, KquantRuntime)  # all Q4_K in layer 1
-    got = [o.outputs[0].token_ids for o in packed.generate(prompts, params)]
+    got = [o.outputs[0] for o in packed.generate(prompts, params)]
     del packed
     floats = LLM(str(path), gguf_cache_dir=str(tmp_path / "cache"))  # quantization null: dequantized fp32
-    want = [o.outputs[0].token_ids for o in floats.generate(prompts, params)]
-    assert got == want
+    want = [o.outputs[0] for o in floats.generate(prompts, params)]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    for g, w in zip(got, want, strict=True):  # the top-5 logprobs too: same weights, other summation order
+        for g_top, w_top in zip(g.logprobs, w.logprobs, strict=True):
+            assert set(g_top) == set(w_top)
+            assert max(abs(g_top[t].logprob - w_top[t].logprob) for t in w_top) < 1e-4
 
 
 def test_a_projection_of_another_k_quant_is_refused_by_name(tmp_path: Path) -> None:
