@@ -5,9 +5,9 @@ grouped fields whose dequantized weights, and those of the CPU packed forms, equ
 `dequantize` bit for bit in fp32; the C++ kernels (float and int8 activations, AVX2 and scalar)
 match x @ w.T; a merged layer mixing Q4_K and Q6_K rows becomes a StackedWeight; a row-parallel
 rank's slice takes whole 32-input sub-blocks and a cut one is refused; a tiny Llama GGUF mixing
-Q4_K and Q6_K (q/k Q4_K, v Q6_K in one qkv) generates the dequantized path's greedy tokens and top-5
-logprobs (within 1e-4); a file
-with a Q5_K projection is refused by `quantization: gguf`, naming the tensor.
+Q4_K and Q6_K (q/k Q4_K, v Q6_K in one qkv) generates the dequantized path's greedy tokens and
+top-5 logprobs (within 1e-4); a file with a Q5_K projection is refused by `quantization: gguf`,
+naming the tensor.
 """
 
 from __future__ import annotations

@@ -49,10 +49,13 @@ class Q8Runtime:
 def use_int8_activations(model: torch.nn.Module) -> int:
     """Switch every linear layer of `model` that runs on these kernels to int8 activations
     (ModelConfig.cpu_activations = int8); returns how many layers that was."""
+    from shardserve.workers.quant.cpu_kernels.kquant import KquantRuntime
+    from shardserve.workers.quant.stacked import StackedRuntime
+
     count = 0
     for module in model.modules():
         runtime = getattr(getattr(module, "quant_method", None), "runtime", None)
-        if isinstance(runtime, Q4Runtime | Q8Runtime) or type(runtime).__name__ in ("KquantRuntime", "StackedRuntime"):
+        if isinstance(runtime, Q4Runtime | Q8Runtime | KquantRuntime | StackedRuntime):
             runtime.int8_activations = True
             count += 1
     return count

@@ -141,7 +141,10 @@ def read_gguf_packed(path: Path, config: Any, dtype: torch.dtype) -> Iterator[tu
             if block in PACKED:
                 fields = dict(zip(("q", "scales", "mins"), split_blocks(raw, block), strict=True))
             else:
-                fields = split_kquant(raw, block)  # raises for a type kept neither way
+                try:
+                    fields = split_kquant(raw, block)  # raises for a type kept neither way
+                except ValueError as exc:
+                    raise ValueError(f"GGUF tensor {tensor.name!r} cannot be kept packed: {exc}") from exc
             name = f"model.layers.{match.group(1)}.{_PROJ[match.group(2)]}"
             if match.group(2) in ("attn_q", "attn_k"):
                 heads = config.num_attention_heads if match.group(2) == "attn_q" else config.num_key_value_heads
