@@ -7,7 +7,7 @@ match x @ w.T; a merged layer mixing Q4_K and Q6_K rows becomes a StackedWeight;
 rank's slice takes whole 32-input sub-blocks and a cut one is refused; a tiny Llama GGUF mixing
 Q4_K and Q6_K (q/k Q4_K, v Q6_K in one qkv) generates the dequantized path's greedy tokens and
 top-5 logprobs (within 1e-4); a file with a Q5_K projection is refused by `quantization: gguf`,
-naming the tensor.
+naming the tensor; `cpu_activations: int8` reaches every k-quant runtime (stacked parts included).
 """
 
 from __future__ import annotations
@@ -141,3 +141,14 @@ def test_a_projection_of_another_k_quant_is_refused_by_name(tmp_path: Path) -> N
     path = write_tiny_llama(tmp_path / "tiny-q5.gguf", {**MIXED, "blk.1.ffn_down": "Q5_K"}, tokenizer=False)
     with pytest.raises(ValueError, match=r"blk\.1\.ffn_down\.weight is Q5_K"):
         LLM(str(path), quantization="gguf", gguf_cache_dir=str(tmp_path / "cache"))
+
+
+def test_int8_activations_reach_every_k_quant_part(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "tiny-q4_k_m.gguf", MIXED)
+    llm = LLM(str(path), quantization="gguf", gguf_cache_dir=str(tmp_path / "cache"), cpu_activations="int8")
+    runtimes = [m.quant_method.runtime for m in llm.engine.loaded.model.modules()
+                if getattr(m, "quant_method", None) is not None]
+    parts = [p for r in runtimes for p in (r.parts if isinstance(r, StackedRuntime) else [r])]
+    assert len(runtimes) == 8 and all(isinstance(p, KquantRuntime) and p.int8_activations for p in parts)
+    out = llm.generate(["Paris is"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0]
+    assert len(out.token_ids) == 4
