@@ -18,8 +18,8 @@ from shardserve.workers.models.loader import default_model_path
 
 BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
-MIXED = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
-         "ffn_up": "Q4_K", "ffn_down": "Q6_K", "blk.1.attn_v": "Q4_K", "blk.1.ffn_down": "Q4_K"}  # like Q4_K_M
+MIXED = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",  # Q4_K_M-like
+         "ffn_up": "Q4_K", "ffn_down": "Q6_K", "blk.1.attn_v": "Q4_K", "blk.1.ffn_down": "Q4_K", "output": "Q6_K"}
 VOCAB = 4096  # SmolLM2's first 4096 tokens and the merges among them: parsing 49k tokens costs seconds a read
 
 
@@ -71,6 +71,9 @@ def write_tiny_llama(path: Path, types: dict[str, str], seed: int = 0, tokenizer
     vocab = VOCAB
     writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
     writer.add_tensor("output_norm.weight", rng.uniform(0.8, 1.2, HIDDEN).astype(np.float32))
+    if "output" in types:  # an untied LM head (Q4_K_M: Q6_K), read dequantized
+        raw = random_blocks(types["output"], vocab, HIDDEN, rng, scale=16 / np.sqrt(HIDDEN))
+        writer.add_tensor("output.weight", raw, raw_dtype=GGMLQuantizationType[types["output"]])
     dims = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // 2, HIDDEN), "attn_v": (HIDDEN // 2, HIDDEN),
             "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN),
             "ffn_down": (HIDDEN, FFN)}

@@ -5,7 +5,7 @@ grouped fields whose dequantized weights, and those of the CPU packed forms, equ
 `dequantize` bit for bit in fp32; the C++ kernels (float and int8 activations, AVX2 and scalar)
 match x @ w.T; a merged layer mixing Q4_K and Q6_K rows becomes a StackedWeight; a row-parallel
 rank's slice takes whole 32-input sub-blocks and a cut one is refused; a tiny Llama GGUF mixing
-Q4_K and Q6_K (q/k Q4_K, v Q6_K in one qkv) generates the dequantized path's greedy tokens and
+Q4_K and Q6_K (q/k Q4_K, v Q6_K in one qkv; a Q6_K LM head) generates the dequantized path's greedy tokens and
 top-5 logprobs (within 1e-4); a file with a Q5_K projection is refused by `quantization: gguf`,
 naming the tensor; `cpu_activations: int8` reaches every k-quant runtime (stacked parts included).
 """
@@ -126,6 +126,7 @@ def test_tiny_q4_k_m_llama_gives_the_dequantized_paths_greedy_tokens(tmp_path: P
     assert qkv0.quant_method.layout.name == "gguf Q4_K+Q6_K" and not list(qkv0.named_parameters())
     assert isinstance(qkv0.quant_method.runtime, StackedRuntime)  # q, k Q4_K + v Q6_K
     assert isinstance(qkv1.quant_method.runtime, KquantRuntime)  # all Q4_K in layer 1
+    assert not packed.engine.loaded.model.config.tie_word_embeddings  # output.weight Q6_K, read dequantized
     got = [o.outputs[0] for o in packed.generate(prompts, params)]
     del packed
     floats = LLM(str(path), gguf_cache_dir=str(tmp_path / "cache"))  # quantization null: dequantized fp32

@@ -101,15 +101,8 @@ class GgufKLayout(GgufLayout):
 
     def unpack(self, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | StackedWeight:
         kind = tensors["kind"]
-        parts: list[GroupedWeight] = []
-        start = 0
-        while start < kind.shape[0]:
-            bits = int(kind[start])
-            end = start + 1
-            while end < kind.shape[0] and int(kind[end]) == bits:
-                end += 1
-            parts.append(_part(tensors, start, end, bits))
-            start = end
+        edges = [0, *((kind[1:] != kind[:-1]).nonzero().flatten() + 1).tolist(), kind.shape[0]]  # runs of one type
+        parts = [_part(tensors, start, end, int(kind[start])) for start, end in zip(edges, edges[1:], strict=False)]
         return parts[0] if len(parts) == 1 else StackedWeight(parts)
 
 
