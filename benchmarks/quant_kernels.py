@@ -11,7 +11,7 @@ abs error vs the dequantized weights in fp32 (FP8: vs x @ W, its activation roun
 "fp8" is what fp8_linear does (W8A16 GEMV up to GEMV_MAX_ROWS rows, W8A8 _scaled_mm above);
 "fp8_w8a8" forces _scaled_mm at M <= GEMV_MAX_ROWS too. "tinygemm" is the engine's INT4 path on
 CUDA (kernels/tinygemm.py: torch's own kernel up to 16 rows, the plane kernels above); "int4_*" the
-plane kernels alone.
+plane kernels alone; "q4_k" / "q6_k" GGUF k-quant shapes on kernels/kquant.py (float32 scales, exact).
 
 `--check`: every kernel once at every shape and M vs the reference, with a tolerance (FP8 also
 vs its own quantized activations, tightly); exit status 1 on any failure. A kernel that raises
@@ -39,13 +39,14 @@ from shardserve.workers.quant.kernels import tinygemm as tg
 from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
+from shardserve.workers.quant.kernels.kquant import pack_q4k, pack_q6k, q6k_linear
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 DTYPE = torch.bfloat16
 DEV = torch.device("cuda")
 MIN_BYTES = 400 << 20
-REL_TOL = {"tinygemm": 2e-2, "bf16": 2e-2, "int4_sym": 2e-2, "int4_asym": 2e-2, "int8": 2e-2, "fp8": 8e-2, "fp8_w8a8": 8e-2}
+REL_TOL = {"q4_k": 2e-2, "q6_k": 2e-2, "tinygemm": 2e-2, "bf16": 2e-2, "int4_sym": 2e-2, "int4_asym": 2e-2, "int8": 2e-2, "fp8": 8e-2, "fp8_w8a8": 8e-2}
 
 
 @dataclasses.dataclass
@@ -64,6 +65,16 @@ def int4_weight(n: int, k: int, symmetric: bool) -> Int4Weight:
     scales = torch.rand(n, g, device=DEV) * 2e-3 + 1e-3
     mins = -8 * scales if symmetric else -torch.rand(n, g, device=DEV) * 16 * scales
     return Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=DEV), scales, mins, 128)
+
+
+def kquant_weight(n: int, k: int, bits: int) -> Int4Weight:
+    """A GGUF k-quant-shaped weight (formats/gguf_kquant.py): Q4_K 4-bit g32 asymmetric, Q6_K 6-bit g16
+    symmetric, float32 scales (kernels/kquant.py keeps them exact)."""
+    g = 32 if bits == 4 else 16
+    scales = torch.rand(n, k // g, device=DEV) * 2e-3 + 1e-3
+    mins = -torch.rand(n, k // g, device=DEV) * 16 * scales if bits == 4 else -32 * scales
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=DEV)
+    return Int4Weight(q, scales, mins, g, bits=bits, float32_scales=True)
 
 
 def clone_packed(p: object) -> object:
@@ -105,6 +116,11 @@ def cases(n: int, k: int, rows: int) -> list[Case]:
             if tiny is not None:
                 out.append(tiny)
         del w4
+    for label, wk in (("q4_k", kquant_weight(n, k, 4)), ("q6_k", kquant_weight(n, k, 6))):
+        pk_ = pack_q4k(wk) if label == "q4_k" else pack_q6k(wk)
+        out.append(Case(label, packed_bytes(pk_), wk.dequantize(), lambda i, p=pk_: p if i == 0 else clone_packed(p),
+                        int4_linear if label == "q4_k" else q6k_linear))
+        del wk
     w8 = Int8Weight(torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV),
                     torch.rand(n, device=DEV) * 1e-3 + 1e-4)
     p8 = pack_int8(w8, DTYPE)

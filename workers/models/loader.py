@@ -37,7 +37,7 @@ from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
 from shardserve.workers.models.weights import checkpoint_files, count_tensors, iterate_safetensors
 from shardserve.workers.quant.experts import check_expert_layout
 from shardserve.workers.quant.formats.detect import folder_quantization, gguf_quantization, resolve_layout
-from shardserve.workers.quant.formats.gguf import GgufLayout, read_gguf_packed
+from shardserve.workers.quant.formats.gguf import GgufLayout, read_gguf_packed, unpacked_reason
 from shardserve.workers.quant.formats.layout import CheckpointLayout
 from shardserve.workers.quant.method import method_chooser
 from torch import nn
@@ -167,6 +167,9 @@ def _from_gguf(path: Path, model_config: ModelConfig, device: torch.device, dtyp
     converted = cached_folder(path, model_config.gguf_cache_dir)
     # null reads GGUF dequantized for now: torch's packed CPU matmuls are slower than fp32 (benchmarks/README.md)
     entry = gguf_quantization(path) if model_config.quantization is not None else None
+    if model_config.quantization == "gguf" and entry is None:
+        raise ValueError(f"quantization: gguf keeps GGUF projections packed, but {unpacked_reason(path)} "
+                         "(quantization: null reads the file dequantized)")
     layout = resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
     if not isinstance(layout, GgufLayout):
         if converted is not None:

@@ -6,7 +6,7 @@ GEMM otherwise; all are CUDA-graph safe. INT4 with bf16 activations takes torch'
 decode rows (kernels/tinygemm.py) where it accepts the shape, the Triton kernels otherwise. A `KernelRuntime` also offers `silu_mul(x)`: at decode
 size, gate_up's projection with SiLU-and-mul in the GEMV's epilogue (models/layers.gate_up_silu),
 None otherwise. GPTQ 8-bit weights (asymmetric groups, no kernel of their own) are widened once to
-the model dtype.
+the model dtype. GGUF Q4_K / Q6_K run on kernels/kquant.py's exact planes (float32 scales).
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ class KernelRuntime:
 
 
 def cuda_runtime(w: QuantizedWeight, device: torch.device, dtype: torch.dtype):
+    if isinstance(w, GroupedWeight) and w.float32_scales:  # GGUF Q4_K / Q6_K, exact (kernels/kquant.py)
+        from shardserve.workers.quant.kernels.int4 import int4_linear
+        from shardserve.workers.quant.kernels.kquant import pack_q4k, pack_q6k, q6k_linear
+
+        linear, packed = (int4_linear, pack_q4k(_to(w, device))) if w.bits == 4 else \
+            (q6k_linear, pack_q6k(_to(w, device)))
+        return KernelRuntime(linear, packed, GEMV_MAX_ROWS, lambda x, p: linear(x, p, silu_mul=True))
     if isinstance(w, GroupedWeight) and w.bits == 4:
         from shardserve.workers.quant.kernels import tinygemm
         from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4

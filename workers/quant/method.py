@@ -25,13 +25,18 @@ from shardserve.parallel.linear import ReplicatedLinear, RowParallelLinear
 from shardserve.parallel.quant import Loadable, ShardSlice, copy_shard, materialize
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
-from shardserve.workers.quant.weights import QuantizedWeight, narrow_inputs
+from shardserve.workers.quant.weights import QuantizedWeight, StackedWeight, narrow_inputs
 from torch import nn
 
 Runtime = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def runtime_for(weight: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> Runtime:
+def runtime_for(weight: QuantizedWeight | StackedWeight, device: torch.device, dtype: torch.dtype) -> Runtime:
+    if isinstance(weight, StackedWeight):  # row blocks quantized differently (GGUF Q4_K_M): one path each
+        from shardserve.workers.quant.stacked import StackedRuntime
+
+        return StackedRuntime([runtime_for(part, device, dtype) for part in weight.parts],
+                              [part.q.shape[0] for part in weight.parts])
     if device.type == "cuda":
         from shardserve.workers.quant.cuda import cuda_runtime
 

@@ -13,6 +13,7 @@ group is allowed, as GPTQ writes for e.g. K = 576 with groups of 128):
     and `perm` says which input feature each column is: y = x[:, perm] @ w.T.
   - `Int8Weight`: symmetric per output channel, w[n, k] = q[n, k] * scales[n].
   - `Fp8Weight`: e4m3 values, w[n, k] = q[n, k] * scales[n] (per-tensor: one value repeated).
+  - `StackedWeight`: row blocks of one merged layer in different forms (GGUF Q4_K_M's qkv).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 class GroupedWeight:
     """q: uint8 [N, K] in 0..2**bits - 1; scales, mins: float32 [N, G]; perm: int64 [K] or None.
 
-    bits is 4 for every method today; GPTQ's 8-bit layout reuses this form with bits = 8."""
+    bits is 4 for most methods; GPTQ's 8-bit layout reuses this form with bits = 8, GGUF Q6_K with bits = 6."""
 
     q: torch.Tensor
     scales: torch.Tensor
@@ -34,6 +35,7 @@ class GroupedWeight:
     group_size: int
     perm: torch.Tensor | None = None
     bits: int = 4
+    float32_scales: bool = False  # packed forms keep scales / mins in float32 (GGUF k-quants: fp16 cannot hold d*sc)
 
     def __post_init__(self) -> None:
         n, k = self.q.shape
@@ -83,6 +85,17 @@ class Fp8Weight(ChannelWeight):
 QuantizedWeight = GroupedWeight | Int8Weight | Fp8Weight
 
 
+@dataclass
+class StackedWeight:
+    """Row blocks of one merged layer quantized differently (a GGUF Q4_K_M qkv: q and k Q4_K, v Q6_K):
+    W = cat(parts) along the output features; each part gets its own compute path (method.runtime_for)."""
+
+    parts: list[QuantizedWeight]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts], dim=0)
+
+
 def narrow_inputs(w: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
     """Input features [start, start + size) of a weight (a row-parallel rank's slice of a weight
     quantized whole, so its scales are the ones a single process computes)."""
@@ -93,7 +106,8 @@ def narrow_inputs(w: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
                              f"with groups of {g}: the slice must hold whole groups")
         groups = slice(start // g, -(-(start + size) // g))
         return GroupedWeight(q=w.q[:, start:start + size].contiguous(), scales=w.scales[:, groups].contiguous(),
-                             mins=w.mins[:, groups].contiguous(), group_size=g, bits=w.bits)
+                             mins=w.mins[:, groups].contiguous(), group_size=g, bits=w.bits,
+                             float32_scales=w.float32_scales)
     return type(w)(q=w.q[:, start:start + size].contiguous(), scales=w.scales)
 
 

@@ -5,6 +5,7 @@ Input features that end in a partial group (GPTQ g128 on SmolLM2's K = 576) or a
 of 32 are padded at pack time with zero codes to whole groups, and each call's x gets as many zero
 columns (zero activations meet them, so y is unchanged): without this such weights fell back to
 torch's int4 CPU kernel, far slower (a 512-token prefill of one SmolLM2 MLP projection: 0.9 s).
+GGUF k-quants (float32 scales) take kquant.py's runtime instead.
 `use_int8_activations(model)` switches a loaded model's runtimes to int8 activations.
 """
 
@@ -78,16 +79,21 @@ def padded_to_whole_groups(w: Int8Weight | GroupedWeight) -> tuple[Int8Weight | 
 def use_int8_activations(model: torch.nn.Module) -> int:
     """Switch every linear layer of `model` that runs on these kernels to int8 activations
     (ModelConfig.cpu_activations = int8); returns how many layers that was."""
+    from shardserve.workers.quant.cpu_kernels.kquant import KquantRuntime
+    from shardserve.workers.quant.stacked import StackedRuntime
+
     count = 0
     for module in model.modules():
         runtime = getattr(getattr(module, "quant_method", None), "runtime", None)
-        if isinstance(runtime, Q4Runtime | Q8Runtime):
+        if isinstance(runtime, Q4Runtime | Q8Runtime | KquantRuntime | StackedRuntime):
             runtime.int8_activations = True
             count += 1
     return count
 
 
 def kernel_runtime(w: QuantizedWeight) -> Runtime | None:
+    if isinstance(w, GroupedWeight) and w.float32_scales:  # GGUF k-quants: kquant.py's exact float32 layouts
+        return _kquant_runtime(w)
     if isinstance(w, GroupedWeight) and w.group_size % 32:
         return None
     try:
@@ -100,3 +106,14 @@ def kernel_runtime(w: QuantizedWeight) -> Runtime | None:
     if isinstance(w, Int8Weight):
         return Q8Runtime(w)
     return None
+
+
+def _kquant_runtime(w: GroupedWeight) -> Runtime | None:
+    from shardserve.workers.quant.cpu_kernels.kquant import KquantRuntime, kquant_extension
+
+    try:
+        kquant_extension()
+    except CpuKernelsUnavailable as exc:
+        log.warning("%s; using torch's CPU ops", exc)
+        return None
+    return KquantRuntime(w)

@@ -21,6 +21,7 @@ from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.awq import AwqLayout
 from shardserve.workers.quant.formats.compressed import CompressedLayout, PackQuantizedLayout
 from shardserve.workers.quant.formats.gguf import GgufLayout, projection_block_type
+from shardserve.workers.quant.formats.gguf_kquant import GgufKLayout
 from shardserve.workers.quant.formats.gptq import GptqLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
 
@@ -43,7 +44,7 @@ PACKED_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 
 
 def gguf_quantization(path: Path) -> dict[str, Any] | None:
-    """A GGUF file whose projections are all Q4_0, Q4_1 or Q8_0 blocks is read packed."""
+    """A GGUF file whose projections are all Q4_0, Q4_1 or Q8_0 blocks, or Q4_K / Q6_K, is read packed."""
     block = projection_block_type(path)
     return None if block is None else {"quant_method": "gguf", "block_type": block}
 
@@ -73,6 +74,8 @@ def folder_layout(entry: dict[str, Any]) -> tuple[CheckpointLayout, str]:
         return compressed_layout(entry)
     if method == "gguf":
         block = str(entry["block_type"])
+        if block not in PACKED_BITS:  # k-quants: 'Q4_K', 'Q6_K' or 'Q4_K+Q6_K' (formats/gguf_kquant.py)
+            return GgufKLayout(block), "int4" if "Q4_K" in block else "int8"
         return GgufLayout(PACKED_BITS[block], block), "int4" if PACKED_BITS[block] == 4 else "int8"
     raise ValueError(f"checkpoint quantization method {method!r} is not supported "
                      "(gptq, awq, compressed-tensors, gguf)")

@@ -1,4 +1,4 @@
-"""GGUF projections kept packed: Q4_0, Q4_1 and Q8_0 blocks read into the grouped layout, no float copy.
+"""GGUF projections kept packed: Q4_0, Q4_1, Q8_0 and the k-quants Q4_K, Q6_K read into grouped layouts.
 
 gguf-py's `GGUFReader` (the llama.cpp project's own reader, which transformers also uses)
 memory-maps the file. Each decoder projection (`blk.N.attn_q` ... `ffn_down`) is split into its
@@ -6,10 +6,13 @@ block fields — 32 weights per block with an fp16 scale d (and, for Q4_1, an fp
 Q4_1 w = q * d + m, Q4_0 w = (q - 8) * d, Q8_0 w = q * d with signed q (stored + 128 here) — and
 yielded as three tensors `<hf name>.q` (uint8 [N, K]), `.scales`, `.mins` (float32 [N, K / 32]),
 which `GgufLayout` loads like any checkpoint layout (sliced by rank) and unpacks into a
-GroupedWeight. Llama's q/k rows, permuted by llama.cpp's converter, are put back in Hugging Face
-order (a row permutation of all three). Every other tensor (norms, embedding) is dequantized with
-gguf-py's `dequantize`. Files whose projections use other block types take the dequantized path
-(workers/models/gguf.py).
+GroupedWeight. A file whose projections are all Q4_K / Q6_K (llama.cpp's Q4_K_M, Q6_K) goes through
+gguf_kquant.py instead: 256-weight super-blocks, exact fp32 sub-block scales, per-row block types (a
+merged layer may mix them). Llama's q/k rows, permuted by llama.cpp's converter, are put back in
+Hugging Face order (a row permutation of every field). Every other tensor (norms, embedding) is
+dequantized with gguf-py's `dequantize`. Files whose projections use other block types (Q5_0, Q2_K,
+Q3_K, Q5_K — so Q4_K_S, which has Q5_K tensors — or Q4_1 mixed with Q8_0) take the dequantized path
+(workers/models/gguf.py); `unpacked_reason` names the tensor that sent them there.
 """
 
 from __future__ import annotations
@@ -56,15 +59,47 @@ class GgufLayout:
         raise NotImplementedError("writing GGUF files is llama.cpp's job (convert_hf_to_gguf.py)")
 
 
-def projection_block_type(path: Path) -> str | None:
-    """The one packed block type every projection of the file uses (e.g. 'Q4_1'), else None."""
+def projection_types(path: Path) -> dict[str, str]:
+    """{GGUF tensor name: block type} of the file's decoder projections."""
     from gguf import GGUFReader
 
-    types = {t.tensor_type.name for t in GGUFReader(str(path)).tensors
-             if (m := _BLOCK_NAME.match(t.name)) and m.group(2) in _PROJ}
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors
+            if (m := _BLOCK_NAME.match(t.name)) and m.group(2) in _PROJ}
+
+
+def projection_block_type(path: Path) -> str | None:
+    """How the file's projections are kept packed: the one type they all use (e.g. 'Q4_1'), or the
+    k-quants they mix ('Q4_K', 'Q6_K' or 'Q4_K+Q6_K'); None where some projection cannot be
+    (`unpacked_reason` says which)."""
+    from shardserve.workers.quant.formats.gguf_kquant import KQUANT_BITS
+
+    types = set(projection_types(path).values())
     if len(types) == 1 and next(iter(types)) in PACKED:
         return next(iter(types))
+    if types and types <= set(KQUANT_BITS):
+        return "+".join(sorted(types))
     return None
+
+
+def unpacked_reason(path: Path) -> str:
+    """Why `projection_block_type` found no packed form: the first projection that breaks the rule."""
+    from shardserve.workers.quant.formats.gguf_kquant import KQUANT_BITS
+
+    types = projection_types(path)
+    if not types:
+        return f"{path.name} has no decoder projections (blk.N.attn_q ... ffn_down)"
+    kquant = [name for name, t in types.items() if t in KQUANT_BITS]
+    for name, block in types.items():
+        if block not in PACKED and block not in KQUANT_BITS:
+            return (f"GGUF tensor {name} is {block}: kept packed are {', '.join(PACKED)} (one type in every "
+                    f"projection) or {' and '.join(KQUANT_BITS)} (mixed); other types take the dequantized path")
+        if kquant and block not in KQUANT_BITS:
+            return (f"GGUF tensor {name} is {block} while {kquant[0]} is {types[kquant[0]]}: k-quants are kept "
+                    f"packed only when every projection is {' or '.join(KQUANT_BITS)}")
+    first = next(iter(types))
+    other = next(name for name, t in types.items() if t != types[first])
+    return (f"GGUF tensors {first} ({types[first]}) and {other} ({types[other]}) mix block types: "
+            f"{', '.join(PACKED)} are kept packed only when every projection uses the same one")
 
 
 def split_blocks(raw: np.ndarray, block_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,21 +130,28 @@ def read_gguf_packed(path: Path, config: Any, dtype: torch.dtype) -> Iterator[tu
     """Hugging Face-named tensors: packed projection fields and `dtype` for everything else."""
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
+    from shardserve.workers.quant.formats.gguf_kquant import split_kquant
 
     reader = GGUFReader(str(path))
     for tensor in reader.tensors:
         match = _BLOCK_NAME.match(tensor.name)
         raw = np.asarray(tensor.data)
         if match is not None and match.group(2) in _PROJ:
-            q, scales, mins = split_blocks(raw, tensor.tensor_type.name)
+            block = tensor.tensor_type.name
+            if block in PACKED:
+                fields = dict(zip(("q", "scales", "mins"), split_blocks(raw, block), strict=True))
+            else:
+                try:
+                    fields = split_kquant(raw, block)  # raises for a type kept neither way
+                except ValueError as exc:
+                    raise ValueError(f"GGUF tensor {tensor.name!r} cannot be kept packed: {exc}") from exc
             name = f"model.layers.{match.group(1)}.{_PROJ[match.group(2)]}"
             if match.group(2) in ("attn_q", "attn_k"):
                 heads = config.num_attention_heads if match.group(2) == "attn_q" else config.num_key_value_heads
-                order = unpermute_rows(q.shape[0], heads)
-                q, scales, mins = q[order], scales[order], mins[order]
-            yield f"{name}.q", q
-            yield f"{name}.scales", scales
-            yield f"{name}.mins", mins
+                order = unpermute_rows(raw.shape[0], heads)
+                fields = {key: value[order] for key, value in fields.items()}
+            for key, value in fields.items():
+                yield f"{name}.{key}", value
             continue
         if match is not None:
             if match.group(2) not in _OTHER:

@@ -5,8 +5,8 @@ an int32 word. A row of W [N, K] is cut into chunks of PLANES * PLANE columns he
 words; word j of a chunk holds, in its bit field i, the column `chunk * PLANES * PLANE + i * PLANE + j`.
 So one contiguous [rows, PLANE] tile of words unpacks with a shift and a mask into PLANES [rows, PLANE]
 tiles of *consecutive* columns: every byte streamed once, coalesced; a plane lies inside one group
-(PLANE divides the group size). Scales and mins are stored [groups, N] (a tile's rows read them
-contiguously). K is padded to whole chunks (codes, scales, mins 0: padded columns add nothing).
+(PLANE divides the group size). Scales and mins are stored [groups, N] in the activation dtype, or float32
+for exact layouts (kquant.py). K is padded to whole chunks (codes, scales, mins 0: padded columns add nothing).
 
 Dequantization without int->float conversions: a field moved to the top mantissa bits of 1.0f reads as
 f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one FMA per weight, in fp32.
@@ -333,7 +333,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     gemv = rows <= GEMV_MAX_ROWS or gemv_tiles is not None
     if silu_mul and (not gemv or bias is not None or n % 2):
         raise ValueError(f"silu_mul takes at most {GEMV_MAX_ROWS} rows, no bias and an even N; got {rows} rows, N {n}")
-    if w.scales.dtype != x.dtype:
+    if w.scales.dtype not in (x.dtype, torch.float32):  # float32: exact layouts (GGUF k-quants, kquant.py)
         raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
     interpreted = x.device.type != "cuda"
     forced = gemv_tiles is not None or gemm_tiles is not None or split_tiles is not None
@@ -375,8 +375,10 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K, KW, BITS: tl.constexpr, PLANE: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n, k] = u s + m (the activation dtype) for one chunk of BLOCK_N rows: each packed byte read once."""
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr = False):
+    """out[n, k] = u s + m (the activation dtype) for one chunk of BLOCK_N rows: each packed byte read once.
+    EXACT (float32 scales): u recovered as an integer and u * s + m rounded once, so float32 output is
+    the checkpoint's own dequantization (GGUF k-quants), where f * 2^BITS s + (m - 2^BITS s) may round twice."""
     PLANES: tl.constexpr = 32 // BITS
     CHUNK: tl.constexpr = PLANES * PLANE
     SCALE: tl.constexpr = 1 << BITS
@@ -390,9 +392,14 @@ def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K, KW, BITS: tl.constexpr, 
     for i in tl.static_range(PLANES):
         col0 = c * CHUNK + i * PLANE
         g = (col0 // GROUP) * N
-        s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
-        m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
-        w = _unpack(words, i, BITS) * s[:, None] + m[:, None]
+        if EXACT:
+            s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = ((_unpack(words, i, BITS) - 1.0) * SCALE) * s[:, None] + m[:, None]
+        else:
+            s = tl.load(s_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) * SCALE
+            m = tl.load(m_ptr + g + offs_n, mask=mask_n, other=0.0).to(tl.float32) - s
+            w = _unpack(words, i, BITS) * s[:, None] + m[:, None]
         cols = col0 + offs_j
         tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + cols[None, :], w.to(dtype),
                  mask=mask_n[:, None] & (cols[None, :] < K))
@@ -404,6 +411,6 @@ def dequantize_planes(w: PlaneWeights, dtype: torch.dtype) -> torch.Tensor:
     block_n = 16 if w.words.device.type != "cuda" else 32
     _dequant_kernel[(triton.cdiv(w.n, block_n), w.words.shape[1] // w.plane)](
         w.words, w.scales, w.mins, out, w.n, w.k, w.words.shape[1], BITS=w.bits, PLANE=w.plane,
-        GROUP=w.group_size, BLOCK_N=block_n, num_warps=4,
+        GROUP=w.group_size, BLOCK_N=block_n, EXACT=w.scales.dtype == torch.float32, num_warps=4,
     )
     return out
