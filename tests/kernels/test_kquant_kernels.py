@@ -16,7 +16,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from shardserve.workers.kernels.reference import silu_and_mul
-from shardserve.workers.quant.formats.gguf_kquant import GgufKLayout, split_kquant
+from shardserve.workers.quant.formats.gguf_kblocks import split_kquant
+from shardserve.workers.quant.formats.gguf_kquant import GgufKLayout
 from shardserve.workers.quant.kernels.int4 import int4_linear
 from shardserve.workers.quant.kernels.kquant import pack_q4k, pack_q6k, q6k_linear
 from shardserve.workers.quant.kernels.packed import dequantize_planes

@@ -24,7 +24,8 @@ from shardserve.parallel.quant import ShardSlice
 from shardserve.workers.llm import LLM
 from shardserve.workers.quant.cpu_kernels import best_isa
 from shardserve.workers.quant.cpu_kernels.kquant import KquantRuntime, kquant_linear
-from shardserve.workers.quant.formats.gguf_kquant import GgufKLayout, split_kquant
+from shardserve.workers.quant.formats.gguf_kblocks import split_kquant
+from shardserve.workers.quant.formats.gguf_kquant import GgufKLayout
 from shardserve.workers.quant.method import QuantLinearMethod
 from shardserve.workers.quant.stacked import StackedRuntime
 from shardserve.workers.quant.weights import GroupedWeight, StackedWeight

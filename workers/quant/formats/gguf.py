@@ -71,7 +71,7 @@ def projection_block_type(path: Path) -> str | None:
     """How the file's projections are kept packed: the one type they all use (e.g. 'Q4_1'), or the
     k-quants they mix ('Q4_K', 'Q6_K' or 'Q4_K+Q6_K'); None where some projection cannot be
     (`unpacked_reason` says which)."""
-    from shardserve.workers.quant.formats.gguf_kquant import KQUANT_BITS
+    from shardserve.workers.quant.formats.gguf_kblocks import KQUANT_BITS
 
     types = set(projection_types(path).values())
     if len(types) == 1 and next(iter(types)) in PACKED:
@@ -83,7 +83,7 @@ def projection_block_type(path: Path) -> str | None:
 
 def unpacked_reason(path: Path) -> str:
     """Why `projection_block_type` found no packed form: the first projection that breaks the rule."""
-    from shardserve.workers.quant.formats.gguf_kquant import KQUANT_BITS
+    from shardserve.workers.quant.formats.gguf_kblocks import KQUANT_BITS
 
     types = projection_types(path)
     if not types:
@@ -130,7 +130,7 @@ def read_gguf_packed(path: Path, config: Any, dtype: torch.dtype) -> Iterator[tu
     """Hugging Face-named tensors: packed projection fields and `dtype` for everything else."""
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
-    from shardserve.workers.quant.formats.gguf_kquant import split_kquant
+    from shardserve.workers.quant.formats.gguf_kblocks import split_kquant
 
     reader = GGUFReader(str(path))
     for tensor in reader.tensors:
