@@ -3,7 +3,7 @@
 Data flow: `pack_moe(experts, dtype)` takes this rank's experts of one projection (a list of E
 unpacked weights of ../weights.py, all INT4 groups, all INT8 or all FP8) and stacks them once:
   - INT4 / INT8: each expert in packed.py's plane layout (`pack_planes`; INT8 as u = q + 128 with
-    one group spanning K, like int8.py), words [E, N, KW], scales and mins [E, G, N] in the activation
+    one group spanning K, like int8.py; 8-bit groups of GPTQ / compressed-tensors as they are), words [E, N, KW], scales and mins [E, G, N] in the activation
     dtype. PLANE is 32 or 16 columns (tl.dot's smallest K), chosen so a plane lies inside a group
     and K pads to few chunks (the Qwen3-30B-A3B TP 2 down projection has K = 384);
   - FP8: e4m3 weights [E, N, K] as they are and fp32 per-channel scales [E, N]. W8A16: each tile is
@@ -87,13 +87,13 @@ def pack_moe(experts: list[QuantizedWeight], dtype: torch.dtype) -> MoePacked:
         plane = moe_plane(8, 128, k)  # INT8 has one group a row: any plane fits it
         group = -(-k // (4 * plane)) * 4 * plane  # the padded K: one group a row
     elif isinstance(first, GroupedWeight):
-        if first.bits != 4 or any(w.perm is not None for w in experts):
-            raise ValueError("quantized experts take 4-bit groups without act-order (perm), "
+        if first.bits not in (4, 8) or any(w.perm is not None or w.bits != first.bits for w in experts):
+            raise ValueError("quantized experts take 4- or 8-bit groups without act-order (perm), "
                              f"got {first.bits}-bit{' with act-order' if first.perm is not None else ''}")
-        u, bits = [w.q for w in experts], 4
+        u, bits = [w.q for w in experts], first.bits
         scales, mins = [w.scales for w in experts], [w.mins for w in experts]
         group = first.group_size
-        plane = moe_plane(4, group, k)
+        plane = moe_plane(bits, group, k)
     else:
         raise TypeError(f"no fused MoE path for {type(first).__name__}")
     words = pack_planes(torch.cat(u), bits, plane).view(len(experts), n, -1)
