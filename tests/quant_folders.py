@@ -1,7 +1,10 @@
 """Test helper: rewrite a float Hugging Face folder into a quantized layout (GPTQ, AWQ, compressed-tensors).
 
-Every decoder projection (q/k/v/o/gate/up/down) is rounded to nearest (workers/quant/algorithms/rtn.py)
-and written with the layout's `pack`; config.json gets the matching `quantization_config`. The
+Every decoder projection (q/k/v/o/gate/up/down, MoE experts and shared experts included) is rounded to
+nearest (workers/quant/algorithms/rtn.py) and written per module with the layout's `pack`, as GPTQModel /
+AutoAWQ / llm-compressor name them (`...experts.7.down_proj.qweight`); config.json gets the matching
+`quantization_config`. `dequantize_folder` writes the float folder of a quantized one's own dequantized
+weights: the reference the quantized model is compared against. The
 `shardserve quantize` command writes the same layouts with better algorithms; tests use this to
 get small quantized folders fast.
 """
@@ -22,10 +25,10 @@ from shardserve.workers.quant.formats.compressed import CompressedLayout, PackQu
 from shardserve.workers.quant.formats.detect import quantization_config
 from shardserve.workers.quant.formats.gptq import GptqLayout
 
-# Decoder projections: attention, dense MLPs, MoE experts (Qwen names) and Qwen2-MoE shared experts; the
-# router (mlp.gate) and the shared expert's gate stay float, as GPTQModel / llm-compressor leave them.
-PROJ = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp(?:\.shared_expert|\.experts\.\d+)?)"
-                  r"\.(?:q|k|v|o|gate|up|down)_proj)\.weight$")
+# Decoder projections: attention, dense MLPs, MoE experts (Qwen and Mixtral names) and Qwen2-MoE shared
+# experts; the router (mlp.gate) and the shared expert's gate stay float, as GPTQModel / llm-compressor leave them.
+PROJ = re.compile(r"^(model\.layers\.\d+\.(?:(?:self_attn|mlp(?:\.shared_expert|\.experts\.\d+)?)"
+                  r"\.(?:q|k|v|o|gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123]))\.weight$")
 
 
 def pack_quantized_config(bits: int, group_size: int, sym: bool) -> dict:
@@ -70,7 +73,8 @@ def quantize_folder(src: Path, dst: Path, method: str, group_size: int = 32, sym
             qw = rtn_grouped(w, group_size, bits=bits, sym=sym)
             if desc_act:  # a reproducible act-order: columns grouped by a fixed permutation
                 # one order per input, as GPTQ sorts by the input's Hessian: q/k/v share it, gate/up too
-                key = re.sub(r"\.(?:q|k|v)_proj$", ".qkv", re.sub(r"\.(?:gate|up)_proj$", ".gate_up", prefix))
+                key = re.sub(r"\.(?:gate_proj|up_proj|w1|w3)$", ".gate_up", prefix)
+                key = re.sub(r"\.(?:q|k|v)_proj$", ".qkv", key)
                 seed = sum(map(ord, key))
                 perm = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed))
                 qw = rtn_grouped(w[:, perm], group_size, bits=bits, sym=sym)
@@ -111,9 +115,11 @@ def dequantize_folder(quantized: Path, float_src: Path, dst: Path) -> Path:
     tensors = load_file(quantized / "model.safetensors")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     out = {}
+    keys = set(layout.tensors(256, 256))  # the layout's tensor names (biases, float weights pass through)
     for name, t in tensors.items():
         module, _, key = name.rpartition(".")
-        if module in shapes and not (key == "weight" and t.is_floating_point() and t.element_size() > 1):
+        if module in shapes and key in keys and not (key == "weight" and t.is_floating_point()
+                                                     and t.element_size() > 1):
             modules.setdefault(module, {})[key] = t
         else:
             out[name] = t

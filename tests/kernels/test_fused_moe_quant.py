@@ -1,7 +1,8 @@
 """Quantized experts in the fused MoE (workers/quant/kernels/moe.py) against the dequantized torch reference.
 
 Under Triton's interpreter (CI; `SHARDSERVE_KERNEL_DEVICE=cuda` runs the same compiled): INT4 with
-groups of 32 / 64 / 128, symmetric and asymmetric, INT8 per channel and FP8 (W8A16) experts, rounded
+groups of 32 / 64 / 128, symmetric and asymmetric, 8-bit groups (GPTQ / compressed-tensors checkpoints),
+INT8 per channel and FP8 (W8A16) experts, rounded
 from random float experts by the at-load quantizer (algorithms/rtn.py); all experts local, an EP
 subset and a middle slice; the direct (batch-1 decode) and aligned GEMM paths; K not a multiple of a
 32-column chunk (planes of 16); fp16 and fp32 activations (the interpreter's tl.dot multiplies bf16
@@ -24,8 +25,8 @@ TOL = {torch.float16: 4e-3, torch.float32: 1e-4}  # of max |reference|
 
 
 def _quantize(w: torch.Tensor, method: str, group: int = 32, sym: bool = True):
-    if method == "int4":
-        return [rtn_grouped(e, group, bits=4, sym=sym) for e in w]
+    if method in ("int4", "int8g"):  # int8g: GPTQ / compressed-tensors 8-bit groups
+        return [rtn_grouped(e, group, bits=4 if method == "int4" else 8, sym=sym) for e in w]
     return [rtn_int8(e) if method == "int8" else rtn_fp8(e) for e in w]
 
 
@@ -48,7 +49,8 @@ def _check(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, tol: float
 
 
 @pytest.mark.parametrize(("method", "group", "sym"), [("int4", 32, True), ("int4", 64, False),
-                                                      ("int4", 128, False), ("int8", 0, True), ("fp8", 0, True)])
+                                                      ("int4", 128, False), ("int8", 0, True), ("fp8", 0, True),
+                                                      ("int8g", 32, False)])
 @pytest.mark.parametrize(("num_tokens", "local", "direct"), [(1, "all", None), (7, "ep_upper_half", False),
                                                              (3, "ep_middle", True)])
 def test_quantized_fused_moe_matches_dequantized_reference(device, method, group, sym, num_tokens, local, direct):

@@ -332,7 +332,7 @@ class MoEForCausalLM(LlamaForCausalLM):
                              f"(the model has {experts.num_experts})")
         try:
             experts.weight_loader(params[f"{prefix}.{target}"], weight, (expert, proj, tensor))
-        except ValueError as exc:
+        except (ValueError, IndexError) as exc:  # a shape that does not fit this layout / rank
             raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
         self.loaded_param_names.add(f"{prefix}.{target}")
         return True
