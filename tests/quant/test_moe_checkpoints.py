@@ -10,7 +10,8 @@ folder's dequantized weights (`dequantize_folder`), run as float through the sam
     was dequantized; 4-bit CPU kernels keep scales and minimums in fp16, cpu_kernels/packing.py);
   - Mixtral's w1 / w3 / w2 names; act-order GPTQ experts (down's order folded into w13's rows);
   - ignore lists: a Qwen2-MoE whose shared expert and router llm-compressor left float, experts left
-    float whole, a list that splits one layer's experts (refused), a quantized router (refused);
+    float whole, targets naming only the experts, a list that splits one layer's experts (refused), a
+    quantized router (refused); each library's matching rules on names;
   - bad input: a missing expert tensor, a group that does not divide the experts' features per TP rank,
     act-order under MoE TP, `quantization:` contradicting the folder — each error names the tensor / both.
 compressed-tensors itself also writes folders (`_compressed_tensors_folder`: the package's qparams,
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from quant_folders import dequantize_folder, quantize_folder
+from quant_folders import dequantize_folder, pack_quantized_config, quantize_folder
 from safetensors.torch import load_file, save_file
 from shardserve.parallel.quant import UnquantizedLinearMethod
 from shardserve.workers.config import ModelConfig
@@ -37,6 +38,7 @@ from shardserve.workers.models.loader import load_model
 from shardserve.workers.quant.cpu import CpuWidened
 from shardserve.workers.quant.expert_checkpoint import CheckpointExperts
 from shardserve.workers.quant.formats.gptq import GptqLayout
+from shardserve.workers.quant.ignore import unquantized_matcher
 from shardserve.workers.request import SamplingParams
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
@@ -264,3 +266,32 @@ def test_folders_written_by_compressed_tensors(float_folder, tmp_path, scheme):
     assert "model.layers.0.mlp.experts.3.down_proj.weight_scale" in load_file(folder / "model.safetensors")
     model = _compare(folder, reference, 1e-2 if scheme.startswith("w4") else 1e-4)
     _assert_kept_quantized(model.model.layers[0].mlp.experts)
+
+
+def test_ignore_conventions_match_as_their_libraries_do():
+    ct = unquantized_matcher({"ignore": ["lm_head", "re:.*mlp.gate$"], "config_groups": {"g": {"targets": ["Linear"]}}})
+    assert ct("lm_head") and ct("model.layers.3.mlp.gate")
+    assert not ct("model.layers.3.mlp.gate_proj") and not ct("model.layers.3.mlp.experts.0.gate_proj")
+    awq = unquantized_matcher({"modules_to_not_convert": ["gate"]})  # transformers' should_convert_module
+    assert awq("model.layers.0.mlp.gate") and not awq("model.layers.0.mlp.experts.0.gate_proj")
+    targets = unquantized_matcher({"config_groups": {"g": {"targets": ["re:.*mlp.experts.*"]}}})
+    assert targets("model.layers.0.self_attn.q_proj") and not targets("model.layers.0.mlp.experts.1.up_proj")
+    gptq = unquantized_matcher({"dynamic": {"-:.*shared_expert.*": {}},
+                                "modules_in_block_to_quantize": [["self_attn.q_proj"], ["mlp.experts.0.up_proj"]]})
+    assert gptq("model.layers.1.mlp.shared_expert.up_proj") and gptq("model.layers.1.self_attn.k_proj")
+    assert not gptq("model.layers.1.self_attn.q_proj") and not gptq("model.layers.1.mlp.experts.0.up_proj")
+    assert unquantized_matcher({"quant_method": "gptq", "bits": 4}) is None
+    with pytest.raises(ValueError, match=r"dynamic overrides \['\+:.*down_proj'\] are not supported"):
+        unquantized_matcher({"dynamic": {"+:.*down_proj": {"bits": 8}}})
+
+
+def test_targets_naming_only_the_experts_keep_attention_float(float_folder, tmp_path):
+    config_groups = pack_quantized_config(4, 32, False)["config_groups"]
+    config_groups["group_0"]["targets"] = ["re:.*mlp.experts.*"]
+    folder = quantize_folder(float_folder, tmp_path / "ct", "packed", bits=4, group_size=32, sym=False,
+                             keep_float=lambda m: ".experts." not in m, config_extra={"config_groups": config_groups})
+    model = _load(folder)
+    _assert_kept_quantized(model.model.layers[0].mlp.experts)
+    for layer in model.model.layers:
+        assert isinstance(layer.self_attn.qkv_proj.quant_method, UnquantizedLinearMethod)
+    assert isinstance(model.model.layers[1].mlp.down_proj.quant_method, UnquantizedLinearMethod)

@@ -16,10 +16,9 @@ per-expert counts on the host (`syncs_in_forward`). Expert weights are stacked:
 holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds only its range of
 experts, reads only their checkpoint tensors, and `dispatch_and_combine_unreduced` moves the
 routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block
-counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring.
-With `quantization: int8 | int4 | fp8` the experts are rounded once loaded (quant/experts.py); from a
-GPTQ / AWQ / compressed-tensors folder their quantized tensors are read as they are
-(quant/expert_checkpoint.py), unless the folder's ignore list keeps them float (quant/ignore.py).
+counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring. Experts are
+rounded once loaded with `quantization: int8 | int4 | fp8` (quant/experts.py), or read kept quantized from
+a GPTQ / AWQ / compressed-tensors folder (quant/expert_checkpoint.py) unless its ignore list keeps them float.
 """
 
 from __future__ import annotations
@@ -180,18 +179,18 @@ def quantize_experts_at_load(model: nn.Module, layout: CheckpointLayout | None,
         if isinstance(layout, AtLoadLayout):
             module.quantize_at_load(ExpertQuantMethod(layout))
             continue
-        if is_unquantized is not None and all_or_none(_checkpoint_expert_names(name, module.num_experts),
-                                                      is_unquantized, f"{name}'s experts"):
+        names = _checkpoint_expert_names(name, module.num_experts, isinstance(model, MixtralForCausalLM))
+        if is_unquantized is not None and all_or_none(names, is_unquantized, f"{name}'s experts"):
             continue
         module.load_quantized(CheckpointExperts(layout, name))
 
 
-def _checkpoint_expert_names(prefix: str, num_experts: int) -> tuple[str, ...]:
-    """Every expert projection's checkpoint module name (Qwen / Mixtral spellings alike)."""
-    mixtral = prefix.replace(".mlp.", ".block_sparse_moe.")
-    return tuple(dict.fromkeys(f"{p}.{e}.{proj}" for p in (prefix, mixtral) for e in range(num_experts)
-                               for proj in (("gate_proj", "up_proj", "down_proj") if p == prefix else
-                                            ("w1", "w3", "w2"))))
+def _checkpoint_expert_names(prefix: str, num_experts: int, mixtral: bool) -> tuple[str, ...]:
+    """Every expert projection's checkpoint module name, spelled as the family writes it."""
+    if mixtral:
+        prefix = prefix.replace(".mlp.", ".block_sparse_moe.")
+    projections = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    return tuple(f"{prefix}.{e}.{proj}" for e in range(num_experts) for proj in projections)
 
 
 def _select(weight: Loadable, index: int) -> Loadable:

@@ -1,10 +1,12 @@
 """Which modules a quantized checkpoint left in float, from its `quantization_config`.
 
-Three conventions, each matched as its own library matches it:
+Each convention is matched as its own library matches it:
   - compressed-tensors `ignore` (llm-compressor): a module's checkpoint name, or `re:<regex>` matched
-    from the start (compressed-tensors' `is_match`), e.g. ["lm_head", "re:.*mlp.gate$"];
+    from the start (compressed-tensors' `is_match`), e.g. ["lm_head", "re:.*mlp.gate$"]; and the config
+    group's `targets`: other than "Linear", only the modules they name (or match) are quantized;
   - GPTQ / AWQ `modules_to_not_convert` (GPTQModel, AutoAWQ, transformers): transformers'
     `should_convert_module` rules (a prefix up to a dot, a regex, or a suffix: ["gate"] is the router);
+    optimum's `modules_in_block_to_quantize`: a decoder layer's modules not listed stay float;
   - GPTQModel `dynamic`: `-:<regex>` keys skip the modules they match; per-module overrides
     (`+:` keys or bare regexes with other bits / group sizes) are refused, as one layout serves all.
 The loader asks `is_unquantized(name)` with checkpoint names (q_proj, not our merged qkv_proj;
@@ -37,10 +39,19 @@ def unquantized_matcher(entry: dict[str, Any] | None) -> Matcher | None:
     skipped = [re.compile(str(key)[2:]) for key in dynamic if str(key).startswith("-:")]
     regexes = [re.compile(p[3:]) for p in ignore if p.startswith("re:")]
     names = {p for p in ignore if not p.startswith("re:")}
-    if not (ignore or not_converted or skipped):
+    targets = [str(t) for group in (entry.get("config_groups") or {}).values() for t in group.get("targets") or ()]
+    targeted = None if not targets or "Linear" in targets else (
+        {t for t in targets if not t.startswith("re:")}, [re.compile(t[3:]) for t in targets if t.startswith("re:")])
+    in_block = {m for step in entry.get("modules_in_block_to_quantize") or () for m in step}
+    if not (ignore or not_converted or skipped or targeted or in_block):
         return None
 
     def is_unquantized(name: str) -> bool:
+        if targeted is not None and not (name in targeted[0] or any(r.match(name) for r in targeted[1])):
+            return True
+        layer = re.match(r"^model\.layers\.\d+\.(.+)$", name)
+        if in_block and layer is not None and layer.group(1) not in in_block:
+            return True
         return (name in names or any(r.match(name) for r in regexes) or any(r.match(name) for r in skipped)
                 or (bool(not_converted) and not should_convert_module(name, not_converted)))
 
