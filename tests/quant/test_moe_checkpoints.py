@@ -12,12 +12,12 @@ folder's dequantized weights (`dequantize_folder`), run as float through the sam
   - ignore lists: a Qwen2-MoE whose shared expert and router llm-compressor left float, experts left
     float whole, targets naming only the experts, a list that splits one layer's experts (refused), a
     quantized router (refused); each library's matching rules on names;
+  - `shardserve quantize --method rtn` (calibrate.py + checkpoint.py) writes MoE experts per expert;
   - bad input: a missing expert tensor, a group that does not divide the experts' features per TP rank,
     act-order under MoE TP, `quantization:` contradicting the folder — each error names the tensor / both.
-compressed-tensors itself also writes folders (`_compressed_tensors_folder`: the package's qparams,
-quantize and pack for every module, experts included; its own decompression is the reference), so the
-per-expert layout is checked against a second implementation, not only our packers.
-EP 2 / TP 2 under gloo: tests/parallel/test_moe_quant_parallel.py.
+compressed-tensors itself also writes folders (`_compressed_tensors_folder`: the package's qparams, quantize
+and pack for every module, experts included; its decompression is the reference): a second implementation of
+the per-expert layout, not only our packers. EP 2 / TP 2 under gloo: tests/parallel/test_moe_quant_parallel.py.
 """
 
 from __future__ import annotations
@@ -295,3 +295,23 @@ def test_targets_naming_only_the_experts_keep_attention_float(float_folder, tmp_
     for layer in model.model.layers:
         assert isinstance(layer.self_attn.qkv_proj.quant_method, UnquantizedLinearMethod)
     assert isinstance(model.model.layers[1].mlp.down_proj.quant_method, UnquantizedLinearMethod)
+
+
+def test_quantize_command_writes_moe_experts_with_rtn(float_folder, tmp_path):
+    """`shardserve quantize --method rtn` on a MoE model (its calibrate / write steps): per-expert GPTQ tensors
+    that load kept quantized and give what the folder dequantizes to; GPTQ / AWQ are refused for experts."""
+    from shardserve.workers.quant.calibrate import QuantSpec, quantize_model
+    from shardserve.workers.quant.checkpoint import write_folder
+
+    model = AutoModelForCausalLM.from_pretrained(str(float_folder), dtype=torch.float32).eval()
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="--method gptq does not quantize MoE experts yet: use --method rtn"):
+        quantize_model(model, calib, QuantSpec("gptq", 4, 32), progress=False)
+    spec = QuantSpec("rtn", 4, 32, sym=False)
+    result = quantize_model(model, calib, spec, progress=False)
+    folder = write_folder(tmp_path / "rtn", float_folder, model, result, spec)
+    tensors = load_file(folder / "model.safetensors")
+    assert "model.layers.0.mlp.experts.3.up_proj.qzeros" in tensors and "model.layers.0.mlp.gate.weight" in tensors
+    assert not [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    model = _compare(folder, dequantize_folder(folder, float_folder, tmp_path / "reference"), TOLERANCE["gptq_g32"])
+    _assert_kept_quantized(model.model.layers[0].mlp.experts)
