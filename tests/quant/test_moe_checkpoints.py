@@ -36,9 +36,10 @@ from shardserve.workers.config import ModelConfig
 from shardserve.workers.llm import LLM
 from shardserve.workers.models.loader import load_model
 from shardserve.workers.quant.cpu import CpuWidened
-from shardserve.workers.quant.expert_checkpoint import CheckpointExperts
+from shardserve.workers.quant.expert_checkpoint import CheckpointExperts, stack_rows
 from shardserve.workers.quant.formats.gptq import GptqLayout
 from shardserve.workers.quant.ignore import unquantized_matcher
+from shardserve.workers.quant.weights import GroupedWeight
 from shardserve.workers.request import SamplingParams
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
@@ -121,9 +122,21 @@ def test_prequantized_experts_match_their_dequantized_weights(float_folder, tmp_
     reference = dequantize_folder(folder, float_folder, tmp_path / "reference")
     model = _compare(folder, reference, TOLERANCE[name])
     _assert_kept_quantized(model.model.layers[0].mlp.experts)
-    if name == "gptq_act_order":  # g_idx really permuted: down's order became w13's row order
+    if name == "gptq_act_order":  # g_idx really permuted: down's order became w13's rows, gate / up's a gather
         g_idx = load_file(folder / "model.safetensors")["model.layers.0.mlp.experts.2.down_proj.g_idx"]
         assert not torch.equal(g_idx, torch.arange(64, dtype=torch.int32) // 32)
+        method = model.model.layers[0].mlp.experts.quant_method
+        assert all(r.perm is not None for r in method.cpu.w13) and all(r.perm is None for r in method.cpu.w2)
+
+
+def test_gate_and_up_with_different_act_orders_are_refused():
+    w = GroupedWeight(q=torch.zeros(16, 64, dtype=torch.uint8), scales=torch.ones(16, 2), mins=torch.zeros(16, 2),
+                      group_size=32, perm=torch.arange(64))
+    other = GroupedWeight(q=w.q, scales=w.scales, mins=w.mins, group_size=32, perm=torch.arange(64).flip(0))
+    assert torch.equal(stack_rows(w, w, "e").perm, w.perm)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.5: gate_proj and up_proj have different "
+                                         r"act-order g_idx"):
+        stack_rows(w, other, "model.layers.0.mlp.experts.5")
 
 
 def test_mixtral_expert_names(tmp_path):

@@ -12,10 +12,10 @@ Data flow for the experts of one layer on one rank (workers/models/moe.py `Fused
           unpacked by the dense readers' `layout.unpack`, gate and up stacked into w13, and the experts
           packed by experts.py's `PackedExperts` (fused kernel on CUDA, per-expert CPU runtimes).
 Act-order GPTQ (g_idx not k // g): down's input permutation is folded into w13's row order (exact, no
-runtime cost); gate / up's (the same for both: GPTQ orders by the shared input's Hessian) stays a
-per-expert input permutation, which the CPU runtimes apply and the fused CUDA kernel refuses, naming
-the expert. Act-order under MoE TP is refused, as for dense row-parallel layers. 8-bit groups of one
-row with zero point 128 (compressed-tensors W8A16 per channel) run as INT8 per channel.
+runtime cost); gate / up's (the same for both: GPTQ orders by the shared input's Hessian; different
+ones are refused, naming the expert) stays a per-expert input permutation, gathered by the CPU runtimes
+and the fused kernel. Act-order under MoE TP is refused, as for dense row-parallel layers. 8-bit groups
+of one row with zero point 128 (compressed-tensors W8A16 per channel) run as INT8 per channel.
 """
 
 from __future__ import annotations
@@ -152,10 +152,6 @@ class CheckpointExperts(PackedExperts):
                 w13 = rows(w13, torch.cat([down.perm, down.perm + n]))
                 down = GroupedWeight(q=down.q, scales=down.scales, mins=down.mins, group_size=down.group_size,
                                      bits=down.bits)
-            if device.type == "cuda" and isinstance(w13, GroupedWeight) and w13.perm is not None:
-                raise ValueError(f"{where}.gate_proj.g_idx: act-order (desc_act) gate/up inputs are not supported "
-                                 "by the fused MoE kernel on CUDA (each expert would permute its inputs); use a "
-                                 "folder without act-order (e.g. `shardserve quantize --static-groups`), or CPU")
             q13.append(w13)
             q2.append(down)
         for proj, specs in self.specs.items():
