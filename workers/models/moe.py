@@ -311,7 +311,6 @@ class MoEForCausalLM(LlamaForCausalLM):
             return True
         return False
 
-
     def _load_quantized_expert(self, params: dict[str, nn.Parameter], name: str, weight: torch.Tensor,
                                match: re.Match[str]) -> bool:
         prefix, expert, proj, tensor = match.group(1), int(match.group(2)), match.group(3), match.group(4)
