@@ -1,13 +1,15 @@
 """Quantized experts in the fused MoE (workers/quant/kernels/moe.py) against the dequantized torch reference.
 
 Under Triton's interpreter (CI; `SHARDSERVE_KERNEL_DEVICE=cuda` runs the same compiled): INT4 with
-groups of 32 / 64 / 128, symmetric and asymmetric, INT8 per channel and FP8 (W8A16) experts, rounded
+groups of 32 / 64 / 128, symmetric and asymmetric, 8-bit groups (GPTQ / compressed-tensors checkpoints),
+INT8 per channel and FP8 (W8A16) experts, rounded
 from random float experts by the at-load quantizer (algorithms/rtn.py); all experts local, an EP
 subset and a middle slice; the direct (batch-1 decode) and aligned GEMM paths; K not a multiple of a
 32-column chunk (planes of 16); fp16 and fp32 activations (the interpreter's tl.dot multiplies bf16
 as raw integers: kernel_env.py). The reference is `fused_moe_reference` on the dequantized experts in
-fp32, so only the activation dtype's rounding separates them. Also: the stacked layout word by word,
-and bad inputs (mixed kinds, act-order, mismatched shapes, a dtype the experts were not packed for).
+fp32, so only the activation dtype's rounding separates them. Also: act-order experts (a per-expert input
+gather), the stacked layout word by word, and bad inputs (mixed kinds, mismatched shapes, a dtype the
+experts were not packed for).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ TOL = {torch.float16: 4e-3, torch.float32: 1e-4}  # of max |reference|
 
 
 def _quantize(w: torch.Tensor, method: str, group: int = 32, sym: bool = True):
-    if method == "int4":
-        return [rtn_grouped(e, group, bits=4, sym=sym) for e in w]
+    if method in ("int4", "int8g"):  # int8g: GPTQ / compressed-tensors 8-bit groups
+        return [rtn_grouped(e, group, bits=4 if method == "int4" else 8, sym=sym) for e in w]
     return [rtn_int8(e) if method == "int8" else rtn_fp8(e) for e in w]
 
 
@@ -48,7 +50,8 @@ def _check(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, tol: float
 
 
 @pytest.mark.parametrize(("method", "group", "sym"), [("int4", 32, True), ("int4", 64, False),
-                                                      ("int4", 128, False), ("int8", 0, True), ("fp8", 0, True)])
+                                                      ("int4", 128, False), ("int8", 0, True), ("fp8", 0, True),
+                                                      ("int8g", 32, False)])
 @pytest.mark.parametrize(("num_tokens", "local", "direct"), [(1, "all", None), (7, "ep_upper_half", False),
                                                              (3, "ep_middle", True)])
 def test_quantized_fused_moe_matches_dequantized_reference(device, method, group, sym, num_tokens, local, direct):
@@ -76,6 +79,21 @@ def test_fp32_activations_and_partial_chunks(device, method):
     _check(out, qmoe.fused_moe_quant_reference(x, w13, w2, weights, ids), torch.float32)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_order_experts_gather_their_inputs(device, bits):
+    """GPTQ act-order experts (columns sorted by group, `perm` per expert; one without): x gathered per column."""
+    w13, w2 = _experts(3, "int4" if bits == 4 else "int8g", device, group=32)
+    for e in (0, 2):
+        perm = torch.randperm(HIDDEN, generator=torch.Generator().manual_seed(e)).to(device)
+        w13[e] = GroupedWeight(w13[e].q, w13[e].scales, w13[e].mins, 32, perm=perm, bits=bits)
+    packed13 = qmoe.pack_moe(w13, torch.float16)
+    assert packed13.perm is not None and torch.equal(packed13.perm[1].long(), torch.arange(HIDDEN, device=device))
+    x = torch.randn(6, HIDDEN, device=device).half()
+    ids, weights = _routing(6, 3, 2, device)
+    out = qmoe.fused_moe_quant(x, packed13, qmoe.pack_moe(w2, torch.float16), weights.half(), ids)
+    _check(out, qmoe.fused_moe_quant_reference(x, w13, w2, weights, ids), torch.float16)
+
+
 def test_stacked_layout_is_each_experts_plane_layout(device):
     w13, _ = _experts(3, "int4", device, group=64, hidden=256)  # K = one 256-column chunk of 32-column planes
     packed = qmoe.pack_moe(w13, torch.float16)
@@ -91,9 +109,6 @@ def test_bad_inputs_are_refused(device):
     i8, _ = _experts(2, "int8", device)
     with pytest.raises(ValueError, match="same quantized kind"):
         qmoe.pack_moe([w13[0], i8[1]], torch.float16)
-    perm = GroupedWeight(w13[0].q, w13[0].scales, w13[0].mins, 32, perm=torch.arange(HIDDEN, device=device))
-    with pytest.raises(ValueError, match="act-order"):
-        qmoe.pack_moe([perm], torch.float16)
     with pytest.raises(ValueError, match="multiple of 16"):
         qmoe.moe_plane(4, 24, 96)
     p13, p2 = qmoe.pack_moe(w13, torch.float16), qmoe.pack_moe(w2, torch.float16)
@@ -153,16 +168,17 @@ def test_cuda_tiles_fit_shared_memory_for_every_kind():
     assert lowered > 0
 
 
-@pytest.mark.parametrize("bits", [4, 0])
-def test_compiles_for_h100_with_tensor_core_dots(bits):
-    """The interpreter cannot compile: the INT4 and FP8 GEMMs are compiled for sm_90 (no GPU needed) at the
-    largest bf16 band, aligned rows, and their dequantized tiles must reach tensor-core MMAs."""
+@pytest.mark.parametrize(("bits", "perm"), [(4, False), (0, False), (4, True)])
+def test_compiles_for_h100_with_tensor_core_dots(bits, perm):
+    """The interpreter cannot compile: the INT4 (also with act-order's input gather) and FP8 GEMMs are compiled
+    for sm_90 (no GPU needed) at the largest bf16 band, aligned rows; their dequantized tiles reach tensor-core MMAs."""
     from compiled_ptx import compile_ptx
 
     pointers = {"a_ptr": "*bf16", "w_ptr": "*i32" if bits else "*fp8e4nv", "s_ptr": "*bf16" if bits else "*fp32",
                 "m_ptr": "*bf16" if bits else "*fp32", "c_ptr": "*bf16", "row_weight_ptr": "*bf16",
-                "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_post_ptr": "*i32"}
+                "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_post_ptr": "*i32", "perm_ptr": "*i32"}
     constexprs = {"BITS": bits, "PLANES": 8 if bits else 1, "PLANE": 32, "GROUP": 128, "MUL_ROW_WEIGHT": True,
+                  "PERM": perm,
                   "DIRECT": False, "IEEE": False, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16}
     ptx = compile_ptx("shardserve.workers.quant.kernels.moe", "_moe_qgemm_kernel", pointers=pointers,
                       constexprs=constexprs, num_warps=8)

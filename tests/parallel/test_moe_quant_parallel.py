@@ -6,6 +6,9 @@ TP 2 with INT4 g32: every rank holds half of each expert's intermediate features
 projection is read whole, rounded, and its half of the groups kept (workers/quant/experts.py).
 EP 2 over TP 2 with INT8: each rank rounds only its 3 experts, per channel. Greedy tokens must be
 identical and logprobs within 1e-4 of the single-process run of the same quantized model.
+Pre-quantized folders (tests/quant_folders.py): GPTQ g32 asymmetric under TP 2 (each rank reads its
+rows of gate / up and its whole groups of down's packed inputs, scales and zeros) and compressed-tensors
+W4A16 under EP 2 (each rank reads only its experts' tensors), against one process on the same folder.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from parallel_helpers import (
     single_process,
     tiny_config,
 )
+from quant_folders import quantize_folder
 from transformers import AutoModelForCausalLM
 
 
@@ -42,5 +46,14 @@ def test_quantized_experts_tp_ep_equal_single_process(method: str, tp: int, ep: 
     folder = _write_moe_checkpoint(tmp_path / "qwen3_moe")
     config = engine_config(folder, tp=tp, ep=ep)
     config = replace(config, model=replace(config.model, quantization=method, quantization_group_size=32))
+    prompts = make_prompts(256)
+    assert_same_outputs(generate(single_process(config), prompts), generate(config, prompts))
+
+
+@pytest.mark.parametrize(("method", "tp", "ep"), [("gptq", 2, 1), ("packed", 2, 2)])
+def test_prequantized_experts_tp_ep_equal_single_process(method: str, tp: int, ep: int, tmp_path) -> None:
+    folder = quantize_folder(_write_moe_checkpoint(tmp_path / "qwen3_moe"), tmp_path / method, method,
+                             group_size=32, sym=False)
+    config = engine_config(folder, tp=tp, ep=ep)
     prompts = make_prompts(256)
     assert_same_outputs(generate(single_process(config), prompts), generate(config, prompts))

@@ -5,7 +5,7 @@ A tiny Qwen3-MoE checkpoint (6 experts, top-2, hidden 64, experts' intermediate 
 gone) and the sparse block's output must match `fused_moe_reference` on the same experts rounded by
 the same RTN and dequantized, much closer than to the float experts; a whole forward through the
 engine runs. The experts layer alone also checks asymmetric INT4 and per-expert checkpoint tensors
-loaded through its weight loader. Bad input: a pre-quantized format for a MoE model, an int4 group
+loaded through its weight loader. Bad input: GGUF experts (no packed reader), an int4 group
 that cannot split the experts' features over TP ranks. The Triton kernel itself is tested in
 tests/kernels/test_fused_moe_quant.py (interpreter), EP 2 / TP 2 in tests/parallel/test_moe_quant_parallel.py.
 """
@@ -22,6 +22,7 @@ from shardserve.workers.models.loader import load_model
 from shardserve.workers.models.moe import FusedExperts
 from shardserve.workers.quant.experts import ExpertQuantMethod, check_expert_layout
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
+from shardserve.workers.quant.formats.gguf import GgufLayout
 from shardserve.workers.quant.formats.gptq import GptqLayout
 from shardserve.workers.quant.kernels.moe import fused_moe_quant_reference
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
@@ -129,9 +130,11 @@ def test_experts_layer_int4_per_expert_tensors(sym):
     assert _rel_err(got, fused_moe_quant_reference(x, w13, w2, weights, ids)) < 2e-3
 
 
-def test_prequantized_formats_are_refused_for_moe_models(folder):
-    with pytest.raises(ValueError, match=r"\(gptq\) of mixture-of-experts.*int8 \| int4 \| fp8"):
-        check_expert_layout(GptqLayout(4, 128))
+def test_gguf_experts_are_refused_and_gptq_needs_a_gptq_folder(folder):
+    """GGUF experts have no packed reader (GPTQ / AWQ / compressed-tensors do: test_moe_checkpoints.py)."""
+    assert isinstance(check_expert_layout(GptqLayout(4, 128)), GptqLayout)
+    with pytest.raises(ValueError, match=r"\(gguf Q4_1\) of mixture-of-experts.*int8 \| int4 \| fp8"):
+        check_expert_layout(GgufLayout(4, "Q4_1"))
     with pytest.raises(ValueError, match="needs a gptq checkpoint"):
         _load(folder, "gptq")
 

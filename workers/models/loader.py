@@ -13,8 +13,9 @@ and fills its weights:
 Every parameter must receive a checkpoint tensor; a missing one is an error naming it.
 Quantization (workers/quant/): the folder's `quantization_config` and `ModelConfig.quantization`
 resolve to a checkpoint layout; the model is built with that layout's linear method in its
-decoder layers (and, for int8 / int4 / fp8 at load, in its MoE experts: quant/experts.py), and once
-every tensor is in, each layer packs its weights for the device.
+decoder layers and MoE experts (rounded at load: quant/experts.py; read quantized from a GPTQ / AWQ /
+compressed-tensors folder: quant/expert_checkpoint.py), layers the folder's ignore list names kept float
+(quant/ignore.py), and once every tensor is in, each layer packs its weights for the device.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from shardserve.workers.quant.experts import check_expert_layout
 from shardserve.workers.quant.formats.detect import folder_quantization, gguf_quantization, resolve_layout
 from shardserve.workers.quant.formats.gguf import GgufLayout, read_gguf_packed, unpacked_reason
 from shardserve.workers.quant.formats.layout import CheckpointLayout
-from shardserve.workers.quant.method import method_chooser
+from shardserve.workers.quant.ignore import Matcher, unquantized_matcher
+from shardserve.workers.quant.method import keep_float_layers, method_chooser
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -114,22 +116,29 @@ def resolve_max_model_len(config: Any, requested: int | None) -> int:
     return requested
 
 
-def _build(config: Any, device: torch.device, dtype: torch.dtype, layout: CheckpointLayout | None) -> nn.Module:
+def _build(config: Any, device: torch.device, dtype: torch.dtype, layout: CheckpointLayout | None,
+           is_unquantized: Matcher | None = None) -> nn.Module:
+    """The model with `layout`'s method in its linear layers and experts; `is_unquantized`: the checkpoint
+    modules a quantized folder left in float (quant/ignore.py), built with plain weights."""
     cls = model_class_for(config)
     is_moe = bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
     if is_moe:
         check_expert_layout(layout)  # refused before anything is built
     with torch.device(device), linear_methods(method_chooser(layout)):
         model = cls(config, params_dtype=dtype)
+    if is_unquantized is not None:
+        keep_float_layers(model, is_unquantized)
     if is_moe:
-        quantize_experts_at_load(model, layout)
+        quantize_experts_at_load(model, layout, is_unquantized)
     return model
 
 
 def _layout(model_config: ModelConfig, folder: Path | None, hf_config: Any,
-            dtype: torch.dtype) -> CheckpointLayout | None:
+            dtype: torch.dtype) -> tuple[CheckpointLayout | None, Matcher | None]:
+    """(layout, the modules the folder keeps float): the ignore list only of a folder read quantized."""
     entry = folder_quantization(folder, hf_config)
-    return resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
+    layout = resolve_layout(model_config.quantization, entry, dtype, model_config.quantization_group_size)
+    return layout, unquantized_matcher(entry) if layout is not None and entry is not None else None
 
 
 def _load(model: nn.Module, weights: Iterable[tuple[str, Any]], total: int, progress: bool, desc: str) -> None:
@@ -149,11 +158,11 @@ def _from_folder(folder: Path, label: str, model_config: ModelConfig, device: to
     """A Hugging Face folder: (config, tokenizer, model or None)."""
     config = AutoConfig.from_pretrained(str(folder))
     tokenizer = load_tokenizer(folder)
-    layout = _layout(model_config, folder, config, dtype)
+    layout, is_unquantized = _layout(model_config, folder, config, dtype)
     if not weights:
         return config, tokenizer, None
     files = checkpoint_files(folder)
-    model = _build(config, device, dtype, layout)
+    model = _build(config, device, dtype, layout, is_unquantized)
     _load(model, iterate_safetensors(files), count_tensors(files) if progress else 0, progress, f"loading {label}")
     return config, tokenizer, model
 
@@ -217,7 +226,7 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     model: nn.Module | None = None
     if spec.startswith(DUMMY_PREFIX):
         config = dummy_config(spec[len(DUMMY_PREFIX):])
-        layout = _layout(model_config, None, None, dtype)
+        layout, _ = _layout(model_config, None, None, dtype)
         if weights:
             model = _build(config, device, dtype, layout)
             init_dummy_weights(model, model_config.seed)

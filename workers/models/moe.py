@@ -16,8 +16,9 @@ per-expert counts on the host (`syncs_in_forward`). Expert weights are stacked:
 holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds only its range of
 experts, reads only their checkpoint tensors, and `dispatch_and_combine_unreduced` moves the
 routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block
-counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring.
-With `quantization: int8 | int4 | fp8` the experts are rounded once loaded (quant/experts.py).
+counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring. Experts are
+rounded once loaded with `quantization: int8 | int4 | fp8` (quant/experts.py), or read kept quantized from
+a GPTQ / AWQ / compressed-tensors folder (quant/expert_checkpoint.py) unless its ignore list keeps them float.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from shardserve.parallel.quant import Loadable, materialize
 from shardserve.parallel.state import get_parallel_state
 from shardserve.workers.models.layers import SiluAndMul, use_kernels
 from shardserve.workers.models.llama import LlamaForCausalLM, LlamaMLP, LlamaOptions, MLPFactory
-from shardserve.workers.quant.experts import ExpertQuantMethod, check_expert_layout
+from shardserve.workers.quant.expert_checkpoint import CheckpointExperts
+from shardserve.workers.quant.experts import ExpertQuantMethod, PackedExperts, check_expert_layout
+from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
+from shardserve.workers.quant.ignore import Matcher, all_or_none
 from torch import nn
 
 
@@ -53,6 +57,8 @@ class FusedExperts(nn.Module):
         self.intermediate_size = intermediate_size  # total, all ranks
         self.inter_per_rank = divide(intermediate_size, state.moe_tp_size)
         dtype = dtype or torch.get_default_dtype()
+        self.params_dtype = dtype
+        self.hidden_size = hidden_size
         self.w13_weight = nn.Parameter(
             torch.empty(self.num_local_experts, 2 * self.inter_per_rank, hidden_size, dtype=dtype),
             requires_grad=False)
@@ -61,7 +67,7 @@ class FusedExperts(nn.Module):
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
         self.w2_input_start = self.moe_tp_rank * self.inter_per_rank  # first w2 input column this rank reads
-        self.quant_method: ExpertQuantMethod | None = None  # set by quantize_at_load
+        self.quant_method: PackedExperts | None = None  # set by quantize_at_load / load_quantized
         self.act = SiluAndMul()  # Triton kernel on CUDA
 
     def quantize_at_load(self, method: ExpertQuantMethod) -> None:
@@ -77,9 +83,21 @@ class FusedExperts(nn.Module):
             self.w2_weight.weight_loader = self.weight_loader
             self.w2_input_start = 0
 
+    def load_quantized(self, method: CheckpointExperts) -> None:
+        """Read these experts from a quantized checkpoint (workers/quant/expert_checkpoint.py): the float
+        stacks give way to the layout's tensors; before any weight is loaded."""
+        self.quant_method = method
+        method.create(self, self.hidden_size, self.inter_per_rank, get_parallel_state().moe_tp_size)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: Loadable, shard_id: object = None) -> None:
         """shard_id = (expert, kind): kind in gate, up, down (one expert's 2-D tensor) or
-        gate_up, down with expert None (a stacked [num_experts, ...] tensor)."""
+        gate_up, down with expert None (a stacked [num_experts, ...] tensor); from a quantized
+        checkpoint (expert, projection, tensor), e.g. (7, "down_proj", "qzeros")."""
+        if isinstance(shard_id, tuple) and len(shard_id) == 3 and isinstance(self.quant_method, CheckpointExperts):
+            expert, proj, tensor = shard_id
+            if self.placement.is_local(expert):
+                self.quant_method.load(self, loaded_weight, expert - self.placement.start, proj, tensor)
+            return
         if not isinstance(shard_id, tuple) or len(shard_id) != 2:
             raise ValueError(f"expert shard_id must be (expert, kind), got {shard_id!r}")
         expert, kind = shard_id
@@ -147,15 +165,32 @@ class FusedExperts(nn.Module):
         return out
 
 
-def quantize_experts_at_load(model: nn.Module, layout: CheckpointLayout | None) -> None:
-    """Give every FusedExperts of `model` the at-load quantization of `layout` (the loader calls this
-    right after building; other quantized layouts are refused for MoE models)."""
-    at_load = check_expert_layout(layout)
-    if at_load is None:
+def quantize_experts_at_load(model: nn.Module, layout: CheckpointLayout | None,
+                             is_unquantized: Matcher | None = None) -> None:
+    """Give every FusedExperts of `model` the quantization of `layout` (the loader calls this right after
+    building): rounded at load, or read from the checkpoint's quantized tensors; experts the folder's
+    ignore list keeps float stay float (all of a layer's or none)."""
+    layout = check_expert_layout(layout)
+    if layout is None:
         return
-    for module in model.modules():
-        if isinstance(module, FusedExperts):
-            module.quantize_at_load(ExpertQuantMethod(at_load))
+    for name, module in model.named_modules():
+        if not isinstance(module, FusedExperts):
+            continue
+        if isinstance(layout, AtLoadLayout):
+            module.quantize_at_load(ExpertQuantMethod(layout))
+            continue
+        names = _checkpoint_expert_names(name, module.num_experts, isinstance(model, MixtralForCausalLM))
+        if is_unquantized is not None and all_or_none(names, is_unquantized, f"{name}'s experts"):
+            continue
+        module.load_quantized(CheckpointExperts(layout, name))
+
+
+def _checkpoint_expert_names(prefix: str, num_experts: int, mixtral: bool) -> tuple[str, ...]:
+    """Every expert projection's checkpoint module name, spelled as the family writes it."""
+    if mixtral:
+        prefix = prefix.replace(".mlp.", ".block_sparse_moe.")
+    projections = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    return tuple(f"{prefix}.{e}.{proj}" for e in range(num_experts) for proj in projections)
 
 
 def _select(weight: Loadable, index: int) -> Loadable:
@@ -243,6 +278,11 @@ _EXPERT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$"), "gate_up"),
     (re.compile(r"^(.*\.mlp\.experts)\.down_proj$"), "down"),
 )
+# A quantized checkpoint's per-expert tensors, e.g. model.layers.0.mlp.experts.7.down_proj.qzeros.
+_QUANTIZED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|gate_proj|w3|up_proj|w2|down_proj)\.(\w+)$")
+_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+# Tensors of a quantized router or shared-expert gate (ours are float: ReplicatedLinear).
+_QUANTIZED_ROUTER = re.compile(r"^(.*\.mlp\.(?:gate|shared_expert_gate))\.(?!weight$|bias$)\w+$")
 
 
 class MoEForCausalLM(LlamaForCausalLM):
@@ -252,6 +292,12 @@ class MoEForCausalLM(LlamaForCausalLM):
         return name.replace(".block_sparse_moe.", ".mlp.")
 
     def load_expert_weight(self, params: dict[str, nn.Parameter], name: str, weight: torch.Tensor) -> bool:
+        if _QUANTIZED_ROUTER.match(name):
+            raise ValueError(f"checkpoint tensor {name!r} belongs to a quantized router: MoE routers are kept in "
+                             "float (the folder's ignore / modules_to_not_convert list should name it)")
+        match = _QUANTIZED_EXPERT.match(name)
+        if match is not None and (match.group(4) != "weight" or f"{match.group(1)}.w13_weight" not in params):
+            return self._load_quantized_expert(params, name, weight, match)
         for pattern, kind in _EXPERT_PATTERNS:
             match = pattern.match(name)
             if match is None:
@@ -264,6 +310,30 @@ class MoEForCausalLM(LlamaForCausalLM):
             self.loaded_param_names.add(target)
             return True
         return False
+
+    def _load_quantized_expert(self, params: dict[str, nn.Parameter], name: str, weight: torch.Tensor,
+                               match: re.Match[str]) -> bool:
+        prefix, expert, proj, tensor = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+        proj = _PROJ.get(proj, proj)
+        experts = self.get_submodule(prefix)
+        method = experts.quant_method
+        if not isinstance(method, CheckpointExperts):
+            raise ValueError(f"checkpoint tensor {name!r} is a quantized expert tensor, but {prefix} holds float "
+                             "experts (the folder's ignore list keeps them float, or it is not quantized)")
+        target = method.param_name(proj, tensor)
+        if target is None:
+            raise ValueError(f"checkpoint tensor {name!r} is not part of the {method.layout.name} layout "
+                             f"(expected {sorted(method.specs[proj])})")
+        method.checkpoint_proj[proj] = match.group(3)
+        if not 0 <= expert < experts.num_experts:
+            raise ValueError(f"checkpoint tensor {name!r}: expert {expert} is out of range "
+                             f"(the model has {experts.num_experts})")
+        try:
+            experts.weight_loader(params[f"{prefix}.{target}"], weight, (expert, proj, tensor))
+        except (ValueError, IndexError) as exc:  # a shape that does not fit this layout / rank
+            raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
+        self.loaded_param_names.add(f"{prefix}.{target}")
+        return True
 
 
 class MixtralForCausalLM(MoEForCausalLM):

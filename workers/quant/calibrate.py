@@ -14,6 +14,8 @@ exactly what the folder holds); the layer then runs again to give the next layer
   - awq: the scale search of algorithms/awq.py per LLAMA_GROUPS group on the first
     AWQ_SEARCH_TOKENS tokens, folding, then the output-error clip on the scaled inputs of every
     token (AutoAWQ's auto_clip), then RTN of the scaled weights.
+MoE layers (transformers' fused `mlp.experts.gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`): rtn only,
+each expert's gate / up / down rounded min-max and written per expert (`mlp.experts.7.down_proj.qweight`).
 transformers' own model classes are run (AutoModelForCausalLM, forward hooks): a well-kept
 implementation of every Llama-style family, not a second copy of ours.
 """
@@ -186,12 +188,34 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise ValueError(f"{type(model).__name__} has no model.layers: quantize supports Llama-style models")
-    names = {name for name, _ in layers[0].named_modules()}
-    missing = [name for name in LINEARS if name not in names]
-    if missing:
-        raise ValueError(f"decoder layer {type(layers[0]).__name__} has no {missing}: quantize supports "
-                         f"Llama-style layers with {LINEARS}")
+    for layer in layers:
+        names = {name for name, _ in layer.named_modules()}
+        missing = [name for name in layer_linears(layer) if name not in names]
+        if missing:
+            raise ValueError(f"decoder layer {type(layer).__name__} has no {missing}: quantize supports "
+                             f"Llama-style layers with {LINEARS} (or MoE experts in mlp.experts)")
     return layers
+
+
+
+def experts_of(layer: nn.Module) -> nn.Module | None:
+    """The layer's fused MoE experts (transformers' gate_up_proj [E, 2I, H], down_proj [E, H, I]), or None."""
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        return None
+    return experts
+
+
+def layer_linears(layer: nn.Module) -> tuple[str, ...]:
+    """The quantized nn.Linear names of a decoder layer: all of LINEARS, or attention only in a MoE layer."""
+    return LINEARS if experts_of(layer) is None else tuple(n for n in LINEARS if not n.startswith("mlp."))
+
+
+def check_moe_method(layers: nn.ModuleList, spec: QuantSpec) -> None:
+    """Experts are rounded by RTN only (GPTQ / AWQ would need each expert's routed inputs)."""
+    if spec.method != "rtn" and any(experts_of(layer) is not None for layer in layers):
+        raise ValueError(f"--method {spec.method} does not quantize MoE experts yet: use --method rtn for a "
+                         "mixture-of-experts model")
 
 
 def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
@@ -200,6 +224,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
     packed weights, AWQ's norms as folded — and returns the packed tensors. calib_ids: [B, T]."""
     layers = decoder_layers(model)
     check_whole_groups(layers, spec)
+    check_moe_method(layers, spec)
     result = QuantizedModel()
     with torch.no_grad(), one_thread():  # measured 5-10x faster than 2 threads on a shared 2-core CPU
         hidden, kwargs = _first_layer_input(model, layers, calib_ids)
@@ -220,6 +245,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, spec: QuantSpec,
                 _awq_layer(layer, hidden, kwargs, spec, prefix, result)
             else:
                 _rtn_layer(layer, hidden, kwargs, spec, prefix, result)
+                _rtn_experts(layer, spec, prefix, result)
             hidden = float_out if float_out is not None else layer(hidden, **kwargs)
     return result
 
@@ -303,16 +329,36 @@ def _rtn_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
                prefix: str, result: QuantizedModel) -> None:
     """Round to nearest; with clip, each group's range searched on its output error over this
     layer's calibration inputs (the clip of AWQ without its scaling)."""
-    hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in LINEARS}
+    linears = layer_linears(layer)
+    hessians = {name: Hessian(layer.get_submodule(name).in_features) for name in linears}
     if spec.clip:
-        _inputs_of(layer, LINEARS, hidden, kwargs, lambda name, args, _kw: hessians[name].add(args[0]))
-    for name in LINEARS:
+        _inputs_of(layer, linears, hidden, kwargs, lambda name, args, _kw: hessians[name].add(args[0]))
+    for name in linears:
         w = layer.get_submodule(name).weight.float()
         weight = (clipped_grouped(w, spec.group_size, spec.bits, spec.sym, OUTPUT_MSE, hessians[name].matrix)
                   if spec.clip else rtn_grouped(w, spec.group_size, spec.bits, spec.sym))
         if spec.refit and spec.clip:
             weight = refit_scales(weight, w, hessians[name].matrix)
         _commit(layer, name, weight, spec, prefix, result)
+
+
+def _rtn_experts(layer: nn.Module, spec: QuantSpec, prefix: str, result: QuantizedModel) -> None:
+    """Each expert's gate / up / down rounded min-max, packed per expert, written back dequantized."""
+    experts = experts_of(layer)
+    if experts is None:
+        return
+    layout = spec.layout
+    inter = experts.down_proj.shape[2]
+    for e in range(experts.gate_up_proj.shape[0]):
+        parts = {"gate_proj": experts.gate_up_proj.data[e, :inter], "up_proj": experts.gate_up_proj.data[e, inter:],
+                 "down_proj": experts.down_proj.data[e]}
+        for proj, w in parts.items():
+            packed = layout.pack(rtn_grouped(w.float(), spec.group_size, spec.bits, spec.sym))
+            written = layout.unpack(packed)
+            assert isinstance(written, GroupedWeight)
+            w.copy_(written.dequantize(w.dtype))
+            result.packed[f"{prefix}mlp.experts.{e}.{proj}"] = packed
+            result.weights[f"{prefix}mlp.experts.{e}.{proj}"] = written
 
 
 def _gptq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], spec: QuantSpec,

@@ -2,7 +2,8 @@
 
 Data flow: the quantized model (its float tensors — embeddings, norms as AWQ folded them, the
 head — from `model.state_dict()`) plus the packed tensors of every quantized linear
-(`QuantizedModel.packed`, e.g. model.layers.0.self_attn.q_proj.{qweight,qzeros,scales,g_idx})
+(`QuantizedModel.packed`, e.g. model.layers.0.self_attn.q_proj.{qweight,qzeros,scales,g_idx}; MoE
+experts one by one, model.layers.0.mlp.experts.7.down_proj.*, in place of the fused float stacks)
 go into one model.safetensors; config.json is the model's config with the
 `quantization_config` entry of formats/detect.py; the tokenizer files of the source folder are
 copied as they are. The folder is written under a temporary name and renamed at the end, so an
@@ -35,6 +36,8 @@ def checkpoint_tensors(model: nn.Module, result: QuantizedModel) -> dict[str, to
         module = name.rsplit(".", 1)[0]
         if (module in result.packed and name.endswith(".weight")) or (tied and name == "lm_head.weight"):
             continue
+        if module.endswith(".mlp.experts") and f"{module}.0.gate_proj" in result.packed:
+            continue  # MoE experts: written per expert, packed (transformers' fused gate_up_proj / down_proj)
         tensors[name] = tensor.detach().contiguous().clone()
     for module, packed in result.packed.items():
         for key, tensor in packed.items():

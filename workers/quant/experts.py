@@ -12,8 +12,8 @@ Data flow for the experts of one layer on one rank (workers/models/moe.py `Fused
                   kernels/moe.py on CUDA, or one CPU runtime per expert (cpu.py: the C++ kernels or
                   torch's packed CPU matmuls), run by the layer's expert loop;
   apply           the fused quantized MoE kernel (CUDA) or the per-expert loop (CPU).
-Checkpoints already quantized (GPTQ / AWQ / compressed-tensors / GGUF) have no expert reader yet:
-`check_expert_layout` refuses them at load with the reason.
+Checkpoints already quantized (GPTQ / AWQ / compressed-tensors) are read by expert_checkpoint.py,
+which hands its unpacked experts to the same `PackedExperts` packing; GGUF experts are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
+from shardserve.workers.quant.formats.gguf import GgufLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
 from shardserve.workers.quant.weights import GroupedWeight, QuantizedWeight, narrow_inputs
 
@@ -33,9 +34,10 @@ if TYPE_CHECKING:  # imported lazily at run time: Triton only on CUDA
 ExpertLinear = Callable[[int, torch.Tensor], torch.Tensor]  # (local expert, x [n, in]) -> [n, out]
 
 
-def check_expert_layout(layout: CheckpointLayout | None) -> AtLoadLayout | None:
-    """The at-load layout a MoE model's experts are quantized with, or an error for other layouts."""
-    if layout is None or isinstance(layout, AtLoadLayout):
+def check_expert_layout(layout: CheckpointLayout | None) -> CheckpointLayout | None:
+    """The layout a MoE model's experts are quantized with (at load, or read from a GPTQ / AWQ /
+    compressed-tensors checkpoint), or an error for layouts with no expert reader (GGUF)."""
+    if layout is None or not isinstance(layout, GgufLayout):
         return layout
     raise ValueError(f"quantization ({layout.name}) of mixture-of-experts models is not supported: their "
                      "expert tensors have no reader for that format yet; serve the float checkpoint with "
@@ -73,12 +75,48 @@ def _narrow(w: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
     return narrow_inputs(w, start, size)
 
 
-class ExpertQuantMethod:
-    def __init__(self, layout: AtLoadLayout) -> None:
-        self.layout = layout
-        self.w2_input_slice: tuple[int, int] | None = None
+class PackedExperts:
+    """This rank's experts kept quantized for the device: `pack` once loaded, then `fused` / `linears`."""
+
+    def __init__(self) -> None:
         self.cpu: CpuExperts | None = None
         self.packed: tuple[MoePacked, MoePacked] | None = None  # (w13, w2) on CUDA
+
+    def pack(self, q13: list[QuantizedWeight], q2: list[QuantizedWeight], device: torch.device,
+             dtype: torch.dtype) -> None:
+        """Per-expert unpacked weights (w13 = gate rows then up rows, w2 this rank's inputs) -> runtime form."""
+        if device.type == "cuda":
+            from shardserve.workers.quant.kernels.moe import pack_moe
+
+            self.packed = (pack_moe(q13, dtype), pack_moe(q2, dtype))
+        else:
+            from shardserve.workers.quant.cpu import cpu_runtime
+
+            self.cpu = CpuExperts([cpu_runtime(w) for w in q13], [cpu_runtime(w) for w in q2])
+
+    def fused(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              local_expert_start: int) -> torch.Tensor:
+        """The CUDA path: one fused MoE with the experts dequantized in its GEMMs."""
+        if self.packed is None:
+            raise RuntimeError("quantized experts used before their weights finished loading (or not on CUDA)")
+        from shardserve.workers.quant.kernels.moe import fused_moe_quant
+
+        w13, w2 = self.packed
+        return fused_moe_quant(x, w13, w2, topk_weights, topk_ids, local_expert_start)
+
+    def linears(self) -> tuple[ExpertLinear, ExpertLinear]:
+        """The CPU path: (up, down) per local expert, for the layer's expert loop."""
+        if self.cpu is None:
+            raise RuntimeError("quantized experts on CUDA run in the fused MoE kernel only "
+                               "(set_fused_kernels(False) is not supported for them)")
+        return self.cpu.up, self.cpu.down
+
+
+class ExpertQuantMethod(PackedExperts):
+    def __init__(self, layout: AtLoadLayout) -> None:
+        super().__init__()
+        self.layout = layout
+        self.w2_input_slice: tuple[int, int] | None = None
 
     def full_w2_inputs(self, tp_rank: int, tp_size: int, inter_per_rank: int) -> bool:
         """Whether w2 is loaded with every input feature (then sliced after rounding): under MoE TP."""
@@ -105,28 +143,4 @@ class ExpertQuantMethod:
         w13, w2 = layer.w13_weight.data, layer.w2_weight.data
         q13, q2 = self.quantize(w13, w2)
         del layer._parameters["w13_weight"], layer._parameters["w2_weight"]
-        if w13.device.type == "cuda":
-            from shardserve.workers.quant.kernels.moe import pack_moe
-
-            self.packed = (pack_moe(q13, w13.dtype), pack_moe(q2, w13.dtype))
-        else:
-            from shardserve.workers.quant.cpu import cpu_runtime
-
-            self.cpu = CpuExperts([cpu_runtime(w) for w in q13], [cpu_runtime(w) for w in q2])
-
-    def fused(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-              local_expert_start: int) -> torch.Tensor:
-        """The CUDA path: one fused MoE with the experts dequantized in its GEMMs."""
-        if self.packed is None:
-            raise RuntimeError("quantized experts used before their weights finished loading (or not on CUDA)")
-        from shardserve.workers.quant.kernels.moe import fused_moe_quant
-
-        w13, w2 = self.packed
-        return fused_moe_quant(x, w13, w2, topk_weights, topk_ids, local_expert_start)
-
-    def linears(self) -> tuple[ExpertLinear, ExpertLinear]:
-        """The CPU path: (up, down) per local expert, for the layer's expert loop."""
-        if self.cpu is None:
-            raise RuntimeError("quantized experts on CUDA run in the fused MoE kernel only "
-                               "(set_fused_kernels(False) is not supported for them)")
-        return self.cpu.up, self.cpu.down
+        self.pack(q13, q2, w13.device, w13.dtype)

@@ -12,6 +12,7 @@ Data flow for one linear layer of one rank:
   apply           y = runtime(x, bias).
 `choose_method` is what the loader passes to `linear_methods`: every tensor-parallel linear layer
 of the decoder is quantized; replicated layers (the MoE router) and the LM head stay in the model dtype.
+`keep_float_layers` then gives plain weights back to the layers a checkpoint's ignore list names (ignore.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from dataclasses import replace
 
 import torch
 from shardserve.parallel.linear import ReplicatedLinear, RowParallelLinear
-from shardserve.parallel.quant import Loadable, ShardSlice, copy_shard, materialize
+from shardserve.parallel.quant import Loadable, ShardSlice, UnquantizedLinearMethod, copy_shard, materialize
 from shardserve.workers.quant.formats.at_load import AtLoadLayout
 from shardserve.workers.quant.formats.layout import CheckpointLayout
+from shardserve.workers.quant.ignore import Matcher, all_or_none, checkpoint_names
 from shardserve.workers.quant.weights import QuantizedWeight, StackedWeight, narrow_inputs
 from torch import nn
 
@@ -109,3 +111,22 @@ def method_chooser(layout: CheckpointLayout | None) -> Callable[[nn.Module], Qua
         return QuantLinearMethod(layout)
 
     return choose
+
+
+def keep_float_layers(model: nn.Module, is_unquantized: Matcher) -> None:
+    """Layers of a quantized checkpoint that its ignore list keeps in float (e.g. Qwen2-MoE shared experts
+    some tools leave alone) get plain weights in place of the layout's tensors; before any weight is loaded."""
+    for name, layer in model.named_modules():
+        method = getattr(layer, "quant_method", None)
+        if not isinstance(method, QuantLinearMethod) or isinstance(method.layout, AtLoadLayout):
+            continue
+        if not all_or_none(checkpoint_names(name), is_unquantized, name):
+            continue
+        device = getattr(layer, method.names[0]).device
+        for param_name in method.names:
+            del layer._parameters[param_name]
+        layer.quant_method = UnquantizedLinearMethod()
+        with torch.device(device):
+            layer.quant_method.create_weights(layer, layer.input_size_per_partition, layer.output_partition_sizes,
+                                              layer.params_dtype)
+        layer.weight.weight_loader = layer.weight_loader

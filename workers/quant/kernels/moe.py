@@ -3,9 +3,10 @@
 Data flow: `pack_moe(experts, dtype)` takes this rank's experts of one projection (a list of E
 unpacked weights of ../weights.py, all INT4 groups, all INT8 or all FP8) and stacks them once:
   - INT4 / INT8: each expert in packed.py's plane layout (`pack_planes`; INT8 as u = q + 128 with
-    one group spanning K, like int8.py), words [E, N, KW], scales and mins [E, G, N] in the activation
+    one group spanning K, like int8.py; 8-bit groups of GPTQ / compressed-tensors as they are), words [E, N, KW], scales and mins [E, G, N] in the activation
     dtype. PLANE is 32 or 16 columns (tl.dot's smallest K), chosen so a plane lies inside a group
     and K pads to few chunks (the Qwen3-30B-A3B TP 2 down projection has K = 384);
+  - act-order experts (GPTQ g_idx; columns sorted by group): perm [E, K], the activation gathered per column;
   - FP8: e4m3 weights [E, N, K] as they are and fp32 per-channel scales [E, N]. W8A16: each tile is
     widened to the activation dtype before tl.dot and the scale applied once to the accumulator
     (no activation quantization: the MoE's per-expert GEMMs are small and weight-bound).
@@ -48,6 +49,7 @@ class MoePacked:
     plane: int  # columns per plane (planes only)
     group_size: int  # columns per scale (INT8: the padded K, one group)
     k: int  # input features
+    perm: torch.Tensor | None = None  # int32 [E, K]: act-order, column c of expert e reads input perm[e, c]
 
     @property
     def num_experts(self) -> int:
@@ -77,6 +79,7 @@ def pack_moe(experts: list[QuantizedWeight], dtype: torch.dtype) -> MoePacked:
     if any(type(w) is not type(first) or w.q.shape != first.q.shape for w in experts):
         raise ValueError("every expert of a projection must have the same quantized kind and shape")
     n, k = first.q.shape
+    perm = None
     if isinstance(first, Fp8Weight):
         q = torch.stack([w.q for w in experts]).contiguous()
         scales = torch.stack([w.scales.float() for w in experts]).view(len(experts), 1, n).contiguous()
@@ -87,13 +90,15 @@ def pack_moe(experts: list[QuantizedWeight], dtype: torch.dtype) -> MoePacked:
         plane = moe_plane(8, 128, k)  # INT8 has one group a row: any plane fits it
         group = -(-k // (4 * plane)) * 4 * plane  # the padded K: one group a row
     elif isinstance(first, GroupedWeight):
-        if first.bits != 4 or any(w.perm is not None for w in experts):
-            raise ValueError("quantized experts take 4-bit groups without act-order (perm), "
-                             f"got {first.bits}-bit{' with act-order' if first.perm is not None else ''}")
-        u, bits = [w.q for w in experts], 4
+        if first.bits not in (4, 8) or any(w.bits != first.bits for w in experts):
+            raise ValueError(f"quantized experts take 4- or 8-bit groups, got {first.bits}-bit")
+        if any(w.perm is not None for w in experts):  # act-order: each expert gathers its inputs in its order
+            identity = torch.arange(k, device=first.q.device)
+            perm = torch.stack([identity if w.perm is None else w.perm for w in experts]).to(torch.int32)
+        u, bits = [w.q for w in experts], first.bits
         scales, mins = [w.scales for w in experts], [w.mins for w in experts]
         group = first.group_size
-        plane = moe_plane(4, group, k)
+        plane = moe_plane(bits, group, k)
     else:
         raise TypeError(f"no fused MoE path for {type(first).__name__}")
     words = pack_planes(torch.cat(u), bits, plane).view(len(experts), n, -1)
@@ -102,7 +107,7 @@ def pack_moe(experts: list[QuantizedWeight], dtype: torch.dtype) -> MoePacked:
         mins = [-128.0 * s for s in scales]
     s = torch.stack([pad_groups(t, groups, dtype) for t in scales])
     m = torch.stack([pad_groups(t, groups, dtype) for t in mins])
-    return MoePacked(words.contiguous(), s, m, bits=bits, plane=plane, group_size=group, k=k)
+    return MoePacked(words.contiguous(), s, m, bits=bits, plane=plane, group_size=group, k=k, perm=perm)
 
 
 @triton.jit
@@ -127,10 +132,11 @@ def _block_rows(sorted_ids_ptr, expert_ids_ptr, num_post_ptr, pid_m, num_rows, e
 
 @triton.jit(do_not_specialize=["num_rows", "expert_lo", "num_local"])
 def _moe_qgemm_kernel(
-    a_ptr, w_ptr, s_ptr, m_ptr, c_ptr, row_weight_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    a_ptr, w_ptr, s_ptr, m_ptr, c_ptr, row_weight_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, perm_ptr,
     num_rows, N, K, KW, a_row_div, expert_lo, num_local,
     stride_am, stride_we, stride_se, stride_cm,
     BITS: tl.constexpr, PLANES: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr, MUL_ROW_WEIGHT: tl.constexpr,
+    PERM: tl.constexpr,
     DIRECT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -181,7 +187,11 @@ def _moe_qgemm_kernel(
                 m = tl.load(m_expert + g + offs_n, mask=n_mask, other=0.0).to(tl.float32) - s
                 w = (_unpack(words, i, BITS) * s[None, :] + m[None, :]).to(dtype)  # [PLANE, BLOCK_N]
                 cols = col0 + offs_j
-                a = tl.load(a_rows + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+                if PERM:  # act-order: sorted column c holds input feature perm[expert, c]
+                    src = tl.load(perm_ptr + expert * K + cols, mask=cols < K, other=0).to(tl.int64)
+                else:
+                    src = cols
+                a = tl.load(a_rows + src[None, :], mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
                 if IEEE:
                     acc = tl.dot(a, w, acc, input_precision="ieee")
                 else:
@@ -221,10 +231,11 @@ def _qgemm(a: torch.Tensor, w: MoePacked, out: torch.Tensor, rows: fm.MoeRows, a
     block_k = FP8_BLOCK_K if not a.is_cuda else tiles.block_k
     _moe_qgemm_kernel[grid](
         a, w.words, w.scales, w.mins, out, out if row_weights is None else row_weights,
-        rows.sorted_ids, rows.expert_ids, rows.num_post,
+        rows.sorted_ids, rows.expert_ids, rows.num_post, w.words if w.perm is None else w.perm,
         out.shape[0], w.n, w.k, w.words.shape[2], a_row_div, rows.expert_lo, rows.num_local,
         a.stride(0), w.words.stride(0), w.scales.stride(0), out.stride(0),
         BITS=w.bits, PLANES=32 // w.bits if w.bits else 1, PLANE=max(w.plane, 16), GROUP=w.group_size, MUL_ROW_WEIGHT=row_weights is not None,
+        PERM=w.perm is not None,
         DIRECT=rows.direct, IEEE=a.dtype == torch.float32, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k, GROUP_M=tiles.group_m,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
