@@ -15,10 +15,10 @@ per-expert counts on the host (`syncs_in_forward`). Expert weights are stacked:
 `w2_weight [num_local_experts, hidden, inter / moe_tp]`. Without expert parallelism every rank
 holds every expert (moe_tp = tp); under EP (parallel/expert.py) a rank holds only its range of
 experts, reads only their checkpoint tensors, and `dispatch_and_combine_unreduced` moves the
-routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce). Each block
-counts the tokens routed to every expert (`expert_load`) on the device, for load monitoring. Experts are
-rounded once loaded with `quantization: int8 | int4 | fp8` (quant/experts.py), or read kept quantized from
-a GPTQ / AWQ / compressed-tensors folder (quant/expert_checkpoint.py) unless its ignore list keeps them float.
+routed tokens (all-to-all) or leaves the partial outputs to be summed (all-reduce); `expert_load`
+counts the tokens routed to every expert. Experts are rounded once loaded (`quantization: int8 |
+int4 | fp8`, quant/experts.py) or read kept quantized from a GPTQ / AWQ / compressed-tensors folder
+(quant/expert_checkpoint.py) unless its ignore list keeps them float.
 """
 
 from __future__ import annotations
