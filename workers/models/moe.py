@@ -1,11 +1,10 @@
 """Sparse mixture-of-experts models: Mixtral, Qwen2-MoE and Qwen3-MoE on the Llama skeleton.
 
-Data flow of one MoE MLP: hidden [T, hidden] -> replicated router -> softmax over the experts
-(float32) -> top-k experts per token, weights renormalised to sum to 1 (Mixtral always,
-Qwen2/3-MoE when `norm_topk_prob`) -> this rank's experts run their SiLU-gated MLPs on the
-tokens routed to them -> partial sums over this rank's slice of every expert's intermediate
-features (+ Qwen2-MoE's shared expert, a dense TP-sharded MLP scaled by its sigmoid gate) -> one
-TP all-reduce, left to the next RMSNorm in a decoder layer (`forward_unreduced`).
+Data flow of one MoE MLP: hidden [T, hidden] -> replicated router -> float32 softmax -> top-k
+experts per token, weights renormalised (Mixtral always, Qwen2/3-MoE when `norm_topk_prob`) ->
+this rank's experts run their SiLU-gated MLPs on their tokens -> partial sums over this rank's
+slice of every expert's intermediate features (+ Qwen2-MoE's shared expert, a dense TP-sharded
+MLP scaled by its sigmoid gate) -> one TP all-reduce, left to the next RMSNorm (`forward_unreduced`).
 
 On CUDA the experts run as one fused grouped GEMM (`kernels/fused_moe.py`: static shapes, no host
 sync, so decode steps can be captured in CUDA graphs) and routing is one Triton kernel
