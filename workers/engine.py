@@ -84,7 +84,12 @@ class LLMEngine:
         self.speculator = None
         if config.speculative.enabled:  # a draft model (spec/draft.py) needs the target's config and model
             target = TargetModel(config, self.loaded, self.num_blocks, engine_factory=type(self))
-            self.speculator = Speculator(config.speculative, make_proposer(config.speculative, target), backoff)
+            try:
+                proposer = make_proposer(config.speculative, target)
+            except BaseException:  # a draft refused at start-up: the worker ranks already run, stop them
+                self.executor.shutdown()
+                raise
+            self.speculator = Speculator(config.speculative, proposer, backoff)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
                                    async_scheduling=self.async_scheduling, speculator=self.speculator)
