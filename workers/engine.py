@@ -41,7 +41,7 @@ from shardserve.workers.request import FinishReason, Request, RequestOutput, Sam
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.scoring import score_tokens
 from shardserve.workers.scheduler.scheduler import Scheduler
-from shardserve.workers.spec.factory import make_proposer
+from shardserve.workers.spec.factory import check_proposer, make_proposer
 from shardserve.workers.spec.proposer import TargetModel
 from shardserve.workers.spec.speculator import Speculator
 from shardserve.workers.stats import ThroughputMeter
@@ -68,6 +68,8 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         if config.model.max_model_len is not None:
             self.max_model_len = min(self.max_model_len, config.model.max_model_len)
+        if config.speculative.enabled and config.parallel.world_size > 1:  # refuse a bad draft before the ranks start
+            check_proposer(config.speculative, config.model, self.loaded)
         self.executor: Executor = make_executor(config, self.loaded, device)
         self.num_blocks = self.executor.num_blocks
         self.eos_token_id = self.loaded.eos_token_ids[0] if self.loaded.eos_token_ids else None

@@ -6,8 +6,9 @@ output are accepted often; the test checks they were, or it would prove nothing.
 all come back (rejected drafts leave nothing behind). The draft model (the same checkpoint cut to
 3 of its 4 layers: self-speculation) runs at TP 1 in the driver beside the TP 2 target, whose
 weights live only in the ranks: it loads its own copy. Its run repeats every prompt with a KV
-pool too small for them all (prefix-cache hits, preemption by recompute). A draft with another
-vocabulary is refused at start-up under TP 2 too, and the ranks already started are stopped.
+pool too small for them all (prefix-cache hits, preemption by recompute). Bad drafts are refused
+at start-up under TP 2 too: another vocabulary or layer count before the ranks start, a KV pool
+that does not fit once they run (and then they are stopped).
 (The embedded SmolLM2 itself cannot run at TP 2: its 9 attention heads do not split in two.)
 """
 
@@ -71,8 +72,16 @@ def test_tp2_target_with_layer_truncated_draft_equals_single_process_plain(folde
     assert len(proposer.engine.loaded.model.model.layers) == 3  # ...the draft holds its own 3 layers
 
 
-def test_tp2_draft_with_another_vocabulary_is_refused_and_the_ranks_stop(folder) -> None:
-    spec = SpeculativeConfig(speculative_method="draft", draft_model="dummy:tiny-llama")
-    with pytest.raises(ValueError, match="has a vocabulary of 256 tokens, the target 'llama' one of 250"):
+@pytest.mark.parametrize(("options", "message"), [
+    # checked on the target's config and tokenizer before the ranks start
+    ({"draft_model": "dummy:tiny-llama"}, "has a vocabulary of 256 tokens, the target 'llama' one of 250"),
+    ({"draft_num_layers": 5}, "draft_num_layers must be in [1, 4] (the draft model's num_hidden_layers), got 5"),
+    # checked once the ranks run (the draft's pool is sized after the target's): they are stopped
+    ({"draft_num_blocks": 10**9}, "the draft model does not fit: its KV pool of 1000000000 blocks"),
+])
+def test_tp2_bad_drafts_are_refused_at_start_up_and_leave_no_rank(folder, options: dict, message: str) -> None:
+    spec = SpeculativeConfig(speculative_method="draft", **{"draft_model": str(folder), **options})
+    with pytest.raises(ValueError) as info:
         LLMEngine(replace(engine_config(folder, tp=2), speculative=spec))
+    assert message in str(info.value)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("shardserve-rank")]

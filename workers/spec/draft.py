@@ -55,13 +55,10 @@ class DraftModelProposer(Proposer):
     batched = True
 
     def __init__(self, config: SpeculativeConfig, target: TargetModel) -> None:
-        assert config.draft_model is not None  # SpeculativeConfig refuses method draft without it
-        model_config = draft_model_config(config, target)
+        model_config = draft_model_config(config, target.config.model, target.loaded)
         device, dtype = target.loaded.device, target.loaded.dtype
-        header = load_model(model_config, device, dtype, weights=False)
-        check_vocabulary(header, target.loaded)
+        header = check_draft(config, target.config.model, target.loaded)
         num_layers = config.draft_num_layers
-        check_num_layers(num_layers, header.hf_config)
         self.shares_target_weights = shares_target_weights(model_config, target.config.model, target.loaded)
         if self.shares_target_weights:
             loaded = replace(header, model=shared_view(target.loaded.model))
@@ -112,9 +109,20 @@ class DraftModelProposer(Proposer):
         self.engine.shutdown()
 
 
-def draft_model_config(config: SpeculativeConfig, target: TargetModel) -> ModelConfig:
-    """The draft's weights on the target's device in the target's dtype."""
-    model, loaded = target.config.model, target.loaded
+def check_draft(config: SpeculativeConfig, target_model: ModelConfig, target: LoadedModel) -> LoadedModel:
+    """The checks that need no weights, on the target's header (config and tokenizer; the engine
+    runs them before it starts the target's ranks, the proposer again): the draft's vocabulary and
+    layer count. Returns the draft's header (LoadedModel without a model)."""
+    assert config.draft_model is not None  # SpeculativeConfig refuses method draft without it
+    model_config = draft_model_config(config, target_model, target)
+    header = load_model(model_config, target.device, target.dtype, weights=False)
+    check_vocabulary(header, target)
+    check_num_layers(config.draft_num_layers, header.hf_config)
+    return header
+
+
+def draft_model_config(config: SpeculativeConfig, model: ModelConfig, loaded: LoadedModel) -> ModelConfig:
+    """The draft's weights on the target's device in the target's dtype (`model`, `loaded`: the target's)."""
     return ModelConfig(
         model=config.draft_model, dtype=_DTYPE_NAMES.get(loaded.dtype, "auto"), device=str(loaded.device),
         seed=model.seed, quantization=config.draft_quantization,
