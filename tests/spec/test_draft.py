@@ -4,7 +4,8 @@ Greedy outputs with a draft model must equal the plain engine's token for token.
 SmolLM2 itself (every draft must then be accepted: the test reads it from the spec metrics) with
 a KV pool small enough to preempt and the prompts twice (prefix-cache hits, in the target and in
 the draft's own engine); and SmolLM2 cut to 24 of its 30 layers (self-speculation), with the
-`bench latency --draft-*` flags' mapping. Each bad setting is refused at start-up with its reason: another
+`bench latency --draft-*` flags' mapping, sharing the target's tensors; and at tensor parallel 3,
+where the draft loads its own copy. Each bad setting is refused at start-up with its reason: another
 vocabulary, a KV pool that does not fit, a layer count out of range, draft fields without method
 `draft`, method `draft` without a draft model.
 """
@@ -109,6 +110,23 @@ def test_layer_truncated_self_draft_shares_the_targets_weights_and_is_lossless(p
         assert [o.outputs[0].token_ids for o in got] == want[:2]
         spec = llm.engine.stats().spec_decode
         assert spec.num_draft_tokens >= spec.num_accepted_tokens > 0, spec
+    finally:
+        llm.engine.shutdown()
+
+
+def test_smollm2_at_tp3_with_a_layer_truncated_self_draft_equals_plain(prompts, want) -> None:
+    """The target at tensor parallel 3 (gloo, three rank processes; SmolLM2's 9 heads and 3 KV heads
+    do not split in two), the draft at TP 1 in the driver, which holds no target weights: the vocabulary
+    check reads the target's header, the draft loads its own 20 layers; outputs equal the plain engine's."""
+    llm = LLM("default", tensor_parallel_size=3, speculative={"method": "draft", "draft_model": "default",
+                                                              "draft_num_layers": 20, "num_speculative_tokens": 3})
+    try:
+        proposer = llm.engine.speculator.proposer
+        assert llm.engine.loaded.model is None and not proposer.shares_target_weights
+        assert len(proposer.engine.loaded.model.model.layers) == 20
+        got = llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+        assert [o.outputs[0].token_ids for o in got] == want[:2]
+        assert llm.engine.stats().spec_decode.num_draft_tokens > 0
     finally:
         llm.engine.shutdown()
 
