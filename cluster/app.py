@@ -5,7 +5,8 @@ config file / RayService names `import_path: shardserve.cluster.app:app_builder`
   - per model, an LLMServer deployment (cluster/server.py) named `LLMServer_<i>_<name>`, with
     `num_replicas` or an `autoscaling_config`, the prefix-affinity router (cluster/router.py) and
     resources for one worker group: with tp × pp = 1 the replica runs the model itself; otherwise
-    it is the engine's driver (CPUs only) and a placement group reserves one bundle per rank
+    it is the engine's driver (CPUs only; with a draft model on GPU ranks, a sliver of rank 0's
+    GPU: the draft runs in the driver) and a placement group reserves one bundle per rank
     (bundle 0 shared with the replica; STRICT_PACK for one stage, PACK when stages may span nodes);
   - one Ingress deployment (cluster/ingress/deployment.py) bound to a handle per model: the OpenAI
     HTTP API (through Serve's HTTP proxy; with mutual TLS itself: http_server.py) and its own gRPC
@@ -40,6 +41,8 @@ INGRESS_MIN_ONGOING_REQUESTS = 4096
 # Serve's per-replica cap sits above the engine's own (running + waiting), so the engine answers
 # "queue full" (429) itself and stats / health calls still reach a busy replica.
 CONTROL_HEADROOM = 32
+# Of bundle 0's GPU, what a worker group's replica takes when it runs a draft model (`driver_gpus`).
+DRAFT_DRIVER_GPU_SHARE = 0.01
 # Ray Serve's own switches for every Serve process, read from the environment when Ray starts it:
 # user code on the replica's main loop and the handle's router on the caller's loop (two thread
 # hops fewer per request and per streamed message), and the HTTP proxy calling the Ingress over
@@ -103,7 +106,7 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
     else:
         options["num_replicas"] = model.num_replicas
     if model.world_size > 1:
-        options["ray_actor_options"] = {"num_cpus": res.num_cpus_per_worker, "num_gpus": 0}
+        options["ray_actor_options"] = {"num_cpus": res.num_cpus_per_worker, "num_gpus": driver_gpus(model)}
         bundles = worker_group_bundles(model)
         if bundles:
             options["placement_group_bundles"] = bundles
@@ -111,8 +114,17 @@ def llm_server_options(index: int, model: ModelSection) -> dict[str, Any]:
     return options
 
 
+def driver_gpus(model: ModelSection) -> float:
+    """The GPU share of a worker group's replica (its driver): none, unless it runs a draft model
+    (speculative method `draft`: at TP 1 in the driver, on the driver's device) on GPU ranks; then
+    DRAFT_DRIVER_GPU_SHARE of bundle 0's GPU, so the driver sees rank 0's GPU (the ranks keep the rest)."""
+    if model.speculative.to_engine().speculative_method == "draft" and model.resources.num_gpus_per_worker > 0:
+        return DRAFT_DRIVER_GPU_SHARE
+    return 0
+
+
 def worker_group_bundles(model: ModelSection) -> list[dict[str, float]]:
-    """One bundle per rank; bundle 0 also holds the replica (the engine's driver: CPUs only).
+    """One bundle per rank; bundle 0 also holds the replica (the engine's driver: CPUs, and `driver_gpus`).
 
     The replica's RayExecutor (workers/group.py) finds this placement group and starts rank r's
     actor in bundle r with what is left of it: `num_cpus_per_worker` CPUs and `num_gpus_per_worker`

@@ -259,6 +259,8 @@ class LLMServer:
             "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
             "process_rss_bytes": process_rss_bytes(),
             "cost": None if stats.cost is None else asdict(stats.cost),  # /v1/stats (cluster/ingress/cost_view.py)
+            # speculative decoding's totals (drafts, draft / accepted tokens, per position), null when off
+            "spec_decode": None if stats.spec_decode is None else asdict(stats.spec_decode),
         }
 
     async def check_health(self) -> None:

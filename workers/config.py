@@ -329,8 +329,9 @@ class SpeculativeConfig:
         "copy of the target is a draft); null = as its checkpoint is. Only with method `draft`.")
     draft_num_layers: int | None = setting(
         None, "draft: layer-truncated self-speculation — keep the first L decoder layers (+ final norm and LM head) "
-        "of the draft model, L in [1, its num_hidden_layers] (checked at start-up); null = all layers. Only with "
-        "method `draft`.", ge=1)
+        "of the draft model, L in [1, its num_hidden_layers] (checked at start-up); null = all layers. A draft that "
+        "is the target's own model (same source and quantization) at tensor parallel 1 runs over the target's "
+        "tensors (no second copy). Only with method `draft`.", ge=1)
     draft_num_blocks: int | None = setting(
         None, "draft: the draft's own paged KV pool in blocks of cache.block_size, >= 2 (prefix caching on); "
         "null = as many blocks as the target's pool (the draft holds as many tokens as the target), or what 80 % of "

@@ -41,7 +41,7 @@ from shardserve.workers.request import FinishReason, Request, RequestOutput, Sam
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.runner.scoring import score_tokens
 from shardserve.workers.scheduler.scheduler import Scheduler
-from shardserve.workers.spec.factory import make_proposer
+from shardserve.workers.spec.factory import check_proposer, make_proposer
 from shardserve.workers.spec.proposer import TargetModel
 from shardserve.workers.spec.speculator import Speculator
 from shardserve.workers.stats import ThroughputMeter
@@ -68,6 +68,8 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         if config.model.max_model_len is not None:
             self.max_model_len = min(self.max_model_len, config.model.max_model_len)
+        if config.speculative.enabled and config.parallel.world_size > 1:  # refuse a bad draft before the ranks start
+            check_proposer(config.speculative, config.model, self.loaded)
         self.executor: Executor = make_executor(config, self.loaded, device)
         self.num_blocks = self.executor.num_blocks
         self.eos_token_id = self.loaded.eos_token_ids[0] if self.loaded.eos_token_ids else None
@@ -84,7 +86,12 @@ class LLMEngine:
         self.speculator = None
         if config.speculative.enabled:  # a draft model (spec/draft.py) needs the target's config and model
             target = TargetModel(config, self.loaded, self.num_blocks, engine_factory=type(self))
-            self.speculator = Speculator(config.speculative, make_proposer(config.speculative, target), backoff)
+            try:
+                proposer = make_proposer(config.speculative, target)
+            except BaseException:  # a draft refused at start-up: the worker ranks already run, stop them
+                self.executor.shutdown()
+                raise
+            self.speculator = Speculator(config.speculative, proposer, backoff)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
                                    async_scheduling=self.async_scheduling, speculator=self.speculator)

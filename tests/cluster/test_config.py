@@ -115,7 +115,7 @@ def test_app_args_round_trip_through_app_builder_schema():
 
 
 def test_llm_server_options_reserve_a_worker_group():
-    from shardserve.cluster.app import llm_server_options
+    from shardserve.cluster.app import DRAFT_DRIVER_GPU_SHARE, llm_server_options
 
     tp4pp2 = load_config(Path(CONFIGS[0]).parent / "llama-70b-tp4-pp2.yaml").models[0]
     options = llm_server_options(0, tp4pp2)
@@ -128,6 +128,14 @@ def test_llm_server_options_reserve_a_worker_group():
     assert "runtime_env" not in actor
     router = options["request_router_config"]
     assert router.request_router_kwargs == {"prefix_affinity": True, "max_load_imbalance": 8}
+    # A draft model runs in the driver (workers/spec/draft.py): the replica takes a sliver of rank 0's
+    # GPU so it sees that device; the ranks take the rest of theirs (workers/group.py). Not on CPU.
+    for num_gpus, driver in ((1, DRAFT_DRIVER_GPU_SHARE), (0, 0)):
+        draft = ModelSection.model_validate({
+            "name": "d", "source": "default", "parallel": {"tensor_parallel_size": 2},
+            "resources": {"num_gpus_per_worker": num_gpus},
+            "speculative": {"method": "draft", "draft_model": "default"}})  # fmt: skip
+        assert llm_server_options(0, draft)["ray_actor_options"]["num_gpus"] == driver
     auto = load_config(Path(CONFIGS[0]).parent / "autoscaling-dp.yaml").models[0]
     scaling = llm_server_options(0, auto)
     assert scaling["autoscaling_config"]["max_replicas"] == 8 and "num_replicas" not in scaling

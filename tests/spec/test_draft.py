@@ -4,12 +4,15 @@ Greedy outputs with a draft model must equal the plain engine's token for token.
 SmolLM2 itself (every draft must then be accepted: the test reads it from the spec metrics) with
 a KV pool small enough to preempt and the prompts twice (prefix-cache hits, in the target and in
 the draft's own engine); and SmolLM2 cut to 24 of its 30 layers (self-speculation), with the
-`bench latency --draft-*` flags' mapping. Each bad setting is refused at start-up with its reason: another
+`bench latency --draft-*` flags' mapping, sharing the target's tensors; and at tensor parallel 3,
+where the draft loads its own copy. Each bad setting is refused at start-up with its reason: another
 vocabulary, a KV pool that does not fit, a layer count out of range, draft fields without method
 `draft`, method `draft` without a draft model.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 from shardserve.workers.bench.spec_tasks import TASKS
@@ -18,6 +21,7 @@ from shardserve.workers.llm import LLM
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.spec.draft import DraftModelProposer
 from shardserve.workers.spec.proposer import TargetModel
+from shardserve.workers.spec.self_draft import parameter_bytes, shares_target_weights
 
 MAX_TOKENS = 16
 SELF_DRAFT = {"method": "draft", "draft_model": "default", "num_speculative_tokens": 4}
@@ -73,10 +77,12 @@ def test_target_as_its_own_draft_accepts_everything_under_preemption_and_prefix_
         llm.engine.shutdown()
 
 
-def test_layer_truncated_self_draft_is_lossless(prompts, want) -> None:
-    """Self-speculation: SmolLM2 cut to its first 24 of 30 layers drafts for SmolLM2; the outputs equal
-    the plain engine's, drafts were proposed and some accepted. The `bench latency --draft-*` flags
-    map onto the same SpeculativeConfig fields (the bench itself is tested with ngram)."""
+def test_layer_truncated_self_draft_shares_the_targets_weights_and_is_lossless(prompts, want) -> None:
+    """Self-speculation: SmolLM2 cut to its first 24 of 30 layers drafts for SmolLM2; the draft's
+    parameters are the target's own tensors (no second copy: the draft holds 0 bytes of its own), the
+    target keeps its 30 layers, the outputs equal the plain engine's, drafts were proposed and some
+    accepted. The `bench latency --draft-*` flags map onto the same SpeculativeConfig fields (the
+    bench itself is tested with ngram)."""
     from shardserve.cluster.cli import build_parser
     from shardserve.workers.bench.spec_runs import speculative_config
 
@@ -88,11 +94,39 @@ def test_layer_truncated_self_draft_is_lossless(prompts, want) -> None:
     llm = LLM("default", speculative={"method": "draft", "draft_model": "default", "draft_num_layers": 24,
                                       "num_speculative_tokens": 3})
     try:
-        assert len(llm.engine.speculator.proposer.engine.loaded.model.model.layers) == 24
+        proposer = llm.engine.speculator.proposer
+        draft, target = proposer.engine.loaded.model, llm.engine.loaded.model
+        assert proposer.shares_target_weights
+        assert len(draft.model.layers) == 24 and len(target.model.layers) == 30
+        assert all(mine is theirs for mine, theirs in zip(draft.model.layers, target.model.layers[:24], strict=True))
+        target_ptrs = {t.data_ptr() for t in target.parameters()}
+        assert all(t.data_ptr() in target_ptrs for t in draft.parameters())
+        assert draft.lm_head.weight.data_ptr() == target.lm_head.weight.data_ptr()
+        assert draft.cpu_lm_head is target.cpu_lm_head  # the packed CPU LM head too (None where unused)
+        saved = parameter_bytes(draft)  # what a loaded copy of the truncated draft holds
+        assert parameter_bytes(draft, exclude=target) == 0 and saved > 300 << 20, saved
+        print(f"\nself-draft (24 of 30 layers) shares {saved / 2**20:.0f} MiB of the target's parameters")
         got = llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
         assert [o.outputs[0].token_ids for o in got] == want[:2]
         spec = llm.engine.stats().spec_decode
         assert spec.num_draft_tokens >= spec.num_accepted_tokens > 0, spec
+    finally:
+        llm.engine.shutdown()
+
+
+def test_smollm2_at_tp3_with_a_layer_truncated_self_draft_equals_plain(prompts, want) -> None:
+    """The target at tensor parallel 3 (gloo, three rank processes; SmolLM2's 9 heads and 3 KV heads
+    do not split in two), the draft at TP 1 in the driver, which holds no target weights: the vocabulary
+    check reads the target's header, the draft loads its own 20 layers; outputs equal the plain engine's."""
+    llm = LLM("default", tensor_parallel_size=3, speculative={"method": "draft", "draft_model": "default",
+                                                              "draft_num_layers": 20, "num_speculative_tokens": 3})
+    try:
+        proposer = llm.engine.speculator.proposer
+        assert llm.engine.loaded.model is None and not proposer.shares_target_weights
+        assert len(proposer.engine.loaded.model.model.layers) == 20
+        got = llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+        assert [o.outputs[0].token_ids for o in got] == want[:2]
+        assert llm.engine.stats().spec_decode.num_draft_tokens > 0
     finally:
         llm.engine.shutdown()
 
@@ -102,6 +136,20 @@ def _start(plain: LLM, **options) -> DraftModelProposer:
     engine = plain.engine
     config = SpeculativeConfig(speculative_method="draft", **options)
     return DraftModelProposer(config, TargetModel(engine.config, engine.loaded, engine.num_blocks, type(engine)))
+
+
+def test_only_a_draft_loading_the_targets_own_weights_shares_them(plain) -> None:
+    """Sharing needs the same source (`default` and the GGUF's own path are one) and quantization,
+    and the target's model in this process; a quantized draft of an unquantized target loads its own."""
+    from shardserve.workers.config import ModelConfig
+    from shardserve.workers.models.loader import default_model_path
+
+    target, loaded = plain.engine.config.model, plain.engine.loaded
+    for spec in ("default", str(default_model_path())):
+        assert shares_target_weights(ModelConfig(model=spec), target, loaded)
+    assert not shares_target_weights(ModelConfig(model="default", quantization="int8"), target, loaded)
+    assert not shares_target_weights(ModelConfig(model="dummy:tiny-llama"), target, loaded)
+    assert not shares_target_weights(ModelConfig(model="default"), target, replace(loaded, model=None))  # TP > 1
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -292,10 +292,12 @@ class LlamaForCausalLM(nn.Module):
 
     def use_cpu_lm_head(self) -> bool:
         """On CPU, compute logits from the LM head's exact 8-bit blocks where the float weight is
-        one (cpu_head.py: the embedded GGUF's tied Q8_0 table); True if that applies."""
+        one (cpu_head.py: the embedded GGUF's tied Q8_0 table); True if that applies. Packed once:
+        a self-draft sharing this head (workers/spec/self_draft.py) keeps the target's blocks."""
         from shardserve.workers.models.cpu_head import packed_lm_head
 
-        self.cpu_lm_head = packed_lm_head(self.lm_head)
+        if self.cpu_lm_head is None:
+            self.cpu_lm_head = packed_lm_head(self.lm_head)
         return self.cpu_lm_head is not None
 
     def holds_checkpoint_tensor(self, name: str) -> bool:

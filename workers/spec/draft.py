@@ -1,24 +1,26 @@
 """DraftModelProposer: drafts by running a smaller model greedily — a nested engine of our own.
 
 Data flow: at start-up the draft's config is read without weights (vocabulary and layer count are
-checked against the target's), its weights are loaded on the target's device in the target's
-dtype (`draft_quantization` applied by the loader; `draft_num_layers` keeps the first L decoder
-layers, the final norm and the LM head: self-speculation), its KV pool is checked against the
-device's free memory, and a second LLMEngine (workers/engine.py: scheduler, paged KV cache with
-prefix caching, runner; tensor parallel 1, synchronous) is built around it. `propose_batch`
-adds one greedy request per target request (prompt = its tokens so far, max_tokens = its k) and
-steps the nested engine until all finish: they run as one batch, one draft step per position.
-The prefix cache makes each call incremental: the blocks of the previous call's context (and of
-its drafts that were accepted) are hits, so only the tail since then is prefilled. Nothing is held
-per request between calls (`finish` has nothing to free); cached blocks are evicted LRU. Reusing
-our own engine rather than a second library keeps one model code path, one KV cache and one
-quantization story for target and draft.
+checked against the target's hf_config and tokenizer, which the engine's process holds at any TP),
+its weights come on the target's device in the target's dtype — the target's own modules when the
+draft is the target itself at TP 1 (self_draft.py: no second copy), else loaded (`draft_quantization`
+applied by the loader) — and `draft_num_layers` keeps the first L decoder layers, the final norm and
+the LM head (self-speculation). Its KV pool is checked against the device's free memory and a second
+LLMEngine (workers/engine.py: scheduler, paged KV cache with prefix caching, runner; TP 1, synchronous)
+is built around it. `propose_batch` adds one greedy request per target request (prompt = its tokens so
+far, max_tokens = its k) and steps the nested engine until all finish: one batch, one draft step per
+position; the prefix cache makes each call incremental (only the tail since the last call is
+prefilled); nothing is held per request between calls. Under TP > 1 the draft still runs at TP 1 in
+the engine's (driver's) process, on its device: the scheduler there asks for drafts before it
+schedules the verify step, so a draft on the ranks would add a round trip per step and need every rank
+to run it (TP-sharding a small draft buys little). Reusing our own engine rather than a second library
+keeps one model code path, one KV cache and one quantization story for target and draft.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -36,8 +38,14 @@ from shardserve.workers.models.loader import LoadedModel, load_model
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.runner.kv_budget import KVCacheLayout
 from shardserve.workers.spec.proposer import DraftQuery, Proposer, TargetModel
-from torch import nn
+from shardserve.workers.spec.self_draft import (
+    parameter_bytes,
+    shared_view,
+    shares_target_weights,
+    truncate_layers,
+)
 
+logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 GIB = float(1 << 30)
 FREE_MEMORY_SHARE = 0.8  # of the free memory a default-sized draft KV pool may take (the rest: activations)
@@ -47,20 +55,20 @@ class DraftModelProposer(Proposer):
     batched = True
 
     def __init__(self, config: SpeculativeConfig, target: TargetModel) -> None:
-        assert config.draft_model is not None  # SpeculativeConfig refuses method draft without it
-        model_config = draft_model_config(config, target)
+        model_config = draft_model_config(config, target.config.model, target.loaded)
         device, dtype = target.loaded.device, target.loaded.dtype
-        header = load_model(model_config, device, dtype, weights=False)
-        check_vocabulary(header, target.loaded)
+        header = check_draft(config, target.config.model, target.loaded)
         num_layers = config.draft_num_layers
-        check_num_layers(num_layers, header.hf_config)
-        try:
-            loaded = load_model(model_config, device, dtype)
-        except torch.OutOfMemoryError as error:
-            raise ValueError(f"draft model {config.draft_model!r} does not fit on {device}: its weights could "
-                             f"not be allocated ({error}); pick a smaller draft_model or draft_quantization") from None
+        self.shares_target_weights = shares_target_weights(model_config, target.config.model, target.loaded)
+        if self.shares_target_weights:
+            loaded = replace(header, model=shared_view(target.loaded.model))
+        else:
+            loaded = load_draft_weights(model_config, device, dtype)
         if num_layers is not None:
             loaded = truncate_layers(loaded, num_layers)
+        logger.info("draft %s: %.1f MiB of weights of its own (%s the target's)", loaded.name,
+                    parameter_bytes(loaded.model, exclude=target.loaded.model) / 2**20,
+                    "sharing" if self.shares_target_weights else "not sharing")
         num_blocks = kv_pool_blocks(config.draft_num_blocks, target, loaded)
         engine_config = draft_engine_config(model_config, target, num_blocks)
         # No tokenizer: the draft's outputs are token ids only (no detokenizing per step).
@@ -101,9 +109,20 @@ class DraftModelProposer(Proposer):
         self.engine.shutdown()
 
 
-def draft_model_config(config: SpeculativeConfig, target: TargetModel) -> ModelConfig:
-    """The draft's weights on the target's device in the target's dtype."""
-    model, loaded = target.config.model, target.loaded
+def check_draft(config: SpeculativeConfig, target_model: ModelConfig, target: LoadedModel) -> LoadedModel:
+    """The checks that need no weights, on the target's header (config and tokenizer; the engine
+    runs them before it starts the target's ranks, the proposer again): the draft's vocabulary and
+    layer count. Returns the draft's header (LoadedModel without a model)."""
+    assert config.draft_model is not None  # SpeculativeConfig refuses method draft without it
+    model_config = draft_model_config(config, target_model, target)
+    header = load_model(model_config, target.device, target.dtype, weights=False)
+    check_vocabulary(header, target)
+    check_num_layers(config.draft_num_layers, header.hf_config)
+    return header
+
+
+def draft_model_config(config: SpeculativeConfig, model: ModelConfig, loaded: LoadedModel) -> ModelConfig:
+    """The draft's weights on the target's device in the target's dtype (`model`, `loaded`: the target's)."""
     return ModelConfig(
         model=config.draft_model, dtype=_DTYPE_NAMES.get(loaded.dtype, "auto"), device=str(loaded.device),
         seed=model.seed, quantization=config.draft_quantization,
@@ -147,22 +166,12 @@ def check_num_layers(num_layers: int | None, hf_config: Any) -> None:
                          f"got {num_layers}")
 
 
-def truncate_layers(loaded: LoadedModel, num_layers: int) -> LoadedModel:
-    """Keep the first `num_layers` decoder layers (the final norm and LM head stay): the model's
-    forward runs `model.layers[start:end]` and its KV spec sizes one cache tensor per layer."""
-    model = loaded.model
-    inner = getattr(model, "model", None)
-    if not isinstance(getattr(inner, "layers", None), nn.ModuleList) or not hasattr(model, "kv_cache_spec"):
-        raise ValueError(f"draft_num_layers: the layers of {type(model).__name__} cannot be truncated")
-    if num_layers == len(inner.layers):
-        return loaded
-    inner.layers = nn.ModuleList(list(inner.layers)[:num_layers])
-    inner.end_layer = min(inner.end_layer, num_layers)
-    model.kv_cache_spec = replace(model.kv_cache_spec, num_layers=num_layers)
-    hf_config = copy.deepcopy(loaded.hf_config)
-    hf_config.num_hidden_layers = num_layers
-    model.config = hf_config
-    return replace(loaded, hf_config=hf_config, name=f"{loaded.name}[:{num_layers} layers]")
+def load_draft_weights(model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    try:
+        return load_model(model_config, device, dtype)
+    except torch.OutOfMemoryError as error:
+        raise ValueError(f"draft model {model_config.model!r} does not fit on {device}: its weights could not be "
+                         f"allocated ({error}); pick a smaller draft_model or draft_quantization") from None
 
 
 def kv_pool_blocks(requested: int | None, target: TargetModel, loaded: LoadedModel) -> int:

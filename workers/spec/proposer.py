@@ -38,7 +38,9 @@ class DraftQuery:
 @dataclass(frozen=True)
 class TargetModel:
     """What a proposer may need to know of the target engine: its config (device, dtype, KV block
-    size and limits), its loaded model (vocabulary, tokenizer) and its KV pool size in blocks."""
+    size and limits), its loaded model (vocabulary, tokenizer) and its KV pool size in blocks.
+    Under TP / PP > 1 `loaded.model` is None (the weights are in the ranks): hf_config, tokenizer
+    and limits are always there, the module only in a single-process engine (self_draft.py shares it)."""
 
     config: EngineConfig
     loaded: LoadedModel
