@@ -234,18 +234,23 @@ struct ActBuffers {
 };
 
 // The 512-bit int8 kernels' expanded activations (wide512.inc), allocated here, filled there.
+// q8 (corrections): the +128 offset's per-block corrections and per-block mins terms; q4: per-group mins terms.
 struct WideBuffers {
-  torch::Tensor d8, s8, c8;
-  wide::Expanded view{nullptr, nullptr, nullptr, 0};
-  WideBuffers(const Act& act, int64_t m, int64_t k, bool wanted, bool corrections) {
+  torch::Tensor d8, s8, c8, sg;
+  wide::Expanded view{nullptr, nullptr, nullptr, 0, nullptr, 0};
+  WideBuffers(const Act& act, int64_t m, int64_t k, int64_t group_size, bool wanted, bool q8) {
     if (!wanted) return;
-    const int64_t stride = wide::expanded_stride(k);
+    const int64_t stride = wide::expanded_stride(k), gstride = wide::group_stride(k, group_size);
     d8 = torch::zeros({m, stride}, torch::kFloat32);
-    s8 = torch::zeros({m, stride}, torch::kFloat32);
-    if (corrections) c8 = torch::zeros({m, stride}, torch::kInt32);
-    view = wide::Expanded{d8.data_ptr<float>(), s8.data_ptr<float>(), corrections ? c8.data_ptr<int32_t>() : nullptr,
-                          stride};
-    wide::expand(act, m, k, view);
+    if (q8) {
+      s8 = torch::zeros({m, stride}, torch::kFloat32);
+      c8 = torch::zeros({m, stride}, torch::kInt32);
+    } else {
+      sg = torch::zeros({m, gstride}, torch::kFloat32);
+    }
+    view = wide::Expanded{d8.data_ptr<float>(), q8 ? s8.data_ptr<float>() : nullptr,
+                          q8 ? c8.data_ptr<int32_t>() : nullptr, stride, q8 ? nullptr : sg.data_ptr<float>(), gstride};
+    wide::expand(act, m, k, group_size, view);
   }
 };
 
@@ -275,7 +280,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
   Q4Args a{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>()), bias_ptr(bias, n),
            y.data_ptr<float>(), act.view(), x.data_ptr<float>(), act.s.data_ptr<float>(), x.size(0), n, k, group_size};
   const Isa use = pick(isa);
-  WideBuffers wide_act(a.act, x.size(0), k, int8_act && use == Isa::kVnni, false);
+  WideBuffers wide_act(a.act, x.size(0), k, group_size, int8_act && use == Isa::kVnni, false);
   at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
     if (!int8_act) {
       if (use == Isa::kScalar) scalar::q4_rows_f32(a, n0, n1);
@@ -308,7 +313,7 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
   Q8Args a{qs.data_ptr<int8_t>(), d.data_ptr<float>(), mins_p, bias_ptr(bias, n), y.data_ptr<float>(), act.view(),
            x.data_ptr<float>(), act.s.data_ptr<float>(), x.size(0), n, k, group_size};
   const Isa use = pick(isa);
-  WideBuffers wide_act(a.act, x.size(0), k, int8_act && use == Isa::kVnni, true);
+  WideBuffers wide_act(a.act, x.size(0), k, group_size, int8_act && use == Isa::kVnni, true);
   at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
     if (!int8_act) {
       if (use == Isa::kScalar) scalar::q8_rows_f32(a, n0, n1);
