@@ -1,11 +1,13 @@
 """Verify steps of 1 + k rows on the CPU fast path, and the n-gram proposer's draft length.
 
 A verify step runs its rows through the packed kernels and the C++ decode stack together
-(workers/quant/cpu_kernels/body.inc takes activation rows in tiles, unpacking each weight block
-once per tile). Each row's sums keep the order of a one-row call, so (1) a matmul over M rows
-equals M one-row matmuls bit for bit, on every instruction set and both activation modes, and
-(2) on the embedded SmolLM2 kept packed, the hidden state the LM head gets for each verified
-position equals, bit for bit, the one the plain engine computed decoding that position alone.
+(workers/quant/cpu_kernels/body.inc and, for int8 activations on AVX512-VNNI, wide512.inc take
+activation rows in tiles, unpacking each weight block once per tile; the paged attention computes
+each query row alone). Each row's sums keep the order of a one-row call, so (1) a matmul over M rows
+equals M one-row matmuls bit for bit, on every instruction set and both activation modes (odd
+weight-row and block counts, the Q8_0 head's layout), and (2) on the embedded SmolLM2 kept packed,
+in both activation modes, the hidden state the LM head gets for each verified position equals, bit
+for bit, the one the plain engine computed decoding that position alone.
 (3) The n-gram proposer drafts more tokens the longer its match (ngram.py `draft_length`).
 """
 
@@ -97,15 +99,16 @@ def _hidden_by_position(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[l
 
 
 @pytest.mark.slow
-def test_verify_rows_on_the_decode_stack_equal_plain_decode_steps() -> None:
+@pytest.mark.parametrize("cpu_activations", ["float", "int8"])
+def test_verify_rows_on_the_decode_stack_equal_plain_decode_steps(cpu_activations: str) -> None:
     if decode_ops.ops() is None:
         pytest.skip("the CPU decode ops extension did not build here")
-    plain = LLM("default", quantization="gguf", async_scheduling=False)
+    plain = LLM("default", quantization="gguf", async_scheduling=False, cpu_activations=cpu_activations)
     prompt = plain.tokenizer.encode(plain.tokenizer.apply_chat_template(
         [{"role": "user", "content": TASKS["edit-code"]}], tokenize=False, add_generation_prompt=True),
         add_special_tokens=False)
     want_tokens, want = _hidden_by_position(plain, prompt, 24)
-    spec = LLM("default", quantization="gguf", async_scheduling=False,
+    spec = LLM("default", quantization="gguf", async_scheduling=False, cpu_activations=cpu_activations,
                speculative={"method": "ngram", "num_speculative_tokens": 4})
     got_tokens, got = _hidden_by_position(spec, prompt, 24)
     stats = spec.engine.stats().spec_decode
