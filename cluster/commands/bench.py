@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
                        help="weight quantization (ModelConfig.quantization)")
         q.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale for int4 at load")
+        q.add_argument("--cpu-activations", default="float", choices=["float", "int8"],
+                       help="on CPU, how the kernels of weights kept quantized meet activations "
+                            "(ModelConfig.cpu_activations)")
         q.add_argument("--input-len", type=int, default=128 if kind == "throughput" else 16)
         q.add_argument("--output-len", type=int, default=128)
         q.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")

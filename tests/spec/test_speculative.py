@@ -290,5 +290,9 @@ def test_bench_latency_prints_the_speedup_beside_the_plain_run(tmp_path) -> None
     result = json.loads(path.read_text())
     assert [t["task"] for t in result["tasks"]] == list(TASKS)
     assert all(t["identical"] and t["plain"] > 0 and t["speculative"] > 0 for t in result["tasks"])
+    # CPU time per output token beside the wall clock (robust to other tenants), and its ratio
+    assert all(t["cpu_ms_per_token_plain"] > 0 and t["cpu_ms_per_token_speculative"] > 0
+               and t["cpu_speedup"] == t["cpu_ms_per_token_plain"] / t["cpu_ms_per_token_speculative"]
+               for t in result["tasks"])
     assert result["spec_decode"]["num_draft_tokens"] >= result["spec_decode"]["num_accepted_tokens"] > 0
     assert main(["bench", "latency", "--speculative-method", "ngram", "--num-speculative-tokens", "0"]) == 2

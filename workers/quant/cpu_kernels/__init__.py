@@ -6,8 +6,8 @@ scale and min per group; 8-bit: int8 with float32 scale, and min, per group). By
 widened to float in registers and met by float activations (AVX2 + FMA), so results equal
 `w.dequantize()` + F.linear up to summation order (greedy tokens unchanged). With
 `int8_activations=True` each call instead quantizes x to int8 per 32 inputs and sums integer dot
-products (AVX2 maddubs / AVX512-VNNI dpbusd), the way llama.cpp does: fewer instructions, but
-results move by the activation rounding (~0.5 % of |y|). The extension is built on first use (build.py); if that fails,
+products (AVX2 maddubs; AVX512-VNNI dpbusd on 512-bit vectors, 8-row tiles: wide512.inc), the way llama.cpp
+does: fewer instructions, extra rows (a verify step's) cheap, but results move by the activation rounding. The extension is built on first use (build.py); if that fails,
 `CpuKernelsUnavailable` is raised and the caller keeps torch's ops.
 
 From `DENSE_FROM_ROWS` rows of x on (prefill), with float activations, the weight is dequantized for the call and one

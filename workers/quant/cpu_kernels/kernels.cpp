@@ -2,8 +2,8 @@
 //   float (default): each 32-block's quantized values are widened to float in registers and FMA'd
 //     with x; scale (and min, through x's sum per block) applied once per group;
 //   int8 (the llama.cpp approach): x quantized once per call to int8 per 32-block (scale d, and
-//     s = d * sum(q) for the mins), then integer dot products (AVX2 maddubs, or AVX512-VNNI dpbusd
-//     on 256-bit vectors) scaled in float. Output rows are split over threads with
+//     s = d * sum(q) for the mins), then integer dot products (AVX2 maddubs on 256-bit vectors, or
+//     AVX512-VNNI dpbusd on 512-bit vectors: wide512.inc, two blocks an instruction) scaled in float. Output rows are split over threads with
 // at::parallel_for, so torch.set_num_threads applies.
 //
 // Layouts (packed by __init__.py; K % 32 == 0, group_size % 32 == 0, K % group_size == 0):
@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -56,6 +57,9 @@ namespace vnni {
 #include "body.inc"
 #undef QCPU_VNNI
 }  // namespace vnni
+namespace wide {  // int8 activations on 512-bit VNNI, tiles of up to 8 rows (the avx512vnni int8 path)
+#include "wide512.inc"
+}  // namespace wide
 #pragma GCC pop_options
 
 // Portable reference (no SIMD): used where AVX2 is missing, and forced in tests.
@@ -229,6 +233,27 @@ struct ActBuffers {
   }
 };
 
+// The 512-bit int8 kernels' expanded activations (wide512.inc), allocated here, filled there.
+// q8 (corrections): the +128 offset's per-block corrections and per-block mins terms; q4: per-group mins terms.
+struct WideBuffers {
+  torch::Tensor d8, s8, c8, sg;
+  wide::Expanded view{nullptr, nullptr, nullptr, 0, nullptr, 0};
+  WideBuffers(const Act& act, int64_t m, int64_t k, int64_t group_size, bool wanted, bool q8) {
+    if (!wanted) return;
+    const int64_t stride = wide::expanded_stride(k), gstride = wide::group_stride(k, group_size);
+    d8 = torch::zeros({m, stride}, torch::kFloat32);
+    if (q8) {
+      s8 = torch::zeros({m, stride}, torch::kFloat32);
+      c8 = torch::zeros({m, stride}, torch::kInt32);
+    } else {
+      sg = torch::zeros({m, gstride}, torch::kFloat32);
+    }
+    view = wide::Expanded{d8.data_ptr<float>(), q8 ? s8.data_ptr<float>() : nullptr,
+                          q8 ? c8.data_ptr<int32_t>() : nullptr, stride, q8 ? nullptr : sg.data_ptr<float>(), gstride};
+    wide::expand(act, m, k, group_size, view);
+  }
+};
+
 Isa pick(const std::string& forced) {
   if (forced.empty()) return g_isa;
   Isa want = forced == "avx512vnni" ? Isa::kVnni : forced == "avx2" ? Isa::kAvx2 : Isa::kScalar;
@@ -255,11 +280,12 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
   Q4Args a{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>()), bias_ptr(bias, n),
            y.data_ptr<float>(), act.view(), x.data_ptr<float>(), act.s.data_ptr<float>(), x.size(0), n, k, group_size};
   const Isa use = pick(isa);
+  WideBuffers wide_act(a.act, x.size(0), k, group_size, int8_act && use == Isa::kVnni, false);
   at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
     if (!int8_act) {
       if (use == Isa::kScalar) scalar::q4_rows_f32(a, n0, n1);
       else avx2::q4_rows_f32(a, n0, n1);
-    } else if (use == Isa::kVnni) vnni::q4_rows(a, n0, n1);
+    } else if (use == Isa::kVnni) wide::q4_rows(a, wide_act.view, n0, n1);
     else if (use == Isa::kAvx2) avx2::q4_rows(a, n0, n1);
     else scalar::q4_rows(a, n0, n1);
   });
@@ -287,11 +313,12 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
   Q8Args a{qs.data_ptr<int8_t>(), d.data_ptr<float>(), mins_p, bias_ptr(bias, n), y.data_ptr<float>(), act.view(),
            x.data_ptr<float>(), act.s.data_ptr<float>(), x.size(0), n, k, group_size};
   const Isa use = pick(isa);
+  WideBuffers wide_act(a.act, x.size(0), k, group_size, int8_act && use == Isa::kVnni, true);
   at::parallel_for(0, n, grain(k, x.size(0)), [&](int64_t n0, int64_t n1) {
     if (!int8_act) {
       if (use == Isa::kScalar) scalar::q8_rows_f32(a, n0, n1);
       else avx2::q8_rows_f32(a, n0, n1);
-    } else if (use == Isa::kVnni) vnni::q8_rows(a, n0, n1);
+    } else if (use == Isa::kVnni) wide::q8_rows(a, wide_act.view, n0, n1);
     else if (use == Isa::kAvx2) avx2::q8_rows(a, n0, n1);
     else scalar::q8_rows(a, n0, n1);
   });
