@@ -328,3 +328,15 @@ def test_quantize_command_writes_moe_experts_with_rtn(float_folder, tmp_path):
     assert not [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     model = _compare(folder, dequantize_folder(folder, float_folder, tmp_path / "reference"), TOLERANCE["gptq_g32"])
     _assert_kept_quantized(model.model.layers[0].mlp.experts)
+
+
+def test_merged_dense_parts_with_different_act_order_are_refused(float_folder, tmp_path):
+    """q/k/v share one g_idx parameter: a folder whose k_proj has another order than q_proj was read with
+    the last part's order (wrong weights, silently); it is refused, naming the cause."""
+    folder = quantize_folder(float_folder, tmp_path / "act_order", method="gptq", group_size=32, desc_act=True)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    tensors[name] = tensors[name].roll(1)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="different act-order g_idx"):
+        _run(folder)

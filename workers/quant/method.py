@@ -53,6 +53,8 @@ class QuantLinearMethod:
         self.layout = layout
         self.names: tuple[str, ...] = ()
         self.runtime: Runtime | None = None
+        self.merged_g_idx: torch.Tensor | None = None  # set by create_weights (GPTQ act-order, merged layer)
+        self.g_idx_loaded = False
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], params_dtype: torch.dtype) -> None:
@@ -77,6 +79,9 @@ class QuantLinearMethod:
             param.input_pack, param.output_pack = spec.input_pack, spec.output_pack
             layer.register_parameter(name, param)
         self.names = tuple(specs)
+        # GPTQ's act-order g_idx is one tensor for a merged layer (q/k/v, gate/up): its parts must agree.
+        self.merged_g_idx = layer.g_idx if "g_idx" in specs and len(output_partition_sizes) > 1 else None
+        self.g_idx_loaded = False
 
     def load_shard(self, param: torch.Tensor, loaded_weight: Loadable, shard: ShardSlice) -> None:
         if len(loaded_weight.shape) > param.dim():  # e.g. a [N, 1] scale for our [N]
@@ -84,6 +89,15 @@ class QuantLinearMethod:
         if math.prod(loaded_weight.shape) == 1 and param.dim() == 1 and param.shape[0] > 1:  # one scale per tensor
             dst = param.data if shard.axis != "output" else param.data.narrow(0, shard.dst_start, shard.size)
             dst.fill_(materialize(loaded_weight).reshape(()).item())
+            return
+        if param is self.merged_g_idx:
+            before = param.data.clone() if self.g_idx_loaded else None
+            copy_shard(param, loaded_weight, shard)
+            if before is not None and not torch.equal(before, param.data):
+                raise ValueError("the parts of a merged layer (q/k/v or gate/up) have different act-order g_idx in "
+                                 "this checkpoint; one order per input is supported (GPTQModel and AutoGPTQ write "
+                                 "one): re-quantize with desc_act false or one order for the parts")
+            self.g_idx_loaded = True
             return
         copy_shard(param, loaded_weight, shard)
 
