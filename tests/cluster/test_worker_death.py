@@ -1,6 +1,6 @@
 """A rank of a served TP 2 worker group dies or hangs mid-generation: the clients of the requests in
 flight get UNAVAILABLE within 10 s, Serve replaces the replica, and the service answers again (with
-the same greedy text as before) within 90 s. The real engine on a tiny random Llama (CPU, gloo)
+the same greedy text as before) within 150 s. The real engine on a tiny random Llama (CPU, gloo)
 behind the real Serve app, driven by real clients; nothing in the product is patched.
 
 - SIGKILL of a rank's process (what the OOM killer does), two gRPC streams in flight: both end
@@ -11,10 +11,10 @@ behind the real Serve app, driven by real clients; nothing in the product is pat
   stopped process is killed with its group.
 Between the failure and the replacement a request reaching the failed replica gets UNAVAILABLE /
 503, never another error; one sent while no replica runs waits in Serve's queue for the replacement
-(as in a cold start) and is answered by it, so each poll's deadline is what is left of the 90 s.
+(as in a cold start) and is answered by it, so each poll's deadline is what is left of the 150 s.
 Health checks run at the default `health_check_period_s` (2 s): Serve's three failed checks in a row
 take ~6 s (Serve's own default of 10 s made it ~30 s). Serving again takes ~20 s on an idle 2-core
-machine and over 35 s while the suite's other xdist worker loads it (CI), hence 90 s, not 60.
+machine and up to ~80 s while the suite's other xdist worker loads it (CI), hence 150 s, not 60.
 The app runs in the session's Ray/Serve (conftest.py `cluster`) and is deleted at the end.
 """
 
@@ -43,7 +43,7 @@ MODEL = "tiny-death"
 ROUTE = "/death"
 STEP_TIMEOUT_S = 5.0
 ERROR_WITHIN_S = 10.0
-BACK_WITHIN_S = 90.0
+BACK_WITHIN_S = 150.0
 # Streams that run for seconds (a few ms per token); the rank is killed right after their first message.
 LONG_MAX_TOKENS = 4000
 MAX_MODEL_LEN = 4096
