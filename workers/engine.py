@@ -35,6 +35,7 @@ from shardserve.workers.inflight import BatchResult, InFlightBatches
 from shardserve.workers.kv_cache.manager import KVCacheManager
 from shardserve.workers.launch import make_executor
 from shardserve.workers.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from shardserve.workers.models.tp_fit import check_tensor_parallel
 from shardserve.workers.output_processor import OutputProcessor
 from shardserve.workers.protocol import EngineStats, ModelInfo, QueueFullError
 from shardserve.workers.request import FinishReason, Request, RequestOutput, SamplingParams
@@ -68,6 +69,7 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         if config.model.max_model_len is not None:
             self.max_model_len = min(self.max_model_len, config.model.max_model_len)
+        check_tensor_parallel(self.loaded.hf_config, config.parallel.tensor_parallel_size)  # before the ranks start
         if config.speculative.enabled and config.parallel.world_size > 1:  # refuse a bad draft before the ranks start
             check_proposer(config.speculative, config.model, self.loaded)
         self.executor: Executor = make_executor(config, self.loaded, device)
