@@ -1,6 +1,6 @@
 """CPU runtimes for GGUF k-quant weights kept packed and exact (kquant.cpp): pack once, then one call a step.
 
-  - `PackedQ4F` (Q4_K): 4-bit codes in kernels.cpp's q4 nibble order, scale and min float32 per group of
+  - Q4_K: packing.py's `PackedQ4` (kernels.cpp's q4 nibble order) with scale and min float32 per group of
     32 — the q4 layout's fp16 cannot hold d*sc (measured on random blocks: ~20 % of Q4_K scales are
     fp16-exact), so w = q * scale + min reproduces gguf-py's `dequantize` bit for bit only in fp32.
     0.5 + 8 / 32 = 0.75 bytes a weight.
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from shardserve.workers.quant.cpu_kernels import DENSE_FROM_ROWS, _bias, _flat, _shaped
 from shardserve.workers.quant.cpu_kernels.build import HERE, build
+from shardserve.workers.quant.cpu_kernels.packing import PackedQ4
 from shardserve.workers.quant.weights import GroupedWeight
 
 EXTENSION_NAME = "shardserve_quant_kquant_v1"
@@ -30,20 +31,6 @@ EXTENSION_NAME = "shardserve_quant_kquant_v1"
 @functools.cache
 def kquant_extension() -> ModuleType:
     return build(HERE / "kquant.cpp", EXTENSION_NAME)
-
-
-@dataclass(frozen=True)
-class PackedQ4F:
-    qs: torch.Tensor  # uint8 [N, K/2]: per 32 inputs, byte j = q[j] | q[j + 16] << 4
-    dm: torch.Tensor  # float32 [N, G, 2] = (scale, min)
-    group_size: int
-    n: int
-    k: int
-
-    def dequantize(self) -> torch.Tensor:
-        blocks = self.qs.view(self.n, self.k // 32, 16)
-        q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).view(self.n, -1, self.group_size).float()
-        return (q * self.dm[:, :, 0:1] + self.dm[:, :, 1:2]).view(self.n, self.k)
 
 
 @dataclass(frozen=True)
@@ -57,7 +44,7 @@ class PackedQ8G16:
         return (self.qs.float().view(self.n, -1, 16) * self.d[:, :, None]).view(self.n, self.k)
 
 
-def pack_q4f(w: GroupedWeight) -> PackedQ4F:
+def pack_q4f(w: GroupedWeight) -> PackedQ4:
     n, k = w.q.shape
     if w.bits != 4 or w.group_size % 32 or k % w.group_size:
         raise ValueError(f"pack_q4f takes 4-bit weights in groups of a multiple of 32 dividing K, got bits={w.bits}, "
@@ -65,7 +52,7 @@ def pack_q4f(w: GroupedWeight) -> PackedQ4F:
     q = w.q.view(n, k // 32, 2, 16)
     qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
     dm = torch.stack([w.scales, w.mins], dim=-1).float().contiguous()
-    return PackedQ4F(qs, dm, w.group_size, n, k)
+    return PackedQ4(qs, dm, w.group_size, n, k)  # float32 dm: kquant.cpp, not kernels.cpp
 
 
 def pack_q8g16(w: GroupedWeight) -> PackedQ8G16:
@@ -81,26 +68,26 @@ def pack_q8g16(w: GroupedWeight) -> PackedQ8G16:
 
 
 class KquantRuntime:
-    """y = runtime(x, bias) over a PackedQ4F or PackedQ8G16."""
+    """y = runtime(x, bias) over a float32-scaled PackedQ4 or a PackedQ8G16."""
 
     def __init__(self, w: GroupedWeight) -> None:
         if w.perm is not None:
             raise ValueError("GGUF k-quant weights have no act-order permutation")
-        self.packed: PackedQ4F | PackedQ8G16 = pack_q4f(w) if w.bits == 4 else pack_q8g16(w)
+        self.packed: PackedQ4 | PackedQ8G16 = pack_q4f(w) if w.bits == 4 else pack_q8g16(w)
         self.int8_activations = False  # ModelConfig.cpu_activations, set by runtime.use_int8_activations
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kquant_linear(x, self.packed, bias, int8_activations=self.int8_activations)
 
 
-def kquant_linear(x: torch.Tensor, packed: PackedQ4F | PackedQ8G16, bias: torch.Tensor | None = None,
+def kquant_linear(x: torch.Tensor, packed: PackedQ4 | PackedQ8G16, bias: torch.Tensor | None = None,
                   isa: str = "", int8_activations: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w.T + bias; `isa` forces a variant ('avx2' or 'scalar', for tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
         return _shaped(F.linear(x2, packed.dequantize(), _bias(bias)), lead, x.dtype)
     ext = kquant_extension()
-    if isinstance(packed, PackedQ4F):
+    if isinstance(packed, PackedQ4):
         y = ext.q4f_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)
     else:
         y = ext.q8g16_linear(x2, packed.qs, packed.d, _bias(bias), isa, int8_activations)

@@ -22,7 +22,7 @@ FP16_MAX = 65504.0
 @dataclass(frozen=True)
 class PackedQ4:
     qs: torch.Tensor  # uint8 [N, K/2]
-    dm: torch.Tensor  # float16 [N, G, 2]
+    dm: torch.Tensor  # float16 [N, G, 2] (kernels.cpp); float32 for GGUF Q4_K (kquant.py, kquant.cpp)
     group_size: int
     n: int
     k: int
