@@ -77,16 +77,8 @@ void q8g16_rows(const KArgs& a, int64_t n0, int64_t n1, bool int8_act) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace kavx2 {
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline __m256i dot_u8s8(__m256i u, __m256i s) {  // 32 u8 x s8 products summed in fours -> 8 int32
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
+using avx2::dot_u8s8;  // kernels.cpp's AVX2 helpers (body.inc): 32 u8 x s8 products in fours; horizontal sum
+using avx2::hsum;
 
 inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -127,7 +119,7 @@ void q4f_rows(const KArgs& a, int64_t n0, int64_t n1, bool int8_act) {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), t, acc);
         min_acc += mn * xsum;
       }
-      a.y[m * a.n + n] = hsum8(acc) + min_acc + (a.bias ? a.bias[n] : 0.f);
+      a.y[m * a.n + n] = hsum(acc) + min_acc + (a.bias ? a.bias[n] : 0.f);
     }
   }
 }
@@ -159,7 +151,7 @@ void q8g16_rows(const KArgs& a, int64_t n0, int64_t n1, bool int8_act) {
           acc = _mm256_fmadd_ps(_mm256_set1_ps(d1), p1, acc);
         }
       }
-      a.y[m * a.n + n] = hsum8(acc) + (a.bias ? a.bias[n] : 0.f);
+      a.y[m * a.n + n] = hsum(acc) + (a.bias ? a.bias[n] : 0.f);
     }
   }
 }
