@@ -32,14 +32,14 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from shardserve.parallel.kernels.decode_linear import decode_linear
+from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import tinygemm as tg
 from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
-from shardserve.workers.quant.kernels.kquant import pack_q4k, pack_q6k, q6k_linear
+from shardserve.workers.quant.kernels.kquant import Q6kPacked, pack_q4k, pack_q6k, q6k_linear
 from shardserve.workers.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
@@ -82,17 +82,20 @@ def clone_packed(p: object) -> object:
         w = p.weights
         return Int4Packed(dataclasses.replace(w, words=w.words.clone(), scales=w.scales.clone(),
                                               mins=w.mins.clone()), p.perm)
-    if isinstance(p, Int8Packed):
+    if isinstance(p, Q6kPacked):
         w = p.weights
-        return Int8Packed(dataclasses.replace(w, words=w.words.clone(), scales=w.scales.clone(),
-                                              mins=w.mins.clone()))
+        return Q6kPacked(dataclasses.replace(w, words=w.words.clone(), scales=w.scales.clone(), mins=w.mins.clone()))
+    if isinstance(p, Int8Packed):
+        return Int8Packed(p.codes.clone(), p.scales.clone())
     return dataclasses.replace(p, weight_t=p.weight_t.t().clone().t(), scales=p.scales.clone())
 
 
 def packed_bytes(p: object) -> int:
-    if isinstance(p, Int4Packed | Int8Packed):
+    if isinstance(p, Int4Packed | Q6kPacked):
         w = p.weights
         return sum(t.numel() * t.element_size() for t in (w.words, w.scales, w.mins))
+    if isinstance(p, Int8Packed):
+        return p.codes.numel() + p.scales.numel() * 4
     return p.weight_t.numel() + p.scales.numel() * 4
 
 
@@ -184,7 +187,7 @@ def graph_us(case: Case, x: torch.Tensor) -> float:
 
 
 def sweep(bandwidth: float, budget_s: float) -> dict:
-    """INT4 (g128 asym, planes of 16 / 32 / 128 columns) GEMV tiles at M = 1, INT4 and INT8 GEMM tiles at
+    """INT4 (g128 asym, planes of 16 / 32 / 128 columns) GEMV tiles at M = 1, INT4 GEMM tiles at
     M = 16 and 256, every shape; the best 3 printed per shape and the best overall (sum over shapes)."""
     deadline = time.monotonic() + budget_s
     gemv = [pk.GemvTiles(bn, u, nw) for bn in (4, 8, 16) for u in (1, 2, 4, 8, 16, 32) for nw in (4, 8)]
@@ -202,9 +205,6 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
             for t in grid:
                 variants.append((f"int4 p{plane} {t}", rows, lambda n, k, t=t, p=plane: (
                     int4_case(n, k, p), lambda a, w: int4_linear(a, w, gemm_tiles=t))))
-        for t in grid:
-            variants.append((f"int8 {t}", rows, lambda n, k, t=t: (
-                int8_case(n, k), lambda a, w: int8_linear(a, w, gemm_tiles=t))))
     results: dict[str, dict[str, float]] = {}
     for label, rows, build in variants:
         if time.monotonic() > deadline:
@@ -228,7 +228,7 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
             results[f"M{rows} {label}"] = per_shape
             print(f"M{rows} {label}: " + " ".join(f"{s} {100 / r:4.1f}%" for s, r in per_shape.items()), flush=True)
     for prefix in ("M1 int4 p16", "M1 int4 p32", "M1 int4 p128", "M16 int4 p16", "M16 int4 p32",
-                   "M16 int4 p128", "M16 int8", "M256 int4 p16", "M256 int4 p128", "M256 int8"):
+                   "M16 int4 p128", "M256 int4 p16", "M256 int4 p128"):
         mine = {lb: r for lb, r in results.items() if lb.startswith(prefix + " ")}
         if not mine:
             continue
@@ -241,21 +241,18 @@ def sweep(bandwidth: float, budget_s: float) -> dict:
 
 
 def sweep_gemv(bandwidth: float, budget_s: float) -> dict:
-    """INT8 (plane GEMV) and FP8 (fp8_gemv) tiles at M = 1, every shape: per shape the best 3 (us and %
+    """INT8 and FP8 GEMV tiles (decode_linear's kernel on 1-byte codes) at M = 1, every shape: per shape the best 3 (us and %
     of the floor) beside the default tiles, and a table of each shape's best to paste into the kernels."""
     deadline = time.monotonic() + budget_s
-    int8 = [(f"int8 {t}", t) for t in (pk.GemvTiles(bn, u, nw) for bn in (1, 2, 4, 8) for u in (1, 2, 4, 8)
-                                        for nw in (4, 8))]
-    fp8 = [(f"fp8 bn{bn} bk{bk} w{nw}", (bn, bk, nw)) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096)
-           for nw in (4, 8)]
+    grid = [GemvTiles(bn, bk, nw, ns) for bn in (1, 2, 4) for bk in (1024, 2048, 4096) for nw in (4, 8)
+            for ns in (1, 2, 3)]
     results: dict[str, dict[str, float]] = {}
     for name, n, k in SHAPES:
         x = torch.randn(1, k, device=DEV).to(DTYPE)
         by_name = {c.name: c for c in cases(n, k, 1) if c.name in ("bf16", "int8", "fp8")}
         variants = [("int8 default", by_name["int8"], int8_linear), ("fp8 default", by_name["fp8"], fp8_gemv)]
-        variants += [(label, by_name["int8"], lambda a, w, t=t: int8_linear(a, w, gemv_tiles=t)) for label, t in int8]
-        variants += [(label, by_name["fp8"], lambda a, w, t=t: fp8_gemv(a, w, block_n=t[0], block_k=t[1], num_warps=t[2]))
-                     for label, t in fp8]
+        variants += [(f"int8 {t}", by_name["int8"], lambda a, w, t=t: int8_linear(a, w, gemv_tiles=t)) for t in grid]
+        variants += [(f"fp8 {t}", by_name["fp8"], lambda a, w, t=t: fp8_gemv(a, w, tiles=t)) for t in grid]
         results[f"{name} bf16"] = {"us": graph_us(by_name["bf16"], x)}
         for label, base, run in variants:
             if time.monotonic() > deadline:

@@ -33,6 +33,7 @@ from shardserve.workers.quant.kernels import splitk
 from shardserve.workers.quant.kernels import tinygemm as tg
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
+from shardserve.workers.quant.kernels.int8_gemm import dequantize_int8
 from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.weights import Int4Weight, Int8Weight
 
@@ -91,8 +92,11 @@ def build(method: str, n: int, k: int) -> Weights:
         w = Int8Weight(torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV),
                        torch.rand(n, device=DEV) * 1e-3 + 1e-4)
         first = pack_int8(w, DTYPE)
-    pw = first.weights
-    nbytes = sum(t.numel() * t.element_size() for t in (pw.words, pw.scales, pw.mins))
+    if isinstance(first, Int8Packed):
+        nbytes = first.codes.numel() + first.scales.numel() * 4
+    else:
+        pw = first.weights
+        nbytes = sum(t.numel() * t.element_size() for t in (pw.words, pw.scales, pw.mins))
     copies = max(2, min(32, -(-MIN_BYTES // nbytes)))
     packed = [first] + [_clone(first) for _ in range(copies - 1)]
     tiny = None
@@ -104,9 +108,11 @@ def build(method: str, n: int, k: int) -> Weights:
 
 
 def _clone(p: Int4Packed | Int8Packed) -> Int4Packed | Int8Packed:
+    if isinstance(p, Int8Packed):
+        return Int8Packed(p.codes.clone(), p.scales.clone())
     w = dataclasses.replace(p.weights, words=p.weights.words.clone(), scales=p.weights.scales.clone(),
                             mins=p.weights.mins.clone())
-    return Int4Packed(w, p.perm) if isinstance(p, Int4Packed) else Int8Packed(w)
+    return Int4Packed(w, p.perm)
 
 
 def time_us(run: Run, weights: list, x: torch.Tensor, ref: torch.Tensor, label: str = "") -> float | None:
@@ -151,11 +157,12 @@ def current_run(method: str, rows: int) -> tuple[str, Run, bool]:
         if rows <= LEGACY_TINY_MAX_ROWS:
             return "tinygemm", lambda a, t: tg.tiny_linear(a, t), True
         return "codes 64x64", lambda a, w: lin(a, w, split_tiles=SplitTiles(64, 64, 1, 4, 3)), False
-    old = pk.GemmTiles(16, 32, 4, 3) if rows <= 16 else pk.GemmTiles(64, 64, 4, 1)
-    return f"qgemm {old.block_m}x{old.block_n}", lambda a, w: lin(a, w, gemm_tiles=old), False
+    return "int8 default tiles", lambda a, w: lin(a, w), False  # INT8's plane-layout GEMMs are gone
 
 
 def dequant_run(a: torch.Tensor, w: Int4Packed | Int8Packed) -> torch.Tensor:
+    if isinstance(w, Int8Packed):
+        return F.linear(a, dequantize_int8(w.codes, w.scales, a.dtype))
     return F.linear(a, pk.dequantize_planes(w.weights, a.dtype))
 
 

@@ -46,9 +46,9 @@ class GemvTiles:
 
 @triton.jit
 def _decode_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, N_OUT, K, stride_wn,
-    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N_OUT, K, stride_wn,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
@@ -83,6 +83,10 @@ def _decode_linear_kernel(
             w_up = tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0)
             acc_up += tl.sum(w_up.to(tl.float32) * a, axis=1)
 
+    if HAS_SCALE:  # 8-bit weights: one fp32 scale an output row, applied once to the sum
+        acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+        if SILU_MUL:
+            acc_up *= tl.load(s_ptr + N_OUT + offs_n, mask=mask_n, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     out = acc.to(dtype)
@@ -100,9 +104,15 @@ def default_tiles(n_out: int, k: int) -> GemvTiles:
     return GemvTiles(4, min(1024, max(16, triton.next_power_of_2(k))), 4, 3)
 
 
-def tiles_key(n_out: int, k: int, silu_mul: bool) -> str:
-    """Key of a tuned-tiles table: the shape and the epilogue."""
-    return f"{n_out},{k},{int(silu_mul)}"
+def default_tiles_8bit(k: int) -> GemvTiles:
+    """Tiles for int8 / e4m3 weights (the quantized GEMVs): 2 features a program, 2,048 columns a chunk,
+    one stage: within 2 % of each Llama-3.1-8B shape's best in an H100 sweep (benchmarks/gemv_lab.py)."""
+    return GemvTiles(2, min(2048, max(16, triton.next_power_of_2(k))), 4, 1)
+
+
+def tiles_key(n_out: int, k: int, silu_mul: bool, weight_bytes: int = 2) -> str:
+    """Key of a tuned-tiles table: the shape, the epilogue and (for 1-byte weights) ",8"."""
+    return f"{n_out},{k},{int(silu_mul)}" + (",8" if weight_bytes == 1 else "")
 
 
 TABLES_DIR = Path(__file__).with_name("gemv_tiles")
@@ -130,13 +140,14 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def tiles_for(device: torch.device, n_out: int, k: int, silu_mul: bool) -> GemvTiles:
-    """The card's tuned tiles for this shape, else default_tiles; small tiles under the interpreter."""
+def tiles_for(device: torch.device, n_out: int, k: int, silu_mul: bool, weight_bytes: int = 2) -> GemvTiles:
+    """The card's tuned tiles for this shape, else the defaults; small tiles under the interpreter."""
     if device.type != "cuda":
         return GemvTiles(4, 32, 4, 1)  # Triton's interpreter (CI): several programs and K chunks on tiny shapes
     index = device.index if device.index is not None else torch.cuda.current_device()
     table = tuned_tiles(table_path(_device_name(index), kernel_options().gemv_tiles))
-    return table.get(tiles_key(n_out, k, silu_mul)) or default_tiles(n_out, k)
+    default = default_tiles_8bit(k) if weight_bytes == 1 else default_tiles(n_out, k)
+    return table.get(tiles_key(n_out, k, silu_mul, weight_bytes)) or default
 
 
 _enabled = True  # process-wide, set with the other fused kernels (models/layers.set_fused_kernels)
@@ -160,9 +171,11 @@ def wanted_for(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  silu_mul: bool = False, tiles: GemvTiles | None = None) -> torch.Tensor:
+                  silu_mul: bool = False, tiles: GemvTiles | None = None,
+                  scales: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K], weight [N, K] -> x @ weight^T + bias [1, N]; with silu_mul (weight [gate; up], N
-    even, no bias) -> silu(gate) * up [1, N / 2]."""
+    even, no bias) -> silu(gate) * up [1, N / 2]. `scales` (fp32 [N]): weight holds int8 / e4m3 codes
+    and row n is scales[n] * weight[n] (the quantized W8A16 GEMVs of workers/quant/kernels/)."""
     if x.dim() != 2 or weight.dim() != 2 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x [1, K] and weight [N, K] must be 2-D with a contiguous last dim")
     rows, k = x.shape
@@ -175,14 +188,17 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"silu_mul needs an even number of output features and no bias, got {n}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if scales is not None and (scales.shape != (n,) or scales.dtype != torch.float32):
+        raise ValueError(f"scales must be float32 of shape ({n},), got {scales.dtype} {tuple(scales.shape)}")
     n_out = n // 2 if silu_mul else n
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     if rows == 0 or n_out == 0:
         return out
-    t = tiles or tiles_for(x.device, n_out, k, silu_mul)
+    t = tiles or tiles_for(x.device, n_out, k, silu_mul, weight.element_size())
     _decode_linear_kernel[(triton.cdiv(n_out, t.block_n),)](
-        x, weight, bias if bias is not None else weight, out, n_out, k, weight.stride(0),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        x, weight, scales if scales is not None else weight, bias if bias is not None else weight, out, n_out, k,
+        weight.stride(0), HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages, **pdl_options(x.device),
     )
     return out

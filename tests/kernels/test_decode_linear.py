@@ -112,11 +112,13 @@ def test_tuned_tables(tmp_path):
     assert dl.table_path("NVIDIA H100 80GB HBM3", str(path)) == str(path)  # parallel.gemv_tiles
 
 
-def _ptx(use_pdl: bool) -> str:
+def _ptx(use_pdl: bool, weight: str = "*bf16") -> str:
+    """bf16 weights, or 1-byte codes ("*i8", "*fp8e4nv") with their fp32 row scales (the quantized GEMVs)."""
     return compile_ptx("shardserve.parallel.kernels.decode_linear", "_decode_linear_kernel",
-                       pointers={"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"},
-                       constexprs={"HAS_BIAS": False, "SILU_MUL": False, "BLOCK_N": 4, "BLOCK_K": 1024,
-                                   "USE_PDL": use_pdl},
+                       pointers={"x_ptr": "*bf16", "w_ptr": weight, "s_ptr": "*fp32", "bias_ptr": "*bf16",
+                                 "out_ptr": "*bf16"},
+                       constexprs={"HAS_SCALE": weight != "*bf16", "HAS_BIAS": False, "SILU_MUL": False,
+                                   "BLOCK_N": 4, "BLOCK_K": 1024, "USE_PDL": use_pdl},
                        aligned=("x_ptr", "w_ptr", "out_ptr", "K", "stride_wn"))
 
 
@@ -145,8 +147,9 @@ def _global_loads(ptx: str) -> list[tuple[int, set[int]]]:
 X_PARAM, W_PARAM = 0, 1  # positions of x_ptr and w_ptr in the kernel's signature
 
 
-def test_weights_load_before_the_wait_and_activations_after():
-    ptx = _ptx(True)
+@pytest.mark.parametrize("weight", ["*bf16", "*i8", "*fp8e4nv"])
+def test_weights_load_before_the_wait_and_activations_after(weight):
+    ptx = _ptx(True, weight)
     wait = ptx.find("griddepcontrol.wait")
     assert wait >= 0 and "griddepcontrol.launch_dependents" in ptx
     assert not re.search(r"\b(?:st|atom|red)\.global", ptx[:wait])
@@ -157,4 +160,4 @@ def test_weights_load_before_the_wait_and_activations_after():
     assert before and all(params == {W_PARAM} for params in before), before
     # ... and the activations, which the kernel before this one writes, are only read after it
     assert any(X_PARAM in params for params in after)
-    assert "griddepcontrol" not in _ptx(False)
+    assert "griddepcontrol" not in _ptx(False, weight)

@@ -36,7 +36,15 @@ class KernelRuntime:
         return self._silu_mul(x, self.packed)
 
 
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def cuda_runtime(w: QuantizedWeight, device: torch.device, dtype: torch.dtype):
+    widened = isinstance(w, GroupedWeight) and not w.float32_scales and w.bits != 4
+    if dtype not in KERNEL_DTYPES and not widened:  # refused at load, before any request
+        raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} with weights kept quantized "
+                         f"({type(w).__name__}) on CUDA: the quantized CUDA kernels take bfloat16 or float16 "
+                         "activations; set dtype to bfloat16 or float16")
     if isinstance(w, GroupedWeight) and w.float32_scales:  # GGUF Q4_K / Q6_K, exact (kernels/kquant.py)
         from shardserve.workers.quant.kernels.int4 import int4_linear
         from shardserve.workers.quant.kernels.kquant import pack_q4k, pack_q6k, q6k_linear

@@ -7,9 +7,9 @@ rowwise _scaled_mm takes scale_a [M, 1] and scale_b [1, N], both fp32). `fp8_lin
 [M, K] one row a program (`quantize_rows`: amax -> scale = amax / 448 -> x / scale rounded to e4m3,
 round-to-nearest-even done in fp32 bits so that the store is exact), then `_scaled_mm` with bf16
 output, then the bias (one add). Why cuBLASLt rather than a Triton FP8 GEMM: its FP8 tensor-core
-GEMMs are the fastest we have on Hopper for prefill sizes. Decode rows (<= GEMV_MAX_ROWS) skip the
-activation quantization: `fp8_gemv` streams the e4m3 rows once (first chunk before the PDL wait),
-converts them to fp32 in registers and applies the row scale at the end (one kernel, not two).
+GEMMs are the fastest we have on Hopper for prefill sizes. A decode row (GEMV_MAX_ROWS) skips the
+activation quantization: `fp8_gemv` is parallel/kernels/decode_linear.py's kernel on the e4m3 rows (first
+chunk before the PDL wait, widened in registers) with the row scales in its epilogue.
 CPU is the caller's (dequantize); `_scaled_mm` needs CUDA, the Triton kernels also run under the
 interpreter (tests).
 """
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
 from shardserve.workers.quant.weights import Fp8Weight
 
-GEMV_MAX_ROWS = 1  # one row: the matrix-vector kernel; more: _scaled_mm (at 4 rows the GEMV cost ~3x one)
+GEMV_MAX_ROWS = 1  # one row: decode_linear's kernel; more: _scaled_mm (at 4 rows a GEMV cost ~3x one)
 
 E4M3_MAX = 448.0
 MIN_SCALE = 1e-12  # an all-zero row: scale stays finite, codes 0
@@ -95,75 +95,11 @@ def quantize_rows(x: torch.Tensor, block_k: int | None = None) -> tuple[torch.Te
     return q, scales
 
 
-@triton.jit
-def _fp8_rows(w, w_rows, x_row, s_ptr, offs_n, mask_n, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """s[n] * sum_k x_k w_nk [BLOCK_N] in fp32 for the rows w_rows; `w` holds their first chunk, loaded."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cur = w
-        kk = k0 + offs_k
-        nk = kk + BLOCK_K
-        w = tl.load(w_rows + nk[None, :], mask=mask_n[:, None] & (nk[None, :] < K), other=0.0)
-        a = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        acc += cur.to(tl.float32) * a[None, :]
-    return tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-
-
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N_OUT, K, stride_xm, stride_om,
-                     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_PDL: tl.constexpr):
-    """out[row, n] = s[n] * sum_k x[row, k] * w[n, k], x unquantized (W8A16 for decode rows); with SILU_MUL
-    W is [gate; up] and out = silu(gate) * up, each rounded as an unfused projection would."""
-    row = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N_OUT
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-    up_rows = w_rows + N_OUT.to(tl.int64) * K
-    # Weights only: read before waiting on the previous kernel (as in parallel/kernels/decode_linear.py).
-    first = mask_n[:, None] & (offs_k[None, :] < K)
-    w = tl.load(w_rows + offs_k[None, :], mask=first, other=0.0)
-    w_up = w
-    if SILU_MUL:
-        w_up = tl.load(up_rows + offs_k[None, :], mask=first, other=0.0)
-    wait_for_previous(USE_PDL)
-    release_next(USE_PDL)
-    x_row = x_ptr + row * stride_xm
-    y = _fp8_rows(w, w_rows, x_row, s_ptr, offs_n, mask_n, K, BLOCK_N, BLOCK_K)
-    if SILU_MUL:
-        dtype = out_ptr.dtype.element_ty
-        gate = y.to(dtype).to(tl.float32)
-        up = _fp8_rows(w_up, up_rows, x_row, s_ptr, offs_n + N_OUT, mask_n, K, BLOCK_N, BLOCK_K)
-        up = up.to(dtype).to(tl.float32)
-        y = gate / (1.0 + tl.exp(-gate)) * up
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-def fp8_gemv(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = None,
-             block_n: int = 2, block_k: int = 1024, num_warps: int = 4, silu_mul: bool = False) -> torch.Tensor:
-    """Decode rows: x [M, K] (unquantized) @ (e4m3 W * scales)^T + bias, fp32 accumulation, one kernel.
-    Default tiles: the best at the four Llama-3.1-8B shapes in an H100 sweep (61-78 % of the floor)."""
-    n, k = packed.shape
-    rows = x.shape[0]
-    if silu_mul and (bias is not None or n % 2):
-        raise ValueError(f"silu_mul needs an even number of output features and no bias, got N {n}")
-    n_out = n // 2 if silu_mul else n
-    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
-    if rows == 0:
-        return out
-    if x.device.type != "cuda":  # Triton's interpreter (tests): small tiles, several programs and chunks
-        block_n, block_k = 16, 64
-    w = packed.weight_t.t()  # [N, K] row-major
-    _fp8_gemv_kernel[(rows, triton.cdiv(n_out, block_n))](
-        x, w, packed.scales, bias if bias is not None else out, out, n_out, k, x.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
-        num_warps=num_warps, **pdl_options(x.device),
-    )
-    return out
+def fp8_gemv(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = None, silu_mul: bool = False,
+             tiles: GemvTiles | None = None) -> torch.Tensor:
+    """One decode row: x [1, K] (unquantized) @ (e4m3 W * scales)^T + bias: decode_linear's kernel on the e4m3
+    rows with the row scales in its epilogue (weights streamed once, fp32 accumulation, one rounding)."""
+    return decode_linear(x, packed.weight_t.t(), bias, silu_mul=silu_mul, tiles=tiles, scales=packed.scales.view(-1))
 
 
 def fp8_linear(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = None,

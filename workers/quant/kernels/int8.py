@@ -1,12 +1,13 @@
-"""INT8 weight-only linear (W8A16, per-channel scales) on CUDA: packing at load, then one kernel a call.
+"""INT8 weight-only linear (W8A16, per-channel scales) on CUDA: the codes as stored, one kernel a call.
 
-Data flow: an `Int8Weight` (int8 codes [N, K], fp32 scales [N]) is packed once by `pack_int8` into
-the plane layout of packed.py with 8-bit fields: u = q + 128 (offset binary), four codes an int32
-word, chunks of 4 x 128 columns; one "group" spanning all of K, scale s and min -128 s per row (so
-w = u s + m = q s). `int8_linear` runs the matrix-vector kernel for up to packed.GEMV_MAX_ROWS rows
-(per-channel: it accumulates sum f x and sum x and applies the row's scale once at the end), the
-split-K tl.dot GEMM of int8_gemm.py (the codes u - 128 fed to tl.dot, the scale applied once) up to
-packed.DEQUANT_MIN_ROWS - 1 rows, and W dequantized + cuBLAS above (packed.plane_linear).
+Data flow: an `Int8Weight` (int8 codes [N, K], fp32 scales [N]) is kept as it is (`pack_int8`: the codes
+contiguous on the device, the scales fp32): 1 byte a weight, the checkpoint's own layout, so a tensor
+parallel shard is a slice. `int8_linear` picks by rows:
+  - one row (decode): parallel/kernels/decode_linear.py's GEMV on the codes, widened in registers, the
+    row scales in its epilogue (SiLU-and-mul for gate_up too);
+  - 2 .. DEQUANT_MIN_ROWS - 1 rows: int8_gemm.py's split-K tensor-core GEMM (tiles: splitk.py);
+  - more: W dequantized once a call (`dequantize_int8`) and cuBLAS.
+fp32 accumulation and one rounding everywhere.
 """
 
 from __future__ import annotations
@@ -14,29 +15,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from shardserve.workers.quant.kernels.packed import (
-    GemmTiles,
-    GemvTiles,
-    PlaneWeights,
-    pack_planes,
-    pad_groups,
-    plane_linear,
+from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
+from shardserve.workers.quant.kernels import packed as pk
+from shardserve.workers.quant.kernels.int8_gemm import dequantize_int8, int8_gemm
+from shardserve.workers.quant.kernels.splitk import (
+    INTERPRETER_SPLIT,
+    SplitTiles,
+    default_split_tiles,
+    sm_count_of,
 )
-from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.weights import Int8Weight
 
-PLANE = 128  # columns per plane: 512-byte rows of words per chunk (4 x 128 columns)
+GEMV_MAX_ROWS = 1  # decode_linear takes one row
 
 
 @dataclass(frozen=True)
 class Int8Packed:
     """The runtime form of one INT8 linear."""
 
-    weights: PlaneWeights
+    codes: torch.Tensor  # int8 [N, K], contiguous
+    scales: torch.Tensor  # float32 [N]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.weights.n, self.weights.k
+        return tuple(self.codes.shape)
 
 
 def pack_int8(w: Int8Weight, dtype: torch.dtype) -> Int8Packed:
@@ -45,19 +47,32 @@ def pack_int8(w: Int8Weight, dtype: torch.dtype) -> Int8Packed:
         raise ValueError(f"int8 activations must be bfloat16 or float16, got {dtype}")
     if w.q.dtype != torch.int8 or w.q.dim() != 2:
         raise ValueError(f"int8 codes must be an int8 [N, K] tensor, got {w.q.dtype} {tuple(w.q.shape)}")
-    n, k = w.q.shape
+    n, _ = w.q.shape
     if tuple(w.scales.shape) != (n,):
         raise ValueError(f"int8 scales have shape {tuple(w.scales.shape)}, expected ({n},)")
-    words = pack_planes((w.q.to(torch.int16) + 128).to(torch.uint8), 8, PLANE)
-    k_pad = words.shape[1] * 4
-    scales = w.scales.float().view(n, 1)
-    weights = PlaneWeights(words, pad_groups(scales, 1, dtype), pad_groups(-128.0 * scales, 1, dtype),
-                           bits=8, plane=PLANE, group_size=k_pad, k=k)
-    return Int8Packed(weights)
+    return Int8Packed(w.q.contiguous(), w.scales.float().contiguous())
 
 
 def int8_linear(x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None = None,
-                gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
-                split_tiles: SplitTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
-    """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the Int8Weight's dequantize())."""
-    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, split_tiles, silu_mul)
+                gemv_tiles: GemvTiles | None = None, split_tiles: SplitTiles | None = None,
+                silu_mul: bool = False, dequant_min_rows: int | None = None) -> torch.Tensor:
+    """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the Int8Weight's dequantize()). `split_tiles`
+    forces the split-K GEMM at any M; `silu_mul` (W = [gate; up], one row, no bias): silu(gate) * up."""
+    n, k = packed.shape
+    pk.check_input(x, k, bias, n)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0]
+    if silu_mul and (rows > GEMV_MAX_ROWS or bias is not None or n % 2):
+        raise ValueError(f"silu_mul takes at most {GEMV_MAX_ROWS} rows, no bias and an even N; got {rows} rows, N {n}")
+    if rows <= GEMV_MAX_ROWS and split_tiles is None and rows:
+        return decode_linear(x, packed.codes, bias, silu_mul=silu_mul, tiles=gemv_tiles, scales=packed.scales)
+    interpreted = x.device.type != "cuda"
+    limit = pk.DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows  # read at call time
+    if rows >= limit and split_tiles is None and not interpreted and n:
+        return torch.nn.functional.linear(x, dequantize_int8(packed.codes, packed.scales, x.dtype), bias)
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return out
+    t = split_tiles or (INTERPRETER_SPLIT if interpreted else default_split_tiles(8, rows, n, k, sm_count_of(x.device)))
+    return int8_gemm(x, packed.codes, packed.scales, bias, out, t)

@@ -1,16 +1,12 @@
-"""Tensor-core GEMM on INT8 per-channel plane-layout weights (int8.py's packing), split-K, codes fed raw.
+"""Tensor-core split-K GEMM on INT8 per-channel weights as stored (int8 codes [N, K], one fp32 scale a row).
 
-Why: packed.py's `qgemm` ran INT8 at 2-64 rows in 64 x 64 tiles with one pipeline stage (a chunk of
-4 x 128 columns holds [128, BLOCK_N] words and four [BLOCK_M, 128] x tiles: 3 stages did not fit),
-with N / 64 programs. Here a K step is a block of WORDS = 32 consecutive words of a chunk: words
-[32, BLOCK_N] and the four x tiles [BLOCK_M, 32] of the columns they hold (field i of word j of chunk
-c is column c * 4 PLANE + i PLANE + j), small enough for 3-4 stages; splitk.py adds K splits.
-Weights: w = s (u - 128) + (m + 128 s) per output row n (int8.py stores u = q + 128 and m = -128 s,
-so the second term is 0; it is kept exact anyway through the row sums of x). A field u unpacks with
-one shift, one and-or into fp32's mantissa (0x4B000000 | u reads 2^23 + u) and one subtraction to
-u - 128, exact in bf16 / fp16 (-128..127): tl.dot multiplies x by the codes, and s multiplies the
-fp32 accumulator once at the end (no per-weight FMA with the scale). fp32 accumulation; one split
-adds the bias and rounds, more write partials that splitk.py's reduce sums, biases and rounds once.
+Why: between one row (decode_linear's GEMV) and DEQUANT_MIN_ROWS rows (W dequantized + cuBLAS) the
+GEMM is weight-bound: it must stream the codes once, over every SM. Program (m tile, n tile, split s)
+walks its K steps of BLOCK_K = 128 columns: a [BLOCK_K, BLOCK_N] tile of codes (K contiguous in memory)
+widened to the activation dtype (int8 is exact in bf16 / fp16) and fed to tl.dot with x's [BLOCK_M,
+BLOCK_K] tile; the row scale multiplies the fp32 accumulator once at the end (no per-weight scale).
+One split adds the bias and rounds; more write partials that splitk.py's reduce sums, biases and
+rounds once. `dequantize_int8` writes W in the activation dtype (one rounding of q * s) for cuBLAS.
 """
 
 from __future__ import annotations
@@ -21,69 +17,73 @@ import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split, store_tile
 
-WORDS = 32  # words of a chunk a K step: 4 x 32 columns, 128 bytes of each weight row
+BLOCK_K = 128  # columns a K step (splitk.k_steps counts INT8 steps of 128)
 
 
 @triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])  # one binary for every row count and split
 def _int8_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
-    PLANE: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, STEPS_PER_SPLIT,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """SPLIT: out_ptr is fp32 partials [splits, M, N] (no bias); else out [M, N] in x's dtype."""
     wait_for_previous(USE_PDL)  # parallel/kernels/pdl.py's protocol: nothing read before it
     release_next(USE_PDL)
-    CHUNK: tl.constexpr = 4 * PLANE
-    BLOCKS: tl.constexpr = PLANE // WORDS  # K steps a chunk
     dtype = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)  # fastest: the M tiles of one weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
     first = tl.program_id(2) * STEPS_PER_SPLIT  # this split's K steps
-    last = tl.minimum(first + STEPS_PER_SPLIT, KW // WORDS)
+    last = tl.minimum(first + STEPS_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    w_tile = w_ptr + offs_n[None, :].to(tl.int64) * KW + offs_j[:, None]  # [WORDS, BLOCK_N]
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    w_tile = w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    xacc = tl.zeros([BLOCK_M, WORDS], dtype=tl.float32)  # x summed elementwise; one row sum at the end
     for t in range(first, last):
-        words = tl.load(w_tile + t * WORDS, mask=mask_n[None, :], other=0)
-        col0 = (t // BLOCKS) * CHUNK + (t % BLOCKS) * WORDS  # the columns of field 0 of these words
-        for i in tl.static_range(4):
-            cols = col0 + i * PLANE + offs_j
-            xv = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
-            q = (((words >> (8 * i)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # u - 128
-            acc = tl.dot(xv, q.to(dtype), acc)
-            xacc += xv.to(tl.float32)
-    s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 128.0 * s
-    acc = acc * s[None, :] + tl.sum(xacc, axis=1)[:, None] * m[None, :]
+        k0 = t * BLOCK_K
+        mask_k = k0 + offs_k < K
+        w = tl.load(w_tile + k0, mask=mask_n[None, :] & mask_k[:, None], other=0)
+        xv = tl.load(x_tile + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(xv, w.to(dtype), acc)
+    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
-def int8_gemm_supported(bits: int, plane: int, per_channel: bool, dtype: torch.dtype) -> bool:
-    """INT8, one scale and min a row, planes of whole K steps, bf16 / fp16 activations."""
-    return (bits == 8 and per_channel and plane % WORDS == 0
-            and dtype in (torch.bfloat16, torch.float16))
-
-
-def int8_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-              bias: torch.Tensor | None, out: torch.Tensor, *, plane: int, k: int,
-              tiles: SplitTiles) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ W^T + bias for INT8 per-channel plane-layout W (packed.PlaneWeights'
-    tensors: scales / mins [1, N]), K split `tiles.split_k` ways over its word blocks."""
+def int8_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor, tiles: SplitTiles) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ (codes * scales[:, None])^T + bias, K split `tiles.split_k` ways."""
     rows, n = out.shape
-    kw = words.shape[1]
+    k = codes.shape[1]
 
     def launch(grid: tuple[int, int, int], dest: torch.Tensor, per: int, split: bool) -> None:
         _int8_gemm_kernel[grid](
-            x, words, scales, mins, bias if bias is not None else out, dest, rows, n, k, kw,
-            x.stride(0), out.stride(0), per, PLANE=plane, WORDS=WORDS, BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, HAS_BIAS=bias is not None, SPLIT=split,
+            x, codes, scales, bias if bias is not None else out, dest, rows, n, k, x.stride(0), out.stride(0), per,
+            BLOCK_K=BLOCK_K, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HAS_BIAS=bias is not None, SPLIT=split,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_options(x.device),
         )
 
-    return launch_split(launch, kw // WORDS, out, bias, tiles)
+    return launch_split(launch, triton.cdiv(k, BLOCK_K), out, bias, tiles)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    at = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
+    w = tl.load(w_ptr + at, mask=mask, other=0).to(tl.float32) * s[:, None]
+    tl.store(out_ptr + at, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] = codes * scales[:, None] in `dtype`, each weight rounded once (one kernel)."""
+    n, k = codes.shape
+    out = torch.empty(n, k, dtype=dtype, device=codes.device)
+    block_n, block_k = 16, 256
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out

@@ -16,13 +16,25 @@ Q6_K 1 + 8 / 16 = 1.5 (GGUF's own: 0.5625 and 0.8203).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from shardserve.workers.quant.kernels.int4 import Int4Packed
-from shardserve.workers.quant.kernels.int8 import Int8Packed
 from shardserve.workers.quant.kernels.packed import PlaneWeights, pack_planes, pad_groups, plane_linear
 from shardserve.workers.quant.weights import GroupedWeight
 
 Q4K_PLANE, Q6K_PLANE = 32, 16
+
+
+@dataclass(frozen=True)
+class Q6kPacked:
+    """The runtime form of one Q6_K linear: 8-bit planes of 16 columns, float32 group scales and mins."""
+
+    weights: PlaneWeights
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weights.n, self.weights.k
 
 
 def pack_q4k(w: GroupedWeight) -> Int4Packed:
@@ -33,12 +45,12 @@ def pack_q4k(w: GroupedWeight) -> Int4Packed:
     return Int4Packed(_planes(w, 4, Q4K_PLANE, 15), None)
 
 
-def pack_q6k(w: GroupedWeight) -> Int8Packed:
+def pack_q6k(w: GroupedWeight) -> Q6kPacked:
     """A 6-bit weight in groups of 16 with float32 scales -> exact 8-bit planes (for `q6k_linear`)."""
     if w.bits != 6 or w.group_size != 16 or w.perm is not None:
         raise ValueError(f"pack_q6k takes 6-bit weights in groups of 16 without act-order, got bits={w.bits}, "
                          f"group_size {w.group_size}")
-    return Int8Packed(_planes(w, 8, Q6K_PLANE, 63))
+    return Q6kPacked(_planes(w, 8, Q6K_PLANE, 63))
 
 
 def _planes(w: GroupedWeight, bits: int, plane: int, max_code: int) -> PlaneWeights:
@@ -50,7 +62,7 @@ def _planes(w: GroupedWeight, bits: int, plane: int, max_code: int) -> PlaneWeig
                         bits=bits, plane=plane, group_size=w.group_size, k=w.q.shape[1])
 
 
-def q6k_linear(x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None = None,
+def q6k_linear(x: torch.Tensor, packed: Q6kPacked, bias: torch.Tensor | None = None,
                silu_mul: bool = False, **tiles) -> torch.Tensor:
     """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the weight's dequantize())."""
     return plane_linear(x, packed.weights, bias, silu_mul=silu_mul, **tiles)

@@ -1,6 +1,6 @@
-"""The bit-plane layout and the Triton kernels shared by the INT4 and INT8 weight-only linears.
+"""The bit-plane layout and its Triton kernels: INT4 weight-only linears, GGUF k-quants, quantized experts.
 
-Layout ("planes"): unsigned codes u (4 or 8 bits; INT8 stores q + 128) are packed PLANES = 32 / BITS to
+Layout ("planes"): unsigned codes u (4 or 8 bits; Q6_K and 8-bit experts) are packed PLANES = 32 / BITS to
 an int32 word. A row of W [N, K] is cut into chunks of PLANES * PLANE columns held by PLANE consecutive
 words; word j of a chunk holds, in its bit field i, the column `chunk * PLANES * PLANE + i * PLANE + j`.
 So one contiguous [rows, PLANE] tile of words unpacks with a shift and a mask into PLANES [rows, PLANE]
@@ -15,7 +15,7 @@ f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one
 chunks an iteration, the next chunk's words loaded before this one is unpacked (the first before the
 PDL wait: weights are never written while serving, as in parallel/kernels/decode_linear.py); per group
 it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. More rows: the split-K GEMMs
-(codes_gemm.py INT4, int8_gemm.py INT8, splitk.py) or, for layouts they do not take, `qgemm`: tiles
+(codes_gemm.py for INT4, splitk.py) or, for layouts it does not take, `qgemm`: tiles
 [BLOCK_M, BLOCK_N], planes dequantized in the main loop and fed to tl.dot. All: fp32 accumulation, one
 rounding. `dequantize_planes` writes W in the activation dtype for cuBLAS at prefill sizes; `plane_linear` picks.
 """
@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.quant.kernels.codes_gemm import codes_gemm, codes_supported
-from shardserve.workers.quant.kernels.int8_gemm import int8_gemm, int8_gemm_supported
 from shardserve.workers.quant.kernels.splitk import (
     INTERPRETER_SPLIT,
     SplitTiles,
@@ -40,9 +39,9 @@ from shardserve.workers.quant.kernels.splitk import (
 GEMV_MAX_ROWS = 1  # rows up to which the matrix-vector kernel is the default: it re-reads the weights for
 # every row, and on an H100 4 rows cost it ~3.5x one row while the GEMMs stay near one read (benchmarks/README.md)
 # From this many rows W is dequantized to the activation dtype and cuBLAS multiplies; below it the
-# split-K GEMMs (codes_gemm.py for INT4, int8_gemm.py for INT8). 256: the first row count of the H100
-# sweep (`quant_kernels.py --sweep-splitk`, benchmarks/README.md) where dequantize + cuBLAS won, for both.
-# plane_linear takes it as a parameter.
+# split-K GEMMs (codes_gemm.py for INT4 planes, int8_gemm.py for INT8 codes). 256: the first row count of
+# the H100 sweep (`quant_kernels.py --sweep-splitk`, benchmarks/README.md) where dequantize + cuBLAS won,
+# for both. plane_linear and int8.int8_linear take it as a parameter.
 DEQUANT_MIN_ROWS = 256
 
 
@@ -71,7 +70,7 @@ class PlaneWeights:
     mins: torch.Tensor  # [groups_padded, N]
     bits: int
     plane: int  # PLANE: words per chunk = columns per plane
-    group_size: int  # columns per scale (for INT8: K_padded, one group)
+    group_size: int  # columns per scale (K_padded: one group a row)
     k: int  # input features before padding
 
     @property
@@ -273,7 +272,7 @@ def scale_every(w: PlaneWeights) -> int:
 
 def default_gemv_tiles(w: PlaneWeights, rows: int) -> GemvTiles:
     """1 KiB of words a row an iteration, 4 rows a program, 4 warps: the best or within a few % of it at
-    every Llama-3.1-8B shape in benchmarks/quant_kernels.py --sweep on an H100 (INT8; INT4 planes 16-128)."""
+    every Llama-3.1-8B shape in benchmarks/quant_kernels.py --sweep on an H100 (INT8 planes then; INT4 planes 16-128)."""
     return GemvTiles(block_n=4, chunks=max(1, 256 // w.plane), num_warps=4)
 
 
@@ -290,19 +289,15 @@ INTERPRETER_GEMM = GemmTiles(16, 32, 4, 1)
 
 
 def split_supported(w: PlaneWeights, dtype: torch.dtype) -> bool:
-    """Whether a split-K GEMM takes these weights: INT4 in groups of whole planes (codes_gemm.py) or
-    INT8 per-channel (int8_gemm.py)."""
-    return (codes_supported(w.bits, w.plane, w.group_size, w.per_channel, dtype)
-            or int8_gemm_supported(w.bits, w.plane, w.per_channel, dtype))
+    """Whether the split-K GEMM (codes_gemm.py) takes these weights: INT4 in groups of whole planes."""
+    return codes_supported(w.bits, w.plane, w.group_size, w.per_channel, dtype)
 
 
 def split_gemm(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None, out: torch.Tensor,
                tiles: SplitTiles) -> torch.Tensor:
-    """out = x @ W^T + bias by the split-K GEMM of W's layout (the caller checked `split_supported`)."""
-    if w.bits == 4:
-        return codes_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, group_size=w.group_size,
-                          k=w.k, tiles=tiles)
-    return int8_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, k=w.k, tiles=tiles)
+    """out = x @ W^T + bias by codes_gemm.py (the caller checked `split_supported`)."""
+    return codes_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, group_size=w.group_size,
+                      k=w.k, tiles=tiles)
 
 
 def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> None:
@@ -321,8 +316,8 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
 
     Up to GEMV_MAX_ROWS rows (or any rows with `gemv_tiles`) the matrix-vector kernel; then, below
-    `dequant_min_rows` (default DEQUANT_MIN_ROWS) rows, the split-K GEMM (codes_gemm.py for INT4 in groups of whole planes,
-    int8_gemm.py for INT8; splitk.default_split_tiles) or, for other layouts, this module's dequantizing
+    `dequant_min_rows` (default DEQUANT_MIN_ROWS) rows, the split-K GEMM (codes_gemm.py for INT4 in groups of
+    whole planes; splitk.default_split_tiles) or, for other layouts, this module's dequantizing
     GEMM; from `dequant_min_rows` rows on CUDA, W dequantized + cuBLAS. `gemm_tiles` / `split_tiles`
     force one GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows):
     silu(gate) * up [M, N / 2] from the GEMV's epilogue."""
@@ -350,7 +345,7 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     split_ok = split_supported(w, x.dtype)
     if not silu_mul and (split_tiles is not None or (split_ok and gemm_tiles is None and not gemv)):
         if not split_ok:
-            raise ValueError(f"the split-K GEMMs take INT4 in groups of whole planes or INT8 per-channel; got "
+            raise ValueError(f"the split-K GEMM takes INT4 in groups of whole planes; got "
                              f"{w.bits}-bit planes of {w.plane} in groups of {w.group_size}")
         t = split_tiles or (INTERPRETER_SPLIT if interpreted
                             else default_split_tiles(w.bits, rows, n, w.k, sm_count_of(x.device)))

@@ -1,4 +1,4 @@
-"""Split-K for the plane-layout GEMMs (codes_gemm.py for INT4, int8_gemm.py for INT8): tiles, defaults, reduce.
+"""Split-K for the weight-streaming GEMMs (codes_gemm.py INT4 planes, int8_gemm.py INT8 codes): tiles, reduce.
 
 Why: at 2-128 rows a GEMM of [M, BLOCK_M] x [N, BLOCK_N] tiles has only N / BLOCK_N programs (o_proj at
 64 x 64: 64 programs on 132 SMs), each streaming all of K; the weights are a quarter (INT4) or half
@@ -116,7 +116,7 @@ INTERPRETER_SPLIT = SplitTiles(16, 32, 1, 4, 1)  # under Triton's interpreter: s
 
 def k_steps(bits: int, k: int) -> int:
     """K steps of the kernels for K input features: INT4 chunks of 8 planes of 32 columns (int4.py's
-    default plane), INT8 blocks of 32 words = 128 columns (int8_gemm.WORDS)."""
+    default plane), INT8 blocks of 128 columns (int8_gemm.BLOCK_K)."""
     return max(1, -(-k // (256 if bits == 4 else 128)))
 
 
