@@ -4,8 +4,8 @@ The CPU file's folders (test_moe_checkpoints.py: a tiny Qwen3-MoE rewritten per 
 compressed-tensors layouts) loaded on one GPU in float32 (the kernel's IEEE tl.dot) must give the greedy
 tokens of their dequantized float folder on the same GPU, prompt log-probs within TOLERANCE; the experts
 must be held as the stacked plane / FP8 layout (no float stacks; act-order experts with their input
-permutations). Attention stays float in these folders (each format's own ignore list): the dense CUDA kernels
-take bf16 / fp16 only, and float32 with quantized dense layers is refused at load (test_dense_float32_is_refused). Run on the GPU machine: `pytest -q tests/quant/test_moe_checkpoints_gpu.py`.
+permutations). Dense projections stay float in these folders (each format's own ignore list): the dense CUDA
+kernels take bf16 / fp16 only; float32 with quantized dense layers is refused at load (test_dense_float32_is_refused). Run on the GPU machine: `pytest -q tests/quant/test_moe_checkpoints_gpu.py`.
 """
 
 from __future__ import annotations
@@ -38,17 +38,21 @@ def _run(folder: Path):
         llm.engine.shutdown()
 
 
-def _attention_float(name: str) -> dict:
-    """quantize_folder arguments that keep self_attn float and list it in the format's ignore list."""
-    compressed = FORMATS[name]["method"] in ("int8", "fp8", "packed")
-    extra = {"ignore": ["lm_head", "re:.*self_attn.*"]} if compressed else {"modules_to_not_convert": ["self_attn"]}
-    return {"keep_float": lambda module: ".self_attn." in module, "config_extra": extra}
+def _experts_only(name: str) -> dict:
+    """quantize_folder arguments that keep every dense projection float (attention, layer 1's MLP) and list
+    them in the format's own ignore list: only the experts stay quantized."""
+    dense = [r".*self_attn", r".*mlp\.(gate|up|down)_proj"]  # the experts' names hold "mlp.experts."
+    if FORMATS[name]["method"] in ("int8", "fp8", "packed"):  # compressed-tensors: regexes matched from the start
+        extra = {"ignore": ["lm_head", r"re:.*self_attn\..*", r"re:.*mlp\.(gate|up|down)_proj$"]}
+    else:  # GPTQ / AWQ: transformers' should_convert_module (regex up to a module boundary)
+        extra = {"modules_to_not_convert": dense}
+    return {"keep_float": lambda module: ".experts." not in module, "config_extra": extra}
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_prequantized_experts_in_the_fused_kernel(float_folder, tmp_path, name):
     folder = quantize_folder(float_folder, tmp_path / name, **{"group_size": 32, **FORMATS[name]},
-                             **_attention_float(name))
+                             **_experts_only(name))
     tokens, scores, model = _run(folder)
     want_tokens, want_scores, _ = _run(dequantize_folder(folder, float_folder, tmp_path / "reference"))
     experts = model.model.layers[0].mlp.experts
