@@ -1,8 +1,9 @@
 """Lab: candidate one-row INT8 / FP8 weight-only GEMVs beside the shipped ones, Llama-3.1-8B shapes, M = 1.
 
-What it answers: can a one-row W8A16 kernel get nearer the copy floor than the shipped plane GEMV (INT8,
-workers/quant/kernels/packed.py) and fp8_gemv (FP8)? Candidates, each on W [N, K] as stored (int8 codes or
-e4m3, one scale a row):
+What it answered: could a one-row W8A16 kernel get nearer the copy floor than the plane GEMV (INT8, packed.py)
+and the own fp8_gemv (FP8) shipped then? The `sum` candidate won on the H100 (benchmarks/README.md) and is
+what ships now (decode_linear's kernel with row scales); "shipped" below is that. Candidates, each on W [N, K]
+as stored (int8 codes or e4m3, one scale a row):
 - `sum`: decode_linear's structure (parallel/kernels/decode_linear.py): a [BLOCK_N] accumulator, one tl.sum
   a chunk, Triton's software pipelining (num_stages) instead of a hand-written prefetch;
 - `dot`: the row padded to 16 and fed to tl.dot with W converted to fp16 in registers (int8 and e4m3 are

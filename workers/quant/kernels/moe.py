@@ -3,7 +3,7 @@
 Data flow: `pack_moe(experts, dtype)` takes this rank's experts of one projection (a list of E
 unpacked weights of ../weights.py, all INT4 groups, all INT8 or all FP8) and stacks them once:
   - INT4 / INT8: each expert in packed.py's plane layout (`pack_planes`; INT8 as u = q + 128 with
-    one group spanning K, like int8.py; 8-bit groups of GPTQ / compressed-tensors as they are), words [E, N, KW], scales and mins [E, G, N] in the activation
+    one group spanning K; 8-bit groups of GPTQ / compressed-tensors as they are), words [E, N, KW], scales and mins [E, G, N] in the activation
     dtype. PLANE is 32 or 16 columns (tl.dot's smallest K), chosen so a plane lies inside a group
     and K pads to few chunks (the Qwen3-30B-A3B TP 2 down projection has K = 384);
   - act-order experts (GPTQ g_idx; columns sorted by group): perm [E, K], the activation gathered per column;
