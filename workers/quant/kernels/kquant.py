@@ -9,7 +9,7 @@ the layout would no longer be gguf-py's weights. `dequantize_planes(w, float32)`
 gguf-py's `dequantize` bit for bit (its exact mode: u * s + m, one rounding). The linears are
 `plane_linear`: the matrix-vector kernel at decode rows (SiLU-and-mul epilogue for gate_up), the
 split-K codes GEMM for Q4_K or the dequantizing tl.dot GEMM for Q6_K at small batches, W dequantized
-+ cuBLAS from DEQUANT_MIN_ROWS rows; activations bf16 / fp16, accumulation fp32. torch's tinygemm
++ cuBLAS from DEQUANT_MIN_ROWS rows (Q6_K: Q6K_DEQUANT_MIN_ROWS); activations bf16 / fp16, accumulation fp32. torch's tinygemm
 (bf16 scales) is not used for Q4_K for the same reason. Bytes a weight: Q4_K 0.5 + 8 / 32 = 0.75,
 Q6_K 1 + 8 / 16 = 1.5 (GGUF's own: 0.5625 and 0.8203).
 """
@@ -24,6 +24,9 @@ from shardserve.workers.quant.kernels.packed import PlaneWeights, pack_planes, p
 from shardserve.workers.quant.weights import GroupedWeight
 
 Q4K_PLANE, Q6K_PLANE = 32, 16
+# Q6_K's dequantizing tl.dot GEMM on an H100, one Llama-3.1-8B layer: 282 us at 16 rows, 1,376 at 64, where
+# dequantize + cuBLAS costs ~400-450 (INT8 planes, benchmarks/README.md): from 32 rows W is dequantized.
+Q6K_DEQUANT_MIN_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -64,5 +67,7 @@ def _planes(w: GroupedWeight, bits: int, plane: int, max_code: int) -> PlaneWeig
 
 def q6k_linear(x: torch.Tensor, packed: Q6kPacked, bias: torch.Tensor | None = None,
                silu_mul: bool = False, **tiles) -> torch.Tensor:
-    """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the weight's dequantize())."""
+    """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the weight's dequantize()); from Q6K_DEQUANT_MIN_ROWS
+    rows W is dequantized for cuBLAS (no split-K GEMM takes planes of 16)."""
+    tiles.setdefault("dequant_min_rows", Q6K_DEQUANT_MIN_ROWS)
     return plane_linear(x, packed.weights, bias, silu_mul=silu_mul, **tiles)
