@@ -53,6 +53,8 @@ class EngineStats:
     max_batches_in_flight: int = 0
     spec_decode: SpecDecodeStats | None = None  # speculative decoding totals (None when it is off)
     cost: CostStats | None = None  # measured cost (workers/cost.py); None without a price
+    # ModelConfig.cpu_activations as resolved at start-up (`auto` -> float | int8); None: not reported
+    cpu_activations: str | None = None
 
 
 @dataclass(frozen=True)
