@@ -23,8 +23,8 @@ from parallel_helpers import (
     single_process,
     write_checkpoint,
 )
-from shardserve.workers.engine import LLMEngine
 from quant_folders import quantize_folder
+from shardserve.workers.engine import LLMEngine
 
 
 def _quantized(config, **model):
