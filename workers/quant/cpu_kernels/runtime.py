@@ -35,7 +35,7 @@ class Q4Runtime:
         self.perm = w.perm
         w, self.pad = padded_to_whole_groups(w)
         self.packed = pack_q4(w)
-        self.int8_activations = False  # ModelConfig.cpu_activations, set by `use_int8_activations`
+        self.int8_activations = False  # ModelConfig.cpu_activations, set by runner/cpu_activations.py
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return q4_linear(_arranged(x, self.perm, self.pad), self.packed, bias, int8_activations=self.int8_activations)
