@@ -54,10 +54,10 @@ def main() -> None:
             set_fused_kernels(True)
             decode_stack.set_enabled(True)
 
-    fast = LLM("default", quantization="gguf")
+    fast = LLM("default", quantization="gguf", cpu_activations="float")  # the default, auto, would be int8
     int8 = LLM("default", quantization="gguf", cpu_activations="int8")
     set_fused_kernels(False)  # loaded with the torch attention backend and the float LM head
-    eager = LLM("default", quantization="gguf")
+    eager = LLM("default", quantization="gguf", cpu_activations="float")
     set_fused_kernels(True)
     runs = {"llama.cpp": peer_run, "ours, float activations": lambda: ours(fast),
             "ours, int8 activations": lambda: ours(int8),

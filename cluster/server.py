@@ -258,6 +258,7 @@ class LLMServer:
             "kv_cache_usage": stats.kv_cache_usage,
             "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
             "process_rss_bytes": process_rss_bytes(),
+            "cpu_activations": stats.cpu_activations,  # ModelConfig.cpu_activations as resolved (float | int8)
             "cost": None if stats.cost is None else asdict(stats.cost),  # /v1/stats (cluster/ingress/cost_view.py)
             # speculative decoding's totals (drafts, draft / accepted tokens, per position), null when off
             "spec_decode": None if stats.spec_decode is None else asdict(stats.spec_decode),

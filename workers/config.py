@@ -86,7 +86,9 @@ Quantization = Literal["int8", "int4", "fp8", "gptq", "awq", "compressed-tensors
 QUANTIZATION_METHODS = typing.get_args(Quantization)
 QuantizationGroupSize = Literal[32, 64, 128, -1]
 QUANTIZATION_GROUP_SIZES = typing.get_args(QuantizationGroupSize)
-CpuActivations = Literal["float", "int8"]
+CpuActivations = Literal["auto", "float", "int8"]
+CPU_ACTIVATIONS = typing.get_args(CpuActivations)
+ResolvedCpuActivations = Literal["float", "int8"]  # what `auto` becomes once the model is loaded (runner)
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,15 @@ class ModelConfig:
     quantization_group_size: QuantizationGroupSize = setting(
         128, "Inputs per scale for `int4` at load: 32, 64, 128 or -1 (one scale per output row).")
     cpu_activations: CpuActivations = setting(
-        "float", "On CPU, how the matmuls of weights kept quantized (the 4/8-bit kernels of "
-        "workers/quant/cpu_kernels, and the GGUF's Q8_0 LM head) meet the activations: `float` (exact up to "
-        "summation order) or `int8` (activations rounded to int8 per 32 inputs, llama.cpp's way: ~1.5x faster "
-        "matmuls, different rounding; quality in benchmarks/README.md). `int8` on a GPU, or on a model with no "
-        "layer on those kernels, is an error.")
+        "auto", "On CPU, how the matmuls of weights kept quantized (the 4/8-bit kernels of "
+        "workers/quant/cpu_kernels, and the GGUF's Q8_0 LM head) meet the activations: auto | float | int8. "
+        "`float`: exact up to summation order. `int8`: activations rounded to int8 per 32 inputs, llama.cpp's way "
+        "(~1.4x faster matmuls, different rounding: perplexity +0.22 % on SmolLM2 Q4_1, benchmarks/README.md); "
+        "on a GPU, or on a model with no layer on those kernels, it is an error. `auto` (default): `int8` where "
+        "the engine runs on CPU and at least one decoder linear layer runs on those kernels (e.g. quantization: "
+        "gguf, int4 or int8), else `float` (GPU engines, float weights: a float model's lossless Q8_0 LM head "
+        "stays float); never an error. The engine logs the resolved value at start-up and reports it in its "
+        "stats (`cpu_activations`, /v1/stats).")
     gguf_cache_dir: str | None = setting(
         None, "Folder of the converted copies of GGUF files (the first load writes one, later loads read it); "
         "null = $SHARDSERVE_CACHE_DIR, else ~/.cache/shardserve.")

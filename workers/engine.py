@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import repeat
 
 import torch
@@ -74,6 +75,11 @@ class LLMEngine:
             check_proposer(config.speculative, config.model, self.loaded)
         self.executor: Executor = make_executor(config, self.loaded, device)
         self.num_blocks = self.executor.num_blocks
+        # ModelConfig.cpu_activations as the runner(s) resolved it (auto -> float | int8): the config
+        # this engine reports, and the one a draft model's engine starts from (spec/draft.py)
+        resolved = self.executor.cpu_activations
+        logger.info("%s: cpu_activations %s -> %s", self.loaded.name, config.model.cpu_activations, resolved)
+        self.config = config = replace(config, model=replace(config.model, cpu_activations=resolved))
         self.eos_token_id = self.loaded.eos_token_ids[0] if self.loaded.eos_token_ids else None
         self.kv_manager = KVCacheManager(
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
@@ -338,6 +344,7 @@ class LLMEngine:
             max_batches_in_flight=self.batches.stats.max_in_flight,
             spec_decode=self.speculator.stats.snapshot() if self.speculator is not None else None,
             cost=self.cost.stats(),
+            cpu_activations=self.config.model.cpu_activations,
         )
 
     def model_info(self) -> ModelInfo:

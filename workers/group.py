@@ -42,12 +42,12 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from shardserve.workers.config import EngineConfig
 from shardserve.workers.worker.channel import ConnectionGroup, WorkerGroupError
-from shardserve.workers.worker.executor import free_port
+from shardserve.workers.worker.executor import free_port, ranks_cpu_activations
 from shardserve.workers.worker.proc import (
     READY,
     worker_main,
 )
-from shardserve.workers.worker.worker import WorkerSpec, output_rank
+from shardserve.workers.worker.worker import RankReady, WorkerSpec, output_rank
 
 LIVENESS_POLL_S = 0.5  # silence on every socket this long -> check the actors through Ray
 PLACEMENT_LOG_S = 10.0  # while the placement group is pending, say what it waits for this often
@@ -143,12 +143,13 @@ class RayExecutor(ConnectionGroup):
         try:
             self.resources = self._place(resources, startup_timeout_s)
             self._start(backend, startup_timeout_s)
-            self.rank_num_blocks: list[int] = [self._receive(r, READY, startup_timeout_s)
-                                               for r in range(self.world_size)]
+            ready: list[RankReady] = [self._receive(r, READY, startup_timeout_s) for r in range(self.world_size)]
         except BaseException:
             self.shutdown()
             raise
+        self.rank_num_blocks: list[int] = [r.num_blocks for r in ready]
         self.num_blocks = min(self.rank_num_blocks)
+        self.cpu_activations = ranks_cpu_activations(ready)
 
     # ---- start-up -----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from shardserve.workers.config import ResolvedCpuActivations
 from shardserve.workers.cost import CostStats
 from shardserve.workers.request import RequestOutput, SamplingParams
 from shardserve.workers.spec.speculator import SpecDecodeStats
@@ -53,6 +54,8 @@ class EngineStats:
     max_batches_in_flight: int = 0
     spec_decode: SpecDecodeStats | None = None  # speculative decoding totals (None when it is off)
     cost: CostStats | None = None  # measured cost (workers/cost.py); None without a price
+    # ModelConfig.cpu_activations as resolved at start-up (`auto` -> float | int8); None: not reported
+    cpu_activations: ResolvedCpuActivations | None = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import json
 import sys
 
 from shardserve.cluster.bench_serve.options import add_arguments as add_serve_arguments
-from shardserve.workers.config import QUANTIZATION_METHODS, SPECULATIVE_METHODS
+from shardserve.workers.config import CPU_ACTIVATIONS, QUANTIZATION_METHODS, SPECULATIVE_METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,9 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--quantization", default=None, choices=QUANTIZATION_METHODS,
                        help="weight quantization (ModelConfig.quantization)")
         q.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale for int4 at load")
-        q.add_argument("--cpu-activations", default="float", choices=["float", "int8"],
+        q.add_argument("--cpu-activations", default="auto", choices=CPU_ACTIVATIONS,
                        help="on CPU, how the kernels of weights kept quantized meet activations "
-                            "(ModelConfig.cpu_activations)")
+                            "(ModelConfig.cpu_activations; auto: int8 where layers run on them, else float)")
         q.add_argument("--input-len", type=int, default=128 if kind == "throughput" else 16)
         q.add_argument("--output-len", type=int, default=128)
         q.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")

@@ -3,7 +3,8 @@
 Checks the flags first (a missing file, window < 2 or stride outside [1, window]: a message
 naming the flag, exit code 2, before any model loads), builds one LLMEngine per model with
 --quantization / --cpu-activations / --dtype / --device passed through to ModelConfig (a value the engine refuses is
-reported the same way), tokenizes the text once with the model's tokenizer, and hands the
+reported the same way; --cpu-activations defaults to float here, not the engine's auto, and the
+reference always runs float), tokenizes the text once with the model's tokenizer, and hands the
 windows to workers/eval/perplexity.py. Prints a short table, or with --json exactly
 {"perplexity", "kl", "top1", "tokens"} (kl and top1 null without --reference).
 """
@@ -24,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--quantization", default=None, help="weight quantization of --model (engine ModelConfig)")
     q.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale for int4 at load")
     q.add_argument("--cpu-activations", default="float",
-                   help="float | int8: how the quantized CPU kernels meet activations (ModelConfig.cpu_activations)")
+                   help="float (default here: the exact matmuls) | int8 | auto: how the quantized CPU kernels meet "
+                        "the activations of --model (ModelConfig.cpu_activations; --reference always float)")
     q.add_argument("--text", required=True, help="UTF-8 text file to score")
     q.add_argument("--reference", default=None, help="reference model: report KL(reference || model) and top-1")
     q.add_argument("--reference-quantization", default=None, help="weight quantization of --reference")
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         reference_config = None
         if args.reference is not None:
             reference_config = ModelConfig(model=args.reference, dtype=args.reference_dtype or args.dtype,
-                                           device=args.device, quantization=args.reference_quantization)
+                                           device=args.device, quantization=args.reference_quantization,
+                                           cpu_activations="float")
     except ValueError as exc:
         return _fail(str(exc))
 

@@ -6,7 +6,8 @@ embedded SmolLM2 drafting for itself with its first 24 of 30 layers. Its greedy 
 equal the served SmolLM2 without speculation: the `real` app answering the same request with a
 `seed` (a seeded request is never given drafts, workers/spec/speculator.py `eligible`; the test
 checks that app's draft counters did not move). The draft app's speculation counters must then have
-moved, on /metrics (`shardserve:spec_decode_*`) and on /v1/stats (each replica's engine view).
+moved, on /metrics (`shardserve:spec_decode_*`) and on /v1/stats (each replica's engine view, which
+also names the resolved `cpu_activations`).
 """
 
 from __future__ import annotations
@@ -75,3 +76,5 @@ def test_served_draft_model_answers_plain_greedy_text_and_counts_its_drafts(real
         assert time.monotonic() < deadline, f"/v1/stats never showed the replica's {drafts:g} drafts: {engines}"
         time.sleep(0.5)
     assert spec[0]["num_draft_tokens"] == draft_tokens and spec[0]["num_accepted_tokens"] == accepted
+    # model.cpu_activations as each replica's engine resolved it: `auto` on float weights is float
+    assert {e["cpu_activations"] for e in engines} == {"float"} and llm_stats()["cpu_activations"] == "float"

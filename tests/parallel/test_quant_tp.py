@@ -4,7 +4,9 @@ Each case writes the tiny Llama checkpoint (parallel_helpers.py: 1 KV head repli
 ranks, vocab not divisible by the TP padding) and either quantizes it at load (int8 / int4 / fp8)
 (fp8 at load takes int8's path: whole rows read, then sliced) or rewrites it as a GPTQ / AWQ / compressed-tensors folder (tests/quant_folders.py), so packed
 qweight / qzeros / scales / per-tensor scales are sliced by rank. Greedy tokens must be identical
-and logprobs within 1e-4 of the single-process run of the same quantized model.
+and logprobs within 1e-4 of the single-process run of the same quantized model (float activations,
+parallel_helpers.py). Under `cpu_activations: auto` every rank resolves int8 on its kernel layers and
+reports it at start-up (RankReady): the engine's config and stats say int8, and the group serves.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from parallel_helpers import (
     engine_config,
     generate,
     make_prompts,
+    run_engine,
     single_process,
     write_checkpoint,
 )
 from quant_folders import quantize_folder
+from shardserve.workers.engine import LLMEngine
 
 
 def _quantized(config, **model):
@@ -42,3 +46,15 @@ def test_quantized_folder_tp2_equals_single_process(method: str, options: dict, 
     config = engine_config(folder, tp=2)
     prompts = make_prompts(250)
     assert_same_outputs(generate(single_process(config), prompts), generate(config, prompts))
+
+
+def test_auto_cpu_activations_resolve_to_int8_on_every_rank(tmp_path) -> None:
+    folder = write_checkpoint("llama", tmp_path / "llama")
+    config = _quantized(engine_config(folder, tp=2), quantization="int8", cpu_activations="auto")
+    engine = LLMEngine(config)
+    try:
+        assert engine.config.model.cpu_activations == "int8" and engine.stats().cpu_activations == "int8"
+        out = run_engine(engine, make_prompts(250, lengths=(5,)), max_tokens=2, logprobs=False)
+        assert [len(ids) for ids in out.token_ids.values()] == [2]
+    finally:
+        engine.shutdown()

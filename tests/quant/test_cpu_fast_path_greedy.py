@@ -32,7 +32,7 @@ def _greedy(llm: LLM) -> list[list[int]]:
 def test_fused_cpu_path_gives_the_eager_paths_greedy_tokens() -> None:
     if decode_ops.ops() is None:
         pytest.skip("the CPU decode ops extension did not build here")
-    fast = LLM("default", quantization="gguf")
+    fast = LLM("default", quantization="gguf", cpu_activations="float")  # the eager path's exact float matmuls
     model = fast.engine.loaded.model
     assert model.model.layers[0].self_attn.backend.name == "cpu" and model.cpu_lm_head is not None
     got = _greedy(fast)
@@ -40,7 +40,7 @@ def test_fused_cpu_path_gives_the_eager_paths_greedy_tokens() -> None:
 
     set_fused_kernels(False)
     try:
-        eager = LLM("default", quantization="gguf")
+        eager = LLM("default", quantization="gguf", cpu_activations="float")
         model = eager.engine.loaded.model
         assert model.model.layers[0].self_attn.backend.name == "torch" and model.cpu_lm_head is None
         want = _greedy(eager)

@@ -121,7 +121,7 @@ def test_tiny_q4_k_m_llama_gives_the_dequantized_paths_greedy_tokens(tmp_path: P
     path = write_tiny_llama(tmp_path / "tiny-q4_k_m.gguf", MIXED)
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=5)
     prompts = ["Paris is", "The moon and the", "A cat sat on", "1, 2, 3,"]
-    packed = LLM(str(path), quantization="gguf", gguf_cache_dir=str(tmp_path / "cache"))
+    packed = LLM(str(path), quantization="gguf", gguf_cache_dir=str(tmp_path / "cache"), cpu_activations="float")
     layers = packed.engine.loaded.model.model.layers
     qkv0, qkv1 = layers[0].self_attn.qkv_proj, layers[1].self_attn.qkv_proj
     assert qkv0.quant_method.layout.name == "gguf Q4_K+Q6_K" and not list(qkv0.named_parameters())

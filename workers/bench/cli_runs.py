@@ -47,7 +47,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     config = EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                           quantization_group_size=args.quantization_group_size,
-                          cpu_activations=getattr(args, "cpu_activations", "float")),
+                          cpu_activations=getattr(args, "cpu_activations", "auto")),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, mode=args.mode,
             min_admit_batch=args.min_admit_batch, async_depth=args.async_depth,

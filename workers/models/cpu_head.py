@@ -5,7 +5,9 @@ table, and a batch-1 decode step then spends more time streaming that table thro
 in all the decoder layers (benchmarks/README.md). `packed_lm_head` re-derives the Q8_0 blocks from
 the float table (PackedQ8.from_exact_float: kept only if every value round-trips exactly) and the
 returned callable computes the logits with the q8 kernel (float activations, so the result equals
-F.linear up to summation order, reading a quarter of the bytes). It applies only on CPU, to a
+F.linear up to summation order, reading a quarter of the bytes; int8 activations only where
+ModelConfig.cpu_activations resolves to int8, runner/cpu_activations.py: never under `auto` for a model
+whose decoder layers are float). It applies only on CPU, to a
 float32, single-rank head (no vocab sharding): otherwise None and the model keeps `lm_head(hidden)`.
 """
 

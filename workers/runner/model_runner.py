@@ -35,6 +35,7 @@ from shardserve.workers.config import EngineConfig
 from shardserve.workers.models.loader import LoadedModel
 from shardserve.workers.quant.cpu_kernels import decode_ops
 from shardserve.workers.request import SamplingParams
+from shardserve.workers.runner.cpu_activations import apply_cpu_activations
 from shardserve.workers.runner.cuda_graphs import (
     DecodeGraphs,
     bucket_for,
@@ -94,8 +95,8 @@ class ModelRunner:
             self.model.set_attention_backend(get_attention_backend("cpu"))  # fused C++ decode attention
             if hasattr(self.model, "use_cpu_lm_head"):
                 self.model.use_cpu_lm_head()  # logits from the exact Q8_0 blocks of a GGUF head (cpu_head.py)
-        if config.model.cpu_activations == "int8":
-            self._use_int8_activations(device)
+        # ModelConfig.cpu_activations as resolved on this model: float | int8 (cpu_activations.py)
+        self.cpu_activations = apply_cpu_activations(self.model, config.model.cpu_activations, device)
         self.graph_sizes = graph_batch_sizes(self.max_rows)
         self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens)
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda" and not _syncs_in_forward(self.model)
@@ -255,20 +256,6 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for its sampled ids."""
         return self.finish(self.launch(sched))
-
-    def _use_int8_activations(self, device: torch.device) -> None:
-        """ModelConfig.cpu_activations = int8: the quantized CPU kernels round activations to int8."""
-        from shardserve.workers.quant.cpu_kernels.runtime import use_int8_activations
-
-        if device.type != "cpu":
-            raise ValueError(f"model.cpu_activations=int8 applies to the CPU kernels of quantized weights; this "
-                             f"engine runs on {device}: use cpu_activations=float")
-        head = getattr(self.model, "cpu_lm_head", None)
-        if head is not None:
-            head.int8_activations = True
-        if use_int8_activations(self.model) == 0 and head is None:
-            raise ValueError("model.cpu_activations=int8 needs weights kept quantized on CPU (e.g. quantization: "
-                             "gguf, int4 or int8); no layer of this model runs on those kernels")
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingStep:

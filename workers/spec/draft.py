@@ -122,11 +122,15 @@ def check_draft(config: SpeculativeConfig, target_model: ModelConfig, target: Lo
 
 
 def draft_model_config(config: SpeculativeConfig, model: ModelConfig, loaded: LoadedModel) -> ModelConfig:
-    """The draft's weights on the target's device in the target's dtype (`model`, `loaded`: the target's)."""
+    """The draft's weights on the target's device in the target's dtype (`model`, `loaded`: the target's).
+    cpu_activations follows the target's as its engine resolved it: `float` stays float (a draft over the
+    target's own layers must not switch them), `int8` becomes `auto` (int8 wherever the draft has layers
+    on the quantized CPU kernels, as the target's shared layers already are; float for float weights)."""
     return ModelConfig(
         model=config.draft_model, dtype=_DTYPE_NAMES.get(loaded.dtype, "auto"), device=str(loaded.device),
         seed=model.seed, quantization=config.draft_quantization,
-        quantization_group_size=model.quantization_group_size, gguf_cache_dir=model.gguf_cache_dir)
+        quantization_group_size=model.quantization_group_size, gguf_cache_dir=model.gguf_cache_dir,
+        cpu_activations="float" if model.cpu_activations == "float" else "auto")
 
 
 def draft_engine_config(model_config: ModelConfig, target: TargetModel, num_blocks: int) -> EngineConfig:

@@ -9,8 +9,9 @@ quantized weights and the packed CPU LM head) are the target's objects; only the
 (the CausalLM and its decoder stack) are new, so truncating the view's layer list leaves the
 target's intact. Sharing is safe because a layer holds no per-engine state: KV caches and
 attention metadata come in with each forward, so the draft's engine runs the same layers over its
-own KV pool. (What the target's runner sets on shared layers, e.g. `cpu_activations: int8`,
-applies to the draft's forwards too: it changes drafts, never the verified output.) Under TP > 1
+own KV pool. (What the target's runner sets on shared layers, e.g. `cpu_activations` resolved to
+int8, applies to the draft's forwards too: it changes drafts, never the verified output; the draft's
+own config follows the target's resolved value, draft.py, so a float target's layers stay float.) Under TP > 1
 the target's weights are shards in the rank processes while the draft runs whole in the driver
 (draft.py): no tensor to share there, so the draft loads its own copy.
 """

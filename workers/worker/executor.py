@@ -3,7 +3,8 @@
 The engine's InFlightBatches (workers/inflight.py) runs a step as `submit(scheduler_output) ->
 StepHandle`, then `collect(handle) -> ModelRunnerOutput`, with up to its depth of steps
 submitted before the oldest is collected; outputs come back in submission order. `num_blocks`
-(the KV blocks every rank can hold) is read once at start-up.
+(the KV blocks every rank can hold) and `cpu_activations` (ModelConfig.cpu_activations as the
+runners resolved it: int8 if any rank's kernels use it) are read once at start-up.
   LocalExecutor: a ModelRunner in the engine process; `submit` launches the step without
     waiting for the device (ModelRunner.launch), `collect` waits for its ids (ModelRunner.finish).
   MultiprocExecutor: world_size = TP x PP spawned processes, one Worker each (worker.py), which
@@ -27,19 +28,20 @@ import time
 from typing import Any, NoReturn, Protocol
 
 import torch
-from shardserve.workers.config import EngineConfig
+from shardserve.workers.config import EngineConfig, ResolvedCpuActivations
 from shardserve.workers.models.loader import LoadedModel
 from shardserve.workers.runner.model_runner import ModelRunner
 from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 from shardserve.workers.worker.channel import ConnectionGroup, StepHandle, WorkerGroupError
 from shardserve.workers.worker.proc import READY, worker_main
-from shardserve.workers.worker.worker import WorkerSpec, output_rank
+from shardserve.workers.worker.worker import RankReady, WorkerSpec, output_rank
 
 logger = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
     num_blocks: int
+    cpu_activations: ResolvedCpuActivations
 
     def submit(self, sched: SchedulerOutput) -> StepHandle:
         """Start one step on every rank without waiting for its output."""
@@ -68,6 +70,7 @@ class LocalExecutor:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device) -> None:
         self.runner = ModelRunner(loaded, config, device)
         self.num_blocks = self.runner.num_blocks
+        self.cpu_activations: ResolvedCpuActivations = self.runner.cpu_activations
 
     def submit(self, sched: SchedulerOutput) -> StepHandle:
         pending = self.runner.launch(sched)
@@ -86,6 +89,11 @@ class LocalExecutor:
 
     def shutdown(self, wait_s: float = 5.0) -> None:
         return None
+
+
+def ranks_cpu_activations(ready: list[RankReady]) -> ResolvedCpuActivations:
+    """The group's resolved cpu_activations: int8 if any rank's kernels use it (all do, in practice)."""
+    return "int8" if any(r.cpu_activations == "int8" for r in ready) else "float"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,12 +120,13 @@ class MultiprocExecutor(ConnectionGroup):
             self._add_connection(parent)
             self._procs.append(proc)
         try:
-            blocks = [self._receive(rank, READY, startup_timeout_s) for rank in range(self.world_size)]
+            ready: list[RankReady] = [self._receive(rank, READY, startup_timeout_s) for rank in range(self.world_size)]
         except BaseException:
             self.shutdown()
             raise
-        self.rank_num_blocks: list[int] = blocks
-        self.num_blocks = min(blocks)
+        self.rank_num_blocks: list[int] = [r.num_blocks for r in ready]
+        self.num_blocks = min(self.rank_num_blocks)
+        self.cpu_activations = ranks_cpu_activations(ready)
 
     # ---- launcher-specific parts of ConnectionGroup -------------------------------------
 

@@ -3,7 +3,7 @@
 Messages are pickled tuples sent as raw bytes (`Connection.send_bytes`): the driver pickles a
 step once and writes the same bytes to every rank's pipe; there is no RPC layer per step.
 Driver -> worker:  (STEP, SchedulerOutput) | (CALL, (method name, args)) | (SHUTDOWN, None)
-Worker -> driver:  (READY, num_blocks) once after start-up; (OUTPUT, ModelRunnerOutput) after
+Worker -> driver:  (READY, RankReady) once after start-up; (OUTPUT, ModelRunnerOutput) after
                    each step, from the output rank only; (RESULT, value) after each CALL, from
                    every rank, or (CALL_FAILED, traceback) from a rank whose CALL raised (it
                    keeps serving); (ERROR, traceback) before exiting with code 1.
@@ -54,7 +54,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank {spec.rank}] %(levelname)s %(name)s: %(message)s")
     try:
         worker = Worker(spec)
-        conn.send_bytes(encode(READY, worker.num_blocks))
+        conn.send_bytes(encode(READY, worker.ready))
         _serve(worker, conn)
     except BaseException as exc:
         message = f"rank {spec.rank}: {_timeout_hint(spec, exc)}{traceback.format_exc()}"

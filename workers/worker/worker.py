@@ -7,7 +7,8 @@ the CPU), joins the process groups (`init_parallel`, parallel/state.py, which al
 kernel switches, parallel/options.py), loads the model through
 the ordinary loader (each layer sizes itself from the installed state and each weight loader
 reads only this rank's slice), and builds a ModelRunner, which sizes this rank's KV cache
-(`num_blocks`; the executor takes the minimum over ranks).
+(`num_blocks`; the executor takes the minimum over ranks) and resolves `cpu_activations`; both go
+to the driver once as a `RankReady`.
 `execute(scheduler_output)` runs this rank's share of the step (every rank gets the same
 SchedulerOutput); the output rank (the last stage's TP rank 0) returns the ModelRunnerOutput,
 the others None. Under async scheduling and on pipeline stages the rank loop uses `launch` /
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from shardserve.parallel.comm import wait_pipeline_sends
 from shardserve.parallel.state import destroy_parallel, init_parallel
-from shardserve.workers.config import EngineConfig
+from shardserve.workers.config import EngineConfig, ResolvedCpuActivations
 from shardserve.workers.heap import freeze_startup_heap
 from shardserve.workers.models.loader import load_model, resolve_device, resolve_dtype
 from shardserve.workers.runner.model_runner import ModelRunner
@@ -37,6 +38,18 @@ from shardserve.workers.step_types import ModelRunnerOutput, SchedulerOutput
 from shardserve.workers.worker.probe import RankInfo, RankProbe
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankReady:
+    """What a rank reports once after start-up (proc.py READY).
+
+    num_blocks: KV cache blocks this rank can hold (its own budget).
+    cpu_activations: ModelConfig.cpu_activations as this rank's runner resolved it (float | int8).
+    """
+
+    num_blocks: int
+    cpu_activations: ResolvedCpuActivations
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,10 @@ class Worker:
     def num_blocks(self) -> int:
         """KV cache blocks this rank can hold (its own budget)."""
         return self.runner.num_blocks
+
+    @property
+    def ready(self) -> RankReady:
+        return RankReady(self.runner.num_blocks, self.runner.cpu_activations)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         output = self.runner.execute(sched)

@@ -74,7 +74,7 @@ class KquantRuntime:
         if w.perm is not None:
             raise ValueError("GGUF k-quant weights have no act-order permutation")
         self.packed: PackedQ4 | PackedQ8G16 = pack_q4f(w) if w.bits == 4 else pack_q8g16(w)
-        self.int8_activations = False  # ModelConfig.cpu_activations, set by runtime.use_int8_activations
+        self.int8_activations = False  # ModelConfig.cpu_activations, set by runner/cpu_activations.py
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kquant_linear(x, self.packed, bias, int8_activations=self.int8_activations)

@@ -6,7 +6,7 @@ of 32 are padded at pack time with zero codes to whole groups, and each call's x
 columns (zero activations meet them, so y is unchanged): without this such weights fell back to
 torch's int4 CPU kernel, far slower (a 512-token prefill of one SmolLM2 MLP projection: 0.9 s).
 GGUF k-quants (float32 scales) take kquant.py's runtime instead.
-`use_int8_activations(model)` switches a loaded model's runtimes to int8 activations.
+`use_int8_activations(model)` switches a loaded model's runtimes (`kernel_runtimes(model)`) to int8 activations.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Q4Runtime:
         self.perm = w.perm
         w, self.pad = padded_to_whole_groups(w)
         self.packed = pack_q4(w)
-        self.int8_activations = False  # ModelConfig.cpu_activations, set by `use_int8_activations`
+        self.int8_activations = False  # ModelConfig.cpu_activations, set by runner/cpu_activations.py
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return q4_linear(_arranged(x, self.perm, self.pad), self.packed, bias, int8_activations=self.int8_activations)
@@ -76,19 +76,23 @@ def padded_to_whole_groups(w: Int8Weight | GroupedWeight) -> tuple[Int8Weight | 
     return Int8Weight(q, w.scales), k_pad - k
 
 
-def use_int8_activations(model: torch.nn.Module) -> int:
-    """Switch every linear layer of `model` that runs on these kernels to int8 activations
-    (ModelConfig.cpu_activations = int8); returns how many layers that was."""
+def kernel_runtimes(model: torch.nn.Module) -> list:
+    """The runtimes of every linear layer of `model` that runs on these kernels (Q4 / Q8 / k-quant /
+    stacked): what `cpu_activations` applies to."""
     from shardserve.workers.quant.cpu_kernels.kquant import KquantRuntime
     from shardserve.workers.quant.stacked import StackedRuntime
 
-    count = 0
-    for module in model.modules():
-        runtime = getattr(getattr(module, "quant_method", None), "runtime", None)
-        if isinstance(runtime, Q4Runtime | Q8Runtime | KquantRuntime | StackedRuntime):
-            runtime.int8_activations = True
-            count += 1
-    return count
+    runtimes = (getattr(getattr(module, "quant_method", None), "runtime", None) for module in model.modules())
+    return [r for r in runtimes if isinstance(r, Q4Runtime | Q8Runtime | KquantRuntime | StackedRuntime)]
+
+
+def use_int8_activations(model: torch.nn.Module) -> int:
+    """Switch every linear layer of `model` that runs on these kernels to int8 activations
+    (ModelConfig.cpu_activations = int8); returns how many layers that was."""
+    runtimes = kernel_runtimes(model)
+    for runtime in runtimes:
+        runtime.int8_activations = True
+    return len(runtimes)
 
 
 def kernel_runtime(w: QuantizedWeight) -> Runtime | None:
