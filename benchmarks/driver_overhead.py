@@ -41,6 +41,7 @@ class InstantExecutor:
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
+        self.cpu_activations = "float"  # what a runner would have resolved (Executor protocol)
         self._num_submitted = 0
 
     def submit(self, sched: SchedulerOutput) -> StepHandle:
