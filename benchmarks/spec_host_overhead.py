@@ -1,0 +1,269 @@
+"""The host's cost of a speculating engine step, with device compute made negligible (CPU, issue 23).
+
+Why: on a GPU a plain batch-1 step of a small model is host-bound but async scheduling hides
+that work behind the device; a speculating step is applied before the next is scheduled
+(workers/inflight.py, `Batch.needs_sync`), so its whole host work is paid in series. This
+script measures that work on the real engine: a tiny dummy Llama (`dummy:tiny-llama`, 2 layers
+of 64, vocabulary 256: its forward is a few hundred microseconds of eager ops) with SmolLM2's
+tokenizer attached (so outputs are detokenized as with the real model), batch 1, greedy, a
+prompt that repeats a list of token ids 3 times, and weights set so that the model writes the list
+again with one id changed, over and over (`make_copy_model`): n-gram / suffix drafts are mostly
+accepted, as on issue 23's "repeat a list" task. Modes: plain async, plain sync, ngram k, suffix k, run in
+interleaved rounds (the machine is shared: medians over rounds).
+Printed per mode: median wall per engine step (decode steps), per output token, tokens per
+step, acceptance; then the per-phase breakdown of each mode's steps (own time, nested phases
+subtracted): schedule, proposer, runner launch (inputs, upload), model forward, sampler,
+runner finish (ids to host, rejection sampling), update (scheduler: accepted drafts, KV block
+bookkeeping; a rejected draft's K/V needs no undo: num_computed_tokens stays behind it),
+outputs (detokenize, RequestOutputs), other (engine loop). "host" = step wall minus forward
+and sampler: what a GPU step would pay on the host. `--profile`: cProfile of one spec mode.
+    python benchmarks/spec_host_overhead.py --rounds 3 --output-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from shardserve.workers.engine import LLMEngine
+from shardserve.workers.models.loader import load_model
+from shardserve.workers.request import SamplingParams
+
+MODES = ("plain-async", "plain-sync", "ngram", "suffix")
+
+
+class PhaseClock:
+    """Own time per phase: entering a phase stops the clock of the one it is nested in."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self._stack: list[str] = []
+        self._last = 0.0
+
+    def wrap(self, owner: object, attribute: str, phase: str) -> None:
+        """Replace `owner.attribute` (a bound method or callable) with a timed one."""
+        inner: Callable = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            self._switch(phase)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._pop()
+
+        setattr(owner, attribute, timed)
+
+    def _switch(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self._stack:
+            self.totals[self._stack[-1]] += now - self._last
+        self._stack.append(phase)
+        self._last = now
+
+    def _pop(self) -> None:
+        now = time.perf_counter()
+        self.totals[self._stack.pop()] += now - self._last
+        self._last = now
+
+    def step(self, engine: LLMEngine) -> list:
+        self._switch("other")
+        try:
+            return engine.step()
+        finally:
+            self._pop()
+
+
+@dataclass
+class ModeRun:
+    step_s: list[float] = field(default_factory=list)  # median decode step wall per round
+    token_s: list[float] = field(default_factory=list)  # decode wall per output token per round
+    tokens_per_step: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per step, per round
+    acceptance: float = 0.0
+
+
+def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine, PhaseClock]:
+    spec = None
+    if mode in ("ngram", "suffix"):
+        spec = SpeculativeConfig(speculative_method=mode, num_speculative_tokens=args.k)
+    config = EngineConfig(
+        model=ModelConfig(model=args.model, device="cpu", dtype="float32"),
+        cache=CacheConfig(num_blocks=256),  # a small pool: the CPU default allocates (and zeroes) gigabytes
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, async_scheduling=mode != "plain-sync"),
+        speculative=spec or SpeculativeConfig(),
+    )
+    engine = LLMEngine(config, loaded=loaded)
+    clock = PhaseClock()
+    runner = engine.runner
+    clock.wrap(engine.scheduler, "schedule", "schedule")
+    clock.wrap(engine.scheduler, "update_from_output", "update")
+    if engine.speculator is not None:
+        clock.wrap(engine.speculator, "propose", "proposer")
+        clock.wrap(engine.speculator, "prefetch", "proposer")
+    clock.wrap(runner, "launch", "launch")
+    clock.wrap(runner, "finish", "finish")
+    clock.wrap(runner.model, "forward", "forward")  # nn.Module.__call__ finds the instance attribute
+    clock.wrap(runner.model, "compute_logits", "forward")
+    clock.wrap(runner, "sampler", "sampler")
+    clock.wrap(engine, "_build_outputs", "outputs")
+    clock.wrap(engine.outputs, "collect", "outputs")
+    return engine, clock
+
+
+def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argparse.Namespace, tag: str
+             ) -> tuple[list[float], int, dict[str, float], tuple[int, ...]]:
+    """One request to the end: (decode step walls, decode output tokens, phase totals, token ids)."""
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                            final_only=not args.stream)
+    engine.add_request(tag, prompt, params)
+    walls: list[float] = []
+    totals: dict[str, float] = defaultdict(float)
+    token_ids: tuple[int, ...] = ()
+    while engine.has_unfinished_requests():
+        request = engine.scheduler.requests.get(tag)
+        decoding = request is not None and request.num_output_tokens > 0  # the prompt's steps are not measured
+        before = dict(clock.totals)
+        start = time.perf_counter()
+        outs = clock.step(engine)
+        wall = time.perf_counter() - start
+        if decoding:
+            walls.append(wall)
+            for name, seconds in clock.totals.items():
+                totals[name] += seconds - before.get(name, 0.0)
+        for out in outs:
+            if out.finished:
+                token_ids = out.outputs[0].token_ids
+    return walls, len(token_ids) - 1, dict(totals), token_ids
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dummy:tiny-llama")
+    parser.add_argument("--tokenizer", default="default",
+                        help="model whose tokenizer detokenizes the outputs (`none`: token ids only)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one request per mode each)")
+    parser.add_argument("--requests", type=int, default=2, help="requests per mode per round (one at a time)")
+    parser.add_argument("--stream", action="store_true", help="per-step outputs (final_only off), as a stream")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--profile", default=None, help="cProfile this mode's rounds: top functions by own time")
+    return parser.parse_args(argv)
+
+
+def repetitive_task(vocab_size: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """("repeat a list with one change"): the prompt, a list of 24 distinct random ids (not the first
+    3: special tokens) 3 times, and the cycle the model is made to write: the list with its 6th id
+    replaced by one not in it."""
+    rng = random.Random(seed)
+    ids = rng.sample(range(3, vocab_size), 25)
+    block = ids[:24]
+    cycle = list(block)
+    cycle[5] = ids[24]
+    return block * 3, cycle
+
+
+@torch.no_grad()
+def make_copy_model(model: torch.nn.Module, cycle: list[int]) -> None:
+    """Make the model's greedy next token a function of its input token: cycle[i] -> cycle[i + 1].
+    Every o_proj / down_proj is zeroed (the residual stream stays the token's embedding e), and the
+    LM head gets its own weight whose row of cycle[i + 1] is e(cycle[i]) (an embedding's dot product
+    with itself dwarfs its products with the others). The forward still runs every op."""
+    for name, module in model.named_modules():
+        if name.endswith(("o_proj", "down_proj")):
+            module.weight.zero_()
+    embedding = model.model.embed_tokens.weight
+    head = embedding.detach().clone() * 0.1
+    for i, token in enumerate(cycle):
+        head[cycle[(i + 1) % len(cycle)]] = embedding[token]
+    model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
+
+
+def main() -> None:
+    args = parse_args()
+    modes = args.modes.split(",")
+    bad = set(modes) - set(MODES)
+    if bad:
+        raise SystemExit(f"--modes takes {', '.join(MODES)}, got {sorted(bad)}")
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    loaded = load_model(ModelConfig(model=args.model, device="cpu", dtype="float32"), cpu, torch.float32)
+    if args.tokenizer != "none":
+        tokenizer = load_model(ModelConfig(model=args.tokenizer, device="cpu"), cpu, torch.float32,
+                               weights=False).tokenizer
+        loaded = replace(loaded, tokenizer=tokenizer)
+    prompt, cycle = repetitive_task(loaded.hf_config.vocab_size)
+    make_copy_model(loaded.model, cycle)
+    engines = {mode: build_engine(mode, args, loaded) for mode in modes}
+    runs = {mode: ModeRun() for mode in modes}
+    outputs: dict[str, tuple[int, ...]] = {}
+    profiler = cProfile.Profile() if args.profile else None
+    for round_index in range(args.rounds):
+        for mode in modes:
+            engine, clock = engines[mode]
+            walls: list[float] = []
+            tokens = 0
+            phases: dict[str, float] = defaultdict(float)
+            if profiler is not None and mode == args.profile:
+                profiler.enable()
+            for i in range(args.requests):
+                w, n, totals, ids = run_once(engine, clock, prompt, args, f"{mode}-{round_index}-{i}")
+                walls += w
+                tokens += n
+                for name, seconds in totals.items():
+                    phases[name] += seconds
+                outputs.setdefault(mode, ids)
+                if ids != outputs[mode]:
+                    raise SystemExit(f"{mode}: greedy output changed between requests")
+            if profiler is not None and mode == args.profile:
+                profiler.disable()
+            run = runs[mode]
+            run.step_s.append(statistics.median(walls))
+            run.token_s.append(sum(walls) / tokens)
+            run.tokens_per_step.append(tokens / len(walls))
+            for name, seconds in phases.items():
+                run.phases[name].append(seconds / len(walls))
+            if engine.speculator is not None:
+                run.acceptance = engine.speculator.stats.acceptance_rate
+    reference = outputs.get("plain-sync") or outputs.get("plain-async")
+    print(f"{args.model}, batch 1, greedy, {len(prompt)}-token repetitive prompt, {args.output_len} tokens, "
+          f"k = {args.k}, {args.rounds} rounds x {args.requests} requests, {torch.get_num_threads()} thread(s)"
+          f"{', streamed' if args.stream else ''}{' (cProfile on: slower)' if profiler else ''}")
+    print(f"{'mode':<12} {'ms/step':>8} {'us/token':>9} {'tok/step':>9} {'host ms/step':>13} {'accept':>7} same")
+    for mode in modes:
+        run = runs[mode]
+        step_ms = statistics.median(run.step_s) * 1e3
+        device_ms = sum(statistics.median(run.phases.get(p, [0.0])) for p in ("forward", "sampler")) * 1e3
+        same = "-" if reference is None else ("yes" if outputs[mode] == reference else "NO")
+        print(f"{mode:<12} {step_ms:8.3f} {statistics.median(run.token_s) * 1e6:9.1f} "
+              f"{statistics.median(run.tokens_per_step):9.2f} {step_ms - device_ms:13.3f} "
+              f"{run.acceptance:7.0%} {same}")
+    names = ["schedule", "proposer", "launch", "forward", "sampler", "finish", "update", "outputs", "other"]
+    print("\nper-step own time by phase, ms (median over rounds; mean over a round's decode steps)")
+    print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in names))
+    for mode in modes:
+        run = runs[mode]
+        print(f"{mode:<12} " + " ".join(f"{statistics.median(run.phases.get(n, [0.0])) * 1e3:9.3f}" for n in names))
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        print(text.getvalue())
+    for engine, _ in engines.values():
+        engine.shutdown()
+    if reference is not None and any(ids != reference for ids in outputs.values()):
+        raise SystemExit("greedy outputs differ between modes")
+
+
+if __name__ == "__main__":
+    main()
