@@ -16,7 +16,9 @@ subtracted): schedule, proposer, runner launch (inputs, upload), model forward, 
 runner finish (ids to host, rejection sampling), update (scheduler: accepted drafts, KV block
 bookkeeping; a rejected draft's K/V needs no undo: num_computed_tokens stays behind it),
 outputs (detokenize, RequestOutputs), other (engine loop). "host" = step wall minus forward
-and sampler: what a GPU step would pay on the host. `--profile`: cProfile of one spec mode.
+and sampler: what a GPU step would pay on the host; "gap" = from a step's ids reaching the host
+to the next forward's start: the device's idle time per step on a GPU, where a step is synchronous
+(plain sync, speculating; plain async overlaps it: "-"). `--profile`: cProfile of one spec mode.
     python benchmarks/spec_host_overhead.py --rounds 3 --output-len 256
 """
 
@@ -34,7 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from shardserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from shardserve.workers.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from shardserve.workers.engine import LLMEngine
 from shardserve.workers.models.loader import load_model
 from shardserve.workers.request import SamplingParams
@@ -49,17 +57,25 @@ class PhaseClock:
         self.totals: dict[str, float] = defaultdict(float)
         self._stack: list[str] = []
         self._last = 0.0
+        self.gaps: list[float] = []  # each "ids on the host" -> the next forward's start
+        self._ids_on_host: float | None = None
 
-    def wrap(self, owner: object, attribute: str, phase: str) -> None:
-        """Replace `owner.attribute` (a bound method or callable) with a timed one."""
+    def wrap(self, owner: object, attribute: str, phase: str, mark: str | None = None) -> None:
+        """Replace `owner.attribute` (a bound method or callable) with a timed one. `mark`: "ids" =
+        its return is when a step's ids are on the host; "forward" = its call starts a forward."""
         inner: Callable = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
             self._switch(phase)
+            if mark == "forward" and self._ids_on_host is not None:
+                self.gaps.append(self._last - self._ids_on_host)
+                self._ids_on_host = None
             try:
                 return inner(*args, **kwargs)
             finally:
                 self._pop()
+                if mark == "ids":
+                    self._ids_on_host = self._last
 
         setattr(owner, attribute, timed)
 
@@ -88,6 +104,7 @@ class ModeRun:
     step_s: list[float] = field(default_factory=list)  # median decode step wall per round
     token_s: list[float] = field(default_factory=list)  # decode wall per output token per round
     tokens_per_step: list[float] = field(default_factory=list)
+    gap_s: list[float] = field(default_factory=list)  # median ids-on-host -> next forward per round
     phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per step, per round
     acceptance: float = 0.0
 
@@ -111,8 +128,8 @@ def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine
         clock.wrap(engine.speculator, "propose", "proposer")
         clock.wrap(engine.speculator, "prefetch", "proposer")
     clock.wrap(runner, "launch", "launch")
-    clock.wrap(runner, "finish", "finish")
-    clock.wrap(runner.model, "forward", "forward")  # nn.Module.__call__ finds the instance attribute
+    clock.wrap(runner, "finish", "finish", mark="ids")
+    clock.wrap(runner.model, "forward", "forward", mark="forward")  # nn.Module.__call__ finds the instance attribute
     clock.wrap(runner.model, "compute_logits", "forward")
     clock.wrap(runner, "sampler", "sampler")
     clock.wrap(engine, "_build_outputs", "outputs")
@@ -121,18 +138,20 @@ def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine
 
 
 def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argparse.Namespace, tag: str
-             ) -> tuple[list[float], int, dict[str, float], tuple[int, ...]]:
-    """One request to the end: (decode step walls, decode output tokens, phase totals, token ids)."""
+             ) -> tuple[list[float], int, dict[str, float], tuple[int, ...], list[float]]:
+    """One request to the end: (decode step walls, decode output tokens, phase totals, token ids,
+    gaps between a step's ids reaching the host and the next forward's start)."""
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             final_only=not args.stream)
     engine.add_request(tag, prompt, params)
     walls: list[float] = []
     totals: dict[str, float] = defaultdict(float)
+    gaps: list[float] = []
     token_ids: tuple[int, ...] = ()
     while engine.has_unfinished_requests():
         request = engine.scheduler.requests.get(tag)
         decoding = request is not None and request.num_output_tokens > 0  # the prompt's steps are not measured
-        before = dict(clock.totals)
+        before, num_gaps = dict(clock.totals), len(clock.gaps)
         start = time.perf_counter()
         outs = clock.step(engine)
         wall = time.perf_counter() - start
@@ -140,10 +159,12 @@ def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argp
             walls.append(wall)
             for name, seconds in clock.totals.items():
                 totals[name] += seconds - before.get(name, 0.0)
+            gaps += clock.gaps[num_gaps:]
         for out in outs:
             if out.finished:
                 token_ids = out.outputs[0].token_ids
-    return walls, len(token_ids) - 1, dict(totals), token_ids
+    clock.gaps.clear()
+    return walls, len(token_ids) - 1, dict(totals), token_ids, gaps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,12 +235,14 @@ def main() -> None:
             engine, clock = engines[mode]
             walls: list[float] = []
             tokens = 0
+            gaps: list[float] = []
             phases: dict[str, float] = defaultdict(float)
             if profiler is not None and mode == args.profile:
                 profiler.enable()
             for i in range(args.requests):
-                w, n, totals, ids = run_once(engine, clock, prompt, args, f"{mode}-{round_index}-{i}")
+                w, n, totals, ids, g = run_once(engine, clock, prompt, args, f"{mode}-{round_index}-{i}")
                 walls += w
+                gaps += g
                 tokens += n
                 for name, seconds in totals.items():
                     phases[name] += seconds
@@ -232,6 +255,7 @@ def main() -> None:
             run.step_s.append(statistics.median(walls))
             run.token_s.append(sum(walls) / tokens)
             run.tokens_per_step.append(tokens / len(walls))
+            run.gap_s.append(statistics.median(gaps) if gaps else float("nan"))
             for name, seconds in phases.items():
                 run.phases[name].append(seconds / len(walls))
             if engine.speculator is not None:
@@ -240,14 +264,16 @@ def main() -> None:
     print(f"{args.model}, batch 1, greedy, {len(prompt)}-token repetitive prompt, {args.output_len} tokens, "
           f"k = {args.k}, {args.rounds} rounds x {args.requests} requests, {torch.get_num_threads()} thread(s)"
           f"{', streamed' if args.stream else ''}{' (cProfile on: slower)' if profiler else ''}")
-    print(f"{'mode':<12} {'ms/step':>8} {'us/token':>9} {'tok/step':>9} {'host ms/step':>13} {'accept':>7} same")
+    print(f"{'mode':<12} {'ms/step':>8} {'us/token':>9} {'tok/step':>9} {'host ms/step':>13} {'gap ms':>7} "
+          f"{'accept':>7} same")
     for mode in modes:
         run = runs[mode]
         step_ms = statistics.median(run.step_s) * 1e3
         device_ms = sum(statistics.median(run.phases.get(p, [0.0])) for p in ("forward", "sampler")) * 1e3
         same = "-" if reference is None else ("yes" if outputs[mode] == reference else "NO")
+        gap = "-" if mode == "plain-async" else f"{statistics.median(run.gap_s) * 1e3:.3f}"
         print(f"{mode:<12} {step_ms:8.3f} {statistics.median(run.token_s) * 1e6:9.1f} "
-              f"{statistics.median(run.tokens_per_step):9.2f} {step_ms - device_ms:13.3f} "
+              f"{statistics.median(run.tokens_per_step):9.2f} {step_ms - device_ms:13.3f} {gap:>7} "
               f"{run.acceptance:7.0%} {same}")
     names = ["schedule", "proposer", "launch", "forward", "sampler", "finish", "update", "outputs", "other"]
     print("\nper-step own time by phase, ms (median over rounds; mean over a round's decode steps)")
