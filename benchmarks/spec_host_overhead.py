@@ -9,16 +9,17 @@ tokenizer attached (so outputs are detokenized as with the real model), batch 1,
 prompt that repeats a list of token ids 3 times, and weights set so that the model writes the list
 again with one id changed, over and over (`make_copy_model`): n-gram / suffix drafts are mostly
 accepted, as on issue 23's "repeat a list" task. Modes: plain async, plain sync, ngram k, suffix k, run in
-interleaved rounds (the machine is shared: medians over rounds).
+interleaved rounds (the machine is shared: medians over rounds). Greedy outputs must be identical in every mode.
 Printed per mode: median wall per engine step (decode steps), per output token, tokens per
 step, acceptance; then the per-phase breakdown of each mode's steps (own time, nested phases
 subtracted): schedule, proposer, runner launch (inputs, upload), model forward, sampler,
 runner finish (ids to host, rejection sampling), update (scheduler: accepted drafts, KV block
 bookkeeping; a rejected draft's K/V needs no undo: num_computed_tokens stays behind it),
-outputs (detokenize, RequestOutputs), other (engine loop). "host" = step wall minus forward
-and sampler: what a GPU step would pay on the host; "gap" = from a step's ids reaching the host
-to the next forward's start: the device's idle time per step on a GPU, where a step is synchronous
-(plain sync, speculating; plain async overlaps it: "-"). `--profile`: cProfile of one spec mode.
+outputs (detokenize, RequestOutputs), other (engine loop). "host" = mean step wall minus
+forward and sampler; "gap" = from a step's ids reaching the host to the next forward's start: the device's
+idle time per step on a GPU where a step is synchronous (plain sync, speculating; plain async
+overlaps it: "-"). `--device cuda` runs the GPU's host path (forward = graph launch, the wait is
+in finish); `--profile MODE`: cProfile of that mode.
     python benchmarks/spec_host_overhead.py --rounds 3 --output-len 256
 """
 
@@ -102,6 +103,7 @@ class PhaseClock:
 @dataclass
 class ModeRun:
     step_s: list[float] = field(default_factory=list)  # median decode step wall per round
+    host_s: list[float] = field(default_factory=list)  # mean decode step wall - forward - sampler per round
     token_s: list[float] = field(default_factory=list)  # decode wall per output token per round
     tokens_per_step: list[float] = field(default_factory=list)
     gap_s: list[float] = field(default_factory=list)  # median ids-on-host -> next forward per round
@@ -114,7 +116,7 @@ def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine
     if mode in ("ngram", "suffix"):
         spec = SpeculativeConfig(speculative_method=mode, num_speculative_tokens=args.k)
     config = EngineConfig(
-        model=ModelConfig(model=args.model, device="cpu", dtype="float32"),
+        model=ModelConfig(model=args.model, device=args.device, dtype="float32"),
         cache=CacheConfig(num_blocks=256),  # a small pool: the CPU default allocates (and zeroes) gigabytes
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, async_scheduling=mode != "plain-sync"),
         speculative=spec or SpeculativeConfig(),
@@ -131,6 +133,9 @@ def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine
     clock.wrap(runner, "finish", "finish", mark="ids")
     clock.wrap(runner.model, "forward", "forward", mark="forward")  # nn.Module.__call__ finds the instance attribute
     clock.wrap(runner.model, "compute_logits", "forward")
+    for graphs in (runner.graphs, runner.verify_graphs, runner.mixed_graphs):  # CUDA: a replay is the forward
+        if graphs is not None:
+            clock.wrap(graphs, "run", "forward", mark="forward")
     clock.wrap(runner, "sampler", "sampler")
     clock.wrap(engine, "_build_outputs", "outputs")
     clock.wrap(engine.outputs, "collect", "outputs")
@@ -179,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2, help="requests per mode per round (one at a time)")
     parser.add_argument("--stream", action="store_true", help="per-step outputs (final_only off), as a stream")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU's host path (CUDA graphs, pinned uploads); forward = the launch")
     parser.add_argument("--profile", default=None, help="cProfile this mode's rounds: top functions by own time")
     return parser.parse_args(argv)
 
@@ -218,8 +225,8 @@ def main() -> None:
     if bad:
         raise SystemExit(f"--modes takes {', '.join(MODES)}, got {sorted(bad)}")
     torch.set_num_threads(args.threads)
-    cpu = torch.device("cpu")
-    loaded = load_model(ModelConfig(model=args.model, device="cpu", dtype="float32"), cpu, torch.float32)
+    cpu, device = torch.device("cpu"), torch.device(args.device)
+    loaded = load_model(ModelConfig(model=args.model, device=args.device, dtype="float32"), device, torch.float32)
     if args.tokenizer != "none":
         tokenizer = load_model(ModelConfig(model=args.tokenizer, device="cpu"), cpu, torch.float32,
                                weights=False).tokenizer
@@ -229,6 +236,8 @@ def main() -> None:
     engines = {mode: build_engine(mode, args, loaded) for mode in modes}
     runs = {mode: ModeRun() for mode in modes}
     outputs: dict[str, tuple[int, ...]] = {}
+    for mode, (engine, clock) in engines.items():  # first-call costs (new shapes, caches) are not measured
+        run_once(engine, clock, prompt, args, f"{mode}-warm-up")
     profiler = cProfile.Profile() if args.profile else None
     for round_index in range(args.rounds):
         for mode in modes:
@@ -258,10 +267,11 @@ def main() -> None:
             run.gap_s.append(statistics.median(gaps) if gaps else float("nan"))
             for name, seconds in phases.items():
                 run.phases[name].append(seconds / len(walls))
+            run.host_s.append((sum(walls) - phases["forward"] - phases["sampler"]) / len(walls))
             if engine.speculator is not None:
                 run.acceptance = engine.speculator.stats.acceptance_rate
     reference = outputs.get("plain-sync") or outputs.get("plain-async")
-    print(f"{args.model}, batch 1, greedy, {len(prompt)}-token repetitive prompt, {args.output_len} tokens, "
+    print(f"{args.model} on {args.device}, batch 1, greedy, {len(prompt)}-token repetitive prompt, {args.output_len} tokens, "
           f"k = {args.k}, {args.rounds} rounds x {args.requests} requests, {torch.get_num_threads()} thread(s)"
           f"{', streamed' if args.stream else ''}{' (cProfile on: slower)' if profiler else ''}")
     print(f"{'mode':<12} {'ms/step':>8} {'us/token':>9} {'tok/step':>9} {'host ms/step':>13} {'gap ms':>7} "
@@ -269,11 +279,10 @@ def main() -> None:
     for mode in modes:
         run = runs[mode]
         step_ms = statistics.median(run.step_s) * 1e3
-        device_ms = sum(statistics.median(run.phases.get(p, [0.0])) for p in ("forward", "sampler")) * 1e3
         same = "-" if reference is None else ("yes" if outputs[mode] == reference else "NO")
         gap = "-" if mode == "plain-async" else f"{statistics.median(run.gap_s) * 1e3:.3f}"
         print(f"{mode:<12} {step_ms:8.3f} {statistics.median(run.token_s) * 1e6:9.1f} "
-              f"{statistics.median(run.tokens_per_step):9.2f} {step_ms - device_ms:13.3f} {gap:>7} "
+              f"{statistics.median(run.tokens_per_step):9.2f} {statistics.median(run.host_s) * 1e3:13.3f} {gap:>7} "
               f"{run.acceptance:7.0%} {same}")
     names = ["schedule", "proposer", "launch", "forward", "sampler", "finish", "update", "outputs", "other"]
     print("\nper-step own time by phase, ms (median over rounds; mean over a round's decode steps)")
