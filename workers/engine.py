@@ -11,7 +11,8 @@
 
 InFlightBatches (inflight.py) owns the batches in flight: depth 1 (synchronous), 2+ (async: the
 host applies batch N while the device runs N+1) or P pipeline stages; outputs equal the
-synchronous engine's in every mode. Samples of one prompt (n > 1) share its KV blocks: the others
+synchronous engine's in every mode; a batch that had to be applied before the next was scheduled
+(speculating, penalties) gets its outputs built after the next leaves. Samples of one prompt (n > 1) share its KV blocks: the others
 join once the first one's prompt is computed. Speculative decoding rides the same loop (the
 scheduler's Speculator, workers/spec/, adds drafts; the runner verifies them). The AsyncEngine
 (async_engine.py) runs this loop on a thread. The executor (workers/worker/executor.py) runs the
