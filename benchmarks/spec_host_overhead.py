@@ -60,6 +60,7 @@ class PhaseClock:
         self._last = 0.0
         self.gaps: list[float] = []  # each "ids on the host" -> the next forward's start
         self._ids_on_host: float | None = None
+        self.gap_totals: dict[str, float] = defaultdict(float)  # own time per phase inside the gaps
 
     def wrap(self, owner: object, attribute: str, phase: str, mark: str | None = None) -> None:
         """Replace `owner.attribute` (a bound method or callable) with a timed one. `mark`: "ids" =
@@ -80,16 +81,21 @@ class PhaseClock:
 
         setattr(owner, attribute, timed)
 
+    def _charge(self, phase: str, seconds: float) -> None:
+        self.totals[phase] += seconds
+        if self._ids_on_host is not None:
+            self.gap_totals[phase] += seconds
+
     def _switch(self, phase: str) -> None:
         now = time.perf_counter()
         if self._stack:
-            self.totals[self._stack[-1]] += now - self._last
+            self._charge(self._stack[-1], now - self._last)
         self._stack.append(phase)
         self._last = now
 
     def _pop(self) -> None:
         now = time.perf_counter()
-        self.totals[self._stack.pop()] += now - self._last
+        self._charge(self._stack.pop(), now - self._last)
         self._last = now
 
     def step(self, engine: LLMEngine) -> list:
@@ -108,6 +114,7 @@ class ModeRun:
     tokens_per_step: list[float] = field(default_factory=list)
     gap_s: list[float] = field(default_factory=list)  # median ids-on-host -> next forward per round
     phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per step, per round
+    gap_phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per gap, per round
     acceptance: float = 0.0
 
 
@@ -143,20 +150,21 @@ def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine
 
 
 def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argparse.Namespace, tag: str
-             ) -> tuple[list[float], int, dict[str, float], tuple[int, ...], list[float]]:
+             ) -> tuple[list[float], int, dict[str, float], tuple[int, ...], list[float], dict[str, float]]:
     """One request to the end: (decode step walls, decode output tokens, phase totals, token ids,
-    gaps between a step's ids reaching the host and the next forward's start)."""
+    gaps between a step's ids reaching the host and the next forward's start, phase totals in them)."""
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             final_only=not args.stream)
     engine.add_request(tag, prompt, params)
     walls: list[float] = []
     totals: dict[str, float] = defaultdict(float)
     gaps: list[float] = []
+    gap_phases: dict[str, float] = defaultdict(float)
     token_ids: tuple[int, ...] = ()
     while engine.has_unfinished_requests():
         request = engine.scheduler.requests.get(tag)
         decoding = request is not None and request.num_output_tokens > 0  # the prompt's steps are not measured
-        before, num_gaps = dict(clock.totals), len(clock.gaps)
+        before, num_gaps, gap_before = dict(clock.totals), len(clock.gaps), dict(clock.gap_totals)
         start = time.perf_counter()
         outs = clock.step(engine)
         wall = time.perf_counter() - start
@@ -165,11 +173,13 @@ def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argp
             for name, seconds in clock.totals.items():
                 totals[name] += seconds - before.get(name, 0.0)
             gaps += clock.gaps[num_gaps:]
+            for name, seconds in clock.gap_totals.items():
+                gap_phases[name] += seconds - gap_before.get(name, 0.0)
         for out in outs:
             if out.finished:
                 token_ids = out.outputs[0].token_ids
     clock.gaps.clear()
-    return walls, len(token_ids) - 1, dict(totals), token_ids, gaps
+    return walls, len(token_ids) - 1, dict(totals), token_ids, gaps, dict(gap_phases)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -245,13 +255,16 @@ def main() -> None:
             walls: list[float] = []
             tokens = 0
             gaps: list[float] = []
+            gap_phases: dict[str, float] = defaultdict(float)
             phases: dict[str, float] = defaultdict(float)
             if profiler is not None and mode == args.profile:
                 profiler.enable()
             for i in range(args.requests):
-                w, n, totals, ids, g = run_once(engine, clock, prompt, args, f"{mode}-{round_index}-{i}")
+                w, n, totals, ids, g, gp = run_once(engine, clock, prompt, args, f"{mode}-{round_index}-{i}")
                 walls += w
                 gaps += g
+                for name, seconds in gp.items():
+                    gap_phases[name] += seconds
                 tokens += n
                 for name, seconds in totals.items():
                     phases[name] += seconds
@@ -265,6 +278,8 @@ def main() -> None:
             run.token_s.append(sum(walls) / tokens)
             run.tokens_per_step.append(tokens / len(walls))
             run.gap_s.append(statistics.median(gaps) if gaps else float("nan"))
+            for name, seconds in gap_phases.items():
+                run.gap_phases[name].append(seconds / max(len(gaps), 1))
             for name, seconds in phases.items():
                 run.phases[name].append(seconds / len(walls))
             run.host_s.append((sum(walls) - phases["forward"] - phases["sampler"]) / len(walls))
@@ -290,6 +305,13 @@ def main() -> None:
     for mode in modes:
         run = runs[mode]
         print(f"{mode:<12} " + " ".join(f"{statistics.median(run.phases.get(n, [0.0])) * 1e3:9.3f}" for n in names))
+    print("\nthe gap by phase (ms, mean per gap): what the device waits for between synchronous steps")
+    print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in names))
+    for mode in modes:
+        if mode != "plain-async":
+            run = runs[mode]
+            print(f"{mode:<12} " + " ".join(f"{statistics.median(run.gap_phases.get(n, [0.0])) * 1e3:9.3f}"
+                                             for n in names))
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
