@@ -8,18 +8,17 @@ of 64, vocabulary 256: its forward is a few hundred microseconds of eager ops) w
 tokenizer attached (so outputs are detokenized as with the real model), batch 1, greedy, a
 prompt that repeats a list of token ids 3 times, and weights set so that the model writes the list
 again with one id changed, over and over (`make_copy_model`): n-gram / suffix drafts are mostly
-accepted, as on issue 23's "repeat a list" task. Modes: plain async, plain sync, ngram k, suffix k, run in
-interleaved rounds (the machine is shared: medians over rounds). Greedy outputs must be identical in every mode.
-Printed per mode: median wall per engine step (decode steps), per output token, tokens per
-step, acceptance; then the per-phase breakdown of each mode's steps (own time, nested phases
-subtracted): schedule, proposer, runner launch (inputs, upload), model forward, sampler,
-runner finish (ids to host, rejection sampling), update (scheduler: accepted drafts, KV block
-bookkeeping; a rejected draft's K/V needs no undo: num_computed_tokens stays behind it),
-outputs (detokenize, RequestOutputs), other (engine loop). "host" = mean step wall minus
-forward and sampler; "gap" = from a step's ids reaching the host to the next forward's start: the device's
-idle time per step on a GPU where a step is synchronous (plain sync, speculating; plain async
-overlaps it: "-"). `--device cuda` runs the GPU's host path (forward = graph launch, the wait is
-in finish); `--profile MODE`: cProfile of that mode.
+accepted, as on issue 23's "repeat a list" task. Modes: plain async, plain sync, ngram k, suffix k,
+in interleaved rounds (the machine is shared); greedy outputs must be identical in every mode.
+Printed per mode (medians over decode steps, then over rounds): wall per engine step, per output
+token (step / tokens per step), tokens per step, host (step minus forward and sampler), gap (from
+a step's ids reaching the host to the next forward's start: the device's idle time on a GPU where
+steps are synchronous: plain sync, speculating; plain async overlaps it: "-"), acceptance; then
+each step's own time by phase (nested phases subtracted): schedule, proposer, runner launch
+(inputs, upload), forward, sampler, finish (ids to host, rejection sampling), update (accepted
+drafts, KV block bookkeeping; a rejected draft's K/V needs no undo: num_computed_tokens stays
+behind it), outputs (detokenize, RequestOutputs), other (engine loop); and the gap by phase.
+`--device cuda` takes the GPU's host path (forward = graph launch; the wait is in finish).
     python benchmarks/spec_host_overhead.py --rounds 3 --output-len 256
 """
 
@@ -49,42 +48,44 @@ from shardserve.workers.models.loader import load_model
 from shardserve.workers.request import SamplingParams
 
 MODES = ("plain-async", "plain-sync", "ngram", "suffix")
+PHASES = ("schedule", "proposer", "launch", "forward", "sampler", "finish", "update", "outputs", "other")
 
 
 class PhaseClock:
-    """Own time per phase: entering a phase stops the clock of the one it is nested in."""
+    """Own time per phase: entering a phase stops the clock of the one it is nested in. A "gap" runs
+    from a step's ids reaching the host (`mark="ids"`) to the next forward's start (`mark="forward"`);
+    each closed gap is kept with the own time of each phase inside it."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.gaps: list[tuple[float, dict[str, float]]] = []  # (seconds, own time per phase)
         self._stack: list[str] = []
         self._last = 0.0
-        self.gaps: list[float] = []  # each "ids on the host" -> the next forward's start
-        self._ids_on_host: float | None = None
-        self.gap_totals: dict[str, float] = defaultdict(float)  # own time per phase inside the gaps
+        self._gap_start: float | None = None
+        self._gap_phases: dict[str, float] = {}
 
     def wrap(self, owner: object, attribute: str, phase: str, mark: str | None = None) -> None:
-        """Replace `owner.attribute` (a bound method or callable) with a timed one. `mark`: "ids" =
-        its return is when a step's ids are on the host; "forward" = its call starts a forward."""
+        """Replace `owner.attribute` (a bound method or callable) with a timed one."""
         inner: Callable = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
             self._switch(phase)
-            if mark == "forward" and self._ids_on_host is not None:
-                self.gaps.append(self._last - self._ids_on_host)
-                self._ids_on_host = None
+            if mark == "forward" and self._gap_start is not None:
+                self.gaps.append((self._last - self._gap_start, self._gap_phases))
+                self._gap_start, self._gap_phases = None, {}
             try:
                 return inner(*args, **kwargs)
             finally:
                 self._pop()
                 if mark == "ids":
-                    self._ids_on_host = self._last
+                    self._gap_start, self._gap_phases = self._last, {}
 
         setattr(owner, attribute, timed)
 
     def _charge(self, phase: str, seconds: float) -> None:
         self.totals[phase] += seconds
-        if self._ids_on_host is not None:
-            self.gap_totals[phase] += seconds
+        if self._gap_start is not None:
+            self._gap_phases[phase] = self._gap_phases.get(phase, 0.0) + seconds
 
     def _switch(self, phase: str) -> None:
         now = time.perf_counter()
@@ -107,15 +108,37 @@ class PhaseClock:
 
 
 @dataclass
+class Steps:
+    """A mode's decode steps: wall and own time per phase of each; each gap and its phases."""
+
+    walls: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+    gaps: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    tokens: int = 0
+
+
+@dataclass
 class ModeRun:
-    step_s: list[float] = field(default_factory=list)  # median decode step wall per round
-    host_s: list[float] = field(default_factory=list)  # mean decode step wall - forward - sampler per round
-    token_s: list[float] = field(default_factory=list)  # decode wall per output token per round
+    """Per round: median step wall, median host part, tokens per step, median gap; medians by phase."""
+
+    step_s: list[float] = field(default_factory=list)
+    host_s: list[float] = field(default_factory=list)  # step wall - forward - sampler
     tokens_per_step: list[float] = field(default_factory=list)
-    gap_s: list[float] = field(default_factory=list)  # median ids-on-host -> next forward per round
-    phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per step, per round
-    gap_phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # per gap, per round
+    gap_s: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    gap_phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     acceptance: float = 0.0
+
+    def add_round(self, steps: Steps) -> None:
+        self.step_s.append(statistics.median(steps.walls))
+        self.host_s.append(statistics.median(w - p.get("forward", 0.0) - p.get("sampler", 0.0)
+                                             for w, p in zip(steps.walls, steps.phases, strict=True)))
+        self.tokens_per_step.append(steps.tokens / len(steps.walls))
+        self.gap_s.append(statistics.median(g for g, _ in steps.gaps) if steps.gaps else float("nan"))
+        for name in PHASES:
+            self.phases[name].append(statistics.median(p.get(name, 0.0) for p in steps.phases))
+            if steps.gaps:
+                self.gap_phases[name].append(statistics.median(p.get(name, 0.0) for _, p in steps.gaps))
 
 
 def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine, PhaseClock]:
@@ -149,37 +172,30 @@ def build_engine(mode: str, args: argparse.Namespace, loaded) -> tuple[LLMEngine
     return engine, clock
 
 
-def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argparse.Namespace, tag: str
-             ) -> tuple[list[float], int, dict[str, float], tuple[int, ...], list[float], dict[str, float]]:
-    """One request to the end: (decode step walls, decode output tokens, phase totals, token ids,
-    gaps between a step's ids reaching the host and the next forward's start, phase totals in them)."""
+def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argparse.Namespace, tag: str,
+             steps: Steps) -> tuple[int, ...]:
+    """One request to the end, its decode steps (not the prompt's) added to `steps`; its token ids."""
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             final_only=not args.stream)
     engine.add_request(tag, prompt, params)
-    walls: list[float] = []
-    totals: dict[str, float] = defaultdict(float)
-    gaps: list[float] = []
-    gap_phases: dict[str, float] = defaultdict(float)
     token_ids: tuple[int, ...] = ()
     while engine.has_unfinished_requests():
         request = engine.scheduler.requests.get(tag)
-        decoding = request is not None and request.num_output_tokens > 0  # the prompt's steps are not measured
-        before, num_gaps, gap_before = dict(clock.totals), len(clock.gaps), dict(clock.gap_totals)
+        decoding = request is not None and request.num_output_tokens > 0
+        before, num_gaps = dict(clock.totals), len(clock.gaps)
         start = time.perf_counter()
         outs = clock.step(engine)
         wall = time.perf_counter() - start
         if decoding:
-            walls.append(wall)
-            for name, seconds in clock.totals.items():
-                totals[name] += seconds - before.get(name, 0.0)
-            gaps += clock.gaps[num_gaps:]
-            for name, seconds in clock.gap_totals.items():
-                gap_phases[name] += seconds - gap_before.get(name, 0.0)
+            steps.walls.append(wall)
+            steps.phases.append({name: seconds - before.get(name, 0.0) for name, seconds in clock.totals.items()})
+            steps.gaps += clock.gaps[num_gaps:]
         for out in outs:
             if out.finished:
                 token_ids = out.outputs[0].token_ids
     clock.gaps.clear()
-    return walls, len(token_ids) - 1, dict(totals), token_ids, gaps, dict(gap_phases)
+    steps.tokens += len(token_ids) - 1
+    return token_ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -247,44 +263,24 @@ def main() -> None:
     runs = {mode: ModeRun() for mode in modes}
     outputs: dict[str, tuple[int, ...]] = {}
     for mode, (engine, clock) in engines.items():  # first-call costs (new shapes, caches) are not measured
-        run_once(engine, clock, prompt, args, f"{mode}-warm-up")
+        run_once(engine, clock, prompt, args, f"{mode}-warm-up", Steps())
     profiler = cProfile.Profile() if args.profile else None
     for round_index in range(args.rounds):
         for mode in modes:
             engine, clock = engines[mode]
-            walls: list[float] = []
-            tokens = 0
-            gaps: list[float] = []
-            gap_phases: dict[str, float] = defaultdict(float)
-            phases: dict[str, float] = defaultdict(float)
+            steps = Steps()
             if profiler is not None and mode == args.profile:
                 profiler.enable()
             for i in range(args.requests):
-                w, n, totals, ids, g, gp = run_once(engine, clock, prompt, args, f"{mode}-{round_index}-{i}")
-                walls += w
-                gaps += g
-                for name, seconds in gp.items():
-                    gap_phases[name] += seconds
-                tokens += n
-                for name, seconds in totals.items():
-                    phases[name] += seconds
+                ids = run_once(engine, clock, prompt, args, f"{mode}-{round_index}-{i}", steps)
                 outputs.setdefault(mode, ids)
                 if ids != outputs[mode]:
                     raise SystemExit(f"{mode}: greedy output changed between requests")
             if profiler is not None and mode == args.profile:
                 profiler.disable()
-            run = runs[mode]
-            run.step_s.append(statistics.median(walls))
-            run.token_s.append(sum(walls) / tokens)
-            run.tokens_per_step.append(tokens / len(walls))
-            run.gap_s.append(statistics.median(gaps) if gaps else float("nan"))
-            for name, seconds in gap_phases.items():
-                run.gap_phases[name].append(seconds / max(len(gaps), 1))
-            for name, seconds in phases.items():
-                run.phases[name].append(seconds / len(walls))
-            run.host_s.append((sum(walls) - phases["forward"] - phases["sampler"]) / len(walls))
+            runs[mode].add_round(steps)
             if engine.speculator is not None:
-                run.acceptance = engine.speculator.stats.acceptance_rate
+                runs[mode].acceptance = engine.speculator.stats.acceptance_rate
     reference = outputs.get("plain-sync") or outputs.get("plain-async")
     print(f"{args.model} on {args.device}, batch 1, greedy, {len(prompt)}-token repetitive prompt, {args.output_len} tokens, "
           f"k = {args.k}, {args.rounds} rounds x {args.requests} requests, {torch.get_num_threads()} thread(s)"
@@ -294,24 +290,22 @@ def main() -> None:
     for mode in modes:
         run = runs[mode]
         step_ms = statistics.median(run.step_s) * 1e3
+        per_token_us = step_ms * 1e3 / statistics.median(run.tokens_per_step)
         same = "-" if reference is None else ("yes" if outputs[mode] == reference else "NO")
         gap = "-" if mode == "plain-async" else f"{statistics.median(run.gap_s) * 1e3:.3f}"
-        print(f"{mode:<12} {step_ms:8.3f} {statistics.median(run.token_s) * 1e6:9.1f} "
-              f"{statistics.median(run.tokens_per_step):9.2f} {statistics.median(run.host_s) * 1e3:13.3f} {gap:>7} "
-              f"{run.acceptance:7.0%} {same}")
-    names = ["schedule", "proposer", "launch", "forward", "sampler", "finish", "update", "outputs", "other"]
-    print("\nper-step own time by phase, ms (median over rounds; mean over a round's decode steps)")
-    print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in names))
+        print(f"{mode:<12} {step_ms:8.3f} {per_token_us:9.1f} {statistics.median(run.tokens_per_step):9.2f} "
+              f"{statistics.median(run.host_s) * 1e3:13.3f} {gap:>7} {run.acceptance:7.0%} {same}")
+    print("\nown time per step by phase, ms (median over steps, then over rounds)")
+    print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in PHASES))
     for mode in modes:
         run = runs[mode]
-        print(f"{mode:<12} " + " ".join(f"{statistics.median(run.phases.get(n, [0.0])) * 1e3:9.3f}" for n in names))
-    print("\nthe gap by phase (ms, mean per gap): what the device waits for between synchronous steps")
-    print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in names))
+        print(f"{mode:<12} " + " ".join(f"{statistics.median(run.phases[n]) * 1e3:9.3f}" for n in PHASES))
+    print("\nthe gap by phase, ms (median over gaps, then over rounds): what the device waits for")
+    print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in PHASES))
     for mode in modes:
-        if mode != "plain-async":
-            run = runs[mode]
-            print(f"{mode:<12} " + " ".join(f"{statistics.median(run.gap_phases.get(n, [0.0])) * 1e3:9.3f}"
-                                             for n in names))
+        run = runs[mode]
+        if mode != "plain-async" and run.gap_phases:
+            print(f"{mode:<12} " + " ".join(f"{statistics.median(run.gap_phases[n]) * 1e3:9.3f}" for n in PHASES))
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
