@@ -11,7 +11,8 @@
 
 InFlightBatches (inflight.py) owns the batches in flight: depth 1 (synchronous), 2+ (async: the
 host applies batch N while the device runs N+1) or P pipeline stages; outputs equal the
-synchronous engine's in every mode. Samples of one prompt (n > 1) share its KV blocks: the others
+synchronous engine's in every mode; a batch that had to be applied before the next was scheduled
+(speculating, penalties) gets its outputs built after the next leaves. Samples of one prompt (n > 1) share its KV blocks: the others
 join once the first one's prompt is computed. Speculative decoding rides the same loop (the
 scheduler's Speculator, workers/spec/, adds drafts; the runner verifies them). The AsyncEngine
 (async_engine.py) runs this loop on a thread. The executor (workers/worker/executor.py) runs the
@@ -250,18 +251,30 @@ class LLMEngine:
         batch = self.batches.collect()
         if batch is not None:
             advanced = self.scheduler.update_from_output(batch.sched, batch.output)
-            if self.batches.refill_before_outputs:  # pipeline stages: the next batch leaves first
-                self._fill()
-            self._build_outputs(batch, advanced)
+            if self.batches.refill_before_outputs or batch.needs_sync:
+                # Pipeline stages, or a batch that held the queue (speculating, penalties): the next
+                # batch leaves first, so the device runs it while the host detokenizes this one.
+                idle = self._fill(build_idle=False)
+                self._build_outputs(batch, advanced)
+                if idle is not None:
+                    self._build_outputs(*idle)
+            else:
+                self._build_outputs(batch, advanced)
         self._release_held_samples()
         return self.outputs.collect()
 
-    def _fill(self) -> None:
+    def _fill(self, build_idle: bool = True) -> tuple[BatchResult, list[Request]] | None:
         """Submit batches until the queue is full; a schedule with nothing to run is applied at once
-        (the scheduler may have finished requests in it: kv_cache_full)."""
+        (the scheduler may have finished requests in it: kv_cache_full) and its outputs built, or,
+        without `build_idle`, returned with its finished requests for the caller to build."""
         idle = self.batches.fill()
-        if idle is not None:
-            self._build_outputs(idle, self.scheduler.update_from_output(idle.sched, idle.output))
+        if idle is None:
+            return None
+        applied = idle, self.scheduler.update_from_output(idle.sched, idle.output)
+        if not build_idle:
+            return applied
+        self._build_outputs(*applied)
+        return None
 
     def _build_outputs(self, batch: BatchResult, advanced: list[Request]) -> None:
         """Build the outputs of an applied batch; finish the requests that hit a stop string."""

@@ -53,6 +53,7 @@ class BatchResult:
     sched: SchedulerOutput
     request_ids: list[str]
     output: ModelRunnerOutput = field(default_factory=ModelRunnerOutput)
+    needs_sync: bool = False  # it held the queue (Batch.needs_sync): the next batch leaves before its outputs
 
 
 class InFlightBatches:
@@ -83,7 +84,7 @@ class InFlightBatches:
                 self._carried_finished = sched.finished_request_ids
                 self._carried_preempted = sched.preempted_request_ids
                 return BatchResult(sched, [])
-            needs_sync = self.async_scheduling and (sched.speculating or self._samples_with_penalties(sched))
+            needs_sync = self.async_scheduling and (self._may_draft_next(sched) or self._samples_with_penalties(sched))
             self._batches.append(Batch(sched, self.executor.submit(sched), needs_sync))
             self.stats.record_submit(len(self._batches))
         return None
@@ -94,7 +95,7 @@ class InFlightBatches:
             return None
         batch = self._batches.popleft()
         output = self.executor.collect(batch.handle)
-        return BatchResult(batch.sched, [r.request_id for r in batch.sched.scheduled], output)
+        return BatchResult(batch.sched, [r.request_id for r in batch.sched.scheduled], output, batch.needs_sync)
 
     def kept(self, batch: BatchResult) -> BatchResult:
         """`batch` minus one result of each request with results to drop (finished in flight)."""
@@ -104,7 +105,7 @@ class InFlightBatches:
         self._drop.subtract(dropped)  # one result each
         self._drop = +self._drop  # forget ids with none left to drop
         return BatchResult(batch.sched, [r for r in batch.request_ids if r not in dropped],
-                           _without(batch.output, dropped))
+                           _without(batch.output, dropped), batch.needs_sync)
 
     def drop_later_results(self, sample_ids: Iterable[str]) -> None:
         """Drop the results of the batches in flight that hold these (finished) sample ids."""
@@ -117,6 +118,22 @@ class InFlightBatches:
         """Requests a batch's token finished (EOS, stop id) while later batches hold them (async)."""
         if self.async_scheduling:
             self.drop_later_results([r.request_id for r in advanced if r.is_finished])
+
+    def _may_draft_next(self, sched: SchedulerOutput) -> bool:
+        """True if `sched` speculates and the next schedule could give one of its sampling requests
+        drafts (proposals follow the tokens on the host): not when each of them may never have any
+        (a seed, logprobs, penalties) or pauses its proposals past the next schedule."""
+        speculator = self.scheduler.speculator
+        if not sched.speculating or speculator is None:
+            return False
+        if sched.num_draft_tokens:
+            return True
+        requests = self.scheduler.requests
+        for scheduled in sched.scheduled:
+            request = requests.get(scheduled.request_id)
+            if scheduled.sample and request is not None and speculator.may_propose_next(request):
+                return True
+        return False
 
     def _samples_with_penalties(self, sched: SchedulerOutput) -> bool:
         """True if `sched` samples for a request whose penalties need its previous token on the host."""

@@ -133,6 +133,24 @@ def test_requests_that_cannot_speculate_run_beside_ones_that_do(spec, plain, pro
     _assert_accepted(spec, before)
 
 
+def test_requests_that_cannot_speculate_alone_keep_async_overlap(spec, plain, prompts) -> None:
+    """A speculating batch is applied before the next is scheduled only when the next schedule could
+    give one of its requests drafts: requests with logprobs or a seed alone keep two batches in
+    flight (async scheduling), and their outputs equal the plain engine's."""
+    others = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2),
+              SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=7)]
+    spec.engine.batches.stats.max_in_flight = 0
+    got = spec.generate(prompts[:2], others)
+    assert spec.engine.batches.stats.max_in_flight == 2
+    expected = plain.generate(prompts[:2], others)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.outputs[0].token_ids == theirs.outputs[0].token_ids
+        assert mine.outputs[0].logprobs == theirs.outputs[0].logprobs
+    spec.engine.batches.stats.max_in_flight = 0
+    spec.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    assert spec.engine.batches.stats.max_in_flight == 1  # a request that speculates syncs every step
+
+
 def test_chunked_prefill_preemption_and_prefix_hits(prompts, want) -> None:
     """16-token prefill chunks, a KV pool too small for every request at once (preemption by
     recompute) and the same prompts twice (prefix-cache hits): still the plain engine's tokens."""

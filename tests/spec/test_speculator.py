@@ -66,6 +66,27 @@ def test_requests_needing_host_state_get_no_drafts() -> None:
         assert spec.propose(Request("r", [1], params), 4) == []
 
 
+def test_only_requests_the_next_schedule_could_give_drafts_need_their_tokens_on_the_host() -> None:
+    """may_propose_next (InFlightBatches syncs a speculating batch only for such requests)."""
+    spec, proposer = _speculator(backoff=True)
+    for params in (SamplingParams(seed=1), SamplingParams(logprobs=1), SamplingParams(repetition_penalty=1.2)):
+        assert not spec.may_propose_next(Request("x", [1], params))
+    assert spec.may_propose_next(Request("m", [1], SamplingParams(min_tokens=3)))  # reached in a few steps
+    proposer.drafts = [9, 9]
+    request = Request("r", [1, 2, 3], SamplingParams())
+    assert spec.may_propose_next(request)
+    for _ in range(PAUSE_AFTER_REJECTIONS):
+        _step(spec, request)
+        spec.record("r", 2, 0)  # all rejected: paused for the next schedule
+    assert not spec.may_propose_next(request)
+    assert _step(spec, request)[1] == []
+    assert spec.may_propose_next(request) and _step(spec, request)[1] == [9]
+    proposer.drafts = []
+    while spec.may_propose_next(request):  # misses in a row until the back-off skips the next schedule
+        _step(spec, request)
+    assert spec._skip and not spec.active(1)
+
+
 def test_back_off_after_a_run_of_misses_and_reset_on_a_draft() -> None:
     spec, proposer = _speculator(backoff=True)
     request = Request("r", [1, 2, 3], SamplingParams())

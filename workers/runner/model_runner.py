@@ -553,17 +553,21 @@ class ModelRunner:
 
 def _verify_rows(layout: StepLayout, sample_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
     """Sampling positions of a step with drafts: a sampling request with d drafts samples at its
-    last d + 1 query tokens. Returns (token rows, persistent rows, drafts per sampling request)."""
-    requests = layout.requests
-    num_drafts = np.fromiter((r.num_drafts for r in requests), dtype=np.int64, count=len(requests))
-    counts = np.where(sample_mask, 1 + num_drafts, 0)
-    firsts = layout.query_start[1:] - counts  # [requests] first sampled token row
-    offsets = np.cumsum(counts) - counts
-    total = int(counts.sum())
-    token_rows = np.repeat(firsts, counts) + np.arange(total) - np.repeat(offsets, counts)
-    drafts = [r.token_ids[len(r.token_ids) - r.num_drafts:] if r.num_drafts else ()
-              for r, s in zip(requests, sample_mask.tolist(), strict=True) if s]
-    return token_rows, np.repeat(layout.rows, counts), drafts
+    last d + 1 query tokens. Returns (token rows, persistent rows, drafts per sampling request).
+    A loop over the requests: speculation runs only while requests x (1 + k) <= max_verify_tokens,
+    so there are few, and a handful of list appends costs less than numpy's per-call overhead."""
+    ends, rows = layout.query_start[1:].tolist(), layout.rows.tolist()
+    token_rows: list[int] = []
+    sample_rows: list[int] = []
+    drafts: list[tuple[int, ...]] = []
+    for request, end, row, sample in zip(layout.requests, ends, rows, sample_mask.tolist(), strict=True):
+        if not sample:
+            continue
+        num_drafts = request.num_drafts
+        token_rows.extend(range(end - 1 - num_drafts, end))
+        sample_rows.extend([row] * (num_drafts + 1))
+        drafts.append(request.token_ids[len(request.token_ids) - num_drafts:] if num_drafts else ())
+    return np.array(token_rows, dtype=np.int64), np.array(sample_rows, dtype=np.int64), drafts
 
 
 def _syncs_in_forward(model: torch.nn.Module) -> bool:

@@ -135,6 +135,8 @@ class PersistentBatch:
     def layout(self, scheduled: tuple[ScheduledRequest, ...]) -> StepLayout:
         """This step's token layout in row order (see StepLayout)."""
         row_of = self.row_of
+        if len(scheduled) == 1:  # batch 1 (a speculating request's verify step above all): no sort, no repeats
+            return self._layout_one(scheduled[0])
         requests = sorted(scheduled, key=lambda r: row_of[r.request_id])
         num = len(requests)
         rows = np.fromiter((row_of[r.request_id] for r in requests), dtype=np.int64, count=num)
@@ -155,3 +157,12 @@ class PersistentBatch:
         blocks = self.block_table[token_rows, positions // self.block_size]
         slot_mapping = blocks * self.block_size + positions % self.block_size
         return StepLayout(requests, rows, query_start, token_ids, positions, slot_mapping, starts + lens)
+
+    def _layout_one(self, request: ScheduledRequest) -> StepLayout:
+        """`layout` of a single request."""
+        row, start, num = self.row_of[request.request_id], request.start_position, len(request.token_ids)
+        positions = np.arange(start, start + num, dtype=np.int64)
+        slot_mapping = self.block_table[row, positions // self.block_size] * self.block_size + positions % self.block_size
+        return StepLayout([request], np.array([row], dtype=np.int64), np.array([0, num], dtype=np.int64),
+                          np.array(request.token_ids, dtype=np.int64), positions, slot_mapping,
+                          np.array([start + num], dtype=np.int64))

@@ -5,7 +5,7 @@ Data flow: `add(row, params, prompt, outputs)` writes a request's options into n
 and counts its outputs; `move`/`clear` follow the persistent batch's row moves. `build(rows)`
 gives the sampler its `SamplingMetadata` for the rows that sample this step, in logits order.
 The per-row tensors and flags only change when the batch does, so they are cached under a
-version counter: a steady decode step re-uses them and only computes the parts that depend on
+version counter, per set of rows (a verify step samples 1 + drafts rows per request): a step re-uses them and only computes the parts that depend on
 the step — seeds of seeded rows, min_tokens masks — by walking just the rows that need them.
 Penalty histories live on the device as one flat (token id, row) list: appended with each
 step's sampled tokens of penalty rows (`record`), rebuilt from the host copy only when a
@@ -24,6 +24,7 @@ import torch
 from shardserve.workers.request import SamplingParams
 from shardserve.workers.sampling.metadata import SamplingMetadata, TokenHistory, step_seed
 
+MAX_CACHED_ROW_SETS = 16  # static parts kept per batch version (emptied when full)
 _FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -38,8 +39,11 @@ class SamplingState:
         self.special_rows: set[int] = set()  # seeded or min_tokens rows: per-step host work
         self.penalty_rows: dict[int, tuple[list[int], list[int]]] = {}  # row -> (prompt, outputs)
         self.version = 0
-        self._cache_key: tuple[int, bytes] | None = None
-        self._cache: dict[str, object] = {}
+        # rows.tobytes() -> the static part of their metadata, for the batch's current version. Several
+        # row sets recur within one version: a speculating request samples 1 + its drafts rows, and
+        # its number of drafts changes from step to step.
+        self._cache_version = -1
+        self._cache: dict[bytes, dict[str, object]] = {}
         self._history_dirty = True
         self._out_ids = torch.zeros(0, dtype=torch.int64, device=device)  # [N] device history
         self._out_rows = torch.zeros(0, dtype=torch.int64, device=device)  # [N] persistent rows
@@ -112,11 +116,13 @@ class SamplingState:
 
     def build(self, rows: np.ndarray) -> SamplingMetadata:
         """Metadata of the sampling rows `rows` ([n] persistent rows, logits order)."""
-        key = (self.version, rows.tobytes())
-        if key != self._cache_key:
-            self._cache = self._static_part(rows)
-            self._cache_key = key
-        static = self._cache
+        if self._cache_version != self.version or len(self._cache) >= MAX_CACHED_ROW_SETS:
+            self._cache.clear()
+            self._cache_version = self.version
+        key = rows.tobytes()
+        static = self._cache.get(key)
+        if static is None:
+            static = self._cache[key] = self._static_part(rows)
         mask_rows: list[int] = []
         mask_tokens: list[int] = []
         seeded_rows: list[int] = []

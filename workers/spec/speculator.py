@@ -135,6 +135,15 @@ class Speculator:
         # a request whose last drafts were all rejected pauses: a verify step would cost more than it gives
         return self._paused_until.get(request.request_id, 0) <= self._num_steps
 
+    def may_propose_next(self, request: Request) -> bool:
+        """Could the next schedule give this request drafts, were its tokens on the host? False when
+        its sampling never takes drafts (a seed, logprobs, penalties; min_tokens is left out: it is
+        reached), its proposals pause past the next schedule, or the next schedule backs off.
+        (InFlightBatches skips the sync of a speculating batch where no request could.)"""
+        if self._skip or not eligible(request.sampling_params, request.sampling_params.min_tokens):
+            return False
+        return self._paused_until.get(request.request_id, 0) <= self._num_steps
+
     def propose(self, request: Request, limit: int) -> list[int]:
         """Drafts for a decoding request: at most min(its k, limit); [] if it is not eligible."""
         if limit <= 0 or not self._may_propose(request):
