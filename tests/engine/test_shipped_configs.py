@@ -149,7 +149,9 @@ def test_shipped_config_builds_and_generates(section: ModelSection, tiny_models)
                        layout.expert_parallel_size)
     config = replace(
         shipped,
-        model=replace(shipped.model, model=str(tiny.folder), device="cpu", dtype="float32"),
+        # `gguf` names the real checkpoint's packing (cpu-default.yaml): the tiny stand-in is a float folder
+        model=replace(shipped.model, model=str(tiny.folder), device="cpu", dtype="float32",
+                      quantization=None if shipped.model.quantization == "gguf" else shipped.model.quantization),
         cache=replace(shipped.cache, num_blocks=NUM_BLOCKS),
         parallel=replace(layout, launcher="multiproc", collective_timeout_s=60.0, step_timeout_s=120.0),
     )
