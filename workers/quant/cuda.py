@@ -62,9 +62,10 @@ def cuda_runtime(w: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         return KernelRuntime(int4_linear, pack_int4(_to(w, device), dtype), GEMV_MAX_ROWS,
                              lambda x, p: int4_linear(x, p, silu_mul=True))
     if isinstance(w, Int8Weight):
+        from shardserve.workers.quant.kernels.int8 import GEMV_MAX_ROWS as INT8_GEMV_ROWS
         from shardserve.workers.quant.kernels.int8 import int8_linear, pack_int8
 
-        return KernelRuntime(int8_linear, pack_int8(_to(w, device), dtype), GEMV_MAX_ROWS,
+        return KernelRuntime(int8_linear, pack_int8(_to(w, device), dtype), INT8_GEMV_ROWS,
                              lambda x, p: int8_linear(x, p, silu_mul=True))
     if isinstance(w, Fp8Weight):
         from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS as FP8_GEMV_ROWS
