@@ -8,8 +8,8 @@ of it between calls), replayed 20 times: time per call = median replay / L. Floo
 (codes + scales + mins) / the copy bandwidth measured in this run (a 1 GiB device-to-device copy,
 read + write bytes, as benchmarks/gemv_gpu.py); "% floor" = floor / time. Beside each: the max
 abs error vs the dequantized weights in fp32 (FP8: vs x @ W, its activation rounding included).
-"fp8" is what fp8_linear does (W8A16 GEMV up to GEMV_MAX_ROWS rows, W8A8 _scaled_mm above);
-"fp8_w8a8" forces _scaled_mm at M <= GEMV_MAX_ROWS too. "tinygemm" is the engine's INT4 path on
+"fp8" is what fp8_linear does (W8A16 GEMV at one row, W8A16 split-K GEMM up to SPLITK_MAX_ROWS, W8A8
+_scaled_mm above); "fp8_w8a8" forces _scaled_mm at M <= SPLITK_MAX_ROWS too. "tinygemm" is the engine's INT4 path on
 CUDA (kernels/tinygemm.py: torch's own kernel up to 16 rows, the plane kernels above); "int4_*" the
 plane kernels alone; "q4_k" / "q6_k" GGUF k-quant shapes on kernels/kquant.py (float32 scales, exact).
 
@@ -36,7 +36,14 @@ from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import tinygemm as tg
-from shardserve.workers.quant.kernels.fp8 import GEMV_MAX_ROWS, fp8_gemv, fp8_linear, pack_fp8, quantize_rows
+from shardserve.workers.quant.kernels.fp8 import (
+    GEMV_MAX_ROWS,
+    SPLITK_MAX_ROWS,
+    fp8_gemv,
+    fp8_linear,
+    pack_fp8,
+    quantize_rows,
+)
 from shardserve.workers.quant.kernels.int4 import Int4Packed, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.int8 import Int8Packed, int8_linear, pack_int8
 from shardserve.workers.quant.kernels.kquant import Q6kPacked, pack_q4k, pack_q6k, q6k_linear
@@ -134,11 +141,12 @@ def cases(n: int, k: int, rows: int) -> list[Case]:
     sf = wf.abs().amax(dim=1) / 448
     f8 = Fp8Weight((wf / sf[:, None]).to(torch.float8_e4m3fn), sf)
     pf = pack_fp8(f8)
-    for label, gemv_rows in (("fp8", GEMV_MAX_ROWS), ("fp8_w8a8", 0)):
-        if label == "fp8_w8a8" and rows > GEMV_MAX_ROWS:
+    for label, gemv_rows, splitk_rows in (("fp8", GEMV_MAX_ROWS, None), ("fp8_w8a8", 0, 0)):
+        if label == "fp8_w8a8" and rows > SPLITK_MAX_ROWS:
             continue  # the same path as "fp8"
         out.append(Case(label, packed_bytes(pf), f8.dequantize(), lambda i, p=pf: p if i == 0 else clone_packed(p),
-                        lambda a, w, g=gemv_rows, **kw: fp8_linear(a, w, gemv_max_rows=g, **kw)))
+                        lambda a, w, g=gemv_rows, s=splitk_rows, **kw: fp8_linear(a, w, gemv_max_rows=g,
+                                                                                    splitk_max_rows=s, **kw)))
     return out
 
 
@@ -161,10 +169,10 @@ def error_of(case: Case, x: torch.Tensor) -> tuple[float, float, float]:
     scale = max(1.0, ref.abs().max().item())
     own = 0.0
     tol = REL_TOL[case.name] * scale
-    if case.name == "fp8_w8a8" or (case.name == "fp8" and x.shape[0] > GEMV_MAX_ROWS):
+    if case.name == "fp8_w8a8" or (case.name == "fp8" and x.shape[0] > SPLITK_MAX_ROWS):
         q, s = quantize_rows(x)
         own = ((y - (q.float() * s) @ case.reference.T).abs().max().item()) / scale
-    elif case.name == "fp8":  # decode rows: W8A16, x not quantized
+    elif case.name == "fp8":  # decode rows and small batches: W8A16, x not quantized
         tol = REL_TOL["bf16"] * scale
     return (y - ref).abs().max().item(), tol, own
 

@@ -5,7 +5,8 @@ and the tl.dot GEMM (M 17; fp16 only under the interpreter, whose tl.dot multipl
 integers: see kernel_env.py), group sizes 32 / 64 / 128, symmetric and asymmetric mins, act-order
 perm, bias, K padded to whole chunks, several K iterations; against x @ w.dequantize().T in fp32.
 The layout itself is checked word by word; FP8's row quantization bit for bit against torch's
-e4m3 rounding; FP8's decode GEMV; `fp8_linear`'s W8A8 path (torch._scaled_mm) only where CUDA exists.
+e4m3 rounding; FP8's decode GEMV and W8A16 split-K GEMM; `fp8_linear`'s W8A8 path (torch._scaled_mm)
+only where CUDA exists.
 """
 
 from __future__ import annotations
@@ -163,6 +164,20 @@ def test_fp8_decode_gemv_matches_dequantized_reference(device):
     assert (out.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fp8_splitk_gemm_keeps_activations_unquantized(device, splits):
+    """2 .. SPLITK_MAX_ROWS rows: int8_gemm.py's split-K GEMM on the e4m3 codes (x not quantized), bias,
+    K over two steps of 128, partial M / N tiles, one split or two (fp16 under the interpreter)."""
+    w = torch.randn(N, K, device=device) / K**0.5
+    s = w.abs().amax(1) / 448
+    fw = Fp8Weight((w / s[:, None]).to(torch.float8_e4m3fn), s)
+    x = torch.randn(5, K, device=device).half()
+    bias = torch.randn(N, device=device).half()
+    _check(fp8_linear(x, pack_fp8(fw), bias, split_tiles=SplitTiles(16, 64, splits, 4, 1)), x, fw, bias)
+    if device.type != "cuda":  # the default route of 5 rows is the same GEMM (interpreter tiles)
+        _check(fp8_linear(x, pack_fp8(fw), bias), x, fw, bias)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm needs CUDA (Hopper FP8)")
 @pytest.mark.parametrize("rows", [1, 17])
 def test_fp8_linear_on_cuda(rows):
@@ -172,7 +187,7 @@ def test_fp8_linear_on_cuda(rows):
     fw = Fp8Weight((w / s[:, None]).to(torch.float8_e4m3fn), s)
     x = torch.randn(rows, K, device=dev).bfloat16()
     bias = torch.randn(N, device=dev).bfloat16()
-    out = fp8_linear(x, pack_fp8(fw), bias, gemv_max_rows=0)
+    out = fp8_linear(x, pack_fp8(fw), bias, gemv_max_rows=0, splitk_max_rows=0)
     q, xs = quantize_rows(x)
     ref = (q.float() * xs) @ fw.dequantize().T + bias.float()
     assert out.dtype == torch.bfloat16 and out.shape == (rows, N)

@@ -1,4 +1,4 @@
-"""FP8 linear on Hopper: W8A8 (per-token e4m3 activations + torch._scaled_mm) for prefill, W8A16 GEMV for decode.
+"""FP8 linear on Hopper: W8A16 for decode rows and small batches, W8A8 (e4m3 activations + _scaled_mm) above.
 
 Data flow: `pack_fp8` keeps the e4m3 weight [N, K] as is and hands `_scaled_mm` its transpose, a
 column-major [K, N] view (no copy), with the weight scales as an fp32 [1, N] row (a per-tensor
@@ -9,7 +9,9 @@ round-to-nearest-even done in fp32 bits so that the store is exact), then `_scal
 output, then the bias (one add). Why cuBLASLt rather than a Triton FP8 GEMM: its FP8 tensor-core
 GEMMs are the fastest we have on Hopper for prefill sizes. A decode row (GEMV_MAX_ROWS) skips the
 activation quantization: `fp8_gemv` is parallel/kernels/decode_linear.py's kernel on the e4m3 rows (first
-chunk before the PDL wait, widened in registers) with the row scales in its epilogue.
+chunk before the PDL wait, widened in registers) with the row scales in its epilogue; 2 ..
+SPLITK_MAX_ROWS rows run int8_gemm.py's split-K GEMM on the e4m3 codes (widened to x's dtype in the
+main loop, row scales on the accumulator): weight-bound sizes, where quantizing x costs a launch.
 CPU is the caller's (dequantize); `_scaled_mm` needs CUDA, the Triton kernels also run under the
 interpreter (tests).
 """
@@ -22,9 +24,17 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
+from shardserve.workers.quant.kernels.int8_gemm import int8_gemm
+from shardserve.workers.quant.kernels.splitk import (
+    INTERPRETER_SPLIT,
+    SplitTiles,
+    default_split_tiles,
+    sm_count_of,
+)
 from shardserve.workers.quant.weights import Fp8Weight
 
-GEMV_MAX_ROWS = 1  # one row: decode_linear's kernel; more: _scaled_mm (at 4 rows a GEMV cost ~3x one)
+GEMV_MAX_ROWS = 1  # one row: decode_linear's kernel (at 4 rows a GEMV cost ~3x one)
+SPLITK_MAX_ROWS = 32  # 2 .. this many rows: W8A16 split-K GEMM; more: W8A8 _scaled_mm
 
 E4M3_MAX = 448.0
 MIN_SCALE = 1e-12  # an all-zero row: scale stays finite, codes 0
@@ -103,10 +113,12 @@ def fp8_gemv(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = Non
 
 
 def fp8_linear(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = None,
-               gemv_max_rows: int = GEMV_MAX_ROWS) -> torch.Tensor:
+               gemv_max_rows: int = GEMV_MAX_ROWS, splitk_max_rows: int | None = None,
+               split_tiles: SplitTiles | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] in x's dtype (W = the Fp8Weight's dequantize()).
 
-    Up to `gemv_max_rows` rows (0: W8A8 for every M): `fp8_gemv` (weights streamed once, x kept in its dtype); more rows
+    Up to `gemv_max_rows` rows (0: none): `fp8_gemv`; up to `splitk_max_rows` (default SPLITK_MAX_ROWS, read
+    at call time; 0: none) or with `split_tiles`: the W8A16 split-K GEMM (x kept in its dtype); more rows
     (CUDA only): per-token e4m3 activations and torch._scaled_mm."""
     n, k = packed.shape
     if x.dim() != 2 or x.shape[1] != k:
@@ -117,8 +129,16 @@ def fp8_linear(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = N
         raise ValueError(f"x must be bfloat16 or float16, got {x.dtype}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    if x.shape[0] <= gemv_max_rows:
+    rows = x.shape[0]
+    if rows <= gemv_max_rows and split_tiles is None:
         return fp8_gemv(x, packed, bias)
+    if split_tiles is not None or rows <= (SPLITK_MAX_ROWS if splitk_max_rows is None else splitk_max_rows):
+        out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+        if rows == 0:
+            return out
+        t = split_tiles or (INTERPRETER_SPLIT if x.device.type != "cuda"
+                            else default_split_tiles(8, rows, n, k, sm_count_of(x.device)))
+        return int8_gemm(x, packed.weight_t.t(), packed.scales.view(-1), bias, out, t)
     q, scales = quantize_rows(x)
     out_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.bfloat16  # rowwise scaling writes bf16
     y = torch._scaled_mm(q, packed.weight_t, scale_a=scales, scale_b=packed.scales, bias=None,

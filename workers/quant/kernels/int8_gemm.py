@@ -1,4 +1,4 @@
-"""Tensor-core split-K GEMM on INT8 per-channel weights as stored (int8 codes [N, K], one fp32 scale a row).
+"""Tensor-core split-K GEMM on 8-bit per-channel weights as stored (int8 or e4m3 codes [N, K], fp32 row scales).
 
 Why: between one row (decode_linear's GEMV) and DEQUANT_MIN_ROWS rows (W dequantized + cuBLAS) the
 GEMM is weight-bound: it must stream the codes once, over every SM. Program (m tile, n tile, split s)
@@ -45,7 +45,7 @@ def _int8_gemm_kernel(
     for t in range(first, last):
         k0 = t * BLOCK_K
         mask_k = k0 + offs_k < K
-        w = tl.load(w_tile + k0, mask=mask_n[None, :] & mask_k[:, None], other=0)
+        w = tl.load(w_tile + k0, mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # int8 or e4m3 codes
         xv = tl.load(x_tile + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(xv, w.to(dtype), acc)
     acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
