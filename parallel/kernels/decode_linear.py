@@ -45,6 +45,16 @@ class GemvTiles:
 
 
 @triton.jit
+def _widen(w):
+    """Weights to fp32 for the FMAs. int8 codes q without a conversion instruction: the int32 q + 0x4B000080
+    has the bits of the fp32 2^23 + 128 + q (exact), so one integer add and one fp32 subtract give q."""
+    if w.dtype == tl.int8:
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
 def _decode_linear_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N_OUT, K, stride_wn,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -68,20 +78,20 @@ def _decode_linear_kernel(
     release_next(USE_PDL)
 
     a = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
-    acc = tl.sum(w.to(tl.float32) * a, axis=1)  # [BLOCK_N] fp32
+    acc = tl.sum(_widen(w) * a, axis=1)  # [BLOCK_N] fp32
     acc_up = acc
     if SILU_MUL:
-        acc_up = tl.sum(w_up.to(tl.float32) * a, axis=1)
+        acc_up = tl.sum(_widen(w_up) * a, axis=1)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
         w_mask = mask_n[:, None] & mask_k[None, :]
         a = tl.load(x_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         w = tl.load(gate_rows + kk[None, :], mask=w_mask, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a, axis=1)
+        acc += tl.sum(_widen(w) * a, axis=1)
         if SILU_MUL:
             w_up = tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0)
-            acc_up += tl.sum(w_up.to(tl.float32) * a, axis=1)
+            acc_up += tl.sum(_widen(w_up) * a, axis=1)
 
     if HAS_SCALE:  # 8-bit weights: one fp32 scale an output row, applied once to the sum
         acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
