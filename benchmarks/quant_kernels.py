@@ -18,6 +18,7 @@ vs its own quantized activations, tightly); exit status 1 on any failure. A kern
 is printed and the run goes on (then exit status 1). `--sweep`: a small GEMV tile sweep at M = 1 (~60 s);
 `--sweep-gemv`: INT8 / FP8 GEMV tiles at M = 1 per shape;
 `--sweep-splitk`: splitk_sweep.py (split-K tiles at M 2-256, ~4 min; alone unless --m is given).
+`--methods bf16,int8,fp8` keeps only those cases; `--fp8-splitk-max-rows N` moves fp8's W8A16 / W8A8 cut-over.
 Run: `python benchmarks/quant_kernels.py [--check] [--sweep | --sweep-gemv | --sweep-splitk] [--m 1 16 256] [--json out.json]`.
 """
 
@@ -34,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
 from shardserve.workers.bench.device import copy_bandwidth, device_name, replay_ms
+from shardserve.workers.quant.kernels import fp8 as fp8_kernels
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import tinygemm as tg
 from shardserve.workers.quant.kernels.fp8 import (
     GEMV_MAX_ROWS,
-    SPLITK_MAX_ROWS,
     fp8_gemv,
     fp8_linear,
     pack_fp8,
@@ -142,7 +143,7 @@ def cases(n: int, k: int, rows: int) -> list[Case]:
     f8 = Fp8Weight((wf / sf[:, None]).to(torch.float8_e4m3fn), sf)
     pf = pack_fp8(f8)
     for label, gemv_rows, splitk_rows in (("fp8", GEMV_MAX_ROWS, None), ("fp8_w8a8", 0, 0)):
-        if label == "fp8_w8a8" and rows > SPLITK_MAX_ROWS:
+        if label == "fp8_w8a8" and rows > fp8_kernels.SPLITK_MAX_ROWS:
             continue  # the same path as "fp8"
         out.append(Case(label, packed_bytes(pf), f8.dequantize(), lambda i, p=pf: p if i == 0 else clone_packed(p),
                         lambda a, w, g=gemv_rows, s=splitk_rows, **kw: fp8_linear(a, w, gemv_max_rows=g,
@@ -169,7 +170,7 @@ def error_of(case: Case, x: torch.Tensor) -> tuple[float, float, float]:
     scale = max(1.0, ref.abs().max().item())
     own = 0.0
     tol = REL_TOL[case.name] * scale
-    if case.name == "fp8_w8a8" or (case.name == "fp8" and x.shape[0] > SPLITK_MAX_ROWS):
+    if case.name == "fp8_w8a8" or (case.name == "fp8" and x.shape[0] > fp8_kernels.SPLITK_MAX_ROWS):
         q, s = quantize_rows(x)
         own = ((y - (q.float() * s) @ case.reference.T).abs().max().item()) / scale
     elif case.name == "fp8":  # decode rows and small batches: W8A16, x not quantized
@@ -325,8 +326,14 @@ def main() -> None:
     parser.add_argument("--sweep-splitk", action="store_true",
                         help="split-K GEMM tiles (splitk_sweep.py), INT4 g128 / INT8 at M = 2 ... 256")
     parser.add_argument("--sweep-gemv", action="store_true", help="INT8 and FP8 GEMV tiles at M = 1, per shape")
+    parser.add_argument("--methods", help="only these cases of the table, comma-separated (e.g. bf16,int8,fp8)")
+    parser.add_argument("--fp8-splitk-max-rows", type=int,
+                        help="fp8_linear's W8A16 split-K up to this many rows (default: SPLITK_MAX_ROWS)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    if args.fp8_splitk_max_rows is not None:
+        fp8_kernels.SPLITK_MAX_ROWS = args.fp8_splitk_max_rows  # fp8_linear reads it at call time
+    only = set(args.methods.split(",")) if args.methods else None
     m_given = args.m is not None
     args.m = args.m or [1, 16, 256]
     torch.manual_seed(0)
@@ -357,6 +364,8 @@ def main() -> None:
                 traceback.print_exc()
                 continue
             for case in shape_cases:
+                if only is not None and case.name not in only:
+                    continue
                 label = f"{name:8s} N={n:5d} K={k:5d} M={m:3d} {case.name:9s}"
                 try:
                     err, tol, own = error_of(case, x)
