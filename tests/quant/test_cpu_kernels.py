@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from shardserve.workers.quant import cpu_kernels
 from shardserve.workers.quant.cpu_kernels import PackedQ8, best_isa, pack_q4, pack_q8, q4_linear, q8_linear
 from shardserve.workers.quant.weights import GroupedWeight, Int8Weight
 
@@ -89,6 +90,25 @@ def test_q4_leading_dims_and_dtype() -> None:
     y = q4_linear(x, pack_q4(w))
     assert y.shape == (2, 3, 32) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, F.linear(x.float(), w.dequantize()).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("block", [1 << 22, 40 * 256 // 3])  # one block; 13 rows a block (4 blocks, the last short)
+def test_dense_prefill_path_equals_dequantized_weights_blockwise(monkeypatch, block: int) -> None:
+    """From DENSE_FROM_ROWS rows with float activations, W is dequantized block by block of rows into the
+    thread's scratch and each block is one GEMM: the same numbers as W.dequantize() + F.linear, with bias,
+    for Q4 (grouped, mins) and Q8 (per channel, and grouped with mins)."""
+    monkeypatch.setattr(cpu_kernels, "DENSE_BLOCK", block)
+    x, bias = torch.randn(33, 256), torch.randn(40)
+    w4 = _grouped(40, 256, 64, seed=3)
+    torch.testing.assert_close(q4_linear(x, pack_q4(w4), bias), F.linear(x, pack_q4(w4).dequantize(), bias),
+                               rtol=1e-5, atol=1e-5)
+    w8 = _grouped(40, 256, 32, bits=8, seed=4)
+    p8 = pack_q8(w8)
+    y = q8_linear(x, p8, bias)
+    assert y.is_contiguous() and y.shape == (33, 40)
+    torch.testing.assert_close(y, F.linear(x, p8.dequantize(), bias), rtol=1e-5, atol=1e-5)
+    w8c = Int8Weight(q=torch.randint(-128, 128, (40, 256), dtype=torch.int8), scales=torch.rand(40) * 0.01 + 1e-3)
+    torch.testing.assert_close(q8_linear(x, pack_q8(w8c)), F.linear(x, w8c.dequantize()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m", [1, 3, 15, 17])

@@ -10,14 +10,18 @@ products (AVX2 maddubs; AVX512-VNNI dpbusd on 512-bit vectors, 8-row tiles: wide
 does: fewer instructions, extra rows (a verify step's) cheap, but results move by the activation rounding. The extension is built on first use (build.py); if that fails,
 `CpuKernelsUnavailable` is raised and the caller keeps torch's ops.
 
-From `DENSE_FROM_ROWS` rows of x on (prefill), with float activations, the weight is dequantized for the call and one
-F.linear (a blocked fp32 GEMM) runs instead: the row loop re-does the widening per row.
+From `DENSE_FROM_ROWS` rows of x on (prefill), with float activations, the weight is dequantized for the call
+(block by block of rows into a per-thread scratch of DENSE_BLOCK floats, by the extension) and fp32 GEMMs run
+instead: the row loop re-does the widening per row.
 
 Act-order weights (`perm` set) are packed in their stored column order: the caller passes
 `x[..., perm]`, as `workers/quant/cpu.py` does for torch's int4 kernel.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,8 @@ __all__ = ["CpuKernelsUnavailable", "PackedQ4", "PackedQ8", "best_isa", "pack_q4
 
 
 DENSE_FROM_ROWS = 16
+DENSE_BLOCK = 1 << 22  # float32 elements of W dequantized at a time (16 MB): the scratch a thread keeps
+_SCRATCH: dict[int, torch.Tensor] = {}
 
 
 def best_isa() -> str:
@@ -41,7 +47,9 @@ def q4_linear(x: torch.Tensor, packed: PackedQ4, bias: torch.Tensor | None = Non
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 4-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
-        return _shaped(F.linear(x2, packed.dequantize(), _bias(bias)), lead, x.dtype)
+        ext = extension()
+        return _shaped(dense_linear(x2, packed.n, packed.k, bias, lambda r0, r1, out: ext.q4_dequantize(
+            packed.qs, packed.dm, packed.group_size, out, r0, r1)), lead, x.dtype)
     y = extension().q4_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)
     return _shaped(y, lead, x.dtype)
 
@@ -51,10 +59,40 @@ def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = Non
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 8-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
-        return _shaped(F.linear(x2, packed.dequantize(), _bias(bias)), lead, x.dtype)
+        ext = extension()
+        return _shaped(dense_linear(x2, packed.n, packed.k, bias, lambda r0, r1, out: ext.q8_dequantize(
+            packed.qs, packed.d, packed.mins, packed.group_size, out, r0, r1)), lead, x.dtype)
     y = extension().q8_linear(x2, packed.qs, packed.d, packed.mins, packed.group_size, _bias(bias), isa,
                               int8_activations)
     return _shaped(y, lead, x.dtype)
+
+
+def dense_linear(x2: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
+                 dequantize_rows: Callable[[int, int, torch.Tensor], None]) -> torch.Tensor:
+    """y [M, N] float32 = x2 @ W^T + bias, W [N, K] dequantized block by block of rows into this thread's
+    scratch (`dequantize_rows(r0, r1, out)`), each block one GEMM: no W-sized temporaries a call."""
+    per = max(1, min(n, DENSE_BLOCK // k))
+    scratch = _scratch(per * k)
+    if per == n:
+        w = scratch[: n * k].view(n, k)
+        dequantize_rows(0, n, w)
+        return F.linear(x2, w, _bias(bias))
+    yt = torch.empty(n, x2.shape[0], dtype=torch.float32)  # y transposed: each block is a run of rows
+    for r0 in range(0, n, per):
+        r1 = min(n, r0 + per)
+        w = scratch[: (r1 - r0) * k].view(r1 - r0, k)
+        dequantize_rows(r0, r1, w)
+        torch.mm(w, x2.t(), out=yt[r0:r1])
+    y = yt.t().contiguous()
+    return y if bias is None else y.add_(_bias(bias))
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """This thread's float32 scratch of at least `numel` elements (grown, never shrunk)."""
+    buf = _SCRATCH.get(threading.get_ident())
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[threading.get_ident()] = torch.empty(numel, dtype=torch.float32)
+    return buf
 
 
 def _flat(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, ...]]:

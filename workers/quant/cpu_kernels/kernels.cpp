@@ -325,6 +325,63 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const t
   return y;
 }
 
+// Prefill with float activations: rows [r0, r1) of W dequantized into `out` (float32 [r1 - r0, K], the caller's
+// reused scratch), then a dense GEMM. One pass, no temporaries (torch ops made ~4 of W's size a call).
+void q4_dequantize(const torch::Tensor& qs, const torch::Tensor& dm, int64_t group_size, torch::Tensor& out,
+                   int64_t r0, int64_t r1) {
+  const int64_t n = qs.size(0), k = qs.size(1) * 2, groups = k / group_size;
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= n, "bad row range");
+  TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.is_contiguous(), "qs must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(dm.scalar_type() == torch::kFloat16 && dm.is_contiguous() && dm.numel() == n * groups * 2,
+              "dm must be contiguous float16 [N, G, 2]");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() == (r1 - r0) * k, "bad out");
+  const uint8_t* q = qs.data_ptr<uint8_t>();
+  const uint16_t* d = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  float* w = out.data_ptr<float>() - r0 * k;  // indexed by the row of W
+  at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t r = n0; r < n1; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = scalar::half_to_float(d[(r * groups + g) * 2]), mn = scalar::half_to_float(d[(r * groups + g) * 2 + 1]);
+        for (int64_t b = g * group_size; b < (g + 1) * group_size; b += 32) {  // 32 inputs = 16 bytes
+          const uint8_t* src = q + r * (k / 2) + b / 2;
+          float* dst = w + r * k + b;
+          for (int j = 0; j < 16; ++j) {
+            dst[j] = static_cast<float>(src[j] & 0x0F) * sc + mn;
+            dst[j + 16] = static_cast<float>(src[j] >> 4) * sc + mn;
+          }
+        }
+      }
+    }
+  });
+}
+
+void q8_dequantize(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& mins,
+                   int64_t group_size, torch::Tensor& out, int64_t r0, int64_t r1) {
+  const int64_t n = qs.size(0), k = qs.size(1), groups = k / group_size;
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= n, "bad row range");
+  TORCH_CHECK(qs.scalar_type() == torch::kInt8 && qs.is_contiguous(), "qs must be contiguous int8 [N, K]");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat32 && d.is_contiguous() && d.numel() == n * groups, "bad d");
+  const float* mn = nullptr;
+  if (mins.has_value() && mins->defined()) {
+    TORCH_CHECK(mins->scalar_type() == torch::kFloat32 && mins->is_contiguous() && mins->numel() == n * groups, "bad mins");
+    mn = mins->data_ptr<float>();
+  }
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() == (r1 - r0) * k, "bad out");
+  const int8_t* q = qs.data_ptr<int8_t>();
+  const float* dp = d.data_ptr<float>();
+  float* w = out.data_ptr<float>() - r0 * k;  // indexed by the row of W
+  at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t r = n0; r < n1; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = dp[r * groups + g], m0 = mn ? mn[r * groups + g] : 0.0f;
+        const int8_t* src = q + r * k + g * group_size;
+        float* dst = w + r * k + g * group_size;
+        for (int64_t j = 0; j < group_size; ++j) dst[j] = static_cast<float>(src[j]) * sc + m0;
+      }
+    }
+  });
+}
+
 std::string best_isa() { return isa_name(g_isa); }
 
 }  // namespace
@@ -334,5 +391,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "y [M, N] = x [M, K] @ dequant(q4)^T + bias");
   m.def("q8_linear", &q8_linear, "y [M, N] = x [M, K] @ dequant(q8)^T + bias");
   m.def("best_isa", &best_isa, "the instruction set the kernels use on this CPU");
+  m.def("q4_dequantize", &q4_dequantize, "out [r1 - r0, K] float32 = rows r0..r1 of dequant(q4)");
+  m.def("q8_dequantize", &q8_dequantize, "out [r1 - r0, K] float32 = rows r0..r1 of dequant(q8)");
 }
 #endif
