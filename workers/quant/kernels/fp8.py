@@ -34,7 +34,7 @@ from shardserve.workers.quant.kernels.splitk import (
 from shardserve.workers.quant.weights import Fp8Weight
 
 GEMV_MAX_ROWS = 1  # one row: decode_linear's kernel (at 4 rows a GEMV cost ~3x one)
-SPLITK_MAX_ROWS = 32  # 2 .. this many rows: W8A16 split-K GEMM; more: W8A8 _scaled_mm
+SPLITK_MAX_ROWS = 16  # 2 .. this many rows: W8A16 split-K GEMM; more: W8A8 _scaled_mm
 
 E4M3_MAX = 448.0
 MIN_SCALE = 1e-12  # an all-zero row: scale stays finite, codes 0

@@ -47,6 +47,8 @@ def _int8_gemm_kernel(
         mask_k = k0 + offs_k < K
         w = tl.load(w_tile + k0, mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # int8 or e4m3 codes
         xv = tl.load(x_tile + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if w.dtype == tl.float8e4nv:
+            w = w.to(tl.float32)  # e4m3 -> fp32 is the conversion decode_linear's kernel runs on GPUs
         acc = tl.dot(xv, w.to(dtype), acc)
     acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om, SPLIT, HAS_BIAS)
