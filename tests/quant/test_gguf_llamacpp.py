@@ -3,8 +3,8 @@
 tests/data/tiny_llama_q4_k_m.gguf (a 2-layer random Llama quantized by llama_cpp.llama_model_quantize:
 Q4_K, with Q6_K for layer 1's attn_v / ffn_down and the LM head) and the logits llama.cpp computed for
 it and for a copy dequantized to F32 (tests/data/make_kquant_llama.py; llama.cpp is not needed here).
-Our engine scores the same prompt with `quantization: gguf` (projections kept packed) and without
-(dequantized fp32): both match llama.cpp on the dequantized copy to 5e-4 (same weights, float
+Our engine scores the same prompt with `quantization: gguf` (projections, Q4_K embedding and Q6_K LM
+head kept packed) and without (dequantized fp32): both match llama.cpp on the dequantized copy to 5e-4 (same weights, float
 activations: measured 7e-5) and each other to 1e-4. Against llama.cpp on the Q4_K_M file itself the
 gap is llama.cpp's rounding of activations to Q8_K for k-quant dot products: llama.cpp's own two runs
 differ by 0.31 max / 0.062 mean in log-probs, and so do we (0.31 / 0.062), so the bound is 0.45 / 0.1,
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from shardserve.workers.llm import LLM
+from shardserve.workers.models.gguf_tables import PackedEmbedding, PackedTableHead
 from shardserve.workers.quant.cpu_kernels.kquant import KquantRuntime
 from shardserve.workers.quant.stacked import StackedRuntime
 
@@ -41,6 +42,9 @@ def scores(reference: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     assert isinstance(layers[0].self_attn.qkv_proj.quant_method.runtime, KquantRuntime)  # q, k, v Q4_K
     assert isinstance(layers[1].self_attn.qkv_proj.quant_method.runtime, StackedRuntime)  # q, k Q4_K + v Q6_K
     assert layers[1].mlp.down_proj.quant_method.runtime.packed.__class__.__name__ == "PackedQ8G16"  # Q6_K
+    embed, head = model.model.embed_tokens, model.lm_head  # the tables in their blocks too (gguf_tables.py)
+    assert isinstance(embed, PackedEmbedding) and embed.table.block_type == "Q4_K"
+    assert isinstance(head, PackedTableHead) and head.table.block_type == "Q6_K" and model.cpu_lm_head is head
     out = {"packed": packed.score(reference["prompt"])}
     del packed
     out["dequantized"] = LLM(str(FILE), gguf_cache_dir=cache).score(reference["prompt"])
