@@ -46,9 +46,10 @@ def test_table_rows_and_logits_equal_the_dequantized_table(block: str) -> None:
     ref = (x.double() @ want.double().T).float()
     for int8, tol in ((False, 1e-5), (True, 2e-2)):  # int8: x rounded per 32 inputs, as llama.cpp does
         assert (table.linear(x, int8_activations=int8) - ref).abs().max() <= tol * ref.abs().max()
-    x = torch.randn(20, 512)  # prefill rows: the table dequantized for one F.linear
-    ref = (x.double() @ want.double().T).float()
-    assert (table.linear(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for rows in (40, 130):  # prefill rows: the row kernels in chunks of 15, then one dequantized F.linear
+        x = torch.randn(rows, 512)
+        ref = (x.double() @ want.double().T).float()
+        assert (table.linear(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_other_block_types_are_not_packed() -> None:
