@@ -58,8 +58,9 @@ def _source_keys() -> dict[str, tuple[object, GGUFValueType, GGUFValueType | Non
 
 def write_tiny_llama(path: Path, types: dict[str, str], seed: int = 0, tokenizer: bool = True) -> Path:
     """A 2-layer Llama GGUF whose projections use `types` ({'attn_q': 'Q4_K', ...}; a key
-    'blk.1.attn_v' overrides one layer); without `tokenizer`, no tokenizer keys (a file only read
-    as far as its tensor list)."""
+    'blk.1.attn_v' overrides one layer; 'token_embd' / 'output' give those tables' types: F16 and
+    tied without them); without `tokenizer`, no tokenizer keys (a file only read as far as its
+    tensor list)."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), "llama")
     shape = {"llama.embedding_length": HIDDEN, "llama.feed_forward_length": FFN, "llama.block_count": LAYERS,
@@ -69,9 +70,13 @@ def write_tiny_llama(path: Path, types: dict[str, str], seed: int = 0, tokenizer
         if tokenizer or not key.startswith("tokenizer."):
             writer.add_key_value(key, shape.get(key, value), kind, sub)
     vocab = VOCAB
-    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
+    if "token_embd" in types:  # e.g. Q6_K: a tied Q4_K_M table (no output.weight), or Q4_K: an untied one
+        raw = random_blocks(types["token_embd"], vocab, HIDDEN, rng, scale=10.0)
+        writer.add_tensor("token_embd.weight", raw, raw_dtype=GGMLQuantizationType[types["token_embd"]])
+    else:
+        writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, HIDDEN)) * 0.5).astype(np.float16))
     writer.add_tensor("output_norm.weight", rng.uniform(0.8, 1.2, HIDDEN).astype(np.float32))
-    if "output" in types:  # an untied LM head (Q4_K_M: Q6_K), read dequantized
+    if "output" in types:  # an untied LM head (Q4_K_M: Q6_K)
         raw = random_blocks(types["output"], vocab, HIDDEN, rng, scale=16 / np.sqrt(HIDDEN))
         writer.add_tensor("output.weight", raw, raw_dtype=GGMLQuantizationType[types["output"]])
     dims = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // 2, HIDDEN), "attn_v": (HIDDEN // 2, HIDDEN),

@@ -1,10 +1,10 @@
 """The CPU fast path of the embedded SmolLM2 GGUF gives the same greedy tokens as the eager path.
 
 `LLM("default", quantization="gguf")` with the fused CPU decode ops (decode_ops.cpp: RMSNorm,
-rope + KV write, paged attention, SiLU-and-mul; the `cpu` attention backend) and the LM head from
-the embedding's Q8_0 blocks (cpu_head.py), against the same model loaded and run with
-`set_fused_kernels(False)`
-(the eager torch ops and the float head: the path before them), on 10 prompts. Requests run 5 at a
+rope + KV write, paged attention, SiLU-and-mul; the `cpu` attention backend), against the same model
+loaded and run with `set_fused_kernels(False)` (the eager torch ops: the path before them), on 10
+prompts. Both hold the tied embedding / LM head in its Q8_0 blocks (`quantization: gguf` on CPU,
+models/gguf_tables.py), whatever the switch. Requests run 5 at a
 time so every step stays below the kernels' dense-fallback size (16 rows) and takes the row kernels.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 from shardserve.workers.llm import LLM
+from shardserve.workers.models.gguf_tables import PackedTableHead
 from shardserve.workers.models.layers import set_fused_kernels
 from shardserve.workers.quant.cpu_kernels import decode_ops
 from shardserve.workers.request import SamplingParams
@@ -42,7 +43,8 @@ def test_fused_cpu_path_gives_the_eager_paths_greedy_tokens() -> None:
     try:
         eager = LLM("default", quantization="gguf", cpu_activations="float")
         model = eager.engine.loaded.model
-        assert model.model.layers[0].self_attn.backend.name == "torch" and model.cpu_lm_head is None
+        assert model.model.layers[0].self_attn.backend.name == "torch"
+        assert isinstance(model.cpu_lm_head, PackedTableHead)  # the Q8_0 table kept packed by quantization: gguf
         want = _greedy(eager)
     finally:
         set_fused_kernels(True)

@@ -187,8 +187,8 @@ def decode_bytes_per_step(engine: LLMEngine, batch_size: int, mean_context: floa
     # Parameters are counted once, so a tied embedding / LM head is one full read (the head's).
     # An untied input embedding is read only at B rows: leave it out.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not engine.loaded.hf_config.tie_word_embeddings:
-        embed = model.model.embed_tokens.weight
+    embed = getattr(model.model.embed_tokens, "weight", None)  # None: a GGUF table kept packed (no parameter)
+    if not engine.loaded.hf_config.tie_word_embeddings and embed is not None:
         weight_bytes -= embed.numel() * embed.element_size()
     kv_bytes_per_token = engine.runner.kv_bytes_per_token
     return int(weight_bytes + batch_size * mean_context * kv_bytes_per_token)

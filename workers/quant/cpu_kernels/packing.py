@@ -29,10 +29,17 @@ class PackedQ4:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] (for many rows at once, where one dense matmul beats a row loop)."""
-        blocks = self.qs.view(self.n, self.k // 32, 16)
-        q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).view(self.n, -1, self.group_size).float()
-        dm = self.dm.float()  # [N, G, 2]
-        return (q * dm[:, :, 0:1] + dm[:, :, 1:2]).view(self.n, self.k)
+        return self._rows(self.qs, self.dm)
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [len(ids), K]: rows of w (an embedding kept packed looks up only its tokens' rows)."""
+        return self._rows(self.qs[ids], self.dm[ids])
+
+    def _rows(self, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+        blocks = qs.view(qs.shape[0], self.k // 32, 16)
+        q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).view(qs.shape[0], -1, self.group_size).float()
+        dm = dm.float()  # [T, G, 2]
+        return (q * dm[:, :, 0:1] + dm[:, :, 1:2]).view(qs.shape[0], self.k)
 
 
 @dataclass(frozen=True)

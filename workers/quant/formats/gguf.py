@@ -10,7 +10,8 @@ GroupedWeight. A file whose projections are all Q4_K / Q6_K (llama.cpp's Q4_K_M,
 gguf_kquant.py instead: 256-weight super-blocks, exact fp32 sub-block scales, per-row block types (a
 merged layer may mix them). Llama's q/k rows, permuted by llama.cpp's converter, are put back in
 Hugging Face order (a row permutation of every field). Every other tensor (norms, embedding) is
-dequantized with gguf-py's `dequantize`. Files whose projections use other block types (Q5_0, Q2_K,
+dequantized with gguf-py's `dequantize`, except those the model holds packed already (`skip`: on CPU,
+workers/models/gguf_tables.py keeps token_embd / output in their blocks). Files whose projections use other block types (Q5_0, Q2_K,
 Q3_K, Q5_K — so Q4_K_S, which has Q5_K tensors — or Q4_1 mixed with Q8_0) take the dequantized path
 (workers/models/gguf.py); `unpacked_reason` names the tensor that sent them there.
 """
@@ -126,14 +127,18 @@ def unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, n_rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def read_gguf_packed(path: Path, config: Any, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Hugging Face-named tensors: packed projection fields and `dtype` for everything else."""
+def read_gguf_packed(path: Path, config: Any, dtype: torch.dtype,
+                     skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face-named tensors: packed projection fields and `dtype` for everything else, but
+    the GGUF tensors named in `skip` (an embedding / LM head the model already holds packed)."""
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
     from shardserve.workers.quant.formats.gguf_kblocks import split_kquant
 
     reader = GGUFReader(str(path))
     for tensor in reader.tensors:
+        if tensor.name in skip:
+            continue
         match = _BLOCK_NAME.match(tensor.name)
         raw = np.asarray(tensor.data)
         if match is not None and match.group(2) in _PROJ:
