@@ -7,8 +7,9 @@ Q4_K -> PackedQ4 with float32 scales, Q6_K -> PackedQ8G16. Every form dequantize
 `dequantize` bit for bit. The resulting `PackedTable` gives
   - `rows(ids)`: float32 [T, hidden], only the looked-up rows dequantized (the embedding);
   - `linear(x)`: float32 [T, vocab] = x @ table.T through the projections' row kernels (the LM head),
-    float or int8 activations as the projections (ModelConfig.cpu_activations); their dense
-    fallback (the whole table dequantized per call) only from TABLE_DENSE_ROWS float rows.
+    float or int8 activations as the projections (ModelConfig.cpu_activations); for k-quant tables
+    (whose dense fallback dequantizes the whole table per call with torch ops) in chunks of rows below
+    TABLE_DENSE_ROWS float rows; Q8_0 / Q4_x tables take the kernels' blockwise dense path as they are.
 Other block types (F16, F32, Q5_K ...) return None: the caller keeps the float table.
 """
 
@@ -48,11 +49,12 @@ class PackedTable:
         return self.packed.dequantize_rows(ids)
 
     def linear(self, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
-        """x [T, hidden] -> float32 [T, num_rows]. With float activations from DENSE_FROM_ROWS up to
-        TABLE_DENSE_ROWS rows, in chunks of fewer than DENSE_FROM_ROWS: the kernels' dense fallback
-        dequantizes the whole vocab-sized table each call, which only pays off at many rows."""
+        """x [T, hidden] -> float32 [T, num_rows]. K-quant tables with float activations from DENSE_FROM_ROWS up
+        to TABLE_DENSE_ROWS rows: in chunks of fewer than DENSE_FROM_ROWS rows (their dense fallback
+        dequantizes the whole vocab-sized table each call, which only pays off at many rows)."""
         x = x.float()
-        if int8_activations or not DENSE_FROM_ROWS <= x.shape[0] < TABLE_DENSE_ROWS:
+        kquant = self.block_type in ("Q4_K", "Q6_K")
+        if int8_activations or not kquant or not DENSE_FROM_ROWS <= x.shape[0] < TABLE_DENSE_ROWS:
             return self._linear(x, int8_activations)
         return torch.cat([self._linear(x[i:i + DENSE_FROM_ROWS - 1].contiguous(), int8_activations)
                           for i in range(0, x.shape[0], DENSE_FROM_ROWS - 1)])
