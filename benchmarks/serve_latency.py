@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: chat when the model has a chat template, else completions of token ids")
     p.add_argument("--stream-interval-ms", type=float, help="override the model's stream_interval_ms")
     p.add_argument("--ray-defaults", action="store_true",
-                   help="start Ray without cluster/app.py's SERVE_ENV (Ray Serve's default threads and proxy hop, Ray's worker niceness 15)")
+                   help="start Ray without cluster/app.py's SERVE_ENV (Ray Serve's default threads and proxy hop)")
     p.add_argument("--mutual-tls", action="store_true",
                    help="serve over mutual TLS (throwaway certificates): HTTP from the Ingress itself, no Serve proxy")
     p.add_argument("--json", help="write every request's record here")

@@ -43,14 +43,11 @@ INGRESS_MIN_ONGOING_REQUESTS = 4096
 CONTROL_HEADROOM = 32
 # Of bundle 0's GPU, what a worker group's replica takes when it runs a draft model (`driver_gpus`).
 DRAFT_DRIVER_GPU_SHARE = 0.01
-# Ray's and Ray Serve's own switches for every Ray process, read from the environment when Ray starts
-# it: user code on the replica's main loop and the handle's router on the caller's loop (two thread
-# hops fewer per request and per streamed message), the HTTP proxy calling the Ingress over gRPC by
-# value (no Ray object per message), and Ray's workers (the Serve replicas: Ingress, LLMServer, the
-# worker-group ranks) at the default CPU priority instead of Ray's worker niceness 15, so the request
-# path is not the last to get a core whenever anything else on the node is busy (Ray's own daemons
-# run at 0; Ray's job manager likewise sets 0 for job drivers). With by-value LLMServer calls
-# (IngressCore) they cut the latency the serving path adds (benchmarks/README.md, serve_latency_ab.sh).
+# Ray Serve's own switches for every Serve process, read from the environment when Ray starts it:
+# user code on the replica's main loop and the handle's router on the caller's loop (two thread
+# hops fewer per request and per streamed message), and the HTTP proxy calling the Ingress over
+# gRPC by value (no Ray object per message). With by-value LLMServer calls (IngressCore) they cut
+# about a third of the latency the serving path adds (benchmarks/README.md, serve_latency_ab.sh).
 # Set through the environment, not a runtime_env: while Serve's gRPC proxy existed, a runtime_env
 # on the replicas coincided with it segfaulting in Ray core (ray-project/ray#39703, #43771); the
 # Ingress serves gRPC itself now. The Helm chart sets them too (rayServe.env).
@@ -58,7 +55,6 @@ SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_PROXY_USE_GRPC": "1",
-    "RAY_worker_niceness": "0",
 }
 
 
