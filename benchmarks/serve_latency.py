@@ -15,6 +15,8 @@ TTFT) -> LLMServer yielded the first chunk (output hand-off, chunk build) -> cli
 stream back, Ingress message building, transport). Prints the median of each hop and the median
 added TTFT / e2e (client minus the engine's own) per path; `--json FILE` writes every record.
 Stamps are time.time() of one host; the client runs in this process. Old vs new: serve_latency_ab.sh.
+`--mutual-tls`: both APIs over mutual TLS with throwaway certificates (tls.require_client_auth), so the
+Ingress replicas serve HTTP themselves (cluster/ingress/http_server.py): no Serve HTTP proxy hop.
 `--cold-starts N` instead: the model scales to zero (min_replicas 0); N times, wait until no replica is
 left, send one gRPC request, print its client TTFT, the replica's cold_start_seconds and start-up
 stages from /metrics (the first round also compiles the kernels; later rounds find them cached).
@@ -64,10 +66,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-interval-ms", type=float, help="override the model's stream_interval_ms")
     p.add_argument("--ray-defaults", action="store_true",
                    help="start Ray without cluster/app.py's SERVE_ENV (Ray Serve's default threads and proxy hop)")
+    p.add_argument("--mutual-tls", action="store_true",
+                   help="serve over mutual TLS (throwaway certificates): HTTP from the Ingress itself, no Serve proxy")
     p.add_argument("--json", help="write every request's record here")
     p.add_argument("--cold-starts", type=int, default=0,
                    help="measure this many starts from zero replicas instead (min_replicas 0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mutual_tls and args.cold_starts:
+        p.error("--mutual-tls measures the request path; --cold-starts does not take it")
+    return args
+
+
+def throwaway_certs(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (PEM files in `folder`)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def make(name: str, issuer: tuple | None, usage: Any = None) -> tuple:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        issuer_name, issuer_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+        )  # fmt: skip
+        if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256()), key
+
+    ca = make("serve-latency CA", None)
+    made = {"ca": ca, "server": make("127.0.0.1", ca, ExtendedKeyUsageOID.SERVER_AUTH),
+            "client": make("client", ca, ExtendedKeyUsageOID.CLIENT_AUTH)}  # fmt: skip
+    paths = {}
+    for name, (cert, key) in made.items():
+        paths[f"{name}_cert"] = folder / f"{name}.crt"
+        paths[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{name}_key"] = folder / f"{name}.key"
+        paths[f"{name}_key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ))  # fmt: skip
+    return paths
 
 
 def free_port() -> int:
@@ -76,8 +126,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_config(args: argparse.Namespace) -> Any:
-    """The config file with free ports, one model (the first) and the command line's overrides."""
+def app_config(args: argparse.Namespace, certs: dict[str, Path] | None = None) -> Any:
+    """The config file with free ports, one model (the first), the command line's overrides and, with
+    `certs`, mutual TLS."""
     import yaml
     from shardserve.cluster.config import ServeConfig, parse_config
 
@@ -85,6 +136,9 @@ def app_config(args: argparse.Namespace) -> Any:
     data["ray"] = {**(data.get("ray") or {}), "address": None, "namespace": APP_NAME}
     data["http"] = {"host": "127.0.0.1", "port": free_port()}
     data["grpc"] = {"port": free_port()}
+    if certs is not None:
+        data["tls"] = {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
+                       "ca_file": str(certs["ca_cert"]), "require_client_auth": True}  # fmt: skip
     model = data["models"][0]
     data["models"] = [model]
     if args.model:
@@ -266,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     from shardserve.cluster.proto import llm_pb2_grpc as rpc
 
     args = parse_args(argv)
-    config = app_config(args)
+    certs = None
+    if args.mutual_tls:
+        import ssl
+        import tempfile
+
+        certs = throwaway_certs(Path(tempfile.mkdtemp(prefix="serve-latency-tls-")))
+    config = app_config(args, certs)
     model = config.models[0]
     MODEL.append(model.name)
     start_app(config, args.ray_defaults)
@@ -275,9 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         api = args.http_api
         if api == "auto":
             api = "chat" if model.source == "default" or not model.source.startswith("dummy:") else "completions"
-        url = f"http://127.0.0.1:{config.http.port}"
+        url = f"http{'s' if certs else ''}://127.0.0.1:{config.http.port}"
+        target = f"127.0.0.1:{config.grpc.port}"
+        verify: Any = True
+        if certs is not None:
+            verify = ssl.create_default_context(cafile=str(certs["ca_cert"]))
+            verify.load_cert_chain(certs["client_cert"], certs["client_key"])
+            credentials = grpc.ssl_channel_credentials(
+                certs["ca_cert"].read_bytes(), certs["client_key"].read_bytes(), certs["client_cert"].read_bytes()
+            )
+        channel_of = (lambda: grpc.secure_channel(target, credentials)) if certs else (lambda: grpc.insecure_channel(target))
         records: list[dict] = []
-        with grpc.insecure_channel(f"127.0.0.1:{config.grpc.port}") as channel, httpx.Client(timeout=120) as client:
+        with channel_of() as channel, httpx.Client(timeout=120, verify=verify) as client:
             stub = rpc.LLMServiceStub(channel)
             if args.cold_starts:
                 rounds = cold_starts(stub, url, args)
@@ -301,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {p: summarize([r for r in records if r["path"] == p and r["id"] not in missing]) for p in paths}
         print(f"\nmodel {model.name} ({model.source}, {model.device}), prompt {args.prompt_tokens} tokens "
               f"(HTTP: {api}), max_tokens {args.max_tokens}, stream_interval_ms "
-              f"{model.effective_stream_interval_ms()}; load average {os.getloadavg()}")
+              f"{model.effective_stream_interval_ms()}{'; mutual TLS (HTTP from the Ingress)' if certs else ''}; load average {os.getloadavg()}")
         for path in paths:
             print_summary(path, summary[path])
         if args.json:

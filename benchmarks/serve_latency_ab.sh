@@ -2,7 +2,8 @@
 # The serving path's added latency, old commit vs this tree, in the order old, new, old, new (drift
 # hits both): benchmarks/serve_latency.py of THIS tree drives both; the old side imports
 # shardserve.{cluster,workers,parallel} from `git archive OLD` (a shim folder on PYTHONPATH, which
-# Ray's workers inherit) and runs with --ray-defaults (Ray Serve's default threads and proxy hop).
+# Ray's workers inherit); an OLD without cluster/app.py's serve_env (older than SERVE_ENV) runs with
+# --ray-defaults (Ray Serve's default threads and proxy hop), one that has it gets its own SERVE_ENV.
 # Hops an old tree does not stamp print as nan; added TTFT / e2e come from the engine's own timing.
 #
 #   benchmarks/serve_latency_ab.sh OLD [serve_latency.py args...]     (OLD: a commit, or a folder holding
@@ -23,8 +24,10 @@ if [ -d "$OLD" ]; then cp -r "$OLD"/cluster "$OLD"/workers "$OLD"/parallel "$TRE
 else git archive "$OLD" cluster workers parallel | tar -x -C "$TREE"; fi
 for d in cluster workers parallel; do ln -sfn "$TREE/$d" "$SHIM/$d"; done
 PYTHONPATH=$OUT/old-shim "$PY" -m shardserve.cluster.proto.build >/dev/null
+OLD_FLAGS=(--ray-defaults)
+grep -q "^def serve_env" "$TREE/cluster/app.py" && OLD_FLAGS=()
 for round in $(seq 1 "$ROUNDS"); do
-    echo "== round $round: old ($OLD) ==" && PYTHONPATH=$OUT/old-shim "$PY" benchmarks/serve_latency.py --ray-defaults \
+    echo "== round $round: old ($OLD) ==" && PYTHONPATH=$OUT/old-shim "$PY" benchmarks/serve_latency.py ${OLD_FLAGS[@]+"${OLD_FLAGS[@]}"} \
         --json "$OUT/old-$round.json" "$@" > "$OUT/old-$round.log" 2>&1 || tail -20 "$OUT/old-$round.log"
     echo "== round $round: new ==" && "$PY" benchmarks/serve_latency.py --json "$OUT/new-$round.json" "$@" \
         > "$OUT/new-$round.log" 2>&1 || tail -20 "$OUT/new-$round.log"

@@ -95,6 +95,7 @@ class IngressCore:
         self.gate = gate  # API keys: the per-key token budget is taken here, for both front ends
         self.created = int(time.time())
         self._generate: dict[str, Any] = {}  # model name -> its handle's streaming by-value options, made once
+        self._control: dict[str, Any] = {}  # model name -> its handle's unary by-value options, made once
 
     @property
     def model_names(self) -> list[str]:
@@ -123,6 +124,15 @@ class IngressCore:
             on_first = lambda chunk: gate.charge_prompt(tenant, chunk.num_prompt_tokens)  # noqa: E731
         return ChunkStream(generate.remote(request), on_first)
 
+    def _by_value(self, name: str) -> Any:
+        """The model's handle for unary control calls, by value like `generate` (over the replica's gRPC
+        server): a by-reference call is a Ray actor task whose submission held this loop's thread for
+        milliseconds under load, and health runs every few seconds (cluster/ingress/health.py)."""
+        handle = self._control.get(name)
+        if handle is None:
+            handle = self._control[name] = self.handles[name].options(_by_reference=False)
+        return handle
+
     async def first_chunk(self, request: GenerateRequest) -> tuple[GenerateChunk, ChunkStream]:
         """The first chunk (errors raise here) and the stream of the rest."""
         stream = self.stream(request)
@@ -138,7 +148,7 @@ class IngressCore:
             if await self._scaled_to_zero(name):
                 return "ok"  # idle at min_replicas 0: a request starts a replica (calling one would too)
             try:
-                reply = await asyncio.wait_for(self.handles[name].health.remote(), HEALTH_TIMEOUT_S)
+                reply = await asyncio.wait_for(self._by_value(name).health.remote(), HEALTH_TIMEOUT_S)
                 return reply["status"]
             except asyncio.TimeoutError:
                 return f"no replica answered within {HEALTH_TIMEOUT_S}s"
