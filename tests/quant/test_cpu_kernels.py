@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from shardserve.workers.quant import cpu_kernels
 from shardserve.workers.quant.cpu_kernels import PackedQ8, best_isa, pack_q4, pack_q8, q4_linear, q8_linear
+from shardserve.workers.quant.cpu_kernels.kquant import kquant_linear, pack_q4f, pack_q8g16
 from shardserve.workers.quant.weights import GroupedWeight, Int8Weight
 
 ISAS = ["scalar", "avx2", "avx512vnni"]
@@ -96,7 +97,7 @@ def test_q4_leading_dims_and_dtype() -> None:
 def test_dense_prefill_path_equals_dequantized_weights_blockwise(monkeypatch, block: int) -> None:
     """From DENSE_FROM_ROWS rows with float activations, W is dequantized block by block of rows into the
     thread's scratch and each block is one GEMM: the same numbers as W.dequantize() + F.linear, with bias,
-    for Q4 (grouped, mins) and Q8 (per channel, and grouped with mins)."""
+    for Q4 (grouped, mins), Q8 (per channel, and grouped with mins) and the GGUF k-quant forms."""
     monkeypatch.setattr(cpu_kernels, "DENSE_BLOCK", block)
     x, bias = torch.randn(33, 256), torch.randn(40)
     w4 = _grouped(40, 256, 64, seed=3)
@@ -109,6 +110,13 @@ def test_dense_prefill_path_equals_dequantized_weights_blockwise(monkeypatch, bl
     torch.testing.assert_close(y, F.linear(x, p8.dequantize(), bias), rtol=1e-5, atol=1e-5)
     w8c = Int8Weight(q=torch.randint(-128, 128, (40, 256), dtype=torch.int8), scales=torch.rand(40) * 0.01 + 1e-3)
     torch.testing.assert_close(q8_linear(x, pack_q8(w8c)), F.linear(x, w8c.dequantize()), rtol=1e-5, atol=1e-5)
+    # GGUF k-quant forms (kquant.py): Q4_K's float32 scale / min, Q6_K's int8 codes with a scale per 16
+    q4k = pack_q4f(_grouped(40, 256, 32, seed=5))
+    torch.testing.assert_close(kquant_linear(x, q4k, bias), F.linear(x, q4k.dequantize(), bias), rtol=1e-5, atol=1e-5)
+    scales6 = torch.rand(40, 16) * 0.01 + 1e-3
+    q6k = pack_q8g16(GroupedWeight(q=torch.randint(0, 64, (40, 256), dtype=torch.uint8), scales=scales6,
+                                   mins=-32 * scales6, group_size=16, bits=6))
+    torch.testing.assert_close(kquant_linear(x, q6k), F.linear(x, q6k.dequantize()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m", [1, 3, 15, 17])

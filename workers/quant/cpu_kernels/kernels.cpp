@@ -332,16 +332,19 @@ void q4_dequantize(const torch::Tensor& qs, const torch::Tensor& dm, int64_t gro
   const int64_t n = qs.size(0), k = qs.size(1) * 2, groups = k / group_size;
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= n, "bad row range");
   TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.is_contiguous(), "qs must be contiguous uint8 [N, K/2]");
-  TORCH_CHECK(dm.scalar_type() == torch::kFloat16 && dm.is_contiguous() && dm.numel() == n * groups * 2,
-              "dm must be contiguous float16 [N, G, 2]");
+  const bool f32 = dm.scalar_type() == torch::kFloat32;  // GGUF Q4_K's exact scales (kquant.py); else float16
+  TORCH_CHECK((f32 || dm.scalar_type() == torch::kFloat16) && dm.is_contiguous() && dm.numel() == n * groups * 2,
+              "dm must be contiguous float16 or float32 [N, G, 2]");
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() == (r1 - r0) * k, "bad out");
   const uint8_t* q = qs.data_ptr<uint8_t>();
-  const uint16_t* d = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  const uint16_t* d = f32 ? nullptr : reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  const float* df = f32 ? dm.data_ptr<float>() : nullptr;
   float* w = out.data_ptr<float>() - r0 * k;  // indexed by the row of W
   at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t r = n0; r < n1; ++r) {
       for (int64_t g = 0; g < groups; ++g) {
-        const float sc = scalar::half_to_float(d[(r * groups + g) * 2]), mn = scalar::half_to_float(d[(r * groups + g) * 2 + 1]);
+        const int64_t at = (r * groups + g) * 2;
+        const float sc = f32 ? df[at] : scalar::half_to_float(d[at]), mn = f32 ? df[at + 1] : scalar::half_to_float(d[at + 1]);
         for (int64_t b = g * group_size; b < (g + 1) * group_size; b += 32) {  // 32 inputs = 16 bytes
           const uint8_t* src = q + r * (k / 2) + b / 2;
           float* dst = w + r * k + b;

@@ -7,8 +7,8 @@
   - `PackedQ8G16` (Q6_K): int8 codes q - 32 and a float32 scale d*sc per 16 inputs: w = q * d, exact
     (|q| <= 32 times an 18-bit scale fits fp32's 24 bits). 1 + 4 / 16 = 1.25 bytes a weight.
 Both with float activations (results equal `dequantize()` + F.linear up to summation order) or int8
-activations (ModelConfig.cpu_activations); from `DENSE_FROM_ROWS` rows the weight is dequantized for
-the call and one F.linear runs, as kernels.cpp's q4 / q8 do. The extension builds on first use
+activations (ModelConfig.cpu_activations); from `DENSE_FROM_ROWS` rows with float activations the weight
+is dequantized block by block by kernels.cpp (`dense_linear`), as for Q4 / Q8. The extension builds on first use
 (build.py); a failed build raises `CpuKernelsUnavailable` and cpu.py widens the weight instead.
 """
 
@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
-from shardserve.workers.quant.cpu_kernels import DENSE_FROM_ROWS, _bias, _flat, _shaped
-from shardserve.workers.quant.cpu_kernels.build import HERE, build
+from shardserve.workers.quant.cpu_kernels import DENSE_FROM_ROWS, _bias, _flat, _shaped, dense_linear
+from shardserve.workers.quant.cpu_kernels.build import HERE, build, extension
 from shardserve.workers.quant.cpu_kernels.packing import PackedQ4
 from shardserve.workers.quant.weights import GroupedWeight
 
@@ -88,8 +87,13 @@ def kquant_linear(x: torch.Tensor, packed: PackedQ4 | PackedQ8G16, bias: torch.T
                   isa: str = "", int8_activations: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w.T + bias; `isa` forces a variant ('avx2' or 'scalar', for tests)."""
     x2, lead = _flat(x, packed.k)
-    if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
-        return _shaped(F.linear(x2, packed.dequantize(), _bias(bias)), lead, x.dtype)
+    if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:  # prefill: the kernels' blockwise dense path
+        base = extension()
+        if isinstance(packed, PackedQ4):
+            fill = lambda r0, r1, out: base.q4_dequantize(packed.qs, packed.dm, packed.group_size, out, r0, r1)  # noqa: E731
+        else:
+            fill = lambda r0, r1, out: base.q8_dequantize(packed.qs, packed.d, None, 16, out, r0, r1)  # noqa: E731
+        return _shaped(dense_linear(x2, packed.n, packed.k, bias, fill), lead, x.dtype)
     ext = kquant_extension()
     if isinstance(packed, PackedQ4):
         y = ext.q4f_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)

@@ -7,9 +7,8 @@ Q4_K -> PackedQ4 with float32 scales, Q6_K -> PackedQ8G16. Every form dequantize
 `dequantize` bit for bit. The resulting `PackedTable` gives
   - `rows(ids)`: float32 [T, hidden], only the looked-up rows dequantized (the embedding);
   - `linear(x)`: float32 [T, vocab] = x @ table.T through the projections' row kernels (the LM head),
-    float or int8 activations as the projections (ModelConfig.cpu_activations); for k-quant tables
-    (whose dense fallback dequantizes the whole table per call with torch ops) in chunks of rows below
-    TABLE_DENSE_ROWS float rows; Q8_0 / Q4_x tables take the kernels' blockwise dense path as they are.
+    float or int8 activations as the projections (ModelConfig.cpu_activations); from DENSE_FROM_ROWS float
+    rows the kernels' dense path (the table dequantized block by block into a scratch, one GEMM a block).
 Other block types (F16, F32, Q5_K ...) return None: the caller keeps the float table.
 """
 
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from shardserve.workers.quant.cpu_kernels import DENSE_FROM_ROWS, q4_linear, q8_linear
+from shardserve.workers.quant.cpu_kernels import q4_linear, q8_linear
 from shardserve.workers.quant.cpu_kernels.kquant import PackedQ8G16, kquant_linear, pack_q4f, pack_q8g16
 from shardserve.workers.quant.cpu_kernels.packing import PackedQ4, PackedQ8, pack_q4, pack_q8
 from shardserve.workers.quant.formats.gguf import split_blocks
@@ -27,7 +26,6 @@ from shardserve.workers.quant.formats.gguf_kblocks import split_q4_k, split_q6_k
 from shardserve.workers.quant.weights import GroupedWeight
 
 TABLE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-TABLE_DENSE_ROWS = 128  # float-activation rows from which one dequantized F.linear beats the chunked row kernels
 
 
 @dataclass(frozen=True)
@@ -49,17 +47,8 @@ class PackedTable:
         return self.packed.dequantize_rows(ids)
 
     def linear(self, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
-        """x [T, hidden] -> float32 [T, num_rows]. K-quant tables with float activations from DENSE_FROM_ROWS up
-        to TABLE_DENSE_ROWS rows: in chunks of fewer than DENSE_FROM_ROWS rows (their dense fallback
-        dequantizes the whole vocab-sized table each call, which only pays off at many rows)."""
+        """x [T, hidden] -> float32 [T, num_rows]."""
         x = x.float()
-        kquant = self.block_type in ("Q4_K", "Q6_K")
-        if int8_activations or not kquant or not DENSE_FROM_ROWS <= x.shape[0] < TABLE_DENSE_ROWS:
-            return self._linear(x, int8_activations)
-        return torch.cat([self._linear(x[i:i + DENSE_FROM_ROWS - 1].contiguous(), int8_activations)
-                          for i in range(0, x.shape[0], DENSE_FROM_ROWS - 1)])
-
-    def _linear(self, x: torch.Tensor, int8_activations: bool) -> torch.Tensor:
         if isinstance(self.packed, PackedQ8):
             return q8_linear(x, self.packed, int8_activations=int8_activations)
         if self.block_type in ("Q4_0", "Q4_1"):
