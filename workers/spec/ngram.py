@@ -36,7 +36,10 @@ class NgramProposer(Proposer):
         self.min_n, self.max_n = min_n, max_n
         self._index: dict[str, _RequestIndex] = {}
 
-    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int) -> list[int]:
+    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int,
+                num_unknown: int = 0) -> list[int]:
+        """Up to `max_tokens` (draft_length of the match) tokens following the match's next
+        `num_unknown` (the guess of tokens in flight, skipped)."""
         if max_tokens <= 0 or len(token_ids) < self.min_n + 1:
             return []
         index = self._index.get(request_id)
@@ -48,7 +51,8 @@ class NgramProposer(Proposer):
             end = index.ends[n - self.min_n].get(tuple(token_ids[length - n:]))
             if end is not None:
                 match_len = n + _agreeing_before(token_ids, end - n, length - n, MAX_MATCH_LEN - n)
-                return token_ids[end : end + min(max_tokens, self.draft_length(match_len))]
+                start = end + num_unknown
+                return token_ids[start : start + min(max_tokens, self.draft_length(match_len))]
         return []
 
     def draft_length(self, match_len: int) -> int:
