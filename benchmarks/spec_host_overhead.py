@@ -71,6 +71,8 @@ class PhaseClock:
         inner: Callable = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
+            if not self._stack:  # outside this clock's steps: another engine sharing the model object
+                return inner(*args, **kwargs)
             self._switch(phase)
             if mark == "forward":
                 if self.num_forwards > self.num_ids:  # a launched step is still unread: the device has work

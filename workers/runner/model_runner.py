@@ -15,8 +15,8 @@ One call per engine step, `execute(scheduler_output)` = `finish(launch(scheduler
      each of them too: `_verify`), SamplingMetadata built while the GPU is busy, one sampler call.
 `launch` (1-4) never waits for the GPU and returns a `PendingStep`; `finish` waits for the ids
 and builds the ModelRunnerOutput. Async scheduling launches N+1 before finishing N: the ids N
-samples go to `last_sampled` ([max_rows], by persistent row) and the PLACEHOLDER inputs of N+1
-are replaced from it on the device right after the upload, before the forward. A step sampling
+samples go to `last_sampled` ([max_rows], by persistent row; a verify row's draw after its last
+draft) and N+1's PLACEHOLDER inputs are replaced from it on the device before the forward. A step sampling
 penalty rows must be finished before the next launch (penalty histories need the ids on the host).
 """
 

@@ -199,6 +199,7 @@ class Scheduler:
         updated, self._finished_in_schedule = self._finished_in_schedule, []
         track = self.max_batches_in_flight > 1
         requests, sampled_token_ids = self.requests, runner_output.sampled_token_ids
+        verified = False  # an applied (not dropped) result verified drafts: a speculative step
         for scheduled in scheduler_output.scheduled:
             request_id = scheduled.request_id
             if track and self.in_flight.returned(scheduled):
@@ -217,6 +218,7 @@ class Scheduler:
             if scheduled.num_drafts:
                 accepted = runner_output.accepted_draft_ids.get(request_id, ())
                 self._apply_drafts(request, scheduled.num_drafts, accepted, now)
+                verified = True
                 if request.is_finished:
                     updated.append(request)
                     continue
@@ -226,6 +228,9 @@ class Scheduler:
             request.metrics.record_token(now)
             self._check_stop(request, token_id)
             updated.append(request)
+        if verified:
+            assert self.speculator is not None
+            self.speculator.stats.num_spec_steps += 1
         return updated
 
     def _apply_drafts(self, request: Request, num_drafts: int, accepted: tuple[int, ...], now: float) -> None:
@@ -471,7 +476,6 @@ class Scheduler:
         num_draft_tokens = sum(map(len, step.drafts.values())) if step.drafts else 0
         if self.speculator is not None:
             self.speculator.end_step(step.speculate, num_draft_tokens)
-            self.speculator.stats.num_spec_steps += num_draft_tokens > 0
         return SchedulerOutput(
             new_requests=tuple(new_requests),
             scheduled=tuple(decodes + prefills),

@@ -40,8 +40,9 @@ MAX_BACKOFF_STEPS = 16
 
 @dataclass
 class SpecDecodeStats:
-    """Totals since start: steps that speculated, drafts (requests given >= 1 draft token in a step),
-    draft tokens proposed and accepted, and accepted counts per draft position (index 0 = first)."""
+    """Totals since start, of applied results only (a result dropped after a rejection or a finish
+    in flight counts nothing): steps that verified drafts, drafts (requests given >= 1 draft token
+    in a step), draft tokens proposed and accepted, accepted counts per draft position (0 = first)."""
 
     num_spec_steps: int = 0
     num_drafts: int = 0
