@@ -227,3 +227,13 @@ def test_roll_back_accounting() -> None:
     assert request.all_token_ids[-1] == 9 and request.num_computed_tokens == 7
     assert scheduler.in_flight.num_batches("r") == 1
     assert speculator.stats.num_drafts == 1 and speculator.stats.num_accepted_tokens == 1  # applied results only
+
+
+def test_ngram_drafts_past_tokens_in_flight_continue_a_loop() -> None:
+    """A match at distance p continues with period p past the context's end: a 2-token loop gets
+    full drafts, also past 3 unknown tokens (which it guesses and skips)."""
+    proposer = NgramProposer(1, 2)
+    tokens = [9, 4, 7, 4, 7, 4, 7]
+    assert proposer.propose("r", tokens, 1, 4) == [4, 7, 4, 7]
+    assert proposer.propose("r", tokens, 1, 3, num_unknown=3) == [7, 4, 7]
+    assert proposer.propose("s", [9, 4, 7, 1, 2], 1, 2) == []  # no earlier occurrence of 2 or 1 2

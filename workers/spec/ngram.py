@@ -11,7 +11,9 @@ to tokens that followed that occurrence. How many: the match is then extended ba
 or not (benchmarks/README.md). The n-grams that end at the last token are indexed one call
 late, so a lookup never finds the suffix itself. Cost per call: O(new tokens x (max_n - min_n +
 1)) + O(MAX_MATCH_LEN), never O(context); memory: that many dict entries per token of a running
-request, dropped at `finish`.
+request, dropped at `finish`. Past the context's end a draft continues periodically (a match at
+distance p says the text repeats with period p): short loops get full drafts, as do drafts guessed
+past `num_unknown` tokens in flight (speculator.py).
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ class NgramProposer(Proposer):
             if end is not None:
                 match_len = n + _agreeing_before(token_ids, end - n, length - n, MAX_MATCH_LEN - n)
                 start = end + num_unknown
-                return token_ids[start : start + min(max_tokens, self.draft_length(match_len))]
+                stop = start + min(max_tokens, self.draft_length(match_len))
+                if stop <= length:
+                    return token_ids[start:stop]
+                # past the context's end the match repeats with its period (a loop of length - end tokens)
+                period = length - end
+                return [token_ids[j if j < length else end + (j - end) % period] for j in range(start, stop)]
         return []
 
     def draft_length(self, match_len: int) -> int:
