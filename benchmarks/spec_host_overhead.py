@@ -12,8 +12,9 @@ accepted, as on issue 23's "repeat a list" task. Modes: plain async, plain sync,
 in interleaved rounds (the machine is shared); greedy outputs must be identical in every mode.
 Printed per mode (medians over decode steps, then over rounds): wall per engine step, per output
 token (step / tokens per step), tokens per step, host (step minus forward and sampler), gap (from
-a step's ids reaching the host to the next forward's start: the device's idle time on a GPU where
-steps are synchronous: plain sync, speculating; plain async overlaps it: "-"), acceptance; then
+a step's ids reaching the host to the next forward's start when no launched step was left unread,
+else 0: the device's idle time on a GPU), overlapped (forwards launched before the previous step's
+ids were read: async plain steps, and verify steps of host proposers since issue 23), acceptance; then
 each step's own time by phase (nested phases subtracted): schedule, proposer, runner launch
 (inputs, upload), forward, sampler, finish (ids to host, rejection sampling), update (accepted
 drafts, KV block bookkeeping; a rejected draft's K/V needs no undo: num_computed_tokens stays
@@ -63,21 +64,31 @@ class PhaseClock:
         self._last = 0.0
         self._gap_start: float | None = None
         self._gap_phases: dict[str, float] = {}
+        self.num_forwards = self.num_ids = self.num_overlapped = 0  # launches, ids read, launches ahead
 
     def wrap(self, owner: object, attribute: str, phase: str, mark: str | None = None) -> None:
         """Replace `owner.attribute` (a bound method or callable) with a timed one."""
         inner: Callable = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
+            if not self._stack:  # outside this clock's steps: another engine sharing the model object
+                return inner(*args, **kwargs)
             self._switch(phase)
-            if mark == "forward" and self._gap_start is not None:
-                self.gaps.append((self._last - self._gap_start, self._gap_phases))
+            if mark == "forward":
+                if self.num_forwards > self.num_ids:  # a launched step is still unread: the device has work
+                    self.num_overlapped += 1
+                    if self._gap_start is not None:
+                        self.gaps.append((0.0, {}))
+                elif self._gap_start is not None:
+                    self.gaps.append((self._last - self._gap_start, self._gap_phases))
                 self._gap_start, self._gap_phases = None, {}
+                self.num_forwards += 1
             try:
                 return inner(*args, **kwargs)
             finally:
                 self._pop()
                 if mark == "ids":
+                    self.num_ids += 1
                     self._gap_start, self._gap_phases = self._last, {}
 
         setattr(owner, attribute, timed)
@@ -115,6 +126,8 @@ class Steps:
     phases: list[dict[str, float]] = field(default_factory=list)
     gaps: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     tokens: int = 0
+    forwards: int = 0
+    overlapped: int = 0  # forwards launched while an earlier step's ids were unread
 
 
 @dataclass
@@ -125,6 +138,7 @@ class ModeRun:
     host_s: list[float] = field(default_factory=list)  # step wall - forward - sampler
     tokens_per_step: list[float] = field(default_factory=list)
     gap_s: list[float] = field(default_factory=list)
+    overlapped: list[float] = field(default_factory=list)  # share of forwards launched ahead
     phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     gap_phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     acceptance: float = 0.0
@@ -135,6 +149,7 @@ class ModeRun:
                                              for w, p in zip(steps.walls, steps.phases, strict=True)))
         self.tokens_per_step.append(steps.tokens / len(steps.walls))
         self.gap_s.append(statistics.median(g for g, _ in steps.gaps) if steps.gaps else float("nan"))
+        self.overlapped.append(steps.overlapped / max(steps.forwards, 1))
         for name in PHASES:
             self.phases[name].append(statistics.median(p.get(name, 0.0) for p in steps.phases))
             if steps.gaps:
@@ -183,6 +198,7 @@ def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argp
         request = engine.scheduler.requests.get(tag)
         decoding = request is not None and request.num_output_tokens > 0
         before, num_gaps = dict(clock.totals), len(clock.gaps)
+        forwards, overlapped = clock.num_forwards, clock.num_overlapped
         start = time.perf_counter()
         outs = clock.step(engine)
         wall = time.perf_counter() - start
@@ -190,6 +206,8 @@ def run_once(engine: LLMEngine, clock: PhaseClock, prompt: list[int], args: argp
             steps.walls.append(wall)
             steps.phases.append({name: seconds - before.get(name, 0.0) for name, seconds in clock.totals.items()})
             steps.gaps += clock.gaps[num_gaps:]
+            steps.forwards += clock.num_forwards - forwards
+            steps.overlapped += clock.num_overlapped - overlapped
         for out in outs:
             if out.finished:
                 token_ids = out.outputs[0].token_ids
@@ -286,15 +304,16 @@ def main() -> None:
           f"k = {args.k}, {args.rounds} rounds x {args.requests} requests, {torch.get_num_threads()} thread(s)"
           f"{', streamed' if args.stream else ''}{' (cProfile on: slower)' if profiler else ''}")
     print(f"{'mode':<12} {'ms/step':>8} {'us/token':>9} {'tok/step':>9} {'host ms/step':>13} {'gap ms':>7} "
-          f"{'accept':>7} same")
+          f"{'overlap':>8} {'accept':>7} same")
     for mode in modes:
         run = runs[mode]
         step_ms = statistics.median(run.step_s) * 1e3
         per_token_us = step_ms * 1e3 / statistics.median(run.tokens_per_step)
         same = "-" if reference is None else ("yes" if outputs[mode] == reference else "NO")
-        gap = "-" if mode == "plain-async" else f"{statistics.median(run.gap_s) * 1e3:.3f}"
+        gap = f"{statistics.median(run.gap_s) * 1e3:.3f}"
         print(f"{mode:<12} {step_ms:8.3f} {per_token_us:9.1f} {statistics.median(run.tokens_per_step):9.2f} "
-              f"{statistics.median(run.host_s) * 1e3:13.3f} {gap:>7} {run.acceptance:7.0%} {same}")
+              f"{statistics.median(run.host_s) * 1e3:13.3f} {gap:>7} {statistics.median(run.overlapped):8.0%} "
+              f"{run.acceptance:7.0%} {same}")
     print("\nown time per step by phase, ms (median over steps, then over rounds)")
     print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in PHASES))
     for mode in modes:
@@ -304,7 +323,7 @@ def main() -> None:
     print(f"{'mode':<12} " + " ".join(f"{n:>9}" for n in PHASES))
     for mode in modes:
         run = runs[mode]
-        if mode != "plain-async" and run.gap_phases:
+        if run.gap_phases:
             print(f"{mode:<12} " + " ".join(f"{statistics.median(run.gap_phases[n]) * 1e3:9.3f}" for n in PHASES))
     if profiler is not None:
         text = io.StringIO()

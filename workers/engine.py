@@ -90,7 +90,8 @@ class LLMEngine:
         # SchedulerConfig.async_depth (2 by default) under async scheduling
         self.max_batches_in_flight = config.scheduler.async_depth if self.async_scheduling \
             else config.parallel.pipeline_depth
-        # A speculating step gives up async scheduling's overlap, which only a GPU has to lose.
+        # A synchronous speculating step (the draft model's) gives up async scheduling's overlap,
+        # which only a GPU has to lose.
         backoff = self.async_scheduling and device.type == "cuda"
         self.speculator = None
         if config.speculative.enabled:  # a draft model (spec/draft.py) needs the target's config and model
@@ -100,7 +101,7 @@ class LLMEngine:
             except BaseException:  # a draft refused at start-up: the worker ranks already run, stop them
                 self.executor.shutdown()
                 raise
-            self.speculator = Speculator(config.speculative, proposer, backoff)
+            self.speculator = Speculator(config.speculative, proposer, backoff, self.async_scheduling)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv_manager, self.max_model_len,
                                    max_batches_in_flight=self.max_batches_in_flight,
                                    async_scheduling=self.async_scheduling, speculator=self.speculator)

@@ -4,7 +4,7 @@
                  a schedule with nothing to run is not sent but returned, for the engine to apply
                  at once, and its runner drops (finished / preempted ids) ride with the next batch
     collect()  → the oldest batch and its output (waited for); the scheduler applies all of it
-    kept(batch) → the batch minus the results to drop, for the outputs
+    kept(batch) → the batch minus the results to drop (then those its rejected drafts voided)
     drop_later_results(ids) → finished requests that later batches in flight still hold
 
 Depth 1 is the synchronous engine: each step submits one batch and collects it. With one pipeline
@@ -13,10 +13,11 @@ batch N, so the host applies N while the device runs N+1, and the scheduler feed
 for the tokens in flight (scheduler/in_flight.py). With P stages the depth is
 ParallelConfig.pipeline_depth so every stage has work; a request is then in at most one batch,
 and the next batch leaves before the collected one's outputs are built (`refill_before_outputs`).
-A request finished while later batches hold it (EOS, stop id or string, abort) has their results
-dropped here; its blocks are freed when the last of them returns (scheduler). A batch that samples
-for a request with penalties, or a speculating batch (drafts are proposed from tokens on the host),
-is collected before the next is scheduled (`Batch.needs_sync`).
+A request finished while later batches hold it (EOS, stop id or string, abort), or rolled back by a
+rejected draft, has their results dropped here; a finished one's blocks are freed when the last of
+them returns. A batch sampling for a request with penalties, or a speculating batch whose proposer
+needs the accepted tokens (the draft model: no Speculator.overlap), is collected before the next is
+scheduled (`Batch.needs_sync`).
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ class InFlightBatches:
         return BatchResult(batch.sched, [r.request_id for r in batch.sched.scheduled], output, batch.needs_sync)
 
     def kept(self, batch: BatchResult) -> BatchResult:
-        """`batch` minus one result of each request with results to drop (finished in flight)."""
+        """`batch` minus one result of each request with results to drop (finished in flight, or
+        stale); then the later batches' results that `batch`'s rejected drafts voided are to drop."""
         dropped = {r for r in batch.request_ids if r in self._drop} if self._drop else None
+        if self.scheduler.in_flight.rolled_back:  # after this batch's own drops: they are later results
+            self._drop.update(self.scheduler.in_flight.take_rolled_back())
         if not dropped:
             return batch
         self._drop.subtract(dropped)  # one result each
@@ -124,7 +128,7 @@ class InFlightBatches:
         drafts (proposals follow the tokens on the host): not when each of them may never have any
         (a seed, logprobs, penalties) or pauses its proposals past the next schedule."""
         speculator = self.scheduler.speculator
-        if not sched.speculating or speculator is None:
+        if not sched.speculating or speculator is None or speculator.overlap:
             return False
         if sched.num_draft_tokens:
             return True

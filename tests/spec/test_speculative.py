@@ -134,9 +134,9 @@ def test_requests_that_cannot_speculate_run_beside_ones_that_do(spec, plain, pro
 
 
 def test_requests_that_cannot_speculate_alone_keep_async_overlap(spec, plain, prompts) -> None:
-    """A speculating batch is applied before the next is scheduled only when the next schedule could
-    give one of its requests drafts: requests with logprobs or a seed alone keep two batches in
-    flight (async scheduling), and their outputs equal the plain engine's."""
+    """Requests with logprobs or a seed alone keep two batches in flight (async scheduling), and
+    their outputs equal the plain engine's; so does a speculating request with the n-gram proposer
+    (its verify step overlaps the next, tests/spec/test_spec_overlap.py)."""
     others = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2),
               SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=7)]
     spec.engine.batches.stats.max_in_flight = 0
@@ -148,7 +148,7 @@ def test_requests_that_cannot_speculate_alone_keep_async_overlap(spec, plain, pr
         assert mine.outputs[0].logprobs == theirs.outputs[0].logprobs
     spec.engine.batches.stats.max_in_flight = 0
     spec.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-    assert spec.engine.batches.stats.max_in_flight == 1  # a request that speculates syncs every step
+    assert spec.engine.batches.stats.max_in_flight == 2  # a host proposer's verify steps overlap too
 
 
 def test_chunked_prefill_preemption_and_prefix_hits(prompts, want) -> None:

@@ -15,8 +15,8 @@ One call per engine step, `execute(scheduler_output)` = `finish(launch(scheduler
      each of them too: `_verify`), SamplingMetadata built while the GPU is busy, one sampler call.
 `launch` (1-4) never waits for the GPU and returns a `PendingStep`; `finish` waits for the ids
 and builds the ModelRunnerOutput. Async scheduling launches N+1 before finishing N: the ids N
-samples go to `last_sampled` ([max_rows], by persistent row) and the PLACEHOLDER inputs of N+1
-are replaced from it on the device right after the upload, before the forward. A step sampling
+samples go to `last_sampled` ([max_rows], by persistent row; a verify row's draw after its last
+draft) and N+1's PLACEHOLDER inputs are replaced from it on the device before the forward. A step sampling
 penalty rows must be finished before the next launch (penalty histories need the ids on the host).
 """
 
@@ -278,7 +278,7 @@ class ModelRunner:
         drafts = None
         if sched.num_draft_tokens:
             sample_tokens, sample_rows, drafts = _verify_rows(layout, sample_mask)
-        uploads = self._uploads(layout, sample_tokens, sample_rows)
+        uploads = self._uploads(layout, sample_tokens, sample_rows, drafts)
         timing = self.step_times.enabled and self.device.type == "cuda"
         if self.step_times.enabled:
             self.step_times.rows.append(len(layout.requests))
@@ -309,7 +309,9 @@ class ModelRunner:
         metadata = self.sampling.build(sample_rows)
         sampled = self.sampler(logits, metadata)
         if self.async_scheduling:  # the next launch may feed these ids as placeholders
-            self.last_sampled.index_copy_(0, device_views["sample_rows"], sampled.token_ids)
+            last = device_views.get("sample_last")  # a verify step: each request's draw after its last draft
+            ids = sampled.token_ids if last is None else sampled.token_ids.index_select(0, last)
+            self.last_sampled.index_copy_(0, device_views["sample_rows"], ids)
         self.sampling.count_sampled(sample_rows)
         if events is not None:
             events[1].record()
@@ -385,13 +387,18 @@ class ModelRunner:
                 output.logprobs[request_id] = logprobs[position]
             position += num_drafts + 1
 
-    def _uploads(self, layout: StepLayout, sample_tokens: np.ndarray, sample_rows: np.ndarray) -> StepUploads:
+    def _uploads(self, layout: StepLayout, sample_tokens: np.ndarray, sample_rows: np.ndarray,
+                 drafts: list[tuple[int, ...]] | None) -> StepUploads:
         uploads = StepUploads()
         if not np.array_equal(sample_tokens, np.arange(sample_tokens.size)):
             uploads.sample_tokens = sample_tokens
         if not self.async_scheduling:
             return uploads
-        if sample_rows.size:
+        if drafts is not None:  # one entry per request (an index_copy_ with repeated rows keeps any of them)
+            last = np.cumsum(np.fromiter((len(d) + 1 for d in drafts), dtype=np.int64, count=len(drafts))) - 1
+            uploads.sample_last = last
+            uploads.sample_rows = sample_rows[last]
+        elif sample_rows.size:
             uploads.sample_rows = sample_rows
         placeholders = np.flatnonzero(layout.token_ids < 0)
         if placeholders.size:

@@ -71,8 +71,11 @@ class StepUploads:
     placeholder_index: np.ndarray | None = None  # token positions fed PLACEHOLDER (async)
     placeholder_rows: np.ndarray | None = None  # their persistent rows
     sample_rows: np.ndarray | None = None  # persistent rows that sample (async: last_sampled)
+    # verify steps (async): per sampling request the index of its last sample (the draw after its
+    # last draft), which last_sampled keeps for the next step's PLACEHOLDER; sample_rows then has one row each
+    sample_last: np.ndarray | None = None
 
-    _NAMES = ("sample_tokens", "placeholder_index", "placeholder_rows", "sample_rows")
+    _NAMES = ("sample_tokens", "placeholder_index", "placeholder_rows", "sample_rows", "sample_last")
 
     def arrays(self) -> list[np.ndarray]:
         return [a for a in (getattr(self, n) for n in self._NAMES) if a is not None]

@@ -15,8 +15,9 @@ workers/inflight.py) `schedule()` runs again before earlier results are applied;
 request stands is `self.in_flight` (in_flight.py), which the policy only reads: a request in
 flight is never a preemption victim; under pipeline stages it is skipped and each batch takes
 about 1/D of the requests; under async scheduling it is in every batch, fed placeholders.
-Speculation (workers/spec/): a decoding request not in flight may get drafts in its query (never
-at the cost of a preemption); `update_from_output` keeps the accepted ones, stopping at a stop.
+Speculation (workers/spec/): a decoding request may get drafts (never at the cost of a preemption);
+`update_from_output` keeps the accepted ones, stopping at a stop. With Speculator.overlap a request
+in flight gets drafts too, assuming all drafts in flight kept; a rejection rolls it back (in_flight.py).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class Scheduler:
         self._pipelined = max_batches_in_flight > 1 and not async_scheduling
         self.in_flight = InFlightRequests(kv_manager)
         self.speculator = speculator
+        # requests in flight get drafts too (Speculator.overlap: async scheduling, a host proposer)
+        self._overlap = speculator is not None and speculator.overlap and async_scheduling
 
     # ---- requests in and out -----------------------------------------------------------------
 
@@ -196,6 +199,7 @@ class Scheduler:
         updated, self._finished_in_schedule = self._finished_in_schedule, []
         track = self.max_batches_in_flight > 1
         requests, sampled_token_ids = self.requests, runner_output.sampled_token_ids
+        verified = False  # an applied (not dropped) result verified drafts: a speculative step
         for scheduled in scheduler_output.scheduled:
             request_id = scheduled.request_id
             if track and self.in_flight.returned(scheduled):
@@ -212,15 +216,21 @@ class Scheduler:
             if token_id is None:
                 raise RuntimeError(f"runner output has no sampled token for request {request_id!r}")
             if scheduled.num_drafts:
-                self._apply_drafts(request, scheduled.num_drafts, runner_output.accepted_draft_ids.get(request_id, ()),
-                                   now)
+                accepted = runner_output.accepted_draft_ids.get(request_id, ())
+                self._apply_drafts(request, scheduled.num_drafts, accepted, now)
+                verified = True
                 if request.is_finished:
                     updated.append(request)
                     continue
+                if track and len(accepted) < scheduled.num_drafts:
+                    self.in_flight.roll_back(request_id)  # later batches assumed every draft kept
             request.append_output_token(token_id)
             request.metrics.record_token(now)
             self._check_stop(request, token_id)
             updated.append(request)
+        if verified:
+            assert self.speculator is not None
+            self.speculator.stats.num_spec_steps += 1
         return updated
 
     def _apply_drafts(self, request: Request, num_drafts: int, accepted: tuple[int, ...], now: float) -> None:
@@ -265,9 +275,11 @@ class Scheduler:
         # The table must also cover the tokens of the batch in flight (async scheduling).
         num_ahead = start - request.num_computed_tokens
         drafts: list[int] = []
-        if step.speculate and ahead is None and num_new == 1 and start == end - 1:
-            drafts = self._propose(request, end, step.token_budget - 1)
-            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)):
+        if step.speculate and num_new == 1 and start == end - 1 and (ahead is None or self._overlap):
+            # in flight (overlap): drafts guessed past the tokens its batches add if all is accepted
+            num_unknown = ahead[2] if ahead is not None else 0
+            drafts = self._propose(request, end, step.token_budget - 1, num_unknown)
+            if drafts and self.kv.allocate_slots(request, num_ahead + 1 + len(drafts)):
                 num_new += len(drafts)
             else:
                 drafts = []  # no room for them: never preempt for drafts
@@ -304,13 +316,14 @@ class Scheduler:
                     and len(r.all_token_ids) - r.num_computed_tokens == 1]
         self.speculator.prefetch(decoding, self.max_model_len)
 
-    def _propose(self, request: Request, num_tokens: int, token_budget: int) -> list[int]:
-        """Drafts for a decoding request, leaving room for the target's own token within
-        max_tokens, max_model_len and this step's token budget."""
+    def _propose(self, request: Request, num_tokens: int, token_budget: int, num_unknown: int) -> list[int]:
+        """Drafts for a decoding request whose tokens end at `num_tokens`, `num_unknown` of them
+        still in flight, leaving room for the target's own token within max_tokens, max_model_len
+        and this step's token budget."""
         assert self.speculator is not None
-        limit = min(token_budget, request.sampling_params.max_tokens - request.num_output_tokens - 1,
+        limit = min(token_budget, request.sampling_params.max_tokens - request.num_output_tokens - num_unknown - 1,
                     self.max_model_len - num_tokens - 1)
-        return self.speculator.propose(request, limit)
+        return self.speculator.propose(request, limit, num_unknown)
 
     def _admit_waiting(self, step: _Step) -> None:
         queue = self.waiting
@@ -456,14 +469,13 @@ class Scheduler:
                 num_drafts=len(drafts) if drafts else 0,
             )
             if track:
-                in_flight.track(request_id, num_new, sample)
+                in_flight.track(request_id, num_new, sample + (len(drafts) if drafts else 0))
             # "Decode" = a one-token query; such rows go first (the output's documented order).
             (decodes if num_new == 1 else prefills).append(scheduled)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         num_draft_tokens = sum(map(len, step.drafts.values())) if step.drafts else 0
         if self.speculator is not None:
             self.speculator.end_step(step.speculate, num_draft_tokens)
-            self.speculator.stats.num_spec_steps += num_draft_tokens > 0
         return SchedulerOutput(
             new_requests=tuple(new_requests),
             scheduled=tuple(decodes + prefills),

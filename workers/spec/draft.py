@@ -76,7 +76,10 @@ class DraftModelProposer(Proposer):
         self.max_model_len = self.engine.max_model_len
         self._ids = itertools.count()
 
-    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int) -> list[int]:
+    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int,
+                num_unknown: int = 0) -> list[int]:
+        if num_unknown:  # the draft runs on accepted tokens only (its engine's KV follows them)
+            raise ValueError("the draft model proposes after accepted tokens only: num_unknown must be 0")
         return self.propose_batch([DraftQuery(request_id, token_ids, num_prompt_tokens, max_tokens)])[0]
 
     def propose_batch(self, queries: Sequence[DraftQuery]) -> list[list[int]]:

@@ -11,7 +11,9 @@ to tokens that followed that occurrence. How many: the match is then extended ba
 or not (benchmarks/README.md). The n-grams that end at the last token are indexed one call
 late, so a lookup never finds the suffix itself. Cost per call: O(new tokens x (max_n - min_n +
 1)) + O(MAX_MATCH_LEN), never O(context); memory: that many dict entries per token of a running
-request, dropped at `finish`.
+request, dropped at `finish`. Past the context's end a draft continues periodically (a match at
+distance p says the text repeats with period p): short loops get full drafts, as do drafts guessed
+past `num_unknown` tokens in flight (speculator.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ class NgramProposer(Proposer):
         self.min_n, self.max_n = min_n, max_n
         self._index: dict[str, _RequestIndex] = {}
 
-    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int) -> list[int]:
+    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int,
+                num_unknown: int = 0) -> list[int]:
+        """Up to `max_tokens` (draft_length of the match) tokens following the match's next
+        `num_unknown` (the guess of tokens in flight, skipped)."""
         if max_tokens <= 0 or len(token_ids) < self.min_n + 1:
             return []
         index = self._index.get(request_id)
@@ -48,7 +53,13 @@ class NgramProposer(Proposer):
             end = index.ends[n - self.min_n].get(tuple(token_ids[length - n:]))
             if end is not None:
                 match_len = n + _agreeing_before(token_ids, end - n, length - n, MAX_MATCH_LEN - n)
-                return token_ids[end : end + min(max_tokens, self.draft_length(match_len))]
+                start = end + num_unknown
+                stop = start + min(max_tokens, self.draft_length(match_len))
+                if stop <= length:
+                    return token_ids[start:stop]
+                # past the context's end the match repeats with its period (a loop of length - end tokens)
+                period = length - end
+                return [token_ids[j if j < length else end + (j - end) % period] for j in range(start, stop)]
         return []
 
     def draft_length(self, match_len: int) -> int:

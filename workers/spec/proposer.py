@@ -1,8 +1,9 @@
 """The proposer interface of speculative decoding (factory.py picks one from the config).
 
 A proposer drafts tokens from token ids alone: `propose(request_id, token_ids, num_prompt_tokens,
-max_tokens)` returns up to `max_tokens` ids to follow `token_ids` (the request's prompt + outputs
-so far; the list only grows between calls for one id), [] for none; `propose_batch(queries)` does
+max_tokens, num_unknown)` returns up to `max_tokens` ids to follow `token_ids` (the request's prompt
++ outputs so far; the list only grows between calls for one id) and `num_unknown` tokens still in
+flight (their guess is not returned; only host proposers take num_unknown > 0), [] for none; `propose_batch(queries)` does
 the same for several requests at once (default: one `propose` each; a proposer whose `batched` is
 true — the draft model — runs them as one batch, and the Speculator then asks it once per step);
 `finish(...)` is called once when the request leaves the engine (finished, aborted or preempted
@@ -52,7 +53,7 @@ class Proposer(Protocol):
     batched: bool = False  # True: propose_batch runs one batch, so the Speculator asks once per step
 
     def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int,
-                max_tokens: int) -> list[int]: ...
+                max_tokens: int, num_unknown: int = 0) -> list[int]: ...
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None: ...
 

@@ -1,22 +1,21 @@
 """Speculator: the scheduler's side of speculative decoding (who gets drafts, how many, what was accepted).
-Data flow per step: `Scheduler.schedule()` asks `active(num_running)` once (the adaptive switch:
-speculate only while running requests x (1 + k) <= max_verify_tokens, i.e. while the device has
-room); for each decoding request with nothing in flight it calls `propose(request, limit)`, which
-returns drafts from the proposer (proposer.py) capped by the request's own k. The scheduler feeds
-[last token, drafts...] in one query; the runner samples the target at every position and keeps
-the drafts up to the first disagreement, plus the target's own token there (or after all of
-them). With deterministic drafts that is exact rejection sampling: a draft d is kept with
-probability p(d) (the target drew d), and on a rejection the target's draw is a sample of p
-without d, renormalised — so greedy outputs are identical and sampled ones keep the target's
-distribution. `record(...)` folds the result into the statistics and the request's k (+1 while all
-is accepted, down to 1 after misses); a request whose drafts keep being rejected pauses a while.
-A batched proposer (the draft model: one forward per draft position for the whole batch) is asked
-once per step: `prefetch(requests, max_model_len)` at the start of `schedule()` drafts for every
-decoding request that will be asked, and `propose` then serves those drafts (cut to its limit).
-Under async scheduling a speculating step is applied before the next is scheduled (drafts follow
-tokens the host must know), so on a GPU runs of steps with nothing to propose back off
-(`end_step`). Requests whose sampling needs per-token host state (penalties, a seed, logprobs,
-min_tokens not yet reached) are never given drafts.
+Per step `Scheduler.schedule()` asks `active(num_running)` once (speculate only while running
+requests x (1 + k) <= max_verify_tokens), then `propose(request, limit, num_unknown)` per decoding
+request: the proposer's (proposer.py) drafts, capped by the request's own k. The runner samples the
+target at [last token, drafts...] and keeps the drafts up to the first disagreement plus the
+target's own token there: exact rejection sampling for deterministic drafts (greedy outputs are
+identical, sampled ones keep the target's distribution). `record(...)` (applied results only)
+folds a verify step into the statistics and the request's k (+1 while all is accepted, down to 1
+after misses); a request whose drafts keep being rejected pauses a while.
+`overlap` (async scheduling, a host proposer): a verify step is not applied before the next is
+scheduled; a request in flight is fed a PLACEHOLDER for its bonus token plus drafts guessed past
+it: the proposer continues the host's tokens past its guess of the `num_unknown` tokens in flight
+(drafts assumed accepted). A rejection rolls the request back
+(scheduler/in_flight.py). A batched proposer (the draft model, asked once per step through
+`prefetch`) needs the accepted tokens: its speculating steps are applied before the next is
+scheduled, and on a GPU runs of steps with nothing to propose back off (`end_step`). Requests
+whose sampling needs per-token host state (penalties, a seed, logprobs, min_tokens not yet
+reached) are never given drafts.
 """
 
 from __future__ import annotations
@@ -41,8 +40,9 @@ MAX_BACKOFF_STEPS = 16
 
 @dataclass
 class SpecDecodeStats:
-    """Totals since start: steps that speculated, drafts (requests given >= 1 draft token in a step),
-    draft tokens proposed and accepted, and accepted counts per draft position (index 0 = first)."""
+    """Totals since start, of applied results only (a result dropped after a rejection or a finish
+    in flight counts nothing): steps that verified drafts, drafts (requests given >= 1 draft token
+    in a step), draft tokens proposed and accepted, accepted counts per draft position (0 = first)."""
 
     num_spec_steps: int = 0
     num_drafts: int = 0
@@ -65,11 +65,14 @@ class SpecDecodeStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None, backoff: bool = False) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None, backoff: bool = False,
+                 async_scheduling: bool = False) -> None:
         self.config = config
-        self.backoff = backoff
         self.k = config.num_speculative_tokens
         self.proposer = proposer or make_proposer(config)
+        # verify steps overlap the next (module docstring): host proposers under async scheduling
+        self.overlap = async_scheduling and not getattr(self.proposer, "batched", False)
+        self.backoff = backoff and not self.overlap  # only a synchronous speculating step costs the overlap
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
         self._k_of: dict[str, int] = {}  # request id -> its current k (adaptive)
         self._asked = 0  # requests asked for drafts in the current step
@@ -144,12 +147,19 @@ class Speculator:
             return False
         return self._paused_until.get(request.request_id, 0) <= self._num_steps
 
-    def propose(self, request: Request, limit: int) -> list[int]:
-        """Drafts for a decoding request: at most min(its k, limit); [] if it is not eligible."""
+    def propose(self, request: Request, limit: int, num_unknown: int = 0) -> list[int]:
+        """Drafts for a decoding request: at most min(its k, limit); [] if it is not eligible.
+        `num_unknown` (overlap): tokens the batches in flight add past the host's, if all their
+        drafts are kept; the drafts follow the proposer's guess of them."""
         if limit <= 0 or not self._may_propose(request):
             return []
         self._asked += 1
         max_tokens = min(self._k_of.get(request.request_id, self.k), limit)
+        if num_unknown:
+            if not self.overlap:
+                raise RuntimeError("drafts past tokens in flight need an overlapping Speculator")
+            return self.proposer.propose(request.request_id, request.all_token_ids, request.num_prompt_tokens,
+                                         max_tokens, num_unknown)
         prefetched = self._prefetched.pop(request.request_id, None)
         if prefetched is not None:
             return prefetched[:max_tokens]

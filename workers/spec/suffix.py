@@ -131,11 +131,14 @@ class SuffixProposer(Proposer):
         """Trie nodes of the output cache (its memory beyond 4 + 4 * max_depth bytes per token)."""
         return self._cache.index.num_nodes
 
-    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int) -> list[int]:
+    def propose(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, max_tokens: int,
+                num_unknown: int = 0) -> list[int]:
         """Up to `max_tokens` draft tokens to follow `token_ids` (the request's prompt + outputs so far; the
-        list only grows between calls of one request id, and the same list object may be passed each time).
+        list only grows between calls of one request id, and the same list object may be passed each time)
+        and `num_unknown` tokens in flight (the draft continues past its guess of them, which is cut off).
         [] when nothing in the cache or the request's own prompt continues its current suffix."""
         _check_int("max_tokens", max_tokens, 0, 1 << 20)
+        _check_int("num_unknown", num_unknown, 0, 1 << 20)
         _check_int("num_prompt_tokens", num_prompt_tokens, 0, len(token_ids))
         state = self._requests.get(request_id)
         if state is None or len(token_ids) <= state.num_indexed:  # new, or (against the contract) shrunk
@@ -145,11 +148,11 @@ class SuffixProposer(Proposer):
         self.num_index_steps += state.index.num_steps - steps
         if max_tokens == 0 or not token_ids:
             return []
-        own = self._draft(state.index, token_ids, max_tokens)
-        cached = self._draft(self._cache.index, token_ids, max_tokens)
+        own = self._draft(state.index, token_ids, num_unknown + max_tokens)
+        cached = self._draft(self._cache.index, token_ids, num_unknown + max_tokens)
         if (cached.score, cached.depth, len(cached.token_ids)) > (own.score, own.depth, len(own.token_ids)):
-            return list(cached.token_ids)
-        return list(own.token_ids)
+            return list(cached.token_ids[num_unknown:])
+        return list(own.token_ids[num_unknown:])
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
         """The request left the engine: forget its per-request state and add its OUTPUT tokens
