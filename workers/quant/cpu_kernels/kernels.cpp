@@ -339,7 +339,7 @@ void q4_dequantize(const torch::Tensor& qs, const torch::Tensor& dm, int64_t gro
   const uint8_t* q = qs.data_ptr<uint8_t>();
   const uint16_t* d = f32 ? nullptr : reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   const float* df = f32 ? dm.data_ptr<float>() : nullptr;
-  float* w = out.data_ptr<float>() - r0 * k;  // indexed by the row of W
+  float* w = out.data_ptr<float>();  // row r of W at (r - r0) * k
   at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t r = n0; r < n1; ++r) {
       for (int64_t g = 0; g < groups; ++g) {
@@ -347,7 +347,7 @@ void q4_dequantize(const torch::Tensor& qs, const torch::Tensor& dm, int64_t gro
         const float sc = f32 ? df[at] : scalar::half_to_float(d[at]), mn = f32 ? df[at + 1] : scalar::half_to_float(d[at + 1]);
         for (int64_t b = g * group_size; b < (g + 1) * group_size; b += 32) {  // 32 inputs = 16 bytes
           const uint8_t* src = q + r * (k / 2) + b / 2;
-          float* dst = w + r * k + b;
+          float* dst = w + (r - r0) * k + b;
           for (int j = 0; j < 16; ++j) {
             dst[j] = static_cast<float>(src[j] & 0x0F) * sc + mn;
             dst[j + 16] = static_cast<float>(src[j] >> 4) * sc + mn;
@@ -372,13 +372,13 @@ void q8_dequantize(const torch::Tensor& qs, const torch::Tensor& d, const c10::o
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() == (r1 - r0) * k, "bad out");
   const int8_t* q = qs.data_ptr<int8_t>();
   const float* dp = d.data_ptr<float>();
-  float* w = out.data_ptr<float>() - r0 * k;  // indexed by the row of W
+  float* w = out.data_ptr<float>();  // row r of W at (r - r0) * k
   at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t r = n0; r < n1; ++r) {
       for (int64_t g = 0; g < groups; ++g) {
         const float sc = dp[r * groups + g], m0 = mn ? mn[r * groups + g] : 0.0f;
         const int8_t* src = q + r * k + g * group_size;
-        float* dst = w + r * k + g * group_size;
+        float* dst = w + (r - r0) * k + g * group_size;
         for (int64_t j = 0; j < group_size; ++j) dst[j] = static_cast<float>(src[j]) * sc + m0;
       }
     }
