@@ -21,7 +21,7 @@ Act-order weights (`perm` set) are packed in their stored column order: the call
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,16 @@ __all__ = ["CpuKernelsUnavailable", "PackedQ4", "PackedQ8", "best_isa", "pack_q4
 
 
 DENSE_FROM_ROWS = 16
+
+
+class RowsDequantizable(Protocol):
+    """A packed weight [n, k] that writes rows r0..r1 of its float32 form into a buffer (dense_linear)."""
+
+    n: int
+    k: int
+
+    def dequantize_into(self, r0: int, r1: int, out: torch.Tensor) -> None: ...
+
 DENSE_BLOCK = 1 << 22  # float32 elements of W dequantized at a time (16 MB): the scratch a thread keeps
 _SCRATCH: dict[int, torch.Tensor] = {}
 
@@ -47,9 +57,7 @@ def q4_linear(x: torch.Tensor, packed: PackedQ4, bias: torch.Tensor | None = Non
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 4-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
-        ext = extension()
-        return _shaped(dense_linear(x2, packed.n, packed.k, bias, lambda r0, r1, out: ext.q4_dequantize(
-            packed.qs, packed.dm, packed.group_size, out, r0, r1)), lead, x.dtype)
+        return _shaped(dense_linear(x2, packed, bias), lead, x.dtype)
     y = extension().q4_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)
     return _shaped(y, lead, x.dtype)
 
@@ -59,29 +67,27 @@ def q8_linear(x: torch.Tensor, packed: PackedQ8, bias: torch.Tensor | None = Non
     """y [..., N] = x [..., K] @ w.T + bias, w the packed 8-bit weight; `isa` forces a variant (tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:
-        ext = extension()
-        return _shaped(dense_linear(x2, packed.n, packed.k, bias, lambda r0, r1, out: ext.q8_dequantize(
-            packed.qs, packed.d, packed.mins, packed.group_size, out, r0, r1)), lead, x.dtype)
+        return _shaped(dense_linear(x2, packed, bias), lead, x.dtype)
     y = extension().q8_linear(x2, packed.qs, packed.d, packed.mins, packed.group_size, _bias(bias), isa,
                               int8_activations)
     return _shaped(y, lead, x.dtype)
 
 
-def dense_linear(x2: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
-                 dequantize_rows: Callable[[int, int, torch.Tensor], None]) -> torch.Tensor:
+def dense_linear(x2: torch.Tensor, packed: RowsDequantizable, bias: torch.Tensor | None) -> torch.Tensor:
     """y [M, N] float32 = x2 @ W^T + bias, W [N, K] dequantized block by block of rows into this thread's
-    scratch (`dequantize_rows(r0, r1, out)`), each block one GEMM: no W-sized temporaries a call."""
+    scratch (`packed.dequantize_into(r0, r1, out)`), each block one GEMM: no W-sized temporaries a call."""
+    n, k = packed.n, packed.k
     per = max(1, min(n, DENSE_BLOCK // k))
     scratch = _scratch(per * k)
     if per == n:
         w = scratch[: n * k].view(n, k)
-        dequantize_rows(0, n, w)
+        packed.dequantize_into(0, n, w)
         return F.linear(x2, w, _bias(bias))
     yt = torch.empty(n, x2.shape[0], dtype=torch.float32)  # y transposed: each block is a run of rows
     for r0 in range(0, n, per):
         r1 = min(n, r0 + per)
         w = scratch[: (r1 - r0) * k].view(r1 - r0, k)
-        dequantize_rows(r0, r1, w)
+        packed.dequantize_into(r0, r1, w)
         torch.mm(w, x2.t(), out=yt[r0:r1])
     y = yt.t().contiguous()
     return y if bias is None else y.add_(_bias(bias))

@@ -46,6 +46,10 @@ class PackedQ8G16:
         """float32 [len(ids), K]: rows of w (an embedding kept packed looks up only its tokens' rows)."""
         return (self.qs[ids].float().view(len(ids), -1, 16) * self.d[ids][:, :, None]).view(len(ids), self.k)
 
+    def dequantize_into(self, r0: int, r1: int, out: torch.Tensor) -> None:
+        """Rows r0..r1 of w into `out` (float32 [r1 - r0, K]): kernels.cpp's q8 with a scale per 16, no mins."""
+        extension().q8_dequantize(self.qs, self.d, None, 16, out, r0, r1)
+
 
 def pack_q4f(w: GroupedWeight) -> PackedQ4:
     n, k = w.q.shape
@@ -88,12 +92,7 @@ def kquant_linear(x: torch.Tensor, packed: PackedQ4 | PackedQ8G16, bias: torch.T
     """y [..., N] = x [..., K] @ w.T + bias; `isa` forces a variant ('avx2' or 'scalar', for tests)."""
     x2, lead = _flat(x, packed.k)
     if x2.shape[0] >= DENSE_FROM_ROWS and not int8_activations:  # prefill: the kernels' blockwise dense path
-        base = extension()
-        if isinstance(packed, PackedQ4):
-            fill = lambda r0, r1, out: base.q4_dequantize(packed.qs, packed.dm, packed.group_size, out, r0, r1)  # noqa: E731
-        else:
-            fill = lambda r0, r1, out: base.q8_dequantize(packed.qs, packed.d, None, 16, out, r0, r1)  # noqa: E731
-        return _shaped(dense_linear(x2, packed.n, packed.k, bias, fill), lead, x.dtype)
+        return _shaped(dense_linear(x2, packed, bias), lead, x.dtype)
     ext = kquant_extension()
     if isinstance(packed, PackedQ4):
         y = ext.q4f_linear(x2, packed.qs, packed.dm, packed.group_size, _bias(bias), isa, int8_activations)

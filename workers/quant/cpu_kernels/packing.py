@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from shardserve.workers.quant.cpu_kernels.build import extension
 from shardserve.workers.quant.weights import GroupedWeight, Int8Weight
 
 FP16_MAX = 65504.0
@@ -30,6 +31,10 @@ class PackedQ4:
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] (for many rows at once, where one dense matmul beats a row loop)."""
         return self._rows(self.qs, self.dm)
+
+    def dequantize_into(self, r0: int, r1: int, out: torch.Tensor) -> None:
+        """Rows r0..r1 of w into `out` (float32 [r1 - r0, K]) in one pass (kernels.cpp, float16 or float32 dm)."""
+        extension().q4_dequantize(self.qs, self.dm, self.group_size, out, r0, r1)
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), K]: rows of w (an embedding kept packed looks up only its tokens' rows)."""
@@ -84,6 +89,10 @@ class PackedQ8:
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]."""
         return self.dequantize_rows(torch.arange(self.n))
+
+    def dequantize_into(self, r0: int, r1: int, out: torch.Tensor) -> None:
+        """Rows r0..r1 of w into `out` (float32 [r1 - r0, K]) in one pass (kernels.cpp)."""
+        extension().q8_dequantize(self.qs, self.d, self.mins, self.group_size, out, r0, r1)
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), K]: rows of w (a tied embedding looked up from the LM head's weight)."""

@@ -24,13 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
-from shardserve.workers.quant.kernels.int8_gemm import int8_gemm
-from shardserve.workers.quant.kernels.splitk import (
-    INTERPRETER_SPLIT,
-    SplitTiles,
-    default_split_tiles,
-    sm_count_of,
-)
+from shardserve.workers.quant.kernels.int8_gemm import gemm_8bit
+from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.weights import Fp8Weight
 
 GEMV_MAX_ROWS = 1  # one row: decode_linear's kernel (at 4 rows a GEMV cost ~3x one)
@@ -133,12 +128,7 @@ def fp8_linear(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = N
     if rows <= gemv_max_rows and split_tiles is None:
         return fp8_gemv(x, packed, bias)
     if split_tiles is not None or rows <= (SPLITK_MAX_ROWS if splitk_max_rows is None else splitk_max_rows):
-        out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-        if rows == 0:
-            return out
-        t = split_tiles or (INTERPRETER_SPLIT if x.device.type != "cuda"
-                            else default_split_tiles(8, rows, n, k, sm_count_of(x.device)))
-        return int8_gemm(x, packed.weight_t.t(), packed.scales.view(-1), bias, out, t)
+        return gemm_8bit(x, packed.weight_t.t(), packed.scales.view(-1), bias, split_tiles)
     q, scales = quantize_rows(x)
     out_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.bfloat16  # rowwise scaling writes bf16
     y = torch._scaled_mm(q, packed.weight_t, scale_a=scales, scale_b=packed.scales, bias=None,

@@ -17,13 +17,8 @@ from dataclasses import dataclass
 import torch
 from shardserve.parallel.kernels.decode_linear import GemvTiles, decode_linear
 from shardserve.workers.quant.kernels import packed as pk
-from shardserve.workers.quant.kernels.int8_gemm import dequantize_int8, int8_gemm
-from shardserve.workers.quant.kernels.splitk import (
-    INTERPRETER_SPLIT,
-    SplitTiles,
-    default_split_tiles,
-    sm_count_of,
-)
+from shardserve.workers.quant.kernels.int8_gemm import dequantize_int8, gemm_8bit
+from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.weights import Int8Weight
 
 GEMV_MAX_ROWS = 1  # decode_linear takes one row
@@ -71,8 +66,4 @@ def int8_linear(x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None =
     limit = pk.DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows  # read at call time
     if rows >= limit and split_tiles is None and not interpreted and n:
         return torch.nn.functional.linear(x, dequantize_int8(packed.codes, packed.scales, x.dtype), bias)
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows == 0 or n == 0:
-        return out
-    t = split_tiles or (INTERPRETER_SPLIT if interpreted else default_split_tiles(8, rows, n, k, sm_count_of(x.device)))
-    return int8_gemm(x, packed.codes, packed.scales, bias, out, t)
+    return gemm_8bit(x, packed.codes, packed.scales, bias, split_tiles)

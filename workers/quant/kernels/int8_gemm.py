@@ -15,7 +15,14 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
-from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split, store_tile
+from shardserve.workers.quant.kernels.splitk import (
+    INTERPRETER_SPLIT,
+    SplitTiles,
+    default_split_tiles,
+    launch_split,
+    sm_count_of,
+    store_tile,
+)
 
 BLOCK_K = 128  # columns a K step (splitk.k_steps counts INT8 steps of 128)
 
@@ -68,6 +75,18 @@ def int8_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: 
         )
 
     return launch_split(launch, triton.cdiv(k, BLOCK_K), out, bias, tiles)
+
+
+def gemm_8bit(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              tiles: SplitTiles | None = None) -> torch.Tensor:
+    """[M, N] in x's dtype = x @ (codes * scales[:, None])^T + bias: `int8_gemm` into a new tensor, with
+    the tiles given, the interpreter's off CUDA, or the split-K heuristic's for 8-bit weights."""
+    rows, (n, k) = x.shape[0], codes.shape
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return out
+    t = tiles or (INTERPRETER_SPLIT if x.device.type != "cuda" else default_split_tiles(8, rows, n, k, sm_count_of(x.device)))
+    return int8_gemm(x, codes, scales, bias, out, t)
 
 
 @triton.jit
