@@ -6,8 +6,8 @@ PLANE words holding 8 x PLANE consecutive columns as 8 planes of PLANE columns, 
 power of two <= 32 dividing the group size (so a plane needs one scale and one min a row); scales and
 mins transposed to [G, N] in the activation dtype. `int4_linear` permutes x for act-order
 (index_select: shape-static, graph-safe), then runs the matrix-vector kernel for up to
-packed.GEMV_MAX_ROWS rows (decode) or the tl.dot GEMM (prefill, big batches); both dequantize
-w = q * scale + min in registers, accumulate in fp32 and read each packed byte once per tile.
+packed.GEMV_MAX_ROWS rows (decode) or the tl.dot GEMMs (w4a16.py for batches, codes_gemm.py's split-K
+below them); all dequantize in registers, accumulate in fp32 and read each packed byte once per tile.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from shardserve.workers.quant.kernels.packed import (
     plane_linear,
 )
 from shardserve.workers.quant.kernels.splitk import SplitTiles
+from shardserve.workers.quant.kernels.w4a16 import W4Tiles
 from shardserve.workers.quant.weights import Int4Weight
 
 MAX_PLANE = 128  # widest plane: 512-byte rows of words per chunk (8 x 128 columns)
@@ -72,10 +73,11 @@ def pack_int4(w: Int4Weight, dtype: torch.dtype, max_plane: int = DEFAULT_PLANE)
 
 def int4_linear(x: torch.Tensor, packed: Int4Packed, bias: torch.Tensor | None = None,
                 gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
-                split_tiles: SplitTiles | None = None, silu_mul: bool = False) -> torch.Tensor:
+                split_tiles: SplitTiles | None = None, silu_mul: bool = False,
+                w4_tiles: W4Tiles | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16 -> x @ W^T + bias [M, N] (W = the Int4Weight's dequantize())."""
     if packed.perm is not None:
         if x.dim() != 2 or x.shape[1] != packed.perm.shape[0]:
             raise ValueError(f"x must be [M, {packed.perm.shape[0]}], got {tuple(x.shape)}")
         x = x.index_select(1, packed.perm)
-    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, split_tiles, silu_mul)
+    return plane_linear(x, packed.weights, bias, gemv_tiles, gemm_tiles, split_tiles, silu_mul, w4_tiles=w4_tiles)

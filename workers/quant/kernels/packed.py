@@ -14,8 +14,8 @@ f = 1 + u / 2^BITS, and w = u * s + m = f * (2^BITS * s) + (m - 2^BITS * s): one
 `qgemv` (decode, M rows <= GEMV_MAX_ROWS): program (row, tile) streams BLOCK_N rows of words over K, U
 chunks an iteration, the next chunk's words loaded before this one is unpacked (the first before the
 PDL wait: weights are never written while serving, as in parallel/kernels/decode_linear.py); per group
-it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. More rows: the split-K GEMMs
-(codes_gemm.py for INT4, splitk.py) or, for layouts it does not take, `qgemm`: tiles
+it sums f x and x (one FMA a weight) and adds s' sum f x + m' sum x once. More rows: w4a16.py (INT4 batches),
+the split-K GEMMs (codes_gemm.py, splitk.py) or, for layouts they do not take, `qgemm`: tiles
 [BLOCK_M, BLOCK_N], planes dequantized in the main loop and fed to tl.dot. All: fp32 accumulation, one
 rounding. `dequantize_planes` writes W in the activation dtype for cuBLAS at prefill sizes; `plane_linear` picks.
 """
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.workers.quant.kernels import w4a16
 from shardserve.workers.quant.kernels.codes_gemm import codes_gemm, codes_supported
 from shardserve.workers.quant.kernels.splitk import (
     INTERPRETER_SPLIT,
@@ -312,15 +313,17 @@ def check_input(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> N
 def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = None,
                  gemv_tiles: GemvTiles | None = None, gemm_tiles: GemmTiles | None = None,
                  split_tiles: SplitTiles | None = None, silu_mul: bool = False,
-                 dequant_min_rows: int | None = None) -> torch.Tensor:
+                 dequant_min_rows: int | None = None, w4_tiles: w4a16.W4Tiles | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, already permuted for act-order) -> x @ W^T + bias [M, N] in x's dtype.
 
     Up to GEMV_MAX_ROWS rows (or any rows with `gemv_tiles`) the matrix-vector kernel; then, below
-    `dequant_min_rows` (default DEQUANT_MIN_ROWS) rows, the split-K GEMM (codes_gemm.py for INT4 in groups of
-    whole planes; splitk.default_split_tiles) or, for other layouts, this module's dequantizing
-    GEMM; from `dequant_min_rows` rows on CUDA, W dequantized + cuBLAS. `gemm_tiles` / `split_tiles`
-    force one GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most GEMV_MAX_ROWS rows):
-    silu(gate) * up [M, N / 2] from the GEMV's epilogue."""
+    `dequant_min_rows` rows: INT4 with scales in x's dtype from w4a16.MIN_ROWS rows w4a16.py's GEMM
+    (w4a16.default_tiles), below that (and INT4 in exact float32 layouts) the split-K GEMM (codes_gemm.py
+    for INT4 in groups of whole planes; splitk.default_split_tiles) or, for other layouts, this module's
+    dequantizing GEMM; from `dequant_min_rows` rows on CUDA (default w4a16.DEQUANT_MIN_ROWS where
+    w4a16.py takes the weights, else DEQUANT_MIN_ROWS), W dequantized + cuBLAS. `gemm_tiles` /
+    `split_tiles` / `w4_tiles` force one GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most
+    GEMV_MAX_ROWS rows): silu(gate) * up [M, N / 2] from the GEMV's epilogue."""
     check_input(x, w.k, bias, w.n)
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -331,9 +334,10 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     if w.scales.dtype not in (x.dtype, torch.float32):  # float32: exact layouts (GGUF k-quants, kquant.py)
         raise ValueError(f"weights were packed for {w.scales.dtype}, x is {x.dtype}")
     interpreted = x.device.type != "cuda"
-    forced = gemv_tiles is not None or gemm_tiles is not None or split_tiles is not None
+    forced = gemv_tiles is not None or gemm_tiles is not None or split_tiles is not None or w4_tiles is not None
+    w4_ok = w4a16.supported(w.bits, w.plane, w.scales.dtype, x.dtype)
     if dequant_min_rows is None:
-        dequant_min_rows = DEQUANT_MIN_ROWS
+        dequant_min_rows = w4a16.DEQUANT_MIN_ROWS if w4_ok else DEQUANT_MIN_ROWS
     if rows >= dequant_min_rows and not interpreted and not forced and n:
         return torch.nn.functional.linear(x, dequantize_planes(w, x.dtype), bias)
     n_out = n // 2 if silu_mul else n
@@ -342,6 +346,14 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
         return out
     bias_arg = bias if bias is not None else out
     kw = w.words.shape[1]
+    if not silu_mul and (w4_tiles is not None or (w4_ok and not forced and rows >= w4a16.MIN_ROWS)):
+        if not w4_ok:
+            raise ValueError(f"the W4A16 GEMM takes INT4 planes of 16-64 columns with scales in x's dtype; got "
+                             f"{w.bits}-bit planes of {w.plane}, scales {w.scales.dtype}, x {x.dtype}")
+        t = w4_tiles or (w4a16.INTERPRETER_TILES if interpreted
+                         else w4a16.default_tiles(rows, n, w.k, sm_count_of(x.device)))
+        return w4a16.w4a16_gemm(x, w.words, w.scales, w.mins, bias, out, plane=w.plane, group_size=w.group_size,
+                                k=w.k, tiles=t)
     split_ok = split_supported(w, x.dtype)
     if not silu_mul and (split_tiles is not None or (split_ok and gemm_tiles is None and not gemv)):
         if not split_ok:

@@ -1,0 +1,205 @@
+"""W4A16 tensor-core GEMM on INT4 plane-layout weights (packed.py) for batches past the decode rows.
+
+Why: codes_gemm.py feeds tl.dot one plane (K = PLANE = 32) at a time, from 8 separate x loads a chunk,
+with a fresh fp32 accumulator a group and W as the right operand, which on Hopper goes through shared
+memory before every wgmma. Here the plane layout is read as it is (no new layout, no extra bytes):
+program (m tile, n tile, K split) loads a chunk's words once, [BLOCK_N, PLANE] int32 (8 x PLANE
+consecutive columns a row), and unpacks SUB = BLOCK_K / PLANE planes at a time into one K-contiguous
+tile: plane i of word j is column i * PLANE + j, so the [BLOCK_N, SUB, PLANE] fields reshape into
+[BLOCK_N, BLOCK_K]. Each weight is dequantized in registers, w = f * 16 s + (m - 16 s) with f = 1 + u / 16
+(the code moved into 1.0f's mantissa: packed._unpack), scales of its plane's group, rounded once to x's
+dtype, and one tl.dot a sub-step accumulates in fp32 across all of K (any split of the chunks is exact).
+SWAP computes out^T = W x^T: the dequantized W is the dot's left operand (wgmma reads it from registers)
+and the rows are the MMA's N (8 .. 256 allowed), which suits 9-64 rows; else x @ W^T with W on the right.
+Grid: m tiles fastest, so the m tiles of one weight tile run together (one DRAM read of W, L2 for the
+rest); splits > 1 write fp32 partials reduced by splitk.py. Tiles: TILE_TABLE (the H100 sweep's,
+`benchmarks/quant_kernels.py --sweep-int4`) by row bucket and shape, else `heuristic_tiles`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
+from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split, store_tile
+
+
+@dataclass(frozen=True)
+class W4Tiles:
+    block_m: int
+    block_n: int
+    block_k: int  # columns a tl.dot: a power of two, clamped to [PLANE, 8 * PLANE] (whole planes of a chunk);
+    # PLANE (one plane a dot) lets the words' loaded layout be the dot operand's (no shared-memory round trip)
+    split_k: int  # K splits over the chunks (fewer run when K has fewer chunks)
+    num_warps: int
+    num_stages: int
+    swap: bool = True  # out^T = W x^T (W the left operand); False: x @ W^T
+
+
+MIN_ROWS = 9  # from here the engine runs this GEMM (<= 8: torch's tinygemm, or codes_gemm.py's tuned split-K)
+DEQUANT_MIN_ROWS = 256  # from here W dequantized + cuBLAS; the sweep's `suggest` line says where to move it
+SWEEP_ROWS = (16, 32, 64, 128, 256, 512)  # row buckets of TILE_TABLE (a row count takes the next one up)
+SM_COUNT = 132
+SMEM_BYTES = 200 * 1024  # shared memory the pipeline stages may take (an H100 block: 227 KiB)
+# (row bucket, N, K) -> tiles: the H100 sweep's best (`quant_kernels.py --sweep-int4` prints this table); empty
+# until measured, so every shape takes `heuristic_tiles`.
+TILE_TABLE: dict[tuple[int, int, int], W4Tiles] = {}
+INTERPRETER_TILES = W4Tiles(16, 32, 32, 1, 4, 1)  # under Triton's interpreter: small tiles, a dot a plane
+
+
+def row_bucket(rows: int) -> int:
+    return next((b for b in SWEEP_ROWS if rows <= b), SWEEP_ROWS[-1])
+
+
+def heuristic_tiles(rows: int, n: int, k: int, sm_count: int = SM_COUNT) -> W4Tiles:
+    """Until the sweep fills TILE_TABLE: swapped tiles, one plane a dot, the rows rounded up to 16 / 32 / 64
+    (128 from 65 rows), 64 output features a tile up to 32 rows, 128 above (8 warps from 64 x 128), 4 stages
+    up to 32 rows, 3 to 64, 2 above, and as many K splits (<= 8, >= 4 chunks of 256 columns each) as bring
+    the grid to about two waves of `sm_count` programs."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+    block_n = 64 if rows <= 32 else 128
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
+    chunks = max(1, -(-k // 256))
+    split = max(1, min(8, (2 * sm_count) // tiles, chunks // 4))
+    warps = 8 if block_m * block_n >= 64 * 128 else 4
+    stages = 4 if block_m <= 32 else 3 if block_m <= 64 else 2
+    return W4Tiles(block_m, block_n, 32, split, warps, stages)
+
+
+def default_tiles(rows: int, n: int, k: int, sm_count: int = SM_COUNT) -> W4Tiles:
+    hit = TILE_TABLE.get((row_bucket(rows), n, k))
+    return hit if hit is not None else heuristic_tiles(rows, n, k, sm_count)
+
+
+def supported(bits: int, plane: int, scales_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """INT4 planes of 16 - 64 columns (wider: a chunk's x tile alone would fill shared memory) with scales in the activation dtype (bf16 / fp16); the exact float32-scale
+    layouts (GGUF k-quants) keep their own paths."""
+    return bits == 4 and 16 <= plane <= 64 and dtype in (torch.bfloat16, torch.float16) and scales_dtype == dtype
+
+
+@triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])  # one binary for every row count and split
+def _w4a16_kernel(
+    x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
+    PLANE: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """SPLIT: out_ptr is fp32 partials [splits, M, N] (no bias); else out [M, N] in x's dtype."""
+    wait_for_previous(USE_PDL)  # parallel/kernels/pdl.py's protocol: nothing read before it
+    release_next(USE_PDL)
+    CHUNK: tl.constexpr = 8 * PLANE
+    BLOCK_K: tl.constexpr = SUB * PLANE
+    GROUP_PLANES: tl.constexpr = GROUP // PLANE
+    # planes between scale loads: a group's planes when groups tile the chunk (or chunks tile a group), else 1
+    SCALE_EVERY: tl.constexpr = (GROUP_PLANES if 8 % GROUP_PLANES == 0 else 1) if GROUP_PLANES <= 8 else \
+        (8 if GROUP_PLANES % 8 == 0 else 1)
+    dtype = x_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)  # fastest: the m tiles of one weight tile run together (L2)
+    pid_n = tl.program_id(1)
+    first = tl.program_id(2) * STEPS_PER_SPLIT  # this split's chunks
+    last = tl.minimum(first + STEPS_PER_SPLIT, KW // PLANE)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, PLANE)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_i = tl.arange(0, SUB)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    m64 = offs_m.to(tl.int64)
+    if SWAP:  # W tiles [BLOCK_N, BLOCK_K] (left), x^T tiles [BLOCK_K, BLOCK_M] (right), acc [BLOCK_N, BLOCK_M]
+        w_tile = w_ptr + n64[:, None] * KW + offs_j[None, :]
+        x_tile = x_ptr + m64[None, :] * stride_xm + offs_k[:, None]
+        w_mask = mask_n[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:  # W tiles [BLOCK_K, BLOCK_N] (right), x tiles [BLOCK_M, BLOCK_K] (left), acc [BLOCK_M, BLOCK_N]
+        w_tile = w_ptr + n64[None, :] * KW + offs_j[:, None]
+        x_tile = x_ptr + m64[:, None] * stride_xm + offs_k[None, :]
+        w_mask = mask_n[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c in range(first, last):
+        words = tl.load(w_tile + c * PLANE, mask=w_mask, other=0)
+        for q in tl.static_range(8 // SUB):
+            col0 = c * CHUNK + q * BLOCK_K
+            cols_ok = (col0 + offs_k) < K
+            if SUB == 1:  # one plane a dot: 2-D tiles, no reshape (the words' layout can be the dot operand's)
+                if q % SCALE_EVERY == 0:  # a group starts at this plane (or at this chunk): its scales
+                    g = (col0 // GROUP) * N
+                    s = tl.load(s_ptr + g + n64, mask=mask_n, other=0.0).to(tl.float32) * 16.0
+                    m = tl.load(m_ptr + g + n64, mask=mask_n, other=0.0).to(tl.float32) - s
+                t = words >> (4 * q)
+                f = (((t << 19) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + u / 16
+                if SWAP:
+                    w = (f * s[:, None] + m[:, None]).to(dtype)
+                else:
+                    w = (f * s[None, :] + m[None, :]).to(dtype)
+            else:
+                fields = q * SUB + offs_i  # [SUB]: the planes of this dot
+                groups = ((col0 + offs_i * PLANE) // GROUP) * N  # a plane lies inside one group
+                if SWAP:
+                    t = words[:, None, :] >> (4 * fields)[None, :, None]  # [BLOCK_N, SUB, PLANE]
+                    sp = s_ptr + groups[None, :, None] + n64[:, None, None]
+                    mp = m_ptr + groups[None, :, None] + n64[:, None, None]
+                    sm_mask = mask_n[:, None, None]
+                else:
+                    t = words[None, :, :] >> (4 * fields)[:, None, None]  # [SUB, PLANE, BLOCK_N]
+                    sp = s_ptr + groups[:, None, None] + n64[None, None, :]
+                    mp = m_ptr + groups[:, None, None] + n64[None, None, :]
+                    sm_mask = mask_n[None, None, :]
+                f = (((t << 19) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + u / 16
+                s = tl.load(sp, mask=sm_mask, other=0.0).to(tl.float32) * 16.0
+                m = tl.load(mp, mask=sm_mask, other=0.0).to(tl.float32) - s
+                w = (f * s + m).to(dtype)
+                if SWAP:
+                    w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+                else:
+                    w = tl.reshape(w, [BLOCK_K, BLOCK_N])
+            if SWAP:
+                xv = tl.load(x_tile + col0, mask=cols_ok[:, None] & mask_m[None, :], other=0.0)
+                acc = tl.dot(w, xv, acc)
+            else:
+                xv = tl.load(x_tile + col0, mask=mask_m[:, None] & cols_ok[None, :], other=0.0)
+                acc = tl.dot(xv, w, acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om, SPLIT, HAS_BIAS)
+
+
+def sub_planes(plane: int, block_k: int) -> int:
+    """Planes a dot: block_k / plane within [1, 8] (a dot takes whole planes of one chunk)."""
+    if block_k & (block_k - 1) or block_k < 16:
+        raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+    return max(1, min(8, block_k // plane))
+
+
+def w4a16_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+               bias: torch.Tensor | None, out: torch.Tensor, *, plane: int, group_size: int, k: int,
+               tiles: W4Tiles) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W^T + bias for INT4 plane-layout W (packed.PlaneWeights' tensors: words
+    [N, KW], scales / mins [groups, N] in x's dtype), K split `tiles.split_k` ways over its chunks;
+    pipeline stages cut to what fits in shared memory (`fitting_stages`)."""
+    rows, n = out.shape
+    kw = words.shape[1]
+    sub = sub_planes(plane, tiles.block_k)
+    tiles = dataclasses.replace(tiles, num_stages=fitting_stages(tiles, plane))
+
+    def launch(grid: tuple[int, int, int], dest: torch.Tensor, per: int, split: bool) -> None:
+        _w4a16_kernel[grid](
+            x, words, scales, mins, bias if bias is not None else out, dest, rows, n, k, kw,
+            x.stride(0), out.stride(0), per, PLANE=plane, GROUP=group_size, SUB=sub,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, SWAP=tiles.swap, HAS_BIAS=bias is not None,
+            SPLIT=split, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_options(x.device),
+        )
+
+    split = SplitTiles(tiles.block_m, tiles.block_n, tiles.split_k, tiles.num_warps, tiles.num_stages)
+    return launch_split(launch, kw // plane, out, bias, split)
+
+
+def fitting_stages(tiles: W4Tiles, plane: int) -> int:
+    """tiles.num_stages, fewer where a stage (a chunk's words [BLOCK_N, PLANE] int32 and x [BLOCK_M, 8 PLANE])
+    times the stages would pass SMEM_BYTES of shared memory: a K step is a whole chunk."""
+    per_stage = tiles.block_n * plane * 4 + tiles.block_m * 8 * plane * 2
+    return max(1, min(tiles.num_stages, SMEM_BYTES // per_stage))
