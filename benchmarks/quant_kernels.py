@@ -17,7 +17,8 @@ plane kernels alone; "q4_k" / "q6_k" GGUF k-quant shapes on kernels/kquant.py (f
 vs its own quantized activations, tightly); exit status 1 on any failure. A kernel that raises
 is printed and the run goes on (then exit status 1). `--sweep`: a small GEMV tile sweep at M = 1 (~60 s);
 `--sweep-gemv`: INT8 / FP8 GEMV tiles at M = 1 per shape;
-`--sweep-splitk`: splitk_sweep.py (split-K tiles at M 2-256, ~4 min; alone unless --m is given).
+`--sweep-splitk`: splitk_sweep.py (split-K tiles at M 2-256, ~4 min; alone unless --m is given);
+`--sweep-int4`: int4_sweep.py (W4A16 GEMM tiles at M 16-512 or --m, ~4 min; alone).
 `--methods bf16,int8,fp8` keeps only those cases; `--fp8-splitk-max-rows N` moves fp8's W8A16 / W8A8 cut-over.
 Run: `python benchmarks/quant_kernels.py [--check] [--sweep | --sweep-gemv | --sweep-splitk] [--m 1 16 256] [--json out.json]`.
 """
@@ -326,6 +327,8 @@ def main() -> None:
     parser.add_argument("--sweep-splitk", action="store_true",
                         help="split-K GEMM tiles (splitk_sweep.py), INT4 g128 / INT8 at M = 2 ... 256")
     parser.add_argument("--sweep-gemv", action="store_true", help="INT8 and FP8 GEMV tiles at M = 1, per shape")
+    parser.add_argument("--sweep-int4", action="store_true",
+                        help="W4A16 GEMM tiles (int4_sweep.py), INT4 g128 at M = 16 ... 512 (or --m)")
     parser.add_argument("--methods", help="only these cases of the table, comma-separated (e.g. bf16,int8,fp8)")
     parser.add_argument("--fp8-splitk-max-rows", type=int,
                         help="fp8_linear's W8A16 split-K up to this many rows (default: SPLITK_MAX_ROWS)")
@@ -343,6 +346,14 @@ def main() -> None:
     sweep_results = sweep(bandwidth, args.sweep_seconds or 60.0) if args.sweep else {}
     if args.sweep_gemv:
         sweep_results["gemv"] = sweep_gemv(bandwidth, args.sweep_seconds or 200.0)
+    if args.sweep_int4:
+        from int4_sweep import ROWS, sweep_int4  # benchmarks/ is on sys.path when a script there runs
+
+        sweep_results["int4"] = sweep_int4(args.sweep_seconds or 240.0, tuple(args.m) if m_given else ROWS)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device_name(DEV), "sweep": sweep_results}, f, indent=1, default=str)
+        raise SystemExit(0)
     if args.sweep_splitk:
         from splitk_sweep import sweep_splitk  # benchmarks/ is on sys.path when a script there runs
 

@@ -97,7 +97,7 @@ def test_default_tiles_contract(monkeypatch):
                 programs = -(-rows // t.block_m) * -(-n // t.block_n) * t.split_k
                 assert programs <= 2 * w4a16.SM_COUNT and (k // 256) // t.split_k >= 4
             assert w4a16.fitting_stages(t, 32) == t.num_stages  # the defaults fit as they are
-    assert w4a16.default_tiles(16, 4096, 4096).split_k > 1  # o_proj: 64 tiles of 16 x 64
+    assert w4a16.default_tiles(16, 4096, 4096).split_k > 1  # o_proj: 32 tiles of 16 x 128
     forced = W4Tiles(64, 64, 64, 3, 4, 2, swap=False)
     monkeypatch.setitem(w4a16.TILE_TABLE, (64, 4096, 4096), forced)
     assert w4a16.default_tiles(33, 4096, 4096) == forced
@@ -135,7 +135,7 @@ def test_w4a16_compiles_for_h100():
                       pointers={"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "m_ptr": "*bf16",
                                 "bias_ptr": "*bf16", "out_ptr": "*fp32"},
                       constexprs={"PLANE": 32, "GROUP": 128, "SUB": 1, "BLOCK_M": 16, "BLOCK_N": 64, "SWAP": True,
-                                  "HAS_BIAS": False, "SPLIT": True, "USE_PDL": True},
+                                  "EVEN_K": True, "HAS_BIAS": False, "SPLIT": True, "USE_PDL": True},
                       aligned=["N", "K", "KW", "stride_xm", "stride_om", "x_ptr", "w_ptr", "s_ptr", "m_ptr",
                                "bias_ptr", "out_ptr"])
     wgmma = re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\S)", ptx)

@@ -18,7 +18,6 @@ rest); splits > 1 write fp32 partials reduced by splitk.py. Tiles: TILE_TABLE (t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -57,16 +56,16 @@ def row_bucket(rows: int) -> int:
 
 def heuristic_tiles(rows: int, n: int, k: int, sm_count: int = SM_COUNT) -> W4Tiles:
     """Until the sweep fills TILE_TABLE: swapped tiles, one plane a dot, the rows rounded up to 16 / 32 / 64
-    (128 from 65 rows), 64 output features a tile up to 32 rows, 128 above (8 warps from 64 x 128), 4 stages
-    up to 32 rows, 3 to 64, 2 above, and as many K splits (<= 8, >= 4 chunks of 256 columns each) as bring
-    the grid to about two waves of `sm_count` programs."""
+    (128 from 65 rows), 128 output features a tile (x is re-read from L2 once per n tile: at 64 rows a tile
+    of 64 would read twice the bytes of x as of W), 8 warps from 64 x 128, 4 / 3 / 3 / 2 stages, and as many K
+    splits (<= 8, >= 4 chunks of 256 columns each) as bring the grid to about two waves of `sm_count`."""
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
-    block_n = 64 if rows <= 32 else 128
+    block_n = 128
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
     chunks = max(1, -(-k // 256))
     split = max(1, min(8, (2 * sm_count) // tiles, chunks // 4))
-    warps = 8 if block_m * block_n >= 64 * 128 else 4
-    stages = 4 if block_m <= 32 else 3 if block_m <= 64 else 2
+    warps = 8 if block_m >= 64 else 4
+    stages = 4 if block_m <= 16 else 3 if block_m <= 64 else 2
     return W4Tiles(block_m, block_n, 32, split, warps, stages)
 
 
@@ -81,13 +80,26 @@ def supported(bits: int, plane: int, scales_dtype: torch.dtype, dtype: torch.dty
     return bits == 4 and 16 <= plane <= 64 and dtype in (torch.bfloat16, torch.float16) and scales_dtype == dtype
 
 
+@triton.jit
+def _field(words, i: tl.constexpr):
+    """Field i of each word as f = 1 + u / 16 (fp32): the field moved to 1.0f's top mantissa bits, one shift
+    (its direction known at compile time) and one and-or."""
+    shift: tl.constexpr = 19 - 4 * i
+    if shift >= 0:
+        t = words << shift
+    else:
+        t = words >> (-shift)
+    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])  # one binary for every row count and split
 def _w4a16_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
     PLANE: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
+    SWAP: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """SPLIT: out_ptr is fp32 partials [splits, M, N] (no bias); else out [M, N] in x's dtype."""
+    """SPLIT: out_ptr is fp32 partials [splits, M, N] (no bias); else out [M, N] in x's dtype. EVEN_K: K is
+    whole chunks (no column mask on the x tiles)."""
     wait_for_previous(USE_PDL)  # parallel/kernels/pdl.py's protocol: nothing read before it
     release_next(USE_PDL)
     CHUNK: tl.constexpr = 8 * PLANE
@@ -124,14 +136,12 @@ def _w4a16_kernel(
         words = tl.load(w_tile + c * PLANE, mask=w_mask, other=0)
         for q in tl.static_range(8 // SUB):
             col0 = c * CHUNK + q * BLOCK_K
-            cols_ok = (col0 + offs_k) < K
             if SUB == 1:  # one plane a dot: 2-D tiles, no reshape (the words' layout can be the dot operand's)
                 if q % SCALE_EVERY == 0:  # a group starts at this plane (or at this chunk): its scales
                     g = (col0 // GROUP) * N
                     s = tl.load(s_ptr + g + n64, mask=mask_n, other=0.0).to(tl.float32) * 16.0
                     m = tl.load(m_ptr + g + n64, mask=mask_n, other=0.0).to(tl.float32) - s
-                t = words >> (4 * q)
-                f = (((t << 19) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + u / 16
+                f = _field(words, q)
                 if SWAP:
                     w = (f * s[:, None] + m[:, None]).to(dtype)
                 else:
@@ -158,10 +168,16 @@ def _w4a16_kernel(
                 else:
                     w = tl.reshape(w, [BLOCK_K, BLOCK_N])
             if SWAP:
-                xv = tl.load(x_tile + col0, mask=cols_ok[:, None] & mask_m[None, :], other=0.0)
+                if EVEN_K:
+                    xv = tl.load(x_tile + col0, mask=mask_m[None, :], other=0.0)
+                else:
+                    xv = tl.load(x_tile + col0, mask=((col0 + offs_k) < K)[:, None] & mask_m[None, :], other=0.0)
                 acc = tl.dot(w, xv, acc)
             else:
-                xv = tl.load(x_tile + col0, mask=mask_m[:, None] & cols_ok[None, :], other=0.0)
+                if EVEN_K:
+                    xv = tl.load(x_tile + col0, mask=mask_m[:, None], other=0.0)
+                else:
+                    xv = tl.load(x_tile + col0, mask=mask_m[:, None] & ((col0 + offs_k) < K)[None, :], other=0.0)
                 acc = tl.dot(xv, w, acc)
     if SWAP:
         acc = tl.trans(acc)
@@ -184,17 +200,18 @@ def w4a16_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins:
     rows, n = out.shape
     kw = words.shape[1]
     sub = sub_planes(plane, tiles.block_k)
-    tiles = dataclasses.replace(tiles, num_stages=fitting_stages(tiles, plane))
+    stages = fitting_stages(tiles, plane)
 
     def launch(grid: tuple[int, int, int], dest: torch.Tensor, per: int, split: bool) -> None:
         _w4a16_kernel[grid](
             x, words, scales, mins, bias if bias is not None else out, dest, rows, n, k, kw,
             x.stride(0), out.stride(0), per, PLANE=plane, GROUP=group_size, SUB=sub,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, SWAP=tiles.swap, HAS_BIAS=bias is not None,
-            SPLIT=split, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_options(x.device),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, SWAP=tiles.swap, EVEN_K=k % (8 * plane) == 0,
+            HAS_BIAS=bias is not None,
+            SPLIT=split, num_warps=tiles.num_warps, num_stages=stages, **pdl_options(x.device),
         )
 
-    split = SplitTiles(tiles.block_m, tiles.block_n, tiles.split_k, tiles.num_warps, tiles.num_stages)
+    split = SplitTiles(tiles.block_m, tiles.block_n, tiles.split_k, tiles.num_warps, stages)
     return launch_split(launch, kw // plane, out, bias, split)
 
 

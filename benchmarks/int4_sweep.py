@@ -1,0 +1,193 @@
+"""Tile sweep of the W4A16 GEMM (workers/quant/kernels/w4a16.py) on the GPU: INT4 g128 at 16-512 rows.
+
+What it answers: for each row count M in 16 32 64 128 256 512 and Llama-3.1-8B projection (qkv, o,
+gate_up, down; INT4 g128 asymmetric, planes of 32 as the engine packs them), which W4Tiles are fastest,
+beside bf16 cuBLAS (F.linear), the engine's INT4 path before w4a16.py ("before": codes_gemm.py's split-K
+with splitk.default_split_tiles below packed.DEQUANT_MIN_ROWS rows, dequantize + cuBLAS from there),
+dequantize + cuBLAS at every M, and what the engine picks now (w4a16.default_tiles). Timing as
+splitk_sweep.py: a CUDA graph of one call a weight copy (>= 128 MB of weights, so L2 holds none between
+calls), median replay / copies, after a warm-up that also checks the output against x @ W in fp32; a
+config that fails to compile, to fit shared memory or the check is skipped (printed). M outer, shapes
+inner, so a budget cut (`--sweep-seconds`) drops the largest M first, never one projection.
+Prints per (M, shape) the best beside the others, per M the layer sums (4 projections) and the single
+config best over the layer, then, ready to paste into w4a16.py, TILE_TABLE and the suggested
+w4a16.DEQUANT_MIN_ROWS (the first M where dequantize + cuBLAS beats the best W4A16 layer).
+
+Run: `python benchmarks/quant_kernels.py --sweep-int4 [--sweep-seconds 240] [--json FILE]` (or this file
+directly; `--m 16 64` for a subset). ~4 minutes on an H100 (Triton compiles ~1-3 s a config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from shardserve.workers.bench.device import device_name
+from shardserve.workers.quant.kernels import packed as pk
+from shardserve.workers.quant.kernels import splitk, w4a16
+from shardserve.workers.quant.kernels.int4 import int4_linear
+from shardserve.workers.quant.kernels.w4a16 import W4Tiles
+from splitk_sweep import MIN_BYTES, SHAPES, _fmt, build, dequant_run, time_us
+
+ROWS = w4a16.SWEEP_ROWS
+DTYPE = torch.bfloat16
+DEV = torch.device("cuda")
+PLANE = 32  # int4.DEFAULT_PLANE: what pack_int4 gives g128 weights
+
+
+def tile_grid(rows: int) -> list[W4Tiles]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap) near the rows, each at K split 1 / 2 / 4 / 8 (most promising
+    first: a budget cut drops the last); mostly one plane a dot (BLOCK_K 32) swapped (W the wgmma register
+    operand; wide BLOCK_N: x is re-read from L2 once per n tile), a few x @ W^T and K-contiguous 64 / 128.
+    None spills registers or passes SMEM_BYTES at sm_90 (ptxas, checked without a GPU)."""
+    if rows <= 32:
+        m = 16 if rows <= 16 else 32
+        shapes = [(m, 128, 32, 4, 4, True), (m, 64, 32, 4, 4, True), (m, 256, 32, 8, 3, True), (m, 128, 32, 8, 4, True),
+                  (m, 128, 64, 4, 4, True), (m, 128, 32, 8, 3, False)]
+    elif rows <= 64:
+        shapes = [(64, 128, 32, 8, 3, True), (64, 256, 32, 8, 3, True), (64, 64, 32, 4, 3, True),
+                  (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False), (64, 128, 64, 8, 3, True)]
+    elif rows <= 128:
+        shapes = [(128, 128, 32, 8, 2, True), (64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True),
+                  (64, 128, 32, 8, 3, True), (128, 128, 32, 8, 2, False), (128, 256, 32, 8, 2, False)]
+    else:
+        shapes = [(128, 256, 32, 8, 2, True), (128, 128, 32, 8, 2, True), (128, 256, 32, 8, 2, False),
+                  (128, 128, 32, 8, 2, False), (64, 256, 32, 8, 3, True), (128, 128, 128, 8, 2, False)]
+    return [W4Tiles(bm, bn, bk, split, warps, stages, swap)
+            for bm, bn, bk, warps, stages, swap in shapes for split in (1, 2, 4, 8)]
+
+
+def useful(t: W4Tiles, rows: int, n: int, k: int) -> bool:
+    """Skip splits that cannot help (more than 4 waves of programs already, < 2 chunks a split) and tiles whose
+    stages would not fit shared memory (w4a16_gemm would run fewer than the label says)."""
+    if w4a16.fitting_stages(t, PLANE) < t.num_stages:
+        return False
+    tiles = -(-rows // t.block_m) * -(-n // t.block_n)
+    steps = -(-k // (8 * PLANE))
+    return t.split_k == 1 or (tiles * t.split_k <= 4 * splitk.sm_count_of(DEV) and steps // t.split_k >= 2)
+
+
+def src(t: W4Tiles) -> str:
+    return (f"W4Tiles({t.block_m}, {t.block_n}, {t.block_k}, {t.split_k}, {t.num_warps}, {t.num_stages}"
+            f"{'' if t.swap else ', swap=False'})")
+
+
+def before_run(rows: int, n: int, k: int):
+    """The engine's INT4 path at this M before w4a16.py: (label, run)."""
+    if rows >= pk.DEQUANT_MIN_ROWS:
+        return "dequant+cuBLAS", dequant_run
+    t = splitk.default_split_tiles(4, rows, n, k, splitk.sm_count_of(DEV))
+    return f"codes {t.block_m}x{t.block_n}/{t.split_k}", lambda a, w, t=t: int4_linear(a, w, split_tiles=t)
+
+
+def sweep_int4(seconds: float = 240.0, rows_list: tuple[int, ...] = ROWS) -> dict:
+    """The sweep (see the module docstring); returns {"rows": {M: {shape: {...}}}, "layers": ..., "suggest": ...}."""
+    start = time.monotonic()
+    sm = splitk.sm_count_of(DEV)
+    weights, bf16 = {}, {}
+    for name, n, k in SHAPES:
+        weights[name] = build("int4", n, k)
+        w = (torch.randn(n, k, device=DEV) / k**0.5).to(DTYPE)
+        bf16[name] = (w.float(), [w] + [w.clone() for _ in range(max(1, min(8, -(-MIN_BYTES // (2 * n * k)))) - 1)])
+    report: dict = {"rows": {}, "skipped": 0}
+    for rows in rows_list:
+        for name, n, k in SHAPES:
+            wt = weights[name]
+            x = torch.randn(rows, k, device=DEV).to(DTYPE)
+            ref = x.float() @ wt.reference.T
+            where = f"M={rows} {name}"
+            label, run = before_run(rows, n, k)
+            default = w4a16.default_tiles(rows, n, k, sm)
+            row = {"bf16": time_us(lambda a, ww: F.linear(a, ww), bf16[name][1], x, x.float() @ bf16[name][0].T,
+                                   f"{where} bf16"),
+                   "before": time_us(run, wt.packed, x, ref, f"{where} {label}"), "before_path": label,
+                   "dequant": time_us(dequant_run, wt.packed, x, ref, f"{where} dequant"),
+                   "default": time_us(lambda a, w, t=default: int4_linear(a, w, w4_tiles=t), wt.packed, x, ref,
+                                      f"{where} {src(default)}"),
+                   "default_tiles": src(default), "configs": {}}
+            for t in tile_grid(rows):
+                if not useful(t, rows, n, k):
+                    continue
+                if time.monotonic() - start > seconds:
+                    report["skipped"] += 1
+                    continue
+                us = time_us(lambda a, w, t=t: int4_linear(a, w, w4_tiles=t), wt.packed, x, ref, f"{where} {src(t)}")
+                if us is not None:
+                    row["configs"][src(t)] = us
+            if row["default"] is not None:
+                row["configs"].setdefault(src(default), row["default"])
+            if row["configs"]:
+                row["best_tiles"], row["best"] = min(row["configs"].items(), key=lambda kv: kv[1])
+            report["rows"].setdefault(rows, {})[name] = row
+            _print_row(rows, name, row)
+    if report["skipped"]:
+        print(f"sweep: out of time, {report['skipped']} configs skipped (raise --sweep-seconds)")
+    _summary(report)
+    return report
+
+
+def _print_row(rows: int, name: str, row: dict) -> None:
+    best = row.get("best")
+    ratio = f" = {row['bf16'] / best:.2f}x bf16" if best and row["bf16"] else ""
+    print(f"M={rows:3d} {name:8s} bf16 {_fmt(row['bf16'])} | before {_fmt(row['before'])} ({row['before_path']}) "
+          f"| dequant+cuBLAS {_fmt(row['dequant'])} | default {_fmt(row['default'])} | best {_fmt(best)} "
+          f"{row.get('best_tiles', '')}{ratio}", flush=True)
+
+
+def _layer(shapes: dict, key: str) -> float | None:
+    vals = [r.get(key) for r in shapes.values()]
+    return None if len(vals) < len(SHAPES) or any(v is None for v in vals) else sum(vals)
+
+
+def _summary(report: dict) -> None:
+    print("\nper layer (4 projections, us): bf16 | before | dequant+cuBLAS | w4a16 default | w4a16 best per shape "
+          "| one config for the layer")
+    layers, table = {}, []
+    for rows, shapes in sorted(report["rows"].items()):
+        cols = layers[rows] = {key: _layer(shapes, key) for key in ("bf16", "before", "dequant", "default", "best")}
+        common = set.intersection(*(set(r["configs"]) for r in shapes.values())) if len(shapes) == len(SHAPES) else set()
+        one = min(common, key=lambda c: sum(r["configs"][c] for r in shapes.values()), default=None)
+        cols["one_config"] = sum(r["configs"][one] for r in shapes.values()) if one else None
+        cols["one_config_tiles"] = one
+        print(f"  M={rows:3d}: " + " | ".join(f"{key} {_fmt(cols[key])}" for key in
+                                              ("bf16", "before", "dequant", "default", "best", "one_config"))
+              + f"  ({one})", flush=True)
+        for name, n, k in SHAPES:
+            r = shapes.get(name, {})
+            if "best_tiles" in r:
+                table.append(f"    ({rows}, {n}, {k}): {r['best_tiles']},  # {r['best']:.1f} us, bf16 {_fmt(r['bf16']).strip()}")
+    report["layers"] = layers
+    known = {m: c for m, c in layers.items() if c["best"] is not None}
+    dequant_from = next((m for m, c in sorted(known.items()) if c["dequant"] is not None and c["dequant"] < c["best"]),
+                        None)
+    report["suggest"] = {"DEQUANT_MIN_ROWS": dequant_from}
+    print("\n# ready to paste into workers/quant/kernels/w4a16.py:")
+    print("TILE_TABLE: dict[tuple[int, int, int], W4Tiles] = {")
+    print("\n".join(table))
+    print("}")
+    if dequant_from:
+        print(f"# w4a16.DEQUANT_MIN_ROWS -> {dequant_from} (dequantize + cuBLAS beats the best W4A16 layer from there)")
+    elif known:
+        print(f"# w4a16.DEQUANT_MIN_ROWS -> > {max(known)} (W4A16 faster at every M measured: "
+              "raise it past the largest M swept)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep-seconds", type=float, default=240.0)
+    parser.add_argument("--m", type=int, nargs="+", default=list(ROWS))
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"device: {device_name(DEV)}; torch {torch.__version__}")
+    report = sweep_int4(args.sweep_seconds, tuple(args.m))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(DEV), **report}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
