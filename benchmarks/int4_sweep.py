@@ -1,7 +1,7 @@
 """Tile sweep of the W4A16 GEMM (workers/quant/kernels/w4a16.py) on the GPU: INT4 g128 at 16-512 rows.
 
 What it answers: for each row count M in 16 32 64 128 256 512 and Llama-3.1-8B projection (qkv, o,
-gate_up, down; INT4 g128 asymmetric, planes of 32 as the engine packs them), which W4Tiles are fastest,
+gate_up, down; INT4 g128 asymmetric, planes of 32 as the engine packs them or `--plane 16`), which W4Tiles are fastest,
 beside bf16 cuBLAS (F.linear), the engine's INT4 path before w4a16.py ("before": codes_gemm.py's split-K
 with splitk.default_split_tiles below packed.DEQUANT_MIN_ROWS rows, dequantize + cuBLAS from there),
 dequantize + cuBLAS at every M, and what the engine picks now (w4a16.default_tiles). Timing as
@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from shardserve.workers.bench.device import device_name
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import splitk, w4a16
-from shardserve.workers.quant.kernels.int4 import int4_linear
+from shardserve.workers.quant.kernels.int4 import DEFAULT_PLANE, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.w4a16 import W4Tiles
-from splitk_sweep import MIN_BYTES, SHAPES, _fmt, build, dequant_run, time_us
+from shardserve.workers.quant.weights import Int4Weight
+from splitk_sweep import MIN_BYTES, SHAPES, Weights, _clone, _fmt, dequant_run, time_us
 
 ROWS = w4a16.SWEEP_ROWS
 DTYPE = torch.bfloat16
 DEV = torch.device("cuda")
-PLANE = 32  # int4.DEFAULT_PLANE: what pack_int4 gives g128 weights
 
 
 def tile_grid(rows: int) -> list[W4Tiles]:
@@ -52,21 +52,21 @@ def tile_grid(rows: int) -> list[W4Tiles]:
                   (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False), (64, 128, 64, 8, 3, True)]
     elif rows <= 128:
         shapes = [(128, 128, 32, 8, 2, True), (64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True),
-                  (64, 128, 32, 8, 3, True), (128, 128, 32, 8, 2, False), (128, 256, 32, 8, 2, False)]
+                  (128, 128, 32, 8, 2, False), (128, 128, 64, 8, 2, False), (128, 256, 32, 8, 2, False)]
     else:
         shapes = [(128, 256, 32, 8, 2, True), (128, 128, 32, 8, 2, True), (128, 256, 32, 8, 2, False),
-                  (128, 128, 32, 8, 2, False), (64, 256, 32, 8, 3, True), (128, 128, 128, 8, 2, False)]
+                  (128, 128, 32, 8, 2, False), (128, 128, 64, 8, 2, False), (128, 128, 128, 8, 2, False)]
     return [W4Tiles(bm, bn, bk, split, warps, stages, swap)
             for bm, bn, bk, warps, stages, swap in shapes for split in (1, 2, 4, 8)]
 
 
-def useful(t: W4Tiles, rows: int, n: int, k: int) -> bool:
+def useful(t: W4Tiles, rows: int, n: int, k: int, plane: int) -> bool:
     """Skip splits that cannot help (more than 4 waves of programs already, < 2 chunks a split) and tiles whose
     stages would not fit shared memory (w4a16_gemm would run fewer than the label says)."""
-    if w4a16.fitting_stages(t, PLANE) < t.num_stages:
+    if w4a16.fitting_stages(t, plane) < t.num_stages:
         return False
     tiles = -(-rows // t.block_m) * -(-n // t.block_n)
-    steps = -(-k // (8 * PLANE))
+    steps = -(-k // (8 * plane))
     return t.split_k == 1 or (tiles * t.split_k <= 4 * splitk.sm_count_of(DEV) and steps // t.split_k >= 2)
 
 
@@ -83,16 +83,29 @@ def before_run(rows: int, n: int, k: int):
     return f"codes {t.block_m}x{t.block_n}/{t.split_k}", lambda a, w, t=t: int4_linear(a, w, split_tiles=t)
 
 
-def sweep_int4(seconds: float = 240.0, rows_list: tuple[int, ...] = ROWS) -> dict:
+def build(n: int, k: int, plane: int) -> Weights:
+    """INT4 g128 asymmetric [n, k] packed in planes of `plane` columns, copies enough to defeat L2."""
+    g = k // 128
+    scales = torch.rand(n, g, device=DEV) * 2e-3 + 1e-3
+    w = Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=DEV), scales,
+                   -torch.rand(n, g, device=DEV) * 16 * scales, 128)
+    first = pack_int4(w, DTYPE, max_plane=plane)
+    pw = first.weights
+    nbytes = sum(t.numel() * t.element_size() for t in (pw.words, pw.scales, pw.mins))
+    copies = max(2, min(32, -(-MIN_BYTES // nbytes)))
+    return Weights([first] + [_clone(first) for _ in range(copies - 1)], None, w.dequantize(), nbytes)
+
+
+def sweep_int4(seconds: float = 240.0, rows_list: tuple[int, ...] = ROWS, plane: int = DEFAULT_PLANE) -> dict:
     """The sweep (see the module docstring); returns {"rows": {M: {shape: {...}}}, "layers": ..., "suggest": ...}."""
     start = time.monotonic()
     sm = splitk.sm_count_of(DEV)
     weights, bf16 = {}, {}
     for name, n, k in SHAPES:
-        weights[name] = build("int4", n, k)
+        weights[name] = build(n, k, plane)
         w = (torch.randn(n, k, device=DEV) / k**0.5).to(DTYPE)
         bf16[name] = (w.float(), [w] + [w.clone() for _ in range(max(1, min(8, -(-MIN_BYTES // (2 * n * k)))) - 1)])
-    report: dict = {"rows": {}, "skipped": 0}
+    report: dict = {"plane": plane, "rows": {}, "skipped": 0}
     for rows in rows_list:
         for name, n, k in SHAPES:
             wt = weights[name]
@@ -109,7 +122,7 @@ def sweep_int4(seconds: float = 240.0, rows_list: tuple[int, ...] = ROWS) -> dic
                                       f"{where} {src(default)}"),
                    "default_tiles": src(default), "configs": {}}
             for t in tile_grid(rows):
-                if not useful(t, rows, n, k):
+                if not useful(t, rows, n, k, plane):
                     continue
                 if time.monotonic() - start > seconds:
                     report["skipped"] += 1
@@ -179,11 +192,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-seconds", type=float, default=240.0)
     parser.add_argument("--m", type=int, nargs="+", default=list(ROWS))
+    parser.add_argument("--plane", type=int, default=DEFAULT_PLANE,
+                        help="pack the weights in planes of this many columns (int4.pack_int4's max_plane; 16 or 32)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {device_name(DEV)}; torch {torch.__version__}")
-    report = sweep_int4(args.sweep_seconds, tuple(args.m))
+    report = sweep_int4(args.sweep_seconds, tuple(args.m), args.plane)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(DEV), **report}, f, indent=1, default=str)

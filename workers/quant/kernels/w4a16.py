@@ -1,16 +1,16 @@
 """W4A16 tensor-core GEMM on INT4 plane-layout weights (packed.py) for batches past the decode rows.
 
-Why: codes_gemm.py feeds tl.dot one plane (K = PLANE = 32) at a time, from 8 separate x loads a chunk,
-with a fresh fp32 accumulator a group and W as the right operand, which on Hopper goes through shared
-memory before every wgmma. Here the plane layout is read as it is (no new layout, no extra bytes):
-program (m tile, n tile, K split) loads a chunk's words once, [BLOCK_N, PLANE] int32 (8 x PLANE
-consecutive columns a row), and unpacks SUB = BLOCK_K / PLANE planes at a time into one K-contiguous
-tile: plane i of word j is column i * PLANE + j, so the [BLOCK_N, SUB, PLANE] fields reshape into
-[BLOCK_N, BLOCK_K]. Each weight is dequantized in registers, w = f * 16 s + (m - 16 s) with f = 1 + u / 16
-(the code moved into 1.0f's mantissa: packed._unpack), scales of its plane's group, rounded once to x's
-dtype, and one tl.dot a sub-step accumulates in fp32 across all of K (any split of the chunks is exact).
-SWAP computes out^T = W x^T: the dequantized W is the dot's left operand (wgmma reads it from registers)
-and the rows are the MMA's N (8 .. 256 allowed), which suits 9-64 rows; else x @ W^T with W on the right.
+Why: codes_gemm.py keeps a fresh fp32 accumulator a group beside the running one (three [BLOCK_M, BLOCK_N]
+tiles), sums x rows a plane and sends W, the right operand, through shared memory for every plane's wgmma.
+Here the plane layout is read as it is (no new layout, no extra bytes): program (m tile, n tile, K split)
+loads a chunk's words once, [BLOCK_N, PLANE] int32 = 8 x PLANE consecutive columns a row, and field i of
+those words *is* the K-contiguous [BLOCK_N, PLANE] tile of columns i * PLANE + j. Each weight is
+dequantized in registers to x's dtype, w = f * 16 s + (m - 16 s) with f = 1 + u / 16 (the code moved into
+1.0f's mantissa: a shift, an and-or, an FMA), scales of its plane's group loaded once a group, and tl.dot
+accumulates in fp32 across all of K (so any split of the chunks is exact). BLOCK_K = PLANE: a dot a plane,
+the words loaded straight into the dot operand's layout; BLOCK_K = SUB * PLANE: SUB planes reshaped into one
+[BLOCK_N, BLOCK_K] tile (a shared-memory round trip). SWAP computes out^T = W x^T: W is the wgmma's register
+operand and the rows its N (8 .. 256), which suits few rows; else x @ W^T, W through shared memory.
 Grid: m tiles fastest, so the m tiles of one weight tile run together (one DRAM read of W, L2 for the
 rest); splits > 1 write fp32 partials reduced by splitk.py. Tiles: TILE_TABLE (the H100 sweep's,
 `benchmarks/quant_kernels.py --sweep-int4`) by row bucket and shape, else `heuristic_tiles`.
