@@ -40,16 +40,18 @@ DEV = torch.device("cuda")
 
 def tile_grid(rows: int) -> list[W4Tiles]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap) near the rows, each at K split 1 / 2 / 4 / 8 (most promising
-    first: a budget cut drops the last); mostly one plane a dot (BLOCK_K 32) swapped (W the wgmma register
-    operand; wide BLOCK_N: x is re-read from L2 once per n tile), a few x @ W^T and K-contiguous 64 / 128.
-    None spills registers or passes SMEM_BYTES at sm_90 (ptxas, checked without a GPU)."""
+    first: a budget cut drops the last). Swapped (W the wgmma register operand; wide BLOCK_N, as x is re-read
+    from L2 once per n tile) with a dot a plane (BLOCK_K 32: the words straight into the operand's layout, but
+    Triton waits for each wgmma before the next plane's dequantization) or a dot a chunk (BLOCK_K 256: a layout
+    conversion, then two wgmmas kept in flight); a few x @ W^T (W through shared memory). At sm_90 (ptxas,
+    checked without a GPU) none passes SMEM_BYTES and only 64 x 128 a chunk a dot spills (16 bytes, split)."""
     if rows <= 32:
         m = 16 if rows <= 16 else 32
-        shapes = [(m, 128, 32, 4, 4, True), (m, 64, 32, 4, 4, True), (m, 256, 32, 8, 3, True), (m, 128, 32, 8, 4, True),
-                  (m, 128, 64, 4, 4, True), (m, 128, 32, 8, 3, False)]
+        shapes = [(m, 128, 32, 4, 4, True), (m, 128, 256, 8, 3, True), (m, 64, 32, 4, 4, True), (m, 256, 32, 8, 3, True),
+                  (m, 128, 32, 8, 4, True), (m, 64, 256, 4, 4, True), (m, 128, 32, 8, 3, False)]
     elif rows <= 64:
-        shapes = [(64, 128, 32, 8, 3, True), (64, 256, 32, 8, 3, True), (64, 64, 32, 4, 3, True),
-                  (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False), (64, 128, 64, 8, 3, True)]
+        shapes = [(64, 128, 32, 8, 3, True), (64, 128, 256, 8, 2, True), (64, 256, 32, 8, 3, True),
+                  (64, 64, 32, 4, 3, True), (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False)]
     elif rows <= 128:
         shapes = [(128, 128, 32, 8, 2, True), (64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True),
                   (128, 128, 32, 8, 2, False), (128, 128, 64, 8, 2, False), (128, 256, 32, 8, 2, False)]

@@ -44,7 +44,7 @@ def _check(out, x, w, bias):
     (33, 40, 416, 32, 32, False, True, W4Tiles(16, 32, 64, 1, 4, 1)),  # K padded; two planes a dot
     (5, 40, 768, 96, 32, True, True, W4Tiles(16, 16, 128, 2, 4, 1, swap=False)),  # groups of 3 planes, 4 a dot
     (12, 50, 1024, 256, 32, False, False, W4Tiles(16, 32, 32, 1, 4, 1)),  # a scale load a chunk (inside a group)
-    (24, 40, 512, 64, 32, False, False, W4Tiles(16, 32, 256, 1, 4, 1, swap=False)),  # the whole chunk a dot
+    (24, 40, 512, 64, 32, False, False, W4Tiles(16, 32, 256, 1, 4, 1)),  # the whole chunk a dot
 ])
 def test_w4a16_matches_dequantized_reference(device, dtype, rows, n, k, group, plane, symmetric, bias, tiles):
     w = random_int4(n, k, group, symmetric, group == 64, device)
