@@ -14,13 +14,17 @@ config best over the layer, then, ready to paste into w4a16.py, TILE_TABLE and t
 w4a16.DEQUANT_MIN_ROWS (the first M where dequantize + cuBLAS beats the best W4A16 layer).
 
 Run: `python benchmarks/quant_kernels.py --sweep-int4 [--sweep-seconds 240] [--json FILE]` (or this file
-directly; `--m 16 64` for a subset). ~4 minutes on an H100 (Triton compiles ~1-3 s a config).
+directly; `--m 16 64` for a subset). The ~100 kernels compile first in 8 processes (`--compile-workers`); the
+whole run should take ~3-4 minutes on an H100 (not yet run on one).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import time
 
 import torch
@@ -36,6 +40,8 @@ from splitk_sweep import MIN_BYTES, SHAPES, Weights, _clone, _fmt, dequant_run, 
 ROWS = w4a16.SWEEP_ROWS
 DTYPE = torch.bfloat16
 DEV = torch.device("cuda")
+COMPILE_SHAPE = (4096, 4096)  # the precompile's weight: the same specialization as every Llama shape (N, K,
+# strides divisible by 16, K whole chunks), so the sweep's calls find its binaries in Triton's cache
 
 
 def tile_grid(rows: int) -> list[W4Tiles]:
@@ -98,10 +104,57 @@ def build(n: int, k: int, plane: int) -> Weights:
     return Weights([first] + [_clone(first) for _ in range(copies - 1)], None, w.dequantize(), nbytes)
 
 
-def sweep_int4(seconds: float = 240.0, rows_list: tuple[int, ...] = ROWS, plane: int = DEFAULT_PLANE) -> dict:
+def _compile(plane: int, tiles: list[W4Tiles]) -> int:
+    """In a worker process: run each config once on a COMPILE_SHAPE weight, so Triton's on-disk cache holds its
+    binary; returns how many ran."""
+    torch.manual_seed(0)
+    n, k = COMPILE_SHAPE
+    wt = build(n, k, plane)
+    x = torch.randn(16, k, device=DEV).to(DTYPE)
+    done = 0
+    for t in tiles:
+        try:
+            int4_linear(x, wt.packed[0], w4_tiles=t)
+            done += 1
+        except Exception as exc:  # reported again (and skipped) when the sweep times it
+            print(f"  precompile {src(t)}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    return done
+
+
+def precompile(configs: set[W4Tiles], plane: int, workers: int, timeout: float) -> None:
+    """Compile the configs in `workers` processes at once (Triton compiles one kernel at a time; ptxas alone
+    takes seconds for the 8-warp tiles): each config with one split and with two (a different binary). Past
+    `timeout` seconds the workers are ended and the sweep compiles what is left as it goes."""
+    todo = sorted({W4Tiles(t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages, t.swap)
+                   for t in configs for s in (1, 2)}, key=src)
+    if workers <= 1 or not todo:
+        return
+    began = time.monotonic()
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    futures = [pool.submit(_compile, plane, todo[i::workers]) for i in range(workers)]
+    finished, pending = concurrent.futures.wait(futures, timeout=timeout)
+    done = sum(f.result() for f in finished if f.exception() is None)
+    for f in finished:
+        if f.exception() is not None:
+            print(f"precompile worker failed: {type(f.exception()).__name__}: {f.exception()}")
+    if pending:
+        print(f"precompile: {len(pending)} workers past {timeout:.0f} s, ended")
+        for proc in list(getattr(pool, "_processes", {}).values()):  # ProcessPoolExecutor has no public kill
+            proc.terminate()
+    pool.shutdown(wait=not pending, cancel_futures=True)
+    print(f"precompiled {done} of {len(todo)} kernels in {time.monotonic() - began:.0f} s ({workers} processes)")
+
+
+def sweep_int4(seconds: float = 240.0, rows_list: tuple[int, ...] = ROWS, plane: int = DEFAULT_PLANE,
+               workers: int = min(8, os.cpu_count() or 1)) -> dict:
     """The sweep (see the module docstring); returns {"rows": {M: {shape: {...}}}, "layers": ..., "suggest": ...}."""
     start = time.monotonic()
     sm = splitk.sm_count_of(DEV)
+    configs = {t for rows in rows_list for name, n, k in SHAPES for t in tile_grid(rows) if useful(t, rows, n, k, plane)}
+    configs |= {w4a16.default_tiles(rows, n, k, sm) for rows in rows_list for _, n, k in SHAPES}
+    precompile(configs, plane, workers, timeout=seconds / 2)
     weights, bf16 = {}, {}
     for name, n, k in SHAPES:
         weights[name] = build(n, k, plane)
@@ -196,11 +249,13 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=list(ROWS))
     parser.add_argument("--plane", type=int, default=DEFAULT_PLANE,
                         help="pack the weights in planes of this many columns (int4.pack_int4's max_plane; 16 or 32)")
+    parser.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes compiling the configs before the timing (1: compile as the sweep goes)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {device_name(DEV)}; torch {torch.__version__}")
-    report = sweep_int4(args.sweep_seconds, tuple(args.m), args.plane)
+    report = sweep_int4(args.sweep_seconds, tuple(args.m), args.plane, args.compile_workers)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(DEV), **report}, f, indent=1, default=str)
