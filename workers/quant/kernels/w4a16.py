@@ -75,8 +75,8 @@ def default_tiles(rows: int, n: int, k: int, sm_count: int = SM_COUNT) -> W4Tile
 
 
 def supported(bits: int, plane: int, scales_dtype: torch.dtype, dtype: torch.dtype) -> bool:
-    """INT4 planes of 16 - 64 columns (wider: a chunk's x tile alone would fill shared memory) with scales in the activation dtype (bf16 / fp16); the exact float32-scale
-    layouts (GGUF k-quants) keep their own paths."""
+    """INT4 planes of 16 - 64 columns (wider: a chunk's x tile alone would fill shared memory) with scales in
+    the activation dtype (bf16 / fp16); the exact float32-scale layouts (GGUF k-quants) keep their own paths."""
     return bits == 4 and 16 <= plane <= 64 and dtype in (torch.bfloat16, torch.float16) and scales_dtype == dtype
 
 
