@@ -6,7 +6,7 @@ checkpoint's one value repeated: rowwise scaling needs both operands' scales row
 rowwise _scaled_mm takes scale_a [M, 1] and scale_b [1, N], both fp32). `fp8_linear` quantizes x
 [M, K] one row a program (`quantize_rows`: amax -> scale = amax / 448 -> x / scale rounded to e4m3,
 round-to-nearest-even done in fp32 bits so that the store is exact), then `_scaled_mm` with bf16
-output, then the bias (one add). Why cuBLASLt rather than a Triton FP8 GEMM: its FP8 tensor-core
+output and Hopper's fast FP8 accumulation (as vLLM's CUTLASS kernels), then the bias (one add). Why cuBLASLt rather than a Triton FP8 GEMM: its FP8 tensor-core
 GEMMs are the fastest we have on Hopper for prefill sizes. A decode row (GEMV_MAX_ROWS) skips the
 activation quantization: `fp8_gemv` is parallel/kernels/decode_linear.py's kernel on the e4m3 rows (first
 chunk before the PDL wait, widened in registers) with the row scales in its epilogue; 2 ..
@@ -132,7 +132,7 @@ def fp8_linear(x: torch.Tensor, packed: Fp8Packed, bias: torch.Tensor | None = N
     q, scales = quantize_rows(x)
     out_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.bfloat16  # rowwise scaling writes bf16
     y = torch._scaled_mm(q, packed.weight_t, scale_a=scales, scale_b=packed.scales, bias=None,
-                         out_dtype=out_dtype)
+                         out_dtype=out_dtype, use_fast_accum=True)
     if bias is not None:
         y = y + bias.to(out_dtype)
     return y if y.dtype == x.dtype else y.to(x.dtype)

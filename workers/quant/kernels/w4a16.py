@@ -44,9 +44,34 @@ DEQUANT_MIN_ROWS = 256  # from here W dequantized + cuBLAS; the sweep's `suggest
 SWEEP_ROWS = (16, 32, 64, 128, 256, 512)  # row buckets of TILE_TABLE (a row count takes the next one up)
 SM_COUNT = 132
 SMEM_BYTES = 200 * 1024  # shared memory the pipeline stages may take (an H100 block: 227 KiB)
-# (row bucket, N, K) -> tiles: the H100 sweep's best (`quant_kernels.py --sweep-int4` prints this table); empty
-# until measured, so every shape takes `heuristic_tiles`.
-TILE_TABLE: dict[tuple[int, int, int], W4Tiles] = {}
+# (row bucket, N, K) -> tiles: the H100 sweep's best for the Llama-3.1-8B projections (`quant_kernels.py
+# --sweep-int4` prints this table; each entry: its time and bf16 cuBLAS's); other shapes take `heuristic_tiles`.
+TILE_TABLE: dict[tuple[int, int, int], W4Tiles] = {
+    (16, 6144, 4096): W4Tiles(16, 64, 32, 4, 4, 4),  # 15.9 us, bf16 22.0
+    (16, 4096, 4096): W4Tiles(16, 64, 32, 4, 4, 4),  # 12.6 us, bf16 16.3
+    (16, 28672, 4096): W4Tiles(16, 64, 32, 1, 4, 4),  # 55.9 us, bf16 85.3
+    (16, 4096, 14336): W4Tiles(16, 128, 32, 8, 8, 3, swap=False),  # 29.8 us, bf16 45.0
+    (32, 6144, 4096): W4Tiles(32, 128, 32, 4, 8, 3, swap=False),  # 19.7 us, bf16 22.8
+    (32, 4096, 4096): W4Tiles(32, 64, 32, 4, 4, 4),  # 13.4 us, bf16 15.2
+    (32, 28672, 4096): W4Tiles(32, 128, 32, 1, 8, 3, swap=False),  # 61.5 us, bf16 85.3
+    (32, 4096, 14336): W4Tiles(32, 128, 32, 8, 8, 3, swap=False),  # 33.4 us, bf16 46.8
+    (64, 6144, 4096): W4Tiles(64, 64, 32, 2, 4, 3),  # 23.6 us, bf16 22.5
+    (64, 4096, 4096): W4Tiles(64, 128, 32, 4, 8, 3),  # 16.8 us, bf16 16.1
+    (64, 28672, 4096): W4Tiles(64, 64, 32, 1, 4, 3),  # 78.9 us, bf16 88.2
+    (64, 4096, 14336): W4Tiles(64, 64, 32, 4, 4, 3),  # 41.8 us, bf16 46.5
+    (128, 6144, 4096): W4Tiles(128, 128, 32, 2, 8, 2),  # 35.9 us, bf16 22.8
+    (128, 4096, 4096): W4Tiles(128, 128, 32, 4, 8, 2),  # 22.9 us, bf16 16.2
+    (128, 28672, 4096): W4Tiles(128, 256, 32, 1, 8, 2),  # 122.6 us, bf16 88.4
+    (128, 4096, 14336): W4Tiles(128, 128, 32, 4, 8, 2),  # 66.1 us, bf16 52.3
+    (256, 6144, 4096): W4Tiles(128, 128, 32, 1, 8, 2),  # 60.9 us, bf16 24.5
+    (256, 4096, 4096): W4Tiles(128, 128, 32, 2, 8, 2),  # 37.2 us, bf16 18.8
+    (256, 28672, 4096): W4Tiles(128, 256, 32, 1, 8, 2),  # 226.1 us, bf16 104.2
+    (256, 4096, 14336): W4Tiles(128, 128, 32, 2, 8, 2),  # 116.6 us, bf16 57.9
+    (512, 6144, 4096): W4Tiles(128, 128, 32, 2, 8, 2),  # 106.9 us, bf16 37.6
+    (512, 4096, 4096): W4Tiles(128, 128, 32, 1, 8, 2),  # 61.1 us, bf16 24.9
+    (512, 28672, 4096): W4Tiles(128, 128, 32, 1, 8, 2),  # 394.7 us, bf16 157.3
+    (512, 4096, 14336): W4Tiles(128, 256, 32, 2, 8, 2),  # 210.4 us, bf16 81.3
+}
 INTERPRETER_TILES = W4Tiles(16, 32, 32, 1, 4, 1)  # under Triton's interpreter: small tiles, a dot a plane
 
 
