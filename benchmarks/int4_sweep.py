@@ -1,36 +1,36 @@
-"""Tile sweep of the W4A16 GEMM (workers/quant/kernels/w4a16.py) on the GPU: INT4 g128 at 16-512 rows.
+"""Tile sweep of the W4A16 GEMM (workers/quant/kernels/w4a16.py) on the GPU: INT4 g128 at 16-1024 rows.
 
-What it answers: for each row count M in 16 32 64 128 256 512 and Llama-3.1-8B projection (qkv, o,
+What it answers: for each row count M in 16 32 64 128 256 512 1024 (or `--m`) and Llama-3.1-8B projection (qkv, o,
 gate_up, down; INT4 g128 asymmetric, planes of 32 as the engine packs them or `--plane 16`), which W4Tiles are fastest,
-beside bf16 cuBLAS (F.linear), the engine's INT4 path before w4a16.py ("before": codes_gemm.py's split-K
-with splitk.default_split_tiles below packed.DEQUANT_MIN_ROWS rows, dequantize + cuBLAS from there),
-dequantize + cuBLAS at every M, and what the engine picks now (w4a16.default_tiles). Timing as
-splitk_sweep.py: a CUDA graph of one call a weight copy (>= 128 MB of weights, so L2 holds none between
-calls), median replay / copies, after a warm-up that also checks the output against x @ W in fp32; a
-config that fails to compile, to fit shared memory or the check is skipped (printed). M outer, shapes
-inner, so a budget cut (`--sweep-seconds`) drops the largest M first, never one projection.
+beside bf16 cuBLAS (F.linear), the engine's INT4 path as it stands ("before": w4a16.py with its TILE_TABLE or
+heuristic tiles, or dequantize + cuBLAS where `w4a16.dequant_wins`), dequantize + cuBLAS at every M, and
+w4a16.default_tiles forced at every M ("default"). Timing as splitk_sweep.py: a CUDA graph of one call a weight
+copy (>= 128 MB of weights, so L2 holds none between calls), median replay / copies, after a warm-up that also
+checks the output against x @ W in fp32; a config that fails to compile, to fit shared memory or the check is
+skipped (printed). M outer, shapes inner: a budget cut (`--sweep-seconds`) drops the largest M first.
 Prints per (M, shape) the best beside the others, per M the layer sums (4 projections) and the single
-config best over the layer, then, ready to paste into w4a16.py, TILE_TABLE and the suggested
-w4a16.DEQUANT_MIN_ROWS (the first M where dequantize + cuBLAS beats the best W4A16 layer).
+config best over the layer, then, ready to paste into w4a16.py, TILE_TABLE (row buckets not swept kept as they
+are; from w4a16.DEQUANT_MIN_ROWS rows only the shapes where the best beat dequantize + cuBLAS, since an entry
+there routes the shape to w4a16.py) and the first M where dequantize + cuBLAS beats the best W4A16 layer.
 
-Run: `python benchmarks/quant_kernels.py --sweep-int4 [--sweep-seconds 240] [--json FILE]` (or this file
-directly; `--m 16 64` for a subset). The ~100 kernels compile first in 8 processes (`--compile-workers`); the
-whole run should take ~3-4 minutes on an H100 (not yet run on one).
+Run: `python benchmarks/quant_kernels.py --sweep-int4 [--sweep-int8] [--m 128 256 512 1024] [--sweep-seconds 140]
+[--json FILE]` (or this file directly). Kernels compile first in 8 processes (`--compile-workers`).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from shardserve.workers.bench.device import device_name
-from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels import splitk, w4a16
 from shardserve.workers.quant.kernels.int4 import DEFAULT_PLANE, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.w4a16 import W4Tiles
@@ -49,8 +49,13 @@ def tile_grid(rows: int) -> list[W4Tiles]:
     first: a budget cut drops the last). Swapped (W the wgmma register operand; wide BLOCK_N, as x is re-read
     from L2 once per n tile) with a dot a plane (BLOCK_K 32: the words straight into the operand's layout, but
     Triton waits for each wgmma before the next plane's dequantization) or a dot a chunk (BLOCK_K 256: a layout
-    conversion, then two wgmmas kept in flight); a few x @ W^T (W through shared memory). At sm_90 (ptxas,
-    checked without a GPU) none passes SMEM_BYTES and only 64 x 128 a chunk a dot spills (16 bytes, split)."""
+    conversion, then two wgmmas kept in flight); a few x @ W^T (W through shared memory). From 128 rows:
+    w4a16_pairs.py first (~2 instructions a weight, not ~4.5; its 128 x 256 and 256-row tiles spill at sm_90,
+    left out), then the H100 sweep's best (128 x
+    128 / 256, 8 warps, 2 stages), 256-row tiles (a weight's dequantization shared by twice the rows; x's chunk
+    fills shared memory: one stage) and one-warpgroup tiles of 64 weight rows (two programs an SM, one
+    dequantizing while the other's wgmma runs). At sm_90 (ptxas, checked without a GPU) none passes
+    SMEM_BYTES and only 64 x 128 a chunk a dot spills (16 bytes, split)."""
     if rows <= 32:
         m = 16 if rows <= 16 else 32
         shapes = [(m, 128, 32, 4, 4, True), (m, 128, 256, 8, 3, True), (m, 64, 32, 4, 4, True), (m, 256, 32, 8, 3, True),
@@ -59,13 +64,19 @@ def tile_grid(rows: int) -> list[W4Tiles]:
         shapes = [(64, 128, 32, 8, 3, True), (64, 128, 256, 8, 2, True), (64, 256, 32, 8, 3, True),
                   (64, 64, 32, 4, 3, True), (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False)]
     elif rows <= 128:
-        shapes = [(128, 128, 32, 8, 2, True), (64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True),
-                  (128, 128, 32, 8, 2, False), (128, 128, 64, 8, 2, False), (128, 256, 32, 8, 2, False)]
+        shapes = [(128, 128, PAIRS, 8, 2, True), (128, 64, PAIRS, 4, 2, True), (128, 128, 32, 8, 2, True),
+                  (128, 256, 32, 8, 2, True), (128, 64, 32, 4, 2, True), (64, 128, 32, 4, 3, True),
+                  (128, 128, 32, 8, 2, False)]
     else:
-        shapes = [(128, 256, 32, 8, 2, True), (128, 128, 32, 8, 2, True), (128, 256, 32, 8, 2, False),
-                  (128, 128, 32, 8, 2, False), (128, 128, 64, 8, 2, False), (128, 128, 128, 8, 2, False)]
-    return [W4Tiles(bm, bn, bk, split, warps, stages, swap)
-            for bm, bn, bk, warps, stages, swap in shapes for split in (1, 2, 4, 8)]
+        shapes = [(128, 128, PAIRS, 8, 2, True), (128, 64, PAIRS, 4, 2, True), (128, 128, 32, 8, 2, True),
+                  (128, 256, 32, 8, 2, True), (256, 128, 32, 8, 1, True), (256, 64, 32, 4, 1, True),
+                  (128, 64, 32, 4, 2, True), (256, 128, 32, 8, 1, False)]
+    splits = (1, 2, 4, 8) if rows < 128 else (1, 2, 4) if rows == 128 else (1, 2)
+    return [W4Tiles(bm, bn, 32 if bk == PAIRS else bk, split, warps, stages, swap, pairs=bk == PAIRS)
+            for bm, bn, bk, warps, stages, swap in shapes for split in splits]
+
+
+PAIRS = 0  # tile_grid's BLOCK_K for w4a16_pairs.py (two weights an instruction, dots of 2 PLANE columns)
 
 
 def useful(t: W4Tiles, rows: int, n: int, k: int, plane: int) -> bool:
@@ -80,15 +91,15 @@ def useful(t: W4Tiles, rows: int, n: int, k: int, plane: int) -> bool:
 
 def src(t: W4Tiles) -> str:
     return (f"W4Tiles({t.block_m}, {t.block_n}, {t.block_k}, {t.split_k}, {t.num_warps}, {t.num_stages}"
-            f"{'' if t.swap else ', swap=False'})")
+            f"{'' if t.swap else ', swap=False'}{', pairs=True' if t.pairs else ''})")
 
 
 def before_run(rows: int, n: int, k: int):
-    """The engine's INT4 path at this M before w4a16.py: (label, run)."""
-    if rows >= pk.DEQUANT_MIN_ROWS:
+    """The engine's INT4 path at this M as it stands (TILE_TABLE's, the heuristic's or dequantize + cuBLAS): (label, run)."""
+    if w4a16.dequant_wins(rows, n, k):
         return "dequant+cuBLAS", dequant_run
-    t = splitk.default_split_tiles(4, rows, n, k, splitk.sm_count_of(DEV))
-    return f"codes {t.block_m}x{t.block_n}/{t.split_k}", lambda a, w, t=t: int4_linear(a, w, split_tiles=t)
+    t = w4a16.default_tiles(rows, n, k, splitk.sm_count_of(DEV))
+    return f"w4a16 {src(t)}", lambda a, w, t=t: int4_linear(a, w, w4_tiles=t)
 
 
 def build(n: int, k: int, plane: int) -> Weights:
@@ -127,13 +138,19 @@ def precompile(configs: set[W4Tiles], plane: int, workers: int, timeout: float) 
     """Compile the configs in `workers` processes at once (Triton compiles one kernel at a time; ptxas alone
     takes seconds for the 8-warp tiles): each config with one split and with two (a different binary). Past
     `timeout` seconds the workers are ended and the sweep compiles what is left as it goes."""
-    todo = sorted({W4Tiles(t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages, t.swap)
+    todo = sorted({W4Tiles(t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages, t.swap, t.pairs)
                    for t in configs for s in (1, 2)}, key=src)
+    compile_in_pool(functools.partial(_compile, plane), todo, workers, timeout)
+
+
+def compile_in_pool(compile_some: Callable[[list], int], todo: list, workers: int, timeout: float) -> None:
+    """Run `compile_some` (picklable: a module-level function or a partial of one) on `workers` slices of `todo`
+    in fresh processes; past `timeout` seconds the workers are ended (the sweep compiles the rest as it goes)."""
     if workers <= 1 or not todo:
         return
     began = time.monotonic()
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    futures = [pool.submit(_compile, plane, todo[i::workers]) for i in range(workers)]
+    futures = [pool.submit(compile_some, todo[i::workers]) for i in range(workers)]
     finished, pending = concurrent.futures.wait(futures, timeout=timeout)
     done = sum(f.result() for f in finished if f.exception() is None)
     for f in finished:
@@ -225,8 +242,10 @@ def _summary(report: dict) -> None:
               + f"  ({one})", flush=True)
         for name, n, k in SHAPES:
             r = shapes.get(name, {})
-            if "best_tiles" in r:
-                table.append(f"    ({rows}, {n}, {k}): {r['best_tiles']},  # {r['best']:.1f} us, bf16 {_fmt(r['bf16']).strip()}")
+            lost = rows >= w4a16.DEQUANT_MIN_ROWS and (r.get("dequant") is None or r["dequant"] <= r.get("best", 0))
+            if "best_tiles" in r and not lost:  # from DEQUANT_MIN_ROWS an entry routes the shape here: only winners
+                table.append(f"    ({rows}, {n}, {k}): {r['best_tiles']},  # {r['best']:.1f} us, bf16 {_fmt(r['bf16']).strip()}, "
+                             f"dequant {_fmt(r.get('dequant')).strip()}")
     report["layers"] = layers
     known = {m: c for m, c in layers.items() if c["best"] is not None}
     dequant_from = next((m for m, c in sorted(known.items()) if c["dequant"] is not None and c["dequant"] < c["best"]),
@@ -234,7 +253,9 @@ def _summary(report: dict) -> None:
     report["suggest"] = {"DEQUANT_MIN_ROWS": dequant_from}
     print("\n# ready to paste into workers/quant/kernels/w4a16.py:")
     print("TILE_TABLE: dict[tuple[int, int, int], W4Tiles] = {")
-    print("\n".join(table))
+    kept = [f"    {key}: {src(t)},  # kept (row bucket not swept)" for key, t in w4a16.TILE_TABLE.items()
+            if key[0] not in report["rows"]]
+    print("\n".join(sorted(kept + table, key=lambda line: int(line.split(",")[0].strip(" (")))))
     print("}")
     if dequant_from:
         print(f"# w4a16.DEQUANT_MIN_ROWS -> {dequant_from} (dequantize + cuBLAS beats the best W4A16 layer from there)")

@@ -18,7 +18,7 @@ vs its own quantized activations, tightly); exit status 1 on any failure. A kern
 is printed and the run goes on (then exit status 1). `--sweep`: a small GEMV tile sweep at M = 1 (~60 s);
 `--sweep-gemv`: INT8 / FP8 GEMV tiles at M = 1 per shape;
 `--sweep-splitk`: splitk_sweep.py (split-K tiles at M 2-256, ~4 min; alone unless --m is given);
-`--sweep-int4`: int4_sweep.py (W4A16 GEMM tiles at M 16-512 or --m, ~4 min; alone).
+`--sweep-int4` / `--sweep-int8`: int4_sweep.py / int8_sweep.py (GEMM tiles at M 16-1024 / 128-1024 or --m; alone).
 `--methods bf16,int8,fp8` keeps only those cases; `--fp8-splitk-max-rows N` moves fp8's W8A16 / W8A8 cut-over.
 Run: `python benchmarks/quant_kernels.py [--check] [--sweep | --sweep-gemv | --sweep-splitk] [--m 1 16 256] [--json out.json]`.
 """
@@ -328,7 +328,9 @@ def main() -> None:
                         help="split-K GEMM tiles (splitk_sweep.py), INT4 g128 / INT8 at M = 2 ... 256")
     parser.add_argument("--sweep-gemv", action="store_true", help="INT8 and FP8 GEMV tiles at M = 1, per shape")
     parser.add_argument("--sweep-int4", action="store_true",
-                        help="W4A16 GEMM tiles (int4_sweep.py), INT4 g128 at M = 16 ... 512 (or --m)")
+                        help="W4A16 GEMM tiles (int4_sweep.py), INT4 g128 at M = 16 ... 1024 (or --m)")
+    parser.add_argument("--sweep-int8", action="store_true",
+                        help="INT8 GEMM tiles (int8_sweep.py) at M = 128 ... 1024 (or --m); with --sweep-int4 in one budget")
     parser.add_argument("--methods", help="only these cases of the table, comma-separated (e.g. bf16,int8,fp8)")
     parser.add_argument("--fp8-splitk-max-rows", type=int,
                         help="fp8_linear's W8A16 split-K up to this many rows (default: SPLITK_MAX_ROWS)")
@@ -346,10 +348,17 @@ def main() -> None:
     sweep_results = sweep(bandwidth, args.sweep_seconds or 60.0) if args.sweep else {}
     if args.sweep_gemv:
         sweep_results["gemv"] = sweep_gemv(bandwidth, args.sweep_seconds or 200.0)
-    if args.sweep_int4:
-        from int4_sweep import ROWS, sweep_int4  # benchmarks/ is on sys.path when a script there runs
+    if args.sweep_int4 or args.sweep_int8:  # benchmarks/ is on sys.path when a script there runs
+        from int4_sweep import ROWS, sweep_int4
+        from int8_sweep import ROWS as INT8_ROWS
+        from int8_sweep import sweep_int8
 
-        sweep_results["int4"] = sweep_int4(args.sweep_seconds or 240.0, tuple(args.m) if m_given else ROWS)
+        both = args.sweep_int4 and args.sweep_int8
+        budget = args.sweep_seconds or (140.0 if both else 240.0 if args.sweep_int4 else 60.0)
+        if args.sweep_int4:  # both: INT4 two thirds of the budget (more configs), INT8 the rest
+            sweep_results["int4"] = sweep_int4(budget * (2 / 3 if both else 1), tuple(args.m) if m_given else ROWS)
+        if args.sweep_int8:
+            sweep_results["int8"] = sweep_int8(budget / 3 if both else budget, tuple(args.m) if m_given else INT8_ROWS)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": device_name(DEV), "sweep": sweep_results}, f, indent=1, default=str)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from quant_weights import random_int4
+from shardserve.workers.quant.kernels import int8 as int8_module
 from shardserve.workers.quant.kernels import packed as pk
 from shardserve.workers.quant.kernels.fp8 import fp8_gemv, fp8_linear, pack_fp8, quantize_rows
 from shardserve.workers.quant.kernels.int4 import int4_linear, pack_int4, plane_for
@@ -226,6 +227,32 @@ def test_codes_gemm_dispatch(device):
     _check(int4_linear(x[:, :384], p4), x[:, :384], w4)  # groups of 96: the dequantizing GEMM
     with pytest.raises(ValueError, match="the split-K GEMM takes INT4 in groups of whole planes"):
         int4_linear(x[:, :384], p4, split_tiles=SplitTiles(16, 16, 2, 4, 1))
+
+
+def test_int8_gemm_table_routes_its_shapes(device, monkeypatch):
+    """int8.GEMM_TABLE (the sweep's winners) sends 65 .. 1024 rows of its (row bucket, N, K) to int8_gemm.py with
+    its tiles; other row counts and shapes, and a caller's dequant_min_rows, keep the engine's routes (here the
+    interpreter's split-K tiles). K 300: a partial K step; 65 rows: a tile past the rows."""
+    seen: list[SplitTiles | None] = []
+    real = int8_module.gemm_8bit
+    monkeypatch.setattr(int8_module, "gemm_8bit", lambda x, c, s, b, t=None: seen.append(t) or real(x, c, s, b, t))
+    tiles = SplitTiles(64, 32, 2, 4, 1)
+    monkeypatch.setattr(int8_module, "GEMM_TABLE", {(128, 40, 300): tiles, (1024, 40, 300): tiles})
+    w = Int8Weight(torch.randint(-128, 128, (40, 300), dtype=torch.int8, device=device),
+                   torch.rand(40, device=device) * 0.01 + 1e-3)
+    p = pack_int8(w, torch.float16)
+    bias = torch.randn(40, device=device).half()
+    for rows, expect in ((64, None), (65, tiles)):
+        seen.clear()
+        x = torch.randn(rows, 300, device=device).half()
+        _check(int8_linear(x, p, bias), x, w, bias)
+        assert seen == [expect], rows
+    seen.clear()
+    int8_linear(x[:100], p, dequant_min_rows=1 << 20)
+    assert seen == [None]
+    assert int8_module.table_tiles(128, 40, 300) == tiles and int8_module.table_tiles(129, 40, 300) is None
+    assert int8_module.table_tiles(1024, 40, 300) == tiles and int8_module.table_tiles(1025, 40, 300) is None
+    assert int8_module.table_tiles(100, 40, 256) is None
 
 
 def _silu_mul_ref(y: torch.Tensor) -> torch.Tensor:

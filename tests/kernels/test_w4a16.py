@@ -45,6 +45,9 @@ def _check(out, x, w, bias):
     (5, 40, 768, 96, 32, True, True, W4Tiles(16, 16, 128, 2, 4, 1, swap=False)),  # groups of 3 planes, 4 a dot
     (12, 50, 1024, 256, 32, False, False, W4Tiles(16, 32, 32, 1, 4, 1)),  # a scale load a chunk (inside a group)
     (24, 40, 512, 64, 32, False, False, W4Tiles(16, 32, 256, 1, 4, 1)),  # the whole chunk a dot
+    (20, 40, 512, 128, 32, False, True, W4Tiles(16, 32, 32, 1, 4, 1, pairs=True)),  # planes d, d + 4 a dot
+    (17, 72, 1024, 64, 16, True, False, W4Tiles(32, 32, 32, 3, 4, 1, pairs=True)),  # pairs: groups of 4 planes, split
+    (9, 40, 768, 32, 32, False, True, W4Tiles(16, 16, 32, 2, 4, 1, pairs=True)),  # pairs: a group a plane
 ])
 def test_w4a16_matches_dequantized_reference(device, dtype, rows, n, k, group, plane, symmetric, bias, tiles):
     w = random_int4(n, k, group, symmetric, group == 64, device)
@@ -106,6 +109,23 @@ def test_default_tiles_contract(monkeypatch):
     assert w4a16.fitting_stages(big, 32) == w4a16.SMEM_BYTES // (80 * 1024) == 2
 
 
+def test_dequant_route_follows_the_tile_table(monkeypatch):
+    """Below DEQUANT_MIN_ROWS rows never dequantize; from there only where TILE_TABLE lacks the shape's row bucket
+    (the sweep writes entries there only where this GEMM beat dequantize + cuBLAS); past the largest bucket
+    always. The shipped table's entries from DEQUANT_MIN_ROWS route to w4a16.py."""
+    for key in w4a16.TILE_TABLE:
+        if key[0] >= w4a16.DEQUANT_MIN_ROWS:
+            assert not w4a16.dequant_wins(key[0], key[1], key[2]), key
+    won = W4Tiles(128, 128, 32, 1, 8, 2)
+    monkeypatch.setattr(w4a16, "TILE_TABLE", {(512, 4096, 4096): won})
+    assert not w4a16.dequant_wins(w4a16.DEQUANT_MIN_ROWS - 1, 4096, 4096)
+    assert w4a16.dequant_wins(w4a16.DEQUANT_MIN_ROWS, 4096, 4096)  # bucket 256: not in the table
+    assert not w4a16.dequant_wins(300, 4096, 4096) and not w4a16.dequant_wins(512, 4096, 4096)
+    assert w4a16.default_tiles(300, 4096, 4096) == won
+    assert w4a16.dequant_wins(513, 4096, 4096) and w4a16.dequant_wins(300, 6144, 4096)
+    assert w4a16.dequant_wins(w4a16.SWEEP_ROWS[-1] + 1, 4096, 4096)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: run with SHARDSERVE_KERNEL_DEVICE=cuda")
 def test_w4a16_in_a_cuda_graph(device):
     """Captured with a K split (partials from the caching allocator, the reduce kernel) and replayed on new x."""
@@ -126,21 +146,28 @@ def test_w4a16_in_a_cuda_graph(device):
 
 def test_w4a16_compiles_for_h100():
     """What the interpreter cannot show: compiled for sm_90 (no GPU needed), the swapped one-plane-a-dot kernel
-    runs wgmma with the dequantized W as a register operand (no shared-memory store of W: wgmma's A operand
-    is registers, `{...}`), its word and x tiles pipelined by cp.async; with PDL on, it waits for the previous
-    kernel before its first global access (parallel/kernels/pdl.py)."""
-    from compiled_ptx import compile_ptx
+    and the paired one (w4a16_pairs.py, its inline PTX) run wgmma with the dequantized W as a register operand
+    (no shared-memory store of W: wgmma's A operand is registers, `{...}`), word and x tiles pipelined by
+    cp.async; with PDL on, each waits for the previous kernel before its first global access."""
+    from compiled_ptx import compile_ptx_all, ptx_spec
 
-    ptx = compile_ptx("shardserve.workers.quant.kernels.w4a16", "_w4a16_kernel",
-                      pointers={"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "m_ptr": "*bf16",
-                                "bias_ptr": "*bf16", "out_ptr": "*fp32"},
-                      constexprs={"PLANE": 32, "GROUP": 128, "SUB": 1, "BLOCK_M": 16, "BLOCK_N": 64, "SWAP": True,
-                                  "EVEN_K": True, "HAS_BIAS": False, "SPLIT": True, "USE_PDL": True},
-                      aligned=["N", "K", "KW", "stride_xm", "stride_om", "x_ptr", "w_ptr", "s_ptr", "m_ptr",
-                               "bias_ptr", "out_ptr"])
-    wgmma = re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\S)", ptx)
-    assert wgmma and all(a == "{" for a in wgmma), "wgmma's A operand must be registers"
-    assert "cp.async" in ptx
-    wait = ptx.find("griddepcontrol.wait")
-    first_access = re.search(r"\b(?:ld|st|atom|red|cp\.async)\.global", ptx)
-    assert 0 <= wait < first_access.start() and "griddepcontrol.launch_dependents" in ptx
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "m_ptr": "*bf16", "bias_ptr": "*bf16",
+                "out_ptr": "*fp32"}
+    aligned = ["N", "K", "KW", "stride_xm", "stride_om", *pointers]
+    plain, pairs = compile_ptx_all([
+        ptx_spec("shardserve.workers.quant.kernels.w4a16", "_w4a16_kernel", pointers=pointers, aligned=aligned,
+                 constexprs={"PLANE": 32, "GROUP": 128, "SUB": 1, "BLOCK_M": 16, "BLOCK_N": 64, "SWAP": True,
+                             "EVEN_K": True, "HAS_BIAS": False, "SPLIT": True, "USE_PDL": True}),
+        ptx_spec("shardserve.workers.quant.kernels.w4a16_pairs", "_w4a16_pairs_kernel", pointers=pointers,
+                 aligned=aligned, constexprs={"PLANE": 32, "GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 64,
+                                              "HAS_BIAS": False, "SPLIT": True, "ASM": True, "USE_PDL": True}),
+    ])
+    for ptx in (plain, pairs):
+        wgmma = re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\S)", ptx)
+        assert wgmma and all(a == "{" for a in wgmma), "wgmma's A operand must be registers"
+        assert "cp.async" in ptx
+        wait = ptx.find("griddepcontrol.wait")
+        first_access = re.search(r"\b(?:ld|st|atom|red|cp\.async)\.global", ptx)
+        assert 0 <= wait < first_access.start() and "griddepcontrol.launch_dependents" in ptx
+    # the paired kernel: two weights an and-or, a packed subtract and a packed FMA; no per-weight fp32 FMA
+    assert "fma.rn.bf16x2" in pairs and "sub.rn.bf16x2" in pairs and "fma.rn.f32" not in pairs

@@ -320,8 +320,8 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     `dequant_min_rows` rows: INT4 with scales in x's dtype from w4a16.MIN_ROWS rows w4a16.py's GEMM
     (w4a16.default_tiles), below that (and INT4 in exact float32 layouts) the split-K GEMM (codes_gemm.py
     for INT4 in groups of whole planes; splitk.default_split_tiles) or, for other layouts, this module's
-    dequantizing GEMM; from `dequant_min_rows` rows on CUDA (default w4a16.DEQUANT_MIN_ROWS where
-    w4a16.py takes the weights, else DEQUANT_MIN_ROWS), W dequantized + cuBLAS. `gemm_tiles` /
+    dequantizing GEMM; from `dequant_min_rows` rows on CUDA (default: where w4a16.py takes the weights,
+    `w4a16.dequant_wins`, its tile table's verdict; else DEQUANT_MIN_ROWS), W dequantized + cuBLAS. `gemm_tiles` /
     `split_tiles` / `w4_tiles` force one GEMM at any M. `silu_mul` (W = [gate; up], no bias, at most
     GEMV_MAX_ROWS rows): silu(gate) * up [M, N / 2] from the GEMV's epilogue."""
     check_input(x, w.k, bias, w.n)
@@ -336,9 +336,11 @@ def plane_linear(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = N
     interpreted = x.device.type != "cuda"
     forced = gemv_tiles is not None or gemm_tiles is not None or split_tiles is not None or w4_tiles is not None
     w4_ok = w4a16.supported(w.bits, w.plane, w.scales.dtype, x.dtype)
-    if dequant_min_rows is None:
-        dequant_min_rows = w4a16.DEQUANT_MIN_ROWS if w4_ok else DEQUANT_MIN_ROWS
-    if rows >= dequant_min_rows and not interpreted and not forced and n:
+    if dequant_min_rows is not None:
+        dequant = rows >= dequant_min_rows
+    else:
+        dequant = w4a16.dequant_wins(rows, n, w.k) if w4_ok else rows >= DEQUANT_MIN_ROWS
+    if dequant and not interpreted and not forced and n:
         return torch.nn.functional.linear(x, dequantize_planes(w, x.dtype), bias)
     n_out = n // 2 if silu_mul else n
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)

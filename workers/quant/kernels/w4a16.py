@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from shardserve.parallel.kernels.pdl import pdl_options, release_next, wait_for_previous
 from shardserve.workers.quant.kernels.splitk import SplitTiles, launch_split, store_tile
+from shardserve.workers.quant.kernels.w4a16_pairs import launch_pairs
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,18 @@ class W4Tiles:
     num_warps: int
     num_stages: int
     swap: bool = True  # out^T = W x^T (W the left operand); False: x @ W^T
+    pairs: bool = False  # w4a16_pairs.py: two weights an instruction, dots of 2 PLANE (swapped; block_k unused)
 
 
 MIN_ROWS = 9  # from here the engine runs this GEMM (<= 8: torch's tinygemm, or codes_gemm.py's tuned split-K)
-DEQUANT_MIN_ROWS = 256  # from here W dequantized + cuBLAS; the sweep's `suggest` line says where to move it
-SWEEP_ROWS = (16, 32, 64, 128, 256, 512)  # row buckets of TILE_TABLE (a row count takes the next one up)
+DEQUANT_MIN_ROWS = 256  # from here W dequantized + cuBLAS, unless TILE_TABLE has the (row bucket, N, K): the sweep
+# prints entries from here only where this GEMM beat dequantize + cuBLAS (`dequant_wins`)
+SWEEP_ROWS = (16, 32, 64, 128, 256, 512, 1024)  # row buckets of TILE_TABLE (a row count takes the next one up)
 SM_COUNT = 132
 SMEM_BYTES = 200 * 1024  # shared memory the pipeline stages may take (an H100 block: 227 KiB)
 # (row bucket, N, K) -> tiles: the H100 sweep's best for the Llama-3.1-8B projections (`quant_kernels.py
-# --sweep-int4` prints this table; each entry: its time and bf16 cuBLAS's); other shapes take `heuristic_tiles`.
+# --sweep-int4` prints this table; each entry: its time and bf16 cuBLAS's); other shapes take `heuristic_tiles`
+# below DEQUANT_MIN_ROWS rows, dequantize + cuBLAS from there (the 256 / 512-row entries where that won are gone).
 TILE_TABLE: dict[tuple[int, int, int], W4Tiles] = {
     (16, 6144, 4096): W4Tiles(16, 64, 32, 4, 4, 4),  # 15.9 us, bf16 22.0
     (16, 4096, 4096): W4Tiles(16, 64, 32, 4, 4, 4),  # 12.6 us, bf16 16.3
@@ -63,20 +67,22 @@ TILE_TABLE: dict[tuple[int, int, int], W4Tiles] = {
     (128, 4096, 4096): W4Tiles(128, 128, 32, 4, 8, 2),  # 22.9 us, bf16 16.2
     (128, 28672, 4096): W4Tiles(128, 256, 32, 1, 8, 2),  # 122.6 us, bf16 88.4
     (128, 4096, 14336): W4Tiles(128, 128, 32, 4, 8, 2),  # 66.1 us, bf16 52.3
-    (256, 6144, 4096): W4Tiles(128, 128, 32, 1, 8, 2),  # 60.9 us, bf16 24.5
-    (256, 4096, 4096): W4Tiles(128, 128, 32, 2, 8, 2),  # 37.2 us, bf16 18.8
-    (256, 28672, 4096): W4Tiles(128, 256, 32, 1, 8, 2),  # 226.1 us, bf16 104.2
-    (256, 4096, 14336): W4Tiles(128, 128, 32, 2, 8, 2),  # 116.6 us, bf16 57.9
-    (512, 6144, 4096): W4Tiles(128, 128, 32, 2, 8, 2),  # 106.9 us, bf16 37.6
-    (512, 4096, 4096): W4Tiles(128, 128, 32, 1, 8, 2),  # 61.1 us, bf16 24.9
-    (512, 28672, 4096): W4Tiles(128, 128, 32, 1, 8, 2),  # 394.7 us, bf16 157.3
-    (512, 4096, 14336): W4Tiles(128, 256, 32, 2, 8, 2),  # 210.4 us, bf16 81.3
+    (256, 4096, 14336): W4Tiles(128, 128, 32, 2, 8, 2),  # 116.6 us, bf16 57.9, dequantize + cuBLAS 119.4
 }
 INTERPRETER_TILES = W4Tiles(16, 32, 32, 1, 4, 1)  # under Triton's interpreter: small tiles, a dot a plane
 
 
 def row_bucket(rows: int) -> int:
     return next((b for b in SWEEP_ROWS if rows <= b), SWEEP_ROWS[-1])
+
+
+def dequant_wins(rows: int, n: int, k: int) -> bool:
+    """Whether the engine dequantizes W and runs cuBLAS at this shape: from DEQUANT_MIN_ROWS rows, unless
+    TILE_TABLE holds the shape's row bucket (the sweep's proof that this GEMM won there); past the largest
+    bucket always."""
+    if rows < DEQUANT_MIN_ROWS:
+        return False
+    return rows > SWEEP_ROWS[-1] or (row_bucket(rows), n, k) not in TILE_TABLE
 
 
 def heuristic_tiles(rows: int, n: int, k: int, sm_count: int = SM_COUNT) -> W4Tiles:
@@ -221,11 +227,18 @@ def w4a16_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins:
                tiles: W4Tiles) -> torch.Tensor:
     """out [M, N] = x [M, K] @ W^T + bias for INT4 plane-layout W (packed.PlaneWeights' tensors: words
     [N, KW], scales / mins [groups, N] in x's dtype), K split `tiles.split_k` ways over its chunks;
-    pipeline stages cut to what fits in shared memory (`fitting_stages`)."""
+    pipeline stages cut to what fits in shared memory (`fitting_stages`); `tiles.pairs`: w4a16_pairs.py."""
     rows, n = out.shape
     kw = words.shape[1]
-    sub = sub_planes(plane, tiles.block_k)
     stages = fitting_stages(tiles, plane)
+    split = SplitTiles(tiles.block_m, tiles.block_n, tiles.split_k, tiles.num_warps, stages)
+    if tiles.pairs:
+        if not tiles.swap:
+            raise ValueError("the paired W4A16 GEMM runs swapped only (W the register operand)")
+        run = launch_pairs(x, words, scales, mins, bias, plane, group_size, tiles.block_m, tiles.block_n,
+                           tiles.num_warps, stages)
+        return launch_split(run, kw // plane, out, bias, split)
+    sub = sub_planes(plane, tiles.block_k)
 
     def launch(grid: tuple[int, int, int], dest: torch.Tensor, per: int, split: bool) -> None:
         _w4a16_kernel[grid](
@@ -236,7 +249,6 @@ def w4a16_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins:
             SPLIT=split, num_warps=tiles.num_warps, num_stages=stages, **pdl_options(x.device),
         )
 
-    split = SplitTiles(tiles.block_m, tiles.block_n, tiles.split_k, tiles.num_warps, stages)
     return launch_split(launch, kw // plane, out, bias, split)
 
 
