@@ -45,17 +45,17 @@ COMPILE_SHAPE = (4096, 4096)  # the precompile's weight: the same specialization
 
 
 def tile_grid(rows: int) -> list[W4Tiles]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap) near the rows, each at K split 1 / 2 / 4 / 8 (most promising
-    first: a budget cut drops the last). Swapped (W the wgmma register operand; wide BLOCK_N, as x is re-read
-    from L2 once per n tile) with a dot a plane (BLOCK_K 32: the words straight into the operand's layout, but
-    Triton waits for each wgmma before the next plane's dequantization) or a dot a chunk (BLOCK_K 256: a layout
-    conversion, then two wgmmas kept in flight); a few x @ W^T (W through shared memory). From 128 rows:
-    w4a16_pairs.py first (~2 instructions a weight, not ~4.5; its 128 x 256 and 256-row tiles spill at sm_90,
-    left out), then the H100 sweep's best (128 x
-    128 / 256, 8 warps, 2 stages), 256-row tiles (a weight's dequantization shared by twice the rows; x's chunk
-    fills shared memory: one stage) and one-warpgroup tiles of 64 weight rows (two programs an SM, one
-    dequantizing while the other's wgmma runs). At sm_90 (ptxas, checked without a GPU) none passes
-    SMEM_BYTES and only 64 x 128 a chunk a dot spills (16 bytes, split)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap) near the rows, each at K split 1 / 2 / 4 / 8 (fewer from 128
+    rows; most promising first: a budget cut drops the last). Swapped (W the wgmma register operand; wide BLOCK_N,
+    as x is re-read from L2 once per n tile) with a dot a plane (BLOCK_K 32: the words straight into the operand's
+    layout, but Triton waits for each wgmma before the next plane's dequantization) or a dot a chunk (BLOCK_K
+    256: a layout conversion, then two wgmmas kept in flight); a few x @ W^T (W through shared memory). From 128
+    rows: w4a16_pairs.py first (~2 instructions a weight, not ~4.5; its 128 x 256 and 256-row tiles spill at
+    sm_90, left out), then the H100 sweep's best (128 x 128 / 256, 8 warps, 2 stages), 256-row tiles (a weight's
+    dequantization shared by twice the rows; x's chunk fills shared memory: one stage), one-warpgroup tiles of 64
+    weight rows, and one stage (no cp.async ring: ~16-32 KiB of shared memory, so several programs an SM, one
+    dequantizing while another's wgmma runs). At sm_90 (ptxas, checked without a GPU) none passes SMEM_BYTES
+    and only 64 x 128 a chunk a dot spills (16 bytes, split)."""
     if rows <= 32:
         m = 16 if rows <= 16 else 32
         shapes = [(m, 128, 32, 4, 4, True), (m, 128, 256, 8, 3, True), (m, 64, 32, 4, 4, True), (m, 256, 32, 8, 3, True),
@@ -64,13 +64,13 @@ def tile_grid(rows: int) -> list[W4Tiles]:
         shapes = [(64, 128, 32, 8, 3, True), (64, 128, 256, 8, 2, True), (64, 256, 32, 8, 3, True),
                   (64, 64, 32, 4, 3, True), (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False)]
     elif rows <= 128:
-        shapes = [(128, 128, PAIRS, 8, 2, True), (128, 64, PAIRS, 4, 2, True), (128, 128, 32, 8, 2, True),
-                  (128, 256, 32, 8, 2, True), (128, 64, 32, 4, 2, True), (64, 128, 32, 4, 3, True),
-                  (128, 128, 32, 8, 2, False)]
+        shapes = [(128, 128, PAIRS, 8, 2, True), (128, 64, PAIRS, 4, 2, True), (128, 64, PAIRS, 4, 1, True),
+                  (128, 128, 32, 8, 2, True), (128, 256, 32, 8, 2, True), (128, 64, 32, 4, 2, True),
+                  (64, 128, 32, 4, 3, True)]
     else:
-        shapes = [(128, 128, PAIRS, 8, 2, True), (128, 64, PAIRS, 4, 2, True), (128, 128, 32, 8, 2, True),
-                  (128, 256, 32, 8, 2, True), (256, 128, 32, 8, 1, True), (256, 64, 32, 4, 1, True),
-                  (128, 64, 32, 4, 2, True), (256, 128, 32, 8, 1, False)]
+        shapes = [(128, 128, PAIRS, 8, 2, True), (128, 64, PAIRS, 4, 2, True), (128, 64, PAIRS, 4, 1, True),
+                  (128, 128, PAIRS, 8, 1, True), (128, 128, 32, 8, 2, True), (128, 256, 32, 8, 2, True),
+                  (256, 128, 32, 8, 1, True), (256, 64, 32, 4, 1, True), (128, 64, 32, 4, 2, True)]
     splits = (1, 2, 4, 8) if rows < 128 else (1, 2, 4) if rows == 128 else (1, 2)
     return [W4Tiles(bm, bn, 32 if bk == PAIRS else bk, split, warps, stages, swap, pairs=bk == PAIRS)
             for bm, bn, bk, warps, stages, swap in shapes for split in splits]

@@ -46,12 +46,10 @@ def tile_grid(rows: int) -> list[SplitTiles]:
     if rows <= 128:
         shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3),
                   (128, 256, 8, 2)]
-        splits = (1, 2)
     else:
         shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 256, 8, 2), (256, 128, 8, 2), (128, 128, 8, 4),
                   (128, 256, 8, 3), (256, 64, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3)]
-        splits = (1, 2)
-    return [SplitTiles(bm, bn, split, warps, stages) for bm, bn, warps, stages in shapes for split in splits]
+    return [SplitTiles(bm, bn, split, warps, stages) for bm, bn, warps, stages in shapes for split in (1, 2)]
 
 
 def useful(t: SplitTiles, rows: int, n: int, k: int) -> bool:
@@ -166,7 +164,8 @@ def _summary(report: dict) -> None:
     print("GEMM_TABLE: dict[tuple[int, int, int], SplitTiles] = {")
     kept = [f"    {key}: {src(t)},  # kept (row bucket not swept)" for key, t in int8_kernels.GEMM_TABLE.items()
             if key[0] not in report["rows"]]
-    print("\n".join(sorted(kept + table, key=lambda line: int(line.split(",")[0].strip(" (")))))
+    for line in sorted(kept + table, key=lambda line: int(line.split(",")[0].strip(" ("))):
+        print(line)
     print("}")
 
 
