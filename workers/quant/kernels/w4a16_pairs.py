@@ -8,7 +8,7 @@ u exactly and one packed FMA u * s + m, each half with its own group's scale and
 wgmma A-operand pair (K columns 2j, 2j + 1), so a dot's K order interleaves planes d and d + 4; x is gathered
 once a call into that order (`pair_order`, an index_select; K in whole chunks), making each dot's x tile
 2 PLANE contiguous columns. Program (m tile, n tile, K split) as w4a16.py (swapped only: W the register
-operand): words loaded once a chunk, 4 dots of K = 2 PLANE, fp32 accumulation, splits reduced by splitk.py.
+operand): words loaded once a chunk, 4 dots of K = 2 PLANE (scales a chunk ahead), fp32 accumulation.
 Under Triton's interpreter (no inline PTX) the same tile is built in fp32 from the same words.
 """
 
@@ -53,6 +53,16 @@ def _both(lo, hi, BLOCK_N: tl.constexpr, PLANE: tl.constexpr):
     return tl.reshape(tl.join(a, b), [BLOCK_N, 2 * PLANE])
 
 
+@triton.jit
+def _chunk_scales(s_ptr, m_ptr, c, last, n64, mask_n, N, CHUNK: tl.constexpr, GROUP: tl.constexpr):
+    """Scales and mins [BLOCK_N] of chunk c's planes 0-3 (lo) and 4-7 (hi); zeros from chunk `last` on."""
+    g_lo = ((c * CHUNK) // GROUP) * N
+    g_hi = ((c * CHUNK + CHUNK // 2) // GROUP) * N
+    mask = mask_n & ((n64 * 0 + c) < last)
+    return (tl.load(s_ptr + g_lo + n64, mask=mask, other=0.0), tl.load(s_ptr + g_hi + n64, mask=mask, other=0.0),
+            tl.load(m_ptr + g_lo + n64, mask=mask, other=0.0), tl.load(m_ptr + g_hi + n64, mask=mask, other=0.0))
+
+
 @triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])
 def _w4a16_pairs_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, KW, stride_xm, stride_om, STEPS_PER_SPLIT,
@@ -76,17 +86,27 @@ def _w4a16_pairs_kernel(
     w_tile = w_ptr + n64[:, None] * KW + tl.arange(0, PLANE)[None, :]  # [BLOCK_N, PLANE] words
     x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, 2 * PLANE)[:, None]  # [2P, BLOCK_M]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # groups of >= 4 whole planes: planes 0-3 of a chunk share a group, so do 4-7; their scales and mins are
+    # loaded a chunk ahead (the load's latency behind this chunk's dots), else each dot loads its own
+    AHEAD: tl.constexpr = GROUP % (4 * PLANE) == 0
+    if AHEAD:
+        s_lo, s_hi, m_lo, m_hi = _chunk_scales(s_ptr, m_ptr, first, last, n64, mask_n, N, CHUNK, GROUP)
     for c in range(first, last):
         words = tl.load(w_tile + c * PLANE, mask=mask_n[:, None], other=0)
+        if AHEAD:
+            s2 = _both(s_lo, s_hi, BLOCK_N, PLANE)
+            m2 = _both(m_lo, m_hi, BLOCK_N, PLANE)
+            s_lo, s_hi, m_lo, m_hi = _chunk_scales(s_ptr, m_ptr, c + 1, last, n64, mask_n, N, CHUNK, GROUP)
         for d in tl.static_range(4):  # planes d and d + 4: one dot of 2 PLANE columns
             ws = words >> (4 * d)
             t = tl.reshape(tl.join(ws, ws), [BLOCK_N, 2 * PLANE])
-            g_lo = ((c * CHUNK + d * PLANE) // GROUP) * N
-            g_hi = ((c * CHUNK + (d + 4) * PLANE) // GROUP) * N
-            s2 = _both(tl.load(s_ptr + g_lo + n64, mask=mask_n, other=0.0),
-                       tl.load(s_ptr + g_hi + n64, mask=mask_n, other=0.0), BLOCK_N, PLANE)
-            m2 = _both(tl.load(m_ptr + g_lo + n64, mask=mask_n, other=0.0),
-                       tl.load(m_ptr + g_hi + n64, mask=mask_n, other=0.0), BLOCK_N, PLANE)
+            if not AHEAD:
+                g_lo = ((c * CHUNK + d * PLANE) // GROUP) * N
+                g_hi = ((c * CHUNK + (d + 4) * PLANE) // GROUP) * N
+                s2 = _both(tl.load(s_ptr + g_lo + n64, mask=mask_n, other=0.0),
+                           tl.load(s_ptr + g_hi + n64, mask=mask_n, other=0.0), BLOCK_N, PLANE)
+                m2 = _both(tl.load(m_ptr + g_lo + n64, mask=mask_n, other=0.0),
+                           tl.load(m_ptr + g_hi + n64, mask=mask_n, other=0.0), BLOCK_N, PLANE)
             w = _pairs(t, s2, m2, dtype, ASM)
             xv = tl.load(x_tile + (c * CHUNK + d * 2 * PLANE), mask=mask_m[None, :], other=0.0)
             acc = tl.dot(w, xv, acc)
