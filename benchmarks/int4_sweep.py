@@ -58,11 +58,13 @@ def tile_grid(rows: int) -> list[W4Tiles]:
     and only 64 x 128 a chunk a dot spills (16 bytes, split)."""
     if rows <= 32:
         m = 16 if rows <= 16 else 32
-        shapes = [(m, 128, 32, 4, 4, True), (m, 128, 256, 8, 3, True), (m, 64, 32, 4, 4, True), (m, 256, 32, 8, 3, True),
-                  (m, 128, 32, 8, 4, True), (m, 64, 256, 4, 4, True), (m, 128, 32, 8, 3, False)]
+        shapes = [(m, 128, 32, 4, 4, True), (m, 64, PAIRS, 4, 4, True), (m, 128, 256, 8, 3, True),
+                  (m, 64, 32, 4, 4, True), (m, 256, 32, 8, 3, True), (m, 128, 32, 8, 4, True), (m, 64, 256, 4, 4, True),
+                  (m, 128, 32, 8, 3, False)]
     elif rows <= 64:
-        shapes = [(64, 128, 32, 8, 3, True), (64, 128, 256, 8, 2, True), (64, 256, 32, 8, 3, True),
-                  (64, 64, 32, 4, 3, True), (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False)]
+        shapes = [(64, 128, 32, 8, 3, True), (64, 128, PAIRS, 8, 3, True), (64, 64, PAIRS, 4, 3, True),
+                  (64, 128, 256, 8, 2, True), (64, 256, 32, 8, 3, True), (64, 64, 32, 4, 3, True),
+                  (64, 128, 32, 4, 3, True), (64, 128, 32, 8, 3, False)]
     elif rows <= 128:
         shapes = [(128, 128, PAIRS, 8, 2, True), (128, 64, PAIRS, 4, 2, True), (128, 64, PAIRS, 4, 1, True),
                   (128, 128, 32, 8, 2, True), (128, 256, 32, 8, 2, True), (128, 64, 32, 4, 2, True),

@@ -355,10 +355,16 @@ def main() -> None:
 
         both = args.sweep_int4 and args.sweep_int8
         budget = args.sweep_seconds or (140.0 if both else 240.0 if args.sweep_int4 else 60.0)
-        if args.sweep_int4:  # both: INT4 two thirds of the budget (more configs), INT8 the rest
-            sweep_results["int4"] = sweep_int4(budget * (2 / 3 if both else 1), tuple(args.m) if m_given else ROWS)
-        if args.sweep_int8:
-            sweep_results["int8"] = sweep_int8(budget / 3 if both else budget, tuple(args.m) if m_given else INT8_ROWS)
+        runs = [("int4", lambda: sweep_int4(budget * (2 / 3 if both else 1), tuple(args.m) if m_given else ROWS))
+                if args.sweep_int4 else None,  # both: INT4 two thirds of the budget (more configs), INT8 the rest
+                ("int8", lambda: sweep_int8(budget / 3 if both else budget, tuple(args.m) if m_given else INT8_ROWS))
+                if args.sweep_int8 else None]
+        for name, run in filter(None, runs):
+            try:
+                sweep_results[name] = run()
+            except Exception:  # one sweep's failure must not cost the other's results
+                traceback.print_exc()
+                sweep_results[name] = {"error": traceback.format_exc()}
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": device_name(DEV), "sweep": sweep_results}, f, indent=1, default=str)
