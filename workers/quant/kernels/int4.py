@@ -25,6 +25,7 @@ from shardserve.workers.quant.kernels.packed import (
 )
 from shardserve.workers.quant.kernels.splitk import SplitTiles
 from shardserve.workers.quant.kernels.w4a16 import W4Tiles
+from shardserve.workers.quant.kernels.w4a16_pairs import pair_order
 from shardserve.workers.quant.weights import Int4Weight
 
 MAX_PLANE = 128  # widest plane: 512-byte rows of words per chunk (8 x 128 columns)
@@ -68,6 +69,8 @@ def pack_int4(w: Int4Weight, dtype: torch.dtype, max_plane: int = DEFAULT_PLANE)
     weights = PlaneWeights(words, pad_groups(w.scales, groups, dtype), pad_groups(w.mins, groups, dtype),
                            bits=4, plane=plane, group_size=w.group_size, k=k)
     perm = None if w.perm is None else w.perm.to(device=w.q.device, dtype=torch.int64).contiguous()
+    if w.q.is_cuda and k % (8 * plane) == 0:  # w4a16_pairs.py's x order, made now: never first under graph capture
+        pair_order(k, plane, w.q.device)
     return Int4Packed(weights, perm)
 
 
