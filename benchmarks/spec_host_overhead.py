@@ -19,7 +19,8 @@ each step's own time by phase (nested phases subtracted): schedule, proposer, ru
 (inputs, upload), forward, sampler, finish (ids to host, rejection sampling), update (accepted
 drafts, KV block bookkeeping; a rejected draft's K/V needs no undo: num_computed_tokens stays
 behind it), outputs (detokenize, RequestOutputs), other (engine loop); and the gap by phase.
-`--device cuda` takes the GPU's host path (forward = graph launch; the wait is in finish).
+`--device cuda` takes the GPU's host path (forward = graph launch; the wait is in finish). Last: each mode's steps by
+runner path (decode graph, token-count graph, eager, verify as decode rows).
     python benchmarks/spec_host_overhead.py --rounds 3 --output-len 256
 """
 
@@ -325,6 +326,10 @@ def main() -> None:
         run = runs[mode]
         if run.gap_phases:
             print(f"{mode:<12} " + " ".join(f"{statistics.median(run.gap_phases[n]) * 1e3:9.3f}" for n in PHASES))
+    print("\nsteps by runner path (all rounds, warm-up included): decode graph / token-count graph / eager / verify as decode rows")
+    for mode, (engine, _) in engines.items():
+        t = engine.runner.step_times
+        print(f"{mode:<12} {t.graph_steps:6d} {t.mixed_graph_steps:6d} {t.eager_steps:6d} {t.verify_decode_steps:6d}")
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
