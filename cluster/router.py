@@ -58,6 +58,11 @@ def running_replica_ids(deployment_name: str) -> list[str] | None:
     return None if router is None else [r.replica_id.unique_id for r in router._replicas.values()]
 
 
+def router_of(deployment_name: str) -> PrefixAffinityRouter | None:
+    """This process's router of the deployment (None before the first handle call to it)."""
+    return _ROUTERS.get(deployment_name)
+
+
 def router_stats(deployment_name: str) -> dict[str, Any] | None:
     router = _ROUTERS.get(deployment_name)
     return None if router is None else router.stats()
@@ -131,7 +136,24 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        internal_id = pending_request.metadata.internal_request_id
+        self._routed(pending_request.metadata.internal_request_id, replica_id, result)
+
+    def on_direct_stream(self, internal_id: str, replica: str, call: Any) -> bool:
+        """A pick-only choice (`choose_replica(_reserve=False)`) whose request went to `replica` (its
+        unique id) over the direct stream (cluster/ingress/direct.py): book it as a routed request,
+        in flight until `call` completes. False if the replica has left meanwhile (nothing booked)."""
+        replica_id = next((r for r in self._replicas if r.unique_id == replica), None)
+        if replica_id is None:
+            self._decisions.pop(internal_id, None)
+            return False
+        self._routed(internal_id, replica_id, call)
+        return True
+
+    def drop_decision(self, internal_id: str) -> None:
+        """A pick-only choice that was not sent (the request falls back to a handle call)."""
+        self._decisions.pop(internal_id, None)
+
+    def _routed(self, internal_id: str, replica_id: ReplicaID, result: Any) -> None:
         self._count_in_flight(replica_id, result)
         decision = self._decisions.pop(internal_id, None)
         if decision is None:
