@@ -229,9 +229,10 @@ class RouterSection(_Section):
         None,
         description=(
             "Stream each generate call from the Ingress straight to the replica this router picked, over the "
-            "replica's internal gRPC port (Ray's token auth and TLS, as Serve's own), instead of through Serve's "
-            "handle: about a millisecond less per request. null = on unless `autoscaling` is set; true with "
-            "`autoscaling` is refused (Serve's autoscaler and replica draining count only handle calls)."
+            "replica's own TCP port (Ray's auth token; TLS with Ray's certificates when RAY_USE_TLS is set), "
+            "instead of through Serve's handle, which stays the fallback: about a millisecond less per request. "
+            "null = on unless `autoscaling` is set; true with `autoscaling` is refused (Serve's autoscaler counts "
+            "only handle calls)."
         ),
     )
 

@@ -30,7 +30,9 @@ from shardserve.cluster import messages
 from shardserve.workers.request import SamplingParams
 
 METADATA_KEY = "direct_stream_port"  # in the replica's record_replica_metadata
-MAX_FRAME_BYTES = 2**31 - 1
+MAX_FRAME_BYTES = 2**30  # a request or chunk (prompts and logprobs can be large)
+MAX_AUTH_BYTES = 1 << 16  # the first frame of a connection: the auth header
+AUTH_TIMEOUT_S = 10.0
 MAX_IDLE_PER_ADDRESS = 64  # idle connections the client keeps per replica
 MESSAGE_CLASSES = {
     (cls.__module__, cls.__name__): cls
@@ -62,9 +64,11 @@ def frame(message: Any) -> bytes:
     return len(data).to_bytes(4, "little") + data
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    """One frame's bytes (b"" for the end frame)."""
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME_BYTES) -> bytes:
+    """One frame's bytes (b"" for the end frame); a longer frame than `limit` is a protocol error."""
     size = int.from_bytes(await reader.readexactly(4), "little")
+    if size > limit:
+        raise ConnectionError(f"a frame of {size} bytes, over the limit of {limit}")
     return await reader.readexactly(size) if size else b""
 
 
@@ -145,7 +149,8 @@ class DirectServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._idle[writer] = True
         try:
-            if not _auth_ok(await read_frame(reader)):
+            # Before the token is checked: a bounded frame, in bounded time.
+            if not _auth_ok(await asyncio.wait_for(read_frame(reader, MAX_AUTH_BYTES), AUTH_TIMEOUT_S)):
                 return
             while True:
                 data = await read_frame(reader)
@@ -153,7 +158,7 @@ class DirectServer:
                 if not await self._serve(loads(data), reader, writer):
                     return  # the client left mid-call
                 self._idle[writer] = True
-        except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError, ssl.SSLError):
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError, EOFError, ValueError, pickle.UnpicklingError):
             return  # closed between calls, or not our protocol
         finally:
             self._idle.pop(writer, None)

@@ -7,15 +7,14 @@ PendingRequest whose first argument is a `GenerateRequest`. `choose_replicas` ha
 replica last served that prefix. A replica found whose load exceeds the least-loaded one's by no
 more than `max_load_imbalance` is ranked first ("affinity hit"); otherwise replicas are ranked by
 load, then by how few prefixes they own, so new prefixes spread. Serve tries the ranks in order.
-`on_request_routed` records the accepted replica's prefix chain and counts the request in flight
-until its own `ReplicaResult` completes. Other calls (stats, health) go to the least-loaded
-replica, or to the one a `replica_id=` keyword names.
-
+`on_request_routed` (or `on_direct_stream`, for a pick the Ingress sent over its direct stream)
+records the replica's prefix chain and counts the request in flight until its call completes.
+Other calls (stats, health) go to the least-loaded replica, or to the one a `replica_id=` names.
 Load = requests in flight from this router, counted exactly (why not Serve's counts:
 `_count_in_flight`). With several Ingress replicas each router balances its own share; Serve's
-`max_ongoing_requests` still makes a full replica refuse. Each router registers itself under its
+`max_ongoing_requests` still makes a full replica refuse a handle call. Each router registers itself under its
 deployment name; `router_stats(name)` (the Ingress's /v1/stats) reports per replica the requests
-routed, affinity hits, load and the engine stats the replica reports (record_routing_stats).
+routed (direct), affinity hits, load and the engine stats the replica reports (record_routing_stats).
 """
 
 from __future__ import annotations
@@ -77,6 +76,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self._in_flight: dict[ReplicaID, int] = {}
         self._num_routed: dict[ReplicaID, int] = {}
         self._num_affinity_hits: dict[ReplicaID, int] = {}
+        self._num_direct: dict[ReplicaID, int] = {}  # of those routed, sent over the direct stream
         # internal id -> (chain, affinity), from choose_replicas until on_request_routed
         self._decisions: OrderedDict[str, tuple[list[str], ReplicaID | None]] = OrderedDict()
         if self._deployment_id is not None:
@@ -146,6 +146,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         if replica_id is None:
             self._decisions.pop(internal_id, None)
             return False
+        self._num_direct[replica_id] = self._num_direct.get(replica_id, 0) + 1
         self._routed(internal_id, replica_id, call)
         return True
 
@@ -221,6 +222,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             replicas[rid.unique_id] = {
                 "num_routed": self._num_routed.get(rid, 0),
                 "num_affinity_hits": self._num_affinity_hits.get(rid, 0),
+                "num_direct_streams": self._num_direct.get(rid, 0),
                 "num_in_flight": self._in_flight.get(rid, 0),
                 "num_prefixes_owned": self._num_owned.get(rid, 0),
                 "engine": dict(replica.routing_stats or {}),
