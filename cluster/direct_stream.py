@@ -1,8 +1,8 @@
 """The direct stream's wire: an LLMServer replica's own port and the Ingress's calls to it.
 
 Data flow: each LLMServer replica starts a `DirectServer` (asyncio TCP on an ephemeral port of its
-node; TLS with Ray's certificates when RAY_USE_TLS, as Serve's own replica port) and publishes the
-port through Serve's `record_replica_metadata` hook; Serve hands it with the node IP to every router.
+node; TLS with Ray's certificates when RAY_USE_TLS, as Serve's own replica port) and publishes its
+node IP and port through Serve's `record_replica_metadata` hook, which Serve hands to every router.
 Frames are a 4-byte length and a pickle; both ends unpickle only the message classes
 (`MESSAGE_CLASSES`). A connection opens with the Ray cluster's auth token (checked when token auth
 is on), then carries one call at a time: a `GenerateRequest` in, the `GenerateChunk`s of the
@@ -29,7 +29,7 @@ from typing import Any
 from shardserve.cluster import messages
 from shardserve.workers.request import SamplingParams
 
-METADATA_KEY = "direct_stream_port"  # in the replica's record_replica_metadata
+METADATA_KEY = "direct_stream_address"  # "host:port" in the replica's record_replica_metadata
 MAX_FRAME_BYTES = 2**30  # a request or chunk (prompts and logprobs can be large)
 MAX_AUTH_BYTES = 1 << 16  # the first frame of a connection: the auth header
 AUTH_TIMEOUT_S = 10.0
@@ -133,6 +133,14 @@ class DirectServer:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connection, sock=_listening_socket(), ssl=_tls(server_side=True))
         self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        """Where other nodes reach this port: this node's IP (as Ray knows it) and the port."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        return f"[{ip}]:{self.port}" if ":" in ip else f"{ip}:{self.port}"
 
     async def stop(self, grace_s: float) -> None:
         if self._server is not None:
@@ -275,7 +283,7 @@ class DirectClient:
             if not writer.is_closing() and not reader.at_eof():
                 return reader, writer
         host, port = address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port), ssl=_tls(server_side=False))
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=_tls(server_side=False))
         writer.write(len(header := _auth_header()).to_bytes(4, "little") + header)
         return reader, writer
 

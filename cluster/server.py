@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from shardserve.cluster.config import ModelSection
-from shardserve.cluster.direct_stream import METADATA_KEY as DIRECT_PORT_KEY
+from shardserve.cluster.direct_stream import METADATA_KEY as DIRECT_ADDRESS_KEY
 from shardserve.cluster.direct_stream import DirectServer
 from shardserve.cluster.messages import (
     ChunkBuilder,
@@ -277,8 +277,8 @@ class LLMServer:
         await self.engine.health()
 
     def record_replica_metadata(self) -> dict[str, Any]:
-        """Serve's hook, read once when the replica is ready: routers see the direct-stream port."""
-        return {} if self.direct is None else {DIRECT_PORT_KEY: self.direct.port}
+        """Serve's hook, read once when the replica is ready: routers see the direct-stream address."""
+        return {} if self.direct is None else {DIRECT_ADDRESS_KEY: self.direct.address}
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown (after it drained the handle calls): the direct-stream port refuses

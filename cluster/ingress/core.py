@@ -127,7 +127,7 @@ class IngressCore:
             on_first = lambda chunk: gate.charge_prompt(tenant, chunk.num_prompt_tokens)  # noqa: E731
         deployment = self.deployment_names.get(request.model)
         if model.direct_stream and deployment is not None:  # straight to the replica (direct.py)
-            response = DirectResponse(generate, deployment, self._direct, request, lambda: generate.remote(request))
+            response = DirectResponse(deployment, self._direct, request, lambda: generate.remote(request))
             return ChunkStream(response, on_first)
         return ChunkStream(generate.remote(request), on_first)
 

@@ -1,15 +1,16 @@
 """The Ingress's direct stream to an LLMServer replica, with Serve's handle as the fallback.
 
 Data flow: IngressCore.stream makes a `DirectResponse` for a model with `direct_stream` on. Its first
-`__anext__` asks the model's handle to pick a replica without sending (`choose_replica(...,
-_reserve=False)`: our prefix-affinity router ranks the replicas as for a handle call and stamps the
-pick), books the choice in that router (in flight until the call ends; the prefix is the replica's),
-and opens a call to the replica's direct-stream port (cluster/direct_stream.py) at the node IP Serve
-reports. Whatever stops the direct path before the first chunk arrives (a replica with no port
-published, a router on another loop, the port refusing: stopping, restarted, gone) sends the
-request through the handle instead (`fallback`), where Serve routes and retries as before; a replica
-lost after the first chunk ends the stream with UNAVAILABLE, as on the handle path. `cancel()` is
-synchronous and idempotent (ChunkStream's contract): it cancels the gRPC call, or the handle call.
+`__anext__` asks this process's prefix-affinity router (cluster/router.py) to rank the model's
+replicas for the request, as for a handle call (`pick_direct`: load, prefix affinity, the pick's
+stamp), books the choice there (in flight until the call ends; the prefix is the replica's) and
+opens a call to the address the replica published (cluster/direct_stream.py). Whatever stops the
+direct path before the first chunk arrives (no router in this process yet, or on another loop, no
+replica known, none published, the port refusing: stopping, restarted, gone) sends the request
+through the handle instead (`fallback`), where Serve routes, waits for replicas and retries as
+before; a replica lost after the first chunk ends the stream with UNAVAILABLE, as on the handle
+path. `cancel()` is synchronous and idempotent (ChunkStream's contract): it cancels the direct
+call, or the handle call.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ class DirectResponse:
     call's DeploymentResponseGenerator)."""
 
     def __init__(
-        self, handle: Any, deployment: str, client: DirectClient, request: GenerateRequest, fallback: Callable[[], Any]
+        self, deployment: str, client: DirectClient, request: GenerateRequest, fallback: Callable[[], Any]
     ) -> None:
-        self._handle = handle  # the model's handle, options(method_name="generate", stream=True)
         self._deployment = deployment
         self._client = client
         self._request = request
@@ -51,7 +51,7 @@ class DirectResponse:
 
     async def __anext__(self) -> GenerateChunk:
         if self._handle_response is None and self._call is None:
-            await self._open()  # may find the call cancelled meanwhile: ends the stream
+            self._open()
         if self._handle_response is not None:
             return await self._handle_response.__anext__()
         try:
@@ -67,27 +67,15 @@ class DirectResponse:
             raise StopAsyncIteration
         return chunk
 
-    async def _open(self) -> None:
-        if not router_on_this_loop():
+    def _open(self) -> None:
+        router = router_of(self._deployment) if router_on_this_loop() else None
+        pick = None if router is None else router.pick_direct(self._request)
+        address = None if pick is None else pick.ranked[0].replica_metadata.get(METADATA_KEY)
+        if router is None or pick is None or not isinstance(address, str):
             self._handle_response = self._fallback()
             return
-        async with self._handle.choose_replica(self._request, _reserve=False) as selection:
-            pass
-        internal_id = selection._request_metadata.internal_request_id  # the router's key for its choice
-        router = router_of(self._deployment)  # made by the first handle call in this process
-        port = selection.replica_metadata.get(METADATA_KEY)
-        if router is None or not isinstance(port, int) or self._cancelled:
-            if router is not None:
-                router.drop_decision(internal_id)
-            if self._cancelled:
-                raise StopAsyncIteration
-            self._handle_response = self._fallback()
-            return
-        self._call = self._client.call(f"{selection.node_ip}:{port}", self._request)
-        if not router.on_direct_stream(internal_id, selection.replica_id, self._call):
-            self._call.cancel()  # the replica left while we picked it
-            self._call = None
-            self._handle_response = self._fallback()
+        self._call = self._client.call(address, self._request)
+        router.on_direct_stream(pick, self._call)  # no await since the pick: the replica is still there
 
     def cancel(self) -> None:
         self._cancelled = True
