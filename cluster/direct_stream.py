@@ -9,7 +9,7 @@ is on), then carries one call at a time: a `GenerateRequest` in, the `GenerateCh
 replica's own `generate` out (errors, metrics, traces, abort-on-cancel as on the handle path), an
 empty frame at the end; the Ingress's `DirectClient` keeps idle connections for the next call.
 Cancelling a call closes its connection; the server sees it and cancels the generator, whose
-`finally` aborts the request. `stop(grace)` closes the port and idle connections at once (callers
+`finally` aborts the request (TCP keepalive ends the calls of a peer whose node vanished). `stop(grace)` closes the port and idle connections at once (callers
 fall back to Serve's handle) and lets running calls finish. Why not gRPC: grpc.aio's per-message
 cost was most of the hop. Picking the replica and falling back: cluster/ingress/direct.py.
 """
@@ -33,6 +33,9 @@ METADATA_KEY = "direct_stream_address"  # "host:port" in the replica's record_re
 MAX_FRAME_BYTES = 2**30  # a request or chunk (prompts and logprobs can be large)
 MAX_AUTH_BYTES = 1 << 16  # the first frame of a connection: the auth header
 AUTH_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
 MAX_IDLE_PER_ADDRESS = 64  # idle connections the client keeps per replica
 MESSAGE_CLASSES = {
     (cls.__module__, cls.__name__): cls
@@ -103,6 +106,18 @@ def _listening_socket() -> socket.socket:
     return sock
 
 
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalive: a peer whose node vanished (no FIN, no RST) fails the connection in about
+    KEEPALIVE_IDLE_S + 3 x KEEPALIVE_INTERVAL_S, as Ray notices a dead node, not after TCP's minutes."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def _auth_header() -> bytes:
     """The Ray cluster's token as Ray's own gRPC clients send it ("" when token auth is off)."""
     from ray._private.authentication.grpc_authentication_client_interceptor import (
@@ -156,6 +171,7 @@ class DirectServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._idle[writer] = True
+        _keepalive(writer)
         try:
             # Before the token is checked: a bounded frame, in bounded time.
             if not _auth_ok(await asyncio.wait_for(read_frame(reader, MAX_AUTH_BYTES), AUTH_TIMEOUT_S)):
@@ -283,7 +299,9 @@ class DirectClient:
             if not writer.is_closing() and not reader.at_eof():
                 return reader, writer
         host, port = address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=_tls(server_side=False))
+        opening = asyncio.open_connection(host.strip("[]"), int(port), ssl=_tls(server_side=False))
+        reader, writer = await asyncio.wait_for(opening, CONNECT_TIMEOUT_S)  # TimeoutError is an OSError
+        _keepalive(writer)
         writer.write(len(header := _auth_header()).to_bytes(4, "little") + header)
         return reader, writer
 
