@@ -3,10 +3,11 @@
 Data flow: a front end builds a `GenerateRequest` and calls `core.stream(request)`. The core
 finds the model's LLMServer handle (unknown model → ApiError NOT_FOUND), calls
 `generate` as a streaming by-value handle call (the prefix-affinity router picks the replica;
-request and chunks go over Serve's gRPC between replicas, no Ray object per chunk) or, with the
-model's `direct_stream`, straight to the picked replica's own port (direct.py), and re-yields its `GenerateChunk`s, turning an error chunk or a Ray Serve failure into an ApiError.
-When the consumer stops early (client disconnect, gRPC cancel or deadline) the handle call is
-cancelled; Ray Serve cancels the replica's generator, which aborts the request in the engine.
+no Ray object per chunk) or, with the model's `direct_stream`, straight to the replica the router
+picks, on its own port (direct.py), and re-yields its `GenerateChunk`s, turning an error chunk or
+a Ray Serve failure into an ApiError. When the consumer stops early (client disconnect, gRPC
+cancel or deadline) the call is cancelled, which cancels the replica's generator and so aborts
+the request in the engine.
 That cancel must not depend on an async generator being closed (Starlette leaves a streaming
 body suspended when its task is cancelled, and anyio re-cancels any await in a `finally`), so
 `stream()` returns a `ChunkStream`, a plain async iterator whose `cancel()` is synchronous and
@@ -98,7 +99,7 @@ class IngressCore:
         self.created = int(time.time())
         self._generate: dict[str, Any] = {}  # model name -> its handle's streaming by-value options, made once
         self._control: dict[str, Any] = {}  # model name -> its handle's unary by-value options, made once
-        self._direct = DirectClient()  # channels to the replicas' direct-stream ports
+        self._direct = DirectClient()  # idle connections to the replicas' direct-stream ports
 
     @property
     def model_names(self) -> list[str]:
