@@ -225,6 +225,16 @@ class RouterSection(_Section):
         ge=0,
         description="Affinity yields when its replica has more than this many requests above the least loaded, >= 0.",
     )
+    direct_stream: bool | None = Field(
+        None,
+        description=(
+            "Stream each generate call from the Ingress straight to the replica this router picked, over the "
+            "replica's own TCP port (Ray's auth token; TLS with Ray's certificates when RAY_USE_TLS is set), "
+            "instead of through Serve's handle, which stays the fallback: about a millisecond less per request. "
+            "null = on unless `autoscaling` is set; true with `autoscaling` is refused (Serve's autoscaler counts "
+            "only handle calls)."
+        ),
+    )
 
 
 class LimitsSection(_Section):
@@ -312,7 +322,17 @@ class ModelSection(_ModelFields):  # type: ignore[misc, valid-type]
     def _check_scaling(self) -> ModelSection:
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("replicas and autoscaling are mutually exclusive: set one of them")
+        if self.router.direct_stream and self.autoscaling is not None:
+            raise ValueError(
+                "router.direct_stream: true needs a fixed replica count: Serve's autoscaler counts only handle "
+                "calls (leave it null or false with autoscaling)"
+            )
         return self
+
+    @property
+    def direct_stream(self) -> bool:
+        """Whether the Ingress streams this model's generate calls directly (router.direct_stream resolved)."""
+        return self.autoscaling is None if self.router.direct_stream is None else self.router.direct_stream
 
     @model_validator(mode="after")
     def _check_engine(self) -> ModelSection:

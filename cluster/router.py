@@ -7,15 +7,14 @@ PendingRequest whose first argument is a `GenerateRequest`. `choose_replicas` ha
 replica last served that prefix. A replica found whose load exceeds the least-loaded one's by no
 more than `max_load_imbalance` is ranked first ("affinity hit"); otherwise replicas are ranked by
 load, then by how few prefixes they own, so new prefixes spread. Serve tries the ranks in order.
-`on_request_routed` records the accepted replica's prefix chain and counts the request in flight
-until its own `ReplicaResult` completes. Other calls (stats, health) go to the least-loaded
-replica, or to the one a `replica_id=` keyword names.
-
+`on_request_routed` (or `on_direct_stream`, for a `pick_direct` the Ingress sent over its direct
+stream) records the replica's prefix chain and counts the request in flight until its call completes.
+Other calls (stats, health) go to the least-loaded replica, or to the one a `replica_id=` names.
 Load = requests in flight from this router, counted exactly (why not Serve's counts:
 `_count_in_flight`). With several Ingress replicas each router balances its own share; Serve's
-`max_ongoing_requests` still makes a full replica refuse. Each router registers itself under its
+`max_ongoing_requests` still makes a full replica refuse a handle call. Each router registers itself under its
 deployment name; `router_stats(name)` (the Ingress's /v1/stats) reports per replica the requests
-routed, affinity hits, load and the engine stats the replica reports (record_routing_stats).
+routed (direct), affinity hits, load and the engine stats the replica reports (record_routing_stats).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import contextlib
 import hashlib
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -58,9 +58,24 @@ def running_replica_ids(deployment_name: str) -> list[str] | None:
     return None if router is None else [r.replica_id.unique_id for r in router._replicas.values()]
 
 
+def router_of(deployment_name: str) -> PrefixAffinityRouter | None:
+    """This process's router of the deployment (None before the first handle call to it)."""
+    return _ROUTERS.get(deployment_name)
+
+
 def router_stats(deployment_name: str) -> dict[str, Any] | None:
     router = _ROUTERS.get(deployment_name)
     return None if router is None else router.stats()
+
+
+@dataclass
+class Pick:
+    """A routing decision: replicas best first; the request's prefix chain and the replica that owned
+    it (both None without prefix affinity)."""
+
+    ranked: list[RunningReplica]
+    chain: list[str] | None
+    affinity: ReplicaID | None
 
 
 class PrefixAffinityRouter(FIFOMixin, RequestRouter):
@@ -72,6 +87,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self._in_flight: dict[ReplicaID, int] = {}
         self._num_routed: dict[ReplicaID, int] = {}
         self._num_affinity_hits: dict[ReplicaID, int] = {}
+        self._num_direct: dict[ReplicaID, int] = {}  # of those routed, sent over the direct stream
         # internal id -> (chain, affinity), from choose_replicas until on_request_routed
         self._decisions: OrderedDict[str, tuple[list[str], ReplicaID | None]] = OrderedDict()
         if self._deployment_id is not None:
@@ -104,39 +120,65 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             pending_request.routing_context.should_backoff = True
         if not candidate_replicas:
             return []
-        loads = {r.replica_id: self._load(r) for r in candidate_replicas}
-        ranked = sorted(
-            candidate_replicas,
-            key=lambda r: (loads[r.replica_id], self._num_owned.get(r.replica_id, 0), r.replica_id.unique_id),
-        )
         request = _generate_request(pending_request)
-        if request is not None:
-            request.stamps["routed"] = time.time()  # the replica pick, for the LLMServer's trace
         if request is None:
+            ranked = self._by_load(candidate_replicas)
             pinned = _pinned_replica(pending_request)
             ranked.sort(key=lambda r: r.replica_id.unique_id != pinned)
             return [[r] for r in ranked]
+        pick = self._rank(candidate_replicas, request)
+        if pick.chain is not None:
+            internal_id = pending_request.metadata.internal_request_id
+            self._decisions.pop(internal_id, None)
+            self._decisions[internal_id] = (pick.chain, pick.affinity)
+            while len(self._decisions) > MAX_PENDING_DECISIONS:
+                self._decisions.popitem(last=False)
+        return [[r] for r in pick.ranked]
+
+    def _by_load(self, candidates: list[RunningReplica]) -> list[RunningReplica]:
+        return sorted(
+            candidates, key=lambda r: (self._load(r), self._num_owned.get(r.replica_id, 0), r.replica_id.unique_id)
+        )
+
+    def _rank(self, candidates: list[RunningReplica], request: GenerateRequest) -> Pick:
+        """The replicas for `request`, best first: by load, the affinity replica first unless too loaded."""
+        ranked = self._by_load(candidates)
+        request.stamps["routed"] = time.time()  # the replica pick, for the LLMServer's trace
         if not self._prefix_affinity:
-            return [[r] for r in ranked]
+            return Pick(ranked, None, None)
         chain = prefix_chain(request.routing_text)
-        affinity = self._affinity(chain, set(loads))
-        internal_id = pending_request.metadata.internal_request_id
-        self._decisions.pop(internal_id, None)
-        self._decisions[internal_id] = (chain, affinity)
-        while len(self._decisions) > MAX_PENDING_DECISIONS:
-            self._decisions.popitem(last=False)
-        if affinity is not None and loads[affinity] - min(loads.values()) <= self._max_load_imbalance:
-            ranked.sort(key=lambda r: r.replica_id != affinity)
-        return [[r] for r in ranked]
+        affinity = self._affinity(chain, {r.replica_id for r in candidates})
+        if affinity is not None:
+            loads = {r.replica_id: self._load(r) for r in candidates}
+            if loads[affinity] - min(loads.values()) <= self._max_load_imbalance:
+                ranked.sort(key=lambda r: r.replica_id != affinity)
+        return Pick(ranked, chain, affinity)
+
+    def pick_direct(self, request: GenerateRequest) -> Pick | None:
+        """Rank the running replicas for `request` as a handle call would (None: none known yet), for the
+        Ingress's direct stream (cluster/ingress/direct.py); book the one it sends to with `on_direct_stream`
+        before it next awaits (the replica set changes only on this loop)."""
+        if not self._replicas:
+            return None
+        return self._rank(list(self._replicas.values()), request)
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        internal_id = pending_request.metadata.internal_request_id
         self._count_in_flight(replica_id, result)
-        decision = self._decisions.pop(internal_id, None)
-        if decision is None:
-            return
-        chain, affinity = decision
+        decision = self._decisions.pop(pending_request.metadata.internal_request_id, None)
+        if decision is not None:
+            self._record(replica_id, *decision)
+
+    def on_direct_stream(self, pick: Pick, call: Any) -> None:
+        """`pick`'s first replica took the request over the direct stream: in flight until `call` completes."""
+        replica_id = pick.ranked[0].replica_id
+        self._num_direct[replica_id] = self._num_direct.get(replica_id, 0) + 1
+        self._count_in_flight(replica_id, call)
+        if pick.chain is not None:
+            self._record(replica_id, pick.chain, pick.affinity)
+
+    def _record(self, replica_id: ReplicaID, chain: list[str], affinity: ReplicaID | None) -> None:
+        """The request's prefix chain is `replica_id`'s now."""
         self._num_routed[replica_id] = self._num_routed.get(replica_id, 0) + 1
         if affinity == replica_id:
             self._num_affinity_hits[replica_id] = self._num_affinity_hits.get(replica_id, 0) + 1
@@ -199,6 +241,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             replicas[rid.unique_id] = {
                 "num_routed": self._num_routed.get(rid, 0),
                 "num_affinity_hits": self._num_affinity_hits.get(rid, 0),
+                "num_direct_streams": self._num_direct.get(rid, 0),
                 "num_in_flight": self._in_flight.get(rid, 0),
                 "num_prefixes_owned": self._num_owned.get(rid, 0),
                 "engine": dict(replica.routing_stats or {}),

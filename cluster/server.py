@@ -1,19 +1,18 @@
 """LLMServer deployment: one replica owns one engine and streams its outputs to the ingress.
 
 Data flow: the Ingress calls `generate(GenerateRequest)` through a DeploymentHandle (the
-prefix-affinity router in cluster/router.py picks the replica). The replica renders chat
-messages with the engine's template, hands prompt + SamplingParams to `engine.generate`, and
-turns each `RequestOutput` into a compact `GenerateChunk` (text delta, token count, finish
-reason, this replica's id). Bad input, a full queue and a dead engine come back as one chunk
-with an `ErrorInfo`, never as an exception. If the caller goes away, Ray Serve cancels this
+prefix-affinity router in cluster/router.py picks the replica) or, with the model's `direct_stream`,
+on this replica's own port (cluster/direct_stream.py; published by `record_replica_metadata`).
+The replica renders chat messages with the engine's template, hands prompt + SamplingParams to
+`engine.generate`, and turns each `RequestOutput` into a compact `GenerateChunk` (text delta, token
+count, finish reason, this replica's id). Bad input, a full queue and a dead engine come back as one
+chunk with an `ErrorInfo`, never as an exception. If the caller goes away, its call cancels this
 generator; the `finally` aborts the request, so its KV blocks return to the pool.
-
 One replica = one worker group: with tp × pp = 1 the replica runs the model itself; otherwise its
 engine uses the Ray launcher and drives one Ray actor per rank in the placement group cluster/app.py
 reserved (workers/group.py; per-step messages go over sockets, never Ray calls). Serve's
 `check_health` reaches the executor's, so a dead rank makes the replica unhealthy and Serve
 replaces it; requests in flight end with UNAVAILABLE (HTTP 503). `__del__` stops the engine.
-
 Engine: `AsyncEngine.from_config(engine_config(section))`, built on a thread so the replica's
 event loop stays free while ranks start and weights load; or an `engine_factory` from Python
 (`build_app(config, engine_factory=...)`: the tests' fake engines). Metrics: cluster/metrics/
@@ -34,6 +33,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from shardserve.cluster.config import ModelSection
+from shardserve.cluster.direct_stream import METADATA_KEY as DIRECT_ADDRESS_KEY
+from shardserve.cluster.direct_stream import DirectServer
 from shardserve.cluster.messages import (
     ChunkBuilder,
     ErrorInfo,
@@ -51,6 +52,9 @@ from shardserve.workers.protocol import EngineDeadError, EngineProtocol, QueueFu
 EngineFactory = Callable[[ModelSection], "EngineProtocol | Awaitable[EngineProtocol]"]
 # Finished requests whose timings `recent_requests()` keeps (benchmarks read them by request id).
 NUM_RECENT_REQUESTS = 8192
+# How long a stopping replica lets direct-stream calls in flight finish (Serve's default graceful
+# shutdown timeout, which bounds its drain of the handle calls).
+DIRECT_DRAIN_S = 20.0
 METRICS_FLUSH_PERIOD_S = 5.0  # steps into histograms and gauges sampled, for Ray's export
 _PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*) (must|is|are|should)\b")
 
@@ -135,6 +139,10 @@ class LLMServer:
         if hasattr(self.engine, "step_observer"):  # AsyncEngine: called on its thread after each step
             self.engine.step_observer = self.metrics.observe_step
         self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics_forever())
+        self.direct: DirectServer | None = None
+        if self.section.direct_stream:  # the Ingress's direct stream (cluster/direct_stream.py)
+            self.direct = DirectServer(self.generate)
+            await self.direct.start()
         clock.log_ready(self.section.name, self.replica_id)
         self.metrics.set_startup(clock.stages)
 
@@ -268,8 +276,17 @@ class LLMServer:
         """Serve's health hook: raises when the engine or a rank of its worker group is dead."""
         await self.engine.health()
 
-    def __del__(self) -> None:
-        """Serve's graceful shutdown: stop the engine thread and the worker group's ranks."""
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Serve's hook, read once when the replica is ready: routers see the direct-stream address."""
+        return {} if self.direct is None else {DIRECT_ADDRESS_KEY: self.direct.address}
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown (after it drained the handle calls): the direct-stream port refuses
+        new calls (the Ingress sends them through the handle) and lets running ones finish, for up to
+        DIRECT_DRAIN_S; then stop the engine thread and the worker group's ranks."""
+        direct = getattr(self, "direct", None)
+        if direct is not None:
+            await direct.stop(DIRECT_DRAIN_S)
         flusher = getattr(self, "_flusher", None)
         if flusher is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the task is gone with it

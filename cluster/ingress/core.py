@@ -3,10 +3,11 @@
 Data flow: a front end builds a `GenerateRequest` and calls `core.stream(request)`. The core
 finds the model's LLMServer handle (unknown model → ApiError NOT_FOUND), calls
 `generate` as a streaming by-value handle call (the prefix-affinity router picks the replica;
-request and chunks go over Serve's gRPC between replicas, no Ray object per chunk), and
-re-yields its `GenerateChunk`s, turning an error chunk or a Ray Serve failure into an ApiError.
-When the consumer stops early (client disconnect, gRPC cancel or deadline) the handle call is
-cancelled; Ray Serve cancels the replica's generator, which aborts the request in the engine.
+no Ray object per chunk) or, with the model's `direct_stream`, straight to the replica the router
+picks, on its own port (direct.py), and re-yields its `GenerateChunk`s, turning an error chunk or
+a Ray Serve failure into an ApiError. When the consumer stops early (client disconnect, gRPC
+cancel or deadline) the call is cancelled, which cancels the replica's generator and so aborts
+the request in the engine.
 That cancel must not depend on an async generator being closed (Starlette leaves a streaming
 body suspended when its task is cancelled, and anyio re-cancels any await in a `finally`), so
 `stream()` returns a `ChunkStream`, a plain async iterator whose `cancel()` is synchronous and
@@ -26,7 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from shardserve.cluster.config import AppConfig, ModelSection
+from shardserve.cluster.direct_stream import DirectClient
 from shardserve.cluster.ingress.auth import Gate
+from shardserve.cluster.ingress.direct import DirectResponse
 from shardserve.cluster.ingress.errors import ApiError, from_serve_exception, unknown_model
 from shardserve.cluster.ingress.wake import Waker
 from shardserve.cluster.messages import ErrorKind, GenerateChunk, GenerateRequest
@@ -96,6 +99,7 @@ class IngressCore:
         self.created = int(time.time())
         self._generate: dict[str, Any] = {}  # model name -> its handle's streaming by-value options, made once
         self._control: dict[str, Any] = {}  # model name -> its handle's unary by-value options, made once
+        self._direct = DirectClient()  # idle connections to the replicas' direct-stream ports
 
     @property
     def model_names(self) -> list[str]:
@@ -110,7 +114,7 @@ class IngressCore:
             raise unknown_model(name, self.model_names) from None
 
     def stream(self, request: GenerateRequest) -> ChunkStream:
-        self.model(request.model)
+        model = self.model(request.model)
         self.waker.maybe_wake(request.model)
         generate = self._generate.get(request.model)
         if generate is None:  # made on the first request (on the replica's loop, where Serve's router lives)
@@ -122,6 +126,10 @@ class IngressCore:
         if self.gate is not None and self.gate.admit_tokens(request):  # raises when over the key's budget
             gate, tenant = self.gate, request.tenant
             on_first = lambda chunk: gate.charge_prompt(tenant, chunk.num_prompt_tokens)  # noqa: E731
+        deployment = self.deployment_names.get(request.model)
+        if model.direct_stream and deployment is not None:  # straight to the replica (direct.py)
+            response = DirectResponse(deployment, self._direct, request, lambda: generate.remote(request))
+            return ChunkStream(response, on_first)
         return ChunkStream(generate.remote(request), on_first)
 
     def _by_value(self, name: str) -> Any:

@@ -45,6 +45,8 @@ def test_shipped_config_validates_and_builds_engine_config(path):
         # no YAML way to import code into replicas: test doubles come in from Python (build_app)
         ({"engine_factory": "os:system"}, "models[0].engine_factory: unknown field"),
         ({"replicas": 2, "autoscaling": {"max_replicas": 3}}, "models[0]: replicas and autoscaling are mutually exclusive"),
+        ({"autoscaling": {"max_replicas": 3}, "router": {"direct_stream": True}},
+         "models[0]: router.direct_stream: true needs a fixed replica count"),
         ({"autoscaling": {"min_replicas": 4, "max_replicas": 2}}, "models[0].autoscaling: max_replicas must be >= min_replicas=4"),
         ({"autoscaling": {"downscale_delay_s": -1}}, "models[0].autoscaling.downscale_delay_s: must be >= 0.0, got -1"),
         ({"autoscaling": {"upscale_delay_s": 7200}}, "models[0].autoscaling.upscale_delay_s: must be <= 3600.0, got 7200"),
@@ -180,6 +182,16 @@ def test_serve_usage_text_names_endpoints():
 def test_stream_interval_defaults_to_50_ms_on_gpus(section, expected):
     model = ModelSection.model_validate({"name": "m", "source": "default", **section})
     assert model.effective_stream_interval_ms() == expected
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ({}, True),  # fixed replicas: the Ingress streams direct
+    ({"autoscaling": {"max_replicas": 2}}, False),  # Serve's autoscaler must see the calls
+    ({"router": {"direct_stream": False}}, False),
+    ({"autoscaling": {"max_replicas": 2}, "router": {"direct_stream": False}}, False),
+])
+def test_direct_stream_defaults_to_on_without_autoscaling(section, expected):
+    assert ModelSection.model_validate({"name": "m", "source": "default", **section}).direct_stream is expected
 
 
 def test_quantization_values_reach_the_engine_or_are_refused():
