@@ -35,7 +35,7 @@ from shardserve.workers.quant.kernels import splitk, w4a16
 from shardserve.workers.quant.kernels.int4 import DEFAULT_PLANE, int4_linear, pack_int4
 from shardserve.workers.quant.kernels.w4a16 import W4Tiles
 from shardserve.workers.quant.weights import Int4Weight
-from splitk_sweep import MIN_BYTES, SHAPES, Weights, _clone, _fmt, dequant_run, time_us
+from splitk_sweep import MIN_BYTES, SHAPES, Weights, _clone, _fmt, _layer, dequant_run, time_us
 
 ROWS = w4a16.SWEEP_ROWS
 DTYPE = torch.bfloat16
@@ -222,11 +222,6 @@ def _print_row(rows: int, name: str, row: dict) -> None:
     print(f"M={rows:3d} {name:8s} bf16 {_fmt(row['bf16'])} | before {_fmt(row['before'])} ({row['before_path']}) "
           f"| dequant+cuBLAS {_fmt(row['dequant'])} | default {_fmt(row['default'])} | best {_fmt(best)} "
           f"{row.get('best_tiles', '')}{ratio}", flush=True)
-
-
-def _layer(shapes: dict, key: str) -> float | None:
-    vals = [r.get(key) for r in shapes.values()]
-    return None if len(vals) < len(SHAPES) or any(v is None for v in vals) else sum(vals)
 
 
 def _summary(report: dict) -> None:
